@@ -1,0 +1,220 @@
+//! The event source: the one choke point through which every guest-visible non-deterministic
+//! value enters the VM (design brief §1).
+//!
+//! Host inputs are of three kinds: the guest clock, data the outside world sends (console
+//! input now; network frames and rng bytes with virtio), and the moment at which asynchronous
+//! host activity is admitted. Devices never read a host clock: they read [`EventSource`]
+//! through the [`GuestClock`] trait, and the vCPU loop admits host data only through it, at
+//! counted exits.
+//!
+//! This version implements the **live** mode used by `ftvm run`: the guest clock follows the
+//! host's monotonic clock, sampled only at the points where a device needs time. Record and
+//! replay modes add a log behind the same calls; nothing outside this crate changes.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use ftvm_devices::{GuestClock, GuestNanos};
+
+/// The position of a counted exit (design brief §1: IO, MMIO, HLT, MSR and SHUTDOWN exits).
+pub type ExitIndex = u64;
+
+/// How the event source obtains host inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inputs come straight from the host; nothing is logged (`ftvm run`).
+    Live,
+}
+
+/// Counts of what passed through the choke point, for status and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventCounts {
+    /// Counted exits seen.
+    pub exits: u64,
+    /// Time-dependent reads of the guest clock and deadline admissions.
+    pub clock_samples: u64,
+    /// Console input bytes admitted.
+    pub console_bytes: u64,
+}
+
+/// The single source of host inputs for one VM.
+pub struct EventSource {
+    mode: Mode,
+    /// Host time at guest time 0.
+    epoch: Instant,
+    /// The guest clock: the last value handed out. Never goes backwards.
+    guest_now: GuestNanos,
+    /// Wall-clock seconds at guest time 0 (the RTC's base).
+    rtc_base_unix: u64,
+    console_rx: Option<Receiver<Vec<u8>>>,
+    console_pending: VecDeque<u8>,
+    console_closed: bool,
+    counts: EventCounts,
+}
+
+impl EventSource {
+    /// A live event source whose guest clock starts now, with the RTC reading `rtc_base_unix`
+    /// (seconds since 1970) at guest time 0.
+    pub fn live(rtc_base_unix: u64) -> Self {
+        EventSource {
+            mode: Mode::Live,
+            epoch: Instant::now(),
+            guest_now: 0,
+            rtc_base_unix,
+            console_rx: None,
+            console_pending: VecDeque::new(),
+            console_closed: false,
+            counts: EventCounts::default(),
+        }
+    }
+
+    /// Connects console input: chunks of bytes sent on this channel are admitted at exits.
+    pub fn attach_console_input(&mut self, rx: Receiver<Vec<u8>>) {
+        self.console_rx = Some(rx);
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn rtc_base_unix(&self) -> u64 {
+        self.rtc_base_unix
+    }
+
+    /// The index the next counted exit will get; equals the number of counted exits so far.
+    pub fn exit_index(&self) -> ExitIndex {
+        self.counts.exits
+    }
+
+    pub fn counts(&self) -> EventCounts {
+        self.counts
+    }
+
+    /// Records that a counted exit happened. Events admitted until the next call are
+    /// positioned at this exit.
+    pub fn counted_exit(&mut self) -> ExitIndex {
+        let index = self.counts.exits;
+        self.counts.exits += 1;
+        index
+    }
+
+    /// The guest clock's current value without sampling the host (no event).
+    pub fn current(&self) -> GuestNanos {
+        self.guest_now
+    }
+
+    /// Admits the passing of guest time up to `deadline` if the host clock has reached it.
+    /// Returns the new guest time when it moved. Called at counted exits (and at kicks in a
+    /// plain run) with the earliest device deadline.
+    pub fn admit_deadline(&mut self, deadline: Option<GuestNanos>) -> Option<GuestNanos> {
+        let deadline = deadline?;
+        if deadline <= self.guest_now {
+            // Already due in guest time (a timer catching up): no new input needed.
+            return Some(self.guest_now);
+        }
+        let host = self.host_elapsed();
+        (host >= deadline).then(|| self.advance_to(host))
+    }
+
+    /// How long, in host time, until guest time `deadline` is due (zero if it already is).
+    pub fn host_wait_until(&self, deadline: GuestNanos) -> Duration {
+        Duration::from_nanos(deadline.saturating_sub(self.host_elapsed()))
+    }
+
+    /// The host instant at which guest time `deadline` will be due.
+    pub fn host_instant_of(&self, deadline: GuestNanos) -> Instant {
+        self.epoch + Duration::from_nanos(deadline)
+    }
+
+    /// Admits up to `max` bytes of console input that have arrived from the host.
+    pub fn admit_console_input(&mut self, max: usize) -> Vec<u8> {
+        if let Some(rx) = &self.console_rx {
+            while !self.console_closed {
+                match rx.try_recv() {
+                    Ok(chunk) => self.console_pending.extend(chunk),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => self.console_closed = true,
+                }
+            }
+        }
+        let n = max.min(self.console_pending.len());
+        self.counts.console_bytes += n as u64;
+        self.console_pending.drain(..n).collect()
+    }
+
+    /// Whether more console input may still arrive.
+    pub fn console_input_open(&self) -> bool {
+        self.console_rx.is_some() && !self.console_closed || !self.console_pending.is_empty()
+    }
+
+    /// Whether console input is waiting to be admitted.
+    pub fn console_input_waiting(&self) -> bool {
+        !self.console_pending.is_empty()
+    }
+
+    fn host_elapsed(&self) -> GuestNanos {
+        self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
+    }
+
+    fn advance_to(&mut self, t: GuestNanos) -> GuestNanos {
+        self.counts.clock_samples += 1;
+        self.guest_now = self.guest_now.max(t);
+        self.guest_now
+    }
+}
+
+impl GuestClock for EventSource {
+    /// A time-dependent read: samples the host clock (live mode).
+    fn now(&mut self) -> GuestNanos {
+        let host = self.host_elapsed();
+        self.advance_to(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_clock_is_monotonic_and_counts_samples() {
+        let mut src = EventSource::live(0);
+        let a = src.now();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = src.now();
+        assert!(b >= a + 1_000_000);
+        assert_eq!(src.counts().clock_samples, 2);
+        assert_eq!(src.current(), b);
+    }
+
+    #[test]
+    fn deadlines_are_admitted_only_once_due() {
+        let mut src = EventSource::live(0);
+        assert_eq!(src.admit_deadline(None), None);
+        assert_eq!(src.admit_deadline(Some(u64::MAX)), None);
+        std::thread::sleep(Duration::from_millis(1));
+        let t = src.admit_deadline(Some(500_000)).expect("due");
+        assert!(t >= 500_000);
+        // Already in the past in guest time: due without sampling again.
+        let samples = src.counts().clock_samples;
+        assert_eq!(src.admit_deadline(Some(1)), Some(t));
+        assert_eq!(src.counts().clock_samples, samples);
+    }
+
+    #[test]
+    fn console_input_is_admitted_in_order_and_bounded() {
+        let mut src = EventSource::live(0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        src.attach_console_input(rx);
+        tx.send(b"hel".to_vec()).unwrap();
+        tx.send(b"lo".to_vec()).unwrap();
+        drop(tx);
+        assert_eq!(src.admit_console_input(4), b"hell");
+        assert!(src.console_input_waiting());
+        assert_eq!(src.admit_console_input(4), b"o");
+        assert_eq!(src.admit_console_input(4), b"");
+        assert_eq!(src.counts().console_bytes, 5);
+        assert_eq!(src.counted_exit(), 0);
+        assert_eq!(src.exit_index(), 1);
+    }
+}

@@ -1,0 +1,184 @@
+//! Kicking the vCPU out of KVM_RUN, and the timer that does it when a deadline passes.
+//!
+//! A kick is a real-time signal sent to the vCPU thread. Its handler sets `immediate_exit` in
+//! the thread's `kvm_run`, so the kick is never lost: if the signal lands while the thread is
+//! inside KVM_RUN, KVM returns EINTR; if it lands just before, the next KVM_RUN returns at
+//! once. Kicks are not counted exits and carry no events (design brief §1); only `ftvm run`
+//! uses them to deliver interrupts promptly to a guest computing in ring 3.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Instant;
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::error::{Error, Result};
+
+thread_local! {
+    /// The `immediate_exit` byte of the `kvm_run` of the vCPU running on this thread.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|p| p.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is set by `Kicker::attach` to the immediate_exit field of the
+        // kvm_run mapping of the vCPU owned by this very thread, and cleared before that
+        // vCPU is dropped; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Delivers kicks to one vCPU thread.
+pub struct Kicker {
+    target: Mutex<Option<libc::pthread_t>>,
+    kicks: AtomicU64,
+}
+
+impl Kicker {
+    /// Installs the kick signal handler (once per process).
+    pub fn new() -> Result<Arc<Self>> {
+        static INSTALL: Once = Once::new();
+        let mut result = Ok(());
+        INSTALL.call_once(|| {
+            result = register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| Error::Thread(format!("cannot install the vCPU kick signal handler: {e}")));
+        });
+        result?;
+        Ok(Arc::new(Kicker { target: Mutex::new(None), kicks: AtomicU64::new(0) }))
+    }
+
+    /// Makes the calling thread the target of kicks; `immediate_exit` is that thread's
+    /// vCPU's `kvm_run.immediate_exit`.
+    pub fn attach(&self, immediate_exit: *mut u8) {
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        // SAFETY: pthread_self has no preconditions.
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
+    }
+
+    /// Stops kicks to the calling thread (before its vCPU goes away).
+    pub fn detach(&self) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Kicks the vCPU thread if one is attached.
+    pub fn kick(&self) {
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(thread) = *target {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `thread` is alive: it is detached (under this lock) before it exits.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Relaxed)
+    }
+}
+
+/// Wakes a halted vCPU loop when something arrives (console input) or a deadline passes.
+#[derive(Default)]
+pub struct Doorbell {
+    rung: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Doorbell {
+    pub fn ring(&self) {
+        *self.rung.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until rung or until `deadline` (forever if `None`). Returns whether it was rung.
+    pub fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mut rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        while !*rung {
+            match deadline {
+                None => rung = self.cv.wait(rung).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    rung = self.cv.wait_timeout(rung, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                }
+            }
+        }
+        std::mem::replace(&mut *rung, false)
+    }
+}
+
+/// A thread that kicks the vCPU when the next device deadline passes on the host clock.
+pub struct DeadlineTimer {
+    shared: Arc<TimerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct TimerShared {
+    deadline: Mutex<Option<Instant>>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+impl DeadlineTimer {
+    pub fn start(kicker: Arc<Kicker>) -> Result<Self> {
+        let shared = Arc::new(TimerShared { deadline: Mutex::new(None), cv: Condvar::new(), stop: AtomicBool::new(false) });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ftvm-timer".into())
+            .spawn(move || {
+                let mut deadline = s.deadline.lock().unwrap_or_else(|e| e.into_inner());
+                while !s.stop.load(Ordering::Acquire) {
+                    match *deadline {
+                        None => deadline = s.cv.wait(deadline).unwrap_or_else(|e| e.into_inner()),
+                        Some(d) => {
+                            let now = Instant::now();
+                            if now >= d {
+                                *deadline = None;
+                                kicker.kick();
+                            } else {
+                                deadline = s.cv.wait_timeout(deadline, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Thread(format!("cannot start the timer thread: {e}")))?;
+        Ok(DeadlineTimer { shared, thread: Some(thread) })
+    }
+
+    /// Sets the host instant of the next kick (`None`: no kick needed).
+    pub fn arm(&self, at: Option<Instant>) {
+        let mut d = self.shared.deadline.lock().unwrap_or_else(|e| e.into_inner());
+        if *d != at {
+            let earlier = match (*d, at) {
+                (Some(old), Some(new)) => new < old,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            *d = at;
+            if earlier {
+                self.shared.cv.notify_all();
+            }
+        }
+    }
+}
+
+impl Drop for DeadlineTimer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let _d = self.shared.deadline.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

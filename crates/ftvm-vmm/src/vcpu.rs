@@ -1,0 +1,383 @@
+//! The vCPU loop: run the guest, dispatch each exit to the device buses, admit host inputs
+//! through the event source, inject interrupts, repeat until the guest stops.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Write;
+use std::sync::Arc;
+
+use ftvm_devices::{DeviceContext, IrqLines, VmRequest};
+use ftvm_events::EventSource;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::errno;
+
+use crate::error::{Error, Result};
+use crate::kick::{DeadlineTimer, Doorbell, Kicker};
+use crate::legacy::Devices;
+use crate::msr;
+
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
+
+/// Why the VM stopped.
+#[derive(Debug, Clone)]
+pub enum VmOutcome {
+    /// The guest powered off (power port).
+    PowerOff,
+    /// The guest asked for a reset (i8042); ftvm stops rather than reboots.
+    Reset,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault(Box<RegisterDump>),
+    /// The guest halted with interrupts disabled, or with nothing left that could wake it.
+    HaltedForever(Box<RegisterDump>),
+    /// KVM could not run the guest (emulation failure, entry failure).
+    KvmFailure { what: String, dump: Box<RegisterDump> },
+}
+
+impl VmOutcome {
+    /// The process exit status `ftvm run` uses for this outcome (documented in the README).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmOutcome::PowerOff => 0,
+            VmOutcome::Reset => 3,
+            VmOutcome::TripleFault(_) => 4,
+            VmOutcome::HaltedForever(_) => 5,
+            VmOutcome::KvmFailure { .. } => 6,
+        }
+    }
+}
+
+impl fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmOutcome::PowerOff => write!(f, "guest powered off"),
+            VmOutcome::Reset => write!(f, "guest requested a reset (i8042); the VM was stopped"),
+            VmOutcome::TripleFault(d) => write!(f, "guest triple fault (CPU shutdown)\n{d}"),
+            VmOutcome::HaltedForever(d) => write!(f, "guest halted with nothing that could wake it (interrupts disabled or no timer and no input)\n{d}"),
+            VmOutcome::KvmFailure { what, dump } => write!(f, "KVM could not run the guest: {what}\n{dump}"),
+        }
+    }
+}
+
+/// The vCPU's registers at the moment something went wrong.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterDump {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+}
+
+impl RegisterDump {
+    fn capture(vcpu: &VcpuFd) -> Box<Self> {
+        Box::new(RegisterDump { regs: vcpu.get_regs().unwrap_or_default(), sregs: vcpu.get_sregs().unwrap_or_default() })
+    }
+}
+
+impl fmt::Display for RegisterDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.regs;
+        let s = &self.sregs;
+        writeln!(f, "  rip={:#018x} rsp={:#018x} rflags={:#010x} cpl={}", r.rip, r.rsp, r.rflags, s.cs.selector & 3)?;
+        writeln!(f, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
+        writeln!(f, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
+        writeln!(f, "  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x} efer={:#x}", s.cr0, s.cr2, s.cr3, s.cr4, s.efer)?;
+        write!(f, "  cs={:#06x} ss={:#06x} gdt={:#x}/{:#x} idt={:#x}/{:#x}", s.cs.selector, s.ss.selector, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit)
+    }
+}
+
+/// Counts of what the loop did, for status and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ExitStats {
+    pub io: u64,
+    pub mmio: u64,
+    pub hlt: u64,
+    pub msr: u64,
+    pub interrupts: u64,
+    pub kicks: u64,
+    pub window_exits: u64,
+}
+
+/// What ends up on the console: the bytes the guest's UART transmitted.
+pub type ConsoleSink = Box<dyn Write + Send>;
+
+/// How interrupts reach a guest that runs without exiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Kick the vCPU when a deadline passes and use interrupt-window exits (`ftvm run`).
+    Prompt,
+    /// Only at counted exits (the deterministic mode record and replay will use).
+    AtExits,
+}
+
+/// Everything the vCPU thread owns while the guest runs.
+pub struct VcpuLoop {
+    pub vcpu: VcpuFd,
+    pub devices: Devices,
+    pub events: EventSource,
+    pub console: ConsoleSink,
+    pub kicker: Arc<Kicker>,
+    pub doorbell: Arc<Doorbell>,
+    pub delivery: Delivery,
+    pub stats: ExitStats,
+    irqs: IrqLines,
+    requests: Vec<VmRequest>,
+    warned_ports: BTreeSet<u64>,
+}
+
+enum Step {
+    Continue,
+    Halted,
+    Stop(VmOutcome),
+}
+
+impl VcpuLoop {
+    pub fn new(vcpu: VcpuFd, devices: Devices, events: EventSource, console: ConsoleSink, kicker: Arc<Kicker>, doorbell: Arc<Doorbell>, delivery: Delivery) -> Self {
+        VcpuLoop {
+            vcpu,
+            devices,
+            events,
+            console,
+            kicker,
+            doorbell,
+            delivery,
+            stats: ExitStats::default(),
+            irqs: IrqLines::default(),
+            requests: Vec::new(),
+            warned_ports: BTreeSet::new(),
+        }
+    }
+
+    /// Runs the guest until it stops. Must be called on the thread that will own the vCPU.
+    pub fn run(&mut self) -> Result<VmOutcome> {
+        let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
+        self.kicker.attach(immediate_exit);
+        let timer = match self.delivery {
+            Delivery::Prompt => Some(DeadlineTimer::start(self.kicker.clone())?),
+            Delivery::AtExits => None,
+        };
+        let outcome = self.run_loop(timer.as_ref());
+        self.kicker.detach();
+        self.stats.kicks = self.kicker.kicks();
+        let _ = self.console.flush();
+        outcome
+    }
+
+    fn run_loop(&mut self, timer: Option<&DeadlineTimer>) -> Result<VmOutcome> {
+        loop {
+            let step = self.run_once()?;
+            self.after_exit();
+            if let Some(outcome) = self.take_request() {
+                return Ok(outcome);
+            }
+            match step {
+                Step::Stop(outcome) => return Ok(outcome),
+                Step::Continue => {
+                    self.inject_or_request_window();
+                }
+                Step::Halted => {
+                    if let Some(outcome) = self.wait_while_halted()? {
+                        return Ok(outcome);
+                    }
+                }
+            }
+            if let Some(timer) = timer {
+                timer.arm(self.devices.next_deadline().map(|d| self.events.host_instant_of(d)));
+            }
+        }
+    }
+
+    /// One KVM_RUN and the dispatch of its exit.
+    fn run_once(&mut self) -> Result<Step> {
+        // A device context over the loop's fields; the exit data borrows the vCPU alongside.
+        macro_rules! ctx {
+            () => {
+                DeviceContext { clock: &mut self.events, irqs: &mut self.irqs, requests: &mut self.requests }
+            };
+        }
+        let step = match self.vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.events.counted_exit();
+                self.stats.io += 1;
+                if self.devices.pio.write(&mut ctx!(), port, data).is_err() {
+                    warn_once(&mut self.warned_ports, port.into(), "write to unmapped port", data.len());
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.events.counted_exit();
+                self.stats.io += 1;
+                if self.devices.pio.read(&mut ctx!(), port, data).is_err() {
+                    data.fill(0xff);
+                    warn_once(&mut self.warned_ports, port.into(), "read from unmapped port", data.len());
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.events.counted_exit();
+                self.stats.mmio += 1;
+                if self.devices.mmio.write(&mut ctx!(), addr, data).is_err() {
+                    warn_once(&mut self.warned_ports, addr, "write to unmapped MMIO address", data.len());
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.events.counted_exit();
+                self.stats.mmio += 1;
+                if self.devices.mmio.read(&mut ctx!(), addr, data).is_err() {
+                    data.fill(0xff);
+                    warn_once(&mut self.warned_ports, addr, "read from unmapped MMIO address", data.len());
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::X86Rdmsr(exit)) => {
+                self.events.counted_exit();
+                self.stats.msr += 1;
+                let clock = &mut self.events;
+                match msr::read(exit.index, || ftvm_devices::GuestClock::now(clock)) {
+                    Ok(value) => *exit.data = value,
+                    Err(msr::Refused) => *exit.error = 1,
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::X86Wrmsr(exit)) => {
+                self.events.counted_exit();
+                self.stats.msr += 1;
+                if msr::write(exit.index, exit.data).is_err() {
+                    tracing::debug!("guest write to refused MSR {:#x}: #GP", exit.index);
+                    *exit.error = 1;
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::Hlt) => {
+                self.events.counted_exit();
+                self.stats.hlt += 1;
+                Step::Halted
+            }
+            Ok(VcpuExit::Shutdown) => {
+                self.events.counted_exit();
+                Step::Stop(VmOutcome::TripleFault(RegisterDump::capture(&self.vcpu)))
+            }
+            Ok(VcpuExit::IrqWindowOpen) => {
+                self.stats.window_exits += 1;
+                Step::Continue
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the `internal` member of the union is the
+                // one KVM filled in.
+                let internal = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let what = format!("KVM_EXIT_INTERNAL_ERROR suberror {} (1 = emulation failure) data {:x?}", internal.suberror, &internal.data[..n]);
+                Step::Stop(VmOutcome::KvmFailure { what, dump: RegisterDump::capture(&self.vcpu) })
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                let what = format!("KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x}");
+                Step::Stop(VmOutcome::KvmFailure { what, dump: RegisterDump::capture(&self.vcpu) })
+            }
+            Ok(other) => {
+                let what = format!("unexpected exit {other:?}");
+                Step::Stop(VmOutcome::KvmFailure { what, dump: RegisterDump::capture(&self.vcpu) })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: not a counted exit, carries no events.
+                self.vcpu.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => return Err(Error::Kvm { call: "KVM_RUN", source: e }),
+        };
+        Ok(step)
+    }
+
+    /// Work done after every return from KVM_RUN: interrupts from the access, console output,
+    /// timers that came due and host input, all admitted through the event source.
+    fn after_exit(&mut self) {
+        self.devices.apply_irqs(&mut self.irqs);
+        self.flush_console();
+        if let Some(now) = self.events.admit_deadline(self.devices.next_deadline()) {
+            self.devices.on_time(now, &mut self.irqs);
+        }
+        let room = self.devices.uart.borrow().receive_capacity();
+        if room > 0 {
+            let input = self.events.admit_console_input(room);
+            if !input.is_empty() {
+                self.devices.uart.borrow_mut().receive(&input, &mut self.irqs);
+            }
+        }
+        self.devices.apply_irqs(&mut self.irqs);
+    }
+
+    fn flush_console(&mut self) {
+        let out = self.devices.uart.borrow_mut().take_output();
+        if !out.is_empty() {
+            // The guest never waits on the console: a failing sink loses output, not progress.
+            if let Err(e) = self.console.write_all(&out).and_then(|_| self.console.flush()) {
+                if self.warned_ports.insert(u64::MAX) {
+                    tracing::warn!("console output failed: {e}; further output may be lost");
+                }
+            }
+        }
+    }
+
+    fn take_request(&mut self) -> Option<VmOutcome> {
+        let request = self.requests.drain(..).next()?;
+        self.requests.clear();
+        Some(match request {
+            VmRequest::PowerOff => VmOutcome::PowerOff,
+            VmRequest::Reset => VmOutcome::Reset,
+        })
+    }
+
+    /// Injects the PIC's pending interrupt if the guest can take it now (IF set and KVM
+    /// ready); otherwise, in prompt delivery, asks KVM for an interrupt-window exit.
+    /// Returns whether an interrupt was injected.
+    fn inject_or_request_window(&mut self) -> bool {
+        let pending = self.devices.pic.borrow().has_pending_interrupt();
+        let run = self.vcpu.get_kvm_run();
+        if !pending {
+            run.request_interrupt_window = 0;
+            return false;
+        }
+        if run.if_flag == 0 || run.ready_for_interrupt_injection == 0 {
+            run.request_interrupt_window = u8::from(self.delivery == Delivery::Prompt);
+            return false;
+        }
+        run.request_interrupt_window = 0;
+        let Some(vector) = self.devices.pic.borrow_mut().acknowledge() else {
+            return false;
+        };
+        let irq = kvm_bindings::kvm_interrupt { irq: u32::from(vector) };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer we pass, which lives
+        // across the call; the fd is a vCPU fd.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            tracing::error!("KVM_INTERRUPT(vector {vector:#x}) failed: {}", errno::Error::last());
+            return false;
+        }
+        self.stats.interrupts += 1;
+        true
+    }
+
+    /// The guest executed HLT: wait until an interrupt can wake it, admitting timers and
+    /// input as they come. Returns an outcome if the VM must stop instead.
+    fn wait_while_halted(&mut self) -> Result<Option<VmOutcome>> {
+        loop {
+            if self.inject_or_request_window() {
+                return Ok(None);
+            }
+            let if_flag = self.vcpu.get_kvm_run().if_flag;
+            let deadline = self.devices.next_deadline();
+            if if_flag == 0 || (deadline.is_none() && !self.events.console_input_open()) {
+                return Ok(Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
+            }
+            self.doorbell.wait_until(deadline.map(|d| self.events.host_instant_of(d)));
+            self.after_exit();
+            if let Some(outcome) = self.take_request() {
+                return Ok(Some(outcome));
+            }
+        }
+    }
+}
+
+fn warn_once(warned: &mut BTreeSet<u64>, addr: u64, what: &str, len: usize) {
+    if warned.insert(addr) {
+        tracing::warn!("guest {what} {addr:#x} ({len} bytes); ignored (reported once per address)");
+    }
+}
