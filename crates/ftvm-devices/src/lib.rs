@@ -7,6 +7,7 @@
 //! through buffers the VMM drains. The same device code therefore runs unchanged in live,
 //! record and replay mode.
 
+pub mod apic;
 pub mod bus;
 pub mod i8042;
 pub mod pic;

@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use ftvm_devices::apic::{LocalApicRegisters, LAPIC_BASE, LAPIC_SIZE};
 use ftvm_devices::i8042::I8042;
 use ftvm_devices::pic::Pic;
 use ftvm_devices::pit::Pit;
@@ -51,7 +52,10 @@ impl Devices {
             pio.insert(base.into(), len.into(), dev)
                 .map_err(|e| Error::Devices(format!("port {base:#x}: {e}")))?;
         }
-        Ok(Devices { pic, pit, rtc, uart, i8042, pio, mmio: Bus::new() })
+        let mut mmio: Bus<dyn MmioDevice> = Bus::new();
+        mmio.insert(LAPIC_BASE, LAPIC_SIZE, Rc::new(RefCell::new(LocalApicRegisters::default())))
+            .map_err(|e| Error::Devices(format!("local APIC registers: {e}")))?;
+        Ok(Devices { pic, pit, rtc, uart, i8042, pio, mmio })
     }
 
     /// Applies interrupt line changes to the PIC, in order.

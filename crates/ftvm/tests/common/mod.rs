@@ -1,0 +1,140 @@
+//! Helpers shared by the integration tests: the ftvm binary, guest images, KVM checks, and
+//! tiny hand-assembled PVH guests for the error paths.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf()
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = repo_root().join("target").join("test-scratch").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether the KVM-backed tests may run. Without /dev/kvm they fail loudly, unless
+/// FTVM_ALLOW_NO_KVM=1 says to skip them.
+pub fn kvm_available() -> bool {
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if usable {
+        return true;
+    }
+    if std::env::var("FTVM_ALLOW_NO_KVM").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: /dev/kvm is not usable and FTVM_ALLOW_NO_KVM=1");
+        return false;
+    }
+    panic!("/dev/kvm is missing or not accessible: these tests need KVM (set FTVM_ALLOW_NO_KVM=1 to skip them)");
+}
+
+/// A guest-kit image built by `cargo xtask guests`.
+pub fn guest(name: &str) -> PathBuf {
+    let path = repo_root().join("target").join("guests").join(format!("{name}.elf"));
+    assert!(path.exists(), "{} is missing: build the guests first with `cargo xtask guests`", path.display());
+    path
+}
+
+pub fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// Runs `ftvm run` with the console in a file; returns (output, console text).
+pub fn run_guest(kernel: &Path, extra: &[&str], dir: &Path) -> (Output, String) {
+    let console = dir.join("console.txt");
+    let out = ftvm()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .args(extra)
+        .output()
+        .expect("spawn ftvm");
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    (out, text)
+}
+
+/// The `digest:` lines of a console transcript.
+pub fn digest_lines(console: &str) -> Vec<String> {
+    console.lines().filter(|l| l.starts_with("digest:")).map(str::to_string).collect()
+}
+
+/// The first number after `key` on a line that starts with it.
+pub fn number_after(console: &str, key: &str) -> Option<u64> {
+    let line = console.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty())?.parse().ok()
+}
+
+pub const LOAD_ADDR: u64 = 0x10_0000;
+
+/// Builds a minimal PVH ELF kernel: `code` is loaded at 1 MiB and entered there in 32-bit
+/// protected mode. Lets tests exercise exits and failure paths without a toolchain.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+    let code_off = (note_off + note.len()).next_multiple_of(16);
+
+    let mut f = vec![0u8; code_off];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little-endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+    let mut phdr = |i: usize, p_type: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+        let b = EHDR + i * PHDR;
+        f[b..b + 4].copy_from_slice(&p_type.to_le_bytes());
+        f[b + 4..b + 8].copy_from_slice(&flags.to_le_bytes());
+        f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
+        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
+        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
+        f[b + 32..b + 40].copy_from_slice(&size.to_le_bytes());
+        f[b + 40..b + 48].copy_from_slice(&size.to_le_bytes());
+        f[b + 48..b + 56].copy_from_slice(&align.to_le_bytes());
+    };
+    phdr(0, 1, 5, code_off as u64, LOAD_ADDR, code.len() as u64, 0x1000); // PT_LOAD r-x
+    phdr(1, 4, 4, note_off as u64, 0, note.len() as u64, 4); // PT_NOTE
+    f[note_off..note_off + note.len()].copy_from_slice(&note);
+    f.extend_from_slice(code);
+    f
+}
+
+/// 32-bit machine code snippets for the tiny guests.
+pub mod asm {
+    /// `mov dx, port; mov al, byte; out dx, al` for each byte.
+    pub fn out_bytes(port: u16, bytes: &[u8]) -> Vec<u8> {
+        let mut c = vec![0x66, 0xba];
+        c.extend_from_slice(&port.to_le_bytes());
+        for &b in bytes {
+            c.extend_from_slice(&[0xb0, b, 0xee]);
+        }
+        c
+    }
+    /// Power off through ftvm's power port: `mov ax, 0x2000; mov dx, 0x604; out dx, ax`.
+    pub const POWER_OFF: &[u8] = &[0x66, 0xb8, 0x00, 0x20, 0x66, 0xba, 0x04, 0x06, 0x66, 0xef];
+    /// `cli; hlt`
+    pub const CLI_HLT: &[u8] = &[0xfa, 0xf4];
+    /// `ud2` (with the boot IDT of limit 0 this triple-faults)
+    pub const UD2: &[u8] = &[0x0f, 0x0b];
+    /// i8042 reset: `mov al, 0xfe; out 0x64, al; hlt`
+    pub const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+}

@@ -1,0 +1,75 @@
+//! `hello`: the smallest useful guest. Prints a greeting, the command line, the memory
+//! size and the RTC time, idles `hello.wait_ms` milliseconds (default 100) on the 100 Hz
+//! timer, and prints a digest that must be identical on every run and every hypervisor.
+//!
+//! `hello.crash=panic|ud2|pagefault` ends it early on purpose, to exercise the kit's panic
+//! handler and its exception reporting (both print and power off).
+
+#![no_std]
+#![no_main]
+
+use ftvm_guest_kit::digest::Digest;
+use ftvm_guest_kit::{cmdline, entry, mem, println, rtc, time};
+
+entry!(main);
+
+const GREETING: &str = "hello from an ftvm guest-kit guest in ring 3";
+
+fn main() {
+    println!("{GREETING}");
+    println!("cmdline: {}", cmdline::cmdline());
+    match mem::ram_bytes() {
+        Some(bytes) => println!(
+            "memory: {} KiB usable in {} region(s)",
+            bytes >> 10,
+            mem::ram_regions()
+        ),
+        None => println!("memory: unknown (no memory map from the loader)"),
+    }
+    let before = rtc::read();
+    match before {
+        Some(now) => println!("rtc: {now}"),
+        None => println!("rtc: none"),
+    }
+
+    match cmdline::param("hello.crash") {
+        None => {}
+        Some("panic") => panic!("hello.crash=panic"),
+        // SAFETY: deliberately faults; the kit reports the exception and powers off.
+        Some("ud2") => unsafe { core::arch::asm!("ud2") },
+        Some("pagefault") => {
+            // The local APIC page is mapped supervisor-only: a ring-3 read faults.
+            // SAFETY: deliberately faults, as above.
+            unsafe { core::ptr::read_volatile(0xfee0_0030 as *const u32) };
+        }
+        Some(other) => println!("hello.crash={other}: unknown, ignored"),
+    }
+
+    let wait_ms = cmdline::param_u64_or("hello.wait_ms", 100);
+    let start = time::ticks();
+    time::sleep_ms(wait_ms);
+    let ticks = time::ticks() - start;
+    println!(
+        "ticks: {ticks} (waited {wait_ms} ms at {} Hz)",
+        time::TICK_HZ
+    );
+    match (before, rtc::read()) {
+        (Some(a), Some(b)) => {
+            let elapsed = (b.seconds_of_day() + 86_400 - a.seconds_of_day()) % 86_400;
+            println!("rtc: {b} ({elapsed} s elapsed)");
+        }
+        _ => println!("rtc: none"),
+    }
+
+    let mut digest = Digest::new();
+    digest.write(GREETING.as_bytes());
+    digest.write_u64(prime_sum(core::hint::black_box(10_000)));
+    println!("digest: {digest}");
+}
+
+/// Sum of the primes below `limit` (trial division: small, fixed work).
+fn prime_sum(limit: u64) -> u64 {
+    (2..limit)
+        .filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0))
+        .sum()
+}

@@ -1,0 +1,163 @@
+//! The PVH boot path: 32-bit entry, static page tables, GDT, long mode, ring-0 init, ring 3.
+//!
+//! Ring-0 code runs in KVM's instruction emulator on our machines (~1.6 M instructions/s),
+//! so this path does as little as it can: page tables and the GDT are static data (no fill
+//! loops), BSS is not zeroed (loaders give zeroed memory), nothing is printed in ring 0.
+//!
+//! Memory map (identity-mapped, physical = virtual):
+//! - 0 - 1 GiB: 2 MiB pages, user-accessible, write-back. The image is at 1 MiB
+//!   (`kit/link.ld`); the bump heap (`mem`) follows it up to the end of its RAM region.
+//! - 3 - 4 GiB: 2 MiB pages, supervisor-only, uncached: the local APIC page (0xfee00000).
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Physical address of the `hvm_start_info` the loader passed in EBX (stored by the entry).
+#[export_name = "kit_start_info_paddr"]
+static START_INFO_PADDR: AtomicU64 = AtomicU64::new(0);
+
+/// Physical address of the PVH `hvm_start_info` structure (0 if none was passed).
+pub fn start_info_paddr() -> u64 {
+    START_INFO_PADDR.load(Ordering::Relaxed)
+}
+
+/// GDT selectors (see `kit_gdt` below).
+pub mod selectors {
+    /// Ring-0 64-bit code.
+    pub const KERNEL_CODE: u16 = 0x08;
+    /// Ring-0 data.
+    pub const KERNEL_DATA: u16 = 0x10;
+    /// Ring-3 data (RPL 3).
+    pub const USER_DATA: u16 = 0x18 | 3;
+    /// Ring-3 64-bit code (RPL 3).
+    pub const USER_CODE: u16 = 0x20 | 3;
+    /// The TSS (a 16-byte system descriptor).
+    pub const TSS: u16 = 0x28;
+}
+
+core::arch::global_asm!(
+    // XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit physical entry point, as QEMU, Firecracker and
+    // ftvm (linux-loader) look for it.
+    r#"
+    .section .note.pvh, "a", @note
+    .balign 4
+    .long 4, 4, 18
+    .asciz "Xen"
+    .long pvh_start
+    "#,
+    // 32-bit protected mode, flat segments, paging off, EBX = &hvm_start_info.
+    r#"
+    .section .text.boot32, "ax", @progbits
+    .code32
+    .globl pvh_start
+pvh_start:
+    cli
+    cld
+    mov %ebx, kit_start_info_paddr
+    mov $kit_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x620, %eax                 # PAE | OSFXSR | OSXMMEXCPT: ring 3 uses SSE
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx           # EFER.LME
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    lgdt kit_gdtr
+    mov %cr0, %eax
+    and $~0x4, %eax                 # EM off: FPU/SSE present
+    or $0x80000023, %eax            # PG | NE | MP | PE
+    mov %eax, %cr0
+    ljmp $0x08, $kit_long_mode
+    .code64
+    "#,
+    // Long mode, ring 0: segments, stack, Rust init (arch/pic/pit/apic), then ring 3.
+    r#"
+    .section .text.ring0, "ax", @progbits
+kit_long_mode:
+    mov $0x10, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    xor %eax, %eax
+    mov %eax, %fs
+    mov %eax, %gs
+    lea kit_kstack_top(%rip), %rsp
+    call kit_ring0_init
+    pushq $0x1b                     # SS: user data
+    lea kit_ustack_top(%rip), %rax
+    sub $8, %rax                    # as if called: RSP+8 16-byte aligned at entry
+    push %rax
+    pushq $0x202                    # RFLAGS: IF
+    pushq $0x23                     # CS: user code
+    lea kit_ring3_start(%rip), %rax
+    push %rax
+    iretq
+    "#,
+    // Static page tables: no fill loops in emulated ring 0.
+    r#"
+    .section .data.kit_paging, "aw", @progbits
+    .balign 4096
+    .globl kit_pml4
+kit_pml4:
+    .quad kit_pdpt + 0x7            # present, writable, user
+    .fill 511, 8, 0
+kit_pdpt:
+    .quad kit_pd_low + 0x7
+    .quad 0, 0
+    .quad kit_pd_high + 0x3         # 3-4 GiB: supervisor only
+    .fill 508, 8, 0
+kit_pd_low:                         # 0-1 GiB: 2 MiB pages, present, writable, user
+    .set kit_page, 0
+    .rept 512
+    .quad kit_page + 0x87
+    .set kit_page, kit_page + 0x200000
+    .endr
+kit_pd_high:                        # 3-4 GiB: 2 MiB pages, supervisor, PWT|PCD (APIC MMIO)
+    .set kit_page, 0xC0000000
+    .rept 512
+    .quad kit_page + 0x9b
+    .set kit_page, kit_page + 0x200000
+    .endr
+    "#,
+    // GDT: null, ring-0 code/data, ring-3 data/code, TSS (base patched by arch::load_tss).
+    r#"
+    .section .data.kit_gdt, "aw", @progbits
+    .balign 16
+    .globl kit_gdt
+kit_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff        # 0x08 ring-0 code64
+    .quad 0x00cf92000000ffff        # 0x10 ring-0 data
+    .quad 0x00cff2000000ffff        # 0x18 ring-3 data
+    .quad 0x00affa000000ffff        # 0x20 ring-3 code64
+    .quad 0, 0                      # 0x28 TSS
+kit_gdt_end:
+    .balign 8
+kit_gdtr:
+    .word kit_gdt_end - kit_gdt - 1
+    .quad kit_gdt
+    "#,
+    // Stacks. The ring-0 stack (TSS.RSP0) also serves the boot path.
+    r#"
+    .section .bss.kit_stacks, "aw", @nobits
+    .balign 4096
+    .space 262144
+    .globl kit_ustack_top
+kit_ustack_top:
+    .space 16384
+    .globl kit_kstack_top
+kit_kstack_top:
+    "#,
+    options(att_syntax)
+);
+
+/// Ring-0 initialization, called once by the boot path with interrupts off.
+#[no_mangle]
+#[link_section = ".text.ring0"]
+extern "C" fn kit_ring0_init() {
+    crate::arch::load_tss();
+    crate::arch::load_idt();
+    crate::pic::init();
+    crate::pit::init();
+    crate::apic::init();
+}

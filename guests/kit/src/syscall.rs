@@ -1,0 +1,83 @@
+//! The ring-3 -> ring-0 system call.
+//!
+//! On our KVM, CPL3 `int n` raises #UD and `syscall` stays in ring 3, so the kit enters
+//! ring 0 through an exception on purpose. A system call is the 9-byte sequence
+//!
+//! ```text
+//!     ud2                          0f 0b
+//!     nop dword ptr [rax+0x54494b] 0f 1f 80 4b 49 54 00   ("KIT": the tag)
+//! ```
+//!
+//! with the call number in RAX; the result comes back in RAX. The #UD handler accepts it
+//! only from ring 3 and only with the tag, so a stray `ud2` (an abort, a trap for
+//! unreachable code) is still reported as a fault. It resumes after the tag.
+
+use core::arch::asm;
+
+/// `idle`: `sti; hlt` in ring 0, returns after the next interrupt has been handled.
+pub const SYS_IDLE: u64 = 0;
+/// `power_off`: never returns (see `power`).
+pub const SYS_POWER_OFF: u64 = 1;
+
+core::arch::global_asm!(
+    r#"
+    .section .text.ring0, "ax", @progbits
+    # Frame: RIP, CS, RFLAGS, RSP, SS (no error code for #UD).
+    .globl kit_ud_entry
+kit_ud_entry:
+    testb $3, 8(%rsp)               # from ring 3?
+    jz 2f
+    push %rcx
+    push %rdx
+    mov 16(%rsp), %rcx              # faulting RIP
+    movabs $0x54494b801f0f0b0f, %rdx  # ud2; nopl 0x54494b(%rax) (first 8 bytes)
+    cmp %rdx, (%rcx)
+    pop %rdx
+    pop %rcx
+    jne 2f
+    addq $9, (%rsp)                 # resume after ud2 and the tag
+    cmp $0, %rax                    # SYS_IDLE
+    je 3f
+    cmp $1, %rax                    # SYS_POWER_OFF
+    je kit_power_off_ring0
+    mov $-1, %rax                   # unknown call
+    iretq
+3:  sti                             # the interrupt shadow of sti keeps sti;hlt atomic
+    hlt
+    cli
+    xor %eax, %eax
+    iretq
+2:  pushq $0
+    pushq $6
+    jmp kit_exception_entry
+    "#,
+    options(att_syntax)
+);
+
+/// Halts until the next interrupt (the 100 Hz timer at the latest) has been handled.
+#[inline]
+pub fn idle() {
+    // SAFETY: the tagged ud2 is handled by `kit_ud_entry`, which returns right after the
+    // tag with RAX = 0; it runs on the ring-0 stack, so the ring-3 stack is untouched.
+    unsafe {
+        asm!(
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            inlateout("rax") SYS_IDLE => _,
+            options(nostack)
+        )
+    }
+}
+
+/// Asks ring 0 to power the machine off.
+pub(crate) fn power_off_from_ring3() -> ! {
+    // SAFETY: as for `idle`; this call does not return.
+    unsafe {
+        asm!(
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            in("rax") SYS_POWER_OFF,
+            options(noreturn, nostack)
+        )
+    }
+}
