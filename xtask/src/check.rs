@@ -23,13 +23,8 @@ pub const CODE32_SECTIONS: &[&str] = &[".text.boot32"];
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// Instructions no guest may contain at all.
-const FORBIDDEN: &[Mnemonic] = &[
-    Mnemonic::Rdtsc,
-    Mnemonic::Rdtscp,
-    Mnemonic::Rdpid,
-    Mnemonic::Rdrand,
-    Mnemonic::Rdseed,
-];
+const FORBIDDEN: &[Mnemonic] =
+    &[Mnemonic::Rdtsc, Mnemonic::Rdtscp, Mnemonic::Rdpid, Mnemonic::Rdrand, Mnemonic::Rdseed];
 
 /// One forbidden instruction found in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,11 +38,7 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "section {} at {:#x}: {} ({})",
-            self.section, self.address, self.instruction, self.reason
-        )
+        write!(f, "section {} at {:#x}: {} ({})", self.section, self.address, self.instruction, self.reason)
     }
 }
 
@@ -89,22 +80,10 @@ pub fn check_elf(bytes: &[u8]) -> Result<Report> {
         if !header.is_executable() || header.sh_type == SHT_NOBITS || header.sh_size == 0 {
             continue;
         }
-        let name = elf
-            .shdr_strtab
-            .get_at(header.sh_name)
-            .unwrap_or("<unnamed>")
-            .to_string();
-        let range = header
-            .file_range()
-            .context("executable section without data")?;
-        let code = bytes
-            .get(range)
-            .with_context(|| format!("section {name} lies outside the file"))?;
-        let bitness = if CODE32_SECTIONS.contains(&name.as_str()) {
-            32
-        } else {
-            64
-        };
+        let name = elf.shdr_strtab.get_at(header.sh_name).unwrap_or("<unnamed>").to_string();
+        let range = header.file_range().context("executable section without data")?;
+        let code = bytes.get(range).with_context(|| format!("section {name} lies outside the file"))?;
+        let bitness = if CODE32_SECTIONS.contains(&name.as_str()) { 32 } else { 64 };
         let scan = scan_code(code, header.sh_addr, bitness, &name);
         violations.extend(scan.violations);
         sections.push(SectionScan {
@@ -119,11 +98,7 @@ pub fn check_elf(bytes: &[u8]) -> Result<Report> {
     if sections.is_empty() {
         bail!("no executable sections (section headers stripped?): nothing could be checked");
     }
-    Ok(Report {
-        pvh_entry,
-        sections,
-        violations,
-    })
+    Ok(Report { pvh_entry, sections, violations })
 }
 
 /// The entry address from the XEN_ELFNOTE_PHYS32_ENTRY note in a PT_NOTE segment.
@@ -166,9 +141,7 @@ pub fn scan_code(code: &[u8], address: u64, bitness: u32, section: &str) -> Code
             // Resume at the next byte: iced may consume more than one byte of an invalid
             // sequence, which could skip over a real instruction right after it.
             scan.invalid += 1;
-            decoder
-                .set_position(position + 1)
-                .expect("position + 1 is within the buffer");
+            decoder.set_position(position + 1).expect("position + 1 is within the buffer");
             decoder.set_ip(address + position as u64 + 1);
             continue;
         }
@@ -199,11 +172,7 @@ mod tests {
     use super::*;
 
     fn flagged(code: &[u8], section: &str) -> Vec<u64> {
-        scan_code(code, 0x1000, 64, section)
-            .violations
-            .iter()
-            .map(|v| v.address)
-            .collect()
+        scan_code(code, 0x1000, 64, section).violations.iter().map(|v| v.address).collect()
     }
 
     #[test]
@@ -213,11 +182,7 @@ mod tests {
         assert_eq!(flagged(&[0xf3, 0x0f, 0xc7, 0xf8], ".text"), [0x1000]); // rdpid rax
         assert_eq!(flagged(&[0x0f, 0xc7, 0xf0], ".text"), [0x1000]); // rdrand eax
         assert_eq!(flagged(&[0x48, 0x0f, 0xc7, 0xf8], ".text"), [0x1000]); // rdseed rax
-        assert_eq!(
-            flagged(&[0x0f, 0x31], ".text.ring0"),
-            [0x1000],
-            "forbidden in ring-0 code too"
-        );
+        assert_eq!(flagged(&[0x0f, 0x31], ".text.ring0"), [0x1000], "forbidden in ring-0 code too");
     }
 
     #[test]
@@ -240,10 +205,7 @@ mod tests {
         // lea rax, [rip + 0xc70f]: the displacement holds rdrand's opcode bytes.
         assert!(flagged(&[0x48, 0x8d, 0x05, 0x0f, 0xc7, 0xf0, 0x00], ".text").is_empty());
         // ...but the same bytes after it, as an instruction, are.
-        assert_eq!(
-            flagged(&[0xb8, 0x0f, 0x31, 0x00, 0x00, 0x0f, 0x31], ".text"),
-            [0x1005]
-        );
+        assert_eq!(flagged(&[0xb8, 0x0f, 0x31, 0x00, 0x00, 0x0f, 0x31], ".text"), [0x1005]);
     }
 
     #[test]
@@ -252,9 +214,7 @@ mod tests {
         assert_eq!(flagged(&cpuid, ".text"), [0x1000]);
         assert_eq!(flagged(&cpuid, ".text.foo"), [0x1000]);
         assert!(flagged(&cpuid, ".text.ring0").is_empty());
-        assert!(scan_code(&cpuid, 0, 32, ".text.boot32")
-            .violations
-            .is_empty());
+        assert!(scan_code(&cpuid, 0, 32, ".text.boot32").violations.is_empty());
     }
 
     #[test]
@@ -333,22 +293,8 @@ mod tests {
         const SHF_ALLOC_EXEC: u64 = 0x2 | 0x4;
         header(0, 0, 0, 0, 0, 0);
         header(note_name, 7, 0x2, 0x10_0000, note_off, note.len()); // SHT_NOTE
-        header(
-            ring0_name,
-            1,
-            SHF_ALLOC_EXEC,
-            0x10_0100,
-            ring0_off,
-            ring0_code.len(),
-        );
-        header(
-            text_name,
-            1,
-            SHF_ALLOC_EXEC,
-            0x10_0200,
-            text_off,
-            text_code.len(),
-        );
+        header(ring0_name, 1, SHF_ALLOC_EXEC, 0x10_0100, ring0_off, ring0_code.len());
+        header(text_name, 1, SHF_ALLOC_EXEC, 0x10_0200, text_off, text_code.len());
         header(shstr_name, 3, 0, 0, shstr_off, shstrtab.len()); // SHT_STRTAB
         elf
     }

@@ -69,13 +69,7 @@ fn guests() -> Result<()> {
     // flags inherited from the outer build that would override or break those settings.
     let status = Command::new(cargo)
         .current_dir(root.join("guests"))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            GUEST_TARGET,
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
         .arg(&build_dir)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -93,8 +87,7 @@ fn guests() -> Result<()> {
     for name in GUESTS {
         let built = build_dir.join(GUEST_TARGET).join("release").join(name);
         let elf = out_dir.join(format!("{name}.elf"));
-        std::fs::copy(&built, &elf)
-            .with_context(|| format!("copying {} to {}", built.display(), elf.display()))?;
+        std::fs::copy(&built, &elf).with_context(|| format!("copying {} to {}", built.display(), elf.display()))?;
         if !check_one(&elf)? {
             // A guest that breaks the contract must not be picked up by tests or benchmarks.
             std::fs::remove_file(&elf).with_context(|| format!("removing {}", elf.display()))?;
@@ -123,8 +116,7 @@ fn check_files(paths: &[PathBuf]) -> Result<()> {
 /// Checks one ELF, prints its summary line and any violations; true if it passes.
 fn check_one(path: &Path) -> Result<bool> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let report =
-        check::check_elf(&bytes).with_context(|| format!("checking {}", path.display()))?;
+    let report = check::check_elf(&bytes).with_context(|| format!("checking {}", path.display()))?;
     let name = path.display();
     for violation in &report.violations {
         println!("{name}: {violation}");
@@ -138,11 +130,7 @@ fn check_one(path: &Path) -> Result<bool> {
         })
         .collect();
     let invalid: usize = report.sections.iter().map(|s| s.invalid).sum();
-    let invalid = if invalid > 0 {
-        format!(", {invalid} undecodable")
-    } else {
-        String::new()
-    };
+    let invalid = if invalid > 0 { format!(", {invalid} undecodable") } else { String::new() };
     println!(
         "{name}: {} bytes, PVH entry {:#x}; scanned {}: {} instructions{invalid}; {}",
         bytes.len(),

@@ -66,7 +66,7 @@ mod tests {
     fn registers_read_back_and_version_is_fixed() {
         let mut apic = LocalApicRegisters::default();
         let (mut c, mut i, mut r) = (ManualClock(0), IrqLines::default(), vec![]);
-        let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
         apic.mmio_write(&mut ctx, LAPIC_BASE, 0xf0, &0x1ffu32.to_le_bytes());
         apic.mmio_write(&mut ctx, LAPIC_BASE, 0x30, &0u32.to_le_bytes());
         let mut b = [0u8; 4];

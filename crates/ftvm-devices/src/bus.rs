@@ -9,12 +9,13 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use crate::{GuestClock, IrqLines, VmRequest};
+use crate::{HostInputs, IrqLines, VmRequest};
 
 /// What a device may use while it handles one access.
 pub struct DeviceContext<'a> {
-    /// The guest clock (the event source's choke point). Reading it is a time-dependent read.
-    pub clock: &'a mut dyn GuestClock,
+    /// Host inputs through the event source (the choke point): the guest clock (reading it
+    /// is a time-dependent read) and entropy.
+    pub inputs: &'a mut dyn HostInputs,
     /// Interrupt line changes, applied to the PIC after the access.
     pub irqs: &'a mut IrqLines,
     /// Requests to the VM as a whole (reset, power-off).
@@ -139,7 +140,7 @@ mod tests {
         assert_eq!(bus.insert(0x3f, 2, dev.clone()), Err(BusError::Overlap { base: 0x3f, len: 2 }));
         assert_eq!(bus.insert(0x50, 0, dev.clone()), Err(BusError::Empty(0x50)));
         let (mut clock, mut irqs, mut req) = (ManualClock(0), IrqLines::default(), vec![]);
-        let mut ctx = DeviceContext { clock: &mut clock, irqs: &mut irqs, requests: &mut req };
+        let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut irqs, requests: &mut req };
         let mut b = [0u8; 1];
         bus.read(&mut ctx, 0x42, &mut b).unwrap();
         assert_eq!(b[0], 2);

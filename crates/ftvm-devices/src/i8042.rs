@@ -303,13 +303,13 @@ mod tests {
         }
         fn outb(&mut self, port: u16, value: u8) -> &mut Self {
             let mut clock = ManualClock(0);
-            let mut ctx = DeviceContext { clock: &mut clock, irqs: &mut self.irqs, requests: &mut self.requests };
+            let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut self.irqs, requests: &mut self.requests };
             self.dev.pio_write(&mut ctx, port, 0, &[value]);
             self
         }
         fn inb(&mut self, port: u16) -> u8 {
             let mut clock = ManualClock(0);
-            let mut ctx = DeviceContext { clock: &mut clock, irqs: &mut self.irqs, requests: &mut self.requests };
+            let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut self.irqs, requests: &mut self.requests };
             let mut b = [0u8];
             self.dev.pio_read(&mut ctx, port, 0, &mut b);
             b[0]
@@ -495,7 +495,7 @@ mod tests {
                 let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
                 let value = (r >> 8) as u8;
                 let mut clock = ManualClock(0);
-                let mut ctx = DeviceContext { clock: &mut clock, irqs: &mut h.irqs, requests: &mut h.requests };
+                let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut h.irqs, requests: &mut h.requests };
                 if (r >> 16) % 2 == 0 {
                     h.dev.pio_write(&mut ctx, base, offset, &vec![value; len]);
                 } else {

@@ -31,13 +31,31 @@ pub trait GuestClock {
     fn now(&mut self) -> GuestNanos;
 }
 
-/// A clock that only moves when told to; for tests and for replaying fixed timelines.
+/// Every host input a device may ask for while it handles an access: the guest clock and
+/// entropy (virtio-rng). The event source implements it; in record mode each call is logged,
+/// in replay mode answered from the log.
+pub trait HostInputs: GuestClock {
+    /// Fills `buf` with entropy from the host. Returns false if the host has none to give
+    /// (the device then reports an error to the guest rather than hand it predictable bytes).
+    fn entropy(&mut self, buf: &mut [u8]) -> bool;
+}
+
+/// A clock that only moves when told to, with a fixed entropy pattern; for tests.
 #[derive(Debug, Default, Clone)]
 pub struct ManualClock(pub GuestNanos);
 
 impl GuestClock for ManualClock {
     fn now(&mut self) -> GuestNanos {
         self.0
+    }
+}
+
+impl HostInputs for ManualClock {
+    fn entropy(&mut self, buf: &mut [u8]) -> bool {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+        }
+        true
     }
 }
 

@@ -425,7 +425,7 @@ mod tests {
 
     fn access<R>(f: impl FnOnce(&mut DeviceContext<'_>) -> R) -> R {
         let (mut clock, mut irqs, mut requests) = (ManualClock(0), IrqLines::default(), Vec::<VmRequest>::new());
-        let mut ctx = DeviceContext { clock: &mut clock, irqs: &mut irqs, requests: &mut requests };
+        let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut irqs, requests: &mut requests };
         f(&mut ctx)
     }
 

@@ -515,7 +515,7 @@ impl PioDevice for Pit {
         let first = base.wrapping_add(offset);
         for (i, byte) in data.iter_mut().enumerate() {
             let port = first.wrapping_add(i as u16);
-            *byte = if is_pit_port(port) { self.read_port(port, ctx.clock) } else { 0xff };
+            *byte = if is_pit_port(port) { self.read_port(port, ctx.inputs) } else { 0xff };
         }
     }
 
@@ -524,7 +524,7 @@ impl PioDevice for Pit {
         for (i, &byte) in data.iter().enumerate() {
             let port = first.wrapping_add(i as u16);
             if is_pit_port(port) {
-                self.write_port(port, byte, ctx.clock);
+                self.write_port(port, byte, ctx.inputs);
             } else {
                 tracing::debug!(port, "pit: write past the PIT's ports ignored");
             }
@@ -575,6 +575,12 @@ mod tests {
         }
     }
 
+    impl crate::HostInputs for Clock {
+        fn entropy(&mut self, _: &mut [u8]) -> bool {
+            false
+        }
+    }
+
     #[derive(Default)]
     struct Harness {
         pit: Pit,
@@ -589,14 +595,14 @@ mod tests {
         }
         fn outb(&mut self, port: u16, value: u8) -> &mut Self {
             let mut requests = Vec::<VmRequest>::new();
-            let mut ctx = DeviceContext { clock: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
+            let mut ctx = DeviceContext { inputs: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
             let base = if port == 0x61 { 0x61 } else { 0x40 };
             self.pit.pio_write(&mut ctx, base, port - base, &[value]);
             self
         }
         fn inb(&mut self, port: u16) -> u8 {
             let mut requests = Vec::<VmRequest>::new();
-            let mut ctx = DeviceContext { clock: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
+            let mut ctx = DeviceContext { inputs: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
             let base = if port == 0x61 { 0x61 } else { 0x40 };
             let mut b = [0u8];
             self.pit.pio_read(&mut ctx, base, port - base, &mut b);
@@ -967,7 +973,7 @@ mod tests {
                 let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
                 let value = (r >> 8) as u8;
                 let mut requests = Vec::<VmRequest>::new();
-                let mut ctx = DeviceContext { clock: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+                let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
                 match (r >> 16) % 3 {
                     0 => h.pit.pio_write(&mut ctx, base, offset, &vec![value; len]),
                     1 => {

@@ -50,7 +50,7 @@ mod tests {
     #[test]
     fn only_the_power_off_value_requests_power_off() {
         let (mut c, mut i, mut r) = (ManualClock(0), IrqLines::default(), vec![]);
-        let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
         PowerPort.pio_write(&mut ctx, 0x604, 0, &[0x00, 0x10]);
         PowerPort.pio_write(&mut ctx, 0x604, 0, &[]);
         assert!(ctx.requests.is_empty());

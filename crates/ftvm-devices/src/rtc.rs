@@ -397,7 +397,7 @@ impl Rtc {
 impl PioDevice for Rtc {
     /// Byte `i` of a wide access goes to port `base + offset + i`, as an ISA bus splits it.
     fn pio_read(&mut self, ctx: &mut DeviceContext<'_>, base: u16, offset: u16, data: &mut [u8]) {
-        let mut now = LazyNow { clock: ctx.clock, now: None };
+        let mut now = LazyNow { clock: ctx.inputs, now: None };
         let first = base.wrapping_add(offset);
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = match first.wrapping_add(i as u16) {
@@ -412,7 +412,7 @@ impl PioDevice for Rtc {
     }
 
     fn pio_write(&mut self, ctx: &mut DeviceContext<'_>, base: u16, offset: u16, data: &[u8]) {
-        let mut now = LazyNow { clock: ctx.clock, now: None };
+        let mut now = LazyNow { clock: ctx.inputs, now: None };
         let first = base.wrapping_add(offset);
         for (i, &byte) in data.iter().enumerate() {
             match first.wrapping_add(i as u16) {
@@ -484,6 +484,12 @@ mod tests {
         }
     }
 
+    impl crate::HostInputs for Clock {
+        fn entropy(&mut self, _: &mut [u8]) -> bool {
+            false
+        }
+    }
+
     struct Harness {
         rtc: Rtc,
         clock: Clock,
@@ -502,14 +508,14 @@ mod tests {
         }
         fn write(&mut self, reg: u8, value: u8) -> &mut Self {
             let mut requests = Vec::<VmRequest>::new();
-            let mut ctx = DeviceContext { clock: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
+            let mut ctx = DeviceContext { inputs: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
             self.rtc.pio_write(&mut ctx, 0x70, 0, &[reg]);
             self.rtc.pio_write(&mut ctx, 0x70, 1, &[value]);
             self
         }
         fn read(&mut self, reg: u8) -> u8 {
             let mut requests = Vec::<VmRequest>::new();
-            let mut ctx = DeviceContext { clock: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
+            let mut ctx = DeviceContext { inputs: &mut self.clock, irqs: &mut self.irqs, requests: &mut requests };
             self.rtc.pio_write(&mut ctx, 0x70, 0, &[reg]);
             let mut b = [0u8];
             self.rtc.pio_read(&mut ctx, 0x70, 1, &mut b);
@@ -734,7 +740,7 @@ mod tests {
         assert_eq!(h.clock.reads, 2, "frozen registers need no clock");
         // Index write and data read in one 2-byte access read the clock once.
         let mut requests = Vec::<VmRequest>::new();
-        let mut ctx = DeviceContext { clock: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+        let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
         h.rtc.pio_write(&mut ctx, 0x70, 0, &[REG_B, B_24H | B_PIE | B_UIE]);
         assert_eq!(h.clock.reads, 3);
     }
@@ -762,7 +768,7 @@ mod tests {
         assert_eq!(h.read(REG_B), B_24H);
         let mut b = [0u8; 2];
         let mut requests = Vec::<VmRequest>::new();
-        let mut ctx = DeviceContext { clock: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+        let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
         h.rtc.pio_read(&mut ctx, 0x70, 0, &mut b);
         assert_eq!(b, [0xff, B_24H], "0x70 is write-only; 0x71 reads the selected register");
     }
@@ -821,7 +827,7 @@ mod tests {
                 let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
                 let value = (r >> 8) as u8;
                 let mut requests = Vec::<VmRequest>::new();
-                let mut ctx = DeviceContext { clock: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+                let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
                 match (r >> 16) % 4 {
                     0 => h.rtc.pio_write(&mut ctx, 0x70, offset, &vec![value; len]),
                     1 => h.rtc.pio_write(&mut ctx, 0x70, 0, &[value, (r >> 20) as u8]),

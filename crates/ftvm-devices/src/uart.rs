@@ -111,7 +111,7 @@ mod tests {
     fn transmit_collects_output_and_lsr_never_shows_backpressure() {
         let mut uart = Uart::new();
         let (mut c, mut i, mut r) = ctx_parts();
-        let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
         for &b in b"hi\n" {
             let mut lsr = [0u8];
             uart.pio_read(&mut ctx, 0x3f8, 5, &mut lsr);
@@ -127,12 +127,12 @@ mod tests {
         let mut uart = Uart::new();
         let (mut c, mut i, mut r) = ctx_parts();
         {
-            let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+            let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
             uart.pio_write(&mut ctx, 0x3f8, 1, &[0x01]); // IER: received data available
         }
         assert_eq!(uart.receive(b"ab", &mut i), 2);
         assert_eq!(i.drain().collect::<Vec<_>>(), vec![(irq::COM1, IrqChange::Pulse)]);
-        let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
         let mut b = [0u8];
         uart.pio_read(&mut ctx, 0x3f8, 0, &mut b);
         assert_eq!(b[0], b'a');
@@ -144,7 +144,7 @@ mod tests {
     fn out_of_range_and_odd_sizes_do_not_panic() {
         let mut uart = Uart::new();
         let (mut c, mut i, mut r) = ctx_parts();
-        let mut ctx = DeviceContext { clock: &mut c, irqs: &mut i, requests: &mut r };
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut r };
         let mut wide = [0u8; 4];
         uart.pio_read(&mut ctx, 0x3f8, 9, &mut wide);
         uart.pio_read(&mut ctx, 0x3f8, 0, &mut []);

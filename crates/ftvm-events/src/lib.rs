@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
-use ftvm_devices::{GuestClock, GuestNanos};
+use ftvm_devices::{GuestClock, GuestNanos, HostInputs};
 
 /// The position of a counted exit (design brief §1: IO, MMIO, HLT, MSR and SHUTDOWN exits).
 pub type ExitIndex = u64;
@@ -36,6 +36,8 @@ pub struct EventCounts {
     pub clock_samples: u64,
     /// Console input bytes admitted.
     pub console_bytes: u64,
+    /// Entropy bytes handed to devices.
+    pub entropy_bytes: u64,
 }
 
 /// The single source of host inputs for one VM.
@@ -169,6 +171,22 @@ impl GuestClock for EventSource {
     fn now(&mut self) -> GuestNanos {
         let host = self.host_elapsed();
         self.advance_to(host)
+    }
+}
+
+impl HostInputs for EventSource {
+    /// Entropy from the host's random source (live mode).
+    fn entropy(&mut self, buf: &mut [u8]) -> bool {
+        match getrandom::fill(buf) {
+            Ok(()) => {
+                self.counts.entropy_bytes += buf.len() as u64;
+                true
+            }
+            Err(e) => {
+                tracing::error!("the host's random source failed: {e}");
+                false
+            }
+        }
     }
 }
 

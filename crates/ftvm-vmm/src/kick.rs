@@ -128,7 +128,8 @@ struct TimerShared {
 
 impl DeadlineTimer {
     pub fn start(kicker: Arc<Kicker>) -> Result<Self> {
-        let shared = Arc::new(TimerShared { deadline: Mutex::new(None), cv: Condvar::new(), stop: AtomicBool::new(false) });
+        let shared =
+            Arc::new(TimerShared { deadline: Mutex::new(None), cv: Condvar::new(), stop: AtomicBool::new(false) });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ftvm-timer".into())

@@ -50,10 +50,8 @@ pub fn describe() -> String {
 
 /// Opens /dev/kvm and checks the API version and the capabilities ftvm relies on.
 pub fn open() -> Result<Kvm> {
-    let kvm = Kvm::new().map_err(|e| Error::KvmOpen {
-        path: KVM_PATH.into(),
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
+    let kvm = Kvm::new()
+        .map_err(|e| Error::KvmOpen { path: KVM_PATH.into(), source: std::io::Error::from_raw_os_error(e.errno()) })?;
     let version = kvm.get_api_version();
     if version != 12 {
         return Err(Error::KvmApiVersion(version));

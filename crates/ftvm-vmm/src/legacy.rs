@@ -49,8 +49,7 @@ impl Devices {
             (ports::POST, 1, Rc::new(RefCell::new(NullPort))),
         ];
         for (base, len, dev) in map {
-            pio.insert(base.into(), len.into(), dev)
-                .map_err(|e| Error::Devices(format!("port {base:#x}: {e}")))?;
+            pio.insert(base.into(), len.into(), dev).map_err(|e| Error::Devices(format!("port {base:#x}: {e}")))?;
         }
         let mut mmio: Bus<dyn MmioDevice> = Bus::new();
         mmio.insert(LAPIC_BASE, LAPIC_SIZE, Rc::new(RefCell::new(LocalApicRegisters::default())))

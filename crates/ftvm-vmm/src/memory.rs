@@ -68,10 +68,7 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(GuestAddress, usize)>> {
     Ok(if size <= MMIO_GAP_START {
         vec![(GuestAddress(0), size as usize)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START as usize), (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize)]
     })
 }
 
@@ -135,11 +132,7 @@ pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
 
 /// The highest RAM address below 4 GiB, plus one.
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter()
-        .map(|r| r.start_addr().raw_value() + r.len())
-        .filter(|&end| end <= MMIO_GAP_START)
-        .max()
-        .unwrap_or(0)
+    mem.iter().map(|r| r.start_addr().raw_value() + r.len()).filter(|&end| end <= MMIO_GAP_START).max().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -53,7 +53,10 @@ impl fmt::Display for VmOutcome {
             VmOutcome::PowerOff => write!(f, "guest powered off"),
             VmOutcome::Reset => write!(f, "guest requested a reset (i8042); the VM was stopped"),
             VmOutcome::TripleFault(d) => write!(f, "guest triple fault (CPU shutdown)\n{d}"),
-            VmOutcome::HaltedForever(d) => write!(f, "guest halted with nothing that could wake it (interrupts disabled or no timer and no input)\n{d}"),
+            VmOutcome::HaltedForever(d) => write!(
+                f,
+                "guest halted with nothing that could wake it (interrupts disabled or no timer and no input)\n{d}"
+            ),
             VmOutcome::KvmFailure { what, dump } => write!(f, "KVM could not run the guest: {what}\n{dump}"),
         }
     }
@@ -68,7 +71,10 @@ pub struct RegisterDump {
 
 impl RegisterDump {
     fn capture(vcpu: &VcpuFd) -> Box<Self> {
-        Box::new(RegisterDump { regs: vcpu.get_regs().unwrap_or_default(), sregs: vcpu.get_sregs().unwrap_or_default() })
+        Box::new(RegisterDump {
+            regs: vcpu.get_regs().unwrap_or_default(),
+            sregs: vcpu.get_sregs().unwrap_or_default(),
+        })
     }
 }
 
@@ -79,8 +85,16 @@ impl fmt::Display for RegisterDump {
         writeln!(f, "  rip={:#018x} rsp={:#018x} rflags={:#010x} cpl={}", r.rip, r.rsp, r.rflags, s.cs.selector & 3)?;
         writeln!(f, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
         writeln!(f, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
-        writeln!(f, "  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x} efer={:#x}", s.cr0, s.cr2, s.cr3, s.cr4, s.efer)?;
-        write!(f, "  cs={:#06x} ss={:#06x} gdt={:#x}/{:#x} idt={:#x}/{:#x}", s.cs.selector, s.ss.selector, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit)
+        writeln!(
+            f,
+            "  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x} efer={:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        )?;
+        write!(
+            f,
+            "  cs={:#06x} ss={:#06x} gdt={:#x}/{:#x} idt={:#x}/{:#x}",
+            s.cs.selector, s.ss.selector, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit
+        )
     }
 }
 
@@ -130,7 +144,15 @@ enum Step {
 }
 
 impl VcpuLoop {
-    pub fn new(vcpu: VcpuFd, devices: Devices, events: EventSource, console: ConsoleSink, kicker: Arc<Kicker>, doorbell: Arc<Doorbell>, delivery: Delivery) -> Self {
+    pub fn new(
+        vcpu: VcpuFd,
+        devices: Devices,
+        events: EventSource,
+        console: ConsoleSink,
+        kicker: Arc<Kicker>,
+        doorbell: Arc<Doorbell>,
+        delivery: Delivery,
+    ) -> Self {
         VcpuLoop {
             vcpu,
             devices,
@@ -190,7 +212,7 @@ impl VcpuLoop {
         // A device context over the loop's fields; the exit data borrows the vCPU alongside.
         macro_rules! ctx {
             () => {
-                DeviceContext { clock: &mut self.events, irqs: &mut self.irqs, requests: &mut self.requests }
+                DeviceContext { inputs: &mut self.events, irqs: &mut self.irqs, requests: &mut self.requests }
             };
         }
         let step = match self.vcpu.run() {
@@ -265,7 +287,11 @@ impl VcpuLoop {
                 // one KVM filled in.
                 let internal = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal };
                 let n = (internal.ndata as usize).min(internal.data.len());
-                let what = format!("KVM_EXIT_INTERNAL_ERROR suberror {} (1 = emulation failure) data {:x?}", internal.suberror, &internal.data[..n]);
+                let what = format!(
+                    "KVM_EXIT_INTERNAL_ERROR suberror {} (1 = emulation failure) data {:x?}",
+                    internal.suberror,
+                    &internal.data[..n]
+                );
                 Step::Stop(VmOutcome::KvmFailure { what, dump: RegisterDump::capture(&self.vcpu) })
             }
             Ok(VcpuExit::FailEntry(reason, _cpu)) => {

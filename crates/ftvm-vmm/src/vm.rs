@@ -89,9 +89,10 @@ impl Vm {
 
     /// Runs the guest on its vCPU thread until it stops.
     pub fn run(mut self) -> Result<RunReport> {
-        let rtc_base = self.config.rtc_base_unix.unwrap_or_else(|| {
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-        });
+        let rtc_base = self
+            .config
+            .rtc_base_unix
+            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         let kicker = Kicker::new()?;
         let doorbell = Arc::new(Doorbell::default());
         let (console, input) = open_console(&self.config.console, &kicker, &doorbell)?;
@@ -112,7 +113,8 @@ impl Vm {
                 Ok((outcome, vloop.stats, exits, vloop.vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
-        let (outcome, stats, exits, vcpu) = thread.join().map_err(|_| Error::Thread("the vCPU thread panicked".into()))??;
+        let (outcome, stats, exits, vcpu) =
+            thread.join().map_err(|_| Error::Thread("the vCPU thread panicked".into()))??;
         self.vcpu = Some(vcpu);
         Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: self.loaded.format })
     }
@@ -120,10 +122,15 @@ impl Vm {
 
 /// Opens the console: the output sink and, for stdio, a thread that forwards standard input
 /// to the event source (waking a halted vCPU and kicking a running one).
-fn open_console(config: &ConsoleConfig, kicker: &Arc<Kicker>, doorbell: &Arc<Doorbell>) -> Result<(ConsoleSink, Option<mpsc::Receiver<Vec<u8>>>)> {
+fn open_console(
+    config: &ConsoleConfig,
+    kicker: &Arc<Kicker>,
+    doorbell: &Arc<Doorbell>,
+) -> Result<(ConsoleSink, Option<mpsc::Receiver<Vec<u8>>>)> {
     match config {
         ConsoleConfig::File(path) => {
-            let file = File::create(path).map_err(|e| Error::Console(format!("cannot create {}: {e}", path.display())))?;
+            let file =
+                File::create(path).map_err(|e| Error::Console(format!("cannot create {}: {e}", path.display())))?;
             Ok((Box::new(file), None))
         }
         ConsoleConfig::Stdio => {

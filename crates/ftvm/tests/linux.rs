@@ -80,7 +80,8 @@ fn bzimage_loads_with_a_correct_boot_params_layout() {
 
     // e820: low RAM, the legacy hole, RAM from 1 MiB to the end.
     let n = params.e820_entries as usize;
-    let table: Vec<(u64, u64, u32)> = params.e820_table[..n].iter().map(|e| ({ e.addr }, { e.size }, { e.r#type })).collect();
+    let table: Vec<(u64, u64, u32)> =
+        params.e820_table[..n].iter().map(|e| ({ e.addr }, { e.size }, { e.r#type })).collect();
     assert_eq!(table, vec![(0, 0xa_0000, 1), (0xa_0000, 0x6_0000, 2), (MIB, 255 * MIB, 1)]);
 }
 
@@ -114,7 +115,11 @@ fn linux_boots_far_enough_to_print_its_version_and_memory_map() {
     let _ = child.wait();
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(text.contains("Linux version 6."), "no version banner after {:?}; console:\n{text}\nstderr:\n{err}", start.elapsed());
+    assert!(
+        text.contains("Linux version 6."),
+        "no version banner after {:?}; console:\n{text}\nstderr:\n{err}",
+        start.elapsed()
+    );
     assert!(text.contains("Command line: console=ttyS0 earlyprintk=ttyS0 nokaslr"), "{text}");
     assert!(text.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009ffff] usable"), "{text}");
     assert!(text.contains("BIOS-e820: [mem 0x00000000000a0000-0x00000000000fffff] reserved"), "{text}");

@@ -75,10 +75,11 @@ pub(crate) fn load_tss() {
     // GDT; the descriptor describes the live static `TSS`.
     unsafe {
         let tss = addr_of_mut!(TSS);
-        write_volatile(
-            addr_of_mut!((*tss).tss.rsp[0]),
-            addr_of!(kit_kstack_top) as u64,
-        );
+        // RSP0 is only 4-byte aligned in the packed TSS: store it as two halves.
+        let rsp0 = addr_of_mut!((*tss).tss.rsp[0]) as *mut u32;
+        let stack = addr_of!(kit_kstack_top) as u64;
+        write_volatile(rsp0, stack as u32);
+        write_volatile(rsp0.add(1), (stack >> 32) as u32);
         let base = tss as u64;
         let limit = (core::mem::size_of::<TssWithIoBitmap>() - 1) as u64;
         let low = (limit & 0xffff)

@@ -69,6 +69,7 @@ kit_pic_master_entry:
     iretq
 
     # Frame: vector, error, RIP, CS, RFLAGS, RSP, SS.
+    .globl kit_exception_entry      # also the #UD handler's fault path (syscall.rs)
 kit_exception_entry:
     mov %rsp, %rdi
     and $-16, %rsp

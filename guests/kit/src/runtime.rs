@@ -87,6 +87,11 @@ fn read_start_info() {
     }
 }
 
+/// The precompiled `core` is built for unwinding and refers to this symbol; with
+/// `panic = "abort"` nothing ever calls it. (LTO builds drop the reference on their own.)
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     crate::println!("kit: {info}");

@@ -49,16 +49,27 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, cmdline: &Cmdline) -> Result
         .ok_or_else(|| Error::KernelLoad { path: path.clone(), detail: "no setup header".into() })?;
     let version = hdr.version;
     if version < MIN_PROTOCOL {
-        return Err(Error::KernelLoad { path: path.clone(), detail: format!("boot protocol {version:#06x} is older than 2.06") });
+        return Err(Error::KernelLoad {
+            path: path.clone(),
+            detail: format!("boot protocol {version:#06x} is older than 2.06"),
+        });
     }
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(Error::KernelLoad { path: path.clone(), detail: "the kernel has no 64-bit entry point (XLF_KERNEL_64)".into() });
+        return Err(Error::KernelLoad {
+            path: path.clone(),
+            detail: "the kernel has no 64-bit entry point (XLF_KERNEL_64)".into(),
+        });
     }
     let kernel_start = result.kernel_load.0;
     let kernel_end = result.kernel_end;
     // The kernel decompresses in place and needs init_size bytes from its load address.
     let init_size = u64::from(hdr.init_size);
-    super::check_fits(mem, "the decompressed kernel (setup header init_size)", kernel_start, kernel_start + init_size.max(kernel_end - kernel_start))?;
+    super::check_fits(
+        mem,
+        "the decompressed kernel (setup header init_size)",
+        kernel_start,
+        kernel_start + init_size.max(kernel_end - kernel_start),
+    )?;
 
     let initrd = match &spec.initrd {
         Some(p) => Some(load_initrd(mem, p, kernel_start + init_size, u64::from(hdr.initrd_addr_max) + 1)?),

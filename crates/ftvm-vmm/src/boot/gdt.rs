@@ -101,7 +101,9 @@ pub fn setup_protected_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Res
 pub fn setup_long_mode(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<()> {
     let gdt = write_gdt(mem, kind::CODE64)?;
     load_segments(sregs, &gdt);
-    let write = |addr: u64, v: u64| mem.write_obj(v, GuestAddress(addr)).map_err(|e| Error::GuestMemory { addr, detail: e.to_string() });
+    let write = |addr: u64, v: u64| {
+        mem.write_obj(v, GuestAddress(addr)).map_err(|e| Error::GuestMemory { addr, detail: e.to_string() })
+    };
     write(PML4, PDPT | 0x3)?;
     write(PDPT, PD | 0x3)?;
     for i in 0..512u64 {

@@ -198,8 +198,12 @@ mod tests {
         std::fs::write(&text, b"#!/bin/sh\necho not a kernel\n").unwrap();
         let elf = dir.join("elf");
         std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
-        assert!(matches!(detect_format(&empty), Err(Error::UnknownKernelFormat { ref magic, .. }) if magic.contains("empty")));
-        assert!(matches!(detect_format(&text), Err(Error::UnknownKernelFormat { ref magic, .. }) if magic.starts_with("23 21")));
+        assert!(
+            matches!(detect_format(&empty), Err(Error::UnknownKernelFormat { ref magic, .. }) if magic.contains("empty"))
+        );
+        assert!(
+            matches!(detect_format(&text), Err(Error::UnknownKernelFormat { ref magic, .. }) if magic.starts_with("23 21"))
+        );
         assert_eq!(detect_format(&elf).unwrap(), KernelFormat::PvhElf);
         assert!(matches!(detect_format(&dir.join("missing")), Err(Error::KernelRead { .. })));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -66,7 +66,8 @@ fn load_extent(file: &mut File) -> std::io::Result<Option<(u64, u64)>> {
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, cmdline: &Cmdline) -> Result<Loaded> {
     let path = &spec.kernel;
     let mut file = File::open(path).map_err(|source| Error::KernelRead { path: path.clone(), source })?;
-    let extent = load_extent(&mut file).map_err(|e| Error::KernelLoad { path: path.clone(), detail: format!("bad ELF header: {e}") })?;
+    let extent = load_extent(&mut file)
+        .map_err(|e| Error::KernelLoad { path: path.clone(), detail: format!("bad ELF header: {e}") })?;
     if let Some((lo, hi)) = extent {
         check_fits(mem, &format!("the kernel {}", path.display()), lo, hi)?;
     }
@@ -93,10 +94,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, cmdline: &Cmdline) -> Result
 }
 
 fn write_start_info(mem: &GuestMemoryMmap, cmdline: &Cmdline, initrd: Option<(u64, u64)>) -> Result<()> {
-    let write_err = |addr: u64| move |e: vm_memory::GuestMemoryError| Error::GuestMemory { addr, detail: e.to_string() };
+    let write_err =
+        |addr: u64| move |e: vm_memory::GuestMemoryError| Error::GuestMemory { addr, detail: e.to_string() };
     let map = memory::memory_map(mem);
     for (i, e) in map.iter().enumerate() {
-        let entry = MemmapEntry(hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 });
+        let entry =
+            MemmapEntry(hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 });
         let addr = PVH_MEMMAP + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         mem.write_obj(entry, GuestAddress(addr)).map_err(write_err(addr))?;
     }
