@@ -49,11 +49,7 @@ fn main() {
         digest.write_u64(word);
     }
     println!("digest: compute rounds={rounds} {digest}");
-    println!(
-        "ticks: {ticks} ({} ms at {} Hz)",
-        time::ticks_to_ms(ticks),
-        time::TICK_HZ
-    );
+    println!("ticks: {ticks} ({} ms at {} Hz)", time::ticks_to_ms(ticks), time::TICK_HZ);
 }
 
 /// Sieve of Eratosthenes over `flags` (1 = prime); returns the number of primes below

@@ -19,11 +19,7 @@ fn main() {
     println!("{GREETING}");
     println!("cmdline: {}", cmdline::cmdline());
     match mem::ram_bytes() {
-        Some(bytes) => println!(
-            "memory: {} KiB usable in {} region(s)",
-            bytes >> 10,
-            mem::ram_regions()
-        ),
+        Some(bytes) => println!("memory: {} KiB usable in {} region(s)", bytes >> 10, mem::ram_regions()),
         None => println!("memory: unknown (no memory map from the loader)"),
     }
     let before = rtc::read();
@@ -49,10 +45,7 @@ fn main() {
     let start = time::ticks();
     time::sleep_ms(wait_ms);
     let ticks = time::ticks() - start;
-    println!(
-        "ticks: {ticks} (waited {wait_ms} ms at {} Hz)",
-        time::TICK_HZ
-    );
+    println!("ticks: {ticks} (waited {wait_ms} ms at {} Hz)", time::TICK_HZ);
     match (before, rtc::read()) {
         (Some(a), Some(b)) => {
             let elapsed = (b.seconds_of_day() + 86_400 - a.seconds_of_day()) % 86_400;
@@ -69,7 +62,5 @@ fn main() {
 
 /// Sum of the primes below `limit` (trial division: small, fixed work).
 fn prime_sum(limit: u64) -> u64 {
-    (2..limit)
-        .filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0))
-        .sum()
+    (2..limit).filter(|&n| (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)).sum()
 }

@@ -26,9 +26,7 @@ fn main() {
         "ticks: {ticks} ({} ms at {} Hz; about {} ns per out)",
         time::ticks_to_ms(ticks),
         time::TICK_HZ,
-        (ticks * 1_000_000_000 / u64::from(time::TICK_HZ))
-            .checked_div(count)
-            .unwrap_or(0)
+        (ticks * 1_000_000_000 / u64::from(time::TICK_HZ)).checked_div(count).unwrap_or(0)
     );
     let mut digest = Digest::new();
     digest.write(b"iobench");

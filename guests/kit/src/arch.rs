@@ -115,10 +115,7 @@ pub(crate) fn load_idt() {
             write_volatile(idt.add(2 * vector + 1), handler >> 32);
             vector += 1;
         }
-        let pointer = DescriptorTablePointer {
-            limit: (IDT_ENTRIES * 16 - 1) as u16,
-            base: idt as u64,
-        };
+        let pointer = DescriptorTablePointer { limit: (IDT_ENTRIES * 16 - 1) as u16, base: idt as u64 };
         asm!("lidt [{0}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
     }
 }

@@ -52,20 +52,15 @@ pub fn cmdline() -> &'static str {
 
 /// The whitespace-separated words as `(key, value)`; `value` is `None` for a bare word.
 pub fn params() -> impl Iterator<Item = (&'static str, Option<&'static str>)> {
-    cmdline()
-        .split_ascii_whitespace()
-        .map(|word| match word.split_once('=') {
-            Some((key, value)) => (key, Some(value)),
-            None => (word, None),
-        })
+    cmdline().split_ascii_whitespace().map(|word| match word.split_once('=') {
+        Some((key, value)) => (key, Some(value)),
+        None => (word, None),
+    })
 }
 
 /// The value of the last `key=value` on the command line.
 pub fn param(key: &str) -> Option<&'static str> {
-    params()
-        .filter(|(k, _)| *k == key)
-        .filter_map(|(_, v)| v)
-        .last()
+    params().filter(|(k, _)| *k == key).filter_map(|(_, v)| v).last()
 }
 
 /// Whether `key` appears, bare or with a value.
@@ -83,9 +78,7 @@ pub fn parse_u64(text: &str) -> Option<u64> {
     let mut any = false;
     for c in digits.chars().filter(|&c| c != '_') {
         let digit = c.to_digit(radix)?;
-        value = value
-            .checked_mul(radix as u64)?
-            .checked_add(u64::from(digit))?;
+        value = value.checked_mul(radix as u64)?.checked_add(u64::from(digit))?;
         any = true;
     }
     any.then_some(value)

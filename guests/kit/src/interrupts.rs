@@ -93,19 +93,16 @@ pub struct ExceptionFrame {
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(9)", "#TS", "#NP", "#SS",
-    "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
-    "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(9)", "#TS", "#NP", "#SS", "#GP", "#PF",
+    "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved", "reserved", "reserved", "reserved",
+    "reserved", "#HV", "#VC", "#SX", "reserved",
 ];
 
 /// Unexpected exception (ring 0, interrupts off): report it and power off.
 #[no_mangle]
 #[link_section = ".text.ring0"]
 extern "C" fn kit_exception(frame: &ExceptionFrame) -> ! {
-    let name = EXCEPTION_NAMES
-        .get(frame.vector as usize)
-        .copied()
-        .unwrap_or("?");
+    let name = EXCEPTION_NAMES.get(frame.vector as usize).copied().unwrap_or("?");
     crate::println!(
         "kit: exception {} {} error {:#x} at rip {:#x} (ring {}) rsp {:#x} rflags {:#x}",
         frame.vector,

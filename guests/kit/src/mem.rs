@@ -33,11 +33,7 @@ pub struct MemmapEntry {
 pub(crate) fn init(map: &[MemmapEntry]) {
     // Only the address of the linker-defined symbol is taken.
     let image_end = core::ptr::addr_of!(__kit_image_end) as u64;
-    let mut heap_end = if map.is_empty() {
-        FALLBACK_HEAP_END
-    } else {
-        image_end
-    };
+    let mut heap_end = if map.is_empty() { FALLBACK_HEAP_END } else { image_end };
     let mut ram = 0;
     let mut regions = 0;
     for entry in map.iter().filter(|e| e.kind == E820_RAM) {
@@ -78,15 +74,9 @@ pub fn alloc_zeroed(len: usize, align: usize) -> &'static mut [u8] {
     assert!(align.is_power_of_two());
     let next = HEAP_NEXT.load(Ordering::Relaxed);
     let start = (next + align as u64 - 1) & !(align as u64 - 1);
-    let end = start
-        .checked_add(len as u64)
-        .expect("allocation size overflows");
+    let end = start.checked_add(len as u64).expect("allocation size overflows");
     let heap_end = HEAP_END.load(Ordering::Relaxed);
-    assert!(
-        end <= heap_end,
-        "out of memory: {len} bytes wanted, {} free",
-        heap_end.saturating_sub(start)
-    );
+    assert!(end <= heap_end, "out of memory: {len} bytes wanted, {} free", heap_end.saturating_sub(start));
     HEAP_NEXT.store(end, Ordering::Relaxed);
     // SAFETY: [start, end) is RAM below 1 GiB (identity-mapped), past the image and handed
     // out exactly once.

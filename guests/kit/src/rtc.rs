@@ -106,12 +106,5 @@ fn decode(raw: [u8; 6], status_b: u8) -> DateTime {
             hour += 12;
         }
     }
-    DateTime {
-        year: 2000 + u16::from(year),
-        month,
-        day,
-        hour,
-        minute,
-        second,
-    }
+    DateTime { year: 2000 + u16::from(year), month, day, hour, minute, second }
 }

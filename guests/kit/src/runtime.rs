@@ -36,11 +36,7 @@ extern "C" fn kit_ring3_start() -> ! {
     crate::println!(
         "kit: ring 3 up, PIT {} Hz, local APIC {}",
         crate::pit::TICK_HZ,
-        if crate::apic::virtual_wire() {
-            "in virtual-wire mode"
-        } else {
-            "absent"
-        }
+        if crate::apic::virtual_wire() { "in virtual-wire mode" } else { "absent" }
     );
     // SAFETY: `entry!` defines this symbol as a plain `fn()`.
     unsafe { ftvm_guest_main() };
@@ -62,19 +58,10 @@ fn read_start_info() {
         return;
     }
     crate::cmdline::capture(info.cmdline_paddr);
-    let entries = if info.version >= 1 {
-        info.memmap_entries as usize
-    } else {
-        0
-    };
+    let entries = if info.version >= 1 { info.memmap_entries as usize } else { 0 };
     let entries = entries.min(MAX_MEMMAP_ENTRIES);
     let table_bytes = (entries * core::mem::size_of::<MemmapEntry>()) as u64;
-    let mut map = [MemmapEntry {
-        addr: 0,
-        size: 0,
-        kind: 0,
-        reserved: 0,
-    }; MAX_MEMMAP_ENTRIES];
+    let mut map = [MemmapEntry { addr: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMMAP_ENTRIES];
     if entries > 0 && info.memmap_paddr != 0 && info.memmap_paddr + table_bytes <= MAPPED_LIMIT {
         for (i, slot) in map.iter_mut().take(entries).enumerate() {
             let entry = (info.memmap_paddr as *const MemmapEntry).wrapping_add(i);
