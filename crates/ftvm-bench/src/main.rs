@@ -145,7 +145,10 @@ fn main() -> Result<()> {
 
     let report = Report {
         machine: format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)),
-        kvm: ftvm_version.split_once('(').map(|(_, k)| k.trim_end_matches(')').to_string()).unwrap_or_default(),
+        kvm: ftvm_version
+            .split_once('(')
+            .map(|(_, k)| k.strip_suffix(')').unwrap_or(k).to_string())
+            .unwrap_or_default(),
         ftvm_version,
         qemu_version,
         runs,
