@@ -2,8 +2,8 @@
 //! value enters the VM (design brief §1).
 //!
 //! Host inputs are of three kinds: the guest clock, data the outside world sends (console
-//! input now; network frames and rng bytes with virtio), and the moment at which asynchronous
-//! host activity is admitted. Devices never read a host clock: they read [`EventSource`]
+//! input, received network frames, rng bytes), and the moment at which asynchronous host
+//! activity is admitted. Devices never read a host clock: they read [`EventSource`]
 //! through the [`GuestClock`] trait, and the vCPU loop admits host data only through it, at
 //! counted exits.
 //!
@@ -38,6 +38,35 @@ pub struct EventCounts {
     pub console_bytes: u64,
     /// Entropy bytes handed to devices.
     pub entropy_bytes: u64,
+    /// Received network frames admitted (all streams).
+    pub frames: u64,
+    /// Bytes of those frames.
+    pub frame_bytes: u64,
+}
+
+/// One stream of received network frames (one per virtio-net device), in attach order.
+pub type FrameStream = usize;
+
+/// Frames that arrived from a host thread and wait to be admitted.
+struct FrameInput {
+    rx: Receiver<Vec<u8>>,
+    /// The next frame, taken off the channel to look at it. At most one: frames the guest
+    /// does not take stay in the (bounded) channel, so the host thread drops the excess.
+    next: Option<Vec<u8>>,
+    closed: bool,
+}
+
+impl FrameInput {
+    /// Takes the next frame off the channel if none is held yet.
+    fn poll(&mut self) {
+        if self.next.is_none() && !self.closed {
+            match self.rx.try_recv() {
+                Ok(frame) => self.next = Some(frame),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => self.closed = true,
+            }
+        }
+    }
 }
 
 /// The single source of host inputs for one VM.
@@ -52,6 +81,7 @@ pub struct EventSource {
     console_rx: Option<Receiver<Vec<u8>>>,
     console_pending: VecDeque<u8>,
     console_closed: bool,
+    frames: Vec<FrameInput>,
     counts: EventCounts,
 }
 
@@ -67,6 +97,7 @@ impl EventSource {
             console_rx: None,
             console_pending: VecDeque::new(),
             console_closed: false,
+            frames: Vec::new(),
             counts: EventCounts::default(),
         }
     }
@@ -155,6 +186,39 @@ impl EventSource {
         !self.console_pending.is_empty()
     }
 
+    /// Connects a stream of received network frames (a TAP reader thread sends on it).
+    /// Streams are numbered in attach order, one per network device.
+    pub fn attach_frames(&mut self, rx: Receiver<Vec<u8>>) -> FrameStream {
+        self.frames.push(FrameInput { rx, next: None, closed: false });
+        self.frames.len() - 1
+    }
+
+    /// Whether a frame of `stream` has arrived and waits to be admitted. Asking admits
+    /// nothing: the caller checks that the device can take a frame, then calls
+    /// [`EventSource::admit_frame`].
+    pub fn frame_waiting(&mut self, stream: FrameStream) -> bool {
+        self.frames.get_mut(stream).is_some_and(|f| {
+            f.poll();
+            f.next.is_some()
+        })
+    }
+
+    /// Admits the next received frame of `stream`, if one has arrived: from now on it is
+    /// guest-visible input, positioned at the current exit (record mode logs it here).
+    pub fn admit_frame(&mut self, stream: FrameStream) -> Option<Vec<u8>> {
+        let input = self.frames.get_mut(stream)?;
+        input.poll();
+        let frame = input.next.take()?;
+        self.counts.frames += 1;
+        self.counts.frame_bytes += frame.len() as u64;
+        Some(frame)
+    }
+
+    /// Whether more frames may still arrive on any stream.
+    pub fn frames_open(&self) -> bool {
+        self.frames.iter().any(|f| !f.closed || f.next.is_some())
+    }
+
     fn host_elapsed(&self) -> GuestNanos {
         self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
     }
@@ -234,5 +298,37 @@ mod tests {
         assert_eq!(src.counts().console_bytes, 5);
         assert_eq!(src.counted_exit(), 0);
         assert_eq!(src.exit_index(), 1);
+    }
+
+    #[test]
+    fn frames_are_admitted_per_stream_in_order_and_counted() {
+        let mut src = EventSource::live(0);
+        assert!(!src.frames_open());
+        let (tx0, rx0) = std::sync::mpsc::sync_channel(4);
+        let (tx1, rx1) = std::sync::mpsc::channel();
+        assert_eq!(src.attach_frames(rx0), 0);
+        assert_eq!(src.attach_frames(rx1), 1);
+        assert!(src.frames_open());
+        assert!(!src.frame_waiting(0));
+        assert_eq!(src.admit_frame(0), None);
+        tx0.send(vec![1; 60]).unwrap();
+        tx0.send(vec![2; 70]).unwrap();
+        tx1.send(vec![3; 80]).unwrap();
+        assert!(src.frame_waiting(0));
+        // Looking does not admit.
+        assert_eq!(src.counts().frames, 0);
+        assert_eq!(src.admit_frame(1), Some(vec![3; 80]));
+        assert_eq!(src.admit_frame(0), Some(vec![1; 60]));
+        assert_eq!(src.admit_frame(0), Some(vec![2; 70]));
+        assert_eq!(src.admit_frame(0), None);
+        assert_eq!(src.admit_frame(7), None);
+        assert!(!src.frame_waiting(7));
+        assert_eq!(src.counts().frames, 3);
+        assert_eq!(src.counts().frame_bytes, 210);
+        drop(tx0);
+        drop(tx1);
+        assert!(!src.frame_waiting(0));
+        assert!(!src.frame_waiting(1));
+        assert!(!src.frames_open());
     }
 }

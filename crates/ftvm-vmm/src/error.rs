@@ -38,6 +38,12 @@ pub enum Error {
     Console(String),
     #[error("device setup: {0}")]
     Devices(String),
+    #[error(transparent)]
+    Virtio(#[from] ftvm_virtio::Error),
+    #[error("{count} virtio devices requested, but at most {max} fit: each needs its own ISA interrupt line (5, 6, 7, 9, 10, 11)")]
+    TooManyDevices { count: usize, max: usize },
+    #[error("invalid --{option} {text:?}: {why}")]
+    DeviceOption { option: &'static str, text: String, why: String },
     #[error("vCPU thread: {0}")]
     Thread(String),
 }

@@ -1,4 +1,5 @@
-//! The legacy PC device set and its port map.
+//! The VM's device set: the legacy PC devices and their port map, and the virtio-mmio
+//! devices with their MMIO windows and interrupt lines.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -11,8 +12,86 @@ use ftvm_devices::power::{NullPort, PowerPort};
 use ftvm_devices::rtc::Rtc;
 use ftvm_devices::uart::Uart;
 use ftvm_devices::{ports, Bus, GuestNanos, IrqLines, MmioDevice, PioDevice, Timed};
+use ftvm_virtio::block::{Block, RawFile};
+use ftvm_virtio::net::{MacAddr, Net};
+use ftvm_virtio::rng::Rng;
+use ftvm_virtio::{MmioTransport, MMIO_WINDOW};
 
 use crate::error::{Error, Result};
+use crate::memory::GuestMemoryMmap;
+
+/// A port range and the device behind it: (base, length, device).
+type PortRange = (u16, u16, Rc<RefCell<dyn PioDevice>>);
+
+/// The first virtio-mmio window; each device gets the next [`MMIO_WINDOW`] bytes.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// ISA interrupt lines free for virtio devices on a PC (the rest belong to the legacy
+/// devices, the cascade, or the conventional ATA/FPU/mouse lines), in the order handed out.
+pub const VIRTIO_IRQS: [u8; 6] = [5, 6, 7, 9, 10, 11];
+
+pub type NetDevice = MmioTransport<Net, GuestMemoryMmap>;
+pub type BlockDevice = MmioTransport<Block<RawFile>, GuestMemoryMmap>;
+pub type RngDevice = MmioTransport<Rng, GuestMemoryMmap>;
+
+/// Where one virtio device sits: its MMIO window and its ISA interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub addr: u64,
+    pub irq: u8,
+}
+
+/// The slots of `count` virtio devices, in device order (nets, then disks, then rng).
+pub fn virtio_layout(count: usize) -> Result<Vec<VirtioSlot>> {
+    if count > VIRTIO_IRQS.len() {
+        return Err(Error::TooManyDevices { count, max: VIRTIO_IRQS.len() });
+    }
+    Ok(VIRTIO_IRQS[..count]
+        .iter()
+        .enumerate()
+        .map(|(i, &irq)| VirtioSlot { addr: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW, irq })
+        .collect())
+}
+
+/// The kernel command line with `virtio_mmio.device=4K@<addr>:<irq>` for each slot (the
+/// convention of Linux, QEMU microvm and Firecracker). They go before a `--`, whose
+/// followers are the init's arguments, not the kernel's.
+pub fn virtio_cmdline(cmdline: &str, slots: &[VirtioSlot]) -> String {
+    if slots.is_empty() {
+        return cmdline.to_string();
+    }
+    let devices: Vec<String> =
+        slots.iter().map(|s| format!("virtio_mmio.device={}K@{:#x}:{}", MMIO_WINDOW / 1024, s.addr, s.irq)).collect();
+    let devices = devices.join(" ");
+    let padded = format!(" {} ", cmdline.trim());
+    match padded.find(" -- ") {
+        Some(i) => format!("{} {devices} {}", padded[..i].trim(), padded[i..].trim()).trim().to_string(),
+        None => format!("{} {devices}", cmdline.trim()).trim().to_string(),
+    }
+}
+
+/// The virtio devices of a VM, by kind, in device order.
+#[derive(Default)]
+pub struct VirtioDevices {
+    pub nets: Vec<Rc<RefCell<NetDevice>>>,
+    pub disks: Vec<Rc<RefCell<BlockDevice>>>,
+    pub rng: Option<Rc<RefCell<RngDevice>>>,
+}
+
+/// The host resources behind the virtio devices, opened at start-up (so a missing disk or
+/// TAP is an error before the guest runs) and handed to the vCPU thread.
+pub struct VirtioBackends {
+    /// Per network device: its MAC address (the TAP is the vCPU loop's frame sink).
+    pub nets: Vec<MacAddr>,
+    /// Per disk: the image and whether it is read-only.
+    pub disks: Vec<(RawFile, bool)>,
+    pub rng: bool,
+}
+
+impl VirtioBackends {
+    pub fn count(&self) -> usize {
+        self.nets.len() + self.disks.len() + usize::from(self.rng)
+    }
+}
 
 /// The devices of a VM and the buses that reach them.
 pub struct Devices {
@@ -23,6 +102,7 @@ pub struct Devices {
     pub i8042: Rc<RefCell<I8042>>,
     pub pio: Bus<dyn PioDevice>,
     pub mmio: Bus<dyn MmioDevice>,
+    pub virtio: VirtioDevices,
 }
 
 impl Devices {
@@ -35,7 +115,7 @@ impl Devices {
         let uart = Rc::new(RefCell::new(Uart::new()));
         let i8042 = Rc::new(RefCell::new(I8042::new()));
         let mut pio: Bus<dyn PioDevice> = Bus::new();
-        let map: [(u16, u16, Rc<RefCell<dyn PioDevice>>); 11] = [
+        let map: [PortRange; 11] = [
             (ports::PIC_MASTER, 2, pic.clone()),
             (ports::PIC_SLAVE, 2, pic.clone()),
             (ports::PIC_ELCR, 2, pic.clone()),
@@ -54,7 +134,44 @@ impl Devices {
         let mut mmio: Bus<dyn MmioDevice> = Bus::new();
         mmio.insert(LAPIC_BASE, LAPIC_SIZE, Rc::new(RefCell::new(LocalApicRegisters::default())))
             .map_err(|e| Error::Devices(format!("local APIC registers: {e}")))?;
-        Ok(Devices { pic, pit, rtc, uart, i8042, pio, mmio })
+        Ok(Devices { pic, pit, rtc, uart, i8042, pio, mmio, virtio: VirtioDevices::default() })
+    }
+
+    /// Puts the virtio devices on the MMIO bus, in device order (nets, disks, rng), at the
+    /// slots of [`virtio_layout`]. Their interrupt lines are edge-triggered PIC inputs.
+    pub fn add_virtio(&mut self, backends: VirtioBackends, mem: &GuestMemoryMmap) -> Result<Vec<VirtioSlot>> {
+        let slots = virtio_layout(backends.count())?;
+        let mut free = slots.iter().copied();
+        let mut take = || free.next().ok_or_else(|| Error::Devices("virtio slots miscounted".into()));
+        let mut virtio = VirtioDevices::default();
+        for (i, mac) in backends.nets.into_iter().enumerate() {
+            let s = take()?;
+            let dev = Rc::new(RefCell::new(MmioTransport::new(Net::new(mac, i), mem.clone(), s.irq)));
+            self.insert_virtio(s, dev.clone(), format!("virtio-net{i} (MAC {mac})"))?;
+            virtio.nets.push(dev);
+        }
+        for (i, (file, readonly)) in backends.disks.into_iter().enumerate() {
+            let s = take()?;
+            let what =
+                format!("virtio-blk{i} ({}{})", file.path().display(), if readonly { ", read-only" } else { "" });
+            let dev = Rc::new(RefCell::new(MmioTransport::new(Block::new(file, readonly, i), mem.clone(), s.irq)));
+            self.insert_virtio(s, dev.clone(), what)?;
+            virtio.disks.push(dev);
+        }
+        if backends.rng {
+            let s = take()?;
+            let dev = Rc::new(RefCell::new(MmioTransport::new(Rng::new(0), mem.clone(), s.irq)));
+            self.insert_virtio(s, dev.clone(), "virtio-rng0".into())?;
+            virtio.rng = Some(dev);
+        }
+        self.virtio = virtio;
+        Ok(slots)
+    }
+
+    fn insert_virtio(&mut self, slot: VirtioSlot, dev: Rc<RefCell<dyn MmioDevice>>, what: String) -> Result<()> {
+        self.mmio.insert(slot.addr, MMIO_WINDOW, dev).map_err(|e| Error::Devices(format!("{what}: {e}")))?;
+        tracing::info!("{what} at {:#x}, IRQ {}", slot.addr, slot.irq);
+        Ok(())
     }
 
     /// Applies interrupt line changes to the PIC, in order.
@@ -83,5 +200,71 @@ impl Devices {
         }
         poll(&self.pit, now, irqs);
         poll(&self.rtc, now, irqs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_follow_the_documented_layout() {
+        let slots = virtio_layout(6).unwrap();
+        assert_eq!(slots[0], VirtioSlot { addr: 0xd000_0000, irq: 5 });
+        assert_eq!(slots[1], VirtioSlot { addr: 0xd000_1000, irq: 6 });
+        assert_eq!(slots[5], VirtioSlot { addr: 0xd000_5000, irq: 11 });
+        assert!(virtio_layout(0).unwrap().is_empty());
+        let err = virtio_layout(7).unwrap_err();
+        assert!(matches!(err, Error::TooManyDevices { count: 7, max: 6 }), "{err}");
+    }
+
+    #[test]
+    fn virtio_devices_are_announced_on_the_command_line() {
+        let slots = virtio_layout(2).unwrap();
+        assert_eq!(
+            virtio_cmdline("console=ttyS0", &slots),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(virtio_cmdline("", &slots[..1]), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(virtio_cmdline(" a b ", &[]), " a b ");
+        // Arguments after `--` belong to init: the devices go before them.
+        assert_eq!(
+            virtio_cmdline("quiet -- init-arg", &slots[..1]),
+            "quiet virtio_mmio.device=4K@0xd0000000:5 -- init-arg"
+        );
+        assert_eq!(virtio_cmdline("-- x", &slots[..1]), "virtio_mmio.device=4K@0xd0000000:5 -- x");
+    }
+
+    #[test]
+    fn virtio_devices_sit_on_the_mmio_bus_in_device_order() {
+        use ftvm_devices::{DeviceContext, ManualClock};
+        let dir = std::env::temp_dir().join(format!("ftvm-vmm-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let mem = crate::memory::allocate(16 * crate::memory::MIB).unwrap();
+        let mut devices = Devices::new(0).unwrap();
+        let backends = VirtioBackends {
+            nets: vec![MacAddr::default_for(0)],
+            disks: vec![(RawFile::open(&img, true).unwrap(), true)],
+            rng: true,
+        };
+        let slots = devices.add_virtio(backends, &mem).unwrap();
+        assert_eq!(slots.len(), 3);
+        let (mut clock, mut irqs, mut req) = (ManualClock(0), IrqLines::default(), vec![]);
+        let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut irqs, requests: &mut req };
+        let mut read = |addr: u64| {
+            let mut b = [0u8; 4];
+            devices.mmio.read(&mut ctx, addr, &mut b).unwrap();
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(read(0xd000_0000), 0x7472_6976);
+        assert_eq!(read(0xd000_0008), 1, "net first");
+        assert_eq!(read(0xd000_1008), 2, "then the disk");
+        assert_eq!(read(0xd000_2008), 4, "then rng");
+        assert_eq!(devices.virtio.nets[0].borrow().irq(), 5);
+        assert_eq!(devices.virtio.disks[0].borrow().irq(), 6);
+        assert_eq!(devices.virtio.rng.as_ref().unwrap().borrow().irq(), 7);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use ftvm_devices::{DeviceContext, IrqLines, VmRequest};
-use ftvm_events::EventSource;
+use ftvm_events::{EventSource, FrameStream};
+use ftvm_virtio::net::FrameSink;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::errno;
@@ -113,6 +114,20 @@ pub struct ExitStats {
 /// What ends up on the console: the bytes the guest's UART transmitted.
 pub type ConsoleSink = Box<dyn Write + Send>;
 
+/// At most this many received frames are admitted per network device after one exit, so a
+/// flood of frames the guest cannot take (all too big for its buffers) cannot hold the vCPU.
+const MAX_FRAMES_PER_EXIT: usize = 64;
+
+/// The host side of one network device as the vCPU loop sees it: where its transmitted
+/// frames go, and the event-source stream its received frames arrive on.
+pub struct NetPort {
+    pub sink: Box<dyn FrameSink>,
+    pub stream: FrameStream,
+    /// Transmitted frames the sink refused (TAP full or down).
+    pub sink_drops: u64,
+    warned: bool,
+}
+
 /// How interrupts reach a guest that runs without exiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
@@ -132,6 +147,8 @@ pub struct VcpuLoop {
     pub doorbell: Arc<Doorbell>,
     pub delivery: Delivery,
     pub stats: ExitStats,
+    /// Network devices' host sides, in the order of `devices.virtio.nets`.
+    pub nets: Vec<NetPort>,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -162,10 +179,17 @@ impl VcpuLoop {
             doorbell,
             delivery,
             stats: ExitStats::default(),
+            nets: Vec::new(),
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
         }
+    }
+
+    /// Connects the host side of the next network device (in device order): transmitted
+    /// frames go to `sink`, received frames are admitted from `stream`.
+    pub fn attach_net(&mut self, sink: Box<dyn FrameSink>, stream: FrameStream) {
+        self.nets.push(NetPort { sink, stream, sink_drops: 0, warned: false });
     }
 
     /// Runs the guest until it stops. Must be called on the thread that will own the vCPU.
@@ -180,13 +204,51 @@ impl VcpuLoop {
         self.kicker.detach();
         self.stats.kicks = self.kicker.kicks();
         let _ = self.console.flush();
+        self.log_device_stats();
         outcome
+    }
+
+    fn log_device_stats(&self) {
+        for (dev, port) in self.devices.virtio.nets.iter().zip(&self.nets) {
+            let dev = dev.borrow();
+            let s = dev.device().stats();
+            tracing::info!(
+                "{}: tx {} frames {} bytes ({} dropped, {} refused by the TAP), rx {} frames {} bytes ({} dropped)",
+                ftvm_virtio::VirtioDevice::name(dev.device()),
+                s.tx_frames,
+                s.tx_bytes,
+                s.tx_dropped,
+                port.sink_drops,
+                s.rx_frames,
+                s.rx_bytes,
+                s.rx_dropped
+            );
+        }
+        for dev in &self.devices.virtio.disks {
+            let dev = dev.borrow();
+            let s = dev.device().stats();
+            tracing::info!(
+                "{}: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} errors, {} dropped",
+                ftvm_virtio::VirtioDevice::name(dev.device()),
+                s.reads,
+                s.bytes_read,
+                s.writes,
+                s.bytes_written,
+                s.flushes,
+                s.errors,
+                s.dropped
+            );
+        }
     }
 
     fn run_loop(&mut self, timer: Option<&DeadlineTimer>) -> Result<VmOutcome> {
         loop {
+            let index = self.events.exit_index();
             let step = self.run_once()?;
-            self.after_exit();
+            let counted = self.events.exit_index() != index;
+            // Asynchronous inputs are admitted at counted exits; a plain run also takes them
+            // at kicks (that is what the kick was for).
+            self.after_exit(counted || self.delivery == Delivery::Prompt);
             if let Some(outcome) = self.take_request() {
                 return Ok(outcome);
             }
@@ -312,22 +374,60 @@ impl VcpuLoop {
         Ok(step)
     }
 
-    /// Work done after every return from KVM_RUN: interrupts from the access, console output,
-    /// timers that came due and host input, all admitted through the event source.
-    fn after_exit(&mut self) {
+    /// Work done after every return from KVM_RUN: interrupts from the access, console and
+    /// network output, timers that came due and, if `admit_async`, host input (console bytes,
+    /// received frames), all admitted through the event source.
+    fn after_exit(&mut self, admit_async: bool) {
         self.devices.apply_irqs(&mut self.irqs);
         self.flush_console();
+        self.flush_net_tx();
         if let Some(now) = self.events.admit_deadline(self.devices.next_deadline()) {
             self.devices.on_time(now, &mut self.irqs);
         }
-        let room = self.devices.uart.borrow().receive_capacity();
-        if room > 0 {
-            let input = self.events.admit_console_input(room);
-            if !input.is_empty() {
-                self.devices.uart.borrow_mut().receive(&input, &mut self.irqs);
+        if admit_async {
+            let room = self.devices.uart.borrow().receive_capacity();
+            if room > 0 {
+                let input = self.events.admit_console_input(room);
+                if !input.is_empty() {
+                    self.devices.uart.borrow_mut().receive(&input, &mut self.irqs);
+                }
             }
+            self.admit_frames();
         }
         self.devices.apply_irqs(&mut self.irqs);
+    }
+
+    /// Sends the frames the guest transmitted during the exit. The guest already has its
+    /// descriptors back; a sink that cannot take a frame (TAP full or down) drops it.
+    fn flush_net_tx(&mut self) {
+        for (dev, port) in self.devices.virtio.nets.iter().zip(&mut self.nets) {
+            if !dev.borrow().device().has_tx_frames() {
+                continue;
+            }
+            let frames = dev.borrow_mut().device_mut().take_tx_frames();
+            for frame in frames {
+                if let Err(e) = port.sink.send(&frame) {
+                    port.sink_drops += 1;
+                    if !std::mem::replace(&mut port.warned, true) {
+                        tracing::warn!("network output failed: {e}; frames are dropped while it lasts");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Admits received frames, each only when its device has a receive buffer for it, and
+    /// delivers them (guest memory, used ring, interrupt).
+    fn admit_frames(&mut self) {
+        for (dev, port) in self.devices.virtio.nets.iter().zip(&self.nets) {
+            for _ in 0..MAX_FRAMES_PER_EXIT {
+                if !self.events.frame_waiting(port.stream) || !dev.borrow().rx_ready() {
+                    break;
+                }
+                let Some(frame) = self.events.admit_frame(port.stream) else { break };
+                dev.borrow_mut().deliver_frame(&frame, &mut self.irqs);
+            }
+        }
     }
 
     fn flush_console(&mut self) {
@@ -390,11 +490,13 @@ impl VcpuLoop {
             }
             let if_flag = self.vcpu.get_kvm_run().if_flag;
             let deadline = self.devices.next_deadline();
-            if if_flag == 0 || (deadline.is_none() && !self.events.console_input_open()) {
+            let input_possible = self.events.console_input_open() || self.events.frames_open();
+            if if_flag == 0 || (deadline.is_none() && !input_possible) {
                 return Ok(Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
             }
             self.doorbell.wait_until(deadline.map(|d| self.events.host_instant_of(d)));
-            self.after_exit();
+            // Still positioned at the HLT exit, a counted one.
+            self.after_exit(true);
             if let Some(outcome) = self.take_request() {
                 return Ok(Some(outcome));
             }

@@ -3,16 +3,20 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ftvm_events::EventSource;
+use ftvm_virtio::block::RawFile;
+use ftvm_virtio::net::MacAddr;
+use ftvm_virtio::tap::{Tap, TapReader};
 
 use crate::boot::{self, BootSpec, KernelFormat, Loaded};
 use crate::error::{Error, Result};
 use crate::kick::{Doorbell, Kicker};
-use crate::legacy::Devices;
+use crate::legacy::{self, Devices, VirtioBackends, VirtioSlot};
 use crate::vcpu::{ConsoleSink, Delivery, ExitStats, VcpuLoop};
 use crate::{cpuid, kvm, memory, msr};
 
@@ -27,6 +31,63 @@ pub enum ConsoleConfig {
     File(PathBuf),
 }
 
+/// A virtio-blk device: `--disk PATH[,readonly]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+impl FromStr for DiskConfig {
+    type Err = Error;
+
+    /// `PATH[,readonly]` (a path containing a comma is not supported).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::DeviceOption { option: "disk", text: s.into(), why };
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("needs a path, e.g. --disk disk.img or --disk disk.img,readonly".into()));
+        }
+        let mut readonly = false;
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" => readonly = true,
+                other => return Err(bad(format!("unknown option {other:?}; the only option is readonly"))),
+            }
+        }
+        Ok(DiskConfig { path: path.into(), readonly })
+    }
+}
+
+/// A virtio-net device: `--net tap=NAME[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The existing TAP interface to attach to.
+    pub tap: String,
+    /// The guest's MAC address; by default 52:54:00:12:34:56 plus the device's index.
+    pub mac: Option<MacAddr>,
+}
+
+impl FromStr for NetConfig {
+    type Err = Error;
+
+    /// `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::DeviceOption { option: "net", text: s.into(), why };
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", text)) => mac = Some(text.parse::<MacAddr>().map_err(|e| bad(e.to_string()))?),
+                _ => return Err(bad(format!("unexpected {part:?}; the syntax is tap=NAME[,mac=MAC]"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| bad("needs tap=NAME, e.g. --net tap=tap0".into()))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM: u64 = 256 * memory::MIB;
 
@@ -38,6 +99,12 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Wall-clock time (seconds since 1970) that the RTC shows at boot; now if `None`.
     pub rtc_base_unix: Option<u64>,
+    /// virtio-net devices (first in device order).
+    pub nets: Vec<NetConfig>,
+    /// virtio-blk devices (after the nets).
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device (last).
+    pub rng: bool,
 }
 
 /// What a finished run reports.
@@ -61,22 +128,35 @@ pub struct Vm {
     mem: memory::GuestMemoryMmap,
     loaded: Loaded,
     config: VmConfig,
+    virtio: Option<VirtioBackends>,
+    taps: Vec<Tap>,
+    slots: Vec<VirtioSlot>,
 }
 
 impl Vm {
     /// Creates the VM: memory, CPUID and MSR policy, the kernel loaded, the vCPU at entry.
     pub fn build(config: VmConfig) -> Result<Self> {
+        // Host resources first: a missing disk or TAP is reported before anything else.
+        let (virtio, taps) = open_virtio(&config)?;
+        let slots = legacy::virtio_layout(virtio.count())?;
+        let mut boot_spec = config.boot.clone();
+        boot_spec.cmdline = legacy::virtio_cmdline(&boot_spec.cmdline, &slots);
         let kvm = kvm::open()?;
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         let mem = memory::allocate(config.mem_size)?;
         memory::register(&vm, &mem, false)?;
         msr::install_filter(&vm)?;
-        let loaded = boot::load(&mem, &config.boot)?;
+        let loaded = boot::load(&mem, &boot_spec)?;
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm)?).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         boot::setup_vcpu(&vcpu, &mem, loaded.entry)?;
-        Ok(Vm { vcpu: Some(vcpu), _vm: vm, mem, loaded, config })
+        Ok(Vm { vcpu: Some(vcpu), _vm: vm, mem, loaded, config, virtio: Some(virtio), taps, slots })
+    }
+
+    /// The virtio devices' MMIO windows and interrupt lines, in device order.
+    pub fn virtio_slots(&self) -> &[VirtioSlot] {
+        &self.slots
     }
 
     pub fn memory(&self) -> &memory::GuestMemoryMmap {
@@ -97,27 +177,85 @@ impl Vm {
         let doorbell = Arc::new(Doorbell::default());
         let (console, input) = open_console(&self.config.console, &kicker, &doorbell)?;
         let vcpu = self.vcpu.take().ok_or_else(|| Error::Thread("the VM already ran".into()))?;
+        let virtio = self.virtio.take().ok_or_else(|| Error::Thread("the VM already ran".into()))?;
+        // One reader thread per TAP; received frames wait in a bounded channel until the vCPU
+        // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
+        let mut readers: Vec<TapReader> = Vec::new();
+        let mut nets = Vec::new();
+        for tap in &self.taps {
+            let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
+            let (k, d) = (kicker.clone(), doorbell.clone());
+            readers.push(tap.spawn_reader(
+                tx,
+                Box::new(move || {
+                    d.ring();
+                    k.kick();
+                }),
+            )?);
+            nets.push((tap.clone(), rx));
+        }
+        let mem = self.mem.clone();
         let started = Instant::now();
         let thread = std::thread::Builder::new()
             .name("ftvm-vcpu0".into())
             .spawn(move || -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
                 // Devices live on this thread only (they are touched between exits).
-                let devices = Devices::new(rtc_base)?;
+                let mut devices = Devices::new(rtc_base)?;
+                devices.add_virtio(virtio, &mem)?;
                 let mut events = EventSource::live(rtc_base);
                 if let Some(rx) = input {
                     events.attach_console_input(rx);
                 }
+                let streams: Vec<_> = nets.into_iter().map(|(tap, rx)| (tap, events.attach_frames(rx))).collect();
                 let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, Delivery::Prompt);
+                for (tap, stream) in streams {
+                    vloop.attach_net(Box::new(tap), stream);
+                }
                 let outcome = vloop.run()?;
                 let exits = vloop.events.exit_index();
                 Ok((outcome, vloop.stats, exits, vloop.vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
-        let (outcome, stats, exits, vcpu) =
-            thread.join().map_err(|_| Error::Thread("the vCPU thread panicked".into()))??;
+        let joined = thread.join();
+        for (tap, reader) in self.taps.iter().zip(&readers) {
+            if reader.dropped() > 0 {
+                tracing::info!(
+                    "TAP {}: {} received frames dropped (the guest did not take them in time)",
+                    tap.name(),
+                    reader.dropped()
+                );
+            }
+        }
+        drop(readers);
+        let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::Thread("the vCPU thread panicked".into()))??;
         self.vcpu = Some(vcpu);
         Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: self.loaded.format })
     }
+}
+
+/// Received frames that may wait for the vCPU loop per network device; more are dropped.
+const FRAME_BACKLOG: usize = 1024;
+
+/// Opens the host side of the virtio devices: disk images and TAPs, in device order.
+fn open_virtio(config: &VmConfig) -> Result<(VirtioBackends, Vec<Tap>)> {
+    legacy::virtio_layout(config.nets.len() + config.disks.len() + usize::from(config.rng))?;
+    let macs: Vec<MacAddr> =
+        config.nets.iter().enumerate().map(|(i, n)| n.mac.unwrap_or_else(|| MacAddr::default_for(i))).collect();
+    for (i, net) in config.nets.iter().enumerate() {
+        let dup = |why: String| Error::DeviceOption { option: "net", text: format!("tap={}", net.tap), why };
+        if config.nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(dup("the same TAP is named twice".into()));
+        }
+        if macs[..i].contains(&macs[i]) {
+            return Err(dup(format!("MAC {} is already used by another network device", macs[i])));
+        }
+    }
+    let taps = config.nets.iter().map(|net| Tap::open(&net.tap)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut disks = Vec::new();
+    for disk in &config.disks {
+        disks.push((RawFile::open(&disk.path, disk.readonly)?, disk.readonly));
+    }
+    Ok((VirtioBackends { nets: macs, disks, rng: config.rng }, taps))
 }
 
 /// Opens the console: the output sink and, for stdio, a thread that forwards standard input
@@ -165,4 +303,62 @@ fn open_console(
 /// Builds and runs a VM: the whole of `ftvm run`.
 pub fn run(config: VmConfig) -> Result<RunReport> {
     Vm::build(config)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options_parse() {
+        assert_eq!("a.img".parse::<DiskConfig>().unwrap(), DiskConfig { path: "a.img".into(), readonly: false });
+        assert_eq!(
+            "/x/a.img,readonly".parse::<DiskConfig>().unwrap(),
+            DiskConfig { path: "/x/a.img".into(), readonly: true }
+        );
+        for bad in ["", ",readonly", "a.img,rw", "a.img,"] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let n: NetConfig = "tap=tap0".parse().unwrap();
+        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: None });
+        let n: NetConfig = "tap=vm1,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.mac.unwrap().to_string(), "02:00:00:00:00:01");
+        let n: NetConfig = "mac=02:00:00:00:00:01,tap=vm1".parse().unwrap();
+        assert_eq!(n.tap, "vm1");
+        for bad in
+            ["", "tap0", "tap=", "mac=02:00:00:00:00:01", "tap=a,mac=zz", "tap=a,mac=ff:ff:ff:ff:ff:ff", "tap=a,x=1"]
+        {
+            let err = bad.parse::<NetConfig>().unwrap_err();
+            assert!(err.to_string().contains("--net"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_taps_and_macs_are_refused_before_anything_is_opened() {
+        let config = |nets: Vec<NetConfig>| VmConfig {
+            boot: BootSpec { kernel: "none".into(), initrd: None, cmdline: String::new() },
+            mem_size: DEFAULT_MEM,
+            console: ConsoleConfig::File("/dev/null".into()),
+            rtc_base_unix: None,
+            nets,
+            disks: vec![],
+            rng: false,
+        };
+        let net = |tap: &str, mac: Option<&str>| NetConfig { tap: tap.into(), mac: mac.map(|m| m.parse().unwrap()) };
+        let err = open_virtio(&config(vec![net("nosuch0", None), net("nosuch0", None)])).err().unwrap();
+        assert!(err.to_string().contains("named twice"), "{err}");
+        let m = Some("02:00:00:00:00:01");
+        let err = open_virtio(&config(vec![net("nosuch0", m), net("nosuch1", m)])).err().unwrap();
+        assert!(err.to_string().contains("already used"), "{err}");
+        let err = open_virtio(&config(vec![net("nosuch0", None)])).err().unwrap();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let mut c = config(vec![]);
+        c.disks = (0..7).map(|i| DiskConfig { path: format!("d{i}").into(), readonly: false }).collect();
+        let err = open_virtio(&c).err().unwrap();
+        assert!(matches!(err, Error::TooManyDevices { count: 7, .. }), "{err}");
+    }
 }

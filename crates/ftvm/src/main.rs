@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ftvm_vmm::boot::BootSpec;
+use ftvm_vmm::vm::{DiskConfig, NetConfig};
 use ftvm_vmm::{ConsoleConfig, VmConfig};
 
 /// ftvm: a virtual machine monitor that keeps a VM running when its host dies.
@@ -24,6 +25,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a kernel and run it until the guest powers off.
+    ///
+    /// virtio devices are virtio-mmio, version 2 (virtio 1.x), announced to the guest by
+    /// appending `virtio_mmio.device=4K@<addr>:<irq>` to its command line, in the order
+    /// nets (in the order given), disks (in the order given), rng: the first device at
+    /// 0xd0000000, the next 0x1000 higher, and so on, with ISA IRQs 5, 6, 7, 9, 10, 11 in turn
+    /// (at most six devices).
     ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
     /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest.
@@ -51,6 +58,34 @@ struct RunArgs {
     /// The wall-clock time the guest's RTC shows at boot, in seconds since 1970 (default: now).
     #[arg(long, value_name = "SECONDS")]
     rtc_base: Option<u64>,
+    /// A virtio-net device attached to the existing TAP interface NAME (ftvm does not
+    /// create it). MAC default: 52:54:00:12:34:56, the last byte plus the device's index.
+    /// Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// A virtio-blk device backed by a raw disk image; `,readonly` attaches it read-only
+    /// (needed for an image ftvm may not write). Repeatable.
+    #[arg(long = "disk", value_name = "PATH[,readonly]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-rng device (entropy from the host, through the event source).
+    #[arg(long)]
+    rng: bool,
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse().map_err(option_error)
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse().map_err(option_error)
+}
+
+/// clap already names the option and the value; keep only the reason.
+fn option_error(e: ftvm_vmm::Error) -> String {
+    match e {
+        ftvm_vmm::Error::DeviceOption { why, .. } => why,
+        other => other.to_string(),
+    }
 }
 
 fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
@@ -93,6 +128,9 @@ fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         console: args.console,
         rtc_base_unix: args.rtc_base,
+        nets: args.nets,
+        disks: args.disks,
+        rng: args.rng,
     };
     match ftvm_vmm::vm::run(config) {
         Ok(report) => {

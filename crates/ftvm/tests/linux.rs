@@ -40,6 +40,9 @@ fn bzimage_loads_with_a_correct_boot_params_layout() {
         mem_size: 256 * MIB,
         console: ConsoleConfig::File(dir.join("console.txt")),
         rtc_base_unix: Some(0),
+        nets: vec![],
+        disks: vec![],
+        rng: false,
     })
     .expect("build VM");
     let loaded = vm.loaded();
