@@ -11,11 +11,17 @@
 //! host's monotonic clock, sampled only at the points where a device needs time. Record and
 //! replay modes add a log behind the same calls; nothing outside this crate changes.
 
+pub mod journal;
+
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use ftvm_devices::{GuestClock, GuestNanos, HostInputs};
+use ftvm_log::{EndReason, LogReader, LogWriter};
+
+pub use journal::{exit_kind, Divergence, ExitSignature, ReplayStop, CHECKPOINT_INTERVAL};
+use journal::{Recorder, Replayer};
 
 /// The position of a counted exit (design brief §1: IO, MMIO, HLT, MSR and SHUTDOWN exits).
 pub type ExitIndex = u64;
@@ -25,6 +31,19 @@ pub type ExitIndex = u64;
 pub enum Mode {
     /// Inputs come straight from the host; nothing is logged (`ftvm run`).
     Live,
+    /// Inputs come from the host and are written to the log with the exits' signatures,
+    /// checkpoints and outputs (`ftvm record`).
+    Record,
+    /// Inputs come from the log; everything else is recomputed and checked against it
+    /// (`ftvm replay`).
+    Replay,
+}
+
+/// The log behind the event source, by mode.
+enum Journal {
+    None,
+    Record(Box<Recorder>),
+    Replay(Box<Replayer>),
 }
 
 /// Counts of what passed through the choke point, for status and tests.
@@ -83,6 +102,7 @@ pub struct EventSource {
     console_closed: bool,
     frames: Vec<FrameInput>,
     counts: EventCounts,
+    journal: Journal,
 }
 
 impl EventSource {
@@ -99,6 +119,138 @@ impl EventSource {
             console_closed: false,
             frames: Vec::new(),
             counts: EventCounts::default(),
+            journal: Journal::None,
+        }
+    }
+
+    /// A recording event source: live inputs, each also written to `log`.
+    pub fn record(rtc_base_unix: u64, log: LogWriter<Box<dyn std::io::Write + Send>>) -> Self {
+        let mut src = Self::live(rtc_base_unix);
+        src.mode = Mode::Record;
+        src.journal = Journal::Record(Box::new(Recorder::new(log)));
+        src
+    }
+
+    /// A replaying event source: every input comes from `log` (whose header was read).
+    pub fn replay(rtc_base_unix: u64, log: LogReader<Box<dyn std::io::Read + Send>>) -> Self {
+        let mut src = Self::live(rtc_base_unix);
+        src.mode = Mode::Replay;
+        src.journal = Journal::Replay(Box::new(Replayer::new(log)));
+        src
+    }
+
+    /// The exit at which events are positioned now: the most recent counted exit.
+    fn position(&self) -> ExitIndex {
+        self.counts.exits.saturating_sub(1)
+    }
+
+    /// Whether the vCPU loop should compute exit signatures and checkpoints (not in live
+    /// mode, where nothing would check them).
+    pub fn wants_signatures(&self) -> bool {
+        self.mode != Mode::Live
+    }
+
+    /// The signature of the current counted exit, known once its access was handled.
+    pub fn exit_signature(&mut self, sig: ExitSignature) {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::None => {}
+            Journal::Record(r) => r.signature(index, sig),
+            Journal::Replay(r) => r.signature(index, sig),
+        }
+    }
+
+    /// Whether a checkpoint (register digest) is due at the current exit.
+    pub fn checkpoint_due(&self) -> bool {
+        self.mode != Mode::Live && self.counts.exits > 0 && self.position() % CHECKPOINT_INTERVAL == 0
+    }
+
+    /// Logs (record) or checks (replay) a checkpoint with the vCPU's register digest.
+    pub fn checkpoint(&mut self, regs_hash: u64) {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::None => {}
+            Journal::Record(r) => r.checkpoint(index, regs_hash),
+            Journal::Replay(r) => r.checkpoint(index, regs_hash),
+        }
+    }
+
+    /// An output the guest produced (console bytes, a transmitted frame): logged with its
+    /// ordinal and digest in record mode, checked in replay mode.
+    pub fn output(&mut self, kind: u8, bytes: &[u8]) {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::None => {}
+            Journal::Record(r) => r.output(index, kind, bytes),
+            Journal::Replay(r) => r.output(index, kind, bytes),
+        }
+    }
+
+    /// The end of the run: the END record (record) or its check (replay). Returns an error
+    /// only if the log could not be completed.
+    pub fn end(&mut self, reason: EndReason) -> Result<(), ftvm_log::LogError> {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::None => Ok(()),
+            Journal::Record(r) => r.end(index, reason),
+            Journal::Replay(r) => {
+                r.end(index, reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// Replay only: why the replay must stop now (divergence, or the log ended early).
+    pub fn replay_stop(&self) -> Option<&ReplayStop> {
+        match &self.journal {
+            Journal::Replay(r) => r.stop.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Replay only: whether the log holds more records at the current exit (a halted guest
+    /// is woken by them; without them it would never have woken in the recording).
+    pub fn replay_has_records_here(&mut self) -> bool {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::Replay(r) => r.has_records_at(index),
+            _ => false,
+        }
+    }
+
+    /// Replay only: the END record positioned at the current exit, if it comes next (the
+    /// recording stopped here).
+    pub fn replay_end_here(&mut self) -> Option<EndReason> {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::Replay(r) => r.end_at(index),
+            _ => None,
+        }
+    }
+
+    /// Replay only: the guest is halted and the log has nothing more for this exit.
+    pub fn replay_halted_without_input(&mut self) {
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            r.halted_without_input(index);
+        }
+    }
+
+    /// Record only: the first error writing the log, or the size limit being reached; the
+    /// recording must stop there.
+    pub fn record_problem(&self) -> Option<String> {
+        match &self.journal {
+            Journal::Record(r) if r.size_limit_hit => Some("the log reached its size limit".into()),
+            Journal::Record(r) => r.failed.as_ref().map(|e| format!("writing the log failed: {e}")),
+            _ => None,
+        }
+    }
+
+    /// Record only: log bytes written so far.
+    pub fn log_bytes(&self) -> u64 {
+        match &self.journal {
+            Journal::Record(r) => r.bytes_written(),
+            _ => 0,
         }
     }
 
@@ -129,6 +281,11 @@ impl EventSource {
     pub fn counted_exit(&mut self) -> ExitIndex {
         let index = self.counts.exits;
         self.counts.exits += 1;
+        match &mut self.journal {
+            Journal::None => {}
+            Journal::Record(r) => r.begin_exit(index),
+            Journal::Replay(r) => r.begin_exit(index),
+        }
         index
     }
 
@@ -146,8 +303,23 @@ impl EventSource {
             // Already due in guest time (a timer catching up): no new input needed.
             return Some(self.guest_now);
         }
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            let t = r.clock_admission(index)?;
+            if t < deadline {
+                r.mismatch(index, format!("clock admission t={t} before the deadline"), format!("deadline {deadline}"));
+            }
+            return Some(self.advance_to(t));
+        }
         let host = self.host_elapsed();
-        (host >= deadline).then(|| self.advance_to(host))
+        if host < deadline {
+            return None;
+        }
+        let t = self.advance_to(host);
+        if let Journal::Record(r) = &mut self.journal {
+            r.append(ftvm_log::Record::Clock { exit: index, t });
+        }
+        Some(t)
     }
 
     /// How long, in host time, until guest time `deadline` is due (zero if it already is).
@@ -162,6 +334,12 @@ impl EventSource {
 
     /// Admits up to `max` bytes of console input that have arrived from the host.
     pub fn admit_console_input(&mut self, max: usize) -> Vec<u8> {
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            let bytes = r.console_input(index, max);
+            self.counts.console_bytes += bytes.len() as u64;
+            return bytes;
+        }
         if let Some(rx) = &self.console_rx {
             while !self.console_closed {
                 match rx.try_recv() {
@@ -173,7 +351,11 @@ impl EventSource {
         }
         let n = max.min(self.console_pending.len());
         self.counts.console_bytes += n as u64;
-        self.console_pending.drain(..n).collect()
+        let bytes: Vec<u8> = self.console_pending.drain(..n).collect();
+        if let (Journal::Record(r), false) = (&mut self.journal, bytes.is_empty()) {
+            r.append(ftvm_log::Record::ConsoleInput { exit: index, bytes: bytes.clone() });
+        }
+        bytes
     }
 
     /// Whether more console input may still arrive.
@@ -197,6 +379,10 @@ impl EventSource {
     /// nothing: the caller checks that the device can take a frame, then calls
     /// [`EventSource::admit_frame`].
     pub fn frame_waiting(&mut self, stream: FrameStream) -> bool {
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            return r.frame_waiting(index, stream as u8);
+        }
         self.frames.get_mut(stream).is_some_and(|f| {
             f.poll();
             f.next.is_some()
@@ -206,11 +392,19 @@ impl EventSource {
     /// Admits the next received frame of `stream`, if one has arrived: from now on it is
     /// guest-visible input, positioned at the current exit (record mode logs it here).
     pub fn admit_frame(&mut self, stream: FrameStream) -> Option<Vec<u8>> {
-        let input = self.frames.get_mut(stream)?;
-        input.poll();
-        let frame = input.next.take()?;
+        let index = self.position();
+        let frame = if let Journal::Replay(r) = &mut self.journal {
+            r.frame(index, stream as u8)?
+        } else {
+            let input = self.frames.get_mut(stream)?;
+            input.poll();
+            input.next.take()?
+        };
         self.counts.frames += 1;
         self.counts.frame_bytes += frame.len() as u64;
+        if let Journal::Record(r) = &mut self.journal {
+            r.append(ftvm_log::Record::NetRx { exit: index, dev: stream as u8, frame: frame.clone() });
+        }
         Some(frame)
     }
 
@@ -233,17 +427,41 @@ impl EventSource {
 impl GuestClock for EventSource {
     /// A time-dependent read: samples the host clock (live mode).
     fn now(&mut self) -> GuestNanos {
-        let host = self.host_elapsed();
-        self.advance_to(host)
+        let index = self.position();
+        match &mut self.journal {
+            Journal::Replay(r) => match r.clock_read(index) {
+                Some(t) => self.advance_to(t),
+                None => self.guest_now,
+            },
+            _ => {
+                let host = self.host_elapsed();
+                let t = self.advance_to(host);
+                if let Journal::Record(r) = &mut self.journal {
+                    r.append(ftvm_log::Record::Clock { exit: index, t });
+                }
+                t
+            }
+        }
     }
 }
 
 impl HostInputs for EventSource {
     /// Entropy from the host's random source (live mode).
     fn entropy(&mut self, buf: &mut [u8]) -> bool {
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            let ok = r.entropy(index, buf);
+            if ok {
+                self.counts.entropy_bytes += buf.len() as u64;
+            }
+            return ok;
+        }
         match getrandom::fill(buf) {
             Ok(()) => {
                 self.counts.entropy_bytes += buf.len() as u64;
+                if let Journal::Record(r) = &mut self.journal {
+                    r.append(ftvm_log::Record::Entropy { exit: index, bytes: buf.to_vec() });
+                }
                 true
             }
             Err(e) => {

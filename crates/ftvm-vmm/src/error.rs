@@ -44,6 +44,10 @@ pub enum Error {
     TooManyDevices { count: usize, max: usize },
     #[error("invalid --{option} {text:?}: {why}")]
     DeviceOption { option: &'static str, text: String, why: String },
+    #[error("record: {0}")]
+    Record(String),
+    #[error("replay: {0}")]
+    Replay(String),
     #[error("vCPU thread: {0}")]
     Thread(String),
 }

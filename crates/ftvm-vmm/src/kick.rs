@@ -30,6 +30,19 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// Set when the operator asked ftvm to stop (SIGINT, SIGTERM): the vCPU loop ends the run at
+/// the next exit, and a recording ends its log with END(operator stop).
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks the running VM to stop; async-signal-safe.
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::Relaxed)
+}
+
 fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }

@@ -7,10 +7,11 @@ use std::io::Write;
 use std::sync::Arc;
 
 use ftvm_devices::{DeviceContext, IrqLines, VmRequest};
-use ftvm_events::{EventSource, FrameStream};
+use ftvm_events::{exit_kind, EventSource, ExitSignature, FrameStream, Mode, ReplayStop};
+use ftvm_log::EndReason;
 use ftvm_virtio::net::FrameSink;
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::errno;
 
 use crate::error::{Error, Result};
@@ -33,6 +34,15 @@ pub enum VmOutcome {
     HaltedForever(Box<RegisterDump>),
     /// KVM could not run the guest (emulation failure, entry failure).
     KvmFailure { what: String, dump: Box<RegisterDump> },
+    /// The operator stopped the VM (SIGINT or SIGTERM).
+    OperatorStop,
+    /// Recording stopped: the log reached its size limit or could not be written.
+    RecordingStopped(String),
+    /// Replay reached the point where the recording was stopped from outside (operator stop,
+    /// size limit), with everything up to there replayed exactly.
+    ReplayReachedEnd(EndReason),
+    /// Replay stopped short: a divergence, or the log ends early.
+    ReplayStopped(ReplayStop),
 }
 
 impl VmOutcome {
@@ -44,6 +54,27 @@ impl VmOutcome {
             VmOutcome::TripleFault(_) => 4,
             VmOutcome::HaltedForever(_) => 5,
             VmOutcome::KvmFailure { .. } => 6,
+            VmOutcome::RecordingStopped(_) => 7,
+            VmOutcome::ReplayStopped(ReplayStop::Diverged(_)) => 8,
+            VmOutcome::ReplayStopped(ReplayStop::LogEndsEarly { .. }) => 9,
+            VmOutcome::ReplayStopped(ReplayStop::LogCorrupt { .. }) => 10,
+            VmOutcome::ReplayReachedEnd(_) => 0,
+            VmOutcome::OperatorStop => 130,
+        }
+    }
+
+    /// What the END record says about this outcome.
+    pub fn end_reason(&self) -> EndReason {
+        match self {
+            VmOutcome::PowerOff => EndReason::GuestPowerOff,
+            VmOutcome::Reset => EndReason::GuestReset,
+            VmOutcome::TripleFault(_) => EndReason::TripleFault,
+            VmOutcome::OperatorStop => EndReason::OperatorStop,
+            VmOutcome::RecordingStopped(_) => EndReason::SizeLimit,
+            VmOutcome::ReplayReachedEnd(r) => r.clone(),
+            VmOutcome::HaltedForever(_) => EndReason::Error("guest halted for good".into()),
+            VmOutcome::KvmFailure { what, .. } => EndReason::Error(what.clone()),
+            VmOutcome::ReplayStopped(_) => EndReason::Error("replay stopped".into()),
         }
     }
 }
@@ -59,6 +90,16 @@ impl fmt::Display for VmOutcome {
                 "guest halted with nothing that could wake it (interrupts disabled or no timer and no input)\n{d}"
             ),
             VmOutcome::KvmFailure { what, dump } => write!(f, "KVM could not run the guest: {what}\n{dump}"),
+            VmOutcome::OperatorStop => write!(f, "stopped by the operator"),
+            VmOutcome::RecordingStopped(why) => write!(f, "recording stopped: {why}"),
+            VmOutcome::ReplayReachedEnd(r) => write!(f, "replay reached the end of the recording ({r})"),
+            VmOutcome::ReplayStopped(ReplayStop::Diverged(d)) => write!(f, "{d}"),
+            VmOutcome::ReplayStopped(ReplayStop::LogEndsEarly { exit, detail }) => {
+                write!(f, "the log ends early: {detail}; replayed exactly up to exit {exit}")
+            }
+            VmOutcome::ReplayStopped(ReplayStop::LogCorrupt { exit, detail }) => {
+                write!(f, "{detail}; replayed exactly up to exit {exit}")
+            }
         }
     }
 }
@@ -200,7 +241,22 @@ impl VcpuLoop {
             Delivery::Prompt => Some(DeadlineTimer::start(self.kicker.clone())?),
             Delivery::AtExits => None,
         };
-        let outcome = self.run_loop(timer.as_ref());
+        if self.events.wants_signatures() {
+            // Exit signatures need RIP at every counted exit: take it from kvm_run rather
+            // than with a KVM_GET_REGS per exit.
+            self.vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+        let mut outcome = self.run_loop(timer.as_ref());
+        if let Ok(o) = &outcome {
+            self.flush_console();
+            if let Err(e) = self.events.end(o.end_reason()) {
+                tracing::error!("cannot complete the log: {e}");
+            }
+            // Replay: the END check itself may find a disagreement.
+            if let (Some(stop), false) = (self.events.replay_stop(), matches!(o, VmOutcome::ReplayStopped(_))) {
+                outcome = Ok(VmOutcome::ReplayStopped(stop.clone()));
+            }
+        }
         self.kicker.detach();
         self.stats.kicks = self.kicker.kicks();
         let _ = self.console.flush();
@@ -252,6 +308,9 @@ impl VcpuLoop {
             if let Some(outcome) = self.take_request() {
                 return Ok(outcome);
             }
+            if let Some(outcome) = self.journal_stop() {
+                return Ok(outcome);
+            }
             match step {
                 Step::Stop(outcome) => return Ok(outcome),
                 Step::Continue => {
@@ -277,10 +336,13 @@ impl VcpuLoop {
                 DeviceContext { inputs: &mut self.events, irqs: &mut self.irqs, requests: &mut self.requests }
             };
         }
+        // The signature of a counted exit (kind, address, size, data); RIP is added after.
+        let mut sig: Option<ExitSignature> = None;
         let step = match self.vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.events.counted_exit();
                 self.stats.io += 1;
+                sig = Some(partial_sig(exit_kind::IO_OUT, port.into(), data));
                 if self.devices.pio.write(&mut ctx!(), port, data).is_err() {
                     warn_once(&mut self.warned_ports, port.into(), "write to unmapped port", data.len());
                 }
@@ -293,11 +355,13 @@ impl VcpuLoop {
                     data.fill(0xff);
                     warn_once(&mut self.warned_ports, port.into(), "read from unmapped port", data.len());
                 }
+                sig = Some(partial_sig(exit_kind::IO_IN, port.into(), data));
                 Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.events.counted_exit();
                 self.stats.mmio += 1;
+                sig = Some(partial_sig(exit_kind::MMIO_WRITE, addr, data));
                 if self.devices.mmio.write(&mut ctx!(), addr, data).is_err() {
                     warn_once(&mut self.warned_ports, addr, "write to unmapped MMIO address", data.len());
                 }
@@ -310,6 +374,7 @@ impl VcpuLoop {
                     data.fill(0xff);
                     warn_once(&mut self.warned_ports, addr, "read from unmapped MMIO address", data.len());
                 }
+                sig = Some(partial_sig(exit_kind::MMIO_READ, addr, data));
                 Step::Continue
             }
             Ok(VcpuExit::X86Rdmsr(exit)) => {
@@ -320,6 +385,8 @@ impl VcpuLoop {
                     Ok(value) => *exit.data = value,
                     Err(msr::Refused) => *exit.error = 1,
                 }
+                let data = if *exit.error == 0 { *exit.data } else { u64::MAX };
+                sig = Some(ExitSignature { kind: exit_kind::RDMSR, addr: exit.index.into(), size: 8, data, rip: 0 });
                 Step::Continue
             }
             Ok(VcpuExit::X86Wrmsr(exit)) => {
@@ -329,15 +396,24 @@ impl VcpuLoop {
                     tracing::debug!("guest write to refused MSR {:#x}: #GP", exit.index);
                     *exit.error = 1;
                 }
+                sig = Some(ExitSignature {
+                    kind: exit_kind::WRMSR,
+                    addr: exit.index.into(),
+                    size: 8,
+                    data: exit.data,
+                    rip: 0,
+                });
                 Step::Continue
             }
             Ok(VcpuExit::Hlt) => {
                 self.events.counted_exit();
                 self.stats.hlt += 1;
+                sig = Some(ExitSignature { kind: exit_kind::HLT, ..Default::default() });
                 Step::Halted
             }
             Ok(VcpuExit::Shutdown) => {
                 self.events.counted_exit();
+                sig = Some(ExitSignature { kind: exit_kind::SHUTDOWN, ..Default::default() });
                 Step::Stop(VmOutcome::TripleFault(RegisterDump::capture(&self.vcpu)))
             }
             Ok(VcpuExit::IrqWindowOpen) => {
@@ -371,7 +447,38 @@ impl VcpuLoop {
             }
             Err(e) => return Err(Error::Kvm { call: "KVM_RUN", source: e }),
         };
+        if let (Some(mut sig), true) = (sig, self.events.wants_signatures()) {
+            let regs = self.vcpu.sync_regs().regs;
+            sig.rip = regs.rip;
+            self.events.exit_signature(sig);
+            if self.events.checkpoint_due() {
+                self.events.checkpoint(regs_digest(&regs));
+            }
+        }
         Ok(step)
+    }
+
+    /// Replay and recording stop conditions, checked after every exit.
+    fn journal_stop(&mut self) -> Option<VmOutcome> {
+        if crate::kick::stop_requested() {
+            return Some(VmOutcome::OperatorStop);
+        }
+        match self.events.mode() {
+            Mode::Live => None,
+            Mode::Record => self.events.record_problem().map(VmOutcome::RecordingStopped),
+            Mode::Replay => {
+                if let Some(stop) = self.events.replay_stop() {
+                    return Some(VmOutcome::ReplayStopped(stop.clone()));
+                }
+                // The recording was stopped from outside at this exit: so does the replay.
+                match self.events.replay_end_here() {
+                    Some(reason @ (EndReason::OperatorStop | EndReason::SizeLimit | EndReason::Error(_))) => {
+                        Some(VmOutcome::ReplayReachedEnd(reason))
+                    }
+                    _ => None,
+                }
+            }
+        }
     }
 
     /// Work done after every return from KVM_RUN: interrupts from the access, console and
@@ -406,6 +513,7 @@ impl VcpuLoop {
             }
             let frames = dev.borrow_mut().device_mut().take_tx_frames();
             for frame in frames {
+                self.events.output(ftvm_log::OUTPUT_NET, &frame);
                 if let Err(e) = port.sink.send(&frame) {
                     port.sink_drops += 1;
                     if !std::mem::replace(&mut port.warned, true) {
@@ -433,6 +541,7 @@ impl VcpuLoop {
     fn flush_console(&mut self) {
         let out = self.devices.uart.borrow_mut().take_output();
         if !out.is_empty() {
+            self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
             // The guest never waits on the console: a failing sink loses output, not progress.
             if let Err(e) = self.console.write_all(&out).and_then(|_| self.console.flush()) {
                 if self.warned_ports.insert(u64::MAX) {
@@ -484,6 +593,9 @@ impl VcpuLoop {
     /// The guest executed HLT: wait until an interrupt can wake it, admitting timers and
     /// input as they come. Returns an outcome if the VM must stop instead.
     fn wait_while_halted(&mut self) -> Result<Option<VmOutcome>> {
+        if self.events.mode() == Mode::Replay {
+            return Ok(self.replay_while_halted());
+        }
         loop {
             if self.inject_or_request_window() {
                 return Ok(None);
@@ -502,6 +614,51 @@ impl VcpuLoop {
             }
         }
     }
+}
+
+impl VcpuLoop {
+    /// Replay of a halt: the recording woke the guest with the inputs logged at this exit;
+    /// apply them until an interrupt can be injected. No host time passes.
+    fn replay_while_halted(&mut self) -> Option<VmOutcome> {
+        loop {
+            if self.inject_or_request_window() {
+                return None;
+            }
+            if let Some(outcome) = self.journal_stop() {
+                return Some(outcome);
+            }
+            if !self.events.replay_has_records_here() {
+                self.events.replay_halted_without_input();
+                return self
+                    .journal_stop()
+                    .or_else(|| Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
+            }
+            self.after_exit(true);
+            if let Some(outcome) = self.take_request() {
+                return Some(outcome);
+            }
+        }
+    }
+}
+
+/// An exit signature without RIP; `data` holds up to 8 bytes of the access, little-endian.
+fn partial_sig(kind: u8, addr: u64, data: &[u8]) -> ExitSignature {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    ExitSignature { kind, addr, size: data.len() as u8, data: u64::from_le_bytes(bytes), rip: 0 }
+}
+
+/// A digest of the general-purpose registers, RIP and RFLAGS (checkpoints).
+fn regs_digest(r: &kvm_regs) -> u64 {
+    let mut h = ftvm_log::Hasher64::new();
+    for v in [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+        r.rip, r.rflags,
+    ] {
+        h.write_u64(v);
+    }
+    h.finish()
 }
 
 fn warn_once(warned: &mut BTreeSet<u64>, addr: u64, what: &str, len: usize) {

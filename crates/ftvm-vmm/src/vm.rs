@@ -29,6 +29,8 @@ pub enum ConsoleConfig {
     Stdio,
     /// Output to a file (created or truncated); no console input.
     File(PathBuf),
+    /// Output discarded, no input (a replay without an output directory).
+    Discard,
 }
 
 /// A virtio-blk device: `--disk PATH[,readonly]`.
@@ -131,13 +133,49 @@ pub struct Vm {
     virtio: Option<VirtioBackends>,
     taps: Vec<Tap>,
     slots: Vec<VirtioSlot>,
+    identity: VmIdentity,
+}
+
+/// What a recording's header pins about the VM as built (design brief §2), so that a replay
+/// or a backup can check it built the same machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmIdentity {
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    pub xcr0: u64,
+    pub xsave_size: u32,
+    /// The command line the guest sees (with the virtio_mmio.device= additions).
+    pub effective_cmdline: String,
+    pub memory_layout: Vec<(u64, u64)>,
+}
+
+/// Where a network device's transmitted frames go (a TAP, or a replay's pcap file).
+pub type NetSink = Box<dyn ftvm_virtio::net::FrameSink + Send>;
+
+/// How a VM's host inputs are journaled.
+pub enum Journaling {
+    /// `ftvm run`: live inputs, nothing logged, prompt interrupt delivery.
+    Live,
+    /// `ftvm record`: live inputs written to the log; interrupts only at counted exits.
+    Record(ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>),
+    /// `ftvm replay`: inputs from the log; transmitted frames go to `net_sinks` (one per
+    /// network device) instead of a TAP.
+    Replay {
+        log: ftvm_log::LogReader<Box<dyn Read + Send>>,
+        net_sinks: Vec<NetSink>,
+    },
 }
 
 impl Vm {
     /// Creates the VM: memory, CPUID and MSR policy, the kernel loaded, the vCPU at entry.
     pub fn build(config: VmConfig) -> Result<Self> {
+        Self::build_with(config, true)
+    }
+
+    /// Like [`Vm::build`]; with `open_taps` false the network devices get no TAP (a replay
+    /// takes received frames from the log and sends transmitted ones elsewhere).
+    pub fn build_with(config: VmConfig, open_taps: bool) -> Result<Self> {
         // Host resources first: a missing disk or TAP is reported before anything else.
-        let (virtio, taps) = open_virtio(&config)?;
+        let (virtio, taps) = open_virtio(&config, open_taps)?;
         let slots = legacy::virtio_layout(virtio.count())?;
         let mut boot_spec = config.boot.clone();
         boot_spec.cmdline = legacy::virtio_cmdline(&boot_spec.cmdline, &slots);
@@ -149,9 +187,28 @@ impl Vm {
         msr::install_filter(&vm)?;
         let loaded = boot::load(&mem, &boot_spec)?;
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&cpuid::guest_cpuid(&kvm)?).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        let cpuid = cpuid::guest_cpuid(&kvm)?;
+        vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         boot::setup_vcpu(&vcpu, &mem, loaded.entry)?;
-        Ok(Vm { vcpu: Some(vcpu), _vm: vm, mem, loaded, config, virtio: Some(virtio), taps, slots })
+        let xcrs = vcpu.get_xcrs().map_err(Error::kvm("KVM_GET_XCRS"))?;
+        let xcr0 = xcrs.xcrs.iter().take(xcrs.nr_xcrs as usize).find(|x| x.xcr == 0).map_or(0, |x| x.value);
+        let identity = VmIdentity {
+            cpuid: cpuid.as_slice().to_vec(),
+            xcr0,
+            xsave_size: kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as u32,
+            effective_cmdline: boot_spec.cmdline.clone(),
+            memory_layout: memory::ram_ranges(config.mem_size)?.iter().map(|(a, l)| (a.0, *l as u64)).collect(),
+        };
+        Ok(Vm { vcpu: Some(vcpu), _vm: vm, mem, loaded, config, virtio: Some(virtio), taps, slots, identity })
+    }
+
+    /// What the VM is, as a log header pins it.
+    pub fn identity(&self) -> &VmIdentity {
+        &self.identity
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// The virtio devices' MMIO windows and interrupt lines, in device order.
@@ -167,12 +224,21 @@ impl Vm {
         &self.loaded
     }
 
-    /// Runs the guest on its vCPU thread until it stops.
-    pub fn run(mut self) -> Result<RunReport> {
+    /// Runs the guest on its vCPU thread until it stops (`ftvm run`).
+    pub fn run(self) -> Result<RunReport> {
+        self.run_with(Journaling::Live)
+    }
+
+    /// Runs the guest with the given journaling until it stops.
+    pub fn run_with(mut self, journaling: Journaling) -> Result<RunReport> {
         let rtc_base = self
             .config
             .rtc_base_unix
             .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        let delivery = match journaling {
+            Journaling::Live => Delivery::Prompt,
+            _ => Delivery::AtExits,
+        };
         let kicker = Kicker::new()?;
         let doorbell = Arc::new(Doorbell::default());
         let (console, input) = open_console(&self.config.console, &kicker, &doorbell)?;
@@ -181,7 +247,17 @@ impl Vm {
         // One reader thread per TAP; received frames wait in a bounded channel until the vCPU
         // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
         let mut readers: Vec<TapReader> = Vec::new();
-        let mut nets = Vec::new();
+        let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
+        let (events_log, net_sinks) = match journaling {
+            Journaling::Live => (None, Vec::new()),
+            Journaling::Record(w) => (Some(Ok(w)), Vec::new()),
+            Journaling::Replay { log, net_sinks } => (Some(Err(log)), net_sinks),
+        };
+        for sink in net_sinks {
+            // Replay: received frames come from the log; this channel never carries any.
+            let (_tx, rx) = mpsc::sync_channel(1);
+            nets.push((sink, rx));
+        }
         for tap in &self.taps {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
             let (k, d) = (kicker.clone(), doorbell.clone());
@@ -192,8 +268,9 @@ impl Vm {
                     k.kick();
                 }),
             )?);
-            nets.push((tap.clone(), rx));
+            nets.push((Box::new(tap.clone()), rx));
         }
+        let stop_watch = StopWatcher::start(kicker.clone(), doorbell.clone());
         let mem = self.mem.clone();
         let started = Instant::now();
         let thread = std::thread::Builder::new()
@@ -202,14 +279,18 @@ impl Vm {
                 // Devices live on this thread only (they are touched between exits).
                 let mut devices = Devices::new(rtc_base)?;
                 devices.add_virtio(virtio, &mem)?;
-                let mut events = EventSource::live(rtc_base);
+                let mut events = match events_log {
+                    None => EventSource::live(rtc_base),
+                    Some(Ok(writer)) => EventSource::record(rtc_base, writer),
+                    Some(Err(reader)) => EventSource::replay(rtc_base, reader),
+                };
                 if let Some(rx) = input {
                     events.attach_console_input(rx);
                 }
-                let streams: Vec<_> = nets.into_iter().map(|(tap, rx)| (tap, events.attach_frames(rx))).collect();
-                let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, Delivery::Prompt);
-                for (tap, stream) in streams {
-                    vloop.attach_net(Box::new(tap), stream);
+                let streams: Vec<_> = nets.into_iter().map(|(sink, rx)| (sink, events.attach_frames(rx))).collect();
+                let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, delivery);
+                for (sink, stream) in streams {
+                    vloop.attach_net(sink, stream);
                 }
                 let outcome = vloop.run()?;
                 let exits = vloop.events.exit_index();
@@ -217,6 +298,7 @@ impl Vm {
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let joined = thread.join();
+        drop(stop_watch);
         for (tap, reader) in self.taps.iter().zip(&readers) {
             if reader.dropped() > 0 {
                 tracing::info!(
@@ -237,7 +319,7 @@ impl Vm {
 const FRAME_BACKLOG: usize = 1024;
 
 /// Opens the host side of the virtio devices: disk images and TAPs, in device order.
-fn open_virtio(config: &VmConfig) -> Result<(VirtioBackends, Vec<Tap>)> {
+fn open_virtio(config: &VmConfig, open_taps: bool) -> Result<(VirtioBackends, Vec<Tap>)> {
     legacy::virtio_layout(config.nets.len() + config.disks.len() + usize::from(config.rng))?;
     let macs: Vec<MacAddr> =
         config.nets.iter().enumerate().map(|(i, n)| n.mac.unwrap_or_else(|| MacAddr::default_for(i))).collect();
@@ -250,7 +332,11 @@ fn open_virtio(config: &VmConfig) -> Result<(VirtioBackends, Vec<Tap>)> {
             return Err(dup(format!("MAC {} is already used by another network device", macs[i])));
         }
     }
-    let taps = config.nets.iter().map(|net| Tap::open(&net.tap)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let taps = if open_taps {
+        config.nets.iter().map(|net| Tap::open(&net.tap)).collect::<std::result::Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let mut disks = Vec::new();
     for disk in &config.disks {
         disks.push((RawFile::open(&disk.path, disk.readonly)?, disk.readonly));
@@ -266,6 +352,7 @@ fn open_console(
     doorbell: &Arc<Doorbell>,
 ) -> Result<(ConsoleSink, Option<mpsc::Receiver<Vec<u8>>>)> {
     match config {
+        ConsoleConfig::Discard => Ok((Box::new(std::io::sink()), None)),
         ConsoleConfig::File(path) => {
             let file =
                 File::create(path).map_err(|e| Error::Console(format!("cannot create {}: {e}", path.display())))?;
@@ -296,6 +383,42 @@ fn open_console(
                 })
                 .map_err(|e| Error::Thread(format!("cannot start the console input thread: {e}")))?;
             Ok((Box::new(std::io::stdout()), Some(rx)))
+        }
+    }
+}
+
+/// Kicks the vCPU and wakes a halted loop once the operator asks to stop, so that a guest
+/// computing in ring 3 (no exits, no kicks in record mode) still stops promptly.
+struct StopWatcher {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StopWatcher {
+    fn start(kicker: Arc<Kicker>, doorbell: Arc<Doorbell>) -> Self {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("ftvm-stop".into())
+            .spawn(move || {
+                while !d.load(std::sync::atomic::Ordering::Relaxed) {
+                    if crate::kick::stop_requested() {
+                        doorbell.ring();
+                        kicker.kick();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .ok();
+        StopWatcher { done, thread }
+    }
+}
+
+impl Drop for StopWatcher {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -349,16 +472,16 @@ mod tests {
             rng: false,
         };
         let net = |tap: &str, mac: Option<&str>| NetConfig { tap: tap.into(), mac: mac.map(|m| m.parse().unwrap()) };
-        let err = open_virtio(&config(vec![net("nosuch0", None), net("nosuch0", None)])).err().unwrap();
+        let err = open_virtio(&config(vec![net("nosuch0", None), net("nosuch0", None)]), true).err().unwrap();
         assert!(err.to_string().contains("named twice"), "{err}");
         let m = Some("02:00:00:00:00:01");
-        let err = open_virtio(&config(vec![net("nosuch0", m), net("nosuch1", m)])).err().unwrap();
+        let err = open_virtio(&config(vec![net("nosuch0", m), net("nosuch1", m)]), true).err().unwrap();
         assert!(err.to_string().contains("already used"), "{err}");
-        let err = open_virtio(&config(vec![net("nosuch0", None)])).err().unwrap();
+        let err = open_virtio(&config(vec![net("nosuch0", None)]), true).err().unwrap();
         assert!(err.to_string().contains("does not exist"), "{err}");
         let mut c = config(vec![]);
         c.disks = (0..7).map(|i| DiskConfig { path: format!("d{i}").into(), readonly: false }).collect();
-        let err = open_virtio(&c).err().unwrap();
+        let err = open_virtio(&c, true).err().unwrap();
         assert!(matches!(err, Error::TooManyDevices { count: 7, .. }), "{err}");
     }
 }

@@ -33,8 +33,72 @@ enum Command {
     /// (at most six devices).
     ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
-    /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest.
+    /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest,
+    /// 130 stopped by SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Run a VM live and record every host input to a log that replays it exactly.
+    ///
+    /// Takes the same VM options as `run`. The guest's disks are copied beside the log
+    /// (LOG.disk0, ...) and the guest writes to the copies: the original images are never
+    /// written. Interrupts are delivered at exits only (the deterministic mode).
+    ///
+    /// Exit status: as for `run`, plus 7 when the log reached --max-size (it then ends
+    /// with END(size limit) and replays up to there).
+    Record(RecordArgs),
+    /// Re-execute a recorded VM from its log and check that it does exactly what it did.
+    ///
+    /// Needs no TAP, no client and no network: every input comes from the log, every output
+    /// and exit is checked against it. The disks are replayed on copies of the base images
+    /// (verified against the digests in the log) and compared with the recording's final
+    /// disks beside the log.
+    ///
+    /// Exit status: 0 the whole log replayed exactly, 1 error (missing or altered images,
+    /// unreadable log, a machine that differs), 8 divergence (the report says where), 9 the
+    /// log ends early (replayed exactly up to its end), 10 the log is damaged (replayed
+    /// exactly up to the damage, whose offset is reported).
+    Replay(ReplayArgs),
+    /// Work with event logs.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LogCommand {
+    /// Summarize a log: header, duration, exits and events by kind, outputs, end.
+    ///
+    /// Exit status: 0 a complete log, 9 a log that ends early, 1 an unreadable log.
+    Inspect {
+        /// The log file.
+        path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// List every event.
+        #[arg(long)]
+        events: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RecordArgs {
+    /// The log file to write.
+    #[arg(long, value_name = "PATH")]
+    log: PathBuf,
+    /// Stop recording when the log reaches this size (e.g. 100M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_byte_size)]
+    max_size: Option<u64>,
+    #[command(flatten)]
+    vm: RunArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// The log to replay.
+    path: PathBuf,
+    /// Write the replay's console output (console.txt), transmitted frames (net0.pcap, ...)
+    /// and disks (disk0.img, ...) here.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -110,8 +174,125 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(&cli.log_level);
+    install_stop_handler();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Record(args) => record(args),
+        Command::Replay(args) => replay(args),
+        Command::Log(LogCommand::Inspect { path, json, events }) => inspect(&path, json, events),
+    }
+}
+
+/// SIGINT and SIGTERM stop the VM cleanly (a recording gets its END record).
+fn install_stop_handler() {
+    extern "C" fn on_stop(_: libc::c_int) {
+        ftvm_vmm::kick::request_stop();
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_stop as *const () as libc::sighandler_t) };
+    }
+}
+
+fn vm_config(args: RunArgs) -> VmConfig {
+    VmConfig {
+        boot: BootSpec { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
+        mem_size: args.mem,
+        console: args.console,
+        rtc_base_unix: args.rtc_base,
+        nets: args.nets,
+        disks: args.disks,
+        rng: args.rng,
+    }
+}
+
+fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
+    let s = &report.stats;
+    format!(
+        "{} after {:.3} s ({} exits: {} port I/O, {} MMIO, {} HLT, {} MSR; {} interrupts, {} kicks)",
+        report.outcome,
+        report.elapsed.as_secs_f64(),
+        report.exits,
+        s.io,
+        s.mmio,
+        s.hlt,
+        s.msr,
+        s.interrupts,
+        s.kicks
+    )
+}
+
+fn record(args: RecordArgs) -> ExitCode {
+    let opts = ftvm_vmm::recording::RecordOptions { log: args.log.clone(), max_size: args.max_size };
+    match ftvm_vmm::recording::record(vm_config(args.vm), &opts) {
+        Ok(report) => {
+            let code = report.run.outcome.exit_code();
+            eprintln!(
+                "ftvm: recorded {} to {} ({} bytes of log)",
+                summary(&report.run),
+                args.log.display(),
+                report.log_bytes
+            );
+            for copy in &report.disk_copies {
+                eprintln!("ftvm: the guest's disk as recorded: {}", copy.display());
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn replay(args: ReplayArgs) -> ExitCode {
+    let opts = ftvm_vmm::recording::ReplayOptions { log: args.path.clone(), output_dir: args.output_dir };
+    match ftvm_vmm::recording::replay(&opts) {
+        Ok(report) => {
+            let mut code = report.run.outcome.exit_code();
+            for (i, (path, same)) in report.disks.iter().enumerate() {
+                match same {
+                    Some(true) => eprintln!("ftvm: disk {i}: the replayed disk equals the recording's"),
+                    Some(false) => {
+                        eprintln!("ftvm: disk {i}: the replayed disk {} differs from the recording's", path.display());
+                        code = 8;
+                    }
+                    None => eprintln!("ftvm: disk {i}: the recording's final disk is not beside the log; not compared"),
+                }
+            }
+            if report.exact {
+                eprintln!("ftvm: replayed exactly: {}", summary(&report.run));
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("ftvm: {}", summary(&report.run));
+                ExitCode::from(if code == 0 { 8 } else { code as u8 })
+            }
+        }
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn inspect(path: &std::path::Path, json: bool, events: bool) -> ExitCode {
+    match ftvm_log::inspect(path, events) {
+        Ok(inspection) => {
+            if json {
+                println!("{}", inspection.to_json());
+            } else {
+                print!("{inspection}");
+            }
+            if inspection.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(9)
+            }
+        }
+        Err(e) => {
+            eprintln!("ftvm: error: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -123,35 +304,13 @@ fn init_logging(level: &str) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let config = VmConfig {
-        boot: BootSpec { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
-        mem_size: args.mem,
-        console: args.console,
-        rtc_base_unix: args.rtc_base,
-        nets: args.nets,
-        disks: args.disks,
-        rng: args.rng,
-    };
-    match ftvm_vmm::vm::run(config) {
+    match ftvm_vmm::vm::run(vm_config(args)) {
         Ok(report) => {
             let code = report.outcome.exit_code();
-            let s = &report.stats;
-            let summary = format!(
-                "{} after {:.3} s ({} exits: {} port I/O, {} MMIO, {} HLT, {} MSR; {} interrupts, {} kicks)",
-                report.outcome,
-                report.elapsed.as_secs_f64(),
-                report.exits,
-                s.io,
-                s.mmio,
-                s.hlt,
-                s.msr,
-                s.interrupts,
-                s.kicks
-            );
             if code == 0 {
-                tracing::info!("{summary}");
+                tracing::info!("{}", summary(&report));
             } else {
-                eprintln!("ftvm: {summary}");
+                eprintln!("ftvm: {}", summary(&report));
             }
             ExitCode::from(code as u8)
         }

@@ -22,6 +22,15 @@ pub fn parse_mem_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Parses a byte size: `4096`, `512K`, `100M`, `2G`. A bare number is bytes.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        return t.parse().map_err(|_| format!("{s:?} is too large"));
+    }
+    parse_mem_size(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,8 +75,8 @@ fn bzimage_loads_with_a_correct_boot_params_layout() {
     let (addr, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
     assert_eq!(size, initrd_data.len() as u64);
     assert_eq!(addr % 4096, 0);
-    assert!(addr + size <= u64::from({ hdr.initrd_addr_max }) + 1);
-    assert!(addr >= HIGH_RAM_START + u64::from({ hdr.init_size }));
+    assert!(addr + size <= u64::from(hdr.initrd_addr_max) + 1);
+    assert!(addr >= HIGH_RAM_START + u64::from(hdr.init_size));
     let mut back = vec![0u8; initrd_data.len()];
     mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
     assert!(back == initrd_data);

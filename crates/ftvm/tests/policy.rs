@@ -63,7 +63,7 @@ fn tsc_msr_reads_guest_time_and_kvmclock_writes_fault() {
     code.extend_from_slice(&[0x89, 0xd7]); // mov edi, edx
     code.extend(emit_reg(0)); // eax
     code.extend(emit_reg(7)); // edx
-    // wrmsr(IA32_TSC) is ignored, not a fault.
+                              // wrmsr(IA32_TSC) is ignored, not a fault.
     code.extend_from_slice(&[0xb9, 0x10, 0x00, 0x00, 0x00, 0x31, 0xc0, 0x31, 0xd2, 0x0f, 0x30]);
     code.extend_from_slice(asm::POWER_OFF);
     let (out, console) = run_code("tsc-msr", &code);

@@ -1,0 +1,333 @@
+//! `ftvm record` and `ftvm replay`: building the VM, the log header that pins it, the disk
+//! copies, and the checks around a replay (images, VM identity, final disk).
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ftvm_log::{CpuidEntry, ImageInfo, LogHeader, LogReader, LogWriter, MacAddr as LogMac, MemRegion, NetDevice};
+use ftvm_virtio::net::{FrameSink, MacAddr};
+use sha2::{Digest, Sha256};
+
+use crate::boot::BootSpec;
+use crate::error::{Error, Result};
+use crate::vm::{ConsoleConfig, DiskConfig, Journaling, NetConfig, RunReport, Vm, VmConfig, VmOutcome};
+
+/// The device model's version: any change to what a device does for the same inputs bumps
+/// it, so that a log is never replayed on a device model that would behave differently.
+pub const DEVICE_MODEL_VERSION: u32 = 1;
+
+/// What `ftvm record` needs beyond the VM's configuration.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    pub log: PathBuf,
+    pub max_size: Option<u64>,
+}
+
+/// What `ftvm replay` needs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub log: PathBuf,
+    /// Where the console text, the transmitted frames (pcap) and the disk copies go; a
+    /// temporary directory (removed afterwards) if `None`.
+    pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct RecordReport {
+    pub run: RunReport,
+    pub log_bytes: u64,
+    /// The guest's disks as the recording left them (beside the log).
+    pub disk_copies: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct ReplayReport {
+    pub run: RunReport,
+    /// Per disk: (replayed copy, whether it equals the recording's final disk; `None` if the
+    /// recording's copy is not beside the log).
+    pub disks: Vec<(PathBuf, Option<bool>)>,
+    /// Whether the whole log replayed exactly and every disk matched.
+    pub exact: bool,
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Record(format!("{what}: {e}"))
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).map_err(io_err(format!("cannot read {}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(format!("cannot read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn image_info(path: &Path) -> Result<ImageInfo> {
+    let size = std::fs::metadata(path).map_err(io_err(format!("cannot read {}", path.display())))?.len();
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(ImageInfo { path: abs.display().to_string(), sha256: sha256_file(path)?, size })
+}
+
+/// The disk copy a recording writes beside its log.
+pub fn disk_copy_path(log: &Path, index: usize) -> PathBuf {
+    let mut name = log.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".disk{index}"));
+    log.with_file_name(name)
+}
+
+fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<ImageInfo>, rtc: u64) -> LogHeader {
+    let c = vm.config();
+    let id = vm.identity();
+    LogHeader {
+        device_model_version: DEVICE_MODEL_VERSION,
+        kernel,
+        initrd,
+        disks,
+        memory_size: c.mem_size,
+        memory_layout: id.memory_layout.iter().map(|&(start, size)| MemRegion { start, size }).collect(),
+        cmdline: c.boot.cmdline.clone(),
+        effective_cmdline: id.effective_cmdline.clone(),
+        cpuid: id
+            .cpuid
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect(),
+        xcr0: id.xcr0,
+        xsave_size: id.xsave_size,
+        rtc_base_unix: rtc,
+        console: match &c.console {
+            ConsoleConfig::Stdio => "stdio".into(),
+            ConsoleConfig::File(p) => format!("file:{}", p.display()),
+            ConsoleConfig::Discard => "none".into(),
+        },
+        net: c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetDevice {
+                mac: LogMac(n.mac.unwrap_or_else(|| MacAddr::default_for(i)).0),
+                tap: n.tap.clone(),
+            })
+            .collect(),
+        rng: c.rng,
+        exit_delivery: "at-exits".into(),
+        record_start_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+        ..LogHeader::default()
+    }
+}
+
+/// Runs a VM live and records it: `ftvm record`.
+pub fn record(mut config: VmConfig, opts: &RecordOptions) -> Result<RecordReport> {
+    let rtc = config
+        .rtc_base_unix
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    config.rtc_base_unix = Some(rtc);
+    let kernel = image_info(&config.boot.kernel).map_err(|_| Error::KernelRead {
+        path: config.boot.kernel.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "cannot read it"),
+    })?;
+    let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
+    // The guest writes to copies beside the log; the base images stay untouched.
+    let mut bases = Vec::new();
+    let mut copies = Vec::new();
+    for (i, disk) in config.disks.iter_mut().enumerate() {
+        bases.push(image_info(&disk.path)?);
+        let copy = disk_copy_path(&opts.log, i);
+        std::fs::copy(&disk.path, &copy).map_err(io_err(format!(
+            "cannot copy disk {} to {} (the recording writes to a copy beside the log)",
+            disk.path.display(),
+            copy.display()
+        )))?;
+        disk.path = copy.clone();
+        copies.push(copy);
+    }
+    let vm = Vm::build(config)?;
+    let header = header_for(&vm, kernel, initrd, bases, rtc);
+    let file = File::create(&opts.log).map_err(io_err(format!("cannot create the log {}", opts.log.display())))?;
+    let sink: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(1 << 16, file));
+    let mut writer = LogWriter::new(sink, &header).map_err(|e| Error::Record(format!("cannot write the log: {e}")))?;
+    if let Some(max) = opts.max_size {
+        writer = writer.with_max_size(max);
+    }
+    let run = vm.run_with(Journaling::Record(writer))?;
+    let log_bytes = std::fs::metadata(&opts.log).map(|m| m.len()).unwrap_or(0);
+    Ok(RecordReport { run, log_bytes, disk_copies: copies })
+}
+
+/// Transmitted frames of a replay, written as a pcap file (classic format, Ethernet).
+pub struct PcapSink {
+    out: BufWriter<File>,
+    count: u32,
+}
+
+impl PcapSink {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).map_err(io_err(format!("cannot create {}", path.display())))?;
+        let mut out = BufWriter::new(file);
+        let mut hdr = Vec::with_capacity(24);
+        hdr.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        hdr.extend_from_slice(&2u16.to_le_bytes());
+        hdr.extend_from_slice(&4u16.to_le_bytes());
+        hdr.extend_from_slice(&0i32.to_le_bytes());
+        hdr.extend_from_slice(&0u32.to_le_bytes());
+        hdr.extend_from_slice(&65535u32.to_le_bytes());
+        hdr.extend_from_slice(&1u32.to_le_bytes()); // LINKTYPE_ETHERNET
+        out.write_all(&hdr).map_err(io_err(format!("cannot write {}", path.display())))?;
+        Ok(PcapSink { out, count: 0 })
+    }
+}
+
+impl FrameSink for PcapSink {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        // Replay has no wall clock worth recording: packets are numbered in the seconds field.
+        self.count += 1;
+        let len = frame.len() as u32;
+        let mut rec = Vec::with_capacity(16 + frame.len());
+        rec.extend_from_slice(&self.count.to_le_bytes());
+        rec.extend_from_slice(&0u32.to_le_bytes());
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(frame);
+        self.out.write_all(&rec)?;
+        self.out.flush()
+    }
+}
+
+struct NullSink;
+
+impl FrameSink for NullSink {
+    fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Re-executes a recording from its log and checks it: `ftvm replay`.
+pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
+    let file = File::open(&opts.log).map_err(io_err(format!("cannot open the log {}", opts.log.display())))?;
+    let reader: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 16, file));
+    let (log, header) = LogReader::open(reader).map_err(|e| Error::Replay(format!("{}: {e}", opts.log.display())))?;
+
+    let (out_dir, temporary) = match &opts.output_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(io_err(format!("cannot create {}", d.display())))?;
+            (d.clone(), false)
+        }
+        None => {
+            let d = std::env::temp_dir().join(format!("ftvm-replay-{}", std::process::id()));
+            std::fs::create_dir_all(&d).map_err(io_err(format!("cannot create {}", d.display())))?;
+            (d, true)
+        }
+    };
+    let result = replay_in(opts, log, &header, &out_dir);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    result
+}
+
+fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
+    let path = PathBuf::from(&info.path);
+    if !path.exists() {
+        return Err(Error::Replay(format!("the {what} {} named in the log is missing", info.path)));
+    }
+    let digest = sha256_file(&path)?;
+    if digest != info.sha256 {
+        return Err(Error::Replay(format!(
+            "the {what} {} is not the one recorded: sha256 {digest}, the log says {}",
+            info.path, info.sha256
+        )));
+    }
+    Ok(path)
+}
+
+fn replay_in(
+    opts: &ReplayOptions,
+    log: LogReader<Box<dyn Read + Send>>,
+    header: &LogHeader,
+    out_dir: &Path,
+) -> Result<ReplayReport> {
+    if header.device_model_version != DEVICE_MODEL_VERSION {
+        return Err(Error::Replay(format!(
+            "the log was recorded with device model {}, this ftvm has device model {DEVICE_MODEL_VERSION}",
+            header.device_model_version
+        )));
+    }
+    let kernel = check_image("kernel", &header.kernel)?;
+    let initrd = header.initrd.as_ref().map(|i| check_image("initrd", i)).transpose()?;
+    let mut disks = Vec::new();
+    for (i, base) in header.disks.iter().enumerate() {
+        let path = check_image(&format!("disk {i} base image"), base)?;
+        let copy = out_dir.join(format!("disk{i}.img"));
+        std::fs::copy(&path, &copy).map_err(io_err(format!("cannot copy {} to {}", path.display(), copy.display())))?;
+        disks.push(DiskConfig { path: copy, readonly: false });
+    }
+    let console = match &opts.output_dir {
+        Some(_) => ConsoleConfig::File(out_dir.join("console.txt")),
+        None => ConsoleConfig::Discard,
+    };
+    let config = VmConfig {
+        boot: BootSpec { kernel: kernel.clone(), initrd, cmdline: header.cmdline.clone() },
+        mem_size: header.memory_size,
+        console,
+        rtc_base_unix: Some(header.rtc_base_unix),
+        nets: header.net.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: Some(MacAddr(n.mac.0)) }).collect(),
+        disks: disks.clone(),
+        rng: header.rng,
+    };
+    let vm = Vm::build_with(config, false)?;
+    // The machine must be the one recorded: same CPUID table, XSAVE, memory, command line.
+    let ours =
+        header_for(&vm, header.kernel.clone(), header.initrd.clone(), header.disks.clone(), header.rtc_base_unix);
+    let differences: Vec<String> =
+        header.compare(&ours).into_iter().filter(|m| m.significant).map(|m| m.to_string()).collect();
+    // The console mode differs by design (the replay writes to a file or nowhere).
+    let differences: Vec<String> = differences.into_iter().filter(|d| !d.starts_with("console")).collect();
+    if !differences.is_empty() {
+        return Err(Error::Replay(format!(
+            "this machine cannot replay the log exactly; it differs in:\n  {}",
+            differences.join("\n  ")
+        )));
+    }
+    let mut net_sinks: Vec<Box<dyn FrameSink + Send>> = Vec::new();
+    for i in 0..header.net.len() {
+        if opts.output_dir.is_some() {
+            net_sinks.push(Box::new(PcapSink::create(&out_dir.join(format!("net{i}.pcap")))?));
+        } else {
+            net_sinks.push(Box::new(NullSink));
+        }
+    }
+    let run = vm.run_with(Journaling::Replay { log, net_sinks })?;
+    let mut disk_results = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let recorded = disk_copy_path(&opts.log, i);
+        let same = if recorded.exists() { Some(sha256_file(&recorded)? == sha256_file(&d.path)?) } else { None };
+        disk_results.push((d.path.clone(), same));
+    }
+    let replay_ok = matches!(
+        run.outcome,
+        VmOutcome::PowerOff
+            | VmOutcome::Reset
+            | VmOutcome::TripleFault(_)
+            | VmOutcome::HaltedForever(_)
+            | VmOutcome::ReplayReachedEnd(_)
+    );
+    let exact = replay_ok && disk_results.iter().all(|(_, s)| *s != Some(false));
+    Ok(ReplayReport { run, disks: disk_results, exact })
+}

@@ -1,0 +1,243 @@
+//! `ftvm record`, `ftvm replay` and `ftvm log inspect` on real guests: exact replays, the
+//! divergence report for a guest that breaks the contract, and every bad-log path.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn record(log: &Path, kernel: &Path, args: &[&str]) -> Output {
+    let console = log.with_extension("console");
+    ftvm()
+        .args(["record", "--log"])
+        .arg(log)
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn replay(log: &Path, out_dir: Option<&Path>) -> Output {
+    let mut cmd = ftvm();
+    cmd.arg("replay").arg(log);
+    if let Some(d) = out_dir {
+        cmd.arg("--output-dir").arg(d);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn hello_replays_exactly_with_the_same_console() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-hello");
+    let log = dir.join("hello.log");
+    let out = record(&log, &guest("hello"), &["--cmdline", "hello.wait_ms=300"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let recorded = std::fs::read_to_string(log.with_extension("console")).unwrap();
+    assert!(recorded.contains("digest: "), "{recorded}");
+
+    let out_dir = dir.join("replay");
+    let out = replay(&log, Some(&out_dir));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("replayed exactly"), "{}", stderr(&out));
+    let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
+    assert_eq!(replayed, recorded, "the replay's console must be the recording's, byte for byte");
+
+    let out = ftvm().args(["log", "inspect", "--json"]).arg(&log).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+    let text = json.to_string();
+    assert!(text.contains("GuestPowerOff") || text.contains("power-off"), "{text}");
+    let out = ftvm().args(["log", "inspect", "--events"]).arg(&log).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("CLOCK") && listing.contains("OUTPUT") && listing.contains("END"), "{listing}");
+}
+
+#[test]
+fn compute_replays_at_ring3_speed_to_the_same_digest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-compute");
+    let log = dir.join("compute.log");
+    let out = record(&log, &guest("compute"), &["--cmdline", "compute.rounds=40"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let recorded = std::fs::read_to_string(log.with_extension("console")).unwrap();
+    let out_dir = dir.join("replay");
+    let out = replay(&log, Some(&out_dir));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
+    assert_eq!(digest_lines(&replayed), digest_lines(&recorded));
+    assert_eq!(digest_lines(&replayed).len(), 1);
+}
+
+/// A guest that breaks the contract: it prints the four low bytes of RDTSC.
+fn rdtsc_guest() -> Vec<u8> {
+    let mut code = vec![0x0f, 0x31]; // rdtsc
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    for _ in 0..4 {
+        code.push(0xee); // out dx, al
+        code.extend_from_slice(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+    }
+    code.extend_from_slice(asm::POWER_OFF);
+    pvh_elf(&code)
+}
+
+#[test]
+fn a_guest_reading_rdtsc_diverges_and_the_report_says_where() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-rdtsc");
+    let kernel = dir.join("rdtsc.elf");
+    std::fs::write(&kernel, rdtsc_guest()).unwrap();
+    let log = dir.join("rdtsc.log");
+    let out = record(&log, &kernel, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("replay diverged at exit"), "{err}");
+    // Caught at the first port write of a TSC byte (its exit signature carries the data).
+    assert!(err.contains("expected (log): exit signature port write addr=0x3f8"), "{err}");
+    assert!(err.contains("last point of agreement"), "{err}");
+}
+
+#[test]
+fn a_truncated_log_replays_to_its_end_and_says_so() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-trunc");
+    let log = dir.join("hello.log");
+    let out = record(&log, &guest("hello"), &["--cmdline", "hello.wait_ms=100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bytes = std::fs::read(&log).unwrap();
+    let cut = dir.join("cut.log");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let out = replay(&cut, None);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ends early"), "{}", stderr(&out));
+    let out = ftvm().args(["log", "inspect"]).arg(&cut).output().unwrap();
+    assert_eq!(out.status.code(), Some(9), "inspect says the log is incomplete");
+}
+
+#[test]
+fn a_corrupted_frame_is_reported_with_its_offset() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-corrupt");
+    let log = dir.join("hello.log");
+    let out = record(&log, &guest("hello"), &["--cmdline", "hello.wait_ms=100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&log, &bytes).unwrap();
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("byte offset") && err.contains("frame"), "{err}");
+}
+
+#[test]
+fn bad_logs_and_altered_images_are_refused_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-bad");
+    let empty = dir.join("empty.log");
+    std::fs::write(&empty, b"").unwrap();
+    let out = replay(&empty, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
+
+    let notlog = dir.join("not.log");
+    std::fs::write(&notlog, b"hello, this is not a log at all").unwrap();
+    let out = replay(&notlog, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not an ftvm log"), "{}", stderr(&out));
+
+    // A log whose kernel changed since the recording.
+    let kernel = dir.join("tiny.elf");
+    let mut code = asm::out_bytes(0x3f8, b"hi");
+    code.extend_from_slice(asm::POWER_OFF);
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let log = dir.join("tiny.log");
+    let out = record(&log, &kernel, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut other = vec![0x90]; // a nop more
+    other.extend_from_slice(&code);
+    std::fs::write(&kernel, pvh_elf(&other)).unwrap();
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not the one recorded"), "{}", stderr(&out));
+    std::fs::remove_file(&kernel).unwrap();
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("missing"), "{}", stderr(&out));
+
+    // Another format version.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[8] = 99;
+    std::fs::write(&log, &bytes).unwrap();
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("version"), "{}", stderr(&out));
+}
+
+#[test]
+fn operator_stop_and_size_limit_end_the_log_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-stop");
+    // SIGINT while compute runs: END(operator stop), and the replay reaches that point.
+    let log = dir.join("stopped.log");
+    let mut child = ftvm()
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(guest("compute"))
+        .args(["--cmdline", "compute.rounds=100000", "--console"])
+        .arg(format!("file:{}", dir.join("c.txt").display()))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let out = ftvm().args(["log", "inspect"]).arg(&log).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("operator stop"));
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("reached the end of the recording"), "{}", stderr(&out));
+
+    // A size limit: END(size limit), exit 7, and the log still replays exactly up to there.
+    let log = dir.join("limited.log");
+    let out = record(&log, &guest("hello"), &["--cmdline", "hello.wait_ms=500", "--max-size", "12K"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(std::fs::metadata(&log).unwrap().len() <= 12 * 1024);
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
