@@ -10,7 +10,30 @@
 use std::fmt;
 use std::io::{Read, Write};
 
-use ftvm_log::{EndReason, Hasher64, LogError, LogReader, LogWriter, Record};
+use ftvm_log::{EndReason, Hasher64, LogError, LogReader, LogWriter, Lsn, Record};
+
+/// Where a replay takes its records from: a log file, or a backup's stream from its primary.
+pub trait RecordSource: Send {
+    /// The next record; `Ok(None)` when the stream has ended. May block for more.
+    fn next_record(&mut self) -> Result<Option<Record>, LogError>;
+    /// Why the stream ended, for reports (a torn tail, a primary that went away, ...).
+    fn end_detail(&self) -> String;
+}
+
+impl<R: Read + Send> RecordSource for LogReader<R> {
+    fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+        Ok(self.next()?.map(|(_, r)| r))
+    }
+
+    fn end_detail(&self) -> String {
+        let at = self.valid_len();
+        if self.truncated() {
+            format!("the log is cut inside a frame after byte {at} (torn tail)")
+        } else {
+            format!("the log ends after byte {at} without an END record")
+        }
+    }
+}
 
 /// How often (in counted exits) a checkpoint with a register digest is logged.
 pub const CHECKPOINT_INTERVAL: u64 = 4096;
@@ -170,12 +193,23 @@ impl Recorder {
         self.append(Record::Checkpoint { exit, exits_hash, regs_hash });
     }
 
-    pub(crate) fn output(&mut self, exit: u64, kind: u8, bytes: &[u8]) {
+    /// Logs an output; returns its ordinal and the LSN of its record (`None` if the log
+    /// could not take it).
+    pub(crate) fn output(&mut self, exit: u64, kind: u8, bytes: &[u8]) -> (u64, Option<Lsn>) {
         let ordinal = self.output_ordinal;
         self.output_ordinal += 1;
         let digest = ftvm_log::hash64(bytes);
         self.append(Record::Output { exit, ordinal, kind, len: bytes.len() as u32, digest, data: None });
+        let lsn = (self.failed.is_none() && !self.size_limit_hit).then(|| self.writer.next_lsn() - 1);
         // An output is where a backup must be up to date: push the log out now.
+        if let Err(e) = self.writer.flush() {
+            self.failed.get_or_insert(e);
+        }
+        (ordinal, lsn)
+    }
+
+    /// Flushes buffered log bytes (a backup waits for them to leave exit N behind).
+    pub(crate) fn flush(&mut self) {
         if let Err(e) = self.writer.flush() {
             self.failed.get_or_insert(e);
         }
@@ -210,7 +244,7 @@ pub enum ReplayStop {
 }
 
 pub(crate) struct Replayer {
-    reader: LogReader<Box<dyn Read + Send>>,
+    reader: Box<dyn RecordSource>,
     peeked: Option<Record>,
     /// Set when the reader has nothing more (end, torn tail or an error), with whether it
     /// was damage.
@@ -225,7 +259,7 @@ pub(crate) struct Replayer {
 }
 
 impl Replayer {
-    pub(crate) fn new(reader: LogReader<Box<dyn Read + Send>>) -> Self {
+    pub(crate) fn new(reader: Box<dyn RecordSource>) -> Self {
         Replayer {
             reader,
             peeked: None,
@@ -242,19 +276,9 @@ impl Replayer {
     /// The next record without taking it.
     pub(crate) fn peek(&mut self) -> Option<&Record> {
         if self.peeked.is_none() && self.exhausted.is_none() {
-            match self.reader.next() {
-                Ok(Some((_, r))) => self.peeked = Some(r),
-                Ok(None) => {
-                    let at = self.reader.valid_len();
-                    self.exhausted = Some((
-                        if self.reader.truncated() {
-                            format!("the log is cut inside a frame after byte {at} (torn tail)")
-                        } else {
-                            format!("the log ends after byte {at} without an END record")
-                        },
-                        false,
-                    ));
-                }
+            match self.reader.next_record() {
+                Ok(Some(r)) => self.peeked = Some(r),
+                Ok(None) => self.exhausted = Some((self.reader.end_detail(), false)),
                 Err(e) => self.exhausted = Some((format!("the log is damaged: {e}"), true)),
             }
         }
@@ -264,6 +288,16 @@ impl Replayer {
     fn take(&mut self) -> Option<Record> {
         self.peek();
         self.peeked.take()
+    }
+
+    /// Whether the stream has ended cleanly (not damaged) and every record was taken.
+    pub(crate) fn exhausted(&mut self) -> bool {
+        self.peek().is_none() && matches!(self.exhausted, Some((_, false)))
+    }
+
+    /// The ordinal the next output will have.
+    pub(crate) fn next_output_ordinal(&self) -> u64 {
+        self.output_ordinal
     }
 
     /// Whether the next record is positioned at `exit`.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ftvm_devices::{GuestClock, GuestNanos, HostInputs};
 use ftvm_log::{EndReason, LogReader, LogWriter};
 
-pub use journal::{exit_kind, Divergence, ExitSignature, ReplayStop, CHECKPOINT_INTERVAL};
+pub use journal::{exit_kind, Divergence, ExitSignature, RecordSource, ReplayStop, CHECKPOINT_INTERVAL};
 use journal::{Recorder, Replayer};
 
 /// The position of a counted exit (design brief §1: IO, MMIO, HLT, MSR and SHUTDOWN exits).
@@ -103,6 +103,21 @@ pub struct EventSource {
     frames: Vec<FrameInput>,
     counts: EventCounts,
     journal: Journal,
+    /// Backup of a fault-tolerant pair: when the primary's stream ends (failover), the
+    /// replay turns live at that very point instead of stopping.
+    live_on_end: bool,
+    went_live_at: Option<ExitIndex>,
+    /// Outputs counted in live mode (after a backup went live, numbering continues).
+    live_outputs: u64,
+}
+
+/// What the event source knows of an output it was handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputTicket {
+    /// The output's ordinal (its id in the log; outputs are numbered from 0 in log order).
+    pub ordinal: u64,
+    /// The LSN of its OUTPUT record (record mode, when the log took it).
+    pub lsn: Option<u64>,
 }
 
 impl EventSource {
@@ -120,6 +135,9 @@ impl EventSource {
             frames: Vec::new(),
             counts: EventCounts::default(),
             journal: Journal::None,
+            live_on_end: false,
+            went_live_at: None,
+            live_outputs: 0,
         }
     }
 
@@ -133,10 +151,56 @@ impl EventSource {
 
     /// A replaying event source: every input comes from `log` (whose header was read).
     pub fn replay(rtc_base_unix: u64, log: LogReader<Box<dyn std::io::Read + Send>>) -> Self {
+        Self::replay_from(rtc_base_unix, Box::new(log), false)
+    }
+
+    /// A replaying event source over any record stream. With `live_on_end` (a backup), the
+    /// end of the stream turns the source live where it stands: the guest clock continues
+    /// from the last logged value and inputs come from the host from then on.
+    pub fn replay_from(rtc_base_unix: u64, source: Box<dyn RecordSource>, live_on_end: bool) -> Self {
         let mut src = Self::live(rtc_base_unix);
         src.mode = Mode::Replay;
-        src.journal = Journal::Replay(Box::new(Replayer::new(log)));
+        src.journal = Journal::Replay(Box::new(Replayer::new(source)));
+        src.live_on_end = live_on_end;
         src
+    }
+
+    /// The exit at which a backup's replay turned live, if it did.
+    pub fn went_live_at(&self) -> Option<ExitIndex> {
+        self.went_live_at
+    }
+
+    /// Replay only: the ordinal the next output will have.
+    pub fn next_output_ordinal(&self) -> Option<u64> {
+        match &self.journal {
+            Journal::Replay(r) => Some(r.next_output_ordinal()),
+            _ => None,
+        }
+    }
+
+    /// Turns a backup's replay live if its stream has ended. Returns whether it is live now.
+    fn check_live_switch(&mut self) -> bool {
+        if !self.live_on_end {
+            return self.mode == Mode::Live;
+        }
+        if let Journal::Replay(r) = &mut self.journal {
+            if r.stop.is_none() && r.exhausted() {
+                // The guest clock goes on from where the log left it.
+                self.epoch = Instant::now() - Duration::from_nanos(self.guest_now);
+                self.journal = Journal::None;
+                self.mode = Mode::Live;
+                self.went_live_at = Some(self.position());
+            }
+        }
+        self.mode == Mode::Live
+    }
+
+    /// Record mode: pushes buffered log bytes out (the backup cannot leave an exit until it
+    /// knows that exit has no more events).
+    pub fn flush_log(&mut self) {
+        if let Journal::Record(r) = &mut self.journal {
+            r.flush();
+        }
     }
 
     /// The exit at which events are positioned now: the most recent counted exit.
@@ -177,12 +241,25 @@ impl EventSource {
 
     /// An output the guest produced (console bytes, a transmitted frame): logged with its
     /// ordinal and digest in record mode, checked in replay mode.
-    pub fn output(&mut self, kind: u8, bytes: &[u8]) {
+    pub fn output(&mut self, kind: u8, bytes: &[u8]) -> OutputTicket {
         let index = self.position();
+        self.check_live_switch();
         match &mut self.journal {
-            Journal::None => {}
-            Journal::Record(r) => r.output(index, kind, bytes),
-            Journal::Replay(r) => r.output(index, kind, bytes),
+            Journal::None => {
+                let ordinal = self.live_outputs;
+                self.live_outputs += 1;
+                OutputTicket { ordinal, lsn: None }
+            }
+            Journal::Record(r) => {
+                let (ordinal, lsn) = r.output(index, kind, bytes);
+                OutputTicket { ordinal, lsn }
+            }
+            Journal::Replay(r) => {
+                let ordinal = r.next_output_ordinal();
+                r.output(index, kind, bytes);
+                self.live_outputs = ordinal + 1;
+                OutputTicket { ordinal, lsn: None }
+            }
         }
     }
 
@@ -212,6 +289,7 @@ impl EventSource {
     /// is woken by them; without them it would never have woken in the recording).
     pub fn replay_has_records_here(&mut self) -> bool {
         let index = self.position();
+        self.check_live_switch();
         match &mut self.journal {
             Journal::Replay(r) => r.has_records_at(index),
             _ => false,
@@ -231,6 +309,9 @@ impl EventSource {
     /// Replay only: the guest is halted and the log has nothing more for this exit.
     pub fn replay_halted_without_input(&mut self) {
         let index = self.position();
+        if self.check_live_switch() {
+            return;
+        }
         if let Journal::Replay(r) = &mut self.journal {
             r.halted_without_input(index);
         }
@@ -304,6 +385,7 @@ impl EventSource {
             return Some(self.guest_now);
         }
         let index = self.position();
+        self.check_live_switch();
         if let Journal::Replay(r) = &mut self.journal {
             let t = r.clock_admission(index)?;
             if t < deadline {
@@ -335,6 +417,7 @@ impl EventSource {
     /// Admits up to `max` bytes of console input that have arrived from the host.
     pub fn admit_console_input(&mut self, max: usize) -> Vec<u8> {
         let index = self.position();
+        self.check_live_switch();
         if let Journal::Replay(r) = &mut self.journal {
             let bytes = r.console_input(index, max);
             self.counts.console_bytes += bytes.len() as u64;
@@ -380,6 +463,7 @@ impl EventSource {
     /// [`EventSource::admit_frame`].
     pub fn frame_waiting(&mut self, stream: FrameStream) -> bool {
         let index = self.position();
+        self.check_live_switch();
         if let Journal::Replay(r) = &mut self.journal {
             return r.frame_waiting(index, stream as u8);
         }
@@ -393,6 +477,7 @@ impl EventSource {
     /// guest-visible input, positioned at the current exit (record mode logs it here).
     pub fn admit_frame(&mut self, stream: FrameStream) -> Option<Vec<u8>> {
         let index = self.position();
+        self.check_live_switch();
         let frame = if let Journal::Replay(r) = &mut self.journal {
             r.frame(index, stream as u8)?
         } else {
@@ -406,6 +491,13 @@ impl EventSource {
             r.append(ftvm_log::Record::NetRx { exit: index, dev: stream as u8, frame: frame.clone() });
         }
         Some(frame)
+    }
+
+    /// Replaces the host side of a frame stream (a backup opening its TAP when it goes live).
+    pub fn replace_frames(&mut self, stream: FrameStream, rx: Receiver<Vec<u8>>) {
+        if let Some(f) = self.frames.get_mut(stream) {
+            *f = FrameInput { rx, next: None, closed: false };
+        }
     }
 
     /// Whether more frames may still arrive on any stream.
@@ -428,6 +520,7 @@ impl GuestClock for EventSource {
     /// A time-dependent read: samples the host clock (live mode).
     fn now(&mut self) -> GuestNanos {
         let index = self.position();
+        self.check_live_switch();
         match &mut self.journal {
             Journal::Replay(r) => match r.clock_read(index) {
                 Some(t) => self.advance_to(t),
@@ -449,6 +542,7 @@ impl HostInputs for EventSource {
     /// Entropy from the host's random source (live mode).
     fn entropy(&mut self, buf: &mut [u8]) -> bool {
         let index = self.position();
+        self.check_live_switch();
         if let Journal::Replay(r) = &mut self.journal {
             let ok = r.entropy(index, buf);
             if ok {

@@ -44,6 +44,8 @@ pub enum Error {
     TooManyDevices { count: usize, max: usize },
     #[error("invalid --{option} {text:?}: {why}")]
     DeviceOption { option: &'static str, text: String, why: String },
+    #[error("{0}")]
+    Pair(String),
     #[error("record: {0}")]
     Record(String),
     #[error("replay: {0}")]

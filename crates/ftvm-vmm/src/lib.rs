@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod legacy;
 pub mod memory;
 pub mod msr;
+pub mod pair;
 pub mod recording;
 pub mod vcpu;
 pub mod vm;

@@ -133,6 +133,39 @@ fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<
     }
 }
 
+/// The primary of a fault-tolerant pair: `ftvm primary`.
+pub fn primary(mut config: VmConfig, link: ftvm_replication::primary::PrimaryConfig) -> Result<RunReport> {
+    let rtc = config
+        .rtc_base_unix
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    config.rtc_base_unix = Some(rtc);
+    let (kernel, initrd, disks) = images(&config)?;
+    let vm = Vm::build(config)?;
+    let header = header_for(&vm, kernel, initrd, disks, rtc);
+    vm.run_with(Journaling::Primary { link, header: Box::new(header) })
+}
+
+/// The backup of a fault-tolerant pair: `ftvm backup`.
+pub fn backup(config: VmConfig, link: ftvm_replication::backup::BackupConfig) -> Result<RunReport> {
+    let (kernel, initrd, disks) = images(&config)?;
+    // The backup opens its TAPs only when it goes live.
+    let vm = Vm::build_with(config, false)?;
+    let header = header_for(&vm, kernel, initrd, disks, 0);
+    vm.run_with(Journaling::Backup { link, header: Box::new(header) })
+}
+
+type Images = (ImageInfo, Option<ImageInfo>, Vec<ImageInfo>);
+
+fn images(config: &VmConfig) -> Result<Images> {
+    let kernel = image_info(&config.boot.kernel).map_err(|_| Error::KernelRead {
+        path: config.boot.kernel.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "cannot read it"),
+    })?;
+    let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
+    let disks = config.disks.iter().map(|d| image_info(&d.path)).collect::<Result<Vec<_>>>()?;
+    Ok((kernel, initrd, disks))
+}
+
 /// Runs a VM live and records it: `ftvm record`.
 pub fn record(mut config: VmConfig, opts: &RecordOptions) -> Result<RecordReport> {
     let rtc = config

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ftvm_devices::{DeviceContext, IrqLines, VmRequest};
 use ftvm_events::{exit_kind, EventSource, ExitSignature, FrameStream, Mode, ReplayStop};
 use ftvm_log::EndReason;
+use ftvm_replication::primary::{OutputGate, OutputTarget};
 use ftvm_virtio::net::FrameSink;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
@@ -190,6 +191,13 @@ pub struct VcpuLoop {
     pub stats: ExitStats,
     /// Network devices' host sides, in the order of `devices.virtio.nets`.
     pub nets: Vec<NetPort>,
+    /// The fault-tolerant pair's output rule (primary: hold until acknowledged; backup:
+    /// hold for a failover); `None` performs outputs at once.
+    pub gate: Option<Box<dyn OutputGate>>,
+    /// A backup's preparations for going live.
+    pub takeover: Option<crate::pair::Takeover>,
+    pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
+    timer: Option<DeadlineTimer>,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -221,6 +229,10 @@ impl VcpuLoop {
             delivery,
             stats: ExitStats::default(),
             nets: Vec::new(),
+            gate: None,
+            takeover: None,
+            tap_readers: Vec::new(),
+            timer: None,
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -237,7 +249,7 @@ impl VcpuLoop {
     pub fn run(&mut self) -> Result<VmOutcome> {
         let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
         self.kicker.attach(immediate_exit);
-        let timer = match self.delivery {
+        self.timer = match self.delivery {
             Delivery::Prompt => Some(DeadlineTimer::start(self.kicker.clone())?),
             Delivery::AtExits => None,
         };
@@ -246,7 +258,7 @@ impl VcpuLoop {
             // than with a KVM_GET_REGS per exit.
             self.vcpu.set_sync_valid_reg(SyncReg::Register);
         }
-        let mut outcome = self.run_loop(timer.as_ref());
+        let mut outcome = self.run_loop();
         if let Ok(o) = &outcome {
             self.flush_console();
             if let Err(e) = self.events.end(o.end_reason()) {
@@ -297,7 +309,7 @@ impl VcpuLoop {
         }
     }
 
-    fn run_loop(&mut self, timer: Option<&DeadlineTimer>) -> Result<VmOutcome> {
+    fn run_loop(&mut self) -> Result<VmOutcome> {
         loop {
             let index = self.events.exit_index();
             let step = self.run_once()?;
@@ -322,7 +334,10 @@ impl VcpuLoop {
                     }
                 }
             }
-            if let Some(timer) = timer {
+            if self.takeover.is_some() && self.events.went_live_at().is_some() {
+                self.go_live()?;
+            }
+            if let Some(timer) = &self.timer {
                 timer.arm(self.devices.next_deadline().map(|d| self.events.host_instant_of(d)));
             }
         }
@@ -507,13 +522,20 @@ impl VcpuLoop {
     /// Sends the frames the guest transmitted during the exit. The guest already has its
     /// descriptors back; a sink that cannot take a frame (TAP full or down) drops it.
     fn flush_net_tx(&mut self) {
-        for (dev, port) in self.devices.virtio.nets.iter().zip(&mut self.nets) {
+        for (index, (dev, port)) in self.devices.virtio.nets.iter().zip(&mut self.nets).enumerate() {
             if !dev.borrow().device().has_tx_frames() {
                 continue;
             }
             let frames = dev.borrow_mut().device_mut().take_tx_frames();
             for frame in frames {
-                self.events.output(ftvm_log::OUTPUT_NET, &frame);
+                let ticket = self.events.output(ftvm_log::OUTPUT_NET, &frame);
+                let frame = match &mut self.gate {
+                    Some(g) => match g.submit(ticket, OutputTarget::Net(index), frame) {
+                        Some(f) => f,
+                        None => continue,
+                    },
+                    None => frame,
+                };
                 if let Err(e) = port.sink.send(&frame) {
                     port.sink_drops += 1;
                     if !std::mem::replace(&mut port.warned, true) {
@@ -540,8 +562,18 @@ impl VcpuLoop {
 
     fn flush_console(&mut self) {
         let out = self.devices.uart.borrow_mut().take_output();
-        if !out.is_empty() {
-            self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
+        if out.is_empty() {
+            return;
+        }
+        let ticket = self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
+        let out = match &mut self.gate {
+            Some(g) => match g.submit(ticket, OutputTarget::Console, out) {
+                Some(o) => o,
+                None => return,
+            },
+            None => out,
+        };
+        {
             // The guest never waits on the console: a failing sink loses output, not progress.
             if let Err(e) = self.console.write_all(&out).and_then(|_| self.console.flush()) {
                 if self.warned_ports.insert(u64::MAX) {
@@ -617,12 +649,63 @@ impl VcpuLoop {
 }
 
 impl VcpuLoop {
+    /// Performs a sink write for an output released by the pair.
+    pub(crate) fn perform(&mut self, target: OutputTarget, bytes: &[u8]) {
+        match target {
+            OutputTarget::Console => {
+                let _ = self.console.write_all(bytes).and_then(|_| self.console.flush());
+            }
+            OutputTarget::Net(i) => {
+                if let Some(port) = self.nets.get_mut(i) {
+                    if port.sink.send(bytes).is_err() {
+                        port.sink_drops += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A backup's replay has turned live (its primary is gone and it won the arbiter): the
+    /// failover rule for the replayed outputs, the TAPs opened, a gratuitous ARP, prompt
+    /// interrupt delivery, and the takeover report.
+    fn go_live(&mut self) -> Result<()> {
+        let Some(takeover) = self.takeover.take() else { return Ok(()) };
+        let uncovered = self.gate.as_mut().map(|g| g.go_live()).unwrap_or_default();
+        let performed = uncovered.len();
+        let report = takeover.activate(self)?;
+        for (target, bytes) in uncovered {
+            self.perform(target, &bytes);
+        }
+        self.delivery = Delivery::Prompt;
+        self.timer = Some(DeadlineTimer::start(self.kicker.clone())?);
+        eprintln!(
+            "ftvm: TAKEOVER: live at exit {} ({}); {} replayed outputs performed (not covered by OUTPUT_DONE), \
+             {} skipped; primary silent for {} ms before the failover",
+            self.events.went_live_at().unwrap_or(0),
+            report.position,
+            performed,
+            report.outputs_done,
+            report.silence_ms,
+        );
+        Ok(())
+    }
+
     /// Replay of a halt: the recording woke the guest with the inputs logged at this exit;
     /// apply them until an interrupt can be injected. No host time passes.
     fn replay_while_halted(&mut self) -> Option<VmOutcome> {
         loop {
             if self.inject_or_request_window() {
                 return None;
+            }
+            if self.events.mode() == Mode::Live {
+                // A backup turned live while the guest was halted: wait for the host.
+                if let Err(e) = self.go_live() {
+                    tracing::error!("going live failed: {e}");
+                }
+                return self.wait_while_halted().unwrap_or_else(|e| {
+                    tracing::error!("{e}");
+                    None
+                });
             }
             if let Some(outcome) = self.journal_stop() {
                 return Some(outcome);

@@ -159,10 +159,11 @@ pub enum Journaling {
     Record(ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>),
     /// `ftvm replay`: inputs from the log; transmitted frames go to `net_sinks` (one per
     /// network device) instead of a TAP.
-    Replay {
-        log: ftvm_log::LogReader<Box<dyn Read + Send>>,
-        net_sinks: Vec<NetSink>,
-    },
+    Replay { log: ftvm_log::LogReader<Box<dyn Read + Send>>, net_sinks: Vec<NetSink> },
+    /// `ftvm primary`: record into a stream to the backup, outputs held until acknowledged.
+    Primary { link: ftvm_replication::primary::PrimaryConfig, header: Box<ftvm_log::LogHeader> },
+    /// `ftvm backup`: replay the primary's stream; go live when it dies.
+    Backup { link: ftvm_replication::backup::BackupConfig, header: Box<ftvm_log::LogHeader> },
 }
 
 impl Vm {
@@ -231,13 +232,47 @@ impl Vm {
 
     /// Runs the guest with the given journaling until it stops.
     pub fn run_with(mut self, journaling: Journaling) -> Result<RunReport> {
-        let rtc_base = self
+        let mut rtc_base = self
             .config
             .rtc_base_unix
             .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
         let delivery = match journaling {
             Journaling::Live => Delivery::Prompt,
             _ => Delivery::AtExits,
+        };
+        // The pair: the primary's link (with its held outputs), or the backup's.
+        let mut gate = None;
+        let mut takeover = None;
+        let mut pair_primary = None;
+        let mut pair_backup = None;
+        let journaling = match journaling {
+            Journaling::Primary { link, header } => {
+                let mut header = *header;
+                header.rtc_base_unix = rtc_base;
+                let console = console_sink(&self.config.console)?;
+                let sinks = crate::pair::HostSinks { console, taps: self.taps.clone() };
+                let (primary, writer, _stats) =
+                    ftvm_replication::primary::Primary::start(&link, &header, Box::new(sinks))
+                        .map_err(|e| Error::Pair(e.to_string()))?;
+                gate = Some(primary.gate());
+                pair_primary = Some(primary);
+                Journaling::Record(writer)
+            }
+            Journaling::Backup { link, header } => {
+                let (backup, theirs, source) =
+                    ftvm_replication::backup::Backup::listen(&link, &header).map_err(|e| Error::Pair(e.to_string()))?;
+                rtc_base = theirs.rtc_base_unix;
+                gate = Some(backup.gate());
+                takeover = Some(crate::pair::Takeover {
+                    taps: self.config.nets.iter().map(|n| n.tap.clone()).collect(),
+                    macs: theirs.net.iter().map(|n| n.mac.0).collect(),
+                    guest_ip: crate::pair::guest_ip(&theirs.cmdline),
+                    state: backup.state.clone(),
+                });
+                pair_backup = Some((backup, source));
+                Journaling::Live
+            }
+            other => other,
         };
         let kicker = Kicker::new()?;
         let doorbell = Arc::new(Doorbell::default());
@@ -248,17 +283,29 @@ impl Vm {
         // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
         let mut readers: Vec<TapReader> = Vec::new();
         let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
+        let primary_console = pair_primary.is_some();
         let (events_log, net_sinks) = match journaling {
             Journaling::Live => (None, Vec::new()),
             Journaling::Record(w) => (Some(Ok(w)), Vec::new()),
             Journaling::Replay { log, net_sinks } => (Some(Err(log)), net_sinks),
+            Journaling::Primary { .. } | Journaling::Backup { .. } => unreachable!("resolved above"),
         };
+        let backup_source = pair_backup.as_mut().map(|(_, s)| std::mem::replace(s, Box::new(EmptySource)));
+        if backup_source.is_some() {
+            // The backup's TAPs are opened only when it goes live; until then its network
+            // devices send nowhere and receive from the log.
+            for _ in &self.config.nets {
+                let (_tx, rx) = mpsc::sync_channel(1);
+                nets.push((Box::new(NullSink), rx));
+            }
+        }
         for sink in net_sinks {
             // Replay: received frames come from the log; this channel never carries any.
             let (_tx, rx) = mpsc::sync_channel(1);
             nets.push((sink, rx));
         }
-        for tap in &self.taps {
+        let taps = if primary_console { Vec::new() } else { self.taps.clone() };
+        for tap in &taps {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
             let (k, d) = (kicker.clone(), doorbell.clone());
             readers.push(tap.spawn_reader(
@@ -279,10 +326,11 @@ impl Vm {
                 // Devices live on this thread only (they are touched between exits).
                 let mut devices = Devices::new(rtc_base)?;
                 devices.add_virtio(virtio, &mem)?;
-                let mut events = match events_log {
-                    None => EventSource::live(rtc_base),
-                    Some(Ok(writer)) => EventSource::record(rtc_base, writer),
-                    Some(Err(reader)) => EventSource::replay(rtc_base, reader),
+                let mut events = match (events_log, backup_source) {
+                    (_, Some(source)) => EventSource::replay_from(rtc_base, source, true),
+                    (None, None) => EventSource::live(rtc_base),
+                    (Some(Ok(writer)), None) => EventSource::record(rtc_base, writer),
+                    (Some(Err(reader)), None) => EventSource::replay(rtc_base, reader),
                 };
                 if let Some(rx) = input {
                     events.attach_console_input(rx);
@@ -292,6 +340,8 @@ impl Vm {
                 for (sink, stream) in streams {
                     vloop.attach_net(sink, stream);
                 }
+                vloop.gate = gate;
+                vloop.takeover = takeover;
                 let outcome = vloop.run()?;
                 let exits = vloop.events.exit_index();
                 Ok((outcome, vloop.stats, exits, vloop.vcpu))
@@ -299,6 +349,8 @@ impl Vm {
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let joined = thread.join();
         drop(stop_watch);
+        drop(pair_primary);
+        drop(pair_backup);
         for (tap, reader) in self.taps.iter().zip(&readers) {
             if reader.dropped() > 0 {
                 tracing::info!(
@@ -384,6 +436,43 @@ fn open_console(
                 .map_err(|e| Error::Thread(format!("cannot start the console input thread: {e}")))?;
             Ok((Box::new(std::io::stdout()), Some(rx)))
         }
+    }
+}
+
+/// A console output sink alone (no input thread): where a primary's released console output
+/// goes.
+fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
+    Ok(match config {
+        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
+        ConsoleConfig::Discard => Box::new(std::io::sink()),
+        ConsoleConfig::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?,
+        ),
+    })
+}
+
+/// A record source with nothing in it (a placeholder while the real one moves to the vCPU).
+struct EmptySource;
+
+impl ftvm_events::RecordSource for EmptySource {
+    fn next_record(&mut self) -> std::result::Result<Option<ftvm_log::Record>, ftvm_log::LogError> {
+        Ok(None)
+    }
+    fn end_detail(&self) -> String {
+        String::new()
+    }
+}
+
+/// Sends nowhere: a backup's network devices until it goes live.
+struct NullSink;
+
+impl ftvm_virtio::net::FrameSink for NullSink {
+    fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

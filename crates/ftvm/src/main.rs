@@ -57,9 +57,56 @@ enum Command {
     /// log ends early (replayed exactly up to its end), 10 the log is damaged (replayed
     /// exactly up to the damage, whose offset is reported).
     Replay(ReplayArgs),
+    /// Run a VM protected by a backup on another host: the fault-tolerant pair's primary.
+    ///
+    /// Streams the event log to the backup, which replays it a few milliseconds behind.
+    /// Every output (console byte, network frame) is held until the backup has acknowledged
+    /// the log up to it, then performed. The primary takes the arbiter lock at start; if the
+    /// backup is lost it continues unprotected and says so.
+    Primary(PrimaryArgs),
+    /// Stand by for a primary and take over when it dies: the pair's backup.
+    ///
+    /// Takes its own VM options (its own disk copy and TAP, identical images). The pair
+    /// forms only if the VMs agree (images, memory, CPUID, ...); what differs is reported.
+    /// When the primary's heartbeats stop for --timeout, the backup wins the arbiter, replays
+    /// everything it received, performs the outputs OUTPUT_DONE did not cover, opens its TAP,
+    /// sends a gratuitous ARP and goes on live. If it cannot win the arbiter it halts.
+    Backup(BackupArgs),
     /// Work with event logs.
     #[command(subcommand)]
     Log(LogCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct PairArgs {
+    /// The arbiter: a lock file both sides reach (one host or a shared filesystem).
+    #[arg(long, value_name = "PATH", default_value = "/tmp/ftvm-arbiter.lock")]
+    arbiter: PathBuf,
+    /// Milliseconds without a heartbeat after which the peer is taken for dead.
+    #[arg(long, value_name = "MS", default_value_t = 400)]
+    timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct PrimaryArgs {
+    /// The backup's address (it listens with `ftvm backup --listen`).
+    #[arg(long, value_name = "HOST:PORT")]
+    backup: std::net::SocketAddr,
+    #[command(flatten)]
+    pair: PairArgs,
+    #[command(flatten)]
+    vm: RunArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pair: PairArgs,
+    #[command(flatten)]
+    vm: RunArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,6 +227,23 @@ fn main() -> ExitCode {
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
         Command::Log(LogCommand::Inspect { path, json, events }) => inspect(&path, json, events),
+        Command::Primary(args) => {
+            let link = ftvm_replication::primary::PrimaryConfig {
+                backup: args.backup,
+                arbiter: args.pair.arbiter,
+                timeout: std::time::Duration::from_millis(args.pair.timeout),
+                connect_wait: std::time::Duration::from_secs(60),
+            };
+            finish(ftvm_vmm::recording::primary(vm_config(args.vm), link))
+        }
+        Command::Backup(args) => {
+            let link = ftvm_replication::backup::BackupConfig {
+                listen: args.listen,
+                arbiter: args.pair.arbiter,
+                timeout: std::time::Duration::from_millis(args.pair.timeout),
+            };
+            finish(ftvm_vmm::recording::backup(vm_config(args.vm), link))
+        }
     }
 }
 
@@ -304,7 +368,11 @@ fn init_logging(level: &str) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    match ftvm_vmm::vm::run(vm_config(args)) {
+    finish(ftvm_vmm::vm::run(vm_config(args)))
+}
+
+fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
+    match result {
         Ok(report) => {
             let code = report.outcome.exit_code();
             if code == 0 {

@@ -1,0 +1,43 @@
+//! The fault-tolerant pair (design brief §4): the primary streams its event log to the backup,
+//! holds every output until the backup has acknowledged the log up to it, performs it, and
+//! tells the backup (OUTPUT_DONE). The backup replays the stream a few milliseconds behind;
+//! when the primary dies it wins the arbiter, drains what it received and goes live, performing
+//! exactly the outputs OUTPUT_DONE did not cover.
+//!
+//! Channels:
+//! - TCP, primary to backup: the log (magic, header, frames), nothing else; backup to primary
+//!   on the same connection: cumulative acknowledgements (the LSN of the last frame received
+//!   and checksum-verified), 8 bytes each.
+//! - UDP, both ways, every [`HEARTBEAT_INTERVAL`]: heartbeats that bulk log traffic cannot
+//!   delay; the primary's carry OUTPUT_DONE (the cumulative count of outputs performed).
+
+pub mod arbiter;
+pub mod backup;
+pub mod primary;
+pub mod protocol;
+
+use std::time::Duration;
+
+pub use arbiter::FileArbiter;
+
+/// How often each side sends a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+/// Default time without a heartbeat after which the peer is taken for dead.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(String),
+    #[error("the pair cannot form: {0}")]
+    Handshake(String),
+    #[error("arbiter {path}: {why}")]
+    Arbiter { path: String, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::Io(format!("{what}: {e}"))
+}

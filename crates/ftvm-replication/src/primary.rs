@@ -1,0 +1,328 @@
+//! The primary's side of the pair: stream the log, collect acknowledgements, hold each output
+//! until the backup has the log up to it, perform it, report OUTPUT_DONE; notice a lost backup.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_events::OutputTicket;
+use ftvm_log::{LogHeader, LogWriter};
+
+use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
+use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL};
+
+/// Where an output goes when it is performed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputTarget {
+    Console,
+    Net(usize),
+}
+
+/// Performs outputs: the console and the network devices' TAPs.
+pub trait OutputSinks: Send {
+    fn perform(&mut self, target: OutputTarget, bytes: &[u8]);
+}
+
+/// Takes the outputs the guest produces. `submit` returns the bytes if the caller is to
+/// perform them now (an unprotected VM), or keeps them (held until acknowledged, or held by
+/// a backup for a failover).
+pub trait OutputGate: Send {
+    fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>>;
+    /// Outputs waiting (held by a primary, or replayed and not yet covered on a backup).
+    fn held(&self) -> usize;
+    /// A backup going live: the replayed outputs OUTPUT_DONE did not cover, in order, to be
+    /// performed now (design brief §4, the failover rule); from now on `submit` returns every
+    /// output for immediate performance.
+    fn go_live(&mut self) -> Vec<(OutputTarget, Vec<u8>)> {
+        Vec::new()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub backup: SocketAddr,
+    pub arbiter: PathBuf,
+    pub timeout: Duration,
+    /// How long to wait for the backup to be listening.
+    pub connect_wait: Duration,
+}
+
+/// Figures about the pair, shared with whoever reports status.
+#[derive(Debug, Default)]
+pub struct PairStats {
+    pub acked_lsn: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub outputs_done: AtomicU64,
+    pub held: AtomicU64,
+    pub backup_lost: AtomicBool,
+}
+
+struct Shared {
+    stats: Arc<PairStats>,
+    ack_lock: Mutex<()>,
+    ack_cv: Condvar,
+    stop: AtomicBool,
+}
+
+/// A running primary link. Dropping it stops its threads.
+pub struct Primary {
+    shared: Arc<Shared>,
+    _arbiter: FileArbiter,
+    outputs: Sender<Held>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct Held {
+    lsn: Option<u64>,
+    ordinal: u64,
+    target: OutputTarget,
+    bytes: Vec<u8>,
+}
+
+/// Writes log bytes to the sender thread; never blocks the vCPU and never fails (a lost
+/// backup just stops receiving).
+struct ChannelWriter {
+    buf: Vec<u8>,
+    tx: Sender<Vec<u8>>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= 64 * 1024 {
+            self.flush()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.buf));
+        }
+        Ok(())
+    }
+}
+
+impl Primary {
+    /// Takes the arbiter, connects to the backup, sends the log header and waits for the
+    /// backup to accept it. Returns the link and the log writer the recorder streams into.
+    pub fn start(
+        cfg: &PrimaryConfig,
+        header: &LogHeader,
+        sinks: Box<dyn OutputSinks>,
+    ) -> Result<(Primary, LogWriter<Box<dyn Write + Send>>, Arc<PairStats>)> {
+        let arbiter = FileArbiter::acquire(&cfg.arbiter, Duration::ZERO)?.ok_or_else(|| Error::Arbiter {
+            path: cfg.arbiter.display().to_string(),
+            why: "held by someone else: another live copy of this VM runs".into(),
+        })?;
+        let start = Instant::now();
+        let mut announced = false;
+        let stream = loop {
+            match TcpStream::connect_timeout(&cfg.backup, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < cfg.connect_wait => {
+                    if !announced {
+                        eprintln!("ftvm: waiting for the backup at {} ({e})", cfg.backup);
+                        announced = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(Error::Io(format!("cannot reach the backup at {}: {e}", cfg.backup))),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let writer: Box<dyn Write + Send> = Box::new(ChannelWriter { buf: Vec::new(), tx });
+        let mut log = LogWriter::new(writer, header).map_err(|e| Error::Io(format!("log: {e}")))?;
+        log.flush().map_err(|e| Error::Io(format!("log: {e}")))?;
+        // The header goes out before the handshake reply can come back.
+        let mut w = stream.try_clone().map_err(io("socket"))?;
+        let first = rx.recv().map_err(|_| Error::Io("log writer closed".into()))?;
+        w.write_all(&first).map_err(io("sending the log header"))?;
+        let mut r = stream.try_clone().map_err(io("socket"))?;
+        r.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("socket"))?;
+        let mut reply = [0u8; 1];
+        r.read_exact(&mut reply).map_err(io("waiting for the backup's answer"))?;
+        if reply[0] != HANDSHAKE_OK {
+            let mut why = String::new();
+            if reply[0] == HANDSHAKE_REFUSED {
+                let mut len = [0u8; 4];
+                if r.read_exact(&mut len).is_ok() {
+                    let mut msg = vec![0u8; (u32::from_le_bytes(len) as usize).min(1 << 16)];
+                    if r.read_exact(&mut msg).is_ok() {
+                        why = String::from_utf8_lossy(&msg).into_owned();
+                    }
+                }
+            }
+            return Err(Error::Handshake(format!("the backup refused the pair:\n{why}")));
+        }
+        r.set_read_timeout(None).map_err(io("socket"))?;
+
+        let stats = Arc::new(PairStats::default());
+        let shared = Arc::new(Shared {
+            stats: stats.clone(),
+            ack_lock: Mutex::new(()),
+            ack_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let mut threads = Vec::new();
+        // Sender: log bytes to the backup.
+        {
+            let s = shared.clone();
+            threads.push(spawn("ftvm-log-send", move || {
+                while let Ok(chunk) = rx.recv() {
+                    if s.stats.backup_lost.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if w.write_all(&chunk).is_err() {
+                        lose(&s, "the log connection failed");
+                    } else {
+                        s.stats.sent_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            })?);
+        }
+        // Acknowledgements: cumulative LSNs.
+        {
+            let s = shared.clone();
+            threads.push(spawn("ftvm-acks", move || {
+                let mut b = [0u8; 8];
+                while r.read_exact(&mut b).is_ok() {
+                    s.stats.acked_lsn.fetch_max(u64::from_le_bytes(b), Ordering::SeqCst);
+                    let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
+                    s.ack_cv.notify_all();
+                }
+                if !s.stop.load(Ordering::Relaxed) {
+                    lose(&s, "the backup closed the log connection");
+                }
+            })?);
+        }
+        // Heartbeats, both ways, on their own UDP socket.
+        {
+            let s = shared.clone();
+            let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
+            udp.connect(cfg.backup).map_err(io("udp"))?;
+            udp.set_read_timeout(Some(HEARTBEAT_INTERVAL)).map_err(io("udp"))?;
+            let timeout = cfg.timeout;
+            threads.push(spawn("ftvm-heartbeat", move || {
+                let mut last_seen = Instant::now();
+                let mut next_send = Instant::now();
+                let mut seq = 0;
+                let mut buf = [0u8; 64];
+                while !s.stop.load(Ordering::Relaxed) {
+                    if Instant::now() >= next_send {
+                        seq += 1;
+                        let hb = Heartbeat {
+                            role: Role::Primary,
+                            seq,
+                            outputs_done: s.stats.outputs_done.load(Ordering::Relaxed),
+                            lsn: 0,
+                        };
+                        let _ = udp.send(&hb.encode());
+                        next_send = Instant::now() + HEARTBEAT_INTERVAL;
+                    }
+                    if let Ok(n) = udp.recv(&mut buf) {
+                        if Heartbeat::decode(&buf[..n]).is_some_and(|h| h.role == Role::Backup) {
+                            last_seen = Instant::now();
+                        }
+                    }
+                    if last_seen.elapsed() > timeout {
+                        lose(&s, &format!("no heartbeat from the backup for {} ms", timeout.as_millis()));
+                    }
+                }
+            })?);
+        }
+        // The committer: performs held outputs in order once acknowledged.
+        let (out_tx, out_rx) = mpsc::channel::<Held>();
+        {
+            let s = shared.clone();
+            threads.push(spawn("ftvm-outputs", move || commit_outputs(s, out_rx, sinks))?);
+        }
+        Ok((Primary { shared, _arbiter: arbiter, outputs: out_tx, threads }, log, stats))
+    }
+
+    /// The gate the vCPU loop hands outputs to.
+    pub fn gate(&self) -> Box<dyn OutputGate> {
+        Box::new(PrimaryGate { tx: self.outputs.clone(), stats: self.shared.stats.clone() })
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.stats.backup_lost.store(true, Ordering::SeqCst);
+        {
+            let _g = self.shared.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.ack_cv.notify_all();
+        }
+        // The sender and ack threads end with their channel and socket; don't wait for them.
+        self.threads.clear();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).spawn(f).map_err(io(format!("cannot start thread {name}")))
+}
+
+fn lose(s: &Shared, why: &str) {
+    if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
+        eprintln!("ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter)");
+        let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.ack_cv.notify_all();
+    }
+}
+
+fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputSinks>) {
+    let mut queue: VecDeque<Held> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(h) => queue.push_back(h),
+                Err(_) => return,
+            }
+        }
+        while let Ok(h) = rx.try_recv() {
+            queue.push_back(h);
+        }
+        s.stats.held.store(queue.len() as u64, Ordering::Relaxed);
+        let Some(front) = queue.front() else { continue };
+        let released = |s: &Shared| {
+            s.stats.backup_lost.load(Ordering::SeqCst)
+                || front.lsn.is_none_or(|lsn| s.stats.acked_lsn.load(Ordering::SeqCst) >= lsn)
+        };
+        if !released(&s) {
+            let g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !released(&s) {
+                let _ = s.ack_cv.wait_timeout(g, Duration::from_millis(5));
+            }
+            continue;
+        }
+        let h = queue.pop_front().expect("front exists");
+        sinks.perform(h.target, &h.bytes);
+        s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
+    }
+}
+
+struct PrimaryGate {
+    tx: Sender<Held>,
+    stats: Arc<PairStats>,
+}
+
+impl OutputGate for PrimaryGate {
+    fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        match self.tx.send(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes }) {
+            Ok(()) => None,
+            Err(mpsc::SendError(h)) => Some(h.bytes),
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.stats.held.load(Ordering::Relaxed) as usize
+    }
+}
