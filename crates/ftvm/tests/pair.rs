@@ -1,0 +1,152 @@
+//! The fault-tolerant pair on one machine (loopback): a normal end, a failover after SIGKILL
+//! of the primary with no lost and no duplicated console output, a lost backup, and a pair
+//! that refuses to form.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn port(offset: u16) -> u16 {
+    20000 + (std::process::id() % 20000) as u16 + offset
+}
+
+fn side(role: &str, addr: &str, arbiter: &Path, console: &Path, cmdline: &str) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    c.arg(role);
+    if role == "backup" {
+        c.args(["--listen", addr]);
+    } else {
+        c.args(["--backup", addr]);
+    }
+    c.arg("--arbiter").arg(arbiter);
+    c.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
+    c.arg("--console").arg(format!("file:{}", console.display()));
+    c.stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn wait(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output_ref()
+}
+
+trait WaitRef {
+    fn wait_with_output_ref(&mut self) -> (Option<i32>, String);
+}
+
+impl WaitRef for Child {
+    fn wait_with_output_ref(&mut self) -> (Option<i32>, String) {
+        use std::io::Read;
+        let status = self.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status.code(), err)
+    }
+}
+
+/// What hello prints apart from the wall-clock lines, which differ from run to run.
+fn stable(console: &str) -> Vec<String> {
+    console.lines().filter(|l| !l.starts_with("rtc:")).map(str::to_string).collect()
+}
+
+#[test]
+fn a_pair_that_ends_normally_ends_both_sides() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-end");
+    let addr = format!("127.0.0.1:{}", port(0));
+    let arbiter = dir.join("arbiter.lock");
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), "hello.wait_ms=300");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), "hello.wait_ms=300");
+    let (pc, perr) = wait(&mut p, Duration::from_secs(30));
+    let (bc, berr) = wait(&mut b, Duration::from_secs(10));
+    assert_eq!(pc, Some(0), "primary: {perr}");
+    assert_eq!(bc, Some(0), "backup: {berr}");
+    let p_out = std::fs::read_to_string(dir.join("p.txt")).unwrap();
+    assert!(p_out.contains("digest: "), "{p_out}");
+    // The backup performed nothing: every output was the primary's to perform.
+    assert_eq!(std::fs::read_to_string(dir.join("b.txt")).unwrap_or_default(), "");
+}
+
+#[test]
+fn sigkill_of_the_primary_fails_over_with_no_lost_or_repeated_output() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-failover");
+    let addr = format!("127.0.0.1:{}", port(1));
+    let arbiter = dir.join("arbiter.lock");
+    let cmdline = "hello.wait_ms=3000";
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(1200));
+    p.kill().unwrap(); // SIGKILL
+    let _ = p.wait();
+    let (bc, berr) = wait(&mut b, Duration::from_secs(20));
+    assert_eq!(bc, Some(0), "the backup must take over and finish: {berr}");
+    assert!(berr.contains("TAKEOVER"), "{berr}");
+    let p_out = std::fs::read_to_string(dir.join("p.txt")).unwrap();
+    let b_out = std::fs::read_to_string(dir.join("b.txt")).unwrap();
+    assert!(!b_out.is_empty(), "the backup went live and printed the rest");
+    // Together they printed exactly what one uninterrupted run prints.
+    let (out, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
+    assert_eq!(out.status.code(), Some(0));
+    let together = format!("{p_out}{b_out}");
+    assert_eq!(stable(&together), stable(&alone), "primary:\n{p_out}\nbackup:\n{b_out}");
+}
+
+#[test]
+fn a_lost_backup_leaves_the_primary_running_unprotected() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-lost-backup");
+    let addr = format!("127.0.0.1:{}", port(2));
+    let arbiter = dir.join("arbiter.lock");
+    let cmdline = "hello.wait_ms=2000";
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(800));
+    b.kill().unwrap();
+    let _ = b.wait();
+    let (pc, perr) = wait(&mut p, Duration::from_secs(20));
+    assert_eq!(pc, Some(0), "{perr}");
+    assert!(perr.contains("UNPROTECTED"), "{perr}");
+    let p_out = std::fs::read_to_string(dir.join("p.txt")).unwrap();
+    assert!(p_out.contains("digest: "), "{p_out}");
+}
+
+#[test]
+fn a_pair_of_different_vms_does_not_form() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-mismatch");
+    let addr = format!("127.0.0.1:{}", port(3));
+    let arbiter = dir.join("arbiter.lock");
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), "hello.wait_ms=100");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), "hello.wait_ms=999");
+    let (pc, perr) = wait(&mut p, Duration::from_secs(20));
+    let (bc, berr) = wait(&mut b, Duration::from_secs(5));
+    assert_eq!(pc, Some(1), "{perr}");
+    assert_eq!(bc, Some(1), "{berr}");
+    assert!(berr.contains("cmdline"), "the backup says what differs: {berr}");
+    assert!(perr.contains("refused"), "{perr}");
+}
