@@ -123,30 +123,25 @@ impl Backup {
                 .name("ftvm-log-recv".into())
                 .spawn(move || {
                     let mut since_ack = 0u32;
-                    loop {
-                        match reader.next() {
-                            Ok(Some((lsn, rec))) => {
-                                let urgent = matches!(rec, Record::Output { .. } | Record::End { .. });
-                                let end = matches!(rec, Record::End { .. });
-                                s.received_lsn.store(lsn, Ordering::SeqCst);
-                                if tx.send(rec).is_err() {
-                                    return;
-                                }
-                                since_ack += 1;
-                                // An ack means "received and verified"; a backup deciding to
-                                // go live stops acking.
-                                if (urgent || since_ack >= 64) && !s.won_arbiter.load(Ordering::SeqCst) {
-                                    since_ack = 0;
-                                    if w.write_all(&lsn.to_le_bytes()).is_err() {
-                                        break;
-                                    }
-                                }
-                                if end {
-                                    s.primary_ended.store(true, Ordering::SeqCst);
-                                    return;
-                                }
+                    while let Ok(Some((lsn, rec))) = reader.next() {
+                        let urgent = matches!(rec, Record::Output { .. } | Record::End { .. });
+                        let end = matches!(rec, Record::End { .. });
+                        s.received_lsn.store(lsn, Ordering::SeqCst);
+                        if tx.send(rec).is_err() {
+                            return;
+                        }
+                        since_ack += 1;
+                        // An ack means "received and verified"; a backup deciding to go live
+                        // stops acking.
+                        if (urgent || since_ack >= 64) && !s.won_arbiter.load(Ordering::SeqCst) {
+                            since_ack = 0;
+                            if w.write_all(&lsn.to_le_bytes()).is_err() {
+                                break;
                             }
-                            Ok(None) | Err(_) => break,
+                        }
+                        if end {
+                            s.primary_ended.store(true, Ordering::SeqCst);
+                            return;
                         }
                     }
                     // The stream broke. Keep the channel open until the failover is decided, so

@@ -16,6 +16,9 @@ use ftvm_log::{LogHeader, LogWriter};
 use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
 use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL};
 
+/// The log writer a primary's recorder streams into.
+pub type StreamWriter = LogWriter<Box<dyn Write + Send>>;
+
 /// Where an output goes when it is performed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputTarget {
@@ -115,7 +118,7 @@ impl Primary {
         cfg: &PrimaryConfig,
         header: &LogHeader,
         sinks: Box<dyn OutputSinks>,
-    ) -> Result<(Primary, LogWriter<Box<dyn Write + Send>>, Arc<PairStats>)> {
+    ) -> Result<(Primary, StreamWriter, Arc<PairStats>)> {
         let arbiter = FileArbiter::acquire(&cfg.arbiter, Duration::ZERO)?.ok_or_else(|| Error::Arbiter {
             path: cfg.arbiter.display().to_string(),
             why: "held by someone else: another live copy of this VM runs".into(),
