@@ -314,6 +314,15 @@ impl VcpuLoop {
             let index = self.events.exit_index();
             let step = self.run_once()?;
             let counted = self.events.exit_index() != index;
+            if !counted && self.delivery == Delivery::AtExits {
+                // A kick (EINTR) in the deterministic mode: its position in the guest is
+                // host-timed, so nothing may be admitted or injected here. Only a stop
+                // request is honoured (at the last counted exit).
+                if crate::kick::stop_requested() {
+                    return Ok(VmOutcome::OperatorStop);
+                }
+                continue;
+            }
             // Asynchronous inputs are admitted at counted exits; a plain run also takes them
             // at kicks (that is what the kick was for).
             self.after_exit(counted || self.delivery == Delivery::Prompt);

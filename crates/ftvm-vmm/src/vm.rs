@@ -283,7 +283,6 @@ impl Vm {
         // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
         let mut readers: Vec<TapReader> = Vec::new();
         let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
-        let primary_console = pair_primary.is_some();
         let (events_log, net_sinks) = match journaling {
             Journaling::Live => (None, Vec::new()),
             Journaling::Record(w) => (Some(Ok(w)), Vec::new()),
@@ -304,8 +303,9 @@ impl Vm {
             let (_tx, rx) = mpsc::sync_channel(1);
             nets.push((sink, rx));
         }
-        let taps = if primary_console { Vec::new() } else { self.taps.clone() };
-        for tap in &taps {
+        // A primary's loop keeps its TAPs for receiving; what it transmits goes through the
+        // output gate, and the committer sends it once acknowledged.
+        for tap in &self.taps {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
             let (k, d) = (kicker.clone(), doorbell.clone());
             readers.push(tap.spawn_reader(
