@@ -2,11 +2,15 @@
 # Installs the Debian packages ftvm's demo and tests use, if they are missing:
 #   qemu-system-x86  QEMU microvm, the side-by-side peer for guest images and benchmarks
 #   binutils         as/ld (used by some tests and tools)
+#   redis-tools      redis-cli and redis-benchmark, the real clients of the kvstore guest
+#   iproute2         ip netns, bridges, veths and TAPs for the test network
 # Run as root (apt-get). Idempotent.
 set -euo pipefail
 want=()
 command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
 command -v ld >/dev/null || want+=(binutils)
+command -v redis-benchmark >/dev/null || want+=(redis-tools)
+command -v ip >/dev/null || want+=(iproute2)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive
