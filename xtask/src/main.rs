@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 /// The guests `cargo xtask guests` builds: binaries of the `guests/` workspace.
-const GUESTS: &[&str] = &["hello", "compute", "iobench"];
+const GUESTS: &[&str] = &["hello", "compute", "iobench", "kvstore"];
 /// The guests are built for the host target (the only one installed) as bare-metal kernels.
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 

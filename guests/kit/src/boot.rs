@@ -7,7 +7,8 @@
 //! Memory map (identity-mapped, physical = virtual):
 //! - 0 - 1 GiB: 2 MiB pages, user-accessible, write-back. The image is at 1 MiB
 //!   (`kit/link.ld`); the bump heap (`mem`) follows it up to the end of its RAM region.
-//! - 3 - 4 GiB: 2 MiB pages, supervisor-only, uncached: the local APIC page (0xfee00000).
+//! - 3 - 4 GiB: 2 MiB pages, uncached, supervisor-only until ring 3 asks for one with
+//!   `syscall::map_mmio` (virtio-mmio windows); never the local APIC page (0xfee00000).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -104,7 +105,7 @@ kit_pml4:
 kit_pdpt:
     .quad kit_pd_low + 0x7
     .quad 0, 0
-    .quad kit_pd_high + 0x3         # 3-4 GiB: supervisor only
+    .quad kit_pd_high + 0x7         # 3-4 GiB: each 2 MiB page decides (user only where mapped)
     .fill 508, 8, 0
 kit_pd_low:                         # 0-1 GiB: 2 MiB pages, present, writable, user
     .set kit_page, 0
@@ -112,7 +113,8 @@ kit_pd_low:                         # 0-1 GiB: 2 MiB pages, present, writable, u
     .quad kit_page + 0x87
     .set kit_page, kit_page + 0x200000
     .endr
-kit_pd_high:                        # 3-4 GiB: 2 MiB pages, supervisor, PWT|PCD (APIC MMIO)
+    .globl kit_pd_high              # syscall.rs: SYS_MAP_MMIO sets U/S on one entry
+kit_pd_high:                        # 3-4 GiB: 2 MiB pages, supervisor, PWT|PCD (APIC, virtio MMIO)
     .set kit_page, 0xC0000000
     .rept 512
     .quad kit_page + 0x9b

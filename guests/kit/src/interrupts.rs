@@ -3,8 +3,10 @@
 //! `kit_isr_stubs` holds one 16-byte stub per vector 0-47 (the IDT points at them):
 //! - the timer (vector 0x20, PIT on IRQ0) increments `kit_ticks` and acknowledges the PIC:
 //!   five instructions, because ring-0 code is emulated;
-//! - the other PIC vectors (0x21-0x2f, masked; spurious ones can still arrive, and 0x2f
-//!   is also the local APIC's spurious vector) only acknowledge;
+//! - the other PIC vectors (0x21-0x2f) set bit `irq` in `kit_irq_pending` and acknowledge
+//!   the PIC; that is all ring 0 does for a device, the driver does the rest in ring 3
+//!   (see `irq`). Masked lines only show up as spurious IRQ 7/15 (0x2f is also the local
+//!   APIC's spurious vector), which no driver asks for;
 //! - #UD (6) is the system-call gate (`syscall`), else a fault;
 //! - every other exception prints the vector, error code and RIP and powers off.
 
@@ -33,8 +35,12 @@ kit_isr_stubs:
     .elseif \n == 32
     jmp kit_timer_entry
     .elseif \n >= 40
+    push %rax
+    mov $(1 << (\n - 32)), %eax     # the IRQ's bit in kit_irq_pending
     jmp kit_pic_slave_entry
     .elseif \n >= 33
+    push %rax
+    mov $(1 << (\n - 32)), %eax
     jmp kit_pic_master_entry
     .else
     .if \n != 8 && \n != 10 && \n != 11 && \n != 12 && \n != 13 && \n != 14 && \n != 17 && \n != 21 && \n != 29 && \n != 30
@@ -53,8 +59,10 @@ kit_timer_entry:
     pop %rax
     iretq
 
+    # EAX = the IRQ's bit, the caller's RAX pushed. One CPU and IF=0: a plain OR is atomic
+    # for ring 3, which takes bits with locked instructions.
 kit_pic_slave_entry:
-    push %rax
+    or %eax, kit_irq_pending(%rip)
     mov $0x20, %al
     out %al, $0xa0
     out %al, $0x20
@@ -62,7 +70,7 @@ kit_pic_slave_entry:
     iretq
 
 kit_pic_master_entry:
-    push %rax
+    or %eax, kit_irq_pending(%rip)
     mov $0x20, %al
     out %al, $0x20
     pop %rax

@@ -8,12 +8,16 @@
 //!
 //! The application provides `fn main()` and registers it with [`entry!`]; it gets console
 //! output ([`print!`], [`println!`]), time ([`time`], [`rtc`]), the command line
-//! ([`cmdline`]), memory ([`mem`]) and [`power::power_off`].
+//! ([`cmdline`]), memory ([`mem`]: a global allocator, so `alloc` works), virtio devices
+//! ([`virtio`]: net, blk, rng over MMIO, with their IRQs in [`irq`]), TCP/IP with the `net`
+//! feature ([`net`], smoltcp) and [`power::power_off`].
 //!
 //! The guest contract (design.md §1): no RDTSC, RDTSCP, RDPID, RDRAND, RDSEED anywhere and
 //! CPUID only in ring-0 code (section `.text.ring0`); `cargo xtask guests` checks the image.
 
 #![no_std]
+
+extern crate alloc;
 
 pub mod apic;
 pub mod arch;
@@ -21,7 +25,10 @@ pub mod boot;
 pub mod cmdline;
 pub mod digest;
 pub mod interrupts;
+pub mod irq;
 pub mod mem;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod pic;
 pub mod pit;
 pub mod port;
@@ -30,6 +37,7 @@ pub mod rtc;
 pub mod serial;
 pub mod syscall;
 pub mod time;
+pub mod virtio;
 
 mod memfuncs;
 mod runtime;

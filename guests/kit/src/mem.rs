@@ -1,7 +1,14 @@
-//! Memory: the size the loader reported (PVH memory map) and a bump allocator for
-//! applications over the free RAM after the image (no global allocator, nothing is freed).
+//! Memory: the size the loader reported (PVH memory map) and the heap: all free RAM after
+//! the image, up to the end of its RAM region (at most 1 GiB), managed by the `talc`
+//! allocator as the global allocator, so applications can use `alloc` (Vec, BTreeMap,
+//! String). `alloc_zeroed`/`alloc_u64` hand out memory for the rest of the guest's life.
 
+use core::alloc::Layout;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+use spinning_top::RawSpinlock;
+use talc::source::Manual;
+use talc::TalcLock;
 
 /// The kit identity-maps (and so can use) physical memory below this address.
 pub const MAPPED_LIMIT: u64 = 1 << 30;
@@ -12,8 +19,12 @@ const E820_RAM: u32 = 1;
 
 static RAM_BYTES: AtomicU64 = AtomicU64::new(0);
 static RAM_REGIONS: AtomicU64 = AtomicU64::new(0);
-static HEAP_NEXT: AtomicU64 = AtomicU64::new(0);
-static HEAP_END: AtomicU64 = AtomicU64::new(0);
+static HEAP_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// The global allocator. The guest has one CPU and interrupt handlers never allocate, so
+/// the spinlock is never contended; it only satisfies `GlobalAlloc`'s `Sync`.
+#[global_allocator]
+static HEAP: TalcLock<RawSpinlock, Manual> = TalcLock::new(Manual);
 
 extern "C" {
     static __kit_image_end: u8;
@@ -29,7 +40,8 @@ pub struct MemmapEntry {
     pub reserved: u32,
 }
 
-/// Sets up the memory summary and the heap from the loader's memory map.
+/// Sets up the memory summary and the heap from the loader's memory map. Runs once, in
+/// ring 3, before the application.
 pub(crate) fn init(map: &[MemmapEntry]) {
     // Only the address of the linker-defined symbol is taken.
     let image_end = core::ptr::addr_of!(__kit_image_end) as u64;
@@ -46,8 +58,15 @@ pub(crate) fn init(map: &[MemmapEntry]) {
     }
     RAM_BYTES.store(ram, Ordering::Relaxed);
     RAM_REGIONS.store(regions, Ordering::Relaxed);
-    HEAP_NEXT.store(image_end, Ordering::Relaxed);
-    HEAP_END.store(heap_end.min(MAPPED_LIMIT).max(image_end), Ordering::Relaxed);
+    let heap_end = heap_end.min(MAPPED_LIMIT).max(image_end);
+    let size = (heap_end - image_end) as usize;
+    // SAFETY: [image_end, heap_end) is RAM below 1 GiB (identity-mapped, user-accessible)
+    // past the image, which nothing else uses; it is claimed exactly once, here. (The
+    // loader's start info and command line may lie in it: both were read before this.)
+    let claimed = unsafe { HEAP.lock().claim(image_end as *mut u8, size) };
+    if claimed.is_some() {
+        HEAP_BYTES.store(size as u64, Ordering::Relaxed);
+    }
 }
 
 /// Usable RAM in bytes per the loader's memory map (`None` if it passed no map).
@@ -63,32 +82,27 @@ pub fn ram_regions() -> u64 {
     RAM_REGIONS.load(Ordering::Relaxed)
 }
 
-/// Bytes the heap can still hand out.
-pub fn heap_free() -> u64 {
-    HEAP_END.load(Ordering::Relaxed) - HEAP_NEXT.load(Ordering::Relaxed)
+/// Size of the heap the global allocator manages, in bytes.
+pub fn heap_bytes() -> u64 {
+    HEAP_BYTES.load(Ordering::Relaxed)
 }
 
 /// Allocates `len` zeroed bytes aligned to `align` (a power of two) for the rest of the
-/// guest's life. Panics when the heap is exhausted. Ring 3 only (not from interrupts).
+/// guest's life (from the global allocator, never freed). Panics when the heap is
+/// exhausted. Ring 3 only (not from interrupts).
 pub fn alloc_zeroed(len: usize, align: usize) -> &'static mut [u8] {
-    assert!(align.is_power_of_two());
-    let next = HEAP_NEXT.load(Ordering::Relaxed);
-    let start = (next + align as u64 - 1) & !(align as u64 - 1);
-    let end = start.checked_add(len as u64).expect("allocation size overflows");
-    let heap_end = HEAP_END.load(Ordering::Relaxed);
-    assert!(end <= heap_end, "out of memory: {len} bytes wanted, {} free", heap_end.saturating_sub(start));
-    HEAP_NEXT.store(end, Ordering::Relaxed);
-    // SAFETY: [start, end) is RAM below 1 GiB (identity-mapped), past the image and handed
-    // out exactly once.
-    unsafe {
-        let ptr = start as *mut u8;
-        // The loader may have used this memory (command line, start info): zero it.
-        core::ptr::write_bytes(ptr, 0, len);
-        core::slice::from_raw_parts_mut(ptr, len)
+    let layout = Layout::from_size_align(len.max(1), align).expect("bad alignment");
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        alloc::alloc::handle_alloc_error(layout);
     }
+    // SAFETY: `ptr` is a fresh, zeroed allocation of at least `len` bytes that is never
+    // freed, so handing it out as 'static is sound.
+    unsafe { core::slice::from_raw_parts_mut(ptr, len) }
 }
 
-/// Allocates `len` zeroed `u64`s.
+/// Allocates `len` zeroed `u64`s for the rest of the guest's life.
 pub fn alloc_u64(len: usize) -> &'static mut [u64] {
     let bytes = alloc_zeroed(len * 8, 8);
     // SAFETY: 8-byte aligned, `len * 8` bytes long, and all-zero bytes are a valid u64.

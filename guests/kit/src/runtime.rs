@@ -79,6 +79,13 @@ fn read_start_info() {
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
+/// Likewise for the landing pads of the precompiled `alloc`: with `panic = "abort"` no
+/// unwinding ever starts, so nothing resumes one.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    crate::power::power_off()
+}
+
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     crate::println!("kit: {info}");

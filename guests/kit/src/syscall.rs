@@ -14,10 +14,14 @@
 
 use core::arch::asm;
 
-/// `idle`: `sti; hlt` in ring 0, returns after the next interrupt has been handled.
+/// `idle`: `sti; hlt` in ring 0, returns after the next interrupt has been handled, or at
+/// once if a wanted device IRQ is pending (`irq`).
 pub const SYS_IDLE: u64 = 0;
 /// `power_off`: never returns (see `power`).
 pub const SYS_POWER_OFF: u64 = 1;
+/// `map_mmio`: makes the 2 MiB page holding the address in RDI (3-4 GiB, not the local
+/// APIC's) accessible to ring 3; RAX = 0 on success, -1 if refused.
+pub const SYS_MAP_MMIO: u64 = 2;
 
 core::arch::global_asm!(
     r#"
@@ -40,12 +44,33 @@ kit_ud_entry:
     je 3f
     cmp $1, %rax                    # SYS_POWER_OFF
     je kit_power_off_ring0
+    cmp $2, %rax                    # SYS_MAP_MMIO
+    je 5f
     mov $-1, %rax                   # unknown call
     iretq
-3:  sti                             # the interrupt shadow of sti keeps sti;hlt atomic
+3:  mov kit_irq_pending(%rip), %eax # a wanted IRQ already fired: do not sleep (irq.rs)
+    test kit_irq_wanted(%rip), %eax
+    jnz 4f
+    sti                             # the interrupt shadow of sti keeps sti;hlt atomic
     hlt
     cli
+4:  xor %eax, %eax
+    iretq
+5:  push %rdi
+    shr $21, %rdi                   # 2 MiB page number
+    sub $0x600, %rdi                # index into kit_pd_high (3 GiB = page 0x600)
+    cmp $512, %rdi
+    jae 6f                          # outside 3-4 GiB
+    cmp $0x1f7, %rdi                # 0xfee00000: the local APIC stays supervisor-only
+    je 6f
+    lea kit_pd_high(%rip), %rax
+    orq $4, (%rax,%rdi,8)           # U/S
+    pop %rdi
+    invlpg (%rdi)
     xor %eax, %eax
+    iretq
+6:  pop %rdi
+    mov $-1, %rax
     iretq
 2:  pushq $0
     pushq $6
@@ -54,7 +79,8 @@ kit_ud_entry:
     options(att_syntax)
 );
 
-/// Halts until the next interrupt (the 100 Hz timer at the latest) has been handled.
+/// Halts until the next interrupt (the 100 Hz timer at the latest) has been handled;
+/// returns at once while a wanted device IRQ is pending (see `irq`).
 #[inline]
 pub fn idle() {
     // SAFETY: the tagged ud2 is handled by `kit_ud_entry`, which returns right after the
@@ -67,6 +93,25 @@ pub fn idle() {
             options(nostack)
         )
     }
+}
+
+/// Makes the 2 MiB page holding physical address `paddr` (in 3-4 GiB, uncached, identity
+/// mapped) accessible to ring 3, for device MMIO windows. Refused (false) outside 3-4 GiB
+/// and for the local APIC's page.
+pub fn map_mmio(paddr: u64) -> bool {
+    let result: u64;
+    // SAFETY: as for `idle`; ring 0 only changes the U/S bit of one 3-4 GiB page-directory
+    // entry, which holds no RAM the program could own.
+    unsafe {
+        asm!(
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            inlateout("rax") SYS_MAP_MMIO => result,
+            in("rdi") paddr,
+            options(nostack)
+        )
+    };
+    result == 0
 }
 
 /// Asks ring 0 to power the machine off.
