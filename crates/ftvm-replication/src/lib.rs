@@ -15,6 +15,7 @@ pub mod arbiter;
 pub mod backup;
 pub mod primary;
 pub mod protocol;
+pub mod testing;
 
 use std::time::Duration;
 

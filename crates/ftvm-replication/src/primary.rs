@@ -44,6 +44,8 @@ pub trait OutputGate: Send {
     fn go_live(&mut self) -> Vec<(OutputTarget, Vec<u8>)> {
         Vec::new()
     }
+    /// Called before an output is logged (crash window 1 of the test switches).
+    fn before_output(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -206,11 +208,13 @@ impl Primary {
             })?);
         }
         // Heartbeats, both ways, on their own UDP socket.
+        let done_udp;
         {
             let s = shared.clone();
             let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
             udp.connect(cfg.backup).map_err(io("udp"))?;
             udp.set_read_timeout(Some(HEARTBEAT_INTERVAL)).map_err(io("udp"))?;
+            done_udp = udp.try_clone().map_err(io("udp"))?;
             let timeout = cfg.timeout;
             threads.push(spawn("ftvm-heartbeat", move || {
                 let mut last_seen = Instant::now();
@@ -244,14 +248,14 @@ impl Primary {
         let (out_tx, out_rx) = mpsc::channel::<Held>();
         {
             let s = shared.clone();
-            threads.push(spawn("ftvm-outputs", move || commit_outputs(s, out_rx, sinks))?);
+            threads.push(spawn("ftvm-outputs", move || commit_outputs(s, out_rx, sinks, done_udp))?);
         }
         Ok((Primary { shared, _arbiter: arbiter, outputs: out_tx, threads }, log, stats))
     }
 
     /// The gate the vCPU loop hands outputs to.
     pub fn gate(&self) -> Box<dyn OutputGate> {
-        Box::new(PrimaryGate { tx: self.outputs.clone(), stats: self.shared.stats.clone() })
+        Box::new(PrimaryGate { tx: self.outputs.clone(), stats: self.shared.stats.clone(), submitted: 0 })
     }
 }
 
@@ -280,7 +284,15 @@ fn lose(s: &Shared, why: &str) {
     }
 }
 
-fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputSinks>) {
+/// Sends OUTPUT_DONE now (a heartbeat-format datagram carrying the count of outputs
+/// performed), rather than waiting for the next periodic heartbeat.
+fn send_output_done(s: &Shared, udp: &UdpSocket) {
+    let hb =
+        Heartbeat { role: Role::Primary, seq: 0, outputs_done: s.stats.outputs_done.load(Ordering::SeqCst), lsn: 0 };
+    let _ = udp.send(&hb.encode());
+}
+
+fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputSinks>, udp: UdpSocket) {
     let mut queue: VecDeque<Held> = VecDeque::new();
     loop {
         if queue.is_empty() {
@@ -306,18 +318,43 @@ fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputS
             continue;
         }
         let h = queue.pop_front().expect("front exists");
+        crate::testing::crash_point(2, h.ordinal);
         sinks.perform(h.target, &h.bytes);
+        crate::testing::crash_point(3, h.ordinal);
         s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
+        // OUTPUT_DONE goes out right after the output, on the heartbeat channel.
+        send_output_done(&s, &udp);
+        if crate::testing::armed(4, h.ordinal) {
+            // Let heartbeats carry OUTPUT_DONE to the backup first.
+            std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
+            crate::testing::crash_point(4, h.ordinal);
+        }
     }
 }
 
 struct PrimaryGate {
     tx: Sender<Held>,
     stats: Arc<PairStats>,
+    submitted: u64,
 }
 
 impl OutputGate for PrimaryGate {
+    fn before_output(&mut self) {
+        if crate::testing::armed(1, self.submitted) {
+            // Window 1 alone: let every earlier output be performed and reported first.
+            let start = std::time::Instant::now();
+            while self.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(crate::HEARTBEAT_INTERVAL * 2);
+        }
+        crate::testing::crash_point(1, self.submitted);
+    }
+
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        self.submitted = ticket.ordinal + 1;
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         match self.tx.send(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes }) {
             Ok(()) => None,

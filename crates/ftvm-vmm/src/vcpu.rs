@@ -537,6 +537,9 @@ impl VcpuLoop {
             }
             let frames = dev.borrow_mut().device_mut().take_tx_frames();
             for frame in frames {
+                if let Some(g) = &mut self.gate {
+                    g.before_output();
+                }
                 let ticket = self.events.output(ftvm_log::OUTPUT_NET, &frame);
                 let frame = match &mut self.gate {
                     Some(g) => match g.submit(ticket, OutputTarget::Net(index), frame) {
@@ -573,6 +576,9 @@ impl VcpuLoop {
         let out = self.devices.uart.borrow_mut().take_output();
         if out.is_empty() {
             return;
+        }
+        if let Some(g) = &mut self.gate {
+            g.before_output();
         }
         let ticket = self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
         let out = match &mut self.gate {

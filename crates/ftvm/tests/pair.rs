@@ -150,3 +150,67 @@ fn a_pair_of_different_vms_does_not_form() {
     assert!(berr.contains("cmdline"), "the backup says what differs: {berr}");
     assert!(perr.contains("refused"), "{perr}");
 }
+
+/// Forces the primary to abort in crash window `window` (design brief §4) at its 100th output,
+/// then checks what the two consoles together show against an uninterrupted run.
+fn crash_window(window: u8) {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch(&format!("pair-window{window}"));
+    let addr = format!("127.0.0.1:{}", port(10 + u16::from(window)));
+    let arbiter = dir.join("arbiter.lock");
+    let cmdline = "hello.wait_ms=1000";
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    p.env("FTVM_TEST_CRASH", format!("{window}:100"));
+    p.args(["primary", "--backup", &addr]).arg("--arbiter").arg(&arbiter);
+    p.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
+    p.arg("--console").arg(format!("file:{}", dir.join("p.txt").display()));
+    let mut p = p.stderr(Stdio::piped()).spawn().unwrap();
+    let (pc, perr) = wait(&mut p, Duration::from_secs(30));
+    assert_ne!(pc, Some(0), "the primary must have crashed: {perr}");
+    assert!(perr.contains(&format!("crash window {window}")), "{perr}");
+    let (bc, berr) = wait(&mut b, Duration::from_secs(30));
+    assert_eq!(bc, Some(0), "{berr}");
+    assert!(berr.contains("TAKEOVER"), "{berr}");
+    let p_out = std::fs::read(dir.join("p.txt")).unwrap();
+    let b_out = std::fs::read(dir.join("b.txt")).unwrap();
+    let (out, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
+    assert_eq!(out.status.code(), Some(0));
+    let mut expected = alone.clone().into_bytes();
+    if window == 3 {
+        // Performed, then the primary died before OUTPUT_DONE: the backup performs it again.
+        expected.insert(100, expected[100]);
+    }
+    let together = String::from_utf8_lossy(&[p_out.clone(), b_out.clone()].concat()).into_owned();
+    let expected = String::from_utf8_lossy(&expected).into_owned();
+    assert_eq!(
+        stable(&together),
+        stable(&expected),
+        "window {window}\nprimary:\n{}\nbackup:\n{}",
+        String::from_utf8_lossy(&p_out),
+        String::from_utf8_lossy(&b_out)
+    );
+}
+
+#[test]
+fn crash_window_1_before_the_log_reached_the_backup_loses_nothing() {
+    crash_window(1);
+}
+
+#[test]
+fn crash_window_2_after_the_ack_before_the_output_the_backup_performs_it_once() {
+    crash_window(2);
+}
+
+#[test]
+fn crash_window_3_after_the_output_before_output_done_duplicates_it() {
+    crash_window(3);
+}
+
+#[test]
+fn crash_window_4_after_output_done_the_backup_skips_it() {
+    crash_window(4);
+}
