@@ -10,26 +10,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-struct Net(String);
+/// The client and host-1 side of a one-host test network.
+trait KvNet {
+    fn client(&self, args: &[&str]) -> Output;
+    fn vm(&self, sub: &[&str], disk: &Path, console: &Path) -> Child;
+    fn wait_ready(&self, console: &Path);
+}
 
-impl Net {
-    fn up(tag: &str) -> Net {
-        let prefix = format!("{tag}{}", std::process::id() % 10000);
-        let out = Command::new(repo_root().join("scripts/topology.sh")).args(["up", &prefix, "1"]).output().unwrap();
-        assert!(out.status.success(), "topology: {}", String::from_utf8_lossy(&out.stderr));
-        Net(prefix)
-    }
+impl KvNet for Topology {
     fn client(&self, args: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &format!("{}-c", self.0)]).args(args).output().unwrap()
+        self.cmd("c", args[0]).args(&args[1..]).output().unwrap()
     }
-    fn cli(&self, args: &[&str]) -> String {
-        let mut a = vec!["redis-cli", "-h", "10.0.0.2"];
-        a.extend_from_slice(args);
-        String::from_utf8_lossy(&self.client(&a).stdout).trim_end().to_string()
-    }
+
     fn vm(&self, sub: &[&str], disk: &Path, console: &Path) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &format!("{}-h1", self.0), env!("CARGO_BIN_EXE_ftvm")])
+        self.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
             .args(sub)
             .arg("--kernel")
             .arg(guest("kvstore"))
@@ -41,23 +35,16 @@ impl Net {
             .spawn()
             .unwrap()
     }
+
     fn wait_ready(&self, console: &Path) {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
-            if std::fs::read_to_string(console).unwrap_or_default().contains("kvstore: listening")
-                && self.cli(&["PING"]) == "PONG"
-            {
-                return;
+            if std::fs::read_to_string(console).unwrap_or_default().contains("kvstore: listening") {
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("kvstore did not come up:\n{}", std::fs::read_to_string(console).unwrap_or_default());
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("scripts/topology.sh")).args(["down", &self.0]).output();
+        self.wait_ping("kvstore");
     }
 }
 
@@ -78,7 +65,7 @@ fn redis_clients_round_trips_benchmark_and_durability() {
         return;
     }
     let dir = scratch("kvstore");
-    let net = Net::up("kv");
+    let net = Topology::up("kv", 1);
     let disk = blank_disk(&dir);
     let console = dir.join("console.txt");
     let vm = net.vm(&["run"], &disk, &console);
@@ -132,7 +119,7 @@ fn kvstore_recorded_under_load_replays_with_no_network() {
         return;
     }
     let dir = scratch("kvstore-rr");
-    let net = Net::up("kr");
+    let net = Topology::up("kr", 1);
     let disk = blank_disk(&dir);
     let console = dir.join("console.txt");
     let log = dir.join("kv.log");

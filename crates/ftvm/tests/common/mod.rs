@@ -138,3 +138,49 @@ pub mod asm {
     /// i8042 reset: `mov al, 0xfe; out 0x64, al; hlt`
     pub const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 }
+
+/// A test network from scripts/topology.sh (design brief §7), torn down on drop.
+pub struct Topology(pub String);
+
+impl Topology {
+    pub fn up(tag: &str, hosts: u32) -> Topology {
+        let prefix = format!("{tag}{}", std::process::id() % 10000);
+        let out = Command::new(repo_root().join("scripts/topology.sh"))
+            .args(["up", &prefix, &hosts.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "topology: {}", String::from_utf8_lossy(&out.stderr));
+        Topology(prefix)
+    }
+
+    /// A command in namespace `ns` ("c" for the client, "h1", "h2" for hosts).
+    pub fn cmd(&self, ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{}-{ns}", self.0), program]);
+        c
+    }
+
+    /// redis-cli from the client namespace against the guest at 10.0.0.2.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cmd("c", "redis-cli").args(["-h", "10.0.0.2"]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Waits until the guest answers PING.
+    pub fn wait_ping(&self, what: &str) {
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(30) {
+            if self.cli(&["PING"]) == "PONG" {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{what} never answered PING");
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/topology.sh")).args(["down", &self.0]).output();
+    }
+}
