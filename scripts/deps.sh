@@ -11,6 +11,7 @@ command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
 command -v ld >/dev/null || want+=(binutils)
 command -v redis-benchmark >/dev/null || want+=(redis-tools)
 command -v ip >/dev/null || want+=(iproute2)
+command -v python3 >/dev/null || want+=(python3)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive
