@@ -270,6 +270,8 @@ impl EventSource {
         match &mut self.journal {
             Journal::None => Ok(()),
             Journal::Record(r) => r.end(index, reason),
+            // Stopped here by its own operator: nothing in the log to check against.
+            Journal::Replay(_) if reason == EndReason::OperatorStop => Ok(()),
             Journal::Replay(r) => {
                 r.end(index, reason);
                 Ok(())

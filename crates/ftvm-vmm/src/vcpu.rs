@@ -22,6 +22,9 @@ use crate::msr;
 
 vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
 
+/// The longest buffered log bytes wait before they are pushed out (record mode).
+const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Why the VM stopped.
 #[derive(Debug, Clone)]
 pub enum VmOutcome {
@@ -198,6 +201,8 @@ pub struct VcpuLoop {
     pub takeover: Option<crate::pair::Takeover>,
     pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
     timer: Option<DeadlineTimer>,
+    /// When buffered log bytes were last pushed out (record mode).
+    last_log_flush: std::time::Instant,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -233,6 +238,7 @@ impl VcpuLoop {
             takeover: None,
             tap_readers: Vec::new(),
             timer: None,
+            last_log_flush: std::time::Instant::now(),
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -342,6 +348,12 @@ impl VcpuLoop {
                         return Ok(outcome);
                     }
                 }
+            }
+            // A backup cannot leave exit N until it knows N has no more events: push the log
+            // out at least every few milliseconds, not only at outputs.
+            if self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
+                self.events.flush_log();
+                self.last_log_flush = std::time::Instant::now();
             }
             if self.takeover.is_some() && self.events.went_live_at().is_some() {
                 self.go_live()?;
@@ -653,6 +665,9 @@ impl VcpuLoop {
             if if_flag == 0 || (deadline.is_none() && !input_possible) {
                 return Ok(Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
             }
+            // Nothing happens until the wake-up: let the backup have everything so far.
+            self.events.flush_log();
+            self.last_log_flush = std::time::Instant::now();
             self.doorbell.wait_until(deadline.map(|d| self.events.host_instant_of(d)));
             // Still positioned at the HLT exit, a counted one.
             self.after_exit(true);
