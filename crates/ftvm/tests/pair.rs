@@ -214,3 +214,22 @@ fn crash_window_3_after_the_output_before_output_done_duplicates_it() {
 fn crash_window_4_after_output_done_the_backup_skips_it() {
     crash_window(4);
 }
+
+#[test]
+fn a_peer_speaking_another_protocol_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-garbage");
+    let addr = format!("127.0.0.1:{}", port(20));
+    let mut b = side("backup", &addr, &dir.join("arbiter.lock"), &dir.join("b.txt"), "hello.wait_ms=100");
+    std::thread::sleep(Duration::from_millis(300));
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    }
+    let (code, err) = wait(&mut b, Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not an ftvm log"), "{err}");
+}
