@@ -203,6 +203,10 @@ pub struct VcpuLoop {
     timer: Option<DeadlineTimer>,
     /// When buffered log bytes were last pushed out (record mode).
     last_log_flush: std::time::Instant,
+    /// The control API (`--api-socket`): figures published between exits, pause requests.
+    pub control: Option<Arc<ftvm_api::VmControl>>,
+    /// The most recent output (for the control API: outputs held, replication lag).
+    last_output: Option<ftvm_events::OutputTicket>,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -239,6 +243,8 @@ impl VcpuLoop {
             tap_readers: Vec::new(),
             timer: None,
             last_log_flush: std::time::Instant::now(),
+            control: None,
+            last_output: None,
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -317,6 +323,9 @@ impl VcpuLoop {
 
     fn run_loop(&mut self) -> Result<VmOutcome> {
         loop {
+            if let Some(outcome) = self.control_point() {
+                return Ok(outcome);
+            }
             let index = self.events.exit_index();
             let step = self.run_once()?;
             let counted = self.events.exit_index() != index;
@@ -553,6 +562,7 @@ impl VcpuLoop {
                     g.before_output();
                 }
                 let ticket = self.events.output(ftvm_log::OUTPUT_NET, &frame);
+                self.last_output = Some(ticket);
                 let frame = match &mut self.gate {
                     Some(g) => match g.submit(ticket, OutputTarget::Net(index), frame) {
                         Some(f) => f,
@@ -593,6 +603,7 @@ impl VcpuLoop {
             g.before_output();
         }
         let ticket = self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
+        self.last_output = Some(ticket);
         let out = match &mut self.gate {
             Some(g) => match g.submit(ticket, OutputTarget::Console, out) {
                 Some(o) => o,
@@ -665,6 +676,9 @@ impl VcpuLoop {
             if if_flag == 0 || (deadline.is_none() && !input_possible) {
                 return Ok(Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
             }
+            if let Some(outcome) = self.control_point() {
+                return Ok(Some(outcome));
+            }
             // Nothing happens until the wake-up: let the backup have everything so far.
             self.events.flush_log();
             self.last_log_flush = std::time::Instant::now();
@@ -724,6 +738,9 @@ impl VcpuLoop {
     /// apply them until an interrupt can be injected. No host time passes.
     fn replay_while_halted(&mut self) -> Option<VmOutcome> {
         loop {
+            if let Some(outcome) = self.control_point() {
+                return Some(outcome);
+            }
             if self.inject_or_request_window() {
                 return None;
             }
@@ -750,6 +767,38 @@ impl VcpuLoop {
             if let Some(outcome) = self.take_request() {
                 return Some(outcome);
             }
+        }
+    }
+}
+
+/// The control API (`ftvm-api`): what the loop publishes and where it parks. Kept apart from
+/// the loop itself; the loop never waits on an API client, only on a pause it was asked for.
+impl VcpuLoop {
+    /// Between exits: publishes the loop's figures (relaxed atomic stores) and, while a pause
+    /// is requested, parks here. Returns an outcome if the operator stopped the VM while it
+    /// was paused.
+    fn control_point(&self) -> Option<VmOutcome> {
+        let control = self.control.as_ref()?;
+        control.publish(&self.status_figures());
+        let parked = control.pause_requested() && control.park_if_paused(&crate::kick::stop_requested);
+        (parked && crate::kick::stop_requested()).then_some(VmOutcome::OperatorStop)
+    }
+
+    fn status_figures(&self) -> ftvm_api::VcpuFigures {
+        ftvm_api::VcpuFigures {
+            exits: self.events.exit_index(),
+            io: self.stats.io,
+            mmio: self.stats.mmio,
+            hlt: self.stats.hlt,
+            msr: self.stats.msr,
+            interrupts: self.stats.interrupts,
+            kicks: self.kicker.kicks(),
+            window_exits: self.stats.window_exits,
+            guest_time_ns: self.events.current(),
+            log_bytes: self.events.log_bytes(),
+            outputs: self.last_output.map_or(0, |t| t.ordinal + 1),
+            last_output_lsn: self.last_output.and_then(|t| t.lsn),
+            went_live: self.events.went_live_at().is_some(),
         }
     }
 }

@@ -240,6 +240,10 @@ impl Vm {
             Journaling::Live => Delivery::Prompt,
             _ => Delivery::AtExits,
         };
+        let control = take_control();
+        if let Some(c) = &control {
+            c.set_role(api_role(&journaling));
+        }
         // The pair: the primary's link (with its held outputs), or the backup's.
         let mut gate = None;
         let mut takeover = None;
@@ -251,9 +255,13 @@ impl Vm {
                 header.rtc_base_unix = rtc_base;
                 let console = console_sink(&self.config.console)?;
                 let sinks = crate::pair::HostSinks { console, taps: self.taps.clone() };
-                let (primary, writer, _stats) =
+                let (primary, writer, stats) =
                     ftvm_replication::primary::Primary::start(&link, &header, Box::new(sinks))
                         .map_err(|e| Error::Pair(e.to_string()))?;
+                if let Some(c) = &control {
+                    // The header went out in the handshake, before the link counts bytes.
+                    c.set_pair_source(Some(primary_figures(stats, writer.bytes_written())));
+                }
                 gate = Some(primary.gate());
                 pair_primary = Some(primary);
                 Journaling::Record(writer)
@@ -263,6 +271,9 @@ impl Vm {
                     ftvm_replication::backup::Backup::listen(&link, &header).map_err(|e| Error::Pair(e.to_string()))?;
                 rtc_base = theirs.rtc_base_unix;
                 gate = Some(backup.gate());
+                if let Some(c) = &control {
+                    c.set_pair_source(Some(backup_figures(backup.state.clone())));
+                }
                 takeover = Some(crate::pair::Takeover {
                     taps: self.config.nets.iter().map(|n| n.tap.clone()).collect(),
                     macs: theirs.net.iter().map(|n| n.mac.0).collect(),
@@ -318,6 +329,15 @@ impl Vm {
             nets.push((Box::new(tap.clone()), rx));
         }
         let stop_watch = StopWatcher::start(kicker.clone(), doorbell.clone());
+        if let Some(c) = &control {
+            // A pause request kicks the vCPU out of KVM_RUN and wakes a halted loop.
+            let (k, d) = (kicker.clone(), doorbell.clone());
+            c.set_waker(Some(Box::new(move || {
+                d.ring();
+                k.kick();
+            })));
+        }
+        let vcpu_control = control.clone();
         let mem = self.mem.clone();
         let started = Instant::now();
         let thread = std::thread::Builder::new()
@@ -342,12 +362,20 @@ impl Vm {
                 }
                 vloop.gate = gate;
                 vloop.takeover = takeover;
+                if let Some(c) = &vcpu_control {
+                    c.mark_running();
+                }
+                vloop.control = vcpu_control;
                 let outcome = vloop.run()?;
                 let exits = vloop.events.exit_index();
                 Ok((outcome, vloop.stats, exits, vloop.vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let joined = thread.join();
+        if let Some(c) = &control {
+            c.mark_stopped();
+            c.set_waker(None);
+        }
         drop(stop_watch);
         drop(pair_primary);
         drop(pair_backup);
@@ -510,6 +538,67 @@ impl Drop for StopWatcher {
             let _ = t.join();
         }
     }
+}
+
+// ---- The control API (ftvm-api, `--api-socket`) ----
+
+/// The control block of the VM this process runs next, if its API server is up.
+static CONTROL: std::sync::Mutex<Option<Arc<ftvm_api::VmControl>>> = std::sync::Mutex::new(None);
+
+/// Connects the control API to the next VM this process runs (one VM per process, as with
+/// the stop request): its vCPU publishes its figures there and honours pause requests, and
+/// the pair's figures are read from its replication link.
+pub fn attach_control(control: Arc<ftvm_api::VmControl>) {
+    *CONTROL.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+}
+
+fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+fn api_role(journaling: &Journaling) -> ftvm_api::Role {
+    match journaling {
+        Journaling::Live => ftvm_api::Role::Standalone,
+        Journaling::Record(_) => ftvm_api::Role::Recording,
+        Journaling::Replay { .. } => ftvm_api::Role::Replaying,
+        Journaling::Primary { .. } => ftvm_api::Role::Primary,
+        Journaling::Backup { .. } => ftvm_api::Role::Backup,
+    }
+}
+
+type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
+
+/// A primary's figures, from its link's counters.
+fn primary_figures(stats: Arc<ftvm_replication::primary::PairStats>, header_bytes: u64) -> PairSource {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let lost = stats.backup_lost.load(Relaxed);
+        ftvm_api::PairFigures {
+            protected: !lost,
+            acked_lsn: Some(stats.acked_lsn.load(Relaxed)),
+            sent_bytes: Some(header_bytes + stats.sent_bytes.load(Relaxed)),
+            outputs_done: stats.outputs_done.load(Relaxed),
+            backup_lost: lost,
+            ..Default::default()
+        }
+    })
+}
+
+/// A backup's figures, from its link's state.
+fn backup_figures(state: Arc<ftvm_replication::backup::BackupState>) -> PairSource {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let (won, halted) = (state.won_arbiter.load(Relaxed), state.halted.load(Relaxed));
+        ftvm_api::PairFigures {
+            protected: !(won || halted || state.primary_ended.load(Relaxed)),
+            received_lsn: Some(state.received_lsn.load(Relaxed)),
+            received_bytes: Some(state.received_bytes.load(Relaxed)),
+            outputs_done: state.outputs_done.load(Relaxed),
+            halted,
+            primary_silence_ms: (won || halted).then(|| state.silence_ms.load(Relaxed)),
+            ..Default::default()
+        }
+    })
 }
 
 /// Builds and runs a VM: the whole of `ftvm run`.

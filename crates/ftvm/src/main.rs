@@ -75,6 +75,43 @@ enum Command {
     /// Work with event logs.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Talk to a running VM through its control API socket (`--api-socket PATH`).
+    ///
+    /// The API is HTTP/1.1 with JSON bodies on a Unix socket (docs/api.md); `ctl` is its
+    /// command-line client.
+    ///
+    /// Exit status: 0 done, 1 error (no VM answers on PATH, or the VM refused the request:
+    /// the message says why), 2 usage error.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The VM's API socket (what it was started with as --api-socket).
+    #[arg(value_name = "PATH")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlAction {
+    /// Show the VM's state, role, uptime, exits and, for a pair, the replication figures.
+    Status {
+        /// Print the JSON the VM answers instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause the guest: the vCPU stops between exits (the guest clock keeps following the
+    /// host's in a plain run; the guest sees a stall).
+    Pause,
+    /// Resume a paused guest (an error if it is not paused).
+    Resume,
+    /// Snapshot the VM to DIR (not implemented yet).
+    Snapshot {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -181,6 +218,10 @@ struct RunArgs {
     /// A virtio-rng device (entropy from the host, through the event source).
     #[arg(long)]
     rng: bool,
+    /// Serve the control API (HTTP with JSON bodies) on this Unix socket; `ftvm ctl PATH`
+    /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -222,7 +263,23 @@ fn main() -> ExitCode {
     };
     init_logging(&cli.log_level);
     install_stop_handler();
+    // The control API serves the VM of run, record, primary and backup until ftvm exits.
+    let api_socket = match &cli.command {
+        Command::Run(vm) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Standalone)),
+        Command::Record(RecordArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Recording)),
+        Command::Primary(PrimaryArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Primary)),
+        Command::Backup(BackupArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Backup)),
+        _ => None,
+    };
+    let _api = match api_socket.map(|(path, role)| start_api(&path, role)).transpose() {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match cli.command {
+        Command::Ctl(args) => ctl(args),
         Command::Run(args) => run(args),
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
@@ -243,6 +300,46 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
             };
             finish(ftvm_vmm::recording::backup(vm_config(args.vm), link))
+        }
+    }
+}
+
+/// Starts the API server on `path` and connects it to the VM this process will run.
+fn start_api(path: &std::path::Path, role: ftvm_api::Role) -> Result<ftvm_api::ApiServer, ftvm_api::ServerError> {
+    let control = ftvm_api::VmControl::new();
+    control.set_role(role);
+    let server = ftvm_api::ApiServer::start(path, control.clone())?;
+    ftvm_vmm::vm::attach_control(control);
+    Ok(server)
+}
+
+/// `ftvm ctl PATH ...`: one request to a running VM.
+fn ctl(args: CtlArgs) -> ExitCode {
+    use ftvm_api::client;
+    let path = args.socket.as_path();
+    let result = match args.action {
+        // Pretty-printed in the server's field order; verbatim if this ctl does not know it.
+        CtlAction::Status { json: true } => {
+            client::status_body(path).map(|body| match serde_json::from_str::<ftvm_api::Status>(&body) {
+                Ok(s) => println!("{}", serde_json::to_string_pretty(&s).unwrap_or(body)),
+                Err(_) => println!("{body}"),
+            })
+        }
+        CtlAction::Status { json: false } => client::status(path).map(|s| print!("{}", s.to_text())),
+        CtlAction::Pause => client::pause(path).map(|state| match state.as_str() {
+            "paused" => println!("paused"),
+            other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),
+        }),
+        CtlAction::Resume => client::resume(path).map(|state| println!("{state}")),
+        CtlAction::Snapshot { dir } => {
+            client::snapshot(path, &dir).map(|_| println!("snapshot written to {}", dir.display()))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            ExitCode::from(1)
         }
     }
 }

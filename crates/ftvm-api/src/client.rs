@@ -1,0 +1,146 @@
+//! The client side: the requests `ftvm ctl` makes, with errors that say what is wrong.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::http::{self, Response};
+use crate::status::Status;
+
+/// How long the client waits for an answer (a pause waits up to a second for the vCPU).
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of an answer the client reads.
+const MAX_RESPONSE: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no API socket at {path} (is a VM running with --api-socket {path}?)")]
+    NoSocket { path: PathBuf },
+    #[error("{path} is not a socket (give the path a VM's --api-socket named)")]
+    NotASocket { path: PathBuf },
+    #[error("no VM answers on {path}: the VM is gone (a stale socket left by an ftvm that was killed)")]
+    Dead { path: PathBuf },
+    #[error("{path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: io::Error },
+    #[error("{path}: the answer is not what ftvm sends: {why}")]
+    BadResponse { path: PathBuf, why: String },
+    /// The VM answered with an error (4xx, 5xx): its message.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+}
+
+/// Connects to a VM's API socket.
+pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    let p = || path.to_path_buf();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ClientError::NoSocket { path: p() }),
+        Ok(m) if !m.file_type().is_socket() => return Err(ClientError::NotASocket { path: p() }),
+        _ => {}
+    }
+    let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::ConnectionRefused => ClientError::Dead { path: p() },
+        io::ErrorKind::NotFound => ClientError::NoSocket { path: p() },
+        _ => ClientError::Io { path: p(), what: "cannot connect", source: e },
+    })?;
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    Ok(stream)
+}
+
+/// Sends raw bytes and reads the answer (tests use it to send malformed requests).
+pub fn raw(path: &Path, request: &[u8]) -> Result<Response, ClientError> {
+    let mut stream = connect(path)?;
+    let io_err = |what| move |source| ClientError::Io { path: path.to_path_buf(), what, source };
+    stream.write_all(request).map_err(io_err("cannot send the request"))?;
+    let mut answer = Vec::new();
+    stream.take(MAX_RESPONSE).read_to_end(&mut answer).map_err(io_err("no answer"))?;
+    if answer.is_empty() {
+        return Err(ClientError::BadResponse {
+            path: path.to_path_buf(),
+            why: "the connection closed without an answer".into(),
+        });
+    }
+    http::parse_response(&answer).map_err(|why| ClientError::BadResponse { path: path.to_path_buf(), why })
+}
+
+/// Sends one request and returns the answer, whatever its status.
+pub fn request(path: &Path, method: &str, target: &str, body: Option<&str>) -> Result<Response, ClientError> {
+    let body = body.unwrap_or("");
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
+    raw(path, req.as_bytes())
+}
+
+/// Sends a request and turns an error answer (4xx, 5xx) into [`ClientError::Api`].
+pub fn call(path: &Path, method: &str, target: &str, body: Option<&str>) -> Result<Response, ClientError> {
+    let r = request(path, method, target, body)?;
+    if r.status >= 400 {
+        let message = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| r.body.trim().to_string());
+        return Err(ClientError::Api { status: r.status, message });
+    }
+    Ok(r)
+}
+
+/// `GET /status`: the JSON text as the VM sent it.
+pub fn status_body(path: &Path) -> Result<String, ClientError> {
+    Ok(call(path, "GET", "/status", None)?.body)
+}
+
+/// `GET /status`, decoded.
+pub fn status(path: &Path) -> Result<Status, ClientError> {
+    let r = call(path, "GET", "/status", None)?;
+    serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })
+}
+
+/// `PUT /pause`: the state the VM reports (`paused`, or `pausing` if the vCPU has not
+/// reached a pause point within a second).
+pub fn pause(path: &Path) -> Result<String, ClientError> {
+    state_of(path, call(path, "PUT", "/pause", None)?)
+}
+
+/// `PUT /resume`.
+pub fn resume(path: &Path) -> Result<String, ClientError> {
+    state_of(path, call(path, "PUT", "/resume", None)?)
+}
+
+/// `PUT /snapshot` (answered 501 until snapshots exist).
+pub fn snapshot(path: &Path, dir: &Path) -> Result<Response, ClientError> {
+    let body = serde_json::json!({ "dir": dir.display().to_string() }).to_string();
+    call(path, "PUT", "/snapshot", Some(&body))
+}
+
+fn state_of(path: &Path, r: Response) -> Result<String, ClientError> {
+    let v: serde_json::Value = serde_json::from_str(&r.body)
+        .map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })?;
+    Ok(v.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_dead_sockets_are_named() {
+        let dir = std::env::temp_dir().join(format!("ftvm-api-client-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("vm.sock");
+        assert!(matches!(status(&sock), Err(ClientError::NoSocket { .. })));
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let err = status(&sock).unwrap_err();
+        assert!(matches!(err, ClientError::Dead { .. }), "{err}");
+        assert!(err.to_string().contains("the VM is gone"), "{err}");
+        let file = dir.join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(status(&file), Err(ClientError::NotASocket { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,38 @@
+//! ftvm's control API: HTTP/1.1 with JSON bodies on a Unix socket, the convention Firecracker
+//! and Cloud Hypervisor follow (`ftvm run --api-socket PATH`; `ftvm ctl PATH ...` is the
+//! command-line client). Only std, serde and serde_json: the HTTP subset is written by hand
+//! ([`http`]); one request per connection.
+//!
+//! Routes (docs/api.md has the fields and examples):
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /status` | 200, [`Status`] |
+//! | `PUT /pause` | 200 `{"state":"paused"}` once the vCPU is parked; 202 `{"state":"pausing"}` if it has not reached a pause point within a second; 409 when the VM has stopped |
+//! | `PUT /resume` | 200 `{"state":"running"}`; 400 when the VM is not paused |
+//! | `PUT /snapshot` | 501: not implemented yet |
+//!
+//! Errors have a JSON body `{"error": "..."}`: 400 malformed request, 404 unknown path, 405
+//! wrong method, 411/413 body length, 501 unsupported transfer coding or route.
+//!
+//! The pieces:
+//! - [`VmControl`]: what the VMM shares with the server. The vCPU thread publishes its
+//!   figures into atomics between exits and parks there while a pause is requested; the
+//!   server never waits on the vCPU except for the bounded pause acknowledgement, and the vCPU
+//!   never waits on a client.
+//! - [`ApiServer`]: the socket and its thread (stale sockets replaced, a live one refused,
+//!   the file removed at exit).
+//! - [`client`]: the requests `ftvm ctl` makes.
+
+pub mod client;
+mod control;
+pub mod http;
+mod server;
+mod status;
+
+pub use control::{PairFigures, VcpuFigures, VmControl};
+pub use server::{ApiServer, ServerError};
+pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
+
+/// The routes, for error messages and the docs.
+pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /snapshot";

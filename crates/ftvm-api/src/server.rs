@@ -1,0 +1,278 @@
+//! The API server: a Unix socket, an accept thread, one short-lived thread per connection.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::control::{Refused, VmControl, PAUSE_ACK_WAIT};
+use crate::http::{self, Request};
+use crate::status::VmState;
+use crate::ROUTES;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API socket {path}: another ftvm answers there; give this VM another --api-socket path")]
+    InUse { path: PathBuf },
+    #[error("API socket {path}: the path exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("API socket {path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: io::Error },
+}
+
+/// How often the accept loop looks for a stop and takes a bandwidth sample.
+const POLL: Duration = Duration::from_millis(20);
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long a client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; more are answered 503.
+const MAX_CLIENTS: usize = 16;
+
+/// The running API server. Dropping it stops the accept thread and removes the socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    /// (device, inode) of the socket this server created: only that file is removed.
+    id: (u64, u64),
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `path` (replacing a stale socket no one answers on; refusing a live one or a
+    /// file that is not a socket), makes it owner-only (0600), and serves `control` on a
+    /// thread of its own.
+    pub fn start(path: &Path, control: Arc<VmControl>) -> Result<ApiServer, ServerError> {
+        let io_err = |what| move |source| ServerError::Io { path: path.to_path_buf(), what, source };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::InUse { path: path.to_path_buf() }),
+                Err(_) => {
+                    tracing::info!("removing the stale API socket {}", path.display());
+                    std::fs::remove_file(path).map_err(io_err("cannot remove the stale socket"))?;
+                }
+            },
+            Ok(_) => return Err(ServerError::NotASocket { path: path.to_path_buf() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot look at the path")(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(io_err("cannot create the socket"))?;
+        let meta = std::fs::metadata(path).map_err(io_err("cannot look at the socket"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("cannot make the socket owner-only"))?;
+        listener.set_nonblocking(true).map_err(io_err("cannot configure the socket"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ftvm-api".into())
+            .spawn(move || serve(listener, control, s))
+            .map_err(io_err("cannot start the API thread"))?;
+        Ok(ApiServer { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), stop, thread: Some(thread) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    let mut next_sample = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if Instant::now() >= next_sample {
+            control.sample();
+            next_sample = Instant::now() + SAMPLE_EVERY;
+        }
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+                if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                    let _ = reply_error(&mut stream, 503, "too many API clients at once; try again");
+                    continue;
+                }
+                clients.fetch_add(1, Ordering::SeqCst);
+                let (c, n) = (control.clone(), clients.clone());
+                let spawned = std::thread::Builder::new().name("ftvm-api-conn".into()).spawn(move || {
+                    handle(&mut stream, &c);
+                    n.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("API socket: accept failed: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+fn reply_error(stream: &mut UnixStream, code: u16, message: &str) -> io::Result<()> {
+    http::write_response(stream, code, &[], &json!({ "error": message }).to_string())
+}
+
+/// Serves one connection: one request, one answer.
+fn handle(stream: &mut UnixStream, control: &VmControl) {
+    let request = match http::read_request(stream) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some((code, message)) = e.answer() {
+                let _ = reply_error(stream, code, &message);
+            }
+            return;
+        }
+    };
+    let (code, headers, body) = route(&request, control);
+    let _ = http::write_response(stream, code, &headers, &body);
+}
+
+/// The answer to a request: status code, extra headers, JSON body.
+pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static str, &'static str)>, String) {
+    let error = |code: u16, message: String| (code, Vec::new(), json!({ "error": message }).to_string());
+    let allowed = match req.path.as_str() {
+        "/status" => "GET",
+        "/pause" | "/resume" | "/snapshot" => "PUT",
+        other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
+    };
+    if req.method != allowed {
+        let mut answer = error(405, format!("{} takes {allowed}, not {}", req.path, req.method));
+        answer.1.push(("Allow", allowed));
+        return answer;
+    }
+    match req.path.as_str() {
+        "/status" => match serde_json::to_string(&control.status()) {
+            Ok(body) => (200, Vec::new(), body),
+            Err(e) => error(500, format!("cannot encode the status: {e}")),
+        },
+        "/pause" => match control.request_pause(PAUSE_ACK_WAIT) {
+            Ok(VmState::Paused) => (200, Vec::new(), json!({ "state": "paused" }).to_string()),
+            Ok(VmState::Stopped) | Err(Refused::Stopped) => error(409, "the VM has stopped".into()),
+            Ok(_) => (
+                202,
+                Vec::new(),
+                json!({
+                    "state": "pausing",
+                    "message": "the vCPU has not reached a pause point yet; it parks at its next exit"
+                })
+                .to_string(),
+            ),
+            Err(Refused::BadState(m)) => error(400, m),
+        },
+        "/resume" => match control.request_resume() {
+            Ok(state) => (200, Vec::new(), json!({ "state": state }).to_string()),
+            Err(Refused::BadState(m)) => error(400, m),
+            Err(Refused::Stopped) => error(409, "the VM has stopped".into()),
+        },
+        _ => error(501, "snapshots are not implemented yet (issue 6): PUT /snapshot does nothing".into()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() > 80 {
+        format!("{}...", s.chars().take(80).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client;
+    use crate::status::Role;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvm-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn req(method: &str, path: &str) -> Request {
+        Request { method: method.into(), path: path.into(), body: Vec::new() }
+    }
+
+    #[test]
+    fn routes_answer_json() {
+        let c = VmControl::new();
+        c.mark_running();
+        let (code, _, body) = route(&req("GET", "/status"), &c);
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v["state"].as_str(), v["role"].as_str()), (Some("running"), Some("standalone")));
+        let (code, _, body) = route(&req("GET", "/nope"), &c);
+        assert_eq!(code, 404, "{body}");
+        assert!(body.contains("GET /status"), "{body}");
+        let (code, headers, _) = route(&req("POST", "/pause"), &c);
+        assert_eq!((code, headers), (405, vec![("Allow", "PUT")]));
+        let (code, _, body) = route(&req("PUT", "/resume"), &c);
+        assert_eq!(code, 400);
+        assert!(body.contains("not paused"), "{body}");
+        let (code, _, body) = route(&req("PUT", "/snapshot"), &c);
+        assert_eq!(code, 501);
+        assert!(body.contains("not implemented yet"), "{body}");
+        c.mark_stopped();
+        assert_eq!(route(&req("PUT", "/pause"), &c).0, 409);
+    }
+
+    #[test]
+    fn serves_on_a_socket_replaces_stale_ones_and_refuses_live_ones() {
+        let dir = scratch("serve");
+        let path = dir.join("api.sock");
+        // A stale socket: bound, then its listener gone.
+        drop(UnixListener::bind(&path).unwrap());
+        let c = VmControl::new();
+        c.set_role(Role::Recording);
+        c.mark_running();
+        let server = ApiServer::start(&path, c.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let s = client::status(&path).unwrap();
+        assert_eq!((s.state, s.role), (VmState::Running, Role::Recording));
+        assert!(s.log.is_some());
+        // A second server on the same path is refused while the first answers.
+        let err = ApiServer::start(&path, VmControl::new()).err().unwrap();
+        assert!(matches!(err, ServerError::InUse { .. }), "{err}");
+        // Raw garbage gets a 400 with a JSON body.
+        let r = client::raw(&path, b"HELLO\r\n\r\n").unwrap();
+        assert_eq!(r.status, 400);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("malformed"), "{}", r.body);
+        // A client that connects and says nothing does not hold up others.
+        let _silent = UnixStream::connect(&path).unwrap();
+        assert_eq!(client::status(&path).unwrap().state, VmState::Running);
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed at exit");
+        let err = client::status(&path).unwrap_err();
+        assert!(err.to_string().contains("no API socket"), "{err}");
+        // A file that is not a socket is never replaced.
+        std::fs::write(&path, "precious").unwrap();
+        let err = ApiServer::start(&path, VmControl::new()).err().unwrap();
+        assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
