@@ -127,6 +127,7 @@ impl Backup {
                         let urgent = matches!(rec, Record::Output { .. } | Record::End { .. });
                         let end = matches!(rec, Record::End { .. });
                         s.received_lsn.store(lsn, Ordering::SeqCst);
+                        s.received_bytes.store(reader.valid_len(), Ordering::Relaxed);
                         if tx.send(rec).is_err() {
                             return;
                         }

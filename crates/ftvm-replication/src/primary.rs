@@ -46,6 +46,8 @@ pub trait OutputGate: Send {
     }
     /// Called before an output is logged (crash window 1 of the test switches).
     fn before_output(&mut self) {}
+    /// The VM is about to log its END: the peer leaving from now on is expected.
+    fn finish(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -63,7 +65,10 @@ pub struct PairStats {
     pub acked_lsn: AtomicU64,
     pub sent_bytes: AtomicU64,
     pub outputs_done: AtomicU64,
+    /// Outputs submitted so far (held = this minus `outputs_done`).
     pub held: AtomicU64,
+    /// The VM is ending (END logged): the backup leaving is expected, not a loss.
+    pub ending: AtomicBool,
     pub backup_lost: AtomicBool,
 }
 
@@ -277,6 +282,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<std::thread::J
 }
 
 fn lose(s: &Shared, why: &str) {
+    if s.stats.ending.load(Ordering::SeqCst) {
+        // The run ended with END: the backup stops too; nothing is lost.
+        s.stats.backup_lost.store(true, Ordering::SeqCst);
+        let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.ack_cv.notify_all();
+        return;
+    }
     if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
         eprintln!("ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter)");
         let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,7 +316,6 @@ fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputS
         while let Ok(h) = rx.try_recv() {
             queue.push_back(h);
         }
-        s.stats.held.store(queue.len() as u64, Ordering::Relaxed);
         let Some(front) = queue.front() else { continue };
         let released = |s: &Shared| {
             s.stats.backup_lost.load(Ordering::SeqCst)
@@ -355,7 +366,7 @@ impl OutputGate for PrimaryGate {
 
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
-        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        self.stats.held.store(self.submitted, Ordering::Relaxed);
         match self.tx.send(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes }) {
             Ok(()) => None,
             Err(mpsc::SendError(h)) => Some(h.bytes),
@@ -363,6 +374,10 @@ impl OutputGate for PrimaryGate {
     }
 
     fn held(&self) -> usize {
-        self.stats.held.load(Ordering::Relaxed) as usize
+        self.submitted.saturating_sub(self.stats.outputs_done.load(Ordering::Relaxed)) as usize
+    }
+
+    fn finish(&mut self) {
+        self.stats.ending.store(true, Ordering::SeqCst);
     }
 }

@@ -273,6 +273,9 @@ impl VcpuLoop {
         let mut outcome = self.run_loop();
         if let Ok(o) = &outcome {
             self.flush_console();
+            if let Some(g) = &mut self.gate {
+                g.finish();
+            }
             if let Err(e) = self.events.end(o.end_reason()) {
                 tracing::error!("cannot complete the log: {e}");
             }
