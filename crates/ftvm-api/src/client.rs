@@ -106,6 +106,11 @@ pub fn pause(path: &Path) -> Result<String, ClientError> {
     state_of(path, call(path, "PUT", "/pause", None)?)
 }
 
+/// `PUT /switchover`: a protected primary hands over to its backup.
+pub fn switchover(path: &Path) -> Result<String, ClientError> {
+    state_of(path, call(path, "PUT", "/switchover", None)?)
+}
+
 /// `PUT /resume`.
 pub fn resume(path: &Path) -> Result<String, ClientError> {
     state_of(path, call(path, "PUT", "/resume", None)?)

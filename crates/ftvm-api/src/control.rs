@@ -79,6 +79,7 @@ pub struct VmControl {
     role: AtomicU8,
     started: OnceLock<Instant>,
     pause_requested: AtomicBool,
+    switchover_requested: AtomicBool,
     park: Mutex<()>,
     park_cv: Condvar,
     figures: Published,
@@ -117,6 +118,7 @@ impl VmControl {
             role: AtomicU8::new(Role::Standalone.as_u8()),
             started: OnceLock::new(),
             pause_requested: AtomicBool::new(false),
+            switchover_requested: AtomicBool::new(false),
             park: Mutex::new(()),
             park_cv: Condvar::new(),
             figures: Published::default(),
@@ -212,6 +214,22 @@ impl VmControl {
     }
 
     /// Whether a pause is requested (one relaxed load: the vCPU's test between exits).
+    /// Asks a protected primary to hand over to its backup (`ftvm ctl switchover`).
+    pub fn request_switchover(&self) -> Result<(), String> {
+        if self.role() != Role::Primary {
+            return Err(format!("only a primary can hand over; this VM is {:?}", self.role()));
+        }
+        self.switchover_requested.store(true, Ordering::SeqCst);
+        if let Some(wake) = lock(&self.waker).as_ref() {
+            wake();
+        }
+        Ok(())
+    }
+
+    pub fn switchover_requested(&self) -> bool {
+        self.switchover_requested.load(Ordering::Relaxed)
+    }
+
     pub fn pause_requested(&self) -> bool {
         self.pause_requested.load(Ordering::Relaxed)
     }

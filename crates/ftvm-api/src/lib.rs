@@ -35,4 +35,4 @@ pub use server::{ApiServer, ServerError};
 pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
 
 /// The routes, for error messages and the docs.
-pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /snapshot";
+pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot";

@@ -154,7 +154,7 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
     let error = |code: u16, message: String| (code, Vec::new(), json!({ "error": message }).to_string());
     let allowed = match req.path.as_str() {
         "/status" => "GET",
-        "/pause" | "/resume" | "/snapshot" => "PUT",
+        "/pause" | "/resume" | "/snapshot" | "/switchover" => "PUT",
         other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
     };
     if req.method != allowed {
@@ -185,6 +185,10 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
             Ok(state) => (200, Vec::new(), json!({ "state": state }).to_string()),
             Err(Refused::BadState(m)) => error(400, m),
             Err(Refused::Stopped) => error(409, "the VM has stopped".into()),
+        },
+        "/switchover" => match control.request_switchover() {
+            Ok(()) => (202, Vec::new(), json!({ "state": "handing over" }).to_string()),
+            Err(m) => error(400, m),
         },
         _ => error(501, "snapshots are not implemented yet (issue 6): PUT /snapshot does nothing".into()),
     }

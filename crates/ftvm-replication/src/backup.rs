@@ -191,6 +191,7 @@ fn monitor(
     let mut next_send = Instant::now();
     let mut seq = 0u64;
     let mut buf = [0u8; 64];
+    let mut handover = false;
     loop {
         if s.primary_ended.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
             return;
@@ -200,6 +201,9 @@ fn monitor(
                 last_seen = Instant::now();
                 primary = Some(from);
                 s.outputs_done.fetch_max(h.outputs_done, Ordering::SeqCst);
+                if h.seq == u64::MAX {
+                    handover = true;
+                }
             }
         }
         if let (Some(p), true) = (primary, Instant::now() >= next_send) {
@@ -209,13 +213,19 @@ fn monitor(
             let _ = udp.send_to(&hb.encode(), p);
             next_send = Instant::now() + HEARTBEAT_INTERVAL;
         }
-        if last_seen.elapsed() > cfg.timeout {
+        if handover || last_seen.elapsed() > cfg.timeout {
             let silence = last_seen.elapsed();
             s.silence_ms.store(silence.as_millis() as u64, Ordering::SeqCst);
-            eprintln!("ftvm: no heartbeat from the primary for {} ms; taking the arbiter", silence.as_millis());
+            if handover {
+                eprintln!("ftvm: the primary hands over (switchover); taking the arbiter");
+            } else {
+                eprintln!("ftvm: no heartbeat from the primary for {} ms; taking the arbiter", silence.as_millis());
+            }
             // Stop receiving (and acking) before trying to go live.
             let _ = stream.shutdown(Shutdown::Both);
-            match FileArbiter::acquire(&cfg.arbiter, cfg.timeout) {
+            // On a switchover the primary releases the arbiter as it exits, just after.
+            let wait = if handover { cfg.timeout.max(Duration::from_secs(5)) } else { cfg.timeout };
+            match FileArbiter::acquire(&cfg.arbiter, wait) {
                 Ok(Some(lock)) => {
                     *arb.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
                     s.won_arbiter.store(true, Ordering::SeqCst);

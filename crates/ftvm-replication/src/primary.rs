@@ -48,6 +48,9 @@ pub trait OutputGate: Send {
     fn before_output(&mut self) {}
     /// The VM is about to log its END: the peer leaving from now on is expected.
     fn finish(&mut self) {}
+    /// Switchover: wait until every output was acknowledged and performed, then tell the
+    /// backup to take over (the caller exits, releasing the arbiter).
+    fn handover(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +72,8 @@ pub struct PairStats {
     pub held: AtomicU64,
     /// The VM is ending (END logged): the backup leaving is expected, not a loss.
     pub ending: AtomicBool,
+    /// Switchover: heartbeats now say "take over".
+    pub handing_over: AtomicBool,
     pub backup_lost: AtomicBool,
 }
 
@@ -229,14 +234,17 @@ impl Primary {
                 while !s.stop.load(Ordering::Relaxed) {
                     if Instant::now() >= next_send {
                         seq += 1;
+                        // A hand-over beat carries the sequence number u64::MAX.
+                        let handing_over = s.stats.handing_over.load(Ordering::SeqCst);
                         let hb = Heartbeat {
                             role: Role::Primary,
-                            seq,
+                            seq: if handing_over { u64::MAX } else { seq },
                             outputs_done: s.stats.outputs_done.load(Ordering::Relaxed),
                             lsn: 0,
                         };
                         let _ = udp.send(&hb.encode());
-                        next_send = Instant::now() + HEARTBEAT_INTERVAL;
+                        next_send =
+                            Instant::now() + if handing_over { HEARTBEAT_INTERVAL / 5 } else { HEARTBEAT_INTERVAL };
                     }
                     if let Ok(n) = udp.recv(&mut buf) {
                         if Heartbeat::decode(&buf[..n]).is_some_and(|h| h.role == Role::Backup) {
@@ -379,5 +387,19 @@ impl OutputGate for PrimaryGate {
 
     fn finish(&mut self) {
         self.stats.ending.store(true, Ordering::SeqCst);
+    }
+
+    fn handover(&mut self) {
+        let start = std::time::Instant::now();
+        while self.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
+            && !self.stats.backup_lost.load(Ordering::SeqCst)
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.stats.ending.store(true, Ordering::SeqCst);
+        self.stats.handing_over.store(true, Ordering::SeqCst);
+        // Let the heartbeat thread send the hand-over beats.
+        std::thread::sleep(crate::HEARTBEAT_INTERVAL * 3);
     }
 }

@@ -40,6 +40,8 @@ pub enum VmOutcome {
     KvmFailure { what: String, dump: Box<RegisterDump> },
     /// The operator stopped the VM (SIGINT or SIGTERM).
     OperatorStop,
+    /// A primary handed the VM over to its backup (`ftvm ctl switchover`).
+    Switchover,
     /// Recording stopped: the log reached its size limit or could not be written.
     RecordingStopped(String),
     /// Replay reached the point where the recording was stopped from outside (operator stop,
@@ -64,6 +66,7 @@ impl VmOutcome {
             VmOutcome::ReplayStopped(ReplayStop::LogCorrupt { .. }) => 10,
             VmOutcome::ReplayReachedEnd(_) => 0,
             VmOutcome::OperatorStop => 130,
+            VmOutcome::Switchover => 0,
         }
     }
 
@@ -73,7 +76,7 @@ impl VmOutcome {
             VmOutcome::PowerOff => EndReason::GuestPowerOff,
             VmOutcome::Reset => EndReason::GuestReset,
             VmOutcome::TripleFault(_) => EndReason::TripleFault,
-            VmOutcome::OperatorStop => EndReason::OperatorStop,
+            VmOutcome::OperatorStop | VmOutcome::Switchover => EndReason::OperatorStop,
             VmOutcome::RecordingStopped(_) => EndReason::SizeLimit,
             VmOutcome::ReplayReachedEnd(r) => r.clone(),
             VmOutcome::HaltedForever(_) => EndReason::Error("guest halted for good".into()),
@@ -95,6 +98,7 @@ impl fmt::Display for VmOutcome {
             ),
             VmOutcome::KvmFailure { what, dump } => write!(f, "KVM could not run the guest: {what}\n{dump}"),
             VmOutcome::OperatorStop => write!(f, "stopped by the operator"),
+            VmOutcome::Switchover => write!(f, "handed over to the backup"),
             VmOutcome::RecordingStopped(why) => write!(f, "recording stopped: {why}"),
             VmOutcome::ReplayReachedEnd(r) => write!(f, "replay reached the end of the recording ({r})"),
             VmOutcome::ReplayStopped(ReplayStop::Diverged(d)) => write!(f, "{d}"),
@@ -271,7 +275,14 @@ impl VcpuLoop {
             self.vcpu.set_sync_valid_reg(SyncReg::Register);
         }
         let mut outcome = self.run_loop();
-        if let Ok(o) = &outcome {
+        if let Ok(VmOutcome::Switchover) = &outcome {
+            // No END: the backup carries on from the last exit logged here.
+            self.flush_console();
+            self.events.flush_log();
+            if let Some(g) = &mut self.gate {
+                g.handover();
+            }
+        } else if let Ok(o) = &outcome {
             self.flush_console();
             if let Some(g) = &mut self.gate {
                 g.finish();
@@ -783,6 +794,9 @@ impl VcpuLoop {
     fn control_point(&self) -> Option<VmOutcome> {
         let control = self.control.as_ref()?;
         control.publish(&self.status_figures());
+        if control.switchover_requested() && self.gate.is_some() {
+            return Some(VmOutcome::Switchover);
+        }
         let parked = control.pause_requested() && control.park_if_paused(&crate::kick::stop_requested);
         (parked && crate::kick::stop_requested()).then_some(VmOutcome::OperatorStop)
     }

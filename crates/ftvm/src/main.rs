@@ -107,6 +107,9 @@ enum CtlAction {
     Pause,
     /// Resume a paused guest (an error if it is not paused).
     Resume,
+    /// Hand over on purpose: a protected primary stops at an exit, lets the backup catch up
+    /// and acknowledge every output, tells it, and exits; the backup goes live at once.
+    Switchover,
     /// Snapshot the VM to DIR (not implemented yet).
     Snapshot {
         #[arg(value_name = "DIR")]
@@ -326,6 +329,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
             })
         }
         CtlAction::Status { json: false } => client::status(path).map(|s| print!("{}", s.to_text())),
+        CtlAction::Switchover => client::switchover(path).map(|state| println!("{state}")),
         CtlAction::Pause => client::pause(path).map(|state| match state.as_str() {
             "paused" => println!("paused"),
             other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),

@@ -233,3 +233,43 @@ fn a_peer_speaking_another_protocol_is_refused() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("not an ftvm log"), "{err}");
 }
+
+#[test]
+fn ctl_switchover_hands_over_with_no_lost_or_repeated_output() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-switchover");
+    let addr = format!("127.0.0.1:{}", port(21));
+    let arbiter = dir.join("arbiter.lock");
+    let sock = dir.join("primary.sock");
+    let cmdline = "hello.wait_ms=2000";
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .args(["primary", "--backup", &addr])
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--arbiter")
+        .arg(&arbiter)
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .args(["--cmdline", cmdline])
+        .arg("--console")
+        .arg(format!("file:{}", dir.join("p.txt").display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let out = Command::new(env!("CARGO_BIN_EXE_ftvm")).arg("ctl").arg(&sock).arg("switchover").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (pc, perr) = wait(&mut p, Duration::from_secs(20));
+    assert_eq!(pc, Some(0), "{perr}");
+    let (bc, berr) = wait(&mut b, Duration::from_secs(20));
+    assert_eq!(bc, Some(0), "{berr}");
+    assert!(berr.contains("hands over") && berr.contains("TAKEOVER"), "{berr}");
+    let together =
+        std::fs::read_to_string(dir.join("p.txt")).unwrap() + &std::fs::read_to_string(dir.join("b.txt")).unwrap();
+    let (_, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
+    assert_eq!(stable(&together), stable(&alone));
+}

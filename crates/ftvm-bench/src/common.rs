@@ -1,0 +1,499 @@
+//! What the suites share: command-line options, running and timing child processes,
+//! medians, the machine description, parsing ftvm's summary line, writing results.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+/// Options every suite takes (global: they go before or after the suite's name).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Runs per engine and scenario (default: run-vs-qemu 10, record-replay 3, kvstore 3).
+    #[arg(long, global = true)]
+    pub runs: Option<usize>,
+    /// The ftvm binary (build it with `cargo build --release -p ftvm`).
+    #[arg(long, global = true, default_value = "target/release/ftvm")]
+    pub ftvm: PathBuf,
+    /// The QEMU binary.
+    #[arg(long, global = true, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Directory of the guest images (`cargo xtask guests`).
+    #[arg(long, global = true, default_value = "target/guests")]
+    pub guests: PathBuf,
+    /// Where the results (one JSON and one SVG per suite) and the suites' scratch files go.
+    #[arg(long, global = true, default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+impl Common {
+    /// The same options with `ftvm` replaced by a copy in `dir`, so that a rebuild while a
+    /// suite runs (others share target/) cannot change what is measured.
+    pub fn with_ftvm_copy(&self, dir: &Path) -> Result<Common> {
+        require_file(&self.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
+        std::fs::create_dir_all(dir)?;
+        let copy = dir.join("ftvm");
+        let _ = std::fs::remove_file(&copy);
+        std::fs::copy(&self.ftvm, &copy).with_context(|| format!("copying {}", self.ftvm.display()))?;
+        Ok(Common { ftvm: std::fs::canonicalize(copy)?, ..self.clone() })
+    }
+}
+
+/// Set by SIGINT/SIGTERM: waits give up, guards clean up (VMs, topology), the suite fails.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Routes SIGINT and SIGTERM to the flag above, so that a stopped benchmark still tears down
+/// what it built. Children get the default handlers back at exec.
+pub fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps, but gives up early when interrupted.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupted()?;
+        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+    }
+    check_interrupted()
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Samples and their median.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Series {
+    pub samples: Vec<f64>,
+    pub median: f64,
+}
+
+impl Series {
+    pub fn push(&mut self, v: f64) {
+        self.samples.push(v);
+        self.median = median(&self.samples);
+    }
+}
+
+/// A ratio of medians, with the goal it is held to (if any).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub name: String,
+    pub value: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub met: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Ratio {
+    pub fn new(name: impl Into<String>, value: f64) -> Ratio {
+        Ratio { name: name.into(), value, goal: None, met: None, note: None }
+    }
+    /// Goal `value <= max`.
+    pub fn at_most(mut self, max: f64) -> Ratio {
+        self.goal = Some(format!("<= {max}"));
+        self.met = Some(self.value <= max);
+        self
+    }
+    /// Goal `value >= min`.
+    pub fn at_least(mut self, min: f64) -> Ratio {
+        self.goal = Some(format!(">= {min}"));
+        self.met = Some(self.value >= min);
+        self
+    }
+    pub fn note(mut self, note: impl Into<String>) -> Ratio {
+        self.note = Some(note.into());
+        self
+    }
+    pub fn goal_text(&self) -> String {
+        match (&self.goal, self.met) {
+            (Some(g), Some(true)) => format!("goal {g}: met"),
+            (Some(g), Some(false)) => format!("goal {g}: NOT met"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The machine and the programs compared, for every report.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub kvm: String,
+    pub ftvm_version: String,
+    pub qemu_version: String,
+    pub unix_time: u64,
+}
+
+impl Machine {
+    pub fn describe(common: &Common) -> Result<Machine> {
+        require_file(&common.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
+        let ftvm_version = capture(Command::new(&common.ftvm).arg("--version"))?.trim().to_string();
+        let qemu_version = capture(Command::new(&common.qemu).arg("--version"))
+            .with_context(|| {
+                format!("cannot run {}; install Debian's qemu-system-x86 (scripts/deps.sh)", common.qemu.display())
+            })?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.to_string()))
+            .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_default();
+        Ok(Machine {
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpu,
+            kvm: ftvm_version
+                .split_once('(')
+                .map(|(_, k)| k.strip_suffix(')').unwrap_or(k).to_string())
+                .unwrap_or_default(),
+            ftvm_version,
+            qemu_version,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+
+    pub fn print(&self, runs: &str) {
+        println!("machine: {} cores, {} ({})", self.cores, self.cpu, self.kvm);
+        println!("ftvm: {}\nqemu: {}\nruns: {runs}\n", self.ftvm_version, self.qemu_version);
+    }
+}
+
+pub fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {
+    if !path.is_file() {
+        bail!("{what} not found at {}; {hint}", path.display());
+    }
+    Ok(())
+}
+
+/// Finds a program the way the shell would (a name with a slash is a path).
+pub fn which(prog: &Path, hint: &str) -> Result<PathBuf> {
+    if prog.components().count() > 1 {
+        return if prog.is_file() { Ok(prog.to_path_buf()) } else { bail!("{} not found; {hint}", prog.display()) };
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{} not found in PATH; {hint}", prog.display()))
+}
+
+/// Effective user id 0 (from /proc, so no unsafe call is needed).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        .unwrap_or(false)
+}
+
+/// Copies the named guest images into `dir`, so that a guest rebuilt while a suite runs
+/// cannot change what is measured (and replay finds the image it recorded).
+pub fn snapshot_images(guests: &Path, names: &[&str], dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let src = guests.join(format!("{name}.elf"));
+        require_file(&src, &format!("guest image {name}.elf"), "build the guests with `cargo xtask guests`")?;
+        let dst = dir.join(format!("{name}.elf"));
+        std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        out.insert(name.to_string(), std::fs::canonicalize(&dst)?);
+    }
+    Ok(out)
+}
+
+/// Writes `NAME.json` and `NAME.svg` under `out`; returns their paths.
+pub fn write_results<T: Serialize>(out: &Path, name: &str, report: &T, svg: &str) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out)?;
+    let json = out.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
+    let svg_path = out.join(format!("{name}.svg"));
+    std::fs::write(&svg_path, svg)?;
+    Ok((json, svg_path))
+}
+
+/// The counts in ftvm's summary line, e.g. "... after 3.021 s (546 exits: 544 port I/O,
+/// 2 MMIO, 0 HLT, 0 MSR; 141 interrupts, 0 kicks) ...".
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExitSummary {
+    pub seconds: f64,
+    pub exits: u64,
+    pub port_io: u64,
+    pub mmio: u64,
+    pub hlt: u64,
+    pub msr: u64,
+    pub interrupts: u64,
+    pub kicks: u64,
+}
+
+impl ExitSummary {
+    /// Parses the last summary line found in ftvm's standard error.
+    pub fn parse(stderr: &str) -> Option<ExitSummary> {
+        let line = stderr.lines().rev().find(|l| l.contains(" exits: ") && l.contains(" after "))?;
+        let mut s = ExitSummary::default();
+        let after = &line[line.find(" after ")? + 7..];
+        s.seconds = after.split_whitespace().next()?.parse().ok()?;
+        let open = line.find(" exits: ").and_then(|i| line[..i].rfind('('))?;
+        let close = open + line[open..].find(')')?;
+        for part in line[open + 1..close].split([',', ';', ':']) {
+            let mut words = part.split_whitespace();
+            let Some(n) = words.next().and_then(|n| n.parse::<u64>().ok()) else { continue };
+            match words.collect::<Vec<_>>().join(" ").as_str() {
+                "exits" => s.exits = n,
+                "port I/O" => s.port_io = n,
+                "MMIO" => s.mmio = n,
+                "HLT" => s.hlt = n,
+                "MSR" => s.msr = n,
+                "interrupts" => s.interrupts = n,
+                "kicks" => s.kicks = n,
+                _ => {}
+            }
+        }
+        Some(s)
+    }
+}
+
+/// The outcome of a child process.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub wall: Duration,
+    pub first_output: Option<Duration>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn wall_s(&self) -> f64 {
+        self.wall.as_secs_f64()
+    }
+    /// The guest's `digest:` line, if it printed one.
+    pub fn digest(&self) -> Option<&str> {
+        self.stdout.lines().find(|l| l.starts_with("digest:")).map(str::trim)
+    }
+    /// A short account of what went wrong, for error messages.
+    pub fn describe(&self) -> String {
+        let tail =
+            |s: &str| s.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        format!("{}; console:\n{}\nstderr:\n{}", self.status, tail(&self.stdout), tail(&self.stderr))
+    }
+}
+
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    first: Option<Instant>,
+}
+
+/// A running child whose output is collected by threads and whose exit is timed by a
+/// waiter thread (so the wall time is exact, not rounded to a polling period). Dropping it
+/// kills the child.
+pub struct Running {
+    label: String,
+    pid: i32,
+    start: Instant,
+    out: Arc<(Mutex<Captured>, Condvar)>,
+    err: Arc<Mutex<Vec<u8>>>,
+    done: mpsc::Receiver<(std::io::Result<ExitStatus>, Instant)>,
+    threads: Vec<JoinHandle<()>>,
+    exited: Option<(ExitStatus, Instant)>,
+}
+
+impl Running {
+    pub fn spawn(label: impl Into<String>, cmd: &mut Command) -> Result<Running> {
+        let label = label.into();
+        check_interrupted()?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child: Child = cmd.spawn().with_context(|| format!("cannot start {label}: {cmd:?}"))?;
+        let pid = child.id() as i32;
+        let mut stdout = child.stdout.take().context("no stdout")?;
+        let mut stderr = child.stderr.take().context("no stderr")?;
+        let out = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let (tx, done) = mpsc::channel();
+        let o = out.clone();
+        let e = err.clone();
+        let threads = vec![
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                    let (m, cv) = &*o;
+                    let mut c = m.lock().unwrap();
+                    c.first.get_or_insert_with(Instant::now);
+                    c.bytes.extend_from_slice(&buf[..n]);
+                    cv.notify_all();
+                }
+            }),
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                    e.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }),
+            std::thread::spawn(move || {
+                let r = child.wait();
+                let _ = tx.send((r, Instant::now()));
+            }),
+        ];
+        Ok(Running { label, pid, start, out, err, done, threads, exited: None })
+    }
+
+    fn poll_exit(&mut self, timeout: Duration) -> Result<bool> {
+        if self.exited.is_some() {
+            return Ok(true);
+        }
+        match self.done.recv_timeout(timeout) {
+            Ok((Ok(status), at)) => {
+                self.exited = Some((status, at));
+                Ok(true)
+            }
+            Ok((Err(e), _)) => Err(e).with_context(|| format!("waiting for {}", self.label)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(false),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("lost the waiter of {}", self.label),
+        }
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.out.0.lock().unwrap().bytes).into_owned()
+    }
+
+    /// Waits until the child prints `text` on standard output.
+    pub fn wait_for_output(&mut self, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let (m, cv) = &*self.out;
+                let c = m.lock().unwrap();
+                if String::from_utf8_lossy(&c.bytes).contains(text) {
+                    return Ok(());
+                }
+                let _ = cv.wait_timeout(c, Duration::from_millis(50)).unwrap();
+            }
+            check_interrupted()?;
+            if self.poll_exit(Duration::ZERO)? {
+                let f = self.collect()?;
+                bail!("{} exited before printing {text:?}: {}", self.label, f.describe());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not print {text:?} within {} s; console so far:\n{}",
+                    self.label,
+                    timeout.as_secs(),
+                    self.stdout_text()
+                );
+            }
+        }
+    }
+
+    /// Waits for the child to exit; kills it after `timeout` (an error).
+    pub fn finish(mut self, timeout: Duration) -> Result<Finished> {
+        let deadline = Instant::now() + timeout;
+        while !self.poll_exit(Duration::from_millis(50))? {
+            check_interrupted()?;
+            if Instant::now() >= deadline {
+                self.signal(libc::SIGKILL);
+                bail!("{} ran for more than {} s (killed)", self.label, timeout.as_secs());
+            }
+        }
+        self.collect()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns how it ended.
+    pub fn terminate(mut self, grace: Duration) -> Result<Finished> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while !self.poll_exit(Duration::from_millis(50))? {
+            if Instant::now() >= deadline {
+                self.signal(libc::SIGKILL);
+                self.poll_exit(Duration::from_secs(10))?;
+                break;
+            }
+        }
+        self.collect()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if self.exited.is_none() {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped until `exited` is set.
+            unsafe { libc::kill(self.pid, sig) };
+        }
+    }
+
+    fn collect(&mut self) -> Result<Finished> {
+        let (status, at) = self.exited.with_context(|| format!("{} has not exited", self.label))?;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let out = self.out.0.lock().unwrap();
+        Ok(Finished {
+            status,
+            wall: at - self.start,
+            first_output: out.first.map(|f| f - self.start),
+            stdout: String::from_utf8_lossy(&out.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned(),
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.poll_exit(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Runs a command to completion.
+pub fn run(label: &str, cmd: &mut Command, timeout: Duration) -> Result<Finished> {
+    Running::spawn(label, cmd)?.finish(timeout)
+}
