@@ -25,22 +25,33 @@ cp "$W/disk-primary.img" "$W/disk-backup.img"
 vm=(--kernel "$G/kvstore.elf" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock")
 ip netns exec "$P-h2" "$F" backup --listen 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-backup.img" \
   --console "file:$W/backup.console" 2> >(sed 's/^/[backup]  /' >&2) &
+disown $!
 sleep 0.5
 ip netns exec "$P-h1" "$F" primary --backup 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-primary.img" \
   --console "file:$W/primary.console" 2> >(sed 's/^/[primary] /' >&2) &
+disown $!
 client() { ip netns exec "$P-c" "$@"; }
 for _ in $(seq 50); do client redis-cli -h 10.0.0.2 PING >/dev/null 2>&1 && break; sleep 0.2; done
 echo "== the protected VM answers: $(client redis-cli -h 10.0.0.2 PING)"
 for i in $(seq 1 20); do client redis-cli -h 10.0.0.2 SET "key$i" "value$i" >/dev/null; done
 echo "== 20 acknowledged SETs; redis-benchmark against the pair:"
 client redis-benchmark -h 10.0.0.2 -t set,get -n 5000 -c 20 -q 2>/dev/null | tr '\r' '\n' | grep -E '^(SET|GET): [0-9]'
-echo "== killing the primary with SIGKILL"
+echo "== a client holds ONE TCP connection doing INCR/SET (scripts/kv-checker.py); killing the primary with SIGKILL"
+client python3 scripts/kv-checker.py 10.0.0.2 6379 6 > "$W/checker.json" &
+checker=$!
+sleep 2
 pkill -9 -f "ftvm primary .*$W"
-sleep 1.5
+wait "$checker" && held=ok || held=broken
+echo "== the same connection after failover: $(cat "$W/checker.json")"
 missing=0
 for i in $(seq 1 20); do
   [ "$(client redis-cli -h 10.0.0.2 GET "key$i")" = "value$i" ] || missing=$((missing + 1))
 done
 echo "== after failover: $((20 - missing)) of 20 acknowledged writes readable"
 client redis-benchmark -h 10.0.0.2 -t set,get -n 5000 -c 20 -q 2>/dev/null | tr '\r' '\n' | grep -E '^(SET|GET): [0-9]'
-[ "$missing" = 0 ] && echo "== demo passed: the VM survived the loss of its host" || { echo "== demo FAILED" >&2; exit 1; }
+if [ "$missing" = 0 ] && [ "$held" = ok ]; then
+  echo "== demo passed: the VM survived the loss of its host; the client's connection was never reset"
+else
+  echo "== demo FAILED" >&2
+  exit 1
+fi
