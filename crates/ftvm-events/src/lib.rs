@@ -646,3 +646,98 @@ mod tests {
         assert!(!src.frames_open());
     }
 }
+
+#[cfg(test)]
+mod journal_tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use ftvm_devices::{GuestClock, HostInputs};
+    use ftvm_log::{EndReason, LogHeader, LogReader, LogWriter};
+
+    use super::*;
+
+    /// A log in memory: the writer appends to a shared buffer the test reads back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sig(kind: u8, addr: u64, rip: u64) -> ExitSignature {
+        ExitSignature { kind, addr, size: 1, data: 0, rip }
+    }
+
+    /// One scripted run: exits with signatures, a clock read, entropy, an output, END.
+    fn script(src: &mut EventSource, rip_at_2: u64) -> (u64, Vec<u8>) {
+        src.counted_exit();
+        src.exit_signature(sig(exit_kind::IO_OUT, 0x3f8, 0x1000));
+        src.output(ftvm_log::OUTPUT_CONSOLE, b"h");
+        src.counted_exit();
+        let t = src.now();
+        src.exit_signature(sig(exit_kind::IO_IN, 0x40, 0x1010));
+        src.counted_exit();
+        let mut e = [0u8; 8];
+        assert!(src.entropy(&mut e));
+        src.exit_signature(sig(exit_kind::MMIO_WRITE, 0xd000_0050, rip_at_2));
+        src.output(ftvm_log::OUTPUT_CONSOLE, b"i");
+        (t, e.to_vec())
+    }
+
+    fn recorded() -> Vec<u8> {
+        let buf = Shared::default();
+        let writer = LogWriter::new(Box::new(buf.clone()) as Box<dyn Write + Send>, &LogHeader::default()).unwrap();
+        let mut src = EventSource::record(0, writer);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        script(&mut src, 0x2000);
+        src.end(EndReason::GuestPowerOff).unwrap();
+        let bytes = buf.0.lock().unwrap().clone();
+        bytes
+    }
+
+    fn replayer(bytes: Vec<u8>) -> EventSource {
+        let (reader, _) =
+            LogReader::open(Box::new(std::io::Cursor::new(bytes)) as Box<dyn std::io::Read + Send>).unwrap();
+        EventSource::replay(0, reader)
+    }
+
+    #[test]
+    fn a_replay_gets_the_recorded_inputs_and_agrees() {
+        let mut src = replayer(recorded());
+        let (t, entropy) = script(&mut src, 0x2000);
+        assert!(t > 0, "the clock reading comes from the log");
+        assert_eq!(entropy.len(), 8);
+        src.end(EndReason::GuestPowerOff).unwrap();
+        assert_eq!(src.replay_stop(), None);
+    }
+
+    #[test]
+    fn a_different_exit_is_a_divergence_with_its_position() {
+        let mut src = replayer(recorded());
+        script(&mut src, 0x2222); // a different RIP at exit 2
+        match src.replay_stop() {
+            Some(ReplayStop::Diverged(d)) => {
+                assert_eq!(d.exit, 2);
+                assert!(d.expected.contains("rip=0x2000") && d.actual.contains("rip=0x2222"), "{d}");
+                assert_eq!(d.last_agreement, Some(1));
+            }
+            other => panic!("expected a divergence, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cut_log_says_it_ends_early() {
+        let bytes = recorded();
+        let mut src = replayer(bytes[..bytes.len() - 30].to_vec());
+        script(&mut src, 0x2000);
+        src.end(EndReason::GuestPowerOff).unwrap();
+        assert!(matches!(src.replay_stop(), Some(ReplayStop::LogEndsEarly { .. })), "{:?}", src.replay_stop());
+    }
+}
