@@ -120,22 +120,27 @@ pub struct Ratio {
     pub met: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The goal's bound, for charts.
+    #[serde(skip)]
+    pub bound: Option<f64>,
 }
 
 impl Ratio {
     pub fn new(name: impl Into<String>, value: f64) -> Ratio {
-        Ratio { name: name.into(), value, goal: None, met: None, note: None }
+        Ratio { name: name.into(), value, goal: None, met: None, note: None, bound: None }
     }
     /// Goal `value <= max`.
     pub fn at_most(mut self, max: f64) -> Ratio {
         self.goal = Some(format!("<= {max}"));
         self.met = Some(self.value <= max);
+        self.bound = Some(max);
         self
     }
     /// Goal `value >= min`.
     pub fn at_least(mut self, min: f64) -> Ratio {
         self.goal = Some(format!(">= {min}"));
         self.met = Some(self.value >= min);
+        self.bound = Some(min);
         self
     }
     pub fn note(mut self, note: impl Into<String>) -> Ratio {

@@ -4,10 +4,9 @@
 //! (KVM, TAP, virtio-mmio). Writes kvstore.{json,svg}.
 //!
 //! Every VM session boots on a fresh blank disk, waits for `kvstore: listening`, then runs
-//! one redis-benchmark per (clients, test), SET and GET in separate invocations (in one
-//! invocation the next test's connections arrive while the guest still holds the last test's
-//! sockets, and above ~40 clients that stalls it). Sessions rotate engines so that machine
-//! noise hits all alike. A recording's log gives exits and log bytes per request: each
+//! one redis-benchmark per (clients, test), SET and GET in separate invocations (so each has
+//! its own time window in the log, and a pause lets the last test's connections close).
+//! Sessions rotate engines so that machine noise hits all alike. A recording's log gives exits and log bytes per request: each
 //! benchmark's host-time window is mapped to guest time through the log's CLOCK records.
 
 use std::collections::BTreeMap;
@@ -324,16 +323,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         ratios,
         sessions,
     };
-    let labels: Vec<(String, f64, Option<f64>)> = report
-        .ratios
-        .iter()
-        .map(|r| {
-            let goal = r.goal.as_ref().and_then(|g| g.trim_start_matches(['<', '>', '=', ' ']).parse().ok());
-            (r.name.clone(), r.value, goal)
-        })
-        .collect();
     let bars: Vec<plot::Bar> =
-        labels.iter().map(|(l, v, g)| plot::Bar { label: l.as_str(), value: *v, goal: *g }).collect();
+        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
     let svg = plot::bars("kvstore under redis-benchmark: throughput ratios (medians)", &bars);
     let (json, svg) = common::write_results(&common.out, "kvstore", &report, &svg)?;
     print_table(&report);
