@@ -22,7 +22,7 @@ fn side(role: &str, addr: &str, arbiter: &Path, console: &Path, cmdline: &str) -
     } else {
         c.args(["--backup", addr]);
     }
-    c.arg("--arbiter").arg(arbiter);
+    c.args(["--timeout", "1200"]).arg("--arbiter").arg(arbiter);
     c.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
     c.arg("--console").arg(format!("file:{}", console.display()));
     c.stderr(Stdio::piped()).spawn().unwrap()
@@ -165,7 +165,7 @@ fn crash_window(window: u8) {
     std::thread::sleep(Duration::from_millis(300));
     let mut p = Command::new(env!("CARGO_BIN_EXE_ftvm"));
     p.env("FTVM_TEST_CRASH", format!("{window}:100"));
-    p.args(["primary", "--backup", &addr]).arg("--arbiter").arg(&arbiter);
+    p.args(["primary", "--backup", &addr]).args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter);
     p.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
     p.arg("--console").arg(format!("file:{}", dir.join("p.txt").display()));
     let mut p = p.stderr(Stdio::piped()).spawn().unwrap();
@@ -250,6 +250,7 @@ fn ctl_switchover_hands_over_with_no_lost_or_repeated_output() {
         .args(["primary", "--backup", &addr])
         .arg("--api-socket")
         .arg(&sock)
+        .args(["--timeout", "1200"])
         .arg("--arbiter")
         .arg(&arbiter)
         .arg("--kernel")

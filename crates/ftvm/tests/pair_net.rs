@@ -23,6 +23,7 @@ fn start_side(net: &Topology, role: &str, dir: &Path) -> Child {
     net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"))
         .arg(role)
         .args(peer_arg)
+        .args(["--timeout", "1200"])
         .arg("--arbiter")
         .arg(dir.join("arbiter.lock"))
         .arg("--kernel")
