@@ -411,6 +411,33 @@ impl Running {
         String::from_utf8_lossy(&self.out.0.lock().unwrap().bytes).into_owned()
     }
 
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the child prints `text` on standard error.
+    pub fn wait_for_stderr(&mut self, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr_text().contains(text) {
+            check_interrupted()?;
+            if self.poll_exit(Duration::from_millis(20))? {
+                let f = self.collect()?;
+                bail!("{} exited before printing {text:?}: {}", self.label, f.describe());
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not print {text:?} within {} s", self.label, timeout.as_secs());
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL now; returns how it ended.
+    pub fn kill(mut self) -> Result<Finished> {
+        self.signal(libc::SIGKILL);
+        self.poll_exit(Duration::from_secs(10))?;
+        self.collect()
+    }
+
     /// Waits until the child prints `text` on standard output.
     pub fn wait_for_output(&mut self, text: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running, Series};
 use crate::plot;
 
-const GUEST_IP: &str = "10.0.0.2";
-const READY: &str = "kvstore: listening";
+pub(crate) const GUEST_IP: &str = "10.0.0.2";
+pub(crate) const READY: &str = "kvstore: listening";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,17 +75,17 @@ impl Engine {
 
 /// One redis-benchmark run.
 #[derive(Debug, Clone, Serialize)]
-struct Bench {
-    test: String,
-    clients: u32,
-    requests: u64,
-    rps: f64,
+pub(crate) struct Bench {
+    pub(crate) test: String,
+    pub(crate) clients: u32,
+    pub(crate) requests: u64,
+    pub(crate) rps: f64,
     avg_ms: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
     retried: bool,
     #[serde(skip)]
-    window_unix_ns: (u64, u64),
+    pub(crate) window_unix_ns: (u64, u64),
     /// From the recording's log (ftvm record only).
     #[serde(skip_serializing_if = "Option::is_none")]
     exits_per_request: Option<f64>,
@@ -147,20 +147,21 @@ struct Report {
 }
 
 /// The test network; torn down when dropped, so also on errors and interrupts.
-struct Topology {
+pub(crate) struct Topology {
     script: PathBuf,
     prefix: String,
 }
 
 impl Topology {
-    fn up(script: &Path) -> Result<Topology> {
+    /// `scripts/topology.sh up PREFIX HOSTS` under a free prefix.
+    pub(crate) fn up(script: &Path, hosts: u32) -> Result<Topology> {
         let existing = common::capture(Command::new("ip").args(["netns", "list"]))?;
         let pid = std::process::id();
         let prefix = (0..100)
             .map(|i| format!("kb{}", (pid + i) % 1_000_000))
             .find(|p| !existing.contains(&format!("{p}-lan")))
             .context("no free topology prefix")?;
-        let out = Command::new(script).args(["up", &prefix, "1"]).output()?;
+        let out = Command::new(script).args(["up", &prefix, &hosts.to_string()]).output()?;
         // From here on, Drop removes whatever `up` built, even when it failed half-way.
         let topo = Topology { script: script.to_path_buf(), prefix };
         if !out.status.success() {
@@ -171,10 +172,15 @@ impl Topology {
     }
 
     fn host(&self) -> String {
-        format!("{}-h1", self.prefix)
+        self.host_n(1)
     }
 
-    fn client(&self) -> String {
+    /// The namespace of host `n` (1-based).
+    pub(crate) fn host_n(&self, n: u32) -> String {
+        format!("{}-h{n}", self.prefix)
+    }
+
+    pub(crate) fn client(&self) -> String {
         format!("{}-c", self.prefix)
     }
 }
@@ -243,7 +249,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if !args.no_qemu {
         engines.push(Engine::Qemu);
     }
-    let topo = Topology::up(&args.topology)?;
+    let topo = Topology::up(&args.topology, 1)?;
     let mut sessions = Vec::new();
     for rep in 0..runs {
         for k in 0..engines.len() {
@@ -375,7 +381,7 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
     for &c in &ctx.args.clients {
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            benches.push(bench(ctx, topo, test, c, n).with_context(|| {
+            benches.push(bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", engine.label(), rep + 1, vm.stdout_text())
             })?);
         }
@@ -415,13 +421,13 @@ fn engine_tag(e: Engine) -> &'static str {
 }
 
 /// One redis-benchmark run (retried once if it fails or hangs).
-fn bench(ctx: &Ctx, topo: &Topology, test: &str, clients: u32, requests: u64) -> Result<Bench> {
+pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients: u32, requests: u64) -> Result<Bench> {
     let mut last_error = None;
     for attempt in 0..2 {
         // Let the last run's connections close in the guest first.
         common::sleep(Duration::from_millis(if attempt == 0 { 500 } else { 3000 }))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &topo.client()]).arg(&ctx.redis_benchmark);
+        cmd.args(["netns", "exec", &topo.client()]).arg(redis_benchmark);
         cmd.args(["-h", GUEST_IP, "-p", "6379", "-c", &clients.to_string(), "-n", &requests.to_string()]);
         cmd.args(["-t", &test.to_lowercase(), "--csv"]);
         let t0 = unix_ns();

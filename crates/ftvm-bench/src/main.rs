@@ -4,10 +4,12 @@
 //!
 //! - `run-vs-qemu` (the default): `ftvm run` vs QEMU microvm (KVM): boot, compute, port I/O;
 //! - `record-replay`: `ftvm run`/`record`/`replay` times and log sizes, QEMU TCG record/replay;
-//! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU.
+//! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU;
+//! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage.
 
 mod common;
 mod kvstore;
+mod pair;
 mod plot;
 mod rr;
 mod vs_qemu;
@@ -35,6 +37,8 @@ enum Suite {
     RecordReplay(rr::Args),
     /// redis-benchmark against the kvstore guest: ftvm run, ftvm record, QEMU microvm (root).
     Kvstore(kvstore::Args),
+    /// The kvstore guest protected by a pair vs unprotected; log bandwidth, failover outage (root).
+    Pair(pair::Args),
 }
 
 fn main() -> Result<()> {
@@ -44,5 +48,6 @@ fn main() -> Result<()> {
         None | Some(Suite::RunVsQemu) => vs_qemu::run(&cli.common, cli.io_count),
         Some(Suite::RecordReplay(a)) => rr::run(&cli.common, a),
         Some(Suite::Kvstore(a)) => kvstore::run(&cli.common, a),
+        Some(Suite::Pair(a)) => pair::run(&cli.common, a),
     }
 }

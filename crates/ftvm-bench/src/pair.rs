@@ -1,0 +1,503 @@
+//! The `pair` suite (issue 5, benchmarks): the kvstore guest under redis-benchmark, protected
+//! by a fault-tolerant pair (`ftvm primary` on host 1, `ftvm backup` on host 2 of a 2-host
+//! topology, log over rep0) against the same VM unprotected (`ftvm run` on host 1), sessions
+//! alternating. Also the log bandwidth of the protected runs (from the primary's control API,
+//! `log.bytes` before and after each benchmark) and the client-observed outage when the
+//! primary is SIGKILLed under `scripts/kv-checker.py`. Writes pair.{json,svg}.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use crate::kvstore::{self, Bench, Topology, GUEST_IP, READY};
+use crate::plot;
+
+/// The backup's address on the replication link (host 2's rep0).
+const BACKUP_IP: &str = "10.99.0.2";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Client counts (redis-benchmark -c), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,20,50")]
+    clients: Vec<u32>,
+    /// Requests per redis-benchmark run (one test, SET or GET) with several clients.
+    #[arg(long, default_value_t = 10_000)]
+    requests: u64,
+    /// Requests per run with one client.
+    #[arg(long, default_value_t = 5_000)]
+    requests_single: u64,
+    /// The redis-benchmark binary (Debian's redis-tools).
+    #[arg(long, default_value = "redis-benchmark")]
+    redis_benchmark: PathBuf,
+    /// The topology script (run from the repository root, or give its path).
+    #[arg(long, default_value = "scripts/topology.sh")]
+    topology: PathBuf,
+    /// The failover checker (run from the repository root, or give its path).
+    #[arg(long, default_value = "scripts/kv-checker.py")]
+    checker: PathBuf,
+    /// Size of each VM's fresh blank raw disk, MiB.
+    #[arg(long, default_value_t = 64)]
+    disk_mib: u64,
+    /// Seconds the checker runs; the primary is killed `--kill-after` seconds in.
+    #[arg(long, default_value_t = 8)]
+    checker_s: u64,
+    /// Seconds into the checker's run at which the primary gets SIGKILL.
+    #[arg(long, default_value_t = 3.0)]
+    kill_after: f64,
+    /// Seconds of idle time over which the idle log bandwidth is measured.
+    #[arg(long, default_value_t = 2.0)]
+    idle_s: f64,
+    /// Skip the failover measurement.
+    #[arg(long)]
+    no_failover: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// `ftvm run` on host 1.
+    Unprotected,
+    /// `ftvm primary` on host 1, `ftvm backup` on host 2.
+    Protected,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Unprotected => "unprotected",
+            Mode::Protected => "protected",
+        }
+    }
+}
+
+/// One redis-benchmark run and, protected, the log the primary sent meanwhile.
+#[derive(Debug, Serialize)]
+struct PairBench {
+    #[serde(flatten)]
+    bench: Bench,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_mbit_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_bytes_per_request: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Failover {
+    /// The checker's JSON line (ops, errors, reset, counter_gaps, lost_sets, outage_ms).
+    checker: serde_json::Value,
+    outage_ms: f64,
+    /// The checker exited 0: no reset, no counter gap, no lost SET.
+    invariants_held: bool,
+    /// The backup's TAKEOVER line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    takeover: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Session {
+    mode: Mode,
+    rep: usize,
+    boot_to_ready_s: f64,
+    benches: Vec<PairBench>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_log_mbit_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failover: Option<Failover>,
+}
+
+/// Medians over sessions for one (test, clients, mode).
+#[derive(Debug, Serialize)]
+struct Cell {
+    test: String,
+    clients: u32,
+    mode: Mode,
+    rps: Series,
+    p50_ms: Series,
+    p99_ms: Series,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_mbit_s: Option<Series>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_bytes_per_request: Option<Series>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    suite: &'static str,
+    machine: Machine,
+    runs: usize,
+    redis_benchmark: String,
+    guest_cmdline: String,
+    disk_mib: u64,
+    cells: Vec<Cell>,
+    ratios: Vec<Ratio>,
+    idle_log_mbit_s: Series,
+    outage_ms: Series,
+    invariants_held: Vec<bool>,
+    sessions: Vec<Session>,
+}
+
+struct Ctx<'a> {
+    args: &'a Args,
+    redis_benchmark: PathBuf,
+    checker: PathBuf,
+    ftvm: PathBuf,
+    kernel: PathBuf,
+    work: PathBuf,
+    cmdline: String,
+}
+
+pub fn run(common: &Common, args: &Args) -> Result<()> {
+    if !common.guests.join("kvstore.elf").is_file() {
+        bail!(
+            "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
+            common.guests.display()
+        );
+    }
+    if !common::is_root() {
+        bail!("the pair suite needs root (network namespaces, TAP devices): run it as root");
+    }
+    let redis_benchmark =
+        common::which(&args.redis_benchmark, "install Debian's redis-tools (apt-get install redis-tools)")?;
+    common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
+    common::which(Path::new("python3"), "install python3")?;
+    common::require_file(&args.topology, "the topology script", "run from the repository root or pass --topology")?;
+    common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
+    common::which(Path::new("ip"), "install iproute2")?;
+    let work = common.out.join("pair");
+    let common = &common.with_ftvm_copy(&work)?;
+    let machine = Machine::describe(common)?;
+    let runs = common.runs.unwrap_or(1).max(1);
+    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
+    let work = std::fs::canonicalize(&work)?;
+    let ctx = Ctx {
+        args,
+        redis_benchmark,
+        checker: std::fs::canonicalize(&args.checker)?,
+        ftvm: std::fs::canonicalize(&common.ftvm)?,
+        kernel: images["kvstore"].clone(),
+        work,
+        cmdline: format!("ip={GUEST_IP}/24"),
+    };
+    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+
+    let topo = Topology::up(&args.topology, 2)?;
+    let mut sessions = Vec::new();
+    let mut port = 7000;
+    for rep in 0..runs {
+        let order =
+            if rep % 2 == 0 { [Mode::Unprotected, Mode::Protected] } else { [Mode::Protected, Mode::Unprotected] };
+        for mode in order {
+            eprintln!("round {}/{runs}: {}", rep + 1, mode.label());
+            // A fresh port per pair, so that no socket of the last one can be in the way.
+            port += 1;
+            sessions.push(session(&ctx, &topo, mode, rep, port)?);
+        }
+    }
+    drop(topo);
+
+    let mut cells = Vec::new();
+    for &c in &args.clients {
+        for test in ["SET", "GET"] {
+            for mode in [Mode::Unprotected, Mode::Protected] {
+                let mut cell = Cell {
+                    test: test.into(),
+                    clients: c,
+                    mode,
+                    rps: Series::default(),
+                    p50_ms: Series::default(),
+                    p99_ms: Series::default(),
+                    log_mbit_s: None,
+                    log_bytes_per_request: None,
+                };
+                for b in sessions.iter().filter(|s| s.mode == mode).flat_map(|s| &s.benches) {
+                    if b.bench.test != test || b.bench.clients != c {
+                        continue;
+                    }
+                    cell.rps.push(b.bench.rps);
+                    cell.p50_ms.push(b.bench.p50_ms);
+                    cell.p99_ms.push(b.bench.p99_ms);
+                    if let Some(v) = b.log_mbit_s {
+                        cell.log_mbit_s.get_or_insert_with(Series::default).push(v);
+                    }
+                    if let Some(v) = b.log_bytes_per_request {
+                        cell.log_bytes_per_request.get_or_insert_with(Series::default).push(v);
+                    }
+                }
+                cells.push(cell);
+            }
+        }
+    }
+    let cell = |test: &str, c: u32, m: Mode| cells.iter().find(|x| x.test == test && x.clients == c && x.mode == m);
+    let mut ratios = Vec::new();
+    for &c in &args.clients {
+        for test in ["SET", "GET"] {
+            let (Some(u), Some(p)) = (cell(test, c, Mode::Unprotected), cell(test, c, Mode::Protected)) else {
+                continue;
+            };
+            let r = Ratio::new(format!("{test} c={c} protected/unprotected"), p.rps.median / u.rps.median);
+            let added = format!(
+                "p50 {:+.3} ms, p99 {:+.3} ms",
+                p.p50_ms.median - u.p50_ms.median,
+                p.p99_ms.median - u.p99_ms.median
+            );
+            ratios.push(if c >= 20 { r.at_least(0.97).note(added) } else { r.note(format!("no bar; added {added}")) });
+        }
+    }
+    let mut idle = Series::default();
+    let mut outage = Series::default();
+    let mut held = Vec::new();
+    for s in &sessions {
+        if let Some(v) = s.idle_log_mbit_s {
+            idle.push(v);
+        }
+        if let Some(f) = &s.failover {
+            outage.push(f.outage_ms);
+            held.push(f.invariants_held);
+        }
+    }
+    let report = Report {
+        suite: "pair",
+        machine,
+        runs,
+        redis_benchmark: rb_version,
+        guest_cmdline: ctx.cmdline.clone(),
+        disk_mib: args.disk_mib,
+        cells,
+        ratios,
+        idle_log_mbit_s: idle,
+        outage_ms: outage,
+        invariants_held: held,
+        sessions,
+    };
+    let bars: Vec<plot::Bar> =
+        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let svg = plot::bars("kvstore protected (ftvm primary + backup) / unprotected (ftvm run): throughput", &bars);
+    let (json, svg) = common::write_results(&common.out, "pair", &report, &svg)?;
+    print_table(&report);
+    println!("\nwrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
+    let disk = ctx.work.join(name);
+    let _ = std::fs::remove_file(&disk);
+    std::fs::File::create(&disk)?.set_len(ctx.args.disk_mib << 20)?;
+    Ok(disk)
+}
+
+/// `ip netns exec NS ftvm VERB ... <the VM options>`.
+fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(&ctx.ftvm).args(verb);
+    cmd.args(["--log-level", "info", "--net", "tap=tap0", "--rng", "--disk"]).arg(disk);
+    cmd.arg("--kernel").arg(&ctx.kernel).arg("--cmdline").arg(&ctx.cmdline);
+    cmd
+}
+
+/// Waits until the guest answers PING from the client namespace. The client's neighbour
+/// cache is flushed first: after a failover the LAN bridge still sends the guest's MAC to
+/// host 2 until the guest on host 1 transmits, which a broadcast ARP makes it do (without
+/// this, the first PING after a failover session waited about 70 s).
+fn wait_ping(topo: &Topology, timeout: Duration) -> Result<()> {
+    let _ = Command::new("ip").args(["-n", &topo.client(), "neigh", "flush", "all"]).output();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &topo.client(), "timeout", "2", "redis-cli", "-h", GUEST_IP, "-p", "6379"])
+            .arg("PING")
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).contains("PONG") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the guest did not answer PING within {} s", timeout.as_secs());
+        }
+        common::sleep(Duration::from_millis(200))?;
+    }
+}
+
+#[derive(Deserialize)]
+struct Status {
+    log: LogStatus,
+}
+
+#[derive(Deserialize)]
+struct LogStatus {
+    bytes: u64,
+}
+
+/// `log.bytes` from `ftvm ctl SOCKET status --json`, with the time it was read.
+fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
+    let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).args(["status", "--json"]).output()?;
+    let at = Instant::now();
+    if !out.status.success() {
+        bail!("ftvm ctl {} status failed: {}", sock.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let s: Status = serde_json::from_slice(&out.stdout).context("parsing `ftvm ctl status --json`")?;
+    Ok((s.log.bytes, at))
+}
+
+fn mbit_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
+}
+
+fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Result<Session> {
+    let sock = ctx.work.join("p.sock");
+    let _ = std::fs::remove_file(&sock);
+    let start = Instant::now();
+    // Declared before the primary so that, on an error, the primary dies first.
+    let mut backup = None;
+    let mut vm = match mode {
+        Mode::Unprotected => {
+            let disk = fresh_disk(ctx, "disk-run.img")?;
+            Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk))?
+        }
+        Mode::Protected => {
+            let arbiter = ctx.work.join("arbiter.lock");
+            let listen = format!("{BACKUP_IP}:{port}");
+            let disk = fresh_disk(ctx, "disk-backup.img")?;
+            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen], &disk);
+            cmd.arg("--arbiter").arg(&arbiter);
+            let mut b = Running::spawn("ftvm backup", &mut cmd)?;
+            b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
+            backup = Some(b);
+            let disk = fresh_disk(ctx, "disk-primary.img")?;
+            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen], &disk);
+            cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&sock);
+            Running::spawn("ftvm primary", &mut cmd)?
+        }
+    };
+    vm.wait_for_output(READY, Duration::from_secs(120))?;
+    wait_ping(topo, Duration::from_secs(30))?;
+    let boot_to_ready_s = start.elapsed().as_secs_f64();
+    let protected = mode == Mode::Protected;
+
+    let idle_log_mbit_s = if protected {
+        let (b0, t0) = log_bytes(ctx, &sock)?;
+        common::sleep(Duration::from_secs_f64(ctx.args.idle_s))?;
+        let (b1, t1) = log_bytes(ctx, &sock)?;
+        Some(mbit_s(b1 - b0, t1 - t0))
+    } else {
+        None
+    };
+
+    let mut benches = Vec::new();
+    for &c in &ctx.args.clients {
+        for test in ["SET", "GET"] {
+            let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
+            let before = if protected { Some(log_bytes(ctx, &sock)?) } else { None };
+            let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
+                format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
+            })?;
+            let mut pb = PairBench { bench, log_bytes: None, log_mbit_s: None, log_bytes_per_request: None };
+            if let Some((b0, t0)) = before {
+                let (b1, t1) = log_bytes(ctx, &sock)?;
+                // The window includes the pause before redis-benchmark starts; rate it over
+                // redis-benchmark's own run time instead.
+                let (w0, w1) = pb.bench.window_unix_ns;
+                let window = Duration::from_nanos(w1.saturating_sub(w0)).min(t1 - t0);
+                pb.log_bytes = Some(b1 - b0);
+                pb.log_mbit_s = Some(mbit_s(b1 - b0, window));
+                pb.log_bytes_per_request = Some((b1 - b0) as f64 / n as f64);
+                eprintln!(
+                    "      log {:.2} Mbit/s, {:.0} B/request",
+                    mbit_s(b1 - b0, window),
+                    (b1 - b0) as f64 / n as f64
+                );
+            }
+            benches.push(pb);
+        }
+    }
+
+    let failover = if protected && !ctx.args.no_failover {
+        Some(failover(ctx, topo, vm, backup.take().context("no backup")?)?)
+    } else {
+        vm.terminate(Duration::from_secs(10))?;
+        if let Some(b) = backup.take() {
+            b.terminate(Duration::from_secs(10))?;
+        }
+        None
+    };
+    for d in ["disk-run.img", "disk-backup.img", "disk-primary.img"] {
+        let _ = std::fs::remove_file(ctx.work.join(d));
+    }
+    Ok(Session { mode, rep, boot_to_ready_s, benches, idle_log_mbit_s, failover })
+}
+
+/// Runs the checker against the pair, SIGKILLs the primary `kill_after` s in, and reports
+/// what the checker saw.
+fn failover(ctx: &Ctx, topo: &Topology, primary: Running, backup: Running) -> Result<Failover> {
+    common::sleep(Duration::from_millis(500))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &topo.client(), "python3"]).arg(&ctx.checker);
+    cmd.args([GUEST_IP, "6379", &ctx.args.checker_s.to_string()]);
+    let checker = Running::spawn("kv-checker", &mut cmd)?;
+    common::sleep(Duration::from_secs_f64(ctx.args.kill_after))?;
+    eprintln!("  SIGKILL to the primary");
+    let _ = primary.kill()?;
+    let c = checker.finish(Duration::from_secs(ctx.args.checker_s + 60))?;
+    let line = c.stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or_default();
+    let value: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("kv-checker printed no JSON line: {}", c.describe()))?;
+    let outage_ms = value.get("outage_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let takeover = backup.stderr_text().lines().find(|l| l.contains("TAKEOVER")).map(|l| l.trim().to_string());
+    let b = backup.terminate(Duration::from_secs(10))?;
+    let takeover = takeover.or_else(|| b.stderr.lines().find(|l| l.contains("TAKEOVER")).map(|l| l.trim().to_string()));
+    let invariants_held = c.status.success();
+    eprintln!("  failover: outage {outage_ms:.0} ms, invariants held: {invariants_held}; checker: {line}");
+    Ok(Failover { checker: value, outage_ms, invariants_held, takeover })
+}
+
+fn print_table(r: &Report) {
+    r.machine.print(&format!(
+        "{} sessions per mode (unprotected: ftvm run; protected: ftvm primary + ftvm backup), alternating",
+        r.runs
+    ));
+    println!("{} against kvstore ({}), {} MiB disks\n", r.redis_benchmark, r.guest_cmdline, r.disk_mib);
+    println!(
+        "{:<4} {:>3}  {:<12} {:>10} {:>9} {:>9} {:>11} {:>10}",
+        "test", "c", "mode", "req/s", "p50 ms", "p99 ms", "log Mbit/s", "log B/req"
+    );
+    for cell in &r.cells {
+        let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
+        println!(
+            "{:<4} {:>3}  {:<12} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>10}",
+            cell.test,
+            cell.clients,
+            cell.mode.label(),
+            cell.rps.median,
+            cell.p50_ms.median,
+            cell.p99_ms.median,
+            opt(&cell.log_mbit_s, 2),
+            opt(&cell.log_bytes_per_request, 0)
+        );
+    }
+    println!();
+    for ratio in &r.ratios {
+        println!(
+            "{:<34} {:>7.3}  {}  {}",
+            ratio.name,
+            ratio.value,
+            ratio.goal_text(),
+            ratio.note.as_deref().unwrap_or_default()
+        );
+    }
+    println!("\nidle log bandwidth: {:.3} Mbit/s (median)", r.idle_log_mbit_s.median);
+    for s in &r.sessions {
+        if let Some(f) = &s.failover {
+            println!(
+                "failover (round {}): client-observed outage {:.0} ms, invariants {}; {}",
+                s.rep + 1,
+                f.outage_ms,
+                if f.invariants_held { "held" } else { "VIOLATED" },
+                f.takeover.as_deref().unwrap_or("no TAKEOVER line")
+            );
+        }
+    }
+}
