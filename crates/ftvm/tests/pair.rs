@@ -274,3 +274,16 @@ fn ctl_switchover_hands_over_with_no_lost_or_repeated_output() {
     let (_, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
     assert_eq!(stable(&together), stable(&alone));
 }
+
+#[test]
+fn an_unreachable_arbiter_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-arbiter");
+    let lock = dir.join("no-such-dir").join("arbiter.lock");
+    let mut p = side("primary", &format!("127.0.0.1:{}", port(22)), &lock, &dir.join("p.txt"), "hello.wait_ms=0");
+    let (code, err) = wait(&mut p, Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("arbiter") && err.contains("no-such-dir"), "{err}");
+}
