@@ -78,7 +78,9 @@ impl Backup {
         eprintln!("ftvm: backup listening on {}", cfg.listen);
         let (stream, peer) = listener.accept().map_err(io("accept"))?;
         let _ = stream.set_nodelay(true);
-        let reader_stream = stream.try_clone().map_err(io("socket"))?;
+        // Buffered: the reader takes a frame in several small reads; a read returns whatever
+        // has arrived, so buffering adds no latency.
+        let reader_stream = std::io::BufReader::with_capacity(1 << 16, stream.try_clone().map_err(io("socket"))?);
         let (mut reader, theirs) =
             LogReader::open(reader_stream).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
         let mut w = stream.try_clone().map_err(io("socket"))?;
