@@ -400,6 +400,40 @@ impl Replayer {
         }
     }
 
+    pub(crate) fn page_hashes(&mut self, exit: u64, pages: Vec<(u64, u64)>) {
+        match self.take_at(exit, |r| matches!(r, Record::PageHashes { .. })) {
+            Some(Record::PageHashes { pages: logged, .. }) => {
+                if logged == pages {
+                    self.last_agreement = Some(exit);
+                    return;
+                }
+                let ours: std::collections::BTreeMap<u64, u64> = pages.iter().copied().collect();
+                let theirs: std::collections::BTreeMap<u64, u64> = logged.iter().copied().collect();
+                let first = theirs
+                    .iter()
+                    .find(|(gfn, h)| ours.get(gfn) != Some(h))
+                    .map(|(gfn, h)| {
+                        (
+                            format!("page {:#x} hash {h:#018x}", gfn * 4096),
+                            match ours.get(gfn) {
+                                Some(o) => format!("page {:#x} hash {o:#018x}", gfn * 4096),
+                                None => format!("page {:#x} not written", gfn * 4096),
+                            },
+                        )
+                    })
+                    .or_else(|| {
+                        ours.keys().find(|g| !theirs.contains_key(g)).map(|g| {
+                            (format!("page {:#x} not written", g * 4096), format!("page {:#x} written", g * 4096))
+                        })
+                    });
+                if let Some((expected, actual)) = first {
+                    self.diverge(exit, expected, actual);
+                }
+            }
+            _ => self.missing(exit, "page hashes"),
+        }
+    }
+
     /// Takes the next record if it is at `exit` and matches `want`.
     pub(crate) fn take_at(&mut self, exit: u64, want: impl Fn(&Record) -> bool) -> Option<Record> {
         match self.peek() {

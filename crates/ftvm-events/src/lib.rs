@@ -239,6 +239,17 @@ impl EventSource {
         }
     }
 
+    /// Hashes of the pages dirtied since the previous checkpoint: logged (record) or
+    /// compared (replay).
+    pub fn page_hashes(&mut self, pages: Vec<(u64, u64)>) {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::None => {}
+            Journal::Record(r) => r.append(ftvm_log::Record::PageHashes { exit: index, pages }),
+            Journal::Replay(r) => r.page_hashes(index, pages),
+        }
+    }
+
     /// An output the guest produced (console bytes, a transmitted frame): logged with its
     /// ordinal and digest in record mode, checked in replay mode.
     pub fn output(&mut self, kind: u8, bytes: &[u8]) -> OutputTicket {

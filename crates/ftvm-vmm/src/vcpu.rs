@@ -204,6 +204,8 @@ pub struct VcpuLoop {
     /// A backup's preparations for going live.
     pub takeover: Option<crate::pair::Takeover>,
     pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
+    /// Page hashes at checkpoints (record and replay).
+    pub(crate) dirty_pages: Option<crate::memory::DirtyPages>,
     timer: Option<DeadlineTimer>,
     /// When buffered log bytes were last pushed out (record mode).
     last_log_flush: std::time::Instant,
@@ -245,6 +247,7 @@ impl VcpuLoop {
             gate: None,
             takeover: None,
             tap_readers: Vec::new(),
+            dirty_pages: None,
             timer: None,
             last_log_flush: std::time::Instant::now(),
             control: None,
@@ -286,6 +289,21 @@ impl VcpuLoop {
             self.flush_console();
             if let Some(g) = &mut self.gate {
                 g.finish();
+            }
+            // The guest ended the run itself (the same exit in record and replay): a last
+            // checkpoint of registers and dirtied pages, so even a short run checks its memory.
+            if matches!(o, VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::TripleFault(_))
+                && self.events.wants_signatures()
+                && self.events.mode() != Mode::Live
+            {
+                let regs = self.vcpu.sync_regs().regs;
+                self.events.checkpoint(regs_digest(&regs));
+                if let Some(tracker) = &mut self.dirty_pages {
+                    match tracker.take() {
+                        Ok(pages) => self.events.page_hashes(pages),
+                        Err(e) => tracing::error!("final page hashes: {e}"),
+                    }
+                }
             }
             if let Err(e) = self.events.end(o.end_reason()) {
                 tracing::error!("cannot complete the log: {e}");
@@ -512,6 +530,9 @@ impl VcpuLoop {
             self.events.exit_signature(sig);
             if self.events.checkpoint_due() {
                 self.events.checkpoint(regs_digest(&regs));
+                if let Some(tracker) = &mut self.dirty_pages {
+                    self.events.page_hashes(tracker.take()?);
+                }
             }
         }
         Ok(step)

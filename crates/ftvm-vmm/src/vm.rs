@@ -126,7 +126,7 @@ const KVM_TSS_ADDR: usize = 0xfffb_d000;
 pub struct Vm {
     // Drop order: the vCPU (inside `vcpu`) before the VM fd and the memory it maps.
     vcpu: Option<kvm_ioctls::VcpuFd>,
-    _vm: kvm_ioctls::VmFd,
+    vm_fd: Arc<kvm_ioctls::VmFd>,
     mem: memory::GuestMemoryMmap,
     loaded: Loaded,
     config: VmConfig,
@@ -200,7 +200,17 @@ impl Vm {
             effective_cmdline: boot_spec.cmdline.clone(),
             memory_layout: memory::ram_ranges(config.mem_size)?.iter().map(|(a, l)| (a.0, *l as u64)).collect(),
         };
-        Ok(Vm { vcpu: Some(vcpu), _vm: vm, mem, loaded, config, virtio: Some(virtio), taps, slots, identity })
+        Ok(Vm {
+            vcpu: Some(vcpu),
+            vm_fd: Arc::new(vm),
+            mem,
+            loaded,
+            config,
+            virtio: Some(virtio),
+            taps,
+            slots,
+            identity,
+        })
     }
 
     /// What the VM is, as a log header pins it.
@@ -239,6 +249,11 @@ impl Vm {
         let delivery = match journaling {
             Journaling::Live => Delivery::Prompt,
             _ => Delivery::AtExits,
+        };
+        // Record, replay and the pair hash the pages the guest dirtied at each checkpoint.
+        let dirty_pages = match delivery {
+            Delivery::AtExits => Some(memory::DirtyPages::start(self.vm_fd.clone(), self.mem.clone())?),
+            Delivery::Prompt => None,
         };
         let control = take_control();
         if let Some(c) = &control {
@@ -361,6 +376,7 @@ impl Vm {
                     vloop.attach_net(sink, stream);
                 }
                 vloop.gate = gate;
+                vloop.dirty_pages = dirty_pages;
                 vloop.takeover = takeover;
                 if let Some(c) = &vcpu_control {
                     c.mark_running();

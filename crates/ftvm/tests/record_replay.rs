@@ -241,3 +241,24 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn a_divergence_that_stays_in_memory_is_caught_by_page_hashes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-memory");
+    // rdtsc; mov [0x200000], eax; clear eax and edx; power off: the TSC reaches no exit, no
+    // output and no register.
+    let mut code = vec![0x0f, 0x31, 0xa3, 0x00, 0x00, 0x20, 0x00, 0x31, 0xc0, 0x31, 0xd2]; // then xor eax, edx
+    code.extend_from_slice(asm::POWER_OFF);
+    let kernel = dir.join("rdtsc-mem.elf");
+    std::fs::write(&kernel, pvh_elf(&code)).unwrap();
+    let log = dir.join("mem.log");
+    let out = record(&log, &kernel, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = replay(&log, None);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("expected (log): page 0x200000 hash"), "{err}");
+}
