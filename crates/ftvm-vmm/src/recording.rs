@@ -135,9 +135,7 @@ fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<
 
 /// The primary of a fault-tolerant pair: `ftvm primary`.
 pub fn primary(mut config: VmConfig, link: ftvm_replication::primary::PrimaryConfig) -> Result<RunReport> {
-    let rtc = config
-        .rtc_base_unix
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    let rtc = config.rtc_base_unix.unwrap_or_else(crate::vm::unix_now);
     config.rtc_base_unix = Some(rtc);
     let (kernel, initrd, disks) = images(&config)?;
     let vm = Vm::build(config)?;
@@ -168,20 +166,12 @@ fn images(config: &VmConfig) -> Result<Images> {
 
 /// Runs a VM live and records it: `ftvm record`.
 pub fn record(mut config: VmConfig, opts: &RecordOptions) -> Result<RecordReport> {
-    let rtc = config
-        .rtc_base_unix
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    let rtc = config.rtc_base_unix.unwrap_or_else(crate::vm::unix_now);
     config.rtc_base_unix = Some(rtc);
-    let kernel = image_info(&config.boot.kernel).map_err(|_| Error::KernelRead {
-        path: config.boot.kernel.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "cannot read it"),
-    })?;
-    let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
+    let (kernel, initrd, bases) = images(&config)?;
     // The guest writes to copies beside the log; the base images stay untouched.
-    let mut bases = Vec::new();
     let mut copies = Vec::new();
     for (i, disk) in config.disks.iter_mut().enumerate() {
-        bases.push(image_info(&disk.path)?);
         let copy = disk_copy_path(&opts.log, i);
         std::fs::copy(&disk.path, &copy).map_err(io_err(format!(
             "cannot copy disk {} to {} (the recording writes to a copy beside the log)",

@@ -392,7 +392,7 @@ impl VcpuLoop {
             }
             // A backup cannot leave exit N until it knows N has no more events: push the log
             // out at least every few milliseconds, not only at outputs.
-            if self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
+            if self.events.mode() == Mode::Record && self.last_log_flush.elapsed() >= LOG_FLUSH_INTERVAL {
                 self.events.flush_log();
                 self.last_log_flush = std::time::Instant::now();
             }

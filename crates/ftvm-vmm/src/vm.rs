@@ -242,10 +242,7 @@ impl Vm {
 
     /// Runs the guest with the given journaling until it stops.
     pub fn run_with(mut self, journaling: Journaling) -> Result<RunReport> {
-        let mut rtc_base = self
-            .config
-            .rtc_base_unix
-            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        let mut rtc_base = self.config.rtc_base_unix.unwrap_or_else(unix_now);
         let delivery = match journaling {
             Journaling::Live => Delivery::Prompt,
             _ => Delivery::AtExits,
@@ -264,6 +261,7 @@ impl Vm {
         let mut takeover = None;
         let mut pair_primary = None;
         let mut pair_backup = None;
+        let mut backup_source = None;
         let journaling = match journaling {
             Journaling::Primary { link, header } => {
                 let mut header = *header;
@@ -295,7 +293,8 @@ impl Vm {
                     guest_ip: crate::pair::guest_ip(&theirs.cmdline),
                     state: backup.state.clone(),
                 });
-                pair_backup = Some((backup, source));
+                pair_backup = Some(backup);
+                backup_source = Some(source);
                 Journaling::Live
             }
             other => other,
@@ -315,7 +314,6 @@ impl Vm {
             Journaling::Replay { log, net_sinks } => (Some(Err(log)), net_sinks),
             Journaling::Primary { .. } | Journaling::Backup { .. } => unreachable!("resolved above"),
         };
-        let backup_source = pair_backup.as_mut().map(|(_, s)| std::mem::replace(s, Box::new(EmptySource)));
         if backup_source.is_some() {
             // The backup's TAPs are opened only when it goes live; until then its network
             // devices send nowhere and receive from the log.
@@ -483,6 +481,11 @@ fn open_console(
     }
 }
 
+/// Wall-clock seconds since 1970: the RTC base when none is given.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 /// A console output sink alone (no input thread): where a primary's released console output
 /// goes.
 fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
@@ -497,18 +500,6 @@ fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
                 .map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?,
         ),
     })
-}
-
-/// A record source with nothing in it (a placeholder while the real one moves to the vCPU).
-struct EmptySource;
-
-impl ftvm_events::RecordSource for EmptySource {
-    fn next_record(&mut self) -> std::result::Result<Option<ftvm_log::Record>, ftvm_log::LogError> {
-        Ok(None)
-    }
-    fn end_detail(&self) -> String {
-        String::new()
-    }
 }
 
 /// Sends nowhere: a backup's network devices until it goes live.
