@@ -48,6 +48,10 @@ pub enum Error {
     Pair(String),
     #[error("record: {0}")]
     Record(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("restore: {0}")]
+    Restore(String),
     #[error("replay: {0}")]
     Replay(String),
     #[error("vCPU thread: {0}")]

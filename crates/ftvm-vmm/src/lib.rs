@@ -9,6 +9,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod dirty;
 pub mod error;
 pub mod kick;
 pub mod kvm;
@@ -18,6 +19,7 @@ pub mod msr;
 pub mod pair;
 pub mod recording;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use error::{Error, Result};

@@ -135,47 +135,6 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.start_addr().raw_value() + r.len()).filter(|&end| end <= MMIO_GAP_START).max().unwrap_or(0)
 }
 
-/// Hashes of the guest pages written since the last call, from KVM's dirty log (record and
-/// replay log them at checkpoints so a divergence that stays in memory is caught there).
-pub struct DirtyPages {
-    vm: std::sync::Arc<VmFd>,
-    mem: GuestMemoryMmap,
-    /// (KVM slot, first guest address, length) of each RAM region.
-    slots: Vec<(u32, u64, u64)>,
-}
-
-impl DirtyPages {
-    /// Turns on dirty logging for every slot (KVM then tracks guest writes from now on).
-    pub fn start(vm: std::sync::Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self> {
-        register(&vm, &mem, true)?;
-        let slots =
-            mem.iter().enumerate().map(|(i, r)| (i as u32, r.start_addr().raw_value(), r.len())).collect::<Vec<_>>();
-        Ok(DirtyPages { vm, mem, slots })
-    }
-
-    /// (guest frame number, hash) of each page dirtied since the previous call, in address
-    /// order; clears the log.
-    pub fn take(&mut self) -> Result<Vec<(u64, u64)>> {
-        let mut out = Vec::new();
-        let mut page = vec![0u8; PAGE_SIZE as usize];
-        for &(slot, base, len) in &self.slots {
-            let bitmap = self.vm.get_dirty_log(slot, len as usize).map_err(Error::kvm("KVM_GET_DIRTY_LOG"))?;
-            for (word_index, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let bit = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    let addr = base + (word_index as u64 * 64 + bit) * PAGE_SIZE;
-                    if vm_memory::Bytes::read_slice(&self.mem, &mut page, GuestAddress(addr)).is_ok() {
-                        out.push((addr / PAGE_SIZE, ftvm_log::hash64(&page)));
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -204,8 +204,10 @@ pub struct VcpuLoop {
     /// A backup's preparations for going live.
     pub takeover: Option<crate::pair::Takeover>,
     pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
-    /// Page hashes at checkpoints (record and replay).
-    pub(crate) dirty_pages: Option<crate::memory::DirtyPages>,
+    /// The one reader of dirtied pages (page hashes, sync points, snapshots).
+    pub(crate) tracker: Option<crate::dirty::DirtyTracker>,
+    /// Record and replay: the tracker's consumer for page hashes at checkpoints.
+    pub(crate) hash_consumer: Option<crate::dirty::Consumer>,
     timer: Option<DeadlineTimer>,
     /// When buffered log bytes were last pushed out (record mode).
     last_log_flush: std::time::Instant,
@@ -247,7 +249,8 @@ impl VcpuLoop {
             gate: None,
             takeover: None,
             tap_readers: Vec::new(),
-            dirty_pages: None,
+            tracker: None,
+            hash_consumer: None,
             timer: None,
             last_log_flush: std::time::Instant::now(),
             control: None,
@@ -298,11 +301,10 @@ impl VcpuLoop {
             {
                 let regs = self.vcpu.sync_regs().regs;
                 self.events.checkpoint(regs_digest(&regs));
-                if let Some(tracker) = &mut self.dirty_pages {
-                    match tracker.take() {
-                        Ok(pages) => self.events.page_hashes(pages),
-                        Err(e) => tracing::error!("final page hashes: {e}"),
-                    }
+                match self.take_page_hashes() {
+                    Ok(Some(pages)) => self.events.page_hashes(pages),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("final page hashes: {e}"),
                 }
             }
             if let Err(e) = self.events.end(o.end_reason()) {
@@ -530,12 +532,19 @@ impl VcpuLoop {
             self.events.exit_signature(sig);
             if self.events.checkpoint_due() {
                 self.events.checkpoint(regs_digest(&regs));
-                if let Some(tracker) = &mut self.dirty_pages {
-                    self.events.page_hashes(tracker.take()?);
+                if let Some(pages) = self.take_page_hashes()? {
+                    self.events.page_hashes(pages);
                 }
             }
         }
         Ok(step)
+    }
+
+    /// (frame, hash) of the pages dirtied since the previous checkpoint (record and replay).
+    fn take_page_hashes(&mut self) -> Result<Option<Vec<(u64, u64)>>> {
+        let (Some(tracker), Some(consumer)) = (&self.tracker, self.hash_consumer) else { return Ok(None) };
+        let pages = tracker.take(consumer)?;
+        Ok(Some(crate::dirty::page_hashes(&tracker.memory(), &pages)))
     }
 
     /// Replay and recording stop conditions, checked after every exit.

@@ -248,8 +248,9 @@ impl Vm {
             _ => Delivery::AtExits,
         };
         // Record, replay and the pair hash the pages the guest dirtied at each checkpoint.
-        let dirty_pages = match delivery {
-            Delivery::AtExits => Some(memory::DirtyPages::start(self.vm_fd.clone(), self.mem.clone())?),
+        let tracker = crate::dirty::DirtyTracker::new(self.vm_fd.clone(), self.mem.clone());
+        let hash_consumer = match delivery {
+            Delivery::AtExits => Some(tracker.subscribe()?),
             Delivery::Prompt => None,
         };
         let control = take_control();
@@ -374,7 +375,8 @@ impl Vm {
                     vloop.attach_net(sink, stream);
                 }
                 vloop.gate = gate;
-                vloop.dirty_pages = dirty_pages;
+                vloop.tracker = Some(tracker);
+                vloop.hash_consumer = hash_consumer;
                 vloop.takeover = takeover;
                 if let Some(c) = &vcpu_control {
                     c.mark_running();
