@@ -93,6 +93,9 @@ pub struct EventSource {
     mode: Mode,
     /// Host time at guest time 0.
     epoch: Instant,
+    /// Guest time at `epoch` (0 at boot; the saved clock of a restored VM or a backup that
+    /// went live). Kept apart so that no `Instant` before the host's boot is ever needed.
+    epoch_guest: GuestNanos,
     /// The guest clock: the last value handed out. Never goes backwards.
     guest_now: GuestNanos,
     /// Wall-clock seconds at guest time 0 (the RTC's base).
@@ -111,6 +114,14 @@ pub struct EventSource {
     live_outputs: u64,
 }
 
+/// The event source's part of a VM's saved state: the guest clock. (Host inputs that have
+/// arrived but were not admitted are not guest state: like frames in flight, they are lost.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct ClockState {
+    /// The guest clock's value when the state was saved.
+    pub guest_now: GuestNanos,
+}
+
 /// What the event source knows of an output it was handed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputTicket {
@@ -127,6 +138,7 @@ impl EventSource {
         EventSource {
             mode: Mode::Live,
             epoch: Instant::now(),
+            epoch_guest: 0,
             guest_now: 0,
             rtc_base_unix,
             console_rx: None,
@@ -165,6 +177,18 @@ impl EventSource {
         src
     }
 
+    /// The guest clock, for a saved state.
+    pub fn clock_state(&self) -> ClockState {
+        ClockState { guest_now: self.guest_now }
+    }
+
+    /// Continues the guest clock from a saved state (a restored VM, a sync point): the guest
+    /// sees time go on from where it was saved, with no jump for the time the VM was away.
+    pub fn resume_clock(&mut self, state: &ClockState) {
+        self.guest_now = state.guest_now;
+        self.restart_epoch();
+    }
+
     /// The exit at which a backup's replay turned live, if it did.
     pub fn went_live_at(&self) -> Option<ExitIndex> {
         self.went_live_at
@@ -186,7 +210,7 @@ impl EventSource {
         if let Journal::Replay(r) = &mut self.journal {
             if r.stop.is_none() && r.exhausted() {
                 // The guest clock goes on from where the log left it.
-                self.epoch = Instant::now() - Duration::from_nanos(self.guest_now);
+                self.restart_epoch();
                 self.journal = Journal::None;
                 self.mode = Mode::Live;
                 self.went_live_at = Some(self.position());
@@ -424,7 +448,7 @@ impl EventSource {
 
     /// The host instant at which guest time `deadline` will be due.
     pub fn host_instant_of(&self, deadline: GuestNanos) -> Instant {
-        self.epoch + Duration::from_nanos(deadline)
+        self.epoch + Duration::from_nanos(deadline.saturating_sub(self.epoch_guest))
     }
 
     /// Admits up to `max` bytes of console input that have arrived from the host.
@@ -519,7 +543,14 @@ impl EventSource {
     }
 
     fn host_elapsed(&self) -> GuestNanos {
-        self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
+        let elapsed = self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.epoch_guest.saturating_add(elapsed)
+    }
+
+    /// The guest clock follows the host's from now on, starting at its current value.
+    fn restart_epoch(&mut self) {
+        self.epoch = Instant::now();
+        self.epoch_guest = self.guest_now;
     }
 
     fn advance_to(&mut self, t: GuestNanos) -> GuestNanos {
@@ -592,6 +623,20 @@ mod tests {
         assert!(b >= a + 1_000_000);
         assert_eq!(src.counts().clock_samples, 2);
         assert_eq!(src.current(), b);
+    }
+
+    #[test]
+    fn a_resumed_clock_goes_on_from_its_saved_value() {
+        let mut src = EventSource::live(0);
+        // Days of guest time: more than this host may have been up (no Instant before boot).
+        let saved = ClockState { guest_now: 5 * 86_400 * 1_000_000_000 };
+        src.resume_clock(&saved);
+        assert_eq!(src.clock_state(), saved);
+        std::thread::sleep(Duration::from_millis(2));
+        let t = src.now();
+        assert!(t >= saved.guest_now + 2_000_000 && t < saved.guest_now + 2_000_000_000, "{t}");
+        assert!(src.host_wait_until(saved.guest_now) == Duration::ZERO);
+        assert!(src.host_wait_until(t + 1_000_000_000) > Duration::from_millis(900));
     }
 
     #[test]

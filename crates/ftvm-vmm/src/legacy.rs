@@ -12,11 +12,12 @@ use ftvm_devices::power::{NullPort, PowerPort};
 use ftvm_devices::rtc::Rtc;
 use ftvm_devices::uart::Uart;
 use ftvm_devices::{ports, Bus, GuestNanos, IrqLines, MmioDevice, PioDevice, Timed};
-use ftvm_virtio::block::{Block, RawFile};
+use ftvm_virtio::block::Block;
 use ftvm_virtio::net::{MacAddr, Net};
 use ftvm_virtio::rng::Rng;
 use ftvm_virtio::{MmioTransport, MMIO_WINDOW};
 
+use crate::disk::TrackedDisk;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemoryMmap;
 
@@ -30,7 +31,7 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_IRQS: [u8; 6] = [5, 6, 7, 9, 10, 11];
 
 pub type NetDevice = MmioTransport<Net, GuestMemoryMmap>;
-pub type BlockDevice = MmioTransport<Block<RawFile>, GuestMemoryMmap>;
+pub type BlockDevice = MmioTransport<Block<TrackedDisk>, GuestMemoryMmap>;
 pub type RngDevice = MmioTransport<Rng, GuestMemoryMmap>;
 
 /// Where one virtio device sits: its MMIO window and its ISA interrupt line.
@@ -82,8 +83,8 @@ pub struct VirtioDevices {
 pub struct VirtioBackends {
     /// Per network device: its MAC address (the TAP is the vCPU loop's frame sink).
     pub nets: Vec<MacAddr>,
-    /// Per disk: the image and whether it is read-only.
-    pub disks: Vec<(RawFile, bool)>,
+    /// Per disk: the image (its writes tracked) and whether it is read-only.
+    pub disks: Vec<(TrackedDisk, bool)>,
     pub rng: bool,
 }
 
@@ -206,6 +207,7 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ftvm_virtio::block::RawFile;
 
     #[test]
     fn virtio_slots_follow_the_documented_layout() {
@@ -246,7 +248,7 @@ mod tests {
         let mut devices = Devices::new(0).unwrap();
         let backends = VirtioBackends {
             nets: vec![MacAddr::default_for(0)],
-            disks: vec![(RawFile::open(&img, true).unwrap(), true)],
+            disks: vec![(TrackedDisk::new(RawFile::open(&img, true).unwrap()), true)],
             rng: true,
         };
         let slots = devices.add_virtio(backends, &mem).unwrap();

@@ -10,6 +10,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod dirty;
+pub mod disk;
 pub mod error;
 pub mod kick;
 pub mod kvm;

@@ -435,7 +435,7 @@ fn open_virtio(config: &VmConfig, open_taps: bool) -> Result<(VirtioBackends, Ve
     };
     let mut disks = Vec::new();
     for disk in &config.disks {
-        disks.push((RawFile::open(&disk.path, disk.readonly)?, disk.readonly));
+        disks.push((crate::disk::TrackedDisk::new(RawFile::open(&disk.path, disk.readonly)?), disk.readonly));
     }
     Ok((VirtioBackends { nets: macs, disks, rng: config.rng }, taps))
 }
