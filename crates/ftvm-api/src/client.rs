@@ -116,10 +116,18 @@ pub fn resume(path: &Path) -> Result<String, ClientError> {
     state_of(path, call(path, "PUT", "/resume", None)?)
 }
 
-/// `PUT /snapshot` (answered 501 until snapshots exist).
-pub fn snapshot(path: &Path, dir: &Path) -> Result<Response, ClientError> {
+/// `PUT /snapshot`: starts a live snapshot into `dir` (relative paths are the VM's, so the
+/// client makes them absolute first).
+pub fn start_snapshot(path: &Path, dir: &Path) -> Result<(), ClientError> {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let body = serde_json::json!({ "dir": dir.display().to_string() }).to_string();
-    call(path, "PUT", "/snapshot", Some(&body))
+    call(path, "PUT", "/snapshot", Some(&body)).map(|_| ())
+}
+
+/// `GET /snapshot`: the latest snapshot's progress.
+pub fn snapshot_progress(path: &Path) -> Result<crate::SnapshotProgress, ClientError> {
+    let r = call(path, "GET", "/snapshot", None)?;
+    serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })
 }
 
 fn state_of(path: &Path, r: Response) -> Result<String, ClientError> {

@@ -2,10 +2,12 @@
 //! request it honours between exits, and the pair's figures read on demand.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::snapshot::SnapshotProgress;
 use crate::status::{ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
 
 /// The figures the vCPU thread publishes between exits (plain numbers, no locks).
@@ -53,6 +55,8 @@ pub struct PairFigures {
 
 type Waker = Box<dyn Fn() + Send + Sync>;
 type PairSource = Box<dyn Fn() -> PairFigures + Send + Sync>;
+/// Starts a snapshot into a directory (the VMM's side); an error says why it cannot start.
+pub type SnapshotStarter = Box<dyn Fn(PathBuf) -> Result<(), String> + Send + Sync>;
 
 /// Atomics behind [`VcpuFigures`]; `u64::MAX` in `last_output_lsn` means none.
 #[derive(Default)]
@@ -89,6 +93,9 @@ pub struct VmControl {
     pair: Mutex<Option<PairSource>>,
     /// (when, log bytes) samples for the bandwidth over the last second.
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    snapshot_starter: Mutex<Option<SnapshotStarter>>,
+    /// The latest snapshot's progress (`GET /snapshot`).
+    snapshot: Mutex<Option<SnapshotProgress>>,
 }
 
 /// How long `PUT /pause` waits for the vCPU to park before answering "pausing".
@@ -109,6 +116,19 @@ pub(crate) enum Refused {
     BadState(String),
     /// 409: the VM has stopped.
     Stopped,
+    /// 409: something else is under way.
+    Busy(String),
+}
+
+impl Refused {
+    /// The HTTP status and message of the refusal.
+    pub(crate) fn answer(self) -> (u16, String) {
+        match self {
+            Refused::BadState(m) => (400, m),
+            Refused::Stopped => (409, "the VM has stopped".into()),
+            Refused::Busy(m) => (409, m),
+        }
+    }
 }
 
 impl VmControl {
@@ -125,6 +145,8 @@ impl VmControl {
             waker: Mutex::new(None),
             pair: Mutex::new(None),
             samples: Mutex::new(VecDeque::new()),
+            snapshot_starter: Mutex::new(None),
+            snapshot: Mutex::new(None),
         };
         control.figures.last_output_lsn.store(u64::MAX, Ordering::Relaxed);
         Arc::new(control)
@@ -170,6 +192,35 @@ impl VmControl {
     /// Where the pair's figures come from (`None` to forget it).
     pub fn set_pair_source(&self, source: Option<PairSource>) {
         *lock(&self.pair) = source;
+    }
+
+    /// How snapshots are taken (`None` to forget it: the VM stopped).
+    pub fn set_snapshot_starter(&self, starter: Option<SnapshotStarter>) {
+        *lock(&self.snapshot_starter) = starter;
+    }
+
+    /// The snapshot job reports its progress here.
+    pub fn set_snapshot_progress(&self, progress: SnapshotProgress) {
+        *lock(&self.snapshot) = Some(progress);
+    }
+
+    /// The latest snapshot's progress, if one was started.
+    pub fn snapshot_progress(&self) -> Option<SnapshotProgress> {
+        lock(&self.snapshot).clone()
+    }
+
+    /// `PUT /snapshot`: starts a snapshot into `dir` unless one is under way.
+    pub(crate) fn request_snapshot(&self, dir: PathBuf) -> Result<(), Refused> {
+        if self.state() == VmState::Stopped {
+            return Err(Refused::Stopped);
+        }
+        if let Some(p) = lock(&self.snapshot).as_ref().filter(|p| !p.phase.is_over()) {
+            return Err(Refused::Busy(format!("a snapshot to {} is under way; wait for it (GET /snapshot)", p.dir)));
+        }
+        match lock(&self.snapshot_starter).as_ref() {
+            Some(start) => start(dir).map_err(Refused::BadState),
+            None => Err(Refused::BadState("this VM cannot be snapshotted (it has not started yet)".into())),
+        }
     }
 
     /// vCPU thread: publishes its figures (relaxed stores; cheap enough for every exit).

@@ -10,7 +10,8 @@
 //! | `GET /status` | 200, [`Status`] |
 //! | `PUT /pause` | 200 `{"state":"paused"}` once the vCPU is parked; 202 `{"state":"pausing"}` if it has not reached a pause point within a second; 409 when the VM has stopped |
 //! | `PUT /resume` | 200 `{"state":"running"}`; 400 when the VM is not paused |
-//! | `PUT /snapshot` | 501: not implemented yet |
+//! | `PUT /snapshot` `{"dir": PATH}` | 202 `{"state":"snapshotting"}`: a live snapshot into PATH starts; 400 when PATH cannot take it; 409 while another runs |
+//! | `GET /snapshot` | 200, [`SnapshotProgress`] of the latest snapshot; 404 if none was taken |
 //!
 //! Errors have a JSON body `{"error": "..."}`: 400 malformed request, 404 unknown path, 405
 //! wrong method, 411/413 body length, 501 unsupported transfer coding or route.
@@ -28,11 +29,13 @@ pub mod client;
 mod control;
 pub mod http;
 mod server;
+mod snapshot;
 mod status;
 
-pub use control::{PairFigures, VcpuFigures, VmControl};
+pub use control::{PairFigures, SnapshotStarter, VcpuFigures, VmControl};
 pub use server::{ApiServer, ServerError};
+pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
 pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
 
 /// The routes, for error messages and the docs.
-pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot";
+pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot";

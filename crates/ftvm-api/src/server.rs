@@ -152,8 +152,13 @@ fn handle(stream: &mut UnixStream, control: &VmControl) {
 /// The answer to a request: status code, extra headers, JSON body.
 pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static str, &'static str)>, String) {
     let error = |code: u16, message: String| (code, Vec::new(), json!({ "error": message }).to_string());
+    let refused = |r: Refused| {
+        let (code, message) = r.answer();
+        error(code, message)
+    };
     let allowed = match req.path.as_str() {
         "/status" => "GET",
+        "/snapshot" if req.method == "GET" => "GET",
         "/pause" | "/resume" | "/snapshot" | "/switchover" => "PUT",
         other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
     };
@@ -169,7 +174,7 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
         },
         "/pause" => match control.request_pause(PAUSE_ACK_WAIT) {
             Ok(VmState::Paused) => (200, Vec::new(), json!({ "state": "paused" }).to_string()),
-            Ok(VmState::Stopped) | Err(Refused::Stopped) => error(409, "the VM has stopped".into()),
+            Ok(VmState::Stopped) => refused(Refused::Stopped),
             Ok(_) => (
                 202,
                 Vec::new(),
@@ -179,18 +184,36 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
                 })
                 .to_string(),
             ),
-            Err(Refused::BadState(m)) => error(400, m),
+            Err(r) => refused(r),
         },
         "/resume" => match control.request_resume() {
             Ok(state) => (200, Vec::new(), json!({ "state": state }).to_string()),
-            Err(Refused::BadState(m)) => error(400, m),
-            Err(Refused::Stopped) => error(409, "the VM has stopped".into()),
+            Err(r) => refused(r),
         },
         "/switchover" => match control.request_switchover() {
             Ok(()) => (202, Vec::new(), json!({ "state": "handing over" }).to_string()),
             Err(m) => error(400, m),
         },
-        _ => error(501, "snapshots are not implemented yet (issue 6): PUT /snapshot does nothing".into()),
+        "/snapshot" if req.method == "GET" => match control.snapshot_progress() {
+            Some(p) => match serde_json::to_string(&p) {
+                Ok(body) => (200, Vec::new(), body),
+                Err(e) => error(500, format!("cannot encode the progress: {e}")),
+            },
+            None => error(404, "no snapshot has been taken".into()),
+        },
+        "/snapshot" => {
+            let dir = serde_json::from_slice::<serde_json::Value>(&req.body)
+                .ok()
+                .and_then(|v| v.get("dir").and_then(|d| d.as_str()).map(str::to_string));
+            match dir {
+                Some(dir) if !dir.is_empty() => match control.request_snapshot(dir.into()) {
+                    Ok(()) => (202, Vec::new(), json!({ "state": "snapshotting" }).to_string()),
+                    Err(r) => refused(r),
+                },
+                _ => error(400, "PUT /snapshot needs a JSON body {\"dir\": \"PATH\"}".into()),
+            }
+        }
+        other => error(404, format!("no such route {}", truncate(other))),
     }
 }
 
@@ -204,6 +227,8 @@ fn truncate(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use crate::client;
     use crate::status::Role;
@@ -236,9 +261,35 @@ mod tests {
         assert_eq!(code, 400);
         assert!(body.contains("not paused"), "{body}");
         let (code, _, body) = route(&req("PUT", "/snapshot"), &c);
-        assert_eq!(code, 501);
-        assert!(body.contains("not implemented yet"), "{body}");
+        assert_eq!(code, 400);
+        assert!(body.contains("needs a JSON body"), "{body}");
+        let put = |dir: &str| Request { method: "PUT".into(), path: "/snapshot".into(), body: dir.as_bytes().to_vec() };
+        let (code, _, body) = route(&put(r#"{"dir":"/tmp/s"}"#), &c);
+        assert_eq!(code, 400, "no starter yet: {body}");
+        assert!(body.contains("cannot be snapshotted"), "{body}");
+        assert_eq!(route(&req("GET", "/snapshot"), &c).0, 404);
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let s = started.clone();
+        c.set_snapshot_starter(Some(Box::new(move |dir| {
+            s.lock().unwrap().push(dir.clone());
+            if dir.starts_with("/nope") {
+                return Err("cannot create /nope".into());
+            }
+            Ok(())
+        })));
+        let (code, _, body) = route(&put(r#"{"dir":"/nope/x"}"#), &c);
+        assert_eq!((code, body.contains("cannot create /nope")), (400, true), "{body}");
+        assert_eq!(route(&put(r#"{"dir":"/tmp/s"}"#), &c).0, 202);
+        c.set_snapshot_progress(crate::SnapshotProgress::new("/tmp/s".into(), 1 << 20, 0));
+        let (code, _, body) = route(&put(r#"{"dir":"/tmp/t"}"#), &c);
+        assert_eq!((code, body.contains("under way")), (409, true), "{body}");
+        let (code, _, body) = route(&req("GET", "/snapshot"), &c);
+        assert_eq!(code, 200);
+        let p: crate::SnapshotProgress = serde_json::from_str(&body).unwrap();
+        assert_eq!((p.dir.as_str(), p.phase), ("/tmp/s", crate::SnapshotPhase::Copying));
+        assert_eq!(started.lock().unwrap().len(), 2);
         c.mark_stopped();
+        assert_eq!(route(&put(r#"{"dir":"/tmp/u"}"#), &c).0, 409);
         assert_eq!(route(&req("PUT", "/pause"), &c).0, 409);
     }
 

@@ -41,6 +41,11 @@ impl PageSet {
         PageSet { regions: slots.iter().map(|s| (s.base, vec![0; s.words()])).collect() }
     }
 
+    /// No page of guest memory.
+    pub fn none(mem: &GuestMemoryMmap) -> Self {
+        PageSet::empty(&slots_of(mem))
+    }
+
     /// Every page of guest memory.
     pub fn all(mem: &GuestMemoryMmap) -> Self {
         let mut set = PageSet::empty(&slots_of(mem));

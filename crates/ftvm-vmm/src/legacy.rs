@@ -11,7 +11,7 @@ use ftvm_devices::pit::Pit;
 use ftvm_devices::power::{NullPort, PowerPort};
 use ftvm_devices::rtc::Rtc;
 use ftvm_devices::uart::Uart;
-use ftvm_devices::{ports, Bus, GuestNanos, IrqLines, MmioDevice, PioDevice, Timed};
+use ftvm_devices::{ports, Bus, GuestNanos, IrqLines, MmioDevice, PioDevice, Stateful, Timed};
 use ftvm_virtio::block::Block;
 use ftvm_virtio::net::{MacAddr, Net};
 use ftvm_virtio::rng::Rng;
@@ -94,9 +94,26 @@ impl VirtioBackends {
     }
 }
 
+/// Every device's saved state, in device order (snapshots, sync points, state transfer).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// [`ftvm_devices::DEVICE_STATE_VERSION`] of the device model that saved it.
+    pub version: u32,
+    pub pic: <Pic as Stateful>::State,
+    pub pit: <Pit as Stateful>::State,
+    pub rtc: <Rtc as Stateful>::State,
+    pub uart: <Uart as Stateful>::State,
+    pub i8042: <I8042 as Stateful>::State,
+    pub lapic: <LocalApicRegisters as Stateful>::State,
+    pub nets: Vec<<NetDevice as Stateful>::State>,
+    pub disks: Vec<<BlockDevice as Stateful>::State>,
+    pub rng: Option<<RngDevice as Stateful>::State>,
+}
+
 /// The devices of a VM and the buses that reach them.
 pub struct Devices {
     pub pic: Rc<RefCell<Pic>>,
+    pub lapic: Rc<RefCell<LocalApicRegisters>>,
     pub pit: Rc<RefCell<Pit>>,
     pub rtc: Rc<RefCell<Rtc>>,
     pub uart: Rc<RefCell<Uart>>,
@@ -133,9 +150,10 @@ impl Devices {
             pio.insert(base.into(), len.into(), dev).map_err(|e| Error::Devices(format!("port {base:#x}: {e}")))?;
         }
         let mut mmio: Bus<dyn MmioDevice> = Bus::new();
-        mmio.insert(LAPIC_BASE, LAPIC_SIZE, Rc::new(RefCell::new(LocalApicRegisters::default())))
+        let lapic = Rc::new(RefCell::new(LocalApicRegisters::default()));
+        mmio.insert(LAPIC_BASE, LAPIC_SIZE, lapic.clone())
             .map_err(|e| Error::Devices(format!("local APIC registers: {e}")))?;
-        Ok(Devices { pic, pit, rtc, uart, i8042, pio, mmio, virtio: VirtioDevices::default() })
+        Ok(Devices { pic, lapic, pit, rtc, uart, i8042, pio, mmio, virtio: VirtioDevices::default() })
     }
 
     /// Puts the virtio devices on the MMIO bus, in device order (nets, disks, rng), at the
@@ -172,6 +190,68 @@ impl Devices {
     fn insert_virtio(&mut self, slot: VirtioSlot, dev: Rc<RefCell<dyn MmioDevice>>, what: String) -> Result<()> {
         self.mmio.insert(slot.addr, MMIO_WINDOW, dev).map_err(|e| Error::Devices(format!("{what}: {e}")))?;
         tracing::info!("{what} at {:#x}, IRQ {}", slot.addr, slot.irq);
+        Ok(())
+    }
+
+    /// Every device's state now.
+    pub fn save_state(&self) -> DevicesState {
+        DevicesState {
+            version: ftvm_devices::DEVICE_STATE_VERSION,
+            pic: self.pic.borrow().save_state(),
+            pit: self.pit.borrow().save_state(),
+            rtc: self.rtc.borrow().save_state(),
+            uart: self.uart.borrow().save_state(),
+            i8042: self.i8042.borrow().save_state(),
+            lapic: self.lapic.borrow().save_state(),
+            nets: self.virtio.nets.iter().map(|d| d.borrow().save_state()).collect(),
+            disks: self.virtio.disks.iter().map(|d| d.borrow().save_state()).collect(),
+            rng: self.virtio.rng.as_ref().map(|d| d.borrow().save_state()),
+        }
+    }
+
+    /// Makes every device continue from a saved state. The VM must have the same devices
+    /// (the snapshot's configuration); a state that does not fit is refused with the device
+    /// named. Checked in full before anything changes, so a refused state changes nothing.
+    pub fn restore_state(&self, state: &DevicesState) -> Result<()> {
+        ftvm_devices::check_version(state.version).map_err(|e| Error::Restore(e.to_string()))?;
+        let count = |what: &str, saved: usize, here: usize| {
+            if saved == here {
+                Ok(())
+            } else {
+                Err(Error::Restore(format!("the saved state has {saved} {what}; this VM has {here}")))
+            }
+        };
+        count("network devices", state.nets.len(), self.virtio.nets.len())?;
+        count("disks", state.disks.len(), self.virtio.disks.len())?;
+        count("rng devices", usize::from(state.rng.is_some()), usize::from(self.virtio.rng.is_some()))?;
+        // Restore into copies first: all or nothing.
+        let before = self.save_state();
+        let result = self.restore_each(state);
+        if result.is_err() {
+            let _ = self.restore_each(&before);
+        }
+        result
+    }
+
+    fn restore_each(&self, s: &DevicesState) -> Result<()> {
+        fn one<D: Stateful>(dev: &RefCell<D>, state: &D::State) -> Result<()> {
+            dev.borrow_mut().restore_state(state).map_err(|e| Error::Restore(e.to_string()))
+        }
+        one(&self.pic, &s.pic)?;
+        one(&self.pit, &s.pit)?;
+        one(&self.rtc, &s.rtc)?;
+        one(&self.uart, &s.uart)?;
+        one(&self.i8042, &s.i8042)?;
+        one(&self.lapic, &s.lapic)?;
+        for (dev, st) in self.virtio.nets.iter().zip(&s.nets) {
+            one(dev, st)?;
+        }
+        for (dev, st) in self.virtio.disks.iter().zip(&s.disks) {
+            one(dev, st)?;
+        }
+        if let (Some(dev), Some(st)) = (&self.virtio.rng, &s.rng) {
+            one(dev, st)?;
+        }
         Ok(())
     }
 

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod msr;
 pub mod pair;
 pub mod recording;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

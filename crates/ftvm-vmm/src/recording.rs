@@ -84,7 +84,13 @@ pub fn disk_copy_path(log: &Path, index: usize) -> PathBuf {
     log.with_file_name(name)
 }
 
-fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<ImageInfo>, rtc: u64) -> LogHeader {
+pub(crate) fn header_for(
+    vm: &Vm,
+    kernel: ImageInfo,
+    initrd: Option<ImageInfo>,
+    disks: Vec<ImageInfo>,
+    rtc: u64,
+) -> LogHeader {
     let c = vm.config();
     let id = vm.identity();
     LogHeader {
@@ -131,6 +137,20 @@ fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<
         record_start_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
         ..LogHeader::default()
     }
+}
+
+/// The VM as a snapshot's manifest pins it: like a log header, with the disks named by path
+/// and size only (the snapshot checks its own copies of them).
+pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
+    let c = vm.config();
+    let kernel = image_info(&c.boot.kernel)?;
+    let initrd = c.boot.initrd.as_deref().map(image_info).transpose()?;
+    let disks = vm
+        .disk_handles()
+        .iter()
+        .map(|d| ImageInfo { path: d.path.display().to_string(), sha256: String::new(), size: d.tracker.size() })
+        .collect();
+    Ok(header_for(vm, kernel, initrd, disks, rtc))
 }
 
 /// The primary of a fault-tolerant pair: `ftvm primary`.
@@ -265,7 +285,7 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
     result
 }
 
-fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
+pub(crate) fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
     let path = PathBuf::from(&info.path);
     if !path.exists() {
         return Err(Error::Replay(format!("the {what} {} named in the log is missing", info.path)));

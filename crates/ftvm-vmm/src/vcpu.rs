@@ -186,6 +186,66 @@ pub enum Delivery {
     AtExits,
 }
 
+/// Work for the vCPU thread, done between two exits (a snapshot's paused round, ...).
+pub type VcpuTask = Box<dyn FnOnce(&mut VcpuLoop) + Send>;
+
+/// Tasks waiting for the vCPU thread; submitting wakes it (kick and doorbell). Once the loop
+/// has ended, tasks are dropped unrun, so a submitter waiting on one learns it at once.
+#[derive(Clone, Default)]
+pub struct VcpuTasks {
+    inner: Arc<TasksInner>,
+}
+
+#[derive(Default)]
+struct TasksInner {
+    queue: std::sync::Mutex<Option<Vec<VcpuTask>>>,
+    pending: std::sync::atomic::AtomicBool,
+    waker: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl VcpuTasks {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Option<Vec<VcpuTask>>> {
+        self.inner.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `task` for the vCPU thread and wakes it.
+    pub fn submit(&self, task: VcpuTask) {
+        {
+            let mut q = self.queue();
+            let Some(q) = q.as_mut() else { return }; // the loop has ended: dropped
+            q.push(task);
+            self.inner.pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Some(wake) = self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            wake();
+        }
+    }
+
+    /// Whether a task waits (one relaxed load: tested between exits).
+    fn pending(&self) -> bool {
+        self.inner.pending.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The loop starts taking tasks; `waker` gets it out of KVM_RUN or a halt.
+    fn open(&self, waker: Box<dyn Fn() + Send + Sync>) {
+        *self.queue() = Some(Vec::new());
+        *self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+    }
+
+    /// The loop has ended: waiting tasks and later ones are dropped.
+    fn close(&self) {
+        *self.queue() = None;
+        self.inner.pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn take(&self) -> Vec<VcpuTask> {
+        let mut q = self.queue();
+        self.inner.pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        q.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+}
+
 /// Everything the vCPU thread owns while the guest runs.
 pub struct VcpuLoop {
     pub vcpu: VcpuFd,
@@ -215,6 +275,10 @@ pub struct VcpuLoop {
     pub control: Option<Arc<ftvm_api::VmControl>>,
     /// The most recent output (for the control API: outputs held, replication lag).
     last_output: Option<ftvm_events::OutputTicket>,
+    /// Work other threads hand to the vCPU thread.
+    pub tasks: VcpuTasks,
+    /// The MSRs a saved vCPU state holds.
+    pub(crate) msr_indices: Vec<u32>,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -255,6 +319,8 @@ impl VcpuLoop {
             last_log_flush: std::time::Instant::now(),
             control: None,
             last_output: None,
+            tasks: VcpuTasks::default(),
+            msr_indices: Vec::new(),
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -271,6 +337,11 @@ impl VcpuLoop {
     pub fn run(&mut self) -> Result<VmOutcome> {
         let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
         self.kicker.attach(immediate_exit);
+        let (kicker, doorbell) = (self.kicker.clone(), self.doorbell.clone());
+        self.tasks.open(Box::new(move || {
+            doorbell.ring();
+            kicker.kick();
+        }));
         self.timer = match self.delivery {
             Delivery::Prompt => Some(DeadlineTimer::start(self.kicker.clone())?),
             Delivery::AtExits => None,
@@ -315,6 +386,7 @@ impl VcpuLoop {
                 outcome = Ok(VmOutcome::ReplayStopped(stop.clone()));
             }
         }
+        self.tasks.close();
         self.kicker.detach();
         self.stats.kicks = self.kicker.kicks();
         let _ = self.console.flush();
@@ -736,6 +808,40 @@ impl VcpuLoop {
     }
 }
 
+/// The VM's state, saved and restored between two exits.
+impl VcpuLoop {
+    /// Completes the access of the last exit inside KVM (an IN's data reaches RAX only on the
+    /// next KVM_RUN) without running a guest instruction: a KVM_RUN with `immediate_exit`.
+    /// Needed before the vCPU's state is read.
+    pub(crate) fn complete_pending_io(&mut self) -> Result<()> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let result = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(Error::Kvm { call: "KVM_RUN (immediate exit)", source: e }),
+            Ok(exit) => Err(Error::Snapshot(format!("KVM_RUN with immediate_exit ran the guest: {exit:?}"))),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        result
+    }
+
+    /// The vCPU, every device and the guest clock (after [`Self::complete_pending_io`]).
+    pub(crate) fn save_state(&self) -> Result<crate::snapshot::VmState> {
+        Ok(crate::snapshot::VmState {
+            vcpu: crate::vcpu_state::VcpuState::capture(&self.vcpu, &self.msr_indices)?,
+            devices: self.devices.save_state(),
+            clock: self.events.clock_state(),
+        })
+    }
+
+    /// Makes the VM continue from a saved state (a restore, a sync point).
+    pub(crate) fn restore_state(&mut self, state: &crate::snapshot::VmState) -> Result<()> {
+        self.devices.restore_state(&state.devices)?;
+        state.vcpu.restore(&self.vcpu)?;
+        self.events.resume_clock(&state.clock);
+        Ok(())
+    }
+}
+
 impl VcpuLoop {
     /// Performs a sink write for an output released by the pair.
     pub(crate) fn perform(&mut self, target: OutputTarget, bytes: &[u8]) {
@@ -821,14 +927,31 @@ impl VcpuLoop {
     /// Between exits: publishes the loop's figures (relaxed atomic stores) and, while a pause
     /// is requested, parks here. Returns an outcome if the operator stopped the VM while it
     /// was paused.
-    fn control_point(&self) -> Option<VmOutcome> {
-        let control = self.control.as_ref()?;
+    fn control_point(&mut self) -> Option<VmOutcome> {
+        self.run_tasks();
+        let control = self.control.clone()?;
         control.publish(&self.status_figures());
         if control.switchover_requested() && self.gate.is_some() {
             return Some(VmOutcome::Switchover);
         }
-        let parked = control.pause_requested() && control.park_if_paused(&crate::kick::stop_requested);
-        (parked && crate::kick::stop_requested()).then_some(VmOutcome::OperatorStop)
+        // A paused vCPU still does the work it is handed (a snapshot of a paused VM).
+        let tasks = self.tasks.clone();
+        let interrupted = || crate::kick::stop_requested() || tasks.pending();
+        while control.pause_requested() && control.park_if_paused(&interrupted) {
+            if crate::kick::stop_requested() {
+                return Some(VmOutcome::OperatorStop);
+            }
+            self.run_tasks();
+        }
+        None
+    }
+
+    fn run_tasks(&mut self) {
+        if self.tasks.pending() {
+            for task in self.tasks.take() {
+                task(self);
+            }
+        }
     }
 
     fn status_figures(&self) -> ftvm_api::VcpuFigures {

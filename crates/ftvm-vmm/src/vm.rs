@@ -134,6 +134,13 @@ pub struct Vm {
     taps: Vec<Tap>,
     slots: Vec<VirtioSlot>,
     identity: VmIdentity,
+    /// The MSRs a saved vCPU state holds on this host.
+    msr_indices: Vec<u32>,
+    /// The disks with their dirty-block maps, in device order (for snapshots).
+    disks: Vec<crate::snapshot::DiskHandle>,
+    /// The state to continue from, for a VM restored from a snapshot (applied on the vCPU
+    /// thread before the guest runs).
+    restore: Option<Box<crate::snapshot::VmState>>,
 }
 
 /// What a recording's header pins about the VM as built (design brief §2), so that a replay
@@ -177,6 +184,16 @@ impl Vm {
     pub fn build_with(config: VmConfig, open_taps: bool) -> Result<Self> {
         // Host resources first: a missing disk or TAP is reported before anything else.
         let (virtio, taps) = open_virtio(&config, open_taps)?;
+        let disks = config
+            .disks
+            .iter()
+            .zip(&virtio.disks)
+            .map(|(c, (d, _))| crate::snapshot::DiskHandle {
+                path: c.path.clone(),
+                readonly: c.readonly,
+                tracker: d.tracker(),
+            })
+            .collect();
         let slots = legacy::virtio_layout(virtio.count())?;
         let mut boot_spec = config.boot.clone();
         boot_spec.cmdline = legacy::virtio_cmdline(&boot_spec.cmdline, &slots);
@@ -200,6 +217,7 @@ impl Vm {
             effective_cmdline: boot_spec.cmdline.clone(),
             memory_layout: memory::ram_ranges(config.mem_size)?.iter().map(|(a, l)| (a.0, *l as u64)).collect(),
         };
+        let msr_indices = crate::vcpu_state::msr_indices(&kvm)?;
         Ok(Vm {
             vcpu: Some(vcpu),
             vm_fd: Arc::new(vm),
@@ -210,6 +228,9 @@ impl Vm {
             taps,
             slots,
             identity,
+            msr_indices,
+            disks,
+            restore: None,
         })
     }
 
@@ -235,6 +256,16 @@ impl Vm {
         &self.loaded
     }
 
+    /// The VM will continue from `state` instead of booting (its memory is loaded already).
+    pub(crate) fn continue_from(&mut self, state: crate::snapshot::VmState) {
+        self.restore = Some(Box::new(state));
+    }
+
+    /// The disks with their dirty-block maps.
+    pub(crate) fn disk_handles(&self) -> &[crate::snapshot::DiskHandle] {
+        &self.disks
+    }
+
     /// Runs the guest on its vCPU thread until it stops (`ftvm run`).
     pub fn run(self) -> Result<RunReport> {
         self.run_with(Journaling::Live)
@@ -253,9 +284,24 @@ impl Vm {
             Delivery::AtExits => Some(tracker.subscribe()?),
             Delivery::Prompt => None,
         };
+        let restore = self.restore.take();
+        let msr_indices = self.msr_indices.clone();
         let control = take_control();
         if let Some(c) = &control {
             c.set_role(api_role(&journaling));
+        }
+        // Snapshots are taken through the control API.
+        let tasks = crate::vcpu::VcpuTasks::default();
+        if let Some(c) = &control {
+            let header = crate::recording::snapshot_header(&self, rtc_base)?;
+            let source = Arc::new(crate::snapshot::SnapshotSource {
+                tracker: tracker.clone(),
+                disks: self.disks.clone(),
+                header,
+                tasks: tasks.clone(),
+                control: c.clone(),
+            });
+            c.set_snapshot_starter(Some(source.starter()));
         }
         // The pair: the primary's link (with its held outputs), or the backup's.
         let mut gate = None;
@@ -374,6 +420,11 @@ impl Vm {
                 for (sink, stream) in streams {
                     vloop.attach_net(sink, stream);
                 }
+                vloop.tasks = tasks;
+                vloop.msr_indices = msr_indices;
+                if let Some(state) = restore {
+                    vloop.restore_state(&state)?;
+                }
                 vloop.gate = gate;
                 vloop.tracker = Some(tracker);
                 vloop.hash_consumer = hash_consumer;
@@ -391,6 +442,7 @@ impl Vm {
         if let Some(c) = &control {
             c.mark_stopped();
             c.set_waker(None);
+            c.set_snapshot_starter(None);
         }
         drop(stop_watch);
         drop(pair_primary);

@@ -110,10 +110,15 @@ enum CtlAction {
     /// Hand over on purpose: a protected primary stops at an exit, lets the backup catch up
     /// and acknowledge every output, tells it, and exits; the backup goes live at once.
     Switchover,
-    /// Snapshot the VM to DIR (not implemented yet).
+    /// Snapshot the VM into DIR (new or empty) while it runs: memory and disks are copied
+    /// live, and the guest pauses only for the last dirty pages and the vCPU and device
+    /// state. Shows the progress; `ftvm run --restore DIR` continues from it.
     Snapshot {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+        /// Print the final progress report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -191,8 +196,14 @@ struct ReplayArgs {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Kernel image: a PVH ELF kernel (such as the guest kit's) or a Linux bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Continue a VM from a snapshot (`ftvm ctl PATH snapshot DIR`) instead of booting
+    /// (run and record): the kernel, command line, memory and devices are the snapshot's; the
+    /// disks are put back from the snapshot's copies, into the images the VM ran on or the
+    /// --disk paths given (one per disk, in order); --net names other TAPs.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem", "rtc_base", "rng"])]
+    restore: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
@@ -281,6 +292,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Command::Primary(PrimaryArgs { vm, .. }) | Command::Backup(BackupArgs { vm, .. }) = &cli.command {
+        if vm.restore.is_some() {
+            eprintln!("ftvm: error: --restore is for run and record; the pair boots both sides from the same images");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Command::Ctl(args) => ctl(args),
         Command::Run(args) => run(args),
@@ -335,9 +352,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
             other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),
         }),
         CtlAction::Resume => client::resume(path).map(|state| println!("{state}")),
-        CtlAction::Snapshot { dir } => {
-            client::snapshot(path, &dir).map(|_| println!("snapshot written to {}", dir.display()))
-        }
+        CtlAction::Snapshot { dir, json } => return snapshot(path, &dir, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -345,6 +360,39 @@ fn ctl(args: CtlArgs) -> ExitCode {
             eprintln!("ftvm: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `ftvm ctl PATH snapshot DIR`: starts the snapshot, follows its progress, reports.
+fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCode {
+    use ftvm_api::client;
+    if let Err(e) = client::start_snapshot(path, dir) {
+        eprintln!("ftvm: error: {e}");
+        return ExitCode::from(1);
+    }
+    let mut shown = String::new();
+    loop {
+        let progress = match client::snapshot_progress(path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("ftvm: error: lost the VM while it took the snapshot: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let line = progress.to_string();
+        if progress.phase.is_over() {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&progress).unwrap_or_default());
+            } else {
+                println!("{line}");
+            }
+            return if progress.phase == ftvm_api::SnapshotPhase::Done { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        }
+        if line != shown {
+            eprintln!("ftvm: {line}");
+            shown = line;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
@@ -361,7 +409,7 @@ fn install_stop_handler() {
 
 fn vm_config(args: RunArgs) -> VmConfig {
     VmConfig {
-        boot: BootSpec { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline },
+        boot: BootSpec { kernel: args.kernel.unwrap_or_default(), initrd: args.initrd, cmdline: args.cmdline },
         mem_size: args.mem,
         console: args.console,
         rtc_base_unix: args.rtc_base,
@@ -469,7 +517,15 @@ fn init_logging(level: &str) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    finish(ftvm_vmm::vm::run(vm_config(args)))
+    match args.restore.clone() {
+        Some(dir) => finish(ftvm_vmm::snapshot::restore(&dir, &restore_host(args)).and_then(|vm| vm.run())),
+        None => finish(ftvm_vmm::vm::run(vm_config(args))),
+    }
+}
+
+/// The host-side choices of `--restore`: the console, TAPs and disk paths given.
+fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
+    ftvm_vmm::snapshot::RestoreHost { console: args.console, nets: args.nets, disks: args.disks }
 }
 
 fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {

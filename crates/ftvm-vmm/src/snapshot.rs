@@ -1,0 +1,913 @@
+//! Snapshots: the VM's whole state in a directory, taken live, and restored exactly
+//! (design brief §5: one state model for snapshots, sync points and state transfer).
+//!
+//! A snapshot directory holds
+//! - `snapshot.json`, the manifest: format and version, the VM as a log header pins it
+//!   (images with digests, memory layout, CPUID, devices, MACs, command line), checksums and
+//!   sizes of the other files, and how the snapshot was taken (rounds, pause);
+//! - `state.bin`: the vCPU, every device and the guest clock ([`VmState`], postcard);
+//! - `memory.bin`: guest RAM, the regions one after the other, zero pages left as holes;
+//! - `disk<i>.img`: a copy of each writable disk, taken at the same instant as the memory.
+//!
+//! Taking one is a pre-copy (the same one re-protecting a backup will use): memory and disks
+//! are copied while the guest runs, then again what it dirtied meanwhile, until little is
+//! left; then the vCPU thread, between two exits, copies the last dirty pages and blocks and
+//! saves the vCPU and device state. Only that last step pauses the guest. The manifest is
+//! written last, so a directory without one is not a snapshot.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ftvm_api::{CopyRound, SnapshotPhase, SnapshotProgress, VmControl};
+use ftvm_events::ClockState;
+use ftvm_log::{Hasher64, LogHeader};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use ftvm_virtio::net::MacAddr;
+
+use crate::boot::BootSpec;
+use crate::dirty::{DirtyTracker, PageSet};
+use crate::disk::DiskTracker;
+use crate::error::{Error, Result};
+use crate::legacy::DevicesState;
+use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
+use crate::recording::{check_image, header_for};
+use crate::vcpu::VcpuTasks;
+use crate::vcpu_state::VcpuState;
+use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig};
+
+/// The manifest's `format`.
+pub const FORMAT: &str = "ftvm-snapshot";
+/// The snapshot format version: bump when the files or the manifest change shape.
+pub const VERSION: u32 = 1;
+
+const MANIFEST: &str = "snapshot.json";
+const STATE: &str = "state.bin";
+const MEMORY: &str = "memory.bin";
+
+/// Pre-copy stops when a round leaves at most this many dirty pages (1 MiB)...
+const FINAL_PAGES: u64 = 256;
+/// ...or after this many rounds...
+const MAX_ROUNDS: usize = 8;
+/// ...or when a round no longer shrinks the dirty set by a tenth (the guest dirties as fast
+/// as we copy: pausing now costs no more than later).
+const CONVERGENCE: f64 = 0.9;
+
+/// A file of the snapshot with its size and checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub file: String,
+    pub size: u64,
+    /// xxh3-64 of the content (holes read as zeros), hex.
+    pub xxh3: String,
+}
+
+/// A disk of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskEntry {
+    /// The image the VM ran on (where a restore puts the copy back unless told otherwise).
+    pub source: String,
+    pub readonly: bool,
+    /// The copy in the snapshot (none for a read-only disk: it cannot have changed).
+    pub copy: Option<FileEntry>,
+}
+
+/// `snapshot.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub ftvm_version: String,
+    /// The device state format ([`ftvm_devices::DEVICE_STATE_VERSION`]).
+    pub device_state_version: u32,
+    /// The VM, as a log header pins it (its `disks` name the images the VM ran on).
+    pub vm: LogHeader,
+    pub created_unix: u64,
+    /// The guest clock when the snapshot was taken.
+    pub guest_time_ns: u64,
+    pub state: FileEntry,
+    pub memory: FileEntry,
+    pub disks: Vec<DiskEntry>,
+    /// How it was taken.
+    pub rounds: Vec<CopyRound>,
+    pub pause_ms: f64,
+}
+
+/// Everything of the VM that is not memory or disk: `state.bin`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub vcpu: VcpuState,
+    pub devices: DevicesState,
+    pub clock: ClockState,
+}
+
+impl VmState {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the VM state: {e}")))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        postcard::from_bytes(bytes).map_err(|e| Error::Restore(format!("the VM state does not decode: {e}")))
+    }
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+fn snap_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Snapshot(format!("{what}: {e}"))
+}
+
+fn restore_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Restore(format!("{what}: {e}"))
+}
+
+// ---- Sparse files: holes read as zeros, and are skipped where the data is zero ----
+
+/// The data extents of a file (SEEK_DATA/SEEK_HOLE), so that reading a mostly empty memory
+/// image or disk touches only what is in it. A filesystem without the calls reports the whole
+/// file as data.
+fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole up to the end
+            }
+            return vec![(0, size)];
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let (start, end) = (data as u64, if hole < 0 { size } else { (hole as u64).min(size) });
+        if end <= start {
+            break;
+        }
+        extents.push((start, end - start));
+        pos = end;
+    }
+    extents
+}
+
+/// Reads `file` in order, calling `each(offset, bytes)` for its data and feeding holes to the
+/// hasher as zeros; returns the content's xxh3.
+fn read_sparse(file: &File, size: u64, mut each: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+    let mut hasher = Hasher64::new();
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let feed_zeros = |hasher: &mut Hasher64, mut n: u64| {
+        while n > 0 {
+            let k = n.min(zeros.len() as u64);
+            hasher.write(&zeros[..k as usize]);
+            n -= k;
+        }
+    };
+    for (start, len) in data_extents(file, size) {
+        feed_zeros(&mut hasher, start - pos);
+        let mut off = start;
+        while off < start + len {
+            let k = (start + len - off).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..k], off).map_err(restore_err(format!("reading at offset {off}")))?;
+            hasher.write(&buf[..k]);
+            each(off, &buf[..k])?;
+            off += k as u64;
+        }
+        pos = start + len;
+    }
+    feed_zeros(&mut hasher, size - pos);
+    Ok(hasher.finish())
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.chunks_exact(8).all(|c| c == [0; 8]) && bytes.chunks_exact(8).remainder().iter().all(|&b| b == 0)
+}
+
+/// Copies `len` bytes at `offset` from `src` to `dst`, skipping all-zero chunks if `sparse`
+/// (the destination then keeps its holes there). Returns the bytes written.
+fn copy_range(src: &File, dst: &File, offset: u64, len: u64, sparse: bool, buf: &mut [u8]) -> std::io::Result<u64> {
+    let mut written = 0;
+    let mut off = offset;
+    while off < offset + len {
+        let k = (offset + len - off).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..k], off)?;
+        if !(sparse && is_zero(&buf[..k])) {
+            dst.write_all_at(&buf[..k], off)?;
+            written += k as u64;
+        }
+        off += k as u64;
+    }
+    Ok(written)
+}
+
+// ---- The memory image ----
+
+/// Where each RAM region lies in `memory.bin`: (first guest address, length, file offset).
+fn ram_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u64)> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let entry = (r.start_addr().raw_value(), r.len(), offset);
+            offset += r.len();
+            entry
+        })
+        .collect()
+}
+
+/// `memory.bin` being written.
+struct MemoryImage {
+    file: File,
+    layout: Vec<(u64, u64, u64)>,
+    size: u64,
+}
+
+impl MemoryImage {
+    fn create(path: &Path, mem: &GuestMemoryMmap) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(snap_err(format!("cannot create {}", path.display())))?;
+        let layout = ram_layout(mem);
+        let size = layout.iter().map(|r| r.1).sum();
+        file.set_len(size).map_err(snap_err(format!("cannot size {}", path.display())))?;
+        Ok(MemoryImage { file, layout, size })
+    }
+
+    fn offset_of(&self, gpa: u64) -> Option<u64> {
+        self.layout
+            .iter()
+            .find(|(base, len, _)| gpa >= *base && gpa < base + len)
+            .map(|(base, _, off)| off + gpa - base)
+    }
+
+    /// Writes the pages of `pages` (all-zero ones skipped if `skip_zero`: the first round
+    /// writes into a fresh file, whose holes already read as zeros). Contiguous pages are
+    /// written in runs. Returns the pages written.
+    fn write_pages(&self, mem: &GuestMemoryMmap, pages: &PageSet, skip_zero: bool) -> Result<u64> {
+        const RUN: usize = 256;
+        let mut buf = vec![0u8; RUN * PAGE_SIZE as usize];
+        let mut written = 0u64;
+        let mut run: Option<(u64, usize)> = None; // (first gpa, pages)
+        let mut flush = |run: (u64, usize), buf: &mut [u8]| -> Result<()> {
+            let (gpa, n) = run;
+            let bytes = &mut buf[..n * PAGE_SIZE as usize];
+            mem.read_slice(bytes, GuestAddress(gpa))
+                .map_err(|e| Error::Snapshot(format!("reading guest memory at {gpa:#x}: {e}")))?;
+            for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
+                if skip_zero && is_zero(page) {
+                    continue;
+                }
+                let at = gpa + i as u64 * PAGE_SIZE;
+                let off = self.offset_of(at).ok_or_else(|| Error::Snapshot(format!("page {at:#x} is not RAM")))?;
+                self.file.write_all_at(page, off).map_err(snap_err("writing memory.bin".into()))?;
+                written += 1;
+            }
+            Ok(())
+        };
+        for gpa in pages.addresses() {
+            run = match run {
+                Some((first, n)) if gpa == first + n as u64 * PAGE_SIZE && n < RUN => Some((first, n + 1)),
+                Some(r) => {
+                    flush(r, &mut buf)?;
+                    Some((gpa, 1))
+                }
+                None => Some((gpa, 1)),
+            };
+        }
+        if let Some(r) = run {
+            flush(r, &mut buf)?;
+        }
+        Ok(written)
+    }
+}
+
+/// Loads `memory.bin` into guest memory, checking its size and checksum.
+fn load_memory(path: &Path, entry: &FileEntry, mem: &GuestMemoryMmap) -> Result<()> {
+    let file = File::open(path).map_err(restore_err(format!("cannot open {}", path.display())))?;
+    let size = file.metadata().map_err(restore_err(format!("cannot read {}", path.display())))?.len();
+    let layout = ram_layout(mem);
+    let ram: u64 = layout.iter().map(|r| r.1).sum();
+    if size != entry.size || size != ram {
+        return Err(Error::Restore(format!(
+            "{} is {size} bytes; the manifest says {}, and the VM has {ram} bytes of RAM (a truncated or foreign snapshot)",
+            path.display(),
+            entry.size
+        )));
+    }
+    let hash = read_sparse(&file, size, |offset, bytes| {
+        // A chunk may straddle two regions: split it.
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let at = offset + done as u64;
+            let (base, len, off) = layout
+                .iter()
+                .find(|(_, len, off)| at >= *off && at < off + len)
+                .copied()
+                .ok_or_else(|| Error::Restore(format!("memory.bin offset {at} is past the RAM")))?;
+            let n = ((off + len - at) as usize).min(bytes.len() - done);
+            mem.write_slice(&bytes[done..done + n], GuestAddress(base + at - off))
+                .map_err(|e| Error::Restore(format!("writing guest memory: {e}")))?;
+            done += n;
+            let _ = len;
+        }
+        Ok(())
+    })?;
+    if hex(hash) != entry.xxh3 {
+        return Err(Error::Restore(format!(
+            "{} is corrupt: its checksum is {}, the manifest says {}",
+            path.display(),
+            hex(hash),
+            entry.xxh3
+        )));
+    }
+    Ok(())
+}
+
+/// The xxh3 of a file's content (holes as zeros) and its size.
+fn checksum(path: &Path) -> Result<(u64, u64)> {
+    let file = File::open(path).map_err(snap_err(format!("cannot read {}", path.display())))?;
+    let size = file.metadata().map_err(snap_err(format!("cannot read {}", path.display())))?.len();
+    let hash = read_sparse(&file, size, |_, _| Ok(()))?;
+    Ok((hash, size))
+}
+
+fn entry_for(dir: &Path, name: &str) -> Result<FileEntry> {
+    let (hash, size) = checksum(&dir.join(name))?;
+    Ok(FileEntry { file: name.into(), size, xxh3: hex(hash) })
+}
+
+// ---- Taking a snapshot ----
+
+/// A disk as a snapshot sees it.
+#[derive(Clone)]
+pub struct DiskHandle {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub tracker: DiskTracker,
+}
+
+/// What a snapshot of a running VM needs, shared by the API's starter and the job.
+pub struct SnapshotSource {
+    pub tracker: DirtyTracker,
+    pub disks: Vec<DiskHandle>,
+    /// The VM as built (its identity for the manifest).
+    pub header: LogHeader,
+    pub tasks: VcpuTasks,
+    pub control: Arc<VmControl>,
+}
+
+impl SnapshotSource {
+    /// The starter the control API calls for `PUT /snapshot`: checks the directory at once
+    /// (a clear error if it cannot take a snapshot), then copies in a thread of its own.
+    pub fn starter(self: Arc<Self>) -> ftvm_api::SnapshotStarter {
+        Box::new(move |dir: PathBuf| {
+            prepare_dir(&dir).map_err(|e| e.to_string())?;
+            let src = self.clone();
+            std::thread::Builder::new()
+                .name("ftvm-snapshot".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    let mut progress = SnapshotProgress::new(
+                        dir.display().to_string(),
+                        crate::memory::total_size(&src.tracker.memory()),
+                        src.disks.iter().filter(|d| !d.readonly).map(|d| d.tracker.size()).sum(),
+                    );
+                    src.control.set_snapshot_progress(progress.clone());
+                    let outcome = take(&src, &dir, &mut progress, started);
+                    progress.elapsed_ms = ms(started.elapsed());
+                    match outcome {
+                        Ok(()) => {
+                            progress.phase = SnapshotPhase::Done;
+                            tracing::info!("{progress}");
+                        }
+                        Err(e) => {
+                            progress.phase = SnapshotPhase::Failed;
+                            progress.error = Some(e.to_string());
+                            tracing::error!("{progress}");
+                            discard(&dir);
+                        }
+                    }
+                    src.control.set_snapshot_progress(progress);
+                })
+                .map(|_| ())
+                .map_err(|e| format!("cannot start the snapshot thread: {e}"))
+        })
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The directory must be new or empty, and writable.
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let mut entries =
+            std::fs::read_dir(dir).map_err(snap_err(format!("{} is not a readable directory", dir.display())))?;
+        if entries.next().is_some() {
+            return Err(Error::Snapshot(format!(
+                "{} is not empty; a snapshot goes into a new or empty directory",
+                dir.display()
+            )));
+        }
+    } else {
+        std::fs::create_dir_all(dir).map_err(snap_err(format!("cannot create {}", dir.display())))?;
+    }
+    let probe = dir.join(".ftvm-write-test");
+    File::create(&probe).map_err(snap_err(format!("{} is not writable", dir.display())))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Removes what a failed snapshot wrote (only the files a snapshot writes).
+fn discard(dir: &Path) {
+    for name in [MANIFEST, STATE, MEMORY] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    for i in 0..16 {
+        let _ = std::fs::remove_file(dir.join(disk_file(i)));
+    }
+}
+
+fn disk_file(index: usize) -> String {
+    format!("disk{index}.img")
+}
+
+/// A writable disk being copied.
+struct DiskCopy {
+    /// The disk's index in device order.
+    index: usize,
+    src: File,
+    dst: File,
+    tracker: DiskTracker,
+    consumer: crate::disk::DiskConsumer,
+}
+
+impl DiskCopy {
+    /// Copies the blocks written since the last round. Returns the bytes copied.
+    fn round(&self, buf: &mut [u8]) -> Result<u64> {
+        let mut bytes = 0;
+        for (offset, len) in self.tracker.take(self.consumer) {
+            copy_range(&self.src, &self.dst, offset, len, false, buf).map_err(snap_err("copying a disk".into()))?;
+            bytes += len;
+        }
+        Ok(bytes)
+    }
+}
+
+/// Subscriptions that end with the job, however it ends.
+struct Subscriptions<'a> {
+    src: &'a SnapshotSource,
+    memory: crate::dirty::Consumer,
+    disks: Vec<DiskCopy>,
+}
+
+impl Drop for Subscriptions<'_> {
+    fn drop(&mut self) {
+        self.src.tracker.unsubscribe(self.memory);
+        for d in &self.disks {
+            d.tracker.unsubscribe(d.consumer);
+        }
+    }
+}
+
+/// The whole job: pre-copy rounds, the paused round on the vCPU thread, the manifest.
+fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, started: Instant) -> Result<()> {
+    let mem = src.tracker.memory();
+    let image = Arc::new(MemoryImage::create(&dir.join(MEMORY), &mem)?);
+    let mut subs = Subscriptions { src, memory: src.tracker.subscribe()?, disks: Vec::new() };
+    let mut buf = vec![0u8; 1 << 20];
+    // Round 0: everything, while the guest runs.
+    let t = Instant::now();
+    let mut disk_bytes = 0;
+    for (i, d) in src.disks.iter().enumerate().filter(|(_, d)| !d.readonly) {
+        let consumer = d.tracker.subscribe();
+        let source = File::open(&d.path).map_err(snap_err(format!("cannot read disk {}", d.path.display())))?;
+        let path = dir.join(disk_file(i));
+        let dst = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(snap_err(format!("cannot create {}", path.display())))?;
+        dst.set_len(d.tracker.size()).map_err(snap_err(format!("cannot size {}", path.display())))?;
+        let copy = DiskCopy { index: i, src: source, dst, tracker: d.tracker.clone(), consumer };
+        for (offset, len) in data_extents(&copy.src, d.tracker.size()) {
+            disk_bytes += copy_range(&copy.src, &copy.dst, offset, len, true, &mut buf)
+                .map_err(snap_err(format!("copying disk {}", d.path.display())))?;
+        }
+        subs.disks.push(copy);
+    }
+    let pages = image.write_pages(&mem, &PageSet::all(&mem), true)?;
+    progress.rounds.push(CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) });
+    report(src, progress, started);
+    // Rounds: what the guest dirtied meanwhile, until little is left.
+    let mut previous = u64::MAX;
+    loop {
+        let dirty = src.tracker.take(subs.memory)?;
+        let n = dirty.len();
+        let converging = (n as f64) < previous as f64 * CONVERGENCE;
+        if n <= FINAL_PAGES || progress.rounds.len() >= MAX_ROUNDS || !converging {
+            // The pages seen dirty now go into the paused round with the rest.
+            src.tracker.mark(&dirty, None);
+            break;
+        }
+        let t = Instant::now();
+        let pages = image.write_pages(&mem, &dirty, false)?;
+        let mut disk_bytes = 0;
+        for d in &subs.disks {
+            disk_bytes += d.round(&mut buf)?;
+        }
+        progress.rounds.push(CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) });
+        report(src, progress, started);
+        previous = n;
+    }
+    // The paused round, on the vCPU thread between two exits.
+    progress.phase = SnapshotPhase::Pausing;
+    report(src, progress, started);
+    let (tx, rx) = mpsc::channel();
+    let memory = subs.memory;
+    let disks: Vec<(DiskTracker, crate::disk::DiskConsumer, File, File)> = subs
+        .disks
+        .iter()
+        .map(|d| Ok((d.tracker.clone(), d.consumer, d.src.try_clone()?, d.dst.try_clone()?)))
+        .collect::<std::io::Result<_>>()
+        .map_err(snap_err("disk files".into()))?;
+    let (tracker, image_for_vcpu, state_path) = (src.tracker.clone(), image.clone(), dir.join(STATE));
+    src.tasks.submit(Box::new(move |vloop| {
+        let t = Instant::now();
+        let result = (|| -> Result<(CopyRound, u64)> {
+            vloop.complete_pending_io()?;
+            let dirty = tracker.take(memory)?;
+            let pages = image_for_vcpu.write_pages(&tracker.memory(), &dirty, false)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut disk_bytes = 0;
+            for (t, c, s, d) in &disks {
+                for (offset, len) in t.take(*c) {
+                    copy_range(s, d, offset, len, false, &mut buf).map_err(snap_err("copying a disk".into()))?;
+                    disk_bytes += len;
+                }
+            }
+            let state = vloop.save_state()?;
+            let guest_time = state.clock.guest_now;
+            std::fs::write(&state_path, state.encode()?)
+                .map_err(snap_err(format!("cannot write {}", state_path.display())))?;
+            Ok((CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) }, guest_time))
+        })();
+        let _ = tx.send(result.map(|r| (r, ms(t.elapsed()))));
+    }));
+    let ((last, guest_time_ns), pause_ms) =
+        rx.recv().map_err(|_| Error::Snapshot("the VM stopped before the snapshot was complete".into()))??;
+    progress.rounds.push(last);
+    progress.pause_ms = Some(pause_ms);
+    progress.phase = SnapshotPhase::Finishing;
+    report(src, progress, started);
+    // The files are complete: make them durable, checksum them, write the manifest.
+    image.file.sync_all().map_err(snap_err("syncing memory.bin".into()))?;
+    let mut disks = Vec::new();
+    for (i, d) in src.disks.iter().enumerate() {
+        let copy = if d.readonly {
+            None
+        } else {
+            if let Some(c) = subs.disks.iter().find(|c| c.index == i) {
+                c.dst.sync_all().map_err(snap_err("syncing a disk copy".into()))?;
+            }
+            Some(entry_for(dir, &disk_file(i))?)
+        };
+        disks.push(DiskEntry { source: d.path.display().to_string(), readonly: d.readonly, copy });
+    }
+    drop(subs);
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        ftvm_version: env!("CARGO_PKG_VERSION").into(),
+        device_state_version: ftvm_devices::DEVICE_STATE_VERSION,
+        vm: src.header.clone(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        guest_time_ns,
+        state: entry_for(dir, STATE)?,
+        memory: FileEntry { file: MEMORY.into(), size: image.size, xxh3: hex(checksum(&dir.join(MEMORY))?.0) },
+        disks,
+        rounds: progress.rounds.clone(),
+        pause_ms,
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Snapshot(format!("manifest: {e}")))?;
+    let path = dir.join(MANIFEST);
+    let mut f = File::create(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
+    f.write_all(json.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(snap_err(format!("cannot write {}", path.display())))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn report(src: &SnapshotSource, progress: &mut SnapshotProgress, started: Instant) {
+    progress.elapsed_ms = ms(started.elapsed());
+    src.control.set_snapshot_progress(progress.clone());
+}
+
+// ---- Restoring ----
+
+/// A snapshot read back and checked (everything but the memory, which is loaded into the VM).
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub state: VmState,
+}
+
+impl Snapshot {
+    /// Reads and checks the manifest and the state file.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        if !dir.is_dir() {
+            return Err(Error::Restore(format!("{} is not a directory", dir.display())));
+        }
+        let mut text = String::new();
+        File::open(&path).and_then(|mut f| f.read_to_string(&mut text)).map_err(restore_err(format!(
+            "{} is not a snapshot: cannot read {}",
+            dir.display(),
+            path.display()
+        )))?;
+        let probe: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Restore(format!("{} is not a valid manifest: {e}", path.display())))?;
+        if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+            return Err(Error::Restore(format!("{} is not an ftvm snapshot manifest", path.display())));
+        }
+        let version = probe.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != u64::from(VERSION) {
+            return Err(Error::Restore(format!(
+                "the snapshot has format version {version}; this ftvm reads version {VERSION}"
+            )));
+        }
+        let manifest: Manifest = serde_json::from_value(probe)
+            .map_err(|e| Error::Restore(format!("{} is not a valid manifest: {e}", path.display())))?;
+        if manifest.device_state_version != ftvm_devices::DEVICE_STATE_VERSION {
+            return Err(Error::Restore(format!(
+                "the snapshot holds device state version {}; this ftvm has device state version {} (taken by ftvm {})",
+                manifest.device_state_version,
+                ftvm_devices::DEVICE_STATE_VERSION,
+                manifest.ftvm_version
+            )));
+        }
+        let state_path = dir.join(&manifest.state.file);
+        let bytes = std::fs::read(&state_path).map_err(restore_err(format!("cannot read {}", state_path.display())))?;
+        let hash = ftvm_log::hash64(&bytes);
+        if bytes.len() as u64 != manifest.state.size || hex(hash) != manifest.state.xxh3 {
+            return Err(Error::Restore(format!(
+                "{} is damaged ({} bytes, checksum {}; the manifest says {} bytes, checksum {})",
+                state_path.display(),
+                bytes.len(),
+                hex(hash),
+                manifest.state.size,
+                manifest.state.xxh3
+            )));
+        }
+        let state = VmState::decode(&bytes)?;
+        Ok(Snapshot { dir: dir.to_path_buf(), manifest, state })
+    }
+
+    /// Puts the snapshot's copy of disk `index` at `target` (checking it on the way), so
+    /// that the restored VM finds its disk as it was. A read-only disk is left where it is.
+    pub fn restore_disk(&self, index: usize, target: &Path) -> Result<()> {
+        let Some(entry) = self.manifest.disks.get(index) else {
+            return Err(Error::Restore(format!("the snapshot has no disk {index}")));
+        };
+        let Some(copy) = &entry.copy else { return Ok(()) };
+        let from = self.dir.join(&copy.file);
+        let src = File::open(&from).map_err(restore_err(format!("cannot read {}", from.display())))?;
+        let size = src.metadata().map_err(restore_err(format!("cannot read {}", from.display())))?.len();
+        if size != copy.size {
+            return Err(Error::Restore(format!(
+                "{} is {size} bytes; the manifest says {} (truncated?)",
+                from.display(),
+                copy.size
+            )));
+        }
+        let tmp = target.with_extension("restoring");
+        let dst = File::create(&tmp).map_err(restore_err(format!("cannot create {}", tmp.display())))?;
+        dst.set_len(size).map_err(restore_err(format!("cannot size {}", tmp.display())))?;
+        let hash = read_sparse(&src, size, |offset, bytes| {
+            if !is_zero(bytes) {
+                dst.write_all_at(bytes, offset).map_err(restore_err(format!("writing {}", tmp.display())))?;
+            }
+            Ok(())
+        })?;
+        if hex(hash) != copy.xxh3 {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Restore(format!(
+                "{} is corrupt: checksum {}, the manifest says {}",
+                from.display(),
+                hex(hash),
+                copy.xxh3
+            )));
+        }
+        dst.sync_all().map_err(restore_err(format!("syncing {}", tmp.display())))?;
+        std::fs::rename(&tmp, target).map_err(restore_err(format!(
+            "cannot move {} to {}",
+            tmp.display(),
+            target.display()
+        )))?;
+        Ok(())
+    }
+
+    /// Loads the memory image into a VM built from this snapshot's configuration.
+    pub fn load_memory(&self, mem: &GuestMemoryMmap) -> Result<()> {
+        load_memory(&self.dir.join(&self.manifest.memory.file), &self.manifest.memory, mem)
+    }
+
+    /// The configuration of the VM the snapshot was taken of, with the host-side choices of
+    /// this restore (console, TAPs, where the disks go). Checks the kernel and initrd are the
+    /// images the snapshot names.
+    pub fn vm_config(&self, host: &RestoreHost) -> Result<VmConfig> {
+        let h = &self.manifest.vm;
+        let kernel = check_image("kernel", &h.kernel).map_err(|e| Error::Restore(e.to_string()))?;
+        let initrd = h
+            .initrd
+            .as_ref()
+            .map(|i| check_image("initrd", i))
+            .transpose()
+            .map_err(|e| Error::Restore(e.to_string()))?;
+        let nets = if host.nets.is_empty() {
+            h.net.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: Some(MacAddr(n.mac.0)) }).collect()
+        } else if host.nets.len() != h.net.len() {
+            return Err(Error::Restore(format!(
+                "the snapshot's VM has {} network device(s); {} --net given",
+                h.net.len(),
+                host.nets.len()
+            )));
+        } else {
+            // The guest knows its MAC: keep the snapshot's unless one is given (then it must match).
+            host.nets
+                .iter()
+                .zip(&h.net)
+                .map(|(n, saved)| NetConfig { tap: n.tap.clone(), mac: Some(n.mac.unwrap_or(MacAddr(saved.mac.0))) })
+                .collect()
+        };
+        if !host.disks.is_empty() && host.disks.len() != self.manifest.disks.len() {
+            return Err(Error::Restore(format!(
+                "the snapshot's VM has {} disk(s); {} --disk given",
+                self.manifest.disks.len(),
+                host.disks.len()
+            )));
+        }
+        let disks = self
+            .manifest
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskConfig {
+                path: host.disks.get(i).map_or_else(|| PathBuf::from(&d.source), |p| p.path.clone()),
+                readonly: d.readonly,
+            })
+            .collect();
+        Ok(VmConfig {
+            boot: BootSpec { kernel, initrd, cmdline: h.cmdline.clone() },
+            mem_size: h.memory_size,
+            console: host.console.clone(),
+            rtc_base_unix: Some(h.rtc_base_unix),
+            nets,
+            disks,
+            rng: h.rng,
+        })
+    }
+}
+
+/// The host-side choices of a restore.
+#[derive(Debug, Clone)]
+pub struct RestoreHost {
+    pub console: ConsoleConfig,
+    /// TAPs (and optionally MACs, which must then be the snapshot's); none: the snapshot's.
+    pub nets: Vec<NetConfig>,
+    /// Where each disk's copy goes; none: back to the images the VM ran on.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Builds the VM a snapshot was taken of, ready to continue where it was: the disks put back
+/// from the snapshot's copies, the memory loaded, the vCPU and device state to be applied
+/// when it runs. The machine must be the same (CPUID, XSAVE, memory layout, devices, MACs):
+/// what differs is reported.
+pub fn restore(dir: &Path, host: &RestoreHost) -> Result<Vm> {
+    let started = Instant::now();
+    let snap = Snapshot::open(dir)?;
+    let config = snap.vm_config(host)?;
+    for (i, disk) in config.disks.iter().enumerate() {
+        if snap.manifest.disks[i].copy.is_some() {
+            eprintln!("ftvm: restoring disk {i} from the snapshot into {}", disk.path.display());
+            snap.restore_disk(i, &disk.path)?;
+        }
+    }
+    let mut vm = Vm::build(config)?;
+    let saved = &snap.manifest.vm;
+    let ours = header_for(&vm, saved.kernel.clone(), saved.initrd.clone(), saved.disks.clone(), saved.rtc_base_unix);
+    let differences: Vec<String> = saved
+        .compare(&ours)
+        .into_iter()
+        .filter(|m| m.significant && !m.field.starts_with("console") && !m.field.starts_with("disks"))
+        .map(|m| m.to_string())
+        .collect();
+    if !differences.is_empty() {
+        return Err(Error::Restore(format!(
+            "this VM cannot continue the snapshot exactly; it differs in:\n  {}",
+            differences.join("\n  ")
+        )));
+    }
+    crate::vcpu_state::check_xsave_size(vm.identity().xsave_size).map_err(|e| Error::Restore(e.to_string()))?;
+    discard_ram(vm.memory())?;
+    snap.load_memory(vm.memory())?;
+    tracing::info!(
+        "restored {} (guest time {:.3} s) in {:.0} ms",
+        dir.display(),
+        snap.manifest.guest_time_ns as f64 / 1e9,
+        ms(started.elapsed())
+    );
+    vm.continue_from(snap.state);
+    Ok(vm)
+}
+
+/// Makes all of guest RAM read as zeros again without touching it (what the boot loader
+/// wrote goes; pages become demand-zero): a snapshot's memory image leaves its zero pages out.
+fn discard_ram(mem: &GuestMemoryMmap) -> Result<()> {
+    for region in mem.iter() {
+        // SAFETY: the range is exactly the region's anonymous private mapping, which lives as
+        // long as `mem`; MADV_DONTNEED on it only drops page contents (they read as zeros).
+        let ret = unsafe {
+            libc::madvise(region.as_ptr().cast::<libc::c_void>(), region.len() as usize, libc::MADV_DONTNEED)
+        };
+        if ret != 0 {
+            return Err(Error::Restore(format!(
+                "cannot clear guest memory (madvise): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvm-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn memory_images_round_trip_sparse_and_checked() {
+        let dir = scratch("mem");
+        let mem = crate::memory::allocate(4 * crate::memory::MIB).unwrap();
+        mem.write_slice(&[7; 100], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[9; 4096], GuestAddress(0x3f_f000)).unwrap();
+        let path = dir.join(MEMORY);
+        let image = MemoryImage::create(&path, &mem).unwrap();
+        assert_eq!(image.write_pages(&mem, &PageSet::all(&mem), true).unwrap(), 2, "zero pages are skipped");
+        // A page that later turns to zeros is written as zeros in a later round.
+        mem.write_slice(&[0; 100], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[5; 8], GuestAddress(0x2000)).unwrap();
+        let mut dirty = PageSet::none(&mem);
+        dirty.insert(0x1000);
+        dirty.insert(0x2000);
+        assert_eq!(image.write_pages(&mem, &dirty, false).unwrap(), 2);
+        let entry = FileEntry { file: MEMORY.into(), size: image.size, xxh3: String::new() };
+        let (hash, size) = checksum(&path).unwrap();
+        assert_eq!(size, 4 * crate::memory::MIB);
+        let entry = FileEntry { xxh3: hex(hash), ..entry };
+        let fresh = crate::memory::allocate(4 * crate::memory::MIB).unwrap();
+        load_memory(&path, &entry, &fresh).unwrap();
+        let mut b = [0u8; 4];
+        fresh.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [0; 4]);
+        fresh.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b, [5; 4]);
+        fresh.read_slice(&mut b, GuestAddress(0x3f_fffc)).unwrap();
+        assert_eq!(b, [9; 4]);
+        // A damaged image is refused with its checksum.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[1], 0x20_0000).unwrap();
+        let err = load_memory(&path, &entry, &fresh).unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+        // A truncated one by its size.
+        f.set_len(4096).unwrap();
+        let err = load_memory(&path, &entry, &fresh).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
