@@ -6,6 +6,8 @@
 //! registers keep what is written and read it back; nothing is delivered through it.
 
 use crate::bus::{DeviceContext, MmioDevice};
+use crate::state::whole_device_state;
+use crate::{ensure_state, StateError};
 
 /// The local APIC's default physical base.
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -57,10 +59,29 @@ impl MmioDevice for LocalApicRegisters {
     }
 }
 
+whole_device_state! {
+    /// The complete state of the register stub: every register as last written.
+    LocalApicState for LocalApicRegisters
+}
+
+impl LocalApicRegisters {
+    fn check_state(&self) -> Result<(), StateError> {
+        ensure_state!(self.regs.len() == 256, "local APIC", "{} registers instead of 256", self.regs.len());
+        let (id, version) = (self.regs[REG_ID], self.regs[REG_VERSION]);
+        ensure_state!(
+            id == 0 && version == VERSION,
+            "local APIC",
+            "read-only ID {id:#x} / version {version:#x} changed"
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{IrqLines, ManualClock};
+    use crate::state::testing::{lockstep, refused, restored};
+    use crate::{IrqLines, ManualClock, Stateful};
 
     #[test]
     fn registers_read_back_and_version_is_fixed() {
@@ -76,5 +97,40 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b), VERSION);
         apic.mmio_read(&mut ctx, LAPIC_BASE, 0xffc, &mut [0u8; 8]);
         apic.mmio_write(&mut ctx, LAPIC_BASE, 0xfff, &[1]);
+    }
+
+    /// A random 1-8 byte read or write anywhere in the window; returns what was read.
+    fn random_step(apic: &mut LocalApicRegisters, r: u32) -> Vec<u8> {
+        let (mut c, mut i, mut q) = (ManualClock(0), IrqLines::default(), vec![]);
+        let mut ctx = DeviceContext { inputs: &mut c, irqs: &mut i, requests: &mut q };
+        let offset = u64::from(r % 0x1000) & if r & 0x1000 != 0 { !0xf } else { !0 };
+        let mut data = vec![(r >> 24) as u8; 1 + (r >> 13) as usize % 8];
+        if r & 0x10_0000 != 0 {
+            apic.mmio_write(&mut ctx, LAPIC_BASE, offset, &data);
+        } else {
+            apic.mmio_read(&mut ctx, LAPIC_BASE, offset, &mut data);
+        }
+        data
+    }
+
+    #[test]
+    fn state_restored_mid_run_continues_identically() {
+        for seed in 0..10u64 {
+            let fresh = || LocalApicRegisters::default();
+            let (a, b) = lockstep(seed, 2000, 2000, fresh(), |d| restored(d, fresh()), random_step);
+            assert_eq!(a, b);
+            assert_ne!(a, fresh(), "the run changed registers");
+        }
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut fresh = LocalApicRegisters::default();
+        let mut s = fresh.save_state();
+        s.0.regs.pop();
+        refused(&mut fresh, &s, "255 registers");
+        let mut s = fresh.save_state();
+        s.0.regs[REG_VERSION] = 0x10;
+        refused(&mut fresh, &s, "version 0x10");
     }
 }

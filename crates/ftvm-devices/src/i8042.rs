@@ -21,7 +21,8 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{DeviceContext, PioDevice};
-use crate::{irq, ports, IrqLines, VmRequest};
+use crate::state::whole_device_state;
+use crate::{ensure_state, irq, ports, IrqLines, StateError, VmRequest};
 
 /// The aux (PS/2 mouse) interrupt line.
 const IRQ_AUX: u8 = 12;
@@ -250,6 +251,45 @@ impl I8042 {
     }
 }
 
+whole_device_state! {
+    /// The complete state of the controller and its keyboard: the internal RAM (command byte
+    /// first), the bytes waiting in the output buffer with their source, the byte an empty
+    /// buffer rereads, a controller or keyboard command waiting for its data byte, the output
+    /// port, whether the last write went to the command port (status A2), the scan code set,
+    /// and the IRQ1/IRQ12 levels as last driven.
+    I8042State for I8042
+}
+
+impl I8042 {
+    fn check_state(&self) -> Result<(), StateError> {
+        ensure_state!(
+            self.output.len() <= OUTPUT_CAPACITY,
+            "i8042",
+            "{} bytes in an output buffer of {OUTPUT_CAPACITY}",
+            self.output.len()
+        );
+        if let Some(c) = self.pending_command {
+            let takes_data = matches!(c, 0x60..=0x7f | 0xd1..=0xd4);
+            ensure_state!(takes_data, "i8042", "controller command {c:#04x} does not take a data byte");
+        }
+        if let Some(c) = self.pending_kbd_command {
+            let takes_data = matches!(c, 0xed | 0xf0 | 0xf3);
+            ensure_state!(takes_data, "i8042", "keyboard command {c:#04x} does not take a parameter");
+        }
+        ensure_state!((1..=3).contains(&self.scan_code_set), "i8042", "scan code set {}", self.scan_code_set);
+        // The lines follow the buffer's head and the enables after every access.
+        let mut driven = self.clone();
+        driven.update_irqs(&mut IrqLines::default());
+        ensure_state!(
+            (driven.kbd_irq, driven.aux_irq) == (self.kbd_irq, self.aux_irq),
+            "i8042",
+            "IRQ1/IRQ12 levels {:?} do not follow the output buffer and command byte",
+            (self.kbd_irq, self.aux_irq)
+        );
+        Ok(())
+    }
+}
+
 impl PioDevice for I8042 {
     /// Byte `i` of a wide access goes to port `base + offset + i`, as an ISA bus splits it.
     fn pio_read(&mut self, ctx: &mut DeviceContext<'_>, base: u16, offset: u16, data: &mut [u8]) {
@@ -288,7 +328,8 @@ impl PioDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{IrqChange, ManualClock};
+    use crate::state::testing::{lockstep, refused, restored};
+    use crate::{IrqChange, ManualClock, Stateful};
 
     #[derive(Default)]
     struct Harness {
@@ -481,6 +522,26 @@ mod tests {
         assert_eq!(h.drain_output().len(), OUTPUT_CAPACITY);
     }
 
+    /// One random access chosen by `r`; returns what was read and the line changes.
+    fn random_step(h: &mut Harness, r: u32) -> Vec<u8> {
+        let mut out = vec![];
+        let base = if r & 1 == 0 { 0x60 } else { 0x64 };
+        let offset = ((r >> 1) % 5) as u16;
+        let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
+        let value = (r >> 8) as u8;
+        let mut clock = ManualClock(0);
+        let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut h.irqs, requests: &mut h.requests };
+        if (r >> 16) % 2 == 0 {
+            h.dev.pio_write(&mut ctx, base, offset, &vec![value; len]);
+        } else {
+            let mut b = vec![0u8; len];
+            h.dev.pio_read(&mut ctx, base, offset, &mut b);
+            out.extend(b);
+        }
+        out.extend(h.irqs.drain().map(|(l, c)| l ^ u8::from(c == IrqChange::Level(true))));
+        out
+    }
+
     #[test]
     fn random_accesses_are_deterministic_and_panic_free() {
         let run = || {
@@ -489,24 +550,66 @@ mod tests {
             let mut out = vec![];
             for _ in 0..20_000 {
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let r = (seed >> 32) as u32;
-                let base = if r & 1 == 0 { 0x60 } else { 0x64 };
-                let offset = ((r >> 1) % 5) as u16;
-                let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
-                let value = (r >> 8) as u8;
-                let mut clock = ManualClock(0);
-                let mut ctx = DeviceContext { inputs: &mut clock, irqs: &mut h.irqs, requests: &mut h.requests };
-                if (r >> 16) % 2 == 0 {
-                    h.dev.pio_write(&mut ctx, base, offset, &vec![value; len]);
-                } else {
-                    let mut b = vec![0u8; len];
-                    h.dev.pio_read(&mut ctx, base, offset, &mut b);
-                    out.extend(b);
-                }
-                out.extend(h.irqs.drain().map(|(l, c)| l ^ u8::from(c == IrqChange::Level(true))));
+                out.extend(random_step(&mut h, (seed >> 32) as u32));
             }
             (h.dev, out, h.requests)
         };
         assert_eq!(run(), run());
+    }
+
+    fn fork(h: &Harness) -> Harness {
+        Harness { dev: restored(&h.dev, I8042::new()), irqs: IrqLines::default(), requests: vec![] }
+    }
+
+    #[test]
+    fn state_restored_mid_run_continues_identically() {
+        for seed in 0..40u64 {
+            let split = (seed as usize * 97) % 3000;
+            let (a, b) = lockstep(seed, split, 3000, Harness::new(), fork, |h, r| {
+                let out = random_step(h, r);
+                (out, std::mem::take(&mut h.requests))
+            });
+            assert_eq!(a.dev, b.dev);
+        }
+    }
+
+    #[test]
+    fn state_keeps_pending_commands_and_queued_bytes() {
+        let mut h = Harness::new();
+        h.outb(0x60, 0xf2); // three bytes queued, IRQ1 high
+        h.outb(0x64, 0xd3).outb(0x60, 0x42); // an aux byte behind them
+        h.outb(0x60, 0xf0); // keyboard waits for the scan code set
+        h.outb(0x64, 0xd1); // controller waits for the output port
+        h.irq_changes();
+        let mut twin = fork(&h);
+        let mut seen = vec![];
+        for g in [&mut h, &mut twin] {
+            g.outb(0x60, 0xc2); // output port: reset line low
+            g.outb(0x60, 0x03); // to the keyboard: scan code set 3
+            let status = g.inb(0x64);
+            seen.push((status, g.drain_output(), g.irq_changes(), std::mem::take(&mut g.requests)));
+        }
+        assert_eq!(seen[0], seen[1]);
+        assert_eq!(seen[0].1, vec![0xfa, 0xab, 0x41, 0x42, 0xfa, 0xfa], "ID, aux byte, two ACKs");
+        assert_eq!(seen[0].3, vec![VmRequest::Reset]);
+        assert_eq!(h.dev, twin.dev);
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut h = Harness::new();
+        h.outb(0x64, 0xaa);
+        let mut fresh = I8042::new();
+        let bad = |f: fn(&mut I8042)| {
+            let mut s = h.dev.save_state();
+            f(&mut s.0);
+            s
+        };
+        refused(&mut fresh, &bad(|d| d.output.extend([(0, false); OUTPUT_CAPACITY])), "17 bytes");
+        refused(&mut fresh, &bad(|d| d.pending_command = Some(0xaa)), "controller command 0xaa");
+        refused(&mut fresh, &bad(|d| d.pending_kbd_command = Some(0xff)), "keyboard command 0xff");
+        refused(&mut fresh, &bad(|d| d.scan_code_set = 0), "scan code set 0");
+        refused(&mut fresh, &bad(|d| d.kbd_irq = false), "IRQ1/IRQ12 levels (false, false)");
+        refused(&mut fresh, &bad(|d| d.aux_irq = true), "do not follow");
     }
 }

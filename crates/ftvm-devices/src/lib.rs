@@ -5,7 +5,8 @@
 //! backs with the event source, the single choke point for host inputs), raise interrupts by
 //! recording line changes in [`IrqLines`], and hand their outputs (console bytes) to the VMM
 //! through buffers the VMM drains. The same device code therefore runs unchanged in live,
-//! record and replay mode.
+//! record and replay mode. Every device's state can be saved and restored exactly
+//! ([`state`]).
 
 pub mod apic;
 pub mod bus;
@@ -14,9 +15,11 @@ pub mod pic;
 pub mod pit;
 pub mod power;
 pub mod rtc;
+pub mod state;
 pub mod uart;
 
 pub use bus::{Bus, BusError, DeviceContext, MmioDevice, PioDevice};
+pub use state::{check_version, ensure_same, StateError, Stateful, DEVICE_STATE_VERSION};
 
 /// Guest time in nanoseconds since the VM started.
 pub type GuestNanos = u64;

@@ -22,7 +22,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{DeviceContext, PioDevice};
-use crate::{irq, ports, GuestClock, GuestNanos, IrqLines, Timed};
+use crate::state::whole_device_state;
+use crate::{ensure_state, irq, ports, GuestClock, GuestNanos, IrqLines, StateError, Timed};
 
 /// The PIT's input clock in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -554,12 +555,101 @@ impl Timed for Pit {
     }
 }
 
+whole_device_state! {
+    /// The complete state of the 8254 and port 0x61. Per channel: the mode, access mode and BCD
+    /// bit as written; the reload count and the count of the period still running when a new
+    /// one was written mid-period; the write flip-flop with a half-written count; the read
+    /// flip-flop; the latched count with its own flip-flop and the latched status; null count;
+    /// the gate; the counting element, stopped (its value and OUT) or counting since an absolute
+    /// PIT tick (the guest-time base of the count); whether terminal count has passed; and the
+    /// next OUT edge still to deliver (channel 0's IRQ0 deadline). Port 0x61: the stored bits.
+    PitState for Pit
+}
+
+/// The last tick a guest clock can reach, plus two maximal periods: no origin or edge of a real
+/// counter lies beyond it, and below it the counter arithmetic cannot overflow.
+fn max_state_tick() -> u64 {
+    ns_to_ticks(u64::MAX) + 2 * 0x10000
+}
+
+impl Channel {
+    fn check_state(&self, i: usize) -> Result<(), StateError> {
+        let counts = 1..=0x10000u32;
+        ensure_state!(self.mode_bits <= 7, "pit", "channel {i}: mode {} is not 0-7", self.mode_bits);
+        for (what, count) in [("count", self.count), ("previous count", self.prev_count)] {
+            ensure_state!(counts.contains(&count), "pit", "channel {i}: {what} {count} is not 1-65536");
+        }
+        ensure_state!(
+            self.access == Access::Word || !(self.write_msb_next || self.read_msb_next || self.latch_msb_next),
+            "pit",
+            "channel {i}: a low/high byte flip-flop is set in {:?}-only access",
+            self.access
+        );
+        ensure_state!(
+            !self.latch_msb_next || self.latched.is_some(),
+            "pit",
+            "channel {i}: the high byte of a latch is due but nothing is latched"
+        );
+        match self.run {
+            Run::Running { origin, start } => {
+                ensure_state!(self.has_count, "pit", "channel {i} counts but no count was written");
+                ensure_state!(counts.contains(&start), "pit", "channel {i}: counting from {start}, not 1-65536");
+                ensure_state!(
+                    origin <= max_state_tick(),
+                    "pit",
+                    "channel {i}: counting since tick {origin}, past any guest time"
+                );
+            }
+            Run::Stopped { .. } => ensure_state!(
+                self.next_edge.is_none(),
+                "pit",
+                "channel {i}: an interrupt edge is due but the counter is stopped"
+            ),
+        }
+        ensure_state!(
+            self.next_edge.is_none_or(|edge| edge <= max_state_tick()),
+            "pit",
+            "channel {i}: next edge at tick {:?}, past any guest time",
+            self.next_edge
+        );
+        Ok(())
+    }
+}
+
+impl Pit {
+    fn check_state(&self) -> Result<(), StateError> {
+        for (i, ch) in self.channels.iter().enumerate() {
+            ch.check_state(i)?;
+        }
+        ensure_state!(
+            self.channels[0].gate && self.channels[1].gate,
+            "pit",
+            "the gates of channels 0 and 1 are tied high"
+        );
+        ensure_state!(
+            self.port61 & !0x0f == 0,
+            "pit",
+            "port 0x61 holds {:#04x}; only bits 0-3 are stored",
+            self.port61
+        );
+        ensure_state!(
+            self.channels[2].gate == (self.port61 & 1 != 0),
+            "pit",
+            "channel 2's gate ({}) is not port 0x61 bit 0 ({:#04x})",
+            self.channels[2].gate,
+            self.port61
+        );
+        Ok(())
+    }
+}
+
 const _: () = assert!(ports::PIT == 0x40 && ports::SYSTEM_CONTROL_B == 0x61);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{IrqChange, VmRequest};
+    use crate::state::testing::{lockstep, refused, restored};
+    use crate::{IrqChange, Stateful, VmRequest};
 
     /// A clock that counts how often it is read (each read is a logged event in record mode).
     #[derive(Default)]
@@ -958,6 +1048,36 @@ mod tests {
         assert_eq!(a, c);
     }
 
+    /// One random step chosen by `r`: time passes, then a guest access or an `on_time` turn.
+    /// Returns what was read and how many IRQ0 pulses came.
+    fn random_step(h: &mut Harness, r: u32) -> Vec<u8> {
+        let mut out = vec![];
+        h.clock.now += u64::from(r % 50_000);
+        let base = if r & 1 == 0 { 0x40 } else { 0x61 };
+        let offset = ((r >> 1) % 5) as u16;
+        let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
+        let value = (r >> 8) as u8;
+        let mut requests = Vec::<VmRequest>::new();
+        let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+        match (r >> 16) % 3 {
+            0 => h.pit.pio_write(&mut ctx, base, offset, &vec![value; len]),
+            1 => {
+                let mut b = vec![0u8; len];
+                h.pit.pio_read(&mut ctx, base, offset, &mut b);
+                out.extend(b);
+            }
+            _ => {
+                if let Some(d) = h.pit.next_deadline() {
+                    out.push(u8::from(d <= h.clock.now));
+                }
+                let now = h.clock.now;
+                h.pit.on_time(now, &mut h.irqs);
+                out.push(h.irqs.drain().count() as u8);
+            }
+        }
+        out
+    }
+
     #[test]
     fn random_accesses_are_deterministic_and_panic_free() {
         let run = || {
@@ -966,33 +1086,86 @@ mod tests {
             let mut out = vec![];
             for _ in 0..20_000 {
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let r = (seed >> 32) as u32;
-                h.clock.now += u64::from(r % 50_000);
-                let base = if r & 1 == 0 { 0x40 } else { 0x61 };
-                let offset = ((r >> 1) % 5) as u16;
-                let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
-                let value = (r >> 8) as u8;
-                let mut requests = Vec::<VmRequest>::new();
-                let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
-                match (r >> 16) % 3 {
-                    0 => h.pit.pio_write(&mut ctx, base, offset, &vec![value; len]),
-                    1 => {
-                        let mut b = vec![0u8; len];
-                        h.pit.pio_read(&mut ctx, base, offset, &mut b);
-                        out.extend(b);
-                    }
-                    _ => {
-                        if let Some(d) = h.pit.next_deadline() {
-                            out.push(u8::from(d <= h.clock.now));
-                        }
-                        let now = h.clock.now;
-                        h.pit.on_time(now, &mut h.irqs);
-                        out.push(h.irqs.drain().count() as u8);
-                    }
-                }
+                out.extend(random_step(&mut h, (seed >> 32) as u32));
             }
             (h.pit, out, h.clock.reads)
         };
         assert_eq!(run(), run());
+    }
+
+    /// A fresh harness at the same guest time whose PIT is restored from `h`'s.
+    fn fork(h: &Harness) -> Harness {
+        let pit = restored(&h.pit, Pit::new());
+        Harness { pit, clock: Clock { now: h.clock.now, reads: h.clock.reads }, irqs: IrqLines::default() }
+    }
+
+    #[test]
+    fn state_restored_mid_run_continues_identically() {
+        for seed in 0..40u64 {
+            let split = (seed as usize * 97) % 3000;
+            let (a, b) = lockstep(seed, split, 3000, Harness::default(), fork, |h, r| {
+                let out = random_step(h, r);
+                (out, h.pit.next_deadline(), h.clock.reads)
+            });
+            assert_eq!(a.pit, b.pit);
+        }
+    }
+
+    #[test]
+    fn state_keeps_half_done_accesses_and_pending_periods() {
+        let mut h = Harness::default();
+        // Channel 0 periodic; a new count written mid-period waits for the period's end.
+        h.at(1_000).program(0, 2, 1000);
+        h.at(ns(2300));
+        h.outb(0x40, 0xf4).outb(0x40, 0x01);
+        // Channel 1: count latched and its low byte read; channel 2: half a count written.
+        h.program(1, 3, 5000);
+        h.at(ns(2500)).outb(0x43, 0x40);
+        let low = h.inb(0x41);
+        h.outb(0x43, 0xb0).outb(0x42, 0x34);
+        h.outb(0x61, 0x03);
+        let mut twin = fork(&h);
+        assert_eq!(twin.pit.next_deadline(), Some(ns(ns_to_ticks(1_000) + 3000)));
+        let mut seen = vec![];
+        for g in [&mut h, &mut twin] {
+            // The latch's high byte, the count's high byte.
+            g.at(ns(2700));
+            let mut run = vec![u16::from_le_bytes([low, g.inb(0x41)])];
+            g.outb(0x42, 0x12);
+            for t in [3100u64, 3600, 4200, 9000] {
+                let pulses = g.tick(ns(t)) as u16;
+                g.at(ns(t));
+                run.extend([pulses, g.latched_read(0), g.latched_read(1), g.latched_read(2), u16::from(g.inb(0x61))]);
+            }
+            run.push(g.clock.reads as u16);
+            seen.push((run, g.pit.next_deadline()));
+        }
+        assert_eq!(seen[0], seen[1]);
+        assert_eq!(h.pit, twin.pit);
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut h = Harness::default();
+        h.at(0).program(0, 2, 1000).program(2, 0, 100);
+        let mut fresh = Pit::new();
+        let bad = |f: fn(&mut Pit)| {
+            let mut s = h.pit.save_state();
+            f(&mut s.0);
+            s
+        };
+        refused(&mut fresh, &bad(|p| p.channels[1].mode_bits = 9), "channel 1: mode 9");
+        refused(&mut fresh, &bad(|p| p.channels[0].count = 0), "channel 0: count 0");
+        refused(&mut fresh, &bad(|p| p.channels[2].prev_count = 0x10001), "previous count 65537");
+        refused(&mut fresh, &bad(|p| p.channels[0].gate = false), "tied high");
+        refused(&mut fresh, &bad(|p| p.port61 = 0x11), "only bits 0-3");
+        refused(&mut fresh, &bad(|p| p.port61 = 0x01), "channel 2's gate (false)");
+        refused(&mut fresh, &bad(|p| p.channels[2].next_edge = Some(5)), "the counter is stopped");
+        refused(&mut fresh, &bad(|p| p.channels[0].next_edge = Some(u64::MAX)), "past any guest time");
+        refused(&mut fresh, &bad(|p| p.channels[0].run = Run::Running { origin: u64::MAX, start: 5 }), "since tick");
+        refused(&mut fresh, &bad(|p| p.channels[0].run = Run::Running { origin: 0, start: 0 }), "counting from 0");
+        refused(&mut fresh, &bad(|p| (p.channels[1].access, p.channels[1].read_msb_next) = (Access::Lsb, true)), "Lsb");
+        refused(&mut fresh, &bad(|p| p.channels[1].latch_msb_next = true), "nothing is latched");
+        refused(&mut fresh, &bad(|p| p.channels[1].run = Run::Running { origin: 0, start: 1 }), "no count was written");
     }
 }

@@ -3,6 +3,9 @@
 //! A 16-bit write of 0x2000 (SLP_EN with sleep type 0, the value QEMU's ACPI PM control
 //! register takes for S5) to port 0x604 powers the VM off. Machines without this device (QEMU
 //! microvm) ignore the write, so the guest kit falls back to an i8042 reset and a triple fault.
+//!
+//! Both ports here are stateless (every access is answered from the access alone), so they have
+//! no saved state and do not implement [`crate::Stateful`]: a snapshot needs nothing of them.
 
 use crate::bus::{DeviceContext, PioDevice};
 use crate::VmRequest;

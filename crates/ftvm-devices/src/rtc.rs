@@ -21,7 +21,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{DeviceContext, PioDevice};
-use crate::{irq, ports, GuestClock, GuestNanos, IrqLines, Timed};
+use crate::state::whole_device_state;
+use crate::{ensure_state, irq, ports, GuestClock, GuestNanos, IrqLines, StateError, Timed};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// UIP is set this long before each update.
@@ -464,12 +465,87 @@ impl Timed for Rtc {
     }
 }
 
+whole_device_state! {
+    /// The complete state of the RTC: the index selected through port 0x70; the 128 CMOS bytes
+    /// (registers A and B, the alarm, the NVRAM); the clock's base, wall time `epoch_wall` at
+    /// guest time `epoch_guest` (at VM start the VMM's `--rtc-base` at guest time 0, moved by
+    /// every guest write to the time), so a restored RTC shows the saved calendar whatever base
+    /// it was built with; the time registers frozen while SET is held; register C's flags; and
+    /// the guest times of the next periodic interrupt and of the next update cycle.
+    RtcState for Rtc
+}
+
+/// Far beyond any date a guest can set, and below where the calendar arithmetic overflows.
+const MAX_STATE_WALL: u64 = 3_000_000_000_000_000_000;
+const MAX_STATE_YEAR: u64 = 100_000_000_000;
+
+impl Rtc {
+    fn check_state(&self) -> Result<(), StateError> {
+        ensure_state!(self.index <= 0x7f, "rtc", "index {:#x} beyond the 128 CMOS bytes", self.index);
+        ensure_state!(self.cmos.len() == 128, "rtc", "{} CMOS bytes instead of 128", self.cmos.len());
+        let computed = (0..128u8).filter(|&i| is_time_register(i) || i == REG_C || i == REG_D);
+        for i in computed {
+            ensure_state!(self.cmos_get(i) == 0, "rtc", "CMOS byte {i:#04x} is computed, but holds a stored value");
+        }
+        ensure_state!(
+            self.epoch_wall.unsigned_abs() <= MAX_STATE_WALL,
+            "rtc",
+            "wall time {} s is beyond any date a guest can set",
+            self.epoch_wall
+        );
+        if let Some(dt) = self.frozen {
+            ensure_state!(
+                dt.year.unsigned_abs() <= MAX_STATE_YEAR,
+                "rtc",
+                "frozen year {} is beyond any date",
+                dt.year
+            );
+        }
+        let b = self.reg_b();
+        ensure_state!(self.cmos_get(REG_A) & A_UIP == 0, "rtc", "register A stores UIP, which is computed on read");
+        ensure_state!(
+            b & (B_SET | B_UIE) != B_SET | B_UIE,
+            "rtc",
+            "register B {b:#04x} has SET and UIE, but SET clears UIE"
+        );
+        ensure_state!(
+            self.frozen.is_some() == (b & B_SET != 0),
+            "rtc",
+            "frozen time registers ({}) without SET in register B {b:#04x}, or the reverse",
+            self.frozen.is_some()
+        );
+        let c = self.reg_c;
+        ensure_state!(
+            c & 0x0f == 0 && (c & C_IRQF == 0 || c & (C_PF | C_AF | C_UF) != 0),
+            "rtc",
+            "register C {c:#04x}: only PF, AF, UF and IRQF (with one of them) can be set"
+        );
+        let periodic = b & B_PIE != 0 && self.periodic_ticks().is_some();
+        ensure_state!(
+            self.next_periodic.is_some() == periodic,
+            "rtc",
+            "periodic interrupt at {:?} with register A {:#04x} and B {b:#04x}",
+            self.next_periodic,
+            self.cmos_get(REG_A)
+        );
+        let update = b & (B_UIE | B_AIE) != 0 && b & B_SET == 0;
+        ensure_state!(
+            self.next_update.is_some() == update,
+            "rtc",
+            "update-cycle interrupt at {:?} with register B {b:#04x}",
+            self.next_update
+        );
+        Ok(())
+    }
+}
+
 const _: () = assert!(ports::CMOS == 0x70);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{IrqChange, VmRequest};
+    use crate::state::testing::{lockstep, refused, restored};
+    use crate::{IrqChange, Stateful, VmRequest};
 
     #[derive(Default)]
     struct Clock {
@@ -813,6 +889,36 @@ mod tests {
         assert_eq!(Rtc::new(u64::MAX).epoch_wall, MAX_BASE_SECONDS as i64);
     }
 
+    /// One random step chosen by `r`: time passes, then a guest access or an `on_time` turn.
+    /// Returns what was read and how many IRQ8 pulses came.
+    fn random_step(h: &mut Harness, r: u32) -> Vec<u8> {
+        let mut out = vec![];
+        h.clock.now += u64::from(r % 3_000_000);
+        let offset = (r % 3) as u16;
+        let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
+        let value = (r >> 8) as u8;
+        let mut requests = Vec::<VmRequest>::new();
+        let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
+        match (r >> 16) % 4 {
+            0 => h.rtc.pio_write(&mut ctx, 0x70, offset, &vec![value; len]),
+            1 => h.rtc.pio_write(&mut ctx, 0x70, 0, &[value, (r >> 20) as u8]),
+            2 => {
+                let mut b = vec![0u8; len];
+                h.rtc.pio_read(&mut ctx, 0x70, offset, &mut b);
+                out.extend(b);
+            }
+            _ => {
+                let now = h.clock.now;
+                if let Some(d) = h.rtc.next_deadline() {
+                    out.push(u8::from(d <= now));
+                }
+                h.rtc.on_time(now, &mut h.irqs);
+                out.push(h.irqs.drain().count() as u8);
+            }
+        }
+        out
+    }
+
     #[test]
     fn random_accesses_are_deterministic_and_panic_free() {
         let run = || {
@@ -821,33 +927,102 @@ mod tests {
             let mut out = vec![];
             for _ in 0..20_000 {
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let r = (seed >> 32) as u32;
-                h.clock.now += u64::from(r % 3_000_000);
-                let offset = (r % 3) as u16;
-                let len = [1usize, 2, 4][((r >> 4) % 3) as usize];
-                let value = (r >> 8) as u8;
-                let mut requests = Vec::<VmRequest>::new();
-                let mut ctx = DeviceContext { inputs: &mut h.clock, irqs: &mut h.irqs, requests: &mut requests };
-                match (r >> 16) % 4 {
-                    0 => h.rtc.pio_write(&mut ctx, 0x70, offset, &vec![value; len]),
-                    1 => h.rtc.pio_write(&mut ctx, 0x70, 0, &[value, (r >> 20) as u8]),
-                    2 => {
-                        let mut b = vec![0u8; len];
-                        h.rtc.pio_read(&mut ctx, 0x70, offset, &mut b);
-                        out.extend(b);
-                    }
-                    _ => {
-                        let now = h.clock.now;
-                        if let Some(d) = h.rtc.next_deadline() {
-                            out.push(u8::from(d <= now));
-                        }
-                        h.rtc.on_time(now, &mut h.irqs);
-                        out.push(h.irqs.drain().count() as u8);
-                    }
-                }
+                out.extend(random_step(&mut h, (seed >> 32) as u32));
             }
             (h.rtc, out, h.clock.reads)
         };
         assert_eq!(run(), run());
+    }
+
+    /// A harness at the same guest time whose RTC, built with another base time, is restored
+    /// from `h`'s: the calendar must come from the state.
+    fn fork(h: &Harness) -> Harness {
+        let rtc = restored(&h.rtc, Rtc::new(0));
+        Harness { rtc, clock: Clock { now: h.clock.now, reads: h.clock.reads }, irqs: IrqLines::default() }
+    }
+
+    #[test]
+    fn state_restored_mid_run_continues_identically() {
+        for seed in 0..40u64 {
+            let split = (seed as usize * 97) % 3000;
+            let (a, b) = lockstep(seed, split, 3000, Harness::new(1_700_000_000 + seed), fork, |h, r| {
+                let out = random_step(h, r);
+                (out, h.rtc.next_deadline(), h.clock.reads)
+            });
+            assert_eq!(a.rtc, b.rtc);
+        }
+    }
+
+    #[test]
+    fn state_keeps_the_calendar_the_interrupts_and_a_frozen_time() {
+        let mut h = Harness::new(1_767_225_590); // 2025-12-31 23:59:50
+        h.write(REG_ALARM_HOURS, 0xc0).write(REG_ALARM_MINUTES, 0xc0).write(REG_ALARM_SECONDS, 0x55);
+        h.at(S / 3).write(REG_A, 0x2c); // 16 Hz
+        h.write(REG_B, B_24H | B_PIE | B_AIE);
+        h.write(0x40, 0x99);
+        assert_eq!(h.pulses(S / 2), 1);
+        let mut twin = fork(&h);
+        let mut seen = vec![];
+        for g in [&mut h, &mut twin] {
+            let mut run = vec![];
+            for t in (1..40u64).map(|k| S / 2 + k * S / 4) {
+                run.push((g.pulses(t) as u8, g.at(t).read(REG_C), g.rtc.next_deadline()));
+            }
+            let regs = g.regs();
+            // SET mid-way: half a new date written, then the state is saved again.
+            g.write(REG_B, B_24H | B_SET | B_PIE);
+            g.write(REG_DAY, 0x31).write(REG_MONTH, 0x03);
+            seen.push((run, regs, g.read(0x40), g.clock.reads));
+        }
+        assert_eq!(seen[0], seen[1]);
+        let flags: Vec<u8> = seen[0].0.iter().map(|&(_, c, _)| c).collect();
+        assert!(flags.contains(&(C_IRQF | C_PF)) && flags.iter().any(|&c| c & C_AF != 0), "{flags:x?}");
+        assert_eq!(
+            seen[0].1,
+            [0x20, 0x26, 0x01, 0x01, 0x05, 0x00, 0x00, 0x00],
+            "2026-01-01, after the base's new year"
+        );
+        let mut twin = fork(&h);
+        for g in [&mut h, &mut twin] {
+            g.write(REG_YEAR, 0x24).at(20 * S + 7).write(REG_B, B_24H);
+        }
+        assert_eq!(h.regs(), twin.regs());
+        assert_eq!(twin.regs()[1..4], [0x24, 0x03, 0x31]);
+        assert_eq!(h.rtc, twin.rtc);
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let mut h = Harness::new(1_767_225_590);
+        h.write(REG_B, B_24H | B_PIE);
+        let mut fresh = Rtc::new(0);
+        let bad = |f: fn(&mut Rtc)| {
+            let mut s = h.rtc.save_state();
+            f(&mut s.0);
+            s
+        };
+        refused(&mut fresh, &bad(|r| r.index = 0x80), "index 0x80");
+        refused(&mut fresh, &bad(|r| r.cmos.truncate(64)), "64 CMOS bytes");
+        refused(&mut fresh, &bad(|r| r.cmos[usize::from(REG_SECONDS)] = 5), "byte 0x00 is computed");
+        refused(&mut fresh, &bad(|r| r.cmos[usize::from(REG_A)] |= A_UIP), "UIP");
+        refused(&mut fresh, &bad(|r| r.frozen = Some(DateTime::from_unix(0))), "frozen time registers");
+        refused(&mut fresh, &bad(|r| r.reg_c = C_IRQF), "register C 0x80");
+        refused(&mut fresh, &bad(|r| r.next_periodic = None), "periodic interrupt at None");
+        refused(&mut fresh, &bad(|r| r.next_update = Some(S)), "update-cycle interrupt");
+        refused(&mut fresh, &bad(|r| r.epoch_wall = i64::MIN), "beyond any date");
+        refused(
+            &mut fresh,
+            &bad(|r| {
+                r.cmos[usize::from(REG_B)] = B_SET | B_24H;
+                r.next_periodic = None;
+                r.frozen = Some(DateTime { year: i64::MAX, ..DateTime::from_unix(0) });
+            }),
+            "frozen year",
+        );
+        let mut h = Harness::new(0);
+        h.write(REG_B, B_24H | B_SET);
+        let mut s = h.rtc.save_state();
+        s.0.cmos[usize::from(REG_B)] |= B_UIE;
+        refused(&mut fresh, &s, "SET clears UIE");
     }
 }

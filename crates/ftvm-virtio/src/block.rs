@@ -11,7 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ftvm_devices::HostInputs;
+use ftvm_devices::{ensure_same, HostInputs, StateError, Stateful};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -101,7 +102,7 @@ impl BlockBackend for RawFile {
 }
 
 /// Counts of what the device did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockStats {
     pub reads: u64,
     pub writes: u64,
@@ -273,6 +274,35 @@ impl<B: BlockBackend> Block<B> {
     }
 }
 
+/// The complete state of virtio-blk: its counters, and its configuration as the guest saw it
+/// (capacity, read-only, the GET_ID serial) to check that the state goes back to the same
+/// disk. Requests complete within the notify, so nothing is in flight between exits. The disk's
+/// contents are not device state: they are carried with the disk image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    capacity: u64,
+    readonly: bool,
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    stats: BlockStats,
+}
+
+impl<B: BlockBackend> Stateful for Block<B> {
+    type State = BlockState;
+
+    fn save_state(&self) -> BlockState {
+        BlockState { capacity: self.capacity(), readonly: self.readonly, serial: self.id, stats: self.stats }
+    }
+
+    fn restore_state(&mut self, state: &BlockState) -> Result<(), StateError> {
+        ensure_same(&self.name, "capacity (sectors)", state.capacity, self.capacity())?;
+        ensure_same(&self.name, "read-only", state.readonly, self.readonly)?;
+        let serial = |id: &[u8]| String::from_utf8_lossy(id).trim_end_matches('\0').to_string();
+        ensure_same(&self.name, "serial", serial(&state.serial), serial(&self.id))?;
+        self.stats = state.stats;
+        Ok(())
+    }
+}
+
 impl<B: BlockBackend> VirtioDevice for Block<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -337,6 +367,7 @@ mod tests {
     use super::*;
     use crate::mmio::regs;
     use crate::testing::*;
+    use ftvm_devices::Stateful;
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 
     /// An in-memory disk that records flushes.
@@ -579,6 +610,62 @@ mod tests {
         ring.add(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
         h.notify(0);
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+    }
+
+    /// A write, a read back of it and a flush on `h`; returns everything the guest and the
+    /// VMM see of them.
+    fn requests(h: &mut Harness<Block<MemDisk>>, mem: &Mem, ring: &mut Ring<'_>) -> impl PartialEq + std::fmt::Debug {
+        let mut seen = vec![];
+        write_mem(mem, DATA, &[0x5a; 1024]);
+        for (kind, sector, bufs) in [
+            (VIRTIO_BLK_T_OUT, 7, vec![r(HDR, 16), r(DATA, 1024), w(STATUS, 1)]),
+            (VIRTIO_BLK_T_IN, 6, vec![r(HDR, 16), w(DATA + 0x1000, 2048), w(STATUS, 1)]),
+            (VIRTIO_BLK_T_FLUSH, 0, vec![r(HDR, 16), w(STATUS, 1)]),
+        ] {
+            header(mem, kind, sector);
+            ring.add(&bufs);
+            h.notify(0);
+            seen.push((status(mem), ring.take_used(), h.pulses()));
+        }
+        let disk = &h.dev.device().backend().data;
+        (seen, mem_digest(mem, 0, MEM_SIZE as usize), disk.clone(), h.dev.device().stats())
+    }
+
+    #[test]
+    fn state_saved_between_requests_continues_identically() {
+        let mem = memory();
+        let (mut h, mut ring) = setup(&mem, false);
+        requests(&mut h, &mem, &mut ring);
+        // A request available but not yet notified when the state is saved.
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        ring.add(&[r(HDR, 16), w(DATA + 0x3000, 512), w(STATUS, 1)]);
+        let twin_mem = fork_memory(&mem);
+        let disk = MemDisk { data: h.dev.device().backend().data.clone(), ..Default::default() };
+        let mut twin = h.fork(Block::new(disk, false, 0), &twin_mem);
+        let mut twin_ring = ring.twin(&twin_mem);
+        h.notify(0);
+        twin.notify(0);
+        assert_eq!(ring.take_used(), twin_ring.take_used());
+        assert_eq!(requests(&mut h, &mem, &mut ring), requests(&mut twin, &twin_mem, &mut twin_ring));
+        assert_eq!(twin.dev.device().stats().writes, 2);
+        assert_eq!(h.dev.save_state(), twin.dev.save_state());
+    }
+
+    #[test]
+    fn a_state_goes_back_only_to_the_same_disk() {
+        let mem = memory();
+        let (h, _ring) = setup(&mem, false);
+        let state = h.dev.save_state();
+        let small = MemDisk { data: vec![0; 8 * 512], ..Default::default() };
+        Harness::with_mem(Block::new(small, false, 0), &mem)
+            .refused(&state, "capacity (sectors): saved 64, this device 8");
+        Harness::with_mem(Block::new(disk(), true, 0), &mem)
+            .refused(&state, "read-only: saved false, this device true");
+        Harness::with_mem(Block::new(disk(), false, 1), &mem)
+            .refused(&state, "serial: saved ftvm-disk0, this device ftvm-disk1");
+        let mut same = Harness::with_mem(Block::new(disk(), false, 0), &mem);
+        same.dev.restore_state(&state).unwrap();
+        assert!(same.dev.driver_ok());
     }
 
     fn scratch(name: &str) -> PathBuf {

@@ -17,8 +17,10 @@ use crate::net::{MacAddr, Net, RX_QUEUE, TX_QUEUE};
 use crate::rng::{Rng, MAX_REQUEST};
 use crate::testing::*;
 use crate::VirtioDevice;
+use ftvm_devices::Stateful;
 
 /// splitmix64: small, fast, and the same sequence on every run.
+#[derive(Clone)]
 struct Prng(u64);
 
 impl Prng {
@@ -91,6 +93,7 @@ fn random_layout(rng: &mut Prng, q: usize) -> Layout {
 }
 
 /// The driver's side of a fuzzing episode on one queue.
+#[derive(Clone)]
 struct Fuzzed {
     layout: Layout,
     avail_idx: u16,
@@ -236,6 +239,35 @@ fn poke_registers<D: VirtioDevice>(rng: &mut Prng, h: &mut Harness<D>) {
     }
 }
 
+/// The first half of a random round: the device brought up again now and then (always when it
+/// needs a reset), then random descriptors and available entries for a random queue. Returns
+/// the queue, what [`scribble`] returned, and whether the device was brought up again.
+fn start_round<D: VirtioDevice>(
+    rng: &mut Prng,
+    h: &mut Harness<D>,
+    queues: &mut Vec<Fuzzed>,
+) -> (usize, bool, u16, bool) {
+    let nq = h.dev.device().queue_max_sizes().len();
+    let reset = needs_reset(h) || rng.chance(2);
+    if reset {
+        *queues = bring_up(rng, h, nq);
+    }
+    let q = rng.below(nq as u64) as usize;
+    let (clean, published) = scribble(rng, h.dev.memory(), &mut queues[q]);
+    (q, clean, published, reset)
+}
+
+/// The second half: random register traffic now and then, then the notify. Returns whether
+/// registers were poked.
+fn finish_round<D: VirtioDevice>(rng: &mut Prng, h: &mut Harness<D>, q: usize) -> bool {
+    let poked = rng.chance(5);
+    if poked {
+        poke_registers(rng, h);
+    }
+    h.notify(q as u32);
+    poked
+}
+
 /// Runs one device through `episodes` random set-ups of `rounds` notifies each, checking the
 /// used ring after each notify of a queue in `strict` (queues whose notify consumes every
 /// available chain). `check_len(queue, len, writable)` judges each used length.
@@ -256,24 +288,15 @@ fn fuzz_device<D: VirtioDevice>(
         let nq = h.dev.device().queue_max_sizes().len();
         let mut queues = bring_up(&mut rng, &mut h, nq);
         for _ in 0..rounds {
-            if needs_reset(&mut h) || rng.chance(2) {
-                resets += 1;
-                queues = bring_up(&mut rng, &mut h, nq);
-            }
-            let q = rng.below(nq as u64) as usize;
-            let f = &mut queues[q];
-            let (clean, published) = scribble(&mut rng, &mem, f);
+            let (q, clean, published, reset) = start_round(&mut rng, &mut h, &mut queues);
+            resets += u64::from(reset);
             let used_before = h.dev.queue(q).map_or(0, |q| q.next_used());
             let live = h.dev.driver_ok();
             // Writable totals as the table stands before the device runs.
-            let l = f.layout;
+            let l = queues[q].layout;
             let totals: Vec<u64> = (0..l.size).map(|head| writable_total(&mem, l, head)).collect();
             // Random register traffic (QueueReady toggles, resets) voids the expectations.
-            let poked = rng.chance(5);
-            if poked {
-                poke_registers(&mut rng, &mut h);
-            }
-            h.notify(q as u32);
+            let poked = finish_round(&mut rng, &mut h, q);
             after_notify(&mut rng, &mut h);
             let _ = h.pulses();
             let ready = h.dev.queue(q).is_some_and(|q| q.ready());
@@ -371,4 +394,94 @@ fn fuzz_net_transmit_and_receive() {
     );
     assert!(used > 3_000, "{used}");
     assert!(frames > 100, "some well-formed frames got through: {frames}");
+}
+
+/// Save and restore in the middle of random traffic. Each episode runs random rounds on one
+/// transport, forks it at a random round (the state through JSON into a transport around
+/// `twin_of(device)` over a copy of guest memory) and runs the same random rounds on both:
+/// after each round the line changes, the transports' states and what `observe` sees must be
+/// equal, and at the end all of guest memory (used rings, buffers) must be.
+fn fuzz_fork<D: VirtioDevice>(
+    seed: u64,
+    episodes: usize,
+    make: impl Fn() -> D,
+    twin_of: impl Fn(&D) -> D,
+    mut observe: impl FnMut(&mut Prng, &mut Harness<D>) -> Vec<Vec<u8>>,
+) {
+    let mut round = |rng: &mut Prng, h: &mut Harness<D>, queues: &mut Vec<Fuzzed>| {
+        let (q, ..) = start_round(rng, h, queues);
+        finish_round(rng, h, q);
+        let seen = observe(rng, h);
+        // Every register and the configuration space, as the driver would read them.
+        let regs: Vec<u32> = (0..regs::CONFIG / 4).map(|i| h.read(i * 4)).collect();
+        let mut config = [0u8; 16];
+        h.read_bytes(regs::CONFIG, &mut config);
+        (seen, regs, config, h.irqs.drain().collect::<Vec<_>>(), h.dev.save_state())
+    };
+    let mut rng = Prng(seed);
+    let mut live_at_fork = 0;
+    for _ in 0..episodes {
+        let mem = memory();
+        let mut h = Harness::with_mem(make(), &mem);
+        let nq = h.dev.device().queue_max_sizes().len();
+        let mut queues = bring_up(&mut rng, &mut h, nq);
+        for _ in 0..rng.below(20) {
+            round(&mut rng, &mut h, &mut queues);
+        }
+        live_at_fork += usize::from(h.dev.driver_ok());
+        let twin_mem = fork_memory(&mem);
+        let mut twin = h.fork(twin_of(h.dev.device()), &twin_mem);
+        let (mut twin_rng, mut twin_queues) = (rng.clone(), queues.clone());
+        for i in 0..20 {
+            let a = round(&mut rng, &mut h, &mut queues);
+            let b = round(&mut twin_rng, &mut twin, &mut twin_queues);
+            assert_eq!(a, b, "round {i} after the restore");
+        }
+        assert!(
+            mem_digest(&mem, 0, MEM_SIZE as usize) == mem_digest(&twin_mem, 0, MEM_SIZE as usize),
+            "guest memory differs"
+        );
+    }
+    assert!(live_at_fork > episodes / 2, "most forks happen on a live device: {live_at_fork} of {episodes}");
+}
+
+#[test]
+fn fuzz_save_and_restore_block_mid_traffic() {
+    let disk: Vec<u8> = (0..64 * 512).map(|i| i as u8).collect();
+    fuzz_fork(
+        11,
+        40,
+        || Block::new(MemDisk(disk.clone()), false, 0),
+        |b| Block::new(MemDisk(b.backend().0.clone()), b.readonly(), 0),
+        |_, h| vec![h.dev.device().backend().0.clone()],
+    );
+}
+
+#[test]
+fn fuzz_save_and_restore_rng_mid_traffic() {
+    fuzz_fork(12, 40, || Rng::new(0), |_| Rng::new(0), |_, _| vec![]);
+}
+
+#[test]
+fn fuzz_save_and_restore_net_mid_traffic() {
+    let net = || Net::new(MacAddr::default_for(0), 0);
+    fuzz_fork(
+        13,
+        40,
+        net,
+        |_| net(),
+        |rng, h| {
+            let mut seen: Vec<Vec<u8>> = h.dev.device_mut().take_tx_frames().into();
+            for _ in 0..rng.below(4) {
+                if !h.dev.rx_ready() {
+                    break;
+                }
+                let len = [0usize, 14, 60, 1514, 9000][rng.below(5) as usize];
+                let mut irqs = ftvm_devices::IrqLines::default();
+                let outcome = h.dev.deliver_frame(&vec![0xab; len], &mut irqs);
+                seen.push(format!("{outcome:?}, {} pulses", irqs.drain().count()).into_bytes());
+            }
+            seen
+        },
+    );
 }

@@ -8,6 +8,9 @@
 //! - [`tap::Tap`]: the host side of virtio-net (a TAP interface); its reader thread hands
 //!   received frames to the event source, never to the device directly.
 //!
+//! Every device's state, and the transport's with it, can be saved and restored exactly
+//! ([`ftvm_devices::Stateful`], [`mmio::MmioTransportState`]).
+//!
 //! Devices touch guest memory only through vm-memory (so the VMM's dirty bitmap sees every
 //! write), take host inputs only through [`ftvm_devices::HostInputs`] (the event source), and
 //! never panic on guest input: bad requests get an error status or are dropped, and a queue
@@ -25,7 +28,7 @@ pub use error::Error;
 pub use mmio::MmioTransport;
 pub use queue::{BadChain, Chain, Desc, Queues};
 
-use ftvm_devices::HostInputs;
+use ftvm_devices::{HostInputs, Stateful};
 use vm_memory::GuestMemory;
 
 /// VendorID register value: "FTVM" read as a little-endian u32.
@@ -38,7 +41,11 @@ pub const MMIO_WINDOW: u64 = 0x1000;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// A virtio device behind the MMIO transport.
-pub trait VirtioDevice {
+///
+/// Its [`Stateful::State`] is the device's own part of the transport's saved state
+/// ([`mmio::MmioTransportState`]): whatever the device keeps between notifies (frames not yet
+/// taken, counters). Configuration (a MAC, a disk's size) is checked on restore, not restored.
+pub trait VirtioDevice: Stateful {
     /// Device ID (virtio spec §5: 1 net, 2 block, 4 rng).
     fn device_type(&self) -> u32;
     /// A short name for logs ("virtio-blk0").

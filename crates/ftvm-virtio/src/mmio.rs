@@ -6,12 +6,13 @@
 //! InterruptStatus it pulses the device's ISA line: the 8259 is edge-triggered, so a pulse per
 //! event keeps an interrupt from being lost while an earlier one is still being handled.
 
-use ftvm_devices::{DeviceContext, IrqLines, MmioDevice};
+use ftvm_devices::{ensure_same, ensure_state, DeviceContext, IrqLines, MmioDevice, StateError, Stateful};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::queue::{queue_has_available, Queues};
@@ -56,7 +57,7 @@ pub mod regs {
 }
 
 /// Queue registers as the driver wrote them; checked and applied when it sets QueueReady.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct QueueRegs {
     num: u32,
     desc: u64,
@@ -412,6 +413,153 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
     }
 }
 
+/// The complete state of a transport and the device behind it: every register the driver
+/// wrote (selectors, accepted features, status), InterruptStatus, the configuration generation,
+/// for each queue the registers as written and virtio-queue's own state (size, ring addresses,
+/// ready, the next available and used indices), and the device's state `S`. The interrupt
+/// line and device type are recorded to check that the state goes back to the same slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState<S> {
+    device_type: u32,
+    irq: u8,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    queues: Vec<SavedQueue>,
+    device: S,
+}
+
+impl<S> MmioTransportState<S> {
+    /// The device's part of the state.
+    pub fn device(&self) -> &S {
+        &self.device
+    }
+
+    #[cfg(test)]
+    pub(crate) fn device_mut(&mut self) -> &mut S {
+        &mut self.device
+    }
+}
+
+/// One queue: what the driver wrote and what virtio-queue made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedQueue {
+    regs: QueueRegs,
+    #[serde(with = "QueueStateDef")]
+    queue: QueueState,
+}
+
+/// virtio-queue's `QueueState` has no serde of its own: this mirrors it field by field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
+    /// Checks a saved queue against this device and guest memory and rebuilds it.
+    fn restore_queue(&self, q: usize, saved: &QueueState, max: u16) -> Result<Queue, StateError> {
+        let name = self.device.name();
+        ensure_same(name, &format!("queue {q} maximum size"), saved.max_size, max)?;
+        ensure_state!(!saved.event_idx_enabled, name, "queue {q} uses EVENT_IDX, which is never offered");
+        let size = saved.size;
+        ensure_state!(
+            size.is_power_of_two() && size <= max,
+            name,
+            "queue {q}: size {size} is not a power of two in 1..={max}"
+        );
+        let queue = Queue::try_from(*saved).map_err(|e| StateError::invalid(name, format!("queue {q}: {e}")))?;
+        if queue.ready() {
+            ensure_state!(saved.avail_ring != 0, name, "queue {q} is ready with its available ring at 0");
+            ensure_state!(
+                queue.is_valid(&self.mem),
+                name,
+                "queue {q}'s rings are outside guest memory (desc {:#x}, avail {:#x}, used {:#x}, size {size})",
+                saved.desc_table,
+                saved.avail_ring,
+                saved.used_ring
+            );
+        }
+        Ok(queue)
+    }
+}
+
+impl<D: VirtioDevice, M: GuestMemory> Stateful for MmioTransport<D, M> {
+    type State = MmioTransportState<D::State>;
+
+    fn save_state(&self) -> Self::State {
+        let queues = self.queues.iter().zip(&self.queue_regs);
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            irq: self.irq,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: queues.map(|(queue, &regs)| SavedQueue { regs, queue: queue.state() }).collect(),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Restores into a transport built for the same device (same type, interrupt line, queue
+    /// sizes) over the guest memory the state's rings live in, which must already hold the
+    /// saved memory. The device's configuration must match too (its own `restore_state`).
+    fn restore_state(&mut self, state: &Self::State) -> Result<(), StateError> {
+        let name = self.device.name();
+        ensure_same(name, "device type", state.device_type, self.device.device_type())?;
+        ensure_same(name, "interrupt line", state.irq, self.irq)?;
+        let max_sizes = self.device.queue_max_sizes();
+        ensure_same(name, "number of queues", state.queues.len(), max_sizes.len())?;
+        let queues = (state.queues.iter().zip(max_sizes).enumerate())
+            .map(|(q, (saved, &max))| self.restore_queue(q, &saved.queue, max))
+            .collect::<Result<Vec<_>, _>>()?;
+        let known = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        ensure_state!(
+            state.interrupt_status & !known == 0,
+            name,
+            "InterruptStatus {:#x} has bits beyond used-buffer and configuration change",
+            state.interrupt_status
+        );
+        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let accepted = state.driver_features;
+            ensure_state!(
+                accepted & !offered == 0 && accepted & VIRTIO_F_VERSION_1 != 0,
+                name,
+                "FEATURES_OK with driver features {accepted:#x}, but this device offers {offered:#x}"
+            );
+        }
+        // Everything of the transport's is checked: now the device, which checks its own part
+        // before it changes anything.
+        self.device.restore_state(&state.device)?;
+        self.queues = queues;
+        self.queue_regs = state.queues.iter().map(|q| q.regs).collect();
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        self.config_generation = state.config_generation;
+        Ok(())
+    }
+}
+
 impl<D: VirtioDevice, M: GuestMemory> MmioDevice for MmioTransport<D, M> {
     fn mmio_read(&mut self, _ctx: &mut DeviceContext<'_>, _base: u64, offset: u64, data: &mut [u8]) {
         if offset >= regs::CONFIG {
@@ -452,6 +600,7 @@ mod tests {
     use crate::net::{MacAddr, Net};
     use crate::rng::Rng;
     use crate::testing::*;
+    use ftvm_devices::Stateful;
     use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
 
     const RING: u64 = 0x10000;
@@ -669,5 +818,85 @@ mod tests {
         h.write_bytes(regs::CONFIG, &[1, 2, 3, 4]);
         h.read_bytes(regs::CONFIG, &mut mac);
         assert_eq!(mac, [2, 0, 0, 0xaa, 0xbb, 0xcc], "config space is read-only");
+    }
+
+    #[test]
+    fn state_saved_mid_traffic_continues_identically() {
+        let mem = memory();
+        let mut h = Harness::with_mem(Rng::new(0), &mem);
+        let mut ring = Ring::new(&mem, RING, 16);
+        h.activate(&[&ring]);
+        ring.add(&[w(DATA, 16)]);
+        ring.add(&[w(DATA + 0x100, 8), w(DATA + 0x180, 8)]);
+        h.notify(0);
+        assert_eq!(h.pulses(), 1);
+        // Saved with the interrupt not acknowledged, a buffer available but not yet taken, and
+        // the selectors away from their defaults.
+        ring.add(&[w(DATA + 0x200, 32)]);
+        h.write(regs::QUEUE_SEL, 3);
+        h.write(regs::DEVICE_FEATURES_SEL, 1);
+        h.write(regs::DRIVER_FEATURES_SEL, 1);
+        let twin_mem = fork_memory(&mem);
+        let mut twin = h.fork(Rng::new(0), &twin_mem);
+        let mut twin_ring = ring.twin(&twin_mem);
+        let mut seen = vec![];
+        for (g, r, m) in [(&mut h, &mut ring, &mem), (&mut twin, &mut twin_ring, &twin_mem)] {
+            let offsets = [regs::QUEUE_NUM_MAX, regs::DEVICE_FEATURES, regs::INTERRUPT_STATUS, regs::STATUS];
+            let mut reads: Vec<u32> = offsets.iter().map(|&o| g.read(o)).collect();
+            g.write(regs::QUEUE_SEL, 0);
+            reads.extend([g.read(regs::QUEUE_NUM_MAX), g.read(regs::QUEUE_READY)]);
+            g.notify(0);
+            g.write(regs::INTERRUPT_ACK, 1);
+            r.add(&[w(DATA + 0x300, 4)]);
+            g.notify(0);
+            reads.push(g.read(regs::INTERRUPT_STATUS));
+            let used = r.take_used();
+            seen.push((
+                reads,
+                used,
+                g.pulses(),
+                mem_digest(m, 0, MEM_SIZE as usize),
+                g.dev.device().stats(),
+                g.inputs.entropy_bytes,
+            ));
+        }
+        assert_eq!(seen[0], seen[1]);
+        assert_eq!(seen[0].0, vec![0, 1, 1, 0x0f, 256, 1, 1], "registers as saved, then after the new traffic");
+        assert_eq!(seen[0].1, vec![(0, 16), (1, 16), (3, 32), (4, 4)]);
+        assert_eq!(h.dev.save_state(), twin.dev.save_state());
+    }
+
+    #[test]
+    fn bad_transport_states_are_refused() {
+        let mem = memory();
+        let mut h = Harness::with_mem(Rng::new(0), &mem);
+        let ring = Ring::new(&mem, RING, 16);
+        h.activate(&[&ring]);
+        let state = h.dev.save_state();
+        let mut fresh = Harness::with_mem(Rng::new(0), &mem);
+        let bad = |f: &dyn Fn(&mut MmioTransportState<crate::rng::RngState>)| {
+            let mut s = state.clone();
+            f(&mut s);
+            s
+        };
+        fresh.refused(&bad(&|s| s.irq = 9), "interrupt line: saved 9, this device 5");
+        fresh.refused(&bad(&|s| s.device_type = 2), "device type: saved 2, this device 4");
+        fresh.refused(&bad(&|s| s.queues.push(s.queues[0])), "number of queues: saved 2, this device 1");
+        fresh.refused(&bad(&|s| s.queues[0].queue.max_size = 128), "queue 0 maximum size: saved 128, this device 256");
+        fresh.refused(&bad(&|s| s.queues[0].queue.size = 12), "size 12 is not a power of two in 1..=256");
+        fresh.refused(&bad(&|s| s.queues[0].queue.size = 512), "size 512 is not a power of two in 1..=256");
+        fresh.refused(&bad(&|s| s.queues[0].queue.desc_table += 8), "descriptor table breaks alignment");
+        fresh.refused(&bad(&|s| s.queues[0].queue.used_ring = MEM_SIZE - 8), "outside guest memory");
+        fresh.refused(&bad(&|s| s.queues[0].queue.avail_ring = 0), "available ring at 0");
+        fresh.refused(&bad(&|s| s.queues[0].queue.event_idx_enabled = true), "EVENT_IDX");
+        fresh.refused(&bad(&|s| s.interrupt_status = 0x4), "InterruptStatus 0x4");
+        fresh.refused(&bad(&|s| s.driver_features |= 1 << 29), "driver features 0x120000000");
+        // A queue that is not ready may hold anything the driver wrote.
+        let mut s = state.clone();
+        s.queues[0].queue.ready = false;
+        s.queues[0].queue.used_ring = MEM_SIZE - 8;
+        s.queues[0].regs.num = 12345;
+        fresh.dev.restore_state(&s).unwrap();
+        assert_eq!(fresh.read(regs::QUEUE_READY), 0);
     }
 }

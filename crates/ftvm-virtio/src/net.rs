@@ -16,7 +16,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 
-use ftvm_devices::{HostInputs, IrqLines};
+use ftvm_devices::{ensure_same, ensure_state, HostInputs, IrqLines, StateError, Stateful};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP};
 use vm_memory::GuestMemory;
@@ -38,7 +39,7 @@ pub const MAX_FRAME: usize = 65535;
 pub const MAX_TX_PENDING: usize = 2 * QUEUE_SIZE as usize;
 
 /// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
@@ -89,7 +90,7 @@ pub trait FrameSink {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetStats {
     pub tx_frames: u64,
     pub tx_bytes: u64,
@@ -238,6 +239,42 @@ impl Net {
     }
 }
 
+/// The complete state of virtio-net: the MAC (checked, not restored: it is configuration),
+/// transmitted frames the VMM has not taken yet (completed to the guest, so they must still
+/// go out), and the counters. Receiving keeps nothing between frames: a frame is admitted by
+/// the event source and written into a buffer within one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    mac: MacAddr,
+    tx_pending: VecDeque<Vec<u8>>,
+    stats: NetStats,
+}
+
+impl Stateful for Net {
+    type State = NetState;
+
+    fn save_state(&self) -> NetState {
+        NetState { mac: self.mac, tx_pending: self.tx_out.clone(), stats: self.stats }
+    }
+
+    fn restore_state(&mut self, state: &NetState) -> Result<(), StateError> {
+        ensure_same(&self.name, "MAC address", state.mac, self.mac)?;
+        let pending = state.tx_pending.len();
+        ensure_state!(
+            pending <= MAX_TX_PENDING,
+            &self.name,
+            "{pending} transmitted frames pending, at most {MAX_TX_PENDING}"
+        );
+        for frame in &state.tx_pending {
+            let len = frame.len();
+            ensure_state!((MIN_FRAME..=MAX_FRAME).contains(&len), &self.name, "a pending frame of {len} bytes");
+        }
+        self.tx_out = state.tx_pending.clone();
+        self.stats = state.stats;
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -294,6 +331,7 @@ impl<M: GuestMemory> MmioTransport<Net, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mmio::regs;
     use crate::testing::*;
 
     const RX_RING: u64 = 0x10000;
@@ -420,5 +458,113 @@ mod tests {
         let mut irqs = IrqLines::default();
         assert_eq!(h.dev.deliver_frame(&frame(100, 0), &mut irqs), RxOutcome::Delivered);
         assert_eq!(rx.take_used(), vec![(0, 0), (1, 0), (2, 112)]);
+    }
+
+    /// Sends frames of `lens` bytes through `tx` and delivers received ones of `rx_lens`;
+    /// returns everything the guest and the VMM see of it.
+    fn traffic(
+        h: &mut Harness<Net>,
+        mem: &Mem,
+        rx: &mut Ring<'_>,
+        tx: &mut Ring<'_>,
+        lens: &[u32],
+        rx_lens: &[usize],
+    ) -> impl PartialEq + std::fmt::Debug {
+        write_mem(mem, DATA, &[0; HEADER_LEN]);
+        write_mem(mem, DATA + HEADER_LEN as u64, &frame(1500, 7));
+        for &len in lens {
+            tx.add(&[r(DATA, HEADER_LEN as u32 + len)]);
+        }
+        h.notify(TX_QUEUE as u32);
+        let mut irqs = IrqLines::default();
+        let outcomes: Vec<RxOutcome> =
+            rx_lens.iter().map(|&len| h.dev.deliver_frame(&frame(len, len as u8), &mut irqs)).collect();
+        let frames: Vec<Vec<u8>> = h.dev.device_mut().take_tx_frames().into();
+        (
+            outcomes,
+            irqs,
+            frames,
+            rx.take_used(),
+            tx.take_used(),
+            mem_digest(mem, 0, MEM_SIZE as usize),
+            h.pulses(),
+            h.dev.device().stats(),
+        )
+    }
+
+    #[test]
+    fn state_keeps_untaken_frames_and_receive_buffers() {
+        let mem = memory();
+        let mut h = Harness::with_mem(Net::new(MacAddr::default_for(0), 0), &mem);
+        let mut rx = Ring::new(&mem, RX_RING, 16);
+        let mut tx = Ring::new(&mem, TX_RING, 16);
+        h.activate(&[&rx, &tx]);
+        // Saved with two frames sent but not taken by the VMM, two receive buffers available.
+        traffic(&mut h, &mem, &mut rx, &mut tx, &[60, 40], &[]);
+        tx.add(&[r(DATA, HEADER_LEN as u32 + 100)]);
+        tx.add(&[r(DATA, HEADER_LEN as u32 + 200)]);
+        h.notify(TX_QUEUE as u32);
+        rx.add(&[w(DATA + 0x1000, 2048)]);
+        rx.add(&[w(DATA + 0x2000, 2048)]);
+        assert!(h.dev.device().has_tx_frames());
+        assert_eq!(h.pulses(), 1);
+        let twin_mem = fork_memory(&mem);
+        let mut twin = h.fork(Net::new(MacAddr::default_for(0), 0), &twin_mem);
+        let (mut twin_rx, mut twin_tx) = (rx.twin(&twin_mem), tx.twin(&twin_mem));
+        assert_eq!(
+            traffic(&mut h, &mem, &mut rx, &mut tx, &[14], &[100, 3000, 64, 64]),
+            traffic(&mut twin, &twin_mem, &mut twin_rx, &mut twin_tx, &[14], &[100, 3000, 64, 64])
+        );
+        assert_eq!(h.dev.device().stats().tx_frames, 5);
+        assert_eq!(h.dev.save_state(), twin.dev.save_state());
+        assert_eq!(twin.dev.device().stats().rx_frames, 2, "both buffers used, the big frame and the last one dropped");
+    }
+
+    #[test]
+    fn state_keeps_half_programmed_queue_registers() {
+        let mem = memory();
+        let mut h = Harness::with_mem(Net::new(MacAddr::default_for(0), 0), &mem);
+        let mut rx = Ring::new(&mem, RX_RING, 16);
+        let mut tx = Ring::new(&mem, TX_RING, 16);
+        let features = h.device_features();
+        assert!(h.negotiate(features));
+        h.setup_queue(RX_QUEUE as u32, 16, rx.desc_addr(), rx.avail_addr(), rx.used_addr());
+        // The transmit queue half programmed: size and descriptor table only.
+        h.write(regs::QUEUE_SEL, TX_QUEUE as u32);
+        h.write(regs::QUEUE_NUM, 16);
+        h.write(regs::QUEUE_DESC_LOW, tx.desc_addr() as u32);
+        let twin_mem = fork_memory(&mem);
+        let mut twin = h.fork(Net::new(MacAddr::default_for(0), 0), &twin_mem);
+        let (mut twin_rx, mut twin_tx) = (rx.twin(&twin_mem), tx.twin(&twin_mem));
+        for g in [&mut h, &mut twin] {
+            for (lo, addr) in [(regs::QUEUE_DRIVER_LOW, tx.avail_addr()), (regs::QUEUE_DEVICE_LOW, tx.used_addr())] {
+                g.write(lo, addr as u32);
+            }
+            g.write(regs::QUEUE_READY, 1);
+            g.driver_ok();
+            assert!(g.dev.driver_ok());
+        }
+        rx.add(&[w(DATA + 0x1000, 2048)]);
+        twin_rx.add(&[w(DATA + 0x1000, 2048)]);
+        assert_eq!(
+            traffic(&mut h, &mem, &mut rx, &mut tx, &[60, 70], &[80]),
+            traffic(&mut twin, &twin_mem, &mut twin_rx, &mut twin_tx, &[60, 70], &[80])
+        );
+        assert_eq!(h.dev.device().stats().tx_frames, 2);
+    }
+
+    #[test]
+    fn bad_net_states_are_refused() {
+        let mem = memory();
+        let mut h = Harness::with_mem(Net::new(MacAddr::default_for(0), 0), &mem);
+        let state = h.dev.save_state();
+        let mut other = Harness::with_mem(Net::new(MacAddr::default_for(1), 1), &mem);
+        other.refused(&state, "MAC address: saved 52:54:00:12:34:56, this device 52:54:00:12:34:57");
+        let mut s = state.clone();
+        s.device_mut().tx_pending.push_back(vec![0; 10]);
+        h.refused(&s, "a pending frame of 10 bytes");
+        let mut s = state.clone();
+        s.device_mut().tx_pending = std::iter::repeat_n(vec![0; 60], MAX_TX_PENDING + 1).collect();
+        h.refused(&s, "513 transmitted frames pending, at most 512");
     }
 }

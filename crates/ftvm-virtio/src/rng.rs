@@ -4,7 +4,8 @@
 //! logs them in record mode and replays them in replay mode), never from the host's random
 //! device directly. Requests are served at the QueueNotify exit.
 
-use ftvm_devices::HostInputs;
+use ftvm_devices::{HostInputs, StateError, Stateful};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use vm_memory::GuestMemory;
 
@@ -15,7 +16,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// At most this many bytes per request: keeps each logged entropy event small.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngStats {
     pub requests: u64,
     pub bytes: u64,
@@ -38,6 +39,26 @@ impl Rng {
 
     pub fn stats(&self) -> RngStats {
         self.stats
+    }
+}
+
+/// The complete state of virtio-rng: its counters. Requests are served within the notify, so
+/// nothing is in flight between exits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    stats: RngStats,
+}
+
+impl Stateful for Rng {
+    type State = RngState;
+
+    fn save_state(&self) -> RngState {
+        RngState { stats: self.stats }
+    }
+
+    fn restore_state(&mut self, state: &RngState) -> Result<(), StateError> {
+        self.stats = state.stats;
+        Ok(())
     }
 }
 

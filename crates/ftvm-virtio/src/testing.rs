@@ -1,7 +1,7 @@
 //! Test support: a guest memory, a driver that programs a transport through its registers,
 //! and virtqueues laid out with virtio-queue's `MockSplitQueue`.
 
-use ftvm_devices::{DeviceContext, GuestClock, GuestNanos, HostInputs, IrqChange, IrqLines, MmioDevice};
+use ftvm_devices::{DeviceContext, GuestClock, GuestNanos, HostInputs, IrqChange, IrqLines, MmioDevice, Stateful};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
 };
@@ -30,6 +30,18 @@ pub fn dirty(mem: &Mem, addr: u64) -> bool {
     (**region).bitmap().is_addr_set(addr as usize)
 }
 
+/// A second guest memory with the same contents, as a snapshot or a state transfer rebuilds it.
+pub fn fork_memory(mem: &Mem) -> Mem {
+    let copy = memory();
+    write_mem(&copy, 0, &read_mem(mem, 0, MEM_SIZE as usize));
+    copy
+}
+
+/// The state through JSON and back, as a snapshot file or a transfer carries it.
+pub fn through_json<S: serde::Serialize + serde::de::DeserializeOwned>(state: &S) -> S {
+    serde_json::from_str(&serde_json::to_string(state).expect("serialize")).expect("deserialize")
+}
+
 pub fn clear_dirty(mem: &Mem) {
     for region in mem.iter() {
         (**region).bitmap().reset();
@@ -37,7 +49,7 @@ pub fn clear_dirty(mem: &Mem) {
 }
 
 /// Host inputs for tests: a fixed clock and a counting, patterned entropy source.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TestInputs {
     pub entropy_calls: u64,
     pub entropy_bytes: u64,
@@ -85,6 +97,27 @@ impl<D: VirtioDevice> Harness<D> {
             inputs: TestInputs::default(),
             irqs: IrqLines::default(),
         }
+    }
+
+    /// A harness over `mem` (a copy of this one's memory) whose transport, built around
+    /// `device`, is restored from this one's saved state, with the same host inputs: it must go
+    /// on exactly as this one does.
+    pub fn fork(&self, device: D, mem: &Mem) -> Self {
+        let mut twin = Self::with_mem(device, mem);
+        twin.inputs = self.inputs.clone();
+        let state = through_json(&self.dev.save_state());
+        assert_eq!(state, self.dev.save_state(), "JSON keeps the state exactly");
+        twin.dev.restore_state(&state).expect("a saved state restores");
+        assert_eq!(twin.dev.save_state(), state);
+        twin
+    }
+
+    /// Restoring `state` fails with a message containing `needle` and changes nothing.
+    pub fn refused(&mut self, state: &<MmioTransport<D, Mem> as Stateful>::State, needle: &str) {
+        let before = self.dev.save_state();
+        let err = self.dev.restore_state(state).expect_err(needle).to_string();
+        assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
+        assert_eq!(self.dev.save_state(), before, "a refused state changes nothing");
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {
@@ -268,6 +301,17 @@ impl<'a> Ring<'a> {
         head
     }
 
+    /// The same ring, driver's bookkeeping included, in `mem`, a copy of this ring's memory.
+    pub fn twin<'b>(&self, mem: &'b Mem) -> Ring<'b> {
+        let start = self.desc_addr();
+        // Laying the ring out zeroes it: copy it back from the original.
+        let mq = MockSplitQueue::create(mem, GuestAddress(start), self.size);
+        let len = (self.mq.end().0 - start) as usize;
+        write_mem(mem, start, &read_mem(self.mem, start, len));
+        let (size, next_desc, avail_idx, used_seen) = (self.size, self.next_desc, self.avail_idx, self.used_seen);
+        Ring { mq, mem, size, next_desc, avail_idx, used_seen }
+    }
+
     pub fn used_idx(&self) -> u16 {
         u16::from_le(self.mq.used().idx().load())
     }
@@ -290,6 +334,14 @@ pub fn read_mem(mem: &Mem, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
     v
+}
+
+/// A digest of guest memory, to compare memories without printing them.
+pub fn mem_digest(mem: &Mem, addr: u64, len: usize) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    read_mem(mem, addr, len).hash(&mut h);
+    h.finish()
 }
 
 pub fn write_mem(mem: &Mem, addr: u64, data: &[u8]) {
