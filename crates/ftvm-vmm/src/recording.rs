@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::boot::BootSpec;
 use crate::error::{Error, Result};
+use crate::snapshot::{RestoreHost, Snapshot};
 use crate::vm::{ConsoleConfig, DiskConfig, Journaling, NetConfig, RunReport, Vm, VmConfig, VmOutcome};
 
 /// The device model's version: any change to what a device does for the same inputs bumps
@@ -32,6 +33,9 @@ pub struct ReplayOptions {
     /// Where the console text, the transmitted frames (pcap) and the disk copies go; a
     /// temporary directory (removed afterwards) if `None`.
     pub output_dir: Option<PathBuf>,
+    /// For a recording that started from a snapshot: where the snapshot is, if not where the
+    /// log says.
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -203,6 +207,58 @@ pub fn record(mut config: VmConfig, opts: &RecordOptions) -> Result<RecordReport
     }
     let vm = Vm::build(config)?;
     let header = header_for(&vm, kernel, initrd, bases, rtc);
+    record_vm(vm, header, opts, copies)
+}
+
+/// Header extras of a recording that starts from a snapshot: where the snapshot was and the
+/// checksums that identify it (a replay restores the same snapshot first).
+const SNAPSHOT_DIR: &str = "snapshot.dir";
+const SNAPSHOT_STATE: &str = "snapshot.state_xxh3";
+const SNAPSHOT_MEMORY: &str = "snapshot.memory_xxh3";
+
+/// `ftvm record --restore DIR`: continues a VM from a snapshot and records it from there.
+/// The disks are restored from the snapshot into the copies beside the log; the log's header
+/// names the snapshot, whose disk copies are the recording's base images.
+pub fn record_from_snapshot(dir: &Path, mut host: RestoreHost, opts: &RecordOptions) -> Result<RecordReport> {
+    let snap = Snapshot::open(dir)?;
+    let copies: Vec<PathBuf> = (0..snap.manifest.disks.len()).map(|i| disk_copy_path(&opts.log, i)).collect();
+    host.disks = snap
+        .manifest
+        .disks
+        .iter()
+        .zip(&copies)
+        .map(|(d, copy)| DiskConfig {
+            path: if d.readonly { PathBuf::from(&d.source) } else { copy.clone() },
+            readonly: d.readonly,
+        })
+        .collect();
+    let bases = snapshot_bases(&snap)?;
+    let manifest = snap.manifest.clone();
+    let vm = crate::snapshot::restore_snapshot(snap, &host, true)?;
+    let mut header =
+        header_for(&vm, manifest.vm.kernel.clone(), manifest.vm.initrd.clone(), bases, manifest.vm.rtc_base_unix);
+    header
+        .extra
+        .insert(SNAPSHOT_DIR.into(), std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()).display().to_string());
+    header.extra.insert(SNAPSHOT_STATE.into(), manifest.state.xxh3.clone());
+    header.extra.insert(SNAPSHOT_MEMORY.into(), manifest.memory.xxh3.clone());
+    record_vm(vm, header, opts, copies)
+}
+
+/// The base images of a recording from a snapshot: the snapshot's disk copies (or, for a
+/// read-only disk, the image itself), with their digests.
+fn snapshot_bases(snap: &Snapshot) -> Result<Vec<ImageInfo>> {
+    snap.manifest
+        .disks
+        .iter()
+        .map(|d| match &d.copy {
+            Some(c) => image_info(&snap.dir.join(&c.file)),
+            None => image_info(Path::new(&d.source)),
+        })
+        .collect()
+}
+
+fn record_vm(vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBuf>) -> Result<RecordReport> {
     let file = File::create(&opts.log).map_err(io_err(format!("cannot create the log {}", opts.log.display())))?;
     let sink: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(1 << 16, file));
     let mut writer = LogWriter::new(sink, &header).map_err(|e| Error::Record(format!("cannot write the log: {e}")))?;
@@ -312,6 +368,10 @@ fn replay_in(
             header.device_model_version
         )));
     }
+    if let Some(dir) = header.extra.get(SNAPSHOT_DIR) {
+        let dir = opts.snapshot.clone().unwrap_or_else(|| PathBuf::from(dir));
+        return replay_from_snapshot(opts, log, header, out_dir, &dir);
+    }
     let kernel = check_image("kernel", &header.kernel)?;
     let initrd = header.initrd.as_ref().map(|i| check_image("initrd", i)).transpose()?;
     let mut disks = Vec::new();
@@ -321,10 +381,7 @@ fn replay_in(
         std::fs::copy(&path, &copy).map_err(io_err(format!("cannot copy {} to {}", path.display(), copy.display())))?;
         disks.push(DiskConfig { path: copy, readonly: false });
     }
-    let console = match &opts.output_dir {
-        Some(_) => ConsoleConfig::File(out_dir.join("console.txt")),
-        None => ConsoleConfig::Discard,
-    };
+    let console = replay_console(opts, out_dir);
     let config = VmConfig {
         boot: BootSpec { kernel: kernel.clone(), initrd, cmdline: header.cmdline.clone() },
         mem_size: header.memory_size,
@@ -335,9 +392,65 @@ fn replay_in(
         rng: header.rng,
     };
     let vm = Vm::build_with(config, false)?;
+    replay_vm(opts, vm, log, header, out_dir, disks)
+}
+
+/// Replays a recording that started from a snapshot: the snapshot is restored first (its
+/// checksums must be the ones the log names), with its disks into the replay's copies.
+fn replay_from_snapshot(
+    opts: &ReplayOptions,
+    log: LogReader<Box<dyn Read + Send>>,
+    header: &LogHeader,
+    out_dir: &Path,
+    dir: &Path,
+) -> Result<ReplayReport> {
+    let snap = Snapshot::open(dir).map_err(|e| Error::Replay(format!("the recording starts from a snapshot: {e}")))?;
+    let named = |key: &str| header.extra.get(key).map(String::as_str).unwrap_or_default();
+    if snap.manifest.state.xxh3 != named(SNAPSHOT_STATE) || snap.manifest.memory.xxh3 != named(SNAPSHOT_MEMORY) {
+        return Err(Error::Replay(format!(
+            "{} is not the snapshot the recording started from (its checksums differ from the log's)",
+            dir.display()
+        )));
+    }
+    let disks: Vec<DiskConfig> = snap
+        .manifest
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DiskConfig {
+            path: if d.readonly { PathBuf::from(&d.source) } else { out_dir.join(format!("disk{i}.img")) },
+            readonly: d.readonly,
+        })
+        .collect();
+    let host = RestoreHost {
+        console: replay_console(opts, out_dir),
+        nets: header.net.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: Some(MacAddr(n.mac.0)) }).collect(),
+        disks: disks.clone(),
+    };
+    let vm = crate::snapshot::restore_snapshot(snap, &host, false)?;
+    replay_vm(opts, vm, log, header, out_dir, disks)
+}
+
+fn replay_console(opts: &ReplayOptions, out_dir: &Path) -> ConsoleConfig {
+    match &opts.output_dir {
+        Some(_) => ConsoleConfig::File(out_dir.join("console.txt")),
+        None => ConsoleConfig::Discard,
+    }
+}
+
+/// Replays the log on a VM built for it, and compares the disks with the recording's.
+fn replay_vm(
+    opts: &ReplayOptions,
+    vm: Vm,
+    log: LogReader<Box<dyn Read + Send>>,
+    header: &LogHeader,
+    out_dir: &Path,
+    disks: Vec<DiskConfig>,
+) -> Result<ReplayReport> {
     // The machine must be the one recorded: same CPUID table, XSAVE, memory, command line.
-    let ours =
+    let mut ours =
         header_for(&vm, header.kernel.clone(), header.initrd.clone(), header.disks.clone(), header.rtc_base_unix);
+    ours.extra = header.extra.clone();
     let differences: Vec<String> =
         header.compare(&ours).into_iter().filter(|m| m.significant).map(|m| m.to_string()).collect();
     // The console mode differs by design (the replay writes to a file or nowhere).

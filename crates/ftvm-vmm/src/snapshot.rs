@@ -803,8 +803,13 @@ pub struct RestoreHost {
 /// when it runs. The machine must be the same (CPUID, XSAVE, memory layout, devices, MACs):
 /// what differs is reported.
 pub fn restore(dir: &Path, host: &RestoreHost) -> Result<Vm> {
+    restore_snapshot(Snapshot::open(dir)?, host, true)
+}
+
+/// [`restore`] of a snapshot already opened; `open_taps` false for a replay (no network).
+pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> Result<Vm> {
     let started = Instant::now();
-    let snap = Snapshot::open(dir)?;
+    let dir = snap.dir.clone();
     let config = snap.vm_config(host)?;
     for (i, disk) in config.disks.iter().enumerate() {
         if snap.manifest.disks[i].copy.is_some() {
@@ -812,7 +817,7 @@ pub fn restore(dir: &Path, host: &RestoreHost) -> Result<Vm> {
             snap.restore_disk(i, &disk.path)?;
         }
     }
-    let mut vm = Vm::build(config)?;
+    let mut vm = Vm::build_with(config, open_taps)?;
     let saved = &snap.manifest.vm;
     let ours = header_for(&vm, saved.kernel.clone(), saved.initrd.clone(), saved.disks.clone(), saved.rtc_base_unix);
     let differences: Vec<String> = saved

@@ -191,6 +191,10 @@ struct ReplayArgs {
     /// and disks (disk0.img, ...) here.
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
+    /// For a recording made with `record --restore`: the snapshot it started from, if it is
+    /// no longer where the log says (it must be the same snapshot: its checksums are checked).
+    #[arg(long, value_name = "DIR")]
+    snapshot: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -437,7 +441,11 @@ fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
 
 fn record(args: RecordArgs) -> ExitCode {
     let opts = ftvm_vmm::recording::RecordOptions { log: args.log.clone(), max_size: args.max_size };
-    match ftvm_vmm::recording::record(vm_config(args.vm), &opts) {
+    let result = match args.vm.restore.clone() {
+        Some(dir) => ftvm_vmm::recording::record_from_snapshot(&dir, restore_host(args.vm), &opts),
+        None => ftvm_vmm::recording::record(vm_config(args.vm), &opts),
+    };
+    match result {
         Ok(report) => {
             let code = report.run.outcome.exit_code();
             eprintln!(
@@ -459,7 +467,11 @@ fn record(args: RecordArgs) -> ExitCode {
 }
 
 fn replay(args: ReplayArgs) -> ExitCode {
-    let opts = ftvm_vmm::recording::ReplayOptions { log: args.path.clone(), output_dir: args.output_dir };
+    let opts = ftvm_vmm::recording::ReplayOptions {
+        log: args.path.clone(),
+        output_dir: args.output_dir,
+        snapshot: args.snapshot,
+    };
     match ftvm_vmm::recording::replay(&opts) {
         Ok(report) => {
             let mut code = report.run.outcome.exit_code();
