@@ -274,6 +274,39 @@ impl EventSource {
         }
     }
 
+    /// Record only: a sync point, the `kick`-th after the current exit (design brief §1): the
+    /// state the replay applies instead of re-executing the exit-free stretch before it.
+    /// Events admitted after it are positioned at the same exit and follow it in the log.
+    pub fn sync_point(&mut self, kick: u32, state: Vec<u8>) {
+        let exit = self.position();
+        if let Journal::Record(r) = &mut self.journal {
+            r.append(ftvm_log::Record::SyncPoint { exit, kick, state });
+        }
+    }
+
+    /// Replay only: the sync point that comes next at the current exit, if one does (the
+    /// recording took one here: the replay applies it before running the guest again).
+    pub fn replay_sync_point(&mut self) -> Option<(u32, Vec<u8>)> {
+        let index = self.position();
+        if self.check_live_switch() {
+            return None;
+        }
+        let Journal::Replay(r) = &mut self.journal else { return None };
+        match r.take_at(index, |r| matches!(r, ftvm_log::Record::SyncPoint { .. })) {
+            Some(ftvm_log::Record::SyncPoint { kick, state, .. }) => Some((kick, state)),
+            _ => None,
+        }
+    }
+
+    /// Replay only: the replay disagrees with the log at the current exit (something the
+    /// VMM checked itself, such as a sync point's device state).
+    pub fn replay_mismatch(&mut self, expected: String, actual: String) {
+        let index = self.position();
+        if let Journal::Replay(r) = &mut self.journal {
+            r.mismatch(index, expected, actual);
+        }
+    }
+
     /// An output the guest produced (console bytes, a transmitted frame): logged with its
     /// ordinal and digest in record mode, checked in replay mode.
     pub fn output(&mut self, kind: u8, bytes: &[u8]) -> OutputTicket {

@@ -110,6 +110,39 @@ pub struct DevicesState {
     pub rng: Option<<RngDevice as Stateful>::State>,
 }
 
+/// The first device whose state differs between `a` and `b`, by name (for reports).
+pub fn first_difference(a: &DevicesState, b: &DevicesState) -> Option<String> {
+    let fixed = [
+        ("the device state version", a.version == b.version),
+        ("the PIC", a.pic == b.pic),
+        ("the PIT", a.pit == b.pit),
+        ("the RTC", a.rtc == b.rtc),
+        ("the UART", a.uart == b.uart),
+        ("the i8042", a.i8042 == b.i8042),
+        ("the local APIC registers", a.lapic == b.lapic),
+        ("the virtio-rng device", a.rng == b.rng),
+    ];
+    if let Some((name, _)) = fixed.iter().find(|(_, same)| !same) {
+        return Some(name.to_string());
+    }
+    let list = |what: &str, same: Vec<bool>, la: usize, lb: usize| {
+        if la != lb {
+            return Some(format!("the number of {what}s"));
+        }
+        same.iter().position(|s| !s).map(|i| format!("{what}{i}"))
+    };
+    list("virtio-net", a.nets.iter().zip(&b.nets).map(|(x, y)| x == y).collect(), a.nets.len(), b.nets.len()).or_else(
+        || {
+            list(
+                "virtio-blk",
+                a.disks.iter().zip(&b.disks).map(|(x, y)| x == y).collect(),
+                a.disks.len(),
+                b.disks.len(),
+            )
+        },
+    )
+}
+
 /// The devices of a VM and the buses that reach them.
 pub struct Devices {
     pub pic: Rc<RefCell<Pic>>,

@@ -20,6 +20,7 @@ pub mod msr;
 pub mod pair;
 pub mod recording;
 pub mod snapshot;
+pub mod syncpoint;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -24,6 +24,8 @@ pub const DEVICE_MODEL_VERSION: u32 = 1;
 pub struct RecordOptions {
     pub log: PathBuf,
     pub max_size: Option<u64>,
+    /// How long an event may wait for an exit before a sync point delivers it (`None`: off).
+    pub sync_bound: Option<std::time::Duration>,
 }
 
 /// What `ftvm replay` needs.
@@ -158,11 +160,16 @@ pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
 }
 
 /// The primary of a fault-tolerant pair: `ftvm primary`.
-pub fn primary(mut config: VmConfig, link: ftvm_replication::primary::PrimaryConfig) -> Result<RunReport> {
+pub fn primary(
+    mut config: VmConfig,
+    link: ftvm_replication::primary::PrimaryConfig,
+    sync_bound: Option<std::time::Duration>,
+) -> Result<RunReport> {
     let rtc = config.rtc_base_unix.unwrap_or_else(crate::vm::unix_now);
     config.rtc_base_unix = Some(rtc);
     let (kernel, initrd, disks) = images(&config)?;
-    let vm = Vm::build(config)?;
+    let mut vm = Vm::build(config)?;
+    vm.set_sync_bound(sync_bound);
     let header = header_for(&vm, kernel, initrd, disks, rtc);
     vm.run_with(Journaling::Primary { link, header: Box::new(header) })
 }
@@ -258,9 +265,10 @@ fn snapshot_bases(snap: &Snapshot) -> Result<Vec<ImageInfo>> {
         .collect()
 }
 
-fn record_vm(vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBuf>) -> Result<RecordReport> {
+fn record_vm(mut vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBuf>) -> Result<RecordReport> {
+    vm.set_sync_bound(opts.sync_bound);
     let file = File::create(&opts.log).map_err(io_err(format!("cannot create the log {}", opts.log.display())))?;
-    let sink: Box<dyn Write + Send> = Box::new(BufWriter::with_capacity(1 << 16, file));
+    let sink: Box<dyn Write + Send> = Box::new(BackgroundFile::new(file)?);
     let mut writer = LogWriter::new(sink, &header).map_err(|e| Error::Record(format!("cannot write the log: {e}")))?;
     if let Some(max) = opts.max_size {
         writer = writer.with_max_size(max);
@@ -268,6 +276,92 @@ fn record_vm(vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBu
     let run = vm.run_with(Journaling::Record(writer))?;
     let log_bytes = std::fs::metadata(&opts.log).map(|m| m.len()).unwrap_or(0);
     Ok(RecordReport { run, log_bytes, disk_copies: copies })
+}
+
+/// A log file written by a thread of its own: the vCPU thread only hands over buffers, so a
+/// large record (a sync point's pages) costs it a copy, not a trip through the page cache.
+/// At most [`BackgroundFile::IN_FLIGHT`] buffers wait; beyond that a write waits for the
+/// disk. A write error is kept and returned by the next write or flush; dropping the writer
+/// waits until everything is on file.
+struct BackgroundFile {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundFile {
+    const CHUNK: usize = 1 << 20;
+    const IN_FLIGHT: usize = 64;
+
+    fn new(file: File) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::IN_FLIGHT);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let f = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("ftvm-log-write".into())
+            .spawn(move || {
+                let mut file = file;
+                for chunk in rx {
+                    if let Err(e) = file.write_all(&chunk) {
+                        f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    }
+                }
+                if let Err(e) = file.sync_data() {
+                    f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                }
+            })
+            .map_err(|e| Error::Thread(format!("cannot start the log writer: {e}")))?;
+        Ok(BackgroundFile { buf: Vec::with_capacity(Self::CHUNK), tx: Some(tx), failed, thread: Some(thread) })
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(Self::CHUNK));
+        match &self.tx {
+            Some(tx) => tx.send(chunk).map_err(|_| std::io::Error::other("the log writer thread is gone")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Write for BackgroundFile {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= Self::CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+
+    /// Hands what is buffered to the writer thread (the data reaches the file shortly).
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.check()?;
+        self.send()
+    }
+}
+
+impl Drop for BackgroundFile {
+    fn drop(&mut self) {
+        let _ = self.send();
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.check() {
+            tracing::error!("writing the log failed: {e}");
+        }
+    }
 }
 
 /// Transmitted frames of a replay, written as a pcap file (classic format, Ethernet).

@@ -158,6 +158,8 @@ pub struct ExitStats {
     pub interrupts: u64,
     pub kicks: u64,
     pub window_exits: u64,
+    /// Recording: the sync points taken (replay: applied).
+    pub sync: crate::syncpoint::SyncStats,
 }
 
 /// What ends up on the console: the bytes the guest's UART transmitted.
@@ -277,6 +279,10 @@ pub struct VcpuLoop {
     last_output: Option<ftvm_events::OutputTicket>,
     /// Work other threads hand to the vCPU thread.
     pub tasks: VcpuTasks,
+    /// Record: sync points for exit-free stretches (`None`: off, or not recording).
+    pub(crate) sync: Option<crate::syncpoint::SyncRecorder>,
+    /// Replay: the sync points applied since the last counted exit.
+    pub(crate) sync_replay: crate::syncpoint::SyncReplayer,
     /// The MSRs a saved vCPU state holds.
     pub(crate) msr_indices: Vec<u32>,
     irqs: IrqLines,
@@ -320,6 +326,8 @@ impl VcpuLoop {
             control: None,
             last_output: None,
             tasks: VcpuTasks::default(),
+            sync: None,
+            sync_replay: Default::default(),
             msr_indices: Vec::new(),
             irqs: IrqLines::default(),
             requests: Vec::new(),
@@ -387,6 +395,9 @@ impl VcpuLoop {
             }
         }
         self.tasks.close();
+        if let Some(sync) = self.sync.take() {
+            self.stats.sync = sync.stats;
+        }
         self.kicker.detach();
         self.stats.kicks = self.kicker.kicks();
         let _ = self.console.flush();
@@ -432,15 +443,35 @@ impl VcpuLoop {
             if let Some(outcome) = self.control_point() {
                 return Ok(outcome);
             }
+            // Replay: where the recording took a sync point, its state replaces the stretch.
+            if self.events.mode() == Mode::Replay {
+                let applied = self.apply_sync_point()?;
+                if let Some(outcome) = self.journal_stop() {
+                    return Ok(outcome);
+                }
+                if applied {
+                    if let Some(outcome) = self.deliver_between_exits()? {
+                        return Ok(outcome);
+                    }
+                    continue;
+                }
+            }
             let index = self.events.exit_index();
             let step = self.run_once()?;
             let counted = self.events.exit_index() != index;
             if !counted && self.delivery == Delivery::AtExits {
                 // A kick (EINTR) in the deterministic mode: its position in the guest is
-                // host-timed, so nothing may be admitted or injected here. Only a stop
-                // request is honoured (at the last counted exit).
+                // host-timed, so nothing may be admitted or injected here, unless an event
+                // has waited past the bound: then a sync point marks this place in the log.
+                // A stop request is honoured (at the last counted exit).
                 if crate::kick::stop_requested() {
                     return Ok(VmOutcome::OperatorStop);
+                }
+                if self.sync_due() {
+                    self.take_sync_point()?;
+                    if let Some(outcome) = self.deliver_between_exits()? {
+                        return Ok(outcome);
+                    }
                 }
                 continue;
             }
@@ -476,7 +507,26 @@ impl VcpuLoop {
             if let Some(timer) = &self.timer {
                 timer.arm(self.devices.next_deadline().map(|d| self.events.host_instant_of(d)));
             }
+            if counted {
+                self.sync_replay_exit();
+                self.arm_sync(true)?;
+            }
         }
+    }
+
+    /// At a sync point (taken or applied): the work of an exit, positioned at the last
+    /// counted exit after the sync point: timers, input, injection.
+    fn deliver_between_exits(&mut self) -> Result<Option<VmOutcome>> {
+        self.after_exit(true);
+        if let Some(outcome) = self.take_request() {
+            return Ok(Some(outcome));
+        }
+        if let Some(outcome) = self.journal_stop() {
+            return Ok(Some(outcome));
+        }
+        self.inject_or_request_window();
+        self.arm_sync(false)?;
+        Ok(None)
     }
 
     /// One KVM_RUN and the dispatch of its exit.

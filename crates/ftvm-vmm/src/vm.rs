@@ -141,6 +141,9 @@ pub struct Vm {
     /// The state to continue from, for a VM restored from a snapshot (applied on the vCPU
     /// thread before the guest runs).
     restore: Option<Box<crate::snapshot::VmState>>,
+    /// Recording: how long an event may wait for an exit before a sync point delivers it
+    /// (`None`: never; events wait for the next exit).
+    sync_bound: Option<Duration>,
 }
 
 /// What a recording's header pins about the VM as built (design brief §2), so that a replay
@@ -231,6 +234,7 @@ impl Vm {
             msr_indices,
             disks,
             restore: None,
+            sync_bound: Some(crate::syncpoint::DEFAULT_SYNC_BOUND),
         })
     }
 
@@ -261,6 +265,11 @@ impl Vm {
         self.restore = Some(Box::new(state));
     }
 
+    /// Recording: the sync-point bound (`None` turns sync points off).
+    pub fn set_sync_bound(&mut self, bound: Option<Duration>) {
+        self.sync_bound = bound;
+    }
+
     /// The disks with their dirty-block maps.
     pub(crate) fn disk_handles(&self) -> &[crate::snapshot::DiskHandle] {
         &self.disks
@@ -286,6 +295,7 @@ impl Vm {
         };
         let restore = self.restore.take();
         let msr_indices = self.msr_indices.clone();
+        let sync_bound = self.sync_bound;
         let control = take_control();
         if let Some(c) = &control {
             c.set_role(api_role(&journaling));
@@ -422,11 +432,15 @@ impl Vm {
                 }
                 vloop.tasks = tasks;
                 vloop.msr_indices = msr_indices;
+                if let (ftvm_events::Mode::Record, Some(bound)) = (vloop.events.mode(), sync_bound) {
+                    let kicker = vloop.kicker.clone();
+                    vloop.sync = Some(crate::syncpoint::SyncRecorder::start(bound, kicker, tracker.clone())?);
+                }
                 if let Some(state) = restore {
                     vloop.restore_state(&state)?;
                 }
                 vloop.gate = gate;
-                vloop.tracker = Some(tracker);
+                vloop.tracker = Some(tracker.clone());
                 vloop.hash_consumer = hash_consumer;
                 vloop.takeover = takeover;
                 if let Some(c) = &vcpu_control {

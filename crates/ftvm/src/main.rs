@@ -140,6 +140,8 @@ struct PrimaryArgs {
     #[command(flatten)]
     pair: PairArgs,
     #[command(flatten)]
+    sync: SyncArgs,
+    #[command(flatten)]
     vm: RunArgs,
 }
 
@@ -180,7 +182,25 @@ struct RecordArgs {
     #[arg(long, value_name = "SIZE", value_parser = size::parse_byte_size)]
     max_size: Option<u64>,
     #[command(flatten)]
+    sync: SyncArgs,
+    #[command(flatten)]
     vm: RunArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct SyncArgs {
+    /// Milliseconds an interrupt or received frame may wait for the guest to exit before the
+    /// recorder kicks the vCPU and logs a sync point to deliver it (the state that replay
+    /// applies instead of re-executing the exit-free stretch); 0 turns sync points off, and
+    /// events then wait for the next exit.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    sync_bound: u64,
+}
+
+impl SyncArgs {
+    fn bound(&self) -> Option<std::time::Duration> {
+        (self.sync_bound > 0).then(|| std::time::Duration::from_millis(self.sync_bound))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -315,7 +335,7 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 connect_wait: std::time::Duration::from_secs(60),
             };
-            finish(ftvm_vmm::recording::primary(vm_config(args.vm), link))
+            finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.bound()))
         }
         Command::Backup(args) => {
             let link = ftvm_replication::backup::BackupConfig {
@@ -425,8 +445,17 @@ fn vm_config(args: RunArgs) -> VmConfig {
 
 fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
     let s = &report.stats;
+    let sync = match s.sync.count {
+        0 => String::new(),
+        n => format!(
+            "; {n} sync points, {} pages, wait {:.1} ms on average, {:.1} ms at most",
+            s.sync.pages,
+            s.sync.total_wait_us as f64 / 1e3 / n as f64,
+            s.sync.max_wait_us as f64 / 1e3
+        ),
+    };
     format!(
-        "{} after {:.3} s ({} exits: {} port I/O, {} MMIO, {} HLT, {} MSR; {} interrupts, {} kicks)",
+        "{} after {:.3} s ({} exits: {} port I/O, {} MMIO, {} HLT, {} MSR; {} interrupts, {} kicks{sync})",
         report.outcome,
         report.elapsed.as_secs_f64(),
         report.exits,
@@ -440,7 +469,11 @@ fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
 }
 
 fn record(args: RecordArgs) -> ExitCode {
-    let opts = ftvm_vmm::recording::RecordOptions { log: args.log.clone(), max_size: args.max_size };
+    let opts = ftvm_vmm::recording::RecordOptions {
+        log: args.log.clone(),
+        max_size: args.max_size,
+        sync_bound: args.sync.bound(),
+    };
     let result = match args.vm.restore.clone() {
         Some(dir) => ftvm_vmm::recording::record_from_snapshot(&dir, restore_host(args.vm), &opts),
         None => ftvm_vmm::recording::record(vm_config(args.vm), &opts),

@@ -187,10 +187,15 @@ fn status_pause_resume_and_bad_requests() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not paused") && text(&out.stderr).contains("400"), "{}", text(&out.stderr));
 
-    // Snapshots are not there yet, and say so.
-    let out = ctl(&socket, &["snapshot", dir.join("snap").to_str().unwrap()]);
+    // A snapshot while running (live), and one into a directory that already has one: refused.
+    let snap = dir.join("snap");
+    let out = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("snapshot written to"), "{}", text(&out.stdout));
+    assert!(snap.join("snapshot.json").exists());
+    let out = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("not implemented yet"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not empty"), "{}", text(&out.stderr));
 
     // Bad requests get an HTTP error with a JSON body, never a crash.
     for (request, want) in [
@@ -199,7 +204,7 @@ fn status_pause_resume_and_bad_requests() {
         (b"\x00\x01\x02\xff\r\n\r\n", 400),
         (b"GET /nowhere HTTP/1.1\r\n\r\n", 404),
         (b"DELETE /status HTTP/1.1\r\n\r\n", 405),
-        (b"PUT /snapshot HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501),
+        (b"PUT /snapshot HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400),
     ] {
         let answer = raw(&socket, request);
         let (code, body) = parse_answer(&answer);

@@ -111,6 +111,33 @@ fn sigkill_of_the_primary_fails_over_with_no_lost_or_repeated_output() {
 }
 
 #[test]
+fn sigkill_of_the_primary_in_an_exit_free_stretch_fails_over_through_its_sync_points() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-sync");
+    let addr = format!("127.0.0.1:{}", port(30));
+    let arbiter = dir.join("arbiter.lock");
+    // The guest spins in ring 3 for 3 s: its ticks reach both sides only through sync points.
+    let cmdline = "hello.wait_ms=100 hello.spin_ms=3000";
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), cmdline);
+    std::thread::sleep(Duration::from_millis(1500));
+    p.kill().unwrap(); // SIGKILL, mid-spin
+    let _ = p.wait();
+    let (bc, berr) = wait(&mut b, Duration::from_secs(20));
+    assert_eq!(bc, Some(0), "the backup must take over and finish: {berr}");
+    assert!(berr.contains("TAKEOVER"), "{berr}");
+    let p_out = std::fs::read_to_string(dir.join("p.txt")).unwrap();
+    let b_out = std::fs::read_to_string(dir.join("b.txt")).unwrap();
+    assert!(b_out.contains("spin: 300 ticks"), "the backup finished the spin: {b_out}");
+    let (out, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stable(&format!("{p_out}{b_out}")), stable(&alone), "primary:\n{p_out}\nbackup:\n{b_out}");
+}
+
+#[test]
 fn a_lost_backup_leaves_the_primary_running_unprotected() {
     if !kvm_available() {
         return;

@@ -65,6 +65,61 @@ fn hello_replays_exactly_with_the_same_console() {
     assert!(listing.contains("CLOCK") && listing.contains("OUTPUT") && listing.contains("END"), "{listing}");
 }
 
+/// A number in `text` right after `key` (e.g. "30 sync points" with key " sync points" reads
+/// backwards: use `number_before`).
+fn number_before(text: &str, key: &str) -> Option<f64> {
+    let end = text.find(key)?;
+    let start = text[..end].rfind(|c: char| !(c.is_ascii_digit() || c == '.')).map_or(0, |i| i + 1);
+    text[start..end].parse().ok()
+}
+
+#[test]
+fn a_guest_spinning_in_ring3_gets_its_ticks_through_sync_points_and_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("rr-sync");
+    let log = dir.join("spin.log");
+    // 500 ms of ticks awaited in ring 3 without one exit: only sync points deliver them.
+    let out = record(&log, &guest("hello"), &["--cmdline", "hello.spin_ms=500"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let recorded = std::fs::read_to_string(log.with_extension("console")).unwrap();
+    assert!(recorded.contains("spin: 50 ticks in ring 3 without an exit"), "{recorded}");
+    let syncs = number_before(&err, " sync points").expect("the summary counts sync points") as u64;
+    assert!(syncs >= 45, "about one sync point per tick: {err}");
+    // Each tick waited about the bound (10 ms); scheduling on a loaded host adds a little.
+    let longest = number_before(&err, " ms at most").expect("the summary gives the longest wait");
+    assert!(longest <= 25.0, "a tick waited {longest} ms (bound 10 ms): {err}");
+    let inspect = ftvm().args(["log", "inspect", "--json"]).arg(&log).output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(summary["summary"]["by_kind"]["SYNC_POINT"]["count"].as_u64(), Some(syncs), "{summary}");
+    let out_dir = dir.join("replay");
+    let out = replay(&log, Some(&out_dir));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
+    assert_eq!(replayed, recorded, "the replay applies the sync points and prints the same");
+
+    // Without sync points the ticks wait for an exit that never comes.
+    let console = dir.join("nosync.txt");
+    let mut child = ftvm()
+        .args(["record", "--sync-bound", "0", "--log"])
+        .arg(dir.join("nosync.log"))
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .args(["--cmdline", "hello.spin_ms=500", "--console"])
+        .arg(format!("file:{}", console.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still_running, "without sync points the spinning guest cannot finish");
+    assert!(!std::fs::read_to_string(&console).unwrap_or_default().contains("spin:"));
+}
+
 #[test]
 fn compute_replays_at_ring3_speed_to_the_same_digest() {
     if !kvm_available() {

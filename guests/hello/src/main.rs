@@ -2,6 +2,8 @@
 //! size and the RTC time, idles `hello.wait_ms` milliseconds (default 100) on the 100 Hz
 //! timer, and prints a digest that must be identical on every run and every hypervisor.
 //!
+//! `hello.spin_ms=N` then spins in ring 3, exit-free, until N ms of timer ticks have come.
+//!
 //! `hello.crash=panic|ud2|pagefault` ends it early on purpose, to exercise the kit's panic
 //! handler and its exception reporting (both print and power off).
 
@@ -52,6 +54,21 @@ fn main() {
             println!("rtc: {b} ({elapsed} s elapsed)");
         }
         _ => println!("rtc: none"),
+    }
+
+    // `hello.spin_ms=N`: compute in ring 3 without a single exit until N ms of timer ticks
+    // have arrived. A recorder that delivers interrupts only at exits never ends this; one
+    // with sync points delivers each tick within its bound.
+    let spin_ms = cmdline::param_u64_or("hello.spin_ms", 0);
+    if spin_ms > 0 {
+        let start = time::ticks();
+        let target = start + time::ms_to_ticks(spin_ms);
+        let mut spins = 0u64;
+        while time::ticks() < target {
+            spins = core::hint::black_box(spins.wrapping_add(1));
+            core::hint::spin_loop();
+        }
+        println!("spin: {} ticks in ring 3 without an exit", time::ticks() - start);
     }
 
     let mut digest = Digest::new();

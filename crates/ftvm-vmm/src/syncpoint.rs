@@ -1,0 +1,290 @@
+//! Sync points: interrupts for a guest that computes in ring 3 without exiting (design brief
+//! §1, "long exit-free stretches").
+//!
+//! While recording, interrupts and received frames are delivered at counted exits only: the
+//! moment of a kick is host-timed, and nothing marks that instant in the guest's instruction
+//! stream on our KVM (no instruction counter, no ring-3 single-step). A guest that does not
+//! exit would wait for ever. So when an event has waited longer than a bound (default
+//! 10 ms), the recorder kicks the vCPU and takes a **sync point** there: the pages dirtied
+//! since the last trim (at most a few ms before the last exit), the full vCPU and device
+//! state and the guest clock, logged as `SYNC_POINT` at (exit N, k-th sync point after N).
+//! Then it delivers the event as at an exit. The replayer, arriving at exit N, applies the
+//! sync point instead of re-executing the stretch, and delivers the same events from the log.
+//!
+//! Verification: at the sync point the replay's device state and guest clock must equal the
+//! recording's (they only change at exits, so a difference means the replay diverged before);
+//! afterwards both sides count the sync point's pages as written, so the page hashes of later
+//! checkpoints cover the same pages and keep checking memory.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::dirty::{Consumer, DirtyTracker};
+use crate::error::{Error, Result};
+use crate::kick::{DeadlineTimer, Kicker};
+use crate::memory::PAGE_SIZE;
+use crate::snapshot::VmState;
+use crate::vcpu::VcpuLoop;
+
+/// How long an interrupt or frame may wait for an exit before the recorder takes a sync point.
+pub const DEFAULT_SYNC_BOUND: Duration = Duration::from_millis(10);
+
+/// The recorder forgets pages dirtied before a counted exit at most this often (a cheap
+/// KVM_GET_DIRTY_LOG), so a sync point carries only what changed shortly before its exit
+/// and in the stretch after it; the replay reproduces everything earlier by itself.
+const TRIM_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The kick goes out this much before the bound (at most half of it): waking the timer
+/// thread and signalling the vCPU take a few hundred microseconds here, so delivery lands within the
+/// bound on an unloaded host.
+const KICK_LEAD: Duration = Duration::from_micros(300);
+
+/// What a `SYNC_POINT` record holds: the VM state (postcard) and the pages. Encoded by hand
+/// so that page contents are copied as they are (serde would walk them byte by byte):
+/// `u32 state length, state, u32 page count, count x u64 address, count x 4096 bytes`.
+struct SyncState {
+    state: VmState,
+    /// Guest physical addresses of the pages, in order, and their contents one after another.
+    addresses: Vec<u64>,
+    contents: Vec<u8>,
+}
+
+impl SyncState {
+    fn encode(&self) -> Result<Vec<u8>> {
+        let state =
+            postcard::to_stdvec(&self.state).map_err(|e| Error::Snapshot(format!("sync point: cannot encode: {e}")))?;
+        let mut out = Vec::with_capacity(8 + state.len() + self.addresses.len() * 8 + self.contents.len());
+        out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+        out.extend_from_slice(&state);
+        out.extend_from_slice(&(self.addresses.len() as u32).to_le_bytes());
+        for a in &self.addresses {
+            out.extend_from_slice(&a.to_le_bytes());
+        }
+        out.extend_from_slice(&self.contents);
+        Ok(out)
+    }
+
+    /// Decodes a record's payload (from a log: untrusted, every length checked).
+    fn decode(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let take = |at: usize, n: usize| {
+            at.checked_add(n).and_then(|end| bytes.get(at..end)).ok_or_else(|| "cut short".to_string())
+        };
+        let word = |at: usize| take(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+        let state_len = word(0)?;
+        let state = postcard::from_bytes(take(4, state_len)?).map_err(|e| format!("VM state: {e}"))?;
+        let count = word(4 + state_len)?;
+        let at = 8 + state_len;
+        let table = take(at, count.checked_mul(8).ok_or("page count overflows")?)?;
+        let addresses = table.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let contents = take(at + table.len(), count * PAGE_SIZE as usize)?.to_vec();
+        if at + table.len() + contents.len() != bytes.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(SyncState { state, addresses, contents })
+    }
+}
+
+/// Figures of a recording's sync points.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    pub count: u64,
+    pub pages: u64,
+    /// Encoded bytes (before the log's compression).
+    pub bytes: u64,
+    /// The longest an event waited before its sync point delivered it, in microseconds.
+    pub max_wait_us: u64,
+    /// The waits added up (the mean is this over `count`).
+    pub total_wait_us: u64,
+}
+
+/// The recorder's side.
+pub(crate) struct SyncRecorder {
+    bound: Duration,
+    timer: DeadlineTimer,
+    tracker: DirtyTracker,
+    consumer: Consumer,
+    /// Since when the oldest deliverable event has waited (host time), if one waits.
+    waiting_since: Option<Instant>,
+    /// Sync points taken since the last counted exit.
+    since_exit: u32,
+    last_trim: Instant,
+    /// Within one exit-free stretch: the hash of each page as the last sync point logged it.
+    /// The replay has exactly those contents (it runs nothing between sync points after the
+    /// same exit), so a page the guest rewrote with the same bytes need not be sent again.
+    /// Forgotten at every counted exit, where the replay executes again.
+    logged: std::collections::HashMap<u64, u64>,
+    pub(crate) stats: SyncStats,
+}
+
+impl SyncRecorder {
+    pub(crate) fn start(bound: Duration, kicker: std::sync::Arc<Kicker>, tracker: DirtyTracker) -> Result<Self> {
+        let consumer = tracker.subscribe()?;
+        Ok(SyncRecorder {
+            bound,
+            timer: DeadlineTimer::start(kicker)?,
+            tracker,
+            consumer,
+            waiting_since: None,
+            since_exit: 0,
+            last_trim: Instant::now(),
+            logged: std::collections::HashMap::new(),
+            stats: SyncStats::default(),
+        })
+    }
+
+    /// When the oldest waiting event's sync point is due.
+    fn due_at(&self) -> Option<Instant> {
+        let lead = KICK_LEAD.min(self.bound / 2);
+        self.waiting_since.map(|t| t + self.bound - lead)
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.due_at().is_some_and(|t| now >= t)
+    }
+}
+
+impl Drop for SyncRecorder {
+    fn drop(&mut self) {
+        self.tracker.unsubscribe(self.consumer);
+    }
+}
+
+/// The replayer's side: sync points applied since the last counted exit.
+#[derive(Default)]
+pub(crate) struct SyncReplayer {
+    since_exit: u32,
+}
+
+impl VcpuLoop {
+    /// Record: after the work of a counted exit (or a sync point), what waits for delivery,
+    /// and the timer that kicks the vCPU once it has waited for the bound. `counted`: a new
+    /// exit (the count of sync points after it restarts, pages before it may be forgotten).
+    pub(crate) fn arm_sync(&mut self, counted: bool) -> Result<()> {
+        let Some(sync) = &mut self.sync else { return Ok(()) };
+        let now = Instant::now();
+        if counted {
+            sync.since_exit = 0;
+            sync.logged.clear();
+            if now >= sync.last_trim + TRIM_INTERVAL {
+                sync.tracker.take(sync.consumer)?;
+                sync.last_trim = now;
+            }
+        }
+        // An interrupt the guest could not take here, a frame or console input it could: all
+        // deliverable from now on. A timer: from its deadline.
+        let pending_now = self.devices.pic.borrow().has_pending_interrupt()
+            || self
+                .nets
+                .iter()
+                .zip(&self.devices.virtio.nets)
+                .any(|(port, dev)| dev.borrow().rx_ready() && self.events.frame_waiting(port.stream))
+            || (self.events.console_input_waiting() && self.devices.uart.borrow().receive_capacity() > 0);
+        let deadline = self.devices.next_deadline().map(|d| self.events.host_instant_of(d));
+        sync.waiting_since = match (pending_now, deadline) {
+            (true, _) => Some(now),
+            (false, d) => d,
+        };
+        sync.timer.arm(sync.due_at());
+        Ok(())
+    }
+
+    /// Record: after a kick (no counted exit), whether a sync point is due now.
+    pub(crate) fn sync_due(&self) -> bool {
+        self.sync.as_ref().is_some_and(|s| s.due(Instant::now()))
+    }
+
+    /// Record: takes a sync point here, between two exits.
+    pub(crate) fn take_sync_point(&mut self) -> Result<()> {
+        // The kick's KVM_RUN left nothing pending; this refreshes kvm_run's view of whether
+        // the guest can take an interrupt exactly as the replay will after applying the state.
+        self.complete_pending_io()?;
+        let state = self.save_state()?;
+        let Some(sync) = &mut self.sync else { return Ok(()) };
+        let waited = sync.waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
+        let dirty = sync.tracker.take(sync.consumer)?;
+        // The replay writes these pages: every other consumer counts them as written too.
+        sync.tracker.mark(&dirty, Some(sync.consumer));
+        sync.last_trim = Instant::now();
+        let mem = sync.tracker.memory();
+        let (mut addresses, mut contents) = (Vec::new(), Vec::new());
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for gpa in dirty.addresses() {
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| Error::Snapshot(format!("sync point: reading guest page {gpa:#x}: {e}")))?;
+            let hash = ftvm_log::hash64(&page);
+            if sync.logged.insert(gpa, hash) == Some(hash) {
+                continue; // the replay has these bytes from the previous sync point
+            }
+            addresses.push(gpa);
+            contents.extend_from_slice(&page);
+        }
+        let n = addresses.len() as u64;
+        let bytes = SyncState { state, addresses, contents }.encode()?;
+        sync.since_exit += 1;
+        sync.stats.count += 1;
+        sync.stats.pages += n;
+        sync.stats.bytes += bytes.len() as u64;
+        sync.stats.max_wait_us = sync.stats.max_wait_us.max(waited.as_micros() as u64);
+        sync.stats.total_wait_us += waited.as_micros() as u64;
+        let kick = sync.since_exit;
+        self.events.sync_point(kick, bytes);
+        Ok(())
+    }
+
+    /// Replay: applies the sync point the log has next at this exit, if any. Returns whether
+    /// one was applied (the caller then delivers events as after an exit). A sync point that
+    /// does not fit is a divergence, reported through the event source.
+    pub(crate) fn apply_sync_point(&mut self) -> Result<bool> {
+        let Some((kick, bytes)) = self.events.replay_sync_point() else { return Ok(false) };
+        let expected_kick = self.sync_replay.since_exit + 1;
+        let synced = match SyncState::decode(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                self.events.replay_mismatch("a sync point".into(), format!("a sync point that does not decode: {e}"));
+                return Ok(false);
+            }
+        };
+        if kick != expected_kick {
+            self.events
+                .replay_mismatch(format!("sync point #{kick} after this exit"), format!("sync point #{expected_kick}"));
+            return Ok(false);
+        }
+        // Devices and the clock change only at exits: here they must be as recorded.
+        let ours = self.devices.save_state();
+        if let Some(device) = crate::legacy::first_difference(&synced.state.devices, &ours) {
+            self.events.replay_mismatch(
+                format!("at sync point #{kick}: the recorded state of {device}"),
+                format!("the replay's {device} differs"),
+            );
+            return Ok(false);
+        }
+        if synced.state.clock != self.events.clock_state() {
+            self.events.replay_mismatch(
+                format!("at sync point #{kick}: guest time {} ns", synced.state.clock.guest_now),
+                format!("guest time {} ns", self.events.clock_state().guest_now),
+            );
+            return Ok(false);
+        }
+        let mem = self.tracker.as_ref().map(|t| t.memory()).ok_or_else(|| Error::Thread("no guest memory".into()))?;
+        for (gpa, page) in synced.addresses.iter().zip(synced.contents.chunks_exact(PAGE_SIZE as usize)) {
+            if mem.write_slice(page, GuestAddress(*gpa)).is_err() {
+                self.events.replay_mismatch(
+                    format!("at sync point #{kick}: pages of guest RAM"),
+                    format!("a page at {gpa:#x}, outside RAM"),
+                );
+                return Ok(false);
+            }
+        }
+        synced.state.vcpu.restore(&self.vcpu)?;
+        // kvm_run's interrupt-window view of the restored vCPU, as the recorder had it.
+        self.complete_pending_io()?;
+        self.sync_replay.since_exit = kick;
+        Ok(true)
+    }
+
+    /// Replay: a counted exit restarts the count of sync points after it.
+    pub(crate) fn sync_replay_exit(&mut self) {
+        self.sync_replay.since_exit = 0;
+    }
+}
