@@ -42,26 +42,35 @@ const KICK_LEAD: Duration = Duration::from_micros(300);
 
 /// What a `SYNC_POINT` record holds: the VM state (postcard) and the pages. Encoded by hand
 /// so that page contents are copied as they are (serde would walk them byte by byte):
-/// `u32 state length, state, u32 page count, count x u64 address, count x 4096 bytes`.
+/// `u32 state length, state, u32 page count n, n x u64 address, n x 4096 bytes, u32 count m,
+/// m x u64 address` (the last list: pages written again with the bytes the previous sync
+/// point logged, which both sides count as written without sending them).
 struct SyncState {
     state: VmState,
     /// Guest physical addresses of the pages, in order, and their contents one after another.
     addresses: Vec<u64>,
     contents: Vec<u8>,
+    unchanged: Vec<u64>,
+}
+
+fn put_addresses(out: &mut Vec<u8>, list: &[u64]) {
+    out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    for a in list {
+        out.extend_from_slice(&a.to_le_bytes());
+    }
 }
 
 impl SyncState {
     fn encode(&self) -> Result<Vec<u8>> {
         let state =
             postcard::to_stdvec(&self.state).map_err(|e| Error::Snapshot(format!("sync point: cannot encode: {e}")))?;
-        let mut out = Vec::with_capacity(8 + state.len() + self.addresses.len() * 8 + self.contents.len());
+        let table = (self.addresses.len() + self.unchanged.len()) * 8;
+        let mut out = Vec::with_capacity(12 + state.len() + table + self.contents.len());
         out.extend_from_slice(&(state.len() as u32).to_le_bytes());
         out.extend_from_slice(&state);
-        out.extend_from_slice(&(self.addresses.len() as u32).to_le_bytes());
-        for a in &self.addresses {
-            out.extend_from_slice(&a.to_le_bytes());
-        }
+        put_addresses(&mut out, &self.addresses);
         out.extend_from_slice(&self.contents);
+        put_addresses(&mut out, &self.unchanged);
         Ok(out)
     }
 
@@ -71,17 +80,21 @@ impl SyncState {
             at.checked_add(n).and_then(|end| bytes.get(at..end)).ok_or_else(|| "cut short".to_string())
         };
         let word = |at: usize| take(at, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+        let addresses_at = |at: usize| -> std::result::Result<(Vec<u64>, usize), String> {
+            let count = word(at)?;
+            let table = take(at + 4, count.checked_mul(8).ok_or("page count overflows")?)?;
+            let list = table.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            Ok((list, at + 4 + table.len()))
+        };
         let state_len = word(0)?;
         let state = postcard::from_bytes(take(4, state_len)?).map_err(|e| format!("VM state: {e}"))?;
-        let count = word(4 + state_len)?;
-        let at = 8 + state_len;
-        let table = take(at, count.checked_mul(8).ok_or("page count overflows")?)?;
-        let addresses = table.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        let contents = take(at + table.len(), count * PAGE_SIZE as usize)?.to_vec();
-        if at + table.len() + contents.len() != bytes.len() {
+        let (addresses, at) = addresses_at(4 + state_len)?;
+        let contents = take(at, addresses.len() * PAGE_SIZE as usize)?.to_vec();
+        let (unchanged, end) = addresses_at(at + contents.len())?;
+        if end != bytes.len() {
             return Err("trailing bytes".into());
         }
-        Ok(SyncState { state, addresses, contents })
+        Ok(SyncState { state, addresses, contents, unchanged })
     }
 }
 
@@ -203,24 +216,26 @@ impl VcpuLoop {
         let Some(sync) = &mut self.sync else { return Ok(()) };
         let waited = sync.waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
         let dirty = sync.tracker.take(sync.consumer)?;
-        // The replay writes these pages: every other consumer counts them as written too.
-        sync.tracker.mark(&dirty, Some(sync.consumer));
         sync.last_trim = Instant::now();
         let mem = sync.tracker.memory();
-        let (mut addresses, mut contents) = (Vec::new(), Vec::new());
+        let (mut addresses, mut contents, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for gpa in dirty.addresses() {
             mem.read_slice(&mut page, GuestAddress(gpa))
                 .map_err(|e| Error::Snapshot(format!("sync point: reading guest page {gpa:#x}: {e}")))?;
             let hash = ftvm_log::hash64(&page);
             if sync.logged.insert(gpa, hash) == Some(hash) {
-                continue; // the replay has these bytes from the previous sync point
+                unchanged.push(gpa); // the replay has these bytes from the previous sync point
+                continue;
             }
             addresses.push(gpa);
             contents.extend_from_slice(&page);
         }
+        // The replay writes (or counts as written) these pages: so does every other consumer
+        // here, and the next checkpoint hashes the same pages on both sides.
+        sync.tracker.mark(&dirty, Some(sync.consumer));
         let n = addresses.len() as u64;
-        let bytes = SyncState { state, addresses, contents }.encode()?;
+        let bytes = SyncState { state, addresses, contents, unchanged }.encode()?;
         sync.since_exit += 1;
         sync.stats.count += 1;
         sync.stats.pages += n;
@@ -276,6 +291,12 @@ impl VcpuLoop {
                 return Ok(false);
             }
         }
+        if let Some(tracker) = &self.tracker {
+            // Rewritten by the guest with the same bytes: written, as the recorder counts them.
+            let mut same = crate::dirty::PageSet::none(&mem);
+            synced.unchanged.iter().for_each(|&gpa| same.insert(gpa));
+            tracker.mark(&same, None);
+        }
         synced.state.vcpu.restore(&self.vcpu)?;
         // kvm_run's interrupt-window view of the restored vCPU, as the recorder had it.
         self.complete_pending_io()?;
@@ -286,5 +307,53 @@ impl VcpuLoop {
     /// Replay: a counted exit restarts the count of sync points after it.
     pub(crate) fn sync_replay_exit(&mut self) {
         self.sync_replay.since_exit = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu_state::VcpuState;
+
+    fn state() -> VmState {
+        VmState {
+            vcpu: VcpuState {
+                regs: Default::default(),
+                sregs: Default::default(),
+                xsave: Default::default(),
+                xcrs: Default::default(),
+                events: Default::default(),
+                debugregs: Default::default(),
+                mp_state: Default::default(),
+                msrs: vec![(0x174, 8)],
+            },
+            devices: crate::legacy::Devices::new(7).unwrap().save_state(),
+            clock: ftvm_events::ClockState { guest_now: 42 },
+        }
+    }
+
+    #[test]
+    fn sync_states_round_trip_and_damage_is_an_error() {
+        let mut contents = vec![1u8; PAGE_SIZE as usize];
+        contents.extend(vec![2u8; PAGE_SIZE as usize]);
+        let s = SyncState { state: state(), addresses: vec![0x1000, 0x5000], contents, unchanged: vec![0x9000] };
+        let bytes = s.encode().unwrap();
+        let back = SyncState::decode(&bytes).unwrap();
+        assert_eq!((back.addresses, back.unchanged), (vec![0x1000, 0x5000], vec![0x9000]));
+        assert_eq!(back.contents, s.contents);
+        assert_eq!(back.state.clock.guest_now, 42);
+        assert_eq!(back.state.devices, s.state.devices);
+        // Every cut and a trailing byte are refused, never a panic.
+        for len in [0, 3, 4, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(SyncState::decode(&bytes[..len]).is_err(), "cut at {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(SyncState::decode(&longer).is_err());
+        // A page count that would overflow.
+        let mut huge = bytes.clone();
+        let state_len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        huge[4 + state_len..8 + state_len].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(SyncState::decode(&huge).is_err());
     }
 }
