@@ -37,7 +37,7 @@ use crate::disk::DiskTracker;
 use crate::error::{Error, Result};
 use crate::legacy::DevicesState;
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
-use crate::recording::{check_image, header_for};
+use crate::recording::header_for;
 use crate::vcpu::VcpuTasks;
 use crate::vcpu_state::VcpuState;
 use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig};
@@ -374,7 +374,11 @@ pub struct SnapshotSource {
 impl SnapshotSource {
     /// The starter the control API calls for `PUT /snapshot`: checks the directory at once
     /// (a clear error if it cannot take a snapshot), then copies in a thread of its own.
+    /// The starter owns the jobs it started: when it is dropped (the VM's run has ended),
+    /// it waits for them, so that a job ends as it should, its manifest written or its files
+    /// removed, instead of being cut off half-way by the process's exit.
     pub fn starter(self: Arc<Self>) -> ftvm_api::SnapshotStarter {
+        let jobs = Jobs::default();
         Box::new(move |dir: PathBuf| {
             prepare_dir(&dir).map_err(|e| e.to_string())?;
             let src = self.clone();
@@ -404,9 +408,30 @@ impl SnapshotSource {
                     }
                     src.control.set_snapshot_progress(progress);
                 })
-                .map(|_| ())
+                .map(|job| jobs.add(job))
                 .map_err(|e| format!("cannot start the snapshot thread: {e}"))
         })
+    }
+}
+
+/// Snapshot jobs, joined on drop. A job cannot wait forever: once the vCPU loop has ended,
+/// the task of its paused round is dropped unrun and the job fails (removing its files).
+#[derive(Default)]
+struct Jobs(std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>);
+
+impl Jobs {
+    fn add(&self, job: std::thread::JoinHandle<()>) {
+        let mut jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.retain(|j| !j.is_finished());
+        jobs.push(job);
+    }
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        for job in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = job.join();
+        }
     }
 }
 
@@ -568,6 +593,12 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
                 .map_err(snap_err(format!("cannot write {}", state_path.display())))?;
             Ok((CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) }, guest_time))
         })();
+        // complete_pending_io clears `immediate_exit`, and with it a kick that came before
+        // (the deadline timer's, always so when the VM was paused: its deadline passed
+        // meanwhile and the timer fired once). Lost, the guest computing in ring 3 would get
+        // no timer interrupt until its next exit of its own. Kick again: the next KVM_RUN
+        // returns at once and the loop re-arms its timer (a spurious kick is harmless).
+        vloop.kicker.kick();
         let _ = tx.send(result.map(|r| (r, ms(t.elapsed()))));
     }));
     let ((last, guest_time_ns), pause_ms) =
@@ -665,6 +696,18 @@ impl Snapshot {
                 manifest.ftvm_version
             )));
         }
+        // The VM's memory is described three times: they must agree (an edited manifest
+        // would otherwise build a VM of another size and fail later, less clearly).
+        let layout: u64 = manifest.vm.memory_layout.iter().map(|r| r.size).sum();
+        if manifest.vm.memory_size != layout || manifest.vm.memory_size != manifest.memory.size {
+            return Err(Error::Restore(format!(
+                "{} is inconsistent: vm.memory_size is {} bytes, but its memory layout holds {layout} bytes and \
+                 memory.size is {} bytes (an edited or damaged manifest)",
+                path.display(),
+                manifest.vm.memory_size,
+                manifest.memory.size
+            )));
+        }
         let state_path = dir.join(&manifest.state.file);
         let bytes = std::fs::read(&state_path).map_err(restore_err(format!("cannot read {}", state_path.display())))?;
         let hash = ftvm_log::hash64(&bytes);
@@ -736,13 +779,8 @@ impl Snapshot {
     /// images the snapshot names.
     pub fn vm_config(&self, host: &RestoreHost) -> Result<VmConfig> {
         let h = &self.manifest.vm;
-        let kernel = check_image("kernel", &h.kernel).map_err(|e| Error::Restore(e.to_string()))?;
-        let initrd = h
-            .initrd
-            .as_ref()
-            .map(|i| check_image("initrd", i))
-            .transpose()
-            .map_err(|e| Error::Restore(e.to_string()))?;
+        let kernel = check_image("kernel", &h.kernel)?;
+        let initrd = h.initrd.as_ref().map(|i| check_image("initrd", i)).transpose()?;
         let nets = if host.nets.is_empty() {
             h.net.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: Some(MacAddr(n.mac.0)) }).collect()
         } else if host.nets.len() != h.net.len() {
@@ -788,6 +826,23 @@ impl Snapshot {
     }
 }
 
+/// The kernel or initrd named in the manifest, checked to be the image the snapshot was
+/// taken with (the guest's memory holds what was loaded from it).
+fn check_image(what: &str, info: &ftvm_log::ImageInfo) -> Result<PathBuf> {
+    let path = PathBuf::from(&info.path);
+    if !path.exists() {
+        return Err(Error::Restore(format!("the {what} {} the snapshot was taken with is missing", info.path)));
+    }
+    let digest = crate::recording::sha256_file(&path).map_err(|e| Error::Restore(e.to_string()))?;
+    if digest != info.sha256 {
+        return Err(Error::Restore(format!(
+            "the {what} {} changed since the snapshot was taken: sha256 {digest}, the snapshot says {}",
+            info.path, info.sha256
+        )));
+    }
+    Ok(path)
+}
+
 /// The host-side choices of a restore.
 #[derive(Debug, Clone)]
 pub struct RestoreHost {
@@ -820,8 +875,9 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
     let mut vm = Vm::build_with(config, open_taps)?;
     let saved = &snap.manifest.vm;
     let ours = header_for(&vm, saved.kernel.clone(), saved.initrd.clone(), saved.disks.clone(), saved.rtc_base_unix);
-    let differences: Vec<String> = saved
-        .compare(&ours)
+    // `compare` reports its receiver as "ours": this VM, against the snapshot's ("theirs").
+    let differences: Vec<String> = ours
+        .compare(saved)
         .into_iter()
         .filter(|m| m.significant && !m.field.starts_with("console") && !m.field.starts_with("disks"))
         .map(|m| m.to_string())
