@@ -16,7 +16,7 @@ use ftvm_log::{LogError, LogHeader, LogReader, Record};
 
 use crate::primary::{OutputGate, OutputTarget};
 use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
-use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL};
+use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL, HEARTBEAT_POLL};
 
 #[derive(Debug, Clone)]
 pub struct BackupConfig {
@@ -36,6 +36,8 @@ pub struct BackupState {
     pub halted: AtomicBool,
     /// Milliseconds since the primary's last heartbeat, when the failover was decided.
     pub silence_ms: AtomicU64,
+    /// When the failover was decided (the primary's silence passed the timeout).
+    pub decided_at: std::sync::OnceLock<Instant>,
     stop: AtomicBool,
 }
 
@@ -164,7 +166,7 @@ impl Backup {
             let s = state.clone();
             let arb = arbiter.clone();
             let cfg = cfg.clone();
-            udp.set_read_timeout(Some(HEARTBEAT_INTERVAL)).map_err(io("udp"))?;
+            udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
             std::thread::Builder::new()
                 .name("ftvm-heartbeat".into())
                 .spawn(move || monitor(s, arb, cfg, udp, stream))
@@ -218,6 +220,7 @@ fn monitor(
         if handover || last_seen.elapsed() > cfg.timeout {
             let silence = last_seen.elapsed();
             s.silence_ms.store(silence.as_millis() as u64, Ordering::SeqCst);
+            let _ = s.decided_at.set(Instant::now());
             if handover {
                 eprintln!("ftvm: the primary hands over (switchover); taking the arbiter");
             } else {

@@ -23,8 +23,12 @@ pub use arbiter::FileArbiter;
 
 /// How often each side sends a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often each side looks at the clock for a silent peer (the heartbeat socket's receive
+/// timeout): the failure is detected within this of the timeout, not within a heartbeat.
+pub const HEARTBEAT_POLL: Duration = Duration::from_millis(10);
 /// Default time without a heartbeat after which the peer is taken for dead.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(400);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

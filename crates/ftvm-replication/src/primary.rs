@@ -14,7 +14,7 @@ use ftvm_events::OutputTicket;
 use ftvm_log::{LogHeader, LogWriter};
 
 use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
-use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL};
+use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL, HEARTBEAT_POLL};
 
 /// The log writer a primary's recorder streams into.
 pub type StreamWriter = LogWriter<Box<dyn Write + Send>>;
@@ -223,7 +223,7 @@ impl Primary {
             let s = shared.clone();
             let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
             udp.connect(cfg.backup).map_err(io("udp"))?;
-            udp.set_read_timeout(Some(HEARTBEAT_INTERVAL)).map_err(io("udp"))?;
+            udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
             done_udp = udp.try_clone().map_err(io("udp"))?;
             let timeout = cfg.timeout;
             threads.push(spawn("ftvm-heartbeat", move || {

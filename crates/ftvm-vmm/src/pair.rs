@@ -47,6 +47,8 @@ pub struct TakeoverReport {
     pub position: String,
     pub outputs_done: u64,
     pub silence_ms: u64,
+    /// From the failover decision to going live: the arbiter, then replaying the backlog.
+    pub catch_up_ms: u64,
 }
 
 impl Takeover {
@@ -69,17 +71,38 @@ impl Takeover {
                 port.sink = Box::new(tap.clone());
             }
             if let (Some(ip), Some(mac)) = (self.guest_ip, self.macs.get(i)) {
-                let mut t = tap.clone();
-                if let Err(e) = t.send(&gratuitous_arp(*mac, ip)) {
-                    tracing::warn!("gratuitous ARP on {name} failed: {e}");
-                }
+                announce(tap.clone(), name.clone(), gratuitous_arp(*mac, ip));
             }
         }
         Ok(TakeoverReport {
             position: format!("log LSN {}", self.state.received_lsn.load(Ordering::SeqCst)),
             outputs_done: self.state.outputs_done.load(Ordering::SeqCst),
             silence_ms: self.state.silence_ms.load(Ordering::SeqCst),
+            catch_up_ms: self.state.decided_at.get().map_or(0, |t| t.elapsed().as_millis() as u64),
         })
+    }
+}
+
+/// When the gratuitous ARPs go out after going live, in ms. A TAP that was just opened may
+/// not forward yet (its bridge port comes up a moment after the carrier): the first frames can
+/// be lost, and a LAN that missed the announcement keeps sending the guest's traffic to the
+/// dead host until the guest happens to transmit. Repeated, as QEMU's self-announce does.
+const ANNOUNCE_MS: [u64; 6] = [0, 10, 30, 70, 150, 300];
+
+/// Sends the gratuitous ARP on `tap` on the [`ANNOUNCE_MS`] schedule, from a thread of its own.
+fn announce(mut tap: Tap, name: String, frame: Vec<u8>) {
+    let spawned = std::thread::Builder::new().name("ftvm-announce".into()).spawn(move || {
+        let start = std::time::Instant::now();
+        for at in ANNOUNCE_MS {
+            let at = std::time::Duration::from_millis(at);
+            std::thread::sleep(at.saturating_sub(start.elapsed()));
+            if let Err(e) = tap.send(&frame) {
+                tracing::warn!("gratuitous ARP on {name} failed: {e}");
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the gratuitous-ARP thread: {e}");
     }
 }
 

@@ -439,6 +439,10 @@ impl VcpuLoop {
     }
 
     fn run_loop(&mut self) -> Result<VmOutcome> {
+        // Timers are armed after every exit; a restored guest may be computing in ring 3 and
+        // not exit for a long time, so arm them before the first entry too.
+        self.arm_timer();
+        self.arm_sync(false)?;
         loop {
             if let Some(outcome) = self.control_point() {
                 return Ok(outcome);
@@ -504,13 +508,18 @@ impl VcpuLoop {
             if self.takeover.is_some() && self.events.went_live_at().is_some() {
                 self.go_live()?;
             }
-            if let Some(timer) = &self.timer {
-                timer.arm(self.devices.next_deadline().map(|d| self.events.host_instant_of(d)));
-            }
+            self.arm_timer();
             if counted {
                 self.sync_replay_exit();
                 self.arm_sync(true)?;
             }
+        }
+    }
+
+    /// Prompt delivery: the deadline timer kicks the vCPU when the next device deadline passes.
+    fn arm_timer(&self) {
+        if let Some(timer) = &self.timer {
+            timer.arm(self.devices.next_deadline().map(|d| self.events.host_instant_of(d)));
         }
     }
 
@@ -924,12 +933,13 @@ impl VcpuLoop {
         self.timer = Some(DeadlineTimer::start(self.kicker.clone())?);
         eprintln!(
             "ftvm: TAKEOVER: live at exit {} ({}); {} replayed outputs performed (not covered by OUTPUT_DONE), \
-             {} skipped; primary silent for {} ms before the failover",
+             {} skipped; primary silent for {} ms before the failover, live {} ms after it (arbiter and backlog)",
             self.events.went_live_at().unwrap_or(0),
             report.position,
             performed,
             report.outputs_done,
             report.silence_ms,
+            report.catch_up_ms,
         );
         Ok(())
     }

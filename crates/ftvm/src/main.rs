@@ -127,8 +127,10 @@ struct PairArgs {
     /// The arbiter: a lock file both sides reach (one host or a shared filesystem).
     #[arg(long, value_name = "PATH", default_value = "/tmp/ftvm-arbiter.lock")]
     arbiter: PathBuf,
-    /// Milliseconds without a heartbeat after which the peer is taken for dead.
-    #[arg(long, value_name = "MS", default_value_t = 400)]
+    /// Milliseconds without a heartbeat after which the peer is taken for dead (heartbeats
+    /// go every 50 ms). 300 lets a backup go live before a client's TCP retransmits a
+    /// request lost with the primary for the second time (200 and 400 ms after it was sent).
+    #[arg(long, value_name = "MS", default_value_t = ftvm_replication::DEFAULT_TIMEOUT.as_millis() as u64)]
     timeout: u64,
 }
 
