@@ -435,6 +435,14 @@ impl Replayer {
     }
 
     /// Takes the next record if it is at `exit` and matches `want`.
+    /// The frames of the pages whose hashes the log has next at `exit`, if it has them.
+    pub(crate) fn logged_pages(&mut self, exit: u64) -> Option<Vec<u64>> {
+        match self.peek() {
+            Some(Record::PageHashes { exit: e, pages }) if *e == exit => Some(pages.iter().map(|p| p.0).collect()),
+            _ => None,
+        }
+    }
+
     pub(crate) fn take_at(&mut self, exit: u64, want: impl Fn(&Record) -> bool) -> Option<Record> {
         match self.peek() {
             Some(r) if r.exit() == exit && want(r) => self.take(),

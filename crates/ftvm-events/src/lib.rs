@@ -263,6 +263,20 @@ impl EventSource {
         }
     }
 
+    /// Replay only: the frames of the pages whose hashes the log has at this checkpoint (the
+    /// pages the recording's guest and VMM wrote). The replay hashes exactly those pages of
+    /// its own memory: equal contents are what must hold. (Its own dirty set is not compared:
+    /// on PVM, KVM can mark a page dirty that the guest did not write, e.g. code pages after
+    /// a sync point is applied to a restored VM, so the sets may differ where the contents
+    /// agree.) `None` if the log has no page hashes here, which `page_hashes` then reports.
+    pub fn replay_page_list(&mut self) -> Option<Vec<u64>> {
+        let index = self.position();
+        match &mut self.journal {
+            Journal::Replay(r) => r.logged_pages(index),
+            _ => None,
+        }
+    }
+
     /// Hashes of the pages dirtied since the previous checkpoint: logged (record) or
     /// compared (replay).
     pub fn page_hashes(&mut self, pages: Vec<(u64, u64)>) {

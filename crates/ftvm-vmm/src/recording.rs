@@ -498,7 +498,12 @@ fn replay_from_snapshot(
     out_dir: &Path,
     dir: &Path,
 ) -> Result<ReplayReport> {
-    let snap = Snapshot::open(dir).map_err(|e| Error::Replay(format!("the recording starts from a snapshot: {e}")))?;
+    let snap = Snapshot::open(dir).map_err(|e| {
+        Error::Replay(format!(
+            "the recording starts from the snapshot {}: {e} (if it moved, say where with --snapshot DIR)",
+            dir.display()
+        ))
+    })?;
     let named = |key: &str| header.extra.get(key).map(String::as_str).unwrap_or_default();
     if snap.manifest.state.xxh3 != named(SNAPSHOT_STATE) || snap.manifest.memory.xxh3 != named(SNAPSHOT_MEMORY) {
         return Err(Error::Replay(format!(

@@ -252,6 +252,11 @@ impl VcpuLoop {
     /// does not fit is a divergence, reported through the event source.
     pub(crate) fn apply_sync_point(&mut self) -> Result<bool> {
         let Some((kick, bytes)) = self.events.replay_sync_point() else { return Ok(false) };
+        // The replay still owes KVM the completion of exit N's access (an IN's data, an MMIO
+        // read's, written into the vCPU on the next KVM_RUN): complete it now, on the state it
+        // belongs to, before that state is replaced; done afterwards it would write the old
+        // access's result (and, for an emulated access, its RIP) into the restored registers.
+        self.complete_pending_io()?;
         let expected_kick = self.sync_replay.since_exit + 1;
         let synced = match SyncState::decode(&bytes) {
             Ok(s) => s,

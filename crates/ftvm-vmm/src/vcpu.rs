@@ -268,7 +268,7 @@ pub struct VcpuLoop {
     pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
     /// The one reader of dirtied pages (page hashes, sync points, snapshots).
     pub(crate) tracker: Option<crate::dirty::DirtyTracker>,
-    /// Record and replay: the tracker's consumer for page hashes at checkpoints.
+    /// Record: the tracker's consumer for page hashes at checkpoints.
     pub(crate) hash_consumer: Option<crate::dirty::Consumer>,
     timer: Option<DeadlineTimer>,
     /// When buffered log bytes were last pushed out (record mode).
@@ -672,10 +672,23 @@ impl VcpuLoop {
     }
 
     /// (frame, hash) of the pages dirtied since the previous checkpoint (record and replay).
+    /// Record: the pages the tracker saw written. Replay: the pages the log names, hashed
+    /// from this VM's memory (their contents must agree).
     fn take_page_hashes(&mut self) -> Result<Option<Vec<(u64, u64)>>> {
-        let (Some(tracker), Some(consumer)) = (&self.tracker, self.hash_consumer) else { return Ok(None) };
-        let pages = tracker.take(consumer)?;
-        Ok(Some(crate::dirty::page_hashes(&tracker.memory(), &pages)))
+        let Some(tracker) = &self.tracker else { return Ok(None) };
+        let mem = tracker.memory();
+        let pages = match (self.events.mode(), self.hash_consumer) {
+            (Mode::Replay, _) => {
+                let mut set = crate::dirty::PageSet::none(&mem);
+                for gfn in self.events.replay_page_list().unwrap_or_default() {
+                    set.insert(gfn * crate::memory::PAGE_SIZE);
+                }
+                set
+            }
+            (_, Some(consumer)) => tracker.take(consumer)?,
+            (_, None) => return Ok(None),
+        };
+        Ok(Some(crate::dirty::page_hashes(&mem, &pages)))
     }
 
     /// Replay and recording stop conditions, checked after every exit.

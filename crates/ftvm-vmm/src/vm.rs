@@ -287,12 +287,11 @@ impl Vm {
             Journaling::Live => Delivery::Prompt,
             _ => Delivery::AtExits,
         };
-        // Record, replay and the pair hash the pages the guest dirtied at each checkpoint.
         let tracker = crate::dirty::DirtyTracker::new(self.vm_fd.clone(), self.mem.clone());
-        let hash_consumer = match delivery {
-            Delivery::AtExits => Some(tracker.subscribe()?),
-            Delivery::Prompt => None,
-        };
+        // A recording (and a primary) hashes the pages it dirtied at each checkpoint; a
+        // replay hashes the pages the log names.
+        let records = matches!(journaling, Journaling::Record(_) | Journaling::Primary { .. });
+        let hash_consumer = if records { Some(tracker.subscribe()?) } else { None };
         let restore = self.restore.take();
         let msr_indices = self.msr_indices.clone();
         let sync_bound = self.sync_bound;

@@ -400,6 +400,12 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
     loop {
         let progress = match client::snapshot_progress(path) {
             Ok(p) => p,
+            // The VM may have ended right after the snapshot: it waits for a running snapshot
+            // to finish, and a complete one has its manifest.
+            Err(_) if ftvm_vmm::snapshot::Snapshot::open(dir).is_ok() => {
+                println!("snapshot written to {} (the VM has stopped since)", dir.display());
+                return ExitCode::SUCCESS;
+            }
             Err(e) => {
                 eprintln!("ftvm: error: lost the VM while it took the snapshot: {e}");
                 return ExitCode::from(1);

@@ -407,7 +407,47 @@ fn record_from_a_snapshot_replays_exactly_also_from_a_moved_snapshot() {
 }
 
 #[test]
-#[ignore = "ftvm bug (vcpu.rs): a restored VM arms its deadline timer only after its first exit"]
+fn a_recording_from_a_snapshot_taken_mid_spin_replays_its_sync_points_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    // hello spinning in ring 3 (no exits): after the restore every tick needs a sync point.
+    let dir = scratch("snap-rr-sync");
+    let socket = dir.join("vm.sock");
+    let mut vm = spawn_vm(&guest("hello"), "hello.wait_ms=10 hello.spin_ms=3000", &socket, &dir.join("run.txt"));
+    wait_for_api(&socket, &mut vm);
+    std::thread::sleep(Duration::from_millis(800));
+    let snap = dir.join("snap");
+    let out = take_snapshot(&socket, &snap, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (code, err) = wait_exit(vm, Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    let log = dir.join("run.log");
+    let console = dir.join("recorded.txt");
+    let out = ftvm()
+        .args(["record", "--restore"])
+        .arg(&snap)
+        .arg("--log")
+        .arg(&log)
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    no_panic("record --restore", &err);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains(" sync points"), "the spin went on through sync points: {err}");
+    let recorded = std::fs::read_to_string(&console).unwrap();
+    assert!(recorded.contains("spin: 300 ticks"), "{recorded}");
+    let out_dir = dir.join("replay");
+    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
+    let err = text(&out.stderr);
+    no_panic("replay", &err);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+}
+
+#[test]
 fn a_restored_guest_computing_in_ring3_gets_its_timer_interrupts() {
     if !kvm_available() {
         return;

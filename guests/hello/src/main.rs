@@ -11,7 +11,7 @@
 #![no_main]
 
 use ftvm_guest_kit::digest::Digest;
-use ftvm_guest_kit::{cmdline, entry, mem, println, rtc, time};
+use ftvm_guest_kit::{cmdline, entry, mem, port, println, rtc, time};
 
 entry!(main);
 
@@ -63,12 +63,29 @@ fn main() {
     if spin_ms > 0 {
         let start = time::ticks();
         let target = start + time::ms_to_ticks(spin_ms);
-        let mut spins = 0u64;
-        while time::ticks() < target {
-            spins = core::hint::black_box(spins.wrapping_add(1));
-            core::hint::spin_loop();
+        // The spin starts right after a port read (CMOS register 0) and counts its turns in
+        // RAX, the register that read wrote: a replay that applies a sync point must not let
+        // the read's completion clobber the registers it restores (the count would differ).
+        port::outb(0x70, 0);
+        let _ = port::inb(0x71);
+        let ticks = ftvm_guest_kit::interrupts::ticks_counter().as_ptr();
+        let mut spins: u64 = 0;
+        // SAFETY: reads the tick counter (a valid, aligned u64 the timer handler increments)
+        // and counts in registers; no other memory is touched.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "inc rax",
+                "pause",
+                "cmp [{ticks}], {target}",
+                "jb 2b",
+                ticks = in(reg) ticks,
+                target = in(reg) target,
+                inout("rax") spins,
+                options(nostack, readonly),
+            );
         }
-        println!("spin: {} ticks in ring 3 without an exit", time::ticks() - start);
+        println!("spin: {} ticks in ring 3 without an exit ({spins} turns)", time::ticks() - start);
     }
 
     let mut digest = Digest::new();

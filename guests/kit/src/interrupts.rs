@@ -22,6 +22,11 @@ pub fn ticks() -> u64 {
     TICKS.load(Ordering::Relaxed)
 }
 
+/// The tick counter itself, for code that reads it in assembly.
+pub fn ticks_counter() -> &'static AtomicU64 {
+    &TICKS
+}
+
 core::arch::global_asm!(
     r#"
     .section .text.ring0, "ax", @progbits
