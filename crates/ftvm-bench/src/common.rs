@@ -17,7 +17,7 @@ use serde::Serialize;
 /// Options every suite takes (global: they go before or after the suite's name).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Runs per engine and scenario (default: run-vs-qemu 10, record-replay 3, kvstore 3).
+    /// Runs per engine and scenario (default: run-vs-qemu 10, record-replay 3, kvstore 3, snapshot 3).
     #[arg(long, global = true)]
     pub runs: Option<usize>,
     /// The ftvm binary (build it with `cargo build --release -p ftvm`).
@@ -429,6 +429,11 @@ impl Running {
             }
         }
         Ok(())
+    }
+
+    /// Whether the child has exited (without waiting).
+    pub fn has_exited(&mut self) -> Result<bool> {
+        self.poll_exit(Duration::ZERO)
     }
 
     /// SIGKILL now; returns how it ended.

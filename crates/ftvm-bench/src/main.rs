@@ -5,13 +5,15 @@
 //! - `run-vs-qemu` (the default): `ftvm run` vs QEMU microvm (KVM): boot, compute, port I/O;
 //! - `record-replay`: `ftvm run`/`record`/`replay` times and log sizes, QEMU TCG record/replay;
 //! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU;
-//! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage.
+//! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage;
+//! - `snapshot`: live snapshot and restore of the kvstore guest vs QEMU's migration to a file.
 
 mod common;
 mod kvstore;
 mod pair;
 mod plot;
 mod rr;
+mod snapshot;
 mod vs_qemu;
 
 use anyhow::Result;
@@ -39,6 +41,8 @@ enum Suite {
     Kvstore(kvstore::Args),
     /// The kvstore guest protected by a pair vs unprotected; log bandwidth, failover outage (root).
     Pair(pair::Args),
+    /// Live snapshot and restore of the kvstore guest, idle and under load, vs QEMU's migration to a file (root).
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> Result<()> {
@@ -49,5 +53,6 @@ fn main() -> Result<()> {
         Some(Suite::RecordReplay(a)) => rr::run(&cli.common, a),
         Some(Suite::Kvstore(a)) => kvstore::run(&cli.common, a),
         Some(Suite::Pair(a)) => pair::run(&cli.common, a),
+        Some(Suite::Snapshot(a)) => snapshot::run(&cli.common, a),
     }
 }
