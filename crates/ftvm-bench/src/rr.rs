@@ -41,6 +41,8 @@ enum Mode {
     FtvmRun,
     FtvmRecord,
     FtvmReplay,
+    /// `ftvm record --sync-bound 0`: interrupts wait for the next exit (no sync points).
+    FtvmRecordNoSync,
     /// QEMU microvm, TCG, no icount: QEMU's fastest emulation.
     QemuTcg,
     /// TCG with `-icount shift=auto`: what QEMU's record/replay runs on, without recording.
@@ -55,6 +57,7 @@ impl Mode {
             Mode::FtvmRun => "ftvm run",
             Mode::FtvmRecord => "ftvm record",
             Mode::FtvmReplay => "ftvm replay",
+            Mode::FtvmRecordNoSync => "ftvm record, no sync",
             Mode::QemuTcg => "QEMU TCG",
             Mode::QemuIcount => "QEMU TCG icount",
             Mode::QemuRecord => "QEMU record",
@@ -97,6 +100,8 @@ struct FtvmLog {
     mbit_per_s: f64,
     /// Counts and bytes by record kind, from the last recording.
     by_kind: BTreeMap<String, KindCount>,
+    /// Whole log file of `record --sync-bound 0`.
+    nosync_bytes: Series,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -224,6 +229,7 @@ fn scenario(
     let mut qlog = QemuLog::default();
     let mut digests: BTreeMap<String, Mode> = BTreeMap::new();
     let log = ctx.work.join(format!("{name}.ftvmlog"));
+    let nosync_log = ctx.work.join(format!("{name}-nosync.ftvmlog"));
     let rr = ctx.work.join(format!("{name}.qemu-rr"));
     for rep in 0..runs {
         // Alternate the order, so that warm-up and drift hit every mode alike. ftvm's modes
@@ -231,9 +237,9 @@ fn scenario(
         let mut ftvm: Vec<Mode> = Vec::new();
         for k in 0..FTVM_REPEAT {
             ftvm.extend(if (rep * FTVM_REPEAT + k) % 2 == 0 {
-                [Mode::FtvmRun, Mode::FtvmRecord, Mode::FtvmReplay]
+                [Mode::FtvmRun, Mode::FtvmRecord, Mode::FtvmReplay, Mode::FtvmRecordNoSync]
             } else {
-                [Mode::FtvmRecord, Mode::FtvmReplay, Mode::FtvmRun]
+                [Mode::FtvmRecordNoSync, Mode::FtvmRecord, Mode::FtvmReplay, Mode::FtvmRun]
             });
         }
         let qemu_order = if rep % 2 == 0 {
@@ -249,7 +255,14 @@ fn scenario(
             order.extend(q.iter().chain(&ftvm));
         }
         for mode in order {
-            let f = run_mode(ctx, mode, kernel, cmdline, &log, &rr)?;
+            let f = run_mode(
+                ctx,
+                mode,
+                kernel,
+                cmdline,
+                if mode == Mode::FtvmRecordNoSync { &nosync_log } else { &log },
+                &rr,
+            )?;
             // ftvm replay prints no console (it checks every output against the log instead).
             if mode != Mode::FtvmReplay {
                 let digest =
@@ -258,7 +271,7 @@ fn scenario(
             }
             times.entry(mode).or_default().push(f.wall_s());
             match mode {
-                Mode::FtvmRun | Mode::FtvmRecord | Mode::FtvmReplay => {
+                Mode::FtvmRun | Mode::FtvmRecord | Mode::FtvmReplay | Mode::FtvmRecordNoSync => {
                     if let Some(s) = ExitSummary::parse(&f.stderr) {
                         counts.insert(mode, s);
                     }
@@ -274,6 +287,9 @@ fn scenario(
                 flog.guest_s.push(s.guest_duration_ns as f64 / 1e9);
                 flog.by_kind = s.by_kind.clone();
             }
+            if mode == Mode::FtvmRecordNoSync {
+                flog.nosync_bytes.push(inspect(&ctx.common.ftvm, &nosync_log)?.summary.valid_bytes as f64);
+            }
             if mode == Mode::QemuRecord {
                 qlog.bytes.push(std::fs::metadata(&rr)?.len() as f64);
             }
@@ -288,7 +304,12 @@ fn scenario(
     let mut ratios = Vec::new();
     let rec_run = Ratio::new("record/run", m(Mode::FtvmRecord) / m(Mode::FtvmRun));
     ratios.push(if name == "compute" { rec_run.at_most(1.01) } else { rec_run }.note(delivery_counts(&counts)));
+    ratios.push(
+        Ratio::new("record without sync points/run", m(Mode::FtvmRecordNoSync) / m(Mode::FtvmRun))
+            .note("--sync-bound 0: interrupts wait for the next exit, as before sync points"),
+    );
     ratios.push(Ratio::new("replay/record", m(Mode::FtvmReplay) / m(Mode::FtvmRecord)).at_most(1.0));
+    ratios.push(Ratio::new("log bytes, sync points/none", flog.bytes.median / flog.nosync_bytes.median));
     let mut qemu_log = None;
     if qemu {
         qlog.bytes_per_s = qlog.bytes.median / m(Mode::QemuRecord);
@@ -332,13 +353,16 @@ fn run_mode(ctx: &Ctx, mode: Mode, kernel: &Path, cmdline: &str, log: &Path, rr:
     let c = ctx.common;
     let mut cmd;
     match mode {
-        Mode::FtvmRun | Mode::FtvmRecord => {
+        Mode::FtvmRun | Mode::FtvmRecord | Mode::FtvmRecordNoSync => {
             cmd = Command::new(&c.ftvm);
             if mode == Mode::FtvmRun {
                 cmd.args(["run", "--log-level", "info"]);
             } else {
                 let _ = std::fs::remove_file(log);
                 cmd.arg("record").arg("--log").arg(log);
+                if mode == Mode::FtvmRecordNoSync {
+                    cmd.args(["--sync-bound", "0"]);
+                }
             }
             cmd.arg("--kernel").arg(kernel).arg("--cmdline").arg(cmdline);
         }
