@@ -61,6 +61,43 @@ impl PageSet {
         set
     }
 
+    /// Every page of guest memory that may hold something other than zeros: the pages the
+    /// host has ever given the mapping (present or swapped out, from /proc/self/pagemap).
+    /// A page of the anonymous mapping that was never touched, or was discarded, reads as
+    /// zeros; reading it would only fault in a zero page. Every page if pagemap cannot be
+    /// read.
+    pub fn populated(mem: &GuestMemoryMmap) -> Self {
+        Self::from_pagemap(mem).unwrap_or_else(|| PageSet::all(mem))
+    }
+
+    fn from_pagemap(mem: &GuestMemoryMmap) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let mut set = PageSet::empty(&slots_of(mem));
+        let mut entries = vec![0u8; 8 * 4096];
+        for (i, region) in mem.iter().enumerate() {
+            let host = region.as_ptr() as u64;
+            let pages = region.len() / PAGE_SIZE;
+            let mut page = 0u64;
+            while page < pages {
+                let n = (pages - page).min(4096);
+                let bytes = &mut entries[..(n * 8) as usize];
+                pagemap.read_exact_at(bytes, (host / PAGE_SIZE + page) * 8).ok()?;
+                for (k, e) in bytes.chunks_exact(8).enumerate() {
+                    let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                    if e & (PRESENT | SWAPPED) != 0 {
+                        let p = page + k as u64;
+                        set.regions[i].1[(p / 64) as usize] |= 1 << (p % 64);
+                    }
+                }
+                page += n;
+            }
+        }
+        Some(set)
+    }
+
     /// The number of pages in the set.
     pub fn len(&self) -> u64 {
         self.regions.iter().flat_map(|(_, w)| w.iter()).map(|w| u64::from(w.count_ones())).sum()
@@ -294,6 +331,11 @@ mod tests {
         assert_eq!(a.len(), 2);
         let all = PageSet::all(&mem);
         assert_eq!(all.len(), 1024);
+        // Only what was touched is populated (fresh anonymous memory is not).
+        vm_memory::Bytes::write_slice(&mem, &[1; 8], GuestAddress(0x2000)).unwrap();
+        let populated = PageSet::populated(&mem);
+        assert!(populated.addresses().any(|a| a == 0x2000), "a written page is populated");
+        assert!(populated.len() < 1024, "untouched pages are not: {}", populated.len());
         assert_eq!(a.first_outside(&all), None);
         assert_eq!(all.first_outside(&a), Some(0));
         let mut b = PageSet::empty(&slots_of(&mem));

@@ -65,7 +65,9 @@ const CONVERGENCE: f64 = 0.9;
 pub struct FileEntry {
     pub file: String,
     pub size: u64,
-    /// xxh3-64 of the content (holes read as zeros), hex.
+    /// xxh3-64, hex: of the bytes for `state.bin`; for memory and disk images, of (offset,
+    /// bytes) of every 4 KiB block that is not all zeros, in order (holes and stored zeros
+    /// alike are skipped).
     pub xxh3: String,
 }
 
@@ -156,39 +158,41 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
         if end <= start {
             break;
         }
-        extents.push((start, end - start));
+        // Whole 4 KiB blocks, so that the checksum's blocks are the same on any filesystem.
+        let (start, end) = (start & !(PAGE_SIZE - 1), end.next_multiple_of(PAGE_SIZE).min(size));
+        match extents.last_mut() {
+            Some((s, l)) if *s + *l >= start => *l = end.max(*s + *l) - *s,
+            _ => extents.push((start, end - start)),
+        }
         pos = end;
     }
     extents
 }
 
-/// Reads `file` in order, calling `each(offset, bytes)` for its data and feeding holes to the
-/// hasher as zeros; returns the content's xxh3.
+/// Reads `file` in order and calls `each(offset, bytes)` for each 4 KiB block that is not all
+/// zeros; returns the content's checksum: xxh3 over (offset, bytes) of those blocks. Zero
+/// blocks count the same whether the file stores them as data or as holes, so the checksum
+/// is the content's, whatever the filesystem did with it, and holes cost nothing to check.
 fn read_sparse(file: &File, size: u64, mut each: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+    const BLOCK: usize = PAGE_SIZE as usize;
     let mut hasher = Hasher64::new();
-    let zeros = vec![0u8; 1 << 20];
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    let feed_zeros = |hasher: &mut Hasher64, mut n: u64| {
-        while n > 0 {
-            let k = n.min(zeros.len() as u64);
-            hasher.write(&zeros[..k as usize]);
-            n -= k;
-        }
-    };
     for (start, len) in data_extents(file, size) {
-        feed_zeros(&mut hasher, start - pos);
         let mut off = start;
         while off < start + len {
             let k = (start + len - off).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..k], off).map_err(restore_err(format!("reading at offset {off}")))?;
-            hasher.write(&buf[..k]);
-            each(off, &buf[..k])?;
+            for (i, block) in buf[..k].chunks(BLOCK).enumerate() {
+                if !is_zero(block) {
+                    let at = off + (i * BLOCK) as u64;
+                    hasher.write_u64(at);
+                    hasher.write(block);
+                    each(at, block)?;
+                }
+            }
             off += k as u64;
         }
-        pos = start + len;
     }
-    feed_zeros(&mut hasher, size - pos);
     Ok(hasher.finish())
 }
 
@@ -344,6 +348,12 @@ fn checksum(path: &Path) -> Result<(u64, u64)> {
     let size = file.metadata().map_err(snap_err(format!("cannot read {}", path.display())))?.len();
     let hash = read_sparse(&file, size, |_, _| Ok(()))?;
     Ok((hash, size))
+}
+
+/// `state.bin` is small and read whole: its checksum is the plain xxh3 of its bytes.
+fn state_entry(path: &Path) -> Result<FileEntry> {
+    let bytes = std::fs::read(path).map_err(snap_err(format!("cannot read {}", path.display())))?;
+    Ok(FileEntry { file: STATE.into(), size: bytes.len() as u64, xxh3: hex(ftvm_log::hash64(&bytes)) })
 }
 
 fn entry_for(dir: &Path, name: &str) -> Result<FileEntry> {
@@ -537,7 +547,8 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
         }
         subs.disks.push(copy);
     }
-    let pages = image.write_pages(&mem, &PageSet::all(&mem), true)?;
+    // Pages the guest never touched are zeros: round 0 need not even read them.
+    let pages = image.write_pages(&mem, &PageSet::populated(&mem), true)?;
     progress.rounds.push(CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) });
     report(src, progress, started);
     // Rounds: what the guest dirtied meanwhile, until little is left.
@@ -630,7 +641,7 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
         vm: src.header.clone(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         guest_time_ns,
-        state: entry_for(dir, STATE)?,
+        state: state_entry(&dir.join(STATE))?,
         memory: FileEntry { file: MEMORY.into(), size: image.size, xxh3: hex(checksum(&dir.join(MEMORY))?.0) },
         disks,
         rounds: progress.rounds.clone(),

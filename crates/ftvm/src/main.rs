@@ -424,7 +424,7 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
             eprintln!("ftvm: {line}");
             shown = line;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
