@@ -353,6 +353,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The process's id (a command that execs another keeps it).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     pub fn spawn(label: impl Into<String>, cmd: &mut Command) -> Result<Running> {
         let label = label.into();
         check_interrupted()?;

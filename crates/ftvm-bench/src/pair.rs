@@ -54,6 +54,12 @@ pub struct Args {
     /// Skip the failover measurement.
     #[arg(long)]
     no_failover: bool,
+    /// Pin the VMs to CPUs, as two hosts would give each side its own: the unprotected VM and
+    /// the primary on CPU 0, the backup and the clients (this bench and what it starts) on
+    /// CPU 1. The primary then has exactly the unprotected VM's CPU, and the backup competes
+    /// with the clients instead of with the primary.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,6 +85,12 @@ impl Mode {
 struct PairBench {
     #[serde(flatten)]
     bench: Bench,
+    /// CPU time (user + system) the VM process used per 1000 requests: `ftvm run`, or the
+    /// primary.
+    vm_cpu_ms_per_1k: f64,
+    /// The same for the backup (protected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup_cpu_ms_per_1k: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +132,9 @@ struct Cell {
     rps: Series,
     p50_ms: Series,
     p99_ms: Series,
+    vm_cpu_ms_per_1k: Series,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup_cpu_ms_per_1k: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_mbit_s: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +149,7 @@ struct Report {
     redis_benchmark: String,
     guest_cmdline: String,
     disk_mib: u64,
+    pinned: bool,
     cells: Vec<Cell>,
     ratios: Vec<Ratio>,
     idle_log_mbit_s: Series,
@@ -186,6 +202,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     };
     let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
 
+    if args.pin {
+        pin_self(1)?;
+    }
     let topo = Topology::up(&args.topology, 2)?;
     let mut sessions = Vec::new();
     let mut port = 7000;
@@ -212,6 +231,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     rps: Series::default(),
                     p50_ms: Series::default(),
                     p99_ms: Series::default(),
+                    vm_cpu_ms_per_1k: Series::default(),
+                    backup_cpu_ms_per_1k: None,
                     log_mbit_s: None,
                     log_bytes_per_request: None,
                 };
@@ -222,6 +243,10 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     cell.rps.push(b.bench.rps);
                     cell.p50_ms.push(b.bench.p50_ms);
                     cell.p99_ms.push(b.bench.p99_ms);
+                    cell.vm_cpu_ms_per_1k.push(b.vm_cpu_ms_per_1k);
+                    if let Some(v) = b.backup_cpu_ms_per_1k {
+                        cell.backup_cpu_ms_per_1k.get_or_insert_with(Series::default).push(v);
+                    }
                     if let Some(v) = b.log_mbit_s {
                         cell.log_mbit_s.get_or_insert_with(Series::default).push(v);
                     }
@@ -268,6 +293,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         redis_benchmark: rb_version,
         guest_cmdline: ctx.cmdline.clone(),
         disk_mib: args.disk_mib,
+        pinned: args.pin,
         cells,
         ratios,
         idle_log_mbit_s: idle,
@@ -291,9 +317,16 @@ fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
     Ok(disk)
 }
 
-/// `ip netns exec NS ftvm VERB ... <the VM options>`.
-fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path) -> Command {
-    let mut cmd = Command::new("ip");
+/// `[taskset -c CPU] ip netns exec NS ftvm VERB ... <the VM options>` (with `--pin`, the VM
+/// on `cpu`). Every program of the chain execs the next, so the child's pid is ftvm's.
+fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Command {
+    let mut cmd = if ctx.args.pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &cpu.to_string(), "ip"]);
+        c
+    } else {
+        Command::new("ip")
+    };
     cmd.args(["netns", "exec", ns]).arg(&ctx.ftvm).args(verb);
     cmd.args(["--log-level", "info", "--net", "tap=tap0", "--rng", "--disk"]).arg(disk);
     cmd.arg("--kernel").arg(&ctx.kernel).arg("--cmdline").arg(&ctx.cmdline);
@@ -343,6 +376,32 @@ fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
     Ok((s.log.bytes, at))
 }
 
+/// User plus system CPU time of a process so far, in ms (`/proc/PID/stat`; 0 if it is gone).
+fn cpu_ms(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The command name may hold spaces: the fields after it start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) * 1000.0 / hz
+}
+
+/// Pins this process (and so what it starts, unless told otherwise) to one CPU.
+fn pin_self(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch the set we pass, for the calling process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("cannot pin the bench to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn mbit_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
 }
@@ -356,19 +415,19 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
     let mut vm = match mode {
         Mode::Unprotected => {
             let disk = fresh_disk(ctx, "disk-run.img")?;
-            Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk))?
+            Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk, 0))?
         }
         Mode::Protected => {
             let arbiter = ctx.work.join("arbiter.lock");
             let listen = format!("{BACKUP_IP}:{port}");
             let disk = fresh_disk(ctx, "disk-backup.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen], &disk);
+            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen], &disk, 1);
             cmd.arg("--arbiter").arg(&arbiter);
             let mut b = Running::spawn("ftvm backup", &mut cmd)?;
             b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
             backup = Some(b);
             let disk = fresh_disk(ctx, "disk-primary.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen], &disk);
+            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen], &disk, 0);
             cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&sock);
             Running::spawn("ftvm primary", &mut cmd)?
         }
@@ -392,10 +451,25 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
             let before = if protected { Some(log_bytes(ctx, &sock)?) } else { None };
+            let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
             let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
             })?;
-            let mut pb = PairBench { bench, log_bytes: None, log_mbit_s: None, log_bytes_per_request: None };
+            let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
+            let vm_cpu_ms_per_1k = per_1k(cpu0.0, cpu_ms(vm.pid()));
+            let backup_cpu_ms_per_1k = backup.as_ref().zip(cpu0.1).map(|(b, c0)| per_1k(c0, cpu_ms(b.pid())));
+            eprintln!(
+                "      CPU per 1000 requests: VM {vm_cpu_ms_per_1k:.0} ms{}",
+                backup_cpu_ms_per_1k.map_or(String::new(), |b| format!(", backup {b:.0} ms"))
+            );
+            let mut pb = PairBench {
+                bench,
+                vm_cpu_ms_per_1k,
+                backup_cpu_ms_per_1k,
+                log_bytes: None,
+                log_mbit_s: None,
+                log_bytes_per_request: None,
+            };
             if let Some((b0, t0)) = before {
                 let (b1, t1) = log_bytes(ctx, &sock)?;
                 // The window includes the pause before redis-benchmark starts; rate it over
@@ -460,14 +534,21 @@ fn print_table(r: &Report) {
         r.runs
     ));
     println!("{} against kvstore ({}), {} MiB disks\n", r.redis_benchmark, r.guest_cmdline, r.disk_mib);
+    if r.pinned {
+        println!("pinned: the unprotected VM and the primary on CPU 0, the backup and the clients on CPU 1\n");
+    }
     println!(
-        "{:<4} {:>3}  {:<12} {:>10} {:>9} {:>9} {:>11} {:>10}",
-        "test", "c", "mode", "req/s", "p50 ms", "p99 ms", "log Mbit/s", "log B/req"
+        "{:<4} {:>3}  {:<12} {:>10} {:>9} {:>9} {:>11} {:>10} {:>13}",
+        "test", "c", "mode", "req/s", "p50 ms", "p99 ms", "log Mbit/s", "log B/req", "CPU ms/1k req"
     );
     for cell in &r.cells {
         let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
+        let cpu = match &cell.backup_cpu_ms_per_1k {
+            Some(b) => format!("{:.0} + {:.0}", cell.vm_cpu_ms_per_1k.median, b.median),
+            None => format!("{:.0}", cell.vm_cpu_ms_per_1k.median),
+        };
         println!(
-            "{:<4} {:>3}  {:<12} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>10}",
+            "{:<4} {:>3}  {:<12} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>10} {:>13}",
             cell.test,
             cell.clients,
             cell.mode.label(),
@@ -475,7 +556,8 @@ fn print_table(r: &Report) {
             cell.p50_ms.median,
             cell.p99_ms.median,
             opt(&cell.log_mbit_s, 2),
-            opt(&cell.log_bytes_per_request, 0)
+            opt(&cell.log_bytes_per_request, 0),
+            cpu
         );
     }
     println!();
