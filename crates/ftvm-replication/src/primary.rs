@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_events::OutputTicket;
@@ -79,16 +79,24 @@ pub struct PairStats {
 
 struct Shared {
     stats: Arc<PairStats>,
-    ack_lock: Mutex<()>,
-    ack_cv: Condvar,
     stop: AtomicBool,
+    /// Outputs held until the backup has the log up to them, in log order.
+    held: Mutex<VecDeque<Held>>,
+    /// Whoever holds this performs released outputs (the sinks and the OUTPUT_DONE socket
+    /// live here). Taken with `try_lock`: a thread that finds it taken leaves the work to
+    /// the holder, which looks again before it lets go.
+    performer: Mutex<Performer>,
+}
+
+struct Performer {
+    sinks: Box<dyn OutputSinks>,
+    udp: UdpSocket,
 }
 
 /// A running primary link. Dropping it stops its threads.
 pub struct Primary {
     shared: Arc<Shared>,
     _arbiter: FileArbiter,
-    outputs: Sender<Held>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -179,11 +187,15 @@ impl Primary {
         r.set_read_timeout(None).map_err(io("socket"))?;
 
         let stats = Arc::new(PairStats::default());
+        let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
+        udp.connect(cfg.backup).map_err(io("udp"))?;
+        udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
+        let done_udp = udp.try_clone().map_err(io("udp"))?;
         let shared = Arc::new(Shared {
             stats: stats.clone(),
-            ack_lock: Mutex::new(()),
-            ack_cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            held: Mutex::new(VecDeque::new()),
+            performer: Mutex::new(Performer { sinks, udp: done_udp }),
         });
         let mut threads = Vec::new();
         // Sender: log bytes to the backup.
@@ -209,8 +221,8 @@ impl Primary {
                 let mut b = [0u8; 8];
                 while r.read_exact(&mut b).is_ok() {
                     s.stats.acked_lsn.fetch_max(u64::from_le_bytes(b), Ordering::SeqCst);
-                    let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
-                    s.ack_cv.notify_all();
+                    // The outputs this acknowledgement covers go out from here at once.
+                    release(&s);
                 }
                 if !s.stop.load(Ordering::Relaxed) {
                     lose(&s, "the backup closed the log connection");
@@ -218,13 +230,8 @@ impl Primary {
             })?);
         }
         // Heartbeats, both ways, on their own UDP socket.
-        let done_udp;
         {
             let s = shared.clone();
-            let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
-            udp.connect(cfg.backup).map_err(io("udp"))?;
-            udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
-            done_udp = udp.try_clone().map_err(io("udp"))?;
             let timeout = cfg.timeout;
             threads.push(spawn("ftvm-heartbeat", move || {
                 let mut last_seen = Instant::now();
@@ -254,21 +261,18 @@ impl Primary {
                     if last_seen.elapsed() > timeout {
                         lose(&s, &format!("no heartbeat from the backup for {} ms", timeout.as_millis()));
                     }
+                    // A safety net: outputs whose acknowledgement came before they were
+                    // handed over (a fast backup) go out at the latest here.
+                    release(&s);
                 }
             })?);
         }
-        // The committer: performs held outputs in order once acknowledged.
-        let (out_tx, out_rx) = mpsc::channel::<Held>();
-        {
-            let s = shared.clone();
-            threads.push(spawn("ftvm-outputs", move || commit_outputs(s, out_rx, sinks, done_udp))?);
-        }
-        Ok((Primary { shared, _arbiter: arbiter, outputs: out_tx, threads }, log, stats))
+        Ok((Primary { shared, _arbiter: arbiter, threads }, log, stats))
     }
 
     /// The gate the vCPU loop hands outputs to.
     pub fn gate(&self) -> Box<dyn OutputGate> {
-        Box::new(PrimaryGate { tx: self.outputs.clone(), stats: self.shared.stats.clone(), submitted: 0 })
+        Box::new(PrimaryGate { shared: self.shared.clone(), submitted: 0 })
     }
 }
 
@@ -276,10 +280,8 @@ impl Drop for Primary {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stats.backup_lost.store(true, Ordering::SeqCst);
-        {
-            let _g = self.shared.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.ack_cv.notify_all();
-        }
+        // What is still held goes out (the guest's last words after its END, say).
+        release(&self.shared);
         // The sender and ack threads end with their channel and socket; don't wait for them.
         self.threads.clear();
     }
@@ -293,15 +295,11 @@ fn lose(s: &Shared, why: &str) {
     if s.stats.ending.load(Ordering::SeqCst) {
         // The run ended with END: the backup stops too; nothing is lost.
         s.stats.backup_lost.store(true, Ordering::SeqCst);
-        let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.ack_cv.notify_all();
-        return;
-    }
-    if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
+    } else if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
         eprintln!("ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter)");
-        let _g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
-        s.ack_cv.notify_all();
     }
+    // Unprotected (or ending): every held output goes out now.
+    release(s);
 }
 
 /// Sends OUTPUT_DONE now (a heartbeat-format datagram carrying the count of outputs
@@ -312,48 +310,55 @@ fn send_output_done(s: &Shared, udp: &UdpSocket) {
     let _ = udp.send(&hb.encode());
 }
 
-fn commit_outputs(s: Arc<Shared>, rx: Receiver<Held>, mut sinks: Box<dyn OutputSinks>, udp: UdpSocket) {
-    let mut queue: VecDeque<Held> = VecDeque::new();
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the oldest held output may go out: the backup has acknowledged the log up to it,
+/// or there is no backup any more.
+fn releasable(s: &Shared, h: &Held) -> bool {
+    s.stats.backup_lost.load(Ordering::SeqCst)
+        || h.lsn.is_none_or(|lsn| s.stats.acked_lsn.load(Ordering::SeqCst) >= lsn)
+}
+
+/// Performs the held outputs that may go out, in order, each followed at once by OUTPUT_DONE
+/// (the count performed) on the heartbeat channel. Called where an acknowledgement arrives
+/// (no hand-off to another thread), where the backup is lost, when an output is handed over
+/// and, as a safety net, from the heartbeat loop. One thread performs at a time; another
+/// that finds the performer busy leaves its work to it.
+fn release(s: &Shared) {
     loop {
-        if queue.is_empty() {
-            match rx.recv() {
-                Ok(h) => queue.push_back(h),
-                Err(_) => return,
+        let Ok(mut performer) = s.performer.try_lock() else { return };
+        loop {
+            let h = {
+                let mut held = lock(&s.held);
+                match held.front() {
+                    Some(front) if releasable(s, front) => held.pop_front().expect("front exists"),
+                    _ => break,
+                }
+            };
+            crate::testing::crash_point(2, h.ordinal);
+            performer.sinks.perform(h.target, &h.bytes);
+            crate::testing::crash_point(3, h.ordinal);
+            s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
+            send_output_done(s, &performer.udp);
+            if crate::testing::armed(4, h.ordinal) {
+                // Let heartbeats carry OUTPUT_DONE to the backup first.
+                std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
+                crate::testing::crash_point(4, h.ordinal);
             }
         }
-        while let Ok(h) = rx.try_recv() {
-            queue.push_back(h);
-        }
-        let Some(front) = queue.front() else { continue };
-        let released = |s: &Shared| {
-            s.stats.backup_lost.load(Ordering::SeqCst)
-                || front.lsn.is_none_or(|lsn| s.stats.acked_lsn.load(Ordering::SeqCst) >= lsn)
-        };
-        if !released(&s) {
-            let g = s.ack_lock.lock().unwrap_or_else(|e| e.into_inner());
-            if !released(&s) {
-                let _ = s.ack_cv.wait_timeout(g, Duration::from_millis(5));
-            }
-            continue;
-        }
-        let h = queue.pop_front().expect("front exists");
-        crate::testing::crash_point(2, h.ordinal);
-        sinks.perform(h.target, &h.bytes);
-        crate::testing::crash_point(3, h.ordinal);
-        s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
-        // OUTPUT_DONE goes out right after the output, on the heartbeat channel.
-        send_output_done(&s, &udp);
-        if crate::testing::armed(4, h.ordinal) {
-            // Let heartbeats carry OUTPUT_DONE to the backup first.
-            std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
-            crate::testing::crash_point(4, h.ordinal);
+        drop(performer);
+        // Something may have become releasable after the last look and before the performer
+        // was free again, by a thread that then left it to us: look once more.
+        if !lock(&s.held).front().is_some_and(|h| releasable(s, h)) {
+            return;
         }
     }
 }
 
 struct PrimaryGate {
-    tx: Sender<Held>,
-    stats: Arc<PairStats>,
+    shared: Arc<Shared>,
     submitted: u64,
 }
 
@@ -362,7 +367,7 @@ impl OutputGate for PrimaryGate {
         if crate::testing::armed(1, self.submitted) {
             // Window 1 alone: let every earlier output be performed and reported first.
             let start = std::time::Instant::now();
-            while self.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
+            while self.shared.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
                 && start.elapsed() < Duration::from_secs(5)
             {
                 std::thread::sleep(Duration::from_millis(1));
@@ -374,31 +379,31 @@ impl OutputGate for PrimaryGate {
 
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
-        self.stats.held.store(self.submitted, Ordering::Relaxed);
-        match self.tx.send(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes }) {
-            Ok(()) => None,
-            Err(mpsc::SendError(h)) => Some(h.bytes),
-        }
+        self.shared.stats.held.store(self.submitted, Ordering::Relaxed);
+        lock(&self.shared.held).push_back(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes });
+        // Usually not yet acknowledged: then this only looks at the front and returns.
+        release(&self.shared);
+        None
     }
 
     fn held(&self) -> usize {
-        self.submitted.saturating_sub(self.stats.outputs_done.load(Ordering::Relaxed)) as usize
+        self.submitted.saturating_sub(self.shared.stats.outputs_done.load(Ordering::Relaxed)) as usize
     }
 
     fn finish(&mut self) {
-        self.stats.ending.store(true, Ordering::SeqCst);
+        self.shared.stats.ending.store(true, Ordering::SeqCst);
     }
 
     fn handover(&mut self) {
         let start = std::time::Instant::now();
-        while self.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
-            && !self.stats.backup_lost.load(Ordering::SeqCst)
+        while self.shared.stats.outputs_done.load(Ordering::SeqCst) < self.submitted
+            && !self.shared.stats.backup_lost.load(Ordering::SeqCst)
             && start.elapsed() < Duration::from_secs(10)
         {
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.stats.ending.store(true, Ordering::SeqCst);
-        self.stats.handing_over.store(true, Ordering::SeqCst);
+        self.shared.stats.ending.store(true, Ordering::SeqCst);
+        self.shared.stats.handing_over.store(true, Ordering::SeqCst);
         // Let the heartbeat thread send the hand-over beats.
         std::thread::sleep(crate::HEARTBEAT_INTERVAL * 3);
     }

@@ -28,7 +28,7 @@ pub fn crash_point(window: u8, ordinal: u64) {
     }
 }
 
-/// Whether a window-4 crash is armed for this output (the committer then waits for a
+/// Whether a window-4 crash is armed for this output (the performing thread then waits for a
 /// heartbeat to carry OUTPUT_DONE before aborting).
 pub fn armed(window: u8, ordinal: u64) -> bool {
     switch() == Some((window, ordinal))

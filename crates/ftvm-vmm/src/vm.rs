@@ -384,7 +384,7 @@ impl Vm {
             nets.push((sink, rx));
         }
         // A primary's loop keeps its TAPs for receiving; what it transmits goes through the
-        // output gate, and the committer sends it once acknowledged.
+        // output gate, and it is sent once acknowledged.
         for tap in &self.taps {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
             let (k, d) = (kicker.clone(), doorbell.clone());
