@@ -90,19 +90,17 @@ fn a_pair_that_ends_normally_ends_both_sides() {
     assert_eq!(std::fs::read_to_string(dir.join("b.txt")).unwrap_or_default(), "");
 }
 
-#[test]
-fn sigkill_of_the_primary_fails_over_with_no_lost_or_repeated_output() {
-    if !kvm_available() {
-        return;
-    }
-    let dir = scratch("pair-failover");
-    let addr = format!("127.0.0.1:{}", port(1));
+/// A pair of `hello` with `cmdline`; SIGKILL of the primary `kill_after` in. The backup
+/// must take over and finish, and the primary's console followed by the backup's must be what
+/// one uninterrupted run prints. Returns the backup's console.
+fn fail_over_and_compare(name: &str, port_offset: u16, cmdline: &str, kill_after: Duration) -> String {
+    let dir = scratch(name);
+    let addr = format!("127.0.0.1:{}", port(port_offset));
     let arbiter = dir.join("arbiter.lock");
-    let cmdline = "hello.wait_ms=3000";
     let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
     std::thread::sleep(Duration::from_millis(300));
     let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), cmdline);
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(kill_after);
     p.kill().unwrap(); // SIGKILL
     let _ = p.wait();
     let (bc, berr) = wait(&mut b, Duration::from_secs(20));
@@ -114,8 +112,16 @@ fn sigkill_of_the_primary_fails_over_with_no_lost_or_repeated_output() {
     // Together they printed exactly what one uninterrupted run prints.
     let (out, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
     assert_eq!(out.status.code(), Some(0));
-    let together = format!("{p_out}{b_out}");
-    assert_eq!(stable(&together), stable(&alone), "primary:\n{p_out}\nbackup:\n{b_out}");
+    assert_eq!(stable(&format!("{p_out}{b_out}")), stable(&alone), "primary:\n{p_out}\nbackup:\n{b_out}");
+    b_out
+}
+
+#[test]
+fn sigkill_of_the_primary_fails_over_with_no_lost_or_repeated_output() {
+    if !kvm_available() {
+        return;
+    }
+    fail_over_and_compare("pair-failover", 1, "hello.wait_ms=3000", Duration::from_millis(1200));
 }
 
 #[test]
@@ -123,26 +129,10 @@ fn sigkill_of_the_primary_in_an_exit_free_stretch_fails_over_through_its_sync_po
     if !kvm_available() {
         return;
     }
-    let dir = scratch("pair-sync");
-    let addr = format!("127.0.0.1:{}", port(30));
-    let arbiter = dir.join("arbiter.lock");
     // The guest spins in ring 3 for 3 s: its ticks reach both sides only through sync points.
     let cmdline = "hello.wait_ms=100 hello.spin_ms=3000";
-    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
-    std::thread::sleep(Duration::from_millis(300));
-    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), cmdline);
-    std::thread::sleep(Duration::from_millis(1500));
-    p.kill().unwrap(); // SIGKILL, mid-spin
-    let _ = p.wait();
-    let (bc, berr) = wait(&mut b, Duration::from_secs(20));
-    assert_eq!(bc, Some(0), "the backup must take over and finish: {berr}");
-    assert!(berr.contains("TAKEOVER"), "{berr}");
-    let p_out = std::fs::read_to_string(dir.join("p.txt")).unwrap();
-    let b_out = std::fs::read_to_string(dir.join("b.txt")).unwrap();
+    let b_out = fail_over_and_compare("pair-sync", 30, cmdline, Duration::from_millis(1500));
     assert!(b_out.contains("spin: 300 ticks"), "the backup finished the spin: {b_out}");
-    let (out, alone) = run_guest(&guest("hello"), &["--cmdline", cmdline], &dir);
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(stable(&format!("{p_out}{b_out}")), stable(&alone), "primary:\n{p_out}\nbackup:\n{b_out}");
 }
 
 #[test]
