@@ -211,6 +211,24 @@ pub fn capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What every suite that runs the kvstore guest on the test network needs: the guest image,
+/// root, redis-benchmark, the topology script and iproute2. Returns redis-benchmark's path.
+pub fn kvstore_network_suite(common: &Common, suite: &str, redis_benchmark: &Path, topology: &Path) -> Result<PathBuf> {
+    if !common.guests.join("kvstore.elf").is_file() {
+        bail!(
+            "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
+            common.guests.display()
+        );
+    }
+    if !is_root() {
+        bail!("the {suite} suite needs root (network namespaces, TAP devices): run it as root");
+    }
+    let redis_benchmark = which(redis_benchmark, "install Debian's redis-tools (apt-get install redis-tools)")?;
+    require_file(topology, "the topology script", "run from the repository root or pass --topology")?;
+    which(Path::new("ip"), "install iproute2")?;
+    Ok(redis_benchmark)
+}
+
 pub fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {
     if !path.is_file() {
         bail!("{what} not found at {}; {hint}", path.display());

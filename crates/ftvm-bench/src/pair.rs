@@ -169,22 +169,10 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    if !common.guests.join("kvstore.elf").is_file() {
-        bail!(
-            "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
-            common.guests.display()
-        );
-    }
-    if !common::is_root() {
-        bail!("the pair suite needs root (network namespaces, TAP devices): run it as root");
-    }
-    let redis_benchmark =
-        common::which(&args.redis_benchmark, "install Debian's redis-tools (apt-get install redis-tools)")?;
+    let redis_benchmark = common::kvstore_network_suite(common, "pair", &args.redis_benchmark, &args.topology)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
-    common::require_file(&args.topology, "the topology script", "run from the repository root or pass --topology")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
-    common::which(Path::new("ip"), "install iproute2")?;
     let work = common.out.join("pair");
     let common = &common.with_ftvm_copy(&work)?;
     let machine = Machine::describe(common)?;

@@ -316,22 +316,10 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    if !common.guests.join("kvstore.elf").is_file() {
-        bail!(
-            "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
-            common.guests.display()
-        );
-    }
-    if !common::is_root() {
-        bail!("the snapshot suite needs root (network namespaces, TAP devices): run it as root");
-    }
     if args.mem.is_empty() || args.scenarios.is_empty() {
         bail!("nothing to measure: give at least one --mem and one --scenarios");
     }
-    let redis_benchmark =
-        common::which(&args.redis_benchmark, "install Debian's redis-tools (apt-get install redis-tools)")?;
-    common::require_file(&args.topology, "the topology script", "run from the repository root or pass --topology")?;
-    common::which(Path::new("ip"), "install iproute2")?;
+    let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.redis_benchmark, &args.topology)?;
     let work = common.out.join("snapshot");
     let common = &common.with_ftvm_copy(&work)?;
     let machine = Machine::describe(common)?;

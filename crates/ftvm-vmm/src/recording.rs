@@ -435,19 +435,31 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
     result
 }
 
-pub(crate) fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
+/// Why an image named with its digest (by a log header or a snapshot) cannot be used.
+pub(crate) enum ImageMismatch {
+    Missing,
+    /// Its SHA-256 now.
+    Changed(String),
+}
+
+/// The image `info` names, if it is there with the content the digest says.
+pub(crate) fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, ImageMismatch>> {
     let path = PathBuf::from(&info.path);
     if !path.exists() {
-        return Err(Error::Replay(format!("the {what} {} named in the log is missing", info.path)));
+        return Ok(Err(ImageMismatch::Missing));
     }
     let digest = sha256_file(&path)?;
-    if digest != info.sha256 {
-        return Err(Error::Replay(format!(
+    Ok(if digest == info.sha256 { Ok(path) } else { Err(ImageMismatch::Changed(digest)) })
+}
+
+pub(crate) fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
+    verified_image(info)?.map_err(|m| match m {
+        ImageMismatch::Missing => Error::Replay(format!("the {what} {} named in the log is missing", info.path)),
+        ImageMismatch::Changed(digest) => Error::Replay(format!(
             "the {what} {} is not the one recorded: sha256 {digest}, the log says {}",
             info.path, info.sha256
-        )));
-    }
-    Ok(path)
+        )),
+    })
 }
 
 fn replay_in(

@@ -494,6 +494,17 @@ struct DiskCopy {
 }
 
 impl DiskCopy {
+    /// Another handle on the same copy (for the paused round, on the vCPU thread).
+    fn try_clone(&self) -> std::io::Result<DiskCopy> {
+        Ok(DiskCopy {
+            index: self.index,
+            src: self.src.try_clone()?,
+            dst: self.dst.try_clone()?,
+            tracker: self.tracker.clone(),
+            consumer: self.consumer,
+        })
+    }
+
     /// Copies the blocks written since the last round. Returns the bytes copied.
     fn round(&self, buf: &mut [u8]) -> Result<u64> {
         let mut bytes = 0;
@@ -577,10 +588,10 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
     report(src, progress, started);
     let (tx, rx) = mpsc::channel();
     let memory = subs.memory;
-    let disks: Vec<(DiskTracker, crate::disk::DiskConsumer, File, File)> = subs
+    let disks: Vec<DiskCopy> = subs
         .disks
         .iter()
-        .map(|d| Ok((d.tracker.clone(), d.consumer, d.src.try_clone()?, d.dst.try_clone()?)))
+        .map(DiskCopy::try_clone)
         .collect::<std::io::Result<_>>()
         .map_err(snap_err("disk files".into()))?;
     let (tracker, image_for_vcpu, state_path) = (src.tracker.clone(), image.clone(), dir.join(STATE));
@@ -592,11 +603,8 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
             let pages = image_for_vcpu.write_pages(&tracker.memory(), &dirty, false)?;
             let mut buf = vec![0u8; 1 << 20];
             let mut disk_bytes = 0;
-            for (t, c, s, d) in &disks {
-                for (offset, len) in t.take(*c) {
-                    copy_range(s, d, offset, len, false, &mut buf).map_err(snap_err("copying a disk".into()))?;
-                    disk_bytes += len;
-                }
+            for d in &disks {
+                disk_bytes += d.round(&mut buf)?;
             }
             let state = vloop.save_state()?;
             let guest_time = state.clock.guest_now;
@@ -840,18 +848,16 @@ impl Snapshot {
 /// The kernel or initrd named in the manifest, checked to be the image the snapshot was
 /// taken with (the guest's memory holds what was loaded from it).
 fn check_image(what: &str, info: &ftvm_log::ImageInfo) -> Result<PathBuf> {
-    let path = PathBuf::from(&info.path);
-    if !path.exists() {
-        return Err(Error::Restore(format!("the {what} {} the snapshot was taken with is missing", info.path)));
-    }
-    let digest = crate::recording::sha256_file(&path).map_err(|e| Error::Restore(e.to_string()))?;
-    if digest != info.sha256 {
-        return Err(Error::Restore(format!(
+    use crate::recording::ImageMismatch;
+    crate::recording::verified_image(info).map_err(|e| Error::Restore(e.to_string()))?.map_err(|m| match m {
+        ImageMismatch::Missing => {
+            Error::Restore(format!("the {what} {} the snapshot was taken with is missing", info.path))
+        }
+        ImageMismatch::Changed(digest) => Error::Restore(format!(
             "the {what} {} changed since the snapshot was taken: sha256 {digest}, the snapshot says {}",
             info.path, info.sha256
-        )));
-    }
-    Ok(path)
+        )),
+    })
 }
 
 /// The host-side choices of a restore.

@@ -691,6 +691,18 @@ fn boot_kvstore(net: &Topology, disk: &Path, console: &Path, socket: Option<&Pat
     c.spawn().unwrap()
 }
 
+/// A kvstore VM on a fresh blank disk in `dir`, with an API socket, answering PING:
+/// (the VM, its disk, its socket); its console is `dir/console.txt`.
+fn kvstore_serving(net: &Topology, dir: &Path) -> (Child, PathBuf, PathBuf) {
+    let disk = dir.join("disk.img");
+    blank_disk(&disk);
+    let (socket, console) = (dir.join("vm.sock"), dir.join("console.txt"));
+    let vm = boot_kvstore(net, &disk, &console, Some(&socket));
+    wait_console(&console, "kvstore: listening");
+    net.wait_ping("kvstore");
+    (vm, disk, socket)
+}
+
 fn restore_kvstore(net: &Topology, snap: &Path, console: &Path, extra: &[&str]) -> Child {
     let mut c = ftvm_in(net);
     c.arg("run").arg("--restore").arg(snap).arg("--console").arg(format!("file:{}", console.display()));
@@ -736,12 +748,7 @@ fn kvstore_restored_has_the_keys_from_before_the_snapshot_only() {
     }
     let dir = scratch("snap-kv");
     let net = Topology::up("sk", 1);
-    let disk = dir.join("disk.img");
-    blank_disk(&disk);
-    let (socket, console) = (dir.join("vm.sock"), dir.join("console.txt"));
-    let vm = boot_kvstore(&net, &disk, &console, Some(&socket));
-    wait_console(&console, "kvstore: listening");
-    net.wait_ping("kvstore");
+    let (vm, disk, socket) = kvstore_serving(&net, &dir);
     for i in 0..10 {
         assert_eq!(net.cli(&["SET", &format!("before:{i}"), &format!("value {i}")]), "OK");
     }
@@ -821,12 +828,7 @@ fn a_live_snapshot_under_redis_benchmark_load_is_consistent() {
     }
     let dir = scratch("snap-kv-load");
     let net = Topology::up("sl", 1);
-    let disk = dir.join("disk.img");
-    blank_disk(&disk);
-    let (socket, console) = (dir.join("vm.sock"), dir.join("console.txt"));
-    let vm = boot_kvstore(&net, &disk, &console, Some(&socket));
-    wait_console(&console, "kvstore: listening");
-    net.wait_ping("kvstore");
+    let (vm, disk, socket) = kvstore_serving(&net, &dir);
 
     // 20 clients SET random keys, throughout the snapshot.
     let mut bench = net
