@@ -4,6 +4,7 @@
 #   binutils         as/ld (used by some tests and tools)
 #   redis-tools      redis-cli and redis-benchmark, the real clients of the kvstore guest
 #   iproute2         ip netns, bridges, veths and TAPs for the test network
+#   etcd-server      etcd, the lease arbiter of the pair tests (etcd://HOST:PORT/KEY)
 # Run as root (apt-get). Idempotent.
 set -euo pipefail
 want=()
@@ -11,6 +12,7 @@ command -v qemu-system-x86_64 >/dev/null || want+=(qemu-system-x86)
 command -v ld >/dev/null || want+=(binutils)
 command -v redis-benchmark >/dev/null || want+=(redis-tools)
 command -v ip >/dev/null || want+=(iproute2)
+command -v etcd >/dev/null || want+=(etcd-server)
 command -v python3 >/dev/null || want+=(python3)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"

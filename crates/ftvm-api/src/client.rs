@@ -130,6 +130,18 @@ pub fn snapshot_progress(path: &Path) -> Result<crate::SnapshotProgress, ClientE
     serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })
 }
 
+/// `PUT /protect`: a live VM starts a state transfer to the backup listening at `backup`.
+pub fn start_protect(path: &Path, backup: std::net::SocketAddr) -> Result<(), ClientError> {
+    let body = serde_json::json!({ "backup": backup.to_string() }).to_string();
+    call(path, "PUT", "/protect", Some(&body)).map(|_| ())
+}
+
+/// `GET /protect`: the latest re-protection's progress.
+pub fn protect_progress(path: &Path) -> Result<crate::ProtectProgress, ClientError> {
+    let r = call(path, "GET", "/protect", None)?;
+    serde_json::from_str(&r.body).map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })
+}
+
 fn state_of(path: &Path, r: Response) -> Result<String, ClientError> {
     let v: serde_json::Value = serde_json::from_str(&r.body)
         .map_err(|e| ClientError::BadResponse { path: path.into(), why: e.to_string() })?;

@@ -51,12 +51,24 @@ pub struct PairFigures {
     pub halted: bool,
     /// Backup: the primary's silence when the failover was decided.
     pub primary_silence_ms: Option<u64>,
+    /// Resyncs after a divergence (primary: resyncs it ran; backup: resyncs it received).
+    pub resyncs: u64,
+    /// Primary: how far the backup's replay is behind (the age of its oldest unreplayed record).
+    pub replay_lag_ms: Option<u64>,
+    /// Primary: time the vCPU was slowed down for the lag bound.
+    pub throttled_ms: Option<u64>,
+    /// Primary: a new backup catches up after a state transfer (outputs not held yet).
+    pub catching_up: bool,
+    /// Takeovers this process made (a backup that went live, and later re-protected).
+    pub failovers: u64,
 }
 
 type Waker = Box<dyn Fn() + Send + Sync>;
 type PairSource = Box<dyn Fn() -> PairFigures + Send + Sync>;
 /// Starts a snapshot into a directory (the VMM's side); an error says why it cannot start.
 pub type SnapshotStarter = Box<dyn Fn(PathBuf) -> Result<(), String> + Send + Sync>;
+/// Starts a re-protection by the backup at an address (the VMM's side).
+pub type ProtectStarter = Box<dyn Fn(std::net::SocketAddr) -> Result<(), Refused> + Send + Sync>;
 
 /// Atomics behind [`VcpuFigures`]; `u64::MAX` in `last_output_lsn` means none.
 #[derive(Default)]
@@ -96,6 +108,9 @@ pub struct VmControl {
     snapshot_starter: Mutex<Option<SnapshotStarter>>,
     /// The latest snapshot's progress (`GET /snapshot`).
     snapshot: Mutex<Option<SnapshotProgress>>,
+    protect_starter: Mutex<Option<ProtectStarter>>,
+    /// The latest re-protection's progress (`GET /protect`).
+    protect: Mutex<Option<crate::ProtectProgress>>,
 }
 
 /// How long `PUT /pause` waits for the vCPU to park before answering "pausing".
@@ -109,9 +124,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Why a pause or resume request was refused.
+/// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Refused {
+pub enum Refused {
     /// 400: the request makes no sense in this state.
     BadState(String),
     /// 409: the VM has stopped.
@@ -122,7 +137,7 @@ pub(crate) enum Refused {
 
 impl Refused {
     /// The HTTP status and message of the refusal.
-    pub(crate) fn answer(self) -> (u16, String) {
+    pub fn answer(self) -> (u16, String) {
         match self {
             Refused::BadState(m) => (400, m),
             Refused::Stopped => (409, "the VM has stopped".into()),
@@ -147,6 +162,8 @@ impl VmControl {
             samples: Mutex::new(VecDeque::new()),
             snapshot_starter: Mutex::new(None),
             snapshot: Mutex::new(None),
+            protect_starter: Mutex::new(None),
+            protect: Mutex::new(None),
         };
         control.figures.last_output_lsn.store(u64::MAX, Ordering::Relaxed);
         Arc::new(control)
@@ -207,6 +224,29 @@ impl VmControl {
     /// The latest snapshot's progress, if one was started.
     pub fn snapshot_progress(&self) -> Option<SnapshotProgress> {
         lock(&self.snapshot).clone()
+    }
+
+    /// How re-protections are started (`None`: this VM cannot take a backup now).
+    pub fn set_protect_starter(&self, starter: Option<ProtectStarter>) {
+        *lock(&self.protect_starter) = starter;
+    }
+
+    pub fn set_protect_progress(&self, progress: crate::ProtectProgress) {
+        *lock(&self.protect) = Some(progress);
+    }
+
+    pub fn protect_progress(&self) -> Option<crate::ProtectProgress> {
+        lock(&self.protect).clone()
+    }
+
+    /// `PUT /protect`: a live VM starts a state transfer to a new backup.
+    pub(crate) fn request_protect(&self, backup: std::net::SocketAddr) -> Result<(), Refused> {
+        match lock(&self.protect_starter).as_ref() {
+            Some(start) => start(backup),
+            None => Err(Refused::BadState(
+                "this VM cannot take a backup: only a running primary, or a backup that went live, can".into(),
+            )),
+        }
     }
 
     /// `PUT /snapshot`: starts a snapshot into `dir` unless one is under way.
@@ -410,10 +450,14 @@ impl VmControl {
                 // Outputs are numbered in log order and OUTPUT_DONE is cumulative.
                 outputs_held: if role == Role::BackupLive { 0 } else { f.outputs.saturating_sub(p.outputs_done) },
                 outputs_done: p.outputs_done,
-                failovers: u64::from(role == Role::BackupLive),
+                failovers: p.failovers.max(u64::from(role == Role::BackupLive)),
                 primary_silence_ms: p.primary_silence_ms,
                 backup_lost: p.backup_lost,
                 halted: p.halted,
+                resyncs: p.resyncs,
+                replay_lag_ms: p.replay_lag_ms,
+                throttled_ms: p.throttled_ms,
+                catching_up: p.catching_up,
             }
         });
         Status {

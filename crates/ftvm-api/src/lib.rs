@@ -28,14 +28,17 @@
 pub mod client;
 mod control;
 pub mod http;
+mod protect;
 mod server;
 mod snapshot;
 mod status;
 
-pub use control::{PairFigures, SnapshotStarter, VcpuFigures, VmControl};
+pub use control::{PairFigures, ProtectStarter, Refused, SnapshotStarter, VcpuFigures, VmControl};
+pub use protect::{ProtectPhase, ProtectProgress};
 pub use server::{ApiServer, ServerError};
 pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
 pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
 
 /// The routes, for error messages and the docs.
-pub const ROUTES: &str = "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot";
+pub const ROUTES: &str =
+    "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot, PUT /protect, GET /protect";

@@ -158,8 +158,8 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
     };
     let allowed = match req.path.as_str() {
         "/status" => "GET",
-        "/snapshot" if req.method == "GET" => "GET",
-        "/pause" | "/resume" | "/snapshot" | "/switchover" => "PUT",
+        "/snapshot" | "/protect" if req.method == "GET" => "GET",
+        "/pause" | "/resume" | "/snapshot" | "/switchover" | "/protect" => "PUT",
         other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
     };
     if req.method != allowed {
@@ -211,6 +211,26 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
                     Err(r) => refused(r),
                 },
                 _ => error(400, "PUT /snapshot needs a JSON body {\"dir\": \"PATH\"}".into()),
+            }
+        }
+        "/protect" if req.method == "GET" => match control.protect_progress() {
+            Some(p) => match serde_json::to_string(&p) {
+                Ok(body) => (200, Vec::new(), body),
+                Err(e) => error(500, format!("cannot encode the progress: {e}")),
+            },
+            None => error(404, "no re-protection has been started".into()),
+        },
+        "/protect" => {
+            let backup = serde_json::from_slice::<serde_json::Value>(&req.body)
+                .ok()
+                .and_then(|v| v.get("backup").and_then(|d| d.as_str()).map(str::to_string));
+            match backup.as_deref().map(str::parse::<std::net::SocketAddr>) {
+                Some(Ok(addr)) => match control.request_protect(addr) {
+                    Ok(()) => (202, Vec::new(), json!({ "state": "protecting" }).to_string()),
+                    Err(r) => refused(r),
+                },
+                Some(Err(e)) => error(400, format!("\"backup\" must be HOST:PORT (an IP address and port): {e}")),
+                None => error(400, "PUT /protect needs a JSON body {\"backup\": \"HOST:PORT\"}".into()),
             }
         }
         other => error(404, format!("no such route {}", truncate(other))),

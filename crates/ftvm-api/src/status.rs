@@ -151,6 +151,19 @@ pub struct PairStatus {
     pub backup_lost: bool,
     /// Backup: it could not win the arbiter (the primary still lives) and halted.
     pub halted: bool,
+    /// Resyncs after a divergence (primary: run; backup: received).
+    #[serde(default)]
+    pub resyncs: u64,
+    /// Primary: how far the backup's replay is behind, in ms (the failover would take about
+    /// this long beyond the timeout).
+    #[serde(default)]
+    pub replay_lag_ms: Option<u64>,
+    /// Primary: time the vCPU was slowed down to keep the lag within its bound, in ms.
+    #[serde(default)]
+    pub throttled_ms: Option<u64>,
+    /// Primary: a new backup catches up after a state transfer (not protected yet).
+    #[serde(default)]
+    pub catching_up: bool,
 }
 
 /// The answer to `GET /status`.
@@ -245,6 +258,11 @@ impl Status {
             lines.push(("outputs held", p.outputs_held.to_string()));
             lines.push(("outputs done", p.outputs_done.to_string()));
             lines.push(("failovers", p.failovers.to_string()));
+            lines.push(("resyncs", p.resyncs.to_string()));
+            if let Some(lag) = p.replay_lag_ms {
+                let throttled = p.throttled_ms.map_or(String::new(), |t| format!(", vCPU slowed {t} ms in all"));
+                lines.push(("replay lag", format!("{lag} ms{throttled}")));
+            }
             if let Some(ms) = p.primary_silence_ms {
                 lines.push(("primary silent", format!("{ms} ms before the failover")));
             }
@@ -262,7 +280,8 @@ impl Status {
         let Some(p) = &self.pair else { return role.to_string() };
         let detail = match self.role {
             Role::Primary if p.protected => "protected",
-            Role::Primary => "UNPROTECTED: the backup was lost",
+            Role::Primary if p.catching_up => "not protected yet: a new backup catches up",
+            Role::Primary => "UNPROTECTED: no backup",
             Role::Backup if p.halted => "halted: could not win the arbiter",
             Role::Backup if p.protected => "protecting: replaying the primary's log",
             Role::Backup => "the primary is gone",

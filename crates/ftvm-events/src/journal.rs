@@ -230,6 +230,10 @@ impl Recorder {
     pub(crate) fn bytes_written(&self) -> u64 {
         self.writer.bytes_written()
     }
+
+    pub(crate) fn next_lsn(&self) -> u64 {
+        self.writer.next_lsn()
+    }
 }
 
 /// Why a replay stopped short of the end of the log's run.

@@ -177,6 +177,27 @@ impl EventSource {
         src
     }
 
+    /// Starts a new recording here, between two exits (the cut of a live state transfer):
+    /// from now on inputs are also written to `log`, numbered as in a recording that starts
+    /// from a snapshot (exits and outputs from 0), which is what the backup that restores
+    /// the state taken here replays. A live source (a backup that went live) becomes a
+    /// recording; a recording (a primary that lost its backup) drops its old log.
+    pub fn start_recording(&mut self, log: LogWriter<Box<dyn std::io::Write + Send>>) {
+        self.mode = Mode::Record;
+        self.journal = Journal::Record(Box::new(Recorder::new(log)));
+        self.counts = EventCounts::default();
+        self.live_on_end = false;
+        self.live_outputs = 0;
+    }
+
+    /// Record only: the LSN the next log record will get.
+    pub fn log_next_lsn(&self) -> Option<u64> {
+        match &self.journal {
+            Journal::Record(r) => Some(r.next_lsn()),
+            _ => None,
+        }
+    }
+
     /// The guest clock, for a saved state.
     pub fn clock_state(&self) -> ClockState {
         ClockState { guest_now: self.guest_now }

@@ -1,11 +1,14 @@
 //! The backup's side of the pair: accept the primary, check its header, receive and
 //! acknowledge the log, feed it to the replay, watch the primary's heartbeats, and on its
 //! death win the arbiter and let the replay turn live.
+//!
+//! A backup that received its state by a transfer (re-protection, resync) may go live only
+//! once the primary's heartbeats say the link is protected: before that, outputs the primary
+//! performed may be missing from its log, and it halts rather than go live without them.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -14,15 +17,30 @@ use std::time::{Duration, Instant};
 use ftvm_events::{OutputTicket, RecordSource};
 use ftvm_log::{LogError, LogHeader, LogReader, Record};
 
+use crate::arbiter::{Arbiter, ArbiterSpec};
+use crate::link::{self, Connection, Heartbeats};
 use crate::primary::{OutputGate, OutputTarget};
-use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
-use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL, HEARTBEAT_POLL};
+use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_DIVERGED, FLAG_HANDOVER, FLAG_PROTECTED};
+use crate::secure::Key;
+use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 #[derive(Debug, Clone)]
 pub struct BackupConfig {
     pub listen: SocketAddr,
-    pub arbiter: PathBuf,
+    pub arbiter: ArbiterSpec,
     pub timeout: Duration,
+    pub key: Key,
+}
+
+impl BackupConfig {
+    /// How long to try for the arbiter once the primary is taken for dead: a lock is free at
+    /// once when its holder died; a lease only when it expired.
+    pub fn arbiter_wait(&self) -> Duration {
+        match &self.arbiter {
+            ArbiterSpec::File(_) => self.timeout,
+            ArbiterSpec::Etcd(e) => Duration::from_secs(e.ttl_secs.max(1) as u64 + 2),
+        }
+    }
 }
 
 /// What the backup knows, shared between its threads and whoever reports status.
@@ -30,63 +48,109 @@ pub struct BackupConfig {
 pub struct BackupState {
     pub received_lsn: AtomicU64,
     pub received_bytes: AtomicU64,
+    /// The last LSN the replay consumed.
+    pub replayed_lsn: AtomicU64,
     pub outputs_done: AtomicU64,
     pub primary_ended: AtomicBool,
     pub won_arbiter: AtomicBool,
     pub halted: AtomicBool,
+    /// Why it halted.
+    pub halt_reason: Mutex<Option<String>>,
+    /// The primary says every output it performed was acknowledged first (may go live).
+    pub protected: AtomicBool,
+    /// Diverged: asked for a resync; never goes live in this state.
+    pub diverged: AtomicBool,
     /// Milliseconds since the primary's last heartbeat, when the failover was decided.
     pub silence_ms: AtomicU64,
     /// When the failover was decided (the primary's silence passed the timeout).
     pub decided_at: std::sync::OnceLock<Instant>,
+    /// Resyncs this backup process went through.
+    pub resyncs: AtomicU64,
     stop: AtomicBool,
 }
+
+impl BackupState {
+    fn halt(&self, why: String) {
+        eprintln!("ftvm: {why}: halting this backup (no second live copy, and none in a wrong state)");
+        *link::lock(&self.halt_reason) = Some(why);
+        self.halted.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Where a backup's arbiter appears once it wins it (at a failover).
+pub type ArbiterSlot = Arc<Mutex<Option<Arc<Arbiter>>>>;
 
 /// A running backup link. Holds the arbiter once won (until the process ends).
 pub struct Backup {
     pub state: Arc<BackupState>,
-    pub arbiter: Arc<Mutex<Option<FileArbiter>>>,
+    pub arbiter: ArbiterSlot,
+    /// The acknowledgement direction (a resync request goes there too).
+    acks: Arc<Mutex<Box<dyn Write + Send>>>,
+    shutdown: std::net::TcpStream,
+    pub heartbeats: Arc<Heartbeats>,
 }
 
 /// The replay's record source: records as the receiver verified them.
 struct ChannelSource {
-    rx: Receiver<Record>,
+    rx: Receiver<(u64, Record)>,
     state: Arc<BackupState>,
+}
+
+/// Test switch: `FTVM_TEST_REPLAY_DELAY_US=N` slows the backup's replay by N µs per record
+/// (the lag-bound tests).
+fn replay_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("FTVM_TEST_REPLAY_DELAY_US").ok()?.parse().ok().filter(|&us| us > 0).map(Duration::from_micros)
+    })
 }
 
 impl RecordSource for ChannelSource {
     fn next_record(&mut self) -> std::result::Result<Option<Record>, LogError> {
         match self.rx.recv() {
-            Ok(r) => Ok(Some(r)),
+            Ok((lsn, r)) => {
+                if let Some(d) = replay_delay() {
+                    std::thread::sleep(d);
+                }
+                self.state.replayed_lsn.store(lsn, Ordering::Relaxed);
+                Ok(Some(r))
+            }
             Err(_) if self.state.halted.load(Ordering::SeqCst) => Err(LogError::ReaderFailed),
             Err(_) => Ok(None),
         }
     }
 
     fn end_detail(&self) -> String {
-        if self.state.halted.load(Ordering::SeqCst) {
-            "the primary is unreachable and this backup could not win the arbiter: halted (no second live copy)".into()
-        } else {
-            "the primary's log stream ended".into()
+        match link::lock(&self.state.halt_reason).as_ref() {
+            Some(why) => format!("{why}: halted (no second live copy)"),
+            None => "the primary's log stream ended".into(),
         }
     }
 }
 
+/// Acknowledge at least this often while records arrive (a catching-up link starts holding
+/// at the first acknowledgement, and is protected by them).
+const ACK_EVERY: Duration = Duration::from_millis(5);
+
 impl Backup {
-    /// Listens, accepts the primary, and checks its header against `ours` (what this side
-    /// built). Returns the link, the primary's header and the replay's record source.
-    pub fn listen(cfg: &BackupConfig, ours: &LogHeader) -> Result<(Backup, LogHeader, Box<dyn RecordSource>)> {
-        let listener = TcpListener::bind(cfg.listen).map_err(io(format!("cannot listen on {}", cfg.listen)))?;
-        let udp = UdpSocket::bind(cfg.listen).map_err(io(format!("cannot bind UDP {}", cfg.listen)))?;
-        eprintln!("ftvm: backup listening on {}", cfg.listen);
-        let (stream, peer) = listener.accept().map_err(io("accept"))?;
-        let _ = stream.set_nodelay(true);
-        // Buffered: the reader takes a frame in several small reads; a read returns whatever
-        // has arrived, so buffering adds no latency.
-        let reader_stream = std::io::BufReader::with_capacity(1 << 16, stream.try_clone().map_err(io("socket"))?);
+    /// Reads the primary's log header from `conn`, checks it against `ours` (what this side
+    /// built; after a state transfer, the VM restored from it) and starts receiving. Returns
+    /// the link, the primary's header and the replay's record source.
+    pub fn start(
+        conn: Connection,
+        ours: &LogHeader,
+        cfg: &BackupConfig,
+        resyncs: u64,
+    ) -> Result<(Backup, LogHeader, Box<dyn RecordSource>)> {
+        let transfer = conn.mode == link::Mode::Transfer;
+        let peer = conn.peer;
+        let shutdown = conn.shutdown_handle()?;
+        let Connection { reader, mut writer, heartbeats, .. } = conn;
+        // Buffered: the reader takes a frame in several small reads.
+        let reader_stream = std::io::BufReader::with_capacity(1 << 16, reader);
         let (mut reader, theirs) =
             LogReader::open(reader_stream).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
-        let mut w = stream.try_clone().map_err(io("socket"))?;
-        let differences: Vec<String> = theirs
+        let mut differences: Vec<String> = theirs
             .compare(ours)
             .into_iter()
             .filter(|m| {
@@ -94,53 +158,67 @@ impl Backup {
                     && !m.field.starts_with("console")
                     && !m.field.starts_with("net")
                     && m.field != "rtc_base_unix"
+                    // After a transfer the disks are the primary's, sent with the state.
+                    && (!transfer || !m.field.starts_with("disks"))
+                    && !m.field.starts_with("extra")
             })
             .map(|m| m.to_string())
             .collect();
-        let mac_diff =
-            theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac);
-        let mut differences = differences;
-        if mac_diff {
+        if theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac) {
             differences.push("network devices (count or MAC addresses) differ".into());
         }
         if !differences.is_empty() {
-            let msg = differences.join("\n");
-            let mut reply = vec![HANDSHAKE_REFUSED];
-            reply.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-            reply.extend_from_slice(msg.as_bytes());
-            let _ = w.write_all(&reply);
+            let _ = link::answer(&mut *writer, Some(&differences.join("\n")));
             return Err(Error::Handshake(format!(
                 "the primary's VM differs from this one:\n  {}",
                 differences.join("\n  ")
             )));
         }
-        w.write_all(&[HANDSHAKE_OK]).map_err(io("handshake"))?;
+        link::answer(&mut *writer, None).map_err(io("handshake"))?;
         eprintln!("ftvm: paired with primary {peer}; replaying its log");
-
         let state = Arc::new(BackupState::default());
+        state.protected.store(!transfer, Ordering::SeqCst);
+        state.resyncs.store(resyncs, Ordering::SeqCst);
+        let acks = Arc::new(Mutex::new(writer));
         let arbiter = Arc::new(Mutex::new(None));
-        let (tx, rx) = mpsc::sync_channel::<Record>(1 << 16);
+        let (tx, rx) = mpsc::sync_channel::<(u64, Record)>(1 << 16);
         // Receiver: verify (the reader checks every frame), acknowledge, hand to the replay.
         {
             let s = state.clone();
+            let w = acks.clone();
             std::thread::Builder::new()
                 .name("ftvm-log-recv".into())
                 .spawn(move || {
-                    let mut since_ack = 0u32;
-                    while let Ok(Some((lsn, rec))) = reader.next() {
+                    let mut since_ack = u32::MAX;
+                    let mut last_ack = Instant::now();
+                    loop {
+                        let (lsn, rec) = match reader.next() {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(e) => {
+                                if !s.stop.load(Ordering::SeqCst) && !s.diverged.load(Ordering::SeqCst) {
+                                    eprintln!("ftvm: the replication stream from {peer} broke or was rejected: {e}");
+                                }
+                                break;
+                            }
+                        };
                         let urgent = matches!(rec, Record::Output { .. } | Record::End { .. });
                         let end = matches!(rec, Record::End { .. });
                         s.received_lsn.store(lsn, Ordering::SeqCst);
                         s.received_bytes.store(reader.valid_len(), Ordering::Relaxed);
-                        if tx.send(rec).is_err() {
+                        if tx.send((lsn, rec)).is_err() {
                             return;
                         }
-                        since_ack += 1;
+                        since_ack = since_ack.saturating_add(1);
                         // An ack means "received and verified"; a backup deciding to go live
                         // stops acking.
-                        if (urgent || since_ack >= 64) && !s.won_arbiter.load(Ordering::SeqCst) {
+                        if (urgent || since_ack >= 64 || last_ack.elapsed() >= ACK_EVERY)
+                            && !s.won_arbiter.load(Ordering::SeqCst)
+                        {
                             since_ack = 0;
-                            if w.write_all(&lsn.to_le_bytes()).is_err() {
+                            last_ack = Instant::now();
+                            let mut w = link::lock(&w);
+                            if w.write_all(&lsn.to_le_bytes()).and_then(|_| w.flush()).is_err() {
                                 break;
                             }
                         }
@@ -166,14 +244,15 @@ impl Backup {
             let s = state.clone();
             let arb = arbiter.clone();
             let cfg = cfg.clone();
-            udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
+            let hb = heartbeats.clone();
+            let stream = shutdown.try_clone().map_err(io("socket"))?;
             std::thread::Builder::new()
                 .name("ftvm-heartbeat".into())
-                .spawn(move || monitor(s, arb, cfg, udp, stream))
+                .spawn(move || monitor(s, arb, cfg, hb, stream))
                 .map_err(io("thread"))?;
         }
         let source = Box::new(ChannelSource { rx, state: state.clone() });
-        Ok((Backup { state, arbiter }, theirs, source))
+        Ok((Backup { state, arbiter, acks, shutdown, heartbeats }, theirs, source))
     }
 
     /// The gate for the replay's outputs: held until OUTPUT_DONE covers them or the backup
@@ -181,68 +260,94 @@ impl Backup {
     pub fn gate(&self) -> Box<dyn OutputGate> {
         Box::new(BackupGate { pending: VecDeque::new(), state: self.state.clone(), live: false })
     }
+
+    /// The replay diverged: tell the primary (it resyncs this backup by a new state transfer)
+    /// and close this connection. The backup never goes live from here.
+    pub fn request_resync(&self, why: &str) {
+        self.state.diverged.store(true, Ordering::SeqCst);
+        self.state.protected.store(false, Ordering::SeqCst);
+        let mut w = link::lock(&self.acks);
+        let _ = w
+            .write_all(&ACK_RESYNC.to_le_bytes())
+            .and_then(|_| link::write_blob(&mut **w, why.as_bytes()))
+            .and_then(|_| w.flush());
+        drop(w);
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 fn monitor(
     s: Arc<BackupState>,
-    arb: Arc<Mutex<Option<FileArbiter>>>,
+    arb: ArbiterSlot,
     cfg: BackupConfig,
-    udp: UdpSocket,
-    stream: TcpStream,
+    heartbeats: Arc<Heartbeats>,
+    stream: std::net::TcpStream,
 ) {
     let mut last_seen = Instant::now();
-    let mut primary: Option<SocketAddr> = None;
     let mut next_send = Instant::now();
     let mut seq = 0u64;
-    let mut buf = [0u8; 64];
     let mut handover = false;
     loop {
         if s.primary_ended.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
             return;
         }
-        if let Ok((n, from)) = udp.recv_from(&mut buf) {
-            if let Some(h) = Heartbeat::decode(&buf[..n]).filter(|h| h.role == Role::Primary) {
-                last_seen = Instant::now();
-                primary = Some(from);
-                s.outputs_done.fetch_max(h.outputs_done, Ordering::SeqCst);
-                if h.seq == u64::MAX {
-                    handover = true;
-                }
+        if s.diverged.load(Ordering::SeqCst) {
+            // The resync comes on a new connection, with a monitor of its own.
+            return;
+        }
+        if let Some(h) = heartbeats.recv().filter(|h| h.role == Role::Primary) {
+            last_seen = Instant::now();
+            s.outputs_done.fetch_max(h.outputs_done, Ordering::SeqCst);
+            // Once protected, a link stays so until it ends.
+            if h.flags & FLAG_PROTECTED != 0 {
+                s.protected.store(true, Ordering::SeqCst);
+            }
+            if h.flags & FLAG_HANDOVER != 0 {
+                handover = true;
             }
         }
-        if let (Some(p), true) = (primary, Instant::now() >= next_send) {
+        if Instant::now() >= next_send {
             seq += 1;
-            let hb =
-                Heartbeat { role: Role::Backup, seq, outputs_done: 0, lsn: s.received_lsn.load(Ordering::Relaxed) };
-            let _ = udp.send_to(&hb.encode(), p);
+            heartbeats.send(&Heartbeat {
+                role: Role::Backup,
+                flags: if s.diverged.load(Ordering::SeqCst) { FLAG_DIVERGED } else { 0 },
+                seq,
+                outputs_done: 0,
+                lsn: s.received_lsn.load(Ordering::Relaxed),
+                replayed: s.replayed_lsn.load(Ordering::Relaxed),
+            });
             next_send = Instant::now() + HEARTBEAT_INTERVAL;
         }
         if handover || last_seen.elapsed() > cfg.timeout {
             let silence = last_seen.elapsed();
             s.silence_ms.store(silence.as_millis() as u64, Ordering::SeqCst);
             let _ = s.decided_at.set(Instant::now());
+            // Stop receiving (and acking) before trying to go live.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            if !s.protected.load(Ordering::SeqCst) {
+                s.halt(format!(
+                    "the primary went silent ({} ms) before this backup had caught up after its state transfer",
+                    silence.as_millis()
+                ));
+                return;
+            }
             if handover {
                 eprintln!("ftvm: the primary hands over (switchover); taking the arbiter");
             } else {
                 eprintln!("ftvm: no heartbeat from the primary for {} ms; taking the arbiter", silence.as_millis());
             }
-            // Stop receiving (and acking) before trying to go live.
-            let _ = stream.shutdown(Shutdown::Both);
             // On a switchover the primary releases the arbiter as it exits, just after.
-            let wait = if handover { cfg.timeout.max(Duration::from_secs(5)) } else { cfg.timeout };
-            match FileArbiter::acquire(&cfg.arbiter, wait) {
+            let wait = if handover { cfg.arbiter_wait().max(Duration::from_secs(5)) } else { cfg.arbiter_wait() };
+            match Arbiter::acquire(&cfg.arbiter, wait) {
                 Ok(Some(lock)) => {
+                    let lock = Arc::new(lock);
+                    // A lease lost later halts this side (now the live one) at once.
+                    lock.on_lost(Box::new(|why| crate::halt(&format!("the arbiter was lost ({why})"))));
                     *arb.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
                     s.won_arbiter.store(true, Ordering::SeqCst);
                 }
-                Ok(None) => {
-                    eprintln!("ftvm: the arbiter is held (the primary still lives): halting this backup");
-                    s.halted.store(true, Ordering::SeqCst);
-                }
-                Err(e) => {
-                    eprintln!("ftvm: {e}: halting this backup");
-                    s.halted.store(true, Ordering::SeqCst);
-                }
+                Ok(None) => s.halt("the arbiter is held (the primary still lives)".into()),
+                Err(e) => s.halt(e.to_string()),
             }
             return;
         }

@@ -13,9 +13,13 @@
 
 pub mod arbiter;
 pub mod backup;
+pub mod etcd;
+pub mod link;
 pub mod primary;
 pub mod protocol;
+pub mod secure;
 pub mod testing;
+pub mod transfer;
 
 use std::time::Duration;
 
@@ -41,6 +45,17 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The exit status of a side that halted because it may not be the live copy (it lost the
+/// arbiter, or it could not win it).
+pub const HALT_EXIT_CODE: i32 = 3;
+
+/// Halts this process at once: another copy of the VM may be live, so this one must not
+/// emit anything more. No cleanup runs (it could perform outputs).
+pub fn halt(why: &str) -> ! {
+    eprintln!("ftvm: HALT: {why}; halting this side (there is never a second live copy)");
+    std::process::exit(HALT_EXIT_CODE)
+}
 
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();

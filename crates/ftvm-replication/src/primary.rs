@@ -1,20 +1,30 @@
 //! The primary's side of the pair: stream the log, collect acknowledgements, hold each output
 //! until the backup has the log up to it, perform it, report OUTPUT_DONE; notice a lost backup.
+//!
+//! A link is made in two steps so that a live state transfer can use it: [`Primary::new`]
+//! gives the gate the vCPU hands outputs to (at the transfer's cut), [`Primary::start`]
+//! starts streaming once the state has been sent. Until the backup has caught up, the link
+//! is *catching up*: outputs are performed at once (the VM is not protected yet) and the
+//! backup may not go live. Its first acknowledgement turns holding on; once it has
+//! acknowledged the log past every output performed without holding, the link is protected
+//! and its heartbeats say so.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_events::OutputTicket;
 use ftvm_log::{LogHeader, LogWriter};
 
-use crate::protocol::{Heartbeat, Role, HANDSHAKE_OK, HANDSHAKE_REFUSED};
-use crate::{io, Error, FileArbiter, Result, HEARTBEAT_INTERVAL, HEARTBEAT_POLL};
+use crate::arbiter::{Arbiter, ArbiterSpec};
+use crate::link::{self, Connection, Heartbeats, Mode};
+use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
+use crate::secure::Key;
+use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 /// The log writer a primary's recorder streams into.
 pub type StreamWriter = LogWriter<Box<dyn Write + Send>>;
@@ -30,6 +40,9 @@ pub enum OutputTarget {
 pub trait OutputSinks: Send {
     fn perform(&mut self, target: OutputTarget, bytes: &[u8]);
 }
+
+/// The output sinks of a VM, shared by its successive links (a re-protection makes a new one).
+pub type SharedSinks = Arc<Mutex<Box<dyn OutputSinks>>>;
 
 /// Takes the outputs the guest produces. `submit` returns the bytes if the caller is to
 /// perform them now (an unprotected VM), or keeps them (held until acknowledged, or held by
@@ -51,15 +64,34 @@ pub trait OutputGate: Send {
     /// Switchover: wait until every output was acknowledged and performed, then tell the
     /// backup to take over (the caller exits, releasing the arbiter).
     fn handover(&mut self) {}
+    /// Between exits, with the log's next LSN: a primary whose backup lags by more than
+    /// its bound slows the vCPU down here.
+    fn pace(&mut self, _next_lsn: Option<u64>) {}
+    /// Waits (briefly) until every output handed over so far was performed: a link that is
+    /// being replaced lets its outputs go first.
+    fn drain(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
     pub backup: SocketAddr,
-    pub arbiter: PathBuf,
+    pub arbiter: ArbiterSpec,
     pub timeout: Duration,
     /// How long to wait for the backup to be listening.
     pub connect_wait: Duration,
+    pub key: Key,
+    /// Slow the vCPU down when the backup's replay lags by more than this (`None`: never).
+    pub max_lag: Option<Duration>,
+}
+
+/// How a link behaves (from [`PrimaryConfig`]).
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    pub timeout: Duration,
+    pub max_lag: Option<Duration>,
+    /// A pair formed at boot is protected from the first output; a state transfer's link
+    /// catches up first.
+    pub protected_from_start: bool,
 }
 
 /// Figures about the pair, shared with whoever reports status.
@@ -75,28 +107,48 @@ pub struct PairStats {
     /// Switchover: heartbeats now say "take over".
     pub handing_over: AtomicBool,
     pub backup_lost: AtomicBool,
+    /// Outputs wait for acknowledgements (false while a new backup catches up).
+    pub holding: AtomicBool,
+    /// The backup may go live if this primary dies.
+    pub protected: AtomicBool,
+    /// The backup's replay position (from its heartbeats) and the lag it means.
+    pub replayed_lsn: AtomicU64,
+    pub lag_ms: AtomicU64,
+    /// Time the vCPU was held back for the lag bound, in microseconds.
+    pub throttled_us: AtomicU64,
+    /// The backup asked for a resync (it diverged).
+    pub resync_requested: AtomicBool,
+    pub resync_reason: Mutex<Option<String>>,
 }
+
+/// Called (from a link thread) when the backup asks for a resync, with its reason.
+pub type ResyncHandler = Box<dyn Fn(String) + Send + Sync>;
 
 struct Shared {
     stats: Arc<PairStats>,
+    opts: LinkOptions,
     stop: AtomicBool,
-    /// Outputs held until the backup has the log up to them, in log order.
-    held: Mutex<VecDeque<Held>>,
-    /// Whoever holds this performs released outputs (the sinks and the OUTPUT_DONE socket
-    /// live here). Taken with `try_lock`: a thread that finds it taken leaves the work to
-    /// the holder, which looks again before it lets go.
-    performer: Mutex<Performer>,
+    /// Outputs held until the backup has the log up to them, in log order, and the LSN of
+    /// the last output performed while not holding.
+    held: Mutex<Queue>,
+    /// Whoever holds this performs released outputs. Taken with `try_lock`: a thread that
+    /// finds it taken leaves the work to the holder, which looks again before it lets go.
+    performer: Mutex<()>,
+    sinks: SharedSinks,
+    heartbeats: Arc<Heartbeats>,
+    arbiter: Arc<Arbiter>,
+    on_resync: Mutex<Option<ResyncHandler>>,
 }
 
-struct Performer {
-    sinks: Box<dyn OutputSinks>,
-    udp: UdpSocket,
+#[derive(Default)]
+struct Queue {
+    outputs: VecDeque<Held>,
+    unheld_lsn: u64,
 }
 
-/// A running primary link. Dropping it stops its threads.
+/// A primary link. Dropping it stops its threads.
 pub struct Primary {
     shared: Arc<Shared>,
-    _arbiter: FileArbiter,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -131,82 +183,95 @@ impl Write for ChannelWriter {
     }
 }
 
+/// A log writer that queues its bytes for a link's sender thread (started later).
+pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, Receiver<Vec<u8>>)> {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let writer: Box<dyn Write + Send> = Box::new(ChannelWriter { buf: Vec::new(), tx });
+    let mut log = LogWriter::new(writer, header).map_err(|e| Error::Io(format!("log: {e}")))?;
+    log.flush().map_err(|e| Error::Io(format!("log: {e}")))?;
+    Ok((log, rx))
+}
+
 impl Primary {
-    /// Takes the arbiter, connects to the backup, sends the log header and waits for the
-    /// backup to accept it. Returns the link and the log writer the recorder streams into.
-    pub fn start(
+    /// `ftvm primary`: takes the arbiter, connects to the backup, sends the log header and
+    /// waits for the backup to accept it. Returns the started link and the log writer the
+    /// recorder streams into.
+    pub fn boot(
         cfg: &PrimaryConfig,
         header: &LogHeader,
-        sinks: Box<dyn OutputSinks>,
+        sinks: SharedSinks,
     ) -> Result<(Primary, StreamWriter, Arc<PairStats>)> {
-        let arbiter = FileArbiter::acquire(&cfg.arbiter, Duration::ZERO)?.ok_or_else(|| Error::Arbiter {
-            path: cfg.arbiter.display().to_string(),
+        let arbiter = Arbiter::acquire(&cfg.arbiter, Duration::ZERO)?.ok_or_else(|| Error::Arbiter {
+            path: cfg.arbiter.to_string(),
             why: "held by someone else: another live copy of this VM runs".into(),
         })?;
-        let start = Instant::now();
-        let mut announced = false;
-        let stream = loop {
-            match TcpStream::connect_timeout(&cfg.backup, Duration::from_secs(1)) {
-                Ok(s) => break s,
-                Err(e) if start.elapsed() < cfg.connect_wait => {
-                    if !announced {
-                        eprintln!("ftvm: waiting for the backup at {} ({e})", cfg.backup);
-                        announced = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(Error::Io(format!("cannot reach the backup at {}: {e}", cfg.backup))),
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let writer: Box<dyn Write + Send> = Box::new(ChannelWriter { buf: Vec::new(), tx });
-        let mut log = LogWriter::new(writer, header).map_err(|e| Error::Io(format!("log: {e}")))?;
-        log.flush().map_err(|e| Error::Io(format!("log: {e}")))?;
+        let arbiter = Arc::new(arbiter);
+        let mut conn = Connection::connect(cfg.backup, &cfg.key, cfg.connect_wait, Mode::Boot)?;
+        let (log, rx) = log_channel(header)?;
         // The header goes out before the handshake reply can come back.
-        let mut w = stream.try_clone().map_err(io("socket"))?;
         let first = rx.recv().map_err(|_| Error::Io("log writer closed".into()))?;
-        w.write_all(&first).map_err(io("sending the log header"))?;
-        let mut r = stream.try_clone().map_err(io("socket"))?;
-        r.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("socket"))?;
-        let mut reply = [0u8; 1];
-        r.read_exact(&mut reply).map_err(io("waiting for the backup's answer"))?;
-        if reply[0] != HANDSHAKE_OK {
-            let mut why = String::new();
-            if reply[0] == HANDSHAKE_REFUSED {
-                let mut len = [0u8; 4];
-                if r.read_exact(&mut len).is_ok() {
-                    let mut msg = vec![0u8; (u32::from_le_bytes(len) as usize).min(1 << 16)];
-                    if r.read_exact(&mut msg).is_ok() {
-                        why = String::from_utf8_lossy(&msg).into_owned();
-                    }
-                }
-            }
+        conn.writer.write_all(&first).and_then(|_| conn.writer.flush()).map_err(io("sending the log header"))?;
+        if let Err(why) = link::read_answer(&mut *conn.reader)? {
             return Err(Error::Handshake(format!("the backup refused the pair:\n{why}")));
         }
-        r.set_read_timeout(None).map_err(io("socket"))?;
+        let opts = LinkOptions { timeout: cfg.timeout, max_lag: cfg.max_lag, protected_from_start: true };
+        let mut primary = Primary::new(conn.heartbeats.clone(), sinks, arbiter, opts);
+        let stats = primary.stats();
+        stats.sent_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
+        primary.start(conn, rx)?;
+        Ok((primary, log, stats))
+    }
 
+    /// A link whose gate takes outputs from now on; nothing is sent until [`Self::start`].
+    pub fn new(heartbeats: Arc<Heartbeats>, sinks: SharedSinks, arbiter: Arc<Arbiter>, opts: LinkOptions) -> Primary {
         let stats = Arc::new(PairStats::default());
-        let udp = UdpSocket::bind(if cfg.backup.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
-        udp.connect(cfg.backup).map_err(io("udp"))?;
-        udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
-        let done_udp = udp.try_clone().map_err(io("udp"))?;
+        stats.holding.store(opts.protected_from_start, Ordering::SeqCst);
+        stats.protected.store(opts.protected_from_start, Ordering::SeqCst);
         let shared = Arc::new(Shared {
-            stats: stats.clone(),
+            stats,
+            opts,
             stop: AtomicBool::new(false),
-            held: Mutex::new(VecDeque::new()),
-            performer: Mutex::new(Performer { sinks, udp: done_udp }),
+            held: Mutex::new(Queue::default()),
+            performer: Mutex::new(()),
+            sinks,
+            heartbeats,
+            arbiter,
+            on_resync: Mutex::new(None),
         });
-        let mut threads = Vec::new();
+        Primary { shared, threads: Vec::new() }
+    }
+
+    pub fn stats(&self) -> Arc<PairStats> {
+        self.shared.stats.clone()
+    }
+
+    pub fn arbiter(&self) -> Arc<Arbiter> {
+        self.shared.arbiter.clone()
+    }
+
+    pub fn sinks(&self) -> SharedSinks {
+        self.shared.sinks.clone()
+    }
+
+    /// What to do when the backup asks for a resync.
+    pub fn on_resync(&self, handler: ResyncHandler) {
+        *link::lock(&self.shared.on_resync) = Some(handler);
+    }
+
+    /// Streams the log from `log` (whatever was queued since [`log_channel`] first) and
+    /// starts the acknowledgement and heartbeat threads.
+    pub fn start(&mut self, conn: Connection, log: Receiver<Vec<u8>>) -> Result<()> {
+        let shutdown = conn.shutdown_handle()?;
+        let Connection { mut reader, mut writer, heartbeats, .. } = conn;
         // Sender: log bytes to the backup.
         {
-            let s = shared.clone();
-            threads.push(spawn("ftvm-log-send", move || {
-                while let Ok(chunk) = rx.recv() {
+            let s = self.shared.clone();
+            self.threads.push(spawn("ftvm-log-send", move || {
+                while let Ok(chunk) = log.recv() {
                     if s.stats.backup_lost.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if w.write_all(&chunk).is_err() {
+                    if writer.write_all(&chunk).and_then(|_| writer.flush()).is_err() {
                         lose(&s, "the log connection failed");
                     } else {
                         s.stats.sent_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -214,13 +279,23 @@ impl Primary {
                 }
             })?);
         }
-        // Acknowledgements: cumulative LSNs.
+        // Acknowledgements: cumulative LSNs (or a resync request).
         {
-            let s = shared.clone();
-            threads.push(spawn("ftvm-acks", move || {
+            let s = self.shared.clone();
+            self.threads.push(spawn("ftvm-acks", move || {
                 let mut b = [0u8; 8];
-                while r.read_exact(&mut b).is_ok() {
-                    s.stats.acked_lsn.fetch_max(u64::from_le_bytes(b), Ordering::SeqCst);
+                while reader.read_exact(&mut b).is_ok() {
+                    let lsn = u64::from_le_bytes(b);
+                    if lsn == ACK_RESYNC {
+                        let why = link::read_blob(&mut *reader, 1 << 16)
+                            .map(|b| String::from_utf8_lossy(&b).into_owned())
+                            .unwrap_or_else(|_| "no reason given".into());
+                        resync_requested(&s, why);
+                        let _ = shutdown.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
+                    acknowledged(&s);
                     // The outputs this acknowledgement covers go out from here at once.
                     release(&s);
                 }
@@ -231,48 +306,53 @@ impl Primary {
         }
         // Heartbeats, both ways, on their own UDP socket.
         {
-            let s = shared.clone();
-            let timeout = cfg.timeout;
-            threads.push(spawn("ftvm-heartbeat", move || {
-                let mut last_seen = Instant::now();
-                let mut next_send = Instant::now();
-                let mut seq = 0;
-                let mut buf = [0u8; 64];
-                while !s.stop.load(Ordering::Relaxed) {
-                    if Instant::now() >= next_send {
-                        seq += 1;
-                        // A hand-over beat carries the sequence number u64::MAX.
-                        let handing_over = s.stats.handing_over.load(Ordering::SeqCst);
-                        let hb = Heartbeat {
-                            role: Role::Primary,
-                            seq: if handing_over { u64::MAX } else { seq },
-                            outputs_done: s.stats.outputs_done.load(Ordering::Relaxed),
-                            lsn: 0,
-                        };
-                        let _ = udp.send(&hb.encode());
-                        next_send =
-                            Instant::now() + if handing_over { HEARTBEAT_INTERVAL / 5 } else { HEARTBEAT_INTERVAL };
-                    }
-                    if let Ok(n) = udp.recv(&mut buf) {
-                        if Heartbeat::decode(&buf[..n]).is_some_and(|h| h.role == Role::Backup) {
-                            last_seen = Instant::now();
-                        }
-                    }
-                    if last_seen.elapsed() > timeout {
-                        lose(&s, &format!("no heartbeat from the backup for {} ms", timeout.as_millis()));
-                    }
-                    // A safety net: outputs whose acknowledgement came before they were
-                    // handed over (a fast backup) go out at the latest here.
-                    release(&s);
-                }
-            })?);
+            let s = self.shared.clone();
+            self.threads.push(spawn("ftvm-heartbeat", move || heartbeat_loop(&s, &heartbeats))?);
         }
-        Ok((Primary { shared, _arbiter: arbiter, threads }, log, stats))
+        Ok(())
     }
 
     /// The gate the vCPU loop hands outputs to.
     pub fn gate(&self) -> Box<dyn OutputGate> {
-        Box::new(PrimaryGate { shared: self.shared.clone(), submitted: 0 })
+        Box::new(PrimaryGate { shared: self.shared.clone(), submitted: 0, samples: VecDeque::new() })
+    }
+}
+
+fn heartbeat_loop(s: &Shared, heartbeats: &Heartbeats) {
+    let mut last_seen = Instant::now();
+    let mut next_send = Instant::now();
+    let mut seq = 0;
+    while !s.stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next_send {
+            seq += 1;
+            let handing_over = s.stats.handing_over.load(Ordering::SeqCst);
+            let mut flags = 0;
+            if s.stats.protected.load(Ordering::SeqCst) {
+                flags |= FLAG_PROTECTED;
+            }
+            if handing_over {
+                flags |= FLAG_HANDOVER;
+            }
+            heartbeats.send(&Heartbeat {
+                role: Role::Primary,
+                flags,
+                seq,
+                outputs_done: s.stats.outputs_done.load(Ordering::Relaxed),
+                lsn: 0,
+                replayed: 0,
+            });
+            next_send = Instant::now() + if handing_over { HEARTBEAT_INTERVAL / 5 } else { HEARTBEAT_INTERVAL };
+        }
+        if let Some(h) = heartbeats.recv().filter(|h| h.role == Role::Backup) {
+            last_seen = Instant::now();
+            s.stats.replayed_lsn.fetch_max(h.replayed, Ordering::SeqCst);
+        }
+        if last_seen.elapsed() > s.opts.timeout {
+            lose(s, &format!("no heartbeat from the backup for {} ms", s.opts.timeout.as_millis()));
+        }
+        // A safety net: outputs whose acknowledgement came before they were handed over (a
+        // fast backup) go out at the latest here.
+        release(s);
     }
 }
 
@@ -292,22 +372,46 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<std::thread::J
 }
 
 fn lose(s: &Shared, why: &str) {
-    if s.stats.ending.load(Ordering::SeqCst) {
-        // The run ended with END: the backup stops too; nothing is lost.
+    if s.stats.ending.load(Ordering::SeqCst) || s.stop.load(Ordering::SeqCst) {
+        // The run ended with END (the backup stops too), or this link was replaced.
         s.stats.backup_lost.store(true, Ordering::SeqCst);
     } else if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
-        eprintln!("ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter)");
+        s.stats.protected.store(false, Ordering::SeqCst);
+        if !s.stats.resync_requested.load(Ordering::SeqCst) {
+            eprintln!(
+                "ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter {})",
+                s.arbiter.spec()
+            );
+        }
     }
     // Unprotected (or ending): every held output goes out now.
     release(s);
 }
 
-/// Sends OUTPUT_DONE now (a heartbeat-format datagram carrying the count of outputs
-/// performed), rather than waiting for the next periodic heartbeat.
-fn send_output_done(s: &Shared, udp: &UdpSocket) {
-    let hb =
-        Heartbeat { role: Role::Primary, seq: 0, outputs_done: s.stats.outputs_done.load(Ordering::SeqCst), lsn: 0 };
-    let _ = udp.send(&hb.encode());
+fn resync_requested(s: &Shared, why: String) {
+    s.stats.resync_requested.store(true, Ordering::SeqCst);
+    *link::lock(&s.stats.resync_reason) = Some(why.clone());
+    eprintln!("ftvm: the backup diverged and asks for a resync ({why}); unprotected until it is resynced");
+    lose(s, "resync");
+    if let Some(handler) = link::lock(&s.on_resync).as_ref() {
+        handler(why);
+    }
+}
+
+/// An acknowledgement arrived: a catching-up link starts holding outputs at the first one,
+/// and is protected once the backup has the log past every output performed unheld.
+fn acknowledged(s: &Shared) {
+    if s.stats.protected.load(Ordering::Relaxed) {
+        return;
+    }
+    let q = lock(&s.held);
+    s.stats.holding.store(true, Ordering::SeqCst);
+    let caught_up = s.stats.acked_lsn.load(Ordering::SeqCst) >= q.unheld_lsn;
+    let lag_ok = s.opts.max_lag.is_none_or(|max| s.stats.lag_ms.load(Ordering::Relaxed) <= max.as_millis() as u64);
+    if caught_up && lag_ok && !s.stats.backup_lost.load(Ordering::SeqCst) {
+        s.stats.protected.store(true, Ordering::SeqCst);
+        eprintln!("ftvm: the backup has caught up: PROTECTED");
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -315,9 +419,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Whether the oldest held output may go out: the backup has acknowledged the log up to it,
-/// or there is no backup any more.
+/// the link is not holding yet (catching up), or there is no backup any more.
 fn releasable(s: &Shared, h: &Held) -> bool {
     s.stats.backup_lost.load(Ordering::SeqCst)
+        || !s.stats.holding.load(Ordering::SeqCst)
         || h.lsn.is_none_or(|lsn| s.stats.acked_lsn.load(Ordering::SeqCst) >= lsn)
 }
 
@@ -325,23 +430,38 @@ fn releasable(s: &Shared, h: &Held) -> bool {
 /// (the count performed) on the heartbeat channel. Called where an acknowledgement arrives
 /// (no hand-off to another thread), where the backup is lost, when an output is handed over
 /// and, as a safety net, from the heartbeat loop. One thread performs at a time; another
-/// that finds the performer busy leaves its work to it.
+/// that finds the performer busy leaves its work to it. Nothing is performed without the
+/// arbiter: a primary that lost it halts (another copy may be live).
 fn release(s: &Shared) {
     loop {
-        let Ok(mut performer) = s.performer.try_lock() else { return };
+        let Ok(performer) = s.performer.try_lock() else { return };
         loop {
             let h = {
-                let mut held = lock(&s.held);
-                match held.front() {
-                    Some(front) if releasable(s, front) => held.pop_front().expect("front exists"),
+                let mut q = lock(&s.held);
+                match q.outputs.front() {
+                    Some(front) if releasable(s, front) => {
+                        let h = q.outputs.pop_front().expect("front exists");
+                        if !s.stats.holding.load(Ordering::SeqCst) {
+                            q.unheld_lsn = q.unheld_lsn.max(h.lsn.unwrap_or(0));
+                        }
+                        h
+                    }
                     _ => break,
                 }
             };
+            if !s.arbiter.valid() {
+                crate::halt(&format!(
+                    "the arbiter {} is lost ({}): not performing output #{}",
+                    s.arbiter.spec(),
+                    s.arbiter.lost().unwrap_or_else(|| "lease expired".into()),
+                    h.ordinal
+                ));
+            }
             crate::testing::crash_point(2, h.ordinal);
-            performer.sinks.perform(h.target, &h.bytes);
+            lock(&s.sinks).perform(h.target, &h.bytes);
             crate::testing::crash_point(3, h.ordinal);
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
-            send_output_done(s, &performer.udp);
+            send_output_done(s);
             if crate::testing::armed(4, h.ordinal) {
                 // Let heartbeats carry OUTPUT_DONE to the backup first.
                 std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
@@ -351,15 +471,49 @@ fn release(s: &Shared) {
         drop(performer);
         // Something may have become releasable after the last look and before the performer
         // was free again, by a thread that then left it to us: look once more.
-        if !lock(&s.held).front().is_some_and(|h| releasable(s, h)) {
+        if !lock(&s.held).outputs.front().is_some_and(|h| releasable(s, h)) {
             return;
         }
     }
 }
 
+/// Sends OUTPUT_DONE now (a heartbeat carrying the count of outputs performed), rather than
+/// waiting for the next periodic heartbeat.
+fn send_output_done(s: &Shared) {
+    let flags = if s.stats.protected.load(Ordering::SeqCst) { FLAG_PROTECTED } else { 0 };
+    s.heartbeats.send(&Heartbeat {
+        role: Role::Primary,
+        flags,
+        seq: 0,
+        outputs_done: s.stats.outputs_done.load(Ordering::SeqCst),
+        lsn: 0,
+        replayed: 0,
+    });
+}
+
+/// How often the lag is sampled (the log's position against the time).
+const LAG_SAMPLE: Duration = Duration::from_millis(1);
+/// How long the vCPU is held back at a time while the backup lags too far.
+const THROTTLE_STEP: Duration = Duration::from_millis(1);
+
 struct PrimaryGate {
     shared: Arc<Shared>,
     submitted: u64,
+    /// (the log's next LSN, when): the record at an LSN was written before the first sample
+    /// above it.
+    samples: VecDeque<(u64, Instant)>,
+}
+
+impl PrimaryGate {
+    /// How far the backup's replay is behind: the age of the oldest record it has not
+    /// replayed yet.
+    fn lag(&mut self, now: Instant) -> Duration {
+        let replayed = self.shared.stats.replayed_lsn.load(Ordering::Relaxed);
+        while self.samples.front().is_some_and(|(lsn, _)| *lsn <= replayed + 1) {
+            self.samples.pop_front();
+        }
+        self.samples.front().map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
 }
 
 impl OutputGate for PrimaryGate {
@@ -380,7 +534,7 @@ impl OutputGate for PrimaryGate {
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
         self.shared.stats.held.store(self.submitted, Ordering::Relaxed);
-        lock(&self.shared.held).push_back(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes });
+        lock(&self.shared.held).outputs.push_back(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes });
         // Usually not yet acknowledged: then this only looks at the front and returns.
         release(&self.shared);
         None
@@ -406,5 +560,39 @@ impl OutputGate for PrimaryGate {
         self.shared.stats.handing_over.store(true, Ordering::SeqCst);
         // Let the heartbeat thread send the hand-over beats.
         std::thread::sleep(crate::HEARTBEAT_INTERVAL * 3);
+    }
+
+    fn pace(&mut self, next_lsn: Option<u64>) {
+        let Some(lsn) = next_lsn else { return };
+        let now = Instant::now();
+        if self.samples.back().is_none_or(|(l, t)| *l < lsn && now.duration_since(*t) >= LAG_SAMPLE) {
+            if self.samples.len() >= 1 << 16 {
+                self.samples.pop_front();
+            }
+            self.samples.push_back((lsn, now));
+        }
+        if self.shared.stats.backup_lost.load(Ordering::Relaxed) {
+            self.samples.clear();
+            self.shared.stats.lag_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        let lag = self.lag(now);
+        let stats = &self.shared.stats;
+        stats.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
+        // Only a protected link is paced: a backup still catching up after a state transfer
+        // cannot take over anyway, and is not protected until it is within the bound.
+        let Some(max) = self.shared.opts.max_lag else { return };
+        if lag > max && stats.protected.load(Ordering::Relaxed) {
+            std::thread::sleep(THROTTLE_STEP);
+            stats.throttled_us.fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn drain(&mut self) {
+        let start = Instant::now();
+        while self.held() > 0 && start.elapsed() < Duration::from_secs(2) {
+            release(&self.shared);
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }

@@ -7,6 +7,35 @@ pub const HANDSHAKE_OK: u8 = 0x01;
 /// Handshake reply byte: refused; a u32 length and a UTF-8 reason follow.
 pub const HANDSHAKE_REFUSED: u8 = 0x02;
 
+/// The first byte a primary sends on a new connection: the log from the VM's boot follows.
+pub const MODE_BOOT: u8 = b'B';
+/// The first byte of a re-protection or a resync: a live state transfer, then the log from
+/// the point where the state was taken.
+pub const MODE_TRANSFER: u8 = b'T';
+
+/// State-transfer records (after `MODE_TRANSFER` and the accepted transfer header): a file
+/// of the staged snapshot begins (u16 name length, name, u64 size).
+pub const XFER_FILE: u8 = 1;
+/// Data of the current file: u64 offset, u32 length, bytes (only non-zero extents are sent).
+pub const XFER_DATA: u8 = 2;
+/// The snapshot manifest (u32 length, JSON); the transfer is complete, the log follows.
+pub const XFER_MANIFEST: u8 = 3;
+/// Largest data record of a transfer.
+pub const XFER_CHUNK: usize = 1 << 20;
+
+/// In place of an acknowledgement: the backup diverged and asks for a resync; a u32 length
+/// and a UTF-8 description of the divergence follow, then the backup closes the connection.
+pub const ACK_RESYNC: u64 = u64::MAX;
+
+/// Heartbeat flag (primary): every output performed so far was acknowledged first, and every
+/// later one will be: the backup may go live if this primary dies. Set from the start of a
+/// pair formed at boot; after a state transfer, once the backup has caught up.
+pub const FLAG_PROTECTED: u8 = 0x01;
+/// Heartbeat flag (primary): switchover, the backup is to take over now.
+pub const FLAG_HANDOVER: u8 = 0x02;
+/// Heartbeat flag (backup): diverged, waiting for a resync (never goes live like this).
+pub const FLAG_DIVERGED: u8 = 0x04;
+
 /// Who sent a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -14,19 +43,22 @@ pub enum Role {
     Backup = 2,
 }
 
-/// A heartbeat: 29 bytes, little-endian.
+/// A heartbeat: 38 bytes, little-endian.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     pub role: Role,
+    pub flags: u8,
     pub seq: u64,
     /// Primary: outputs performed so far (OUTPUT_DONE, cumulative). Backup: 0.
     pub outputs_done: u64,
     /// Backup: the last LSN acknowledged. Primary: the last LSN sent.
     pub lsn: u64,
+    /// Backup: the last LSN its replay consumed (the primary measures the lag by it).
+    pub replayed: u64,
 }
 
 impl Heartbeat {
-    pub const LEN: usize = 29;
+    pub const LEN: usize = 38;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
@@ -35,6 +67,8 @@ impl Heartbeat {
         b[5..13].copy_from_slice(&self.seq.to_le_bytes());
         b[13..21].copy_from_slice(&self.outputs_done.to_le_bytes());
         b[21..29].copy_from_slice(&self.lsn.to_le_bytes());
+        b[29] = self.flags;
+        b[30..38].copy_from_slice(&self.replayed.to_le_bytes());
         b
     }
 
@@ -49,7 +83,7 @@ impl Heartbeat {
             _ => return None,
         };
         let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        Some(Heartbeat { role, seq: u(5), outputs_done: u(13), lsn: u(21) })
+        Some(Heartbeat { role, flags: b[29], seq: u(5), outputs_done: u(13), lsn: u(21), replayed: u(30) })
     }
 }
 
@@ -59,7 +93,14 @@ mod tests {
 
     #[test]
     fn heartbeats_round_trip_and_garbage_is_ignored() {
-        let h = Heartbeat { role: Role::Primary, seq: 7, outputs_done: 42, lsn: 1000 };
+        let h = Heartbeat {
+            role: Role::Primary,
+            flags: FLAG_PROTECTED,
+            seq: 7,
+            outputs_done: 42,
+            lsn: 1000,
+            replayed: 990,
+        };
         assert_eq!(Heartbeat::decode(&h.encode()), Some(h));
         assert_eq!(Heartbeat::decode(b"nonsense"), None);
         let mut bad = h.encode();

@@ -18,6 +18,7 @@ pub mod legacy;
 pub mod memory;
 pub mod msr;
 pub mod pair;
+pub mod protect;
 pub mod recording;
 pub mod snapshot;
 pub mod syncpoint;

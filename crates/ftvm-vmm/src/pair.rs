@@ -66,6 +66,7 @@ impl Takeover {
                 }),
             )?;
             vloop.tap_readers.push(reader);
+            vloop.live_taps.push(tap.clone());
             if let Some(port) = vloop.nets.get_mut(i) {
                 vloop.events.replace_frames(port.stream, rx);
                 port.sink = Box::new(tap.clone());

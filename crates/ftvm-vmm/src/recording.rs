@@ -171,16 +171,183 @@ pub fn primary(
     let mut vm = Vm::build(config)?;
     vm.set_sync_bound(sync_bound);
     let header = header_for(&vm, kernel, initrd, disks, rtc);
-    vm.run_with(Journaling::Primary { link, header: Box::new(header) })
+    let settings = crate::protect::PairSettings {
+        key: link.key.clone(),
+        timeout: link.timeout,
+        max_lag: link.max_lag,
+        sync_bound,
+    };
+    vm.run_with(Journaling::Primary { link, header: Box::new(header), settings })
 }
 
-/// The backup of a fault-tolerant pair: `ftvm backup`.
-pub fn backup(config: VmConfig, link: ftvm_replication::backup::BackupConfig) -> Result<RunReport> {
-    let (kernel, initrd, disks) = images(&config)?;
-    // The backup opens its TAPs only when it goes live.
-    let vm = Vm::build_with(config, false)?;
-    let header = header_for(&vm, kernel, initrd, disks, 0);
-    vm.run_with(Journaling::Backup { link, header: Box::new(header) })
+/// The backup of a fault-tolerant pair: `ftvm backup`. It waits for a primary: one that
+/// boots with it (the log from boot), or a live one that sends its state first
+/// (re-protection). When its replay diverges it asks the primary for a resync and waits
+/// for it on the same address; if the primary dies meanwhile, it halts.
+pub fn backup(
+    config: VmConfig,
+    link: ftvm_replication::backup::BackupConfig,
+    max_lag: Option<std::time::Duration>,
+    sync_bound: Option<std::time::Duration>,
+) -> Result<RunReport> {
+    use ftvm_replication::link::{Listener, Mode};
+    let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
+    let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag, sync_bound };
+    let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
+    eprintln!("ftvm: backup listening on {}", link.listen);
+    if !link.key.is_authenticated() {
+        eprintln!("ftvm: warning: no --key-file: the replication channel is not authenticated");
+    }
+    let mut resyncs = 0u64;
+    // After a divergence: the old link's heartbeats, to notice the primary dying before
+    // it resyncs this backup.
+    let mut diverged: Option<(std::sync::Arc<ftvm_replication::link::Heartbeats>, std::time::Instant)> = None;
+    loop {
+        let timeout = link.timeout;
+        let mut primary_died = false;
+        let mut give_up = || {
+            let Some((hb, last_seen)) = &mut diverged else { return false };
+            while let Some(h) = hb.recv() {
+                if h.role == ftvm_replication::protocol::Role::Primary {
+                    *last_seen = std::time::Instant::now();
+                }
+            }
+            primary_died = last_seen.elapsed() > timeout;
+            primary_died
+        };
+        let Some(mut conn) = listener.accept(&mut give_up).map_err(pair)? else {
+            return Err(Error::Pair(format!(
+                "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
+                 halting: this backup's state is wrong and it does not go live",
+                timeout.as_millis()
+            )));
+        };
+        let (vm, ours) = match conn.mode {
+            Mode::Boot => {
+                let (kernel, initrd, disks) = images(&config)?;
+                // The backup opens its TAPs only when it goes live.
+                let vm = Vm::build_with(config.clone(), false)?;
+                let header = header_for(&vm, kernel, initrd, disks, 0);
+                (vm, header)
+            }
+            Mode::Transfer => receive_state(&mut conn, &config)?,
+        };
+        let transfer = conn.mode == Mode::Transfer;
+        let (backup, theirs, source) =
+            ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs).map_err(pair)?;
+        let backup = std::sync::Arc::new(backup);
+        let mut vm = vm;
+        vm.set_sync_bound(sync_bound);
+        let report = vm.run_with(Journaling::Backup {
+            backup: backup.clone(),
+            theirs: Box::new(theirs),
+            source,
+            settings: settings.clone(),
+        })?;
+        let went_live = backup.state.won_arbiter.load(std::sync::atomic::Ordering::SeqCst);
+        let divergence = match &report.outcome {
+            VmOutcome::ReplayStopped(ftvm_events::ReplayStop::Diverged(d)) if !went_live => Some(d.to_string()),
+            _ if backup.state.diverged.load(std::sync::atomic::Ordering::SeqCst) => {
+                Some("the replication stream was rejected".into())
+            }
+            _ => None,
+        };
+        let Some(why) = divergence else { return Ok(report) };
+        resyncs += 1;
+        let why = why.replace('\n', "; ");
+        eprintln!(
+            "ftvm: DIVERGED ({}): {why}; asking the primary for resync #{resyncs}",
+            if transfer { "after a state transfer" } else { "from boot" }
+        );
+        backup.request_resync(&why);
+        diverged = Some((backup.heartbeats.clone(), std::time::Instant::now()));
+    }
+}
+
+/// A backup receives a live VM's state: checks the primary's VM against its own (refusing
+/// with the differences), receives the staged snapshot into a directory of its own,
+/// restores it into its disks and memory. Returns the restored VM and its header.
+fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfig) -> Result<(Vm, LogHeader)> {
+    let pair = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| Error::Pair(format!("{what}: {e}"))
+    };
+    let theirs = ftvm_replication::link::read_blob(&mut *conn.reader, 1 << 24).map_err(pair("the transfer header"))?;
+    let theirs: LogHeader = serde_json::from_slice(&theirs)
+        .map_err(|e| Error::Pair(format!("the transfer header does not decode: {e}")))?;
+    let (kernel, initrd, disks) = images(config)?;
+    let built = Vm::build_with(config.clone(), false)?;
+    let ours = header_for(&built, kernel.clone(), initrd.clone(), disks.clone(), 0);
+    drop(built);
+    let differences = transfer_differences(&theirs, &ours);
+    if !differences.is_empty() {
+        let _ = ftvm_replication::link::answer(&mut *conn.writer, Some(&differences.join("\n")));
+        return Err(Error::Pair(format!(
+            "the primary's VM cannot continue here; it differs from this one in:\n  {}",
+            differences.join("\n  ")
+        )));
+    }
+    ftvm_replication::link::answer(&mut *conn.writer, None).map_err(pair("answering the primary"))?;
+    let started = std::time::Instant::now();
+    eprintln!("ftvm: receiving the state of the live VM from {}", conn.peer);
+    let dir = std::env::temp_dir().join(format!("ftvm-incoming-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let received = std::sync::atomic::AtomicU64::new(0);
+    let got = ftvm_replication::transfer::receive_dir(&mut *conn.reader, &dir, &received);
+    let restored = got.map_err(|e| Error::Pair(e.to_string())).and_then(|()| {
+        let host =
+            RestoreHost { console: config.console.clone(), nets: config.nets.clone(), disks: config.disks.clone() };
+        crate::snapshot::restore_snapshot(Snapshot::open(&dir)?, &host, false)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let vm = restored?;
+    eprintln!(
+        "ftvm: restored the primary's state ({} received) in {} ms; replaying its log since the cut",
+        ftvm_api::format_bytes(received.load(std::sync::atomic::Ordering::Relaxed)),
+        started.elapsed().as_millis()
+    );
+    let ours = header_for(&vm, kernel, initrd, disks, theirs.rtc_base_unix);
+    Ok((vm, ours))
+}
+
+fn unique() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What keeps a live VM from continuing on this backup: a different machine (memory,
+/// CPUID, kernel, ...), other network devices, or disks of another number or size (their
+/// contents come with the state).
+fn transfer_differences(theirs: &LogHeader, ours: &LogHeader) -> Vec<String> {
+    let mut out: Vec<String> = theirs
+        .compare(ours)
+        .into_iter()
+        .filter(|m| {
+            m.significant
+                && !m.field.starts_with("console")
+                && !m.field.starts_with("net")
+                && !m.field.starts_with("disks")
+                && !m.field.starts_with("extra")
+                && m.field != "rtc_base_unix"
+        })
+        .map(|m| m.to_string())
+        .collect();
+    if theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac) {
+        out.push("network devices (count or MAC addresses) differ".into());
+    }
+    if theirs.disks.len() != ours.disks.len() {
+        out.push(format!("the primary's VM has {} disk(s), this one {}", theirs.disks.len(), ours.disks.len()));
+    } else {
+        for (i, (t, o)) in theirs.disks.iter().zip(&ours.disks).enumerate() {
+            if t.size != o.size {
+                out.push(format!(
+                    "disk {i}: the primary's is {} bytes, this backup's ({}) {} bytes",
+                    t.size, o.path, o.size
+                ));
+            }
+        }
+    }
+    out
 }
 
 type Images = (ImageInfo, Option<ImageInfo>, Vec<ImageInfo>);

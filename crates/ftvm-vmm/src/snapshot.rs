@@ -402,7 +402,7 @@ impl SnapshotSource {
                         src.disks.iter().filter(|d| !d.readonly).map(|d| d.tracker.size()).sum(),
                     );
                     src.control.set_snapshot_progress(progress.clone());
-                    let outcome = take(&src, &dir, &mut progress, started);
+                    let outcome = take(&src, &dir, &mut progress, started, None);
                     progress.elapsed_ms = ms(started.elapsed());
                     match outcome {
                         Ok(()) => {
@@ -450,7 +450,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The directory must be new or empty, and writable.
-fn prepare_dir(dir: &Path) -> Result<()> {
+pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
     if dir.exists() {
         let mut entries =
             std::fs::read_dir(dir).map_err(snap_err(format!("{} is not a readable directory", dir.display())))?;
@@ -532,8 +532,18 @@ impl Drop for Subscriptions<'_> {
     }
 }
 
+/// Work done on the vCPU thread at the end of the paused round, right after the state was
+/// saved, before the guest runs again (a state transfer starts its new recording there).
+pub(crate) type CutHook = Box<dyn FnOnce(&mut crate::vcpu::VcpuLoop) -> Result<()> + Send>;
+
 /// The whole job: pre-copy rounds, the paused round on the vCPU thread, the manifest.
-fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, started: Instant) -> Result<()> {
+pub(crate) fn take(
+    src: &SnapshotSource,
+    dir: &Path,
+    progress: &mut SnapshotProgress,
+    started: Instant,
+    mut at_cut: Option<CutHook>,
+) -> Result<()> {
     let mem = src.tracker.memory();
     let image = Arc::new(MemoryImage::create(&dir.join(MEMORY), &mem)?);
     let mut subs = Subscriptions { src, memory: src.tracker.subscribe()?, disks: Vec::new() };
@@ -610,6 +620,9 @@ fn take(src: &SnapshotSource, dir: &Path, progress: &mut SnapshotProgress, start
             let guest_time = state.clock.guest_now;
             std::fs::write(&state_path, state.encode()?)
                 .map_err(snap_err(format!("cannot write {}", state_path.display())))?;
+            if let Some(hook) = at_cut.take() {
+                hook(vloop)?;
+            }
             Ok((CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) }, guest_time))
         })();
         // complete_pending_io clears `immediate_exit`, and with it a kick that came before

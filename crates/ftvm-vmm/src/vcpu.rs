@@ -285,6 +285,11 @@ pub struct VcpuLoop {
     pub(crate) sync_replay: crate::syncpoint::SyncReplayer,
     /// The MSRs a saved vCPU state holds.
     pub(crate) msr_indices: Vec<u32>,
+    /// A backup that went live: its TAPs (a re-protection performs outputs through them).
+    pub(crate) live_taps: Vec<ftvm_virtio::tap::Tap>,
+    /// A new recording started at this control point (a state transfer's cut): a halted
+    /// guest resumes as the restored backup's does, without waiting for a wake-up.
+    recording_restarted: bool,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -329,6 +334,8 @@ impl VcpuLoop {
             sync: None,
             sync_replay: Default::default(),
             msr_indices: Vec::new(),
+            live_taps: Vec::new(),
+            recording_restarted: false,
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -447,6 +454,8 @@ impl VcpuLoop {
             if let Some(outcome) = self.control_point() {
                 return Ok(outcome);
             }
+            // Not halted: the guest runs on from here anyway.
+            self.recording_restarted = false;
             // Replay: where the recording took a sync point, its state replaces the stretch.
             if self.events.mode() == Mode::Replay {
                 let applied = self.apply_sync_point()?;
@@ -867,6 +876,11 @@ impl VcpuLoop {
             if let Some(outcome) = self.control_point() {
                 return Ok(Some(outcome));
             }
+            if std::mem::take(&mut self.recording_restarted) {
+                // The backup restores this state and runs the guest on after its HLT at once
+                // (a restored VM is not halted): so does this side, for the same exits.
+                return Ok(None);
+            }
             // Nothing happens until the wake-up: let the backup have everything so far.
             self.events.flush_log();
             self.last_log_flush = std::time::Instant::now();
@@ -915,6 +929,43 @@ impl VcpuLoop {
 }
 
 impl VcpuLoop {
+    /// Starts a new recording into `log` here, between two exits (the cut of a live state
+    /// transfer, right after the state was saved): deterministic delivery from now on, sync
+    /// points with `sync_bound`, page hashes at checkpoints. Works for a primary that lost
+    /// its backup (the old recording is dropped) and for a backup that went live.
+    pub(crate) fn start_recording(
+        &mut self,
+        log: ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>,
+        sync_bound: Option<std::time::Duration>,
+    ) -> Result<()> {
+        self.events.start_recording(log);
+        self.delivery = Delivery::AtExits;
+        // The prompt deadline timer of a live VM: a kick from it is harmless (not counted),
+        // but interrupts now go in at counted exits only.
+        self.timer = None;
+        self.vcpu.get_kvm_run().request_interrupt_window = 0;
+        self.vcpu.set_sync_valid_reg(SyncReg::Register);
+        let tracker = self.tracker.clone().ok_or_else(|| Error::Thread("no dirty tracker".into()))?;
+        if self.hash_consumer.is_none() {
+            self.hash_consumer = Some(tracker.subscribe()?);
+        }
+        if let Some(consumer) = self.hash_consumer {
+            // The first checkpoint hashes the pages dirtied since the cut.
+            tracker.take(consumer)?;
+        }
+        let old = self.sync.take();
+        if let Some(bound) = sync_bound {
+            let mut sync = crate::syncpoint::SyncRecorder::start(bound, self.kicker.clone(), tracker)?;
+            if let Some(old) = old {
+                sync.stats = old.stats;
+            }
+            self.sync = Some(sync);
+        }
+        self.sync_replay = Default::default();
+        self.recording_restarted = true;
+        Ok(())
+    }
+
     /// Performs a sink write for an output released by the pair.
     pub(crate) fn perform(&mut self, target: OutputTarget, bytes: &[u8]) {
         match target {
@@ -1002,6 +1053,9 @@ impl VcpuLoop {
     /// was paused.
     fn control_point(&mut self) -> Option<VmOutcome> {
         self.run_tasks();
+        if let Some(g) = &mut self.gate {
+            g.pace(self.events.log_next_lsn());
+        }
         let control = self.control.clone()?;
         control.publish(&self.status_figures());
         if control.switchover_requested() && self.gate.is_some() {

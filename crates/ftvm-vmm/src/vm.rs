@@ -171,9 +171,19 @@ pub enum Journaling {
     /// network device) instead of a TAP.
     Replay { log: ftvm_log::LogReader<Box<dyn Read + Send>>, net_sinks: Vec<NetSink> },
     /// `ftvm primary`: record into a stream to the backup, outputs held until acknowledged.
-    Primary { link: ftvm_replication::primary::PrimaryConfig, header: Box<ftvm_log::LogHeader> },
-    /// `ftvm backup`: replay the primary's stream; go live when it dies.
-    Backup { link: ftvm_replication::backup::BackupConfig, header: Box<ftvm_log::LogHeader> },
+    Primary {
+        link: ftvm_replication::primary::PrimaryConfig,
+        header: Box<ftvm_log::LogHeader>,
+        settings: crate::protect::PairSettings,
+    },
+    /// `ftvm backup`: replay the primary's stream (its link already started, its header
+    /// checked); go live when it dies.
+    Backup {
+        backup: Arc<ftvm_replication::backup::Backup>,
+        theirs: Box<ftvm_log::LogHeader>,
+        source: Box<dyn ftvm_events::RecordSource>,
+        settings: crate::protect::PairSettings,
+    },
 }
 
 impl Vm {
@@ -312,32 +322,53 @@ impl Vm {
             });
             c.set_snapshot_starter(Some(source.starter()));
         }
-        // The pair: the primary's link (with its held outputs), or the backup's.
+        // The pair: the primary's link (with its held outputs), or the backup's; either may
+        // later take a new backup (re-protection, resync) through its protection.
         let mut gate = None;
         let mut takeover = None;
-        let mut pair_primary = None;
+        let mut protection = None;
         let mut pair_backup = None;
         let mut backup_source = None;
+        let pair_settings = match &journaling {
+            Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
+            _ => None,
+        };
+        if let Some(settings) = pair_settings {
+            let source = crate::snapshot::SnapshotSource {
+                tracker: tracker.clone(),
+                disks: self.disks.clone(),
+                header: crate::recording::snapshot_header(&self, rtc_base)?,
+                tasks: tasks.clone(),
+                // Its own progress reports (re-protection reports its own).
+                control: ftvm_api::VmControl::new(),
+            };
+            let header = source.header.clone();
+            let p = crate::protect::Protection::new(settings, source, control.clone(), header);
+            if let Some(c) = &control {
+                let p = p.clone();
+                c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
+            }
+            protection = Some(p);
+        }
         let journaling = match journaling {
-            Journaling::Primary { link, header } => {
+            Journaling::Primary { link, header, .. } => {
                 let mut header = *header;
                 header.rtc_base_unix = rtc_base;
                 let console = console_sink(&self.config.console)?;
-                let sinks = crate::pair::HostSinks { console, taps: self.taps.clone() };
-                let (primary, writer, stats) =
-                    ftvm_replication::primary::Primary::start(&link, &header, Box::new(sinks))
-                        .map_err(|e| Error::Pair(e.to_string()))?;
-                if let Some(c) = &control {
-                    // The header went out in the handshake, before the link counts bytes.
-                    c.set_pair_source(Some(primary_figures(stats, writer.bytes_written())));
-                }
+                let sinks: ftvm_replication::primary::SharedSinks =
+                    Arc::new(std::sync::Mutex::new(Box::new(crate::pair::HostSinks {
+                        console,
+                        taps: self.taps.clone(),
+                    })));
+                let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)
+                    .map_err(|e| Error::Pair(e.to_string()))?;
                 gate = Some(primary.gate());
-                pair_primary = Some(primary);
+                if let Some(p) = &protection {
+                    p.set_boot_link(primary, link.backup);
+                }
                 Journaling::Record(writer)
             }
-            Journaling::Backup { link, header } => {
-                let (backup, theirs, source) =
-                    ftvm_replication::backup::Backup::listen(&link, &header).map_err(|e| Error::Pair(e.to_string()))?;
+            Journaling::Backup { backup, theirs, source, .. } => {
                 rtc_base = theirs.rtc_base_unix;
                 gate = Some(backup.gate());
                 if let Some(c) = &control {
@@ -349,6 +380,9 @@ impl Vm {
                     guest_ip: crate::pair::guest_ip(&theirs.cmdline),
                     state: backup.state.clone(),
                 });
+                if let Some(p) = &protection {
+                    p.set_backup_arbiter(backup.arbiter.clone());
+                }
                 pair_backup = Some(backup);
                 backup_source = Some(source);
                 Journaling::Live
@@ -456,9 +490,12 @@ impl Vm {
             c.mark_stopped();
             c.set_waker(None);
             c.set_snapshot_starter(None);
+            c.set_protect_starter(None);
         }
         drop(stop_watch);
-        drop(pair_primary);
+        // The pair's link goes with the VM (what it still holds goes out first).
+        drop(protection.as_ref().and_then(|p| p.finish()));
+        drop(protection);
         drop(pair_backup);
         for (tap, reader) in self.taps.iter().zip(&readers) {
             if reader.dropped() > 0 {
@@ -642,17 +679,26 @@ fn api_role(journaling: &Journaling) -> ftvm_api::Role {
 
 type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
 
-/// A primary's figures, from its link's counters.
-fn primary_figures(stats: Arc<ftvm_replication::primary::PairStats>, header_bytes: u64) -> PairSource {
+/// A primary's figures, from its link's counters (and its protection's).
+pub(crate) fn primary_figures(
+    stats: Arc<ftvm_replication::primary::PairStats>,
+    protection: std::sync::Weak<crate::protect::Protection>,
+) -> PairSource {
     use std::sync::atomic::Ordering::Relaxed;
     Box::new(move || {
         let lost = stats.backup_lost.load(Relaxed);
+        let p = protection.upgrade();
         ftvm_api::PairFigures {
-            protected: !lost,
+            protected: !lost && stats.protected.load(Relaxed),
             acked_lsn: Some(stats.acked_lsn.load(Relaxed)),
-            sent_bytes: Some(header_bytes + stats.sent_bytes.load(Relaxed)),
+            sent_bytes: Some(stats.sent_bytes.load(Relaxed)),
             outputs_done: stats.outputs_done.load(Relaxed),
             backup_lost: lost,
+            resyncs: p.as_ref().map_or(0, |p| p.resyncs()),
+            failovers: p.as_ref().map_or(0, |p| p.failovers()),
+            replay_lag_ms: (!lost).then(|| stats.lag_ms.load(Relaxed)),
+            throttled_ms: Some(stats.throttled_us.load(Relaxed) / 1000),
+            catching_up: !lost && !stats.protected.load(Relaxed),
             ..Default::default()
         }
     })
@@ -670,6 +716,7 @@ fn backup_figures(state: Arc<ftvm_replication::backup::BackupState>) -> PairSour
             outputs_done: state.outputs_done.load(Relaxed),
             halted,
             primary_silence_ms: (won || halted).then(|| state.silence_ms.load(Relaxed)),
+            resyncs: state.resyncs.load(Relaxed),
             ..Default::default()
         }
     })

@@ -120,13 +120,40 @@ enum CtlAction {
         #[arg(long)]
         json: bool,
     },
+    /// Bring a live VM (a primary without a backup, or a backup that took over) back under
+    /// protection: a new backup, started with `ftvm backup --listen ADDR` and the same VM
+    /// options, gets the VM's state by a live transfer while the VM keeps serving (memory
+    /// pre-copied with dirty logging, the disks through their dirty-block maps, a short pause
+    /// for the last pages and the vCPU and device state), then the log from that point. Its
+    /// disk image is overwritten with the primary's. Shows the progress until the backup has
+    /// caught up.
+    Protect {
+        #[arg(value_name = "HOST:PORT")]
+        backup: std::net::SocketAddr,
+        /// Print the final progress report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
 struct PairArgs {
-    /// The arbiter: a lock file both sides reach (one host or a shared filesystem).
-    #[arg(long, value_name = "PATH", default_value = "/tmp/ftvm-arbiter.lock")]
-    arbiter: PathBuf,
+    /// The arbiter that makes sure only one side is live: a lock file both sides reach (one
+    /// host or a shared filesystem; it detects process death), or an etcd lease,
+    /// `etcd://HOST:PORT/KEY[?ttl=SECONDS]` (multi-host; a side performs outputs only while
+    /// its lease is valid and halts when it loses it; a failover waits for the lease to expire).
+    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY", default_value = "/tmp/ftvm-arbiter.lock")]
+    arbiter: ftvm_replication::arbiter::ArbiterSpec,
+    /// The pre-shared key that authenticates the replication channel (an HMAC-SHA256 on every
+    /// frame and heartbeat, with sequence numbers): a file of 32+ hex digits or 16+ raw bytes,
+    /// the same on both sides (`openssl rand -hex 32 > key`). Without it the channel is
+    /// checked for integrity only, and ftvm says so.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Milliseconds the backup's replay may lag behind before the primary slows its vCPU
+    /// down (as VMware FT does), which bounds the failover time; 0: no bound.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    max_lag: u64,
     /// Milliseconds without a heartbeat after which the peer is taken for dead (heartbeats
     /// go every 50 ms). 300 lets a backup go live before a client's TCP retransmits a
     /// request lost with the primary for the second time (200 and 400 ms after it was sent).
@@ -154,6 +181,8 @@ struct BackupArgs {
     listen: std::net::SocketAddr,
     #[command(flatten)]
     pair: PairArgs,
+    #[command(flatten)]
+    sync: SyncArgs,
     #[command(flatten)]
     vm: RunArgs,
 }
@@ -197,6 +226,19 @@ struct SyncArgs {
     /// events then wait for the next exit.
     #[arg(long, value_name = "MS", default_value_t = 10)]
     sync_bound: u64,
+}
+
+impl PairArgs {
+    fn key(&self) -> Result<ftvm_replication::secure::Key, String> {
+        match &self.key_file {
+            Some(path) => ftvm_replication::secure::Key::load(path).map_err(|e| e.to_string()),
+            None => Ok(ftvm_replication::secure::Key::unauthenticated()),
+        }
+    }
+
+    fn max_lag(&self) -> Option<std::time::Duration> {
+        (self.max_lag > 0).then(|| std::time::Duration::from_millis(self.max_lag))
+    }
 }
 
 impl SyncArgs {
@@ -331,23 +373,43 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Log(LogCommand::Inspect { path, json, events }) => inspect(&path, json, events),
         Command::Primary(args) => {
+            let key = match args.pair.key() {
+                Ok(k) => k,
+                Err(e) => return usage_error(&e),
+            };
+            if !key.is_authenticated() {
+                eprintln!("ftvm: warning: no --key-file: the replication channel is not authenticated");
+            }
             let link = ftvm_replication::primary::PrimaryConfig {
                 backup: args.backup,
-                arbiter: args.pair.arbiter,
+                arbiter: args.pair.arbiter.clone(),
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 connect_wait: std::time::Duration::from_secs(60),
+                key,
+                max_lag: args.pair.max_lag(),
             };
             finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.bound()))
         }
         Command::Backup(args) => {
+            let key = match args.pair.key() {
+                Ok(k) => k,
+                Err(e) => return usage_error(&e),
+            };
             let link = ftvm_replication::backup::BackupConfig {
                 listen: args.listen,
-                arbiter: args.pair.arbiter,
+                arbiter: args.pair.arbiter.clone(),
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
+                key,
             };
-            finish(ftvm_vmm::recording::backup(vm_config(args.vm), link))
+            let (max_lag, sync) = (args.pair.max_lag(), args.sync.bound());
+            finish(ftvm_vmm::recording::backup(vm_config(args.vm), link, max_lag, sync))
         }
     }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("ftvm: error: {message}");
+    ExitCode::from(2)
 }
 
 /// Starts the API server on `path` and connects it to the VM this process will run.
@@ -379,6 +441,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
         }),
         CtlAction::Resume => client::resume(path).map(|state| println!("{state}")),
         CtlAction::Snapshot { dir, json } => return snapshot(path, &dir, json),
+        CtlAction::Protect { backup, json } => return protect(path, backup, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -386,6 +449,43 @@ fn ctl(args: CtlArgs) -> ExitCode {
             eprintln!("ftvm: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `ftvm ctl PATH protect ADDR`: starts the re-protection, follows its progress, reports.
+fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> ExitCode {
+    use ftvm_api::client;
+    if let Err(e) = client::start_protect(path, backup) {
+        eprintln!("ftvm: error: {e}");
+        return ExitCode::from(1);
+    }
+    let mut shown = String::new();
+    loop {
+        let progress = match client::protect_progress(path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("ftvm: error: lost the VM during the re-protection: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if progress.phase.is_over() {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&progress).unwrap_or_default());
+            } else {
+                println!("{progress}");
+            }
+            return if progress.phase == ftvm_api::ProtectPhase::Protected {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
+        let line = progress.to_string();
+        if line != shown && !json {
+            eprintln!("{line}");
+            shown = line;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

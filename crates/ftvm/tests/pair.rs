@@ -241,22 +241,69 @@ fn crash_window_4_after_output_done_the_backup_skips_it() {
 }
 
 #[test]
-fn a_peer_speaking_another_protocol_is_refused() {
+fn a_peer_speaking_another_protocol_is_refused_and_the_backup_waits_on() {
     if !kvm_available() {
         return;
     }
     let dir = scratch("pair-garbage");
     let addr = format!("127.0.0.1:{}", port(20));
-    let mut b = side("backup", &addr, &dir.join("arbiter.lock"), &dir.join("b.txt"), "hello.wait_ms=100");
+    let arbiter = dir.join("arbiter.lock");
+    let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), "hello.wait_ms=100");
     std::thread::sleep(Duration::from_millis(300));
     {
-        use std::io::Write;
+        use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read(&mut [0u8; 64]);
     }
-    let (code, err) = wait(&mut b, Duration::from_secs(10));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("not an ftvm log"), "{err}");
+    // The backup refused it and still waits: a real primary pairs with it afterwards.
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), "hello.wait_ms=100");
+    let (pc, perr) = wait(&mut p, Duration::from_secs(30));
+    let (bc, berr) = wait(&mut b, Duration::from_secs(10));
+    assert_eq!((pc, bc), (Some(0), Some(0)), "primary:\n{perr}\nbackup:\n{berr}");
+    assert!(berr.contains("not an ftvm replication peer"), "{berr}");
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_is_rejected() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-wrong-key");
+    let addr = format!("127.0.0.1:{}", port(22));
+    let (ka, kb) = (dir.join("a.key"), dir.join("b.key"));
+    std::fs::write(&ka, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::write(&kb, "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n").unwrap();
+    let arbiter = dir.join("arbiter.lock");
+    let kbs = kb.display().to_string();
+    let mut b = side_keyed("backup", &addr, &arbiter, &dir.join("b.txt"), &kbs);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = side_keyed("primary", &addr, &arbiter, &dir.join("p.txt"), &ka.display().to_string());
+    let (pc, perr) = wait(&mut p, Duration::from_secs(20));
+    assert_eq!(pc, Some(1), "{perr}");
+    assert!(perr.contains("key"), "the primary says why: {perr}");
+    // The backup reported the rejected peer and waits on; the right key pairs.
+    let mut p = side_keyed("primary", &addr, &arbiter, &dir.join("p.txt"), &kbs);
+    let (pc, perr) = wait(&mut p, Duration::from_secs(30));
+    let (bc, berr) = wait(&mut b, Duration::from_secs(10));
+    assert_eq!((pc, bc), (Some(0), Some(0)), "primary:\n{perr}\nbackup:\n{berr}");
+    assert!(berr.contains("refused a connection") && berr.contains("key"), "{berr}");
+    assert!(!perr.contains("not authenticated"), "{perr}");
+}
+
+fn side_keyed(role: &str, addr: &str, arbiter: &Path, console: &Path, key: &str) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    c.arg(role);
+    if role == "backup" {
+        c.args(["--listen", addr]);
+    } else {
+        c.args(["--backup", addr]);
+    }
+    c.args(["--timeout", "1200", "--key-file", key]).arg("--arbiter").arg(arbiter);
+    c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=100"]);
+    c.arg("--console").arg(format!("file:{}", console.display()));
+    c.stderr(Stdio::piped()).spawn().unwrap()
 }
 
 #[test]

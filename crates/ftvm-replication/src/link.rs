@@ -1,0 +1,256 @@
+//! One replication connection between a primary and a backup: the authenticated TCP stream
+//! (log and state one way, acknowledgements the other) and the heartbeat socket, whose
+//! datagrams are sealed with the same session's keys.
+//!
+//! The primary connects; the backup listens. A backup keeps its listener for its whole life:
+//! after a divergence it waits there for the primary's resync, a new connection.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Heartbeat, MODE_BOOT, MODE_TRANSFER};
+use crate::secure::{self, DatagramOpener, DatagramSealer, Key};
+use crate::{io, Error, Result, HEARTBEAT_POLL};
+
+/// How long the authentication handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a new connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The log from the VM's boot (both sides booted the same images).
+    Boot,
+    /// A live state transfer, then the log from where the state was taken.
+    Transfer,
+}
+
+/// The heartbeat socket of one session: datagrams sealed and checked with its keys.
+pub struct Heartbeats {
+    udp: UdpSocket,
+    /// Where heartbeats go (the backup learns it from the first one accepted).
+    peer: Mutex<Option<SocketAddr>>,
+    sealer: Mutex<DatagramSealer>,
+    opener: Mutex<DatagramOpener>,
+    /// Datagrams that failed authentication (altered, replayed, another session's).
+    pub rejected: AtomicU64,
+    last_report: Mutex<Option<Instant>>,
+}
+
+impl Heartbeats {
+    pub fn send(&self, hb: &Heartbeat) {
+        let sealed = lock(&self.sealer).seal(&hb.encode());
+        if let Some(peer) = *lock(&self.peer) {
+            let _ = self.udp.send_to(&sealed, peer);
+        }
+    }
+
+    /// Waits up to [`HEARTBEAT_POLL`] for a heartbeat that passes authentication.
+    pub fn recv(&self) -> Option<Heartbeat> {
+        let mut buf = [0u8; 256];
+        let (n, from) = self.udp.recv_from(&mut buf).ok()?;
+        match lock(&self.opener).open(&buf[..n]) {
+            Ok(payload) => {
+                let hb = Heartbeat::decode(&payload)?;
+                lock(&self.peer).get_or_insert(from);
+                Some(hb)
+            }
+            Err(e) => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                let mut last = lock(&self.last_report);
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    *last = Some(Instant::now());
+                    eprintln!("ftvm: rejected a heartbeat datagram from {from}: {e}");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// An established, authenticated connection.
+pub struct Connection {
+    pub peer: SocketAddr,
+    pub mode: Mode,
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    pub heartbeats: std::sync::Arc<Heartbeats>,
+    stream: TcpStream,
+}
+
+impl Connection {
+    /// Primary: connects to the backup at `addr` (waiting up to `wait` for it to listen),
+    /// authenticates and announces what follows.
+    pub fn connect(addr: SocketAddr, key: &Key, wait: Duration, mode: Mode) -> Result<Connection> {
+        let start = Instant::now();
+        let mut announced = false;
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < wait => {
+                    if !announced {
+                        eprintln!("ftvm: waiting for the backup at {addr} ({e})");
+                        announced = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(Error::Io(format!("cannot reach the backup at {addr}: {e}"))),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let clone = stream.try_clone().map_err(io("socket"))?;
+        let (mut writer, reader, keys) = secure::handshake(clone, key, true, HANDSHAKE_TIMEOUT)
+            .map_err(|e| Error::Handshake(format!("with the backup at {addr}: {e}")))?;
+        writer
+            .write_all(&[match mode {
+                Mode::Boot => MODE_BOOT,
+                Mode::Transfer => MODE_TRANSFER,
+            }])
+            .and_then(|_| writer.flush())
+            .map_err(io("sending to the backup"))?;
+        let udp = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
+        udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
+        let heartbeats = heartbeats(udp, Some(addr), keys.sealer(), keys.opener());
+        Ok(Connection { peer: addr, mode, reader: Box::new(reader), writer: Box::new(writer), heartbeats, stream })
+    }
+
+    /// Shuts the TCP connection down both ways (the peer sees it closed at once).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// A handle that can shut the connection down later, from another thread.
+    pub fn shutdown_handle(&self) -> Result<TcpStream> {
+        self.stream.try_clone().map_err(io("socket"))
+    }
+}
+
+fn heartbeats(
+    udp: UdpSocket,
+    peer: Option<SocketAddr>,
+    sealer: DatagramSealer,
+    opener: DatagramOpener,
+) -> std::sync::Arc<Heartbeats> {
+    std::sync::Arc::new(Heartbeats {
+        udp,
+        peer: Mutex::new(peer),
+        sealer: Mutex::new(sealer),
+        opener: Mutex::new(opener),
+        rejected: AtomicU64::new(0),
+        last_report: Mutex::new(None),
+    })
+}
+
+/// A backup's listening sockets (TCP for the stream, UDP for heartbeats, on one address).
+pub struct Listener {
+    tcp: TcpListener,
+    udp: UdpSocket,
+    key: Key,
+    pub addr: SocketAddr,
+}
+
+impl Listener {
+    pub fn bind(addr: SocketAddr, key: &Key) -> Result<Listener> {
+        let tcp = TcpListener::bind(addr).map_err(io(format!("cannot listen on {addr}")))?;
+        let udp = UdpSocket::bind(addr).map_err(io(format!("cannot bind UDP {addr}")))?;
+        udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
+        Ok(Listener { tcp, udp, key: key.clone(), addr })
+    }
+
+    /// Waits for a primary until `give_up` says to stop (checked every few milliseconds).
+    /// A peer that fails authentication is reported and refused; the wait goes on.
+    pub fn accept(&self, give_up: &mut dyn FnMut() -> bool) -> Result<Option<Connection>> {
+        self.tcp.set_nonblocking(true).map_err(io("listen"))?;
+        loop {
+            match self.tcp.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(false).map_err(io("socket"))?;
+                    let _ = stream.set_nodelay(true);
+                    match self.authenticate(stream, peer) {
+                        Ok(c) => return Ok(Some(c)),
+                        Err(e) => eprintln!("ftvm: refused a connection from {peer}: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if give_up() {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(Error::Io(format!("accept: {e}"))),
+            }
+        }
+    }
+
+    fn authenticate(&self, stream: TcpStream, peer: SocketAddr) -> Result<Connection> {
+        let clone = stream.try_clone().map_err(io("socket"))?;
+        let (writer, mut reader, keys) = secure::handshake(clone, &self.key, false, HANDSHAKE_TIMEOUT)
+            .map_err(|e| Error::Handshake(e.to_string()))?;
+        reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io("socket"))?;
+        let mut mode = [0u8; 1];
+        reader.read_exact(&mut mode).map_err(io("reading the connection's mode"))?;
+        reader.set_read_timeout(None).map_err(io("socket"))?;
+        let mode = match mode[0] {
+            MODE_BOOT => Mode::Boot,
+            MODE_TRANSFER => Mode::Transfer,
+            other => return Err(Error::Handshake(format!("unknown connection mode {other:#x}"))),
+        };
+        let udp = self.udp.try_clone().map_err(io("udp"))?;
+        let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
+        Ok(Connection { peer, mode, reader: Box::new(reader), writer: Box::new(writer), heartbeats, stream })
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes a length-prefixed (u32) byte string.
+pub fn write_blob(w: &mut dyn Write, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(bytes)
+}
+
+/// Reads a length-prefixed byte string of at most `max` bytes.
+pub fn read_blob(r: &mut dyn Read, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes (at most {max} expected)"),
+        ));
+    }
+    let mut b = vec![0u8; len];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+/// Sends a handshake answer: accepted, or refused with the reason.
+pub fn answer(w: &mut dyn Write, refusal: Option<&str>) -> std::io::Result<()> {
+    match refusal {
+        None => w.write_all(&[crate::protocol::HANDSHAKE_OK])?,
+        Some(why) => {
+            w.write_all(&[crate::protocol::HANDSHAKE_REFUSED])?;
+            write_blob(w, why.as_bytes())?;
+        }
+    }
+    w.flush()
+}
+
+/// Reads a handshake answer: `Ok(())` accepted, `Err(reason)` refused.
+pub fn read_answer(r: &mut dyn Read) -> Result<std::result::Result<(), String>> {
+    let mut reply = [0u8; 1];
+    r.read_exact(&mut reply).map_err(io("waiting for the backup's answer"))?;
+    match reply[0] {
+        crate::protocol::HANDSHAKE_OK => Ok(Ok(())),
+        crate::protocol::HANDSHAKE_REFUSED => {
+            let why = read_blob(r, 1 << 16).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            Ok(Err(why))
+        }
+        other => Err(Error::Handshake(format!("unexpected answer byte {other:#x}"))),
+    }
+}
