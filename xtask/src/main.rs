@@ -97,6 +97,39 @@ fn guests() -> Result<()> {
     if !failed.is_empty() {
         bail!("guest contract broken by: {}", failed.join(", "));
     }
+    build_contract_breaker(&root, &build_dir, &out_dir)
+}
+
+/// `kvstore-rdtsc.elf`: the kvstore built with its `rdtsc` feature, which reads the TSC in
+/// ring 3 and so breaks the guest contract on purpose (the pair's divergence and resync
+/// tests run it). The checker must find exactly that: RDTSC, and nothing else.
+fn build_contract_breaker(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(root.join("guests"))
+        .args(["build", "--release", "-p", "kvstore", "--features", "rdtsc", "--target", GUEST_TARGET])
+        .arg("--target-dir")
+        .arg(build_dir.join("rdtsc"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status()
+        .context("running cargo build for kvstore --features rdtsc")?;
+    if !status.success() {
+        bail!("building kvstore-rdtsc failed ({status})");
+    }
+    let built = build_dir.join("rdtsc").join(GUEST_TARGET).join("release").join("kvstore");
+    let elf = out_dir.join("kvstore-rdtsc.elf");
+    std::fs::copy(&built, &elf).with_context(|| format!("copying {} to {}", built.display(), elf.display()))?;
+    let bytes = std::fs::read(&elf).with_context(|| format!("reading {}", elf.display()))?;
+    let report = check::check_elf(&bytes).with_context(|| format!("checking {}", elf.display()))?;
+    let rdtsc = report.violations.iter().filter(|v| v.instruction.starts_with("rdtsc")).count();
+    if rdtsc == 0 || rdtsc != report.violations.len() {
+        bail!("{}: expected RDTSC violations only, found: {:?}", elf.display(), report.violations);
+    }
+    println!("{}: breaks the guest contract on purpose ({rdtsc} RDTSC in ring 3), for the divergence tests", elf.display());
     Ok(())
 }
 

@@ -205,6 +205,8 @@ impl Primary {
             path: cfg.arbiter.to_string(),
             why: "held by someone else: another live copy of this VM runs".into(),
         })?;
+        // A lease lost later halts this side at once: the backup may be live by then.
+        arbiter.on_lost(Box::new(|why| crate::halt(&format!("the arbiter was lost ({why})"))));
         let arbiter = Arc::new(arbiter);
         let mut conn = Connection::connect(cfg.backup, &cfg.key, cfg.connect_wait, Mode::Boot)?;
         let (log, rx) = log_channel(header)?;

@@ -962,6 +962,8 @@ impl VcpuLoop {
             self.sync = Some(sync);
         }
         self.sync_replay = Default::default();
+        // Outputs are numbered from 0 in the new log.
+        self.last_output = None;
         self.recording_restarted = true;
         Ok(())
     }

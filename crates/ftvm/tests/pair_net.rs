@@ -1,6 +1,8 @@
 //! The pair on the namespaced test network with real clients: SIGKILL of the primary while
 //! redis-benchmark runs and a checker holds one TCP connection; SIGKILL of the backup; a cut
-//! replication link. Needs root, /dev/kvm, redis-tools and python3.
+//! replication link; re-protection after a failover and a second failover; a guest that
+//! breaks the determinism contract, resynced; the lag bound. Needs root, /dev/kvm,
+//! redis-tools and python3.
 
 mod common;
 
@@ -14,39 +16,107 @@ fn blank_disk(path: &Path) {
     std::fs::File::create(path).unwrap().set_len(64 << 20).unwrap();
 }
 
-fn start_side(net: &Topology, role: &str, dir: &Path) -> Child {
-    let (ns, peer_arg, disk) = if role == "primary" {
-        ("h1", ["--backup", "10.99.0.2:7000"], dir.join("a.img"))
-    } else {
-        ("h2", ["--listen", "10.99.0.2:7000"], dir.join("b.img"))
-    };
-    net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"))
-        .arg(role)
-        .args(peer_arg)
-        .args(["--timeout", "1200"])
-        .arg("--arbiter")
-        .arg(dir.join("arbiter.lock"))
-        .arg("--kernel")
-        .arg(guest("kvstore"))
-        .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
-        .arg(disk)
-        .arg("--console")
-        .arg(format!("file:{}", dir.join(format!("{role}.txt")).display()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// One side of a pair: `role` on host `ns` ("h1" at 10.99.0.1, "h2" at 10.99.0.2), talking
+/// to `peer` (the backup's address); its API socket is `DIR/NS-ROLE.sock`.
+struct Side<'a> {
+    ns: &'a str,
+    role: &'a str,
+    peer: &'a str,
+    guest: &'a str,
+    extra: Vec<String>,
+    env: Vec<(&'a str, &'a str)>,
 }
 
-fn pair(tag: &str) -> (Topology, std::path::PathBuf, Child, Child) {
+impl<'a> Side<'a> {
+    fn new(ns: &'a str, role: &'a str, peer: &'a str) -> Self {
+        Side { ns, role, peer, guest: "kvstore", extra: Vec::new(), env: Vec::new() }
+    }
+
+    fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.to_string());
+        self
+    }
+
+    fn start(&self, net: &Topology, dir: &Path) -> Child {
+        let disk = dir.join(if self.ns == "h1" { "a.img" } else { "b.img" });
+        let peer_flag = if self.role == "primary" { "--backup" } else { "--listen" };
+        let mut c = net.cmd(self.ns, env!("CARGO_BIN_EXE_ftvm"));
+        c.arg(self.role)
+            .args([peer_flag, self.peer])
+            .args(["--timeout", "1200"])
+            .arg("--arbiter")
+            .arg(dir.join("arbiter.lock"))
+            .arg("--key-file")
+            .arg(dir.join("pair.key"))
+            .arg("--api-socket")
+            .arg(api(dir, self.ns, self.role))
+            .arg("--kernel")
+            .arg(guest(self.guest))
+            .args(["--cmdline", "ip=10.0.0.2/24 kvstore.rdtsc=1", "--net", "tap=tap0", "--rng", "--disk"])
+            .arg(disk)
+            .arg("--console")
+            .arg(format!("file:{}", dir.join(format!("{}-{}.txt", self.ns, self.role)).display()))
+            .args(&self.extra)
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.spawn().unwrap()
+    }
+}
+
+fn api(dir: &Path, ns: &str, role: &str) -> std::path::PathBuf {
+    dir.join(format!("{ns}-{role}.sock"))
+}
+
+fn start_side(net: &Topology, role: &str, dir: &Path) -> Child {
+    let ns = if role == "primary" { "h1" } else { "h2" };
+    Side::new(ns, role, "10.99.0.2:7000").start(net, dir)
+}
+
+/// The network, a scratch directory with blank disks and the pair's key.
+fn setup(tag: &str) -> (Topology, std::path::PathBuf) {
     let dir = scratch(tag);
     let net = Topology::up(tag, 2);
     blank_disk(&dir.join("a.img"));
     blank_disk(&dir.join("b.img"));
+    std::fs::write(dir.join("pair.key"), "5ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e700\n").unwrap();
+    (net, dir)
+}
+
+fn pair(tag: &str) -> (Topology, std::path::PathBuf, Child, Child) {
+    let (net, dir) = setup(tag);
     let backup = start_side(&net, "backup", &dir);
     std::thread::sleep(Duration::from_millis(400));
     let primary = start_side(&net, "primary", &dir);
     net.wait_ping("the protected kvstore");
     (net, dir, primary, backup)
+}
+
+/// `ftvm ctl SOCKET ARGS...`: exit status and output.
+fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = ftvm().arg("ctl").arg(socket).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+/// The pair part of `ftvm ctl SOCKET status --json`.
+fn pair_status(socket: &Path) -> Option<serde_json::Value> {
+    let (code, out) = ctl(socket, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| code == Some(0))?;
+    v.get("pair").cloned()
+}
+
+/// Waits until the VM behind `socket` says it is protected.
+fn wait_protected(socket: &Path, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if pair_status(socket).is_some_and(|p| p["protected"] == true) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 fn checker(net: &Topology, seconds: u32) -> Child {
@@ -141,4 +211,52 @@ fn a_cut_replication_link_leaves_exactly_one_live_side() {
     assert!(!berr.contains("TAKEOVER"), "{berr}");
     let perr = stop(primary);
     assert!(perr.contains("UNPROTECTED"), "{perr}");
+}
+
+#[test]
+fn failover_then_reprotection_under_load_then_a_second_failover_keep_the_client_connection() {
+    if !kvm_available() {
+        return;
+    }
+    let (net, dir, mut primary, backup) = pair("rp");
+    let check = checker(&net, 24);
+    let bench = net
+        .cmd("c", "redis-benchmark")
+        .args(["-h", "10.0.0.2", "-t", "set,get", "-n", "60000", "-c", "20", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    primary.kill().unwrap(); // the first failover: h2's backup goes live
+    let _ = primary.wait();
+    let live = api(&dir, "h2", "backup");
+    let start = std::time::Instant::now();
+    while pair_status(&live).is_none_or(|p| p["failovers"] != 1) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the backup did not take over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A new backup on h1 (its disk is the dead primary's, stale: the transfer replaces it).
+    let new_backup = Side::new("h1", "backup", "10.99.0.1:7001").start(&net, &dir);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out) = ctl(&live, &["protect", "10.99.0.1:7001", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let progress: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(progress["phase"], "protected", "{out}");
+    eprintln!("re-protection: {out}");
+    let paused = progress["snapshot"]["pause_ms"].as_f64().unwrap();
+    assert!(paused < 200.0, "the guest paused {paused} ms");
+    let p = pair_status(&live).unwrap();
+    assert_eq!((p["protected"].as_bool(), p["failovers"].as_u64()), (Some(true), Some(1)), "{p}");
+    std::thread::sleep(Duration::from_secs(2));
+    let old_live_err = stop(backup); // the second failover: h1's new backup goes live
+    let (code, report, err) = finish(check);
+    eprintln!("checker: {report}");
+    assert_eq!(code, Some(0), "invariants broken: {report} {err}");
+    assert!(report.contains("\"reset\": false"), "{report}");
+    let (_, bench_out, _) = finish(bench);
+    assert!(bench_out.replace('\r', "\n").lines().any(|l| l.starts_with("GET: ")), "{bench_out}");
+    let new_err = stop(new_backup);
+    assert!(new_err.contains("restored the primary's state") && new_err.contains("TAKEOVER"), "{new_err}");
+    assert!(old_live_err.contains("TAKEOVER") && old_live_err.contains("PROTECTED"), "{old_live_err}");
 }

@@ -72,6 +72,12 @@ fn main() {
         }
     };
     let mut store = Store::default();
+    store.rdtsc = cmdline::param_u64_or("kvstore.rdtsc", 0) != 0;
+    if store.rdtsc && cfg!(feature = "rdtsc") {
+        println!("kvstore: kvstore.rdtsc=1: PING reads the TSC in ring 3 (breaks the determinism contract)");
+    } else if store.rdtsc {
+        println!("kvstore: kvstore.rdtsc=1 needs the rdtsc build (kvstore-rdtsc.elf); ignored");
+    }
     let mut journal = open_journal(devices.blk, rng.as_mut(), &mut store);
 
     let sockbuf = (cmdline::param_u64_or("kvstore.sockbuf", 64).clamp(4, 4096) as usize) << 10;

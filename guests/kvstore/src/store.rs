@@ -34,6 +34,12 @@ pub struct Store {
     /// The network driver's counters, refreshed by the server for INFO.
     pub net: NetStats,
     scratch: Vec<u8>,
+    /// `kvstore.rdtsc=1` (the `rdtsc` build, kvstore-rdtsc.elf): every PING reads the TSC in
+    /// ring 3 and keeps it here. This breaks the determinism contract on purpose (RDTSC does
+    /// not exit, so no monitor can log it): a replay computes another value, and the pair's
+    /// tests see the divergence.
+    pub rdtsc: bool,
+    pub last_tsc: u64,
 }
 
 /// Where writes are recorded.
@@ -168,6 +174,14 @@ impl Store {
                 None => resp::null(out),
             },
             "SET" => self.set(args, journal, out),
+            #[cfg(feature = "rdtsc")]
+            "PING" if self.rdtsc => {
+                self.last_tsc = read_tsc();
+                match argc {
+                    1 => resp::simple(out, "PONG"),
+                    _ => resp::bulk(out, args[1]),
+                }
+            }
             "PING" => match argc {
                 1 => resp::simple(out, "PONG"),
                 2 => resp::bulk(out, args[1]),
@@ -401,4 +415,13 @@ impl Store {
         );
         resp::bulk(out, text.as_bytes());
     }
+}
+
+/// The time-stamp counter, read in ring 3 (not through any device: non-deterministic).
+#[cfg(feature = "rdtsc")]
+fn read_tsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC reads a counter into EDX:EAX; it touches no memory.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
 }
