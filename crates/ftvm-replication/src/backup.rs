@@ -262,7 +262,8 @@ impl Backup {
     }
 
     /// The replay diverged: tell the primary (it resyncs this backup by a new state transfer)
-    /// and close this connection. The backup never goes live from here.
+    /// and end this connection. The backup never goes live from here. Keep the link until
+    /// the resync's connection arrives.
     pub fn request_resync(&self, why: &str) {
         self.state.diverged.store(true, Ordering::SeqCst);
         self.state.protected.store(false, Ordering::SeqCst);
@@ -272,7 +273,9 @@ impl Backup {
             .and_then(|_| link::write_blob(&mut **w, why.as_bytes()))
             .and_then(|_| w.flush());
         drop(w);
-        let _ = self.shutdown.shutdown(std::net::Shutdown::Both);
+        // Only our direction: the primary reads the request, then closes. Closing the socket
+        // now, with log bytes unread, would send a reset that can overtake the request.
+        let _ = self.shutdown.shutdown(std::net::Shutdown::Write);
     }
 }
 

@@ -37,6 +37,9 @@ pub struct Heartbeats {
     /// Datagrams that failed authentication (altered, replayed, another session's).
     pub rejected: AtomicU64,
     last_report: Mutex<Option<Instant>>,
+    /// When the session began: datagrams of the session before (a link just replaced) may
+    /// still arrive for a moment; rejected then, they are not reported.
+    began: Instant,
 }
 
 impl Heartbeats {
@@ -60,7 +63,8 @@ impl Heartbeats {
             Err(e) => {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 let mut last = lock(&self.last_report);
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                let settled = self.began.elapsed() > Duration::from_secs(1);
+                if settled && last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     *last = Some(Instant::now());
                     eprintln!("ftvm: rejected a heartbeat datagram from {from}: {e}");
                 }
@@ -140,6 +144,7 @@ fn heartbeats(
         opener: Mutex::new(opener),
         rejected: AtomicU64::new(0),
         last_report: Mutex::new(None),
+        began: Instant::now(),
     })
 }
 

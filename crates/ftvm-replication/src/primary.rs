@@ -285,6 +285,15 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
+                // After a state transfer, the backup answers the log's header first (at boot
+                // that answer came before the link started).
+                if !s.opts.protected_from_start {
+                    match link::read_answer(&mut *reader) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => return lose(&s, &format!("the backup refused the log: {why}")),
+                        Err(e) => return lose(&s, &e.to_string()),
+                    }
+                }
                 let mut b = [0u8; 8];
                 while reader.read_exact(&mut b).is_ok() {
                     let lsn = u64::from_le_bytes(b);
@@ -482,6 +491,9 @@ fn release(s: &Shared) {
 /// Sends OUTPUT_DONE now (a heartbeat carrying the count of outputs performed), rather than
 /// waiting for the next periodic heartbeat.
 fn send_output_done(s: &Shared) {
+    if s.stats.backup_lost.load(Ordering::Relaxed) {
+        return;
+    }
     let flags = if s.stats.protected.load(Ordering::SeqCst) { FLAG_PROTECTED } else { 0 };
     s.heartbeats.send(&Heartbeat {
         role: Role::Primary,

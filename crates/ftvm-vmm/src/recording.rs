@@ -201,15 +201,21 @@ pub fn backup(
     let mut resyncs = 0u64;
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.
-    let mut diverged: Option<(std::sync::Arc<ftvm_replication::link::Heartbeats>, std::time::Instant)> = None;
+    let mut diverged: Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)> = None;
     loop {
         let timeout = link.timeout;
         let mut primary_died = false;
         let mut give_up = || {
-            let Some((hb, last_seen)) = &mut diverged else { return false };
-            while let Some(h) = hb.recv() {
-                if h.role == ftvm_replication::protocol::Role::Primary {
-                    *last_seen = std::time::Instant::now();
+            let Some((old, last_seen)) = &mut diverged else { return false };
+            let hb = &old.heartbeats;
+            // A few datagrams at a time: a busy primary sends them without pause.
+            for _ in 0..16 {
+                match hb.recv() {
+                    Some(h) if h.role == ftvm_replication::protocol::Role::Primary => {
+                        *last_seen = std::time::Instant::now();
+                    }
+                    Some(_) => {}
+                    None => break,
                 }
             }
             primary_died = last_seen.elapsed() > timeout;
@@ -232,6 +238,8 @@ pub fn backup(
             }
             Mode::Transfer => receive_state(&mut conn, &config)?,
         };
+        // The old (diverged) link goes now that its successor is here.
+        diverged = None;
         let transfer = conn.mode == Mode::Transfer;
         let (backup, theirs, source) =
             ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs).map_err(pair)?;
@@ -260,7 +268,7 @@ pub fn backup(
             if transfer { "after a state transfer" } else { "from boot" }
         );
         backup.request_resync(&why);
-        diverged = Some((backup.heartbeats.clone(), std::time::Instant::now()));
+        diverged = Some((backup, std::time::Instant::now()));
     }
 }
 

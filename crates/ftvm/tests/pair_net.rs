@@ -32,8 +32,18 @@ impl<'a> Side<'a> {
         Side { ns, role, peer, guest: "kvstore", extra: Vec::new(), env: Vec::new() }
     }
 
-    fn arg(mut self, a: &str) -> Self {
-        self.extra.push(a.to_string());
+    fn args(mut self, a: &[&str]) -> Self {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+
+    fn env(mut self, k: &'a str, v: &'a str) -> Self {
+        self.env.push((k, v));
+        self
+    }
+
+    fn guest(mut self, g: &'a str) -> Self {
+        self.guest = g;
         self
     }
 
@@ -52,7 +62,9 @@ impl<'a> Side<'a> {
             .arg(api(dir, self.ns, self.role))
             .arg("--kernel")
             .arg(guest(self.guest))
-            .args(["--cmdline", "ip=10.0.0.2/24 kvstore.rdtsc=1", "--net", "tap=tap0", "--rng", "--disk"])
+            .arg("--cmdline")
+            .arg(if self.guest == "kvstore-rdtsc" { "ip=10.0.0.2/24 kvstore.rdtsc=1" } else { "ip=10.0.0.2/24" })
+            .args(["--net", "tap=tap0", "--rng", "--disk"])
             .arg(disk)
             .arg("--console")
             .arg(format!("file:{}", dir.join(format!("{}-{}.txt", self.ns, self.role)).display()))
@@ -259,4 +271,107 @@ fn failover_then_reprotection_under_load_then_a_second_failover_keep_the_client_
     let new_err = stop(new_backup);
     assert!(new_err.contains("restored the primary's state") && new_err.contains("TAKEOVER"), "{new_err}");
     assert!(old_live_err.contains("TAKEOVER") && old_live_err.contains("PROTECTED"), "{old_live_err}");
+}
+
+/// A pair running the guest that reads the TSC in ring 3 on every PING.
+fn rdtsc_pair(tag: &str, primary_env: Option<(&str, &str)>) -> (Topology, std::path::PathBuf, Child, Child) {
+    let (net, dir) = setup(tag);
+    let backup = Side::new("h2", "backup", "10.99.0.2:7000").guest("kvstore-rdtsc").start(&net, &dir);
+    std::thread::sleep(Duration::from_millis(400));
+    let mut p = Side::new("h1", "primary", "10.99.0.2:7000").guest("kvstore-rdtsc");
+    if let Some((k, v)) = primary_env {
+        p = p.env(k, v);
+    }
+    let primary = p.start(&net, &dir);
+    net.wait_ping("the protected kvstore");
+    (net, dir, primary, backup)
+}
+
+#[test]
+fn a_guest_that_reads_rdtsc_diverges_is_resynced_and_clients_see_correct_answers() {
+    if !kvm_available() {
+        return;
+    }
+    let (net, dir, mut primary, backup) = rdtsc_pair("rs", None);
+    let check = checker(&net, 14);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(net.cli(&["PING"]), "PONG");
+    }
+    let papi = api(&dir, "h1", "primary");
+    if !wait_protected(&papi, Duration::from_secs(20)) {
+        let status = pair_status(&papi);
+        panic!("not resynced and protected again: {status:?}\nprimary:\n{}\nbackup:\n{}", stop(primary), stop(backup));
+    }
+    let p = pair_status(&papi).unwrap();
+    let resyncs = p["resyncs"].as_u64().unwrap();
+    assert!(resyncs >= 1, "{p}");
+    std::thread::sleep(Duration::from_secs(1));
+    // The resynced backup is a good one: it takes over with the clients' data.
+    primary.kill().unwrap();
+    let _ = primary.wait();
+    let (code, report, err) = finish(check);
+    eprintln!("checker: {report}; resyncs: {resyncs}");
+    assert_eq!(code, Some(0), "invariants broken: {report} {err}");
+    assert_eq!(net.cli(&["PING"]), "PONG");
+    let berr = stop(backup);
+    assert!(berr.contains("DIVERGED") && berr.contains("restored the primary's state"), "{berr}");
+    assert!(berr.contains("TAKEOVER"), "{berr}");
+}
+
+#[test]
+fn a_diverged_backup_whose_primary_dies_halts_instead_of_going_live() {
+    if !kvm_available() {
+        return;
+    }
+    // This primary does not resync its backup: the backup stays diverged.
+    let (net, _dir, mut primary, backup) = rdtsc_pair("dh", Some(("FTVM_TEST_IGNORE_RESYNC", "1")));
+    let check = checker(&net, 3);
+    let _ = finish(check);
+    std::thread::sleep(Duration::from_secs(1));
+    primary.kill().unwrap();
+    let _ = primary.wait();
+    let (code, _, berr) = finish(backup);
+    assert_ne!(code, Some(0), "{berr}");
+    assert!(berr.contains("DIVERGED") && berr.contains("halting"), "{berr}");
+    assert!(!berr.contains("TAKEOVER"), "{berr}");
+}
+
+#[test]
+fn a_lagging_backup_slows_the_primary_down_and_the_lag_stays_bounded() {
+    if !kvm_available() {
+        return;
+    }
+    let (net, dir) = setup("lag");
+    // Each record the backup replays costs it 100 µs more: it cannot keep up under load.
+    let backup = Side::new("h2", "backup", "10.99.0.2:7000").env("FTVM_TEST_REPLAY_DELAY_US", "100").start(&net, &dir);
+    std::thread::sleep(Duration::from_millis(400));
+    let primary = Side::new("h1", "primary", "10.99.0.2:7000").args(&["--max-lag", "100"]).start(&net, &dir);
+    net.wait_ping("the protected kvstore");
+    let bench = net
+        .cmd("c", "redis-benchmark")
+        .args(["-h", "10.0.0.2", "-t", "set", "-n", "20000", "-c", "20", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let papi = api(&dir, "h1", "primary");
+    let mut worst = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        if let Some(p) = pair_status(&papi) {
+            worst = worst.max(p["replay_lag_ms"].as_u64().unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = pair_status(&papi).unwrap();
+    let _ = finish(bench);
+    let throttled = p["throttled_ms"].as_u64().unwrap();
+    eprintln!("worst replay lag {worst} ms, vCPU slowed {throttled} ms");
+    assert!(throttled > 0, "the primary was slowed down: {p}");
+    // The bound plus what heartbeats (every 50 ms) and one throttling step let through.
+    assert!(worst <= 400, "the lag stayed near its 100 ms bound: worst {worst} ms");
+    assert_eq!(p["protected"], true, "{p}");
+    stop(primary);
+    stop(backup);
 }
