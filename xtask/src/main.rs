@@ -129,7 +129,10 @@ fn build_contract_breaker(root: &Path, build_dir: &Path, out_dir: &Path) -> Resu
     if rdtsc == 0 || rdtsc != report.violations.len() {
         bail!("{}: expected RDTSC violations only, found: {:?}", elf.display(), report.violations);
     }
-    println!("{}: breaks the guest contract on purpose ({rdtsc} RDTSC in ring 3), for the divergence tests", elf.display());
+    println!(
+        "{}: breaks the guest contract on purpose ({rdtsc} RDTSC in ring 3), for the divergence tests",
+        elf.display()
+    );
     Ok(())
 }
 

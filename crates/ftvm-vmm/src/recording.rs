@@ -239,7 +239,7 @@ pub fn backup(
             Mode::Transfer => receive_state(&mut conn, &config)?,
         };
         // The old (diverged) link goes now that its successor is here.
-        diverged = None;
+        drop(diverged.take());
         let transfer = conn.mode == Mode::Transfer;
         let (backup, theirs, source) =
             ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs).map_err(pair)?;

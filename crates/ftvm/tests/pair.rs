@@ -358,4 +358,64 @@ fn an_unreachable_arbiter_is_a_clear_error() {
     let (code, err) = wait(&mut p, Duration::from_secs(10));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("arbiter") && err.contains("no-such-dir"), "{err}");
+    // An etcd that does not answer, and a malformed etcd URL.
+    let mut p = side(
+        "primary",
+        &format!("127.0.0.1:{}", port(22)),
+        Path::new("etcd://127.0.0.1:1/ftvm/x"),
+        &dir.join("p.txt"),
+        "hello.wait_ms=0",
+    );
+    let (code, err) = wait(&mut p, Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("etcd") && err.contains("unreachable"), "{err}");
+    let mut p = side(
+        "primary",
+        &format!("127.0.0.1:{}", port(22)),
+        Path::new("etcd://127.0.0.1/ftvm/x"),
+        &dir.join("p.txt"),
+        "hello.wait_ms=0",
+    );
+    let (code, err) = wait(&mut p, Duration::from_secs(10));
+    assert_eq!(code, Some(2), "a usage error: {err}");
+    assert!(err.contains("port"), "{err}");
+}
+
+#[test]
+fn with_the_etcd_arbiter_a_primary_stopped_past_its_lease_emits_nothing_after_the_backup_went_live_and_halts() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(etcd) = ftvm_replication::etcd::testing::test_etcd_or_skip() else { return };
+    let dir = scratch("pair-etcd");
+    let addr = format!("127.0.0.1:{}", port(24));
+    let url = etcd.url("ftvm/sigstop");
+    let spawn = |role: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+        c.arg(role);
+        c.args(if role == "backup" { ["--listen", &addr] } else { ["--backup", &addr] });
+        c.args(["--timeout", "300", "--arbiter", &url]);
+        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=3000"]);
+        c.arg("--console").arg(format!("file:{}", dir.join(format!("{role}.txt")).display()));
+        c.stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let mut b = spawn("backup");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = spawn("primary");
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = p.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // The backup waits for the stopped primary's lease to expire, goes live and finishes.
+    let (bcode, berr) = wait(&mut b, Duration::from_secs(20));
+    assert_eq!(bcode, Some(0), "{berr}");
+    assert!(berr.contains("TAKEOVER"), "{berr}");
+    let live = std::fs::read_to_string(dir.join("backup.txt")).unwrap();
+    assert!(live.contains("digest:"), "the backup finished the guest: {live}");
+    let before = std::fs::read(dir.join("primary.txt")).unwrap();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let (pcode, perr) = wait(&mut p, Duration::from_secs(10));
+    assert_eq!(pcode, Some(ftvm_replication::HALT_EXIT_CODE), "{perr}");
+    assert!(perr.contains("HALT") && perr.contains("arbiter"), "{perr}");
+    let after = std::fs::read(dir.join("primary.txt")).unwrap();
+    assert_eq!(before, after, "the old primary emitted nothing after it was resumed");
 }
