@@ -169,16 +169,29 @@ pub struct Machine {
 
 impl Machine {
     pub fn describe(common: &Common) -> Result<Machine> {
+        Self::describe_with(common, true)
+    }
+
+    /// The same for a suite that runs no QEMU (its version is given as "not used").
+    pub fn describe_without_qemu(common: &Common) -> Result<Machine> {
+        Self::describe_with(common, false)
+    }
+
+    fn describe_with(common: &Common, qemu: bool) -> Result<Machine> {
         require_file(&common.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
         let ftvm_version = capture(Command::new(&common.ftvm).arg("--version"))?.trim().to_string();
-        let qemu_version = capture(Command::new(&common.qemu).arg("--version"))
-            .with_context(|| {
-                format!("cannot run {}; install Debian's qemu-system-x86 (scripts/deps.sh)", common.qemu.display())
-            })?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let qemu_version = if !qemu {
+            "not used".to_string()
+        } else {
+            capture(Command::new(&common.qemu).arg("--version"))
+                .with_context(|| {
+                    format!("cannot run {}; install Debian's qemu-system-x86 (scripts/deps.sh)", common.qemu.display())
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.to_string()))
@@ -227,6 +240,19 @@ pub fn kvstore_network_suite(common: &Common, suite: &str, redis_benchmark: &Pat
     require_file(topology, "the topology script", "run from the repository root or pass --topology")?;
     which(Path::new("ip"), "install iproute2")?;
     Ok(redis_benchmark)
+}
+
+/// Moves the calling thread into the network namespace `ns` (`ip netns`' /run/netns/NS), for
+/// a client thread that talks to the guest from the client namespace. Only this thread moves.
+pub fn enter_netns(ns: &str) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let path = Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: setns(2) with a namespace file we hold open; it affects only the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns({}): {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 pub fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {

@@ -6,14 +6,18 @@
 //! - `record-replay`: `ftvm run`/`record`/`replay` times and log sizes, QEMU TCG record/replay;
 //! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU;
 //! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage;
-//! - `snapshot`: live snapshot and restore of the kvstore guest vs QEMU's migration to a file.
+//! - `snapshot`: live snapshot and restore of the kvstore guest vs QEMU's migration to a file;
+//! - `reprotect`: re-protection of a live VM by a new backup (time, pause, clients) and resync;
+//! - `soak`: many random failovers and re-protections under load, counting invariant violations.
 
 mod common;
 mod kvstore;
 mod pair;
 mod plot;
+mod reprotect;
 mod rr;
 mod snapshot;
+mod soak;
 mod vs_qemu;
 
 use anyhow::Result;
@@ -43,6 +47,10 @@ enum Suite {
     Pair(pair::Args),
     /// Live snapshot and restore of the kvstore guest, idle and under load, vs QEMU's migration to a file (root).
     Snapshot(snapshot::Args),
+    /// Re-protection time and guest pause (256 MiB, 1 GiB; idle, under load) and resync cost (root).
+    Reprotect(reprotect::Args),
+    /// Many random failovers and re-protections under client load, checking the invariants (root; not for CI).
+    Soak(soak::Args),
 }
 
 fn main() -> Result<()> {
@@ -54,5 +62,7 @@ fn main() -> Result<()> {
         Some(Suite::Kvstore(a)) => kvstore::run(&cli.common, a),
         Some(Suite::Pair(a)) => pair::run(&cli.common, a),
         Some(Suite::Snapshot(a)) => snapshot::run(&cli.common, a),
+        Some(Suite::Reprotect(a)) => reprotect::run(&cli.common, a),
+        Some(Suite::Soak(a)) => soak::run(&cli.common, a),
     }
 }

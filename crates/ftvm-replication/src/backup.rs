@@ -301,9 +301,9 @@ fn monitor(
         if let Some(h) = heartbeats.recv().filter(|h| h.role == Role::Primary) {
             last_seen = Instant::now();
             s.outputs_done.fetch_max(h.outputs_done, Ordering::SeqCst);
-            // Once protected, a link stays so until it ends.
-            if h.flags & FLAG_PROTECTED != 0 {
-                s.protected.store(true, Ordering::SeqCst);
+            // Once protected, a link stays so until it ends; the primary hears of it at once.
+            if h.flags & FLAG_PROTECTED != 0 && !s.protected.swap(true, Ordering::SeqCst) {
+                next_send = Instant::now();
             }
             if h.flags & FLAG_HANDOVER != 0 {
                 handover = true;
@@ -313,7 +313,13 @@ fn monitor(
             seq += 1;
             heartbeats.send(&Heartbeat {
                 role: Role::Backup,
-                flags: if s.diverged.load(Ordering::SeqCst) { FLAG_DIVERGED } else { 0 },
+                flags: if s.diverged.load(Ordering::SeqCst) {
+                    FLAG_DIVERGED
+                } else if s.protected.load(Ordering::SeqCst) {
+                    FLAG_PROTECTED
+                } else {
+                    0
+                },
                 seq,
                 outputs_done: 0,
                 lsn: s.received_lsn.load(Ordering::Relaxed),

@@ -111,6 +111,8 @@ pub struct PairStats {
     pub holding: AtomicBool,
     /// The backup may go live if this primary dies.
     pub protected: AtomicBool,
+    /// The backup's heartbeats say it knows it is protected (it would go live now).
+    pub confirmed: AtomicBool,
     /// The backup's replay position (from its heartbeats) and the lag it means.
     pub replayed_lsn: AtomicU64,
     pub lag_ms: AtomicU64,
@@ -229,6 +231,7 @@ impl Primary {
         let stats = Arc::new(PairStats::default());
         stats.holding.store(opts.protected_from_start, Ordering::SeqCst);
         stats.protected.store(opts.protected_from_start, Ordering::SeqCst);
+        stats.confirmed.store(opts.protected_from_start, Ordering::SeqCst);
         let shared = Arc::new(Shared {
             stats,
             opts,
@@ -357,6 +360,9 @@ fn heartbeat_loop(s: &Shared, heartbeats: &Heartbeats) {
         if let Some(h) = heartbeats.recv().filter(|h| h.role == Role::Backup) {
             last_seen = Instant::now();
             s.stats.replayed_lsn.fetch_max(h.replayed, Ordering::SeqCst);
+            if h.flags & FLAG_PROTECTED != 0 {
+                s.stats.confirmed.store(true, Ordering::SeqCst);
+            }
         }
         if last_seen.elapsed() > s.opts.timeout {
             lose(s, &format!("no heartbeat from the backup for {} ms", s.opts.timeout.as_millis()));
@@ -421,6 +427,10 @@ fn acknowledged(s: &Shared) {
     let lag_ok = s.opts.max_lag.is_none_or(|max| s.stats.lag_ms.load(Ordering::Relaxed) <= max.as_millis() as u64);
     if caught_up && lag_ok && !s.stats.backup_lost.load(Ordering::SeqCst) {
         s.stats.protected.store(true, Ordering::SeqCst);
+        drop(q);
+        // Tell the backup now, not at the next heartbeat: until it knows, it would halt
+        // rather than go live.
+        send_output_done(s);
         eprintln!("ftvm: the backup has caught up: PROTECTED");
     }
 }

@@ -174,6 +174,11 @@ impl Protection {
                     .into(),
             ));
         };
+        let under_way =
+            || Refused::Busy("a state transfer to a backup is under way; wait for it (GET /protect)".into());
+        if self.busy.load(Ordering::SeqCst) {
+            return Err(under_way());
+        }
         if let Some(l) = lock(&self.link).as_ref() {
             let s = l.stats();
             if reason == Reason::Protect && !s.backup_lost.load(Ordering::SeqCst) {
@@ -181,7 +186,7 @@ impl Protection {
             }
         }
         if self.busy.swap(true, Ordering::SeqCst) {
-            return Err(Refused::Busy("a state transfer to a backup is under way; wait for it (GET /protect)".into()));
+            return Err(under_way());
         }
         let Some(me) = self.me.upgrade() else { return Err(Refused::Stopped) };
         let job = std::thread::Builder::new().name("ftvm-protect".into()).spawn(move || {
@@ -317,7 +322,8 @@ impl Protection {
         self.report(progress, started);
         let deadline = Instant::now() + CATCH_UP_LIMIT;
         loop {
-            if stats.protected.load(Ordering::SeqCst) {
+            // Protected, and the backup knows it (it would go live if this side died now).
+            if stats.protected.load(Ordering::SeqCst) && stats.confirmed.load(Ordering::SeqCst) {
                 return Ok(());
             }
             if stats.backup_lost.load(Ordering::SeqCst) {

@@ -419,3 +419,79 @@ fn with_the_etcd_arbiter_a_primary_stopped_past_its_lease_emits_nothing_after_th
     let after = std::fs::read(dir.join("primary.txt")).unwrap();
     assert_eq!(before, after, "the old primary emitted nothing after it was resumed");
 }
+
+#[test]
+fn protect_refuses_what_it_cannot_do_and_says_why() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-protect-errors");
+    let arbiter = dir.join("arbiter.lock");
+    let addr = |i: u16| format!("127.0.0.1:{}", port(30 + i));
+    let disk = |name: &str, size: u64| {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    };
+    let spawn = |role: &str, peer: &str, name: &str, disk: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+        c.arg(role);
+        c.args(if role == "backup" { ["--listen", peer] } else { ["--backup", peer] });
+        c.args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter);
+        c.arg("--api-socket").arg(dir.join(format!("{name}.sock")));
+        c.arg("--disk").arg(disk);
+        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=8000"]);
+        c.arg("--console").arg(format!("file:{}", dir.join(format!("{name}.txt")).display()));
+        c.stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let ctl = |name: &str, args: &[&str]| {
+        let out = ftvm().arg("ctl").arg(dir.join(format!("{name}.sock"))).args(args).output().unwrap();
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let mut b1 = spawn("backup", &addr(1), "b1", &disk("b1.img", 1 << 20));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = spawn("primary", &addr(1), "p", &disk("p.img", 1 << 20));
+    std::thread::sleep(Duration::from_millis(800));
+    // A backup that has not gone live takes no backup; a protected primary no second one.
+    let (code, out) = ctl("b1", &["protect", &addr(2)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("has not gone live"), "{out}");
+    let (code, out) = ctl("p", &["protect", &addr(2)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("has a backup already"), "{out}");
+    let _ = b1.kill();
+    let _ = b1.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    // A new backup whose disk has another size is refused, and both sides say why.
+    let mut b2 = spawn("backup", &addr(2), "b2", &disk("b2.img", 2 << 20));
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = ctl("p", &["protect", &addr(2)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("disk 0") && out.contains("refused"), "{out}");
+    let (b2code, b2err) = wait(&mut b2, Duration::from_secs(5));
+    assert_eq!(b2code, Some(1), "{b2err}");
+    assert!(b2err.contains("disk 0"), "{b2err}");
+    // Two requests at once: the second is refused while the first runs; the first protects.
+    let mut b3 = spawn("backup", &addr(3), "b3", &disk("b3.img", 1 << 20));
+    std::thread::sleep(Duration::from_millis(300));
+    let sock = dir.join("p.sock");
+    let target: std::net::SocketAddr = addr(3).parse().unwrap();
+    ftvm_api::client::start_protect(&sock, target).unwrap();
+    let second = ftvm_api::client::start_protect(&sock, target).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(second.contains("under way"), "{second}");
+    let start = Instant::now();
+    loop {
+        let progress = ftvm_api::client::protect_progress(&sock).unwrap();
+        if progress.phase == ftvm_api::ProtectPhase::Protected {
+            break;
+        }
+        assert!(progress.phase != ftvm_api::ProtectPhase::Failed, "{progress}");
+        assert!(start.elapsed() < Duration::from_secs(20), "{progress}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = p.kill();
+    let (_, perr) = wait(&mut p, Duration::from_secs(1));
+    let (_, b3err) = wait(&mut b3, Duration::from_secs(5));
+    assert!(perr.contains("PROTECTED by"), "{perr}");
+    assert!(b3err.contains("TAKEOVER"), "{b3err}");
+}
