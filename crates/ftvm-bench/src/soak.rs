@@ -8,8 +8,9 @@
 //! events, each after a random gap (`--min-gap-ms`..`--max-gap-ms`, from `--seed`):
 //! - **failover** (`--failovers` of them): SIGKILL of the live side; the backup must go live
 //!   (its TAKEOVER line; its status `failovers`), timed from the kill;
-//! - **backup kill** (before a failover with probability `--backup-kill-percent`): SIGKILL of
-//!   the backup; the live side must say it is unprotected, and clients must notice nothing;
+//! - **backup kill** (before a failover with probability `--backup-kill-percent`, at least one
+//!   per soak): SIGKILL of the backup; the live side must say it is unprotected, and clients
+//!   must notice nothing;
 //!
 //! and after each, a new backup on the host that has none (a new port each time: 7000 + n, so
 //! that no address is reused while a socket of the last one may be in TIME_WAIT), brought in
@@ -58,7 +59,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4000)]
     max_gap_ms: u64,
     /// Chance, in percent, that a failover is preceded by a SIGKILL of the backup (and its
-    /// re-protection).
+    /// re-protection); above 0, a soak has at least one.
     #[arg(long, default_value_t = 30)]
     backup_kill_percent: u64,
     /// Guest memory on every side.
@@ -154,9 +155,13 @@ struct Event {
     /// The longest time the PING loop went unanswered, from the kill to protected again.
     #[serde(skip_serializing_if = "Option::is_none")]
     ping_gap_ms: Option<f64>,
-    /// The same during the protect alone.
+    /// The same during the `ftvm ctl protect` command alone (only the part of a gap inside it:
+    /// an outage that began with the kill and lasted into it counts from the protect's start).
     #[serde(skip_serializing_if = "Option::is_none")]
     protect_ping_gap_ms: Option<f64>,
+    /// When the successful `ftvm ctl protect` ran.
+    #[serde(skip)]
+    protect_span: Option<(Instant, Instant)>,
     /// The new backup's address.
     #[serde(skip_serializing_if = "Option::is_none")]
     new_backup: Option<String>,
@@ -362,7 +367,9 @@ impl State<'_> {
             };
             let addr = b.listen.clone().unwrap_or_default();
             ev.new_backup = Some(addr.clone());
+            let t0 = Instant::now();
             let p = protect(self.ftvm(), &live_sock, &addr)?;
+            let t1 = Instant::now();
             if !p.ok {
                 violation(ev, format!("re-protection by {addr} (attempt {attempt}): {}", p.describe()));
                 ev.protects.push(p);
@@ -371,7 +378,7 @@ impl State<'_> {
                 continue;
             }
             ev.protects.push(p);
-            ev.protect_ping_gap_ms = None;
+            ev.protect_span = Some((t0, t1));
             ev.protected_verified = is_protected(self.ftvm(), &live_sock);
             if !ev.protected_verified {
                 violation(ev, format!("after protect by {addr}, the live VM's status does not say protected"));
@@ -410,6 +417,11 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
             plan.push((Kind::BackupKill, rng.range(args.min_gap_ms, args.max_gap_ms)));
         }
         plan.push((Kind::Failover, rng.range(args.min_gap_ms, args.max_gap_ms)));
+    }
+    // A short soak may draw no backup kill at all: then one goes before a random failover.
+    if args.backup_kill_percent > 0 && !plan.iter().any(|(k, _)| *k == Kind::BackupKill) {
+        let at = rng.range(0, plan.len() as u64 - 1) as usize;
+        plan.insert(at, (Kind::BackupKill, rng.range(args.min_gap_ms, args.max_gap_ms)));
     }
 
     let work = common.out.join("soak");
@@ -669,6 +681,7 @@ fn soak(st: &mut State, plan: &[(Kind, u64)]) -> Result<Outcome> {
             unprotected_ms: None,
             ping_gap_ms: None,
             protect_ping_gap_ms: None,
+            protect_span: None,
             new_backup: None,
             protects: Vec::new(),
             protected_verified: false,
@@ -897,11 +910,10 @@ fn event(
         }
     }
 
-    let p0 = Instant::now();
     st.reprotect(ev)?;
     let p1 = Instant::now();
-    if ev.protect().is_some() {
-        ev.protect_ping_gap_ms = Some(pinger.max_gap_within_ms(p0, p1));
+    if let (Some(_), Some((a, b))) = (ev.protect(), ev.protect_span) {
+        ev.protect_ping_gap_ms = Some(pinger.max_gap_within_ms(a, b));
     }
     ev.ping_gap_ms = Some(pinger.max_gap_ms(t_kill, p1));
     Ok(true)
