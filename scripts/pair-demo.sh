@@ -2,8 +2,10 @@
 # The fault-tolerant pair, end to end, on the namespaced test network (scripts/topology.sh):
 # a protected kvstore VM (primary on host 1, backup on host 2, replication over their own
 # link), driven by redis-cli and redis-benchmark from the client namespace; then the primary
-# is killed with SIGKILL, the backup takes over, and the demo checks that every acknowledged
-# write is still there and that clients keep being served. Needs root and /dev/kvm.
+# is killed with SIGKILL, the backup takes over; a new backup on host 1 is brought up to date
+# by a live state transfer (re-protection) and the live side is killed again. The demo checks
+# that one client connection survived both failovers, that every acknowledged write is still
+# there and that clients keep being served. Needs root and /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F="$PWD/target/release/ftvm"
@@ -22,9 +24,12 @@ trap cleanup EXIT
 scripts/topology.sh up "$P" 2
 truncate -s 64M "$W/disk-primary.img"
 cp "$W/disk-primary.img" "$W/disk-backup.img"
-vm=(--kernel "$G/kvstore.elf" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock")
+openssl rand -hex 32 > "$W/pair.key" 2>/dev/null || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/pair.key"
+chmod 600 "$W/pair.key"
+vm=(--kernel "$G/kvstore.elf" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock"
+    --key-file "$W/pair.key")
 ip netns exec "$P-h2" "$F" backup --listen 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-backup.img" \
-  --console "file:$W/backup.console" 2> >(sed 's/^/[backup]  /' >&2) &
+  --api-socket "$W/backup.sock" --console "file:$W/backup.console" 2> >(sed 's/^/[backup]  /' >&2) &
 disown $!
 sleep 0.5
 ip netns exec "$P-h1" "$F" primary --backup 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-primary.img" \
@@ -37,20 +42,31 @@ for i in $(seq 1 20); do client redis-cli -h 10.0.0.2 SET "key$i" "value$i" >/de
 echo "== 20 acknowledged SETs; redis-benchmark against the pair:"
 client redis-benchmark -h 10.0.0.2 -t set,get -n 5000 -c 20 -q 2>/dev/null | tr '\r' '\n' | grep -E '^(SET|GET): [0-9]'
 echo "== a client holds ONE TCP connection doing INCR/SET (scripts/kv-checker.py); killing the primary with SIGKILL"
-client python3 scripts/kv-checker.py 10.0.0.2 6379 6 > "$W/checker.json" &
+client python3 scripts/kv-checker.py 10.0.0.2 6379 12 > "$W/checker.json" &
 checker=$!
 sleep 2
 pkill -9 -f "ftvm primary .*$W"
+sleep 1.5
+echo "== re-protection: a new backup on host 1 (its disk is the dead primary's, stale), then ftvm ctl protect"
+ip netns exec "$P-h1" "$F" backup --listen 10.99.0.1:7001 "${vm[@]}" --disk "$W/disk-primary.img" \
+  --console "file:$W/backup2.console" 2> >(sed 's/^/[backup2] /' >&2) &
+disown $!
+sleep 0.5
+"$F" ctl "$W/backup.sock" protect 10.99.0.1:7001
+"$F" ctl "$W/backup.sock" status | grep -E '^(role|failovers|replay lag):'
+sleep 2
+echo "== killing the live side (the first backup) with SIGKILL: the second failover"
+pkill -9 -f "ftvm backup --listen 10.99.0.2:7000 .*$W"
 wait "$checker" && held=ok || held=broken
-echo "== the same connection after failover: $(cat "$W/checker.json")"
+echo "== the same connection after both failovers: $(cat "$W/checker.json")"
 missing=0
 for i in $(seq 1 20); do
   [ "$(client redis-cli -h 10.0.0.2 GET "key$i")" = "value$i" ] || missing=$((missing + 1))
 done
-echo "== after failover: $((20 - missing)) of 20 acknowledged writes readable"
+echo "== after two failovers: $((20 - missing)) of 20 acknowledged writes readable"
 client redis-benchmark -h 10.0.0.2 -t set,get -n 5000 -c 20 -q 2>/dev/null | tr '\r' '\n' | grep -E '^(SET|GET): [0-9]'
 if [ "$missing" = 0 ] && [ "$held" = ok ]; then
-  echo "== demo passed: the VM survived the loss of its host; the client's connection was never reset"
+  echo "== demo passed: the VM survived the loss of both hosts in turn; the client's connection was never reset"
 else
   echo "== demo FAILED" >&2
   exit 1
