@@ -60,6 +60,9 @@ pub struct BackupState {
     pub protected: AtomicBool,
     /// Diverged: asked for a resync; never goes live in this state.
     pub diverged: AtomicBool,
+    /// A stream frame failed authentication (altered, replayed, forged): the stream is
+    /// unusable past it, and the backup asks for a resync.
+    pub stream_rejected: Arc<Mutex<Option<String>>>,
     /// Milliseconds since the primary's last heartbeat, when the failover was decided.
     pub silence_ms: AtomicU64,
     /// When the failover was decided (the primary's silence passed the timeout).
@@ -115,16 +118,40 @@ impl RecordSource for ChannelSource {
                 self.state.replayed_lsn.store(lsn, Ordering::Relaxed);
                 Ok(Some(r))
             }
-            Err(_) if self.state.halted.load(Ordering::SeqCst) => Err(LogError::ReaderFailed),
+            Err(_) if self.state.halted.load(Ordering::SeqCst) || self.state.diverged.load(Ordering::SeqCst) => {
+                Err(LogError::ReaderFailed)
+            }
             Err(_) => Ok(None),
         }
     }
 
     fn end_detail(&self) -> String {
+        if let Some(why) = link::lock(&self.state.stream_rejected).as_ref() {
+            return format!("the replication stream was rejected ({why}); asking for a resync");
+        }
         match link::lock(&self.state.halt_reason).as_ref() {
             Some(why) => format!("{why}: halted (no second live copy)"),
             None => "the primary's log stream ended".into(),
         }
+    }
+}
+
+/// The stream's reader, noting a frame that fails authentication (as opposed to a connection
+/// that breaks, which is what a dead primary looks like).
+struct Watched {
+    inner: Box<dyn std::io::Read + Send>,
+    rejected: Arc<Mutex<Option<String>>>,
+}
+
+impl std::io::Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf);
+        if let Err(e) = &r {
+            if let Some(se) = crate::secure::SecureError::in_io_error(e) {
+                link::lock(&self.rejected).get_or_insert_with(|| se.to_string());
+            }
+        }
+        r
     }
 }
 
@@ -146,6 +173,8 @@ impl Backup {
         let peer = conn.peer;
         let shutdown = conn.shutdown_handle()?;
         let Connection { reader, mut writer, heartbeats, .. } = conn;
+        let rejected = Arc::new(Mutex::new(None));
+        let reader = Watched { inner: reader, rejected: rejected.clone() };
         // Buffered: the reader takes a frame in several small reads.
         let reader_stream = std::io::BufReader::with_capacity(1 << 16, reader);
         let (mut reader, theirs) =
@@ -176,7 +205,7 @@ impl Backup {
         }
         link::answer(&mut *writer, None).map_err(io("handshake"))?;
         eprintln!("ftvm: paired with primary {peer}; replaying its log");
-        let state = Arc::new(BackupState::default());
+        let state = Arc::new(BackupState { stream_rejected: rejected, ..Default::default() });
         state.protected.store(!transfer, Ordering::SeqCst);
         state.resyncs.store(resyncs, Ordering::SeqCst);
         let acks = Arc::new(Mutex::new(writer));
@@ -196,8 +225,16 @@ impl Backup {
                             Ok(Some(r)) => r,
                             Ok(None) => break,
                             Err(e) => {
+                                if let Some(why) = link::lock(&s.stream_rejected).clone() {
+                                    // Not a dead primary: a frame that failed authentication.
+                                    // The replay stops at the last good record; the backup
+                                    // asks for a resync.
+                                    eprintln!("ftvm: REJECTED a replication frame from {peer}: {why}");
+                                    s.diverged.store(true, Ordering::SeqCst);
+                                    return;
+                                }
                                 if !s.stop.load(Ordering::SeqCst) && !s.diverged.load(Ordering::SeqCst) {
-                                    eprintln!("ftvm: the replication stream from {peer} broke or was rejected: {e}");
+                                    eprintln!("ftvm: the replication stream from {peer} broke: {e}");
                                 }
                                 break;
                             }

@@ -29,17 +29,26 @@ fn status_json(socket: &Path) -> Value {
 
 /// Waits until a VM answers on `socket`.
 fn wait_for_api(socket: &Path, vm: &mut Child) {
+    wait_for_api_state(socket, vm, true)
+}
+
+/// Waits until the API answers (and, with `running`, the VM is past being built: a backup
+/// stays "starting" until its primary comes).
+fn wait_for_api_state(socket: &Path, vm: &mut Child, running: bool) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
         if let Some(status) = vm.try_wait().unwrap() {
             panic!("the VM exited ({status}) before its API answered");
         }
-        if ctl(socket, &["status"]).status.success() {
+        // Answering, and past building the VM (a loaded machine takes a while).
+        let out = ctl(socket, &["status"]);
+        let starting = text(&out.stdout).lines().any(|l| l.starts_with("state:") && l.ends_with("starting"));
+        if out.status.success() && !(running && starting) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("no API on {} after 20 s", socket.display());
+    panic!("no running VM behind {} after 20 s", socket.display());
 }
 
 /// Sends raw bytes to the socket and returns the whole answer.
@@ -286,7 +295,7 @@ fn the_pair_reports_replication_figures() {
         (c.stderr(Stdio::piped()).spawn().unwrap(), socket)
     };
     let (mut backup, bsock) = side("backup", "--listen", "b");
-    wait_for_api(&bsock, &mut backup);
+    wait_for_api_state(&bsock, &mut backup, false);
     let (mut primary, psock) = side("primary", "--backup", "p");
     wait_for_api(&psock, &mut primary);
     std::thread::sleep(Duration::from_millis(1200));

@@ -495,3 +495,91 @@ fn protect_refuses_what_it_cannot_do_and_says_why() {
     assert!(perr.contains("PROTECTED by"), "{perr}");
     assert!(b3err.contains("TAKEOVER"), "{b3err}");
 }
+
+/// A man in the middle on `front` for the backup at `back`: relays TCP (each connection) and
+/// UDP both ways, and flips one byte of the first connection's primary-to-backup stream
+/// once `alter_after` bytes have passed.
+fn tampering_relay(front: &str, back: &str, alter_after: usize) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(front).unwrap();
+    let back_addr: std::net::SocketAddr = back.parse().unwrap();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut from_primary) = conn else { return };
+            let Ok(mut to_backup) = std::net::TcpStream::connect(back_addr) else { return };
+            let (mut a, mut b) = (from_primary.try_clone().unwrap(), to_backup.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b, &mut a);
+            });
+            std::thread::spawn(move || {
+                let mut passed = 0usize;
+                let mut buf = [0u8; 8192];
+                while let Ok(k) = from_primary.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    if n == 0 && passed < alter_after && passed + k >= alter_after {
+                        buf[alter_after - passed - 1] ^= 0x40;
+                    }
+                    passed += k;
+                    if to_backup.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let udp = std::net::UdpSocket::bind(front).unwrap();
+    let to_back = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    to_back.connect(back_addr).unwrap();
+    let primary_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (u1, t1, p1) = (udp.try_clone().unwrap(), to_back.try_clone().unwrap(), primary_at.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((k, from)) = u1.recv_from(&mut buf) {
+            *p1.lock().unwrap() = Some(from);
+            let _ = t1.send(&buf[..k]);
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(k) = to_back.recv(&mut buf) {
+            if let Some(p) = *primary_at.lock().unwrap() {
+                let _ = udp.send_to(&buf[..k], p);
+            }
+        }
+    });
+}
+
+#[test]
+fn an_altered_frame_is_rejected_reported_and_the_backup_resynced() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("pair-mitm");
+    let key = dir.join("pair.key");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    let (front, back) = (format!("127.0.0.1:{}", port(40)), format!("127.0.0.1:{}", port(41)));
+    tampering_relay(&front, &back, 40_000);
+    let arbiter = dir.join("arbiter.lock");
+    let spawn = |role: &str, addr: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+        c.arg(role);
+        c.args(if role == "backup" { ["--listen", addr] } else { ["--backup", addr] });
+        c.args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter).arg("--key-file").arg(&key);
+        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=3000"]);
+        c.arg("--console").arg(format!("file:{}", dir.join(format!("{role}.txt")).display()));
+        c.stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let mut b = spawn("backup", &back);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut p = spawn("primary", &front);
+    let (pcode, perr) = wait(&mut p, Duration::from_secs(30));
+    let (bcode, berr) = wait(&mut b, Duration::from_secs(10));
+    assert!(berr.contains("REJECTED a replication frame") && berr.contains("integrity"), "{berr}");
+    assert!(perr.contains("asks for a resync") && perr.contains("PROTECTED by"), "{perr}");
+    // The resynced pair ends as one: the guest's whole output, once, on the primary.
+    assert_eq!((pcode, bcode), (Some(0), Some(0)), "primary:\n{perr}\nbackup:\n{berr}");
+    let console = std::fs::read_to_string(dir.join("primary.txt")).unwrap();
+    assert!(console.contains("digest:"), "{console}");
+}
