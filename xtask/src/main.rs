@@ -63,21 +63,7 @@ fn guests() -> Result<()> {
     let root = repo_root();
     let build_dir = root.join("target/guest-build");
     let out_dir = root.join("target/guests");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-
-    // Run from guests/ so that its .cargo/config.toml (target, rustflags) applies; drop
-    // flags inherited from the outer build that would override or break those settings.
-    let status = Command::new(cargo)
-        .current_dir(root.join("guests"))
-        .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
-        .arg(&build_dir)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
-        .status()
-        .context("running cargo build for guests/")?;
+    let status = guest_cargo(&root, &build_dir).status().context("running cargo build for guests/")?;
     if !status.success() {
         bail!("building the guests failed ({status})");
     }
@@ -100,21 +86,29 @@ fn guests() -> Result<()> {
     build_contract_breaker(&root, &build_dir, &out_dir)
 }
 
-/// `kvstore-rdtsc.elf`: the kvstore built with its `rdtsc` feature, which reads the TSC in
-/// ring 3 and so breaks the guest contract on purpose (the pair's divergence and resync
-/// tests run it). The checker must find exactly that: RDTSC, and nothing else.
-fn build_contract_breaker(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()> {
+/// `cargo build --release` of the guests workspace into `target_dir`. Run from guests/ so
+/// that its .cargo/config.toml (target, rustflags) applies; flags inherited from the outer
+/// build that would override or break those settings are dropped.
+fn guest_cargo(root: &Path, target_dir: &Path) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(root.join("guests"))
-        .args(["build", "--release", "-p", "kvstore", "--features", "rdtsc", "--target", GUEST_TARGET])
-        .arg("--target-dir")
-        .arg(build_dir.join("rdtsc"))
+    let mut c = Command::new(cargo);
+    c.current_dir(root.join("guests"))
+        .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
+        .arg(target_dir)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_BUILD_TARGET");
+    c
+}
+
+/// `kvstore-rdtsc.elf`: the kvstore built with its `rdtsc` feature, which reads the TSC in
+/// ring 3 and so breaks the guest contract on purpose (the pair's divergence and resync
+/// tests run it). The checker must find exactly that: RDTSC, and nothing else.
+fn build_contract_breaker(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()> {
+    let status = guest_cargo(root, &build_dir.join("rdtsc"))
+        .args(["-p", "kvstore", "--features", "rdtsc"])
         .status()
         .context("running cargo build for kvstore --features rdtsc")?;
     if !status.success() {

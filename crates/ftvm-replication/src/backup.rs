@@ -136,6 +136,30 @@ impl RecordSource for ChannelSource {
     }
 }
 
+/// What keeps the primary's VM (`theirs`) from running here as this backup built it
+/// (`ours`): a significant header difference other than console, TAP names, the RTC base
+/// (adopted) and header extras; other MACs; with `disks_by_content`, other disk images (at
+/// boot both sides start from the same ones; a state transfer brings the disks with it).
+pub fn vm_differences(theirs: &LogHeader, ours: &LogHeader, disks_by_content: bool) -> Vec<String> {
+    let mut out: Vec<String> = theirs
+        .compare(ours)
+        .into_iter()
+        .filter(|m| {
+            m.significant
+                && !m.field.starts_with("console")
+                && !m.field.starts_with("net")
+                && m.field != "rtc_base_unix"
+                && (disks_by_content || !m.field.starts_with("disks"))
+                && !m.field.starts_with("extra")
+        })
+        .map(|m| m.to_string())
+        .collect();
+    if theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac) {
+        out.push("network devices (count or MAC addresses) differ".into());
+    }
+    out
+}
+
 /// The stream's reader, noting a frame that fails authentication (as opposed to a connection
 /// that breaks, which is what a dead primary looks like).
 struct Watched {
@@ -179,23 +203,7 @@ impl Backup {
         let reader_stream = std::io::BufReader::with_capacity(1 << 16, reader);
         let (mut reader, theirs) =
             LogReader::open(reader_stream).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
-        let mut differences: Vec<String> = theirs
-            .compare(ours)
-            .into_iter()
-            .filter(|m| {
-                m.significant
-                    && !m.field.starts_with("console")
-                    && !m.field.starts_with("net")
-                    && m.field != "rtc_base_unix"
-                    // After a transfer the disks are the primary's, sent with the state.
-                    && (!transfer || !m.field.starts_with("disks"))
-                    && !m.field.starts_with("extra")
-            })
-            .map(|m| m.to_string())
-            .collect();
-        if theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac) {
-            differences.push("network devices (count or MAC addresses) differ".into());
-        }
+        let differences = vm_differences(&theirs, ours, !transfer);
         if !differences.is_empty() {
             let _ = link::answer(&mut *writer, Some(&differences.join("\n")));
             return Err(Error::Handshake(format!(

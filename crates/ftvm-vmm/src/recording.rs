@@ -327,22 +327,7 @@ fn unique() -> u64 {
 /// CPUID, kernel, ...), other network devices, or disks of another number or size (their
 /// contents come with the state).
 fn transfer_differences(theirs: &LogHeader, ours: &LogHeader) -> Vec<String> {
-    let mut out: Vec<String> = theirs
-        .compare(ours)
-        .into_iter()
-        .filter(|m| {
-            m.significant
-                && !m.field.starts_with("console")
-                && !m.field.starts_with("net")
-                && !m.field.starts_with("disks")
-                && !m.field.starts_with("extra")
-                && m.field != "rtc_base_unix"
-        })
-        .map(|m| m.to_string())
-        .collect();
-    if theirs.net.len() != ours.net.len() || theirs.net.iter().zip(&ours.net).any(|(a, b)| a.mac != b.mac) {
-        out.push("network devices (count or MAC addresses) differ".into());
-    }
+    let mut out = ftvm_replication::backup::vm_differences(theirs, ours, false);
     if theirs.disks.len() != ours.disks.len() {
         out.push(format!("the primary's VM has {} disk(s), this one {}", theirs.disks.len(), ours.disks.len()));
     } else {

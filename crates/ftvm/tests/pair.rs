@@ -14,18 +14,28 @@ fn port(offset: u16) -> u16 {
     20000 + (std::process::id() % 20000) as u16 + offset
 }
 
-fn side(role: &str, addr: &str, arbiter: &Path, console: &Path, cmdline: &str) -> Child {
+/// One side's command on loopback: the hello guest, its console to a file; callers add
+/// options before spawning it.
+fn side_cmd(
+    role: &str,
+    addr: &str,
+    arbiter: impl AsRef<std::ffi::OsStr>,
+    console: &Path,
+    cmdline: &str,
+    timeout_ms: u32,
+) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
     c.arg(role);
-    if role == "backup" {
-        c.args(["--listen", addr]);
-    } else {
-        c.args(["--backup", addr]);
-    }
-    c.args(["--timeout", "1200"]).arg("--arbiter").arg(arbiter);
+    c.args(if role == "backup" { ["--listen", addr] } else { ["--backup", addr] });
+    c.args(["--timeout", &timeout_ms.to_string()]).arg("--arbiter").arg(arbiter);
     c.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
     c.arg("--console").arg(format!("file:{}", console.display()));
-    c.stderr(Stdio::piped()).spawn().unwrap()
+    c.stderr(Stdio::piped());
+    c
+}
+
+fn side(role: &str, addr: &str, arbiter: &Path, console: &Path, cmdline: &str) -> Child {
+    side_cmd(role, addr, arbiter, console, cmdline, 1200).spawn().unwrap()
 }
 
 fn wait(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
@@ -293,17 +303,7 @@ fn a_peer_with_the_wrong_key_is_rejected() {
 }
 
 fn side_keyed(role: &str, addr: &str, arbiter: &Path, console: &Path, key: &str) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-    c.arg(role);
-    if role == "backup" {
-        c.args(["--listen", addr]);
-    } else {
-        c.args(["--backup", addr]);
-    }
-    c.args(["--timeout", "1200", "--key-file", key]).arg("--arbiter").arg(arbiter);
-    c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=100"]);
-    c.arg("--console").arg(format!("file:{}", console.display()));
-    c.stderr(Stdio::piped()).spawn().unwrap()
+    side_cmd(role, addr, arbiter, console, "hello.wait_ms=100", 1200).args(["--key-file", key]).spawn().unwrap()
 }
 
 #[test]
@@ -391,13 +391,8 @@ fn with_the_etcd_arbiter_a_primary_stopped_past_its_lease_emits_nothing_after_th
     let addr = format!("127.0.0.1:{}", port(24));
     let url = etcd.url("ftvm/sigstop");
     let spawn = |role: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-        c.arg(role);
-        c.args(if role == "backup" { ["--listen", &addr] } else { ["--backup", &addr] });
-        c.args(["--timeout", "300", "--arbiter", &url]);
-        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=3000"]);
-        c.arg("--console").arg(format!("file:{}", dir.join(format!("{role}.txt")).display()));
-        c.stderr(Stdio::piped()).spawn().unwrap()
+        let console = dir.join(format!("{role}.txt"));
+        side_cmd(role, &addr, &url, &console, "hello.wait_ms=3000", 300).spawn().unwrap()
     };
     let mut b = spawn("backup");
     std::thread::sleep(Duration::from_millis(300));
@@ -434,15 +429,10 @@ fn protect_refuses_what_it_cannot_do_and_says_why() {
         path
     };
     let spawn = |role: &str, peer: &str, name: &str, disk: &Path| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-        c.arg(role);
-        c.args(if role == "backup" { ["--listen", peer] } else { ["--backup", peer] });
-        c.args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter);
-        c.arg("--api-socket").arg(dir.join(format!("{name}.sock")));
-        c.arg("--disk").arg(disk);
-        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=8000"]);
-        c.arg("--console").arg(format!("file:{}", dir.join(format!("{name}.txt")).display()));
-        c.stderr(Stdio::piped()).spawn().unwrap()
+        let console = dir.join(format!("{name}.txt"));
+        let mut c = side_cmd(role, peer, &arbiter, &console, "hello.wait_ms=8000", 1200);
+        c.arg("--api-socket").arg(dir.join(format!("{name}.sock"))).arg("--disk").arg(disk);
+        c.spawn().unwrap()
     };
     let ctl = |name: &str, args: &[&str]| {
         let out = ftvm().arg("ctl").arg(dir.join(format!("{name}.sock"))).args(args).output().unwrap();
@@ -563,13 +553,12 @@ fn an_altered_frame_is_rejected_reported_and_the_backup_resynced() {
     tampering_relay(&front, &back, 40_000);
     let arbiter = dir.join("arbiter.lock");
     let spawn = |role: &str, addr: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-        c.arg(role);
-        c.args(if role == "backup" { ["--listen", addr] } else { ["--backup", addr] });
-        c.args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter).arg("--key-file").arg(&key);
-        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=3000"]);
-        c.arg("--console").arg(format!("file:{}", dir.join(format!("{role}.txt")).display()));
-        c.stderr(Stdio::piped()).spawn().unwrap()
+        let console = dir.join(format!("{role}.txt"));
+        side_cmd(role, addr, &arbiter, &console, "hello.wait_ms=3000", 1200)
+            .arg("--key-file")
+            .arg(&key)
+            .spawn()
+            .unwrap()
     };
     let mut b = spawn("backup", &back);
     std::thread::sleep(Duration::from_millis(300));
