@@ -143,6 +143,17 @@ impl PairEnv {
         cmd
     }
 
+    /// Removes the API sockets the sides left behind (a SIGKILLed ftvm cannot).
+    pub fn remove_sockets(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.work) else { return };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("vm") && name.ends_with(".sock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     fn next_id(&self) -> usize {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
@@ -423,6 +434,16 @@ pub(crate) struct Pinger {
 
 impl Pinger {
     pub fn start(topo: &Topology, interval: Duration) -> Result<Pinger> {
+        Self::start_with(topo, interval, b"PING\r\n", b"+PONG")
+    }
+
+    /// The same loop with another inline command and the start of its expected reply.
+    pub fn start_with(
+        topo: &Topology,
+        interval: Duration,
+        command: &'static [u8],
+        reply: &'static [u8],
+    ) -> Result<Pinger> {
         let stop = Arc::new(AtomicBool::new(false));
         let replies = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -442,7 +463,7 @@ impl Pinger {
                     return;
                 }
             };
-            ping_loop(stream, interval, &s, &r, &e);
+            ping_loop(stream, interval, (command, reply), &s, &r, &e);
         });
         match rx.recv() {
             Ok(Ok(())) => {}
@@ -515,6 +536,7 @@ impl Drop for Pinger {
 fn ping_loop(
     mut stream: TcpStream,
     interval: Duration,
+    (command, reply): (&[u8], &[u8]),
     stop: &AtomicBool,
     replies: &Mutex<Vec<Instant>>,
     errors: &Mutex<Vec<(Instant, String)>>,
@@ -529,7 +551,7 @@ fn ping_loop(
     let mut chunk = [0u8; 256];
     'outer: while !stopped() {
         let result: std::io::Result<()> = (|| {
-            stream.write_all(b"PING\r\n")?;
+            stream.write_all(command)?;
             buf.clear();
             loop {
                 match stream.read(&mut chunk) {
@@ -547,14 +569,21 @@ fn ping_loop(
                     break;
                 }
             }
-            if !buf.starts_with(b"+PONG") {
-                return Err(std::io::Error::other(format!("PING answered {:?}", String::from_utf8_lossy(&buf))));
+            if !buf.starts_with(reply) {
+                return Err(std::io::Error::other(format!(
+                    "{:?} answered {:?}",
+                    String::from_utf8_lossy(command).trim(),
+                    String::from_utf8_lossy(&buf)
+                )));
             }
             replies.lock().unwrap().push(Instant::now());
             Ok(())
         })();
         if let Err(e) = result {
-            errors.lock().unwrap().push((Instant::now(), format!("the PING connection failed: {e}")));
+            errors.lock().unwrap().push((
+                Instant::now(),
+                format!("the {} connection failed: {e}", String::from_utf8_lossy(command).trim()),
+            ));
             // A new connection, to go on measuring.
             loop {
                 if stopped() {
@@ -748,6 +777,11 @@ pub struct Args {
     /// `--timeout MS` for both sides of the pair (default: ftvm's).
     #[arg(long)]
     timeout: Option<u64>,
+    /// Resync case: leave the guest idle after the diverging PING. By default SETs on one
+    /// connection, 1 ms apart (SETs do not read the TSC), drive the guest's exits to the sync
+    /// points where the backup finds the divergence (every 4096 exits; idle, ~20 s apart).
+    #[arg(long)]
+    resync_idle: bool,
     /// Skip the local `ftvm ctl snapshot` of each VM (the pause it is compared with).
     #[arg(long)]
     no_snapshot: bool,
@@ -806,8 +840,12 @@ struct Resync {
     shipped_bytes: Option<u64>,
     /// The PING that caused it: time to its reply.
     ping_reply_ms: f64,
-    /// The PING sent to the resync reported.
+    /// The PING sent to the resync reported (mostly the wait for the sync point that found
+    /// the divergence).
     ping_to_protected_ms: f64,
+    /// The backup's report: the divergence was found at this exit (counted from the last
+    /// state transfer; sync points come every 4096 exits).
+    detected_at_exit: Option<u64>,
     line: String,
 }
 
@@ -885,6 +923,7 @@ struct Report {
     disk_mib: u64,
     clients: u32,
     keyspace: u64,
+    resync_idle: bool,
     cases: Vec<Case>,
     ratios: Vec<Ratio>,
     anchors: Vec<Anchor>,
@@ -945,6 +984,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         disk_mib: args.disk_mib,
         clients: args.clients,
         keyspace: args.keyspace,
+        resync_idle: args.resync_idle,
         cases,
         ratios,
         anchors,
@@ -1025,7 +1065,7 @@ fn case(ctx: &Ctx, topo: &Topology, mem: &str, mib: u64, scenario: Scenario, por
     eprintln!("  pair up in {:.1} s", c.boot_to_ready_s);
 
     if resync {
-        resync_runs(ctx, topo, &env, &primary, &mut c)?;
+        resync_runs(ctx, topo, &env, &primary, &first_backup, &mut c)?;
         let label = first_backup.label();
         if let Ok(f) = first_backup.proc.terminate(Duration::from_secs(10)) {
             save_log(&dir, &label, &f.stderr);
@@ -1075,6 +1115,7 @@ fn case(ctx: &Ctx, topo: &Topology, mem: &str, mib: u64, scenario: Scenario, por
             c.ping_gap_ms.push(l.ping_gap_ms);
         }
     }
+    env.remove_sockets();
     if c.failures.is_empty() {
         let _ = std::fs::remove_file(env.disk(1));
         let _ = std::fs::remove_file(env.disk(2));
@@ -1231,7 +1272,7 @@ fn protect_run(
 }
 
 /// The resync case: each run, one PING makes the backup diverge; the primary resyncs it.
-fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, c: &mut Case) -> Result<()> {
+fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: &Vm, c: &mut Case) -> Result<()> {
     const LINE: &str = "(resync) after ";
     // wait_ping's PING already made the backup diverge: wait for that resync first.
     let settled = wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
@@ -1243,6 +1284,7 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, c: &mut 
     }
     wait_until(Duration::from_secs(10), Duration::from_millis(50), || Ok(is_protected(&env.ftvm, &primary.sock)))?;
     common::sleep(Duration::from_millis(500))?;
+    let limit = Duration::from_secs(if ctx.args.resync_idle { 300 } else { 120 });
     for i in 0..ctx.runs {
         let n0 = count_lines(&primary.proc.stderr_text(), LINE);
         let t0 = Instant::now();
@@ -1251,23 +1293,45 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, c: &mut 
         if let Err(e) = &reply {
             c.failures.push(format!("run {}: the PING failed: {e:#}", i + 1));
         }
-        let seen = wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
-            Ok(count_lines(&primary.proc.stderr_text(), LINE) > n0)
-        })?;
+        let nudge = if ctx.args.resync_idle {
+            None
+        } else {
+            Some(Pinger::start_with(topo, Duration::from_millis(1), b"SET resync:nudge 1\r\n", b"+OK")?)
+        };
+        let seen =
+            wait_until(limit, Duration::from_millis(5), || Ok(count_lines(&primary.proc.stderr_text(), LINE) > n0))?;
+        if let Some(n) = nudge {
+            for (_, e) in n.errors() {
+                c.failures.push(format!("run {}: {e}", i + 1));
+            }
+        }
         let Some(at) = seen else {
-            c.failures.push(format!("run {}: no resync within 60 s of the PING", i + 1));
+            c.failures.push(format!("run {}: no resync within {} s of the PING", i + 1, limit.as_secs()));
             continue;
         };
         let text = primary.proc.stderr_text();
         let line = text.lines().filter(|l| l.contains(LINE)).nth(n0).unwrap_or_default().trim().to_string();
-        let r = parse_resync(&line, ping_reply_ms, (at - t0).as_secs_f64() * 1e3);
+        let mut r = parse_resync(&line, ping_reply_ms, (at - t0).as_secs_f64() * 1e3);
+        // The backup's "DIVERGED (...): replay diverged at exit N" of this resync: which sync point.
+        let berr = backup.proc.stderr_text();
+        r.detected_at_exit = berr
+            .lines()
+            .filter(|l| l.contains("DIVERGED"))
+            .nth(n0)
+            .and_then(|l| l.split("diverged at exit ").nth(1))
+            .and_then(|t| {
+                t.trim_end_matches(|ch: char| !ch.is_ascii_digit()).split(|ch: char| !ch.is_ascii_digit()).next()
+            })
+            .and_then(|n| n.parse().ok());
         eprintln!(
-            "  run {}: resync in {:.0} ms, guest paused {:.2} ms, {:.1} MiB sent; the PING answered in {:.1} ms",
+            "  run {}: resync in {:.0} ms, guest paused {:.2} ms, {:.1} MiB sent; the PING answered in {:.1} ms; found at exit {} ({:.1} s after the PING)",
             i + 1,
             r.ms,
             r.pause_ms.unwrap_or(f64::NAN),
             r.shipped_bytes.map_or(f64::NAN, |b| b as f64 / 1048576.0),
-            r.ping_reply_ms
+            r.ping_reply_ms,
+            r.detected_at_exit.map_or("?".into(), |e| e.to_string()),
+            r.ping_to_protected_ms / 1e3
         );
         let verified = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
             Ok(is_protected(&env.ftvm, &primary.sock))
@@ -1305,7 +1369,15 @@ fn parse_resync(line: &str, ping_reply_ms: f64, ping_to_protected_ms: f64) -> Re
         after.split_once(" ms: ").and_then(|(_, r)| r.split(" of state sent").next()).and_then(parse_bytes);
     let pause_ms =
         line.split("guest paused ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok());
-    Resync { ms, pause_ms, shipped_bytes, ping_reply_ms, ping_to_protected_ms, line: line.to_string() }
+    Resync {
+        ms,
+        pause_ms,
+        shipped_bytes,
+        ping_reply_ms,
+        ping_to_protected_ms,
+        detected_at_exit: None,
+        line: line.to_string(),
+    }
 }
 
 /// The same VM's local snapshot (under the same load for the load case), for its pause.
@@ -1526,24 +1598,40 @@ fn print_table(r: &Report) {
 
     if r.cases.iter().any(|c| c.scenario == Scenario::Resync) {
         println!(
-            "\n{:<8} {:>15} {:>13} {:>11} {:>22} {:>20}",
-            "memory", "resync ms", "pause ms", "sent MiB", "diverging PING: reply", "PING to protected"
+            "\n{:<8} {:>15} {:>13} {:>11} {:>22} {:>24} {:>26}",
+            "memory",
+            "resync ms",
+            "pause ms",
+            "sent MiB",
+            "diverging PING: reply",
+            "PING to protected (max)",
+            "found at exit (per run)"
         );
         for c in r.cases.iter().filter(|c| c.scenario == Scenario::Resync) {
             let rs: Vec<&Resync> = c.runs.iter().filter_map(|r| r.resync.as_ref()).collect();
             let reply = common::median(&rs.iter().map(|r| r.ping_reply_ms).collect::<Vec<_>>());
-            let to = common::median(&rs.iter().map(|r| r.ping_to_protected_ms).collect::<Vec<_>>());
+            let mut to = Series::default();
+            for r in &rs {
+                to.push(r.ping_to_protected_ms / 1e3);
+            }
+            let exits: Vec<String> =
+                rs.iter().map(|r| r.detected_at_exit.map_or("?".into(), |e| e.to_string())).collect();
             println!(
-                "{:<8} {:>15} {:>13} {:>11} {:>19.1} ms {:>17.0} ms",
+                "{:<8} {:>15} {:>13} {:>11} {:>19.1} ms {:>22} s {:>26}",
                 mem_label(c.mem_mib),
                 f(&c.protect_ms, 0),
                 f(&c.pause_ms, 2),
                 m(&c.shipped_mib, 1),
                 reply,
-                to
+                f(&to, 1),
+                exits.join(", ")
             );
         }
-        println!("(kvstore-rdtsc, one PING a run; from the primary's \"PROTECTED by ... (resync) after N ms: X of state sent, guest paused P ms\")");
+        println!(
+            "(kvstore-rdtsc, one PING a run{}; from the primary's \"PROTECTED by ... (resync) after N ms: X of state sent, guest paused P ms\")",
+            if r.resync_idle { ", the guest idle after it" } else { ", then SETs 1 ms apart on one connection to reach the sync points" }
+        );
+        println!(" (found at exit: the sync point, counted from the last state transfer, where the backup saw the divergence)");
     }
     println!();
     for ratio in &r.ratios {

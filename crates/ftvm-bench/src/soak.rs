@@ -478,6 +478,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
             state.keep_log(label, f.stderr);
         }
     }
+    env.remove_sockets();
     for (i, (label, text)) in state.logs.iter().enumerate() {
         let name = format!("{i:02}-{}.stderr.txt", label.replace([' ', '#'], "_"));
         let _ = std::fs::write(logs_dir.join(name), text);
@@ -580,8 +581,15 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     print_table(&report);
     println!("\nwrote {} and {} (process logs in {})", json.display(), svg.display(), logs_dir.display());
     if report.violation_count > 0 {
-        bail!("{} invariant violation(s) (goal: 0); see above and {}", report.violation_count, json.display());
+        bail!(
+            "{} invariant violation(s) (goal: 0); see above and {} (the disks are kept in {})",
+            report.violation_count,
+            json.display(),
+            work.display()
+        );
     }
+    let _ = std::fs::remove_file(env.disk(1));
+    let _ = std::fs::remove_file(env.disk(2));
     Ok(())
 }
 

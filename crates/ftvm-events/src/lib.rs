@@ -112,7 +112,14 @@ pub struct EventSource {
     went_live_at: Option<ExitIndex>,
     /// Outputs counted in live mode (after a backup went live, numbering continues).
     live_outputs: u64,
+    /// Record: when the last checkpoint was taken (host time; it only decides where
+    /// checkpoints go in the log, which the replay follows).
+    last_checkpoint: Instant,
+    last_checkpoint_exit: Option<ExitIndex>,
 }
+
+/// A recording takes a checkpoint at least this often (at the next counted exit).
+pub const CHECKPOINT_MAX_AGE: Duration = Duration::from_millis(100);
 
 /// The event source's part of a VM's saved state: the guest clock. (Host inputs that have
 /// arrived but were not admitted are not guest state: like frames in flight, they are lost.)
@@ -150,6 +157,8 @@ impl EventSource {
             live_on_end: false,
             went_live_at: None,
             live_outputs: 0,
+            last_checkpoint: Instant::now(),
+            last_checkpoint_exit: None,
         }
     }
 
@@ -186,6 +195,7 @@ impl EventSource {
         self.mode = Mode::Record;
         self.journal = Journal::Record(Box::new(Recorder::new(log)));
         self.counts = EventCounts::default();
+        self.last_checkpoint_exit = None;
         self.live_on_end = false;
         self.live_outputs = 0;
     }
@@ -269,14 +279,37 @@ impl EventSource {
         }
     }
 
-    /// Whether a checkpoint (register digest) is due at the current exit.
-    pub fn checkpoint_due(&self) -> bool {
-        self.mode != Mode::Live && self.counts.exits > 0 && self.position() % CHECKPOINT_INTERVAL == 0
+    /// Whether a checkpoint (register digest, page hashes) is due at the current exit: every
+    /// [`CHECKPOINT_INTERVAL`] exits, and in a recording also once [`CHECKPOINT_MAX_AGE`] has
+    /// passed since the last one (a backup then finds a divergence within a fraction of a
+    /// second even in a guest that exits rarely). A replay takes one wherever the log has one.
+    pub fn checkpoint_due(&mut self) -> bool {
+        if self.mode == Mode::Live || self.counts.exits == 0 {
+            return false;
+        }
+        let position = self.position();
+        if position % CHECKPOINT_INTERVAL == 0 {
+            return true;
+        }
+        match &mut self.journal {
+            Journal::Record(_) => self.last_checkpoint.elapsed() >= CHECKPOINT_MAX_AGE,
+            Journal::Replay(r) => r.checkpoint_at(position),
+            Journal::None => false,
+        }
+    }
+
+    /// Whether a checkpoint was taken at the current exit already (the final one of a run is
+    /// then not taken again: a replay, which takes checkpoints where the log has them, could
+    /// not tell the two apart).
+    pub fn checkpoint_taken_here(&self) -> bool {
+        self.counts.exits > 0 && self.last_checkpoint_exit == Some(self.position())
     }
 
     /// Logs (record) or checks (replay) a checkpoint with the vCPU's register digest.
     pub fn checkpoint(&mut self, regs_hash: u64) {
+        self.last_checkpoint = Instant::now();
         let index = self.position();
+        self.last_checkpoint_exit = Some(index);
         match &mut self.journal {
             Journal::None => {}
             Journal::Record(r) => r.checkpoint(index, regs_hash),

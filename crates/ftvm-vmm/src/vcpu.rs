@@ -290,6 +290,8 @@ pub struct VcpuLoop {
     /// A new recording started at this control point (a state transfer's cut): a halted
     /// guest resumes as the restored backup's does, without waiting for a wake-up.
     recording_restarted: bool,
+    /// Counted exits before the last new recording (the events count from 0 after it).
+    pub(crate) exits_before: u64,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -336,6 +338,7 @@ impl VcpuLoop {
             msr_indices: Vec::new(),
             live_taps: Vec::new(),
             recording_restarted: false,
+            exits_before: 0,
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -384,6 +387,7 @@ impl VcpuLoop {
             if matches!(o, VmOutcome::PowerOff | VmOutcome::Reset | VmOutcome::TripleFault(_))
                 && self.events.wants_signatures()
                 && self.events.mode() != Mode::Live
+                && !self.events.checkpoint_taken_here()
             {
                 let regs = self.vcpu.sync_regs().regs;
                 self.events.checkpoint(regs_digest(&regs));
@@ -938,6 +942,7 @@ impl VcpuLoop {
         log: ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>,
         sync_bound: Option<std::time::Duration>,
     ) -> Result<()> {
+        self.exits_before += self.events.exit_index();
         self.events.start_recording(log);
         self.delivery = Delivery::AtExits;
         // The prompt deadline timer of a live VM: a kick from it is harmless (not counted),
@@ -1085,7 +1090,7 @@ impl VcpuLoop {
 
     fn status_figures(&self) -> ftvm_api::VcpuFigures {
         ftvm_api::VcpuFigures {
-            exits: self.events.exit_index(),
+            exits: self.exits_before + self.events.exit_index(),
             io: self.stats.io,
             mmio: self.stats.mmio,
             hlt: self.stats.hlt,

@@ -481,7 +481,7 @@ impl Vm {
                 }
                 vloop.control = vcpu_control;
                 let outcome = vloop.run()?;
-                let exits = vloop.events.exit_index();
+                let exits = vloop.exits_before + vloop.events.exit_index();
                 Ok((outcome, vloop.stats, exits, vloop.vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
