@@ -267,7 +267,8 @@ impl Protection {
             let made = made.clone();
             let heartbeats = conn.heartbeats.clone();
             let settings = self.settings.clone();
-            let header = self.header.clone();
+            // The new log is made here, not in the pause: nothing in it depends on the cut.
+            let (writer, rx) = log_channel(&self.header).map_err(|e| Error::Pair(e.to_string()))?;
             let me = self.me.clone();
             Box::new(move |vloop: &mut crate::vcpu::VcpuLoop| -> Result<()> {
                 let me = me.upgrade().ok_or_else(|| Error::Pair("the VM is ending".into()))?;
@@ -279,7 +280,6 @@ impl Protection {
                 let opts =
                     LinkOptions { timeout: settings.timeout, max_lag: settings.max_lag, protected_from_start: false };
                 let primary = Primary::new(heartbeats, sinks, arbiter, opts);
-                let (writer, rx) = log_channel(&header).map_err(|e| Error::Pair(e.to_string()))?;
                 vloop.start_recording(writer, settings.sync_bound)?;
                 vloop.gate = Some(primary.gate());
                 if let Some(c) = &me.control {

@@ -283,7 +283,20 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     let theirs = ftvm_replication::link::read_blob(&mut *conn.reader, 1 << 24).map_err(pair("the transfer header"))?;
     let theirs: LogHeader = serde_json::from_slice(&theirs)
         .map_err(|e| Error::Pair(format!("the transfer header does not decode: {e}")))?;
-    let (kernel, initrd, disks) = images(config)?;
+    // The disks' contents come with the state: only their sizes matter (hashing a large
+    // image would keep the live side waiting for nothing).
+    let kernel = image_info(&config.boot.kernel)?;
+    let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
+    let disks = config
+        .disks
+        .iter()
+        .map(|d| {
+            let size = std::fs::metadata(&d.path)
+                .map(|m| m.len())
+                .map_err(io_err(format!("cannot read {}", d.path.display())))?;
+            Ok(ImageInfo { path: d.path.display().to_string(), sha256: String::new(), size })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let built = Vm::build_with(config.clone(), false)?;
     let ours = header_for(&built, kernel.clone(), initrd.clone(), disks.clone(), 0);
     drop(built);

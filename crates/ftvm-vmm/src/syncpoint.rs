@@ -148,6 +148,13 @@ impl SyncRecorder {
         })
     }
 
+    /// A new log starts here (a state transfer's cut): nothing logged before counts.
+    pub(crate) fn restart(&mut self) {
+        self.since_exit = 0;
+        self.logged.clear();
+        self.waiting_since = None;
+    }
+
     /// When the oldest waiting event's sync point is due.
     fn due_at(&self) -> Option<Instant> {
         let lead = KICK_LEAD.min(self.bound / 2);

@@ -951,20 +951,18 @@ impl VcpuLoop {
         self.vcpu.get_kvm_run().request_interrupt_window = 0;
         self.vcpu.set_sync_valid_reg(SyncReg::Register);
         let tracker = self.tracker.clone().ok_or_else(|| Error::Thread("no dirty tracker".into()))?;
+        // The first checkpoint's page hashes may name pages dirtied before the cut too: the
+        // backup restored them as they were here, so their contents agree.
         if self.hash_consumer.is_none() {
             self.hash_consumer = Some(tracker.subscribe()?);
         }
-        if let Some(consumer) = self.hash_consumer {
-            // The first checkpoint hashes the pages dirtied since the cut.
-            tracker.take(consumer)?;
-        }
-        let old = self.sync.take();
-        if let Some(bound) = sync_bound {
-            let mut sync = crate::syncpoint::SyncRecorder::start(bound, self.kicker.clone(), tracker)?;
-            if let Some(old) = old {
-                sync.stats = old.stats;
+        match (&mut self.sync, sync_bound) {
+            // A primary's sync recorder carries on, forgetting what the old log held.
+            (Some(sync), _) => sync.restart(),
+            (None, Some(bound)) => {
+                self.sync = Some(crate::syncpoint::SyncRecorder::start(bound, self.kicker.clone(), tracker)?);
             }
-            self.sync = Some(sync);
+            (None, None) => {}
         }
         self.sync_replay = Default::default();
         // Outputs are numbered from 0 in the new log.
