@@ -321,27 +321,6 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
     cmd
 }
 
-/// Waits until the guest answers PING from the client namespace. The client's neighbour
-/// cache is flushed first: after a failover the LAN bridge still sends the guest's MAC to
-/// host 2 until the guest on host 1 transmits, which a broadcast ARP makes it do (without
-/// this, the first PING after a failover session waited about 70 s).
-fn wait_ping(topo: &Topology, timeout: Duration) -> Result<()> {
-    let _ = Command::new("ip").args(["-n", &topo.client(), "neigh", "flush", "all"]).output();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &topo.client(), "timeout", "2", "redis-cli", "-h", GUEST_IP, "-p", "6379"])
-            .arg("PING")
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout).contains("PONG") {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("the guest did not answer PING within {} s", timeout.as_secs());
-        }
-        common::sleep(Duration::from_millis(200))?;
-    }
-}
 
 #[derive(Deserialize)]
 struct Status {
@@ -421,7 +400,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
         }
     };
     vm.wait_for_output(READY, Duration::from_secs(120))?;
-    wait_ping(topo, Duration::from_secs(30))?;
+    crate::reprotect::wait_ping(topo, Duration::from_secs(30))?;
     let boot_to_ready_s = start.elapsed().as_secs_f64();
     let protected = mode == Mode::Protected;
 

@@ -83,7 +83,7 @@ pub struct Args {
     no_load: bool,
     /// Size of each host's sparse raw disk, MiB (default: 128 + 8 per event). The guest's log
     /// grows with every SET (~0.4 MB/s under the default load) and refuses writes once the
-    /// disk is full; the time to protected grows with the image's size.
+    /// disk is full.
     #[arg(long)]
     disk_mib: Option<u64>,
     /// The redis-benchmark binary (Debian's redis-tools).

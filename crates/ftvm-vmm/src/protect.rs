@@ -358,8 +358,16 @@ impl Protection {
         if let Some(l) = &link {
             l.stats().backup_lost.store(true, Ordering::SeqCst);
         }
+        // A transfer ends soon once the VM has stopped (its cut cannot happen, or its link is
+        // lost); one stuck on an unresponsive backup is left behind rather than waited for.
+        let deadline = Instant::now() + Duration::from_secs(5);
         for j in jobs {
-            let _ = j.join();
+            while !j.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if j.is_finished() {
+                let _ = j.join();
+            }
         }
         link
     }
