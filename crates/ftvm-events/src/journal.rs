@@ -201,10 +201,8 @@ impl Recorder {
         let digest = ftvm_log::hash64(bytes);
         self.append(Record::Output { exit, ordinal, kind, len: bytes.len() as u32, digest, data: None });
         let lsn = (self.failed.is_none() && !self.size_limit_hit).then(|| self.writer.next_lsn() - 1);
-        // An output is where a backup must be up to date: push the log out now.
-        if let Err(e) = self.writer.flush() {
-            self.failed.get_or_insert(e);
-        }
+        // An output is where a backup must be up to date: the vCPU loop pushes the log out
+        // once the exit's outputs are all logged (one frame for all of them).
         (ordinal, lsn)
     }
 

@@ -447,13 +447,14 @@ fn releasable(s: &Shared, h: &Held) -> bool {
         || h.lsn.is_none_or(|lsn| s.stats.acked_lsn.load(Ordering::SeqCst) >= lsn)
 }
 
-/// Performs the held outputs that may go out, in order, each followed at once by OUTPUT_DONE
-/// (the count performed) on the heartbeat channel. Called where an acknowledgement arrives
+/// Performs the held outputs that may go out, in order, then sends OUTPUT_DONE (the count
+/// performed) on the heartbeat channel. Called where an acknowledgement arrives
 /// (no hand-off to another thread), where the backup is lost, when an output is handed over
 /// and, as a safety net, from the heartbeat loop. One thread performs at a time; another
 /// that finds the performer busy leaves its work to it. Nothing is performed without the
 /// arbiter: a primary that lost it halts (another copy may be live).
 fn release(s: &Shared) {
+    let mut performed_any = false;
     loop {
         let Ok(performer) = s.performer.try_lock() else { return };
         loop {
@@ -482,12 +483,17 @@ fn release(s: &Shared) {
             lock(&s.sinks).perform(h.target, &h.bytes);
             crate::testing::crash_point(3, h.ordinal);
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
-            send_output_done(s);
+            performed_any = true;
             if crate::testing::armed(4, h.ordinal) {
+                send_output_done(s);
                 // Let heartbeats carry OUTPUT_DONE to the backup first.
                 std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
                 crate::testing::crash_point(4, h.ordinal);
             }
+        }
+        // OUTPUT_DONE once for all the outputs performed here (it is cumulative).
+        if std::mem::take(&mut performed_any) {
+            send_output_done(s);
         }
         drop(performer);
         // Something may have become releasable after the last look and before the performer

@@ -292,6 +292,8 @@ pub struct VcpuLoop {
     recording_restarted: bool,
     /// Counted exits before the last new recording (the events count from 0 after it).
     pub(crate) exits_before: u64,
+    /// Outputs were logged and the log not pushed out since.
+    outputs_unflushed: bool,
     irqs: IrqLines,
     requests: Vec<VmRequest>,
     warned_ports: BTreeSet<u64>,
@@ -339,6 +341,7 @@ impl VcpuLoop {
             live_taps: Vec::new(),
             recording_restarted: false,
             exits_before: 0,
+            outputs_unflushed: false,
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
@@ -734,6 +737,12 @@ impl VcpuLoop {
         self.devices.apply_irqs(&mut self.irqs);
         self.flush_console();
         self.flush_net_tx();
+        if std::mem::take(&mut self.outputs_unflushed) {
+            // The backup must have the log up to the outputs before it can acknowledge them:
+            // push it out now, once for all the outputs of this exit.
+            self.events.flush_log();
+            self.last_log_flush = std::time::Instant::now();
+        }
         if let Some(now) = self.events.admit_deadline(self.devices.next_deadline()) {
             self.devices.on_time(now, &mut self.irqs);
         }
@@ -763,6 +772,7 @@ impl VcpuLoop {
                     g.before_output();
                 }
                 let ticket = self.events.output(ftvm_log::OUTPUT_NET, &frame);
+                self.outputs_unflushed = true;
                 self.last_output = Some(ticket);
                 let frame = match &mut self.gate {
                     Some(g) => match g.submit(ticket, OutputTarget::Net(index), frame) {
@@ -804,6 +814,7 @@ impl VcpuLoop {
             g.before_output();
         }
         let ticket = self.events.output(ftvm_log::OUTPUT_CONSOLE, &out);
+        self.outputs_unflushed = true;
         self.last_output = Some(ticket);
         let out = match &mut self.gate {
             Some(g) => match g.submit(ticket, OutputTarget::Console, out) {
