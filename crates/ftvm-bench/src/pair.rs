@@ -321,7 +321,6 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
     cmd
 }
 
-
 #[derive(Deserialize)]
 struct Status {
     log: LogStatus,

@@ -196,13 +196,13 @@ impl Backup {
         let transfer = conn.mode == link::Mode::Transfer;
         let peer = conn.peer;
         let shutdown = conn.shutdown_handle()?;
-        let Connection { reader, mut writer, heartbeats, .. } = conn;
+        let Connection { reader, mut writer, heartbeats, buffered, .. } = conn;
         let rejected = Arc::new(Mutex::new(None));
         let reader = Watched { inner: reader, rejected: rejected.clone() };
-        // Buffered: the reader takes a frame in several small reads.
-        let reader_stream = std::io::BufReader::with_capacity(1 << 16, reader);
+        // Unbuffered here: the channel's reader holds whole frames already, and says how much
+        // of the current one is left (acknowledgements are sent at a frame's end).
         let (mut reader, theirs) =
-            LogReader::open(reader_stream).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
+            LogReader::open(reader).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
         let differences = vm_differences(&theirs, ours, !transfer);
         if !differences.is_empty() {
             let _ = link::answer(&mut *writer, Some(&differences.join("\n")));
@@ -228,6 +228,7 @@ impl Backup {
                 .spawn(move || {
                     let mut since_ack = u32::MAX;
                     let mut last_ack = Instant::now();
+                    let mut owed = false;
                     loop {
                         let (lsn, rec) = match reader.next() {
                             Ok(Some(r)) => r,
@@ -255,11 +256,15 @@ impl Backup {
                             return;
                         }
                         since_ack = since_ack.saturating_add(1);
+                        owed |= urgent;
                         // An ack means "received and verified"; a backup deciding to go live
-                        // stops acking.
-                        if (urgent || since_ack >= 64 || last_ack.elapsed() >= ACK_EVERY)
+                        // stops acking. An output is acknowledged at the end of its frame (one
+                        // ack for the outputs of one exit, which the primary sends together).
+                        let drained = buffered.load(Ordering::Relaxed) == 0;
+                        if ((owed && drained) || since_ack >= 64 || last_ack.elapsed() >= ACK_EVERY)
                             && !s.won_arbiter.load(Ordering::SeqCst)
                         {
+                            owed = false;
                             since_ack = 0;
                             last_ack = Instant::now();
                             let mut w = link::lock(&w);

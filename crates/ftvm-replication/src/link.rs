@@ -79,6 +79,8 @@ pub struct Connection {
     pub peer: SocketAddr,
     pub mode: Mode,
     pub reader: Box<dyn Read + Send>,
+    /// Bytes of the current frame the reader has not handed out yet (0: at a frame's end).
+    pub buffered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub writer: Box<dyn Write + Send>,
     pub heartbeats: std::sync::Arc<Heartbeats>,
     stream: TcpStream,
@@ -117,7 +119,16 @@ impl Connection {
         let udp = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io("udp"))?;
         udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
         let heartbeats = heartbeats(udp, Some(addr), keys.sealer(), keys.opener());
-        Ok(Connection { peer: addr, mode, reader: Box::new(reader), writer: Box::new(writer), heartbeats, stream })
+        let buffered = reader.buffered_gauge();
+        Ok(Connection {
+            peer: addr,
+            mode,
+            reader: Box::new(reader),
+            buffered,
+            writer: Box::new(writer),
+            heartbeats,
+            stream,
+        })
     }
 
     /// Shuts the TCP connection down both ways (the peer sees it closed at once).
@@ -204,7 +215,8 @@ impl Listener {
         };
         let udp = self.udp.try_clone().map_err(io("udp"))?;
         let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
-        Ok(Connection { peer, mode, reader: Box::new(reader), writer: Box::new(writer), heartbeats, stream })
+        let buffered = reader.buffered_gauge();
+        Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer: Box::new(writer), heartbeats, stream })
     }
 }
 

@@ -74,7 +74,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -630,6 +630,9 @@ pub struct SecureReader {
     /// The verified payload not yet read, inside `buf` (before `lo`).
     plain: Range<usize>,
     failure: Option<SecureError>,
+    /// Bytes of the current frame's payload not yet read, as of the last read: zero at the
+    /// end of each frame (one flush of the sender).
+    buffered: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for SecureReader {
@@ -652,7 +655,24 @@ enum NoFrame {
 impl SecureReader {
     fn new(stream: TcpStream, mac: HmacSha256) -> SecureReader {
         let buf = vec![0u8; 2 * (FRAME_HEADER_LEN + MAX_WRITE_FRAME + MAC_LEN)];
-        SecureReader { stream, mac, next_seq: 0, buf, lo: 0, hi: 0, plain: 0..0, failure: None }
+        SecureReader {
+            stream,
+            mac,
+            next_seq: 0,
+            buf,
+            lo: 0,
+            hi: 0,
+            plain: 0..0,
+            failure: None,
+            buffered: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A gauge of the current frame's payload bytes not yet read, updated by every read: a
+    /// reader above can tell where a frame (one flush of the sender) ends (the backup
+    /// acknowledges there).
+    pub fn buffered_gauge(&self) -> Arc<AtomicUsize> {
+        self.buffered.clone()
     }
 
     /// The bad frame that ended this channel, if one did.
@@ -753,6 +773,7 @@ impl Read for SecureReader {
                 let n = out.len().min(self.plain.len());
                 out[..n].copy_from_slice(&self.buf[self.plain.start..self.plain.start + n]);
                 self.plain.start += n;
+                self.buffered.store(self.plain.len(), Ordering::Relaxed);
                 return Ok(n);
             }
             match self.next_frame() {

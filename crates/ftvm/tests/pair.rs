@@ -565,8 +565,9 @@ fn an_altered_frame_is_rejected_reported_and_the_backup_resynced() {
     let mut p = spawn("primary", &front);
     let (pcode, perr) = wait(&mut p, Duration::from_secs(30));
     let (bcode, berr) = wait(&mut b, Duration::from_secs(10));
-    assert!(berr.contains("REJECTED a replication frame") && berr.contains("integrity"), "{berr}");
-    assert!(perr.contains("asks for a resync") && perr.contains("PROTECTED by"), "{perr}");
+    let both = format!("primary:\n{perr}\nbackup:\n{berr}");
+    assert!(berr.contains("REJECTED a replication frame"), "{both}");
+    assert!(perr.contains("asks for a resync") && perr.contains("PROTECTED by"), "{both}");
     // The resynced pair ends as one: the guest's whole output, once, on the primary.
     assert_eq!((pcode, bcode), (Some(0), Some(0)), "primary:\n{perr}\nbackup:\n{berr}");
     let console = std::fs::read_to_string(dir.join("primary.txt")).unwrap();
