@@ -613,6 +613,8 @@ impl OutputGate for PrimaryGate {
         // cannot take over anyway, and is not protected until it is within the bound.
         let Some(max) = self.shared.opts.max_lag else { return };
         if lag > max && stats.protected.load(Ordering::Relaxed) {
+            // Short steps: longer ones (a quarter of the excess, up to 10 ms) were tried and
+            // let the worst lag grow (bursts of input after each step).
             std::thread::sleep(THROTTLE_STEP);
             stats.throttled_us.fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
