@@ -97,6 +97,12 @@ fn tap_attach_errors_receive_and_transmit() {
             }
         };
         assert_eq!(&arp[..6], &[0xff; 6], "broadcast");
+        // The reader queues a frame, then wakes the loop: the wake may come a moment after
+        // the frame was taken.
+        let woken_by = Instant::now() + Duration::from_secs(1);
+        while wakes.load(Ordering::SeqCst) == 0 && Instant::now() < woken_by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(wakes.load(Ordering::SeqCst) >= 1, "the reader woke the vCPU loop");
         let host_mac: [u8; 6] = arp[6..12].try_into().unwrap();
 
