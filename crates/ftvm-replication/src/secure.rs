@@ -397,17 +397,13 @@ fn closed_during_handshake(_: &[u8]) -> SecureError {
     SecureError::Protocol("the peer closed the connection in the middle of the handshake".into())
 }
 
-fn initiate(x: &Exchange<'_>, key: &Key) -> Result<(Nonce, Nonce), SecureError> {
-    let nonce_i = random_nonce()?;
-    x.send(&hello(&nonce_i), "sending our hello")?;
+/// The start of the peer's hello: the magic (anything else is not an ftvm peer; nothing at
+/// all, `closed_silently`) and the protocol version it speaks.
+fn recv_hello_start(x: &Exchange<'_>, closed_silently: &str) -> Result<u32, SecureError> {
     let mut magic = [0u8; MAGIC.len()];
     x.recv(&mut magic, "waiting for the peer's hello", |got| {
         if got.is_empty() {
-            SecureError::Protocol(
-                "the peer closed the connection without answering: not an ftvm replication peer, or an ftvm without \
-                 authentication"
-                    .into(),
-            )
+            SecureError::Protocol(closed_silently.into())
         } else {
             not_ftvm(got)
         }
@@ -417,7 +413,17 @@ fn initiate(x: &Exchange<'_>, key: &Key) -> Result<(Nonce, Nonce), SecureError> 
     }
     let mut version = [0u8; 4];
     x.recv(&mut version, "waiting for the peer's version", closed_during_handshake)?;
-    let version = u32::from_le_bytes(version);
+    Ok(u32::from_le_bytes(version))
+}
+
+fn initiate(x: &Exchange<'_>, key: &Key) -> Result<(Nonce, Nonce), SecureError> {
+    let nonce_i = random_nonce()?;
+    x.send(&hello(&nonce_i), "sending our hello")?;
+    let version = recv_hello_start(
+        x,
+        "the peer closed the connection without answering: not an ftvm replication peer, or an ftvm without \
+         authentication",
+    )?;
     if version != PROTOCOL_VERSION {
         return Err(other_version(version));
     }
@@ -443,20 +449,7 @@ fn initiate(x: &Exchange<'_>, key: &Key) -> Result<(Nonce, Nonce), SecureError> 
 }
 
 fn respond(x: &Exchange<'_>, key: &Key) -> Result<(Nonce, Nonce), SecureError> {
-    let mut magic = [0u8; MAGIC.len()];
-    x.recv(&mut magic, "waiting for the peer's hello", |got| {
-        if got.is_empty() {
-            SecureError::Protocol("the peer closed the connection without a handshake".into())
-        } else {
-            not_ftvm(got)
-        }
-    })?;
-    if magic != MAGIC {
-        return Err(not_ftvm(&magic));
-    }
-    let mut version = [0u8; 4];
-    x.recv(&mut version, "waiting for the peer's version", closed_during_handshake)?;
-    let version = u32::from_le_bytes(version);
+    let version = recv_hello_start(x, "the peer closed the connection without a handshake")?;
     if version != PROTOCOL_VERSION {
         // Our magic and version, so that the peer can say which versions met.
         let mut ours = MAGIC.to_vec();

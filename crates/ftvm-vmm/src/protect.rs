@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ftvm_api::{ProtectPhase, ProtectProgress, Refused, SnapshotProgress, VmControl};
-use ftvm_log::LogHeader;
 use ftvm_replication::arbiter::Arbiter;
 use ftvm_replication::backup::ArbiterSlot;
 use ftvm_replication::link::{self, Connection, Mode};
@@ -36,7 +35,6 @@ pub struct PairSettings {
     pub key: Key,
     pub timeout: Duration,
     pub max_lag: Option<Duration>,
-    pub sync_bound: Option<Duration>,
 }
 
 /// How long a new backup has to catch up before the re-protection is reported as failed.
@@ -48,10 +46,12 @@ const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// and the state transfers that replace it.
 pub struct Protection {
     settings: PairSettings,
+    /// The VM's sync-point bound, for the recording a transfer starts.
+    sync_bound: Option<Duration>,
+    /// The live copy of the state; its header is the VM's identity as a new backup checks
+    /// it, and the header of each new log.
     snapshot: SnapshotSource,
     control: Option<Arc<VmControl>>,
-    /// The VM's identity as a new backup checks it, and the header of each new log.
-    header: LogHeader,
     sinks: Mutex<Option<SharedSinks>>,
     arbiter: Mutex<Option<Arc<Arbiter>>>,
     /// A backup's arbiter, once it won it (it went live).
@@ -60,7 +60,6 @@ pub struct Protection {
     busy: AtomicBool,
     transfers: AtomicU64,
     resyncs: AtomicU64,
-    failovers: AtomicU64,
     jobs: Mutex<Vec<std::thread::JoinHandle<()>>>,
     me: Weak<Protection>,
 }
@@ -88,15 +87,15 @@ impl Reason {
 impl Protection {
     pub(crate) fn new(
         settings: PairSettings,
+        sync_bound: Option<Duration>,
         snapshot: SnapshotSource,
         control: Option<Arc<VmControl>>,
-        header: LogHeader,
     ) -> Arc<Protection> {
         Arc::new_cyclic(|me| Protection {
             settings,
+            sync_bound,
             snapshot,
             control,
-            header,
             sinks: Mutex::new(None),
             arbiter: Mutex::new(None),
             backup_arbiter: Mutex::new(None),
@@ -104,7 +103,6 @@ impl Protection {
             busy: AtomicBool::new(false),
             transfers: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
-            failovers: AtomicU64::new(0),
             jobs: Mutex::new(Vec::new()),
             me: me.clone(),
         })
@@ -128,10 +126,7 @@ impl Protection {
         }
         let slot = lock(&self.backup_arbiter).clone()?;
         let won = lock(&slot).clone();
-        if won.is_some() {
-            self.failovers.store(1, Ordering::SeqCst);
-            *lock(&self.arbiter) = won.clone();
-        }
+        lock(&self.arbiter).clone_from(&won);
         won
     }
 
@@ -160,8 +155,10 @@ impl Protection {
         self.resyncs.load(Ordering::Relaxed)
     }
 
+    /// Takeovers this process made: a backup that won its arbiter went live.
     pub(crate) fn failovers(&self) -> u64 {
-        self.failovers.load(Ordering::Relaxed)
+        let slot = lock(&self.backup_arbiter).clone();
+        u64::from(slot.is_some_and(|s| lock(&s).is_some()))
     }
 
     /// Starts a state transfer to the backup listening at `backup` (`PUT /protect`, or a
@@ -247,7 +244,8 @@ impl Protection {
     ) -> Result<()> {
         let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
         let mut conn = Connection::connect(backup, &self.settings.key, CONNECT_WAIT, Mode::Transfer).map_err(pair)?;
-        let header = serde_json::to_vec(&self.header).map_err(|e| Error::Pair(format!("transfer header: {e}")))?;
+        let header =
+            serde_json::to_vec(&self.snapshot.header).map_err(|e| Error::Pair(format!("transfer header: {e}")))?;
         link::write_blob(&mut *conn.writer, &header)
             .and_then(|_| conn.writer.flush())
             .map_err(|e| Error::Pair(format!("sending to the backup: {e}")))?;
@@ -267,8 +265,9 @@ impl Protection {
             let made = made.clone();
             let heartbeats = conn.heartbeats.clone();
             let settings = self.settings.clone();
+            let sync_bound = self.sync_bound;
             // The new log is made here, not in the pause: nothing in it depends on the cut.
-            let (writer, rx) = log_channel(&self.header).map_err(|e| Error::Pair(e.to_string()))?;
+            let (writer, rx) = log_channel(&self.snapshot.header).map_err(|e| Error::Pair(e.to_string()))?;
             let me = self.me.clone();
             Box::new(move |vloop: &mut crate::vcpu::VcpuLoop| -> Result<()> {
                 let me = me.upgrade().ok_or_else(|| Error::Pair("the VM is ending".into()))?;
@@ -280,7 +279,7 @@ impl Protection {
                 let opts =
                     LinkOptions { timeout: settings.timeout, max_lag: settings.max_lag, protected_from_start: false };
                 let primary = Primary::new(heartbeats, sinks, arbiter, opts);
-                vloop.start_recording(writer, settings.sync_bound)?;
+                vloop.start_recording(writer, sync_bound)?;
                 vloop.gate = Some(primary.gate());
                 if let Some(c) = &me.control {
                     c.set_role(ftvm_api::Role::Primary);
@@ -307,13 +306,13 @@ impl Protection {
         progress.phase = ProtectPhase::Shipping;
         self.report(progress, started);
         let sent = AtomicU64::new(0);
-        let shipped = ftvm_replication::transfer::send_dir(&mut *conn.writer, &staged.0, &sent);
+        let shipped = crate::snapshot::ship(&mut *conn.writer, &staged.0, &sent);
         progress.shipped_bytes = sent.load(Ordering::Relaxed);
         drop(staged);
         if let Err(e) = shipped {
             conn.shutdown();
             stats.backup_lost.store(true, Ordering::SeqCst);
-            return Err(Error::Pair(e.to_string()));
+            return Err(e);
         }
         if let Some(l) = lock(&self.link).as_mut() {
             l.start(conn, log).map_err(pair)?;

@@ -171,12 +171,7 @@ pub fn primary(
     let mut vm = Vm::build(config)?;
     vm.set_sync_bound(sync_bound);
     let header = header_for(&vm, kernel, initrd, disks, rtc);
-    let settings = crate::protect::PairSettings {
-        key: link.key.clone(),
-        timeout: link.timeout,
-        max_lag: link.max_lag,
-        sync_bound,
-    };
+    let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag: link.max_lag };
     vm.run_with(Journaling::Primary { link, header: Box::new(header), settings })
 }
 
@@ -192,7 +187,7 @@ pub fn backup(
 ) -> Result<RunReport> {
     use ftvm_replication::link::{Listener, Mode};
     let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
-    let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag, sync_bound };
+    let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
     eprintln!("ftvm: backup listening on {}", link.listen);
     if !link.key.is_authenticated() {

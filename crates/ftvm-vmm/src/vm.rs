@@ -309,14 +309,21 @@ impl Vm {
         if let Some(c) = &control {
             c.set_role(api_role(&journaling));
         }
+        let pair_settings = match &journaling {
+            Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
+            _ => None,
+        };
+        // The VM as a snapshot pins it (it hashes the kernel: once, for both uses below).
+        let vm_header = (control.is_some() || pair_settings.is_some())
+            .then(|| crate::recording::snapshot_header(&self, rtc_base))
+            .transpose()?;
         // Snapshots are taken through the control API.
         let tasks = crate::vcpu::VcpuTasks::default();
-        if let Some(c) = &control {
-            let header = crate::recording::snapshot_header(&self, rtc_base)?;
+        if let (Some(c), Some(header)) = (&control, &vm_header) {
             let source = Arc::new(crate::snapshot::SnapshotSource {
                 tracker: tracker.clone(),
                 disks: self.disks.clone(),
-                header,
+                header: header.clone(),
                 tasks: tasks.clone(),
                 control: c.clone(),
             });
@@ -329,21 +336,16 @@ impl Vm {
         let mut protection = None;
         let mut pair_backup = None;
         let mut backup_source = None;
-        let pair_settings = match &journaling {
-            Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
-            _ => None,
-        };
-        if let Some(settings) = pair_settings {
+        if let (Some(settings), Some(header)) = (pair_settings, vm_header) {
             let source = crate::snapshot::SnapshotSource {
                 tracker: tracker.clone(),
                 disks: self.disks.clone(),
-                header: crate::recording::snapshot_header(&self, rtc_base)?,
+                header,
                 tasks: tasks.clone(),
                 // Its own progress reports (re-protection reports its own).
                 control: ftvm_api::VmControl::new(),
             };
-            let header = source.header.clone();
-            let p = crate::protect::Protection::new(settings, source, control.clone(), header);
+            let p = crate::protect::Protection::new(settings, sync_bound, source, control.clone());
             if let Some(c) = &control {
                 let p = p.clone();
                 c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
