@@ -57,6 +57,8 @@ pub struct PairFigures {
     pub replay_lag_ms: Option<u64>,
     /// Primary: time the vCPU was slowed down for the lag bound.
     pub throttled_ms: Option<u64>,
+    /// Primary: the mean time an output was held for its acknowledgement, in µs.
+    pub output_hold_us: Option<u64>,
     /// Primary: a new backup catches up after a state transfer (outputs not held yet).
     pub catching_up: bool,
     /// Takeovers this process made (a backup that went live, and later re-protected).
@@ -457,6 +459,7 @@ impl VmControl {
                 resyncs: p.resyncs,
                 replay_lag_ms: p.replay_lag_ms,
                 throttled_ms: p.throttled_ms,
+                output_hold_us: p.output_hold_us,
                 catching_up: p.catching_up,
             }
         });

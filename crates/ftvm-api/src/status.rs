@@ -161,6 +161,10 @@ pub struct PairStatus {
     /// Primary: time the vCPU was slowed down to keep the lag within its bound, in ms.
     #[serde(default)]
     pub throttled_ms: Option<u64>,
+    /// Primary: the mean time an output was held until the backup acknowledged the log up to
+    /// it, in microseconds (the latency protection adds to every reply).
+    #[serde(default)]
+    pub output_hold_us: Option<u64>,
     /// Primary: a new backup catches up after a state transfer (not protected yet).
     #[serde(default)]
     pub catching_up: bool,
@@ -257,6 +261,9 @@ impl Status {
             }
             lines.push(("outputs held", p.outputs_held.to_string()));
             lines.push(("outputs done", p.outputs_done.to_string()));
+            if let Some(us) = p.output_hold_us {
+                lines.push(("output hold", format!("{us} µs on average (until acknowledged)")));
+            }
             lines.push(("failovers", p.failovers.to_string()));
             lines.push(("resyncs", p.resyncs.to_string()));
             if let Some(lag) = p.replay_lag_ms {

@@ -205,18 +205,18 @@ impl Backup {
             LogReader::open(reader).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
         let differences = vm_differences(&theirs, ours, !transfer);
         if !differences.is_empty() {
-            let _ = link::answer(&mut *writer, Some(&differences.join("\n")));
+            let _ = link::answer(&mut writer, Some(&differences.join("\n")));
             return Err(Error::Handshake(format!(
                 "the primary's VM differs from this one:\n  {}",
                 differences.join("\n  ")
             )));
         }
-        link::answer(&mut *writer, None).map_err(io("handshake"))?;
+        link::answer(&mut writer, None).map_err(io("handshake"))?;
         eprintln!("ftvm: paired with primary {peer}; replaying its log");
         let state = Arc::new(BackupState { stream_rejected: rejected, ..Default::default() });
         state.protected.store(!transfer, Ordering::SeqCst);
         state.resyncs.store(resyncs, Ordering::SeqCst);
-        let acks = Arc::new(Mutex::new(writer));
+        let acks = Arc::new(Mutex::new(Box::new(writer) as Box<dyn Write + Send>));
         let arbiter = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::sync_channel::<(u64, Record)>(1 << 16);
         // Receiver: verify (the reader checks every frame), acknowledge, hand to the replay.
@@ -229,6 +229,7 @@ impl Backup {
                     let mut since_ack = u32::MAX;
                     let mut last_ack = Instant::now();
                     let mut owed = false;
+                    let mut batch = Vec::new();
                     loop {
                         let (lsn, rec) = match reader.next() {
                             Ok(Some(r)) => r,
@@ -239,6 +240,9 @@ impl Backup {
                                     // The replay stops at the last good record; the backup
                                     // asks for a resync.
                                     eprintln!("ftvm: REJECTED a replication frame from {peer}: {why}");
+                                    for r in batch.drain(..) {
+                                        let _ = tx.send(r);
+                                    }
                                     s.diverged.store(true, Ordering::SeqCst);
                                     return;
                                 }
@@ -252,9 +256,7 @@ impl Backup {
                         let end = matches!(rec, Record::End { .. });
                         s.received_lsn.store(lsn, Ordering::SeqCst);
                         s.received_bytes.store(reader.valid_len(), Ordering::Relaxed);
-                        if tx.send((lsn, rec)).is_err() {
-                            return;
-                        }
+                        batch.push((lsn, rec));
                         since_ack = since_ack.saturating_add(1);
                         owed |= urgent;
                         // An ack means "received and verified"; a backup deciding to go live
@@ -272,13 +274,28 @@ impl Backup {
                                 break;
                             }
                         }
+                        // The replay gets a frame's records at its end, after the ack: waking
+                        // the replay's thread first would delay the primary's outputs.
+                        if drained || end || batch.len() >= 64 {
+                            for r in batch.drain(..) {
+                                if tx.send(r).is_err() {
+                                    return;
+                                }
+                            }
+                        }
                         if end {
                             s.primary_ended.store(true, Ordering::SeqCst);
                             return;
                         }
                     }
-                    // The stream broke. Keep the channel open until the failover is decided, so
-                    // the replay waits rather than going live without the arbiter.
+                    // The stream broke. What it verified goes to the replay; keep the channel
+                    // open until the failover is decided, so the replay waits rather than going
+                    // live without the arbiter.
+                    for r in batch.drain(..) {
+                        if tx.send(r).is_err() {
+                            return;
+                        }
+                    }
                     while !s.won_arbiter.load(Ordering::SeqCst)
                         && !s.halted.load(Ordering::SeqCst)
                         && !s.stop.load(Ordering::SeqCst)

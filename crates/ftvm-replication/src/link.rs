@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Heartbeat, MODE_BOOT, MODE_TRANSFER};
-use crate::secure::{self, DatagramOpener, DatagramSealer, Key};
+use crate::secure::{self, DatagramOpener, DatagramSealer, Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_POLL};
 
 /// How long the authentication handshake may take.
@@ -81,7 +81,7 @@ pub struct Connection {
     pub reader: Box<dyn Read + Send>,
     /// Bytes of the current frame the reader has not handed out yet (0: at a frame's end).
     pub buffered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    pub writer: Box<dyn Write + Send>,
+    pub writer: SecureWriter,
     pub heartbeats: std::sync::Arc<Heartbeats>,
     stream: TcpStream,
 }
@@ -120,15 +120,7 @@ impl Connection {
         udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
         let heartbeats = heartbeats(udp, Some(addr), keys.sealer(), keys.opener());
         let buffered = reader.buffered_gauge();
-        Ok(Connection {
-            peer: addr,
-            mode,
-            reader: Box::new(reader),
-            buffered,
-            writer: Box::new(writer),
-            heartbeats,
-            stream,
-        })
+        Ok(Connection { peer: addr, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
     }
 
     /// Shuts the TCP connection down both ways (the peer sees it closed at once).
@@ -216,7 +208,7 @@ impl Listener {
         let udp = self.udp.try_clone().map_err(io("udp"))?;
         let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
         let buffered = reader.buffered_gauge();
-        Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer: Box::new(writer), heartbeats, stream })
+        Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
     }
 }
 

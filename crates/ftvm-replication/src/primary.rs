@@ -13,7 +13,6 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use ftvm_log::{LogHeader, LogWriter};
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats, Mode};
 use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
-use crate::secure::Key;
+use crate::secure::{Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 /// The log writer a primary's recorder streams into.
@@ -118,6 +117,10 @@ pub struct PairStats {
     pub lag_ms: AtomicU64,
     /// Time the vCPU was held back for the lag bound, in microseconds.
     pub throttled_us: AtomicU64,
+    /// Outputs performed after being held for an acknowledgement, and their total time held
+    /// (from submission to performance), in microseconds: the latency the pair adds.
+    pub held_outputs: AtomicU64,
+    pub hold_us: AtomicU64,
     /// The backup asked for a resync (it diverged).
     pub resync_requested: AtomicBool,
     pub resync_reason: Mutex<Option<String>>,
@@ -155,20 +158,119 @@ pub struct Primary {
 }
 
 struct Held {
+    since: Instant,
     lsn: Option<u64>,
     ordinal: u64,
     target: OutputTarget,
     bytes: Vec<u8>,
 }
 
-/// Writes log bytes to the sender thread; never blocks the vCPU and never fails (a lost
-/// backup just stops receiving).
-struct ChannelWriter {
-    buf: Vec<u8>,
-    tx: Sender<Vec<u8>>,
+/// The log's way out to the backup. Each flush of the log writer (the vCPU's, once per exit
+/// that produced outputs) is sealed and sent by the flushing thread itself when the socket
+/// takes it at once: the outputs it holds then wait for the round trip to the backup only,
+/// not for a sender thread to be scheduled first. What the socket cannot take without
+/// waiting (a slow backup, a full send buffer), and whatever is flushed before the link
+/// starts or while such a backlog lasts, goes in order to the sender thread, which may block.
+/// The vCPU never waits for the backup.
+struct Outbox {
+    inner: Mutex<OutboxInner>,
+    wake: std::sync::Condvar,
 }
 
-impl Write for ChannelWriter {
+#[derive(Default)]
+struct OutboxInner {
+    /// The channel's sending half, once the link has started.
+    link: Option<SecureWriter>,
+    /// In order: log bytes not sealed yet, and sealed bytes not sent yet.
+    backlog: VecDeque<Chunk>,
+    /// The sender thread is writing a chunk it took off the backlog (the next bytes must
+    /// wait for it).
+    sending: bool,
+    /// The link's figures (sent bytes; a lost backup is sent nothing more).
+    stats: Option<Arc<PairStats>>,
+    /// The direct send failed: the sender thread reports the lost link.
+    failed: bool,
+    /// The log writer is gone: the sender thread ends once the backlog is out.
+    closed: bool,
+}
+
+enum Chunk {
+    Log(Vec<u8>),
+    Wire(Vec<u8>),
+}
+
+impl Outbox {
+    fn push(&self, bytes: Vec<u8>) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        if let (Some(link), Some(stats)) = (inner.link.as_mut(), inner.stats.as_ref()) {
+            if stats.backup_lost.load(Ordering::Relaxed) {
+                return;
+            }
+            if inner.backlog.is_empty() && !inner.sending && !inner.failed {
+                match link.seal(&bytes).and_then(|wire| send_now(link.stream(), &wire).map(|n| (wire, n))) {
+                    Ok((wire, n)) => {
+                        stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if n == wire.len() {
+                            return;
+                        }
+                        inner.backlog.push_back(Chunk::Wire(wire[n..].to_vec()));
+                    }
+                    Err(_) => inner.failed = true,
+                }
+                self.wake.notify_one();
+                return;
+            }
+        }
+        inner.backlog.push_back(Chunk::Log(bytes));
+        self.wake.notify_one();
+    }
+
+    /// Log bytes queued before the link started (the boot handshake sends the header).
+    fn take_queued(&self) -> Vec<u8> {
+        let mut inner = lock(&self.inner);
+        let mut out = Vec::new();
+        while let Some(Chunk::Log(b)) = inner.backlog.front() {
+            out.extend_from_slice(b);
+            inner.backlog.pop_front();
+        }
+        out
+    }
+
+    fn close(&self) {
+        lock(&self.inner).closed = true;
+        self.wake.notify_one();
+    }
+}
+
+/// `send(2)` without waiting: the bytes the socket took (0 if its buffer is full).
+fn send_now(stream: &std::net::TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `bytes` is valid for `bytes.len()` bytes for the call; the fd belongs to
+    // `stream`, which outlives it.
+    let n = unsafe {
+        libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    match std::io::Error::last_os_error() {
+        e if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => Ok(0),
+        e => Err(e),
+    }
+}
+
+/// Log bytes queued for a link that has not started yet (see [`log_channel`]).
+pub struct LogQueue(Arc<Outbox>);
+
+/// The log writer's end of the outbox: never blocks and never fails (a lost backup just
+/// stops receiving).
+struct OutboxWriter {
+    buf: Vec<u8>,
+    outbox: Arc<Outbox>,
+}
+
+impl Write for OutboxWriter {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(b);
         if self.buf.len() >= 64 * 1024 {
@@ -179,19 +281,73 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            let _ = self.tx.send(std::mem::take(&mut self.buf));
+            self.outbox.push(std::mem::take(&mut self.buf));
         }
         Ok(())
     }
 }
 
-/// A log writer that queues its bytes for a link's sender thread (started later).
-pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, Receiver<Vec<u8>>)> {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let writer: Box<dyn Write + Send> = Box::new(ChannelWriter { buf: Vec::new(), tx });
+impl Drop for OutboxWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
+        self.outbox.close();
+    }
+}
+
+/// A log writer whose bytes queue for a link that starts later ([`Primary::start`]).
+pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, LogQueue)> {
+    let outbox = Arc::new(Outbox { inner: Mutex::new(OutboxInner::default()), wake: std::sync::Condvar::new() });
+    let writer: Box<dyn Write + Send> = Box::new(OutboxWriter { buf: Vec::new(), outbox: outbox.clone() });
     let mut log = LogWriter::new(writer, header).map_err(|e| Error::Io(format!("log: {e}")))?;
     log.flush().map_err(|e| Error::Io(format!("log: {e}")))?;
-    Ok((log, rx))
+    Ok((log, LogQueue(outbox)))
+}
+
+/// The sender thread: writes what the outbox could not send directly, in order.
+fn sender_loop(s: &Shared, outbox: &Outbox, mut stream: std::net::TcpStream) {
+    loop {
+        let wire = {
+            let mut inner = lock(&outbox.inner);
+            let chunk = loop {
+                if inner.failed {
+                    drop(inner);
+                    return lose(s, "the log connection failed");
+                }
+                if let Some(chunk) = inner.backlog.pop_front() {
+                    break chunk;
+                }
+                if inner.closed || s.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                inner = outbox
+                    .wake
+                    .wait_timeout(inner, HEARTBEAT_INTERVAL)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            };
+            // Taken off the backlog and marked in one step: the next bytes wait for these.
+            inner.sending = true;
+            match chunk {
+                Chunk::Wire(w) => Ok(w),
+                Chunk::Log(b) => inner.link.as_mut().expect("started").seal(&b),
+            }
+        };
+        let sent = wire.and_then(|w| {
+            if s.stats.backup_lost.load(Ordering::Relaxed) {
+                Ok(0)
+            } else {
+                stream.write_all(&w).map(|_| w.len())
+            }
+        });
+        let mut inner = lock(&outbox.inner);
+        inner.sending = false;
+        match sent {
+            Ok(n) => {
+                s.stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => inner.failed = true,
+        }
+    }
 }
 
 impl Primary {
@@ -211,9 +367,9 @@ impl Primary {
         arbiter.on_lost(Box::new(|why| crate::halt(&format!("the arbiter was lost ({why})"))));
         let arbiter = Arc::new(arbiter);
         let mut conn = Connection::connect(cfg.backup, &cfg.key, cfg.connect_wait, Mode::Boot)?;
-        let (log, rx) = log_channel(header)?;
+        let (log, queue) = log_channel(header)?;
         // The header goes out before the handshake reply can come back.
-        let first = rx.recv().map_err(|_| Error::Io("log writer closed".into()))?;
+        let first = queue.0.take_queued();
         conn.writer.write_all(&first).and_then(|_| conn.writer.flush()).map_err(io("sending the log header"))?;
         if let Err(why) = link::read_answer(&mut *conn.reader)? {
             return Err(Error::Handshake(format!("the backup refused the pair:\n{why}")));
@@ -222,7 +378,7 @@ impl Primary {
         let mut primary = Primary::new(conn.heartbeats.clone(), sinks, arbiter, opts);
         let stats = primary.stats();
         stats.sent_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
-        primary.start(conn, rx)?;
+        primary.start(conn, queue)?;
         Ok((primary, log, stats))
     }
 
@@ -265,24 +421,20 @@ impl Primary {
 
     /// Streams the log from `log` (whatever was queued since [`log_channel`] first) and
     /// starts the acknowledgement and heartbeat threads.
-    pub fn start(&mut self, conn: Connection, log: Receiver<Vec<u8>>) -> Result<()> {
+    pub fn start(&mut self, conn: Connection, log: LogQueue) -> Result<()> {
         let shutdown = conn.shutdown_handle()?;
-        let Connection { mut reader, mut writer, heartbeats, .. } = conn;
-        // Sender: log bytes to the backup.
+        let stream = conn.shutdown_handle()?;
+        let Connection { mut reader, writer, heartbeats, .. } = conn;
+        // Sender: the log bytes the vCPU could not send itself.
         {
+            let outbox = log.0;
+            {
+                let mut inner = lock(&outbox.inner);
+                inner.link = Some(writer);
+                inner.stats = Some(self.shared.stats.clone());
+            }
             let s = self.shared.clone();
-            self.threads.push(spawn("ftvm-log-send", move || {
-                while let Ok(chunk) = log.recv() {
-                    if s.stats.backup_lost.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    if writer.write_all(&chunk).and_then(|_| writer.flush()).is_err() {
-                        lose(&s, "the log connection failed");
-                    } else {
-                        s.stats.sent_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    }
-                }
-            })?);
+            self.threads.push(spawn("ftvm-log-send", move || sender_loop(&s, &outbox, stream))?);
         }
         // Acknowledgements: cumulative LSNs (or a resync request).
         {
@@ -465,6 +617,9 @@ fn release(s: &Shared) {
                         let h = q.outputs.pop_front().expect("front exists");
                         if !s.stats.holding.load(Ordering::SeqCst) {
                             q.unheld_lsn = q.unheld_lsn.max(h.lsn.unwrap_or(0));
+                        } else if !s.stats.backup_lost.load(Ordering::Relaxed) {
+                            s.stats.held_outputs.fetch_add(1, Ordering::Relaxed);
+                            s.stats.hold_us.fetch_add(h.since.elapsed().as_micros() as u64, Ordering::Relaxed);
                         }
                         h
                     }
@@ -564,7 +719,13 @@ impl OutputGate for PrimaryGate {
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
         self.shared.stats.held.store(self.submitted, Ordering::Relaxed);
-        lock(&self.shared.held).outputs.push_back(Held { lsn: ticket.lsn, ordinal: ticket.ordinal, target, bytes });
+        lock(&self.shared.held).outputs.push_back(Held {
+            since: Instant::now(),
+            lsn: ticket.lsn,
+            ordinal: ticket.ordinal,
+            target,
+            bytes,
+        });
         // Usually not yet acknowledged: then this only looks at the front and returns.
         release(&self.shared);
         None

@@ -547,6 +547,38 @@ impl SecureWriter {
         io::Error::new(io::ErrorKind::BrokenPipe, "the authenticated channel failed earlier: a frame was cut short")
     }
 
+    /// Seals `payload` into frames (each at most [`MAX_WRITE_FRAME`] long) and returns their
+    /// bytes, for the caller to send in order on [`Self::stream`]; the next frame, sent or
+    /// sealed, follows them. Nothing may be pending (`write` without a `flush`).
+    pub fn seal(&mut self, payload: &[u8]) -> io::Result<Vec<u8>> {
+        if self.broken {
+            return Err(Self::broken_error());
+        }
+        debug_assert_eq!(self.pending(), 0, "seal() with bytes written and not flushed");
+        let mut out = Vec::with_capacity(payload.len() + FRAME_HEADER_LEN + MAC_LEN);
+        for chunk in payload.chunks(MAX_WRITE_FRAME) {
+            let seq = self.next_seq;
+            self.next_seq = seq
+                .checked_add(1)
+                .ok_or_else(|| SecureError::Protocol("the stream's sequence numbers are exhausted".into()).into_io())?;
+            let len = chunk.len() as u32;
+            let mut mac = self.mac.clone();
+            mac.update(&seq.to_le_bytes());
+            mac.update(&len.to_le_bytes());
+            mac.update(chunk);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.extend_from_slice(chunk);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+        }
+        Ok(out)
+    }
+
+    /// The socket frames from [`Self::seal`] go out on.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Sends the pending bytes as one frame (nothing if none are pending).
     fn send_frame(&mut self) -> io::Result<()> {
         if self.broken {

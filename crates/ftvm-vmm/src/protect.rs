@@ -13,6 +13,7 @@
 //!    acknowledgement, held from then on, and the VM is protected once the backup has the
 //!    log past every output performed unheld (and, with a lag bound, is within it).
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -246,7 +247,7 @@ impl Protection {
         let mut conn = Connection::connect(backup, &self.settings.key, CONNECT_WAIT, Mode::Transfer).map_err(pair)?;
         let header =
             serde_json::to_vec(&self.snapshot.header).map_err(|e| Error::Pair(format!("transfer header: {e}")))?;
-        link::write_blob(&mut *conn.writer, &header)
+        link::write_blob(&mut conn.writer, &header)
             .and_then(|_| conn.writer.flush())
             .map_err(|e| Error::Pair(format!("sending to the backup: {e}")))?;
         if let Err(why) = link::read_answer(&mut *conn.reader).map_err(pair)? {
@@ -306,7 +307,7 @@ impl Protection {
         progress.phase = ProtectPhase::Shipping;
         self.report(progress, started);
         let sent = AtomicU64::new(0);
-        let shipped = crate::snapshot::ship(&mut *conn.writer, &staged.0, &sent);
+        let shipped = crate::snapshot::ship(&mut conn.writer, &staged.0, &sent);
         progress.shipped_bytes = sent.load(Ordering::Relaxed);
         drop(staged);
         if let Err(e) = shipped {
@@ -373,7 +374,7 @@ impl Protection {
 }
 
 /// A link made at the cut, and the log queued for it since.
-type NewLink = (Primary, std::sync::mpsc::Receiver<Vec<u8>>);
+type NewLink = (Primary, ftvm_replication::primary::LogQueue);
 
 /// The staging directory, removed when the transfer is done with it.
 struct Staged(PathBuf);

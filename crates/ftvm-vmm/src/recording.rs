@@ -297,13 +297,13 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     drop(built);
     let differences = transfer_differences(&theirs, &ours);
     if !differences.is_empty() {
-        let _ = ftvm_replication::link::answer(&mut *conn.writer, Some(&differences.join("\n")));
+        let _ = ftvm_replication::link::answer(&mut conn.writer, Some(&differences.join("\n")));
         return Err(Error::Pair(format!(
             "the primary's VM cannot continue here; it differs from this one in:\n  {}",
             differences.join("\n  ")
         )));
     }
-    ftvm_replication::link::answer(&mut *conn.writer, None).map_err(pair("answering the primary"))?;
+    ftvm_replication::link::answer(&mut conn.writer, None).map_err(pair("answering the primary"))?;
     let started = std::time::Instant::now();
     eprintln!("ftvm: receiving the state of the live VM from {}", conn.peer);
     let dir = std::env::temp_dir().join(format!("ftvm-incoming-{}-{}", std::process::id(), unique()));

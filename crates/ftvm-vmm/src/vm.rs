@@ -700,6 +700,10 @@ pub(crate) fn primary_figures(
             failovers: p.as_ref().map_or(0, |p| p.failovers()),
             replay_lag_ms: (!lost).then(|| stats.lag_ms.load(Relaxed)),
             throttled_ms: Some(stats.throttled_us.load(Relaxed) / 1000),
+            output_hold_us: {
+                let n = stats.held_outputs.load(Relaxed);
+                (n > 0).then(|| stats.hold_us.load(Relaxed) / n)
+            },
             catching_up: !lost && !stats.protected.load(Relaxed),
             ..Default::default()
         }

@@ -308,9 +308,12 @@ fn the_pair_reports_replication_figures() {
     assert!(pair["lag_records"].is_u64() && pair["sent_bytes"].as_u64().unwrap() > 0, "{p}");
     assert!(pair["outputs_done"].as_u64().unwrap() > 0, "hello printed by now: {p}");
     assert!(pair["outputs_held"].is_u64() && pair["failovers"] == 0, "{p}");
+    // Every output so far waited for an acknowledgement: the mean wait is measured.
+    assert!(pair["output_hold_us"].as_u64().is_some_and(|us| us > 0), "{p}");
     assert!(p["log"]["bytes"].as_u64().unwrap() > 0, "{p}");
     let t = text(&ctl(&psock, &["status"]).stdout);
     assert!(t.contains("primary (protected)") && t.contains("lag:") && t.contains("outputs held:"), "{t}");
+    assert!(t.contains("output hold:"), "{t}");
 
     let b = status_json(&bsock);
     assert_eq!((b["role"].as_str(), b["state"].as_str()), (Some("backup"), Some("running")), "{b}");
