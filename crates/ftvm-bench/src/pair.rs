@@ -60,6 +60,13 @@ pub struct Args {
     /// with the clients instead of with the primary.
     #[arg(long)]
     pin: bool,
+    /// Also run a third mode, the pair with the backup's replay paused while each benchmark
+    /// runs (resumed, and caught up, between them; the primary's lag bound off). The backup
+    /// still receives, verifies and acknowledges the log, and would go live after replaying
+    /// what it holds: what the pair costs when the backup's replay does not compete for this
+    /// machine's CPUs, as it would not on a host of its own.
+    #[arg(long)]
+    paused_replay: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -69,6 +76,8 @@ enum Mode {
     Unprotected,
     /// `ftvm primary` on host 1, `ftvm backup` on host 2.
     Protected,
+    /// The same, with the backup's replay paused during each benchmark (`--paused-replay`).
+    PausedReplay,
 }
 
 impl Mode {
@@ -76,7 +85,12 @@ impl Mode {
         match self {
             Mode::Unprotected => "unprotected",
             Mode::Protected => "protected",
+            Mode::PausedReplay => "paused-replay",
         }
+    }
+
+    fn protected(self) -> bool {
+        self != Mode::Unprotected
     }
 }
 
@@ -91,6 +105,14 @@ struct PairBench {
     /// The same for the backup (protected).
     #[serde(skip_serializing_if = "Option::is_none")]
     backup_cpu_ms_per_1k: Option<f64>,
+    /// CPU time the whole machine used per 1000 requests (every CPU's non-idle time from
+    /// `/proc/stat`: the VMs, the clients, the network in the kernel).
+    machine_cpu_ms_per_1k: f64,
+    /// Share of the machine's CPU time left idle during redis-benchmark's run.
+    machine_idle: f64,
+    /// Protected: the mean time an output was held for its acknowledgement, in µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +157,10 @@ struct Cell {
     vm_cpu_ms_per_1k: Series,
     #[serde(skip_serializing_if = "Option::is_none")]
     backup_cpu_ms_per_1k: Option<Series>,
+    machine_cpu_ms_per_1k: Series,
+    machine_idle: Series,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_us: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_mbit_s: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,6 +192,8 @@ struct Ctx<'a> {
     kernel: PathBuf,
     work: PathBuf,
     cmdline: String,
+    /// The machine's CPUs.
+    cores: f64,
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
@@ -187,6 +215,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         kernel: images["kvstore"].clone(),
         work,
         cmdline: format!("ip={GUEST_IP}/24"),
+        cores: machine.cores.max(1) as f64,
     };
     let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
 
@@ -197,8 +226,13 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let mut sessions = Vec::new();
     let mut port = 7000;
     for rep in 0..runs {
-        let order =
-            if rep % 2 == 0 { [Mode::Unprotected, Mode::Protected] } else { [Mode::Protected, Mode::Unprotected] };
+        let mut order = vec![Mode::Unprotected, Mode::Protected];
+        if args.paused_replay {
+            order.push(Mode::PausedReplay);
+        }
+        if rep % 2 == 1 {
+            order.reverse();
+        }
         for mode in order {
             eprintln!("round {}/{runs}: {}", rep + 1, mode.label());
             // A fresh port per pair, so that no socket of the last one can be in the way.
@@ -211,7 +245,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let mut cells = Vec::new();
     for &c in &args.clients {
         for test in ["SET", "GET"] {
-            for mode in [Mode::Unprotected, Mode::Protected] {
+            for mode in modes(args) {
                 let mut cell = Cell {
                     test: test.into(),
                     clients: c,
@@ -221,6 +255,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     p99_ms: Series::default(),
                     vm_cpu_ms_per_1k: Series::default(),
                     backup_cpu_ms_per_1k: None,
+                    machine_cpu_ms_per_1k: Series::default(),
+                    machine_idle: Series::default(),
+                    hold_us: None,
                     log_mbit_s: None,
                     log_bytes_per_request: None,
                 };
@@ -235,6 +272,11 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     if let Some(v) = b.backup_cpu_ms_per_1k {
                         cell.backup_cpu_ms_per_1k.get_or_insert_with(Series::default).push(v);
                     }
+                    cell.machine_cpu_ms_per_1k.push(b.machine_cpu_ms_per_1k);
+                    cell.machine_idle.push(b.machine_idle);
+                    if let Some(v) = b.hold_us {
+                        cell.hold_us.get_or_insert_with(Series::default).push(v);
+                    }
                     if let Some(v) = b.log_mbit_s {
                         cell.log_mbit_s.get_or_insert_with(Series::default).push(v);
                     }
@@ -248,18 +290,31 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     }
     let cell = |test: &str, c: u32, m: Mode| cells.iter().find(|x| x.test == test && x.clients == c && x.mode == m);
     let mut ratios = Vec::new();
+    let cores = machine.cores.max(1) as f64;
     for &c in &args.clients {
         for test in ["SET", "GET"] {
-            let (Some(u), Some(p)) = (cell(test, c, Mode::Unprotected), cell(test, c, Mode::Protected)) else {
-                continue;
-            };
-            let r = Ratio::new(format!("{test} c={c} protected/unprotected"), p.rps.median / u.rps.median);
-            let added = format!(
-                "p50 {:+.3} ms, p99 {:+.3} ms",
-                p.p50_ms.median - u.p50_ms.median,
-                p.p99_ms.median - u.p99_ms.median
-            );
-            ratios.push(if c >= 20 { r.at_least(0.97).note(added) } else { r.note(format!("no bar; added {added}")) });
+            let Some(u) = cell(test, c, Mode::Unprotected) else { continue };
+            for mode in modes(args).into_iter().filter(|m| m.protected()) {
+                let Some(p) = cell(test, c, mode) else { continue };
+                let name = match mode {
+                    Mode::PausedReplay => format!("{test} c={c} paused-replay/unprotected"),
+                    _ => format!("{test} c={c} protected/unprotected"),
+                };
+                let r = Ratio::new(name, p.rps.median / u.rps.median);
+                // The most this machine's CPUs allow: the protected mode's CPU time per
+                // request, all processes and the kernel, against the unprotected rate.
+                let ceiling = (cores * 1000.0 / (p.machine_cpu_ms_per_1k.median / 1000.0) / u.rps.median).min(1.0);
+                let added = format!(
+                    "p50 {:+.3} ms, p99 {:+.3} ms; CPU ceiling here {ceiling:.2}",
+                    p.p50_ms.median - u.p50_ms.median,
+                    p.p99_ms.median - u.p99_ms.median
+                );
+                ratios.push(match (mode, c >= 20) {
+                    (Mode::Protected, true) => r.at_least(0.97).note(added),
+                    (Mode::Protected, false) => r.note(format!("no bar; added {added}")),
+                    _ => r.note(format!("diagnostic; {added}")),
+                });
+            }
         }
     }
     let mut idle = Series::default();
@@ -298,6 +353,14 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     Ok(())
 }
 
+fn modes(args: &Args) -> Vec<Mode> {
+    let mut modes = vec![Mode::Unprotected, Mode::Protected];
+    if args.paused_replay {
+        modes.push(Mode::PausedReplay);
+    }
+    modes
+}
+
 fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
     let disk = ctx.work.join(name);
     let _ = std::fs::remove_file(&disk);
@@ -324,6 +387,14 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
 #[derive(Deserialize)]
 struct Status {
     log: LogStatus,
+    pair: Option<PairStatus>,
+}
+
+#[derive(Deserialize)]
+struct PairStatus {
+    outputs_done: u64,
+    output_hold_us: Option<u64>,
+    replay_lag_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -331,15 +402,64 @@ struct LogStatus {
     bytes: u64,
 }
 
-/// `log.bytes` from `ftvm ctl SOCKET status --json`, with the time it was read.
-fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
+/// `ftvm ctl SOCKET status --json`, with the time it was read.
+fn status(ctx: &Ctx, sock: &Path) -> Result<(Status, Instant)> {
     let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).args(["status", "--json"]).output()?;
     let at = Instant::now();
     if !out.status.success() {
         bail!("ftvm ctl {} status failed: {}", sock.display(), String::from_utf8_lossy(&out.stderr));
     }
-    let s: Status = serde_json::from_slice(&out.stdout).context("parsing `ftvm ctl status --json`")?;
-    Ok((s.log.bytes, at))
+    Ok((serde_json::from_slice(&out.stdout).context("parsing `ftvm ctl status --json`")?, at))
+}
+
+/// `log.bytes` from the status, with the time it was read.
+fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
+    status(ctx, sock).map(|(s, at)| (s.log.bytes, at))
+}
+
+/// The primary's held outputs so far and their total hold time (µs), from its mean.
+fn hold_totals(ctx: &Ctx, sock: &Path) -> Result<(u64, f64)> {
+    let (s, _) = status(ctx, sock)?;
+    let p = s.pair.context("a primary's status without pair figures")?;
+    Ok((p.outputs_done, p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64))
+}
+
+/// `ftvm ctl SOCKET pause|resume` on the backup.
+fn ctl(ctx: &Ctx, sock: &Path, verb: &str) -> Result<()> {
+    let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).arg(verb).output()?;
+    if !out.status.success() {
+        bail!("ftvm ctl {} {verb} failed: {}", sock.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Waits until the backup's replay has caught up (the primary's `replay_lag_ms` small).
+fn wait_caught_up(ctx: &Ctx, sock: &Path) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let (s, _) = status(ctx, sock)?;
+        let lag = s.pair.and_then(|p| p.replay_lag_ms).unwrap_or(0);
+        if lag <= 50 {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the backup's replay still lags by {lag} ms after 120 s");
+        }
+        common::sleep(Duration::from_millis(100))?;
+    }
+}
+
+/// Non-idle time of all CPUs so far, in ms (`/proc/stat`'s first line; iowait counts as
+/// idle).
+fn machine_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let f = |i: usize| v.get(i).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // user nice system idle iowait irq softirq steal
+    (f(0) + f(1) + f(2) + f(5) + f(6) + f(7)) * 1000.0 / hz
 }
 
 /// User plus system CPU time of a process so far, in ms (`/proc/PID/stat`; 0 if it is gone).
@@ -374,7 +494,9 @@ fn mbit_s(bytes: u64, d: Duration) -> f64 {
 
 fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Result<Session> {
     let sock = ctx.work.join("p.sock");
+    let bsock = ctx.work.join("b.sock");
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&bsock);
     let start = Instant::now();
     // Declared before the primary so that, on an error, the primary dies first.
     let mut backup = None;
@@ -383,25 +505,29 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let disk = fresh_disk(ctx, "disk-run.img")?;
             Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk, 0))?
         }
-        Mode::Protected => {
+        Mode::Protected | Mode::PausedReplay => {
             let arbiter = ctx.work.join("arbiter.lock");
             let listen = format!("{BACKUP_IP}:{port}");
             let disk = fresh_disk(ctx, "disk-backup.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen], &disk, 1);
-            cmd.arg("--arbiter").arg(&arbiter);
+            cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&bsock);
             let mut b = Running::spawn("ftvm backup", &mut cmd)?;
             b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
             backup = Some(b);
             let disk = fresh_disk(ctx, "disk-primary.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen], &disk, 0);
             cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&sock);
+            if mode == Mode::PausedReplay {
+                // The paused replay lags on purpose: no slowing down for it.
+                cmd.args(["--max-lag", "0"]);
+            }
             Running::spawn("ftvm primary", &mut cmd)?
         }
     };
     vm.wait_for_output(READY, Duration::from_secs(120))?;
     crate::reprotect::wait_ping(topo, Duration::from_secs(30))?;
     let boot_to_ready_s = start.elapsed().as_secs_f64();
-    let protected = mode == Mode::Protected;
+    let protected = mode.protected();
 
     let idle_log_mbit_s = if protected {
         let (b0, t0) = log_bytes(ctx, &sock)?;
@@ -417,21 +543,53 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
             let before = if protected { Some(log_bytes(ctx, &sock)?) } else { None };
+            let hold0 = if protected { Some(hold_totals(ctx, &sock)?) } else { None };
+            if mode == Mode::PausedReplay {
+                ctl(ctx, &bsock, "pause")?;
+            }
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
+            let machine0 = machine_cpu_ms();
             let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
             })?;
             let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
             let vm_cpu_ms_per_1k = per_1k(cpu0.0, cpu_ms(vm.pid()));
             let backup_cpu_ms_per_1k = backup.as_ref().zip(cpu0.1).map(|(b, c0)| per_1k(c0, cpu_ms(b.pid())));
+            let machine1 = machine_cpu_ms();
+            let machine_cpu_ms_per_1k = per_1k(machine0, machine1);
+            // Idle over redis-benchmark's own run (the CPU time outside it is small): what
+            // the CPUs could have given and did not.
+            let (w0, w1) = bench.window_unix_ns;
+            let window_ms = w1.saturating_sub(w0) as f64 / 1e6;
+            let machine_idle = if window_ms > 0.0 {
+                (1.0 - (machine1 - machine0) / (ctx.cores * window_ms)).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let hold_us = match hold0 {
+                Some((n0, t0)) => {
+                    let (n1, t1) = hold_totals(ctx, &sock)?;
+                    (n1 > n0).then(|| (t1 - t0) / (n1 - n0) as f64)
+                }
+                None => None,
+            };
+            if mode == Mode::PausedReplay {
+                ctl(ctx, &bsock, "resume")?;
+                wait_caught_up(ctx, &sock)?;
+            }
             eprintln!(
-                "      CPU per 1000 requests: VM {vm_cpu_ms_per_1k:.0} ms{}",
-                backup_cpu_ms_per_1k.map_or(String::new(), |b| format!(", backup {b:.0} ms"))
+                "      CPU per 1000 requests: VM {vm_cpu_ms_per_1k:.0} ms{}, machine {machine_cpu_ms_per_1k:.0} ms ({:.0}% idle){}",
+                backup_cpu_ms_per_1k.map_or(String::new(), |b| format!(", backup {b:.0} ms")),
+                machine_idle * 100.0,
+                hold_us.map_or(String::new(), |h| format!("; outputs held {h:.0} µs on average"))
             );
             let mut pb = PairBench {
                 bench,
                 vm_cpu_ms_per_1k,
                 backup_cpu_ms_per_1k,
+                machine_cpu_ms_per_1k,
+                machine_idle,
+                hold_us,
                 log_bytes: None,
                 log_mbit_s: None,
                 log_bytes_per_request: None,
@@ -455,7 +613,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
         }
     }
 
-    let failover = if protected && !ctx.args.no_failover {
+    let failover = if mode == Mode::Protected && !ctx.args.no_failover {
         Some(failover(ctx, topo, vm, backup.take().context("no backup")?)?)
     } else {
         vm.terminate(Duration::from_secs(10))?;
@@ -504,8 +662,18 @@ fn print_table(r: &Report) {
         println!("pinned: the unprotected VM and the primary on CPU 0, the backup and the clients on CPU 1\n");
     }
     println!(
-        "{:<4} {:>3}  {:<12} {:>10} {:>9} {:>9} {:>11} {:>10} {:>13}",
-        "test", "c", "mode", "req/s", "p50 ms", "p99 ms", "log Mbit/s", "log B/req", "CPU ms/1k req"
+        "{:<4} {:>3}  {:<13} {:>8} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>7}",
+        "test",
+        "c",
+        "mode",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "log Mbit/s",
+        "log B/req",
+        "CPU ms/1k req",
+        "machine ms/1k",
+        "hold µs"
     );
     for cell in &r.cells {
         let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
@@ -514,7 +682,7 @@ fn print_table(r: &Report) {
             None => format!("{:.0}", cell.vm_cpu_ms_per_1k.median),
         };
         println!(
-            "{:<4} {:>3}  {:<12} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>10} {:>13}",
+            "{:<4} {:>3}  {:<13} {:>8.0} {:>7.3} {:>7.3} {:>10} {:>9} {:>13} {:>15} {:>7}",
             cell.test,
             cell.clients,
             cell.mode.label(),
@@ -523,13 +691,15 @@ fn print_table(r: &Report) {
             cell.p99_ms.median,
             opt(&cell.log_mbit_s, 2),
             opt(&cell.log_bytes_per_request, 0),
-            cpu
+            cpu,
+            format!("{:.0} ({:.0}% idle)", cell.machine_cpu_ms_per_1k.median, cell.machine_idle.median * 100.0),
+            opt(&cell.hold_us, 0)
         );
     }
     println!();
     for ratio in &r.ratios {
         println!(
-            "{:<34} {:>7.3}  {}  {}",
+            "{:<38} {:>7.3}  {}  {}",
             ratio.name,
             ratio.value,
             ratio.goal_text(),
