@@ -303,21 +303,26 @@ pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, LogQueue)> {
     Ok((log, LogQueue(outbox)))
 }
 
-/// The sender thread: writes what the outbox could not send directly, in order.
-fn sender_loop(s: &Shared, outbox: &Outbox, mut stream: std::net::TcpStream) {
+/// The sender thread: writes what the outbox could not send directly, in order, until the
+/// log writer is gone (`Ok`), the link stops, or a send fails (`Err`: the link is lost).
+fn sender_loop(
+    outbox: &Outbox,
+    mut stream: std::net::TcpStream,
+    stats: &PairStats,
+    stop: &AtomicBool,
+) -> std::result::Result<(), ()> {
     loop {
         let wire = {
             let mut inner = lock(&outbox.inner);
             let chunk = loop {
                 if inner.failed {
-                    drop(inner);
-                    return lose(s, "the log connection failed");
+                    return Err(());
                 }
                 if let Some(chunk) = inner.backlog.pop_front() {
                     break chunk;
                 }
-                if inner.closed || s.stop.load(Ordering::Relaxed) {
-                    return;
+                if inner.closed || stop.load(Ordering::Relaxed) {
+                    return Ok(());
                 }
                 inner = outbox
                     .wake
@@ -332,18 +337,13 @@ fn sender_loop(s: &Shared, outbox: &Outbox, mut stream: std::net::TcpStream) {
                 Chunk::Log(b) => inner.link.as_mut().expect("started").seal(&b),
             }
         };
-        let sent = wire.and_then(|w| {
-            if s.stats.backup_lost.load(Ordering::Relaxed) {
-                Ok(0)
-            } else {
-                stream.write_all(&w).map(|_| w.len())
-            }
-        });
+        let lost = stats.backup_lost.load(Ordering::Relaxed);
+        let sent = wire.and_then(|w| if lost { Ok(0) } else { stream.write_all(&w).map(|_| w.len()) });
         let mut inner = lock(&outbox.inner);
         inner.sending = false;
         match sent {
             Ok(n) => {
-                s.stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(_) => inner.failed = true,
         }
@@ -434,7 +434,11 @@ impl Primary {
                 inner.stats = Some(self.shared.stats.clone());
             }
             let s = self.shared.clone();
-            self.threads.push(spawn("ftvm-log-send", move || sender_loop(&s, &outbox, stream))?);
+            self.threads.push(spawn("ftvm-log-send", move || {
+                if sender_loop(&outbox, stream, &s.stats, &s.stop).is_err() {
+                    lose(&s, "the log connection failed");
+                }
+            })?);
         }
         // Acknowledgements: cumulative LSNs (or a resync request).
         {
@@ -787,5 +791,98 @@ impl OutputGate for PrimaryGate {
             release(&self.shared);
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secure;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A started outbox on a real authenticated connection whose send buffer is small, and
+    /// the receiving end.
+    fn connected() -> (Arc<Outbox>, TcpStream, Arc<PairStats>, secure::SecureReader) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let key = Key::from_bytes(&[3; 32]).unwrap();
+        let k = key.clone();
+        let responder =
+            std::thread::spawn(move || secure::handshake(l.accept().unwrap().0, &k, false, Duration::from_secs(10)));
+        let stream = TcpStream::connect(addr).unwrap();
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt reads `small` (an int, as SO_SNDBUF takes) for the call only.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let (writer, _, _) =
+            secure::handshake(stream.try_clone().unwrap(), &key, true, Duration::from_secs(10)).unwrap();
+        let (_, reader, _) = responder.join().unwrap().unwrap();
+        let outbox = Arc::new(Outbox { inner: Mutex::new(OutboxInner::default()), wake: std::sync::Condvar::new() });
+        let stats = Arc::new(PairStats::default());
+        {
+            let mut inner = lock(&outbox.inner);
+            inner.link = Some(writer);
+            inner.stats = Some(stats.clone());
+        }
+        (outbox, stream, stats, reader)
+    }
+
+    /// Bytes pushed before and while the socket is full, partly sent by the pushing thread
+    /// and partly by the sender thread, arrive whole and in order.
+    #[test]
+    fn the_outbox_keeps_the_order_across_direct_sends_and_the_backlog() {
+        let (outbox, stream, stats, mut reader) = connected();
+        let mut expected = Vec::new();
+        // The receiver does not read yet: the socket fills and the backlog has to take over.
+        for i in 0u32..3000 {
+            let chunk: Vec<u8> = (0..(i % 97 + 1)).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+            expected.extend_from_slice(&chunk);
+            outbox.push(chunk);
+        }
+        {
+            let inner = lock(&outbox.inner);
+            assert!(!inner.backlog.is_empty(), "the socket took everything: the backlog was not exercised");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (outbox, stats, stop) = (outbox.clone(), stats.clone(), stop.clone());
+            std::thread::spawn(move || sender_loop(&outbox, stream, &stats, &stop))
+        };
+        // More pushes while the sender drains: they queue behind the backlog, then go direct.
+        for i in 3000u32..6000 {
+            let chunk: Vec<u8> = (0..(i % 89 + 1)).map(|j| (i.wrapping_mul(17) ^ j) as u8).collect();
+            expected.extend_from_slice(&chunk);
+            outbox.push(chunk);
+            if i % 500 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let mut got = vec![0u8; expected.len()];
+        reader.read_exact(&mut got).unwrap();
+        assert!(got == expected, "the bytes arrived altered or out of order");
+        outbox.close();
+        assert_eq!(sender.join().unwrap(), Ok(()));
+        assert!(stats.sent_bytes.load(Ordering::Relaxed) > expected.len() as u64, "sealed frames are longer");
+    }
+
+    /// A log writer's bytes before the link starts wait in the outbox, for the boot
+    /// handshake (the header) or the sender thread.
+    #[test]
+    fn bytes_before_the_start_are_queued() {
+        let header = LogHeader::default();
+        let (mut log, queue) = log_channel(&header).unwrap();
+        let first = queue.0.take_queued();
+        assert!(!first.is_empty(), "the log header is queued");
+        log.flush().unwrap();
+        assert!(queue.0.take_queued().is_empty());
     }
 }
