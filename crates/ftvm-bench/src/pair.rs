@@ -417,11 +417,21 @@ fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
     status(ctx, sock).map(|(s, at)| (s.log.bytes, at))
 }
 
-/// The primary's held outputs so far and their total hold time (µs), from its mean.
-fn hold_totals(ctx: &Ctx, sock: &Path) -> Result<(u64, f64)> {
-    let (s, _) = status(ctx, sock)?;
+/// A primary's counters at one moment: log bytes sent, outputs performed after being held,
+/// and their total hold time in µs (from the mean the status gives).
+struct Counters {
+    log_bytes: u64,
+    at: Instant,
+    held: u64,
+    hold_us: f64,
+}
+
+/// The primary's counters, from one status read.
+fn counters(ctx: &Ctx, sock: &Path) -> Result<Counters> {
+    let (s, at) = status(ctx, sock)?;
     let p = s.pair.context("a primary's status without pair figures")?;
-    Ok((p.outputs_done, p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64))
+    let hold_us = p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64;
+    Ok(Counters { log_bytes: s.log.bytes, at, held: p.outputs_done, hold_us })
 }
 
 /// `ftvm ctl SOCKET pause|resume` on the backup.
@@ -542,8 +552,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
     for &c in &ctx.args.clients {
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            let before = if protected { Some(log_bytes(ctx, &sock)?) } else { None };
-            let hold0 = if protected { Some(hold_totals(ctx, &sock)?) } else { None };
+            let before = if protected { Some(counters(ctx, &sock)?) } else { None };
             if mode == Mode::PausedReplay {
                 ctl(ctx, &bsock, "pause")?;
             }
@@ -566,13 +575,11 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             } else {
                 0.0
             };
-            let hold_us = match hold0 {
-                Some((n0, t0)) => {
-                    let (n1, t1) = hold_totals(ctx, &sock)?;
-                    (n1 > n0).then(|| (t1 - t0) / (n1 - n0) as f64)
-                }
-                None => None,
-            };
+            let after = if protected { Some(counters(ctx, &sock)?) } else { None };
+            let hold_us = before
+                .as_ref()
+                .zip(after.as_ref())
+                .and_then(|(b, a)| (a.held > b.held).then(|| (a.hold_us - b.hold_us) / (a.held - b.held) as f64));
             if mode == Mode::PausedReplay {
                 ctl(ctx, &bsock, "resume")?;
                 wait_caught_up(ctx, &sock)?;
@@ -594,8 +601,8 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
                 log_mbit_s: None,
                 log_bytes_per_request: None,
             };
-            if let Some((b0, t0)) = before {
-                let (b1, t1) = log_bytes(ctx, &sock)?;
+            if let Some((b, a)) = before.zip(after) {
+                let (b0, t0, b1, t1) = (b.log_bytes, b.at, a.log_bytes, a.at);
                 // The window includes the pause before redis-benchmark starts; rate it over
                 // redis-benchmark's own run time instead.
                 let (w0, w1) = pb.bench.window_unix_ns;

@@ -302,12 +302,12 @@ impl Replayer {
         self.output_ordinal
     }
 
-    /// Whether the next record is positioned at `exit`.
     /// Whether the next record is a checkpoint at `exit` (the recording took one here).
     pub(crate) fn checkpoint_at(&mut self, exit: u64) -> bool {
         matches!(self.peek(), Some(Record::Checkpoint { exit: e, .. }) if *e == exit)
     }
 
+    /// Whether the next record is positioned at `exit`.
     pub(crate) fn has_records_at(&mut self, exit: u64) -> bool {
         self.peek().is_some_and(|r| r.exit() == exit)
     }

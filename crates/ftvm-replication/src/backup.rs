@@ -21,7 +21,7 @@ use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats};
 use crate::primary::{OutputGate, OutputTarget};
 use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_DIVERGED, FLAG_HANDOVER, FLAG_PROTECTED};
-use crate::secure::Key;
+use crate::secure::{Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub struct Backup {
     pub state: Arc<BackupState>,
     pub arbiter: ArbiterSlot,
     /// The acknowledgement direction (a resync request goes there too).
-    acks: Arc<Mutex<Box<dyn Write + Send>>>,
+    acks: Arc<Mutex<SecureWriter>>,
     shutdown: std::net::TcpStream,
     pub heartbeats: Arc<Heartbeats>,
 }
@@ -179,6 +179,11 @@ impl std::io::Read for Watched {
     }
 }
 
+/// Hands verified records to the replay, in order; false if the replay is gone.
+fn hand_over(tx: &mpsc::SyncSender<(u64, Record)>, batch: &mut Vec<(u64, Record)>) -> bool {
+    batch.drain(..).all(|r| tx.send(r).is_ok())
+}
+
 /// Acknowledge at least this often while records arrive (a catching-up link starts holding
 /// at the first acknowledgement, and is protected by them).
 const ACK_EVERY: Duration = Duration::from_millis(5);
@@ -216,7 +221,7 @@ impl Backup {
         let state = Arc::new(BackupState { stream_rejected: rejected, ..Default::default() });
         state.protected.store(!transfer, Ordering::SeqCst);
         state.resyncs.store(resyncs, Ordering::SeqCst);
-        let acks = Arc::new(Mutex::new(Box::new(writer) as Box<dyn Write + Send>));
+        let acks = Arc::new(Mutex::new(writer));
         let arbiter = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::sync_channel::<(u64, Record)>(1 << 16);
         // Receiver: verify (the reader checks every frame), acknowledge, hand to the replay.
@@ -240,9 +245,7 @@ impl Backup {
                                     // The replay stops at the last good record; the backup
                                     // asks for a resync.
                                     eprintln!("ftvm: REJECTED a replication frame from {peer}: {why}");
-                                    for r in batch.drain(..) {
-                                        let _ = tx.send(r);
-                                    }
+                                    hand_over(&tx, &mut batch);
                                     s.diverged.store(true, Ordering::SeqCst);
                                     return;
                                 }
@@ -276,12 +279,8 @@ impl Backup {
                         }
                         // The replay gets a frame's records at its end, after the ack: waking
                         // the replay's thread first would delay the primary's outputs.
-                        if drained || end || batch.len() >= 64 {
-                            for r in batch.drain(..) {
-                                if tx.send(r).is_err() {
-                                    return;
-                                }
-                            }
+                        if (drained || end || batch.len() >= 64) && !hand_over(&tx, &mut batch) {
+                            return;
                         }
                         if end {
                             s.primary_ended.store(true, Ordering::SeqCst);
@@ -291,10 +290,8 @@ impl Backup {
                     // The stream broke. What it verified goes to the replay; keep the channel
                     // open until the failover is decided, so the replay waits rather than going
                     // live without the arbiter.
-                    for r in batch.drain(..) {
-                        if tx.send(r).is_err() {
-                            return;
-                        }
+                    if !hand_over(&tx, &mut batch) {
+                        return;
                     }
                     while !s.won_arbiter.load(Ordering::SeqCst)
                         && !s.halted.load(Ordering::SeqCst)
@@ -337,7 +334,7 @@ impl Backup {
         let mut w = link::lock(&self.acks);
         let _ = w
             .write_all(&ACK_RESYNC.to_le_bytes())
-            .and_then(|_| link::write_blob(&mut **w, why.as_bytes()))
+            .and_then(|_| link::write_blob(&mut *w, why.as_bytes()))
             .and_then(|_| w.flush());
         drop(w);
         // Only our direction: the primary reads the request, then closes. Closing the socket

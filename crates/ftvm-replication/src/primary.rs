@@ -179,15 +179,14 @@ struct Outbox {
 
 #[derive(Default)]
 struct OutboxInner {
-    /// The channel's sending half, once the link has started.
-    link: Option<SecureWriter>,
+    /// The channel's sending half and the link's figures (sent bytes; a lost backup is sent
+    /// nothing more), once the link has started.
+    link: Option<(SecureWriter, Arc<PairStats>)>,
     /// In order: log bytes not sealed yet, and sealed bytes not sent yet.
     backlog: VecDeque<Chunk>,
     /// The sender thread is writing a chunk it took off the backlog (the next bytes must
     /// wait for it).
     sending: bool,
-    /// The link's figures (sent bytes; a lost backup is sent nothing more).
-    stats: Option<Arc<PairStats>>,
     /// The direct send failed: the sender thread reports the lost link.
     failed: bool,
     /// The log writer is gone: the sender thread ends once the backlog is out.
@@ -203,7 +202,7 @@ impl Outbox {
     fn push(&self, bytes: Vec<u8>) {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        if let (Some(link), Some(stats)) = (inner.link.as_mut(), inner.stats.as_ref()) {
+        if let Some((link, stats)) = inner.link.as_mut() {
             if stats.backup_lost.load(Ordering::Relaxed) {
                 return;
             }
@@ -334,7 +333,7 @@ fn sender_loop(
             inner.sending = true;
             match chunk {
                 Chunk::Wire(w) => Ok(w),
-                Chunk::Log(b) => inner.link.as_mut().expect("started").seal(&b),
+                Chunk::Log(b) => inner.link.as_mut().expect("started").0.seal(&b),
             }
         };
         let lost = stats.backup_lost.load(Ordering::Relaxed);
@@ -428,11 +427,7 @@ impl Primary {
         // Sender: the log bytes the vCPU could not send itself.
         {
             let outbox = log.0;
-            {
-                let mut inner = lock(&outbox.inner);
-                inner.link = Some(writer);
-                inner.stats = Some(self.shared.stats.clone());
-            }
+            lock(&outbox.inner).link = Some((writer, self.shared.stats.clone()));
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-log-send", move || {
                 if sender_loop(&outbox, stream, &s.stats, &s.stop).is_err() {
@@ -828,11 +823,7 @@ mod tests {
         let (_, reader, _) = responder.join().unwrap().unwrap();
         let outbox = Arc::new(Outbox { inner: Mutex::new(OutboxInner::default()), wake: std::sync::Condvar::new() });
         let stats = Arc::new(PairStats::default());
-        {
-            let mut inner = lock(&outbox.inner);
-            inner.link = Some(writer);
-            inner.stats = Some(stats.clone());
-        }
+        lock(&outbox.inner).link = Some((writer, stats.clone()));
         (outbox, stream, stats, reader)
     }
 

@@ -268,7 +268,7 @@ impl Protection {
             let settings = self.settings.clone();
             let sync_bound = self.sync_bound;
             // The new log is made here, not in the pause: nothing in it depends on the cut.
-            let (writer, rx) = log_channel(&self.snapshot.header).map_err(|e| Error::Pair(e.to_string()))?;
+            let (writer, queue) = log_channel(&self.snapshot.header).map_err(|e| Error::Pair(e.to_string()))?;
             let me = self.me.clone();
             Box::new(move |vloop: &mut crate::vcpu::VcpuLoop| -> Result<()> {
                 let me = me.upgrade().ok_or_else(|| Error::Pair("the VM is ending".into()))?;
@@ -285,7 +285,7 @@ impl Protection {
                 if let Some(c) = &me.control {
                     c.set_role(ftvm_api::Role::Primary);
                 }
-                *lock(&made) = Some((primary, rx));
+                *lock(&made) = Some((primary, queue));
                 Ok(())
             }) as crate::snapshot::CutHook
         };
