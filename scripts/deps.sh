@@ -5,6 +5,8 @@
 #   redis-tools      redis-cli and redis-benchmark, the real clients of the kvstore guest
 #   iproute2         ip netns, bridges, veths and TAPs for the test network
 #   etcd-server      etcd, the lease arbiter of the pair tests (etcd://HOST:PORT/KEY)
+#   musl-tools       musl-gcc: scripts/fetch-redis.sh builds the real Redis as a static binary
+#   dpkg-dev         dpkg-source: apt-get source (fetch-redis.sh) unpacks Debian's redis source
 # Run as root (apt-get). Idempotent.
 set -euo pipefail
 want=()
@@ -14,6 +16,8 @@ command -v redis-benchmark >/dev/null || want+=(redis-tools)
 command -v ip >/dev/null || want+=(iproute2)
 command -v etcd >/dev/null || want+=(etcd-server)
 command -v python3 >/dev/null || want+=(python3)
+command -v musl-gcc >/dev/null || want+=(musl-tools)
+command -v dpkg-source >/dev/null || want+=(dpkg-dev)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test suite: installs what the tests need, builds the guests, fetches the Linux test
-# kernel, checks formatting and lints, and runs every test. CI runs exactly this.
+# kernel, builds the real Redis (static, musl) for the Linux personality, checks formatting
+# and lints, and runs every test. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/fetch-test-kernel.sh
+scripts/fetch-redis.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo xtask guests
