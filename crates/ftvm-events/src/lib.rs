@@ -345,10 +345,11 @@ impl EventSource {
     /// Record only: a sync point, the `kick`-th after the current exit (design brief §1): the
     /// state the replay applies instead of re-executing the exit-free stretch before it.
     /// Events admitted after it are positioned at the same exit and follow it in the log.
-    pub fn sync_point(&mut self, kick: u32, state: Vec<u8>) {
+    /// `wait_us`: how long the oldest event it delivers waited for it.
+    pub fn sync_point(&mut self, kick: u32, wait_us: u64, state: Vec<u8>) {
         let exit = self.position();
         if let Journal::Record(r) = &mut self.journal {
-            r.append(ftvm_log::Record::SyncPoint { exit, kick, state });
+            r.append(ftvm_log::Record::SyncPoint { exit, kick, wait_us, state });
         }
     }
 

@@ -254,8 +254,9 @@ pub fn encode(rec: &Record, ctx: &mut Ctx, out: &mut Vec<u8>) -> u8 {
                 }
             }
         }
-        Record::SyncPoint { kick, state, .. } => {
+        Record::SyncPoint { kick, wait_us, state, .. } => {
             put_varint(out, u64::from(*kick));
+            put_varint(out, *wait_us);
             put_bytes(out, state);
             kind::SYNC_POINT
         }
@@ -336,7 +337,8 @@ pub fn decode(k: u8, payload: &[u8], ctx: &mut Ctx) -> DecodeResult<Record> {
         }
         kind::SYNC_POINT => {
             let kick = narrow(c.varint()?, "kick")?;
-            Record::SyncPoint { exit, kick, state: c.bytes()? }
+            let wait_us = c.varint()?;
+            Record::SyncPoint { exit, kick, wait_us, state: c.bytes()? }
         }
         kind::END => {
             let reason = match c.u8()? {

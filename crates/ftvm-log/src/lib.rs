@@ -29,8 +29,9 @@ pub use writer::{LogWriter, DEFAULT_COMPRESS_MIN, END_RESERVE};
 pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 
 /// The format this build writes and reads. Bump it on any change to the framing, a record's
-/// encoding or the header's fields; a reader refuses every other version.
-pub const FORMAT_VERSION: u32 = 1;
+/// encoding or the header's fields; a reader refuses every other version. 2: SYNC_POINT
+/// carries its wait.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The 64-bit digest used for outputs, pages, frames and registers: XXH3-64 (seed 0) of the
 /// bytes. Stable across hosts and builds.

@@ -35,8 +35,10 @@ pub enum Record {
     /// An output (console bytes or a network frame): its ordinal, length and digest, and, in
     /// forensic logs, the bytes themselves (then `len == data.len()`).
     Output { exit: u64, ordinal: u64, kind: u8, len: u32, digest: u64, data: Option<Vec<u8>> },
-    /// A sync point: the `kick`-th kick after exit `exit`; `state` is opaque here.
-    SyncPoint { exit: u64, kick: u32, state: Vec<u8> },
+    /// A sync point: the `kick`-th kick after exit `exit`; `wait_us`: how long the oldest
+    /// event it delivers had waited for it (the lateness sync points cause, for people and
+    /// tools; the replay ignores it); `state` is opaque here.
+    SyncPoint { exit: u64, kick: u32, wait_us: u64, state: Vec<u8> },
     /// The end of the recording and why.
     End { exit: u64, reason: EndReason },
 }
@@ -155,7 +157,9 @@ impl fmt::Display for Record {
                     None => Ok(()),
                 }
             }
-            Record::SyncPoint { kick, state, .. } => write!(f, " kick={kick} state_len={}", state.len()),
+            Record::SyncPoint { kick, wait_us, state, .. } => {
+                write!(f, " kick={kick} wait_us={wait_us} state_len={}", state.len())
+            }
             Record::End { reason, .. } => write!(f, " reason={reason}"),
         }
     }

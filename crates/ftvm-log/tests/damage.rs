@@ -13,7 +13,7 @@ fn small_log() -> Vec<u8> {
     // Small (the flip test reads it once per bit) but with compressed frames.
     let mut recs: Vec<Record> =
         every_kind().into_iter().filter(|r| !matches!(r, Record::SyncPoint { .. } | Record::End { .. })).collect();
-    recs.push(Record::SyncPoint { exit: 700, kick: 1, state: vec![9; 300] });
+    recs.push(Record::SyncPoint { exit: 700, kick: 1, wait_us: 0, state: vec![9; 300] });
     recs.push(Record::End { exit: 700, reason: EndReason::GuestPowerOff });
     write_log(&recs, Some(DEFAULT_COMPRESS_MIN))
 }
@@ -187,7 +187,7 @@ fn documented_frame_layout_matches_the_writer() {
     assert_eq!(&frame[8..], &body);
     assert_eq!(frame[..8], frame_prefix(&body));
     assert_eq!(frame[..4], [0x05, 0x00, 0x00, 0x3c]); // the example in docs/log-format.md
-    assert_eq!(&log[..12], b"FTVMLOG\0\x01\0\0\0");
+    assert_eq!(&log[..12], b"FTVMLOG\0\x02\0\0\0");
 }
 
 /// A reader over a buffer that another party keeps appending to (a log being written).

@@ -55,7 +55,7 @@ fn extreme_values_round_trip() {
         Record::Output { exit: 1, ordinal: u64::MAX, kind: 255, len: u32::MAX, digest: 0, data: None },
         Record::Output { exit: 1, ordinal: 0, kind: 0, len: 0, digest: 0, data: Some(vec![]) },
         Record::PageHashes { exit: 2, pages: vec![(u64::MAX, 0), (0, u64::MAX), (u64::MAX, 1)] },
-        Record::SyncPoint { exit: u64::MAX - 1, kick: u32::MAX, state: vec![7] },
+        Record::SyncPoint { exit: u64::MAX - 1, kick: u32::MAX, wait_us: u64::MAX, state: vec![7] },
         Record::NetRx { exit: u64::MAX, dev: 255, frame: vec![] },
         Record::End { exit: u64::MAX, reason: EndReason::OperatorStop },
     ];
@@ -90,7 +90,7 @@ fn random_records_round_trip() {
                 let data = (rng.below(2) == 0).then(|| rng.bytes(n));
                 Record::Output { exit, ordinal: rng.next(), kind: 1, len: n as u32, digest: rng.next(), data }
             }
-            _ => Record::SyncPoint { exit, kick: rng.next() as u32, state: vec![rng.next() as u8; n * 10] },
+            _ => Record::SyncPoint { exit, kick: rng.next() as u32, wait_us: 0, state: vec![rng.next() as u8; n * 10] },
         };
         recs.push(r);
     }
@@ -153,7 +153,7 @@ fn size_figures() {
     let pages: Vec<(u64, u64)> = (0..64).map(|g| (0x1000 + g * 3, rng.next())).collect();
     let page_hashes = per(&|i| Record::PageHashes { exit: i, pages: pages.clone() });
     let ckpt = per(&|i| Record::Checkpoint { exit: i * 10_000, exits_hash: i, regs_hash: !i });
-    let zeros = per(&|i| Record::SyncPoint { exit: i, kick: 1, state: vec![0; 64 << 10] });
+    let zeros = per(&|i| Record::SyncPoint { exit: i, kick: 1, wait_us: 0, state: vec![0; 64 << 10] });
     assert!(text < 200.0, "compressible 1500-byte frame costs {text}");
     assert!(rand <= 1516.0, "random 1500-byte frame costs {rand}");
     println!(
@@ -197,7 +197,7 @@ fn writer_rejects_bad_records_without_damage() {
     assert!(matches!(e, LogError::ExitOrder { prev: 10, exit: 9 }), "{e}");
     let bad = Record::Output { exit: 10, ordinal: 0, kind: 0, len: 3, digest: 0, data: Some(vec![1, 2]) };
     assert!(matches!(w.append(&bad), Err(LogError::InvalidRecord(_))));
-    let huge = Record::SyncPoint { exit: 10, kick: 0, state: vec![0; MAX_BODY as usize] };
+    let huge = Record::SyncPoint { exit: 10, kick: 0, wait_us: 0, state: vec![0; MAX_BODY as usize] };
     assert!(matches!(w.append(&huge), Err(LogError::FrameTooLarge { .. })));
     assert_eq!(w.append(&Record::Clock { exit: 11, t: 3 }).unwrap(), 2);
     let out = read_all(&w.into_inner().unwrap()).unwrap();

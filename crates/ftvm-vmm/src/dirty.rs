@@ -137,6 +137,11 @@ impl PageSet {
         }
     }
 
+    /// Removes every page.
+    pub fn clear(&mut self) {
+        self.regions.iter_mut().for_each(|(_, words)| words.fill(0));
+    }
+
     /// Adds every page of `other` (which must describe the same memory).
     pub fn union(&mut self, other: &PageSet) {
         for ((_, ours), (_, theirs)) in self.regions.iter_mut().zip(&other.regions) {
@@ -258,6 +263,15 @@ impl DirtyTracker {
         }
     }
 
+    /// Drops what this consumer has gathered so far without reading KVM's dirty log (which
+    /// would write-protect the pages again): pages KVM has not handed out yet still reach it
+    /// with the next `take`.
+    pub fn forget(&self, consumer: Consumer) {
+        if let Some(Some(set)) = self.lock().consumers.get_mut(consumer.0) {
+            set.clear();
+        }
+    }
+
     /// Marks pages dirty for every consumer but `except` (pages a sync point rewrote, for
     /// instance, count as written for the others).
     pub fn mark(&self, pages: &PageSet, except: Option<Consumer>) {
@@ -368,6 +382,14 @@ mod tests {
         tracker.mark(&marked, Some(a));
         assert!(tracker.take(a).unwrap().is_empty());
         assert_eq!(tracker.take(b).unwrap().addresses().collect::<Vec<_>>(), vec![0xb000]);
+        // Forgetting drops what a consumer gathered, not what KVM has yet to hand out.
+        tracker.mark(&marked, None);
+        tracker.forget(a);
+        assert!(tracker.take(a).unwrap().is_empty());
+        assert_eq!(tracker.take(b).unwrap().addresses().collect::<Vec<_>>(), vec![0xb000]);
+        vm_memory::Bytes::write_slice(&mem, &[4; 8], GuestAddress(0xd000)).unwrap();
+        tracker.forget(a);
+        assert_eq!(tracker.take(a).unwrap().addresses().collect::<Vec<_>>(), vec![0xd000]);
         tracker.unsubscribe(a);
         assert!(tracker.take(a).is_err());
         tracker.unsubscribe(b);

@@ -48,7 +48,7 @@ const CONNECT_WAIT: Duration = Duration::from_secs(5);
 pub struct Protection {
     settings: PairSettings,
     /// The VM's sync-point bound, for the recording a transfer starts.
-    sync_bound: Option<Duration>,
+    sync_policy: Option<crate::syncpoint::SyncPolicy>,
     /// The live copy of the state; its header is the VM's identity as a new backup checks
     /// it, and the header of each new log.
     snapshot: SnapshotSource,
@@ -88,13 +88,13 @@ impl Reason {
 impl Protection {
     pub(crate) fn new(
         settings: PairSettings,
-        sync_bound: Option<Duration>,
+        sync_policy: Option<crate::syncpoint::SyncPolicy>,
         snapshot: SnapshotSource,
         control: Option<Arc<VmControl>>,
     ) -> Arc<Protection> {
         Arc::new_cyclic(|me| Protection {
             settings,
-            sync_bound,
+            sync_policy,
             snapshot,
             control,
             sinks: Mutex::new(None),
@@ -266,7 +266,7 @@ impl Protection {
             let made = made.clone();
             let heartbeats = conn.heartbeats.clone();
             let settings = self.settings.clone();
-            let sync_bound = self.sync_bound;
+            let sync_policy = self.sync_policy;
             // The new log is made here, not in the pause: nothing in it depends on the cut.
             let (writer, queue) = log_channel(&self.snapshot.header).map_err(|e| Error::Pair(e.to_string()))?;
             let me = self.me.clone();
@@ -280,7 +280,7 @@ impl Protection {
                 let opts =
                     LinkOptions { timeout: settings.timeout, max_lag: settings.max_lag, protected_from_start: false };
                 let primary = Primary::new(heartbeats, sinks, arbiter, opts);
-                vloop.start_recording(writer, sync_bound)?;
+                vloop.start_recording(writer, sync_policy)?;
                 vloop.gate = Some(primary.gate());
                 if let Some(c) = &me.control {
                     c.set_role(ftvm_api::Role::Primary);

@@ -24,8 +24,8 @@ pub const DEVICE_MODEL_VERSION: u32 = 1;
 pub struct RecordOptions {
     pub log: PathBuf,
     pub max_size: Option<u64>,
-    /// How long an event may wait for an exit before a sync point delivers it (`None`: off).
-    pub sync_bound: Option<std::time::Duration>,
+    /// How sync points deliver events to a guest that does not exit (`None`: off).
+    pub sync_policy: Option<crate::syncpoint::SyncPolicy>,
 }
 
 /// What `ftvm replay` needs.
@@ -163,13 +163,13 @@ pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
 pub fn primary(
     mut config: VmConfig,
     link: ftvm_replication::primary::PrimaryConfig,
-    sync_bound: Option<std::time::Duration>,
+    sync_policy: Option<crate::syncpoint::SyncPolicy>,
 ) -> Result<RunReport> {
     let rtc = config.rtc_base_unix.unwrap_or_else(crate::vm::unix_now);
     config.rtc_base_unix = Some(rtc);
     let (kernel, initrd, disks) = images(&config)?;
     let mut vm = Vm::build(config)?;
-    vm.set_sync_bound(sync_bound);
+    vm.set_sync_policy(sync_policy);
     let header = header_for(&vm, kernel, initrd, disks, rtc);
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag: link.max_lag };
     vm.run_with(Journaling::Primary { link, header: Box::new(header), settings })
@@ -183,7 +183,7 @@ pub fn backup(
     config: VmConfig,
     link: ftvm_replication::backup::BackupConfig,
     max_lag: Option<std::time::Duration>,
-    sync_bound: Option<std::time::Duration>,
+    sync_policy: Option<crate::syncpoint::SyncPolicy>,
 ) -> Result<RunReport> {
     use ftvm_replication::link::{Listener, Mode};
     let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
@@ -240,7 +240,7 @@ pub fn backup(
             ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs).map_err(pair)?;
         let backup = std::sync::Arc::new(backup);
         let mut vm = vm;
-        vm.set_sync_bound(sync_bound);
+        vm.set_sync_policy(sync_policy);
         let report = vm.run_with(Journaling::Backup {
             backup: backup.clone(),
             theirs: Box::new(theirs),
@@ -434,7 +434,7 @@ fn snapshot_bases(snap: &Snapshot) -> Result<Vec<ImageInfo>> {
 }
 
 fn record_vm(mut vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBuf>) -> Result<RecordReport> {
-    vm.set_sync_bound(opts.sync_bound);
+    vm.set_sync_policy(opts.sync_policy);
     let file = File::create(&opts.log).map_err(io_err(format!("cannot create the log {}", opts.log.display())))?;
     let sink: Box<dyn Write + Send> = Box::new(BackgroundFile::new(file)?);
     let mut writer = LogWriter::new(sink, &header).map_err(|e| Error::Record(format!("cannot write the log: {e}")))?;

@@ -6,10 +6,21 @@
 //! stream on our KVM (no instruction counter, no ring-3 single-step). A guest that does not
 //! exit would wait for ever. So when an event has waited longer than a bound (default
 //! 10 ms), the recorder kicks the vCPU and takes a **sync point** there: the pages dirtied
-//! since the last trim (at most a few ms before the last exit), the full vCPU and device
-//! state and the guest clock, logged as `SYNC_POINT` at (exit N, k-th sync point after N).
-//! Then it delivers the event as at an exit. The replayer, arriving at exit N, applies the
-//! sync point instead of re-executing the stretch, and delivers the same events from the log.
+//! since the last counted exit or sync point (a superset: what the dirty log had not handed
+//! out yet when that exit came), the full vCPU and device state and the guest clock, logged
+//! as `SYNC_POINT` at (exit N, k-th sync point after N). Then it delivers the event as at an
+//! exit. The replayer, arriving at exit N, applies the sync point instead of re-executing the
+//! stretch, and delivers the same events from the log.
+//!
+//! **Cost.** Reading the dirty log write-protects every page it reports again, and the
+//! guest's next write to each of them faults into KVM: on PVM's shadow paging that costs
+//! about 20 µs a page, so a guest that rewrites 8 MiB between sync points loses some 40 ms
+//! to each one, more than the bound itself (a guest recorded with a sync point every 10 ms
+//! barely ran: the regression of issue 13). So sync points are spaced by a **budget**: after
+//! one that cost X (its own time plus the estimated faults), the next waits at least
+//! X (1 - b) / b, so that they take at most the share b (default 10%) of the guest's time.
+//! Interrupts arrive later instead of the guest stalling. The trim at counted exits forgets
+//! the recorder's pages without reading the dirty log, so it costs no faults.
 //!
 //! Verification: at the sync point the replay's device state and guest clock must equal the
 //! recording's (they only change at exits, so a difference means the replay diverged before);
@@ -30,12 +41,62 @@ use crate::vcpu::VcpuLoop;
 /// How long an interrupt or frame may wait for an exit before the recorder takes a sync point.
 pub const DEFAULT_SYNC_BOUND: Duration = Duration::from_millis(10);
 
-/// The recorder forgets pages dirtied before a counted exit at most this often, so a sync
-/// point carries only what changed shortly before its exit and in the stretch after it (the
-/// replay reproduces everything earlier by itself). Not more often: each KVM_GET_DIRTY_LOG
-/// write-protects the pages again, and every first write after it is a fault, expensive
-/// under PVM's shadow paging (every 2 ms cost kvstore under load about 8% of its throughput).
-const TRIM_INTERVAL: Duration = Duration::from_millis(100);
+/// The share of the guest's time sync points may take.
+pub const DEFAULT_SYNC_BUDGET: f64 = 0.10;
+
+/// How the recorder places its sync points.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncPolicy {
+    /// How long an event waits at least before a sync point delivers it.
+    bound: Duration,
+    /// The share of the guest's time sync points may take, in (0, 1].
+    budget: f64,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        SyncPolicy { bound: DEFAULT_SYNC_BOUND, budget: DEFAULT_SYNC_BUDGET }
+    }
+}
+
+impl SyncPolicy {
+    /// A policy; `budget` is a share of the guest's time in (0, 1].
+    pub fn new(bound: Duration, budget: f64) -> std::result::Result<Self, String> {
+        if bound.is_zero() {
+            return Err("the sync-point bound must be more than 0 (no sync points: leave them off)".into());
+        }
+        if !(budget > 0.0 && budget <= 1.0) {
+            return Err(format!("the sync-point budget must be a share in (0, 1], not {budget}"));
+        }
+        Ok(SyncPolicy { bound, budget })
+    }
+
+    pub fn bound(&self) -> Duration {
+        self.bound
+    }
+
+    pub fn budget(&self) -> f64 {
+        self.budget
+    }
+
+    /// How long the guest runs after a sync point that cost it `cost` before the next may be
+    /// taken: sync points then take at most `budget` of its time.
+    fn spacing(&self, cost: Duration) -> Duration {
+        cost.mul_f64((1.0 - self.budget) / self.budget)
+    }
+}
+
+/// What a page read from the dirty log costs the guest afterwards: the page is
+/// write-protected again and the guest's next write to it faults into KVM. Measured here on
+/// PVM: compute (2048 pages rewritten between sync points) lost about 50 ms to each sync
+/// point, 8 ms of it the recorder's own work, so about 20 µs a page. Hardware KVM takes
+/// such faults on its fast path, an order of magnitude cheaper (an estimate, not measured).
+fn refault_cost(backend: crate::kvm::Backend) -> Duration {
+    match backend {
+        crate::kvm::Backend::Pvm => Duration::from_micros(20),
+        crate::kvm::Backend::Hardware => Duration::from_micros(2),
+    }
+}
 
 /// The kick goes out this much before the bound (at most half of it): waking the timer
 /// thread and signalling the vCPU take a few hundred microseconds here, so delivery lands within the
@@ -111,19 +172,33 @@ pub struct SyncStats {
     pub max_wait_us: u64,
     /// The waits added up (the mean is this over `count`).
     pub total_wait_us: u64,
+    /// The recorder's own time in sync points (state, dirty log, pages, the log record), µs.
+    pub work_us: u64,
+    /// What they cost the guest in all: `work_us` plus the estimated write faults on the
+    /// pages they write-protected again (see [`refault_cost`]), µs.
+    pub cost_us: u64,
+}
+
+impl SyncStats {
+    /// The mean wait of an event for its sync point, in microseconds.
+    pub fn mean_wait_us(&self) -> u64 {
+        self.total_wait_us.checked_div(self.count).unwrap_or(0)
+    }
 }
 
 /// The recorder's side.
 pub(crate) struct SyncRecorder {
-    bound: Duration,
+    policy: SyncPolicy,
+    refault: Duration,
     timer: DeadlineTimer,
     tracker: DirtyTracker,
     consumer: Consumer,
     /// Since when the oldest deliverable event has waited (host time), if one waits.
     waiting_since: Option<Instant>,
+    /// The budget's earliest moment for the next sync point.
+    not_before: Instant,
     /// Sync points taken since the last counted exit.
     since_exit: u32,
-    last_trim: Instant,
     /// Within one exit-free stretch: the hash of each page as the last sync point logged it.
     /// The replay has exactly those contents (it runs nothing between sync points after the
     /// same exit), so a page the guest rewrote with the same bytes need not be sent again.
@@ -133,16 +208,17 @@ pub(crate) struct SyncRecorder {
 }
 
 impl SyncRecorder {
-    pub(crate) fn start(bound: Duration, kicker: std::sync::Arc<Kicker>, tracker: DirtyTracker) -> Result<Self> {
+    pub(crate) fn start(policy: SyncPolicy, kicker: std::sync::Arc<Kicker>, tracker: DirtyTracker) -> Result<Self> {
         let consumer = tracker.subscribe()?;
         Ok(SyncRecorder {
-            bound,
+            policy,
+            refault: refault_cost(crate::kvm::detect_backend()),
             timer: DeadlineTimer::start(kicker)?,
             tracker,
             consumer,
             waiting_since: None,
+            not_before: Instant::now(),
             since_exit: 0,
-            last_trim: Instant::now(),
             logged: std::collections::HashMap::new(),
             stats: SyncStats::default(),
         })
@@ -155,10 +231,25 @@ impl SyncRecorder {
         self.waiting_since = None;
     }
 
-    /// When the oldest waiting event's sync point is due.
+    /// When the oldest waiting event's sync point is due: after the bound, and not before
+    /// the budget allows.
     fn due_at(&self) -> Option<Instant> {
-        let lead = KICK_LEAD.min(self.bound / 2);
-        self.waiting_since.map(|t| t + self.bound - lead)
+        let bound = self.policy.bound;
+        let lead = KICK_LEAD.min(bound / 2);
+        self.waiting_since.map(|t| (t + bound - lead).max(self.not_before))
+    }
+
+    /// Accounts a sync point that took `work` and handed `pages` pages of the dirty log out
+    /// (each to be write-protected again), and spaces the next one by the budget.
+    fn account(&mut self, work: Duration, pages: u64, waited: Duration, end: Instant) {
+        let cost = work + self.refault * u32::try_from(pages).unwrap_or(u32::MAX);
+        self.not_before = end + self.policy.spacing(cost);
+        let s = &mut self.stats;
+        s.count += 1;
+        s.max_wait_us = s.max_wait_us.max(waited.as_micros() as u64);
+        s.total_wait_us += waited.as_micros() as u64;
+        s.work_us += work.as_micros() as u64;
+        s.cost_us += cost.as_micros() as u64;
     }
 
     fn due(&self, now: Instant) -> bool {
@@ -188,10 +279,10 @@ impl VcpuLoop {
         if counted {
             sync.since_exit = 0;
             sync.logged.clear();
-            if now >= sync.last_trim + TRIM_INTERVAL {
-                sync.tracker.take(sync.consumer)?;
-                sync.last_trim = now;
-            }
+            // The replay re-executes up to here: what the recorder has collected so far is
+            // not news. Pages still in KVM's dirty log stay there (a superset, harmless);
+            // reading the log here would write-protect them and cost the guest faults.
+            sync.tracker.forget(sync.consumer);
         }
         // An interrupt the guest could not take here, a frame or console input it could: all
         // deliverable from now on. A timer: from its deadline.
@@ -218,6 +309,7 @@ impl VcpuLoop {
 
     /// Record: takes a sync point here, between two exits.
     pub(crate) fn take_sync_point(&mut self) -> Result<()> {
+        let started = Instant::now();
         // The kick's KVM_RUN left nothing pending; this refreshes kvm_run's view of whether
         // the guest can take an interrupt exactly as the replay will after applying the state.
         self.complete_pending_io()?;
@@ -225,7 +317,6 @@ impl VcpuLoop {
         let Some(sync) = &mut self.sync else { return Ok(()) };
         let waited = sync.waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
         let dirty = sync.tracker.take(sync.consumer)?;
-        sync.last_trim = Instant::now();
         let mem = sync.tracker.memory();
         let (mut addresses, mut contents, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -243,16 +334,17 @@ impl VcpuLoop {
         // The replay writes (or counts as written) these pages: so does every other consumer
         // here, and the next checkpoint hashes the same pages on both sides.
         sync.tracker.mark(&dirty, Some(sync.consumer));
-        let n = addresses.len() as u64;
+        sync.stats.pages += addresses.len() as u64;
         let bytes = SyncState { state, addresses, contents, unchanged }.encode()?;
         sync.since_exit += 1;
-        sync.stats.count += 1;
-        sync.stats.pages += n;
         sync.stats.bytes += bytes.len() as u64;
-        sync.stats.max_wait_us = sync.stats.max_wait_us.max(waited.as_micros() as u64);
-        sync.stats.total_wait_us += waited.as_micros() as u64;
         let kick = sync.since_exit;
-        self.events.sync_point(kick, bytes);
+        let wait_us = waited.as_micros() as u64;
+        self.events.sync_point(kick, wait_us, bytes);
+        let end = Instant::now();
+        if let Some(sync) = &mut self.sync {
+            sync.account(end - started, dirty.len(), waited, end);
+        }
         Ok(())
     }
 

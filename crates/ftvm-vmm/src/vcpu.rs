@@ -946,12 +946,12 @@ impl VcpuLoop {
 impl VcpuLoop {
     /// Starts a new recording into `log` here, between two exits (the cut of a live state
     /// transfer, right after the state was saved): deterministic delivery from now on, sync
-    /// points with `sync_bound`, page hashes at checkpoints. Works for a primary that lost
+    /// points with `sync_policy`, page hashes at checkpoints. Works for a primary that lost
     /// its backup (the old recording is dropped) and for a backup that went live.
     pub(crate) fn start_recording(
         &mut self,
         log: ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>,
-        sync_bound: Option<std::time::Duration>,
+        sync_policy: Option<crate::syncpoint::SyncPolicy>,
     ) -> Result<()> {
         self.exits_before += self.events.exit_index();
         self.events.start_recording(log);
@@ -967,11 +967,11 @@ impl VcpuLoop {
         if self.hash_consumer.is_none() {
             self.hash_consumer = Some(tracker.subscribe()?);
         }
-        match (&mut self.sync, sync_bound) {
+        match (&mut self.sync, sync_policy) {
             // A primary's sync recorder carries on, forgetting what the old log held.
             (Some(sync), _) => sync.restart(),
-            (None, Some(bound)) => {
-                self.sync = Some(crate::syncpoint::SyncRecorder::start(bound, self.kicker.clone(), tracker)?);
+            (None, Some(policy)) => {
+                self.sync = Some(crate::syncpoint::SyncRecorder::start(policy, self.kicker.clone(), tracker)?);
             }
             (None, None) => {}
         }

@@ -141,9 +141,9 @@ pub struct Vm {
     /// The state to continue from, for a VM restored from a snapshot (applied on the vCPU
     /// thread before the guest runs).
     restore: Option<Box<crate::snapshot::VmState>>,
-    /// Recording: how long an event may wait for an exit before a sync point delivers it
-    /// (`None`: never; events wait for the next exit).
-    sync_bound: Option<Duration>,
+    /// Recording: how sync points deliver events to a guest that does not exit (`None`:
+    /// never; events wait for the next exit).
+    sync_policy: Option<crate::syncpoint::SyncPolicy>,
 }
 
 /// What a recording's header pins about the VM as built (design brief §2), so that a replay
@@ -244,7 +244,7 @@ impl Vm {
             msr_indices,
             disks,
             restore: None,
-            sync_bound: Some(crate::syncpoint::DEFAULT_SYNC_BOUND),
+            sync_policy: Some(crate::syncpoint::SyncPolicy::default()),
         })
     }
 
@@ -275,9 +275,9 @@ impl Vm {
         self.restore = Some(Box::new(state));
     }
 
-    /// Recording: the sync-point bound (`None` turns sync points off).
-    pub fn set_sync_bound(&mut self, bound: Option<Duration>) {
-        self.sync_bound = bound;
+    /// Recording: the sync-point policy (`None` turns sync points off).
+    pub fn set_sync_policy(&mut self, policy: Option<crate::syncpoint::SyncPolicy>) {
+        self.sync_policy = policy;
     }
 
     /// The disks with their dirty-block maps.
@@ -304,7 +304,7 @@ impl Vm {
         let hash_consumer = if records { Some(tracker.subscribe()?) } else { None };
         let restore = self.restore.take();
         let msr_indices = self.msr_indices.clone();
-        let sync_bound = self.sync_bound;
+        let sync_policy = self.sync_policy;
         let control = take_control();
         if let Some(c) = &control {
             c.set_role(api_role(&journaling));
@@ -345,7 +345,7 @@ impl Vm {
                 // Its own progress reports (re-protection reports its own).
                 control: ftvm_api::VmControl::new(),
             };
-            let p = crate::protect::Protection::new(settings, sync_bound, source, control.clone());
+            let p = crate::protect::Protection::new(settings, sync_policy, source, control.clone());
             if let Some(c) = &control {
                 let p = p.clone();
                 c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
@@ -467,9 +467,9 @@ impl Vm {
                 }
                 vloop.tasks = tasks;
                 vloop.msr_indices = msr_indices;
-                if let (ftvm_events::Mode::Record, Some(bound)) = (vloop.events.mode(), sync_bound) {
+                if let (ftvm_events::Mode::Record, Some(policy)) = (vloop.events.mode(), sync_policy) {
                     let kicker = vloop.kicker.clone();
-                    vloop.sync = Some(crate::syncpoint::SyncRecorder::start(bound, kicker, tracker.clone())?);
+                    vloop.sync = Some(crate::syncpoint::SyncRecorder::start(policy, kicker, tracker.clone())?);
                 }
                 if let Some(state) = restore {
                     vloop.restore_state(&state)?;

@@ -226,6 +226,22 @@ struct SyncArgs {
     /// events then wait for the next exit.
     #[arg(long, value_name = "MS", default_value_t = 10)]
     sync_bound: u64,
+    /// The share of the guest's time sync points may take, in percent: after a sync point
+    /// that cost the guest X (the recorder's work, and the write faults on the pages it
+    /// protected again), the next waits at least X (100 - P) / P, so interrupts arrive
+    /// later rather than a guest that writes much memory stalling.
+    #[arg(long, value_name = "PERCENT", default_value = "10", value_parser = parse_percent)]
+    sync_budget: f64,
+}
+
+/// `10` or `10%` -> 0.10; the share must be in (0, 100].
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a percentage (e.g. 10)"))?;
+    if v > 0.0 && v <= 100.0 {
+        Ok(v / 100.0)
+    } else {
+        Err(format!("{s} is outside (0, 100]"))
+    }
 }
 
 impl PairArgs {
@@ -242,8 +258,10 @@ impl PairArgs {
 }
 
 impl SyncArgs {
-    fn bound(&self) -> Option<std::time::Duration> {
-        (self.sync_bound > 0).then(|| std::time::Duration::from_millis(self.sync_bound))
+    fn policy(&self) -> Option<ftvm_vmm::syncpoint::SyncPolicy> {
+        let bound = std::time::Duration::from_millis(self.sync_bound);
+        // Both values were checked by their parsers; 0 ms turns sync points off.
+        ftvm_vmm::syncpoint::SyncPolicy::new(bound, self.sync_budget).ok()
     }
 }
 
@@ -388,7 +406,7 @@ fn main() -> ExitCode {
                 key,
                 max_lag: args.pair.max_lag(),
             };
-            finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.bound()))
+            finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.policy()))
         }
         Command::Backup(args) => {
             let key = match args.pair.key() {
@@ -401,7 +419,7 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 key,
             };
-            let (max_lag, sync) = (args.pair.max_lag(), args.sync.bound());
+            let (max_lag, sync) = (args.pair.max_lag(), args.sync.policy());
             finish(ftvm_vmm::recording::backup(vm_config(args.vm), link, max_lag, sync))
         }
     }
@@ -556,10 +574,14 @@ fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
     let sync = match s.sync.count {
         0 => String::new(),
         n => format!(
-            "; {n} sync points, {} pages, wait {:.1} ms on average, {:.1} ms at most",
+            "; {n} sync points, {} pages, wait {:.1} ms on average, {:.1} ms at most, {:.1} ms in them \
+             (~{:.1} ms with the guest's write faults after them, {:.1}% of the run)",
             s.sync.pages,
-            s.sync.total_wait_us as f64 / 1e3 / n as f64,
-            s.sync.max_wait_us as f64 / 1e3
+            s.sync.mean_wait_us() as f64 / 1e3,
+            s.sync.max_wait_us as f64 / 1e3,
+            s.sync.work_us as f64 / 1e3,
+            s.sync.cost_us as f64 / 1e3,
+            s.sync.cost_us as f64 / 1e4 / report.elapsed.as_secs_f64().max(1e-6)
         ),
     };
     format!(
@@ -580,7 +602,7 @@ fn record(args: RecordArgs) -> ExitCode {
     let opts = ftvm_vmm::recording::RecordOptions {
         log: args.log.clone(),
         max_size: args.max_size,
-        sync_bound: args.sync.bound(),
+        sync_policy: args.sync.policy(),
     };
     let result = match args.vm.restore.clone() {
         Some(dir) => ftvm_vmm::recording::record_from_snapshot(&dir, restore_host(args.vm), &opts),

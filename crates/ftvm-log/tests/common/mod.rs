@@ -85,8 +85,8 @@ pub fn every_kind() -> Vec<Record> {
             digest: hash64(&text),
             data: Some(text.clone()),
         },
-        Record::SyncPoint { exit: 500, kick: 2, state: vec![0u8; 4096] },
-        Record::SyncPoint { exit: 500, kick: 3, state: vec![] },
+        Record::SyncPoint { exit: 500, kick: 2, wait_us: 0, state: vec![0u8; 4096] },
+        Record::SyncPoint { exit: 500, kick: 3, wait_us: 0, state: vec![] },
         Record::End { exit: 777, reason: EndReason::Error("vCPU failed: EFAULT".into()) },
     ]
 }
