@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::snapshot::SnapshotProgress;
-use crate::status::{ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
+use crate::status::{ExitCounts, LogStatus, PairStatus, Role, Status, SyncStatus, VmState};
 
 /// The figures the vCPU thread publishes between exits (plain numbers, no locks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +31,21 @@ pub struct VcpuFigures {
     pub last_output_lsn: Option<u64>,
     /// A backup's replay turned live.
     pub went_live: bool,
+    /// Sync points taken (recording, primary).
+    pub sync: SyncFigures,
+}
+
+/// A recorder's sync points so far (all zero when it takes none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncFigures {
+    pub count: u64,
+    pub pages: u64,
+    pub total_wait_us: u64,
+    pub max_wait_us: u64,
+    /// The recorder's own time in them.
+    pub work_us: u64,
+    /// What they cost the guest, with the estimated write faults after them.
+    pub cost_us: u64,
 }
 
 /// The pair's figures, read from the replication link's shared counters when a status is
@@ -88,6 +103,7 @@ struct Published {
     outputs: AtomicU64,
     last_output_lsn: AtomicU64,
     went_live: AtomicBool,
+    sync: [AtomicU64; 6],
 }
 
 /// One VM's control block: the vCPU thread publishes into it and parks on it; the API
@@ -282,6 +298,10 @@ impl VmControl {
         p.outputs.store(f.outputs, r);
         p.last_output_lsn.store(f.last_output_lsn.unwrap_or(u64::MAX), r);
         p.went_live.store(f.went_live, r);
+        let y = &f.sync;
+        for (slot, v) in p.sync.iter().zip([y.count, y.pages, y.total_wait_us, y.max_wait_us, y.work_us, y.cost_us]) {
+            slot.store(v, r);
+        }
     }
 
     /// The figures as last published.
@@ -303,6 +323,10 @@ impl VmControl {
             outputs: p.outputs.load(r),
             last_output_lsn: (lsn != u64::MAX).then_some(lsn),
             went_live: p.went_live.load(r),
+            sync: {
+                let [count, pages, total_wait_us, max_wait_us, work_us, cost_us] = p.sync.each_ref().map(|a| a.load(r));
+                SyncFigures { count, pages, total_wait_us, max_wait_us, work_us, cost_us }
+            },
         }
     }
 
@@ -477,6 +501,14 @@ impl VmControl {
             interrupt_window_exits: f.window_exits,
             log,
             pair,
+            sync: (f.sync.count > 0).then(|| SyncStatus {
+                count: f.sync.count,
+                pages: f.sync.pages,
+                mean_wait_us: f.sync.total_wait_us / f.sync.count,
+                max_wait_us: f.sync.max_wait_us,
+                work_ms: f.sync.work_us / 1000,
+                cost_ms: f.sync.cost_us / 1000,
+            }),
         }
     }
 }

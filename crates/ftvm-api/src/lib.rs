@@ -33,11 +33,11 @@ mod server;
 mod snapshot;
 mod status;
 
-pub use control::{PairFigures, ProtectStarter, Refused, SnapshotStarter, VcpuFigures, VmControl};
+pub use control::{PairFigures, ProtectStarter, Refused, SnapshotStarter, SyncFigures, VcpuFigures, VmControl};
 pub use protect::{ProtectPhase, ProtectProgress};
 pub use server::{ApiServer, ServerError};
 pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
-pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, VmState};
+pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, SyncStatus, VmState};
 
 /// The routes, for error messages and the docs.
 pub const ROUTES: &str =

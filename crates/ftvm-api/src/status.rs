@@ -170,6 +170,23 @@ pub struct PairStatus {
     pub catching_up: bool,
 }
 
+/// A recording's sync points (a guest computing without exits gets its interrupts through
+/// them): how many, how late they delivered, what they cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub count: u64,
+    /// Pages they carried.
+    pub pages: u64,
+    /// How long an interrupt or frame waited for its sync point, on average and at most.
+    pub mean_wait_us: u64,
+    pub max_wait_us: u64,
+    /// The recorder's own time in them.
+    pub work_ms: u64,
+    /// What they cost the guest: `work_ms` plus the estimated write faults on the pages they
+    /// write-protected again (the budget spaces them by this).
+    pub cost_ms: u64,
+}
+
 /// The answer to `GET /status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -193,6 +210,9 @@ pub struct Status {
     pub interrupt_window_exits: u64,
     pub log: Option<LogStatus>,
     pub pair: Option<PairStatus>,
+    /// Recording and primary, once they took a sync point.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
 }
 
 /// `1536` -> `1.5 KiB`.
@@ -242,6 +262,20 @@ impl Status {
             lines.push((
                 "log bandwidth",
                 log.bandwidth_bytes_per_s.map_or_else(|| "(measuring)".to_string(), format_rate),
+            ));
+        }
+        if let Some(s) = &self.sync {
+            lines.push((
+                "sync points",
+                format!(
+                    "{} ({} pages; interrupts {:.1} ms late on average, {:.1} ms at most; {} ms in them, ~{} ms with the faults after them)",
+                    s.count,
+                    s.pages,
+                    s.mean_wait_us as f64 / 1e3,
+                    s.max_wait_us as f64 / 1e3,
+                    s.work_ms,
+                    s.cost_ms
+                ),
             ));
         }
         if let Some(p) = &self.pair {
@@ -334,6 +368,14 @@ mod tests {
                 outputs_done: 17,
                 ..PairStatus::default()
             }),
+            sync: Some(SyncStatus {
+                count: 4,
+                pages: 6700,
+                mean_wait_us: 345_400,
+                max_wait_us: 670_900,
+                work_ms: 76,
+                cost_ms: 211,
+            }),
         }
     }
 
@@ -355,6 +397,13 @@ mod tests {
         );
         assert!(text.contains("log bandwidth: 1.2 MiB/s\n"), "{text}");
         assert!(text.contains("outputs held:  3\n"), "{text}");
+        assert!(
+            text.contains(
+                "sync points:   4 (6700 pages; interrupts 345.4 ms late on average, 670.9 ms at most; \
+                 76 ms in them, ~211 ms with the faults after them)\n"
+            ),
+            "{text}"
+        );
         // Every value starts in the same column.
         let columns: Vec<usize> = text
             .lines()

@@ -54,7 +54,20 @@ pub struct LogSummary {
     /// Sum of the outputs' lengths.
     pub output_bytes: u64,
     pub checkpoints: u64,
+    /// The sync points' lateness: how long the events they delivered had waited.
+    #[serde(default)]
+    pub sync_points: SyncSummary,
     pub end: LogEnd,
+}
+
+/// How late sync points delivered (from their `wait_us`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSummary {
+    pub count: u64,
+    pub mean_wait_us: u64,
+    pub max_wait_us: u64,
+    /// Their frames' bytes per second of guest time (0 without guest time).
+    pub bytes_per_guest_s: u64,
 }
 
 /// One record, as `--events` lists it.
@@ -117,10 +130,12 @@ pub fn inspect_reader<R: Read>(r: R, events: bool) -> Result<Inspection, LogErro
         outputs: 0,
         output_bytes: 0,
         checkpoints: 0,
+        sync_points: SyncSummary::default(),
         end: LogEnd::EndsEarly { offset: header_bytes, torn: false },
     };
     let mut lines = events.then(Vec::new);
     let mut end = None;
+    let mut total_wait_us = 0u64;
     loop {
         let (lsn, rec) = match rd.next() {
             Ok(Some(x)) => x,
@@ -148,6 +163,11 @@ pub fn inspect_reader<R: Read>(r: R, events: bool) -> Result<Inspection, LogErro
                 s.output_bytes += u64::from(*len);
             }
             Record::Checkpoint { .. } => s.checkpoints += 1,
+            Record::SyncPoint { wait_us, .. } => {
+                s.sync_points.count += 1;
+                s.sync_points.max_wait_us = s.sync_points.max_wait_us.max(*wait_us);
+                total_wait_us = total_wait_us.saturating_add(*wait_us);
+            }
             Record::End { exit, reason } => end = Some(LogEnd::Complete { exit: *exit, reason: reason.clone() }),
             _ => {}
         }
@@ -160,6 +180,11 @@ pub fn inspect_reader<R: Read>(r: R, events: bool) -> Result<Inspection, LogErro
     s.valid_bytes = rd.valid_len();
     if let (Some(a), Some(b)) = (s.first_clock_ns, s.last_clock_ns) {
         s.guest_duration_ns = b.saturating_sub(a);
+    }
+    let sync = &mut s.sync_points;
+    sync.mean_wait_us = total_wait_us.checked_div(sync.count).unwrap_or(0);
+    if let (Some(k), true) = (s.by_kind.get("SYNC_POINT"), s.guest_duration_ns > 0) {
+        sync.bytes_per_guest_s = (k.bytes as f64 * 1e9 / s.guest_duration_ns as f64) as u64;
     }
     s.end = match end {
         Some(e) => e,
@@ -243,6 +268,17 @@ impl fmt::Display for LogSummary {
             writeln!(f, "  {k:<12} {:>10} {:>12} {per:>9.1}", v.count, v.bytes)?;
         }
         writeln!(f, "outputs {} ({} bytes), checkpoints {}", self.outputs, self.output_bytes, self.checkpoints)?;
+        let y = &self.sync_points;
+        if y.count > 0 {
+            writeln!(
+                f,
+                "sync points {}: events waited {:.1} ms on average, {:.1} ms at most; {} bytes per second of guest time",
+                y.count,
+                y.mean_wait_us as f64 / 1e3,
+                y.max_wait_us as f64 / 1e3,
+                y.bytes_per_guest_s
+            )?;
+        }
         write!(f, "{}", self.end)
     }
 }

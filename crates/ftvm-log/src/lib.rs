@@ -20,7 +20,7 @@ mod writer;
 pub use codec::MAX_BODY;
 pub use error::{Corruption, LogError};
 pub use header::{CpuidEntry, HeaderMismatch, ImageInfo, LogHeader, MacAddr, MemRegion, NetDevice};
-pub use inspect::{inspect, inspect_reader, EventLine, Inspection, KindStats, LogEnd, LogSummary};
+pub use inspect::{inspect, inspect_reader, EventLine, Inspection, KindStats, LogEnd, LogSummary, SyncSummary};
 pub use reader::{LogReader, FRAME_PREFIX_LEN, PREAMBLE_LEN};
 pub use record::{EndReason, Lsn, Record, OUTPUT_CONSOLE, OUTPUT_NET};
 pub use writer::{LogWriter, DEFAULT_COMPRESS_MIN, END_RESERVE};

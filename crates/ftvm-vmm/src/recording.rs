@@ -28,6 +28,36 @@ pub struct RecordOptions {
     pub sync_policy: Option<crate::syncpoint::SyncPolicy>,
 }
 
+/// The share of the free space of the log's file system a recording takes when not told.
+pub const DEFAULT_LOG_SHARE: f64 = 0.5;
+
+/// The size limit a recording gets when none is given: half of what the log's file system
+/// has free, less `other_bytes` (the disk copies the recording makes beside the log), so
+/// that a recording never fills a disk unasked. Returns (limit, free bytes, the directory).
+pub fn default_max_size(log: &Path, other_bytes: u64) -> std::io::Result<(u64, u64, PathBuf)> {
+    let dir = match log.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let free = free_bytes(&dir)?;
+    let limit = (free.saturating_sub(other_bytes) as f64 * DEFAULT_LOG_SHARE) as u64;
+    Ok((limit, free, dir))
+}
+
+/// Bytes an unprivileged writer may still put on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // SAFETY: statvfs only writes the struct it is given; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers are valid for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// What `ftvm replay` needs.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -470,13 +500,21 @@ impl BackgroundFile {
             .name("ftvm-log-write".into())
             .spawn(move || {
                 let mut file = file;
-                for chunk in rx {
+                let fail = |e| {
+                    f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                };
+                for chunk in rx.iter() {
                     if let Err(e) = file.write_all(&chunk) {
-                        f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        // Nothing more goes to the file after a failed write (a full disk):
+                        // the log ends with at most one torn frame, which a reader tolerates,
+                        // never with a gap a later write would leave behind it.
+                        fail(e);
+                        rx.iter().for_each(drop);
+                        return;
                     }
                 }
                 if let Err(e) = file.sync_data() {
-                    f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    fail(e);
                 }
             })
             .map_err(|e| Error::Thread(format!("cannot start the log writer: {e}")))?;

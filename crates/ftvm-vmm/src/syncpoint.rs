@@ -231,6 +231,19 @@ impl SyncRecorder {
         self.waiting_since = None;
     }
 
+    /// The figures the control API publishes.
+    pub(crate) fn figures(&self) -> ftvm_api::SyncFigures {
+        let s = &self.stats;
+        ftvm_api::SyncFigures {
+            count: s.count,
+            pages: s.pages,
+            total_wait_us: s.total_wait_us,
+            max_wait_us: s.max_wait_us,
+            work_us: s.work_us,
+            cost_us: s.cost_us,
+        }
+    }
+
     /// When the oldest waiting event's sync point is due: after the bound, and not before
     /// the budget allows.
     fn due_at(&self) -> Option<Instant> {

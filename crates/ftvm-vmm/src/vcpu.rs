@@ -99,7 +99,7 @@ impl fmt::Display for VmOutcome {
             VmOutcome::KvmFailure { what, dump } => write!(f, "KVM could not run the guest: {what}\n{dump}"),
             VmOutcome::OperatorStop => write!(f, "stopped by the operator"),
             VmOutcome::Switchover => write!(f, "handed over to the backup"),
-            VmOutcome::RecordingStopped(why) => write!(f, "recording stopped: {why}"),
+            VmOutcome::RecordingStopped(why) => write!(f, "the recording stopped: {why}"),
             VmOutcome::ReplayReachedEnd(r) => write!(f, "replay reached the end of the recording ({r})"),
             VmOutcome::ReplayStopped(ReplayStop::Diverged(d)) => write!(f, "{d}"),
             VmOutcome::ReplayStopped(ReplayStop::LogEndsEarly { exit, detail }) => {
@@ -1112,6 +1112,7 @@ impl VcpuLoop {
             outputs: self.last_output.map_or(0, |t| t.ordinal + 1),
             last_output_lsn: self.last_output.and_then(|t| t.lsn),
             went_live: self.events.went_live_at().is_some(),
+            sync: self.sync.as_ref().map(|s| s.figures()).unwrap_or_default(),
         }
     }
 }

@@ -209,7 +209,9 @@ struct RecordArgs {
     /// The log file to write.
     #[arg(long, value_name = "PATH")]
     log: PathBuf,
-    /// Stop recording when the log reaches this size (e.g. 100M, 2G).
+    /// Stop recording when the log reaches this size (e.g. 100M, 2G); it then ends cleanly
+    /// with END(size limit). Default: half of the free space of the log's file system
+    /// (less the disk copies made beside it), said at start.
     #[arg(long, value_name = "SIZE", value_parser = size::parse_byte_size)]
     max_size: Option<u64>,
     #[command(flatten)]
@@ -599,9 +601,33 @@ fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
 }
 
 fn record(args: RecordArgs) -> ExitCode {
+    let max_size = match args.max_size {
+        Some(max) => max,
+        None => {
+            // The disk copies go beside the log too.
+            let copies: u64 =
+                args.vm.disks.iter().filter_map(|d| std::fs::metadata(&d.path).ok()).map(|m| m.len()).sum();
+            match ftvm_vmm::recording::default_max_size(&args.log, copies) {
+                Ok((limit, free, dir)) => {
+                    eprintln!(
+                        "ftvm: recording to {}: at most {} (half of the {} free on {}; --max-size to change)",
+                        args.log.display(),
+                        ftvm_api::format_bytes(limit),
+                        ftvm_api::format_bytes(free),
+                        dir.display()
+                    );
+                    limit
+                }
+                Err(e) => {
+                    eprintln!("ftvm: error: cannot tell the free space for the log {}: {e}", args.log.display());
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
     let opts = ftvm_vmm::recording::RecordOptions {
         log: args.log.clone(),
-        max_size: args.max_size,
+        max_size: Some(max_size),
         sync_policy: args.sync.policy(),
     };
     let result = match args.vm.restore.clone() {
@@ -611,12 +637,13 @@ fn record(args: RecordArgs) -> ExitCode {
     match result {
         Ok(report) => {
             let code = report.run.outcome.exit_code();
-            eprintln!(
-                "ftvm: recorded {} to {} ({} bytes of log)",
-                summary(&report.run),
-                args.log.display(),
-                report.log_bytes
-            );
+            let (log, bytes) = (args.log.display(), report.log_bytes);
+            match &report.run.outcome {
+                ftvm_vmm::VmOutcome::RecordingStopped(_) => {
+                    eprintln!("ftvm: {}; {log} ({bytes} bytes) replays exactly up to there", summary(&report.run))
+                }
+                _ => eprintln!("ftvm: recorded {} to {log} ({bytes} bytes of log)", summary(&report.run)),
+            }
             for copy in &report.disk_copies {
                 eprintln!("ftvm: the guest's disk as recorded: {}", copy.display());
             }
