@@ -18,6 +18,14 @@ pub trait RecordSource: Send {
     fn next_record(&mut self) -> Result<Option<Record>, LogError>;
     /// Why the stream ended, for reports (a torn tail, a primary that went away, ...).
     fn end_detail(&self) -> String;
+    /// Whether the end of the stream (or damage in it) is final: nothing more will ever come,
+    /// so the replay stops at once, where it stands, rather than running a guest on that can
+    /// only wait for what the log no longer holds (a guest spinning in ring 3 until a sync
+    /// point that is not there would run at 100% CPU for ever). A log file: `true`. `false`
+    /// (the default) leaves the end to the replay's owner (a backup goes live).
+    fn end_is_final(&self) -> bool {
+        false
+    }
 }
 
 impl<R: Read + Send> RecordSource for LogReader<R> {
@@ -32,6 +40,10 @@ impl<R: Read + Send> RecordSource for LogReader<R> {
         } else {
             format!("the log ends after byte {at} without an END record")
         }
+    }
+
+    fn end_is_final(&self) -> bool {
+        true
     }
 }
 
@@ -258,6 +270,11 @@ pub(crate) struct Replayer {
     expected_sig: Option<(u64, ExitSignature)>,
     pub(crate) stop: Option<ReplayStop>,
     pub(crate) end: Option<EndReason>,
+    /// The exit the replay is at (the latest `begin_exit`), where a final end of the stream
+    /// stops it.
+    position: u64,
+    /// Whether the END record was taken (the stream may end after it).
+    took_end: bool,
 }
 
 impl Replayer {
@@ -272,6 +289,8 @@ impl Replayer {
             expected_sig: None,
             stop: None,
             end: None,
+            position: 0,
+            took_end: false,
         }
     }
 
@@ -283,13 +302,34 @@ impl Replayer {
                 Ok(None) => self.exhausted = Some((self.reader.end_detail(), false)),
                 Err(e) => self.exhausted = Some((format!("the log is damaged: {e}"), true)),
             }
+            if self.peeked.is_none() {
+                self.ended_for_good();
+            }
         }
         self.peeked.as_ref()
     }
 
+    /// The stream has nothing more. If that is final (a log file) and the recording's END
+    /// was not reached, the replay stops here: everything the log held was taken and
+    /// checked, and running on could only wait for records that will never come. Damage is
+    /// reported as damage even where a check would disagree later for want of a record.
+    fn ended_for_good(&mut self) {
+        if self.stop.is_some() || self.took_end || !self.reader.end_is_final() {
+            return;
+        }
+        let exit = self.position;
+        self.stop = match self.exhausted.clone() {
+            Some((detail, false)) => Some(ReplayStop::LogEndsEarly { exit, detail }),
+            Some((detail, true)) => Some(ReplayStop::LogCorrupt { exit, detail }),
+            None => None,
+        };
+    }
+
     fn take(&mut self) -> Option<Record> {
         self.peek();
-        self.peeked.take()
+        let r = self.peeked.take();
+        self.took_end |= matches!(r, Some(Record::End { .. }));
+        r
     }
 
     /// Whether the stream has ended cleanly (not damaged) and every record was taken.
@@ -354,6 +394,7 @@ impl Replayer {
 
     pub(crate) fn begin_exit(&mut self, index: u64) {
         self.expected_sig = None;
+        self.position = index;
         // A record left at an earlier exit is an input the replay failed to take.
         if let Some(r) = self.peek().cloned() {
             if r.exit() < index {
