@@ -74,6 +74,17 @@ impl Report {
 pub fn check_elf(bytes: &[u8]) -> Result<Report> {
     let elf = Elf::parse(bytes).context("not an ELF file")?;
     let pvh_entry = pvh_entry(&elf, bytes)?;
+    scan_sections(&elf, bytes, pvh_entry, true)
+}
+
+/// Checks a Linux program for the Linux personality (guests/linux): every executable section
+/// is ring-3 code, so CPUID is forbidden everywhere too. `pvh_entry` reports its ELF entry.
+pub fn check_program(bytes: &[u8]) -> Result<Report> {
+    let elf = Elf::parse(bytes).context("not an ELF file")?;
+    scan_sections(&elf, bytes, elf.entry, false)
+}
+
+fn scan_sections(elf: &Elf, bytes: &[u8], pvh_entry: u64, kernel: bool) -> Result<Report> {
     let mut sections = Vec::new();
     let mut violations = Vec::new();
     for header in &elf.section_headers {
@@ -83,8 +94,13 @@ pub fn check_elf(bytes: &[u8]) -> Result<Report> {
         let name = elf.shdr_strtab.get_at(header.sh_name).unwrap_or("<unnamed>").to_string();
         let range = header.file_range().context("executable section without data")?;
         let code = bytes.get(range).with_context(|| format!("section {name} lies outside the file"))?;
-        let bitness = if CODE32_SECTIONS.contains(&name.as_str()) { 32 } else { 64 };
-        let scan = scan_code(code, header.sh_addr, bitness, &name);
+        let bitness = if kernel && CODE32_SECTIONS.contains(&name.as_str()) { 32 } else { 64 };
+        // A program's sections are all ring 3, whatever their names.
+        let label = if kernel { name.clone() } else { format!("{name} (ring 3)") };
+        let mut scan = scan_code(code, header.sh_addr, bitness, &label);
+        for violation in &mut scan.violations {
+            violation.section = name.clone();
+        }
         violations.extend(scan.violations);
         sections.push(SectionScan {
             name,

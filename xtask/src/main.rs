@@ -3,7 +3,12 @@
 //! - `cargo xtask guests`: builds the guest kit's reference guests (the `guests/` workspace,
 //!   freestanding PVH kernels) in release mode, copies them to `target/guests/<name>.elf`
 //!   and checks each against the guest contract (see `check`).
+//!   With `target/test-assets/redis-server` (scripts/fetch-redis.sh) it also builds the Linux
+//!   personality with the real Redis: `target/guests/redis.elf` (the personality, guests/linux)
+//!   and `target/guests/redis.cpio` (its initramfs: redis-server, redis.conf, init.args).
 //! - `cargo xtask check-guest PATH...`: only the check.
+//! - `cargo xtask check-program PATH...`: the same check for a Linux program the
+//!   personality runs (CPUID is forbidden in all of it: it is all ring 3).
 
 mod check;
 
@@ -36,6 +41,13 @@ enum Task {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Check static Linux executables for the Linux personality against the guest contract
+    /// (no RDTSC, RDTSCP, RDPID, RDRAND, RDSEED, CPUID anywhere).
+    CheckProgram {
+        /// ELF files to check.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Guests => guests(),
         Task::CheckGuest { paths } => check_files(&paths),
+        Task::CheckProgram { paths } => check_programs(&paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,7 +96,99 @@ fn guests() -> Result<()> {
     if !failed.is_empty() {
         bail!("guest contract broken by: {}", failed.join(", "));
     }
-    build_contract_breaker(&root, &build_dir, &out_dir)
+    build_contract_breaker(&root, &build_dir, &out_dir)?;
+    build_redis_image(&root, &build_dir, &out_dir)
+}
+
+/// The Linux personality's host-side unit tests (guests/linux-abi) and, when the real Redis
+/// has been built (scripts/fetch-redis.sh), `redis.elf` and `redis.cpio`.
+fn build_redis_image(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(root.join("guests"))
+        .args(["test", "-q", "-p", "linux-abi", "--target", GUEST_TARGET, "--target-dir"])
+        .arg(build_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status()
+        .context("running the linux-abi unit tests")?;
+    if !status.success() {
+        bail!("the linux-abi unit tests failed ({status})");
+    }
+    let program = root.join("target/test-assets/redis-server");
+    if !program.exists() {
+        println!(
+            "skipping redis.elf and redis.cpio: {} is missing (build it with scripts/fetch-redis.sh)",
+            program.display()
+        );
+        return Ok(());
+    }
+    let built = build_dir.join(GUEST_TARGET).join("release").join("linux");
+    let elf = out_dir.join("redis.elf");
+    std::fs::copy(&built, &elf).with_context(|| format!("copying {} to {}", built.display(), elf.display()))?;
+    if !check_one(&elf)? {
+        std::fs::remove_file(&elf).with_context(|| format!("removing {}", elf.display()))?;
+        bail!("guest contract broken by: redis.elf");
+    }
+    if !check_program_one(&program)? {
+        bail!("guest contract broken by: {}", program.display());
+    }
+    let binary = std::fs::read(&program).with_context(|| format!("reading {}", program.display()))?;
+    let mut archive = Vec::new();
+    cpio::entry(&mut archive, 1, ".", 0o040755, &[]);
+    cpio::entry(&mut archive, 2, "redis-server", 0o100755, &binary);
+    cpio::entry(&mut archive, 3, "redis.conf", 0o100644, REDIS_CONF.as_bytes());
+    cpio::entry(&mut archive, 4, "init.args", 0o100644, b"/redis-server\n/redis.conf\n");
+    cpio::entry(&mut archive, 5, "data", 0o040755, &[]);
+    cpio::trailer(&mut archive);
+    let out = out_dir.join("redis.cpio");
+    std::fs::write(&out, &archive).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}: {} bytes (redis-server, redis.conf, init.args, data/)", out.display(), archive.len());
+    Ok(())
+}
+
+/// The configuration in redis.cpio: every address, port 6379, data in /data (the
+/// personality's RAM file system for now: no persistence across a restart yet).
+const REDIS_CONF: &str = "\
+# redis.conf of target/guests/redis.cpio (cargo xtask guests), for the Linux personality.
+bind 0.0.0.0
+protected-mode no
+port 6379
+daemonize no
+logfile \"\"
+dir /data
+save \"\"
+appendonly no
+";
+
+/// A writer of cpio "newc" archives (the initramfs format; guests/linux-abi reads them):
+/// a few lines, so no external `cpio` tool is needed.
+mod cpio {
+    fn pad(out: &mut Vec<u8>) {
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+
+    pub fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        out.extend_from_slice(b"070701");
+        for value in fields {
+            out.extend_from_slice(format!("{value:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        pad(out);
+        out.extend_from_slice(data);
+        pad(out);
+    }
+
+    pub fn trailer(out: &mut Vec<u8>) {
+        entry(out, 0, "TRAILER!!!", 0, &[]);
+    }
 }
 
 /// `cargo build --release` of the guests workspace into `target_dir`. Run from guests/ so
@@ -141,6 +246,42 @@ fn check_files(paths: &[PathBuf]) -> Result<()> {
         bail!("guest contract broken by: {}", failed.join(", "));
     }
     Ok(())
+}
+
+fn check_programs(paths: &[PathBuf]) -> Result<()> {
+    let mut failed = Vec::new();
+    for path in paths {
+        if !check_program_one(path)? {
+            failed.push(path.display().to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("guest contract broken by: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Checks one Linux program; prints a summary line and any violations; true if it passes.
+fn check_program_one(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let report = check::check_program(&bytes).with_context(|| format!("checking {}", path.display()))?;
+    let name = path.display();
+    for violation in &report.violations {
+        println!("{name}: {violation}");
+    }
+    let invalid: usize = report.sections.iter().map(|s| s.invalid).sum();
+    println!(
+        "{name}: Linux program, entry {:#x}; scanned {} executable sections: {} instructions, {invalid} undecodable; {}",
+        report.pvh_entry,
+        report.sections.len(),
+        report.instructions(),
+        if report.violations.is_empty() {
+            "OK".to_string()
+        } else {
+            format!("{} VIOLATION(S)", report.violations.len())
+        }
+    );
+    Ok(report.violations.is_empty())
 }
 
 /// Checks one ELF, prints its summary line and any violations; true if it passes.

@@ -21,6 +21,64 @@ pub fn start_info_paddr() -> u64 {
     START_INFO_PADDR.load(Ordering::Relaxed)
 }
 
+/// A boot module the loader passed (`hvm_modlist_entry`): the initrd (`--initrd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module {
+    /// Physical (= virtual, identity-mapped) address.
+    pub paddr: u64,
+    pub size: u64,
+}
+
+impl Module {
+    /// The module's bytes. They stay valid for the guest's life: the heap never covers them.
+    pub fn bytes(&self) -> &'static [u8] {
+        // SAFETY: `capture_modules` kept only modules inside the identity-mapped 1 GiB, and
+        // `mem::init` keeps the heap off them; nothing else writes them.
+        unsafe { core::slice::from_raw_parts(self.paddr as *const u8, self.size as usize) }
+    }
+}
+
+const MAX_MODULES: usize = 4;
+
+struct Modules(core::cell::UnsafeCell<([Module; MAX_MODULES], usize)>);
+// SAFETY: written once by `capture_modules` before the application starts, read-only after;
+// one CPU, and interrupt handlers never touch it.
+unsafe impl Sync for Modules {}
+
+static MODULES: Modules = Modules(core::cell::UnsafeCell::new(([Module { paddr: 0, size: 0 }; MAX_MODULES], 0)));
+
+/// Reads the loader's module list (`hvm_start_info.modlist_paddr`), keeping up to four
+/// modules that lie below the identity-mapped 1 GiB. Runs once, in ring 3, before `mem::init`.
+pub(crate) fn capture_modules(count: u32, modlist_paddr: u64) -> &'static [Module] {
+    // hvm_modlist_entry: paddr u64, size u64, cmdline_paddr u64, reserved u64.
+    const ENTRY: u64 = 32;
+    let limit = crate::mem::MAPPED_LIMIT;
+    // SAFETY: runs once before anything reads MODULES.
+    let (slots, len) = unsafe { &mut *MODULES.0.get() };
+    if modlist_paddr == 0 || modlist_paddr >= limit - ENTRY * MAX_MODULES as u64 {
+        return &[];
+    }
+    for i in 0..(count as usize).min(MAX_MODULES) {
+        let entry = modlist_paddr + i as u64 * ENTRY;
+        // SAFETY: identity-mapped RAM below 1 GiB (checked above), written by the loader.
+        let (paddr, size) = unsafe {
+            (core::ptr::read_unaligned(entry as *const u64), core::ptr::read_unaligned((entry + 8) as *const u64))
+        };
+        if size > 0 && paddr.checked_add(size).is_some_and(|end| end <= limit) {
+            slots[*len] = Module { paddr, size };
+            *len += 1;
+        }
+    }
+    &slots[..*len]
+}
+
+/// The boot modules (the initrd first), as the loader passed them; empty without any.
+pub fn modules() -> &'static [Module] {
+    // SAFETY: read-only after `capture_modules`.
+    let (slots, len) = unsafe { &*MODULES.0.get() };
+    &slots[..*len]
+}
+
 /// GDT selectors (see `kit_gdt` below).
 pub mod selectors {
     /// Ring-0 64-bit code.

@@ -40,9 +40,10 @@ pub struct MemmapEntry {
     pub reserved: u32,
 }
 
-/// Sets up the memory summary and the heap from the loader's memory map. Runs once, in
-/// ring 3, before the application.
-pub(crate) fn init(map: &[MemmapEntry]) {
+/// Sets up the memory summary and the heap from the loader's memory map, leaving out the
+/// boot modules (the initrd stays readable for the guest's life). Runs once, in ring 3,
+/// before the application.
+pub(crate) fn init(map: &[MemmapEntry], modules: &[crate::boot::Module]) {
     // Only the address of the linker-defined symbol is taken.
     let image_end = core::ptr::addr_of!(__kit_image_end) as u64;
     let mut heap_end = if map.is_empty() { FALLBACK_HEAP_END } else { image_end };
@@ -59,14 +60,35 @@ pub(crate) fn init(map: &[MemmapEntry]) {
     RAM_BYTES.store(ram, Ordering::Relaxed);
     RAM_REGIONS.store(regions, Ordering::Relaxed);
     let heap_end = heap_end.min(MAPPED_LIMIT).max(image_end);
-    let size = (heap_end - image_end) as usize;
-    // SAFETY: [image_end, heap_end) is RAM below 1 GiB (identity-mapped, user-accessible)
-    // past the image, which nothing else uses; it is claimed exactly once, here. (The
-    // loader's start info and command line may lie in it: both were read before this.)
-    let claimed = unsafe { HEAP.lock().claim(image_end as *mut u8, size) };
-    if claimed.is_some() {
-        HEAP_BYTES.store(size as u64, Ordering::Relaxed);
+    // The heap is [image_end, heap_end) less the modules: claimed piece by piece, in
+    // address order (at most one piece more than there are modules).
+    let mut holes = [(0u64, 0u64); 4];
+    let mut n = 0;
+    for module in modules.iter().take(holes.len()) {
+        let start = module.paddr & !0xfff;
+        let end = (module.paddr + module.size + 0xfff) & !0xfff;
+        if end > image_end && start < heap_end {
+            holes[n] = (start.max(image_end), end.min(heap_end));
+            n += 1;
+        }
     }
+    holes[..n].sort_unstable();
+    let mut start = image_end;
+    let mut total = 0;
+    for &(hole_start, hole_end) in holes[..n].iter().chain(core::iter::once(&(heap_end, heap_end))) {
+        if hole_start > start {
+            let size = (hole_start - start) as usize;
+            // SAFETY: [start, hole_start) is RAM below 1 GiB (identity-mapped,
+            // user-accessible) past the image and outside every module, which nothing else
+            // uses; each piece is claimed exactly once, here. (The loader's start info and
+            // command line may lie in it: both were read before this.)
+            if unsafe { HEAP.lock().claim(start as *mut u8, size) }.is_some() {
+                total += size as u64;
+            }
+        }
+        start = start.max(hole_end);
+    }
+    HEAP_BYTES.store(total, Ordering::Relaxed);
 }
 
 /// Usable RAM in bytes per the loader's memory map (`None` if it passed no map).

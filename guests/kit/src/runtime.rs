@@ -48,16 +48,17 @@ extern "C" fn kit_ring3_start() -> ! {
 fn read_start_info() {
     let paddr = crate::boot::start_info_paddr();
     if paddr == 0 || paddr >= MAPPED_LIMIT - core::mem::size_of::<StartInfo>() as u64 {
-        crate::mem::init(&[]);
+        crate::mem::init(&[], &[]);
         return;
     }
     // SAFETY: identity-mapped below 1 GiB (checked); the loader wrote it before entry.
     let info = unsafe { core::ptr::read_unaligned(paddr as *const StartInfo) };
     if info.magic != START_INFO_MAGIC {
-        crate::mem::init(&[]);
+        crate::mem::init(&[], &[]);
         return;
     }
     crate::cmdline::capture(info.cmdline_paddr);
+    let modules = crate::boot::capture_modules(info.nr_modules, info.modlist_paddr);
     let entries = if info.version >= 1 { info.memmap_entries as usize } else { 0 };
     let entries = entries.min(MAX_MEMMAP_ENTRIES);
     let table_bytes = (entries * core::mem::size_of::<MemmapEntry>()) as u64;
@@ -68,9 +69,9 @@ fn read_start_info() {
             // SAFETY: inside the identity-mapped table the loader described.
             *slot = unsafe { core::ptr::read_unaligned(entry) };
         }
-        crate::mem::init(&map[..entries]);
+        crate::mem::init(&map[..entries], modules);
     } else {
-        crate::mem::init(&[]);
+        crate::mem::init(&[], modules);
     }
 }
 

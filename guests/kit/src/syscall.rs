@@ -22,6 +22,14 @@ pub const SYS_POWER_OFF: u64 = 1;
 /// `map_mmio`: makes the 2 MiB page holding the address in RDI (3-4 GiB, not the local
 /// APIC's) accessible to ring 3; RAX = 0 on success, -1 if refused.
 pub const SYS_MAP_MMIO: u64 = 2;
+/// `set_fs_base`: writes RDI to IA32_FS_BASE (the FS segment base ring 3 uses for thread-local
+/// storage, as Linux's `arch_prctl(ARCH_SET_FS)`); RAX = 0.
+pub const SYS_SET_FS_BASE: u64 = 3;
+/// `set_syscall_entry`: makes the `syscall` instruction usable: EFER.SCE, LSTAR = RDI,
+/// STAR with the kit's selectors (ring-0 CS 0x08, ring-3 base 0x10), SFMASK = TF|IF|DF|AC
+/// (so a `syscall` that enters ring 0, as on hardware KVM, runs with interrupts off until
+/// the handler leaves ring 0). RAX = 0. On our KVM a ring-3 `syscall` stays in ring 3.
+pub const SYS_SET_SYSCALL_ENTRY: u64 = 4;
 
 core::arch::global_asm!(
     r#"
@@ -46,6 +54,10 @@ kit_ud_entry:
     je kit_power_off_ring0
     cmp $2, %rax                    # SYS_MAP_MMIO
     je 5f
+    cmp $3, %rax                    # SYS_SET_FS_BASE
+    je 7f
+    cmp $4, %rax                    # SYS_SET_SYSCALL_ENTRY
+    je 8f
     mov $-1, %rax                   # unknown call
     iretq
 3:  mov kit_irq_pending(%rip), %eax # a wanted IRQ already fired: do not sleep (irq.rs)
@@ -71,6 +83,40 @@ kit_ud_entry:
     iretq
 6:  pop %rdi
     mov $-1, %rax
+    iretq
+7:  push %rcx
+    push %rdx
+    mov $0xC0000100, %ecx           # IA32_FS_BASE
+    mov %rdi, %rax
+    mov %rdi, %rdx
+    shr $32, %rdx
+    wrmsr
+    pop %rdx
+    pop %rcx
+    xor %eax, %eax
+    iretq
+8:  push %rcx
+    push %rdx
+    mov $0xC0000080, %ecx           # EFER.SCE
+    rdmsr
+    or $1, %eax
+    wrmsr
+    mov $0xC0000081, %ecx           # STAR: [47:32] ring-0 CS, [63:48] sysret base
+    xor %eax, %eax
+    mov $0x00100008, %edx
+    wrmsr
+    mov $0xC0000082, %ecx           # LSTAR
+    mov %rdi, %rax
+    mov %rdi, %rdx
+    shr $32, %rdx
+    wrmsr
+    mov $0xC0000084, %ecx           # SFMASK: TF | IF | DF | AC
+    mov $0x40700, %eax
+    xor %edx, %edx
+    wrmsr
+    pop %rdx
+    pop %rcx
+    xor %eax, %eax
     iretq
 2:  pushq $0
     pushq $6
@@ -112,6 +158,39 @@ pub fn map_mmio(paddr: u64) -> bool {
         )
     };
     result == 0
+}
+
+/// Sets the FS segment base (IA32_FS_BASE) for ring 3: thread-local storage.
+pub fn set_fs_base(base: u64) {
+    // SAFETY: as for `idle`; ring 0 writes one MSR that only changes FS-relative addressing.
+    unsafe {
+        asm!(
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            inlateout("rax") SYS_SET_FS_BASE => _,
+            in("rdi") base,
+            options(nostack)
+        )
+    }
+}
+
+/// Makes `syscall` jump to `entry` (LSTAR), with EFER.SCE, STAR and SFMASK set (see
+/// [`SYS_SET_SYSCALL_ENTRY`]).
+///
+/// # Safety
+/// `entry` must be code that handles a `syscall` from ring 3 both when it arrives in ring 3
+/// (our KVM) and in ring 0 with the caller's stack (hardware KVM, QEMU TCG).
+pub unsafe fn set_syscall_entry(entry: u64) {
+    // SAFETY: as for `idle`; the caller vouches for `entry`.
+    unsafe {
+        asm!(
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            inlateout("rax") SYS_SET_SYSCALL_ENTRY => _,
+            in("rdi") entry,
+            options(nostack)
+        )
+    }
 }
 
 /// Asks ring 0 to power the machine off.

@@ -1,0 +1,282 @@
+//! The real Redis 7.0.15 (Debian's source, built static with musl by scripts/fetch-redis.sh)
+//! under the guest kit's Linux personality (guests/linux): `target/guests/redis.elf` with the
+//! initramfs `target/guests/redis.cpio` (`cargo xtask guests`). Real clients on the namespaced
+//! test network: redis-cli round trips and redis-benchmark under `ftvm run`, a recording under
+//! load that replays exactly, the bad-input paths, and the same image under QEMU microvm (KVM,
+//! and TCG, where `syscall` enters ring 0 and takes the personality's ring-0 path).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The personality image and its initramfs; missing ones are a loud failure with the fix.
+fn redis_image() -> (PathBuf, PathBuf) {
+    let dir = repo_root().join("target").join("guests");
+    let (elf, cpio) = (dir.join("redis.elf"), dir.join("redis.cpio"));
+    assert!(
+        elf.exists() && cpio.exists(),
+        "{} or {} is missing: build the real Redis with scripts/fetch-redis.sh, then `cargo xtask guests`",
+        elf.display(),
+        cpio.display()
+    );
+    (elf, cpio)
+}
+
+/// `ftvm <sub> --kernel redis.elf --initrd redis.cpio ...` on host 1 of a one-host network.
+fn redis_vm(net: &Topology, sub: &[&str], console: &Path) -> Child {
+    let (elf, cpio) = redis_image();
+    net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
+        .args(sub)
+        .arg("--kernel")
+        .arg(elf)
+        .arg("--initrd")
+        .arg(cpio)
+        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng"])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(console: &Path, text: &str, what: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if std::fs::read_to_string(console).unwrap_or_default().contains(text) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: no {text:?} on the console:\n{}", std::fs::read_to_string(console).unwrap_or_default());
+}
+
+fn client(net: &Topology, args: &[&str]) -> Output {
+    net.cmd("c", args[0]).args(&args[1..]).output().unwrap()
+}
+
+fn stop(mut vm: Child) {
+    let _ = vm.kill();
+    let _ = vm.wait();
+}
+
+/// redis-benchmark's `-q` summary lines ("SET: 6377.55 requests per second, ...").
+fn benchmark(net: &Topology, args: &[&str]) -> String {
+    let mut all = vec!["redis-benchmark", "-h", "10.0.0.2", "-q"];
+    all.extend_from_slice(args);
+    let out = client(net, &all);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    assert!(out.status.success(), "redis-benchmark {args:?}: {text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("requests per second")).collect();
+    lines.join("\n")
+}
+
+#[test]
+fn real_redis_serves_redis_cli_and_redis_benchmark() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-run");
+    let net = Topology::up("rd", 1);
+    let console = dir.join("console.txt");
+    let vm = redis_vm(&net, &["run"], &console);
+    wait_for(&console, "Ready to accept connections", "redis-server under ftvm run");
+    net.wait_ping("redis-server");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("Redis version=7.0.15"), "{text}");
+
+    // Strings, counters, lists, hashes, sets, sorted sets.
+    assert_eq!(net.cli(&["SET", "greeting", "hello"]), "OK");
+    assert_eq!(net.cli(&["GET", "greeting"]), "hello");
+    assert_eq!(net.cli(&["INCR", "counter"]), "1");
+    assert_eq!(net.cli(&["INCRBY", "counter", "41"]), "42");
+    assert_eq!(net.cli(&["RPUSH", "list", "a", "b", "c"]), "3");
+    assert_eq!(net.cli(&["LRANGE", "list", "0", "-1"]), "a\nb\nc");
+    assert_eq!(net.cli(&["HSET", "hash", "f1", "v1", "f2", "v2"]), "2");
+    assert_eq!(net.cli(&["HGET", "hash", "f2"]), "v2");
+    assert_eq!(net.cli(&["SADD", "set", "x", "y", "x"]), "2");
+    assert_eq!(net.cli(&["SCARD", "set"]), "2");
+    assert_eq!(net.cli(&["ZADD", "z", "2", "two", "1", "one"]), "2");
+    assert_eq!(net.cli(&["ZRANGE", "z", "0", "-1"]), "one\ntwo");
+    // MULTI/EXEC on one connection, and a Lua script.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf 'MULTI\\nINCR tx\\nINCR tx\\nEXEC\\n' | ip netns exec {}-c redis-cli -h 10.0.0.2", net.0))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK\nQUEUED\nQUEUED\n1\n2");
+    assert_eq!(net.cli(&["EVAL", "return redis.call('incr', KEYS[1]) + 100", "1", "counter"]), "143");
+    // EXPIRE: time passes in guest time (the PIT), and the key goes.
+    assert_eq!(net.cli(&["SET", "brief", "x", "PX", "300"]), "OK");
+    assert_eq!(net.cli(&["EXISTS", "brief"]), "1");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(net.cli(&["EXISTS", "brief"]), "0");
+    // A binary value and a 100 KiB value, through redis-cli -x (stdin).
+    let big: Vec<u8> = (0..100u32 << 10).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bin = b"a\x00b\r\nc\xffd".to_vec();
+    for (key, value) in [("bin", &bin), ("big", &big)] {
+        let file = dir.join(key);
+        std::fs::write(&file, value).unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ip netns exec {}-c redis-cli -h 10.0.0.2 -x SET {key} < {}", net.0, file.display()))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+        let out = client(&net, &["redis-cli", "-h", "10.0.0.2", "--raw", "GET", key]);
+        assert_eq!(out.stdout.len(), value.len() + 1, "{key}");
+        assert_eq!(&out.stdout[..value.len()], &value[..], "{key} comes back byte for byte");
+    }
+    assert_eq!(net.cli(&["STRLEN", "big"]), (100 << 10).to_string());
+
+    // redis-benchmark, 1 and 20 clients.
+    for clients in ["1", "20"] {
+        let summary = benchmark(&net, &["-t", "set,get,incr,lpush,lrange_100", "-n", "2000", "-c", clients]);
+        eprintln!("ftvm run, redis-benchmark -c {clients}:\n{summary}");
+        for test in ["SET", "GET", "INCR", "LPUSH", "LRANGE_100"] {
+            let named = |l: &&str| l.starts_with(&format!("{test}: ")) || l.starts_with(&format!("{test} ("));
+            assert!(summary.lines().any(|l| named(&l)), "-c {clients}: {summary}");
+        }
+    }
+    assert_eq!(net.cli(&["GET", "greeting"]), "hello");
+    stop(vm);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(!text.contains("linux: error"), "{text}");
+}
+
+#[test]
+fn real_redis_recorded_under_load_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-rr");
+    let net = Topology::up("rr", 1);
+    let console = dir.join("console.txt");
+    let log = dir.join("redis.log");
+    let log_arg = log.display().to_string();
+    let vm = redis_vm(&net, &["record", "--log", &log_arg], &console);
+    wait_for(&console, "Ready to accept connections", "redis-server under ftvm record");
+    net.wait_ping("redis-server");
+    for i in 0..10 {
+        assert_eq!(net.cli(&["SET", &format!("k{i}"), &format!("v{i}")]), "OK");
+    }
+    let summary = benchmark(&net, &["-t", "set,get,lpush", "-n", "2000", "-c", "10"]);
+    assert!(summary.contains("SET: "), "{summary}");
+    assert_eq!(net.cli(&["GET", "k7"]), "v7");
+    // SIGINT: the recording ends with END(operator stop).
+    let _ = Command::new("kill").args(["-INT", &vm.id().to_string()]).status();
+    let mut vm = vm;
+    let status = vm.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "ftvm record stopped by SIGINT");
+    drop(net);
+    let out_dir = dir.join("replay");
+    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replayed exactly"), "{err}");
+    let recorded = std::fs::read_to_string(&console).unwrap();
+    let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
+    assert_eq!(replayed, recorded);
+    assert!(recorded.contains("Ready to accept connections"), "{recorded}");
+}
+
+/// One `ftvm run` of the personality with `initrd` and `cmdline`; (exit status, console).
+fn run_bad(dir: &Path, initrd: Option<&Path>, cmdline: &str) -> (Option<i32>, String) {
+    let (elf, _) = redis_image();
+    // `--cmdline=...`: a value that starts with `--` is not taken for an option.
+    let mut extra: Vec<String> = vec!["--mem".into(), "1G".into(), format!("--cmdline={cmdline}")];
+    if let Some(initrd) = initrd {
+        extra.push("--initrd".into());
+        extra.push(initrd.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (out, console) = run_guest(&elf, &extra, dir);
+    (out.status.code(), console)
+}
+
+#[test]
+fn bad_input_ends_with_one_line_and_a_reset() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-bad");
+    let (_, cpio) = redis_image();
+    // ftvm's exit status 3 is "guest requested a reset": the personality's bad-input exit,
+    // distinct from a program's end (power-off, status 0).
+    let (code, console) = run_bad(&dir, None, "");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: error: no initramfs"), "{console}");
+
+    let junk = dir.join("junk.cpio");
+    std::fs::write(&junk, b"this is not a cpio archive at all").unwrap();
+    let (code, console) = run_bad(&dir, Some(&junk), "");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: error: initramfs") && console.contains("not a cpio newc archive"), "{console}");
+
+    let (code, console) = run_bad(&dir, Some(&cpio), "init=/nowhere");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: error: /nowhere: no such file in the initramfs"), "{console}");
+
+    let (code, console) = run_bad(&dir, Some(&cpio), "init=/redis.conf");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: error: /redis.conf: not an ELF executable"), "{console}");
+
+    // A program that ends on its own: its status is printed, and the VM powers off (0).
+    let (code, console) = run_bad(&dir, Some(&cpio), "-- --version");
+    assert_eq!(code, Some(0), "{console}");
+    assert!(console.contains("Redis server v=7.0.15"), "{console}");
+    assert!(console.contains("linux: exit status 0"), "{console}");
+}
+
+/// The same image under QEMU microvm with user networking (a forwarded host port): `kvm`
+/// (on PVM a ring-3 `syscall` stays in ring 3) and `tcg` (it enters ring 0, as on hardware).
+fn qemu_serves(accel: &str, port: u16, dir: &Path) {
+    let (elf, cpio) = redis_image();
+    let console = dir.join(format!("qemu-{accel}.txt"));
+    let console_file = std::fs::File::create(&console).unwrap();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,rtc=on,acpi=off", "-accel", accel, "-m", "1G", "-nographic", "-no-reboot"])
+        .args(["-global", "virtio-mmio.force-legacy=false", "-kernel"])
+        .arg(&elf)
+        .arg("-initrd")
+        .arg(&cpio)
+        .args(["-append", "ip=10.0.2.15/24 gw=10.0.2.2"])
+        .args(["-netdev", &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:6379")])
+        .args(["-device", "virtio-net-device,netdev=n0"])
+        .args(["-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0"])
+        .stdin(Stdio::null())
+        .stdout(console_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 is missing: install Debian's qemu-system-x86 (scripts/deps.sh does)");
+    wait_for(&console, "Ready to accept connections", &format!("redis-server under QEMU microvm ({accel})"));
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    let start = Instant::now();
+    while cli(&["PING"]) != "PONG" {
+        assert!(start.elapsed() < Duration::from_secs(30), "QEMU ({accel}): no PONG");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cli(&["SET", "where", accel]), "OK");
+    assert_eq!(cli(&["GET", "where"]), accel);
+    assert_eq!(cli(&["RPUSH", "l", "1", "2"]), "2");
+    assert_eq!(cli(&["EVAL", "return #redis.call('lrange', KEYS[1], 0, -1)", "1", "l"]), "2");
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+}
+
+#[test]
+fn the_same_image_serves_under_qemu_microvm_kvm_and_tcg() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-qemu");
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    qemu_serves("kvm", port, &dir);
+    qemu_serves("tcg", port + 1, &dir);
+}

@@ -1,0 +1,15 @@
+//! The parts of the Linux personality (`guests/linux`) that need no hardware, kept in a
+//! plain `no_std` library so that their unit tests run on the host:
+//! `cd guests && cargo test -p linux-abi` (`cargo xtask guests` runs them too).
+//!
+//! - [`cpio`]: a reader of the initramfs format Linux and QEMU use ("newc", `070701`).
+//! - [`stack`]: the initial process stack as Linux's `create_elf_tables` lays it out.
+//! - [`path`]: path normalization for the personality's file system.
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod cpio;
+pub mod path;
+pub mod stack;

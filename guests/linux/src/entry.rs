@@ -1,0 +1,234 @@
+//! System-call entry and return, and the switch between threads' kernel stacks.
+//!
+//! `syscall` jumps to LSTAR = `linux_syscall_entry`. On our KVM (PVM) it arrives there still
+//! in ring 3; under QEMU (TCG) and on hardware KVM it arrives in ring 0 with interrupts off
+//! (SFMASK) and the program's stack: the few ring-0 instructions only `iretq` to the same
+//! ring-3 code. Either way the handler then runs in ring 3 on the current thread's kernel
+//! stack (`linux_kstack_top`), so the program's stack, red zone included, is never touched.
+//!
+//! On that stack the entry saves every register ([`Frame`]: the general registers, RIP from
+//! RCX, RFLAGS from R11, the program's RSP, and the x87/SSE state with `fxsave64`, since the
+//! personality's own code uses SSE), calls `linux_syscall(&mut Frame)`, and returns by
+//! restoring all of it, RFLAGS with `popfq` (ring 3 cannot change IF or IOPL that way, which
+//! is right), and `jmp *%rcx`. As on Linux, RCX and R11 come back as RIP and RFLAGS.
+//!
+//! Threads: each has its own kernel stack; `linux_switch` saves the callee-saved registers
+//! and the stack pointer of one and resumes another. A new thread's stack is prepared so
+//! that its first switch "returns" into `linux_syscall_return` with its own Frame.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The registers of a thread stopped in a system call, as the entry saved them.
+#[repr(C)]
+#[derive(Clone)]
+pub struct Frame {
+    pub fx: [u8; 512],
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub rflags: u64,
+    pub rip: u64,
+    pub rsp: u64,
+}
+
+pub const FRAME_SIZE: usize = core::mem::size_of::<Frame>();
+const _: () = assert!(FRAME_SIZE == 640);
+
+/// Top of the current thread's kernel stack (the entry's stack), set by the scheduler.
+#[export_name = "linux_kstack_top"]
+pub static KSTACK_TOP: AtomicU64 = AtomicU64::new(0);
+/// The program's RSP at entry (one CPU, no preemption of the entry: one slot suffices).
+#[export_name = "linux_user_rsp"]
+static USER_RSP: AtomicU64 = AtomicU64::new(0);
+
+core::arch::global_asm!(
+    r#"
+    .section .text.ring0, "ax", @progbits
+    .globl linux_syscall_entry
+linux_syscall_entry:
+    mov %rsp, linux_user_rsp(%rip)
+    mov linux_kstack_top(%rip), %rsp
+    push %rax
+    mov %cs, %eax
+    test $3, %al
+    pop %rax
+    jnz linux_syscall_ring3
+    # Ring 0 (hardware KVM, QEMU TCG), interrupts off: continue in ring 3 on the kernel
+    # stack, with the program's RFLAGS (R11), RCX and RAX untouched.
+    pushq $0x1b                     # SS: user data
+    pushq linux_kstack_top(%rip)    # RSP
+    push %r11                       # RFLAGS
+    pushq $0x23                     # CS: user code
+    pushq $linux_syscall_ring3      # RIP
+    iretq
+
+    .text
+    .globl linux_syscall_ring3
+linux_syscall_ring3:
+    pushq linux_user_rsp(%rip)
+    push %rcx
+    push %r11
+    push %rax
+    push %rbx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    sub $512, %rsp
+    fxsave64 (%rsp)
+    cld
+    mov %rsp, %rdi
+    call linux_syscall
+    .globl linux_syscall_return
+linux_syscall_return:
+    fxrstor64 (%rsp)
+    add $512, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rbx
+    pop %rax
+    mov (%rsp), %r11
+    popfq
+    pop %rcx
+    pop %rsp
+    jmp *%rcx
+
+    # linux_switch(save: *mut u64 [rdi], resume: u64 [rsi])
+    .globl linux_switch
+linux_switch:
+    push %rbp
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, (%rdi)
+    mov %rsi, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
+    pop %rbp
+    ret
+
+    # linux_enter(frame [rdi]): starts the program (or a thread) from a prepared Frame.
+    .globl linux_enter
+linux_enter:
+    mov %rdi, %rsp
+    jmp linux_syscall_return
+
+    # linux_fxsave(area [rdi]): the current x87/SSE state, for a fresh Frame.
+    .globl linux_fxsave
+linux_fxsave:
+    fxsave64 (%rdi)
+    ret
+    "#,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn linux_syscall_entry();
+    fn linux_syscall_return();
+    fn linux_switch(save: *mut u64, resume: u64);
+    fn linux_enter(frame: *const Frame) -> !;
+    fn linux_fxsave(area: *mut u8);
+}
+
+/// Points LSTAR at the entry.
+pub fn install() {
+    // SAFETY: `linux_syscall_entry` handles a `syscall` from ring 3 in both rings (above).
+    unsafe { ftvm_guest_kit::syscall::set_syscall_entry(linux_syscall_entry as *const () as u64) };
+}
+
+/// A Frame with every register zero except those given, and the current FPU/SSE state.
+pub fn fresh_frame(rip: u64, rsp: u64) -> Frame {
+    let mut frame = Frame {
+        fx: [0; 512],
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rbx: 0,
+        rax: 0,
+        rflags: 0x202,
+        rip,
+        rsp,
+    };
+    #[repr(align(16))]
+    struct Area([u8; 512]);
+    let mut area = Area([0; 512]);
+    // SAFETY: a 16-byte aligned 512-byte buffer, as fxsave64 needs.
+    unsafe { linux_fxsave(area.0.as_mut_ptr()) };
+    frame.fx = area.0;
+    frame
+}
+
+/// Copies `frame` to the top of the kernel stack whose top is `kstack_top` and enters it.
+pub fn enter(kstack_top: u64, frame: &Frame) -> ! {
+    let at = kstack_top - FRAME_SIZE as u64;
+    KSTACK_TOP.store(kstack_top, Ordering::Relaxed);
+    // SAFETY: the caller gives the top of a kernel stack nothing else uses now; the Frame
+    // slot is 16-byte aligned (the top is).
+    unsafe {
+        core::ptr::write(at as *mut Frame, frame.clone());
+        linux_enter(at as *const Frame)
+    }
+}
+
+/// Prepares a new thread's kernel stack so that switching to it resumes `frame` in ring 3;
+/// returns the stack pointer to give `switch`.
+pub fn prepare(kstack_top: u64, frame: &Frame) -> u64 {
+    let at = kstack_top - FRAME_SIZE as u64;
+    let sp = at - 8 - 6 * 8;
+    // SAFETY: the new, unused kernel stack of the thread.
+    unsafe {
+        core::ptr::write(at as *mut Frame, frame.clone());
+        core::ptr::write((at - 8) as *mut u64, linux_syscall_return as *const () as u64);
+        for i in 0..6 {
+            core::ptr::write((sp + i * 8) as *mut u64, 0);
+        }
+    }
+    sp
+}
+
+/// Saves the current kernel context to `save` and resumes the one at `resume`, whose kernel
+/// stack top is `resume_top`.
+pub fn switch(save: &mut u64, resume: u64, resume_top: u64) {
+    KSTACK_TOP.store(resume_top, Ordering::Relaxed);
+    // SAFETY: `resume` is a stack pointer saved by `switch` or made by `prepare`.
+    unsafe { linux_switch(save as *mut u64, resume) }
+}

@@ -1,0 +1,336 @@
+//! The guest kit's Linux personality: runs one unmodified static x86-64 Linux executable
+//! (non-PIE or static-PIE) in ring 3 and serves its system calls; see
+//! docs/linux-personality.md.
+//!
+//! Start-up: the kit is up (ring 3); the virtio devices are driven; the initramfs (the PVH
+//! module `--initrd` gives, cpio newc) becomes the file system; the program comes from the
+//! command line (`init=PATH`, the words after `--` its arguments, less the `virtio_mmio.device=`
+//! words VMMs append; by default the first line of the initramfs's `/init.args` and the lines
+//! after it); its segments are loaded where it
+//! is linked (in the process window, see `mem`); the stack is laid out as Linux does
+//! (`linux_abi::stack`); LSTAR points at the entry (`entry`); then the program runs.
+//!
+//! Bad input (no initramfs, no such program, not a static x86-64 ELF, too little memory):
+//! one `linux: error: ...` line and a reset through the i8042 (ftvm exits with status 3,
+//! "guest requested a reset"; QEMU with `-no-reboot` exits), unlike a normal end (`exit_group`:
+//! `linux: exit status N` and power-off, ftvm status 0).
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod entry;
+mod fs;
+mod mem;
+mod net;
+mod sched;
+mod sys;
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+
+use ftvm_guest_kit::net::IpConfig;
+use ftvm_guest_kit::virtio::{self, rng::VirtioRng};
+use ftvm_guest_kit::{boot, cmdline, entry, mem as kmem, println, rtc, time};
+use goblin::elf::program_header::{PT_INTERP, PT_LOAD, PT_PHDR};
+use goblin::elf::Elf;
+
+entry!(main);
+
+/// Where a static-PIE executable is loaded.
+const PIE_BASE: u64 = mem::WINDOW_START;
+/// The process's pid (and its main thread's tid): it is the only process, like init.
+pub const PID: u32 = 1;
+
+/// Everything the system calls work on. One CPU, and the personality's code is never
+/// interrupted by code that touches it (interrupt handlers only count ticks and set IRQ
+/// bits), so one global suffices; see [`kernel`].
+pub struct Kernel {
+    pub mem: mem::ProcMem,
+    pub fs: fs::Fs,
+    pub fds: sys::FdTable,
+    pub net: Option<net::Net>,
+    pub rng: Option<VirtioRng>,
+    pub cwd: String,
+    pub umask: u32,
+    /// RTC time at boot, seconds since 1970, and the tick count then.
+    pub boot_epoch: u64,
+    pub boot_ticks: u64,
+    pub exe: String,
+    pub warned: alloc::collections::BTreeSet<u64>,
+    pub sigactions: alloc::collections::BTreeMap<u64, [u64; 4]>,
+    pub sigmask: u64,
+}
+
+struct Global<T>(UnsafeCell<Option<T>>);
+// SAFETY: one CPU; interrupt handlers never touch these (see `Kernel`).
+unsafe impl<T> Sync for Global<T> {}
+
+static KERNEL: Global<Kernel> = Global(UnsafeCell::new(None));
+static SCHED: Global<sched::Sched> = Global(UnsafeCell::new(None));
+
+/// The kernel state. Callers never hold the reference across a thread switch
+/// (`sched::block`), which is where another thread would take its own.
+pub fn kernel() -> &'static mut Kernel {
+    // SAFETY: set once in `main` before the program runs; see the comment above.
+    unsafe { (*KERNEL.0.get()).as_mut().expect("kernel state set before the program runs") }
+}
+
+/// The scheduler's state (threads), under the same rule as [`kernel`].
+pub fn sched() -> &'static mut sched::Sched {
+    // SAFETY: as for `kernel`.
+    unsafe { (*SCHED.0.get()).as_mut().expect("scheduler set before the program runs") }
+}
+
+/// Polls the network (if any); marks I/O as changed when something happened.
+pub fn poll_io() {
+    let changed = kernel().net.as_mut().is_some_and(|n| n.poll());
+    if changed {
+        sched().io_changed();
+    }
+}
+
+/// The program's end: `exit_group(status)` or the last thread's `exit`.
+pub fn exit_all(status: u64) -> ! {
+    if let Some(net) = kernel().net.as_mut() {
+        net.poll();
+    }
+    println!("linux: exit status {status}");
+    ftvm_guest_kit::power::power_off()
+}
+
+/// Bad input: one line, then a reset (distinct from a power-off: ftvm exits with status 3).
+fn fatal(message: &str) -> ! {
+    println!("linux: error: {message}");
+    // The i8042 reset line: ring 3 may use every port (the kit's TSS I/O bitmap).
+    ftvm_guest_kit::port::outb(0x64, 0xfe);
+    // Not reset (no i8042): power off instead.
+    ftvm_guest_kit::power::power_off()
+}
+
+fn epoch_now() -> u64 {
+    let Some(t) = rtc::read() else { return 0 };
+    // Days from civil (Howard Hinnant's algorithm), then seconds.
+    let (y, m, d) = (i64::from(t.year), i64::from(t.month), i64::from(t.day));
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 86_400 + i64::from(t.seconds_of_day())).max(0) as u64
+}
+
+/// The program's path and argv from the command line and `/init.args`.
+fn program(fs: &fs::Fs) -> Result<(String, Vec<String>), String> {
+    // VMMs append `virtio_mmio.device=` words (ftvm, QEMU microvm): never the program's.
+    let words: Vec<&str> =
+        cmdline::cmdline().split_ascii_whitespace().filter(|w| !w.starts_with("virtio_mmio.device=")).collect();
+    let (kernel_part, args_part) = match words.iter().position(|w| *w == "--") {
+        Some(i) => (&words[..i], Some(&words[i + 1..])),
+        None => (&words[..], None),
+    };
+    let init = kernel_part.iter().filter_map(|w| w.strip_prefix("init=")).next_back();
+    let defaults: Vec<String> = match fs.get("/init.args") {
+        Some(node) => {
+            let node = node.borrow();
+            String::from_utf8_lossy(node.bytes())
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let path = match init {
+        Some(path) => path.to_string(),
+        None => {
+            defaults.first().cloned().ok_or("no init=PATH on the command line and no /init.args in the initramfs")?
+        }
+    };
+    let mut argv = alloc::vec![path.clone()];
+    match args_part {
+        Some(args) => argv.extend(args.iter().map(|a| String::from(*a))),
+        None if init.is_none() || defaults.first() == Some(&path) => argv.extend(defaults.iter().skip(1).cloned()),
+        None => {}
+    }
+    Ok((path, argv))
+}
+
+struct Loaded {
+    entry: u64,
+    phdr: u64,
+    phnum: u64,
+    phent: u64,
+    end: u64,
+}
+
+/// Loads a static x86-64 ELF executable into the process window.
+fn load_elf(image: &[u8]) -> Result<Loaded, String> {
+    let elf = Elf::parse(image).map_err(|e| alloc::format!("not an ELF executable ({e})"))?;
+    if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
+        return Err("not an x86-64 ELF executable".into());
+    }
+    let bias = match elf.header.e_type {
+        goblin::elf::header::ET_EXEC => 0,
+        goblin::elf::header::ET_DYN => PIE_BASE,
+        other => return Err(alloc::format!("ELF type {other} is not an executable")),
+    };
+    if elf.program_headers.iter().any(|p| p.p_type == PT_INTERP) {
+        return Err(alloc::format!(
+            "dynamically linked (PT_INTERP {}): only static executables run",
+            elf.interpreter.unwrap_or("?")
+        ));
+    }
+    let mut end = 0;
+    let mut phdr = None;
+    for ph in elf.program_headers.iter() {
+        if ph.p_type == PT_PHDR {
+            phdr = Some(ph.p_vaddr + bias);
+        }
+        if ph.p_type != PT_LOAD || ph.p_memsz == 0 {
+            continue;
+        }
+        let start = ph.p_vaddr + bias;
+        if !mem::ProcMem::in_window(start, ph.p_memsz) || ph.p_filesz > ph.p_memsz {
+            return Err(alloc::format!(
+                "segment at {start:#x} (+{:#x}) is outside the process window {:#x}-{:#x}",
+                ph.p_memsz,
+                mem::WINDOW_START,
+                mem::WINDOW_END - mem::STACK_SIZE
+            ));
+        }
+        let file = image
+            .get(ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize)
+            .ok_or("a segment runs past the end of the file")?;
+        // SAFETY: inside the process window (checked), RAM nothing else uses.
+        unsafe {
+            core::ptr::copy_nonoverlapping(file.as_ptr(), start as *mut u8, file.len());
+            core::ptr::write_bytes((start + ph.p_filesz) as *mut u8, 0, (ph.p_memsz - ph.p_filesz) as usize);
+        }
+        if ph.p_offset == 0 && phdr.is_none() {
+            phdr = Some(start + elf.header.e_phoff);
+        }
+        end = end.max(start + ph.p_memsz);
+    }
+    if end == 0 {
+        return Err("no loadable segment".into());
+    }
+    if end > mem::WINDOW_END - mem::STACK_SIZE - (64 << 20) {
+        return Err("the executable leaves no room for brk and mmap in the process window".into());
+    }
+    Ok(Loaded {
+        entry: elf.entry + bias,
+        phdr: phdr.unwrap_or(0),
+        phnum: elf.program_headers.len() as u64,
+        phent: u64::from(elf.header.e_phentsize),
+        end,
+    })
+}
+
+fn main() {
+    let devices = virtio::init_devices();
+    let Some(initrd) = boot::modules().first().copied() else {
+        fatal("no initramfs: give the program and its files with --initrd (a cpio newc archive)");
+    };
+    if initrd.paddr < mem::WINDOW_END {
+        fatal("the initramfs was loaded inside the process window (give the VM 512 MiB or more: --mem 1G)");
+    }
+    if kmem::heap_bytes() < (32 << 20) {
+        fatal("too little memory above the process window (give the VM 512 MiB or more: --mem 1G)");
+    }
+    let boot_epoch = epoch_now();
+    let fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
+        Ok(fs) => fs,
+        Err(error) => fatal(&alloc::format!("initramfs ({} bytes): {error}", initrd.size)),
+    };
+    let (path, argv) = program(&fs).unwrap_or_else(|e| fatal(&e));
+    let path = linux_abi::path::resolve("/", &path);
+    let Some(node) = fs.get(&path) else { fatal(&alloc::format!("{path}: no such file in the initramfs")) };
+    let loaded = {
+        let node = node.borrow();
+        if node.is_dir() {
+            fatal(&alloc::format!("{path} is a directory"));
+        }
+        load_elf(node.bytes()).unwrap_or_else(|e| fatal(&alloc::format!("{path}: {e}")))
+    };
+    let mut rng = devices.rng;
+    let net = match (devices.net, IpConfig::from_cmdline()) {
+        (Some(dev), Ok(config)) => {
+            let seed = rng.as_mut().map_or(0x6c69_6e75_7821_2121, |r| r.u64());
+            println!("linux: network {} (TCP over smoltcp)", config.address);
+            Some(net::Net::new(dev, config, seed))
+        }
+        (Some(_), Err(error)) => {
+            println!("linux: virtio-net present but {error}: no network");
+            None
+        }
+        (None, _) => None,
+    };
+    if rng.is_none() {
+        println!("linux: no virtio-rng: AT_RANDOM, getrandom and /dev/urandom give a fixed sequence");
+    }
+    let mut random = [0u8; 16];
+    match rng.as_mut() {
+        Some(r) => r.fill(&mut random),
+        None => random = *b"ftvm-no-rng-seed",
+    }
+    let auxv = [
+        (linux_abi::stack::AT_PHDR, loaded.phdr),
+        (linux_abi::stack::AT_PHENT, loaded.phent),
+        (linux_abi::stack::AT_PHNUM, loaded.phnum),
+        (linux_abi::stack::AT_PAGESZ, mem::PAGE),
+        (linux_abi::stack::AT_BASE, 0),
+        (linux_abi::stack::AT_FLAGS, 0),
+        (linux_abi::stack::AT_ENTRY, loaded.entry),
+        (linux_abi::stack::AT_UID, 0),
+        (linux_abi::stack::AT_EUID, 0),
+        (linux_abi::stack::AT_GID, 0),
+        (linux_abi::stack::AT_EGID, 0),
+        (linux_abi::stack::AT_SECURE, 0),
+        (linux_abi::stack::AT_CLKTCK, u64::from(time::TICK_HZ)),
+        (linux_abi::stack::AT_HWCAP, 0),
+    ];
+    let envp: [&[u8]; 3] = [b"HOME=/", b"PATH=/:/bin:/usr/bin", b"TERM=dumb"];
+    let args: Vec<&[u8]> = argv.iter().map(|a| a.as_bytes()).collect();
+    let info = linux_abi::stack::Info { auxv: &auxv, random, execfn: path.as_bytes() };
+    let stack = linux_abi::stack::build(mem::STACK_TOP, &args, &envp, &info);
+    // SAFETY: the top of the stack area in the process window.
+    unsafe { core::ptr::copy_nonoverlapping(stack.bytes.as_ptr(), stack.sp as *mut u8, stack.bytes.len()) };
+
+    println!(
+        "linux: {} ({} args), entry {:#x}, image end {:#x}, {} MiB heap for the personality",
+        path,
+        argv.len(),
+        loaded.entry,
+        loaded.end,
+        kmem::heap_bytes() >> 20
+    );
+    let kernel = Kernel {
+        mem: mem::ProcMem::new(loaded.end),
+        fs,
+        fds: sys::FdTable::new(),
+        net,
+        rng,
+        cwd: String::from("/"),
+        umask: 0o022,
+        boot_epoch,
+        boot_ticks: time::ticks(),
+        exe: path,
+        warned: Default::default(),
+        sigactions: Default::default(),
+        sigmask: 0,
+    };
+    // SAFETY: the program has not started: nothing else reads these yet.
+    unsafe {
+        *KERNEL.0.get() = Some(kernel);
+        *SCHED.0.get() = Some(sched::Sched::new(PID));
+    }
+    entry::install();
+    let frame = entry::fresh_frame(loaded.entry, stack.sp);
+    entry::enter(sched().main_kstack_top(), &frame)
+}

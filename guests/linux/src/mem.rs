@@ -1,0 +1,160 @@
+//! The process's memory: the window 0x400000 - 0x10000000 of the identity-mapped RAM
+//! (`link.ld` keeps the kit's heap above it). The executable's segments go where it is
+//! linked (a static-PIE one at 0x400000), then brk (up to 64 MiB), then the mmap area, and
+//! the main thread's stack (8 MiB) at the top. There is no paging of our own: every address
+//! in the window is always readable and writable, so `mprotect` changes nothing, and memory
+//! handed out by `mmap` or `brk` is zeroed then (as Linux's fresh pages are).
+
+use alloc::collections::BTreeMap;
+
+pub const WINDOW_START: u64 = 0x40_0000;
+pub const WINDOW_END: u64 = 0x1000_0000;
+pub const STACK_SIZE: u64 = 8 << 20;
+pub const STACK_TOP: u64 = WINDOW_END;
+const BRK_MAX: u64 = 64 << 20;
+pub const PAGE: u64 = 4096;
+
+pub fn page_up(n: u64) -> u64 {
+    (n + PAGE - 1) & !(PAGE - 1)
+}
+
+/// The brk area and the mmap regions.
+pub struct ProcMem {
+    brk_start: u64,
+    brk: u64,
+    brk_limit: u64,
+    mmap_start: u64,
+    mmap_end: u64,
+    /// Mapped regions: start -> end.
+    regions: BTreeMap<u64, u64>,
+}
+
+fn zero(start: u64, end: u64) {
+    // SAFETY: callers pass ranges inside the process window, RAM nothing else owns.
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, (end - start) as usize) }
+}
+
+impl ProcMem {
+    /// `image_end`: the end of the highest loaded segment.
+    pub fn new(image_end: u64) -> ProcMem {
+        let brk_start = page_up(image_end);
+        let brk_limit = brk_start + BRK_MAX;
+        ProcMem {
+            brk_start,
+            brk: brk_start,
+            brk_limit,
+            mmap_start: brk_limit,
+            mmap_end: STACK_TOP - STACK_SIZE,
+            regions: BTreeMap::new(),
+        }
+    }
+
+    pub fn brk(&mut self, want: u64) -> u64 {
+        if want < self.brk_start || want > self.brk_limit {
+            return self.brk;
+        }
+        if want > self.brk {
+            zero(self.brk, want);
+        }
+        self.brk = want;
+        self.brk
+    }
+
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.regions.range(..end).next_back().is_some_and(|(_, &e)| e > start)
+    }
+
+    /// Removes [start, end) from the regions (splitting where needed).
+    pub fn unmap(&mut self, start: u64, end: u64) {
+        let hit: alloc::vec::Vec<(u64, u64)> =
+            self.regions.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
+        for (s, e) in hit {
+            self.regions.remove(&s);
+            if s < start {
+                self.regions.insert(s, start);
+            }
+            if e > end {
+                self.regions.insert(end, e);
+            }
+        }
+    }
+
+    /// A free range of `len` bytes, highest first (as Linux's top-down mmap layout).
+    fn find(&self, len: u64) -> Option<u64> {
+        let mut top = self.mmap_end;
+        for (&s, &e) in self.regions.range(self.mmap_start..).rev() {
+            if e <= top && top - e >= len {
+                return Some(top - len);
+            }
+            top = top.min(s);
+        }
+        (top >= self.mmap_start + len).then(|| top - len)
+    }
+
+    /// Maps `len` zeroed bytes: at `fixed` if given (anything there is replaced), else
+    /// where there is room. `None` when it does not fit.
+    pub fn map(&mut self, fixed: Option<u64>, len: u64) -> Option<u64> {
+        let len = page_up(len.max(1));
+        let start = match fixed {
+            Some(addr) => {
+                if addr % PAGE != 0 || addr < WINDOW_START || addr.checked_add(len)? > WINDOW_END {
+                    return None;
+                }
+                self.unmap(addr, addr + len);
+                addr
+            }
+            None => self.find(len)?,
+        };
+        zero(start, start + len);
+        self.regions.insert(start, start + len);
+        Some(start)
+    }
+
+    /// Grows or shrinks the mapping at `old` (`old_len` bytes) to `new_len`, moving it if
+    /// `may_move` and it cannot grow in place.
+    pub fn remap(&mut self, old: u64, old_len: u64, new_len: u64, may_move: bool) -> Option<u64> {
+        let old_len = page_up(old_len);
+        let new_len = page_up(new_len);
+        if new_len <= old_len {
+            self.unmap(old + new_len, old + old_len);
+            return Some(old);
+        }
+        let end = old + old_len;
+        self.unmap(old, end);
+        if !self.overlaps(end, old + new_len) && old + new_len <= self.mmap_end {
+            zero(end, old + new_len);
+            self.regions.insert(old, old + new_len);
+            return Some(old);
+        }
+        if !may_move {
+            self.regions.insert(old, end);
+            return None;
+        }
+        let Some(new) = self.find(new_len) else {
+            self.regions.insert(old, end);
+            return None;
+        };
+        // SAFETY: both ranges are in the window and do not overlap (`find` skips `old`'s
+        // neighbours only if free; the old range was removed, so check).
+        unsafe { core::ptr::copy(old as *const u8, new as *mut u8, old_len as usize) };
+        zero(new + old_len, new + new_len);
+        self.regions.insert(new, new + new_len);
+        Some(new)
+    }
+
+    /// MADV_DONTNEED: anonymous private pages read back as zero afterwards.
+    pub fn discard(&mut self, start: u64, end: u64) {
+        if start >= WINDOW_START && end <= WINDOW_END && start < end {
+            zero(start, end);
+        }
+    }
+
+    pub fn in_window(start: u64, len: u64) -> bool {
+        start >= WINDOW_START && start.checked_add(len).is_some_and(|e| e <= WINDOW_END)
+    }
+
+    /// Bytes mapped (brk and mmap), for sysinfo-style reports.
+    pub fn mapped(&self) -> u64 {
+        (self.brk - self.brk_start) + self.regions.iter().map(|(s, e)| e - s).sum::<u64>()
+    }
+}

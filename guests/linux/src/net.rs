@@ -1,0 +1,114 @@
+//! TCP sockets over the kit's smoltcp (IPv4 only). smoltcp has no accept queue, so a
+//! listening socket is a pool of smoltcp sockets listening on its port (the `listen`
+//! backlog, at most `MAX_BACKLOG`): `accept` hands out one that got a connection and puts a
+//! fresh listening one in its place. Closed sockets are removed from the set once smoltcp
+//! is done with them.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ftvm_guest_kit::net::{self as knet, IpConfig};
+use ftvm_guest_kit::virtio::net::VirtioNet;
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+
+pub const MAX_BACKLOG: usize = 128;
+const SOCKBUF: usize = 64 << 10;
+
+pub struct Net {
+    pub iface: Interface,
+    pub dev: VirtioNet,
+    pub sockets: SocketSet<'static>,
+    pub config: IpConfig,
+    /// Sockets closed by the program, removed when smoltcp is done with them.
+    closing: Vec<SocketHandle>,
+}
+
+fn new_socket() -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0; SOCKBUF]);
+    let tx = tcp::SocketBuffer::new(vec![0; SOCKBUF]);
+    let mut socket = tcp::Socket::new(rx, tx);
+    socket.set_nagle_enabled(false);
+    socket
+}
+
+impl Net {
+    pub fn new(mut dev: VirtioNet, config: IpConfig, seed: u64) -> Net {
+        let iface = knet::interface(&mut dev, config, seed);
+        Net { iface, dev, sockets: SocketSet::new(Vec::new()), config, closing: Vec::new() }
+    }
+
+    /// One round: receive, run TCP, transmit. True if anything happened.
+    pub fn poll(&mut self) -> bool {
+        self.dev.service();
+        let frames = self.dev.stats().rx_frames;
+        let changed = self.iface.poll(knet::now(), &mut self.dev, &mut self.sockets) == PollResult::SocketStateChanged;
+        self.dev.flush();
+        let sockets = &mut self.sockets;
+        self.closing.retain(|&h| {
+            let s = sockets.get::<tcp::Socket>(h);
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                sockets.remove(h);
+                false
+            } else {
+                true
+            }
+        });
+        changed || self.dev.stats().rx_frames != frames
+    }
+
+    pub fn listen(&mut self, port: u16, backlog: usize) -> Vec<SocketHandle> {
+        (0..backlog.clamp(1, MAX_BACKLOG))
+            .map(|_| {
+                let mut s = new_socket();
+                let _ = s.listen(port);
+                self.sockets.add(s)
+            })
+            .collect()
+    }
+
+    /// A connection from the pool, replaced by a fresh listening socket.
+    pub fn accept(&mut self, pool: &mut [SocketHandle], port: u16) -> Option<SocketHandle> {
+        for slot in pool.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(*slot);
+            match s.state() {
+                tcp::State::Listen | tcp::State::SynReceived => continue,
+                tcp::State::Closed | tcp::State::TimeWait => {
+                    // A connection attempt that died before accept: listen again.
+                    let _ = s.listen(port);
+                    continue;
+                }
+                _ => {}
+            }
+            let got = *slot;
+            let mut fresh = new_socket();
+            let _ = fresh.listen(port);
+            *slot = self.sockets.add(fresh);
+            return Some(got);
+        }
+        None
+    }
+
+    pub fn acceptable(&self, pool: &[SocketHandle]) -> bool {
+        pool.iter().any(|&h| {
+            !matches!(
+                self.sockets.get::<tcp::Socket>(h).state(),
+                tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed | tcp::State::TimeWait
+            )
+        })
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    pub fn close(&mut self, h: SocketHandle) {
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if s.state() == tcp::State::Listen {
+            s.abort();
+        } else {
+            s.close();
+        }
+        self.closing.push(h);
+    }
+}

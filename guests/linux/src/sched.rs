@@ -1,0 +1,268 @@
+//! Threads on the one vCPU: a deterministic cooperative scheduler. A thread runs until it
+//! blocks in a system call (futex wait, epoll wait, sleep, a blocking read or accept) or
+//! exits; then the next runnable thread in tid order after it runs. When none is runnable
+//! the network is polled and the vCPU idles until the next interrupt (the 100 Hz timer at
+//! the latest). No time slicing: which thread runs depends only on the system calls made
+//! and the guest's inputs, never on host timing.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ftvm_guest_kit::time;
+
+use crate::entry::{self, Frame};
+
+const KSTACK: usize = 128 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Woken by FUTEX_WAKE on this address.
+    Futex(u64),
+    /// Re-checks its condition when I/O state changed (`io_changed`) or its deadline passed.
+    Io(u64),
+    /// Only its deadline.
+    Sleep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Runnable,
+    Blocked(Wait),
+    Dead,
+}
+
+pub struct Thread {
+    pub tid: u32,
+    /// The kernel stack (kept alive here; the thread's context lives on it).
+    _kstack: Vec<u128>,
+    kstack_top: u64,
+    saved_sp: u64,
+    pub fs_base: u64,
+    pub clear_child_tid: u64,
+    state: State,
+    /// Tick at which a blocked thread wakes anyway.
+    deadline: Option<u64>,
+    /// Set when woken by a futex wake (not by the deadline).
+    pub woken: bool,
+}
+
+pub struct Sched {
+    pub threads: Vec<Thread>,
+    pub current: usize,
+    next_tid: u32,
+    /// Bumped whenever a socket, pipe or other I/O object may have changed state.
+    io_gen: u64,
+    /// Threads whose stacks can be freed (dead, and not the one running).
+    pub reaped: u64,
+}
+
+fn new_kstack() -> (Vec<u128>, u64) {
+    let stack = vec![0u128; KSTACK / 16];
+    let top = stack.as_ptr() as u64 + KSTACK as u64;
+    (stack, top)
+}
+
+impl Sched {
+    pub fn new(tid: u32) -> Sched {
+        let (kstack, kstack_top) = new_kstack();
+        Sched {
+            threads: vec![Thread {
+                tid,
+                _kstack: kstack,
+                kstack_top,
+                saved_sp: 0,
+                fs_base: 0,
+                clear_child_tid: 0,
+                state: State::Runnable,
+                deadline: None,
+                woken: false,
+            }],
+            current: 0,
+            next_tid: tid + 1,
+            io_gen: 0,
+            reaped: 0,
+        }
+    }
+
+    pub fn main_kstack_top(&self) -> u64 {
+        self.threads[0].kstack_top
+    }
+
+    pub fn current(&mut self) -> &mut Thread {
+        &mut self.threads[self.current]
+    }
+
+    pub fn tid(&self) -> u32 {
+        self.threads[self.current].tid
+    }
+
+    pub fn live(&self) -> usize {
+        self.threads.iter().filter(|t| t.state != State::Dead).count()
+    }
+
+    /// A new thread that resumes `frame` when it first runs. Returns its tid.
+    pub fn spawn(&mut self, frame: &Frame, fs_base: u64, clear_child_tid: u64) -> u32 {
+        let (kstack, kstack_top) = new_kstack();
+        let saved_sp = entry::prepare(kstack_top, frame);
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        // Reuse a dead thread's slot (never the running one's: its stack is in use).
+        let thread = Thread {
+            tid,
+            _kstack: kstack,
+            kstack_top,
+            saved_sp,
+            fs_base,
+            clear_child_tid,
+            state: State::Runnable,
+            deadline: None,
+            woken: false,
+        };
+        let current = self.current;
+        match self.threads.iter().enumerate().position(|(i, t)| i != current && t.state == State::Dead) {
+            Some(i) => self.threads[i] = thread,
+            None => self.threads.push(thread),
+        }
+        tid
+    }
+
+    pub fn io_changed(&mut self) {
+        self.io_gen += 1;
+    }
+
+    pub fn io_gen(&self) -> u64 {
+        self.io_gen
+    }
+
+    /// Wakes up to `n` threads waiting on `addr`; returns how many.
+    pub fn futex_wake(&mut self, addr: u64, n: u64) -> u64 {
+        let mut woken = 0;
+        for t in &mut self.threads {
+            if woken >= n {
+                break;
+            }
+            if t.state == State::Blocked(Wait::Futex(addr)) {
+                t.state = State::Runnable;
+                t.woken = true;
+                woken += 1;
+            }
+        }
+        woken
+    }
+
+    /// Moves up to `n` waiters of `from` to wait on `to` instead.
+    pub fn futex_requeue(&mut self, from: u64, to: u64, n: u64) -> u64 {
+        let mut moved = 0;
+        for t in &mut self.threads {
+            if moved >= n {
+                break;
+            }
+            if t.state == State::Blocked(Wait::Futex(from)) {
+                t.state = State::Blocked(Wait::Futex(to));
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    fn wake_due(&mut self, now: u64) {
+        let io_gen = self.io_gen;
+        for t in &mut self.threads {
+            if let State::Blocked(wait) = t.state {
+                let due = t.deadline.is_some_and(|d| now >= d);
+                let io = matches!(wait, Wait::Io(g) if g != io_gen);
+                if due || io {
+                    t.state = State::Runnable;
+                }
+            }
+        }
+    }
+
+    /// The next runnable thread after the current one, in slot order (the current last).
+    fn pick(&self) -> Option<usize> {
+        let n = self.threads.len();
+        (1..=n).map(|i| (self.current + i) % n).find(|&i| self.threads[i].state == State::Runnable)
+    }
+
+    /// Marks the current thread dead (after `exit`).
+    pub fn exit_current(&mut self) {
+        let t = &mut self.threads[self.current];
+        t.state = State::Dead;
+        t.deadline = None;
+    }
+}
+
+/// Blocks the current thread on `wait` until it is woken, its deadline (a tick count)
+/// passes, or, for `Wait::Io`, I/O state changes. Runs other threads meanwhile; polls the
+/// network and idles when none can run. Returns after the current thread is runnable again.
+pub fn block(wait: Wait, deadline: Option<u64>) {
+    {
+        let s = crate::sched();
+        let t = s.current();
+        t.state = State::Blocked(wait);
+        t.deadline = deadline;
+        t.woken = false;
+    }
+    run_others();
+}
+
+/// Lets every other runnable thread run once (sched_yield), the current one staying runnable.
+pub fn yield_now() {
+    run_others();
+}
+
+fn run_others() {
+    loop {
+        crate::poll_io();
+        let s = crate::sched();
+        s.wake_due(time::ticks());
+        match s.pick() {
+            Some(next) if next == s.current => {
+                s.threads[next].deadline = None;
+                return;
+            }
+            Some(next) => {
+                let from = s.current;
+                s.current = next;
+                s.threads[next].deadline = None;
+                let fs = s.threads[next].fs_base;
+                ftvm_guest_kit::syscall::set_fs_base(fs);
+                let resume = s.threads[next].saved_sp;
+                let top = s.threads[next].kstack_top;
+                let save: *mut u64 = &mut s.threads[from].saved_sp;
+                // SAFETY: `save` points into the thread table, which `spawn` may grow while
+                // another thread runs; so the slot is re-read below... the Vec may move, so
+                // write the saved SP through a pointer only while nothing else runs (true:
+                // `linux_switch` stores it before resuming the other thread).
+                entry::switch(unsafe { &mut *save }, resume, top);
+                // Back on this thread: the scheduler chose it again.
+                return;
+            }
+            None => {
+                if crate::sched().live() == 0 {
+                    crate::exit_all(0);
+                }
+                time::idle();
+            }
+        }
+    }
+}
+
+/// Ends the current thread for good: runs the others and never returns.
+pub fn exit_thread() -> ! {
+    crate::sched().exit_current();
+    loop {
+        run_others();
+        // Only reached if this dead thread was picked, which `pick` never does.
+    }
+}
+
+/// Converts a timeout in milliseconds to a deadline tick (rounded up; at least one tick).
+pub fn deadline_ms(ms: u64) -> u64 {
+    time::ticks() + time::ms_to_ticks(ms).max(1)
+}
+
+/// Converts a timeout in nanoseconds to a deadline tick.
+pub fn deadline_ns(ns: u64) -> u64 {
+    deadline_ms(ns.div_ceil(1_000_000))
+}

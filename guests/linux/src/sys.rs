@@ -1,0 +1,1565 @@
+//! The system calls: `linux_syscall` (called by the entry with the saved registers) and
+//! the file-descriptor table, pipes and epoll. Numbers and structures are x86-64 Linux's.
+//! An unknown call returns -ENOSYS and prints one line naming it (once per number).
+
+use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use ftvm_guest_kit::{println, serial, time};
+use smoltcp::iface::SocketHandle;
+use smoltcp::wire::IpAddress;
+
+use crate::entry::Frame;
+use crate::fs::{self, Data, Dev, Node};
+use crate::sched::{self, Wait};
+use crate::{kernel, sched as threads, Kernel};
+
+// errno values.
+const EPERM: i64 = 1;
+const ENOENT: i64 = 2;
+const ESRCH: i64 = 3;
+const EINTR: i64 = 4;
+const EBADF: i64 = 9;
+const ECHILD: i64 = 10;
+const EAGAIN: i64 = 11;
+const ENOMEM: i64 = 12;
+const EFAULT: i64 = 14;
+const EEXIST: i64 = 17;
+const ENOTDIR: i64 = 20;
+const EISDIR: i64 = 21;
+const EINVAL: i64 = 22;
+const EMFILE: i64 = 24;
+const ENOTTY: i64 = 25;
+const ESPIPE: i64 = 29;
+const EPIPE: i64 = 32;
+const ERANGE: i64 = 34;
+const ENOSYS: i64 = 38;
+const ENOTSOCK: i64 = 88;
+const EPROTONOSUPPORT: i64 = 93;
+const EOPNOTSUPP: i64 = 95;
+const EAFNOSUPPORT: i64 = 97;
+const EADDRINUSE: i64 = 98;
+const EADDRNOTAVAIL: i64 = 99;
+const ENETDOWN: i64 = 100;
+const ENETUNREACH: i64 = 101;
+const ENOTCONN: i64 = 107;
+const ETIMEDOUT: i64 = 110;
+
+const O_ACCMODE: u64 = 3;
+const O_WRONLY: u64 = 1;
+const O_CREAT: u64 = 0o100;
+const O_EXCL: u64 = 0o200;
+const O_TRUNC: u64 = 0o1000;
+const O_APPEND: u64 = 0o2000;
+const O_NONBLOCK: u64 = 0o4000;
+const O_DIRECTORY: u64 = 0o200000;
+const O_CLOEXEC: u64 = 0o2000000;
+const AT_FDCWD: i64 = -100;
+
+const EPOLLIN: u32 = 0x1;
+const EPOLLOUT: u32 = 0x4;
+const EPOLLERR: u32 = 0x8;
+const EPOLLHUP: u32 = 0x10;
+const EPOLLRDHUP: u32 = 0x2000;
+
+const PIPE_CAPACITY: usize = 64 << 10;
+const MAX_FDS: usize = 65536;
+
+pub struct Pipe {
+    buf: alloc::collections::VecDeque<u8>,
+    readers: u32,
+    writers: u32,
+}
+
+#[derive(Default)]
+pub struct Epoll {
+    /// fd -> (events, data).
+    interest: BTreeMap<i32, (u32, u64)>,
+}
+
+pub enum Kind {
+    Console,
+    File { node: Node },
+    Dir { path: String, listed: usize },
+    Pipe { pipe: Rc<RefCell<Pipe>>, write: bool },
+    Socket { port: u16 },
+    Listener { port: u16, pool: Vec<SocketHandle> },
+    Stream(SocketHandle),
+    Epoll(Rc<RefCell<Epoll>>),
+}
+
+pub struct File {
+    kind: Kind,
+    flags: u64,
+    pos: u64,
+}
+
+#[derive(Clone)]
+struct Fd {
+    file: Rc<RefCell<File>>,
+    cloexec: bool,
+}
+
+pub struct FdTable {
+    fds: Vec<Option<Fd>>,
+    epolls: Vec<Rc<RefCell<Epoll>>>,
+}
+
+impl FdTable {
+    pub fn new() -> FdTable {
+        let console = Rc::new(RefCell::new(File { kind: Kind::Console, flags: 2, pos: 0 }));
+        let fd = Fd { file: console, cloexec: false };
+        FdTable { fds: vec![Some(fd.clone()), Some(fd.clone()), Some(fd)], epolls: Vec::new() }
+    }
+
+    fn get(&self, fd: u64) -> Result<Rc<RefCell<File>>, i64> {
+        self.fds.get(fd as usize).and_then(|f| f.as_ref()).map(|f| f.file.clone()).ok_or(EBADF)
+    }
+
+    fn insert_at(&mut self, min: usize, file: Rc<RefCell<File>>, cloexec: bool) -> Result<i64, i64> {
+        let slot = (min..MAX_FDS).find(|&i| self.fds.get(i).is_none_or(|f| f.is_none())).ok_or(EMFILE)?;
+        if slot >= self.fds.len() {
+            self.fds.resize(slot + 1, None);
+        }
+        self.fds[slot] = Some(Fd { file, cloexec });
+        Ok(slot as i64)
+    }
+
+    fn insert(&mut self, kind: Kind, flags: u64) -> Result<i64, i64> {
+        let file = Rc::new(RefCell::new(File { kind, flags: flags & !O_CLOEXEC, pos: 0 }));
+        self.insert_at(0, file, flags & O_CLOEXEC != 0)
+    }
+}
+
+fn release(k: &mut Kernel, file: &File) {
+    match &file.kind {
+        Kind::Pipe { pipe, write } => {
+            let mut p = pipe.borrow_mut();
+            if *write {
+                p.writers -= 1;
+            } else {
+                p.readers -= 1;
+            }
+        }
+        Kind::Listener { pool, .. } => {
+            if let Some(net) = k.net.as_mut() {
+                for &h in pool {
+                    net.close(h);
+                }
+            }
+        }
+        Kind::Stream(h) => {
+            if let Some(net) = k.net.as_mut() {
+                net.close(*h);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn close_fd(k: &mut Kernel, fd: u64) -> Result<i64, i64> {
+    let slot = k.fds.fds.get_mut(fd as usize).ok_or(EBADF)?;
+    let entry = slot.take().ok_or(EBADF)?;
+    for ep in &k.fds.epolls {
+        ep.borrow_mut().interest.remove(&(fd as i32));
+    }
+    if Rc::strong_count(&entry.file) == 1 {
+        let file = entry.file.borrow();
+        release(k, &file);
+    }
+    threads().io_changed();
+    Ok(0)
+}
+
+// ---- user memory ----
+
+fn check(ptr: u64, len: u64) -> Result<(), i64> {
+    if ptr == 0 || ptr.checked_add(len).is_none_or(|e| e > ftvm_guest_kit::mem::MAPPED_LIMIT) {
+        return Err(EFAULT);
+    }
+    Ok(())
+}
+
+fn user<'a>(ptr: u64, len: u64) -> Result<&'a mut [u8], i64> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    check(ptr, len)?;
+    // SAFETY: identity-mapped RAM below 1 GiB (checked); the program owns what it passes.
+    Ok(unsafe { core::slice::from_raw_parts_mut(ptr as *mut u8, len as usize) })
+}
+
+fn get<T: Copy>(ptr: u64) -> Result<T, i64> {
+    check(ptr, core::mem::size_of::<T>() as u64)?;
+    // SAFETY: as for `user`.
+    Ok(unsafe { core::ptr::read_unaligned(ptr as *const T) })
+}
+
+fn put<T: Copy>(ptr: u64, value: T) -> Result<(), i64> {
+    check(ptr, core::mem::size_of::<T>() as u64)?;
+    // SAFETY: as for `user`.
+    unsafe { core::ptr::write_unaligned(ptr as *mut T, value) };
+    Ok(())
+}
+
+fn cstr(ptr: u64) -> Result<String, i64> {
+    check(ptr, 1)?;
+    let mut out = Vec::new();
+    for i in 0..4096 {
+        let b: u8 = get(ptr + i)?;
+        if b == 0 {
+            return Ok(String::from_utf8_lossy(&out).to_string());
+        }
+        out.push(b);
+    }
+    Err(ERANGE)
+}
+
+fn path_at(k: &Kernel, dirfd: i64, ptr: u64) -> Result<String, i64> {
+    let name = cstr(ptr)?;
+    if name.starts_with('/') || dirfd == AT_FDCWD {
+        return Ok(linux_abi::path::resolve(&k.cwd, &name));
+    }
+    let file = k.fds.get(dirfd as u64)?;
+    let file = file.borrow();
+    match &file.kind {
+        Kind::Dir { path, .. } => Ok(linux_abi::path::resolve(path, &name)),
+        _ => Err(ENOTDIR),
+    }
+}
+
+fn now_ns(k: &Kernel, realtime: bool) -> u64 {
+    let ns = time::ticks_to_ms(time::ticks() - k.boot_ticks) * 1_000_000;
+    if realtime {
+        k.boot_epoch * 1_000_000_000 + ns
+    } else {
+        // Monotonic time starts at a second, never at zero (some programs treat 0 as unset).
+        1_000_000_000 + ns
+    }
+}
+
+fn random_fill(k: &mut Kernel, buf: &mut [u8]) {
+    match k.rng.as_mut() {
+        Some(rng) => rng.fill(buf),
+        None => {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ time::ticks();
+            for b in buf {
+                x = ftvm_guest_kit::digest::mix64(x);
+                *b = x as u8;
+            }
+        }
+    }
+}
+
+// ---- readiness ----
+
+fn readiness(k: &mut Kernel, file: &File) -> u32 {
+    match &file.kind {
+        Kind::Console => EPOLLOUT,
+        Kind::File { .. } | Kind::Dir { .. } => EPOLLIN | EPOLLOUT,
+        Kind::Pipe { pipe, write } => {
+            let p = pipe.borrow();
+            if *write {
+                if p.readers == 0 {
+                    EPOLLOUT | EPOLLERR
+                } else if p.buf.len() < PIPE_CAPACITY {
+                    EPOLLOUT
+                } else {
+                    0
+                }
+            } else if !p.buf.is_empty() {
+                EPOLLIN
+            } else if p.writers == 0 {
+                EPOLLIN | EPOLLHUP
+            } else {
+                0
+            }
+        }
+        Kind::Socket { .. } => EPOLLOUT | EPOLLHUP,
+        Kind::Listener { pool, .. } => match k.net.as_ref() {
+            Some(net) if net.acceptable(pool) => EPOLLIN,
+            _ => 0,
+        },
+        Kind::Stream(h) => {
+            let Some(net) = k.net.as_mut() else { return EPOLLHUP };
+            let s = net.tcp(*h);
+            let mut ev = 0;
+            if s.can_recv() || !s.may_recv() {
+                ev |= EPOLLIN;
+            }
+            if !s.may_recv() {
+                ev |= EPOLLRDHUP;
+            }
+            if s.can_send() {
+                ev |= EPOLLOUT;
+            }
+            if !s.is_open() {
+                ev |= EPOLLHUP;
+            }
+            ev
+        }
+        Kind::Epoll(_) => 0,
+    }
+}
+
+// ---- reading and writing ----
+
+fn nonblocking(file: &File) -> bool {
+    file.flags & O_NONBLOCK != 0
+}
+
+/// One read attempt: Ok(Some(n)), or Ok(None) when it would block.
+fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<usize>, i64> {
+    match &mut file.kind {
+        Kind::Console => Ok(Some(0)),
+        Kind::File { node } => {
+            let node = node.clone();
+            let n = node.borrow();
+            match &n.data {
+                Data::Dev(Dev::Null) => Ok(Some(0)),
+                Data::Dev(Dev::Zero) => {
+                    buf.fill(0);
+                    Ok(Some(buf.len()))
+                }
+                Data::Dev(Dev::Random) => {
+                    drop(n);
+                    random_fill(k, buf);
+                    Ok(Some(buf.len()))
+                }
+                _ => {
+                    let bytes = n.bytes();
+                    let pos = (file.pos as usize).min(bytes.len());
+                    let len = buf.len().min(bytes.len() - pos);
+                    buf[..len].copy_from_slice(&bytes[pos..pos + len]);
+                    file.pos += len as u64;
+                    Ok(Some(len))
+                }
+            }
+        }
+        Kind::Dir { .. } => Err(EISDIR),
+        Kind::Pipe { pipe, write } => {
+            if *write {
+                return Err(EBADF);
+            }
+            let mut p = pipe.borrow_mut();
+            if p.buf.is_empty() {
+                return if p.writers == 0 { Ok(Some(0)) } else { Ok(None) };
+            }
+            let len = buf.len().min(p.buf.len());
+            for (i, b) in p.buf.drain(..len).enumerate() {
+                buf[i] = b;
+            }
+            threads().io_changed();
+            Ok(Some(len))
+        }
+        Kind::Stream(h) => {
+            let net = k.net.as_mut().ok_or(ENOTCONN)?;
+            let s = net.tcp(*h);
+            if s.can_recv() {
+                let n = s.recv_slice(buf).unwrap_or(0);
+                return Ok(Some(n));
+            }
+            if !s.may_recv() {
+                return Ok(Some(0));
+            }
+            Ok(None)
+        }
+        Kind::Socket { .. } | Kind::Listener { .. } => Err(ENOTCONN),
+        Kind::Epoll(_) => Err(EINVAL),
+    }
+}
+
+fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usize>, i64> {
+    match &mut file.kind {
+        Kind::Console => {
+            serial::write_bytes(data);
+            Ok(Some(data.len()))
+        }
+        Kind::File { node } => {
+            let mut n = node.borrow_mut();
+            if let Data::Dev(_) = n.data {
+                return Ok(Some(data.len()));
+            }
+            if file.flags & O_ACCMODE == 0 {
+                return Err(EBADF);
+            }
+            let bytes = n.ram();
+            let pos = if file.flags & O_APPEND != 0 { bytes.len() } else { file.pos as usize };
+            if bytes.len() < pos + data.len() {
+                bytes.resize(pos + data.len(), 0);
+            }
+            bytes[pos..pos + data.len()].copy_from_slice(data);
+            file.pos = (pos + data.len()) as u64;
+            Ok(Some(data.len()))
+        }
+        Kind::Dir { .. } => Err(EISDIR),
+        Kind::Pipe { pipe, write } => {
+            if !*write {
+                return Err(EBADF);
+            }
+            let mut p = pipe.borrow_mut();
+            if p.readers == 0 {
+                return Err(EPIPE);
+            }
+            let room = PIPE_CAPACITY - p.buf.len();
+            if room == 0 {
+                return Ok(None);
+            }
+            let len = room.min(data.len());
+            p.buf.extend(&data[..len]);
+            threads().io_changed();
+            Ok(Some(len))
+        }
+        Kind::Stream(h) => {
+            let net = k.net.as_mut().ok_or(ENOTCONN)?;
+            let s = net.tcp(*h);
+            if !s.may_send() {
+                return Err(EPIPE);
+            }
+            if s.can_send() {
+                return Ok(Some(s.send_slice(data).unwrap_or(0)));
+            }
+            Ok(None)
+        }
+        Kind::Socket { .. } | Kind::Listener { .. } => Err(ENOTCONN),
+        Kind::Epoll(_) => Err(EINVAL),
+    }
+}
+
+fn do_read(fd: u64, buf: &mut [u8]) -> Result<i64, i64> {
+    loop {
+        let k = kernel();
+        let file = k.fds.get(fd)?;
+        let mut f = file.borrow_mut();
+        if let Some(n) = try_read(k, &mut f, buf)? {
+            return Ok(n as i64);
+        }
+        if nonblocking(&f) {
+            return Err(EAGAIN);
+        }
+        drop(f);
+        crate::poll_io();
+        let gen = threads().io_gen();
+        sched::block(Wait::Io(gen), None);
+    }
+}
+
+fn do_write(fd: u64, data: &[u8]) -> Result<i64, i64> {
+    let mut done = 0;
+    loop {
+        let k = kernel();
+        let file = k.fds.get(fd)?;
+        let mut f = file.borrow_mut();
+        match try_write(k, &mut f, &data[done..]) {
+            Ok(Some(n)) => {
+                done += n;
+                if done == data.len() || nonblocking(&f) || n == 0 {
+                    return Ok(done as i64);
+                }
+            }
+            Ok(None) if nonblocking(&f) => return if done > 0 { Ok(done as i64) } else { Err(EAGAIN) },
+            Ok(None) => {}
+            Err(e) => return if done > 0 { Ok(done as i64) } else { Err(e) },
+        }
+        drop(f);
+        crate::poll_io();
+        let gen = threads().io_gen();
+        sched::block(Wait::Io(gen), None);
+    }
+}
+
+fn iovecs(ptr: u64, count: u64) -> Result<Vec<(u64, u64)>, i64> {
+    if count > 1024 {
+        return Err(EINVAL);
+    }
+    (0..count).map(|i| Ok((get::<u64>(ptr + 16 * i)?, get::<u64>(ptr + 16 * i + 8)?))).collect()
+}
+
+fn readv(fd: u64, iov: u64, count: u64) -> Result<i64, i64> {
+    let mut total = 0;
+    for (base, len) in iovecs(iov, count)? {
+        if len == 0 {
+            continue;
+        }
+        let buf = user(base, len)?;
+        // Only the first segment may block.
+        let n = if total == 0 {
+            do_read(fd, buf)?
+        } else {
+            let k = kernel();
+            let file = k.fds.get(fd)?;
+            let mut f = file.borrow_mut();
+            match try_read(k, &mut f, buf) {
+                Ok(Some(n)) => n as i64,
+                _ => break,
+            }
+        };
+        total += n;
+        if (n as u64) < len {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn writev(fd: u64, iov: u64, count: u64) -> Result<i64, i64> {
+    let mut total = 0;
+    for (base, len) in iovecs(iov, count)? {
+        if len == 0 {
+            continue;
+        }
+        let n = match do_write(fd, user(base, len)?) {
+            Ok(n) => n,
+            Err(e) if total == 0 => return Err(e),
+            Err(_) => break,
+        };
+        total += n;
+        if (n as u64) < len {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+// ---- files ----
+
+fn stat_of(node: &fs::Inode, out: u64) -> Result<i64, i64> {
+    let mut st = [0u64; 18];
+    st[0] = 1; // st_dev
+    st[1] = node.ino;
+    st[2] = 1; // st_nlink
+    let mode_uid = u64::from(node.mode);
+    st[3] = mode_uid; // st_mode (u32) | st_uid (u32) = 0
+    st[4] = 0; // st_gid, pad
+    st[5] = 0; // st_rdev
+    st[6] = node.size();
+    st[7] = 4096; // st_blksize
+    st[8] = node.size().div_ceil(512);
+    for i in [9, 11, 13] {
+        st[i] = node.mtime;
+    }
+    put(out, st)?;
+    Ok(0)
+}
+
+fn console_stat(out: u64) -> Result<i64, i64> {
+    let node = fs::Inode { ino: 0, mode: fs::S_IFCHR | 0o620, mtime: 0, data: Data::Dev(Dev::Null) };
+    stat_of(&node, out)
+}
+
+fn open(k: &mut Kernel, path: String, flags: u64, mode: u64) -> Result<i64, i64> {
+    let now = k.boot_epoch + time::ticks_to_ms(time::ticks()) / 1000;
+    let node = match k.fs.get(&path) {
+        Some(node) => {
+            if flags & O_CREAT != 0 && flags & O_EXCL != 0 {
+                return Err(EEXIST);
+            }
+            node
+        }
+        None if flags & O_CREAT != 0 => k.fs.create(&path, (mode as u32) & !k.umask, now)?,
+        None => return Err(ENOENT),
+    };
+    let is_dir = node.borrow().is_dir();
+    if is_dir {
+        if flags & O_ACCMODE != 0 {
+            return Err(EISDIR);
+        }
+        return k.fds.insert(Kind::Dir { path, listed: 0 }, flags);
+    }
+    if flags & O_DIRECTORY != 0 {
+        return Err(ENOTDIR);
+    }
+    if flags & O_TRUNC != 0 && flags & O_ACCMODE != 0 {
+        let mut n = node.borrow_mut();
+        if matches!(n.data, Data::Rom(_) | Data::Ram(_)) {
+            n.data = Data::Ram(Vec::new());
+        }
+    }
+    k.fds.insert(Kind::File { node }, flags)
+}
+
+fn getdents64(k: &mut Kernel, fd: u64, buf: u64, len: u64) -> Result<i64, i64> {
+    let file = k.fds.get(fd)?;
+    let mut f = file.borrow_mut();
+    let Kind::Dir { path, listed } = &mut f.kind else { return Err(ENOTDIR) };
+    let mut names: Vec<(String, u64, u8)> = vec![(".".into(), 1, 4), ("..".into(), 1, 4)];
+    for (name, node) in k.fs.list(path) {
+        let n = node.borrow();
+        let kind = match n.data {
+            Data::Dir => 4,
+            Data::Symlink(_) => 10,
+            Data::Dev(_) => 2,
+            _ => 8,
+        };
+        names.push((name, n.ino, kind));
+    }
+    let out = user(buf, len)?;
+    let mut at = 0;
+    while *listed < names.len() {
+        let (name, ino, kind) = &names[*listed];
+        let reclen = (19 + name.len() + 1).div_ceil(8) * 8;
+        if at + reclen > out.len() {
+            break;
+        }
+        out[at..at + 8].copy_from_slice(&ino.to_le_bytes());
+        out[at + 8..at + 16].copy_from_slice(&((*listed + 1) as u64).to_le_bytes());
+        out[at + 16..at + 18].copy_from_slice(&(reclen as u16).to_le_bytes());
+        out[at + 18] = *kind;
+        out[at + 19..at + 19 + name.len()].copy_from_slice(name.as_bytes());
+        out[at + 19 + name.len()..at + reclen].fill(0);
+        at += reclen;
+        *listed += 1;
+    }
+    if at == 0 && *listed < names.len() {
+        return Err(EINVAL);
+    }
+    Ok(at as i64)
+}
+
+// ---- sockets ----
+
+fn sockaddr_in(ptr: u64, len_ptr: u64, addr: Option<(IpAddress, u16)>) -> Result<(), i64> {
+    if ptr == 0 {
+        return Ok(());
+    }
+    let (ip, port) = match addr {
+        Some((IpAddress::Ipv4(ip), port)) => (ip.octets(), port),
+        _ => ([0; 4], 0),
+    };
+    let mut raw = [0u8; 16];
+    raw[0..2].copy_from_slice(&2u16.to_le_bytes());
+    raw[2..4].copy_from_slice(&port.to_be_bytes());
+    raw[4..8].copy_from_slice(&ip);
+    let room: u32 = get(len_ptr)?;
+    let n = (room as usize).min(16);
+    user(ptr, n as u64)?.copy_from_slice(&raw[..n]);
+    put(len_ptr, 16u32)?;
+    Ok(())
+}
+
+fn socket_kind_port(file: &File) -> Result<u16, i64> {
+    match file.kind {
+        Kind::Socket { port } | Kind::Listener { port, .. } => Ok(port),
+        Kind::Stream(_) => Err(EINVAL),
+        _ => Err(ENOTSOCK),
+    }
+}
+
+fn accept(fd: u64, addr: u64, addr_len: u64, flags: u64) -> Result<i64, i64> {
+    loop {
+        let k = kernel();
+        let file = k.fds.get(fd)?;
+        let mut f = file.borrow_mut();
+        let nonblock = nonblocking(&f);
+        let Kind::Listener { port, pool } = &mut f.kind else { return Err(EINVAL) };
+        let net = k.net.as_mut().ok_or(ENETDOWN)?;
+        if let Some(h) = net.accept(pool, *port) {
+            let remote = net.tcp(h).remote_endpoint().map(|e| (e.addr, e.port));
+            drop(f);
+            sockaddr_in(addr, addr_len, remote)?;
+            let newfd = k.fds.insert(Kind::Stream(h), flags & (O_NONBLOCK | O_CLOEXEC))?;
+            return Ok(newfd);
+        }
+        if nonblock {
+            return Err(EAGAIN);
+        }
+        drop(f);
+        crate::poll_io();
+        let gen = threads().io_gen();
+        sched::block(Wait::Io(gen), None);
+    }
+}
+
+// ---- waiting for readiness ----
+
+fn epoll_wait(epfd: u64, events: u64, max: u64, timeout: i64) -> Result<i64, i64> {
+    if max == 0 || max > 65536 {
+        return Err(EINVAL);
+    }
+    let ep = match &kernel().fds.get(epfd)?.borrow().kind {
+        Kind::Epoll(ep) => ep.clone(),
+        _ => return Err(EINVAL),
+    };
+    let deadline = (timeout > 0).then(|| sched::deadline_ms(timeout as u64));
+    loop {
+        crate::poll_io();
+        let k = kernel();
+        let mut n = 0;
+        let interest: Vec<(i32, u32, u64)> = ep.borrow().interest.iter().map(|(&fd, &(ev, d))| (fd, ev, d)).collect();
+        for (fd, want, data) in interest {
+            let Ok(file) = k.fds.get(fd as u64) else { continue };
+            let ready = readiness(k, &file.borrow()) & (want | EPOLLERR | EPOLLHUP);
+            if ready != 0 {
+                put(events + 12 * n, ready)?;
+                put(events + 12 * n + 4, data)?;
+                n += 1;
+                if n == max {
+                    break;
+                }
+            }
+        }
+        if n > 0 || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
+            return Ok(n as i64);
+        }
+        let gen = threads().io_gen();
+        sched::block(Wait::Io(gen), deadline);
+    }
+}
+
+fn poll(fds: u64, count: u64, timeout: i64) -> Result<i64, i64> {
+    let deadline = (timeout > 0).then(|| sched::deadline_ms(timeout as u64));
+    loop {
+        crate::poll_io();
+        let k = kernel();
+        let mut n = 0;
+        for i in 0..count {
+            let at = fds + 8 * i;
+            let fd: i32 = get(at)?;
+            let want: i16 = get(at + 4)?;
+            let revents = if fd < 0 {
+                0
+            } else {
+                match k.fds.get(fd as u64) {
+                    Ok(file) => (readiness(k, &file.borrow()) & (want as u16 as u32 | EPOLLERR | EPOLLHUP)) as i16,
+                    Err(_) => 0x20, // POLLNVAL
+                }
+            };
+            put(at + 6, revents)?;
+            if revents != 0 {
+                n += 1;
+            }
+        }
+        if n > 0 || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
+            return Ok(n);
+        }
+        let gen = threads().io_gen();
+        sched::block(Wait::Io(gen), deadline);
+    }
+}
+
+fn timespec_ns(ptr: u64) -> Result<u64, i64> {
+    let sec: i64 = get(ptr)?;
+    let nsec: i64 = get(ptr + 8)?;
+    if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+        return Err(EINVAL);
+    }
+    Ok(sec as u64 * 1_000_000_000 + nsec as u64)
+}
+
+fn sleep_until(deadline: u64) {
+    while time::ticks() < deadline {
+        sched::block(Wait::Sleep, Some(deadline));
+    }
+}
+
+fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) -> Result<i64, i64> {
+    let cmd = op & 0x7f;
+    match cmd {
+        // FUTEX_WAIT, FUTEX_WAIT_BITSET
+        0 | 9 => {
+            let current: u32 = get(uaddr)?;
+            if current != val as u32 {
+                return Err(EAGAIN);
+            }
+            let deadline = if timeout == 0 {
+                None
+            } else if cmd == 9 {
+                // Absolute, CLOCK_MONOTONIC (or CLOCK_REALTIME with FUTEX_CLOCK_REALTIME).
+                let k = kernel();
+                let at = timespec_ns(timeout)?;
+                let now = now_ns(k, op & 256 != 0);
+                Some(sched::deadline_ns(at.saturating_sub(now)))
+            } else {
+                Some(sched::deadline_ns(timespec_ns(timeout)?))
+            };
+            sched::block(Wait::Futex(uaddr), deadline);
+            if threads().current().woken {
+                Ok(0)
+            } else {
+                Err(ETIMEDOUT)
+            }
+        }
+        // FUTEX_WAKE, FUTEX_WAKE_BITSET
+        1 | 10 => Ok(threads().futex_wake(uaddr, val) as i64),
+        // FUTEX_REQUEUE, FUTEX_CMP_REQUEUE
+        3 | 4 => {
+            if cmd == 4 && get::<u32>(uaddr)? != val3 as u32 {
+                return Err(EAGAIN);
+            }
+            let woken = threads().futex_wake(uaddr, val);
+            let moved = threads().futex_requeue(uaddr, uaddr2, timeout);
+            Ok((woken + moved) as i64)
+        }
+        _ => Err(ENOSYS),
+    }
+}
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_SETTLS: u64 = 0x80000;
+const CLONE_PARENT_SETTID: u64 = 0x100000;
+const CLONE_CHILD_CLEARTID: u64 = 0x200000;
+const CLONE_CHILD_SETTID: u64 = 0x0100_0000;
+
+fn clone(frame: &Frame) -> Result<i64, i64> {
+    let (flags, stack, ptid, ctid, tls) = (frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8);
+    if flags & CLONE_VM == 0 {
+        // fork: one address space only.
+        return Err(ENOSYS);
+    }
+    let mut child = frame.clone();
+    child.rax = 0;
+    if stack != 0 {
+        child.rsp = stack;
+    }
+    let s = threads();
+    let fs_base = if flags & CLONE_SETTLS != 0 { tls } else { s.current().fs_base };
+    let clear = if flags & CLONE_CHILD_CLEARTID != 0 { ctid } else { 0 };
+    let tid = s.spawn(&child, fs_base, clear);
+    if flags & CLONE_PARENT_SETTID != 0 {
+        put(ptid, tid)?;
+    }
+    if flags & CLONE_CHILD_SETTID != 0 {
+        put(ctid, tid)?;
+    }
+    Ok(i64::from(tid))
+}
+
+fn exit_thread() -> ! {
+    let s = threads();
+    let clear = s.current().clear_child_tid;
+    if clear != 0 && put(clear, 0u32).is_ok() {
+        s.futex_wake(clear, 1);
+    }
+    if s.live() == 1 {
+        crate::exit_all(0);
+    }
+    sched::exit_thread()
+}
+
+fn name(nr: u64) -> &'static str {
+    match nr {
+        7 => "poll",
+        23 => "select",
+        26 => "msync",
+        27 => "mincore",
+        40 => "sendfile",
+        42 => "connect",
+        53 => "socketpair",
+        57 => "fork",
+        58 => "vfork",
+        59 => "execve",
+        61 => "wait4",
+        73 => "flock",
+        76 => "truncate",
+        86 => "link",
+        88 => "symlink",
+        90 => "chmod",
+        91 => "fchmod",
+        92 => "chown",
+        93 => "fchown",
+        98 => "getrusage",
+        100 => "times",
+        213 => "epoll_create",
+        284 => "eventfd",
+        290 => "eventfd2",
+        332 => "statx",
+        334 => "rseq",
+        435 => "clone3",
+        _ => "?",
+    }
+}
+
+fn unsupported(k: &mut Kernel, nr: u64) -> Result<i64, i64> {
+    if k.warned.insert(nr) {
+        println!("linux: unsupported system call {nr} ({}): -ENOSYS", name(nr));
+    }
+    Err(ENOSYS)
+}
+
+fn rlimit(resource: u64) -> (u64, u64) {
+    match resource {
+        3 => (crate::mem::STACK_SIZE, crate::mem::STACK_SIZE), // RLIMIT_STACK
+        7 => (10240, 10240),                                   // RLIMIT_NOFILE
+        _ => (u64::MAX, u64::MAX),
+    }
+}
+
+/// Entered from `linux_syscall_ring3` with the thread's saved registers.
+#[no_mangle]
+extern "C" fn linux_syscall(frame: &mut Frame) {
+    let result = dispatch(frame);
+    frame.rax = match result {
+        Ok(value) => value as u64,
+        Err(errno) => (-errno) as u64,
+    };
+}
+
+fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
+    let (nr, a0, a1, a2, a3, a4, a5) = (frame.rax, frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9);
+    let k = kernel();
+    match nr {
+        0 => do_read(a0, user(a1, a2)?),
+        1 => do_write(a0, user(a1, a2)?),
+        2 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            open(k, path, a1, a2)
+        }
+        257 => {
+            let path = path_at(k, a0 as i64, a1)?;
+            open(k, path, a2, a3)
+        }
+        85 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            open(k, path, O_CREAT | O_WRONLY | O_TRUNC, a1)
+        }
+        3 => close_fd(k, a0),
+        4 | 6 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            let node = k.fs.get(&path).ok_or(ENOENT)?;
+            let n = node.borrow();
+            stat_of(&n, a1)
+        }
+        5 => fstat(k, a0, a1),
+        262 => {
+            // newfstatat(dirfd, path, buf, flags): AT_EMPTY_PATH (0x1000) means the fd.
+            if a3 & 0x1000 != 0 && get::<u8>(a1).unwrap_or(0) == 0 {
+                return fstat(k, a0, a2);
+            }
+            let path = path_at(k, a0 as i64, a1)?;
+            let node = k.fs.get(&path).ok_or(ENOENT)?;
+            let n = node.borrow();
+            stat_of(&n, a2)
+        }
+        8 => {
+            let file = k.fds.get(a0)?;
+            let mut f = file.borrow_mut();
+            let size = match &f.kind {
+                Kind::File { node } => node.borrow().size(),
+                Kind::Dir { .. } => 0,
+                _ => return Err(ESPIPE),
+            };
+            let base = match a2 {
+                0 => 0,
+                1 => f.pos as i64,
+                2 => size as i64,
+                _ => return Err(EINVAL),
+            };
+            let pos = base.checked_add(a1 as i64).filter(|p| *p >= 0).ok_or(EINVAL)?;
+            f.pos = pos as u64;
+            Ok(pos)
+        }
+        17 | 18 => {
+            let file = k.fds.get(a0)?;
+            let mut f = file.borrow_mut();
+            if !matches!(f.kind, Kind::File { .. }) {
+                return Err(ESPIPE);
+            }
+            let saved = (f.pos, f.flags);
+            f.pos = a3;
+            f.flags &= !O_APPEND;
+            let buf = user(a1, a2)?;
+            let r = if nr == 17 { try_read(k, &mut f, buf) } else { try_write(k, &mut f, buf) };
+            (f.pos, f.flags) = saved;
+            r.map(|n| n.unwrap_or(0) as i64)
+        }
+        19 => readv(a0, a1, a2),
+        20 => writev(a0, a1, a2),
+        9 => {
+            // mmap(addr, len, prot, flags, fd, offset)
+            const MAP_FIXED: u64 = 0x10;
+            const MAP_ANONYMOUS: u64 = 0x20;
+            const MAP_FIXED_NOREPLACE: u64 = 0x100000;
+            if a1 == 0 {
+                return Err(EINVAL);
+            }
+            let fixed = (a3 & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0).then_some(a0);
+            let addr = k.mem.map(fixed, a1).ok_or(ENOMEM)?;
+            if a3 & MAP_ANONYMOUS == 0 {
+                let file = k.fds.get(a4)?;
+                let f = file.borrow();
+                let Kind::File { node } = &f.kind else { return Err(EINVAL) };
+                let n = node.borrow();
+                let bytes = n.bytes();
+                let from = (a5 as usize).min(bytes.len());
+                let len = (a1 as usize).min(bytes.len() - from);
+                user(addr, len as u64)?.copy_from_slice(&bytes[from..from + len]);
+            }
+            Ok(addr as i64)
+        }
+        10 => Ok(0),
+        11 => {
+            if a0 % crate::mem::PAGE != 0 {
+                return Err(EINVAL);
+            }
+            k.mem.unmap(a0, a0 + crate::mem::page_up(a1));
+            Ok(0)
+        }
+        12 => Ok(k.mem.brk(a0) as i64),
+        25 => {
+            // mremap(old, old_len, new_len, flags): MREMAP_MAYMOVE = 1.
+            k.mem.remap(a0, a1, a2, a3 & 1 != 0).map(|a| a as i64).ok_or(ENOMEM)
+        }
+        26 => Ok(0),
+        28 => {
+            // madvise: MADV_DONTNEED (4) reads back zeros; the rest are hints.
+            if a2 == 4 {
+                k.mem.discard(a0, a0 + crate::mem::page_up(a1));
+            }
+            Ok(0)
+        }
+        13 => {
+            // rt_sigaction(sig, act, oldact, size): handlers are kept, never called yet.
+            if a0 == 0 || a0 > 64 || a0 == 9 || a0 == 19 {
+                return Err(EINVAL);
+            }
+            let old = k.sigactions.get(&a0).copied().unwrap_or([0; 4]);
+            if a2 != 0 {
+                put(a2, old)?;
+            }
+            if a1 != 0 {
+                let new: [u64; 4] = get(a1)?;
+                k.sigactions.insert(a0, new);
+            }
+            Ok(0)
+        }
+        14 => {
+            // rt_sigprocmask(how, set, oldset, size)
+            if a2 != 0 {
+                put(a2, k.sigmask)?;
+            }
+            if a1 != 0 {
+                let set: u64 = get(a1)?;
+                k.sigmask = match a0 {
+                    0 => k.sigmask | set,
+                    1 => k.sigmask & !set,
+                    2 => set,
+                    _ => return Err(EINVAL),
+                };
+            }
+            Ok(0)
+        }
+        131 => {
+            if a1 != 0 {
+                put(a1, [0u64, 2, 0])?; // ss_sp, ss_flags = SS_DISABLE, ss_size
+            }
+            Ok(0)
+        }
+        16 => {
+            // ioctl
+            let file = k.fds.get(a0)?;
+            let mut f = file.borrow_mut();
+            match a1 {
+                0x5421 => {
+                    // FIONBIO
+                    if get::<i32>(a2)? != 0 {
+                        f.flags |= O_NONBLOCK;
+                    } else {
+                        f.flags &= !O_NONBLOCK;
+                    }
+                    Ok(0)
+                }
+                0x541b => {
+                    // FIONREAD
+                    let n = match &f.kind {
+                        Kind::Stream(h) => k.net.as_mut().map_or(0, |net| net.tcp(*h).recv_queue()),
+                        Kind::Pipe { pipe, .. } => pipe.borrow().buf.len(),
+                        _ => 0,
+                    };
+                    put(a2, n as i32)?;
+                    Ok(0)
+                }
+                _ => Err(ENOTTY),
+            }
+        }
+        21 | 269 | 439 => {
+            let path = if nr == 21 { path_at(k, AT_FDCWD, a0)? } else { path_at(k, a0 as i64, a1)? };
+            k.fs.get(&path).map(|_| 0).ok_or(ENOENT)
+        }
+        22 | 293 => {
+            let flags = if nr == 293 { a1 } else { 0 };
+            let pipe = Rc::new(RefCell::new(Pipe { buf: Default::default(), readers: 1, writers: 1 }));
+            let r = k.fds.insert(Kind::Pipe { pipe: pipe.clone(), write: false }, flags)?;
+            let w = match k.fds.insert(Kind::Pipe { pipe, write: true }, flags | 1) {
+                Ok(w) => w,
+                Err(e) => {
+                    close_fd(k, r as u64)?;
+                    return Err(e);
+                }
+            };
+            put(a0, [r as i32, w as i32])?;
+            Ok(0)
+        }
+        7 => poll(a0, a1, a2 as i32 as i64),
+        271 => {
+            let timeout = if a2 == 0 { -1 } else { (timespec_ns(a2)? / 1_000_000) as i64 };
+            poll(a0, a1, timeout)
+        }
+        24 => {
+            sched::yield_now();
+            Ok(0)
+        }
+        32 => {
+            let file = k.fds.get(a0)?;
+            k.fds.insert_at(0, file, false)
+        }
+        33 | 292 => {
+            let file = k.fds.get(a0)?;
+            if a0 == a1 {
+                return if nr == 292 { Err(EINVAL) } else { Ok(a1 as i64) };
+            }
+            if (a1 as usize) >= MAX_FDS {
+                return Err(EBADF);
+            }
+            let _ = close_fd(k, a1);
+            if a1 as usize >= k.fds.fds.len() {
+                k.fds.fds.resize(a1 as usize + 1, None);
+            }
+            k.fds.fds[a1 as usize] = Some(Fd { file, cloexec: nr == 292 && a2 & O_CLOEXEC != 0 });
+            Ok(a1 as i64)
+        }
+        35 => {
+            let ns = timespec_ns(a0)?;
+            sleep_until(sched::deadline_ns(ns));
+            Ok(0)
+        }
+        230 => {
+            // clock_nanosleep(clock, flags, req, rem): TIMER_ABSTIME = 1.
+            let ns = timespec_ns(a2)?;
+            let ns = if a1 & 1 != 0 { ns.saturating_sub(now_ns(k, a0 == 0)) } else { ns };
+            sleep_until(sched::deadline_ns(ns));
+            Ok(0)
+        }
+        38 => {
+            if a2 != 0 {
+                put(a2, [0u64; 4])?;
+            }
+            Ok(0)
+        }
+        39 => Ok(i64::from(crate::PID)),
+        110 => Ok(0),
+        186 => Ok(i64::from(threads().tid())),
+        102 | 104 | 107 | 108 => Ok(0),
+        105 | 106 | 109 | 112 | 111 => Ok(0),
+        41 => {
+            // socket(domain, type, protocol)
+            let (domain, ty) = (a0, a1 & 0xf);
+            if domain != 2 {
+                return Err(EAFNOSUPPORT);
+            }
+            if ty != 1 {
+                return Err(EPROTONOSUPPORT);
+            }
+            k.fds.insert(Kind::Socket { port: 0 }, a1 & (O_NONBLOCK | O_CLOEXEC) | 2)
+        }
+        49 => {
+            // bind(fd, addr, len)
+            let file = k.fds.get(a0)?;
+            let mut f = file.borrow_mut();
+            socket_kind_port(&f)?;
+            let family: u16 = get(a1)?;
+            if family != 2 {
+                return Err(EAFNOSUPPORT);
+            }
+            let port = u16::from_be(get(a1 + 2)?);
+            let ip: [u8; 4] = get(a1 + 4)?;
+            let net = k.net.as_ref().ok_or(EADDRNOTAVAIL)?;
+            if ip != [0; 4] && ip != net.config.address.address().octets() && ip != [127, 0, 0, 1] {
+                return Err(EADDRNOTAVAIL);
+            }
+            let in_use = k.fds.fds.iter().flatten().any(|fd| {
+                !Rc::ptr_eq(&fd.file, &file)
+                    && matches!(fd.file.try_borrow().map(|f| socket_kind_port(&f)), Ok(Ok(p)) if p == port && port != 0)
+            });
+            if in_use {
+                return Err(EADDRINUSE);
+            }
+            f.kind = Kind::Socket { port };
+            Ok(0)
+        }
+        50 => {
+            let file = k.fds.get(a0)?;
+            let mut f = file.borrow_mut();
+            let port = socket_kind_port(&f)?;
+            if let Kind::Listener { .. } = f.kind {
+                return Ok(0);
+            }
+            if port == 0 {
+                return Err(EINVAL);
+            }
+            let net = k.net.as_mut().ok_or(ENETDOWN)?;
+            let pool = net.listen(port, a1 as usize);
+            f.kind = Kind::Listener { port, pool };
+            Ok(0)
+        }
+        43 => accept(a0, a1, a2, 0),
+        288 => accept(a0, a1, a2, a3),
+        42 => Err(ENETUNREACH),
+        51 | 52 => {
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            let endpoint = match &f.kind {
+                Kind::Stream(h) => {
+                    let s = k.net.as_mut().ok_or(ENOTCONN)?.tcp(*h);
+                    let e = if nr == 51 { s.local_endpoint() } else { s.remote_endpoint() };
+                    e.map(|e| (e.addr, e.port))
+                }
+                Kind::Socket { port } | Kind::Listener { port, .. } if nr == 51 => {
+                    Some((IpAddress::Ipv4(smoltcp::wire::Ipv4Address::UNSPECIFIED), *port))
+                }
+                Kind::Socket { .. } | Kind::Listener { .. } => return Err(ENOTCONN),
+                _ => return Err(ENOTSOCK),
+            };
+            sockaddr_in(a1, a2, endpoint)?;
+            Ok(0)
+        }
+        54 => {
+            k.fds.get(a0)?;
+            Ok(0)
+        }
+        55 => {
+            // getsockopt(fd, level, name, value, len): SO_ERROR and the rest read as 0,
+            // SO_TYPE as SOCK_STREAM.
+            k.fds.get(a0)?;
+            let value: i32 = if a1 == 1 && a2 == 3 { 1 } else { 0 };
+            if a3 != 0 {
+                put(a3, value)?;
+                put(a4, 4u32)?;
+            }
+            Ok(0)
+        }
+        48 => {
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            match &f.kind {
+                Kind::Stream(h) => {
+                    if a1 != 0 {
+                        if let Some(net) = k.net.as_mut() {
+                            net.tcp(*h).close();
+                        }
+                    }
+                    threads().io_changed();
+                    Ok(0)
+                }
+                _ => Err(ENOTCONN),
+            }
+        }
+        44 => do_write(a0, user(a1, a2)?),
+        45 => {
+            let n = do_read(a0, user(a1, a2)?)?;
+            if a4 != 0 {
+                sockaddr_in(a4, a5, None)?;
+            }
+            Ok(n)
+        }
+        46 | 47 => {
+            // sendmsg/recvmsg(fd, msghdr, flags): the iovecs only.
+            let iov: u64 = get(a1 + 16)?;
+            let count: u64 = get(a1 + 24)?;
+            if nr == 46 {
+                writev(a0, iov, count)
+            } else {
+                put(a1 + 40, 0u64)?; // msg_controllen
+                put(a1 + 48, 0i32)?; // msg_flags
+                readv(a0, iov, count)
+            }
+        }
+        202 => futex(a0, a1, a2, a3, a4, a5),
+        56 => clone(frame),
+        60 => exit_thread(),
+        231 => crate::exit_all(a0 & 0xff),
+        61 => Err(ECHILD),
+        62 | 200 | 234 => {
+            // kill/tkill/tgkill: signal 0 probes; a fatal signal to ourselves ends the program.
+            let sig = if nr == 234 { a2 } else { a1 };
+            if sig == 0 {
+                return Ok(0);
+            }
+            let target = if nr == 234 { a1 } else { a0 };
+            if target != u64::from(crate::PID) && !threads().threads.iter().any(|t| u64::from(t.tid) == target) {
+                return Err(ESRCH);
+            }
+            println!("linux: signal {sig} sent to {target}: handlers are not run yet; ending the program");
+            crate::exit_all(128 + sig)
+        }
+        63 => {
+            let mut uts = [0u8; 390];
+            for (i, field) in
+                ["Linux", "ftvm", "6.1.0-ftvm", "#1 ftvm Linux personality", "x86_64", "(none)"].iter().enumerate()
+            {
+                uts[i * 65..i * 65 + field.len()].copy_from_slice(field.as_bytes());
+            }
+            user(a0, 390)?.copy_from_slice(&uts);
+            Ok(0)
+        }
+        72 => {
+            // fcntl(fd, cmd, arg)
+            let file = k.fds.get(a0)?;
+            match a1 {
+                0 | 1030 => k.fds.insert_at(a2 as usize, file, a1 == 1030),
+                1 => Ok(i64::from(k.fds.fds[a0 as usize].as_ref().is_some_and(|f| f.cloexec))),
+                2 => {
+                    if let Some(fd) = k.fds.fds[a0 as usize].as_mut() {
+                        fd.cloexec = a2 & 1 != 0;
+                    }
+                    Ok(0)
+                }
+                3 => Ok(file.borrow().flags as i64),
+                4 => {
+                    let mut f = file.borrow_mut();
+                    f.flags = (f.flags & !(O_NONBLOCK | O_APPEND)) | (a2 & (O_NONBLOCK | O_APPEND));
+                    Ok(0)
+                }
+                5..=7 | 36..=38 => Ok(0), // locks: one process
+                _ => Err(EINVAL),
+            }
+        }
+        74 | 75 => {
+            k.fds.get(a0)?;
+            Ok(0)
+        }
+        77 => {
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            let Kind::File { node } = &f.kind else { return Err(EINVAL) };
+            node.borrow_mut().ram().resize(a1 as usize, 0);
+            Ok(0)
+        }
+        78 | 217 => getdents64(k, a0, a1, a2),
+        79 => {
+            let need = k.cwd.len() as u64 + 1;
+            if a1 < need {
+                return Err(ERANGE);
+            }
+            let buf = user(a0, need)?;
+            buf[..k.cwd.len()].copy_from_slice(k.cwd.as_bytes());
+            buf[k.cwd.len()] = 0;
+            Ok(need as i64)
+        }
+        80 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            let node = k.fs.get(&path).ok_or(ENOENT)?;
+            if !node.borrow().is_dir() {
+                return Err(ENOTDIR);
+            }
+            k.cwd = path;
+            Ok(0)
+        }
+        81 => {
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            let Kind::Dir { path, .. } = &f.kind else { return Err(ENOTDIR) };
+            k.cwd = path.clone();
+            Ok(0)
+        }
+        82 | 264 | 316 => {
+            let (from, to) = if nr == 82 {
+                (path_at(k, AT_FDCWD, a0)?, path_at(k, AT_FDCWD, a1)?)
+            } else {
+                (path_at(k, a0 as i64, a1)?, path_at(k, a2 as i64, a3)?)
+            };
+            k.fs.rename(&from, &to).map(|_| 0)
+        }
+        83 | 258 => {
+            let (path, mode) =
+                if nr == 83 { (path_at(k, AT_FDCWD, a0)?, a1) } else { (path_at(k, a0 as i64, a1)?, a2) };
+            let now = k.boot_epoch;
+            k.fs.mkdir(&path, (mode as u32) & !k.umask, now).map(|_| 0)
+        }
+        84 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            k.fs.unlink(&path, true).map(|_| 0)
+        }
+        87 => {
+            let path = path_at(k, AT_FDCWD, a0)?;
+            k.fs.unlink(&path, false).map(|_| 0)
+        }
+        263 => {
+            let path = path_at(k, a0 as i64, a1)?;
+            k.fs.unlink(&path, a2 & 0x200 != 0).map(|_| 0)
+        }
+        89 | 267 => {
+            let (path, buf, len) =
+                if nr == 89 { (path_at(k, AT_FDCWD, a0)?, a1, a2) } else { (path_at(k, a0 as i64, a1)?, a2, a3) };
+            let target = if path == "/proc/self/exe" {
+                k.exe.clone()
+            } else {
+                let node = k.fs.get(&path).ok_or(ENOENT)?;
+                let n = node.borrow();
+                match &n.data {
+                    Data::Symlink(t) => t.clone(),
+                    _ => return Err(EINVAL),
+                }
+            };
+            let n = target.len().min(len as usize);
+            user(buf, n as u64)?.copy_from_slice(&target.as_bytes()[..n]);
+            Ok(n as i64)
+        }
+        95 => {
+            let old = k.umask;
+            k.umask = (a0 as u32) & 0o777;
+            Ok(i64::from(old))
+        }
+        96 => {
+            let ns = now_ns(k, true);
+            if a0 != 0 {
+                put(a0, [ns / 1_000_000_000, (ns % 1_000_000_000) / 1000])?;
+            }
+            if a1 != 0 {
+                put(a1, [0u32, 0])?;
+            }
+            Ok(0)
+        }
+        201 => {
+            let secs = now_ns(k, true) / 1_000_000_000;
+            if a0 != 0 {
+                put(a0, secs)?;
+            }
+            Ok(secs as i64)
+        }
+        228 => {
+            // clock_gettime: REALTIME (0, 5 coarse, 8 alarm, 11 TAI) from the RTC at boot
+            // plus ticks; every other clock counts ticks since boot.
+            let realtime = matches!(a0, 0 | 5 | 8 | 11);
+            let ns = now_ns(k, realtime);
+            put(a1, [ns / 1_000_000_000, ns % 1_000_000_000])?;
+            Ok(0)
+        }
+        229 => {
+            if a1 != 0 {
+                put(a1, [0u64, 1_000_000_000 / u64::from(time::TICK_HZ)])?;
+            }
+            Ok(0)
+        }
+        97 => {
+            let (cur, max) = rlimit(a0);
+            put(a1, [cur, max])?;
+            Ok(0)
+        }
+        160 => Ok(0),
+        302 => {
+            if a3 != 0 {
+                let (cur, max) = rlimit(a1);
+                put(a3, [cur, max])?;
+            }
+            Ok(0)
+        }
+        98 => {
+            // getrusage: user time = time since boot, the rest zero.
+            let us = time::ticks_to_ms(time::ticks()) * 1000;
+            let mut ru = [0u64; 18];
+            ru[0] = us / 1_000_000;
+            ru[1] = us % 1_000_000;
+            put(a1, ru)?;
+            Ok(0)
+        }
+        99 => {
+            let mut info = [0u64; 14];
+            info[0] = time::ticks() / u64::from(time::TICK_HZ);
+            let total = crate::mem::WINDOW_END - crate::mem::WINDOW_START;
+            info[4] = total;
+            info[5] = total.saturating_sub(k.mem.mapped());
+            info[10] = 1; // procs (u16) in the low bits
+            info[13] = 1; // mem_unit (u32)
+            put(a0, info)?;
+            Ok(0)
+        }
+        157 => Ok(0),
+        158 => match a0 {
+            0x1002 => {
+                threads().current().fs_base = a1;
+                ftvm_guest_kit::syscall::set_fs_base(a1);
+                Ok(0)
+            }
+            0x1003 => {
+                put(a1, threads().current().fs_base)?;
+                Ok(0)
+            }
+            _ => Err(EINVAL),
+        },
+        218 => {
+            threads().current().clear_child_tid = a0;
+            Ok(i64::from(threads().tid()))
+        }
+        273 => Ok(0),
+        203 => Ok(0),
+        204 => {
+            // sched_getaffinity: one CPU.
+            if a1 < 8 {
+                return Err(EINVAL);
+            }
+            put(a2, 1u64)?;
+            Ok(8)
+        }
+        318 => {
+            let buf = user(a0, a1)?;
+            random_fill(k, buf);
+            Ok(a1 as i64)
+        }
+        213 | 291 => {
+            let ep = Rc::new(RefCell::new(Epoll::default()));
+            k.fds.epolls.push(ep.clone());
+            let flags = if nr == 291 { a0 & O_CLOEXEC } else { 0 };
+            k.fds.insert(Kind::Epoll(ep), flags)
+        }
+        233 => {
+            // epoll_ctl(epfd, op, fd, event)
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            let Kind::Epoll(ep) = &f.kind else { return Err(EINVAL) };
+            k.fds.get(a2)?;
+            let mut ep = ep.borrow_mut();
+            let fd = a2 as i32;
+            match a1 {
+                1 | 3 => {
+                    let events: u32 = get(a3)?;
+                    let data: u64 = get(a3 + 4)?;
+                    let exists = ep.interest.contains_key(&fd);
+                    if a1 == 1 && exists {
+                        return Err(EEXIST);
+                    }
+                    if a1 == 3 && !exists {
+                        return Err(ENOENT);
+                    }
+                    ep.interest.insert(fd, (events, data));
+                    Ok(0)
+                }
+                2 => ep.interest.remove(&fd).map(|_| 0).ok_or(ENOENT),
+                _ => Err(EINVAL),
+            }
+        }
+        232 | 281 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
+        15 => Err(ENOSYS),
+        334 => Err(ENOSYS),
+        59 => Err(EPERM),
+        _ => {
+            let _ = (EINTR, EOPNOTSUPP);
+            unsupported(k, nr)
+        }
+    }
+}
+
+fn fstat(k: &mut Kernel, fd: u64, out: u64) -> Result<i64, i64> {
+    let file = k.fds.get(fd)?;
+    let f = file.borrow();
+    match &f.kind {
+        Kind::File { node } => stat_of(&node.borrow(), out),
+        Kind::Dir { path, .. } => {
+            let node = k.fs.get(path).ok_or(ENOENT)?;
+            let n = node.borrow();
+            stat_of(&n, out)
+        }
+        Kind::Console => console_stat(out),
+        _ => {
+            let mode = match f.kind {
+                Kind::Pipe { .. } => 0o010600,
+                _ => 0o140777,
+            };
+            let node = fs::Inode { ino: 0, mode, mtime: 0, data: Data::Dev(Dev::Null) };
+            stat_of(&node, out)
+        }
+    }
+}
