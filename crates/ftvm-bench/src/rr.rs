@@ -79,6 +79,16 @@ struct Summary {
     records: u64,
     guest_duration_ns: u64,
     by_kind: BTreeMap<String, KindCount>,
+    #[serde(default)]
+    sync_points: SyncPoints,
+}
+
+/// The sync points' lateness, as `ftvm log inspect` sums it up.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+struct SyncPoints {
+    count: u64,
+    mean_wait_us: u64,
+    max_wait_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -102,6 +112,8 @@ struct FtvmLog {
     by_kind: BTreeMap<String, KindCount>,
     /// Whole log file of `record --sync-bound 0`.
     nosync_bytes: Series,
+    /// Sync points of the last recording: how many, and how late they delivered.
+    sync_points: SyncPoints,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -286,6 +298,7 @@ fn scenario(
                 flog.records.push(s.records as f64);
                 flog.guest_s.push(s.guest_duration_ns as f64 / 1e9);
                 flog.by_kind = s.by_kind.clone();
+                flog.sync_points = s.sync_points;
             }
             if mode == Mode::FtvmRecordNoSync {
                 flog.nosync_bytes.push(inspect(&ctx.common.ftvm, &nosync_log)?.summary.valid_bytes as f64);
@@ -303,7 +316,9 @@ fn scenario(
     let m = |mode: Mode| times.get(&mode).map_or(f64::NAN, |s| s.median);
     let mut ratios = Vec::new();
     let rec_run = Ratio::new("record/run", m(Mode::FtvmRecord) / m(Mode::FtvmRun));
-    ratios.push(if name == "compute" { rec_run.at_most(1.01) } else { rec_run }.note(delivery_counts(&counts)));
+    // Issue 13's goal: sync points within their budget keep a guest that rewrites memory
+    // between exits at close to its unrecorded speed.
+    ratios.push(if name == "compute" { rec_run.at_most(1.10) } else { rec_run }.note(delivery_counts(&counts)));
     ratios.push(
         Ratio::new("record without sync points/run", m(Mode::FtvmRecordNoSync) / m(Mode::FtvmRun))
             .note("--sync-bound 0: interrupts wait for the next exit, as before sync points"),
@@ -413,6 +428,15 @@ fn print_table(r: &Report) {
             "  ftvm log: {:.0} bytes ({:.0} without the header), {:.0} records, {:.3} s of guest time: {:.0} B/s ({:.4} Mbit/s)",
             l.bytes.median, l.record_bytes.median, l.records.median, l.guest_s.median, l.record_bytes_per_guest_s, l.mbit_per_s
         );
+        let y = &l.sync_points;
+        if y.count > 0 {
+            println!(
+                "  sync points: {} in the last recording, events waited {:.1} ms on average, {:.1} ms at most",
+                y.count,
+                y.mean_wait_us as f64 / 1e3,
+                y.max_wait_us as f64 / 1e3
+            );
+        }
         if let Some(q) = &s.qemu_log {
             println!("  QEMU rr log: {:.0} bytes ({:.0} B/s of record time)", q.bytes.median, q.bytes_per_s);
         }

@@ -172,7 +172,8 @@ pub struct SyncStats {
     pub max_wait_us: u64,
     /// The waits added up (the mean is this over `count`).
     pub total_wait_us: u64,
-    /// The recorder's own time in sync points (state, dirty log, pages, the log record), µs.
+    /// The recorder's own time in sync points (state, dirty log, pages, the log record): the
+    /// vCPU thread's CPU time in them, µs.
     pub work_us: u64,
     /// What they cost the guest in all: `work_us` plus the estimated write faults on the
     /// pages they write-protected again (see [`refault_cost`]), µs.
@@ -252,7 +253,7 @@ impl SyncRecorder {
         self.waiting_since.map(|t| (t + bound - lead).max(self.not_before))
     }
 
-    /// Accounts a sync point that took `work` and handed `pages` pages of the dirty log out
+    /// Accounts a sync point that took `work` (CPU time) and handed `pages` pages of the dirty log out
     /// (each to be write-protected again), and spaces the next one by the budget.
     fn account(&mut self, work: Duration, pages: u64, waited: Duration, end: Instant) {
         let cost = work + self.refault * u32::try_from(pages).unwrap_or(u32::MAX);
@@ -274,6 +275,18 @@ impl Drop for SyncRecorder {
     fn drop(&mut self) {
         self.tracker.unsubscribe(self.consumer);
     }
+}
+
+/// The CPU time of the calling thread. A sync point's work is measured in it, not in wall
+/// time: on a busy host the vCPU thread may be preempted in the middle of one, and that is
+/// no cost of the sync point's to make the guest pay for with a longer spacing.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given and nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// The replayer's side: sync points applied since the last counted exit.
@@ -322,7 +335,7 @@ impl VcpuLoop {
 
     /// Record: takes a sync point here, between two exits.
     pub(crate) fn take_sync_point(&mut self) -> Result<()> {
-        let started = Instant::now();
+        let started = thread_cpu_time();
         // The kick's KVM_RUN left nothing pending; this refreshes kvm_run's view of whether
         // the guest can take an interrupt exactly as the replay will after applying the state.
         self.complete_pending_io()?;
@@ -354,9 +367,8 @@ impl VcpuLoop {
         let kick = sync.since_exit;
         let wait_us = waited.as_micros() as u64;
         self.events.sync_point(kick, wait_us, bytes);
-        let end = Instant::now();
         if let Some(sync) = &mut self.sync {
-            sync.account(end - started, dirty.len(), waited, end);
+            sync.account(thread_cpu_time().saturating_sub(started), dirty.len(), waited, Instant::now());
         }
         Ok(())
     }
