@@ -17,7 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -50,6 +50,17 @@ pub const VERSION: u32 = 1;
 const MANIFEST: &str = "snapshot.json";
 const STATE: &str = "state.bin";
 const MEMORY: &str = "memory.bin";
+
+/// Modes of what a snapshot (or a state transfer's staging) creates: guest memory and disks
+/// are the guest's secrets, readable by ftvm's user alone. Set at creation, never widened
+/// by a chmod later (no instant at which another user could open them).
+pub(crate) const DIR_MODE: u32 = 0o700;
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// A new file of a snapshot, mode [`FILE_MODE`]; it must not exist yet.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(true).create_new(true).mode(FILE_MODE).open(path)
+}
 
 /// Pre-copy stops when a round leaves at most this many dirty pages (1 MiB)...
 const FINAL_PAGES: u64 = 256;
@@ -240,12 +251,7 @@ struct MemoryImage {
 
 impl MemoryImage {
     fn create(path: &Path, mem: &GuestMemoryMmap) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(snap_err(format!("cannot create {}", path.display())))?;
+        let file = create_private(path).map_err(snap_err(format!("cannot create {}", path.display())))?;
         let layout = ram_layout(mem);
         let size = layout.iter().map(|r| r.1).sum();
         file.set_len(size).map_err(snap_err(format!("cannot size {}", path.display())))?;
@@ -449,8 +455,14 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The directory must be new or empty, and writable.
+/// The directory must be new or empty, and writable. For a state transfer's staging
+/// directory, the stale ones a killed ftvm left beside it are removed first.
 pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
+    if let (Some(parent), Some(_)) =
+        (dir.parent(), dir.file_name().and_then(|n| n.to_str()).and_then(ftvm_replication::transfer::staging_owner))
+    {
+        ftvm_replication::transfer::remove_stale_staging(parent);
+    }
     if dir.exists() {
         let mut entries =
             std::fs::read_dir(dir).map_err(snap_err(format!("{} is not a readable directory", dir.display())))?;
@@ -461,10 +473,16 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
             )));
         }
     } else {
-        std::fs::create_dir_all(dir).map_err(snap_err(format!("cannot create {}", dir.display())))?;
+        // Every directory created here is private (a directory given that exists keeps the
+        // mode its owner chose).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(snap_err(format!("cannot create {}", dir.display())))?;
     }
     let probe = dir.join(".ftvm-write-test");
-    File::create(&probe).map_err(snap_err(format!("{} is not writable", dir.display())))?;
+    create_private(&probe).map_err(snap_err(format!("{} is not writable", dir.display())))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -555,11 +573,7 @@ pub(crate) fn take(
         let consumer = d.tracker.subscribe();
         let source = File::open(&d.path).map_err(snap_err(format!("cannot read disk {}", d.path.display())))?;
         let path = dir.join(disk_file(i));
-        let dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(snap_err(format!("cannot create {}", path.display())))?;
+        let dst = create_private(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
         dst.set_len(d.tracker.size()).map_err(snap_err(format!("cannot size {}", path.display())))?;
         let copy = DiskCopy { index: i, src: source, dst, tracker: d.tracker.clone(), consumer };
         for (offset, len) in data_extents(&copy.src, d.tracker.size()) {
@@ -618,7 +632,9 @@ pub(crate) fn take(
             }
             let state = vloop.save_state()?;
             let guest_time = state.clock.guest_now;
-            std::fs::write(&state_path, state.encode()?)
+            let bytes = state.encode()?;
+            create_private(&state_path)
+                .and_then(|mut f| f.write_all(&bytes))
                 .map_err(snap_err(format!("cannot write {}", state_path.display())))?;
             if let Some(hook) = at_cut.take() {
                 hook(vloop)?;
@@ -670,7 +686,7 @@ pub(crate) fn take(
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Snapshot(format!("manifest: {e}")))?;
     let path = dir.join(MANIFEST);
-    let mut f = File::create(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
+    let mut f = create_private(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
     f.write_all(json.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(snap_err(format!("cannot write {}", path.display())))?;
@@ -820,8 +836,18 @@ impl Snapshot {
                 copy.size
             )));
         }
-        let tmp = target.with_extension("restoring");
-        let dst = File::create(&tmp).map_err(restore_err(format!("cannot create {}", tmp.display())))?;
+        // A new file beside the target, renamed over it once complete: a name no other file
+        // has (nothing is truncated on the way), private until it replaces the target, whose
+        // permissions it then keeps.
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = target.with_file_name(format!(".{name}.ftvm-restoring-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let dst = create_private(&tmp).map_err(restore_err(format!("cannot create {}", tmp.display())))?;
+        if let Ok(meta) = std::fs::metadata(target) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            let _ = dst.set_permissions(std::fs::Permissions::from_mode(mode));
+        }
         dst.set_len(size).map_err(restore_err(format!("cannot size {}", tmp.display())))?;
         let hash = read_sparse(&src, size, |offset, bytes| {
             if !is_zero(bytes) {
