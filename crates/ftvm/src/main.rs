@@ -232,7 +232,7 @@ struct SyncArgs {
     /// that cost the guest X (the recorder's work, and the write faults on the pages it
     /// protected again), the next waits at least X (100 - P) / P, so interrupts arrive
     /// later rather than a guest that writes much memory stalling.
-    #[arg(long, value_name = "PERCENT", default_value = "10", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", default_value = "5", value_parser = parse_percent)]
     sync_budget: f64,
 }
 
