@@ -32,6 +32,8 @@ const POLL: Duration = Duration::from_millis(20);
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// How long a client may take to send its request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the accept loop waits for the request of a client it turns away.
+const BUSY_READ_TIMEOUT: Duration = Duration::from_millis(50);
 /// Connections served at once; more are answered 503.
 const MAX_CLIENTS: usize = 16;
 
@@ -107,7 +109,7 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
                 let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
                 if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
-                    let _ = reply_error(&mut stream, 503, "too many API clients at once; try again");
+                    refuse_busy(&mut stream);
                     continue;
                 }
                 clients.fetch_add(1, Ordering::SeqCst);
@@ -128,6 +130,16 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
             }
         }
     }
+}
+
+/// Answers 503 to a client beyond the limit. Its request is read first (briefly): a socket
+/// closed with unread bytes makes the client's read fail with ECONNRESET instead of showing
+/// it the answer.
+fn refuse_busy(stream: &mut UnixStream) {
+    let _ = stream.set_read_timeout(Some(BUSY_READ_TIMEOUT));
+    let _ = http::read_request(stream);
+    let _ = reply_error(stream, 503, "too many API clients at once; try again");
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 fn reply_error(stream: &mut UnixStream, code: u16, message: &str) -> io::Result<()> {
@@ -311,6 +323,38 @@ mod tests {
         c.mark_stopped();
         assert_eq!(route(&put(r#"{"dir":"/tmp/u"}"#), &c).0, 409);
         assert_eq!(route(&req("PUT", "/pause"), &c).0, 409);
+    }
+
+    #[test]
+    fn a_hundred_clients_at_once_each_get_an_answer() {
+        let dir = scratch("busy");
+        let path = dir.join("api.sock");
+        let c = VmControl::new();
+        c.mark_running();
+        let _server = ApiServer::start(&path, c).unwrap();
+        // Clients that stay connected hold the server at its limit for a moment.
+        let holders: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let answers: Vec<_> = (0..100)
+            .map(|_| {
+                let p = path.clone();
+                std::thread::spawn(move || client::raw(&p, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        drop(holders);
+        let mut busy = 0;
+        for a in answers {
+            let r = a.unwrap_or_else(|e| panic!("a client got no answer (reset?): {e}"));
+            assert!(r.status == 200 || r.status == 503, "{} {}", r.status, r.body);
+            if r.status == 503 {
+                busy += 1;
+                assert!(r.body.contains("too many API clients"), "{}", r.body);
+            }
+        }
+        assert!(busy > 0, "the limit was reached: some answers are 503");
     }
 
     #[test]

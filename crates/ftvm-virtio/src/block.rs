@@ -48,8 +48,28 @@ pub struct RawFile {
     size: u64,
 }
 
+/// Locks an image for as long as `file` stays open, as QEMU does: a writer alone, or any
+/// number of readers. Two VMs writing one image (or one VM given it twice) would corrupt it
+/// without a word. The lock is `flock`, held by the open file description, so it also
+/// conflicts within one process.
+fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let how = if readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a descriptor this function's caller owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let held = if readonly { "for writing" } else { "for reading or writing" };
+        return Err(Error::DiskLocked { path: path.into(), held });
+    }
+    Err(Error::DiskOpen { path: path.into(), source })
+}
+
 impl RawFile {
-    /// Opens `path` read-write, or read-only if `readonly`.
+    /// Opens `path` read-write, or read-only if `readonly`, and locks it (a writer alone, or
+    /// readers together).
     pub fn open(path: &Path, readonly: bool) -> Result<Self, Error> {
         let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(|source| {
             let denied =
@@ -72,6 +92,7 @@ impl RawFile {
             use std::io::Seek;
             (&file).seek(std::io::SeekFrom::End(0)).map_err(|source| Error::DiskOpen { path: path.into(), source })?
         };
+        lock(&file, path, readonly)?;
         if size % SECTOR_SIZE != 0 {
             tracing::warn!(
                 "disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last partial sector is not visible",
@@ -711,6 +732,25 @@ mod tests {
         let err = RawFile::open(&ro, false).unwrap_err();
         assert!(matches!(err, Error::DiskNotWritable { .. }), "{err}");
         assert!(err.to_string().contains(",readonly"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_image_has_one_writer_or_many_readers() {
+        let dir = scratch("rawfile-lock");
+        let img = dir.join("a.img");
+        std::fs::write(&img, [0u8; 4096]).unwrap();
+        let writer = RawFile::open(&img, false).unwrap();
+        for readonly in [false, true] {
+            let err = RawFile::open(&img, readonly).unwrap_err();
+            assert!(matches!(err, Error::DiskLocked { .. }), "{err}");
+            assert!(err.to_string().contains("in use by another VM") && err.to_string().contains("a.img"), "{err}");
+        }
+        drop(writer);
+        let (r1, r2) = (RawFile::open(&img, true).unwrap(), RawFile::open(&img, true).unwrap());
+        assert!(matches!(RawFile::open(&img, false), Err(Error::DiskLocked { .. })), "readers keep a writer out");
+        drop((r1, r2));
+        assert!(RawFile::open(&img, false).is_ok(), "the lock goes with the last reader");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

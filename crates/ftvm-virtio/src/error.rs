@@ -11,6 +11,11 @@ pub enum Error {
     DiskNotWritable { path: PathBuf, source: std::io::Error },
     #[error("disk image {path} is not a regular file or block device")]
     DiskNotAFile { path: PathBuf },
+    #[error(
+        "disk image {path} is in use by another VM (or given twice): it is locked {held}; give each VM its own \
+         image, or attach it with ,readonly everywhere"
+    )]
+    DiskLocked { path: PathBuf, held: &'static str },
     #[error("invalid TAP name {name:?}: {why}")]
     TapName { name: String, why: &'static str },
     #[error("TAP device {name} does not exist; create it first (ip tuntap add dev {name} mode tap)")]

@@ -157,8 +157,22 @@ struct PairArgs {
     /// Milliseconds without a heartbeat after which the peer is taken for dead (heartbeats
     /// go every 50 ms). 300 lets a backup go live before a client's TCP retransmits a
     /// request lost with the primary for the second time (200 and 400 ms after it was sent).
-    #[arg(long, value_name = "MS", default_value_t = ftvm_replication::DEFAULT_TIMEOUT.as_millis() as u64)]
+    #[arg(long, value_name = "MS", default_value_t = ftvm_replication::DEFAULT_TIMEOUT.as_millis() as u64,
+          value_parser = parse_timeout)]
     timeout: u64,
+}
+
+/// A peer timeout: at least three heartbeat intervals, or one late datagram breaks the pair.
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let ms: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of milliseconds"))?;
+    let floor = 3 * ftvm_replication::HEARTBEAT_INTERVAL.as_millis() as u64;
+    if ms < floor {
+        return Err(format!(
+            "{ms} ms is too short: heartbeats go every {} ms, so the timeout must be at least {floor} ms",
+            ftvm_replication::HEARTBEAT_INTERVAL.as_millis()
+        ));
+    }
+    Ok(ms)
 }
 
 #[derive(clap::Args, Debug)]
