@@ -26,9 +26,10 @@ pub const SYS_MAP_MMIO: u64 = 2;
 /// storage, as Linux's `arch_prctl(ARCH_SET_FS)`); RAX = 0.
 pub const SYS_SET_FS_BASE: u64 = 3;
 /// `set_syscall_entry`: makes the `syscall` instruction usable: EFER.SCE, LSTAR = RDI,
-/// STAR with the kit's selectors (ring-0 CS 0x08, ring-3 base 0x10), SFMASK = TF|IF|DF|AC
-/// (so a `syscall` that enters ring 0, as on hardware KVM, runs with interrupts off until
-/// the handler leaves ring 0). RAX = 0. On our KVM a ring-3 `syscall` stays in ring 3.
+/// STAR with the kit's selectors (ring-0 CS 0x08, ring-3 base 0x10), SFMASK = RSI (the
+/// RFLAGS bits `syscall` clears: with IF among them, a `syscall` that enters ring 0, as on
+/// hardware KVM, runs with interrupts off until the handler leaves ring 0). RAX = 0. On our
+/// KVM a ring-3 `syscall` stays in ring 3.
 pub const SYS_SET_SYSCALL_ENTRY: u64 = 4;
 
 core::arch::global_asm!(
@@ -110,8 +111,8 @@ kit_ud_entry:
     mov %rdi, %rdx
     shr $32, %rdx
     wrmsr
-    mov $0xC0000084, %ecx           # SFMASK: TF | IF | DF | AC
-    mov $0x40700, %eax
+    mov $0xC0000084, %ecx           # SFMASK = RSI
+    mov %esi, %eax
     xor %edx, %edx
     wrmsr
     pop %rdx
@@ -174,13 +175,19 @@ pub fn set_fs_base(base: u64) {
     }
 }
 
-/// Makes `syscall` jump to `entry` (LSTAR), with EFER.SCE, STAR and SFMASK set (see
+/// RFLAGS bits for [`set_syscall_entry`]'s `sfmask`: TF, IF, DF, AC.
+pub const SFMASK_TF: u64 = 1 << 8;
+pub const SFMASK_IF: u64 = 1 << 9;
+pub const SFMASK_DF: u64 = 1 << 10;
+pub const SFMASK_AC: u64 = 1 << 18;
+
+/// Makes `syscall` jump to `entry` (LSTAR), with EFER.SCE, STAR and SFMASK = `sfmask` (see
 /// [`SYS_SET_SYSCALL_ENTRY`]).
 ///
 /// # Safety
 /// `entry` must be code that handles a `syscall` from ring 3 both when it arrives in ring 3
 /// (our KVM) and in ring 0 with the caller's stack (hardware KVM, QEMU TCG).
-pub unsafe fn set_syscall_entry(entry: u64) {
+pub unsafe fn set_syscall_entry(entry: u64, sfmask: u64) {
     // SAFETY: as for `idle`; the caller vouches for `entry`.
     unsafe {
         asm!(
@@ -188,6 +195,7 @@ pub unsafe fn set_syscall_entry(entry: u64) {
             "nop dword ptr [rax + 0x54494b]",
             inlateout("rax") SYS_SET_SYSCALL_ENTRY => _,
             in("rdi") entry,
+            in("rsi") sfmask,
             options(nostack)
         )
     }

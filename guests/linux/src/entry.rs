@@ -65,6 +65,7 @@ linux_syscall_entry:
     jnz linux_syscall_ring3
     # Ring 0 (hardware KVM, QEMU TCG), interrupts off: continue in ring 3 on the kernel
     # stack, with the program's RFLAGS (R11), RCX and RAX untouched.
+    movb $1, linux_entered_ring0(%rip)
     pushq $0x1b                     # SS: user data
     pushq linux_kstack_top(%rip)    # RSP
     push %r11                       # RFLAGS
@@ -161,10 +162,30 @@ extern "C" {
     fn linux_fxsave(area: *mut u8);
 }
 
-/// Points LSTAR at the entry.
-pub fn install() {
+/// Set by the ring-0 path of the entry (a `syscall` that entered ring 0).
+#[export_name = "linux_entered_ring0"]
+static ENTERED_RING0: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
+/// Points LSTAR at the entry, and finds out in which ring a `syscall` arrives: first with
+/// SFMASK clearing IF (required where it enters ring 0: the first instructions run on the
+/// program's stack, where an interrupt would clobber its red zone), then one `getpid`. If it
+/// stayed in ring 3 (our KVM), IF is left alone, so that interrupts keep coming (the timer,
+/// device IRQs) while the program computes: on our KVM a ring-3 RFLAGS.IF cleared by
+/// `syscall` could not be set again by `popfq`, and time would stand still under load.
+/// Returns whether `syscall` enters ring 0.
+pub fn install() -> bool {
+    use ftvm_guest_kit::syscall::{set_syscall_entry, SFMASK_AC, SFMASK_DF, SFMASK_IF, SFMASK_TF};
+    let entry = linux_syscall_entry as *const () as u64;
     // SAFETY: `linux_syscall_entry` handles a `syscall` from ring 3 in both rings (above).
-    unsafe { ftvm_guest_kit::syscall::set_syscall_entry(linux_syscall_entry as *const () as u64) };
+    unsafe { set_syscall_entry(entry, SFMASK_TF | SFMASK_IF | SFMASK_DF | SFMASK_AC) };
+    // SAFETY: a plain getpid through the entry just installed (the kernel state is set up).
+    unsafe { core::arch::asm!("syscall", inlateout("rax") 39u64 => _, out("rcx") _, out("r11") _) };
+    let ring0 = ENTERED_RING0.load(Ordering::Relaxed) != 0;
+    if !ring0 {
+        // SAFETY: as above; only IF is no longer cleared.
+        unsafe { set_syscall_entry(entry, SFMASK_TF | SFMASK_DF | SFMASK_AC) };
+    }
+    ring0
 }
 
 /// A Frame with every register zero except those given, and the current FPU/SSE state.
@@ -231,4 +252,57 @@ pub fn switch(save: &mut u64, resume: u64, resume_top: u64) {
     KSTACK_TOP.store(resume_top, Ordering::Relaxed);
     // SAFETY: `resume` is a stack pointer saved by `switch` or made by `prepare`.
     unsafe { linux_switch(save as *mut u64, resume) }
+}
+
+core::arch::global_asm!(
+    r#"
+    .text
+    .globl linux_probe_jmp
+linux_probe_jmp:
+    jmp *%rcx
+    .globl linux_probe_spin
+linux_probe_spin:                   # rdi = count
+1:  dec %rdi
+    jnz 1b
+    ret
+    .globl linux_probe_loop
+linux_probe_loop:                   # rdi = count
+1:  syscall
+    dec %rdi
+    jnz 1b
+    ret
+    "#,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn linux_probe_jmp();
+    fn linux_probe_loop(count: u64);
+    fn linux_probe_spin(count: u64);
+}
+
+fn spin_ticks(n: u64) -> u64 {
+    let t0 = ftvm_guest_kit::time::ticks();
+    // SAFETY: a register-only loop.
+    unsafe { linux_probe_spin(n) };
+    ftvm_guest_kit::time::ticks() - t0
+}
+
+/// `linux.syscall_probe`: times `syscall` + `jmp *%rcx` from the personality itself.
+pub fn probe() {
+    // SAFETY: the probe entry returns at once with `jmp *%rcx`.
+    unsafe { ftvm_guest_kit::syscall::set_syscall_entry(linux_probe_jmp as *const () as u64, 0x40700) };
+    ftvm_guest_kit::println!("linux: probe: 300M-iteration spin before any syscall: {} ticks", spin_ticks(300_000_000));
+    // SAFETY: see above.
+    unsafe { linux_probe_loop(1) };
+    ftvm_guest_kit::println!("linux: probe: the same spin after one syscall: {} ticks", spin_ticks(300_000_000));
+    ftvm_guest_kit::syscall::idle();
+    ftvm_guest_kit::println!("linux: probe: the same spin after a kit idle (iretq): {} ticks", spin_ticks(300_000_000));
+    for n in [1000u64, 100_000] {
+        let t0 = ftvm_guest_kit::time::ticks();
+        // SAFETY: see above.
+        unsafe { linux_probe_loop(n) };
+        let t1 = ftvm_guest_kit::time::ticks();
+        ftvm_guest_kit::println!("linux: probe: {n} x syscall+jmp *%rcx in {} ticks", t1 - t0);
+    }
 }

@@ -26,6 +26,7 @@ mod mem;
 mod net;
 mod sched;
 mod sys;
+mod vdso;
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -244,6 +245,7 @@ fn main() {
         fatal("too little memory above the process window (give the VM 512 MiB or more: --mem 1G)");
     }
     let boot_epoch = epoch_now();
+    vdso::set_clock(boot_epoch, time::ticks());
     let fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
         Ok(fs) => fs,
         Err(error) => fatal(&alloc::format!("initramfs ({} bytes): {error}", initrd.size)),
@@ -294,6 +296,7 @@ fn main() {
         (linux_abi::stack::AT_SECURE, 0),
         (linux_abi::stack::AT_CLKTCK, u64::from(time::TICK_HZ)),
         (linux_abi::stack::AT_HWCAP, 0),
+        (linux_abi::stack::AT_SYSINFO_EHDR, vdso::build()),
     ];
     let envp: [&[u8]; 3] = [b"HOME=/", b"PATH=/:/bin:/usr/bin", b"TERM=dumb"];
     let args: Vec<&[u8]> = argv.iter().map(|a| a.as_bytes()).collect();
@@ -330,7 +333,16 @@ fn main() {
         *KERNEL.0.get() = Some(kernel);
         *SCHED.0.get() = Some(sched::Sched::new(PID));
     }
-    entry::install();
+    if cmdline::flag("linux.syscall_probe") {
+        entry::probe();
+    }
+    // The probe syscall of `install` runs the entry, which needs a kernel stack.
+    entry::KSTACK_TOP.store(sched().main_kstack_top(), core::sync::atomic::Ordering::Relaxed);
+    let ring0 = entry::install();
+    println!(
+        "linux: syscall enters {}",
+        if ring0 { "ring 0 (interrupts off until the handler is back in ring 3)" } else { "ring 3 (served there)" }
+    );
     let frame = entry::fresh_frame(loaded.entry, stack.sp);
     entry::enter(sched().main_kstack_top(), &frame)
 }

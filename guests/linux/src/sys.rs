@@ -232,14 +232,8 @@ fn path_at(k: &Kernel, dirfd: i64, ptr: u64) -> Result<String, i64> {
     }
 }
 
-fn now_ns(k: &Kernel, realtime: bool) -> u64 {
-    let ns = time::ticks_to_ms(time::ticks() - k.boot_ticks) * 1_000_000;
-    if realtime {
-        k.boot_epoch * 1_000_000_000 + ns
-    } else {
-        // Monotonic time starts at a second, never at zero (some programs treat 0 as unset).
-        1_000_000_000 + ns
-    }
+fn now_ns(_k: &Kernel, realtime: bool) -> u64 {
+    crate::vdso::now_ns(if realtime { 0 } else { 1 })
 }
 
 fn random_fill(k: &mut Kernel, buf: &mut [u8]) {
@@ -891,11 +885,42 @@ fn rlimit(resource: u64) -> (u64, u64) {
 /// Entered from `linux_syscall_ring3` with the thread's saved registers.
 #[no_mangle]
 extern "C" fn linux_syscall(frame: &mut Frame) {
+    count(frame.rax);
     let result = dispatch(frame);
     frame.rax = match result {
         Ok(value) => value as u64,
         Err(errno) => (-errno) as u64,
     };
+}
+
+/// `linux.counts=N` on the command line: every N system calls, one console line with the
+/// ten most frequent numbers since the last (a profiling aid; off by default).
+fn count(nr: u64) {
+    static EVERY: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+    static mut COUNTS: [u64; 512] = [0; 512];
+    static mut TOTAL: u64 = 0;
+    let mut every = EVERY.load(core::sync::atomic::Ordering::Relaxed);
+    if every == u64::MAX {
+        every = ftvm_guest_kit::cmdline::param_u64_or("linux.counts", 0);
+        EVERY.store(every, core::sync::atomic::Ordering::Relaxed);
+    }
+    if every == 0 {
+        return;
+    }
+    // SAFETY: one CPU, only system-call entry touches these.
+    unsafe {
+        let counts = &mut *core::ptr::addr_of_mut!(COUNTS);
+        counts[(nr as usize).min(511)] += 1;
+        TOTAL += 1;
+        if TOTAL.is_multiple_of(every) {
+            let mut top: Vec<(u64, usize)> =
+                counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(n, &c)| (c, n)).collect();
+            top.sort_unstable_by(|a, b| b.cmp(a));
+            let list: Vec<String> = top.iter().take(10).map(|(c, n)| alloc::format!("{n}:{c}")).collect();
+            println!("linux: {every} system calls at tick {}: {}", time::ticks(), list.join(" "));
+            counts.fill(0);
+        }
+    }
 }
 
 fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
@@ -1423,8 +1448,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         228 => {
             // clock_gettime: REALTIME (0, 5 coarse, 8 alarm, 11 TAI) from the RTC at boot
             // plus ticks; every other clock counts ticks since boot.
-            let realtime = matches!(a0, 0 | 5 | 8 | 11);
-            let ns = now_ns(k, realtime);
+            let ns = crate::vdso::now_ns(a0);
             put(a1, [ns / 1_000_000_000, ns % 1_000_000_000])?;
             Ok(0)
         }
