@@ -42,8 +42,10 @@ enum Command {
     /// (LOG.disk0, ...) and the guest writes to the copies: the original images are never
     /// written. Interrupts are delivered at exits only (the deterministic mode).
     ///
-    /// Exit status: as for `run`, plus 7 when the log reached --max-size (it then ends
-    /// with END(size limit) and replays up to there).
+    /// Exit status: as for `run`, plus 7 when the recording stopped early: the log reached
+    /// its size limit (--max-size, by default half the free space; it then ends with
+    /// END(size limit)) or could not be written (a full disk: it ends with at most one torn
+    /// frame). Either way it replays exactly up to there.
     Record(RecordArgs),
     /// Re-execute a recorded VM from its log and check that it does exactly what it did.
     ///
