@@ -280,3 +280,212 @@ fn the_same_image_serves_under_qemu_microvm_kvm_and_tcg() {
     qemu_serves("kvm", port, &dir);
     qemu_serves("tcg", port + 1, &dir);
 }
+
+/// A C program for the personality's own checks, built with Debian's musl-gcc (musl-tools,
+/// scripts/deps.sh): arguments and environment, memory, threads with a mutex and a condition
+/// variable (futex), a pipe, files in /data, the guest clock advancing while the program
+/// computes (timer interrupts stay on after `syscall`), and its 128-byte red zone intact
+/// across system calls and interrupts.
+const PROGRAM: &str = r#"
+#include <dirent.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t turn = PTHREAD_COND_INITIALIZER;
+static long counter, next;
+
+static void *worker(void *arg) {
+    long me = (long)arg;
+    for (int i = 0; i < 100; i++) {
+        pthread_mutex_lock(&lock);
+        while (next != me) pthread_cond_wait(&turn, &lock);
+        counter++;
+        next = (next + 1) % 4;
+        pthread_cond_broadcast(&turn);
+        pthread_mutex_unlock(&lock);
+    }
+    return (void *)(me * 10);
+}
+
+static long ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* 16 words below RSP hold a pattern while the loop spins and makes system calls. */
+static long red_zone_round(long spin, long calls) {
+    long bad;
+    __asm__ volatile(
+        "lea -128(%%rsp), %%rdi\n mov $16, %%r8\n movabs $0x5a5a5a5a5a5a5a5a, %%r9\n"
+        "1: mov %%r9, -8(%%rdi,%%r8,8)\n dec %%r8\n jnz 1b\n"
+        "mov %[calls], %%r10\n"
+        "2: mov %[spin], %%rdx\n 3: dec %%rdx\n jnz 3b\n"
+        "mov $110, %%eax\n syscall\n dec %%r10\n jnz 2b\n"
+        "xor %%eax, %%eax\n mov $16, %%r8\n lea -128(%%rsp), %%rdi\n"
+        "4: cmp %%r9, -8(%%rdi,%%r8,8)\n je 5f\n inc %%rax\n 5: dec %%r8\n jnz 4b\n"
+        : "=&a"(bad) : [spin] "r"(spin), [calls] "r"(calls)
+        : "rcx", "r11", "rdx", "rdi", "r8", "r9", "r10", "memory", "cc");
+    return bad;
+}
+
+int main(int argc, char **argv) {
+    printf("args:");
+    for (int i = 0; i < argc; i++) printf(" %s", argv[i]);
+    printf("\nhome: %s\n", getenv("HOME"));
+    char *big = malloc(8 << 20);
+    memset(big, 7, 8 << 20);
+    char *map = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    printf("memory: %d %d\n", big[12345], map[4321]);
+    munmap(map, 1 << 20);
+    free(big);
+
+    pthread_t t[4];
+    for (long i = 0; i < 4; i++) pthread_create(&t[i], 0, worker, (void *)i);
+    long sum = 0;
+    for (int i = 0; i < 4; i++) {
+        void *r;
+        pthread_join(t[i], &r);
+        sum += (long)r;
+    }
+    printf("threads: counter %ld joined %ld\n", counter, sum);
+
+    int p[2];
+    pipe(p);
+    write(p[1], "through a pipe", 14);
+    char buf[64] = {0};
+    read(p[0], buf, sizeof buf - 1);
+    printf("pipe: %s\n", buf);
+
+    FILE *f = fopen("/data/a.txt", "w");
+    fprintf(f, "persisted line\n");
+    fclose(f);
+    rename("/data/a.txt", "/data/b.txt");
+    f = fopen("/data/b.txt", "r");
+    memset(buf, 0, sizeof buf);
+    fgets(buf, sizeof buf, f);
+    fclose(f);
+    DIR *d = opendir("/data");
+    struct dirent *e;
+    int names = 0;
+    while ((e = readdir(d))) names += e->d_name[0] != '.';
+    closedir(d);
+    printf("file: %s", buf);
+    printf("dir: %d entries\n", names);
+
+    long start = ms(), rounds = 0, bad = 0;
+    while (ms() - start < 500) {
+        bad += red_zone_round(100000, 4);
+        rounds++;
+    }
+    printf("red zone: %ld rounds over %ld ms of guest time, %ld words clobbered\n", rounds, ms() - start, bad);
+    return 7;
+}
+"#;
+
+/// Builds `source` with Debian's musl (musl-tools): `musl-gcc -static`, or, for a static-PIE
+/// (Debian's musl-gcc.specs has no -static-pie), compiled with `musl-gcc -fPIE` and linked by
+/// gcc with musl's rcrt1.o (the self-relocating start code) and libc.a.
+fn build_c(source: &Path, binary: &Path, pie: bool) {
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("musl-gcc is missing: install Debian's musl-tools (scripts/deps.sh does)");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    if !pie {
+        run(Command::new("musl-gcc").args(["-static", "-O2", "-pthread", "-o"]).arg(binary).arg(source));
+        return;
+    }
+    let musl = Path::new("/usr/lib/x86_64-linux-musl");
+    let object = binary.with_extension("o");
+    run(Command::new("musl-gcc").args(["-fPIE", "-O2", "-c", "-o"]).arg(&object).arg(source));
+    let gcc_file = |name: &str| {
+        let out = Command::new("x86_64-linux-gnu-gcc").arg(format!("-print-file-name={name}")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let libgcc = Command::new("x86_64-linux-gnu-gcc").arg("-print-libgcc-file-name").output().unwrap();
+    run(Command::new("x86_64-linux-gnu-gcc")
+        .args(["-static-pie", "-nostdlib", "-o"])
+        .arg(binary)
+        .arg(musl.join("rcrt1.o"))
+        .arg(musl.join("crti.o"))
+        .arg(gcc_file("crtbeginS.o"))
+        .arg(&object)
+        .arg(format!("-L{}", musl.display()))
+        .arg("-lc")
+        .arg(String::from_utf8_lossy(&libgcc.stdout).trim())
+        .arg(gcc_file("crtendS.o"))
+        .arg(musl.join("crtn.o")));
+}
+
+/// A cpio newc archive holding `files` (name, mode, bytes).
+fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut entry = |ino: u32, name: &str, mode: u32, data: &[u8]| {
+        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        out.extend_from_slice(b"070701");
+        for value in fields {
+            out.extend_from_slice(format!("{value:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(i as u32 + 1, name, *mode, data);
+    }
+    entry(0, "TRAILER!!!", 0, &[]);
+    out
+}
+
+#[test]
+fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-c");
+    let source = dir.join("probe.c");
+    std::fs::write(&source, PROGRAM).unwrap();
+    let (elf, _) = redis_image();
+    for flavour in ["static", "static-pie"] {
+        let binary = dir.join(format!("probe-{flavour}"));
+        build_c(&source, &binary, flavour == "static-pie");
+        // e_type: ET_EXEC (2) or ET_DYN (3, a static-PIE: no PT_INTERP, relocates itself).
+        let e_type = std::fs::read(&binary).unwrap()[16];
+        assert_eq!(e_type, if flavour == "static" { 2 } else { 3 }, "{flavour}");
+        let archive = dir.join(format!("probe-{flavour}.cpio"));
+        std::fs::write(&archive, cpio(&[("probe", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+        let (out, console) = run_guest(
+            &elf,
+            &["--mem", "1G", "--rng", "--initrd", &archive.display().to_string(), "--cmdline=init=/probe -- one two"],
+            &dir,
+        );
+        assert_eq!(out.status.code(), Some(0), "{flavour}: {console}");
+        for expected in [
+            "args: /probe one two\n",
+            "home: /\n",
+            "memory: 7 0\n",
+            "threads: counter 400 joined 60\n",
+            "pipe: through a pipe\n",
+            "file: persisted line\n",
+            "dir: 1 entries\n",
+            " words clobbered\n",
+            "linux: exit status 7\n",
+        ] {
+            assert!(console.contains(expected), "{flavour}: no {expected:?} in:\n{console}");
+        }
+        assert!(console.contains(", 0 words clobbered"), "{flavour}: the red zone was touched:\n{console}");
+        assert!(!console.contains("unsupported system call"), "{flavour}:\n{console}");
+    }
+}
