@@ -1,4 +1,5 @@
-//! Errors of the VMM core. Each says what went wrong and, where the user can act, what to do.
+//! Errors of the VMM (boot and sessions; the machine layer has its own, `ftvm_machine::Error`).
+//! Each says what went wrong and, where the user can act, what to do.
 
 use std::path::PathBuf;
 
@@ -6,12 +7,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}. ftvm needs KVM: load the kvm module (hardware: kvm_intel or kvm_amd; this platform: kvm_pvm) and run as a user who can open /dev/kvm (root or the kvm group)")]
-    KvmOpen { path: PathBuf, source: std::io::Error },
-    #[error("KVM API version {0} is not supported (need 12)")]
-    KvmApiVersion(i32),
-    #[error("KVM lacks a capability ftvm needs: {0}")]
-    KvmCapability(&'static str),
     #[error("KVM call {call} failed: {source}")]
     Kvm { call: &'static str, source: kvm_ioctls::Error },
     #[error("cannot read kernel image {path}: {source}")]
@@ -26,22 +21,16 @@ pub enum Error {
     KernelLoad { path: PathBuf, detail: String },
     #[error("guest memory of {mem_mib} MiB is too small: {what} needs {need_mib} MiB")]
     MemoryTooSmall { mem_mib: u64, what: String, need_mib: u64 },
-    #[error("guest memory size {0} is not supported: {1}")]
-    MemorySize(u64, &'static str),
-    #[error("cannot allocate guest memory: {0}")]
-    MemoryAlloc(String),
     #[error("guest memory access at {addr:#x} failed: {detail}")]
     GuestMemory { addr: u64, detail: String },
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("console: {0}")]
     Console(String),
-    #[error("device setup: {0}")]
-    Devices(String),
     #[error(transparent)]
     Virtio(#[from] ftvm_virtio::Error),
-    #[error("{count} virtio devices requested, but at most {max} fit: each needs its own ISA interrupt line (5, 6, 7, 9, 10, 11)")]
-    TooManyDevices { count: usize, max: usize },
+    #[error(transparent)]
+    Machine(#[from] ftvm_machine::Error),
     #[error("invalid --{option} {text:?}: {why}")]
     DeviceOption { option: &'static str, text: String, why: String },
     #[error("{0}")]

@@ -787,6 +787,6 @@ mod tests {
         let mut c = config(vec![]);
         c.disks = (0..7).map(|i| DiskConfig { path: format!("d{i}").into(), readonly: false }).collect();
         let err = open_virtio(&c, true).err().unwrap();
-        assert!(matches!(err, Error::TooManyDevices { count: 7, .. }), "{err}");
+        assert!(matches!(err, Error::Machine(ftvm_machine::Error::TooManyDevices { count: 7, .. })), "{err}");
     }
 }

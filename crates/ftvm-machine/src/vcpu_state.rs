@@ -45,10 +45,10 @@ impl VcpuState {
     pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self> {
         let entries: Vec<_> =
             msr_indices.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::Snapshot(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::Capture(format!("MSR list: {e:?}")))?;
         let read = vcpu.get_msrs(&mut msrs).map_err(Error::kvm("KVM_GET_MSRS"))?;
         if read != entries.len() {
-            return Err(Error::Snapshot(format!(
+            return Err(Error::Capture(format!(
                 "KVM_GET_MSRS read {read} of {} MSRs; MSR {:#x} cannot be saved",
                 entries.len(),
                 msr_indices.get(read).copied().unwrap_or(0)
@@ -106,10 +106,7 @@ impl VcpuState {
 /// KVM_GET_XSAVE2, which this version does not use.
 pub fn check_xsave_size(xsave_size: u32) -> Result<()> {
     if xsave_size as usize > std::mem::size_of::<kvm_xsave>() {
-        return Err(Error::Snapshot(format!(
-            "this host's XSAVE state is {xsave_size} bytes; saving more than {} is not supported yet",
-            std::mem::size_of::<kvm_xsave>()
-        )));
+        return Err(Error::XsaveTooLarge { size: xsave_size, max: std::mem::size_of::<kvm_xsave>() });
     }
     Ok(())
 }

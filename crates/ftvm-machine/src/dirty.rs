@@ -259,7 +259,7 @@ impl DirtyTracker {
         let empty = PageSet::empty(&inner.slots);
         match inner.consumers.get_mut(consumer.0) {
             Some(Some(set)) => Ok(std::mem::replace(set, empty)),
-            _ => Err(Error::Snapshot("a dirty-page consumer was used after it ended".into())),
+            _ => Err(Error::ConsumerEnded),
         }
     }
 

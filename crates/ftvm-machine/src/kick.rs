@@ -59,8 +59,7 @@ impl Kicker {
         static INSTALL: Once = Once::new();
         let mut result = Ok(());
         INSTALL.call_once(|| {
-            result = register_signal_handler(kick_signal(), on_kick)
-                .map_err(|e| Error::Thread(format!("cannot install the vCPU kick signal handler: {e}")));
+            result = register_signal_handler(kick_signal(), on_kick).map_err(Error::KickSignal);
         });
         result?;
         Ok(Arc::new(Kicker { target: Mutex::new(None), kicks: AtomicU64::new(0) }))
@@ -163,7 +162,7 @@ impl DeadlineTimer {
                     }
                 }
             })
-            .map_err(|e| Error::Thread(format!("cannot start the timer thread: {e}")))?;
+            .map_err(|source| Error::Thread { what: "timer", source })?;
         Ok(DeadlineTimer { shared, thread: Some(thread) })
     }
 

@@ -1,0 +1,48 @@
+//! Errors of the machine layer. Each says what went wrong and, where the user can act, what
+//! to do; causes are kept as sources.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}. ftvm needs KVM: load the kvm module (hardware: kvm_intel or kvm_amd; this platform: kvm_pvm) and run as a user who can open /dev/kvm (root or the kvm group)")]
+    KvmOpen { path: PathBuf, source: std::io::Error },
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a capability ftvm needs: {0}")]
+    KvmCapability(&'static str),
+    #[error("KVM call {call} failed: {source}")]
+    Kvm { call: &'static str, source: kvm_ioctls::Error },
+    #[error("guest memory size {0} is not supported: {1}")]
+    MemorySize(u64, &'static str),
+    #[error("cannot allocate guest memory: {0}")]
+    MemoryAlloc(String),
+    #[error("device setup: {0}")]
+    Devices(String),
+    #[error(transparent)]
+    Virtio(#[from] ftvm_virtio::Error),
+    #[error("{count} virtio devices requested, but at most {max} fit: each needs its own ISA interrupt line (5, 6, 7, 9, 10, 11)")]
+    TooManyDevices { count: usize, max: usize },
+    #[error("cannot start the {what} thread: {source}")]
+    Thread { what: &'static str, source: std::io::Error },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickSignal(#[source] vmm_sys_util::errno::Error),
+    #[error("a dirty-page consumer was used after it ended")]
+    ConsumerEnded,
+    /// Saving the vCPU's state failed (a snapshot, a sync point, a state transfer).
+    #[error("snapshot: {0}")]
+    Capture(String),
+    #[error("this host's XSAVE state is {size} bytes; saving more than {max} is not supported yet")]
+    XsaveTooLarge { size: u32, max: usize },
+    /// A saved state does not fit this VM.
+    #[error("restore: {0}")]
+    Restore(String),
+}
+
+impl Error {
+    pub(crate) fn kvm(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { call, source }
+    }
+}

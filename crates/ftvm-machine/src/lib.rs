@@ -1,0 +1,25 @@
+//! ftvm's machine layer: the VM as a machine, below every session (run, record, replay, the
+//! pair). It depends on the device model, the virtio devices and the log's hashing, never on
+//! the event sessions above it (ftvm-vmm) nor on replication or the control API: the
+//! compiler keeps it so.
+//!
+//! - [`kvm`]: opening /dev/kvm and telling hardware KVM from the PVM software backend.
+//! - [`memory`]: the guest physical memory layout and its KVM memory slots.
+//! - [`cpuid`], [`msr`]: the fixed CPUID and MSR policy.
+//! - [`kick`]: getting a vCPU out of KVM_RUN, and the deadline timer that does it.
+//! - [`dirty`], [`disk`]: which guest pages and disk blocks changed, for every consumer.
+//! - [`vcpu_state`]: the vCPU's saved state.
+//! - [`legacy`]: the device buses and the legacy PC devices' wiring.
+
+pub mod cpuid;
+pub mod dirty;
+pub mod disk;
+pub mod error;
+pub mod kick;
+pub mod kvm;
+pub mod legacy;
+pub mod memory;
+pub mod msr;
+pub mod vcpu_state;
+
+pub use error::{Error, Result};
