@@ -267,6 +267,26 @@ impl Key {
     }
 }
 
+/// HMAC-SHA256 of `data` under `key` (a snapshot's manifest is sealed with it).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<[u8; 32], SecureError> {
+    let mut mac = keyed(key)?;
+    mac.update(data);
+    Ok(mac.finalize().into_bytes().into())
+}
+
+/// Whether `tag` is the HMAC-SHA256 of `data` under `key` (compared in constant time).
+pub fn hmac_sha256_verify(key: &[u8], data: &[u8], tag: &[u8]) -> bool {
+    keyed(key).is_ok_and(|mut mac| {
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    })
+}
+
+/// Fills `buf` from the host's random source.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    getrandom::fill(buf).map_err(|e| io::Error::other(format!("the host's random source failed: {e}")))
+}
+
 fn decode_hex(text: &[u8]) -> Option<Vec<u8>> {
     fn nibble(c: u8) -> Option<u8> {
         (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok())

@@ -50,6 +50,10 @@ pub const VERSION: u32 = 1;
 const MANIFEST: &str = "snapshot.json";
 const STATE: &str = "state.bin";
 const MEMORY: &str = "memory.bin";
+/// The manifest's seal: HMAC-SHA256 of its bytes under this user's snapshot key, hex.
+const SEAL: &str = "snapshot.hmac";
+/// This user's snapshot key, in [`key_dir`].
+const SNAPSHOT_KEY: &str = "snapshot.key";
 
 /// Modes of what a snapshot (or a state transfer's staging) creates: guest memory and disks
 /// are the guest's secrets, readable by ftvm's user alone. Set at creation, never widened
@@ -489,7 +493,7 @@ pub(crate) fn prepare_dir(dir: &Path) -> Result<()> {
 
 /// Removes what a failed snapshot wrote (only the files a snapshot writes).
 fn discard(dir: &Path) {
-    for name in [MANIFEST, STATE, MEMORY] {
+    for name in [MANIFEST, SEAL, STATE, MEMORY] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     for i in 0..16 {
@@ -667,7 +671,9 @@ pub(crate) fn take(
             }
             Some(entry_for(dir, &disk_file(i))?)
         };
-        disks.push(DiskEntry { source: d.path.display().to_string(), readonly: d.readonly, copy });
+        // The image's real path: the one a restore that is not told otherwise writes back to.
+        let source = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+        disks.push(DiskEntry { source: source.display().to_string(), readonly: d.readonly, copy });
     }
     drop(subs);
     let manifest = Manifest {
@@ -685,6 +691,20 @@ pub(crate) fn take(
         pause_ms,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Snapshot(format!("manifest: {e}")))?;
+    // The seal first: the manifest, last, completes the snapshot.
+    match snapshot_key(true)
+        .and_then(|key| ftvm_replication::secure::hmac_sha256(&key, json.as_bytes()).map_err(|e| e.to_string()))
+    {
+        Ok(tag) => {
+            let path = dir.join(SEAL);
+            create_private(&path)
+                .and_then(|mut f| f.write_all(hex_bytes(&tag).as_bytes()))
+                .map_err(snap_err(format!("cannot write {}", path.display())))?;
+        }
+        Err(e) => tracing::warn!(
+            "the snapshot's manifest is not sealed ({e}): restoring it will need --disk for each writable disk"
+        ),
+    }
     let path = dir.join(MANIFEST);
     let mut f = create_private(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
     f.write_all(json.as_bytes())
@@ -754,6 +774,10 @@ pub struct Snapshot {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub state: VmState,
+    /// Whether the manifest carries a valid seal of this user's snapshot key: written by
+    /// this user's ftvm and not edited since. Only then are the paths it names trusted as
+    /// the places to write disks back to.
+    sealed: bool,
 }
 
 impl Snapshot {
@@ -790,9 +814,13 @@ impl Snapshot {
                 manifest.ftvm_version
             )));
         }
+        check_manifest(dir, &path, &manifest)?;
         // The VM's memory is described three times: they must agree (an edited manifest
         // would otherwise build a VM of another size and fail later, less clearly).
-        let layout: u64 = manifest.vm.memory_layout.iter().map(|r| r.size).sum();
+        let layout = manifest.vm.memory_layout.iter().try_fold(0u64, |sum, r| sum.checked_add(r.size));
+        let layout = layout.ok_or_else(|| {
+            Error::Restore(format!("{} is refused: its memory layout adds up to more than 2^64 bytes", path.display()))
+        })?;
         if manifest.vm.memory_size != layout || manifest.vm.memory_size != manifest.memory.size {
             return Err(Error::Restore(format!(
                 "{} is inconsistent: vm.memory_size is {} bytes, but its memory layout holds {layout} bytes and \
@@ -803,7 +831,10 @@ impl Snapshot {
             )));
         }
         let state_path = dir.join(&manifest.state.file);
-        let bytes = std::fs::read(&state_path).map_err(restore_err(format!("cannot read {}", state_path.display())))?;
+        let mut bytes = Vec::new();
+        File::open(&state_path)
+            .and_then(|f| f.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(restore_err(format!("cannot read {}", state_path.display())))?;
         let hash = ftvm_log::hash64(&bytes);
         if bytes.len() as u64 != manifest.state.size || hex(hash) != manifest.state.xxh3 {
             return Err(Error::Restore(format!(
@@ -816,16 +847,37 @@ impl Snapshot {
             )));
         }
         let state = VmState::decode(&bytes)?;
-        Ok(Snapshot { dir: dir.to_path_buf(), manifest, state })
+        if state.clock.guest_now != manifest.guest_time_ns {
+            return Err(Error::Restore(format!(
+                "{} is refused: its guest_time_ns is {}, but the guest time in {} is {} (an edited manifest)",
+                path.display(),
+                manifest.guest_time_ns,
+                state_path.display(),
+                state.clock.guest_now
+            )));
+        }
+        let sealed = seal_verifies(dir, text.as_bytes());
+        Ok(Snapshot { dir: dir.to_path_buf(), manifest, state, sealed })
     }
 
     /// Puts the snapshot's copy of disk `index` at `target` (checking it on the way), so
     /// that the restored VM finds its disk as it was. A read-only disk is left where it is.
     pub fn restore_disk(&self, index: usize, target: &Path) -> Result<()> {
+        let Some(tmp) = self.stage_disk(index, target)? else { return Ok(()) };
+        std::fs::rename(&tmp, target).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::Restore(format!("cannot move {} to {}: {e}", tmp.display(), target.display()))
+        })
+    }
+
+    /// The copy of disk `index`, verified, in a new file beside `target` (returned; `None`
+    /// for a read-only disk): what [`Snapshot::restore_disk`] renames over the target. On an
+    /// error nothing is left behind.
+    fn stage_disk(&self, index: usize, target: &Path) -> Result<Option<PathBuf>> {
         let Some(entry) = self.manifest.disks.get(index) else {
             return Err(Error::Restore(format!("the snapshot has no disk {index}")));
         };
-        let Some(copy) = &entry.copy else { return Ok(()) };
+        let Some(copy) = &entry.copy else { return Ok(None) };
         let from = self.dir.join(&copy.file);
         let src = File::open(&from).map_err(restore_err(format!("cannot read {}", from.display())))?;
         let size = src.metadata().map_err(restore_err(format!("cannot read {}", from.display())))?.len();
@@ -843,34 +895,90 @@ impl Snapshot {
         let tmp = target.with_file_name(format!(".{name}.ftvm-restoring-{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let dst = create_private(&tmp).map_err(restore_err(format!("cannot create {}", tmp.display())))?;
-        if let Ok(meta) = std::fs::metadata(target) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            let _ = dst.set_permissions(std::fs::Permissions::from_mode(mode));
-        }
-        dst.set_len(size).map_err(restore_err(format!("cannot size {}", tmp.display())))?;
-        let hash = read_sparse(&src, size, |offset, bytes| {
-            if !is_zero(bytes) {
-                dst.write_all_at(bytes, offset).map_err(restore_err(format!("writing {}", tmp.display())))?;
+        let written = (|| -> Result<()> {
+            if let Ok(meta) = std::fs::metadata(target) {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o777;
+                let _ = dst.set_permissions(std::fs::Permissions::from_mode(mode));
             }
-            Ok(())
-        })?;
-        if hex(hash) != copy.xxh3 {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Restore(format!(
-                "{} is corrupt: checksum {}, the manifest says {}",
-                from.display(),
-                hex(hash),
-                copy.xxh3
+            dst.set_len(size).map_err(restore_err(format!("cannot size {}", tmp.display())))?;
+            let hash = read_sparse(&src, size, |offset, bytes| {
+                if !is_zero(bytes) {
+                    dst.write_all_at(bytes, offset).map_err(restore_err(format!("writing {}", tmp.display())))?;
+                }
+                Ok(())
+            })?;
+            if hex(hash) != copy.xxh3 {
+                return Err(Error::Restore(format!(
+                    "{} is corrupt: checksum {}, the manifest says {}",
+                    from.display(),
+                    hex(hash),
+                    copy.xxh3
+                )));
+            }
+            dst.sync_all().map_err(restore_err(format!("syncing {}", tmp.display())))
+        })();
+        match written {
+            Ok(()) => Ok(Some(tmp)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Where disk `index`'s copy goes when the operator did not say (no `--disk`): back to
+    /// the image the VM ran on, as the manifest names it. A manifest can be edited, so only
+    /// a path that can be that image is taken: absolute, without `.` or `..`, through no
+    /// symbolic link, an existing regular file (a restore rolls an image back, it creates
+    /// none) of the copy's size, and not inside the snapshot. Anything else is refused,
+    /// with the way out: `--disk PATH`.
+    fn default_disk_target(&self, index: usize, d: &DiskEntry) -> Result<PathBuf> {
+        let refuse = |why: String| {
+            Error::Restore(format!(
+                "disk {index}'s image {:?} named in the snapshot's manifest {why}; say where its copy goes with --disk PATH",
+                d.source
+            ))
+        };
+        let path = PathBuf::from(&d.source);
+        if !path.is_absolute() {
+            return Err(refuse("is not an absolute path".into()));
+        }
+        if path.components().any(|c| !matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_))) {
+            return Err(refuse("has `.` or `..` in it".into()));
+        }
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| refuse(format!("cannot be used ({e})")))?;
+        if meta.file_type().is_symlink() {
+            return Err(refuse("is a symbolic link".into()));
+        }
+        let real = std::fs::canonicalize(&path).map_err(|e| refuse(format!("cannot be used ({e})")))?;
+        if real != path {
+            return Err(refuse(format!("goes through a symbolic link (its real path is {})", real.display())));
+        }
+        if let Ok(snap) = std::fs::canonicalize(&self.dir) {
+            if real.starts_with(&snap) {
+                return Err(refuse("is inside the snapshot".into()));
+            }
+        }
+        if !meta.is_file() {
+            return Err(refuse("is not a regular file".into()));
+        }
+        if let Some(copy) = &d.copy {
+            if meta.len() != copy.size {
+                return Err(refuse(format!(
+                    "is {} bytes; the disk the snapshot holds is {} bytes",
+                    meta.len(),
+                    copy.size
+                )));
+            }
+        }
+        if !self.sealed {
+            return Err(refuse(format!(
+                "is not trusted: the manifest has no valid seal ({SEAL}) of this user's snapshot key (it was \
+                 edited, or taken by another user or on another host)"
             )));
         }
-        dst.sync_all().map_err(restore_err(format!("syncing {}", tmp.display())))?;
-        std::fs::rename(&tmp, target).map_err(restore_err(format!(
-            "cannot move {} to {}",
-            tmp.display(),
-            target.display()
-        )))?;
-        Ok(())
+        Ok(path)
     }
 
     /// Loads the memory image into a VM built from this snapshot's configuration.
@@ -908,16 +1016,16 @@ impl Snapshot {
                 host.disks.len()
             )));
         }
-        let disks = self
-            .manifest
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DiskConfig {
-                path: host.disks.get(i).map_or_else(|| PathBuf::from(&d.source), |p| p.path.clone()),
-                readonly: d.readonly,
-            })
-            .collect();
+        let mut disks = Vec::new();
+        for (i, d) in self.manifest.disks.iter().enumerate() {
+            let path = match host.disks.get(i) {
+                // Where the operator said.
+                Some(given) => given.path.clone(),
+                // Where the manifest says: only the image a VM can have run on.
+                None => self.default_disk_target(i, d)?,
+            };
+            disks.push(DiskConfig { path, readonly: d.readonly });
+        }
         Ok(VmConfig {
             boot: BootSpec { kernel, initrd, cmdline: h.cmdline.clone() },
             mem_size: h.memory_size,
@@ -945,6 +1053,192 @@ fn check_image(what: &str, info: &ftvm_log::ImageInfo) -> Result<PathBuf> {
     })
 }
 
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Where this user's snapshot key lives: `$FTVM_STATE_DIR`, else `$XDG_STATE_HOME/ftvm`,
+/// else `~/.local/state/ftvm`, else a directory of this user's in the temporary directory.
+fn key_dir() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = var("FTVM_STATE_DIR") {
+        return d;
+    }
+    if let Some(d) = var("XDG_STATE_HOME") {
+        return d.join("ftvm");
+    }
+    if let Some(h) = var("HOME") {
+        return h.join(".local").join("state").join("ftvm");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    std::env::temp_dir().join(format!("ftvm-state-{me}"))
+}
+
+/// This user's snapshot key (32 random bytes, made 0600 in a 0700 directory the first time
+/// if `create`). A key file that another user could read or replace is not used.
+fn snapshot_key(create: bool) -> std::result::Result<[u8; 32], String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = key_dir();
+    let path = dir.join(SNAPSHOT_KEY);
+    if create && std::fs::symlink_metadata(&path).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut key = [0u8; 32];
+        ftvm_replication::secure::random_bytes(&mut key).map_err(|e| e.to_string())?;
+        match create_private(&path).and_then(|mut f| f.write_all(&key).and_then(|()| f.sync_all())) {
+            Ok(()) => return Ok(key),
+            // Another ftvm made it meanwhile: read theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() || meta.uid() != me || meta.permissions().mode() & 0o077 != 0 || meta.len() != 32 {
+        return Err(format!(
+            "{} is not a key file of this user's (a regular 32-byte file, mode 0600, owned by uid {me})",
+            path.display()
+        ));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    bytes.try_into().map_err(|_| format!("{} changed while it was read", path.display()))
+}
+
+/// Whether `manifest` (the bytes of `dir`'s manifest) carries a valid seal of this user's key.
+fn seal_verifies(dir: &Path, manifest: &[u8]) -> bool {
+    let mut text = Vec::new();
+    let read = File::open(dir.join(SEAL)).and_then(|f| f.take(256).read_to_end(&mut text));
+    let Ok(tag) = read.map(|_| text.trim_ascii().to_vec()) else { return false };
+    let Some(tag) = (tag.len() == 64)
+        .then(|| tag.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok()).collect())
+        .flatten()
+    else {
+        return false;
+    };
+    let tag: Vec<u8> = tag;
+    snapshot_key(false).is_ok_and(|key| ftvm_replication::secure::hmac_sha256_verify(&key, manifest, &tag))
+}
+
+/// Bounds of what a real snapshot holds: a manifest beyond them is refused before anything
+/// is read on its word. The VM state (`state.bin`) is read whole, so it has a size bound.
+const MAX_STATE_BYTES: u64 = 64 << 20;
+/// A snapshot writes `disk0.img` to `disk15.img` at most.
+const MAX_DISKS: usize = 16;
+/// A disk copy: 64 TiB.
+const MAX_DISK_BYTES: u64 = 1 << 46;
+/// The guest clock: about 146 years of guest time.
+pub const MAX_GUEST_TIME_NS: u64 = 1 << 62;
+/// Memory regions of a VM's layout, and pre-copy rounds listed.
+const MAX_REGIONS: usize = 8;
+const MAX_ROUNDS_LISTED: usize = 64;
+
+/// The manifest's values within the bounds of a real snapshot, and its files the snapshot's
+/// own: the names a snapshot writes, regular files in `dir` (no symbolic link out of it).
+/// Checked before anything is read or written on the manifest's word.
+fn check_manifest(dir: &Path, path: &Path, m: &Manifest) -> Result<()> {
+    let refuse =
+        |why: String| Error::Restore(format!("{} is refused: {why} (an edited or damaged manifest)", path.display()));
+    if m.guest_time_ns > MAX_GUEST_TIME_NS {
+        return Err(refuse(format!(
+            "guest_time_ns is {}, beyond any guest's clock (at most {MAX_GUEST_TIME_NS}, about 146 years)",
+            m.guest_time_ns
+        )));
+    }
+    if !(m.pause_ms.is_finite() && m.pause_ms >= 0.0) {
+        return Err(refuse(format!("pause_ms is {}", m.pause_ms)));
+    }
+    if m.rounds.len() > MAX_ROUNDS_LISTED {
+        return Err(refuse(format!("it lists {} pre-copy rounds", m.rounds.len())));
+    }
+    let (min, max) = (crate::memory::MIN_MEM, crate::memory::MAX_MEM);
+    if m.vm.memory_layout.len() > MAX_REGIONS {
+        return Err(refuse(format!("its memory layout has {} regions", m.vm.memory_layout.len())));
+    }
+    for (what, size) in [("memory.size", m.memory.size), ("vm.memory_size", m.vm.memory_size)] {
+        if !(min..=max).contains(&size) || size % PAGE_SIZE != 0 {
+            return Err(refuse(format!(
+                "{what} is {size} bytes; guest memory is {min} to {max} bytes, in 4 KiB pages"
+            )));
+        }
+    }
+    if m.state.file != STATE || m.memory.file != MEMORY {
+        return Err(refuse(format!(
+            "its files are {:?} and {:?}; a snapshot's are {STATE} and {MEMORY}, in its directory",
+            m.state.file, m.memory.file
+        )));
+    }
+    if m.state.size > MAX_STATE_BYTES {
+        return Err(refuse(format!("{STATE} is {} bytes; a VM state is at most {MAX_STATE_BYTES}", m.state.size)));
+    }
+    if m.disks.len() > MAX_DISKS {
+        return Err(refuse(format!("it lists {} disks; a snapshot holds at most {MAX_DISKS}", m.disks.len())));
+    }
+    let mut own = vec![STATE.to_string(), MEMORY.to_string()];
+    for (i, d) in m.disks.iter().enumerate() {
+        match (&d.copy, d.readonly) {
+            (None, true) => {}
+            (Some(copy), false) => {
+                if copy.file != disk_file(i) {
+                    return Err(refuse(format!(
+                        "disk {i}'s copy is {:?}; a snapshot names it {}",
+                        copy.file,
+                        disk_file(i)
+                    )));
+                }
+                if copy.size > MAX_DISK_BYTES || copy.size % 512 != 0 {
+                    return Err(refuse(format!("{} is {} bytes", copy.file, copy.size)));
+                }
+                own.push(copy.file.clone());
+            }
+            (None, false) => return Err(refuse(format!("writable disk {i} has no copy"))),
+            (Some(_), true) => return Err(refuse(format!("read-only disk {i} has a copy"))),
+        }
+    }
+    for name in own {
+        let file = dir.join(&name);
+        match std::fs::symlink_metadata(&file) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(Error::Restore(format!(
+                    "{} is a symbolic link: a snapshot's files are its own, in its directory",
+                    file.display()
+                )))
+            }
+            Ok(meta) if !meta.is_file() => {
+                return Err(Error::Restore(format!("{} is not a regular file", file.display())))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Error::Restore(format!("cannot read {}: {e}", file.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `vm` is the machine the snapshot was taken of (CPUID, XSAVE, memory layout,
+/// command line, devices, MACs): what differs is reported.
+fn same_machine(vm: &Vm, snap: &Snapshot) -> Result<()> {
+    let saved = &snap.manifest.vm;
+    let ours = header_for(vm, saved.kernel.clone(), saved.initrd.clone(), saved.disks.clone(), saved.rtc_base_unix);
+    // `compare` reports its receiver as "ours": this VM, against the snapshot's ("theirs").
+    let differences: Vec<String> = ours
+        .compare(saved)
+        .into_iter()
+        .filter(|m| m.significant && !m.field.starts_with("console") && !m.field.starts_with("disks"))
+        .map(|m| m.to_string())
+        .collect();
+    if !differences.is_empty() {
+        return Err(Error::Restore(format!(
+            "this VM cannot continue the snapshot exactly; it differs in:\n  {}",
+            differences.join("\n  ")
+        )));
+    }
+    Ok(())
+}
+
 /// The host-side choices of a restore.
 #[derive(Debug, Clone)]
 pub struct RestoreHost {
@@ -968,28 +1262,46 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
     let started = Instant::now();
     let dir = snap.dir.clone();
     let config = snap.vm_config(host)?;
-    for (i, disk) in config.disks.iter().enumerate() {
-        if snap.manifest.disks[i].copy.is_some() {
-            eprintln!("ftvm: restoring disk {i} from the snapshot into {}", disk.path.display());
-            snap.restore_disk(i, &disk.path)?;
+    // Everything is checked before anything changes: a disk is rolled back only once the
+    // machine is known to be the snapshot's (a VM built to compare, then dropped: the real
+    // one must open the disks after they were put back) and every disk copy is verified.
+    let restoring: Vec<usize> = (0..config.disks.len()).filter(|&i| snap.manifest.disks[i].copy.is_some()).collect();
+    if !restoring.is_empty() {
+        // The probe runs on the snapshot's own copies, read-only (a target may not exist
+        // yet), with no console and no TAP: the machine is all it is built for.
+        let mut probe = config.clone();
+        probe.console = ConsoleConfig::Discard;
+        for &i in &restoring {
+            if let Some(copy) = &snap.manifest.disks[i].copy {
+                probe.disks[i] = DiskConfig { path: snap.dir.join(&copy.file), readonly: true };
+            }
+        }
+        same_machine(&Vm::build_with(probe, false)?, &snap)?;
+        let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
+        for &i in &restoring {
+            let target = &config.disks[i].path;
+            match snap.stage_disk(i, target) {
+                Ok(Some(tmp)) => staged.push((tmp, target)),
+                Ok(None) => {}
+                Err(e) => {
+                    for (tmp, _) in &staged {
+                        let _ = std::fs::remove_file(tmp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (i, (tmp, target)) in restoring.iter().zip(&staged) {
+            eprintln!("ftvm: restoring disk {i} from the snapshot into {}", target.display());
+            std::fs::rename(tmp, target).map_err(restore_err(format!(
+                "cannot move {} to {}",
+                tmp.display(),
+                target.display()
+            )))?;
         }
     }
     let mut vm = Vm::build_with(config, open_taps)?;
-    let saved = &snap.manifest.vm;
-    let ours = header_for(&vm, saved.kernel.clone(), saved.initrd.clone(), saved.disks.clone(), saved.rtc_base_unix);
-    // `compare` reports its receiver as "ours": this VM, against the snapshot's ("theirs").
-    let differences: Vec<String> = ours
-        .compare(saved)
-        .into_iter()
-        .filter(|m| m.significant && !m.field.starts_with("console") && !m.field.starts_with("disks"))
-        .map(|m| m.to_string())
-        .collect();
-    if !differences.is_empty() {
-        return Err(Error::Restore(format!(
-            "this VM cannot continue the snapshot exactly; it differs in:\n  {}",
-            differences.join("\n  ")
-        )));
-    }
+    same_machine(&vm, &snap)?;
     crate::vcpu_state::check_xsave_size(vm.identity().xsave_size).map_err(|e| Error::Restore(e.to_string()))?;
     discard_ram(vm.memory())?;
     snap.load_memory(vm.memory())?;

@@ -317,7 +317,7 @@ fn compute_snapshotted_mid_run_restores_to_the_same_digest_twice() {
     };
     let before = files(&taken.dir);
     let names: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["memory.bin", "snapshot.json", "state.bin"]);
+    assert_eq!(names, ["memory.bin", "snapshot.hmac", "snapshot.json", "state.bin"]);
 
     // Fresh processes continue the run to the same digest, twice: a snapshot is reusable.
     let dir = scratch("snap-compute-restore");
