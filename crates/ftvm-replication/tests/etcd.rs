@@ -222,6 +222,7 @@ fn a_sigstopped_holder_never_outputs_after_the_other_side_went_live() {
 /// The holder process of the SIGSTOP test (run by it; does nothing otherwise).
 #[test]
 #[ignore = "a helper process of a_sigstopped_holder_never_outputs_after_the_other_side_went_live"]
+#[allow(clippy::exit)] // a child process of the test: it ends itself, as the holder it plays would
 fn sigstop_child() {
     let Ok(url) = std::env::var("FTVM_TEST_ETCD_ARBITER") else { return };
     let spec: ArbiterSpec = url.parse().unwrap();
