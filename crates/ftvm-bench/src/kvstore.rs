@@ -450,25 +450,17 @@ pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients
     Err(last_error.unwrap()).context(format!("redis-benchmark {test} with {clients} clients failed twice"))
 }
 
-/// redis-benchmark --csv: a header ("test","rps","avg_latency_ms",...,"p50_latency_ms",...)
-/// and one row per test. Older versions print only "test","rps": latencies are then NaN.
+/// (rps, mean, p50, p99 latency in ms) of `test` in redis-benchmark's --csv output; latencies
+/// are NaN where an older redis-benchmark prints only "test","rps".
 fn parse_csv(out: &str, test: &str) -> Result<(f64, f64, f64, f64)> {
-    let fields = |l: &str| l.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect::<Vec<_>>();
-    let header = out.lines().find(|l| l.starts_with("\"test\"")).map(fields).unwrap_or_default();
-    let row = out
-        .lines()
-        .map(fields)
-        .find(|f| f.first().map(String::as_str) == Some(test))
-        .with_context(|| format!("no {test} row in redis-benchmark's output:\n{out}"))?;
-    let get = |name: &str, default: usize| {
-        let i = header.iter().position(|h| h == name).unwrap_or(default);
-        row.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN)
-    };
-    let rps = get("rps", 1);
+    let row = common::redis_benchmark_row(out, test)
+        .with_context(|| format!("no {test} row with a throughput in redis-benchmark's output:\n{out}"))?;
+    let get = |name: &str| row.get(name).copied().unwrap_or(f64::NAN);
+    let rps = get("rps");
     if rps.is_nan() || rps <= 0.0 {
         bail!("no throughput in redis-benchmark's output:\n{out}");
     }
-    Ok((rps, get("avg_latency_ms", usize::MAX), get("p50_latency_ms", usize::MAX), get("p99_latency_ms", usize::MAX)))
+    Ok((rps, get("avg_latency_ms"), get("p50_latency_ms"), get("p99_latency_ms")))
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::common::{self, Common, Machine, Ratio, Running, Series};
 use crate::kvstore::{self, Bench, Topology, GUEST_IP, READY};
@@ -362,10 +362,7 @@ fn modes(args: &Args) -> Vec<Mode> {
 }
 
 fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
-    let disk = ctx.work.join(name);
-    let _ = std::fs::remove_file(&disk);
-    std::fs::File::create(&disk)?.set_len(ctx.args.disk_mib << 20)?;
-    Ok(disk)
+    common::fresh_disk(&ctx.work, name, ctx.args.disk_mib)
 }
 
 /// `[taskset -c CPU] ip netns exec NS ftvm VERB ... <the VM options>` (with `--pin`, the VM
@@ -384,26 +381,8 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
     cmd
 }
 
-#[derive(Deserialize)]
-struct Status {
-    log: LogStatus,
-    pair: Option<PairStatus>,
-}
-
-#[derive(Deserialize)]
-struct PairStatus {
-    outputs_done: u64,
-    output_hold_us: Option<u64>,
-    replay_lag_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct LogStatus {
-    bytes: u64,
-}
-
 /// `ftvm ctl SOCKET status --json`, with the time it was read.
-fn status(ctx: &Ctx, sock: &Path) -> Result<(Status, Instant)> {
+fn status(ctx: &Ctx, sock: &Path) -> Result<(ftvm_api::Status, Instant)> {
     let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).args(["status", "--json"]).output()?;
     let at = Instant::now();
     if !out.status.success() {
@@ -414,7 +393,7 @@ fn status(ctx: &Ctx, sock: &Path) -> Result<(Status, Instant)> {
 
 /// `log.bytes` from the status, with the time it was read.
 fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
-    status(ctx, sock).map(|(s, at)| (s.log.bytes, at))
+    status(ctx, sock).map(|(s, at)| (s.log.map_or(0, |l| l.bytes), at))
 }
 
 /// A primary's counters at one moment: log bytes sent, outputs performed after being held,
@@ -431,7 +410,7 @@ fn counters(ctx: &Ctx, sock: &Path) -> Result<Counters> {
     let (s, at) = status(ctx, sock)?;
     let p = s.pair.context("a primary's status without pair figures")?;
     let hold_us = p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64;
-    Ok(Counters { log_bytes: s.log.bytes, at, held: p.outputs_done, hold_us })
+    Ok(Counters { log_bytes: s.log.map_or(0, |l| l.bytes), at, held: p.outputs_done, hold_us })
 }
 
 /// `ftvm ctl SOCKET pause|resume` on the backup.

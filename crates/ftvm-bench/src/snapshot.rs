@@ -557,10 +557,7 @@ fn cell(sessions: &[Session], mem: u64, scenario: Scenario, engine: Engine) -> C
 }
 
 fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
-    let disk = ctx.work.join(name);
-    let _ = std::fs::remove_file(&disk);
-    std::fs::File::create(&disk)?.set_len(ctx.args.disk_mib << 20)?;
-    Ok(disk)
+    common::fresh_disk(&ctx.work, name, ctx.args.disk_mib)
 }
 
 /// How a VM starts: booting (with or without a control socket) or restoring.
@@ -760,7 +757,7 @@ fn load_command(ctx: &Ctx, topo: &Topology) -> Command {
 /// Waits for the load to end and reads its result.
 fn finish_load(ctx: &Ctx, load: Running, covered_snapshot: Option<bool>) -> Result<Load> {
     let f = load.finish(Duration::from_secs(120 + ctx.args.load_requests / 1000))?;
-    let row = parse_csv(&f.stdout, "SET")
+    let row = common::redis_benchmark_row(&f.stdout, "SET")
         .with_context(|| format!("the load's redis-benchmark gave no result: {}", f.describe()))?;
     let get = |k: &str| row.get(k).copied().unwrap_or(f64::NAN);
     Ok(Load {
@@ -966,16 +963,6 @@ fn measure_size(path: &Path) -> Result<Size> {
         add(path)?;
     }
     Ok(size)
-}
-
-/// The row of `test` in redis-benchmark's --csv output, by column name.
-fn parse_csv(out: &str, test: &str) -> Option<BTreeMap<String, f64>> {
-    let fields = |l: &str| l.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect::<Vec<_>>();
-    let header = out.lines().find(|l| l.starts_with("\"test\"")).map(fields)?;
-    let row = out.lines().map(fields).find(|f| f.first().map(String::as_str) == Some(test))?;
-    let map: BTreeMap<String, f64> =
-        header.into_iter().zip(row).filter_map(|(h, v)| v.parse::<f64>().ok().map(|v| (h, v))).collect();
-    map.contains_key("rps").then_some(map)
 }
 
 fn unix_ns() -> u128 {
