@@ -5,8 +5,6 @@
 //! map, the command line and the initrd, and enters `startup_64` (load address + 0x200) in long
 //! mode with `rsi` pointing at `boot_params`.
 
-use std::fs::File;
-
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, KernelLoader};
@@ -39,7 +37,7 @@ unsafe impl ByteValued for BootParams {}
 
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, cmdline: &Cmdline) -> Result<Loaded> {
     let path = &spec.kernel;
-    let mut file = File::open(path).map_err(|source| Error::KernelRead { path: path.clone(), source })?;
+    let mut file = super::open_image(path).map_err(|source| Error::KernelRead { path: path.clone(), source })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     super::check_fits(mem, &format!("the kernel {}", path.display()), HIGH_RAM_START, HIGH_RAM_START + size)?;
     let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))

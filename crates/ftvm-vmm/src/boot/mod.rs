@@ -58,10 +58,63 @@ pub struct Loaded {
     pub initrd: Option<(u64, u64)>,
 }
 
+/// The largest kernel or initrd ftvm reads: both must fit in the guest's RAM below 4 GiB.
+pub const MAX_IMAGE_BYTES: u64 = 4 << 30;
+
+/// Opens a kernel or initrd image for reading: a regular file of at most
+/// [`MAX_IMAGE_BYTES`], nothing else. The open itself cannot block (a FIFO without a writer
+/// would block it for ever) and what is opened is checked, not the name before it (no race
+/// with a file replaced meanwhile): a FIFO, a device (`/dev/zero` reads without end), a
+/// directory or a socket is refused with what it is.
+pub fn open_image(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a plain file")
+    };
+    if let Some(what) = what {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {what}; only a regular file is accepted"),
+        ));
+    }
+    if meta.len() > MAX_IMAGE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {} bytes; at most {MAX_IMAGE_BYTES} are accepted", meta.len()),
+        ));
+    }
+    // Reads block as usual from here on (O_NONBLOCK means nothing for a regular file; off
+    // all the same, for clarity).
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory is passed.
+    unsafe {
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
 /// Tells the kernel format from the first bytes of the image.
 pub fn detect_format(path: &Path) -> Result<KernelFormat> {
     let mut head = [0u8; 0x210];
-    let mut f = File::open(path).map_err(|source| Error::KernelRead { path: path.into(), source })?;
+    let mut f = open_image(path).map_err(|source| Error::KernelRead { path: path.into(), source })?;
     let n = read_up_to(&mut f, &mut head).map_err(|source| Error::KernelRead { path: path.into(), source })?;
     let head = &head[..n];
     if head.starts_with(b"\x7fELF") {
@@ -118,9 +171,23 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded> {
 /// Reads the initrd and places it page-aligned as high as possible below `limit`, above the
 /// kernel. Returns (address, size).
 pub(crate) fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, limit: u64) -> Result<(u64, u64)> {
-    let data = std::fs::read(path).map_err(|source| Error::InitrdRead { path: path.into(), source })?;
-    let size = data.len() as u64;
+    let read = |source| Error::InitrdRead { path: path.into(), source };
+    let file = open_image(path).map_err(read)?;
+    let size = file.metadata().map_err(read)?.len();
     let top = memory::low_ram_end(mem).min(limit);
+    let too_small = || Error::MemoryTooSmall {
+        mem_mib: memory::total_size(mem) >> 20,
+        what: format!("the kernel and the initrd {} ({} KiB)", path.display(), size >> 10),
+        need_mib: ((kernel_end + size) >> 20) + 1,
+    };
+    // Known not to fit before a byte is read.
+    if top.checked_sub(size).is_none_or(|a| a < kernel_end) {
+        return Err(too_small());
+    }
+    // Read what the file holds now, and not more than it said (it may grow meanwhile).
+    let mut data = Vec::with_capacity(size as usize);
+    file.take(size).read_to_end(&mut data).map_err(read)?;
+    let size = data.len() as u64;
     let addr = top.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1)).filter(|&a| a >= kernel_end).ok_or_else(|| {
         Error::MemoryTooSmall {
             mem_mib: memory::total_size(mem) >> 20,

@@ -65,7 +65,7 @@ fn load_extent(file: &mut File) -> std::io::Result<Option<(u64, u64)>> {
 
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec, cmdline: &Cmdline) -> Result<Loaded> {
     let path = &spec.kernel;
-    let mut file = File::open(path).map_err(|source| Error::KernelRead { path: path.clone(), source })?;
+    let mut file = super::open_image(path).map_err(|source| Error::KernelRead { path: path.clone(), source })?;
     let extent = load_extent(&mut file)
         .map_err(|e| Error::KernelLoad { path: path.clone(), detail: format!("bad ELF header: {e}") })?;
     if let Some((lo, hi)) = extent {
