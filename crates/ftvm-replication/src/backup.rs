@@ -204,8 +204,8 @@ impl Backup {
         let Connection { reader, mut writer, heartbeats, buffered, .. } = conn;
         let rejected = Arc::new(Mutex::new(None));
         let reader = Watched { inner: reader, rejected: rejected.clone() };
-        // Unbuffered here: the channel's reader holds whole frames already, and says how much
-        // of the current one is left (acknowledgements are sent at a frame's end).
+        // Unbuffered here: the channel's reader holds whole chunks already, and says whether
+        // the current frame goes on (acknowledgements are sent at a frame's end).
         let (mut reader, theirs) =
             LogReader::open(reader).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
         let differences = vm_differences(&theirs, ours, !transfer);

@@ -1,6 +1,6 @@
-//! One replication connection between a primary and a backup: the authenticated TCP stream
-//! (log and state one way, acknowledgements the other) and the heartbeat socket, whose
-//! datagrams are sealed with the same session's keys.
+//! One replication connection between a primary and a backup: the encrypted, authenticated
+//! TCP stream (log and state one way, acknowledgements the other) and the heartbeat socket,
+//! whose datagrams are sealed (encrypted) with the same session's keys (`secure.rs`).
 //!
 //! The primary connects; the backup listens. A backup keeps its listener for its whole life:
 //! after a divergence it waits there for the primary's resync, a new connection.
