@@ -123,3 +123,61 @@ fn every_damaged_log_ends_the_replay_promptly_with_its_status_and_a_message() {
 fn log_name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
+
+/// A kvstore recording whose guest writes its disk throughout (SETs), damaged or cut: the
+/// replay stops at the damage, so its disk is naturally behind the recording's final one.
+/// That is not a divergence either: the status must stay 9 or 10.
+#[test]
+#[ignore = "fails until `ftvm replay` stops counting the disk of a replay that stopped early as \
+            different: main.rs replay() sets the status to 8 over 9/10 (issue 18, item 10)"]
+fn a_damaged_log_of_a_guest_writing_its_disk_is_not_a_divergence() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("damaged-kv");
+    let net = Topology::up("dk", 1);
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let log = dir.join("kv.log");
+    let console = dir.join("console.txt");
+    let mut vm = net
+        .cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(guest("kvstore"))
+        .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
+        .arg(&disk)
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    net.wait_ping("kvstore");
+    for i in 0..30 {
+        assert_eq!(net.cli(&["SET", &format!("k{i}"), &format!("v{i}")]), "OK");
+    }
+    let _ = std::process::Command::new("kill").args(["-INT", &vm.id().to_string()]).status();
+    let _ = vm.wait();
+    drop(net);
+    let bytes = std::fs::read(&log).unwrap();
+    let len = bytes.len();
+    let damaged = dir.join("damaged.log");
+    // The recording's final disk beside the damaged log, as beside the original.
+    std::fs::copy(dir.join("kv.log.disk0"), dir.join("damaged.log.disk0")).unwrap();
+    for i in 1..=12usize {
+        let mut b = bytes.clone();
+        let case = if i % 3 == 0 {
+            b.truncate(i * len / 13);
+            Damage::Cut(i * len / 13)
+        } else {
+            b[i * len / 13] ^= 0x55;
+            Damage::Flip(i * len / 13)
+        };
+        std::fs::write(&damaged, &b).unwrap();
+        let out = bounded_replay(&damaged).unwrap_or_else(|| panic!("{case:?}: a hang"));
+        let err = stderr(&out);
+        assert!(matches!(out.status.code(), Some(1 | 9 | 10)), "{case:?} of {len} bytes: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
