@@ -14,9 +14,10 @@ pub mod pair;
 pub mod protect;
 pub mod recording;
 pub mod snapshot;
-pub mod syncpoint;
 pub mod vcpu;
 pub mod vm;
+
+pub use vcpu::syncpoint;
 
 pub use ftvm_machine::{cpuid, dirty, disk, kick, kvm, legacy, memory, msr, vcpu_state};
 

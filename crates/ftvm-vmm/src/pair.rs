@@ -57,20 +57,8 @@ impl Takeover {
         for (i, name) in self.taps.iter().enumerate() {
             let tap = Tap::open(name)?;
             let (tx, rx) = mpsc::sync_channel(1024);
-            let (k, d) = (vloop.kicker.clone(), vloop.doorbell.clone());
-            let reader = tap.spawn_reader(
-                tx,
-                Box::new(move || {
-                    d.ring();
-                    k.kick();
-                }),
-            )?;
-            vloop.tap_readers.push(reader);
-            vloop.live_taps.push(tap.clone());
-            if let Some(port) = vloop.nets.get_mut(i) {
-                vloop.events.replace_frames(port.stream, rx);
-                port.sink = Box::new(tap.clone());
-            }
+            let reader = tap.spawn_reader(tx, vloop.waker())?;
+            vloop.attach_live_net(i, tap.clone(), reader, rx);
             if let (Some(ip), Some(mac)) = (self.guest_ip, self.macs.get(i)) {
                 announce(tap.clone(), name.clone(), gratuitous_arp(*mac, ip));
             }

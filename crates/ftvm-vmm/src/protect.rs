@@ -273,15 +273,13 @@ impl Protection {
             Box::new(move |vloop: &mut crate::vcpu::VcpuLoop| -> Result<()> {
                 let me = me.upgrade().ok_or_else(|| Error::Pair("the VM is ending".into()))?;
                 // The old link's outputs go out first (it is unprotected: at once).
-                if let Some(g) = vloop.gate.as_mut() {
-                    g.drain();
-                }
+                vloop.drain_gate();
                 let sinks = me.sinks_for(vloop);
                 let opts =
                     LinkOptions { timeout: settings.timeout, max_lag: settings.max_lag, protected_from_start: false };
                 let primary = Primary::new(heartbeats, sinks, arbiter, opts);
                 vloop.start_recording(writer, sync_policy)?;
-                vloop.gate = Some(primary.gate());
+                vloop.set_gate(primary.gate());
                 if let Some(c) = &me.control {
                     c.set_role(ftvm_api::Role::Primary);
                 }
@@ -343,9 +341,8 @@ impl Protection {
         if let Some(s) = sinks.as_ref() {
             return s.clone();
         }
-        let console = std::mem::replace(&mut vloop.console, Box::new(std::io::sink()));
-        let made: SharedSinks =
-            Arc::new(Mutex::new(Box::new(crate::pair::HostSinks { console, taps: vloop.live_taps.clone() })));
+        let (console, taps) = vloop.take_output_sinks();
+        let made: SharedSinks = Arc::new(Mutex::new(Box::new(crate::pair::HostSinks { console, taps })));
         *sinks = Some(made.clone());
         made
     }

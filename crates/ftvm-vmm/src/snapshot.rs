@@ -650,7 +650,7 @@ pub(crate) fn take(
         // meanwhile and the timer fired once). Lost, the guest computing in ring 3 would get
         // no timer interrupt until its next exit of its own. Kick again: the next KVM_RUN
         // returns at once and the loop re-arms its timer (a spurious kick is harmless).
-        vloop.kicker.kick();
+        vloop.kick();
         let _ = tx.send(result.map(|r| (r, ms(t.elapsed()))));
     }));
     let ((last, guest_time_ns), pause_ms) =
@@ -1042,6 +1042,13 @@ impl Snapshot {
 /// taken with (the guest's memory holds what was loaded from it).
 fn check_image(what: &str, info: &ftvm_log::ImageInfo) -> Result<PathBuf> {
     use crate::recording::ImageMismatch;
+    // Only a regular file is hashed (a manifest naming /dev/zero or a FIFO would make the
+    // hash read for ever, or block).
+    let path = Path::new(&info.path);
+    if std::fs::symlink_metadata(path).is_ok() {
+        crate::boot::open_image(path)
+            .map_err(|e| Error::Restore(format!("the {what} {} the snapshot names cannot be used: {e}", info.path)))?;
+    }
     crate::recording::verified_image(info).map_err(|e| Error::Restore(e.to_string()))?.map_err(|m| match m {
         ImageMismatch::Missing => {
             Error::Restore(format!("the {what} {} the snapshot was taken with is missing", info.path))

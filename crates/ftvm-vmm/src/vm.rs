@@ -461,30 +461,29 @@ impl Vm {
                     events.attach_console_input(rx);
                 }
                 let streams: Vec<_> = nets.into_iter().map(|(sink, rx)| (sink, events.attach_frames(rx))).collect();
-                let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, delivery);
+                let session = crate::vcpu::SessionParts {
+                    gate,
+                    takeover,
+                    tracker: Some(tracker),
+                    hash_consumer,
+                    control: vcpu_control.clone(),
+                    tasks,
+                    sync: sync_policy,
+                };
+                let mut vloop =
+                    VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, delivery, msr_indices, session)?;
                 for (sink, stream) in streams {
                     vloop.attach_net(sink, stream);
-                }
-                vloop.tasks = tasks;
-                vloop.msr_indices = msr_indices;
-                if let (ftvm_events::Mode::Record, Some(policy)) = (vloop.events.mode(), sync_policy) {
-                    let kicker = vloop.kicker.clone();
-                    vloop.sync = Some(crate::syncpoint::SyncRecorder::start(policy, kicker, tracker.clone())?);
                 }
                 if let Some(state) = restore {
                     vloop.restore_state(&state)?;
                 }
-                vloop.gate = gate;
-                vloop.tracker = Some(tracker.clone());
-                vloop.hash_consumer = hash_consumer;
-                vloop.takeover = takeover;
                 if let Some(c) = &vcpu_control {
                     c.mark_running();
                 }
-                vloop.control = vcpu_control;
                 let outcome = vloop.run()?;
-                let exits = vloop.exits_before + vloop.events.exit_index();
-                Ok((outcome, vloop.stats, exits, vloop.vcpu))
+                let (stats, exits, vcpu) = vloop.finish();
+                Ok((outcome, stats, exits, vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
         let joined = thread.join();

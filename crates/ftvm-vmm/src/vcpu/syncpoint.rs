@@ -466,6 +466,28 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_spaces_sync_points_by_their_cost() {
+        let p = SyncPolicy::default();
+        assert_eq!((p.bound(), p.budget()), (DEFAULT_SYNC_BOUND, DEFAULT_SYNC_BUDGET));
+        // 5%: a sync point that cost 10 ms is followed by 190 ms of the guest's own time.
+        assert_eq!(p.spacing(Duration::from_millis(10)), Duration::from_millis(190));
+        let half = SyncPolicy::new(Duration::from_millis(1), 0.5).unwrap();
+        assert_eq!(half.spacing(Duration::from_millis(3)), Duration::from_millis(3));
+        assert_eq!(
+            SyncPolicy::new(Duration::from_millis(1), 1.0).unwrap().spacing(Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(SyncPolicy::new(Duration::from_millis(10), bad).is_err(), "{bad}");
+        }
+        assert!(SyncPolicy::new(Duration::ZERO, 0.1).is_err());
+        // Faults are charged per page handed out, less on hardware KVM.
+        assert!(refault_cost(crate::kvm::Backend::Pvm) > refault_cost(crate::kvm::Backend::Hardware));
+        let s = SyncStats { count: 4, total_wait_us: 1000, ..Default::default() };
+        assert_eq!((s.mean_wait_us(), SyncStats::default().mean_wait_us()), (250, 0));
+    }
+
+    #[test]
     fn sync_states_round_trip_and_damage_is_an_error() {
         let mut contents = vec![1u8; PAGE_SIZE as usize];
         contents.extend(vec![2u8; PAGE_SIZE as usize]);

@@ -15,6 +15,8 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::errno;
 
+pub mod syncpoint;
+
 use crate::error::{Error, Result};
 use crate::kick::{DeadlineTimer, Doorbell, Kicker};
 use crate::legacy::Devices;
@@ -250,48 +252,48 @@ impl VcpuTasks {
 
 /// Everything the vCPU thread owns while the guest runs.
 pub struct VcpuLoop {
-    pub vcpu: VcpuFd,
-    pub devices: Devices,
-    pub events: EventSource,
-    pub console: ConsoleSink,
-    pub kicker: Arc<Kicker>,
-    pub doorbell: Arc<Doorbell>,
-    pub delivery: Delivery,
-    pub stats: ExitStats,
+    vcpu: VcpuFd,
+    devices: Devices,
+    events: EventSource,
+    console: ConsoleSink,
+    kicker: Arc<Kicker>,
+    doorbell: Arc<Doorbell>,
+    delivery: Delivery,
+    stats: ExitStats,
     /// Network devices' host sides, in the order of `devices.virtio.nets`.
-    pub nets: Vec<NetPort>,
+    nets: Vec<NetPort>,
     /// The fault-tolerant pair's output rule (primary: hold until acknowledged; backup:
     /// hold for a failover); `None` performs outputs at once.
-    pub gate: Option<Box<dyn OutputGate>>,
+    gate: Option<Box<dyn OutputGate>>,
     /// A backup's preparations for going live.
-    pub takeover: Option<crate::pair::Takeover>,
-    pub(crate) tap_readers: Vec<ftvm_virtio::tap::TapReader>,
+    takeover: Option<crate::pair::Takeover>,
+    tap_readers: Vec<ftvm_virtio::tap::TapReader>,
     /// The one reader of dirtied pages (page hashes, sync points, snapshots).
-    pub(crate) tracker: Option<crate::dirty::DirtyTracker>,
+    tracker: Option<crate::dirty::DirtyTracker>,
     /// Record: the tracker's consumer for page hashes at checkpoints.
-    pub(crate) hash_consumer: Option<crate::dirty::Consumer>,
+    hash_consumer: Option<crate::dirty::Consumer>,
     timer: Option<DeadlineTimer>,
     /// When buffered log bytes were last pushed out (record mode).
     last_log_flush: std::time::Instant,
     /// The control API (`--api-socket`): figures published between exits, pause requests.
-    pub control: Option<Arc<ftvm_api::VmControl>>,
+    control: Option<Arc<ftvm_api::VmControl>>,
     /// The most recent output (for the control API: outputs held, replication lag).
     last_output: Option<ftvm_events::OutputTicket>,
     /// Work other threads hand to the vCPU thread.
-    pub tasks: VcpuTasks,
+    tasks: VcpuTasks,
     /// Record: sync points for exit-free stretches (`None`: off, or not recording).
-    pub(crate) sync: Option<crate::syncpoint::SyncRecorder>,
+    sync: Option<crate::syncpoint::SyncRecorder>,
     /// Replay: the sync points applied since the last counted exit.
-    pub(crate) sync_replay: crate::syncpoint::SyncReplayer,
+    sync_replay: crate::syncpoint::SyncReplayer,
     /// The MSRs a saved vCPU state holds.
-    pub(crate) msr_indices: Vec<u32>,
+    msr_indices: Vec<u32>,
     /// A backup that went live: its TAPs (a re-protection performs outputs through them).
-    pub(crate) live_taps: Vec<ftvm_virtio::tap::Tap>,
+    live_taps: Vec<ftvm_virtio::tap::Tap>,
     /// A new recording started at this control point (a state transfer's cut): a halted
     /// guest resumes as the restored backup's does, without waiting for a wake-up.
     recording_restarted: bool,
     /// Counted exits before the last new recording (the events count from 0 after it).
-    pub(crate) exits_before: u64,
+    exits_before: u64,
     /// Outputs were logged and the log not pushed out since.
     outputs_unflushed: bool,
     irqs: IrqLines,
@@ -305,7 +307,31 @@ enum Step {
     Stop(VmOutcome),
 }
 
+/// What a session hands the loop besides the machine: the parts that differ between run,
+/// record, replay, primary and backup. The loop owns them from then on; sessions change
+/// them only through the loop's methods (a new gate, a live net, ...).
+#[derive(Default)]
+pub struct SessionParts {
+    /// The fault-tolerant pair's output rule; `None` performs outputs at once.
+    pub gate: Option<Box<dyn OutputGate>>,
+    /// A backup's preparations for going live.
+    pub takeover: Option<crate::pair::Takeover>,
+    /// The one reader of dirtied pages (page hashes, sync points, snapshots).
+    pub tracker: Option<crate::dirty::DirtyTracker>,
+    /// Record: the tracker's consumer for page hashes at checkpoints.
+    pub hash_consumer: Option<crate::dirty::Consumer>,
+    /// The control API: figures published between exits, pause requests.
+    pub control: Option<Arc<ftvm_api::VmControl>>,
+    /// Work other threads hand to the vCPU thread.
+    pub tasks: VcpuTasks,
+    /// Record: how sync points deliver events in exit-free stretches (`None`: never).
+    pub sync: Option<syncpoint::SyncPolicy>,
+}
+
 impl VcpuLoop {
+    /// The loop over a vCPU, its devices and event source; `msr_indices` are the MSRs a
+    /// saved vCPU state holds.
+    #[allow(clippy::too_many_arguments)] // the machine's parts, each owned by the loop
     pub fn new(
         vcpu: VcpuFd,
         devices: Devices,
@@ -314,8 +340,17 @@ impl VcpuLoop {
         kicker: Arc<Kicker>,
         doorbell: Arc<Doorbell>,
         delivery: Delivery,
-    ) -> Self {
-        VcpuLoop {
+        msr_indices: Vec<u32>,
+        session: SessionParts,
+    ) -> Result<Self> {
+        let SessionParts { gate, takeover, tracker, hash_consumer, control, tasks, sync } = session;
+        let sync = match (events.mode(), sync, &tracker) {
+            (Mode::Record, Some(policy), Some(tracker)) => {
+                Some(syncpoint::SyncRecorder::start(policy, kicker.clone(), tracker.clone())?)
+            }
+            _ => None,
+        };
+        Ok(VcpuLoop {
             vcpu,
             devices,
             events,
@@ -325,19 +360,19 @@ impl VcpuLoop {
             delivery,
             stats: ExitStats::default(),
             nets: Vec::new(),
-            gate: None,
-            takeover: None,
+            gate,
+            takeover,
             tap_readers: Vec::new(),
-            tracker: None,
-            hash_consumer: None,
+            tracker,
+            hash_consumer,
             timer: None,
             last_log_flush: std::time::Instant::now(),
-            control: None,
+            control,
             last_output: None,
-            tasks: VcpuTasks::default(),
-            sync: None,
+            tasks,
+            sync,
             sync_replay: Default::default(),
-            msr_indices: Vec::new(),
+            msr_indices,
             live_taps: Vec::new(),
             recording_restarted: false,
             exits_before: 0,
@@ -345,7 +380,64 @@ impl VcpuLoop {
             irqs: IrqLines::default(),
             requests: Vec::new(),
             warned_ports: BTreeSet::new(),
+        })
+    }
+
+    /// What the loop leaves when the guest stopped: its figures, the counted exits of the
+    /// whole run (across new recordings), and the vCPU.
+    pub fn finish(self) -> (ExitStats, u64, VcpuFd) {
+        let exits = self.exits_before + self.events.exit_index();
+        (self.stats, exits, self.vcpu)
+    }
+
+    /// Kicks the vCPU out of KVM_RUN (a spurious kick is harmless).
+    pub(crate) fn kick(&self) {
+        self.kicker.kick();
+    }
+
+    /// A backup going live: the `i`-th network device's frames now come from its TAP's
+    /// reader (`frames`) and go to `tap`.
+    pub(crate) fn attach_live_net(
+        &mut self,
+        i: usize,
+        tap: ftvm_virtio::tap::Tap,
+        reader: ftvm_virtio::tap::TapReader,
+        frames: std::sync::mpsc::Receiver<Vec<u8>>,
+    ) {
+        self.tap_readers.push(reader);
+        self.live_taps.push(tap.clone());
+        if let Some(port) = self.nets.get_mut(i) {
+            self.events.replace_frames(port.stream, frames);
+            port.sink = Box::new(tap);
         }
+    }
+
+    /// What wakes the loop from another thread: rings its doorbell and kicks the vCPU.
+    pub(crate) fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
+        let (k, d) = (self.kicker.clone(), self.doorbell.clone());
+        Box::new(move || {
+            d.ring();
+            k.kick();
+        })
+    }
+
+    /// Performs what the current output gate still holds (it is about to be replaced).
+    pub(crate) fn drain_gate(&mut self) {
+        if let Some(g) = self.gate.as_mut() {
+            g.drain();
+        }
+    }
+
+    /// A new output rule from here on (a state transfer's cut).
+    pub(crate) fn set_gate(&mut self, gate: Box<dyn OutputGate>) {
+        self.gate = Some(gate);
+    }
+
+    /// Hands the console and the TAPs of a backup that went live to whoever performs the
+    /// outputs from now on (a re-protection's link); the loop's console writes nowhere.
+    pub(crate) fn take_output_sinks(&mut self) -> (ConsoleSink, Vec<ftvm_virtio::tap::Tap>) {
+        let console = std::mem::replace(&mut self.console, Box::new(std::io::sink()));
+        (console, self.live_taps.clone())
     }
 
     /// Connects the host side of the next network device (in device order): transmitted
@@ -1140,5 +1232,69 @@ fn regs_digest(r: &kvm_regs) -> u64 {
 fn warn_once(warned: &mut BTreeSet<u64>, addr: u64, what: &str, len: usize) {
     if warned.insert(addr) {
         tracing::warn!("guest {what} {addr:#x} ({len} bytes); ignored (reported once per address)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_has_its_documented_exit_status_and_end_reason() {
+        let dump = || Box::new(RegisterDump::default());
+        let stop = |s| VmOutcome::ReplayStopped(s);
+        let cases: Vec<(VmOutcome, i32, EndReason)> = vec![
+            (VmOutcome::PowerOff, 0, EndReason::GuestPowerOff),
+            (VmOutcome::Reset, 3, EndReason::GuestReset),
+            (VmOutcome::TripleFault(dump()), 4, EndReason::TripleFault),
+            (VmOutcome::HaltedForever(dump()), 5, EndReason::Error("guest halted for good".into())),
+            (VmOutcome::KvmFailure { what: "x".into(), dump: dump() }, 6, EndReason::Error("x".into())),
+            (VmOutcome::RecordingStopped("full".into()), 7, EndReason::SizeLimit),
+            (
+                stop(ReplayStop::LogEndsEarly { exit: 1, detail: "d".into() }),
+                9,
+                EndReason::Error("replay stopped".into()),
+            ),
+            (
+                stop(ReplayStop::LogCorrupt { exit: 1, detail: "d".into() }),
+                10,
+                EndReason::Error("replay stopped".into()),
+            ),
+            (VmOutcome::ReplayReachedEnd(EndReason::OperatorStop), 0, EndReason::OperatorStop),
+            (VmOutcome::OperatorStop, 130, EndReason::OperatorStop),
+            (VmOutcome::Switchover, 0, EndReason::OperatorStop),
+        ];
+        for (outcome, code, reason) in cases {
+            assert_eq!(outcome.exit_code(), code, "{outcome}");
+            assert_eq!(outcome.end_reason(), reason, "{outcome}");
+            assert!(!outcome.to_string().is_empty());
+        }
+        let stopped = VmOutcome::RecordingStopped("the log reached its size limit".into()).to_string();
+        assert_eq!(stopped, "the recording stopped: the log reached its size limit");
+    }
+
+    #[test]
+    fn a_partial_signature_keeps_up_to_eight_bytes_little_endian() {
+        let s = partial_sig(exit_kind::IO_OUT, 0x3f8, &[0x41]);
+        assert_eq!((s.addr, s.size, s.data, s.rip), (0x3f8, 1, 0x41, 0));
+        let s = partial_sig(exit_kind::IO_OUT, 0x604, &[1, 2, 3, 4]);
+        assert_eq!((s.size, s.data), (4, 0x0403_0201));
+        // Longer accesses (MMIO of 16 bytes): the size says so, the data keeps the first 8.
+        let s = partial_sig(exit_kind::IO_OUT, 0, &[0xff; 16]);
+        assert_eq!((s.size, s.data), (16, u64::MAX));
+    }
+
+    #[test]
+    fn the_register_digest_changes_with_every_register_it_covers() {
+        let base = kvm_regs::default();
+        let d0 = regs_digest(&base);
+        assert_eq!(d0, regs_digest(&kvm_regs::default()), "deterministic");
+        let edits: [fn(&mut kvm_regs); 6] =
+            [|r| r.rax = 1, |r| r.r15 = 1, |r| r.rsp = 8, |r| r.rip = 0x1000, |r| r.rflags = 0x202, |r| r.rbp = 1];
+        for edit in edits {
+            let mut r = base;
+            edit(&mut r);
+            assert_ne!(regs_digest(&r), d0);
+        }
     }
 }
