@@ -293,6 +293,9 @@ fn absurd_values_in_the_manifest_are_refused() {
     }
     let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
     let (target, content) = victim("victim2.img");
+    let fifo = taken().dir.join("kernel.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
         ("time-max", Box::new(|m| m["guest_time_ns"] = Value::from(u64::MAX)), vec!["guest_time_ns"]),
         ("time-other", Box::new(|m| m["guest_time_ns"] = Value::from(12345u64)), vec!["guest_time_ns", "state.bin"]),
@@ -325,6 +328,17 @@ fn absurd_values_in_the_manifest_are_refused() {
             vec!["disks"],
         ),
         ("pause-negative", Box::new(|m| m["pause_ms"] = Value::from(-1.0)), vec!["pause_ms"]),
+        // A kernel that is no file: hashing it would read for ever (or block on the FIFO).
+        (
+            "kernel-zero",
+            Box::new(|m| m["vm"]["kernel"]["path"] = Value::from("/dev/zero")),
+            vec!["kernel", "/dev/zero", "character device"],
+        ),
+        (
+            "kernel-fifo",
+            Box::new(move |m| m["vm"]["kernel"]["path"] = Value::from(fifo.display().to_string())),
+            vec!["kernel", "a FIFO"],
+        ),
         (
             "source-victim",
             Box::new(move |m| {
