@@ -256,7 +256,8 @@ impl fmt::Debug for Key {
 impl Key {
     /// Reads a key file: either 32 or more hex characters (surrounding whitespace ignored), or
     /// else its raw bytes, at least [`MIN_KEY_LEN`] of them, used as they are (a trailing
-    /// newline included). A file that every user can read is accepted with a warning.
+    /// newline included). A file that other users (its group, or all) can read is accepted with
+    /// a warning.
     pub fn load(path: &Path) -> Result<Key, SecureError> {
         let shown = path.display();
         let failed = |e: io::Error| SecureError::KeyFile(format!("key file {shown}: {e}"));
@@ -265,8 +266,9 @@ impl Key {
         if let Ok(meta) = file.metadata() {
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode();
-            if mode & 0o004 != 0 {
-                tracing::warn!("key file {shown} can be read by every user (mode {:o}): chmod 600 it", mode & 0o7777);
+            if mode & 0o044 != 0 {
+                let who = if mode & 0o004 != 0 { "every user" } else { "its group" };
+                tracing::warn!("key file {shown} can be read by {who} (mode {:o}): chmod 600 it", mode & 0o7777);
             }
         }
         let mut contents = Vec::new();
