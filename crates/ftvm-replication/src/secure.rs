@@ -726,7 +726,8 @@ fn open_chunk(
 /// The sending half of the channel: what is written is buffered and goes out as one frame on
 /// each `flush()` (in chunks of at most [`MAX_WRITE_FRAME`] bytes). Bytes not flushed when it
 /// is dropped are discarded (a flush on drop could block on a dead peer). After a failed
-/// send, every write fails: the peer cannot tell where the broken chunk ends.
+/// send, every write fails: the peer cannot tell where the broken chunk ends; after a failed
+/// seal too: the numbers it used are never used again.
 pub struct SecureWriter {
     stream: TcpStream,
     transport: Arc<StatelessTransportState>,
@@ -783,8 +784,16 @@ impl SecureWriter {
         let mut out = Vec::with_capacity(payload.len() + chunks * (FRAME_HEADER_LEN + TAG_LEN));
         let mut seq = self.next_seq;
         for (i, chunk) in payload.chunks(MAX_CHUNK).enumerate() {
-            seal_chunk(&self.transport, seq, i + 1 < chunks, chunk, &mut out).map_err(SecureError::into_io)?;
-            seq = next_number(seq, "stream").map_err(SecureError::into_io)?;
+            let sealed = seal_chunk(&self.transport, seq, i + 1 < chunks, chunk, &mut out)
+                .and_then(|()| next_number(seq, "stream"));
+            match sealed {
+                Ok(next) => seq = next,
+                Err(e) => {
+                    // Never seal under these numbers again (a nonce is used once).
+                    self.broken = true;
+                    return Err(e.into_io());
+                }
+            }
         }
         self.next_seq = seq;
         Ok(out)
@@ -804,10 +813,17 @@ impl SecureWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let next = next_number(self.next_seq, "stream").map_err(SecureError::into_io)?;
         self.wire.clear();
-        seal_chunk(&self.transport, self.next_seq, more, &self.pending, &mut self.wire)
-            .map_err(SecureError::into_io)?;
+        let sealed = next_number(self.next_seq, "stream").and_then(|next| {
+            seal_chunk(&self.transport, self.next_seq, more, &self.pending, &mut self.wire).map(|()| next)
+        });
+        let next = match sealed {
+            Ok(next) => next,
+            Err(e) => {
+                self.broken = true;
+                return Err(e.into_io());
+            }
+        };
         let sent = self.stream.write_all(&self.wire);
         self.pending.clear();
         match sent {
