@@ -26,6 +26,11 @@ pub trait RecordSource: Send {
     fn end_is_final(&self) -> bool {
         false
     }
+    /// What the replay reports when `next_record` failed with `error`: for a log, the damage
+    /// it found. A source that fails on purpose (a backup that halted) says why instead.
+    fn failure_detail(&self, error: &LogError) -> String {
+        format!("the log is damaged: {error}")
+    }
 }
 
 impl<R: Read + Send> RecordSource for LogReader<R> {
@@ -300,7 +305,7 @@ impl Replayer {
             match self.reader.next_record() {
                 Ok(Some(r)) => self.peeked = Some(r),
                 Ok(None) => self.exhausted = Some((self.reader.end_detail(), false)),
-                Err(e) => self.exhausted = Some((format!("the log is damaged: {e}"), true)),
+                Err(e) => self.exhausted = Some((self.reader.failure_detail(&e), true)),
             }
             if self.peeked.is_none() {
                 self.ended_for_good();
@@ -592,5 +597,38 @@ impl Replayer {
     /// Called when the guest is halted at `exit` and nothing can wake it from the log.
     pub(crate) fn halted_without_input(&mut self, exit: u64) {
         self.missing(exit, "an input to wake the halted guest");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that fails at once, on purpose (as a halted backup's does).
+    struct Halted;
+
+    impl RecordSource for Halted {
+        fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+            Err(LogError::ReaderFailed)
+        }
+        fn end_detail(&self) -> String {
+            "the stream ended".into()
+        }
+        fn failure_detail(&self, _: &LogError) -> String {
+            "the link to the primary was cut and the arbiter is held: halted".into()
+        }
+    }
+
+    #[test]
+    fn a_source_that_fails_on_purpose_says_why_not_that_the_log_is_damaged() {
+        let mut r = Replayer::new(Box::new(Halted));
+        r.begin_exit(0);
+        r.output(0, 1, b"x");
+        match &r.stop {
+            Some(ReplayStop::LogCorrupt { detail, .. }) => {
+                assert!(detail.contains("halted") && !detail.contains("damaged"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

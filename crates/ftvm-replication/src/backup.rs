@@ -125,6 +125,18 @@ impl RecordSource for ChannelSource {
         }
     }
 
+    /// The source fails on purpose once the backup halted or diverged (so that the replay
+    /// stops rather than going live): the report says why, not that a log is damaged.
+    fn failure_detail(&self, error: &LogError) -> String {
+        if link::lock(&self.state.stream_rejected).is_some() || link::lock(&self.state.halt_reason).is_some() {
+            return self.end_detail();
+        }
+        if self.state.diverged.load(Ordering::SeqCst) {
+            return "the replay diverged from the primary; asking for a resync".into();
+        }
+        format!("the replication stream failed: {error}")
+    }
+
     fn end_detail(&self) -> String {
         if let Some(why) = link::lock(&self.state.stream_rejected).as_ref() {
             return format!("the replication stream was rejected ({why}); asking for a resync");
@@ -466,5 +478,32 @@ impl OutputGate for BackupGate {
 impl Drop for Backup {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_halted_backup_says_why_its_replay_stopped_not_that_the_log_is_damaged() {
+        let state = Arc::new(BackupState::default());
+        let (tx, rx) = mpsc::channel();
+        let mut source = ChannelSource { rx, state: state.clone() };
+        state.halt("no heartbeat from the primary for 300 ms, and the arbiter is held".into());
+        drop(tx);
+        let e = source.next_record().unwrap_err();
+        let why = source.failure_detail(&e);
+        assert!(why.contains("the arbiter is held") && why.contains("halted"), "{why}");
+        assert!(!why.contains("damaged"), "{why}");
+
+        let state = Arc::new(BackupState::default());
+        let (tx, rx) = mpsc::channel();
+        let mut source = ChannelSource { rx, state: state.clone() };
+        state.diverged.store(true, Ordering::SeqCst);
+        drop(tx);
+        let e = source.next_record().unwrap_err();
+        let why = source.failure_detail(&e);
+        assert!(why.contains("diverged") && !why.contains("damaged"), "{why}");
     }
 }
