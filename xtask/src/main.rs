@@ -150,8 +150,10 @@ fn build_redis_image(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()
     Ok(())
 }
 
-/// The configuration in redis.cpio: every address, port 6379, data in /data (the
-/// personality's RAM file system for now: no persistence across a restart yet).
+/// The configuration in redis.cpio: every address, port 6379, data in /data (on the
+/// virtio disk when the VM has one: the personality journals it there), the append-only
+/// file fsynced at every write (no acknowledged write lost, like kvstore), no RDB snapshots
+/// in the background (they fork).
 const REDIS_CONF: &str = "\
 # redis.conf of target/guests/redis.cpio (cargo xtask guests), for the Linux personality.
 bind 0.0.0.0
@@ -161,7 +163,8 @@ daemonize no
 logfile \"\"
 dir /data
 save \"\"
-appendonly no
+appendonly yes
+appendfsync always
 ";
 
 /// A writer of cpio "newc" archives (the initramfs format; guests/linux-abi reads them):

@@ -28,9 +28,14 @@ fn redis_image() -> (PathBuf, PathBuf) {
 
 /// `ftvm <sub> --kernel redis.elf --initrd redis.cpio ...` on host 1 of a one-host network.
 fn redis_vm(net: &Topology, sub: &[&str], console: &Path) -> Child {
+    redis_vm_with(net, sub, &[], console)
+}
+
+fn redis_vm_with(net: &Topology, sub: &[&str], extra: &[&str], console: &Path) -> Child {
     let (elf, cpio) = redis_image();
     net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
         .args(sub)
+        .args(extra)
         .arg("--kernel")
         .arg(elf)
         .arg("--initrd")
@@ -148,6 +153,99 @@ fn real_redis_serves_redis_cli_and_redis_benchmark() {
 }
 
 #[test]
+fn real_redis_keeps_acknowledged_writes_across_a_restart_on_its_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-disk");
+    let net = Topology::up("rk", 1);
+    let disk = dir.join("data.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let disk_arg = disk.display().to_string();
+    let console = dir.join("console.txt");
+    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
+    wait_for(&console, "Ready to accept connections", "redis-server with a blank disk");
+    net.wait_ping("redis-server");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("linux: formatted a blank data disk"), "{text}");
+    assert_eq!(net.cli(&["SET", "greeting", "hello"]), "OK");
+    assert_eq!(net.cli(&["INCR", "counter"]), "1");
+    assert_eq!(net.cli(&["INCR", "counter"]), "2");
+    assert_eq!(net.cli(&["RPUSH", "list", "a", "b"]), "2");
+    assert_eq!(net.cli(&["SET", "gone", "x"]), "OK");
+    assert_eq!(net.cli(&["DEL", "gone"]), "1");
+    // 6 MiB: one journal batch larger than the 4 MiB the personality reads at a time at boot.
+    let big: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let file = dir.join("big");
+    std::fs::write(&file, &big).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip netns exec {}-c redis-cli -h 10.0.0.2 -x SET big < {}", net.0, file.display()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    // A foreground RDB save too (dump.rdb: written, fsynced, renamed into place).
+    assert_eq!(net.cli(&["SAVE"]), "OK");
+    assert_eq!(net.cli(&["SET", "after-save", "yes"]), "OK");
+    // appendfsync always: every acknowledged write is on the disk; SIGKILL the VM.
+    stop(vm);
+
+    let console2 = dir.join("console2.txt");
+    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
+    wait_for(&console2, "Ready to accept connections", "redis-server restarted on its disk");
+    net.wait_ping("redis-server after the restart");
+    let text = std::fs::read_to_string(&console2).unwrap();
+    assert!(text.contains("linux: /data on the virtio disk:"), "{text}");
+    assert!(text.contains("DB loaded from append only file"), "{text}");
+    assert_eq!(net.cli(&["GET", "greeting"]), "hello");
+    assert_eq!(net.cli(&["GET", "counter"]), "2");
+    assert_eq!(net.cli(&["LRANGE", "list", "0", "-1"]), "a\nb");
+    assert_eq!(net.cli(&["EXISTS", "gone"]), "0");
+    assert_eq!(net.cli(&["GET", "after-save"]), "yes");
+    let out = client(&net, &["redis-cli", "-h", "10.0.0.2", "--raw", "GET", "big"]);
+    assert_eq!(&out.stdout[..big.len()], &big[..], "the 6 MiB value survives byte for byte");
+    stop(vm);
+}
+
+#[test]
+fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-full");
+    let net = Topology::up("rf", 1);
+    let disk = dir.join("small.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 10).unwrap();
+    let disk_arg = disk.display().to_string();
+    let console = dir.join("console.txt");
+    let mut vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
+    wait_for(&console, "Ready to accept connections", "redis-server on a 64 KiB disk");
+    net.wait_ping("redis-server");
+    assert_eq!(net.cli(&["SET", "small", "kept"]), "OK");
+    // 100 KiB cannot fit: the guest stops before acknowledging it.
+    let file = dir.join("value");
+    std::fs::write(&file, vec![b'v'; 100 << 10]).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip netns exec {}-c redis-cli -h 10.0.0.2 -x SET big < {}", net.0, file.display()))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "a write that did not fit was acknowledged");
+    let status = vm.wait().unwrap();
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(status.code(), Some(3), "{text}");
+    assert!(text.contains("linux: error: the data disk is full"), "{text}");
+    // Restarted on the same disk: what was acknowledged is there.
+    let console2 = dir.join("console2.txt");
+    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
+    wait_for(&console2, "Ready to accept connections", "redis-server restarted on the full disk");
+    net.wait_ping("redis-server after the restart");
+    assert_eq!(net.cli(&["GET", "small"]), "kept");
+    assert_eq!(net.cli(&["EXISTS", "big"]), "0");
+    stop(vm);
+}
+
+#[test]
 fn real_redis_recorded_under_load_replays_exactly() {
     if !kvm_available() {
         return;
@@ -157,7 +255,11 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let console = dir.join("console.txt");
     let log = dir.join("redis.log");
     let log_arg = log.display().to_string();
-    let vm = redis_vm(&net, &["record", "--log", &log_arg], &console);
+    // With a data disk: the append-only file fsynced at every write goes to the (copied) disk.
+    let disk = dir.join("data.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let disk_arg = disk.display().to_string();
+    let vm = redis_vm_with(&net, &["record", "--log", &log_arg], &["--disk", &disk_arg], &console);
     wait_for(&console, "Ready to accept connections", "redis-server under ftvm record");
     net.wait_ping("redis-server");
     for i in 0..10 {
@@ -177,6 +279,7 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("replayed exactly"), "{err}");
+    assert!(err.contains("the replayed disk equals the recording's"), "{err}");
     let recorded = std::fs::read_to_string(&console).unwrap();
     let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
     assert_eq!(replayed, recorded);

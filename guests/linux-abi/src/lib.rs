@@ -5,11 +5,13 @@
 //! - [`cpio`]: a reader of the initramfs format Linux and QEMU use ("newc", `070701`).
 //! - [`stack`]: the initial process stack as Linux's `create_elf_tables` lays it out.
 //! - [`path`]: path normalization for the personality's file system.
+//! - [`journal`]: the data disk's format (the journal of changes under the data directory).
 
 #![no_std]
 
 extern crate alloc;
 
 pub mod cpio;
+pub mod journal;
 pub mod path;
 pub mod stack;

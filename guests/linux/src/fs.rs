@@ -37,6 +37,18 @@ pub struct Inode {
     pub mode: u32,
     pub mtime: u64,
     pub data: Data,
+    /// Persistence (files under the data directory, with a data disk; see `persist`): the
+    /// length the journal holds, whether bytes below it changed since, and whether the
+    /// journal knows the file at all.
+    pub synced: u64,
+    pub dirty_below: bool,
+    pub on_disk: bool,
+}
+
+impl Inode {
+    pub fn new(ino: u64, mode: u32, mtime: u64, data: Data) -> Inode {
+        Inode { ino, mode, mtime, data, synced: 0, dirty_below: false, on_disk: false }
+    }
 }
 
 pub type Node = Rc<RefCell<Inode>>;
@@ -118,7 +130,7 @@ impl Fs {
         Ok(fs)
     }
 
-    fn make_parents(&mut self, path: &str, now: u64) {
+    pub fn make_parents(&mut self, path: &str, now: u64) {
         let (parent, _) = linux_abi::path::split(path);
         if parent != "/" && !self.nodes.contains_key(parent) {
             let parent = parent.to_string();
@@ -128,7 +140,7 @@ impl Fs {
     }
 
     pub fn add(&mut self, path: &str, mode: u32, data: Data, mtime: u64) -> Node {
-        let node = Rc::new(RefCell::new(Inode { ino: self.next_ino, mode, mtime, data }));
+        let node = Rc::new(RefCell::new(Inode::new(self.next_ino, mode, mtime, data)));
         self.next_ino += 1;
         self.nodes.insert(path.to_string(), node.clone());
         node
@@ -136,6 +148,11 @@ impl Fs {
 
     pub fn get(&self, path: &str) -> Option<Node> {
         self.nodes.get(path).cloned()
+    }
+
+    /// The path a node is at now (None once unlinked).
+    pub fn path_of(&self, node: &Node) -> Option<String> {
+        self.nodes.iter().find(|(_, n)| Rc::ptr_eq(n, node)).map(|(k, _)| k.clone())
     }
 
     /// The parent of `path` exists and is a directory.

@@ -24,6 +24,7 @@ mod entry;
 mod fs;
 mod mem;
 mod net;
+mod persist;
 mod sched;
 mod sys;
 mod vdso;
@@ -54,6 +55,8 @@ pub struct Kernel {
     pub fds: sys::FdTable,
     pub net: Option<net::Net>,
     pub rng: Option<VirtioRng>,
+    /// The data directory's journal on the virtio disk (None: in RAM only).
+    pub disk: Option<persist::Disk>,
     pub cwd: String,
     pub umask: u32,
     /// RTC time at boot, seconds since 1970, and the tick count then.
@@ -103,7 +106,7 @@ pub fn exit_all(status: u64) -> ! {
 }
 
 /// Bad input: one line, then a reset (distinct from a power-off: ftvm exits with status 3).
-fn fatal(message: &str) -> ! {
+pub fn fatal(message: &str) -> ! {
     println!("linux: error: {message}");
     // The i8042 reset line: ring 3 may use every port (the kit's TSS I/O bitmap).
     ftvm_guest_kit::port::outb(0x64, 0xfe);
@@ -246,7 +249,7 @@ fn main() {
     }
     let boot_epoch = epoch_now();
     vdso::set_clock(boot_epoch, time::ticks());
-    let fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
+    let mut fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
         Ok(fs) => fs,
         Err(error) => fatal(&alloc::format!("initramfs ({} bytes): {error}", initrd.size)),
     };
@@ -276,6 +279,23 @@ fn main() {
     if rng.is_none() {
         println!("linux: no virtio-rng: AT_RANDOM, getrandom and /dev/urandom give a fixed sequence");
     }
+    let data_dir = linux_abi::path::resolve("/", cmdline::param("linux.data").unwrap_or("/data"));
+    let disk = match devices.blk {
+        Some(blk) => {
+            let new_id = rng.as_mut().map_or(boot_epoch ^ 0x6c78_6a31, |r| r.u64());
+            if fs.get(&data_dir).is_none() {
+                fs.make_parents(&alloc::format!("{data_dir}/x"), boot_epoch);
+            }
+            match persist::Disk::open(blk, new_id, &mut fs, &data_dir, boot_epoch) {
+                Ok(disk) => Some(disk),
+                Err(error) => fatal(&alloc::format!("data disk: {error}")),
+            }
+        }
+        None => {
+            println!("linux: no virtio-blk disk: {data_dir} is in RAM only (lost at power-off)");
+            None
+        }
+    };
     let mut random = [0u8; 16];
     match rng.as_mut() {
         Some(r) => r.fill(&mut random),
@@ -319,6 +339,7 @@ fn main() {
         fds: sys::FdTable::new(),
         net,
         rng,
+        disk,
         cwd: String::from("/"),
         umask: 0o022,
         boot_epoch,

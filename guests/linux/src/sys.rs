@@ -17,6 +17,7 @@ use crate::entry::Frame;
 use crate::fs::{self, Data, Dev, Node};
 use crate::sched::{self, Wait};
 use crate::{kernel, sched as threads, Kernel};
+use linux_abi::journal::Record;
 
 // errno values.
 const EPERM: i64 = 1;
@@ -381,8 +382,11 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
             if file.flags & O_ACCMODE == 0 {
                 return Err(EBADF);
             }
+            let pos = if file.flags & O_APPEND != 0 { n.size() as usize } else { file.pos as usize };
+            if (pos as u64) < n.synced {
+                n.dirty_below = true;
+            }
             let bytes = n.ram();
-            let pos = if file.flags & O_APPEND != 0 { bytes.len() } else { file.pos as usize };
             if bytes.len() < pos + data.len() {
                 bytes.resize(pos + data.len(), 0);
             }
@@ -541,7 +545,7 @@ fn stat_of(node: &fs::Inode, out: u64) -> Result<i64, i64> {
 }
 
 fn console_stat(out: u64) -> Result<i64, i64> {
-    let node = fs::Inode { ino: 0, mode: fs::S_IFCHR | 0o620, mtime: 0, data: Data::Dev(Dev::Null) };
+    let node = fs::Inode::new(0, fs::S_IFCHR | 0o620, 0, Data::Dev(Dev::Null));
     stat_of(&node, out)
 }
 
@@ -571,6 +575,7 @@ fn open(k: &mut Kernel, path: String, flags: u64, mode: u64) -> Result<i64, i64>
         let mut n = node.borrow_mut();
         if matches!(n.data, Data::Rom(_) | Data::Ram(_)) {
             n.data = Data::Ram(Vec::new());
+            n.dirty_below |= n.synced > 0;
         }
     }
     k.fds.insert(Kind::File { node }, flags)
@@ -1343,14 +1348,25 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             }
         }
         74 | 75 => {
-            k.fds.get(a0)?;
+            // fsync/fdatasync: a file in the data directory goes to the disk (persist).
+            let file = k.fds.get(a0)?;
+            let f = file.borrow();
+            if let (Kind::File { node }, Some(disk)) = (&f.kind, k.disk.as_mut()) {
+                if let Some(path) = k.fs.path_of(node) {
+                    if disk.covers(&path) {
+                        disk.sync_file(&path, node)?;
+                    }
+                }
+            }
             Ok(0)
         }
         77 => {
             let file = k.fds.get(a0)?;
             let f = file.borrow();
             let Kind::File { node } = &f.kind else { return Err(EINVAL) };
-            node.borrow_mut().ram().resize(a1 as usize, 0);
+            let mut n = node.borrow_mut();
+            n.dirty_below |= a1 < n.synced;
+            n.ram().resize(a1 as usize, 0);
             Ok(0)
         }
         78 | 217 => getdents64(k, a0, a1, a2),
@@ -1386,25 +1402,26 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             } else {
                 (path_at(k, a0 as i64, a1)?, path_at(k, a2 as i64, a3)?)
             };
-            k.fs.rename(&from, &to).map(|_| 0)
+            k.fs.rename(&from, &to)?;
+            journal_rename(k, &from, &to)
         }
         83 | 258 => {
             let (path, mode) =
                 if nr == 83 { (path_at(k, AT_FDCWD, a0)?, a1) } else { (path_at(k, a0 as i64, a1)?, a2) };
             let now = k.boot_epoch;
-            k.fs.mkdir(&path, (mode as u32) & !k.umask, now).map(|_| 0)
+            let mode = (mode as u32) & !k.umask;
+            k.fs.mkdir(&path, mode, now)?;
+            journal(k, &path, Record::Mkdir { path: path.clone(), mode })
         }
-        84 => {
-            let path = path_at(k, AT_FDCWD, a0)?;
-            k.fs.unlink(&path, true).map(|_| 0)
-        }
-        87 => {
-            let path = path_at(k, AT_FDCWD, a0)?;
-            k.fs.unlink(&path, false).map(|_| 0)
-        }
-        263 => {
-            let path = path_at(k, a0 as i64, a1)?;
-            k.fs.unlink(&path, a2 & 0x200 != 0).map(|_| 0)
+        84 | 87 | 263 => {
+            let (path, dir) = match nr {
+                84 => (path_at(k, AT_FDCWD, a0)?, true),
+                87 => (path_at(k, AT_FDCWD, a0)?, false),
+                _ => (path_at(k, a0 as i64, a1)?, a2 & 0x200 != 0),
+            };
+            k.fs.unlink(&path, dir)?;
+            let record = if dir { Record::Rmdir { path: path.clone() } } else { Record::Unlink { path: path.clone() } };
+            journal(k, &path, record)
         }
         89 | 267 => {
             let (path, buf, len) =
@@ -1566,6 +1583,36 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
     }
 }
 
+/// Journals a change to `path` when it is in the persisted data directory.
+fn journal(k: &mut Kernel, path: &str, record: Record) -> Result<i64, i64> {
+    match k.disk.as_mut() {
+        Some(disk) if disk.covers(path) => disk.commit(&[record]).map(|_| 0),
+        _ => Ok(0),
+    }
+}
+
+/// A rename that involves the data directory: inside it, journaled as a rename; into it, the
+/// file's whole content is written at its new path (the journal never knew the old one).
+fn journal_rename(k: &mut Kernel, from: &str, to: &str) -> Result<i64, i64> {
+    let Some(disk) = k.disk.as_mut() else { return Ok(0) };
+    match (disk.covers(from), disk.covers(to)) {
+        (true, _) => disk.commit(&[Record::Rename { from: from.into(), to: to.into() }]).map(|_| 0),
+        (false, true) => {
+            let Some(node) = k.fs.get(to) else { return Ok(0) };
+            if node.borrow().is_dir() {
+                return Ok(0);
+            }
+            {
+                let mut n = node.borrow_mut();
+                n.on_disk = false;
+                n.dirty_below = true;
+            }
+            disk.sync_file(to, &node).map(|_| 0)
+        }
+        (false, false) => Ok(0),
+    }
+}
+
 fn fstat(k: &mut Kernel, fd: u64, out: u64) -> Result<i64, i64> {
     let file = k.fds.get(fd)?;
     let f = file.borrow();
@@ -1582,7 +1629,7 @@ fn fstat(k: &mut Kernel, fd: u64, out: u64) -> Result<i64, i64> {
                 Kind::Pipe { .. } => 0o010600,
                 _ => 0o140777,
             };
-            let node = fs::Inode { ino: 0, mode, mtime: 0, data: Data::Dev(Dev::Null) };
+            let node = fs::Inode::new(0, mode, 0, Data::Dev(Dev::Null));
             stat_of(&node, out)
         }
     }
