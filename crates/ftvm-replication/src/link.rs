@@ -160,11 +160,24 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Listens on `addr` (TCP for the stream, UDP for heartbeats, on the same port). Port 0
+    /// picks a free port, the same for both; [`Listener::addr`] is the address bound.
     pub fn bind(addr: SocketAddr, key: &Key) -> Result<Listener> {
-        let tcp = TcpListener::bind(addr).map_err(io(format!("cannot listen on {addr}")))?;
-        let udp = UdpSocket::bind(addr).map_err(io(format!("cannot bind UDP {addr}")))?;
-        udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
-        Ok(Listener { tcp, udp, key: key.clone(), addr })
+        // With port 0 the UDP port the TCP one got may be taken: a few tries.
+        let mut tries_left = if addr.port() == 0 { 8 } else { 1 };
+        loop {
+            let tcp = TcpListener::bind(addr).map_err(io(format!("cannot listen on {addr}")))?;
+            let bound = tcp.local_addr().map_err(io(format!("cannot listen on {addr}")))?;
+            tries_left -= 1;
+            match UdpSocket::bind(bound) {
+                Ok(udp) => {
+                    udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
+                    return Ok(Listener { tcp, udp, key: key.clone(), addr: bound });
+                }
+                Err(_) if tries_left > 0 => {}
+                Err(e) => return Err(io(format!("cannot bind UDP {bound}"))(e)),
+            }
+        }
     }
 
     /// Waits for a primary until `give_up` says to stop (checked every few milliseconds).
@@ -261,5 +274,18 @@ pub fn read_answer(r: &mut dyn Read) -> Result<std::result::Result<(), String>> 
             Ok(Err(why))
         }
         other => Err(Error::Handshake(format!("unexpected answer byte {other:#x}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_0_listens_on_one_real_port_for_stream_and_heartbeats() {
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &Key::unauthenticated()).unwrap();
+        assert_ne!(l.addr.port(), 0, "the address bound, not the one asked for");
+        assert_eq!(l.tcp.local_addr().unwrap(), l.addr);
+        assert_eq!(l.udp.local_addr().unwrap(), l.addr, "heartbeats go to the stream's port");
     }
 }
