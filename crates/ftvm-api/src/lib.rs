@@ -12,9 +12,12 @@
 //! | `PUT /resume` | 200 `{"state":"running"}`; 400 when the VM is not paused |
 //! | `PUT /snapshot` `{"dir": PATH}` | 202 `{"state":"snapshotting"}`: a live snapshot into PATH starts; 400 when PATH cannot take it; 409 while another runs |
 //! | `GET /snapshot` | 200, [`SnapshotProgress`] of the latest snapshot; 404 if none was taken |
+//! | `PUT /switchover` | 202 `{"state":"handing over"}` on a protected primary; 400 on any other role |
+//! | `PUT /protect` `{"backup": "HOST:PORT"}` | 202 `{"state":"protecting"}`: a live state transfer to that backup starts; 400 on a VM that is not live or a bad address; 409 while one runs or with a backup already |
+//! | `GET /protect` | 200, [`ProtectProgress`] of the latest re-protection or resync; 404 if none was started |
 //!
 //! Errors have a JSON body `{"error": "..."}`: 400 malformed request, 404 unknown path, 405
-//! wrong method, 411/413 body length, 501 unsupported transfer coding or route.
+//! wrong method, 411/413 body length, 501 unsupported transfer coding or route, 503 more than 16 clients at once.
 //!
 //! The pieces:
 //! - [`VmControl`]: what the VMM shares with the server. The vCPU thread publishes its

@@ -99,7 +99,7 @@ impl Role {
     }
 }
 
-/// Counted exits (design brief §1), in all and by kind. SHUTDOWN exits count in `total` only.
+/// Counted exits (docs/record-replay.md), in all and by kind. SHUTDOWN exits count in `total` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitCounts {
     pub total: u64,

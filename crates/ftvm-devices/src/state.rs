@@ -1,4 +1,4 @@
-//! Device state for snapshots, live state transfer and resync (design brief §5).
+//! Device state for snapshots, live state transfer and resync (docs/snapshots.md).
 //!
 //! Every device implements [`Stateful`]: `save_state` returns a serde value holding everything
 //! that decides what the guest sees from then on (registers, FIFOs, latches, the guest-time

@@ -55,7 +55,7 @@ impl<R: Read + Send> RecordSource for LogReader<R> {
 /// How often (in counted exits) a checkpoint with a register digest is logged.
 pub const CHECKPOINT_INTERVAL: u64 = 4096;
 
-/// The signature of one counted exit (design brief §1: kind, address, size, written data, RIP).
+/// The signature of one counted exit (docs/record-replay.md: kind, address, size, written data, RIP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExitSignature {
     pub kind: u8,

@@ -1,5 +1,5 @@
 //! The event source: the one choke point through which every guest-visible non-deterministic
-//! value enters the VM (design brief §1).
+//! value enters the VM (docs/record-replay.md).
 //!
 //! Host inputs are of three kinds: the guest clock, data the outside world sends (console
 //! input, received network frames, rng bytes), and the moment at which asynchronous host
@@ -7,9 +7,12 @@
 //! through the [`GuestClock`] trait, and the vCPU loop admits host data only through it, at
 //! counted exits.
 //!
-//! This version implements the **live** mode used by `ftvm run`: the guest clock follows the
-//! host's monotonic clock, sampled only at the points where a device needs time. Record and
-//! replay modes add a log behind the same calls; nothing outside this crate changes.
+//! Three modes behind the same calls ([`Mode`]): **live** (`ftvm run`: the guest clock follows
+//! the host's monotonic clock, sampled only where a device needs time), **record** (the same,
+//! and every input, every reading of time and every exit's signature goes to the log:
+//! `ftvm record`, a primary) and **replay** (everything comes from the log and is checked
+//! against what the VM does: `ftvm replay`, a backup, which can switch to live when it takes
+//! over). The journal ([`journal`]) holds the recorder's and the replayer's halves.
 
 pub mod journal;
 
@@ -23,7 +26,7 @@ use ftvm_log::{EndReason, LogReader, LogWriter};
 pub use journal::{exit_kind, Divergence, ExitSignature, RecordSource, ReplayStop, CHECKPOINT_INTERVAL};
 use journal::{Recorder, Replayer};
 
-/// The position of a counted exit (design brief §1: IO, MMIO, HLT, MSR and SHUTDOWN exits).
+/// The position of a counted exit (docs/record-replay.md: IO, MMIO, HLT, MSR and SHUTDOWN exits).
 pub type ExitIndex = u64;
 
 /// How the event source obtains host inputs.
@@ -342,7 +345,7 @@ impl EventSource {
         }
     }
 
-    /// Record only: a sync point, the `kick`-th after the current exit (design brief §1): the
+    /// Record only: a sync point, the `kick`-th after the current exit (docs/record-replay.md): the
     /// state the replay applies instead of re-executing the exit-free stretch before it.
     /// Events admitted after it are positioned at the same exit and follow it in the log.
     /// `wait_us`: how long the oldest event it delivers waited for it.

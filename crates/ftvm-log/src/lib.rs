@@ -1,4 +1,4 @@
-//! The record/replay event log (design brief §2; the byte format is in docs/log-format.md).
+//! The record/replay event log (the byte format is in docs/log-format.md).
 //!
 //! A log is a magic, a format version, a header frame ([`LogHeader`], JSON) and then one frame per
 //! [`Record`]. Frames carry a length, a CRC32 and a strictly consecutive LSN, so that a reader can

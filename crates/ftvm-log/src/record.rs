@@ -1,5 +1,5 @@
 //! The records of the log. This crate does not interpret them: it encodes, frames, checks and
-//! decodes them. Every record is positioned at an exit index (design brief §1): events at N apply
+//! decodes them. Every record is positioned at an exit index (docs/record-replay.md): events at N apply
 //! after exit N's access completed, before re-entering the guest, in log order.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! Which guest pages changed: one tracker for every consumer (design brief §5).
+//! Which guest pages changed: one tracker for every consumer (docs/snapshots.md).
 //!
 //! The dirty set is KVM's dirty log (pages the guest wrote) united with vm-memory's bitmap of
 //! the VMM's own writes to guest memory (received frames, block reads, rng bytes, used rings).

@@ -3,7 +3,7 @@
 //! A kick is a real-time signal sent to the vCPU thread. Its handler sets `immediate_exit` in
 //! the thread's `kvm_run`, so the kick is never lost: if the signal lands while the thread is
 //! inside KVM_RUN, KVM returns EINTR; if it lands just before, the next KVM_RUN returns at
-//! once. Kicks are not counted exits and carry no events (design brief §1); only `ftvm run`
+//! once. Kicks are not counted exits and carry no events (docs/record-replay.md); only `ftvm run`
 //! uses them to deliver interrupts promptly to a guest computing in ring 3.
 
 use std::cell::Cell;

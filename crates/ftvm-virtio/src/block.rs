@@ -1,6 +1,6 @@
 //! virtio-blk (device ID 2): a raw disk image behind a [`BlockBackend`].
 //!
-//! Requests execute synchronously at the QueueNotify exit (design brief §3): the guest's
+//! Requests execute synchronously at the QueueNotify exit (docs/architecture.md, "virtio"): the guest's
 //! next instruction sees them complete, so the order of disk effects follows the guest alone,
 //! and record/replay need not log them (each side works on an identical copy of the disk).
 //! A request that breaks the rules (sectors past the end, short buffers, data in the wrong

@@ -4,7 +4,7 @@
 //!   over the device behind it and the guest memory type; it implements
 //!   [`ftvm_devices::MmioDevice`] so it sits on the VMM's MMIO bus like any other device.
 //! - [`block::Block`] (virtio-blk), [`rng::Rng`] (virtio-rng), [`net::Net`] (virtio-net):
-//!   state machines that run on the vCPU thread between exits (design brief §3).
+//!   state machines that run on the vCPU thread between exits (docs/architecture.md, "virtio").
 //! - [`tap::Tap`]: the host side of virtio-net (a TAP interface); its reader thread hands
 //!   received frames to the event source, never to the device directly.
 //!

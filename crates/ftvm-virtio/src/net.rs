@@ -2,7 +2,7 @@
 //! plain Ethernet frames behind the 12-byte `virtio_net_hdr_v1` on both queues, and the MAC
 //! address in the configuration space (VIRTIO_NET_F_MAC).
 //!
-//! **Transmit** (design brief §3): at the QueueNotify exit the device copies each frame out
+//! **Transmit** (docs/architecture.md, "virtio"): at the QueueNotify exit the device copies each frame out
 //! of guest memory and returns the descriptor at once, so completion never depends on the
 //! host; the frame joins an output queue that the VMM drains after the exit (to the TAP now,
 //! to the output-commit machinery later).

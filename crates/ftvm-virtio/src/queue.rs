@@ -8,7 +8,7 @@
 //! marks the device broken, which the transport turns into DEVICE_NEEDS_RESET.
 //!
 //! Every write into guest memory goes through vm-memory, so a bitmap-backed memory marks the
-//! pages it touches dirty (design brief §5).
+//! pages it touches dirty (docs/snapshots.md).
 
 use std::sync::atomic::Ordering;
 

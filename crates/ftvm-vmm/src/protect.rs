@@ -1,4 +1,4 @@
-//! Keeping a VM protected (design brief §4 "Re-protection", §5): a live VM, the original
+//! Keeping a VM protected (docs/replication.md, "Re-protection"; docs/snapshots.md): a live VM, the original
 //! primary or a backup that went live, takes a new backup at any time, and a primary resyncs
 //! a backup that diverged. Both are one live state transfer:
 //!

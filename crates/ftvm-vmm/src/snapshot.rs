@@ -1,5 +1,5 @@
 //! Snapshots: the VM's whole state in a directory, taken live, and restored exactly
-//! (design brief §5: one state model for snapshots, sync points and state transfer).
+//! (one state model for snapshots, sync points and state transfer: docs/snapshots.md).
 //!
 //! A snapshot directory holds
 //! - `snapshot.json`, the manifest: format and version, the VM as a log header pins it

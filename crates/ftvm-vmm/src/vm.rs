@@ -146,7 +146,7 @@ pub struct Vm {
     sync_policy: Option<crate::syncpoint::SyncPolicy>,
 }
 
-/// What a recording's header pins about the VM as built (design brief §2), so that a replay
+/// What a recording's header pins about the VM as built (docs/log-format.md), so that a replay
 /// or a backup can check it built the same machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmIdentity {

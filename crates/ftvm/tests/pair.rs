@@ -186,7 +186,7 @@ fn a_pair_of_different_vms_does_not_form() {
     assert!(perr.contains("refused"), "{perr}");
 }
 
-/// Forces the primary to abort in crash window `window` (design brief §4) at its 100th output,
+/// Forces the primary to abort in crash window `window` (docs/replication.md) at its 100th output,
 /// then checks what the two consoles together show against an uninterrupted run.
 fn crash_window(window: u8) {
     if !kvm_available() {

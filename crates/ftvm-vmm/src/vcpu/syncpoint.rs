@@ -1,5 +1,4 @@
-//! Sync points: interrupts for a guest that computes in ring 3 without exiting (design brief
-//! §1, "long exit-free stretches").
+//! Sync points: interrupts for a guest that computes in ring 3 without exiting (docs/record-replay.md).
 //!
 //! While recording, interrupts and received frames are delivered at counted exits only: the
 //! moment of a kick is host-timed, and nothing marks that instant in the guest's instruction

@@ -139,7 +139,7 @@ pub mod asm {
     pub const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 }
 
-/// A test network from scripts/topology.sh (design brief §7), torn down on drop.
+/// A test network from scripts/topology.sh, torn down on drop.
 pub struct Topology(pub String);
 
 impl Topology {
