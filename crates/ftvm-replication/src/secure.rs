@@ -1767,6 +1767,36 @@ mod tests {
     }
 
     #[test]
+    fn garbage_streams_are_errors_not_panics() {
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for round in 0..40 {
+            let ((w, _, _), (_, mut r, _)) = ok_pair();
+            let len = (next() % 3000) as usize;
+            let mut g: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Every other round a plausible length, so that the body is read and checked.
+            if round % 2 == 0 && g.len() >= 4 {
+                g[0..4].copy_from_slice(&(next() % 2000).to_le_bytes());
+            }
+            w.stream().try_clone().unwrap().write_all(&g).unwrap();
+            w.shutdown();
+            let mut sink = Vec::new();
+            match r.read_to_end(&mut sink) {
+                Ok(_) => assert!(g.is_empty(), "garbage was accepted: {} bytes", sink.len()),
+                Err(e) => {
+                    let ok = matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof);
+                    assert!(ok, "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn garbage_datagrams_are_errors_not_panics() {
         let ((_, _, d), _) = ok_pair();
         let mut open = d.opener();
