@@ -592,3 +592,31 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
         assert!(!console.contains("unsupported system call"), "{flavour}:\n{console}");
     }
 }
+
+#[test]
+fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-contract");
+    let source = dir.join("tsc.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <x86intrin.h>\nint main(void) { printf(\"tsc read\\n\"); return (int)(__rdtsc() & 0); }\n",
+    )
+    .unwrap();
+    let binary = dir.join("tsc");
+    build_c(&source, &binary, false);
+    let archive = dir.join("tsc.cpio");
+    std::fs::write(&archive, cpio(&[("tsc", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: guest contract: rdtsc [0f 31] at 0x"), "{console}");
+    assert!(console.contains("linux: error: /tsc: breaks the guest contract (1 forbidden instruction"), "{console}");
+    assert!(!console.contains("tsc read"), "{console}");
+    // Told to run it anyway: it runs (and would diverge under record/replay).
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc linux.contract=off");
+    assert_eq!(code, Some(0), "{console}");
+    assert!(console.contains("1 forbidden, run anyway (linux.contract=off)"), "{console}");
+    assert!(console.contains("tsc read\n") && console.contains("linux: exit status 0"), "{console}");
+}

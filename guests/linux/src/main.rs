@@ -20,6 +20,7 @@
 
 extern crate alloc;
 
+mod contract;
 mod entry;
 mod fs;
 mod mem;
@@ -184,6 +185,29 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
         goblin::elf::header::ET_DYN => PIE_BASE,
         other => return Err(alloc::format!("ELF type {other} is not an executable")),
     };
+    let checked = contract::scan(&elf, image);
+    let anyway = cmdline::param("linux.contract") == Some("off");
+    for v in &checked.violations {
+        println!(
+            "linux: guest contract: {} at {:#x} (file offset {:#x}): host-dependent, not trapped on our KVM",
+            v.text, v.address, v.offset
+        );
+    }
+    if checked.total > 0 && !anyway {
+        return Err(alloc::format!(
+            "breaks the guest contract ({} forbidden instruction(s) among {}; linux.contract=off runs it anyway, and it may diverge)",
+            checked.total, checked.instructions
+        ));
+    }
+    println!(
+        "linux: guest contract: {} instructions scanned, {}",
+        checked.instructions,
+        if checked.total == 0 {
+            "none forbidden".into()
+        } else {
+            alloc::format!("{} forbidden, run anyway (linux.contract=off)", checked.total)
+        }
+    );
     if elf.program_headers.iter().any(|p| p.p_type == PT_INTERP) {
         return Err(alloc::format!(
             "dynamically linked (PT_INTERP {}): only static executables run",
