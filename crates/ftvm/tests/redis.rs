@@ -620,3 +620,79 @@ fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
     assert!(console.contains("1 forbidden, run anyway (linux.contract=off)"), "{console}");
     assert!(console.contains("tsc read\n") && console.contains("linux: exit status 0"), "{console}");
 }
+
+#[test]
+fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_write() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-pair");
+    let net = Topology::up("rp", 2);
+    let (elf, cpio) = redis_image();
+    let key = dir.join("pair.key");
+    std::fs::write(&key, "5ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e700\n").unwrap();
+    let side = |ns: &str, role: &str| -> Child {
+        let disk = dir.join(format!("{ns}.img"));
+        std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+        let peer: &[&str] =
+            if role == "primary" { &["--backup", "10.99.0.2:7000"] } else { &["--listen", "10.99.0.2:7000"] };
+        net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"))
+            .arg(role)
+            .args(peer)
+            .args(["--timeout", "1200", "--arbiter"])
+            .arg(dir.join("arbiter.lock"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--api-socket")
+            .arg(dir.join(format!("{ns}.sock")))
+            .arg("--kernel")
+            .arg(&elf)
+            .arg("--initrd")
+            .arg(&cpio)
+            .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
+            .arg(&disk)
+            .arg("--console")
+            .arg(format!("file:{}", dir.join(format!("{ns}-{role}.txt")).display()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let backup = side("h2", "backup");
+    std::thread::sleep(Duration::from_millis(400));
+    let mut primary = side("h1", "primary");
+    net.wait_ping("the protected redis-server");
+    assert_eq!(net.cli(&["SET", "before", "the failover"]), "OK");
+    // One connection that must survive (scripts/kv-checker.py), and load beside it.
+    let check = net
+        .cmd("c", "python3")
+        .arg(repo_root().join("scripts/kv-checker.py"))
+        .args(["10.0.0.2", "6379", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bench = net
+        .cmd("c", "redis-benchmark")
+        .args(["-h", "10.0.0.2", "-t", "set,get", "-n", "5000", "-c", "10", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    primary.kill().unwrap(); // SIGKILL
+    let out = check.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("checker: {report}");
+    assert_eq!(out.status.code(), Some(0), "invariants broken: {report} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("\"reset\": false"), "{report}");
+    let out = bench.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    assert!(text.lines().any(|l| l.starts_with("GET: ")), "redis-benchmark finished: {text}");
+    assert_eq!(net.cli(&["GET", "before"]), "the failover");
+    let mut backup = backup;
+    let _ = backup.kill();
+    let out = backup.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TAKEOVER"), "{err}");
+    let _ = primary.wait();
+}
