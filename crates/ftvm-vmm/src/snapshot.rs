@@ -311,6 +311,29 @@ impl MemoryImage {
 }
 
 /// Loads `memory.bin` into guest memory, checking its size and checksum.
+/// Checks `memory.bin` against its size and checksum without loading it.
+fn check_memory_image(path: &Path, entry: &FileEntry) -> Result<()> {
+    let file = File::open(path).map_err(restore_err(format!("cannot open {}", path.display())))?;
+    let size = file.metadata().map_err(restore_err(format!("cannot read {}", path.display())))?.len();
+    if size != entry.size {
+        return Err(Error::Restore(format!(
+            "{} is {size} bytes; the manifest says {} (a truncated or foreign snapshot)",
+            path.display(),
+            entry.size
+        )));
+    }
+    let hash = read_sparse(&file, size, |_, _| Ok(()))?;
+    if hex(hash) != entry.xxh3 {
+        return Err(Error::Restore(format!(
+            "{} is corrupt: its checksum is {}, the manifest says {}",
+            path.display(),
+            hex(hash),
+            entry.xxh3
+        )));
+    }
+    Ok(())
+}
+
 fn load_memory(path: &Path, entry: &FileEntry, mem: &GuestMemoryMmap) -> Result<()> {
     let file = File::open(path).map_err(restore_err(format!("cannot open {}", path.display())))?;
     let size = file.metadata().map_err(restore_err(format!("cannot read {}", path.display())))?.len();
@@ -1284,6 +1307,8 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
             }
         }
         same_machine(&Vm::build_with(probe, false)?, &snap)?;
+        // The memory image too (read again when it is loaded: from the page cache).
+        check_memory_image(&snap.dir.join(&snap.manifest.memory.file), &snap.manifest.memory)?;
         let mut staged: Vec<(PathBuf, &Path)> = Vec::new();
         for &i in &restoring {
             let target = &config.disks[i].path;
@@ -1298,13 +1323,14 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
                 }
             }
         }
-        for (i, (tmp, target)) in restoring.iter().zip(&staged) {
+        for (n, (i, (tmp, target))) in restoring.iter().zip(&staged).enumerate() {
             eprintln!("ftvm: restoring disk {i} from the snapshot into {}", target.display());
-            std::fs::rename(tmp, target).map_err(restore_err(format!(
-                "cannot move {} to {}",
-                tmp.display(),
-                target.display()
-            )))?;
+            if let Err(e) = std::fs::rename(tmp, target) {
+                for (tmp, _) in &staged[n..] {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(Error::Restore(format!("cannot move {} to {}: {e}", tmp.display(), target.display())));
+            }
         }
     }
     let mut vm = Vm::build_with(config, open_taps)?;

@@ -360,5 +360,14 @@ fn absurd_values_in_the_manifest_are_refused() {
     let d = edited("time-max-2", |m| m["guest_time_ns"] = Value::from(u64::MAX));
     restore_refused(&d, &[], &["guest_time_ns"]);
     assert_eq!(std::fs::read(&t.disk).unwrap(), vec![0xa5u8; 1 << 20], "a refused restore changes nothing");
+    // Nor does one refused for a damaged memory image, found only after the disk's copy was
+    // checked: the disk is not rolled back before everything was.
+    let d = copied("memory-damaged");
+    let mut memory = std::fs::read(d.join("memory.bin")).unwrap();
+    let at = memory.iter().position(|&b| b != 0).expect("a guest's memory is not all zeros");
+    memory[at] ^= 0x55;
+    std::fs::write(d.join("memory.bin"), &memory).unwrap();
+    restore_refused(&d, &[], &["memory.bin is corrupt"]);
+    assert_eq!(std::fs::read(&t.disk).unwrap(), vec![0xa5u8; 1 << 20], "the disk was rolled back by a refused restore");
     std::fs::write(&t.disk, before).unwrap();
 }
