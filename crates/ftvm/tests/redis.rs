@@ -621,8 +621,15 @@ fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
     assert!(console.contains("tsc read\n") && console.contains("linux: exit status 0"), "{console}");
 }
 
+/// `ftvm ctl SOCKET ARGS...`: exit status and output.
+fn ctl(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = ftvm().arg("ctl").arg(socket).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
 #[test]
-fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_write() {
+fn the_pair_protects_real_redis_through_a_failover_a_reprotection_and_a_second_failover() {
     if !kvm_available() {
         return;
     }
@@ -631,11 +638,12 @@ fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_wri
     let (elf, cpio) = redis_image();
     let key = dir.join("pair.key");
     std::fs::write(&key, "5ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e7005ec2e700\n").unwrap();
-    let side = |ns: &str, role: &str| -> Child {
+    // One side: `role` in namespace `ns`, its disk NS.img (created once), API socket NAME.sock.
+    let side = |ns: &str, role: &str, peer: &[&str], name: &str| -> Child {
         let disk = dir.join(format!("{ns}.img"));
-        std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
-        let peer: &[&str] =
-            if role == "primary" { &["--backup", "10.99.0.2:7000"] } else { &["--listen", "10.99.0.2:7000"] };
+        if !disk.exists() {
+            std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+        }
         net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"))
             .arg(role)
             .args(peer)
@@ -644,7 +652,7 @@ fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_wri
             .arg("--key-file")
             .arg(&key)
             .arg("--api-socket")
-            .arg(dir.join(format!("{ns}.sock")))
+            .arg(dir.join(format!("{name}.sock")))
             .arg("--kernel")
             .arg(&elf)
             .arg("--initrd")
@@ -652,34 +660,61 @@ fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_wri
             .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
             .arg(&disk)
             .arg("--console")
-            .arg(format!("file:{}", dir.join(format!("{ns}-{role}.txt")).display()))
+            .arg(format!("file:{}", dir.join(format!("{name}.txt")).display()))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let backup = side("h2", "backup");
+    let backup = side("h2", "backup", &["--listen", "10.99.0.2:7000"], "h2-backup");
     std::thread::sleep(Duration::from_millis(400));
-    let mut primary = side("h1", "primary");
+    let mut primary = side("h1", "primary", &["--backup", "10.99.0.2:7000"], "h1-primary");
     net.wait_ping("the protected redis-server");
     assert_eq!(net.cli(&["SET", "before", "the failover"]), "OK");
-    // One connection that must survive (scripts/kv-checker.py), and load beside it.
+    // One connection that must survive both failovers (scripts/kv-checker.py), load beside it.
     let check = net
         .cmd("c", "python3")
         .arg(repo_root().join("scripts/kv-checker.py"))
-        .args(["10.0.0.2", "6379", "10"])
+        .args(["10.0.0.2", "6379", "22"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let bench = net
         .cmd("c", "redis-benchmark")
-        .args(["-h", "10.0.0.2", "-t", "set,get", "-n", "5000", "-c", "10", "-q"])
+        .args(["-h", "10.0.0.2", "-t", "set,get", "-n", "20000", "-c", "10", "-q"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    primary.kill().unwrap(); // SIGKILL
+    primary.kill().unwrap(); // SIGKILL: h2's backup goes live
+    let _ = primary.wait();
+    let live = dir.join("h2-backup.sock");
+    let start = Instant::now();
+    loop {
+        let (code, out) = ctl(&live, &["status", "--json"]);
+        let status: Option<serde_json::Value> = serde_json::from_str(&out).ok().filter(|_| code == Some(0));
+        if status.is_some_and(|v| v["pair"]["failovers"] == 1) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the backup did not take over: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(net.cli(&["GET", "before"]), "the failover");
+    // Re-protection: a new backup on h1 (its disk is the dead primary's: the transfer replaces it).
+    let new_backup = side("h1", "backup", &["--listen", "10.99.0.1:7001"], "h1-backup");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out) = ctl(&live, &["protect", "10.99.0.1:7001", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let progress: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(progress["phase"], "protected", "{out}");
+    eprintln!("re-protection: {out}");
+    std::thread::sleep(Duration::from_secs(2));
+    // The second failover: SIGKILL of the live side; h1's new backup goes live.
+    let mut backup = backup;
+    backup.kill().unwrap();
+    let out = backup.wait_with_output().unwrap();
+    let old_live_err = String::from_utf8_lossy(&out.stderr).into_owned();
     let out = check.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("checker: {report}");
@@ -689,10 +724,10 @@ fn the_pair_protects_real_redis_sigkill_of_the_primary_loses_no_acknowledged_wri
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
     assert!(text.lines().any(|l| l.starts_with("GET: ")), "redis-benchmark finished: {text}");
     assert_eq!(net.cli(&["GET", "before"]), "the failover");
-    let mut backup = backup;
-    let _ = backup.kill();
-    let out = backup.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TAKEOVER"), "{err}");
-    let _ = primary.wait();
+    let mut new_backup = new_backup;
+    let _ = new_backup.kill();
+    let out = new_backup.wait_with_output().unwrap();
+    let new_err = String::from_utf8_lossy(&out.stderr);
+    assert!(new_err.contains("TAKEOVER"), "{new_err}");
+    assert!(old_live_err.contains("TAKEOVER") && old_live_err.contains("PROTECTED"), "{old_live_err}");
 }
