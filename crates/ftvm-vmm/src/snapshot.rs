@@ -714,16 +714,22 @@ pub(crate) fn take(
         pause_ms,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Snapshot(format!("manifest: {e}")))?;
-    // The seal first: the manifest, last, completes the snapshot.
-    match snapshot_key(true)
-        .and_then(|key| ftvm_replication::secure::hmac_sha256(&key, json.as_bytes()).map_err(|e| e.to_string()))
-    {
+    // The seal first: the manifest, last, completes the snapshot. A state transfer's
+    // staging is not sealed: the receiving side restores it onto its own disks, never onto
+    // the paths the manifest names (and a pair needs no key in its user's home).
+    let staging = dir.file_name().and_then(|n| n.to_str()).and_then(ftvm_replication::transfer::staging_owner);
+    let key = match staging {
+        Some(_) => Err("a state transfer's staging".to_string()),
+        None => snapshot_key(true),
+    };
+    match key.and_then(|key| ftvm_replication::secure::hmac_sha256(&key, json.as_bytes()).map_err(|e| e.to_string())) {
         Ok(tag) => {
             let path = dir.join(SEAL);
             create_private(&path)
                 .and_then(|mut f| f.write_all(hex_bytes(&tag).as_bytes()))
                 .map_err(snap_err(format!("cannot write {}", path.display())))?;
         }
+        Err(e) if staging.is_some() => tracing::debug!("not sealed: {e}"),
         Err(e) => tracing::warn!(
             "the snapshot's manifest is not sealed ({e}): restoring it will need --disk for each writable disk"
         ),
