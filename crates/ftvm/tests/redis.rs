@@ -137,13 +137,14 @@ fn real_redis_serves_redis_cli_and_redis_benchmark() {
     }
     assert_eq!(net.cli(&["STRLEN", "big"]), (100 << 10).to_string());
 
-    // redis-benchmark, 1 and 20 clients.
-    for clients in ["1", "20"] {
-        let summary = benchmark(&net, &["-t", "set,get,incr,lpush,lrange_100", "-n", "2000", "-c", clients]);
-        eprintln!("ftvm run, redis-benchmark -c {clients}:\n{summary}");
+    // redis-benchmark: 1, 20 and 50 clients, and 50 pipelining 16 requests each.
+    for (clients, pipeline) in [("1", "1"), ("20", "1"), ("50", "1"), ("50", "16")] {
+        let summary =
+            benchmark(&net, &["-t", "set,get,incr,lpush,lrange_100", "-n", "2000", "-c", clients, "-P", pipeline]);
+        eprintln!("ftvm run, redis-benchmark -c {clients} -P {pipeline}:\n{summary}");
         for test in ["SET", "GET", "INCR", "LPUSH", "LRANGE_100"] {
             let named = |l: &&str| l.starts_with(&format!("{test}: ")) || l.starts_with(&format!("{test} ("));
-            assert!(summary.lines().any(|l| named(&l)), "-c {clients}: {summary}");
+            assert!(summary.lines().any(|l| named(&l)), "-c {clients} -P {pipeline}: {summary}");
         }
     }
     assert_eq!(net.cli(&["GET", "greeting"]), "hello");
