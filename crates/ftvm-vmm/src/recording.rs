@@ -93,8 +93,21 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// SHA-256 of a file, hex.
+/// Opens an image to hash: a regular file or a block device (a disk), never something that
+/// reads for ever or blocks (`/dev/zero`, a FIFO: a crafted log header can name them).
+fn open_hashable(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let t = file.metadata()?.file_type();
+    if t.is_file() || t.is_block_device() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
+    }
+}
+
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).map_err(io_err(format!("cannot read {}", path.display())))?;
+    let mut f = open_hashable(path).map_err(io_err(format!("cannot read {}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -219,7 +232,7 @@ pub fn backup(
     let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
-    eprintln!("ftvm: backup listening on {}", link.listen);
+    eprintln!("ftvm: backup listening on {}", listener.addr);
     if !link.key.is_authenticated() {
         eprintln!("ftvm: warning: no --key-file: the replication channel is not authenticated");
     }
@@ -231,6 +244,10 @@ pub fn backup(
         let timeout = link.timeout;
         let mut primary_died = false;
         let mut give_up = || {
+            // SIGTERM or SIGINT while waiting for a primary ends the backup.
+            if crate::kick::stop_requested() {
+                return true;
+            }
             let Some((old, last_seen)) = &mut diverged else { return false };
             let hb = &old.heartbeats;
             // A few datagrams at a time: a busy primary sends them without pause.
@@ -247,6 +264,9 @@ pub fn backup(
             primary_died
         };
         let Some(mut conn) = listener.accept(&mut give_up).map_err(pair)? else {
+            if crate::kick::stop_requested() {
+                return Err(Error::Pair("stopped by the operator while waiting for a primary".into()));
+            }
             return Err(Error::Pair(format!(
                 "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
                  halting: this backup's state is wrong and it does not go live",

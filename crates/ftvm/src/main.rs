@@ -684,6 +684,13 @@ fn replay(args: ReplayArgs) -> ExitCode {
             for (i, (path, same)) in report.disks.iter().enumerate() {
                 match same {
                     Some(true) => eprintln!("ftvm: disk {i}: the replayed disk equals the recording's"),
+                    // A replay that stopped early (the log ends or is damaged) has done less
+                    // to its disk than the recording: that is no divergence of its own.
+                    Some(false) if code != 0 => eprintln!(
+                        "ftvm: disk {i}: the replayed disk {} differs from the recording's final disk, as a replay that \
+                         stopped early does",
+                        path.display()
+                    ),
                     Some(false) => {
                         eprintln!("ftvm: disk {i}: the replayed disk {} differs from the recording's", path.display());
                         code = 8;
@@ -748,6 +755,12 @@ fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
 
 fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
     match result {
+        // A wait that SIGINT or SIGTERM ended before any VM ran (a backup waiting for its
+        // primary): the operator's stop, not an error.
+        Err(e) if ftvm_vmm::kick::stop_requested() => {
+            eprintln!("ftvm: {e}");
+            ExitCode::from(130)
+        }
         Ok(report) => {
             let code = report.outcome.exit_code();
             if code == 0 {

@@ -128,8 +128,6 @@ fn log_name(p: &Path) -> String {
 /// replay stops at the damage, so its disk is naturally behind the recording's final one.
 /// That is not a divergence either: the status must stay 9 or 10.
 #[test]
-#[ignore = "fails until `ftvm replay` stops counting the disk of a replay that stopped early as \
-            different: main.rs replay() sets the status to 8 over 9/10 (issue 18, item 10)"]
 fn a_damaged_log_of_a_guest_writing_its_disk_is_not_a_divergence() {
     if !kvm_available() {
         return;

@@ -85,3 +85,67 @@ fn a_peer_timeout_shorter_than_three_heartbeats_is_a_usage_error() {
         assert!(stderr(&out).contains("too short: heartbeats go every 50 ms"), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn sigterm_ends_a_backup_that_waits_for_its_primary() {
+    if !kvm_available() {
+        return;
+    }
+    let mut backup = ftvm()
+        .args(["backup", "--listen", "127.0.0.1:0", "--kernel"])
+        .arg(guest("hello"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the child's pid.
+    assert_eq!(unsafe { libc_kill(backup.id() as i32, 15) }, 0);
+    let started = std::time::Instant::now();
+    while backup.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = backup.kill();
+            panic!("the backup ignored SIGTERM for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = backup.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped by the operator while waiting for a primary"), "{err}");
+    // Port 0 became one real port, and the backup says which.
+    assert!(err.contains("backup listening on 127.0.0.1:") && !err.contains("127.0.0.1:0\n"), "{err}");
+}
+
+#[test]
+fn a_recording_refuses_an_initrd_that_reads_for_ever() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("misuse-record-initrd");
+    // Hashed for the log header before the VM is built: /dev/zero read without end there.
+    let mut child = ftvm()
+        .args(["record", "--log"])
+        .arg(dir.join("x.log"))
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .args(["--initrd", "/dev/zero"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("ftvm record --initrd /dev/zero was still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("/dev/zero") && stderr(&out).contains("not a regular file"), "{}", stderr(&out));
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
