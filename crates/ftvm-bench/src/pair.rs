@@ -498,13 +498,13 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let arbiter = ctx.work.join("arbiter.lock");
             let listen = format!("{BACKUP_IP}:{port}");
             let disk = fresh_disk(ctx, "disk-backup.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen], &disk, 1);
+            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen, "--insecure"], &disk, 1);
             cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&bsock);
             let mut b = Running::spawn("ftvm backup", &mut cmd)?;
             b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
             backup = Some(b);
             let disk = fresh_disk(ctx, "disk-primary.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen], &disk, 0);
+            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen, "--insecure"], &disk, 0);
             cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&sock);
             if mode == Mode::PausedReplay {
                 // The paused replay lags on purpose: no slowing down for it.

@@ -233,9 +233,6 @@ pub fn backup(
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
     eprintln!("ftvm: backup listening on {}", listener.addr);
-    if !link.key.is_authenticated() {
-        eprintln!("ftvm: warning: no --key-file: the replication channel is not authenticated");
-    }
     let mut resyncs = 0u64;
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.

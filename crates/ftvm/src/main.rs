@@ -146,12 +146,16 @@ struct PairArgs {
     /// its lease is valid and halts when it loses it; a failover waits for the lease to expire).
     #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY", default_value = "/tmp/ftvm-arbiter.lock")]
     arbiter: ftvm_replication::arbiter::ArbiterSpec,
-    /// The pre-shared key that authenticates the replication channel (an HMAC-SHA256 on every
-    /// frame and heartbeat, with sequence numbers): a file of 32+ hex digits or 16+ raw bytes,
-    /// the same on both sides (`openssl rand -hex 32 > key`). Without it the channel is
-    /// checked for integrity only, and ftvm says so.
+    /// The pre-shared key of the replication channel (a Noise handshake; every frame and
+    /// heartbeat encrypted and authenticated with AES-256-GCM, with sequence numbers): a file
+    /// of 32+ hex digits or 16+ raw bytes, the same on both sides
+    /// (`openssl rand -hex 32 > key; chmod 600 key`). Needed unless --insecure.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Run the pair without a key: the link is still encrypted against a host that only
+    /// watches it, but anyone who can reach it can speak for the primary or the backup.
+    #[arg(long, conflicts_with = "key_file")]
+    insecure: bool,
     /// Milliseconds the backup's replay may lag behind before the primary slows its vCPU
     /// down (as VMware FT does), which bounds the failover time; 0: no bound.
     #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -263,11 +267,17 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 impl PairArgs {
+    /// The channel's key; without --key-file only with --insecure, said loudly.
     fn key(&self) -> Result<ftvm_replication::secure::Key, String> {
-        match &self.key_file {
-            Some(path) => ftvm_replication::secure::Key::load(path).map_err(|e| e.to_string()),
-            None => Ok(ftvm_replication::secure::Key::unauthenticated()),
+        let key = ftvm_replication::secure::Key::for_pair(self.key_file.as_deref(), self.insecure)
+            .map_err(|e| e.to_string())?;
+        if self.insecure {
+            eprintln!(
+                "ftvm: WARNING: --insecure: the replication channel has no key; anyone who can reach it can \
+                 impersonate either side"
+            );
         }
+        Ok(key)
     }
 
     fn max_lag(&self) -> Option<std::time::Duration> {
@@ -413,9 +423,6 @@ fn main() -> ExitCode {
                 Ok(k) => k,
                 Err(e) => return usage_error(&e),
             };
-            if !key.is_authenticated() {
-                eprintln!("ftvm: warning: no --key-file: the replication channel is not authenticated");
-            }
             let link = ftvm_replication::primary::PrimaryConfig {
                 backup: args.backup,
                 arbiter: args.pair.arbiter.clone(),

@@ -288,7 +288,7 @@ fn the_pair_reports_replication_figures() {
     let side = |role: &str, flag: &str, name: &str| -> (Child, PathBuf) {
         let socket = dir.join(format!("{name}.sock"));
         let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-        c.args([role, flag, &addr]).arg("--arbiter").arg(&arbiter);
+        c.args([role, flag, &addr, "--insecure"]).arg("--arbiter").arg(&arbiter);
         c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=3000"]);
         c.arg("--console").arg(format!("file:{}", dir.join(format!("{name}.txt")).display()));
         c.arg("--api-socket").arg(&socket);

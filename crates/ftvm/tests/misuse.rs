@@ -87,12 +87,31 @@ fn a_peer_timeout_shorter_than_three_heartbeats_is_a_usage_error() {
 }
 
 #[test]
+fn a_pair_without_a_key_needs_insecure_and_says_so() {
+    for role in [["primary", "--backup"], ["backup", "--listen"]] {
+        let out = ftvm().args([role[0], role[1], "127.0.0.1:7000", "--kernel"]).arg(guest("hello")).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("needs a key: --key-file FILE") && stderr(&out).contains("--insecure"),
+            "{}",
+            stderr(&out)
+        );
+        let out = ftvm()
+            .args([role[0], role[1], "127.0.0.1:7000", "--insecure", "--key-file", "k", "--kernel"])
+            .arg(guest("hello"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn sigterm_ends_a_backup_that_waits_for_its_primary() {
     if !kvm_available() {
         return;
     }
     let mut backup = ftvm()
-        .args(["backup", "--listen", "127.0.0.1:0", "--kernel"])
+        .args(["backup", "--listen", "127.0.0.1:0", "--insecure", "--kernel"])
         .arg(guest("hello"))
         .stderr(Stdio::piped())
         .spawn()
@@ -112,6 +131,7 @@ fn sigterm_ends_a_backup_that_waits_for_its_primary() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopped by the operator while waiting for a primary"), "{err}");
+    assert!(err.contains("WARNING: --insecure"), "a pair without a key says so loudly: {err}");
     // Port 0 became one real port, and the backup says which.
     assert!(err.contains("backup listening on 127.0.0.1:") && !err.contains("127.0.0.1:0\n"), "{err}");
 }

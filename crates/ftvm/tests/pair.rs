@@ -34,8 +34,9 @@ fn side_cmd(
     c
 }
 
+/// A side without a key (`--insecure`): most tests here are not about the key.
 fn side(role: &str, addr: &str, arbiter: &Path, console: &Path, cmdline: &str) -> Child {
-    side_cmd(role, addr, arbiter, console, cmdline, 1200).spawn().unwrap()
+    side_cmd(role, addr, arbiter, console, cmdline, 1200).arg("--insecure").spawn().unwrap()
 }
 
 fn wait(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
@@ -200,7 +201,7 @@ fn crash_window(window: u8) {
     std::thread::sleep(Duration::from_millis(300));
     let mut p = Command::new(env!("CARGO_BIN_EXE_ftvm"));
     p.env("FTVM_TEST_CRASH", format!("{window}:100"));
-    p.args(["primary", "--backup", &addr]).args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter);
+    p.args(["primary", "--backup", &addr, "--insecure"]).args(["--timeout", "1200"]).arg("--arbiter").arg(&arbiter);
     p.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
     p.arg("--console").arg(format!("file:{}", dir.join("p.txt").display()));
     let mut p = p.stderr(Stdio::piped()).spawn().unwrap();
@@ -319,7 +320,7 @@ fn ctl_switchover_hands_over_with_no_lost_or_repeated_output() {
     let mut b = side("backup", &addr, &arbiter, &dir.join("b.txt"), cmdline);
     std::thread::sleep(Duration::from_millis(300));
     let mut p = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-        .args(["primary", "--backup", &addr])
+        .args(["primary", "--backup", &addr, "--insecure"])
         .arg("--api-socket")
         .arg(&sock)
         .args(["--timeout", "1200"])
@@ -392,7 +393,7 @@ fn with_the_etcd_arbiter_a_primary_stopped_past_its_lease_emits_nothing_after_th
     let url = etcd.url("ftvm/sigstop");
     let spawn = |role: &str| {
         let console = dir.join(format!("{role}.txt"));
-        side_cmd(role, &addr, &url, &console, "hello.wait_ms=3000", 300).spawn().unwrap()
+        side_cmd(role, &addr, &url, &console, "hello.wait_ms=3000", 300).arg("--insecure").spawn().unwrap()
     };
     let mut b = spawn("backup");
     std::thread::sleep(Duration::from_millis(300));
@@ -431,7 +432,7 @@ fn protect_refuses_what_it_cannot_do_and_says_why() {
     let spawn = |role: &str, peer: &str, name: &str, disk: &Path| {
         let console = dir.join(format!("{name}.txt"));
         let mut c = side_cmd(role, peer, &arbiter, &console, "hello.wait_ms=8000", 1200);
-        c.arg("--api-socket").arg(dir.join(format!("{name}.sock"))).arg("--disk").arg(disk);
+        c.arg("--insecure").arg("--api-socket").arg(dir.join(format!("{name}.sock"))).arg("--disk").arg(disk);
         c.spawn().unwrap()
     };
     let ctl = |name: &str, args: &[&str]| {
