@@ -701,10 +701,12 @@ mod tests {
         let dir = scratch("rawfile");
         let path = dir.join("disk.img");
         std::fs::write(&path, vec![7u8; 4096 + 100]).unwrap();
-        let mut f = RawFile::open(&path, false).unwrap();
-        assert_eq!(f.size(), 4196);
+        // A read-only device first (the image is locked: a writer alone, or readers).
         let b = Block::new(RawFile::open(&path, true).unwrap(), true, 0);
         assert_eq!(b.capacity(), 8, "the partial sector is not visible");
+        drop(b);
+        let mut f = RawFile::open(&path, false).unwrap();
+        assert_eq!(f.size(), 4196);
         f.write_at(&[1, 2, 3], 512).unwrap();
         f.flush().unwrap();
         let mut buf = [0u8; 4];
