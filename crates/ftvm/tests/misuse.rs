@@ -110,7 +110,7 @@ fn sigterm_ends_a_backup_that_waits_for_its_primary() {
     if !kvm_available() {
         return;
     }
-    let mut backup = ftvm()
+    let backup = ftvm()
         .args(["backup", "--listen", "127.0.0.1:0", "--insecure", "--kernel"])
         .arg(guest("hello"))
         .stderr(Stdio::piped())
@@ -119,16 +119,9 @@ fn sigterm_ends_a_backup_that_waits_for_its_primary() {
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill(2) on the child's pid.
     assert_eq!(unsafe { libc_kill(backup.id() as i32, 15) }, 0);
-    let started = std::time::Instant::now();
-    while backup.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = backup.kill();
-            panic!("the backup ignored SIGTERM for 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = backup.wait_with_output().unwrap();
+    let (out, in_time) = finish_within(backup, Duration::from_secs(10));
     let err = stderr(&out);
+    assert!(in_time, "the backup ignored SIGTERM for 10 s: {err}");
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("stopped by the operator while waiting for a primary"), "{err}");
     assert!(err.contains("WARNING: --insecure"), "a pair without a key says so loudly: {err}");
@@ -143,7 +136,7 @@ fn a_recording_refuses_an_initrd_that_reads_for_ever() {
     }
     let dir = scratch("misuse-record-initrd");
     // Hashed for the log header before the VM is built: /dev/zero read without end there.
-    let mut child = ftvm()
+    let child = ftvm()
         .args(["record", "--log"])
         .arg(dir.join("x.log"))
         .arg("--kernel")
@@ -152,15 +145,8 @@ fn a_recording_refuses_an_initrd_that_reads_for_ever() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("ftvm record --initrd /dev/zero was still running after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let (out, in_time) = finish_within(child, Duration::from_secs(20));
+    assert!(in_time, "ftvm record --initrd /dev/zero was still running after 20 s");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("/dev/zero") && stderr(&out).contains("not a regular file"), "{}", stderr(&out));
 }

@@ -10,28 +10,12 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Waits for `child` at most `limit`; kills it past that. Returns its output and whether it
-/// finished in time.
-fn finish(mut child: Child, limit: Duration) -> (Output, bool) {
-    let start = Instant::now();
-    let mut in_time = true;
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            in_time = false;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child.wait_with_output().unwrap(), in_time)
 }
 
 fn record_cmd(log: &Path, kernel: &Path, cmdline: &str) -> Command {
@@ -56,7 +40,7 @@ fn a_guest_that_rewrites_megabytes_records_within_the_sync_budget_and_replays_ex
     let log = dir.join("compute.log");
     // 150 rounds, each rewriting 8 MiB: about a second of guest time with default settings.
     let child = record_cmd(&log, &guest("compute"), "compute.rounds=150").spawn().unwrap();
-    let (out, in_time) = finish(child, Duration::from_secs(90));
+    let (out, in_time) = finish_within(child, Duration::from_secs(90));
     let err = stderr(&out);
     assert!(in_time, "the recording must not crawl (it took 140-260x the run before): {err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -124,8 +108,10 @@ fn a_recording_onto_a_small_file_system_ends_cleanly_and_replays_to_its_end() {
     let Some(fs) = SmallFs::mount("budget-tmpfs", "8m") else { return };
     // Without --max-size: half the free space, then END(size limit), exit 7.
     let log = fs.0.join("default.log");
-    let (out, in_time) =
-        finish(record_cmd(&log, &guest("compute"), "compute.rounds=400").spawn().unwrap(), Duration::from_secs(60));
+    let (out, in_time) = finish_within(
+        record_cmd(&log, &guest("compute"), "compute.rounds=400").spawn().unwrap(),
+        Duration::from_secs(60),
+    );
     let err = stderr(&out);
     assert!(in_time, "{err}");
     assert!(err.contains("at most 4.0 MiB (half of the 8.0 MiB free on"), "{err}");
@@ -144,7 +130,7 @@ fn a_recording_onto_a_small_file_system_ends_cleanly_and_replays_to_its_end() {
     let log = fs.0.join("full.log");
     let mut cmd = record_cmd(&log, &guest("compute"), "compute.rounds=400");
     cmd.args(["--max-size", "1G"]);
-    let (out, in_time) = finish(cmd.spawn().unwrap(), Duration::from_secs(60));
+    let (out, in_time) = finish_within(cmd.spawn().unwrap(), Duration::from_secs(60));
     let err = stderr(&out);
     assert!(in_time, "{err}");
     assert_eq!(out.status.code(), Some(7), "{err}");
@@ -189,8 +175,8 @@ fn a_protected_guest_that_rewrites_megabytes_completes_and_fails_over_mid_run() 
     let b = compute_side("backup", &addr, &arbiter, &dir.join("b.txt"), rounds);
     std::thread::sleep(Duration::from_millis(300));
     let p = compute_side("primary", &addr, &arbiter, &dir.join("p.txt"), rounds);
-    let (pout, p_in_time) = finish(p, Duration::from_secs(90));
-    let (bout, b_in_time) = finish(b, Duration::from_secs(30));
+    let (pout, p_in_time) = finish_within(p, Duration::from_secs(90));
+    let (bout, b_in_time) = finish_within(b, Duration::from_secs(30));
     assert!(p_in_time && b_in_time, "primary: {}\nbackup: {}", stderr(&pout), stderr(&bout));
     assert_eq!(pout.status.code(), Some(0), "primary: {}", stderr(&pout));
     assert_eq!(bout.status.code(), Some(0), "backup: {}", stderr(&bout));
@@ -208,7 +194,7 @@ fn a_protected_guest_that_rewrites_megabytes_completes_and_fails_over_mid_run() 
     let killed_mid_run = p.try_wait().unwrap().is_none();
     p.kill().unwrap();
     let _ = p.wait();
-    let (bout, in_time) = finish(b, Duration::from_secs(60));
+    let (bout, in_time) = finish_within(b, Duration::from_secs(60));
     let berr = stderr(&bout);
     assert!(killed_mid_run, "the primary had finished before the kill: make the run longer");
     assert!(in_time, "{berr}");

@@ -6,6 +6,22 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Waits for `child` at most `limit`, killing it past that: its output, and whether it ended
+/// in time.
+pub fn finish_within(mut child: std::process::Child, limit: std::time::Duration) -> (Output, bool) {
+    let start = std::time::Instant::now();
+    let mut in_time = true;
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            in_time = false;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child.wait_with_output().unwrap(), in_time)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_path_buf()
