@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+scripts/fetch-redis.sh     # the real Redis 7.0.15, built static with musl (for the last part)
 cargo build --release -p ftvm
 cargo xtask guests
 echo
@@ -30,3 +31,6 @@ rm -rf "$dir"
 echo
 echo "== the fault-tolerant pair: a protected kvstore VM, redis-benchmark, SIGKILL of the primary =="
 scripts/pair-demo.sh
+echo
+echo "== the same pair protecting the real, unmodified Redis 7.0.15 (the guest kit's Linux personality) =="
+DEMO_GUEST=redis scripts/pair-demo.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault-tolerant pair, end to end, on the namespaced test network (scripts/topology.sh):
-# a protected kvstore VM (primary on host 1, backup on host 2, replication over their own
+# a protected kvstore VM, or the real Redis with DEMO_GUEST=redis (primary on host 1, backup on host 2, replication over their own
 # link), driven by redis-cli and redis-benchmark from the client namespace; then the primary
 # is killed with SIGKILL, the backup takes over; a new backup on host 1 is brought up to date
 # by a live state transfer (re-protection) and the live side is killed again. The demo checks
@@ -20,13 +20,23 @@ cleanup() {
 }
 trap cleanup EXIT
 [ -x "$F" ] && [ -f "$G/kvstore.elf" ] || { echo "build first: cargo build --release -p ftvm && cargo xtask guests" >&2; exit 1; }
+# The guest: kvstore (ours), or with DEMO_GUEST=redis the real, unmodified Redis 7.0.15 under
+# the guest kit's Linux personality (docs/linux-personality.md).
+case "${DEMO_GUEST:-kvstore}" in
+  kvstore) image=(--kernel "$G/kvstore.elf") ;;
+  redis)
+    [ -f "$G/redis.elf" ] && [ -f "$G/redis.cpio" ] ||
+      { echo "build the real Redis first: scripts/fetch-redis.sh && cargo xtask guests" >&2; exit 1; }
+    image=(--kernel "$G/redis.elf" --initrd "$G/redis.cpio" --mem 1G) ;;
+  *) echo "DEMO_GUEST is kvstore or redis, not ${DEMO_GUEST}" >&2; exit 2 ;;
+esac
 
 scripts/topology.sh up "$P" 2
 truncate -s 64M "$W/disk-primary.img"
 cp "$W/disk-primary.img" "$W/disk-backup.img"
 openssl rand -hex 32 > "$W/pair.key" 2>/dev/null || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/pair.key"
 chmod 600 "$W/pair.key"
-vm=(--kernel "$G/kvstore.elf" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock"
+vm=("${image[@]}" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock"
     --key-file "$W/pair.key")
 ip netns exec "$P-h2" "$F" backup --listen 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-backup.img" \
   --api-socket "$W/backup.sock" --console "file:$W/backup.console" 2> >(sed 's/^/[backup]  /' >&2) &
