@@ -191,6 +191,9 @@ struct Inner {
     /// Whether KVM logs dirty pages now (on while any consumer exists).
     logging: bool,
     consumers: Vec<Option<PageSet>>,
+    /// Per consumer: something was added to its set since it was last emptied (`forget`,
+    /// called at every counted exit, then costs nothing when there is nothing to forget).
+    gathered: Vec<bool>,
 }
 
 /// The one reader of KVM's dirty log and of the VMM's write bitmap. Cheap to clone (shared).
@@ -203,7 +206,16 @@ impl DirtyTracker {
     /// A tracker for `mem`; KVM's dirty logging starts with the first consumer.
     pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Self {
         let slots = slots_of(&mem);
-        DirtyTracker { inner: Arc::new(Mutex::new(Inner { vm, mem, slots, logging: false, consumers: Vec::new() })) }
+        DirtyTracker {
+            inner: Arc::new(Mutex::new(Inner {
+                vm,
+                mem,
+                slots,
+                logging: false,
+                consumers: Vec::new(),
+                gathered: Vec::new(),
+            })),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -232,6 +244,7 @@ impl DirtyTracker {
             }
             None => {
                 inner.consumers.push(Some(set));
+                inner.gathered.push(false);
                 inner.consumers.len() - 1
             }
         };
@@ -267,7 +280,11 @@ impl DirtyTracker {
     /// would write-protect the pages again): pages KVM has not handed out yet still reach it
     /// with the next `take`.
     pub fn forget(&self, consumer: Consumer) {
-        if let Some(Some(set)) = self.lock().consumers.get_mut(consumer.0) {
+        let mut inner = self.lock();
+        if !inner.gathered.get_mut(consumer.0).is_some_and(std::mem::take) {
+            return;
+        }
+        if let Some(Some(set)) = inner.consumers.get_mut(consumer.0) {
             set.clear();
         }
     }
@@ -276,9 +293,11 @@ impl DirtyTracker {
     /// instance, count as written for the others).
     pub fn mark(&self, pages: &PageSet, except: Option<Consumer>) {
         let mut inner = self.lock();
-        for (i, set) in inner.consumers.iter_mut().enumerate() {
+        let Inner { consumers, gathered, .. } = &mut *inner;
+        for (i, (set, gathered)) in consumers.iter_mut().zip(gathered.iter_mut()).enumerate() {
             if let (Some(set), false) = (set, except == Some(Consumer(i))) {
                 set.union(pages);
+                *gathered = true;
             }
         }
     }
@@ -308,8 +327,11 @@ impl Inner {
                 }
             }
         }
-        for set in self.consumers.iter_mut().flatten() {
-            set.union(&news);
+        for (set, gathered) in self.consumers.iter_mut().zip(self.gathered.iter_mut()) {
+            if let Some(set) = set {
+                set.union(&news);
+                *gathered = true;
+            }
         }
         Ok(())
     }
