@@ -1,6 +1,8 @@
 //! `ftvm`: the command-line front end. Thin by design: it parses arguments, builds a
 //! configuration, and hands it to the VMM core.
 
+mod config;
+mod doctor;
 mod size;
 
 use std::path::PathBuf;
@@ -85,6 +87,28 @@ enum Command {
     /// Exit status: 0 done, 1 error (no VM answers on PATH, or the VM refused the request:
     /// the message says why), 2 usage error.
     Ctl(CtlArgs),
+    /// Check this host before starting a VM or one side of a pair: KVM, the images and disks,
+    /// /dev/net/tun and the TAPs, the key file and its permissions, the arbiter, and the peer
+    /// (the backup reachable, or the listen address free).
+    ///
+    /// Takes the options the VM will be started with (`--config FILE` too). Each line says what
+    /// it checked, what it found and what to do.
+    ///
+    /// Exit status: 0 every check passed, 1 a check failed or warned, 2 usage error.
+    #[command(subcommand)]
+    Doctor(DoctorCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DoctorCommand {
+    /// Check what `ftvm run` with these options needs.
+    Run(RunArgs),
+    /// Check what `ftvm record` with these options needs.
+    Record(RecordArgs),
+    /// Check what `ftvm primary` with these options needs.
+    Primary(PrimaryArgs),
+    /// Check what `ftvm backup` with these options needs.
+    Backup(BackupArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -346,6 +370,11 @@ struct RunArgs {
     /// A virtio-rng device (entropy from the host, through the event source).
     #[arg(long)]
     rng: bool,
+    /// Read options from this TOML file (docs/operations.md): its keys are the long options'
+    /// names, its top level is for every command and `[run]`, `[record]`, `[primary]` and
+    /// `[backup]` for one; an option given on the command line overrides the file's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Serve the control API (HTTP with JSON bodies) on this Unix socket; `ftvm ctl PATH`
     /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
     #[arg(long, value_name = "PATH")]
@@ -385,7 +414,11 @@ fn version_text() -> String {
 
 fn main() -> ExitCode {
     let command = Cli::command().version(version_text());
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+    let args = match config::expand(std::env::args_os().collect(), &command) {
+        Ok(args) => args,
+        Err(e) => return usage_error(&e.to_string()),
+    };
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(args)) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
@@ -414,6 +447,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Ctl(args) => ctl(args),
+        Command::Doctor(side) => doctor(side),
         Command::Run(args) => run(args),
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
@@ -447,6 +481,31 @@ fn main() -> ExitCode {
             let (max_lag, sync) = (args.pair.max_lag(), args.sync.policy());
             finish(ftvm_vmm::recording::backup(vm_config(args.vm), link, max_lag, sync))
         }
+    }
+}
+
+fn doctor(side: DoctorCommand) -> ExitCode {
+    let (vm, pair) = match side {
+        DoctorCommand::Run(vm) | DoctorCommand::Record(RecordArgs { vm, .. }) => (vm, None),
+        DoctorCommand::Primary(args) => (args.vm, Some((doctor::Peer::Backup(args.backup), args.pair))),
+        DoctorCommand::Backup(args) => (args.vm, Some((doctor::Peer::Listen(args.listen), args.pair))),
+    };
+    let plan = doctor::Plan {
+        kernel: vm.kernel,
+        initrd: vm.initrd,
+        disks: vm.disks,
+        nets: vm.nets,
+        pair: pair.map(|(peer, p)| doctor::PairPlan {
+            peer,
+            key_file: p.key_file,
+            insecure: p.insecure,
+            arbiter: p.arbiter,
+        }),
+    };
+    if doctor::run(&plan) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
