@@ -264,7 +264,7 @@ pub fn backup(
             if crate::kick::stop_requested() {
                 return Err(Error::Pair("stopped by the operator while waiting for a primary".into()));
             }
-            return Err(Error::Pair(format!(
+            return Err(Error::Fenced(format!(
                 "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
                  halting: this backup's state is wrong and it does not go live",
                 timeout.as_millis()
@@ -288,13 +288,20 @@ pub fn backup(
         let backup = std::sync::Arc::new(backup);
         let mut vm = vm;
         vm.set_sync_policy(sync_policy);
-        let report = vm.run_with(Journaling::Backup {
+        let ran = vm.run_with(Journaling::Backup {
             backup: backup.clone(),
             theirs: Box::new(theirs),
             source,
             settings: settings.clone(),
-        })?;
+        });
         let went_live = backup.state.won_arbiter.load(std::sync::atomic::Ordering::SeqCst);
+        // A backup that halted (it could not win the arbiter) fenced itself off, whatever
+        // its replay made of the source it stopped on purpose.
+        if !went_live && backup.state.halted.load(std::sync::atomic::Ordering::SeqCst) {
+            let why = backup.state.halt_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            return Err(Error::Fenced(format!("{why}: halted (no second live copy)")));
+        }
+        let report = ran?;
         let divergence = match &report.outcome {
             VmOutcome::ReplayStopped(ftvm_events::ReplayStop::Diverged(d)) if !went_live => Some(d.to_string()),
             _ if backup.state.diverged.load(std::sync::atomic::Ordering::SeqCst) => {

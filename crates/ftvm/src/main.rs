@@ -34,7 +34,7 @@ enum Command {
     ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
     /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest,
-    /// 130 stopped by SIGINT/SIGTERM.
+    /// 130 stopped by SIGINT, 143 stopped by SIGTERM (docs/operations.md has the table).
     Run(RunArgs),
     /// Run a VM live and record every host input to a log that replays it exactly.
     ///
@@ -65,6 +65,10 @@ enum Command {
     /// Every output (console byte, network frame) is held until the backup has acknowledged
     /// the log up to it, then performed. The primary takes the arbiter lock at start; if the
     /// backup is lost it continues unprotected and says so.
+    ///
+    /// Exit status: as for `run`, plus 11 after a switchover (the backup is live: do not
+    /// restart this side as a primary) and 12 when it halted because another copy may be
+    /// live (it lost the arbiter: never restart it as it was).
     Primary(PrimaryArgs),
     /// Stand by for a primary and take over when it dies: the pair's backup.
     ///
@@ -73,6 +77,9 @@ enum Command {
     /// When the primary's heartbeats stop for --timeout, the backup wins the arbiter, replays
     /// everything it received, performs the outputs OUTPUT_DONE did not cover, opens its TAP,
     /// sends a gratuitous ARP and goes on live. If it cannot win the arbiter it halts.
+    ///
+    /// Exit status: as for `run`, plus 12 when it halted (it could not win or lost the
+    /// arbiter, or it was diverged when its primary died: never restart it as it was).
     Backup(BackupArgs),
     /// Work with event logs.
     #[command(subcommand)]
@@ -571,9 +578,34 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
     }
 }
 
+/// The signal that asked ftvm to stop (0: none yet).
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The exit status of an operator's stop: SIGTERM's (143, a supervisor's clean stop) or
+/// SIGINT's (130).
+fn stop_status() -> ftvm_exit::ExitStatus {
+    ftvm_exit::ExitStatus::for_signal(STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
+        .unwrap_or(ftvm_exit::ExitStatus::Interrupted)
+}
+
+/// The exit status of an outcome: an operator's stop says which signal it was.
+fn outcome_status(outcome: &ftvm_vmm::VmOutcome) -> ftvm_exit::ExitStatus {
+    match outcome {
+        ftvm_vmm::VmOutcome::OperatorStop => stop_status(),
+        other => other.exit_status(),
+    }
+}
+
 /// SIGINT and SIGTERM stop the VM cleanly (a recording gets its END record).
 fn install_stop_handler() {
-    extern "C" fn on_stop(_: libc::c_int) {
+    extern "C" fn on_stop(sig: libc::c_int) {
+        // The first signal decides the status.
+        let _ = STOP_SIGNAL.compare_exchange(
+            0,
+            sig,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         ftvm_vmm::kick::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -659,7 +691,7 @@ fn record(args: RecordArgs) -> ExitCode {
     };
     match result {
         Ok(report) => {
-            let code = report.run.outcome.exit_code();
+            let code = outcome_status(&report.run.outcome).code();
             let (log, bytes) = (args.log.display(), report.log_bytes);
             match &report.run.outcome {
                 ftvm_vmm::VmOutcome::RecordingStopped(_) => {
@@ -670,7 +702,7 @@ fn record(args: RecordArgs) -> ExitCode {
             for copy in &report.disk_copies {
                 eprintln!("ftvm: the guest's disk as recorded: {}", copy.display());
             }
-            ExitCode::from(code as u8)
+            ExitCode::from(code)
         }
         Err(e) => {
             eprintln!("ftvm: error: {e}");
@@ -762,20 +794,25 @@ fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
 
 fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
     match result {
+        // This side fenced itself off: another copy may be live.
+        Err(e @ ftvm_vmm::Error::Fenced(_)) => {
+            eprintln!("ftvm: HALT: {e}");
+            ftvm_exit::ExitStatus::Fenced.into()
+        }
         // A wait that SIGINT or SIGTERM ended before any VM ran (a backup waiting for its
         // primary): the operator's stop, not an error.
         Err(e) if ftvm_vmm::kick::stop_requested() => {
             eprintln!("ftvm: {e}");
-            ExitCode::from(130)
+            stop_status().into()
         }
         Ok(report) => {
-            let code = report.outcome.exit_code();
-            if code == 0 {
+            let status = outcome_status(&report.outcome);
+            if status == ftvm_exit::ExitStatus::Success {
                 tracing::info!("{}", summary(&report));
             } else {
                 eprintln!("ftvm: {}", summary(&report));
             }
-            ExitCode::from(code as u8)
+            status.into()
         }
         Err(e) => {
             eprintln!("ftvm: error: {e}");
