@@ -57,7 +57,13 @@ pub const HALT_EXIT_CODE: i32 = ftvm_exit::ExitStatus::Fenced.code() as i32;
 // outputs.
 #[allow(clippy::exit)]
 pub fn halt(why: &str) -> ! {
-    eprintln!("ftvm: HALT: {why}; halting this side (there is never a second live copy)");
+    tracing::error!(
+        target: "ftvm::event",
+        event = "halt",
+        why,
+        status = HALT_EXIT_CODE,
+        "HALT: {why}; halting this side (there is never a second live copy)"
+    );
     std::process::exit(HALT_EXIT_CODE)
 }
 

@@ -232,8 +232,16 @@ pub fn backup(
     let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
-    eprintln!("ftvm: backup listening on {}", listener.addr);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "listening",
+        addr = %listener.addr,
+        "backup listening on {}",
+        listener.addr
+    );
     let mut resyncs = 0u64;
+    // The control API's block: each VM this backup runs (after a resync, the next) takes it.
+    let control = crate::vm::current_control();
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.
     let mut diverged: Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)> = None;
@@ -278,7 +286,13 @@ pub fn backup(
                 let header = header_for(&vm, kernel, initrd, disks, 0);
                 (vm, header)
             }
-            Mode::Transfer => receive_state(&mut conn, &config)?,
+            Mode::Transfer => {
+                let received = receive_state(&mut conn, &config)?;
+                if let Some(c) = &control {
+                    c.note_state_transfer(false);
+                }
+                received
+            }
         };
         // The old (diverged) link goes now that its successor is here.
         drop(diverged.take());
@@ -312,12 +326,20 @@ pub fn backup(
         let Some(why) = divergence else { return Ok(report) };
         resyncs += 1;
         let why = why.replace('\n', "; ");
-        eprintln!(
-            "ftvm: DIVERGED ({}): {why}; asking the primary for resync #{resyncs}",
+        tracing::warn!(
+            target: "ftvm::event",
+            event = "diverged",
+            why = %why,
+            resync = resyncs,
+            after_transfer = transfer,
+            "DIVERGED ({}): {why}; asking the primary for resync #{resyncs}",
             if transfer { "after a state transfer" } else { "from boot" }
         );
         backup.request_resync(&why);
         diverged = Some((backup, std::time::Instant::now()));
+        if let Some(c) = &control {
+            crate::vm::attach_control(c.clone());
+        }
     }
 }
 
@@ -359,7 +381,13 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     }
     ftvm_replication::link::answer(&mut conn.writer, None).map_err(pair("answering the primary"))?;
     let started = std::time::Instant::now();
-    eprintln!("ftvm: receiving the state of the live VM from {}", conn.peer);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "receiving_state",
+        peer = %conn.peer,
+        "receiving the state of the live VM from {}",
+        conn.peer
+    );
     let dir = std::env::temp_dir().join(format!("ftvm-incoming-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_dir_all(&dir);
     let received = std::sync::atomic::AtomicU64::new(0);
@@ -371,10 +399,14 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     });
     let _ = std::fs::remove_dir_all(&dir);
     let vm = restored?;
-    eprintln!(
-        "ftvm: restored the primary's state ({} received) in {} ms; replaying its log since the cut",
-        ftvm_api::format_bytes(received.load(std::sync::atomic::Ordering::Relaxed)),
-        started.elapsed().as_millis()
+    let (bytes, ms) = (received.load(std::sync::atomic::Ordering::Relaxed), started.elapsed().as_millis() as u64);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "state_received",
+        bytes,
+        ms,
+        "restored the primary's state ({} received) in {ms} ms; replaying its log since the cut",
+        ftvm_api::format_bytes(bytes)
     );
     let ours = header_for(&vm, kernel, initrd, disks, theirs.rtc_base_unix);
     Ok((vm, ours))

@@ -1,6 +1,8 @@
 //! `ftvm`: the command-line front end. Thin by design: it parses arguments, builds a
 //! configuration, and hands it to the VMM core.
 
+mod logging;
+mod notify;
 mod size;
 
 use std::path::PathBuf;
@@ -18,6 +20,10 @@ struct Cli {
     /// Log level for ftvm's own messages (error, warn, info, debug, trace); FTVM_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+    /// How ftvm's messages on standard error are written: human text, or one JSON object a
+    /// line (timestamp, level, target, fields) for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -357,6 +363,10 @@ struct RunArgs {
     /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve `GET /metrics` (the Prometheus text format; the API socket serves it too) on
+    /// this TCP address as well, e.g. 127.0.0.1:9464. An address in use is an error.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -396,23 +406,28 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logging(&cli.log_level);
+    if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
+        eprintln!("ftvm: error: {e}");
+        return ftvm_exit::ExitStatus::Usage.into();
+    }
     install_stop_handler();
-    // The control API serves the VM of run, record, primary and backup until ftvm exits.
-    let api_socket = match &cli.command {
-        Command::Run(vm) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Standalone)),
-        Command::Record(RecordArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Recording)),
-        Command::Primary(PrimaryArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Primary)),
-        Command::Backup(BackupArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Backup)),
+    // The control API serves the VM of run, record, primary and backup until ftvm exits: on
+    // its socket, on the metrics address, and to systemd (NOTIFY_SOCKET).
+    let served = match &cli.command {
+        Command::Run(vm) => Some((vm, ftvm_api::Role::Standalone)),
+        Command::Record(RecordArgs { vm, .. }) => Some((vm, ftvm_api::Role::Recording)),
+        Command::Primary(PrimaryArgs { vm, .. }) => Some((vm, ftvm_api::Role::Primary)),
+        Command::Backup(BackupArgs { vm, .. }) => Some((vm, ftvm_api::Role::Backup)),
         _ => None,
     };
-    let _api = match api_socket.map(|(path, role)| start_api(&path, role)).transpose() {
-        Ok(server) => server,
+    let served = match served.map(|(vm, role)| start_api(vm, role)).transpose() {
+        Ok(served) => served,
         Err(e) => {
             eprintln!("ftvm: error: {e}");
             return ExitCode::from(1);
         }
     };
+    let _served = served.flatten();
     if let Command::Primary(PrimaryArgs { vm, .. }) | Command::Backup(BackupArgs { vm, .. }) = &cli.command {
         if vm.restore.is_some() {
             eprintln!("ftvm: error: --restore is for run and record; the pair boots both sides from the same images");
@@ -462,13 +477,32 @@ fn usage_error(message: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Starts the API server on `path` and connects it to the VM this process will run.
-fn start_api(path: &std::path::Path, role: ftvm_api::Role) -> Result<ftvm_api::ApiServer, ftvm_api::ServerError> {
+/// What serves the VM's figures while it runs: the API socket, the metrics address and the
+/// systemd notifier (each only where asked for). Dropped when ftvm exits.
+struct Served {
+    _api: Option<ftvm_api::ApiServer>,
+    _metrics: Option<ftvm_api::MetricsServer>,
+    _notifier: Option<notify::Notifier>,
+}
+
+/// Starts the API server on `--api-socket`, the metrics listener on `--metrics-addr` and the
+/// systemd notifier (under a `Type=notify` unit), and connects them to the VM this process
+/// will run; `None` when none of them is wanted.
+fn start_api(vm: &RunArgs, role: ftvm_api::Role) -> Result<Option<Served>, ftvm_api::ServerError> {
+    let notify = notify::wanted();
+    if vm.api_socket.is_none() && vm.metrics_addr.is_none() && !notify {
+        return Ok(None);
+    }
     let control = ftvm_api::VmControl::new();
     control.set_role(role);
-    let server = ftvm_api::ApiServer::start(path, control.clone())?;
+    let api = vm.api_socket.as_deref().map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
+    let metrics = vm.metrics_addr.map(|addr| ftvm_api::MetricsServer::start(addr, control.clone())).transpose()?;
+    if let Some(m) = &metrics {
+        tracing::info!("serving GET /metrics on http://{}/metrics", m.addr());
+    }
+    let notifier = notify.then(|| notify::Notifier::start(control.clone()));
     ftvm_vmm::vm::attach_control(control);
-    Ok(server)
+    Ok(Some(Served { _api: api, _metrics: metrics, _notifier: notifier }))
 }
 
 /// `ftvm ctl PATH ...`: one request to a running VM.
@@ -771,13 +805,6 @@ fn inspect(path: &std::path::Path, json: bool, events: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 fn run(args: RunArgs) -> ExitCode {

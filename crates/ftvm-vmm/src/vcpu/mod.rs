@@ -1111,12 +1111,19 @@ impl VcpuLoop {
         }
         self.delivery = Delivery::Prompt;
         self.timer = Some(DeadlineTimer::start(self.kicker.clone())?);
-        eprintln!(
-            "ftvm: TAKEOVER: live at exit {} ({}); {} replayed outputs performed (not covered by OUTPUT_DONE), \
-             {} skipped; primary silent for {} ms before the failover, live {} ms after it (arbiter and backlog)",
-            self.events.went_live_at().unwrap_or(0),
-            report.position,
+        let exit = self.events.went_live_at().unwrap_or(0);
+        tracing::warn!(
+            target: "ftvm::event",
+            event = "takeover",
+            exit,
+            position = %report.position,
             performed,
+            skipped = report.outputs_done,
+            silence_ms = report.silence_ms,
+            catch_up_ms = report.catch_up_ms,
+            "TAKEOVER: live at exit {exit} ({}); {performed} replayed outputs performed (not covered by OUTPUT_DONE), \
+             {} skipped; primary silent for {} ms before the failover, live {} ms after it (arbiter and backlog)",
+            report.position,
             report.outputs_done,
             report.silence_ms,
             report.catch_up_ms,
