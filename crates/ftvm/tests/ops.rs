@@ -328,3 +328,46 @@ fn log_format_json_writes_json_lines_and_a_bad_format_is_a_usage_error() {
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
     assert!(text(&bad.stderr).contains("xml") && text(&bad.stderr).contains("json"), "{}", text(&bad.stderr));
 }
+
+/// contrib/systemd's units: `systemd-analyze verify` finds nothing to say about them (with
+/// ExecStart pointing at this build), and their exit-status lines use ftvm's table.
+#[test]
+fn the_shipped_systemd_units_verify_and_use_the_exit_statuses() {
+    use ftvm_exit::ExitStatus;
+    let units = repo_root().join("contrib").join("systemd");
+    let dir = scratch("ops-units");
+    let mut copies = Vec::new();
+    for role in ["primary", "backup"] {
+        let unit = std::fs::read_to_string(units.join(format!("ftvm-{role}@.service"))).unwrap();
+        assert!(unit.contains("\nType=notify\n") && unit.contains("\nWatchdogSec="), "{role}: {unit}");
+        let line = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_default().to_string();
+        let codes = |key: &str| -> Vec<u8> { line(key).split(' ').filter_map(|c| c.parse().ok()).collect() };
+        assert!(
+            codes("SuccessExitStatus=").contains(&ExitStatus::Terminated.code()),
+            "{role}: SIGTERM is a clean stop"
+        );
+        if role == "primary" {
+            assert!(codes("SuccessExitStatus=").contains(&ExitStatus::Switchover.code()));
+            assert_eq!(line("Restart="), "no", "a primary is never restarted by itself");
+        } else {
+            assert_eq!(line("Restart="), "on-failure");
+            assert!(
+                codes("RestartPreventExitStatus=").contains(&ExitStatus::Fenced.code()),
+                "a halted side stays down"
+            );
+        }
+        let copy = dir.join(format!("ftvm-{role}@vm1.service"));
+        std::fs::write(&copy, unit.replace("/usr/local/bin/ftvm", env!("CARGO_BIN_EXE_ftvm"))).unwrap();
+        copies.push(copy);
+    }
+    let verify = match Command::new("systemd-analyze").args(["verify", "--man=no"]).args(&copies).output() {
+        Ok(out) => out,
+        Err(e) if std::env::var("FTVM_ALLOW_NO_KVM").as_deref() == Ok("1") => {
+            eprintln!("SKIPPED: systemd-analyze cannot run ({e}) and FTVM_ALLOW_NO_KVM=1");
+            return;
+        }
+        Err(e) => panic!("systemd-analyze: {e} (install systemd, or set FTVM_ALLOW_NO_KVM=1 to skip)"),
+    };
+    let said = text(&verify.stderr) + &text(&verify.stdout);
+    assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+}
