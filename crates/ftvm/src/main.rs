@@ -822,9 +822,11 @@ fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
 fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
     match result {
         // This side fenced itself off: another copy may be live.
+        // (An event: `GET /events` followers see it before the stream ends.)
         Err(e @ ftvm_vmm::Error::Fenced(_)) => {
-            eprintln!("ftvm: HALT: {e}");
-            ftvm_exit::ExitStatus::Fenced.into()
+            let status = ftvm_exit::ExitStatus::Fenced;
+            tracing::error!(target: "ftvm::event", event = "halt", why = %e, status = status.code(), "HALT: {e}");
+            status.into()
         }
         // A wait that SIGINT or SIGTERM ended before any VM ran (a backup waiting for its
         // primary): the operator's stop, not an error.
