@@ -1,5 +1,4 @@
-//! systemd's notification protocol (sd_notify(3), through the `sd-notify` crate) for
-//! `Type=notify` units (contrib/systemd):
+//! systemd's notification protocol (sd_notify(3)) for `Type=notify` units (contrib/systemd):
 //!
 //! - `READY=1` once the VM runs (run, record, primary: the guest started, which for a
 //!   primary means its backup is paired) or, for a backup, once it is paired and replaying;
@@ -14,14 +13,20 @@
 //!
 //! The notifier is a thread that reads the VM's figures (the control API's [`VmControl`])
 //! every 100 ms; without `NOTIFY_SOCKET` it does not start.
+//!
+//! The protocol is one datagram of `KEY=VALUE` lines to the Unix socket `NOTIFY_SOCKET`
+//! names (a path, or `@name` in the abstract namespace). It is written here, not with the
+//! `sd-notify` crate: that crate's send blocks when the manager's queue is full (a Unix
+//! datagram socket's queue holds a few messages), which would hang the notifier and ftvm's
+//! exit behind it; here a message that finds the queue full is dropped.
 
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ftvm_api::{Role, Status, VmControl, VmState};
-use sd_notify::NotifyState;
 
 /// How often the notifier looks at the figures.
 const POLL: Duration = Duration::from_millis(100);
@@ -45,17 +50,54 @@ fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
+/// The service manager's notification socket.
+struct Manager {
+    sock: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl Manager {
+    /// The socket `NOTIFY_SOCKET` names, and one of ours to send from (non-blocking).
+    fn open() -> std::io::Result<Manager> {
+        use std::os::unix::ffi::OsStrExt;
+        let target = std::env::var_os("NOTIFY_SOCKET").unwrap_or_default();
+        let addr = match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => <SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(std::path::Path::new(&target))?,
+        };
+        let sock = UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        Ok(Manager { sock, addr })
+    }
+
+    /// Sends `KEY=VALUE` lines as one datagram; a full queue drops it (said at debug level).
+    fn send(&self, lines: &[&str]) {
+        let message: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
+            tracing::debug!("sd_notify {message:?}: {e}");
+        }
+    }
+}
+
 /// The running notifier; dropping it sends STOPPING=1 and ends the thread.
 pub struct Notifier {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    manager: Option<Arc<Manager>>,
 }
 
 impl Notifier {
     pub fn start(control: Arc<VmControl>) -> Notifier {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new().name("ftvm-notify".into()).spawn(move || run(&control, &s));
+        let manager = match Manager::open() {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::warn!("NOTIFY_SOCKET: {e}; systemd gets no READY");
+                return Notifier { stop, thread: None, manager: None };
+            }
+        };
+        let (s, m) = (stop.clone(), manager.clone());
+        let thread = std::thread::Builder::new().name("ftvm-notify".into()).spawn(move || run(&control, &m, &s));
         let thread = match thread {
             Ok(t) => Some(t),
             Err(e) => {
@@ -63,7 +105,7 @@ impl Notifier {
                 None
             }
         };
-        Notifier { stop, thread }
+        Notifier { stop, thread, manager: Some(manager) }
     }
 }
 
@@ -73,13 +115,9 @@ impl Drop for Notifier {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        send(&[NotifyState::Stopping]);
-    }
-}
-
-fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
-        tracing::debug!("sd_notify: {e}");
+        if let Some(m) = &self.manager {
+            m.send(&["STOPPING=1"]);
+        }
     }
 }
 
@@ -139,7 +177,7 @@ pub(crate) fn progressed(before: &Progress, now: &Progress) -> bool {
     vcpu && replication
 }
 
-fn run(control: &VmControl, stop: &AtomicBool) {
+fn run(control: &VmControl, manager: &Manager, stop: &AtomicBool) {
     let watchdog = watchdog_interval().map(|w| w / 2);
     let mut ready = false;
     let mut shown = String::new();
@@ -147,24 +185,31 @@ fn run(control: &VmControl, stop: &AtomicBool) {
     let mut shown_key = (Role::Standalone, false);
     let mut last = Progress::of(&control.status());
     let mut next_ping = Instant::now();
+    let mut stalled = false;
     while !stop.load(Ordering::SeqCst) {
         let status = control.status();
         let line = status_line(&status);
         let key = (status.role, status.pair.as_ref().is_some_and(|p| p.protected));
         if !ready && is_ready(&status) {
             ready = true;
-            send(&[NotifyState::Ready, NotifyState::Status(&line)]);
+            manager.send(&["READY=1", &format!("STATUS={line}")]);
             (shown, shown_at, shown_key) = (line, Instant::now(), key);
         } else if line != shown && (key != shown_key || shown_at.elapsed() >= STATUS_EVERY) {
-            send(&[NotifyState::Status(&line)]);
+            manager.send(&[&format!("STATUS={line}")]);
             (shown, shown_at, shown_key) = (line, Instant::now(), key);
         }
         if let Some(every) = watchdog {
             if Instant::now() >= next_ping {
                 let now = Progress::of(&status);
                 if progressed(&last, &now) {
-                    send(&[NotifyState::Watchdog]);
-                } else {
+                    manager.send(&["WATCHDOG=1"]);
+                    if stalled {
+                        tracing::warn!("the VM makes progress again: pinging the systemd watchdog again");
+                        stalled = false;
+                    }
+                } else if !stalled {
+                    // Said once a stall; systemd kills this side if it lasts.
+                    stalled = true;
                     tracing::warn!(
                         "no progress for {} ms ({}): not pinging the systemd watchdog",
                         every.as_millis(),

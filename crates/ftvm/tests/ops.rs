@@ -21,10 +21,14 @@ fn text(b: &[u8]) -> String {
 
 /// One side of a pair of `hello` on loopback, without a key.
 fn side(role: &str, addr: &str, dir: &Path, name: &str, cmdline: &str) -> Command {
+    side_with_timeout(role, addr, dir, name, cmdline, 600)
+}
+
+fn side_with_timeout(role: &str, addr: &str, dir: &Path, name: &str, cmdline: &str, timeout_ms: u32) -> Command {
     let mut c = ftvm();
     c.arg(role);
     c.args(if role == "backup" { ["--listen", addr] } else { ["--backup", addr] });
-    c.args(["--insecure", "--timeout", "600"]).arg("--arbiter").arg(dir.join("arbiter.lock"));
+    c.args(["--insecure", "--timeout", &timeout_ms.to_string()]).arg("--arbiter").arg(dir.join("arbiter.lock"));
     c.arg("--kernel").arg(guest("hello")).args(["--cmdline", cmdline]);
     c.arg("--console").arg(format!("file:{}", dir.join(format!("{name}.txt")).display()));
     c.arg("--api-socket").arg(dir.join(format!("{name}.sock")));
@@ -110,6 +114,40 @@ fn systemd_gets_ready_status_watchdog_and_stopping_on_its_notify_socket() {
     assert_eq!(got.last().map(String::as_str), Some("STOPPING=1\n"), "{got:?}");
 }
 
+/// A manager that does not read (its queue full) never holds ftvm up: the notifications
+/// that find the queue full are dropped, and the VM ends on time. The socket is in the
+/// abstract namespace (`NOTIFY_SOCKET=@name`), as a manager may give it.
+#[test]
+fn a_manager_that_does_not_read_does_not_hold_ftvm_up() {
+    use std::os::linux::net::SocketAddrExt;
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("ops-notify-full");
+    let name = format!("ftvm-test-notify-{}", std::process::id());
+    let sock = UnixDatagram::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let child = ftvm()
+        .args(["run", "--kernel"])
+        .arg(guest("hello"))
+        .args(["--cmdline", "hello.wait_ms=2000", "--console"])
+        .arg(format!("file:{}", dir.join("console.txt").display()))
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .env("WATCHDOG_USEC", "100000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish(child, Duration::from_secs(15));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // What the queue took: the first notifications, READY among them.
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push(text(&buf[..n]));
+    }
+    assert!(got.iter().any(|m| m.starts_with("READY=1\n")), "{got:?}");
+}
+
 /// A backup is READY only once paired and replaying, and its STATUS says so; after its
 /// primary dies the STATUS says it is live.
 #[test]
@@ -150,6 +188,61 @@ fn a_backup_is_ready_once_paired_and_its_status_follows_the_failover() {
     assert!(got.iter().any(|m| m == "WATCHDOG=1\n"), "{got:?}");
     let out = finish(backup, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// The watchdog pings stop while the replication stalls: the backup's threads are stopped
+/// (SIGSTOP) while the primary still counts on it (a long peer timeout), so the log the
+/// primary streams is acknowledged no further. They come back once the backup runs again.
+#[test]
+fn the_watchdog_pings_stop_while_the_replication_stalls_and_come_back() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("ops-watchdog");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let addr = format!("127.0.0.1:{}", port(6));
+    let mut backup = side_with_timeout("backup", &addr, &dir, "b", "hello.wait_ms=8000", 6000).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let primary = side_with_timeout("primary", &addr, &dir, "p", "hello.wait_ms=8000", 6000)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    // (seconds since `t0`, message)
+    let mut listen = |for_: Duration, t0: Instant| -> Vec<(f64, String)> {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        while start.elapsed() < for_ {
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push((t0.elapsed().as_secs_f64(), text(&buf[..n])));
+            }
+        }
+        got
+    };
+    let t0 = Instant::now();
+    let before = listen(Duration::from_millis(1500), t0);
+    assert!(before.iter().any(|(_, m)| m.contains("READY=1")), "{before:?}");
+    let pings = |got: &[(f64, String)], from: f64, to: f64| {
+        got.iter().filter(|(t, m)| *t >= from && *t < to && m.as_str() == "WATCHDOG=1\n").count()
+    };
+    assert!(pings(&before, 0.7, 1.5) >= 2, "pings while the pair runs: {before:?}");
+    kill(&mut backup, 19); // SIGSTOP
+    let stopped_at = t0.elapsed().as_secs_f64();
+    let during = listen(Duration::from_millis(2000), t0);
+    kill(&mut backup, 18); // SIGCONT
+    let resumed_at = t0.elapsed().as_secs_f64();
+    let after = listen(Duration::from_millis(2000), t0);
+    // One ping may still come from the look before the stall showed.
+    assert_eq!(pings(&during, stopped_at + 0.5, resumed_at), 0, "pings while the replication stalls: {during:?}");
+    assert!(pings(&after, resumed_at, resumed_at + 2.0) >= 1, "no ping after the backup resumed: {after:?}");
+    let p = finish(primary, Duration::from_secs(30));
+    let b = finish(backup, Duration::from_secs(30));
+    assert_eq!(p.status.code(), Some(0), "{}", text(&p.stderr));
+    assert_eq!(b.status.code(), Some(0), "{}", text(&b.stderr));
+    assert!(text(&p.stderr).contains("not pinging the systemd watchdog"), "it says why: {}", text(&p.stderr));
 }
 
 /// `GET /metrics` during a pair, with curl: the names and types, the counters moving, the
