@@ -536,6 +536,84 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_address_serves_metrics_only_and_one_in_use_is_a_typed_error() {
+        use std::io::{Read, Write};
+        let c = VmControl::new();
+        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), c.clone()).unwrap();
+        let addr = server.addr();
+        let get = |request: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(request).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        let m = get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(m.starts_with("HTTP/1.1 200") && m.contains("text/plain; version=0.0.4"), "{m}");
+        assert!(get(b"GET /status HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get(b"PUT /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").starts_with("HTTP/1.1 405"));
+        let err = MetricsServer::start(addr, c).err().unwrap();
+        assert!(matches!(err, ServerError::MetricsAddrInUse { .. }), "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert!(std::error::Error::source(&err).is_some(), "the error keeps its source");
+    }
+
+    #[test]
+    fn metrics_and_events_take_get_only() {
+        let c = VmControl::new();
+        for path in ["/metrics", "/events"] {
+            let (code, headers, _) = route(&req("PUT", path), &c);
+            assert_eq!((code, headers), (405, vec![("Allow", "GET")]), "{path}");
+        }
+    }
+
+    #[test]
+    fn events_stream_as_chunks_until_the_server_stops_and_metrics_are_text() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = scratch("events");
+        let path = dir.join("api.sock");
+        let c = VmControl::new();
+        let server = ApiServer::start(&path, c.clone()).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            assert!(r.read_line(&mut head).unwrap() > 0, "{head}");
+        }
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("Transfer-Encoding: chunked"), "{head}");
+        assert!(head.contains("Content-Type: application/x-ndjson"), "{head}");
+        // A follower gets the events published from now on (and the recent ones first).
+        let mut event = serde_json::Map::new();
+        event.insert("event".into(), "server-test".into());
+        let line = events::publish(event);
+        let mut got = String::new();
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
+            assert!(n > 0, "the stream ended before the event");
+            let mut chunk = vec![0; n + 2];
+            std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
+            got = String::from_utf8(chunk[..n].to_vec()).unwrap();
+            if got.contains("server-test") {
+                break;
+            }
+        }
+        assert_eq!(got, format!("{line}\n"));
+        // GET /metrics meanwhile: the exposition, as text.
+        let m = client::raw(&path, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(m.status, 200);
+        assert!(m.body.contains("# TYPE ftvm_role gauge"), "{}", m.body);
+        // The server stops: the stream ends with the last chunk.
+        drop(server);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut rest);
+        assert!(rest.ends_with("0\r\n\r\n"), "{rest:?}");
+    }
+
+    #[test]
     fn serves_on_a_socket_replaces_stale_ones_and_refuses_live_ones() {
         let dir = scratch("serve");
         let path = dir.join("api.sock");
