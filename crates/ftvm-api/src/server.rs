@@ -588,19 +588,18 @@ mod tests {
         let mut event = serde_json::Map::new();
         event.insert("event".into(), "server-test".into());
         let line = events::publish(event);
-        let mut got = String::new();
-        loop {
+        let got = loop {
             let mut size = String::new();
             r.read_line(&mut size).unwrap();
             let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
             assert!(n > 0, "the stream ended before the event");
             let mut chunk = vec![0; n + 2];
             std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
-            got = String::from_utf8(chunk[..n].to_vec()).unwrap();
-            if got.contains("server-test") {
-                break;
+            let text = String::from_utf8(chunk[..n].to_vec()).unwrap();
+            if text.contains("server-test") {
+                break text;
             }
-        }
+        };
         assert_eq!(got, format!("{line}\n"));
         // GET /metrics meanwhile: the exposition, as text.
         let m = client::raw(&path, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
