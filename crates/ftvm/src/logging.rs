@@ -6,7 +6,8 @@
 //! frame, a resync, the backup lost, ...) as tracing events with target `ftvm::event`, a
 //! field `event` naming the kind and fields for the figures. In the text format they read
 //! as they always did, `ftvm: <message>`, and they are shown at the default level (warn):
-//! the filter enables `ftvm::event=info` unless it names that target itself.
+//! the filter enables `ftvm::event=info` unless it names that target itself. The command
+//! line's own lines ([`say`]) stay `ftvm: ...` text, and are JSON too in the JSON format.
 
 use std::fmt;
 
@@ -20,6 +21,30 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// The target of the pair's events.
 pub const EVENT_TARGET: &str = "ftvm::event";
+/// The target of the command line's own lines ([`say`]) in the JSON format.
+pub const CLI_TARGET: &str = "ftvm::cli";
+
+/// Whether `--log-format json` is in force.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One of the command line's own lines (an error, a warning, a report): as text,
+/// `ftvm: <line>` (as always); in the JSON format, an event of target `ftvm::cli` whose level
+/// follows the line (`error: ...` an error, `WARNING: ...` a warning, the rest info), so that
+/// every line on standard error is JSON.
+pub fn say(line: fmt::Arguments<'_>) {
+    if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("ftvm: {line}");
+        return;
+    }
+    let line = line.to_string();
+    if let Some(rest) = line.strip_prefix("error: ") {
+        tracing::error!(target: "ftvm::cli", "{rest}");
+    } else if let Some(rest) = line.strip_prefix("WARNING: ") {
+        tracing::warn!(target: "ftvm::cli", "{rest}");
+    } else {
+        tracing::info!(target: "ftvm::cli", "{line}");
+    }
+}
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,8 +70,10 @@ fn filter(level: &str) -> Result<tracing_subscriber::EnvFilter, LoggingError> {
         _ => (level.to_string(), "--log-level"),
     };
     let mut directives = text.clone();
-    if !text.contains(EVENT_TARGET) {
-        directives.push_str(&format!(",{EVENT_TARGET}=info"));
+    for target in [EVENT_TARGET, CLI_TARGET] {
+        if !text.contains(target) {
+            directives.push_str(&format!(",{target}=info"));
+        }
     }
     tracing_subscriber::EnvFilter::builder().parse(&directives).map_err(|source| LoggingError::Filter {
         filter: text,
@@ -58,6 +85,7 @@ fn filter(level: &str) -> Result<tracing_subscriber::EnvFilter, LoggingError> {
 /// Installs the subscriber for the whole process.
 pub fn init(level: &str, format: LogFormat) -> Result<(), LoggingError> {
     let filter = filter(level)?;
+    JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let registry = tracing_subscriber::registry().with(filter).with(EventsToApi);
     match format {
         LogFormat::Text => registry

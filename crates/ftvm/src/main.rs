@@ -5,6 +5,12 @@ mod logging;
 mod notify;
 mod size;
 
+/// One of ftvm's own lines on standard error: `ftvm: ...` as text, or a JSON line with
+/// `--log-format json` ([`logging::say`]).
+macro_rules! say {
+    ($($arg:tt)*) => { logging::say(format_args!($($arg)*)) };
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -285,8 +291,8 @@ impl PairArgs {
         let key = ftvm_replication::secure::Key::for_pair(self.key_file.as_deref(), self.insecure)
             .map_err(|e| e.to_string())?;
         if self.insecure {
-            eprintln!(
-                "ftvm: WARNING: --insecure: the replication channel has no key; anyone who can reach it can \
+            say!(
+                "WARNING: --insecure: the replication channel has no key; anyone who can reach it can \
                  impersonate either side"
             );
         }
@@ -407,7 +413,7 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
-        eprintln!("ftvm: error: {e}");
+        say!("error: {e}");
         return ftvm_exit::ExitStatus::Usage.into();
     }
     install_stop_handler();
@@ -423,14 +429,14 @@ fn main() -> ExitCode {
     let served = match served.map(|(vm, role)| start_api(vm, role)).transpose() {
         Ok(served) => served,
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             return ExitCode::from(1);
         }
     };
     let _served = served.flatten();
     if let Command::Primary(PrimaryArgs { vm, .. }) | Command::Backup(BackupArgs { vm, .. }) = &cli.command {
         if vm.restore.is_some() {
-            eprintln!("ftvm: error: --restore is for run and record; the pair boots both sides from the same images");
+            say!("error: --restore is for run and record; the pair boots both sides from the same images");
             return ExitCode::from(2);
         }
     }
@@ -473,7 +479,7 @@ fn main() -> ExitCode {
 }
 
 fn usage_error(message: &str) -> ExitCode {
-    eprintln!("ftvm: error: {message}");
+    say!("error: {message}");
     ExitCode::from(2)
 }
 
@@ -530,7 +536,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -540,7 +546,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
 fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> ExitCode {
     use ftvm_api::client;
     if let Err(e) = client::start_protect(path, backup) {
-        eprintln!("ftvm: error: {e}");
+        say!("error: {e}");
         return ExitCode::from(1);
     }
     let mut shown = String::new();
@@ -548,7 +554,7 @@ fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> 
         let progress = match client::protect_progress(path) {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("ftvm: error: lost the VM during the re-protection: {e}");
+                say!("error: lost the VM during the re-protection: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -577,7 +583,7 @@ fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> 
 fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCode {
     use ftvm_api::client;
     if let Err(e) = client::start_snapshot(path, dir) {
-        eprintln!("ftvm: error: {e}");
+        say!("error: {e}");
         return ExitCode::from(1);
     }
     let mut shown = String::new();
@@ -591,7 +597,7 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
-                eprintln!("ftvm: error: lost the VM while it took the snapshot: {e}");
+                say!("error: lost the VM while it took the snapshot: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -605,7 +611,7 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
             return if progress.phase == ftvm_api::SnapshotPhase::Done { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
         if line != shown {
-            eprintln!("ftvm: {line}");
+            say!("{line}");
             shown = line;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -698,8 +704,8 @@ fn record(args: RecordArgs) -> ExitCode {
                 args.vm.disks.iter().filter_map(|d| std::fs::metadata(&d.path).ok()).map(|m| m.len()).sum();
             match ftvm_vmm::recording::default_max_size(&args.log, copies) {
                 Ok((limit, free, dir)) => {
-                    eprintln!(
-                        "ftvm: recording to {}: at most {} (half of the {} free on {}; --max-size to change)",
+                    say!(
+                        "recording to {}: at most {} (half of the {} free on {}; --max-size to change)",
                         args.log.display(),
                         ftvm_api::format_bytes(limit),
                         ftvm_api::format_bytes(free),
@@ -708,7 +714,7 @@ fn record(args: RecordArgs) -> ExitCode {
                     limit
                 }
                 Err(e) => {
-                    eprintln!("ftvm: error: cannot tell the free space for the log {}: {e}", args.log.display());
+                    say!("error: cannot tell the free space for the log {}: {e}", args.log.display());
                     return ExitCode::from(1);
                 }
             }
@@ -729,17 +735,17 @@ fn record(args: RecordArgs) -> ExitCode {
             let (log, bytes) = (args.log.display(), report.log_bytes);
             match &report.run.outcome {
                 ftvm_vmm::VmOutcome::RecordingStopped(_) => {
-                    eprintln!("ftvm: {}; {log} ({bytes} bytes) replays exactly up to there", summary(&report.run))
+                    say!("{}; {log} ({bytes} bytes) replays exactly up to there", summary(&report.run))
                 }
-                _ => eprintln!("ftvm: recorded {} to {log} ({bytes} bytes of log)", summary(&report.run)),
+                _ => say!("recorded {} to {log} ({bytes} bytes of log)", summary(&report.run)),
             }
             for copy in &report.disk_copies {
-                eprintln!("ftvm: the guest's disk as recorded: {}", copy.display());
+                say!("the guest's disk as recorded: {}", copy.display());
             }
             ExitCode::from(code)
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -756,31 +762,31 @@ fn replay(args: ReplayArgs) -> ExitCode {
             let mut code = report.run.outcome.exit_code();
             for (i, (path, same)) in report.disks.iter().enumerate() {
                 match same {
-                    Some(true) => eprintln!("ftvm: disk {i}: the replayed disk equals the recording's"),
+                    Some(true) => say!("disk {i}: the replayed disk equals the recording's"),
                     // A replay that stopped early (the log ends or is damaged) has done less
                     // to its disk than the recording: that is no divergence of its own.
-                    Some(false) if code != 0 => eprintln!(
-                        "ftvm: disk {i}: the replayed disk {} differs from the recording's final disk, as a replay that \
+                    Some(false) if code != 0 => say!(
+                        "disk {i}: the replayed disk {} differs from the recording's final disk, as a replay that \
                          stopped early does",
                         path.display()
                     ),
                     Some(false) => {
-                        eprintln!("ftvm: disk {i}: the replayed disk {} differs from the recording's", path.display());
+                        say!("disk {i}: the replayed disk {} differs from the recording's", path.display());
                         code = 8;
                     }
-                    None => eprintln!("ftvm: disk {i}: the recording's final disk is not beside the log; not compared"),
+                    None => say!("disk {i}: the recording's final disk is not beside the log; not compared"),
                 }
             }
             if report.exact {
-                eprintln!("ftvm: replayed exactly: {}", summary(&report.run));
+                say!("replayed exactly: {}", summary(&report.run));
                 ExitCode::SUCCESS
             } else {
-                eprintln!("ftvm: {}", summary(&report.run));
+                say!("{}", summary(&report.run));
                 ExitCode::from(if code == 0 { 8 } else { code as u8 })
             }
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -801,7 +807,7 @@ fn inspect(path: &std::path::Path, json: bool, events: bool) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("ftvm: error: {}: {e}", path.display());
+            say!("error: {}: {e}", path.display());
             ExitCode::from(1)
         }
     }
@@ -831,7 +837,7 @@ fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
         // A wait that SIGINT or SIGTERM ended before any VM ran (a backup waiting for its
         // primary): the operator's stop, not an error.
         Err(e) if ftvm_vmm::kick::stop_requested() => {
-            eprintln!("ftvm: {e}");
+            say!("{e}");
             stop_status().into()
         }
         Ok(report) => {
@@ -839,12 +845,12 @@ fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
             if status == ftvm_exit::ExitStatus::Success {
                 tracing::info!("{}", summary(&report));
             } else {
-                eprintln!("ftvm: {}", summary(&report));
+                say!("{}", summary(&report));
             }
             status.into()
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }

@@ -406,17 +406,22 @@ fn log_format_json_writes_json_lines_and_a_bad_format_is_a_usage_error() {
     assert_eq!(p.status.code(), Some(0), "{}", text(&p.stderr));
     assert_eq!(b.status.code(), Some(0), "{}", text(&b.stderr));
     let err = text(&b.stderr);
-    // The CLI's own warning about --insecure is plain text; everything that goes through
-    // tracing is JSON.
-    let json: Vec<serde_json::Value> = err
-        .lines()
-        .filter(|l| !l.starts_with("ftvm: WARNING: --insecure"))
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON {l:?}: {e}")))
-        .collect();
+    // Every line is JSON, the command line's own too (the --insecure warning).
+    let json: Vec<serde_json::Value> =
+        err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON {l:?}: {e}"))).collect();
     assert!(json.iter().all(|v| v["level"].is_string()), "{err}");
     let paired = json.iter().find(|v| v["event"] == "paired").unwrap_or_else(|| panic!("{err}"));
     assert!(paired["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{paired}");
     assert_eq!(paired["target"], "ftvm::event", "{paired}");
+    let warning = json.iter().find(|v| v["target"] == "ftvm::cli").unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(warning["message"].as_str().is_some_and(|m| m.starts_with("--insecure")), "{warning}");
+    // A failure's last word too.
+    let failed = ftvm().args(["--log-format", "json", "run", "--kernel", "/nonexistent/kernel"]).output().unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let last: serde_json::Value = serde_json::from_str(text(&failed.stderr).trim()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(last["message"].as_str().is_some_and(|m| m.contains("/nonexistent/kernel")), "{last}");
     let bad = ftvm().args(["--log-format", "xml", "run", "--kernel"]).arg(guest("hello")).output().unwrap();
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
     assert!(text(&bad.stderr).contains("xml") && text(&bad.stderr).contains("json"), "{}", text(&bad.stderr));
