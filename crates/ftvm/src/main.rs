@@ -504,7 +504,7 @@ fn start_api(vm: &RunArgs, role: ftvm_api::Role) -> Result<Option<Served>, ftvm_
     let api = vm.api_socket.as_deref().map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
     let metrics = vm.metrics_addr.map(|addr| ftvm_api::MetricsServer::start(addr, control.clone())).transpose()?;
     if let Some(m) = &metrics {
-        tracing::info!("serving GET /metrics on http://{}/metrics", m.addr());
+        say!("serving GET /metrics on http://{}/metrics", m.addr());
     }
     let notifier = notify.then(|| notify::Notifier::start(control.clone()));
     ftvm_vmm::vm::attach_control(control);
