@@ -128,6 +128,9 @@ enum CtlAction {
     Pause,
     /// Resume a paused guest (an error if it is not paused).
     Resume,
+    /// Follow the pair's events (paired, protected, takeover, halt, ...): one JSON object a
+    /// line on standard output, the recent ones first, until the VM ends (docs/api.md).
+    Events,
     /// Hand over on purpose: a protected primary stops at an exit, lets the backup catch up
     /// and acknowledge every output, tells it, and exits; the backup goes live at once.
     Switchover,
@@ -530,6 +533,12 @@ fn ctl(args: CtlArgs) -> ExitCode {
             other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),
         }),
         CtlAction::Resume => client::resume(path).map(|state| println!("{state}")),
+        CtlAction::Events => client::follow_events(path, |line| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            // A closed standard output (the reader went away) ends the following.
+            writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+        }),
         CtlAction::Snapshot { dir, json } => return snapshot(path, &dir, json),
         CtlAction::Protect { backup, json } => return protect(path, backup, json),
     };

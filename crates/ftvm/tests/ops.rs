@@ -361,6 +361,9 @@ fn events_followed_with_curl_show_the_takeover_as_json() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // `ftvm ctl PATH events` follows the same stream.
+    let ctl =
+        ftvm().arg("ctl").arg(&bsock).arg("events").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let mut primary = side("primary", &addr, &dir, "p", "hello.wait_ms=3000").spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1200));
@@ -383,6 +386,11 @@ fn events_followed_with_curl_show_the_takeover_as_json() {
     assert!(takeover["silence_ms"].as_u64().is_some() && takeover["exit"].as_u64().is_some(), "{takeover}");
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let ctl = finish(ctl, Duration::from_secs(10));
+    assert_eq!(ctl.status.code(), Some(0), "ctl events: {}", text(&ctl.stderr));
+    let followed: Vec<serde_json::Value> =
+        text(&ctl.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(followed, events, "ctl events and curl see the same events");
     // The text on standard error says the same, as it always did.
     assert!(text(&b.stderr).contains("ftvm: TAKEOVER: live at exit"), "{}", text(&b.stderr));
 }
