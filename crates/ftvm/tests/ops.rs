@@ -477,3 +477,19 @@ fn the_shipped_systemd_units_verify_and_use_the_exit_statuses() {
     let said = text(&verify.stderr) + &text(&verify.stdout);
     assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
 }
+
+/// A log filter that does not parse (FTVM_LOG or --log-level) is a usage error that quotes
+/// it, not a silent fallback; a metrics address that is not HOST:PORT is one too.
+#[test]
+fn a_bad_log_filter_or_metrics_address_is_a_usage_error() {
+    let out = ftvm().env("FTVM_LOG", "warn,x=notalevel").args(["run", "--kernel", "/nonexistent"]).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid log filter \"warn,x=notalevel\" (from FTVM_LOG)"), "{err}");
+    let out = ftvm().args(["--log-level", "info,=[", "run", "--kernel", "/nonexistent"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("(from --log-level)"), "{}", text(&out.stderr));
+    let out = ftvm().args(["run", "--kernel", "/nonexistent", "--metrics-addr", "nowhere"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--metrics-addr"), "{}", text(&out.stderr));
+}
