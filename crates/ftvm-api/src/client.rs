@@ -148,6 +148,62 @@ fn state_of(path: &Path, r: Response) -> Result<String, ClientError> {
     Ok(v.get("state").and_then(|s| s.as_str()).unwrap_or("unknown").to_string())
 }
 
+/// The most one event line may take (a chunk of `GET /events`).
+const MAX_EVENT: usize = 1 << 20;
+
+/// `GET /events`: calls `each` with every event line (a JSON object, without its newline) as
+/// it arrives, until the VM ends the stream (`Ok`) or `each` returns `false` (`Ok` too). The
+/// stream may stay quiet for long: there is no read timeout.
+pub fn follow_events(path: &Path, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+    use std::io::BufRead;
+    let stream = connect(path)?;
+    let _ = stream.set_read_timeout(None);
+    let p = || path.to_path_buf();
+    let io_err = |what| move |source| ClientError::Io { path: path.to_path_buf(), what, source };
+    let bad = |why: String| ClientError::BadResponse { path: p(), why };
+    (&stream)
+        .write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .map_err(io_err("cannot send the request"))?;
+    let mut r = io::BufReader::new(&stream);
+    let mut line = String::new();
+    let mut head = String::new();
+    loop {
+        line.clear();
+        if r.by_ref().take(8192).read_line(&mut line).map_err(io_err("no answer"))? == 0 {
+            return Err(bad(format!("the connection closed in the answer's head: {head:?}")));
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(bad(format!("GET /events answered {:?}", head.lines().next().unwrap_or_default())));
+    }
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Err(bad("GET /events is not a chunked stream (an ftvm without /events?)".into()));
+    }
+    loop {
+        line.clear();
+        r.by_ref().take(64).read_line(&mut line).map_err(io_err("the event stream broke"))?;
+        let size = usize::from_str_radix(line.trim_end(), 16).map_err(|_| bad(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            return Ok(());
+        }
+        if size > MAX_EVENT {
+            return Err(bad(format!("an event of {size} bytes")));
+        }
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk).map_err(io_err("the event stream broke"))?;
+        let text = String::from_utf8_lossy(&chunk[..size]);
+        for event in text.lines().filter(|l| !l.is_empty()) {
+            if !each(event) {
+                return Ok(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

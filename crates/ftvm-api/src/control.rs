@@ -78,6 +78,19 @@ pub struct PairFigures {
     pub catching_up: bool,
     /// Takeovers this process made (a backup that went live, and later re-protected).
     pub failovers: u64,
+    /// Primary: how long outputs were held for their acknowledgement, as a histogram.
+    pub output_hold: Option<HoldHistogram>,
+}
+
+/// Output hold times: `counts[i]` outputs were held at most `bounds_us[i]` µs and more than
+/// the bound before it (`counts[bounds_us.len()]`: longer than the last bound); `sum_us`
+/// and `count` over all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldHistogram {
+    pub bounds_us: &'static [u64],
+    pub counts: [u64; 16],
+    pub sum_us: u64,
+    pub count: u64,
 }
 
 type Waker = Box<dyn Fn() + Send + Sync>;
@@ -129,6 +142,9 @@ pub struct VmControl {
     protect_starter: Mutex<Option<ProtectStarter>>,
     /// The latest re-protection's progress (`GET /protect`).
     protect: Mutex<Option<crate::ProtectProgress>>,
+    /// State transfers completed: sent (re-protections, resyncs) and received.
+    transfers_sent: AtomicU64,
+    transfers_received: AtomicU64,
 }
 
 /// How long `PUT /pause` waits for the vCPU to park before answering "pausing".
@@ -182,9 +198,28 @@ impl VmControl {
             snapshot: Mutex::new(None),
             protect_starter: Mutex::new(None),
             protect: Mutex::new(None),
+            transfers_sent: AtomicU64::new(0),
+            transfers_received: AtomicU64::new(0),
         };
         control.figures.last_output_lsn.store(u64::MAX, Ordering::Relaxed);
         Arc::new(control)
+    }
+
+    /// A state transfer (re-protection or resync) completed: this side sent it (`sent`) or
+    /// received it.
+    pub fn note_state_transfer(&self, sent: bool) {
+        let counter = if sent { &self.transfers_sent } else { &self.transfers_received };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// State transfers completed: (sent, received).
+    pub fn state_transfers(&self) -> (u64, u64) {
+        (self.transfers_sent.load(Ordering::Relaxed), self.transfers_received.load(Ordering::Relaxed))
+    }
+
+    /// The pair's output hold-time histogram (a primary's), if there is one.
+    pub fn output_hold(&self) -> Option<HoldHistogram> {
+        self.pair_figures().and_then(|p| p.output_hold)
     }
 
     pub fn set_role(&self, role: Role) {

@@ -180,8 +180,19 @@ pub fn reason(code: u16) -> &'static str {
 
 /// Writes a whole response with a JSON body and closes the exchange (`Connection: close`).
 pub fn write_response(w: &mut impl Write, code: u16, extra_headers: &[(&str, &str)], body: &str) -> io::Result<()> {
+    write_typed_response(w, code, "application/json", extra_headers, body)
+}
+
+/// [`write_response`] with another Content-Type (the metrics' text).
+pub fn write_typed_response(
+    w: &mut impl Write,
+    code: u16,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    body: &str,
+) -> io::Result<()> {
     let mut out = format!("HTTP/1.1 {code} {}\r\n", reason(code));
-    out.push_str("Server: ftvm\r\nContent-Type: application/json\r\nConnection: close\r\n");
+    out.push_str(&format!("Server: ftvm\r\nContent-Type: {content_type}\r\nConnection: close\r\n"));
     for (k, v) in extra_headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -15,6 +15,8 @@
 //! | `PUT /switchover` | 202 `{"state":"handing over"}` on a protected primary; 400 on any other role |
 //! | `PUT /protect` `{"backup": "HOST:PORT"}` | 202 `{"state":"protecting"}`: a live state transfer to that backup starts; 400 on a VM that is not live or a bad address; 409 while one runs or with a backup already |
 //! | `GET /protect` | 200, [`ProtectProgress`] of the latest re-protection or resync; 404 if none was started |
+//! | `GET /metrics` | 200, the figures in the Prometheus text format ([`metrics`]) |
+//! | `GET /events` | 200, a chunked stream of the pair's events, one JSON object a line ([`events`]) |
 //!
 //! Errors have a JSON body `{"error": "..."}`: 400 malformed request, 404 unknown path, 405
 //! wrong method, 411/413 body length, 501 unsupported transfer coding or route, 503 more than 16 clients at once.
@@ -30,18 +32,22 @@
 
 pub mod client;
 mod control;
+pub mod events;
 pub mod http;
+pub mod metrics;
 mod protect;
 mod server;
 mod snapshot;
 mod status;
 
-pub use control::{PairFigures, ProtectStarter, Refused, SnapshotStarter, SyncFigures, VcpuFigures, VmControl};
+pub use control::{
+    HoldHistogram, PairFigures, ProtectStarter, Refused, SnapshotStarter, SyncFigures, VcpuFigures, VmControl,
+};
 pub use protect::{ProtectPhase, ProtectProgress};
-pub use server::{ApiServer, ServerError};
+pub use server::{ApiServer, MetricsServer, ServerError};
 pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
 pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, SyncStatus, VmState};
 
 /// The routes, for error messages and the docs.
 pub const ROUTES: &str =
-    "GET /status, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot, PUT /protect, GET /protect";
+    "GET /status, GET /metrics, GET /events, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot, PUT /protect, GET /protect";

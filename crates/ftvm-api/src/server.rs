@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::control::{Refused, VmControl, PAUSE_ACK_WAIT};
 use crate::http::{self, Request};
 use crate::status::VmState;
-use crate::ROUTES;
+use crate::{events, metrics, ROUTES};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,10 @@ pub enum ServerError {
     NotASocket { path: PathBuf },
     #[error("API socket {path}: {what}: {source}")]
     Io { path: PathBuf, what: &'static str, source: io::Error },
+    #[error("metrics address {addr}: another program listens there; give --metrics-addr another port")]
+    MetricsAddrInUse { addr: std::net::SocketAddr, source: io::Error },
+    #[error("metrics address {addr}: {what}: {source}")]
+    MetricsIo { addr: std::net::SocketAddr, what: &'static str, source: io::Error },
 }
 
 /// How often the accept loop looks for a stop and takes a bandwidth sample.
@@ -83,6 +87,117 @@ impl ApiServer {
     }
 }
 
+/// `GET /metrics` on a TCP address (`--metrics-addr`), for a Prometheus that cannot reach the
+/// Unix socket: that route only. Dropping it stops its thread.
+pub struct MetricsServer {
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (an address in use is [`ServerError::MetricsAddrInUse`]) and serves the
+    /// metrics of `control` on a thread of its own.
+    pub fn start(addr: std::net::SocketAddr, control: Arc<VmControl>) -> Result<MetricsServer, ServerError> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| match source.kind() {
+            io::ErrorKind::AddrInUse => ServerError::MetricsAddrInUse { addr, source },
+            _ => ServerError::MetricsIo { addr, what: "cannot listen", source },
+        })?;
+        let io_err = |what| move |source| ServerError::MetricsIo { addr, what, source };
+        let addr = listener.local_addr().map_err(io_err("cannot read the bound address"))?;
+        listener.set_nonblocking(true).map_err(io_err("cannot configure the socket"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("ftvm-metrics".into())
+            .spawn(move || serve_metrics(listener, control, s))
+            .map_err(io_err("cannot start the metrics thread"))?;
+        Ok(MetricsServer { addr, stop, thread: Some(thread) })
+    }
+
+    /// The address it listens on (the port chosen for port 0).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_metrics(listener: std::net::TcpListener, control: Arc<VmControl>, stop: Arc<AtomicBool>) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+                if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                    let _ = stream.set_read_timeout(Some(BUSY_READ_TIMEOUT));
+                    let _ = http::read_request(&mut stream);
+                    let _ = reply_error(&mut stream, 503, "too many metrics clients at once; try again");
+                    continue;
+                }
+                clients.fetch_add(1, Ordering::SeqCst);
+                let (c, n) = (control.clone(), clients.clone());
+                let spawned = std::thread::Builder::new().name("ftvm-metrics-conn".into()).spawn(move || {
+                    handle_metrics_only(&mut stream, &c);
+                    n.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("metrics address: accept failed: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+/// The TCP listener's one route.
+fn handle_metrics_only(stream: &mut std::net::TcpStream, control: &VmControl) {
+    let request = match http::read_request(stream) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some((code, message)) = e.answer() {
+                let _ = reply_error(stream, code, &message);
+            }
+            return;
+        }
+    };
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/metrics") => {
+            let _ =
+                http::write_typed_response(stream, 200, crate::metrics::CONTENT_TYPE, &[], &metrics::render(control));
+        }
+        (_, "/metrics") => {
+            let _ = http::write_response(
+                stream,
+                405,
+                &[("Allow", "GET")],
+                &json!({ "error": format!("/metrics takes GET, not {}", request.method) }).to_string(),
+            );
+        }
+        (_, other) => {
+            let _ = reply_error(
+                stream,
+                404,
+                &format!("no such route {}; this address serves GET /metrics", truncate(other)),
+            );
+        }
+    }
+}
+
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -113,9 +228,9 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
                     continue;
                 }
                 clients.fetch_add(1, Ordering::SeqCst);
-                let (c, n) = (control.clone(), clients.clone());
+                let (c, n, st) = (control.clone(), clients.clone(), stop.clone());
                 let spawned = std::thread::Builder::new().name("ftvm-api-conn".into()).spawn(move || {
-                    handle(&mut stream, &c);
+                    handle(&mut stream, &c, &st);
                     n.fetch_sub(1, Ordering::SeqCst);
                 });
                 if spawned.is_err() {
@@ -130,6 +245,12 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
             }
         }
     }
+    // The VM has ended: `/events` followers end their streams (after the last events);
+    // give them a moment to, so that a follower sees a complete response.
+    let deadline = Instant::now() + FOLLOWERS_END_WAIT;
+    while clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Answers 503 to a client beyond the limit. Its request is read first (briefly): a socket
@@ -142,12 +263,13 @@ fn refuse_busy(stream: &mut UnixStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-fn reply_error(stream: &mut UnixStream, code: u16, message: &str) -> io::Result<()> {
+fn reply_error(stream: &mut impl std::io::Write, code: u16, message: &str) -> io::Result<()> {
     http::write_response(stream, code, &[], &json!({ "error": message }).to_string())
 }
 
-/// Serves one connection: one request, one answer.
-fn handle(stream: &mut UnixStream, control: &VmControl) {
+/// Serves one connection: one request, one answer (or, for `GET /events`, a stream until
+/// the server stops).
+fn handle(stream: &mut UnixStream, control: &VmControl, stop: &AtomicBool) {
     let request = match http::read_request(stream) {
         Ok(r) => r,
         Err(e) => {
@@ -157,8 +279,62 @@ fn handle(stream: &mut UnixStream, control: &VmControl) {
             return;
         }
     };
-    let (code, headers, body) = route(&request, control);
-    let _ = http::write_response(stream, code, &headers, &body);
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/events") => {
+            let _ = stream.set_write_timeout(Some(EVENTS_WRITE_TIMEOUT));
+            let _ = follow_events(stream, stop);
+        }
+        ("GET", "/metrics") => {
+            let _ = http::write_typed_response(stream, 200, metrics::CONTENT_TYPE, &[], &metrics::render(control));
+        }
+        _ => {
+            let (code, headers, body) = route(&request, control);
+            let _ = http::write_response(stream, code, &headers, &body);
+        }
+    }
+}
+
+/// How long a follower of `/events` may leave a write waiting before it is dropped.
+const EVENTS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a follower with nothing to send looks at the server's stop.
+const EVENTS_POLL: Duration = Duration::from_millis(100);
+/// How long a stopping server waits for its connections (the followers) to end.
+const FOLLOWERS_END_WAIT: Duration = Duration::from_millis(500);
+
+/// `GET /events`: a chunked response, one event (a JSON object and a newline) a chunk: the
+/// recent events, then each new one, until the server stops (the VM ended; the stream then
+/// ends properly, with the last chunk) or the client goes away.
+fn follow_events(stream: &mut UnixStream, stop: &AtomicBool) -> io::Result<()> {
+    use std::io::Write;
+    let (recent, rx) = events::follow();
+    stream.write_all(
+        b"HTTP/1.1 200 OK\r\nServer: ftvm\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\n\
+          Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )?;
+    let chunk = |stream: &mut UnixStream, line: &str| -> io::Result<()> {
+        write!(stream, "{:x}\r\n{line}\n\r\n", line.len() + 1)?;
+        stream.flush()
+    };
+    for line in &recent {
+        chunk(stream, line)?;
+    }
+    loop {
+        match rx.recv_timeout(EVENTS_POLL) {
+            Ok(line) => chunk(stream, &line)?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !stop.load(Ordering::SeqCst) => {}
+            // Stopping: the events published until now, then the end.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                while let Ok(line) = rx.try_recv() {
+                    chunk(stream, &line)?;
+                }
+                break;
+            }
+            // Dropped for not reading.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    stream.write_all(b"0\r\n\r\n")?;
+    stream.flush()
 }
 
 /// The answer to a request: status code, extra headers, JSON body.
@@ -169,7 +345,7 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
         error(code, message)
     };
     let allowed = match req.path.as_str() {
-        "/status" => "GET",
+        "/status" | "/metrics" | "/events" => "GET",
         "/snapshot" | "/protect" if req.method == "GET" => "GET",
         "/pause" | "/resume" | "/snapshot" | "/switchover" | "/protect" => "PUT",
         other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
@@ -245,6 +421,8 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
                 None => error(400, "PUT /protect needs a JSON body {\"backup\": \"HOST:PORT\"}".into()),
             }
         }
+        // Served by `handle` (their own content types): here only for the method check.
+        "/metrics" => (200, Vec::new(), metrics::render(control)),
         other => error(404, format!("no such route {}", truncate(other))),
     }
 }
@@ -355,6 +533,83 @@ mod tests {
             }
         }
         assert!(busy > 0, "the limit was reached: some answers are 503");
+    }
+
+    #[test]
+    fn the_metrics_address_serves_metrics_only_and_one_in_use_is_a_typed_error() {
+        use std::io::{Read, Write};
+        let c = VmControl::new();
+        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), c.clone()).unwrap();
+        let addr = server.addr();
+        let get = |request: &[u8]| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(request).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        let m = get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(m.starts_with("HTTP/1.1 200") && m.contains("text/plain; version=0.0.4"), "{m}");
+        assert!(get(b"GET /status HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get(b"PUT /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").starts_with("HTTP/1.1 405"));
+        let err = MetricsServer::start(addr, c).err().unwrap();
+        assert!(matches!(err, ServerError::MetricsAddrInUse { .. }), "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert!(std::error::Error::source(&err).is_some(), "the error keeps its source");
+    }
+
+    #[test]
+    fn metrics_and_events_take_get_only() {
+        let c = VmControl::new();
+        for path in ["/metrics", "/events"] {
+            let (code, headers, _) = route(&req("PUT", path), &c);
+            assert_eq!((code, headers), (405, vec![("Allow", "GET")]), "{path}");
+        }
+    }
+
+    #[test]
+    fn events_stream_as_chunks_until_the_server_stops_and_metrics_are_text() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = scratch("events");
+        let path = dir.join("api.sock");
+        let c = VmControl::new();
+        let server = ApiServer::start(&path, c.clone()).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            assert!(r.read_line(&mut head).unwrap() > 0, "{head}");
+        }
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("Transfer-Encoding: chunked"), "{head}");
+        assert!(head.contains("Content-Type: application/x-ndjson"), "{head}");
+        // A follower gets the events published from now on (and the recent ones first).
+        let mut event = serde_json::Map::new();
+        event.insert("event".into(), "server-test".into());
+        let line = events::publish(event);
+        let got = loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim_end(), 16).unwrap();
+            assert!(n > 0, "the stream ended before the event");
+            let mut chunk = vec![0; n + 2];
+            std::io::Read::read_exact(&mut r, &mut chunk).unwrap();
+            let text = String::from_utf8(chunk[..n].to_vec()).unwrap();
+            if text.contains("server-test") {
+                break text;
+            }
+        };
+        assert_eq!(got, format!("{line}\n"));
+        // GET /metrics meanwhile: the exposition, as text.
+        let m = client::raw(&path, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(m.status, 200);
+        assert!(m.body.contains("# TYPE ftvm_role gauge"), "{}", m.body);
+        // The server stops: the stream ends with the last chunk.
+        drop(server);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut rest);
+        assert!(rest.ends_with("0\r\n\r\n"), "{rest:?}");
     }
 
     #[test]

@@ -74,7 +74,13 @@ pub struct BackupState {
 
 impl BackupState {
     fn halt(&self, why: String) {
-        eprintln!("ftvm: {why}: halting this backup (no second live copy, and none in a wrong state)");
+        tracing::error!(
+            target: "ftvm::event",
+            event = "halt",
+            side = "backup",
+            why = %why,
+            "{why}: halting this backup (no second live copy, and none in a wrong state)"
+        );
         *link::lock(&self.halt_reason) = Some(why);
         self.halted.store(true, Ordering::SeqCst);
     }
@@ -229,7 +235,13 @@ impl Backup {
             )));
         }
         link::answer(&mut writer, None).map_err(io("handshake"))?;
-        eprintln!("ftvm: paired with primary {peer}; replaying its log");
+        tracing::info!(
+            target: "ftvm::event",
+            event = "paired",
+            peer = %peer,
+            transfer,
+            "paired with primary {peer}; replaying its log"
+        );
         let state = Arc::new(BackupState { stream_rejected: rejected, ..Default::default() });
         state.protected.store(!transfer, Ordering::SeqCst);
         state.resyncs.store(resyncs, Ordering::SeqCst);
@@ -256,13 +268,25 @@ impl Backup {
                                     // Not a dead primary: a frame that failed authentication.
                                     // The replay stops at the last good record; the backup
                                     // asks for a resync.
-                                    eprintln!("ftvm: REJECTED a replication frame from {peer}: {why}");
+                                    tracing::warn!(
+                                        target: "ftvm::event",
+                                        event = "rejected_frame",
+                                        peer = %peer,
+                                        why = %why,
+                                        "REJECTED a replication frame from {peer}: {why}"
+                                    );
                                     hand_over(&tx, &mut batch);
                                     s.diverged.store(true, Ordering::SeqCst);
                                     return;
                                 }
                                 if !s.stop.load(Ordering::SeqCst) && !s.diverged.load(Ordering::SeqCst) {
-                                    eprintln!("ftvm: the replication stream from {peer} broke: {e}");
+                                    tracing::warn!(
+                                        target: "ftvm::event",
+                                        event = "stream_broken",
+                                        peer = %peer,
+                                        error = %e,
+                                        "the replication stream from {peer} broke: {e}"
+                                    );
                                 }
                                 break;
                             }
@@ -417,9 +441,19 @@ fn monitor(
                 return;
             }
             if handover {
-                eprintln!("ftvm: the primary hands over (switchover); taking the arbiter");
+                tracing::info!(
+                    target: "ftvm::event",
+                    event = "handover",
+                    "the primary hands over (switchover); taking the arbiter"
+                );
             } else {
-                eprintln!("ftvm: no heartbeat from the primary for {} ms; taking the arbiter", silence.as_millis());
+                tracing::warn!(
+                    target: "ftvm::event",
+                    event = "primary_silent",
+                    silence_ms = silence.as_millis() as u64,
+                    "no heartbeat from the primary for {} ms; taking the arbiter",
+                    silence.as_millis()
+                );
             }
             // On a switchover the primary releases the arbiter as it exits, just after.
             let wait = if handover { cfg.arbiter_wait().max(Duration::from_secs(5)) } else { cfg.arbiter_wait() };

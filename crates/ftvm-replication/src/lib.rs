@@ -47,8 +47,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The exit status of a side that halted because it may not be the live copy (it lost the
-/// arbiter, or it could not win it).
-pub const HALT_EXIT_CODE: i32 = 3;
+/// arbiter, or it could not win it): [`ftvm_exit::ExitStatus::Fenced`].
+pub const HALT_EXIT_CODE: i32 = ftvm_exit::ExitStatus::Fenced.code() as i32;
 
 /// Halts this process at once: another copy of the VM may be live, so this one must not
 /// emit anything more. No cleanup runs (it could perform outputs).
@@ -57,7 +57,13 @@ pub const HALT_EXIT_CODE: i32 = 3;
 // outputs.
 #[allow(clippy::exit)]
 pub fn halt(why: &str) -> ! {
-    eprintln!("ftvm: HALT: {why}; halting this side (there is never a second live copy)");
+    tracing::error!(
+        target: "ftvm::event",
+        event = "halt",
+        why,
+        status = HALT_EXIT_CODE,
+        "HALT: {why}; halting this side (there is never a second live copy)"
+    );
     std::process::exit(HALT_EXIT_CODE)
 }
 

@@ -66,7 +66,13 @@ impl Heartbeats {
                 let settled = self.began.elapsed() > Duration::from_secs(1);
                 if settled && last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     *last = Some(Instant::now());
-                    eprintln!("ftvm: rejected a heartbeat datagram from {from}: {e}");
+                    tracing::warn!(
+                        target: "ftvm::event",
+                        event = "rejected_heartbeat",
+                        from = %from,
+                        error = %e,
+                        "rejected a heartbeat datagram from {from}: {e}"
+                    );
                 }
                 None
             }
@@ -97,7 +103,13 @@ impl Connection {
                 Ok(s) => break s,
                 Err(e) if start.elapsed() < wait => {
                     if !announced {
-                        eprintln!("ftvm: waiting for the backup at {addr} ({e})");
+                        tracing::info!(
+                            target: "ftvm::event",
+                            event = "waiting_for_backup",
+                            addr = %addr,
+                            error = %e,
+                            "waiting for the backup at {addr} ({e})"
+                        );
                         announced = true;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -191,7 +203,13 @@ impl Listener {
                     let _ = stream.set_nodelay(true);
                     match self.authenticate(stream, peer) {
                         Ok(c) => return Ok(Some(c)),
-                        Err(e) => eprintln!("ftvm: refused a connection from {peer}: {e}"),
+                        Err(e) => tracing::warn!(
+                            target: "ftvm::event",
+                            event = "refused_connection",
+                            peer = %peer,
+                            error = %e,
+                            "refused a connection from {peer}: {e}"
+                        ),
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

@@ -93,6 +93,10 @@ pub struct LinkOptions {
     pub protected_from_start: bool,
 }
 
+/// The upper bounds of the output hold-time histogram, in µs (50 µs to 1 s).
+pub const HOLD_BUCKETS_US: [u64; 15] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000];
+
 /// Figures about the pair, shared with whoever reports status.
 #[derive(Debug, Default)]
 pub struct PairStats {
@@ -121,6 +125,9 @@ pub struct PairStats {
     /// (from submission to performance), in microseconds: the latency the pair adds.
     pub held_outputs: AtomicU64,
     pub hold_us: AtomicU64,
+    /// The same outputs by time held: `hold_buckets[i]` counts those held at most
+    /// `HOLD_BUCKETS_US[i]` (and more than the bound before); the last, those held longer.
+    pub hold_buckets: [AtomicU64; HOLD_BUCKETS_US.len() + 1],
     /// The backup asked for a resync (it diverged).
     pub resync_requested: AtomicBool,
     pub resync_reason: Mutex<Option<String>>,
@@ -423,6 +430,16 @@ impl Primary {
     pub fn start(&mut self, conn: Connection, log: LogQueue) -> Result<()> {
         let shutdown = conn.shutdown_handle()?;
         let stream = conn.shutdown_handle()?;
+        let protected = self.shared.opts.protected_from_start;
+        tracing::info!(
+            target: "ftvm::event",
+            event = "paired",
+            peer = %conn.peer,
+            protected,
+            "paired with backup {}; streaming the log{}",
+            conn.peer,
+            if protected { " (protected from the start)" } else { " (it catches up before it protects)" }
+        );
         let Connection { mut reader, writer, heartbeats, .. } = conn;
         // Sender: the log bytes the vCPU could not send itself.
         {
@@ -546,8 +563,12 @@ fn lose(s: &Shared, why: &str) {
     } else if !s.stats.backup_lost.swap(true, Ordering::SeqCst) {
         s.stats.protected.store(false, Ordering::SeqCst);
         if !s.stats.resync_requested.load(Ordering::SeqCst) {
-            eprintln!(
-                "ftvm: backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter {})",
+            tracing::warn!(
+                target: "ftvm::event",
+                event = "backup_lost",
+                why,
+                arbiter = %s.arbiter.spec(),
+                "backup lost ({why}); continuing UNPROTECTED (this primary holds the arbiter {})",
                 s.arbiter.spec()
             );
         }
@@ -559,7 +580,12 @@ fn lose(s: &Shared, why: &str) {
 fn resync_requested(s: &Shared, why: String) {
     s.stats.resync_requested.store(true, Ordering::SeqCst);
     *link::lock(&s.stats.resync_reason) = Some(why.clone());
-    eprintln!("ftvm: the backup diverged and asks for a resync ({why}); unprotected until it is resynced");
+    tracing::warn!(
+        target: "ftvm::event",
+        event = "resync_requested",
+        why = %why,
+        "the backup diverged and asks for a resync ({why}); unprotected until it is resynced"
+    );
     lose(s, "resync");
     if let Some(handler) = link::lock(&s.on_resync).as_ref() {
         handler(why);
@@ -582,7 +608,7 @@ fn acknowledged(s: &Shared) {
         // Tell the backup now, not at the next heartbeat: until it knows, it would halt
         // rather than go live.
         send_output_done(s);
-        eprintln!("ftvm: the backup has caught up: PROTECTED");
+        tracing::info!(target: "ftvm::event", event = "protected", "the backup has caught up: PROTECTED");
     }
 }
 
@@ -617,8 +643,11 @@ fn release(s: &Shared) {
                         if !s.stats.holding.load(Ordering::SeqCst) {
                             q.unheld_lsn = q.unheld_lsn.max(h.lsn.unwrap_or(0));
                         } else if !s.stats.backup_lost.load(Ordering::Relaxed) {
+                            let held_us = h.since.elapsed().as_micros() as u64;
                             s.stats.held_outputs.fetch_add(1, Ordering::Relaxed);
-                            s.stats.hold_us.fetch_add(h.since.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            s.stats.hold_us.fetch_add(held_us, Ordering::Relaxed);
+                            let bucket = HOLD_BUCKETS_US.partition_point(|&bound| bound < held_us);
+                            s.stats.hold_buckets[bucket].fetch_add(1, Ordering::Relaxed);
                         }
                         h
                     }

@@ -23,7 +23,13 @@ fn switch() -> Option<(u8, u64)> {
 /// Aborts the process if the switch names this window and output.
 pub fn crash_point(window: u8, ordinal: u64) {
     if switch() == Some((window, ordinal)) {
-        eprintln!("ftvm: FTVM_TEST_CRASH: aborting in crash window {window} at output #{ordinal}");
+        tracing::error!(
+            target: "ftvm::event",
+            event = "test_crash",
+            window,
+            ordinal,
+            "FTVM_TEST_CRASH: aborting in crash window {window} at output #{ordinal}"
+        );
         std::process::abort();
     }
 }

@@ -35,6 +35,10 @@ pub enum Error {
     DeviceOption { option: &'static str, text: String, why: String },
     #[error("{0}")]
     Pair(String),
+    /// A side of the pair fenced itself off (another copy may be live): exit status
+    /// [`ftvm_exit::ExitStatus::Fenced`].
+    #[error("{0}")]
+    Fenced(String),
     #[error("record: {0}")]
     Record(String),
     #[error("snapshot: {0}")]

@@ -137,12 +137,19 @@ impl Protection {
         let me = self.me.clone();
         primary.on_resync(Box::new(move |_why| {
             if std::env::var_os("FTVM_TEST_IGNORE_RESYNC").is_some() {
-                eprintln!("ftvm: FTVM_TEST_IGNORE_RESYNC: not resyncing the backup");
+                tracing::warn!(target: "ftvm::event", event = "test_ignore_resync", "FTVM_TEST_IGNORE_RESYNC: not resyncing the backup");
                 return;
             }
             if let Some(p) = me.upgrade() {
                 if let Err(r) = p.start(backup, Reason::Resync) {
-                    eprintln!("ftvm: cannot resync the backup at {backup}: {}", r.answer().1);
+                    let why = r.answer().1;
+                    tracing::error!(
+                        target: "ftvm::event",
+                        event = "resync_failed",
+                        backup = %backup,
+                        why = %why,
+                        "cannot resync the backup at {backup}: {why}"
+                    );
                 }
             }
         }));
@@ -225,12 +232,31 @@ impl Protection {
             Ok(()) => {
                 progress.phase = ProtectPhase::Protected;
                 progress.protected_after_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-                eprintln!("ftvm: {progress}");
+                if let Some(c) = &self.control {
+                    c.note_state_transfer(true);
+                }
+                tracing::info!(
+                    target: "ftvm::event",
+                    event = "protected",
+                    reason = reason.as_str(),
+                    backup = %backup,
+                    sent_bytes = progress.shipped_bytes,
+                    pause_ms = progress.pause_ms(),
+                    after_ms = progress.protected_after_ms,
+                    "{progress}"
+                );
             }
             Err(e) => {
                 progress.phase = ProtectPhase::Failed;
                 progress.error = Some(e.to_string());
-                eprintln!("ftvm: {progress}");
+                tracing::warn!(
+                    target: "ftvm::event",
+                    event = "protect_failed",
+                    reason = reason.as_str(),
+                    backup = %backup,
+                    error = %e,
+                    "{progress}"
+                );
             }
         }
         self.report(&mut progress, started);

@@ -232,8 +232,16 @@ pub fn backup(
     let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
-    eprintln!("ftvm: backup listening on {}", listener.addr);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "listening",
+        addr = %listener.addr,
+        "backup listening on {}",
+        listener.addr
+    );
     let mut resyncs = 0u64;
+    // The control API's block: each VM this backup runs (after a resync, the next) takes it.
+    let control = crate::vm::current_control();
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.
     let mut diverged: Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)> = None;
@@ -264,7 +272,7 @@ pub fn backup(
             if crate::kick::stop_requested() {
                 return Err(Error::Pair("stopped by the operator while waiting for a primary".into()));
             }
-            return Err(Error::Pair(format!(
+            return Err(Error::Fenced(format!(
                 "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
                  halting: this backup's state is wrong and it does not go live",
                 timeout.as_millis()
@@ -278,7 +286,13 @@ pub fn backup(
                 let header = header_for(&vm, kernel, initrd, disks, 0);
                 (vm, header)
             }
-            Mode::Transfer => receive_state(&mut conn, &config)?,
+            Mode::Transfer => {
+                let received = receive_state(&mut conn, &config)?;
+                if let Some(c) = &control {
+                    c.note_state_transfer(false);
+                }
+                received
+            }
         };
         // The old (diverged) link goes now that its successor is here.
         drop(diverged.take());
@@ -288,13 +302,20 @@ pub fn backup(
         let backup = std::sync::Arc::new(backup);
         let mut vm = vm;
         vm.set_sync_policy(sync_policy);
-        let report = vm.run_with(Journaling::Backup {
+        let ran = vm.run_with(Journaling::Backup {
             backup: backup.clone(),
             theirs: Box::new(theirs),
             source,
             settings: settings.clone(),
-        })?;
+        });
         let went_live = backup.state.won_arbiter.load(std::sync::atomic::Ordering::SeqCst);
+        // A backup that halted (it could not win the arbiter) fenced itself off, whatever
+        // its replay made of the source it stopped on purpose.
+        if !went_live && backup.state.halted.load(std::sync::atomic::Ordering::SeqCst) {
+            let why = backup.state.halt_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            return Err(Error::Fenced(format!("{why}: halted (no second live copy)")));
+        }
+        let report = ran?;
         let divergence = match &report.outcome {
             VmOutcome::ReplayStopped(ftvm_events::ReplayStop::Diverged(d)) if !went_live => Some(d.to_string()),
             _ if backup.state.diverged.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -305,12 +326,20 @@ pub fn backup(
         let Some(why) = divergence else { return Ok(report) };
         resyncs += 1;
         let why = why.replace('\n', "; ");
-        eprintln!(
-            "ftvm: DIVERGED ({}): {why}; asking the primary for resync #{resyncs}",
+        tracing::warn!(
+            target: "ftvm::event",
+            event = "diverged",
+            why = %why,
+            resync = resyncs,
+            after_transfer = transfer,
+            "DIVERGED ({}): {why}; asking the primary for resync #{resyncs}",
             if transfer { "after a state transfer" } else { "from boot" }
         );
         backup.request_resync(&why);
         diverged = Some((backup, std::time::Instant::now()));
+        if let Some(c) = &control {
+            crate::vm::attach_control(c.clone());
+        }
     }
 }
 
@@ -352,7 +381,13 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     }
     ftvm_replication::link::answer(&mut conn.writer, None).map_err(pair("answering the primary"))?;
     let started = std::time::Instant::now();
-    eprintln!("ftvm: receiving the state of the live VM from {}", conn.peer);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "receiving_state",
+        peer = %conn.peer,
+        "receiving the state of the live VM from {}",
+        conn.peer
+    );
     let dir = std::env::temp_dir().join(format!("ftvm-incoming-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_dir_all(&dir);
     let received = std::sync::atomic::AtomicU64::new(0);
@@ -364,10 +399,14 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     });
     let _ = std::fs::remove_dir_all(&dir);
     let vm = restored?;
-    eprintln!(
-        "ftvm: restored the primary's state ({} received) in {} ms; replaying its log since the cut",
-        ftvm_api::format_bytes(received.load(std::sync::atomic::Ordering::Relaxed)),
-        started.elapsed().as_millis()
+    let (bytes, ms) = (received.load(std::sync::atomic::Ordering::Relaxed), started.elapsed().as_millis() as u64);
+    tracing::info!(
+        target: "ftvm::event",
+        event = "state_received",
+        bytes,
+        ms,
+        "restored the primary's state ({} received) in {ms} ms; replaying its log since the cut",
+        ftvm_api::format_bytes(bytes)
     );
     let ours = header_for(&vm, kernel, initrd, disks, theirs.rtc_base_unix);
     Ok((vm, ours))

@@ -1330,7 +1330,14 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
             }
         }
         for (n, (i, (tmp, target))) in restoring.iter().zip(&staged).enumerate() {
-            eprintln!("ftvm: restoring disk {i} from the snapshot into {}", target.display());
+            tracing::info!(
+                target: "ftvm::event",
+                event = "restoring_disk",
+                disk = i,
+                path = %target.display(),
+                "restoring disk {i} from the snapshot into {}",
+                target.display()
+            );
             if let Err(e) = std::fs::rename(tmp, target) {
                 for (tmp, _) in &staged[n..] {
                     let _ = std::fs::remove_file(tmp);

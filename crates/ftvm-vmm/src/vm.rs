@@ -664,6 +664,11 @@ pub fn attach_control(control: Arc<ftvm_api::VmControl>) {
     *CONTROL.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
 }
 
+/// The control block the next VM will take, without taking it.
+pub(crate) fn current_control() -> Option<Arc<ftvm_api::VmControl>> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
     CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
@@ -704,6 +709,19 @@ pub(crate) fn primary_figures(
                 (n > 0).then(|| stats.hold_us.load(Relaxed) / n)
             },
             catching_up: !lost && !stats.protected.load(Relaxed),
+            output_hold: Some({
+                use ftvm_replication::primary::HOLD_BUCKETS_US;
+                let mut counts = [0; 16];
+                for (count, bucket) in counts.iter_mut().zip(&stats.hold_buckets) {
+                    *count = bucket.load(Relaxed);
+                }
+                ftvm_api::HoldHistogram {
+                    bounds_us: &HOLD_BUCKETS_US,
+                    counts,
+                    sum_us: stats.hold_us.load(Relaxed),
+                    count: stats.held_outputs.load(Relaxed),
+                }
+            }),
             ..Default::default()
         }
     })

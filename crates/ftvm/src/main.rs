@@ -3,7 +3,15 @@
 
 mod config;
 mod doctor;
+mod logging;
+mod notify;
 mod size;
+
+/// One of ftvm's own lines on standard error: `ftvm: ...` as text, or a JSON line with
+/// `--log-format json` ([`logging::say`]).
+macro_rules! say {
+    ($($arg:tt)*) => { logging::say(format_args!($($arg)*)) };
+}
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +28,10 @@ struct Cli {
     /// Log level for ftvm's own messages (error, warn, info, debug, trace); FTVM_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+    /// How ftvm's messages on standard error are written: human text, or one JSON object a
+    /// line (timestamp, level, target, fields) for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +48,7 @@ enum Command {
     ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
     /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest,
-    /// 130 stopped by SIGINT/SIGTERM.
+    /// 130 stopped by SIGINT, 143 stopped by SIGTERM (docs/operations.md has the table).
     Run(RunArgs),
     /// Run a VM live and record every host input to a log that replays it exactly.
     ///
@@ -67,6 +79,10 @@ enum Command {
     /// Every output (console byte, network frame) is held until the backup has acknowledged
     /// the log up to it, then performed. The primary takes the arbiter lock at start; if the
     /// backup is lost it continues unprotected and says so.
+    ///
+    /// Exit status: as for `run`, plus 11 after a switchover (the backup is live: do not
+    /// restart this side as a primary) and 12 when it halted because another copy may be
+    /// live (it lost the arbiter: never restart it as it was).
     Primary(PrimaryArgs),
     /// Stand by for a primary and take over when it dies: the pair's backup.
     ///
@@ -75,6 +91,9 @@ enum Command {
     /// When the primary's heartbeats stop for --timeout, the backup wins the arbiter, replays
     /// everything it received, performs the outputs OUTPUT_DONE did not cover, opens its TAP,
     /// sends a gratuitous ARP and goes on live. If it cannot win the arbiter it halts.
+    ///
+    /// Exit status: as for `run`, plus 12 when it halted (it could not win or lost the
+    /// arbiter, or it was diverged when its primary died: never restart it as it was).
     Backup(BackupArgs),
     /// Work with event logs.
     #[command(subcommand)]
@@ -133,6 +152,9 @@ enum CtlAction {
     Pause,
     /// Resume a paused guest (an error if it is not paused).
     Resume,
+    /// Follow the pair's events (paired, protected, takeover, halt, ...): one JSON object a
+    /// line on standard output, the recent ones first, until the VM ends (docs/api.md).
+    Events,
     /// Hand over on purpose: a protected primary stops at an exit, lets the backup catch up
     /// and acknowledge every output, tells it, and exits; the backup goes live at once.
     Switchover,
@@ -296,8 +318,8 @@ impl PairArgs {
         let key = ftvm_replication::secure::Key::for_pair(self.key_file.as_deref(), self.insecure)
             .map_err(|e| e.to_string())?;
         if self.insecure {
-            eprintln!(
-                "ftvm: WARNING: --insecure: the replication channel has no key; anyone who can reach it can \
+            say!(
+                "WARNING: --insecure: the replication channel has no key; anyone who can reach it can \
                  impersonate either side"
             );
         }
@@ -379,6 +401,10 @@ struct RunArgs {
     /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve `GET /metrics` (the Prometheus text format; the API socket serves it too) on
+    /// this TCP address as well, e.g. 127.0.0.1:9464. An address in use is an error.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -422,26 +448,31 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logging(&cli.log_level);
+    if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
+        say!("error: {e}");
+        return ftvm_exit::ExitStatus::Usage.into();
+    }
     install_stop_handler();
-    // The control API serves the VM of run, record, primary and backup until ftvm exits.
-    let api_socket = match &cli.command {
-        Command::Run(vm) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Standalone)),
-        Command::Record(RecordArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Recording)),
-        Command::Primary(PrimaryArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Primary)),
-        Command::Backup(BackupArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Backup)),
+    // The control API serves the VM of run, record, primary and backup until ftvm exits: on
+    // its socket, on the metrics address, and to systemd (NOTIFY_SOCKET).
+    let served = match &cli.command {
+        Command::Run(vm) => Some((vm, ftvm_api::Role::Standalone)),
+        Command::Record(RecordArgs { vm, .. }) => Some((vm, ftvm_api::Role::Recording)),
+        Command::Primary(PrimaryArgs { vm, .. }) => Some((vm, ftvm_api::Role::Primary)),
+        Command::Backup(BackupArgs { vm, .. }) => Some((vm, ftvm_api::Role::Backup)),
         _ => None,
     };
-    let _api = match api_socket.map(|(path, role)| start_api(&path, role)).transpose() {
-        Ok(server) => server,
+    let served = match served.map(|(vm, role)| start_api(vm, role)).transpose() {
+        Ok(served) => served,
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             return ExitCode::from(1);
         }
     };
+    let _served = served.flatten();
     if let Command::Primary(PrimaryArgs { vm, .. }) | Command::Backup(BackupArgs { vm, .. }) = &cli.command {
         if vm.restore.is_some() {
-            eprintln!("ftvm: error: --restore is for run and record; the pair boots both sides from the same images");
+            say!("error: --restore is for run and record; the pair boots both sides from the same images");
             return ExitCode::from(2);
         }
     }
@@ -510,17 +541,36 @@ fn doctor(side: DoctorCommand) -> ExitCode {
 }
 
 fn usage_error(message: &str) -> ExitCode {
-    eprintln!("ftvm: error: {message}");
+    say!("error: {message}");
     ExitCode::from(2)
 }
 
-/// Starts the API server on `path` and connects it to the VM this process will run.
-fn start_api(path: &std::path::Path, role: ftvm_api::Role) -> Result<ftvm_api::ApiServer, ftvm_api::ServerError> {
+/// What serves the VM's figures while it runs: the API socket, the metrics address and the
+/// systemd notifier (each only where asked for). Dropped when ftvm exits.
+struct Served {
+    _api: Option<ftvm_api::ApiServer>,
+    _metrics: Option<ftvm_api::MetricsServer>,
+    _notifier: Option<notify::Notifier>,
+}
+
+/// Starts the API server on `--api-socket`, the metrics listener on `--metrics-addr` and the
+/// systemd notifier (under a `Type=notify` unit), and connects them to the VM this process
+/// will run; `None` when none of them is wanted.
+fn start_api(vm: &RunArgs, role: ftvm_api::Role) -> Result<Option<Served>, ftvm_api::ServerError> {
+    let notify = notify::wanted();
+    if vm.api_socket.is_none() && vm.metrics_addr.is_none() && !notify {
+        return Ok(None);
+    }
     let control = ftvm_api::VmControl::new();
     control.set_role(role);
-    let server = ftvm_api::ApiServer::start(path, control.clone())?;
+    let api = vm.api_socket.as_deref().map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
+    let metrics = vm.metrics_addr.map(|addr| ftvm_api::MetricsServer::start(addr, control.clone())).transpose()?;
+    if let Some(m) = &metrics {
+        say!("serving GET /metrics on http://{}/metrics", m.addr());
+    }
+    let notifier = notify.then(|| notify::Notifier::start(control.clone()));
     ftvm_vmm::vm::attach_control(control);
-    Ok(server)
+    Ok(Some(Served { _api: api, _metrics: metrics, _notifier: notifier }))
 }
 
 /// `ftvm ctl PATH ...`: one request to a running VM.
@@ -542,13 +592,19 @@ fn ctl(args: CtlArgs) -> ExitCode {
             other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),
         }),
         CtlAction::Resume => client::resume(path).map(|state| println!("{state}")),
+        CtlAction::Events => client::follow_events(path, |line| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            // A closed standard output (the reader went away) ends the following.
+            writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+        }),
         CtlAction::Snapshot { dir, json } => return snapshot(path, &dir, json),
         CtlAction::Protect { backup, json } => return protect(path, backup, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -558,7 +614,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
 fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> ExitCode {
     use ftvm_api::client;
     if let Err(e) = client::start_protect(path, backup) {
-        eprintln!("ftvm: error: {e}");
+        say!("error: {e}");
         return ExitCode::from(1);
     }
     let mut shown = String::new();
@@ -566,7 +622,7 @@ fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> 
         let progress = match client::protect_progress(path) {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("ftvm: error: lost the VM during the re-protection: {e}");
+                say!("error: lost the VM during the re-protection: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -595,7 +651,7 @@ fn protect(path: &std::path::Path, backup: std::net::SocketAddr, json: bool) -> 
 fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCode {
     use ftvm_api::client;
     if let Err(e) = client::start_snapshot(path, dir) {
-        eprintln!("ftvm: error: {e}");
+        say!("error: {e}");
         return ExitCode::from(1);
     }
     let mut shown = String::new();
@@ -609,7 +665,7 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
-                eprintln!("ftvm: error: lost the VM while it took the snapshot: {e}");
+                say!("error: lost the VM while it took the snapshot: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -623,16 +679,41 @@ fn snapshot(path: &std::path::Path, dir: &std::path::Path, json: bool) -> ExitCo
             return if progress.phase == ftvm_api::SnapshotPhase::Done { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
         if line != shown {
-            eprintln!("ftvm: {line}");
+            say!("{line}");
             shown = line;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
+/// The signal that asked ftvm to stop (0: none yet).
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The exit status of an operator's stop: SIGTERM's (143, a supervisor's clean stop) or
+/// SIGINT's (130).
+fn stop_status() -> ftvm_exit::ExitStatus {
+    ftvm_exit::ExitStatus::for_signal(STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst))
+        .unwrap_or(ftvm_exit::ExitStatus::Interrupted)
+}
+
+/// The exit status of an outcome: an operator's stop says which signal it was.
+fn outcome_status(outcome: &ftvm_vmm::VmOutcome) -> ftvm_exit::ExitStatus {
+    match outcome {
+        ftvm_vmm::VmOutcome::OperatorStop => stop_status(),
+        other => other.exit_status(),
+    }
+}
+
 /// SIGINT and SIGTERM stop the VM cleanly (a recording gets its END record).
 fn install_stop_handler() {
-    extern "C" fn on_stop(_: libc::c_int) {
+    extern "C" fn on_stop(sig: libc::c_int) {
+        // The first signal decides the status.
+        let _ = STOP_SIGNAL.compare_exchange(
+            0,
+            sig,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         ftvm_vmm::kick::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -691,8 +772,8 @@ fn record(args: RecordArgs) -> ExitCode {
                 args.vm.disks.iter().filter_map(|d| std::fs::metadata(&d.path).ok()).map(|m| m.len()).sum();
             match ftvm_vmm::recording::default_max_size(&args.log, copies) {
                 Ok((limit, free, dir)) => {
-                    eprintln!(
-                        "ftvm: recording to {}: at most {} (half of the {} free on {}; --max-size to change)",
+                    say!(
+                        "recording to {}: at most {} (half of the {} free on {}; --max-size to change)",
                         args.log.display(),
                         ftvm_api::format_bytes(limit),
                         ftvm_api::format_bytes(free),
@@ -701,7 +782,7 @@ fn record(args: RecordArgs) -> ExitCode {
                     limit
                 }
                 Err(e) => {
-                    eprintln!("ftvm: error: cannot tell the free space for the log {}: {e}", args.log.display());
+                    say!("error: cannot tell the free space for the log {}: {e}", args.log.display());
                     return ExitCode::from(1);
                 }
             }
@@ -718,21 +799,21 @@ fn record(args: RecordArgs) -> ExitCode {
     };
     match result {
         Ok(report) => {
-            let code = report.run.outcome.exit_code();
+            let code = outcome_status(&report.run.outcome).code();
             let (log, bytes) = (args.log.display(), report.log_bytes);
             match &report.run.outcome {
                 ftvm_vmm::VmOutcome::RecordingStopped(_) => {
-                    eprintln!("ftvm: {}; {log} ({bytes} bytes) replays exactly up to there", summary(&report.run))
+                    say!("{}; {log} ({bytes} bytes) replays exactly up to there", summary(&report.run))
                 }
-                _ => eprintln!("ftvm: recorded {} to {log} ({bytes} bytes of log)", summary(&report.run)),
+                _ => say!("recorded {} to {log} ({bytes} bytes of log)", summary(&report.run)),
             }
             for copy in &report.disk_copies {
-                eprintln!("ftvm: the guest's disk as recorded: {}", copy.display());
+                say!("the guest's disk as recorded: {}", copy.display());
             }
-            ExitCode::from(code as u8)
+            ExitCode::from(code)
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -749,31 +830,31 @@ fn replay(args: ReplayArgs) -> ExitCode {
             let mut code = report.run.outcome.exit_code();
             for (i, (path, same)) in report.disks.iter().enumerate() {
                 match same {
-                    Some(true) => eprintln!("ftvm: disk {i}: the replayed disk equals the recording's"),
+                    Some(true) => say!("disk {i}: the replayed disk equals the recording's"),
                     // A replay that stopped early (the log ends or is damaged) has done less
                     // to its disk than the recording: that is no divergence of its own.
-                    Some(false) if code != 0 => eprintln!(
-                        "ftvm: disk {i}: the replayed disk {} differs from the recording's final disk, as a replay that \
+                    Some(false) if code != 0 => say!(
+                        "disk {i}: the replayed disk {} differs from the recording's final disk, as a replay that \
                          stopped early does",
                         path.display()
                     ),
                     Some(false) => {
-                        eprintln!("ftvm: disk {i}: the replayed disk {} differs from the recording's", path.display());
+                        say!("disk {i}: the replayed disk {} differs from the recording's", path.display());
                         code = 8;
                     }
-                    None => eprintln!("ftvm: disk {i}: the recording's final disk is not beside the log; not compared"),
+                    None => say!("disk {i}: the recording's final disk is not beside the log; not compared"),
                 }
             }
             if report.exact {
-                eprintln!("ftvm: replayed exactly: {}", summary(&report.run));
+                say!("replayed exactly: {}", summary(&report.run));
                 ExitCode::SUCCESS
             } else {
-                eprintln!("ftvm: {}", summary(&report.run));
+                say!("{}", summary(&report.run));
                 ExitCode::from(if code == 0 { 8 } else { code as u8 })
             }
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -794,17 +875,10 @@ fn inspect(path: &std::path::Path, json: bool, events: bool) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("ftvm: error: {}: {e}", path.display());
+            say!("error: {}: {e}", path.display());
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -821,23 +895,30 @@ fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
 
 fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
     match result {
+        // This side fenced itself off: another copy may be live.
+        // (An event: `GET /events` followers see it before the stream ends.)
+        Err(e @ ftvm_vmm::Error::Fenced(_)) => {
+            let status = ftvm_exit::ExitStatus::Fenced;
+            tracing::error!(target: "ftvm::event", event = "halt", why = %e, status = status.code(), "HALT: {e}");
+            status.into()
+        }
         // A wait that SIGINT or SIGTERM ended before any VM ran (a backup waiting for its
         // primary): the operator's stop, not an error.
         Err(e) if ftvm_vmm::kick::stop_requested() => {
-            eprintln!("ftvm: {e}");
-            ExitCode::from(130)
+            say!("{e}");
+            stop_status().into()
         }
         Ok(report) => {
-            let code = report.outcome.exit_code();
-            if code == 0 {
+            let status = outcome_status(&report.outcome);
+            if status == ftvm_exit::ExitStatus::Success {
                 tracing::info!("{}", summary(&report));
             } else {
-                eprintln!("ftvm: {}", summary(&report));
+                say!("{}", summary(&report));
             }
-            ExitCode::from(code as u8)
+            status.into()
         }
         Err(e) => {
-            eprintln!("ftvm: error: {e}");
+            say!("error: {e}");
             ExitCode::from(1)
         }
     }

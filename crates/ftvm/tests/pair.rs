@@ -338,7 +338,8 @@ fn ctl_switchover_hands_over_with_no_lost_or_repeated_output() {
     let out = Command::new(env!("CARGO_BIN_EXE_ftvm")).arg("ctl").arg(&sock).arg("switchover").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (pc, perr) = wait(&mut p, Duration::from_secs(20));
-    assert_eq!(pc, Some(0), "{perr}");
+    // Its own status (not a power-off's 0): a supervisor must not restart it as a primary.
+    assert_eq!(pc, Some(ftvm_exit::ExitStatus::Switchover.code().into()), "{perr}");
     let (bc, berr) = wait(&mut b, Duration::from_secs(20));
     assert_eq!(bc, Some(0), "{berr}");
     assert!(berr.contains("hands over") && berr.contains("TAKEOVER"), "{berr}");

@@ -218,7 +218,7 @@ fn a_cut_replication_link_leaves_exactly_one_live_side() {
     assert_eq!(code, Some(0), "clients are served by the primary: {report} {err}");
     // The backup could not win the arbiter (the primary lives and holds it): it halted.
     let (bcode, _, berr) = finish(backup);
-    assert_ne!(bcode, Some(0), "{berr}");
+    assert_eq!(bcode, Some(ftvm_exit::ExitStatus::Fenced.code().into()), "{berr}");
     assert!(berr.contains("halting"), "{berr}");
     assert!(!berr.contains("TAKEOVER"), "{berr}");
     let perr = stop(primary);
@@ -332,7 +332,7 @@ fn a_diverged_backup_whose_primary_dies_halts_instead_of_going_live() {
     primary.kill().unwrap();
     let _ = primary.wait();
     let (code, _, berr) = finish(backup);
-    assert_ne!(code, Some(0), "{berr}");
+    assert_eq!(code, Some(ftvm_exit::ExitStatus::Fenced.code().into()), "{berr}");
     assert!(berr.contains("DIVERGED") && berr.contains("halting"), "{berr}");
     assert!(!berr.contains("TAKEOVER"), "{berr}");
 }

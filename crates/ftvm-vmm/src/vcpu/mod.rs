@@ -54,22 +54,30 @@ pub enum VmOutcome {
 }
 
 impl VmOutcome {
-    /// The process exit status `ftvm run` uses for this outcome (documented in the README).
-    pub fn exit_code(&self) -> i32 {
+    /// The process exit status for this outcome ([`ftvm_exit::ExitStatus`], documented in
+    /// docs/operations.md). An operator's stop is SIGINT's here; the CLI, which knows the
+    /// signal, uses [`ftvm_exit::ExitStatus::for_signal`].
+    pub fn exit_status(&self) -> ftvm_exit::ExitStatus {
+        use ftvm_exit::ExitStatus as S;
         match self {
-            VmOutcome::PowerOff => 0,
-            VmOutcome::Reset => 3,
-            VmOutcome::TripleFault(_) => 4,
-            VmOutcome::HaltedForever(_) => 5,
-            VmOutcome::KvmFailure { .. } => 6,
-            VmOutcome::RecordingStopped(_) => 7,
-            VmOutcome::ReplayStopped(ReplayStop::Diverged(_)) => 8,
-            VmOutcome::ReplayStopped(ReplayStop::LogEndsEarly { .. }) => 9,
-            VmOutcome::ReplayStopped(ReplayStop::LogCorrupt { .. }) => 10,
-            VmOutcome::ReplayReachedEnd(_) => 0,
-            VmOutcome::OperatorStop => 130,
-            VmOutcome::Switchover => 0,
+            VmOutcome::PowerOff => S::Success,
+            VmOutcome::Reset => S::GuestReset,
+            VmOutcome::TripleFault(_) => S::TripleFault,
+            VmOutcome::HaltedForever(_) => S::HaltedForever,
+            VmOutcome::KvmFailure { .. } => S::KvmFailure,
+            VmOutcome::RecordingStopped(_) => S::RecordingStopped,
+            VmOutcome::ReplayStopped(ReplayStop::Diverged(_)) => S::Diverged,
+            VmOutcome::ReplayStopped(ReplayStop::LogEndsEarly { .. }) => S::LogEndsEarly,
+            VmOutcome::ReplayStopped(ReplayStop::LogCorrupt { .. }) => S::LogDamaged,
+            VmOutcome::ReplayReachedEnd(_) => S::Success,
+            VmOutcome::OperatorStop => S::Interrupted,
+            VmOutcome::Switchover => S::Switchover,
         }
+    }
+
+    /// [`VmOutcome::exit_status`]'s code.
+    pub fn exit_code(&self) -> i32 {
+        i32::from(self.exit_status().code())
     }
 
     /// What the END record says about this outcome.
@@ -1103,12 +1111,19 @@ impl VcpuLoop {
         }
         self.delivery = Delivery::Prompt;
         self.timer = Some(DeadlineTimer::start(self.kicker.clone())?);
-        eprintln!(
-            "ftvm: TAKEOVER: live at exit {} ({}); {} replayed outputs performed (not covered by OUTPUT_DONE), \
-             {} skipped; primary silent for {} ms before the failover, live {} ms after it (arbiter and backlog)",
-            self.events.went_live_at().unwrap_or(0),
-            report.position,
+        let exit = self.events.went_live_at().unwrap_or(0);
+        tracing::warn!(
+            target: "ftvm::event",
+            event = "takeover",
+            exit,
+            position = %report.position,
             performed,
+            skipped = report.outputs_done,
+            silence_ms = report.silence_ms,
+            catch_up_ms = report.catch_up_ms,
+            "TAKEOVER: live at exit {exit} ({}); {performed} replayed outputs performed (not covered by OUTPUT_DONE), \
+             {} skipped; primary silent for {} ms before the failover, live {} ms after it (arbiter and backlog)",
+            report.position,
             report.outputs_done,
             report.silence_ms,
             report.catch_up_ms,
@@ -1262,7 +1277,7 @@ mod tests {
             ),
             (VmOutcome::ReplayReachedEnd(EndReason::OperatorStop), 0, EndReason::OperatorStop),
             (VmOutcome::OperatorStop, 130, EndReason::OperatorStop),
-            (VmOutcome::Switchover, 0, EndReason::OperatorStop),
+            (VmOutcome::Switchover, 11, EndReason::OperatorStop),
         ];
         for (outcome, code, reason) in cases {
             assert_eq!(outcome.exit_code(), code, "{outcome}");
