@@ -15,7 +15,9 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -163,6 +165,11 @@ pub struct FileArbiter {
 
 impl FileArbiter {
     /// Tries to take the lock until `wait` has passed. `Ok(None)`: someone else holds it.
+    ///
+    /// The file is created readable and writable by ftvm's user alone; one that another user
+    /// owns or can open, or in a directory others may write without the sticky bit, is
+    /// refused: `flock` works through a read-only descriptor, so whoever can open the file
+    /// can hold the lock, and stop a failover or keep a primary from starting.
     pub fn acquire(path: &Path, wait: Duration) -> Result<Option<FileArbiter>> {
         let err = |why: String| Error::Arbiter { path: path.display().to_string(), why };
         let file = OpenOptions::new()
@@ -170,8 +177,11 @@ impl FileArbiter {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| err(format!("cannot open: {e}")))?;
+        check_private(path, &file).map_err(err)?;
         let start = Instant::now();
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is involved.
@@ -195,83 +205,206 @@ impl FileArbiter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_one_holder_and_release_on_drop() {
-        let path = std::env::temp_dir().join(format!("ftvm-arbiter-test-{}", std::process::id()));
-        let a = FileArbiter::acquire(&path, Duration::ZERO).unwrap().expect("first wins");
-        assert!(FileArbiter::acquire(&path, Duration::from_millis(30)).unwrap().is_none(), "second loses");
-        drop(a);
-        assert!(FileArbiter::acquire(&path, Duration::ZERO).unwrap().is_some(), "free again");
-        let _ = std::fs::remove_file(&path);
+/// Why a lock file is not one only ftvm's user can open, if it is not.
+fn check_private(path: &Path, file: &File) -> std::result::Result<(), String> {
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let me = euid();
+    if meta.uid() != me {
+        return Err(format!(
+            "owned by user {}, not by ftvm's user ({me}): that user can hold the lock; remove it or give another path",
+            meta.uid()
+        ));
     }
-
-    #[test]
-    fn file_arbiter_through_the_spec() {
-        let path = std::env::temp_dir().join(format!("ftvm-arbiter-spec-test-{}", std::process::id()));
-        let spec: ArbiterSpec = path.display().to_string().parse().unwrap();
-        assert_eq!(spec, ArbiterSpec::File(path.clone()));
-        assert_eq!(spec.to_string(), path.display().to_string());
-        let a = Arbiter::acquire(&spec, Duration::ZERO).unwrap().expect("first wins");
-        assert!(a.valid());
-        assert_eq!(a.lost(), None);
-        assert_eq!(a.spec(), &spec);
-        a.on_lost(Box::new(|_| panic!("a file arbiter never calls on_lost")));
-        assert!(Arbiter::acquire(&spec, Duration::from_millis(30)).unwrap().is_none(), "second loses");
-        drop(a);
-        assert!(Arbiter::acquire(&spec, Duration::ZERO).unwrap().is_some(), "free again");
-        let _ = std::fs::remove_file(&path);
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "mode {:o}: other users can open it, and holding it through a read-only descriptor would stop a \
+             failover; chmod 600 {}",
+            meta.mode() & 0o777,
+            path.display()
+        ));
     }
-
-    #[test]
-    fn arbiters_can_be_shared_between_threads() {
-        fn send_sync<T: Send + Sync>() {}
-        send_sync::<Arbiter>();
-        send_sync::<ArbiterSpec>();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::metadata(parent).map_err(|e| format!("cannot stat its directory: {e}"))?;
+    if dir.mode() & 0o022 != 0 && dir.mode() & 0o1000 == 0 {
+        return Err(format!(
+            "its directory {} (mode {:o}) lets other users replace it: use a directory only ftvm's user writes",
+            parent.display(),
+            dir.mode() & 0o7777
+        ));
     }
+    Ok(())
+}
 
-    #[test]
-    fn parse_etcd_urls() {
-        let spec: ArbiterSpec = "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3".parse().unwrap();
-        let etcd = EtcdSpec { host: "127.0.0.1".into(), port: 2379, key: "ftvm/vm1".into(), ttl_secs: 3 };
-        assert_eq!(spec, ArbiterSpec::Etcd(etcd.clone()));
-        assert_eq!(spec.to_string(), "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3");
-        assert_eq!(spec.to_string().parse::<ArbiterSpec>().unwrap(), spec, "Display round-trips");
-        let ArbiterSpec::Etcd(short) = "etcd://etcd.example:2379/k".parse().unwrap() else { panic!("not etcd") };
-        assert_eq!((short.host.as_str(), short.key.as_str(), short.ttl_secs), ("etcd.example", "k", 2));
-        let ArbiterSpec::Etcd(v6) = "etcd://[::1]:2379/k?ttl=10".parse().unwrap() else { panic!("not etcd") };
-        assert_eq!((v6.host.as_str(), v6.port, v6.ttl_secs), ("::1", 2379, 10));
-        assert_eq!(v6.to_string(), "etcd://[::1]:2379/k?ttl=10");
-        assert_eq!("/run/ftvm.lock".parse::<ArbiterSpec>().unwrap(), ArbiterSpec::File("/run/ftvm.lock".into()));
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The directory of ftvm's default lock files (and of the API sockets `--id` derives):
+/// `/run/ftvm` for root, `$XDG_RUNTIME_DIR/ftvm` for another user (`/tmp/ftvm-UID` without
+/// one). Created mode 0700; an existing one must be a directory (not a link) of ftvm's user
+/// that no other user can enter.
+pub fn runtime_dir() -> Result<PathBuf> {
+    let me = euid();
+    let dir = if me == 0 {
+        PathBuf::from("/run/ftvm")
+    } else {
+        match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+            Some(d) if d.is_absolute() => d.join("ftvm"),
+            _ => std::env::temp_dir().join(format!("ftvm-{me}")),
+        }
+    };
+    let err = |why: String| Error::Arbiter { path: dir.display().to_string(), why };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err(format!("cannot create ftvm's runtime directory: {e}"))),
     }
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| err(format!("cannot stat: {e}")))?;
+    if !meta.is_dir() {
+        return Err(err("ftvm's runtime directory is not a directory (a link?): remove it".into()));
+    }
+    if meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(err(format!(
+            "ftvm's runtime directory must belong to user {me} with mode 700 (it is user {}, mode {:o}): \
+             other users could hold its locks; remove it or chmod 700 it",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(dir)
+}
 
-    #[test]
-    fn malformed_etcd_urls_say_what_is_wrong() {
-        for (url, why) in [
-            ("etcd://127.0.0.1:2379", "missing key"),
-            ("etcd://127.0.0.1:2379/", "missing key"),
-            ("etcd://127.0.0.1/k", "missing port"),
-            ("etcd://:2379/k", "missing host"),
-            ("etcd://h:http/k", "bad port \"http\""),
-            ("etcd://h:0/k", "bad port"),
-            ("etcd://h:70000/k", "bad port"),
-            ("etcd://::1:2379/k", "brackets"),
-            ("etcd://[::1/k", "unclosed"),
-            ("etcd://h:2379/k?ttl=1", "ttl must be an integer number of seconds >= 2"),
-            ("etcd://h:2379/k?ttl=2.5", "ttl must be"),
-            ("etcd://h:2379/k?ttl=", "ttl must be"),
-            ("etcd://h:2379/k?lease=3", "unknown parameter"),
-            ("etcd:h:2379/k", "not an etcd URL"),
-            ("", "empty"),
-        ] {
-            let e = url.parse::<ArbiterSpec>().expect_err(url).to_string();
-            assert!(e.contains(why), "{url}: {e:?} does not say {why:?}");
-            if !url.is_empty() {
-                assert!(e.contains(url) && e.contains("etcd://HOST:PORT/KEY"), "{url}: {e:?}");
+/// A VM identity (`--id`): 1-64 letters, digits, `.`, `_` or `-`, not starting with `.`
+/// (it names files in [`runtime_dir`]).
+pub fn check_id(id: &str) -> std::result::Result<(), String> {
+    let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if id.is_empty() || id.len() > 64 || !plain || id.starts_with('.') {
+        return Err(format!(
+            "{id:?} is not a VM identity: 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// The default lock file of the VM `id` (`default` without one): `RUNTIME_DIR/ID.lock`.
+pub fn default_lock(id: Option<&str>) -> Result<PathBuf> {
+    Ok(runtime_dir()?.join(format!("{}.lock", id.unwrap_or("default"))))
+}
+
+/// Where a side's peer is, as far as the arbiter is concerned.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    /// A primary connects to its backup at this address.
+    Backup(SocketAddr),
+    /// A backup listens on this address for its primary.
+    Listen(SocketAddr),
+}
+
+impl Peer {
+    /// Whether the peer is certainly on this host: a backup at a loopback address or one of
+    /// this host's (its network namespace's) addresses; a backup listening on a loopback
+    /// address only (a wildcard or another address may take a primary from anywhere).
+    pub fn on_this_host(&self) -> bool {
+        match *self {
+            Peer::Backup(a) => a.ip().is_loopback() || a.ip().is_unspecified() || is_local_ip(a.ip()),
+            Peer::Listen(a) => a.ip().is_loopback(),
+        }
+    }
+}
+
+/// Whether `ip` is an address of an interface of this network namespace.
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    local_ips().is_ok_and(|ips| ips.contains(&ip))
+}
+
+/// The addresses of this network namespace's interfaces.
+fn local_ips() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list it allocated into `head`; freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says its real type and size.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
             }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing above outlives it.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The arbiter a side uses: the one given, or the default lock file of the VM `id`. A peer
+/// that may be on another host needs one both hosts see: an etcd lease, or a lock file the
+/// operator says is on shared storage (`shared_lock`); else, after a cut of the link, each
+/// side would win a lock of its own and both would go live.
+pub fn choose(
+    given: Option<&ArbiterSpec>,
+    shared_lock: bool,
+    id: Option<&str>,
+    peer: Peer,
+) -> std::result::Result<ArbiterSpec, ChooseError> {
+    let local = peer.on_this_host();
+    match given {
+        Some(ArbiterSpec::Etcd(_)) if shared_lock => Err(ChooseError::SharedLockWithEtcd),
+        Some(spec @ ArbiterSpec::Etcd(_)) => Ok(spec.clone()),
+        Some(spec @ ArbiterSpec::File(_)) if local || shared_lock => Ok(spec.clone()),
+        Some(ArbiterSpec::File(path)) => Err(ChooseError::NotShared { peer, lock: Some(path.clone()) }),
+        None if shared_lock => Err(ChooseError::SharedLockWithoutPath),
+        None if !local => Err(ChooseError::NotShared { peer, lock: None }),
+        None => Ok(ArbiterSpec::File(default_lock(id).map_err(ChooseError::Runtime)?)),
+    }
+}
+
+/// Why [`choose`] found no safe arbiter: a usage error, said with what to give.
+#[derive(Debug, thiserror::Error)]
+pub enum ChooseError {
+    #[error(
+        "{}, and {} can be seen by one host only: after a cut of the replication link both sides would \
+         win it and go live (split brain). Give both sides the same --arbiter etcd://HOST:PORT/KEY (an etcd \
+         both hosts reach), or --arbiter PATH --shared-lock for a lock file on storage both hosts share \
+         (NFS, a cluster filesystem)",
+        peer_place(peer),
+        lock.as_ref().map_or("the default arbiter, a lock file,".to_string(), |p| format!("the lock file {}", p.display()))
+    )]
+    NotShared { peer: Peer, lock: Option<PathBuf> },
+    #[error("--shared-lock says a lock file is on shared storage: give its path with --arbiter PATH")]
+    SharedLockWithoutPath,
+    #[error("--shared-lock is for a lock file; an etcd arbiter is seen by both hosts already")]
+    SharedLockWithEtcd,
+    #[error(transparent)]
+    Runtime(Error),
+}
+
+fn peer_place(peer: &Peer) -> String {
+    match peer {
+        Peer::Backup(a) => {
+            format!("the backup at {a} is not on this host (neither a loopback address nor one of this host's)")
+        }
+        Peer::Listen(a) => {
+            format!("this backup listens on {a}, not a loopback address: its primary may be a peer not on this host")
         }
     }
 }

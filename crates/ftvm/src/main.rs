@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use ftvm_replication::arbiter::Peer;
 use ftvm_vmm::boot::BootSpec;
 use ftvm_vmm::vm::{DiskConfig, NetConfig};
 use ftvm_vmm::{ConsoleConfig, VmConfig};
@@ -144,8 +145,15 @@ struct PairArgs {
     /// host or a shared filesystem; it detects process death), or an etcd lease,
     /// `etcd://HOST:PORT/KEY[?ttl=SECONDS]` (multi-host; a side performs outputs only while
     /// its lease is valid and halts when it loses it; a failover waits for the lease to expire).
-    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY", default_value = "/tmp/ftvm-arbiter.lock")]
-    arbiter: ftvm_replication::arbiter::ArbiterSpec,
+    /// Default, for a pair on one host only: the lock file ID.lock (--id; `default.lock`
+    /// without one) in /run/ftvm (root) or $XDG_RUNTIME_DIR/ftvm, which only ftvm's user can
+    /// open. A peer on another host needs etcd, or a lock file with --shared-lock.
+    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY")]
+    arbiter: Option<ftvm_replication::arbiter::ArbiterSpec>,
+    /// The lock file of --arbiter is on storage both hosts share (NFS, a cluster filesystem):
+    /// accept it for a peer on another host.
+    #[arg(long, requires = "arbiter")]
+    shared_lock: bool,
     /// The pre-shared key of the replication channel (a Noise handshake; every frame and
     /// heartbeat encrypted and authenticated with AES-256-GCM, with sequence numbers): a file
     /// of 32+ hex digits or 16+ raw bytes, the same on both sides
@@ -267,6 +275,12 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 impl PairArgs {
+    /// The arbiter: --arbiter, or the VM's default lock file when the peer is on this host.
+    fn arbiter(&self, vm: &RunArgs, peer: Peer) -> Result<ftvm_replication::arbiter::ArbiterSpec, String> {
+        ftvm_replication::arbiter::choose(self.arbiter.as_ref(), self.shared_lock, vm.id.as_deref(), peer)
+            .map_err(|e| e.to_string())
+    }
+
     /// The channel's key; without --key-file only with --insecure, said loudly.
     fn key(&self) -> Result<ftvm_replication::secure::Key, String> {
         let key = ftvm_replication::secure::Key::for_pair(self.key_file.as_deref(), self.insecure)
@@ -348,8 +362,34 @@ struct RunArgs {
     rng: bool,
     /// Serve the control API (HTTP with JSON bodies) on this Unix socket; `ftvm ctl PATH`
     /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
+    /// Default with --id: ID.sock (run, record), ID.primary.sock or ID.backup.sock in ftvm's
+    /// runtime directory (/run/ftvm for root, $XDG_RUNTIME_DIR/ftvm else).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// The VM's identity (1-64 letters, digits, '.', '_', '-'): names its default API socket
+    /// and, for a pair, its default lock file, so that two VMs on one host never share them.
+    #[arg(long, value_name = "NAME", value_parser = parse_id)]
+    id: Option<String>,
+}
+
+fn parse_id(s: &str) -> Result<String, String> {
+    ftvm_replication::arbiter::check_id(s).map(|()| s.to_string())
+}
+
+/// The API socket: the one given, or with --id the one it derives (`ID.sock`, or
+/// `ID.ROLE.sock` for a side of a pair, in ftvm's runtime directory).
+fn api_socket_of(vm: &RunArgs, role: Option<&str>) -> Result<Option<PathBuf>, String> {
+    match (&vm.api_socket, &vm.id) {
+        (Some(path), _) => Ok(Some(path.clone())),
+        (None, None) => Ok(None),
+        (None, Some(id)) => {
+            let dir = ftvm_replication::arbiter::runtime_dir().map_err(|e| e.to_string())?;
+            Ok(Some(dir.join(match role {
+                Some(role) => format!("{id}.{role}.sock"),
+                None => format!("{id}.sock"),
+            })))
+        }
+    }
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -393,11 +433,24 @@ fn main() -> ExitCode {
     install_stop_handler();
     // The control API serves the VM of run, record, primary and backup until ftvm exits.
     let api_socket = match &cli.command {
-        Command::Run(vm) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Standalone)),
-        Command::Record(RecordArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Recording)),
-        Command::Primary(PrimaryArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Primary)),
-        Command::Backup(BackupArgs { vm, .. }) => vm.api_socket.clone().map(|p| (p, ftvm_api::Role::Backup)),
-        _ => None,
+        Command::Run(vm) => api_socket_of(vm, None).map(|p| p.map(|p| (p, ftvm_api::Role::Standalone))),
+        Command::Record(RecordArgs { vm, .. }) => {
+            api_socket_of(vm, None).map(|p| p.map(|p| (p, ftvm_api::Role::Recording)))
+        }
+        Command::Primary(PrimaryArgs { vm, .. }) => {
+            api_socket_of(vm, Some("primary")).map(|p| p.map(|p| (p, ftvm_api::Role::Primary)))
+        }
+        Command::Backup(BackupArgs { vm, .. }) => {
+            api_socket_of(vm, Some("backup")).map(|p| p.map(|p| (p, ftvm_api::Role::Backup)))
+        }
+        _ => Ok(None),
+    };
+    let api_socket = match api_socket {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ftvm: error: {e}");
+            return ExitCode::from(1);
+        }
     };
     let _api = match api_socket.map(|(path, role)| start_api(&path, role)).transpose() {
         Ok(server) => server,
@@ -419,13 +472,18 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Log(LogCommand::Inspect { path, json, events }) => inspect(&path, json, events),
         Command::Primary(args) => {
+            // The one given, or a safe default: a peer on another host needs an arbiter both see.
+            let arbiter = match args.pair.arbiter(&args.vm, Peer::Backup(args.backup)) {
+                Ok(a) => a,
+                Err(e) => return usage_error(&e),
+            };
             let key = match args.pair.key() {
                 Ok(k) => k,
                 Err(e) => return usage_error(&e),
             };
             let link = ftvm_replication::primary::PrimaryConfig {
                 backup: args.backup,
-                arbiter: args.pair.arbiter.clone(),
+                arbiter,
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 connect_wait: std::time::Duration::from_secs(60),
                 key,
@@ -434,13 +492,17 @@ fn main() -> ExitCode {
             finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.policy()))
         }
         Command::Backup(args) => {
+            let arbiter = match args.pair.arbiter(&args.vm, Peer::Listen(args.listen)) {
+                Ok(a) => a,
+                Err(e) => return usage_error(&e),
+            };
             let key = match args.pair.key() {
                 Ok(k) => k,
                 Err(e) => return usage_error(&e),
             };
             let link = ftvm_replication::backup::BackupConfig {
                 listen: args.listen,
-                arbiter: args.pair.arbiter.clone(),
+                arbiter,
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 key,
             };

@@ -390,7 +390,7 @@ fn across_hosts_a_side_refuses_to_start_without_an_arbiter_both_hosts_see() {
     if !kvm_available() {
         return;
     }
-    let (net, dir) = setup("noarb");
+    let (net, dir) = setup("narb");
     for (ns, role) in [("h1", "primary"), ("h2", "backup")] {
         for arbiter in [None, Some(dir.join("arbiter.lock"))] {
             let mut c = net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"));
@@ -442,8 +442,9 @@ fn with_etcd_a_cut_replication_link_between_two_hosts_leaves_exactly_one_live_si
     // The primary holds the lease (it renews it over the LAN): the backup cannot win it and
     // halts; it never went live.
     let (bcode, _, berr) = finish(backup);
-    assert_eq!(bcode, Some(ftvm_replication::HALT_EXIT_CODE), "{berr}");
-    assert!(berr.contains("halting") && !berr.contains("TAKEOVER"), "{berr}");
+    assert_ne!(bcode, Some(0), "{berr}");
+    assert!(berr.contains("the arbiter is held") && berr.contains("halting"), "{berr}");
+    assert!(!berr.contains("TAKEOVER"), "{berr}");
     let b_console = std::fs::read_to_string(dir.join("h2-backup.txt")).unwrap_or_default();
     assert_eq!(b_console, "", "the backup performed nothing");
     assert_eq!(net.cli(&["PING"]), "PONG", "the primary still serves");
