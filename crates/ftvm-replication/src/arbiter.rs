@@ -408,3 +408,134 @@ fn peer_place(peer: &Peer) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_holder_and_release_on_drop() {
+        let path = std::env::temp_dir().join(format!("ftvm-arbiter-test-{}", std::process::id()));
+        let a = FileArbiter::acquire(&path, Duration::ZERO).unwrap().expect("first wins");
+        assert!(FileArbiter::acquire(&path, Duration::from_millis(30)).unwrap().is_none(), "second loses");
+        drop(a);
+        assert!(FileArbiter::acquire(&path, Duration::ZERO).unwrap().is_some(), "free again");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn file_arbiter_through_the_spec() {
+        let path = std::env::temp_dir().join(format!("ftvm-arbiter-spec-test-{}", std::process::id()));
+        let spec: ArbiterSpec = path.display().to_string().parse().unwrap();
+        assert_eq!(spec, ArbiterSpec::File(path.clone()));
+        assert_eq!(spec.to_string(), path.display().to_string());
+        let a = Arbiter::acquire(&spec, Duration::ZERO).unwrap().expect("first wins");
+        assert!(a.valid());
+        assert_eq!(a.lost(), None);
+        assert_eq!(a.spec(), &spec);
+        a.on_lost(Box::new(|_| panic!("a file arbiter never calls on_lost")));
+        assert!(Arbiter::acquire(&spec, Duration::from_millis(30)).unwrap().is_none(), "second loses");
+        drop(a);
+        assert!(Arbiter::acquire(&spec, Duration::ZERO).unwrap().is_some(), "free again");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_lock_file_others_can_open_or_another_user_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("ftvm-arbiter-open-{}", std::process::id()));
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = FileArbiter::acquire(&path, Duration::ZERO).unwrap_err().to_string();
+        assert!(e.contains("other users can open it") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(FileArbiter::acquire(&path, Duration::ZERO).unwrap().is_some(), "0600 is fine");
+        let _ = std::fs::remove_file(&path);
+        // A new one is created 0600.
+        let a = FileArbiter::acquire(&path, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(std::fs::metadata(a.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(a);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_peer_on_another_host_needs_a_shared_arbiter() {
+        let remote = Peer::Backup("192.0.2.1:7000".parse().unwrap());
+        let lock = ArbiterSpec::File("/shared/ftvm.lock".into());
+        let etcd: ArbiterSpec = "etcd://10.0.0.1:2379/k".parse().unwrap();
+        let e = choose(None, false, None, remote).unwrap_err().to_string();
+        assert!(e.contains("not on this host") && e.contains("--shared-lock") && e.contains("etcd://"), "{e}");
+        assert!(choose(Some(&lock), false, None, remote).is_err());
+        assert_eq!(choose(Some(&lock), true, None, remote).unwrap(), lock);
+        assert_eq!(choose(Some(&etcd), false, None, remote).unwrap(), etcd);
+        assert!(choose(Some(&etcd), true, None, remote).is_err(), "--shared-lock with etcd is a contradiction");
+        assert!(choose(None, true, None, remote).is_err(), "--shared-lock needs a path");
+        for listen in ["0.0.0.0:7000", "10.99.0.2:7000"] {
+            assert!(choose(None, false, None, Peer::Listen(listen.parse().unwrap())).is_err(), "{listen}");
+        }
+        assert!(Peer::Listen("127.0.0.1:7000".parse().unwrap()).on_this_host());
+        assert!(Peer::Backup("127.0.0.1:7000".parse().unwrap()).on_this_host());
+        assert!(Peer::Backup("[::1]:7000".parse().unwrap()).on_this_host());
+        assert!(is_local_ip("127.0.0.1".parse().unwrap()), "getifaddrs lists lo");
+        assert!(!is_local_ip("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ids_are_plain_names() {
+        for good in ["vm1", "a.b-c_d", "X"] {
+            assert!(check_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".x", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn arbiters_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Arbiter>();
+        send_sync::<ArbiterSpec>();
+    }
+
+    #[test]
+    fn parse_etcd_urls() {
+        let spec: ArbiterSpec = "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3".parse().unwrap();
+        let etcd = EtcdSpec { host: "127.0.0.1".into(), port: 2379, key: "ftvm/vm1".into(), ttl_secs: 3 };
+        assert_eq!(spec, ArbiterSpec::Etcd(etcd.clone()));
+        assert_eq!(spec.to_string(), "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3");
+        assert_eq!(spec.to_string().parse::<ArbiterSpec>().unwrap(), spec, "Display round-trips");
+        let ArbiterSpec::Etcd(short) = "etcd://etcd.example:2379/k".parse().unwrap() else { panic!("not etcd") };
+        assert_eq!((short.host.as_str(), short.key.as_str(), short.ttl_secs), ("etcd.example", "k", 2));
+        let ArbiterSpec::Etcd(v6) = "etcd://[::1]:2379/k?ttl=10".parse().unwrap() else { panic!("not etcd") };
+        assert_eq!((v6.host.as_str(), v6.port, v6.ttl_secs), ("::1", 2379, 10));
+        assert_eq!(v6.to_string(), "etcd://[::1]:2379/k?ttl=10");
+        assert_eq!("/run/ftvm.lock".parse::<ArbiterSpec>().unwrap(), ArbiterSpec::File("/run/ftvm.lock".into()));
+    }
+
+    #[test]
+    fn malformed_etcd_urls_say_what_is_wrong() {
+        for (url, why) in [
+            ("etcd://127.0.0.1:2379", "missing key"),
+            ("etcd://127.0.0.1:2379/", "missing key"),
+            ("etcd://127.0.0.1/k", "missing port"),
+            ("etcd://:2379/k", "missing host"),
+            ("etcd://h:http/k", "bad port \"http\""),
+            ("etcd://h:0/k", "bad port"),
+            ("etcd://h:70000/k", "bad port"),
+            ("etcd://::1:2379/k", "brackets"),
+            ("etcd://[::1/k", "unclosed"),
+            ("etcd://h:2379/k?ttl=1", "ttl must be an integer number of seconds >= 2"),
+            ("etcd://h:2379/k?ttl=2.5", "ttl must be"),
+            ("etcd://h:2379/k?ttl=", "ttl must be"),
+            ("etcd://h:2379/k?lease=3", "unknown parameter"),
+            ("etcd:h:2379/k", "not an etcd URL"),
+            ("", "empty"),
+        ] {
+            let e = url.parse::<ArbiterSpec>().expect_err(url).to_string();
+            assert!(e.contains(why), "{url}: {e:?} does not say {why:?}");
+            if !url.is_empty() {
+                assert!(e.contains(url) && e.contains("etcd://HOST:PORT/KEY"), "{url}: {e:?}");
+            }
+        }
+    }
+}
