@@ -18,11 +18,16 @@ fn port(offset: u16) -> u16 {
 }
 
 fn side(role: &str, addr: &str, console: &Path, extra: &[&str]) -> Command {
+    side_for(role, addr, console, extra, 1500)
+}
+
+/// A side of a hello pair that idles `wait_ms` milliseconds.
+fn side_for(role: &str, addr: &str, console: &Path, extra: &[&str], wait_ms: u32) -> Command {
     let mut c = ftvm();
     c.arg(role);
     c.args(if role == "backup" { ["--listen", addr] } else { ["--backup", addr] });
     c.args(["--timeout", "1200", "--insecure"]).args(extra);
-    c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=1500"]);
+    c.arg("--kernel").arg(guest("hello")).args(["--cmdline", &format!("hello.wait_ms={wait_ms}")]);
     c.arg("--console").arg(format!("file:{}", console.display()));
     c.stderr(Stdio::piped()).stdout(Stdio::null());
     c
@@ -161,4 +166,31 @@ fn an_id_must_be_a_plain_name() {
         let out = ftvm().args(["run", "--kernel", "/nonexistent", "--id", bad]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "--id {bad:?}: {out:?}");
     }
+}
+
+#[test]
+fn a_live_vm_whose_lock_is_of_this_host_takes_no_backup_on_another_host() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("arb-protect-remote");
+    let addr = format!("127.0.0.1:{}", port(5));
+    let lock = dir.join("arbiter.lock");
+    let sock = dir.join("p.sock");
+    let arbiter = ["--arbiter", lock.to_str().unwrap()];
+    let mut b = side_for("backup", &addr, &dir.join("b.txt"), &arbiter, 8000).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pc = side_for("primary", &addr, &dir.join("p.txt"), &arbiter, 8000);
+    pc.arg("--api-socket").arg(&sock);
+    let p = pc.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = b.kill();
+    let _ = b.wait();
+    // The primary notices (--timeout 1200) and runs on unprotected.
+    std::thread::sleep(Duration::from_millis(2000));
+    let out = ftvm().arg("ctl").arg(&sock).args(["protect", "192.0.2.1:7000"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (pout, _) = finish_within(p, Duration::from_secs(1));
+    assert_eq!(out.status.code(), Some(1), "{text}\nprimary: {}", String::from_utf8_lossy(&pout.stderr));
+    assert!(text.contains("not on this host") && text.contains("--shared-lock"), "{text}");
 }
