@@ -28,8 +28,19 @@ use crate::{Error, Result};
 /// Where the arbiter is: a lock-file path, or an etcd key (`etcd://HOST:PORT/KEY[?ttl=SECONDS]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArbiterSpec {
+    /// A lock file seen by this host only (as far as ftvm knows).
     File(PathBuf),
+    /// A lock file the operator said is on storage both hosts share (`--shared-lock`).
+    SharedFile(PathBuf),
     Etcd(EtcdSpec),
+}
+
+impl ArbiterSpec {
+    /// Whether only this host sees it (a lock file not said to be shared): it cannot keep a
+    /// peer on another host from going live.
+    pub fn this_host_only(&self) -> bool {
+        matches!(self, ArbiterSpec::File(_))
+    }
 }
 
 impl FromStr for ArbiterSpec {
@@ -53,7 +64,7 @@ impl FromStr for ArbiterSpec {
 impl fmt::Display for ArbiterSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ArbiterSpec::File(path) => write!(f, "{}", path.display()),
+            ArbiterSpec::File(path) | ArbiterSpec::SharedFile(path) => write!(f, "{}", path.display()),
             ArbiterSpec::Etcd(spec) => write!(f, "{spec}"),
         }
     }
@@ -84,7 +95,9 @@ impl Arbiter {
     /// names the endpoint).
     pub fn acquire(spec: &ArbiterSpec, wait: Duration) -> Result<Option<Arbiter>> {
         let held = match spec {
-            ArbiterSpec::File(path) => FileArbiter::acquire(path, wait)?.map(Held::File),
+            ArbiterSpec::File(path) | ArbiterSpec::SharedFile(path) => {
+                FileArbiter::acquire(path, wait)?.map(Held::File)
+            }
             ArbiterSpec::Etcd(etcd) => EtcdLease::acquire(etcd, wait)?.map(Held::Etcd),
         };
         Ok(held.map(|held| Arbiter { spec: spec.clone(), held }))
@@ -369,8 +382,9 @@ pub fn choose(
     let local = peer.on_this_host();
     match given {
         Some(ArbiterSpec::Etcd(_)) if shared_lock => Err(ChooseError::SharedLockWithEtcd),
-        Some(spec @ ArbiterSpec::Etcd(_)) => Ok(spec.clone()),
-        Some(spec @ ArbiterSpec::File(_)) if local || shared_lock => Ok(spec.clone()),
+        Some(spec @ (ArbiterSpec::Etcd(_) | ArbiterSpec::SharedFile(_))) => Ok(spec.clone()),
+        Some(ArbiterSpec::File(path)) if shared_lock => Ok(ArbiterSpec::SharedFile(path.clone())),
+        Some(spec @ ArbiterSpec::File(_)) if local => Ok(spec.clone()),
         Some(ArbiterSpec::File(path)) => Err(ChooseError::NotShared { peer, lock: Some(path.clone()) }),
         None if shared_lock => Err(ChooseError::SharedLockWithoutPath),
         None if !local => Err(ChooseError::NotShared { peer, lock: None }),
@@ -466,7 +480,11 @@ mod tests {
         let e = choose(None, false, None, remote).unwrap_err().to_string();
         assert!(e.contains("not on this host") && e.contains("--shared-lock") && e.contains("etcd://"), "{e}");
         assert!(choose(Some(&lock), false, None, remote).is_err());
-        assert_eq!(choose(Some(&lock), true, None, remote).unwrap(), lock);
+        assert_eq!(
+            choose(Some(&lock), true, None, remote).unwrap(),
+            ArbiterSpec::SharedFile("/shared/ftvm.lock".into())
+        );
+        assert!(lock.this_host_only() && !choose(Some(&lock), true, None, remote).unwrap().this_host_only());
         assert_eq!(choose(Some(&etcd), false, None, remote).unwrap(), etcd);
         assert!(choose(Some(&etcd), true, None, remote).is_err(), "--shared-lock with etcd is a contradiction");
         assert!(choose(None, true, None, remote).is_err(), "--shared-lock needs a path");

@@ -37,7 +37,7 @@ impl BackupConfig {
     /// once when its holder died; a lease only when it expired.
     pub fn arbiter_wait(&self) -> Duration {
         match &self.arbiter {
-            ArbiterSpec::File(_) => self.timeout,
+            ArbiterSpec::File(_) | ArbiterSpec::SharedFile(_) => self.timeout,
             ArbiterSpec::Etcd(e) => Duration::from_secs(e.ttl_secs.max(1) as u64 + 2),
         }
     }
