@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Heartbeat, MODE_BOOT, MODE_TRANSFER};
@@ -165,15 +165,47 @@ fn heartbeats(
 /// peers that stall in the handshake, however many, do not keep the real primary waiting.
 /// [`Listener::accept`] hands out the authenticated connections in the order they completed.
 pub struct Listener {
-    authenticated: Mutex<mpsc::Receiver<Connection>>,
+    waiting: Arc<Waiting>,
     closed: Arc<AtomicBool>,
     pub addr: SocketAddr,
 }
 
 /// Handshakes a backup runs at once; a connection beyond them is closed at once (and said).
 pub const MAX_HANDSHAKES: usize = 16;
-/// Authenticated connections waiting for the backup to take them; more are closed.
+/// Authenticated connections waiting for the backup to take them; past this the oldest is
+/// closed (a peer that stalls waits longest, and the real primary comes fresh).
 const MAX_WAITING: usize = 4;
+
+/// The authenticated connections not taken yet, oldest first.
+#[derive(Default)]
+struct Waiting {
+    queue: Mutex<std::collections::VecDeque<Connection>>,
+    arrived: std::sync::Condvar,
+}
+
+impl Waiting {
+    fn push(&self, c: Connection) {
+        let mut q = lock(&self.queue);
+        q.push_back(c);
+        if q.len() > MAX_WAITING {
+            if let Some(old) = q.pop_front() {
+                eprintln!(
+                    "ftvm: refused the connection from {}: {MAX_WAITING} newer authenticated connections wait",
+                    old.peer
+                );
+            }
+        }
+        self.arrived.notify_all();
+    }
+
+    /// The oldest connection waiting, or `None` after `timeout`.
+    fn pop(&self, timeout: Duration) -> Option<Connection> {
+        let q = lock(&self.queue);
+        let (mut q, _) =
+            self.arrived.wait_timeout_while(q, timeout, |q| q.is_empty()).unwrap_or_else(|e| e.into_inner());
+        q.pop_front()
+    }
+}
 /// How long an authenticated peer may stay silent before the pair is formed (the log's
 /// header, a transfer's header) before it is refused: a peer that stalls there does not keep
 /// the backup from the real primary for longer.
@@ -199,36 +231,30 @@ impl Listener {
             }
         };
         tcp.set_nonblocking(true).map_err(io("listen"))?;
-        let (tx, rx) = mpsc::sync_channel(MAX_WAITING);
+        let waiting = Arc::new(Waiting::default());
         let closed = Arc::new(AtomicBool::new(false));
         let acceptor = Acceptor {
             tcp,
             udp: udp.try_clone().map_err(io("udp"))?,
             key: key.clone(),
-            tx,
+            waiting: waiting.clone(),
             closed: closed.clone(),
             running: Arc::new(AtomicUsize::new(0)),
         };
         std::thread::Builder::new().name("ftvm-accept".into()).spawn(move || acceptor.run()).map_err(io("thread"))?;
-        Ok(Listener { authenticated: Mutex::new(rx), closed, addr: bound })
+        Ok(Listener { waiting, closed, addr: bound })
     }
 
     /// Waits for an authenticated primary until `give_up` says to stop (checked every few
     /// milliseconds). A peer that fails authentication is reported and refused; the wait
     /// goes on.
     pub fn accept(&self, give_up: &mut dyn FnMut() -> bool) -> Result<Option<Connection>> {
-        let rx = lock(&self.authenticated);
         loop {
-            match rx.recv_timeout(Duration::from_millis(5)) {
-                Ok(c) => return Ok(Some(c)),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if give_up() {
-                        return Ok(None);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(Error::Io(format!("accept on {}: the listener failed", self.addr)))
-                }
+            if let Some(c) = self.waiting.pop(Duration::from_millis(5)) {
+                return Ok(Some(c));
+            }
+            if give_up() {
+                return Ok(None);
             }
         }
     }
@@ -245,7 +271,7 @@ struct Acceptor {
     tcp: TcpListener,
     udp: UdpSocket,
     key: Key,
-    tx: mpsc::SyncSender<Connection>,
+    waiting: Arc<Waiting>,
     closed: Arc<AtomicBool>,
     /// Handshakes under way.
     running: Arc<AtomicUsize>,
@@ -274,8 +300,8 @@ impl Acceptor {
                 eprintln!("ftvm: refused a connection from {peer}: {MAX_HANDSHAKES} handshakes are under way already");
                 continue;
             }
-            let (udp, key, tx, running) = match self.udp.try_clone() {
-                Ok(udp) => (udp, self.key.clone(), self.tx.clone(), self.running.clone()),
+            let (udp, key, waiting, running) = match self.udp.try_clone() {
+                Ok(udp) => (udp, self.key.clone(), self.waiting.clone(), self.running.clone()),
                 Err(e) => {
                     eprintln!("ftvm: refused a connection from {peer}: udp: {e}");
                     continue;
@@ -286,13 +312,7 @@ impl Acceptor {
                 let result = authenticate(stream, peer, &key, udp);
                 running.fetch_sub(1, Ordering::SeqCst);
                 match result {
-                    Ok(c) => match tx.try_send(c) {
-                        Ok(()) => {}
-                        Err(mpsc::TrySendError::Full(_)) => eprintln!(
-                            "ftvm: refused a connection from {peer}: {MAX_WAITING} authenticated connections wait already"
-                        ),
-                        Err(mpsc::TrySendError::Disconnected(_)) => {}
-                    },
+                    Ok(c) => waiting.push(c),
                     Err(e) => eprintln!("ftvm: refused a connection from {peer}: {e}"),
                 }
             });
@@ -388,5 +408,28 @@ mod tests {
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &Key::unauthenticated()).unwrap();
         assert_ne!(l.addr.port(), 0, "the address bound, not the one asked for");
         assert!(UdpSocket::bind(l.addr).is_err(), "heartbeats go to the stream's port: it is taken");
+    }
+
+    #[test]
+    fn stalled_handshakes_do_not_delay_a_real_one_and_the_oldest_waiting_connection_goes_first() {
+        let key = Key::unauthenticated();
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &key).unwrap();
+        let stalled: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(l.addr).unwrap()).collect();
+        let peer = |n: usize| {
+            let s = TcpStream::connect(l.addr).unwrap();
+            let me = s.local_addr().unwrap();
+            let (mut w, _r, _k) = secure::handshake(s.try_clone().unwrap(), &key, true, HANDSHAKE_TIMEOUT).unwrap();
+            w.write_all(&[MODE_BOOT]).and_then(|_| w.flush()).unwrap();
+            std::thread::sleep(Duration::from_millis(50 + n as u64));
+            (me, s, w)
+        };
+        let start = Instant::now();
+        let peers: Vec<_> = (0..MAX_WAITING + 1).map(peer).collect();
+        assert!(start.elapsed() < HANDSHAKE_TIMEOUT, "handshakes waited for the stalled ones");
+        // The first one was closed to make room; the second is the oldest waiting.
+        let c = l.accept(&mut || true).unwrap().expect("a connection waits");
+        assert_eq!(c.peer, peers[1].0);
+        assert_eq!(c.mode, Mode::Boot);
+        drop(stalled);
     }
 }
