@@ -279,6 +279,7 @@ fn default_lock_private(ctx: &Ctx) -> Result<String> {
         .context("setpriv (util-linux)")?;
     let p = primary.finish(Duration::from_secs(30))?;
     let _ = backup.finish(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&lock);
     ensure!(code(&p) == Some(0), "the same-host pair with the default lock failed: {}", p.stderr);
     ensure!(mode == 0o600 && dmode == 0o700, "modes: {} {mode:o}, /run/ftvm {dmode:o}", lock.display());
     ensure!(!out.status.success(), "nobody could hold {} through a read-only descriptor", lock.display());

@@ -143,6 +143,9 @@ fn two_pairs_on_one_host_keep_a_working_default_each_with_its_own_private_lock()
         let console = std::fs::read_to_string(dir.join(format!("p{i}.txt"))).unwrap();
         assert!(console.contains("digest: "), "{console}");
     }
+    for id in &ids {
+        let _ = std::fs::remove_file(run.join(format!("{id}.lock")));
+    }
 }
 
 #[test]
