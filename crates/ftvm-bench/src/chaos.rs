@@ -91,10 +91,17 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let work = common.out.join("chaos");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
+    // The hosts of the split-brain cases each see a private /tmp: their files go elsewhere.
+    let canonical = std::fs::canonicalize(&work)?;
+    ensure!(
+        !canonical.starts_with("/tmp"),
+        "--out {} is under /tmp, which each host of the pair sees private and empty: give another directory",
+        common.out.display()
+    );
     let ctx = Ctx {
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         hello: std::fs::canonicalize(&hello)?,
-        work: std::fs::canonicalize(&work)?,
+        work: canonical,
         topology: std::fs::canonicalize(&args.topology)
             .with_context(|| format!("the topology script {}", args.topology.display()))?,
     };
