@@ -191,7 +191,8 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 
 #[derive(clap::Args, Debug)]
 struct PrimaryArgs {
-    /// The backup's address (it listens with `ftvm backup --listen`).
+    /// The backup's address (it listens with `ftvm backup --listen`). One that is neither a
+    /// loopback address nor one of this host's needs an --arbiter both hosts see.
     #[arg(long, value_name = "HOST:PORT")]
     backup: std::net::SocketAddr,
     #[command(flatten)]
@@ -204,7 +205,9 @@ struct PrimaryArgs {
 
 #[derive(clap::Args, Debug)]
 struct BackupArgs {
-    /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port).
+    /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port). Other
+    /// than a loopback address, the primary may be on another host: give an --arbiter both
+    /// hosts see.
     #[arg(long, value_name = "HOST:PORT")]
     listen: std::net::SocketAddr,
     #[command(flatten)]
