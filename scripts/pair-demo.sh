@@ -36,7 +36,8 @@ truncate -s 64M "$W/disk-primary.img"
 cp "$W/disk-primary.img" "$W/disk-backup.img"
 openssl rand -hex 32 > "$W/pair.key" 2>/dev/null || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$W/pair.key"
 chmod 600 "$W/pair.key"
-vm=("${image[@]}" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock"
+# Both "hosts" are namespaces of this machine: the lock file is on storage both see (--shared-lock).
+vm=("${image[@]}" --cmdline "ip=10.0.0.2/24" --net tap=tap0 --rng --arbiter "$W/arbiter.lock" --shared-lock
     --key-file "$W/pair.key")
 ip netns exec "$P-h2" "$F" backup --listen 10.99.0.2:7000 "${vm[@]}" --disk "$W/disk-backup.img" \
   --api-socket "$W/backup.sock" --console "file:$W/backup.console" 2> >(sed 's/^/[backup]  /' >&2) &

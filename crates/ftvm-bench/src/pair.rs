@@ -499,13 +499,14 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let listen = format!("{BACKUP_IP}:{port}");
             let disk = fresh_disk(ctx, "disk-backup.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen, "--insecure"], &disk, 1);
-            cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&bsock);
+            // Both "hosts" are namespaces of this machine: the lock file is on storage both see.
+            cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&bsock);
             let mut b = Running::spawn("ftvm backup", &mut cmd)?;
             b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
             backup = Some(b);
             let disk = fresh_disk(ctx, "disk-primary.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen, "--insecure"], &disk, 0);
-            cmd.arg("--arbiter").arg(&arbiter).arg("--api-socket").arg(&sock);
+            cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&sock);
             if mode == Mode::PausedReplay {
                 // The paused replay lags on purpose: no slowing down for it.
                 cmd.args(["--max-lag", "0"]);

@@ -132,7 +132,8 @@ impl PairEnv {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.host_n(host)]).arg(&self.ftvm).arg(verb);
         cmd.args([peer.0, peer.1]);
-        cmd.arg("--arbiter").arg(&self.arbiter).arg("--key-file").arg(&self.key);
+        // Both "hosts" are namespaces of this machine: the lock file is on storage both see.
+        cmd.arg("--arbiter").arg(&self.arbiter).arg("--shared-lock").arg("--key-file").arg(&self.key);
         cmd.arg("--api-socket").arg(sock);
         if let Some(t) = self.timeout_ms {
             cmd.args(["--timeout", &t.to_string()]);

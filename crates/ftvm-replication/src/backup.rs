@@ -37,7 +37,7 @@ impl BackupConfig {
     /// once when its holder died; a lease only when it expired.
     pub fn arbiter_wait(&self) -> Duration {
         match &self.arbiter {
-            ArbiterSpec::File(_) => self.timeout,
+            ArbiterSpec::File(_) | ArbiterSpec::SharedFile(_) => self.timeout,
             ArbiterSpec::Etcd(e) => Duration::from_secs(e.ttl_secs.max(1) as u64 + 2),
         }
     }
@@ -197,6 +197,11 @@ impl std::io::Read for Watched {
     }
 }
 
+/// A read that ran into the socket's timeout.
+pub fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
 /// Hands verified records to the replay, in order; false if the replay is gone.
 fn hand_over(tx: &mpsc::SyncSender<(u64, Record)>, batch: &mut Vec<(u64, Record)>) -> bool {
     batch.drain(..).all(|r| tx.send(r).is_ok())
@@ -224,8 +229,15 @@ impl Backup {
         let reader = Watched { inner: reader, rejected: rejected.clone() };
         // Unbuffered here: the channel's reader holds whole chunks already, and says whether
         // the current frame goes on (acknowledgements are sent at a frame's end).
-        let (mut reader, theirs) =
-            LogReader::open(reader).map_err(|e| Error::Handshake(format!("bad log stream from {peer}: {e}")))?;
+        let (mut reader, theirs) = LogReader::open(reader).map_err(|e| Error::BadPeer {
+            peer,
+            why: match e {
+                LogError::Io(ref io) if is_timeout(io) => {
+                    format!("no log header within {} s", link::PAIRING_STALL.as_secs())
+                }
+                e => format!("not a log stream: {e}"),
+            },
+        })?;
         let differences = vm_differences(&theirs, ours, !transfer);
         if !differences.is_empty() {
             let _ = link::answer(&mut writer, Some(&differences.join("\n")));
@@ -234,7 +246,9 @@ impl Backup {
                 differences.join("\n  ")
             )));
         }
-        link::answer(&mut writer, None).map_err(io("handshake"))?;
+        link::answer(&mut writer, None).map_err(|e| Error::BadPeer { peer, why: format!("answering it: {e}") })?;
+        // Paired: from here a silent primary is told by its heartbeats.
+        shutdown.set_read_timeout(None).map_err(io("socket"))?;
         tracing::info!(
             target: "ftvm::event",
             event = "paired",

@@ -972,12 +972,14 @@ pub mod testing {
         child: Option<Child>,
         dir: PathBuf,
         port: u16,
+        /// The address it serves on (127.0.0.1, or one in a network namespace).
+        host: String,
     }
 
     impl TestEtcd {
-        /// `127.0.0.1:PORT`, its client address.
+        /// `HOST:PORT`, its client address.
         pub fn endpoint(&self) -> String {
-            format!("127.0.0.1:{}", self.port)
+            format!("{}:{}", self.host, self.port)
         }
 
         pub fn port(&self) -> u16 {
@@ -990,10 +992,10 @@ pub mod testing {
         }
 
         pub fn etcd_spec(&self, key: &str) -> EtcdSpec {
-            EtcdSpec { host: "127.0.0.1".into(), port: self.port, key: key.into(), ttl_secs: DEFAULT_TTL_SECS }
+            EtcdSpec { host: self.host.clone(), port: self.port, key: key.into(), ttl_secs: DEFAULT_TTL_SECS }
         }
 
-        /// `etcd://127.0.0.1:PORT/KEY`, for a command line.
+        /// `etcd://HOST:PORT/KEY`, for a command line.
         pub fn url(&self, key: &str) -> String {
             self.etcd_spec(key).to_string()
         }
@@ -1072,13 +1074,68 @@ pub mod testing {
                 .stderr(log)
                 .spawn()
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", bin.display())))?;
-            let mut etcd = TestEtcd { child: Some(child), dir, port: client };
+            let mut etcd = TestEtcd { child: Some(child), dir, port: client, host: "127.0.0.1".into() };
             match wait_ready(&mut etcd) {
                 Ok(()) => return Ok(etcd),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
+    }
+
+    /// Starts an etcd inside network namespace `netns`, serving on `ip` (an address of that
+    /// namespace), for tests whose sides run in other namespaces that reach it. This process
+    /// cannot reach it: it waits for etcd's log to say it serves.
+    pub fn start_test_etcd_in_netns(netns: &str, ip: &str) -> std::io::Result<TestEtcd> {
+        let Some(bin) = etcd_binary() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "etcd is not installed (no /usr/bin/etcd, none on the PATH): run scripts/deps.sh",
+            ));
+        };
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("ftvm-test-etcd-ns-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // A fresh namespace has every port free.
+        let (client, peer) = (2379, 2380);
+        let log = std::fs::File::create(dir.join("etcd.log"))?;
+        let c = format!("http://{ip}:{client}");
+        let p = format!("http://{ip}:{peer}");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(&bin)
+            .arg("--name=default")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls={c}"))
+            .arg(format!("--advertise-client-urls={c}"))
+            .arg(format!("--listen-peer-urls={p}"))
+            .arg(format!("--initial-advertise-peer-urls={p}"))
+            .arg(format!("--initial-cluster=default={p}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {} in {netns}: {e}", bin.display())))?;
+        let mut etcd = TestEtcd { child: Some(child), dir, port: client, host: ip.into() };
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(etcd.dir.join("etcd.log")).unwrap_or_default();
+            if log.contains("ready to serve client requests") {
+                return Ok(etcd);
+            }
+            let exited = etcd.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(std::io::Error::other(format!(
+                    "test etcd in {netns} did not start; its log ends:\n{}",
+                    tail.join("\n")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_ready(etcd: &mut TestEtcd) -> std::io::Result<()> {

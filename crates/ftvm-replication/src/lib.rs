@@ -40,6 +40,11 @@ pub enum Error {
     Io(String),
     #[error("the pair cannot form: {0}")]
     Handshake(String),
+    /// A connection failed before the pair formed, by its peer's doing (it closed, stalled,
+    /// or sent what is not a log or a state transfer): that peer is refused, and the backup
+    /// waits on for the right one.
+    #[error("refused the peer {peer}: {why}")]
+    BadPeer { peer: std::net::SocketAddr, why: String },
     #[error("arbiter {path}: {why}")]
     Arbiter { path: String, why: String },
 }

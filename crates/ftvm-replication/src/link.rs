@@ -7,8 +7,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Heartbeat, MODE_BOOT, MODE_TRANSFER};
@@ -140,6 +140,13 @@ impl Connection {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
+    /// The read timeout of the stream's socket: a backup reads what comes before the pair is
+    /// formed under a deadline ([`PAIRING_STALL`]; a state transfer's data under a longer
+    /// one), and without one once it is formed (the heartbeats tell a dead primary then).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.stream.set_read_timeout(timeout).map_err(io("socket"))
+    }
+
     /// A handle that can shut the connection down later, from another thread.
     pub fn shutdown_handle(&self) -> Result<TcpStream> {
         self.stream.try_clone().map_err(io("socket"))
@@ -164,12 +171,60 @@ fn heartbeats(
 }
 
 /// A backup's listening sockets (TCP for the stream, UDP for heartbeats, on one address).
+///
+/// Connections are accepted and authenticated in the background, each handshake on a thread
+/// of its own with its deadline ([`HANDSHAKE_TIMEOUT`]), at most [`MAX_HANDSHAKES`] at once:
+/// peers that stall in the handshake, however many, do not keep the real primary waiting.
+/// [`Listener::accept`] hands out the authenticated connections in the order they completed.
 pub struct Listener {
-    tcp: TcpListener,
-    udp: UdpSocket,
-    key: Key,
+    waiting: Arc<Waiting>,
+    closed: Arc<AtomicBool>,
     pub addr: SocketAddr,
 }
+
+/// Handshakes a backup runs at once; a connection beyond them is closed at once (and said).
+pub const MAX_HANDSHAKES: usize = 16;
+/// Authenticated connections waiting for the backup to take them; past this the oldest is
+/// closed (a peer that stalls waits longest, and the real primary comes fresh).
+const MAX_WAITING: usize = 4;
+
+/// The authenticated connections not taken yet, oldest first.
+#[derive(Default)]
+struct Waiting {
+    queue: Mutex<std::collections::VecDeque<Connection>>,
+    arrived: std::sync::Condvar,
+}
+
+impl Waiting {
+    fn push(&self, c: Connection) {
+        let mut q = lock(&self.queue);
+        q.push_back(c);
+        if q.len() > MAX_WAITING {
+            if let Some(old) = q.pop_front() {
+                tracing::warn!(
+                    target: "ftvm::event",
+                    event = "refused_connection",
+                    peer = %old.peer,
+                    "refused the connection from {}: {MAX_WAITING} newer authenticated connections wait",
+                    old.peer
+                );
+            }
+        }
+        self.arrived.notify_all();
+    }
+
+    /// The oldest connection waiting, or `None` after `timeout`.
+    fn pop(&self, timeout: Duration) -> Option<Connection> {
+        let q = lock(&self.queue);
+        let (mut q, _) =
+            self.arrived.wait_timeout_while(q, timeout, |q| q.is_empty()).unwrap_or_else(|e| e.into_inner());
+        q.pop_front()
+    }
+}
+/// How long an authenticated peer may stay silent before the pair is formed (the log's
+/// header, a transfer's header) before it is refused: a peer that stalls there does not keep
+/// the backup from the real primary for longer.
+pub const PAIRING_STALL: Duration = Duration::from_secs(10);
 
 impl Listener {
     /// Listens on `addr` (TCP for the stream, UDP for heartbeats, on the same port). Port 0
@@ -177,70 +232,139 @@ impl Listener {
     pub fn bind(addr: SocketAddr, key: &Key) -> Result<Listener> {
         // With port 0 the UDP port the TCP one got may be taken: a few tries.
         let mut tries_left = if addr.port() == 0 { 8 } else { 1 };
-        loop {
+        let (tcp, udp, bound) = loop {
             let tcp = TcpListener::bind(addr).map_err(io(format!("cannot listen on {addr}")))?;
             let bound = tcp.local_addr().map_err(io(format!("cannot listen on {addr}")))?;
             tries_left -= 1;
             match UdpSocket::bind(bound) {
                 Ok(udp) => {
                     udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
-                    return Ok(Listener { tcp, udp, key: key.clone(), addr: bound });
+                    break (tcp, udp, bound);
                 }
                 Err(_) if tries_left > 0 => {}
                 Err(e) => return Err(io(format!("cannot bind UDP {bound}"))(e)),
             }
-        }
+        };
+        tcp.set_nonblocking(true).map_err(io("listen"))?;
+        let waiting = Arc::new(Waiting::default());
+        let closed = Arc::new(AtomicBool::new(false));
+        let acceptor = Acceptor {
+            tcp,
+            udp: udp.try_clone().map_err(io("udp"))?,
+            key: key.clone(),
+            waiting: waiting.clone(),
+            closed: closed.clone(),
+            running: Arc::new(AtomicUsize::new(0)),
+        };
+        std::thread::Builder::new().name("ftvm-accept".into()).spawn(move || acceptor.run()).map_err(io("thread"))?;
+        Ok(Listener { waiting, closed, addr: bound })
     }
 
-    /// Waits for a primary until `give_up` says to stop (checked every few milliseconds).
-    /// A peer that fails authentication is reported and refused; the wait goes on.
+    /// Waits for an authenticated primary until `give_up` says to stop (checked every few
+    /// milliseconds). A peer that fails authentication is reported and refused; the wait
+    /// goes on.
     pub fn accept(&self, give_up: &mut dyn FnMut() -> bool) -> Result<Option<Connection>> {
-        self.tcp.set_nonblocking(true).map_err(io("listen"))?;
         loop {
-            match self.tcp.accept() {
-                Ok((stream, peer)) => {
-                    stream.set_nonblocking(false).map_err(io("socket"))?;
-                    let _ = stream.set_nodelay(true);
-                    match self.authenticate(stream, peer) {
-                        Ok(c) => return Ok(Some(c)),
-                        Err(e) => tracing::warn!(
-                            target: "ftvm::event",
-                            event = "refused_connection",
-                            peer = %peer,
-                            error = %e,
-                            "refused a connection from {peer}: {e}"
-                        ),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if give_up() {
-                        return Ok(None);
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(Error::Io(format!("accept: {e}"))),
+            if let Some(c) = self.waiting.pop(Duration::from_millis(5)) {
+                return Ok(Some(c));
+            }
+            if give_up() {
+                return Ok(None);
             }
         }
     }
+}
 
-    fn authenticate(&self, stream: TcpStream, peer: SocketAddr) -> Result<Connection> {
-        let clone = stream.try_clone().map_err(io("socket"))?;
-        let (writer, mut reader, keys) = secure::handshake(clone, &self.key, false, HANDSHAKE_TIMEOUT)
-            .map_err(|e| Error::Handshake(e.to_string()))?;
-        reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io("socket"))?;
-        let mut mode = [0u8; 1];
-        reader.read_exact(&mut mode).map_err(io("reading the connection's mode"))?;
-        reader.set_read_timeout(None).map_err(io("socket"))?;
-        let mode = match mode[0] {
-            MODE_BOOT => Mode::Boot,
-            MODE_TRANSFER => Mode::Transfer,
-            other => return Err(Error::Handshake(format!("unknown connection mode {other:#x}"))),
-        };
-        let udp = self.udp.try_clone().map_err(io("udp"))?;
-        let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
-        let buffered = reader.buffered_gauge();
-        Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
+}
+
+/// The listener's background half: accepts, and authenticates each connection on a thread.
+struct Acceptor {
+    tcp: TcpListener,
+    udp: UdpSocket,
+    key: Key,
+    waiting: Arc<Waiting>,
+    closed: Arc<AtomicBool>,
+    /// Handshakes under way.
+    running: Arc<AtomicUsize>,
+}
+
+impl Acceptor {
+    fn run(self) {
+        while !self.closed.load(Ordering::SeqCst) {
+            let (stream, peer) = match self.tcp.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => {
+                    // Out of descriptors, say: this connection is lost, the listener is not.
+                    tracing::warn!(
+                        "accept on {}: {e}",
+                        self.udp.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if self.running.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+                refused(peer, format_args!("{MAX_HANDSHAKES} handshakes are under way already"));
+                continue;
+            }
+            let (udp, key, waiting, running) = match self.udp.try_clone() {
+                Ok(udp) => (udp, self.key.clone(), self.waiting.clone(), self.running.clone()),
+                Err(e) => {
+                    refused(peer, format_args!("udp: {e}"));
+                    continue;
+                }
+            };
+            running.fetch_add(1, Ordering::SeqCst);
+            let spawned = std::thread::Builder::new().name("ftvm-handshake".into()).spawn(move || {
+                let result = authenticate(stream, peer, &key, udp);
+                running.fetch_sub(1, Ordering::SeqCst);
+                match result {
+                    Ok(c) => waiting.push(c),
+                    Err(e) => refused(peer, format_args!("{e}")),
+                }
+            });
+            if let Err(e) = spawned {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                refused(peer, format_args!("thread: {e}"));
+            }
+        }
+    }
+}
+
+/// The backup's side of a new connection: the handshake, then the connection's mode, each
+/// within its deadline. The connection keeps a read timeout of [`PAIRING_STALL`] until the
+/// pair is formed ([`Connection::paired`]).
+fn authenticate(stream: TcpStream, peer: SocketAddr, key: &Key, udp: UdpSocket) -> Result<Connection> {
+    stream.set_nonblocking(false).map_err(io("socket"))?;
+    let _ = stream.set_nodelay(true);
+    let clone = stream.try_clone().map_err(io("socket"))?;
+    let (writer, mut reader, keys) =
+        secure::handshake(clone, key, false, HANDSHAKE_TIMEOUT).map_err(|e| Error::Handshake(e.to_string()))?;
+    reader.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io("socket"))?;
+    let mut mode = [0u8; 1];
+    reader.read_exact(&mut mode).map_err(io("reading the connection's mode"))?;
+    reader.set_read_timeout(Some(PAIRING_STALL)).map_err(io("socket"))?;
+    let mode = match mode[0] {
+        MODE_BOOT => Mode::Boot,
+        MODE_TRANSFER => Mode::Transfer,
+        other => return Err(Error::Handshake(format!("unknown connection mode {other:#x}"))),
+    };
+    let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
+    let buffered = reader.buffered_gauge();
+    Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
+}
+
+/// Says that a connection from `peer` was refused, and why (a tracing event).
+fn refused(peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+    tracing::warn!(target: "ftvm::event", event = "refused_connection", peer = %peer, error = %why, "refused a connection from {peer}: {why}");
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -303,7 +427,29 @@ mod tests {
     fn port_0_listens_on_one_real_port_for_stream_and_heartbeats() {
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &Key::unauthenticated()).unwrap();
         assert_ne!(l.addr.port(), 0, "the address bound, not the one asked for");
-        assert_eq!(l.tcp.local_addr().unwrap(), l.addr);
-        assert_eq!(l.udp.local_addr().unwrap(), l.addr, "heartbeats go to the stream's port");
+        assert!(UdpSocket::bind(l.addr).is_err(), "heartbeats go to the stream's port: it is taken");
+    }
+
+    #[test]
+    fn stalled_handshakes_do_not_delay_a_real_one_and_the_oldest_waiting_connection_goes_first() {
+        let key = Key::unauthenticated();
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &key).unwrap();
+        let stalled: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(l.addr).unwrap()).collect();
+        let peer = |n: usize| {
+            let s = TcpStream::connect(l.addr).unwrap();
+            let me = s.local_addr().unwrap();
+            let (mut w, _r, _k) = secure::handshake(s.try_clone().unwrap(), &key, true, HANDSHAKE_TIMEOUT).unwrap();
+            w.write_all(&[MODE_BOOT]).and_then(|_| w.flush()).unwrap();
+            std::thread::sleep(Duration::from_millis(50 + n as u64));
+            (me, s, w)
+        };
+        let start = Instant::now();
+        let peers: Vec<_> = (0..MAX_WAITING + 1).map(peer).collect();
+        assert!(start.elapsed() < HANDSHAKE_TIMEOUT, "handshakes waited for the stalled ones");
+        // The first one was closed to make room; the second is the oldest waiting.
+        let c = l.accept(&mut || true).unwrap().expect("a connection waits");
+        assert_eq!(c.peer, peers[1].0);
+        assert_eq!(c.mode, Mode::Boot);
+        drop(stalled);
     }
 }

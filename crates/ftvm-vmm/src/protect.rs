@@ -179,6 +179,16 @@ impl Protection {
                     .into(),
             ));
         };
+        // A lock file of this host cannot keep a backup on another host from going live too.
+        if let ftvm_replication::arbiter::ArbiterSpec::File(path) = arbiter.spec() {
+            let peer = ftvm_replication::arbiter::Peer::Backup(backup);
+            if !peer.on_this_host() {
+                let why = ftvm_replication::arbiter::ChooseError::NotShared { peer, lock: Some(path.clone()) };
+                return Err(Refused::BadState(format!(
+                    "{why}; this VM runs with a lock file of this host: it takes backups on this host only"
+                )));
+            }
+        }
         let under_way =
             || Refused::Busy("a state transfer to a backup is under way; wait for it (GET /protect)".into());
         if self.busy.load(Ordering::SeqCst) {

@@ -286,19 +286,28 @@ pub fn backup(
                 let header = header_for(&vm, kernel, initrd, disks, 0);
                 (vm, header)
             }
-            Mode::Transfer => {
-                let received = receive_state(&mut conn, &config)?;
-                if let Some(c) = &control {
-                    c.note_state_transfer(false);
+            Mode::Transfer => match receive_state(&mut conn, &config)? {
+                Some(restored) => {
+                    if let Some(c) = &control {
+                        c.note_state_transfer(false);
+                    }
+                    restored
                 }
-                received
+                // That peer failed before the pair formed (said): wait for the right one.
+                None => continue,
+            },
+        };
+        let transfer = conn.mode == Mode::Transfer;
+        let (backup, theirs, source) = match ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs) {
+            Ok(started) => started,
+            Err(e @ ftvm_replication::Error::BadPeer { .. }) => {
+                tracing::warn!(target: "ftvm::event", event = "bad_peer", error = %e, "{e}; waiting on for the primary");
+                continue;
             }
+            Err(e) => return Err(pair(e)),
         };
         // The old (diverged) link goes now that its successor is here.
         drop(diverged.take());
-        let transfer = conn.mode == Mode::Transfer;
-        let (backup, theirs, source) =
-            ftvm_replication::backup::Backup::start(conn, &ours, &link, resyncs).map_err(pair)?;
         let backup = std::sync::Arc::new(backup);
         let mut vm = vm;
         vm.set_sync_policy(sync_policy);
@@ -343,17 +352,39 @@ pub fn backup(
     }
 }
 
+/// How long a state transfer's stream may stay silent (the primary copies its state live
+/// between its header and its data) before its peer is refused.
+const TRANSFER_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A backup receives a live VM's state: checks the primary's VM against its own (refusing
 /// with the differences), receives the staged snapshot into a directory of its own,
-/// restores it into its disks and memory. Returns the restored VM and its header.
-fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfig) -> Result<(Vm, LogHeader)> {
-    let pair = |what: &str| {
-        let what = what.to_string();
-        move |e: std::io::Error| Error::Pair(format!("{what}: {e}"))
+/// restores it into its disks and memory. Returns the restored VM and its header; `None`
+/// when the peer failed before the pair formed (it closed, stalled, or sent what is not a
+/// state transfer; said here): the backup refuses it and waits on.
+fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfig) -> Result<Option<(Vm, LogHeader)>> {
+    let peer = conn.peer;
+    let refuse = |why: String| {
+        tracing::warn!(
+            target: "ftvm::event",
+            event = "bad_peer",
+            peer = %peer,
+            error = %why,
+            "refused the peer {peer}: {why}; waiting on for the primary"
+        );
+        Ok(None)
     };
-    let theirs = ftvm_replication::link::read_blob(&mut *conn.reader, 1 << 24).map_err(pair("the transfer header"))?;
-    let theirs: LogHeader = serde_json::from_slice(&theirs)
-        .map_err(|e| Error::Pair(format!("the transfer header does not decode: {e}")))?;
+    let stall = ftvm_replication::link::PAIRING_STALL.as_secs();
+    let theirs = match ftvm_replication::link::read_blob(&mut *conn.reader, 1 << 24) {
+        Ok(b) => b,
+        Err(e) if ftvm_replication::backup::is_timeout(&e) => {
+            return refuse(format!("no transfer header within {stall} s"))
+        }
+        Err(e) => return refuse(format!("the transfer header: {e}")),
+    };
+    let theirs: LogHeader = match serde_json::from_slice(&theirs) {
+        Ok(h) => h,
+        Err(e) => return refuse(format!("the transfer header does not decode: {e}")),
+    };
     // The disks' contents come with the state: only their sizes matter (hashing a large
     // image would keep the live side waiting for nothing).
     let kernel = image_info(&config.boot.kernel)?;
@@ -379,7 +410,11 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
             differences.join("\n  ")
         )));
     }
-    ftvm_replication::link::answer(&mut conn.writer, None).map_err(pair("answering the primary"))?;
+    if let Err(e) = ftvm_replication::link::answer(&mut conn.writer, None) {
+        return refuse(format!("answering it: {e}"));
+    }
+    // The primary copies its state live before it ships it: a longer silence than before.
+    conn.set_read_timeout(Some(TRANSFER_STALL)).map_err(|e| Error::Pair(e.to_string()))?;
     let started = std::time::Instant::now();
     tracing::info!(
         target: "ftvm::event",
@@ -398,7 +433,10 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
         crate::snapshot::restore_snapshot(Snapshot::open(&dir)?, &host, false)
     });
     let _ = std::fs::remove_dir_all(&dir);
-    let vm = restored?;
+    let vm = match restored {
+        Ok(vm) => vm,
+        Err(e) => return refuse(format!("its state transfer failed: {e}")),
+    };
     let (bytes, ms) = (received.load(std::sync::atomic::Ordering::Relaxed), started.elapsed().as_millis() as u64);
     tracing::info!(
         target: "ftvm::event",
@@ -409,7 +447,7 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
         ftvm_api::format_bytes(bytes)
     );
     let ours = header_for(&vm, kernel, initrd, disks, theirs.rtc_base_unix);
-    Ok((vm, ours))
+    Ok(Some((vm, ours)))
 }
 
 fn unique() -> u64 {

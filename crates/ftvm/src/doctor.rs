@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ftvm_replication::arbiter::ArbiterSpec;
+use ftvm_replication::arbiter::{ArbiterSpec, Peer};
 use ftvm_virtio::block::BlockBackend;
 use ftvm_vmm::vm::{DiskConfig, NetConfig};
 
@@ -25,14 +25,9 @@ pub struct PairPlan {
     pub peer: Peer,
     pub key_file: Option<PathBuf>,
     pub insecure: bool,
-    pub arbiter: ArbiterSpec,
-}
-
-pub enum Peer {
-    /// A primary's backup, to be reached.
-    Backup(SocketAddr),
-    /// A backup's listening address, to be bound.
-    Listen(SocketAddr),
+    /// The arbiter the side would use, or why it would refuse to start (a peer on another
+    /// host and no arbiter both hosts see).
+    pub arbiter: Result<ArbiterSpec, String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -242,10 +237,21 @@ fn key(pair: &PairPlan) -> Check {
     pass(label, format!("a valid key, mode {mode:03o}"))
 }
 
-fn arbiter(spec: &ArbiterSpec, peer: &Peer) -> Check {
+fn arbiter(spec: &Result<ArbiterSpec, String>, peer: &Peer) -> Check {
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(why) => {
+            return fail(
+                "arbiter",
+                why.clone(),
+                "give both sides an arbiter they both see: --arbiter etcd://HOST:PORT/KEY, or \
+                 --arbiter PATH --shared-lock for a lock file on shared storage",
+            )
+        }
+    };
     let label = format!("arbiter {spec}");
     match spec {
-        ArbiterSpec::File(path) => {
+        ArbiterSpec::File(path) | ArbiterSpec::SharedFile(path) => {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             if !dir.is_dir() {
                 return fail(

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use ftvm_replication::arbiter::Peer;
 use ftvm_vmm::boot::BootSpec;
 use ftvm_vmm::vm::{DiskConfig, NetConfig};
 use ftvm_vmm::{ConsoleConfig, VmConfig};
@@ -190,8 +191,15 @@ struct PairArgs {
     /// host or a shared filesystem; it detects process death), or an etcd lease,
     /// `etcd://HOST:PORT/KEY[?ttl=SECONDS]` (multi-host; a side performs outputs only while
     /// its lease is valid and halts when it loses it; a failover waits for the lease to expire).
-    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY", default_value = "/tmp/ftvm-arbiter.lock")]
-    arbiter: ftvm_replication::arbiter::ArbiterSpec,
+    /// Default, for a pair on one host only: the lock file ID.lock (--id; `default.lock`
+    /// without one) in /run/ftvm (root) or $XDG_RUNTIME_DIR/ftvm, which only ftvm's user can
+    /// open. A peer on another host needs etcd, or a lock file with --shared-lock.
+    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY")]
+    arbiter: Option<ftvm_replication::arbiter::ArbiterSpec>,
+    /// The lock file of --arbiter is on storage both hosts share (NFS, a cluster filesystem):
+    /// accept it for a peer on another host.
+    #[arg(long, requires = "arbiter")]
+    shared_lock: bool,
     /// The pre-shared key of the replication channel (a Noise handshake; every frame and
     /// heartbeat encrypted and authenticated with AES-256-GCM, with sequence numbers): a file
     /// of 32+ hex digits or 16+ raw bytes, the same on both sides
@@ -229,7 +237,8 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 
 #[derive(clap::Args, Debug)]
 struct PrimaryArgs {
-    /// The backup's address (it listens with `ftvm backup --listen`).
+    /// The backup's address (it listens with `ftvm backup --listen`). One that is neither a
+    /// loopback address nor one of this host's needs an --arbiter both hosts see.
     #[arg(long, value_name = "HOST:PORT")]
     backup: std::net::SocketAddr,
     #[command(flatten)]
@@ -242,7 +251,9 @@ struct PrimaryArgs {
 
 #[derive(clap::Args, Debug)]
 struct BackupArgs {
-    /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port).
+    /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port). Other
+    /// than a loopback address, the primary may be on another host: give an --arbiter both
+    /// hosts see.
     #[arg(long, value_name = "HOST:PORT")]
     listen: std::net::SocketAddr,
     #[command(flatten)]
@@ -313,6 +324,12 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 impl PairArgs {
+    /// The arbiter: --arbiter, or the VM's default lock file when the peer is on this host.
+    fn arbiter(&self, vm: &RunArgs, peer: Peer) -> Result<ftvm_replication::arbiter::ArbiterSpec, String> {
+        ftvm_replication::arbiter::choose(self.arbiter.as_ref(), self.shared_lock, vm.id.as_deref(), peer)
+            .map_err(|e| e.to_string())
+    }
+
     /// The channel's key; without --key-file only with --insecure, said loudly.
     fn key(&self) -> Result<ftvm_replication::secure::Key, String> {
         let key = ftvm_replication::secure::Key::for_pair(self.key_file.as_deref(), self.insecure)
@@ -399,12 +416,38 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// Serve the control API (HTTP with JSON bodies) on this Unix socket; `ftvm ctl PATH`
     /// talks to it. A stale socket file is replaced; one a live VM answers on is refused.
+    /// Default with --id: ID.sock (run, record), ID.primary.sock or ID.backup.sock in ftvm's
+    /// runtime directory (/run/ftvm for root, $XDG_RUNTIME_DIR/ftvm else).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
     /// Serve `GET /metrics` (the Prometheus text format; the API socket serves it too) on
     /// this TCP address as well, e.g. 127.0.0.1:9464. An address in use is an error.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The VM's identity (1-64 letters, digits, '.', '_', '-'): names its default API socket
+    /// and, for a pair, its default lock file, so that two VMs on one host never share them.
+    #[arg(long, value_name = "NAME", value_parser = parse_id)]
+    id: Option<String>,
+}
+
+fn parse_id(s: &str) -> Result<String, String> {
+    ftvm_replication::arbiter::check_id(s).map(|()| s.to_string())
+}
+
+/// The API socket: the one given, or with --id the one it derives (`ID.sock`, or
+/// `ID.ROLE.sock` for a side of a pair, in ftvm's runtime directory).
+fn api_socket_of(vm: &RunArgs, role: Option<&str>) -> Result<Option<PathBuf>, String> {
+    match (&vm.api_socket, &vm.id) {
+        (Some(path), _) => Ok(Some(path.clone())),
+        (None, None) => Ok(None),
+        (None, Some(id)) => {
+            let dir = ftvm_replication::arbiter::runtime_dir().map_err(|e| e.to_string())?;
+            Ok(Some(dir.join(match role {
+                Some(role) => format!("{id}.{role}.sock"),
+                None => format!("{id}.sock"),
+            })))
+        }
+    }
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -454,15 +497,19 @@ fn main() -> ExitCode {
     }
     install_stop_handler();
     // The control API serves the VM of run, record, primary and backup until ftvm exits: on
-    // its socket, on the metrics address, and to systemd (NOTIFY_SOCKET).
+    // its socket (given, or derived from --id), on the metrics address, and to systemd.
     let served = match &cli.command {
-        Command::Run(vm) => Some((vm, ftvm_api::Role::Standalone)),
-        Command::Record(RecordArgs { vm, .. }) => Some((vm, ftvm_api::Role::Recording)),
-        Command::Primary(PrimaryArgs { vm, .. }) => Some((vm, ftvm_api::Role::Primary)),
-        Command::Backup(BackupArgs { vm, .. }) => Some((vm, ftvm_api::Role::Backup)),
+        Command::Run(vm) => Some((vm, None, ftvm_api::Role::Standalone)),
+        Command::Record(RecordArgs { vm, .. }) => Some((vm, None, ftvm_api::Role::Recording)),
+        Command::Primary(PrimaryArgs { vm, .. }) => Some((vm, Some("primary"), ftvm_api::Role::Primary)),
+        Command::Backup(BackupArgs { vm, .. }) => Some((vm, Some("backup"), ftvm_api::Role::Backup)),
         _ => None,
     };
-    let served = match served.map(|(vm, role)| start_api(vm, role)).transpose() {
+    let served = served.map(|(vm, side, role)| {
+        let socket = api_socket_of(vm, side)?;
+        start_api(vm, socket.as_deref(), role).map_err(|e| e.to_string())
+    });
+    let served = match served.transpose() {
         Ok(served) => served,
         Err(e) => {
             say!("error: {e}");
@@ -484,13 +531,18 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Log(LogCommand::Inspect { path, json, events }) => inspect(&path, json, events),
         Command::Primary(args) => {
+            // The one given, or a safe default: a peer on another host needs an arbiter both see.
+            let arbiter = match args.pair.arbiter(&args.vm, Peer::Backup(args.backup)) {
+                Ok(a) => a,
+                Err(e) => return usage_error(&e),
+            };
             let key = match args.pair.key() {
                 Ok(k) => k,
                 Err(e) => return usage_error(&e),
             };
             let link = ftvm_replication::primary::PrimaryConfig {
                 backup: args.backup,
-                arbiter: args.pair.arbiter.clone(),
+                arbiter,
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 connect_wait: std::time::Duration::from_secs(60),
                 key,
@@ -499,13 +551,17 @@ fn main() -> ExitCode {
             finish(ftvm_vmm::recording::primary(vm_config(args.vm), link, args.sync.policy()))
         }
         Command::Backup(args) => {
+            let arbiter = match args.pair.arbiter(&args.vm, Peer::Listen(args.listen)) {
+                Ok(a) => a,
+                Err(e) => return usage_error(&e),
+            };
             let key = match args.pair.key() {
                 Ok(k) => k,
                 Err(e) => return usage_error(&e),
             };
             let link = ftvm_replication::backup::BackupConfig {
                 listen: args.listen,
-                arbiter: args.pair.arbiter.clone(),
+                arbiter,
                 timeout: std::time::Duration::from_millis(args.pair.timeout),
                 key,
             };
@@ -518,21 +574,16 @@ fn main() -> ExitCode {
 fn doctor(side: DoctorCommand) -> ExitCode {
     let (vm, pair) = match side {
         DoctorCommand::Run(vm) | DoctorCommand::Record(RecordArgs { vm, .. }) => (vm, None),
-        DoctorCommand::Primary(args) => (args.vm, Some((doctor::Peer::Backup(args.backup), args.pair))),
-        DoctorCommand::Backup(args) => (args.vm, Some((doctor::Peer::Listen(args.listen), args.pair))),
+        DoctorCommand::Primary(args) => (args.vm, Some((Peer::Backup(args.backup), args.pair))),
+        DoctorCommand::Backup(args) => (args.vm, Some((Peer::Listen(args.listen), args.pair))),
     };
-    let plan = doctor::Plan {
-        kernel: vm.kernel,
-        initrd: vm.initrd,
-        disks: vm.disks,
-        nets: vm.nets,
-        pair: pair.map(|(peer, p)| doctor::PairPlan {
-            peer,
-            key_file: p.key_file,
-            insecure: p.insecure,
-            arbiter: p.arbiter,
-        }),
-    };
+    let pair = pair.map(|(peer, p)| doctor::PairPlan {
+        arbiter: p.arbiter(&vm, peer),
+        peer,
+        key_file: p.key_file,
+        insecure: p.insecure,
+    });
+    let plan = doctor::Plan { kernel: vm.kernel, initrd: vm.initrd, disks: vm.disks, nets: vm.nets, pair };
     if doctor::run(&plan) {
         ExitCode::SUCCESS
     } else {
@@ -556,14 +607,18 @@ struct Served {
 /// Starts the API server on `--api-socket`, the metrics listener on `--metrics-addr` and the
 /// systemd notifier (under a `Type=notify` unit), and connects them to the VM this process
 /// will run; `None` when none of them is wanted.
-fn start_api(vm: &RunArgs, role: ftvm_api::Role) -> Result<Option<Served>, ftvm_api::ServerError> {
+fn start_api(
+    vm: &RunArgs,
+    socket: Option<&std::path::Path>,
+    role: ftvm_api::Role,
+) -> Result<Option<Served>, ftvm_api::ServerError> {
     let notify = notify::wanted();
-    if vm.api_socket.is_none() && vm.metrics_addr.is_none() && !notify {
+    if socket.is_none() && vm.metrics_addr.is_none() && !notify {
         return Ok(None);
     }
     let control = ftvm_api::VmControl::new();
     control.set_role(role);
-    let api = vm.api_socket.as_deref().map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
+    let api = socket.map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
     let metrics = vm.metrics_addr.map(|addr| ftvm_api::MetricsServer::start(addr, control.clone())).transpose()?;
     if let Some(m) = &metrics {
         say!("serving GET /metrics on http://{}/metrics", m.addr());

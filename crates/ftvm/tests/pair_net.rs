@@ -25,11 +25,14 @@ struct Side<'a> {
     guest: &'a str,
     extra: Vec<String>,
     env: Vec<(&'a str, &'a str)>,
+    /// `--arbiter`; by default the lock file `DIR/arbiter.lock`, on storage both "hosts" see
+    /// (they are namespaces of one machine), said with `--shared-lock`.
+    arbiter: Option<String>,
 }
 
 impl<'a> Side<'a> {
     fn new(ns: &'a str, role: &'a str, peer: &'a str) -> Self {
-        Side { ns, role, peer, guest: "kvstore", extra: Vec::new(), env: Vec::new() }
+        Side { ns, role, peer, guest: "kvstore", extra: Vec::new(), env: Vec::new(), arbiter: None }
     }
 
     fn args(mut self, a: &[&str]) -> Self {
@@ -42,6 +45,11 @@ impl<'a> Side<'a> {
         self
     }
 
+    fn arbiter(mut self, a: &str) -> Self {
+        self.arbiter = Some(a.into());
+        self
+    }
+
     fn guest(mut self, g: &'a str) -> Self {
         self.guest = g;
         self
@@ -51,12 +59,12 @@ impl<'a> Side<'a> {
         let disk = dir.join(if self.ns == "h1" { "a.img" } else { "b.img" });
         let peer_flag = if self.role == "primary" { "--backup" } else { "--listen" };
         let mut c = net.cmd(self.ns, env!("CARGO_BIN_EXE_ftvm"));
-        c.arg(self.role)
-            .args([peer_flag, self.peer])
-            .args(["--timeout", "1200"])
-            .arg("--arbiter")
-            .arg(dir.join("arbiter.lock"))
-            .arg("--key-file")
+        c.arg(self.role).args([peer_flag, self.peer]).args(["--timeout", "1200"]);
+        match &self.arbiter {
+            Some(a) => c.args(["--arbiter", a]),
+            None => c.arg("--arbiter").arg(dir.join("arbiter.lock")).arg("--shared-lock"),
+        };
+        c.arg("--key-file")
             .arg(dir.join("pair.key"))
             .arg("--api-socket")
             .arg(api(dir, self.ns, self.role))
@@ -375,4 +383,71 @@ fn a_lagging_backup_slows_the_primary_down_and_the_lag_stays_bounded() {
     assert_eq!(p["protected"], true, "{p}");
     stop(primary);
     stop(backup);
+}
+
+#[test]
+fn across_hosts_a_side_refuses_to_start_without_an_arbiter_both_hosts_see() {
+    if !kvm_available() {
+        return;
+    }
+    let (net, dir) = setup("narb");
+    for (ns, role) in [("h1", "primary"), ("h2", "backup")] {
+        for arbiter in [None, Some(dir.join("arbiter.lock"))] {
+            let mut c = net.cmd(ns, env!("CARGO_BIN_EXE_ftvm"));
+            c.arg(role).args([if role == "primary" { "--backup" } else { "--listen" }, "10.99.0.2:7000"]);
+            c.arg("--key-file").arg(dir.join("pair.key")).arg("--kernel").arg(guest("kvstore"));
+            if let Some(a) = &arbiter {
+                c.arg("--arbiter").arg(a);
+            }
+            let (out, in_time) = finish_within(c.stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(10));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(in_time, "{role} in {ns} with {arbiter:?} started: {err}");
+            assert_eq!(out.status.code(), Some(2), "{role} in {ns} with {arbiter:?}: {err}");
+            assert!(err.contains("not on this host") && err.contains("etcd://"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn with_etcd_a_cut_replication_link_between_two_hosts_leaves_exactly_one_live_side() {
+    if !kvm_available() {
+        return;
+    }
+    let (net, dir) = setup("ecut");
+    // Both hosts reach etcd (on the LAN, in the client's namespace) over their uplinks, not
+    // over the replication link.
+    for (i, ns) in ["h1", "h2"].iter().enumerate() {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &format!("{}-{ns}", net.0), "addr", "add", &format!("10.0.0.{}/24", 201 + i), "dev", "br0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let etcd = ftvm_replication::etcd::testing::start_test_etcd_in_netns(&format!("{}-c", net.0), "10.0.0.100")
+        .expect("etcd (scripts/deps.sh installs it)");
+    let url = etcd.url("ftvm/ecut");
+    let backup = Side::new("h2", "backup", "10.99.0.2:7000").arbiter(&url).start(&net, &dir);
+    std::thread::sleep(Duration::from_millis(400));
+    let primary = Side::new("h1", "primary", "10.99.0.2:7000").arbiter(&url).start(&net, &dir);
+    net.wait_ping("the protected kvstore");
+    let check = checker(&net, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = std::process::Command::new("ip")
+        .args(["-n", &format!("{}-h1", net.0), "link", "set", "rep0", "down"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (code, report, err) = finish(check);
+    assert_eq!(code, Some(0), "clients are served by the primary throughout: {report} {err}");
+    // The primary holds the lease (it renews it over the LAN): the backup cannot win it and
+    // halts; it never went live.
+    let (bcode, _, berr) = finish(backup);
+    assert_ne!(bcode, Some(0), "{berr}");
+    assert!(berr.contains("the arbiter is held") && berr.contains("halting"), "{berr}");
+    assert!(!berr.contains("TAKEOVER"), "{berr}");
+    let b_console = std::fs::read_to_string(dir.join("h2-backup.txt")).unwrap_or_default();
+    assert_eq!(b_console, "", "the backup performed nothing");
+    assert_eq!(net.cli(&["PING"]), "PONG", "the primary still serves");
+    let perr = stop(primary);
+    assert!(perr.contains("UNPROTECTED") && !perr.contains("HALT"), "{perr}");
 }

@@ -650,6 +650,7 @@ fn the_pair_protects_real_redis_through_a_failover_a_reprotection_and_a_second_f
             .args(peer)
             .args(["--timeout", "1200", "--arbiter"])
             .arg(dir.join("arbiter.lock"))
+            .arg("--shared-lock") // both "hosts" are namespaces of this machine
             .arg("--key-file")
             .arg(&key)
             .arg("--api-socket")
