@@ -6,6 +6,8 @@
 //!   With `target/test-assets/redis-server` (scripts/fetch-redis.sh) it also builds the Linux
 //!   personality with the real Redis: `target/guests/redis.elf` (the personality, guests/linux)
 //!   and `target/guests/redis.cpio` (its initramfs: redis-server, redis.conf, init.args).
+//! - `cargo xtask man`: builds ftvm and writes its man pages to `target/man/*.1` and its
+//!   shell completions to `target/completions/` (bash, zsh, fish), from the clap definitions.
 //! - `cargo xtask check-guest PATH...`: only the check.
 //! - `cargo xtask check-program PATH...`: the same check for a Linux program the
 //!   personality runs (CPUID is forbidden in all of it: it is all ring 3).
@@ -34,6 +36,9 @@ struct Cli {
 enum Task {
     /// Build the reference guests into target/guests/*.elf and check the guest contract.
     Guests,
+    /// Write ftvm's man pages (target/man/*.1) and shell completions (target/completions/),
+    /// generated from its command-line definitions.
+    Man,
     /// Check PVH ELF guests against the guest contract (no RDTSC, RDTSCP, RDPID, RDRAND,
     /// RDSEED; CPUID only in ring-0 code).
     CheckGuest {
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Guests => guests(),
+        Task::Man => man(),
         Task::CheckGuest { paths } => check_files(&paths),
         Task::CheckProgram { paths } => check_programs(&paths),
     };
@@ -70,6 +76,32 @@ fn main() -> ExitCode {
 fn repo_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Builds ftvm and has it write what clap_mangen and clap_complete make of its definitions.
+fn man() -> Result<()> {
+    let root = repo_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo).current_dir(&root).args(["build", "-p", "ftvm"]).status()?;
+    if !status.success() {
+        bail!("building ftvm failed ({status})");
+    }
+    let ftvm = root.join("target/debug/ftvm");
+    let status = Command::new(&ftvm).arg("manpages").arg(root.join("target/man")).status()?;
+    if !status.success() {
+        bail!("ftvm manpages failed ({status})");
+    }
+    let out = root.join("target/completions");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for (shell, file) in [("bash", "ftvm.bash"), ("zsh", "_ftvm"), ("fish", "ftvm.fish")] {
+        let script = Command::new(&ftvm).args(["completions", shell]).output()?;
+        if !script.status.success() {
+            bail!("ftvm completions {shell} failed ({})", script.status);
+        }
+        std::fs::write(out.join(file), script.stdout).with_context(|| format!("writing {file}"))?;
+    }
+    println!("completions written to {}", out.display());
+    Ok(())
 }
 
 fn guests() -> Result<()> {

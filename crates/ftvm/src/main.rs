@@ -3,6 +3,7 @@
 
 mod config;
 mod doctor;
+mod list;
 mod logging;
 mod notify;
 mod size;
@@ -117,6 +118,28 @@ enum Command {
     /// Exit status: 0 every check passed, 1 a check failed or warned, 2 usage error.
     #[command(subcommand)]
     Doctor(DoctorCommand),
+    /// List the VMs running on this host: those whose API socket is in ftvm's runtime
+    /// directory (where `--id NAME` puts it: /run/ftvm for root, else $XDG_RUNTIME_DIR/ftvm),
+    /// and in each DIR given, with their role, state and protection.
+    List {
+        /// More directories to look for API sockets in.
+        #[arg(value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+        /// Print JSON (each VM's name, socket and status) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script, e.g. `ftvm completions bash > /etc/bash_completion.d/ftvm`.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ftvm.1, ftvm-run.1, ...) into DIR (`cargo xtask man` runs it).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,7 +200,7 @@ enum CtlAction {
     /// disk image is overwritten with the primary's. Shows the progress until the backup has
     /// caught up.
     Protect {
-        #[arg(value_name = "HOST:PORT")]
+        #[arg(value_name = "HOST:PORT", value_parser = parse_host_port)]
         backup: std::net::SocketAddr,
         /// Print the final progress report as JSON.
         #[arg(long)]
@@ -186,6 +209,7 @@ enum CtlAction {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Pair")]
 struct PairArgs {
     /// The arbiter that makes sure only one side is live: a lock file both sides reach (one
     /// host or a shared filesystem; it detects process death), or an etcd lease,
@@ -222,6 +246,20 @@ struct PairArgs {
     timeout: u64,
 }
 
+/// `HOST:PORT` with HOST an address or a name (resolved now; its first address is taken, an
+/// IPv4 one if it has one, as the pair's sockets are of that family).
+fn parse_host_port(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    if !s.contains(':') {
+        return Err(format!("{s:?} has no port: give HOST:PORT, e.g. 10.0.0.2:7000 or backup-host:7000"));
+    }
+    let addrs: Vec<_> = s.to_socket_addrs().map_err(|e| format!("cannot resolve {s:?}: {e}"))?.collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
 /// A peer timeout: at least three heartbeat intervals, or one late datagram breaks the pair.
 fn parse_timeout(s: &str) -> Result<u64, String> {
     let ms: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of milliseconds"))?;
@@ -239,7 +277,7 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 struct PrimaryArgs {
     /// The backup's address (it listens with `ftvm backup --listen`). One that is neither a
     /// loopback address nor one of this host's needs an --arbiter both hosts see.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, help_heading = "Pair")]
     backup: std::net::SocketAddr,
     #[command(flatten)]
     pair: PairArgs,
@@ -254,7 +292,7 @@ struct BackupArgs {
     /// Where to wait for the primary (TCP for the log, UDP for heartbeats, same port). Other
     /// than a loopback address, the primary may be on another host: give an --arbiter both
     /// hosts see.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, help_heading = "Pair")]
     listen: std::net::SocketAddr,
     #[command(flatten)]
     pair: PairArgs,
@@ -298,6 +336,7 @@ struct RecordArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Recording")]
 struct SyncArgs {
     /// Milliseconds an interrupt or received frame may wait for the guest to exit before the
     /// recorder kicks the vCPU and logs a sync point to deliver it (the state that replay
@@ -371,6 +410,7 @@ struct ReplayArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(next_help_heading = "VM")]
 struct RunArgs {
     /// Kernel image: a PVH ELF kernel (such as the guest kit's) or a Linux bzImage.
     #[arg(long, value_name = "PATH", required_unless_present = "restore")]
@@ -526,6 +566,37 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Ctl(args) => ctl(args),
         Command::Doctor(side) => doctor(side),
+        Command::List { dirs, json } => match list::run(&dirs, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                say!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Completions { shell } => {
+            // Written whole: a reader that closes early (`| head`) is not an error to report.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ftvm", &mut script);
+            use std::io::Write;
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    say!("error: writing the completion script: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Manpages { dir } => match manpages(&dir) {
+            Ok(n) => {
+                println!("wrote {n} man pages to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say!("error: writing the man pages to {}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => run(args),
         Command::Record(args) => record(args),
         Command::Replay(args) => replay(args),
@@ -569,6 +640,27 @@ fn main() -> ExitCode {
             finish(ftvm_vmm::recording::backup(vm_config(args.vm), link, max_lag, sync))
         }
     }
+}
+
+/// ftvm.1 and one page a command (ftvm-run.1, ftvm-ctl-status.1, ...), from the clap definitions.
+fn manpages(dir: &std::path::Path) -> std::io::Result<usize> {
+    fn write(cmd: &clap::Command, name: &str, dir: &std::path::Path, count: &mut usize) -> std::io::Result<()> {
+        let cmd = cmd.clone().name(name.to_string());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+        *count += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir, count)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut count = 0;
+    let mut root = Cli::command().version(version_text());
+    root.build();
+    write(&root, "ftvm", dir, &mut count)?;
+    Ok(count)
 }
 
 fn doctor(side: DoctorCommand) -> ExitCode {
