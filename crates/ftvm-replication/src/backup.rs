@@ -215,6 +215,28 @@ impl Backup {
     /// Reads the primary's log header from `conn`, checks it against `ours` (what this side
     /// built; after a state transfer, the VM restored from it) and starts receiving. Returns
     /// the link, the primary's header and the replay's record source.
+    /// Answers a preflight (`Mode::Probe`): reads the peer's header, says whether this side's
+    /// VM (`ours`) agrees, and ends the connection. Returns the differences it answered.
+    pub fn answer_probe(conn: Connection, ours: &LogHeader) -> Result<Vec<String>> {
+        let peer = conn.peer;
+        let Connection { reader, mut writer, .. } = conn;
+        let (_, theirs) = LogReader::open(reader)
+            .map_err(|e| Error::BadPeer { peer, why: format!("a preflight without a log header: {e}") })?;
+        let differences = vm_differences(&theirs, ours, true);
+        let refusal = (!differences.is_empty()).then(|| differences.join("\n"));
+        link::answer(&mut writer, refusal.as_deref())
+            .map_err(|e| Error::BadPeer { peer, why: format!("answering its preflight: {e}") })?;
+        tracing::info!(
+            target: "ftvm::event",
+            event = "preflight",
+            peer = %peer,
+            differences = differences.len(),
+            "answered a preflight from {peer}: {}",
+            if differences.is_empty() { "the VMs agree".to_string() } else { differences.join("; ") }
+        );
+        Ok(differences)
+    }
+
     pub fn start(
         conn: Connection,
         ours: &LogHeader,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Heartbeat, MODE_BOOT, MODE_TRANSFER};
+use crate::protocol::{Heartbeat, MODE_BOOT, MODE_PROBE, MODE_TRANSFER};
 use crate::secure::{self, DatagramOpener, DatagramSealer, Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_POLL};
 
@@ -25,6 +25,8 @@ pub enum Mode {
     Boot,
     /// A live state transfer, then the log from where the state was taken.
     Transfer,
+    /// A preflight: a log header to compare, nothing after it.
+    Probe,
 }
 
 /// The heartbeat socket of one session: datagrams sealed and checked with its keys.
@@ -125,6 +127,7 @@ impl Connection {
             .write_all(&[match mode {
                 Mode::Boot => MODE_BOOT,
                 Mode::Transfer => MODE_TRANSFER,
+                Mode::Probe => MODE_PROBE,
             }])
             .and_then(|_| writer.flush())
             .map_err(io("sending to the backup"))?;
@@ -355,6 +358,7 @@ fn authenticate(stream: TcpStream, peer: SocketAddr, key: &Key, udp: UdpSocket) 
     let mode = match mode[0] {
         MODE_BOOT => Mode::Boot,
         MODE_TRANSFER => Mode::Transfer,
+        MODE_PROBE => Mode::Probe,
         other => return Err(Error::Handshake(format!("unknown connection mode {other:#x}"))),
     };
     let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());

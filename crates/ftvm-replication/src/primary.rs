@@ -301,6 +301,9 @@ impl Drop for OutboxWriter {
 }
 
 /// A log writer whose bytes queue for a link that starts later ([`Primary::start`]).
+/// How long a preflight waits for the backup's answer (a paired backup gives none).
+const PROBE_ANSWER_WAIT: Duration = Duration::from_secs(10);
+
 pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, LogQueue)> {
     let outbox = Arc::new(Outbox { inner: Mutex::new(OutboxInner::default()), wake: std::sync::Condvar::new() });
     let writer: Box<dyn Write + Send> = Box::new(OutboxWriter { buf: Vec::new(), outbox: outbox.clone() });
@@ -386,6 +389,27 @@ impl Primary {
         stats.sent_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
         primary.start(conn, queue)?;
         Ok((primary, log, stats))
+    }
+
+    /// How long a preflight waits for the backup's answer.
+    pub const PROBE_WAIT: Duration = PROBE_ANSWER_WAIT;
+
+    /// A preflight against the backup at `cfg.backup`: authenticates with the key, sends
+    /// `header` and returns how the backup's VM differs from it (empty: they agree), without
+    /// taking the arbiter or pairing; the backup goes on waiting for its primary.
+    pub fn probe(cfg: &PrimaryConfig, header: &LogHeader) -> Result<Vec<String>> {
+        let mut conn = Connection::connect(cfg.backup, &cfg.key, cfg.connect_wait, Mode::Probe)?;
+        // A backup that is paired already answers no preflight.
+        conn.shutdown_handle()?.set_read_timeout(Some(PROBE_ANSWER_WAIT)).map_err(io("socket"))?;
+        let (_log, queue) = log_channel(header)?;
+        let first = queue.0.take_queued();
+        conn.writer.write_all(&first).and_then(|_| conn.writer.flush()).map_err(io("sending the log header"))?;
+        let answer = link::read_answer(&mut *conn.reader)?;
+        conn.shutdown();
+        Ok(match answer {
+            Ok(()) => Vec::new(),
+            Err(why) => why.lines().map(str::to_string).collect(),
+        })
     }
 
     /// A link whose gate takes outputs from now on; nothing is sent until [`Self::start`].

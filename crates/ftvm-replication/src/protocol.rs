@@ -12,6 +12,9 @@ pub const MODE_BOOT: u8 = b'B';
 /// The first byte of a re-protection or a resync: a live state transfer, then the log from
 /// the point where the state was taken.
 pub const MODE_TRANSFER: u8 = b'T';
+/// The first byte of a preflight (`ftvm doctor primary`): a log header follows, the backup
+/// answers whether its VM agrees, and the connection ends; the backup goes on waiting.
+pub const MODE_PROBE: u8 = b'P';
 
 /// State-transfer records (after `MODE_TRANSFER` and the accepted transfer header): a file
 /// of the staged snapshot begins (u16 name length, name, u64 size).

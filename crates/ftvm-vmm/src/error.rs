@@ -35,6 +35,9 @@ pub enum Error {
     DeviceOption { option: &'static str, text: String, why: String },
     #[error("{0}")]
     Pair(String),
+    /// The pair's link or arbiter, with its cause.
+    #[error(transparent)]
+    Replication(#[from] ftvm_replication::Error),
     /// A side of the pair fenced itself off (another copy may be live): exit status
     /// [`ftvm_exit::ExitStatus::Fenced`].
     #[error("{0}")]

@@ -218,6 +218,19 @@ pub fn primary(
     vm.run_with(Journaling::Primary { link, header: Box::new(header), settings })
 }
 
+/// A preflight of the pair from the primary's side (`ftvm doctor primary`): builds the VM as
+/// the primary would (without its TAPs), sends its header to the backup and returns how the
+/// backup's VM differs (empty: they agree). Takes no arbiter and forms no pair.
+pub fn probe_backup(mut config: VmConfig, link: &ftvm_replication::primary::PrimaryConfig) -> Result<Vec<String>> {
+    config.rtc_base_unix = Some(config.rtc_base_unix.unwrap_or_else(crate::vm::unix_now));
+    let rtc = config.rtc_base_unix.unwrap_or_default();
+    let (kernel, initrd, disks) = images(&config)?;
+    let vm = Vm::build_with(config, false)?;
+    let header = header_for(&vm, kernel, initrd, disks, rtc);
+    drop(vm);
+    Ok(ftvm_replication::primary::Primary::probe(link, &header)?)
+}
+
 /// The backup of a fault-tolerant pair: `ftvm backup`. It waits for a primary: one that
 /// boots with it (the log from boot), or a live one that sends its state first
 /// (re-protection). When its replay diverges it asks the primary for a resync and waits
@@ -279,6 +292,17 @@ pub fn backup(
             )));
         };
         let (vm, ours) = match conn.mode {
+            Mode::Probe => {
+                // A preflight (`ftvm doctor primary`): compare, answer, wait on.
+                let (kernel, initrd, disks) = images(&config)?;
+                let vm = Vm::build_with(config.clone(), false)?;
+                let ours = header_for(&vm, kernel, initrd, disks, 0);
+                drop(vm);
+                if let Err(e) = ftvm_replication::backup::Backup::answer_probe(conn, &ours) {
+                    tracing::warn!(target: "ftvm::event", event = "bad_peer", error = %e, "{e}; waiting on for the primary");
+                }
+                continue;
+            }
             Mode::Boot => {
                 let (kernel, initrd, disks) = images(&config)?;
                 // The backup opens its TAPs only when it goes live.

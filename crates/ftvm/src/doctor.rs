@@ -28,7 +28,12 @@ pub struct PairPlan {
     /// The arbiter the side would use, or why it would refuse to start (a peer on another
     /// host and no arbiter both hosts see).
     pub arbiter: Result<ArbiterSpec, String>,
+    /// The primary's preflight with its backup: how the backup's VM differs from this one.
+    pub probe: Option<Probe>,
 }
+
+/// Sends this VM's header to the backup and returns the differences it answers.
+pub type Probe = Box<dyn FnOnce() -> Result<Vec<String>, String>>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -74,7 +79,7 @@ fn warn(what: impl Into<String>, found: impl Into<String>, fix: impl Into<String
 
 /// Runs every check, prints each line as it is done and the total; true when all passed
 /// (a warning is not a pass: it names something to fix).
-pub fn run(plan: &Plan) -> bool {
+pub fn run(plan: Plan) -> bool {
     let mut all = Vec::new();
     let mut report = |c: Check| {
         println!("{c}");
@@ -95,10 +100,15 @@ pub fn run(plan: &Plan) -> bool {
     for net in &plan.nets {
         report(tap(&net.tap));
     }
-    if let Some(pair) = &plan.pair {
-        report(key(pair));
+    if let Some(mut pair) = plan.pair {
+        report(key(&pair));
         report(arbiter(&pair.arbiter, &pair.peer));
-        report(peer(&pair.peer));
+        let reached = peer(&pair.peer);
+        let reachable = reached.verdict == Verdict::Pass;
+        report(reached);
+        if let (Peer::Backup(addr), Some(probe), true) = (pair.peer, pair.probe.take(), reachable) {
+            report(same_vm(addr, probe));
+        }
     }
     let failed = all.iter().filter(|v| **v != Verdict::Pass).count();
     if failed == 0 {
@@ -297,6 +307,25 @@ fn reach(authority: &str) -> std::io::Result<SocketAddr> {
         }
     }
     Err(last)
+}
+
+/// The backup's VM against this one: what pairing would compare (images, memory, CPUID,
+/// devices), over the authenticated channel, so a wrong key shows here too.
+fn same_vm(addr: SocketAddr, probe: Probe) -> Check {
+    let label = format!("the backup's VM at {addr}");
+    match probe() {
+        Ok(differences) if differences.is_empty() => {
+            pass(label, "the key is accepted and its images, memory, CPUID and devices agree with this VM's")
+        }
+        Ok(differences) => fail(
+            label,
+            format!("differs from this VM: {}", differences.join("; ")),
+            "start both sides with the same images, memory size and devices on hosts of the same CPU model",
+        ),
+        Err(e) => {
+            fail(label, e, "both sides need the same --key-file; a backup that is paired already answers no preflight")
+        }
+    }
 }
 
 fn peer(peer: &Peer) -> Check {

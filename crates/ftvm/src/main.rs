@@ -669,14 +669,33 @@ fn doctor(side: DoctorCommand) -> ExitCode {
         DoctorCommand::Primary(args) => (args.vm, Some((Peer::Backup(args.backup), args.pair))),
         DoctorCommand::Backup(args) => (args.vm, Some((Peer::Listen(args.listen), args.pair))),
     };
-    let pair = pair.map(|(peer, p)| doctor::PairPlan {
-        arbiter: p.arbiter(&vm, peer),
-        peer,
-        key_file: p.key_file,
-        insecure: p.insecure,
+    let paths = (vm.kernel.clone(), vm.initrd.clone(), vm.disks.clone(), vm.nets.clone());
+    let pair = pair.map(|(peer, p)| {
+        let arbiter = p.arbiter(&vm, peer);
+        // The primary compares its VM with the backup's, as pairing would, once it reaches it.
+        let probe: Option<doctor::Probe> = match (peer, &arbiter) {
+            (Peer::Backup(backup), Ok(spec)) => {
+                ftvm_replication::secure::Key::for_pair(p.key_file.as_deref(), p.insecure).ok().map(|key| {
+                    let link = ftvm_replication::primary::PrimaryConfig {
+                        backup,
+                        arbiter: spec.clone(),
+                        timeout: std::time::Duration::from_millis(p.timeout),
+                        connect_wait: std::time::Duration::ZERO,
+                        key,
+                        max_lag: None,
+                    };
+                    let config = vm_config(vm);
+                    Box::new(move || ftvm_vmm::recording::probe_backup(config, &link).map_err(|e| e.to_string()))
+                        as doctor::Probe
+                })
+            }
+            _ => None,
+        };
+        doctor::PairPlan { arbiter, peer, key_file: p.key_file, insecure: p.insecure, probe }
     });
-    let plan = doctor::Plan { kernel: vm.kernel, initrd: vm.initrd, disks: vm.disks, nets: vm.nets, pair };
-    if doctor::run(&plan) {
+    let (kernel, initrd, disks, nets) = paths;
+    let plan = doctor::Plan { kernel, initrd, disks, nets, pair };
+    if doctor::run(plan) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

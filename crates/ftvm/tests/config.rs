@@ -141,3 +141,45 @@ fn doctor_says_what_is_missing_and_passes_when_nothing_is() {
     assert!(text.contains("FAIL  TAP ftvm-notap0: no such interface"), "{text}");
     assert!(text.contains("ip tuntap add dev ftvm-notap0 mode tap"), "{text}");
 }
+
+#[test]
+fn doctor_compares_the_vms_with_a_waiting_backup_which_then_pairs_as_usual() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = example_dir("config-doctor-peer");
+    // The example's port is fixed; this test has its own.
+    let text = std::fs::read_to_string(dir.join("pair.toml")).unwrap().replace("7400", "7401");
+    std::fs::write(dir.join("pair.toml"), text).unwrap();
+    let backup = ftvm_in(&dir).args(["backup", "--config", "pair.toml"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ftvm_in(&dir).args(["doctor", "primary", "--config", "pair.toml"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ok    backup at 127.0.0.1:7401: accepts connections"), "{text}");
+    assert!(text.contains("ok    the backup's VM at 127.0.0.1:7401: the key is accepted"), "{text}");
+    // Another memory size: named.
+    let out = ftvm_in(&dir).args(["doctor", "primary", "--config", "pair.toml", "--mem", "128M"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  the backup's VM at 127.0.0.1:7401: differs from this VM"), "{text}");
+    assert!(text.contains("mem"), "the difference is named: {text}");
+    // Another key: refused by the channel.
+    std::fs::write(dir.join("other.key"), "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("other.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out =
+        ftvm_in(&dir).args(["doctor", "primary", "--config", "pair.toml", "--key-file", "other.key"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  the backup's VM at 127.0.0.1:7401"), "{text}");
+    // The backup waited on through all three: the real primary pairs and ends normally.
+    let primary = ftvm_in(&dir).args(["primary", "--config", "pair.toml"]).spawn().unwrap();
+    let (out, in_time) = finish_within(primary, Duration::from_secs(60));
+    assert!(in_time && out.status.code() == Some(0), "primary: {}", String::from_utf8_lossy(&out.stderr));
+    let (bout, in_time) = finish_within(backup, Duration::from_secs(20));
+    let berr = String::from_utf8_lossy(&bout.stderr);
+    assert!(in_time && bout.status.code() == Some(0), "backup: {berr}");
+    assert!(berr.contains("answered a preflight"), "{berr}");
+}
