@@ -263,10 +263,11 @@ impl Backup {
         let differences = vm_differences(&theirs, ours, !transfer);
         if !differences.is_empty() {
             let _ = link::answer(&mut writer, Some(&differences.join("\n")));
-            return Err(Error::Handshake(format!(
-                "the primary's VM differs from this one:\n  {}",
-                differences.join("\n  ")
-            )));
+            // A misconfigured primary (or anyone without a key) must not end the backup.
+            return Err(Error::BadPeer {
+                peer,
+                why: format!("its VM differs from this one:\n  {}", differences.join("\n  ")),
+            });
         }
         link::answer(&mut writer, None).map_err(|e| Error::BadPeer { peer, why: format!("answering it: {e}") })?;
         // Paired: from here a silent primary is told by its heartbeats.

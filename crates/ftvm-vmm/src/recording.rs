@@ -429,10 +429,10 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     let differences = transfer_differences(&theirs, &ours);
     if !differences.is_empty() {
         let _ = ftvm_replication::link::answer(&mut conn.writer, Some(&differences.join("\n")));
-        return Err(Error::Pair(format!(
-            "the primary's VM cannot continue here; it differs from this one in:\n  {}",
+        return refuse(format!(
+            "its VM cannot continue here; it differs from this one in:\n  {}",
             differences.join("\n  ")
-        )));
+        ));
     }
     if let Err(e) = ftvm_replication::link::answer(&mut conn.writer, None) {
         return refuse(format!("answering it: {e}"));

@@ -169,7 +169,7 @@ fn a_lost_backup_leaves_the_primary_running_unprotected() {
 }
 
 #[test]
-fn a_pair_of_different_vms_does_not_form() {
+fn a_pair_of_different_vms_does_not_form_and_the_backup_waits_for_the_right_primary() {
     if !kvm_available() {
         return;
     }
@@ -180,11 +180,16 @@ fn a_pair_of_different_vms_does_not_form() {
     std::thread::sleep(Duration::from_millis(300));
     let mut p = side("primary", &addr, &arbiter, &dir.join("p.txt"), "hello.wait_ms=999");
     let (pc, perr) = wait(&mut p, Duration::from_secs(20));
-    let (bc, berr) = wait(&mut b, Duration::from_secs(5));
     assert_eq!(pc, Some(1), "{perr}");
-    assert_eq!(bc, Some(1), "{berr}");
-    assert!(berr.contains("cmdline"), "the backup says what differs: {berr}");
     assert!(perr.contains("refused"), "{perr}");
+    assert!(b.try_wait().unwrap().is_none(), "a primary of another VM ended the backup");
+    // The right primary pairs with the backup that waited on.
+    let mut p = side("primary", &addr, &arbiter, &dir.join("p2.txt"), "hello.wait_ms=100");
+    let (pc, perr) = wait(&mut p, Duration::from_secs(30));
+    let (bc, berr) = wait(&mut b, Duration::from_secs(10));
+    assert_eq!(pc, Some(0), "{perr}");
+    assert_eq!(bc, Some(0), "{berr}");
+    assert!(berr.contains("cmdline") && berr.contains("waiting on"), "the backup said what differed: {berr}");
 }
 
 /// Forces the primary to abort in crash window `window` (docs/replication.md) at its 100th output,
@@ -454,15 +459,17 @@ fn protect_refuses_what_it_cannot_do_and_says_why() {
     let _ = b1.kill();
     let _ = b1.wait();
     std::thread::sleep(Duration::from_millis(300));
-    // A new backup whose disk has another size is refused, and both sides say why.
+    // A new backup whose disk has another size is refused, both sides say why, and the backup
+    // waits on for a primary whose VM fits.
     let mut b2 = spawn("backup", &addr(2), "b2", &disk("b2.img", 2 << 20));
     std::thread::sleep(Duration::from_millis(300));
     let (code, out) = ctl("p", &["protect", &addr(2)]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("disk 0") && out.contains("refused"), "{out}");
-    let (b2code, b2err) = wait(&mut b2, Duration::from_secs(5));
-    assert_eq!(b2code, Some(1), "{b2err}");
-    assert!(b2err.contains("disk 0"), "{b2err}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(b2.try_wait().unwrap().is_none(), "the refused transfer ended the backup");
+    let (_, b2err) = wait(&mut b2, Duration::ZERO);
+    assert!(b2err.contains("disk 0") && b2err.contains("waiting on"), "{b2err}");
     // Two requests at once: the second is refused while the first runs; the first protects.
     let mut b3 = spawn("backup", &addr(3), "b3", &disk("b3.img", 1 << 20));
     std::thread::sleep(Duration::from_millis(300));
