@@ -603,3 +603,114 @@ impl Drop for Running {
 pub fn run(label: &str, cmd: &mut Command, timeout: Duration) -> Result<Finished> {
     Running::spawn(label, cmd)?.finish(timeout)
 }
+
+/// One event a side reported on `GET /events`: its kind, its fields, and when it happened
+/// (the event's own Unix time, so that a late follower times it right).
+#[derive(Debug, Clone)]
+pub struct SideEvent {
+    pub fields: serde_json::Value,
+    pub at: std::time::SystemTime,
+}
+
+impl SideEvent {
+    pub fn message(&self) -> String {
+        self.fields["message"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn f64(&self, field: &str) -> Option<f64> {
+        self.fields[field].as_f64()
+    }
+
+    pub fn str(&self, field: &str) -> Option<&str> {
+        self.fields[field].as_str()
+    }
+
+    /// Milliseconds from `since` to this event (negative if it came first).
+    pub fn ms_after(&self, since: std::time::SystemTime) -> f64 {
+        match self.at.duration_since(since) {
+            Ok(d) => d.as_secs_f64() * 1e3,
+            Err(e) => -e.duration().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// A side's events, followed on a thread of its own through its API socket (the same events
+/// it writes to standard error, as JSON: nothing here parses text).
+pub struct Events {
+    seen: Arc<Mutex<Vec<SideEvent>>>,
+}
+
+impl Events {
+    /// Follows the VM answering on `socket` until it ends (waiting up to 60 s for the socket).
+    pub fn follow(socket: &Path) -> Events {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (into, name, socket) = (seen.clone(), socket.display().to_string(), socket.to_path_buf());
+        let spawned = std::thread::Builder::new().name("bench-events".into()).spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut last_seq = None;
+            // Reconnects if the stream breaks early; `seq` drops what was seen already.
+            while Instant::now() < deadline {
+                let followed = ftvm_api::client::follow_events(&socket, |line| {
+                    let Ok(fields) = serde_json::from_str::<serde_json::Value>(line) else { return true };
+                    let seq = fields["seq"].as_u64();
+                    if seq.is_some() && seq <= last_seq {
+                        return true;
+                    }
+                    last_seq = seq;
+                    let at = fields["time"]
+                        .as_f64()
+                        .map(|t| std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
+                        .unwrap_or_else(std::time::SystemTime::now);
+                    into.lock().unwrap_or_else(|p| p.into_inner()).push(SideEvent { fields, at });
+                    true
+                });
+                if followed.is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("warning: cannot follow the events of {name}: {e}");
+        }
+        Events { seen }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SideEvent>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Events of `kind` (`takeover`, `backup_lost`, ...) seen so far that `keep` accepts.
+    pub fn of(&self, kind: &str, keep: impl Fn(&SideEvent) -> bool) -> Vec<SideEvent> {
+        self.lock().iter().filter(|e| e.fields["event"] == kind && keep(e)).cloned().collect()
+    }
+
+    pub fn count(&self, kind: &str) -> usize {
+        self.of(kind, |_| true).len()
+    }
+
+    /// Waits up to `timeout` for the `n`th (from 0) event of `kind` that `keep` accepts, or
+    /// until `gone` says the side has ended.
+    pub fn wait_for(
+        &self,
+        kind: &str,
+        n: usize,
+        timeout: Duration,
+        keep: impl Fn(&SideEvent) -> bool,
+        mut gone: impl FnMut() -> Result<bool>,
+    ) -> Result<Option<SideEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            if let Some(e) = self.of(kind, &keep).into_iter().nth(n) {
+                return Ok(Some(e));
+            }
+            if Instant::now() >= deadline || gone()? {
+                // One last look: the event may have come with the end.
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(self.of(kind, &keep).into_iter().nth(n));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

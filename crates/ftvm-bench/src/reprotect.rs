@@ -9,8 +9,8 @@
 //! guest first filled with 1 KiB values, then redis-benchmark SETs running through the
 //! protect, their throughput per 250 ms tick before and during it, and the longest gap of a
 //! 10 ms PING loop on its own connection), and resync (the `kvstore-rdtsc` guest, whose every
-//! PING makes the backup diverge: the primary resyncs it by a state transfer; its "PROTECTED
-//! by ... (resync)" line gives the time and the pause). Side by side: the same VM's local
+//! PING makes the backup diverge: the primary resyncs it by a state transfer; its `protected`
+//! event with reason `resync`, followed on GET /events, gives the time, the bytes and the pause). Side by side: the same VM's local
 //! `ftvm ctl snapshot` pause, and the published figures of ../shared/anchors.md. Writes
 //! reprotect.{json,svg}.
 //!
@@ -66,6 +66,8 @@ pub(crate) struct Vm {
     pub listen: Option<String>,
     pub sock: PathBuf,
     pub proc: Running,
+    /// Its events (GET /events on `sock`).
+    pub events: common::Events,
 }
 
 impl Vm {
@@ -170,7 +172,8 @@ impl PairEnv {
         let label = format!("backup #{id} on h{host}");
         let mut proc = Running::spawn(&label, &mut self.command(topo, host, "backup", ("--listen", &listen), &sock))?;
         proc.wait_for_stderr("backup listening", Duration::from_secs(30))?;
-        Ok(Vm { id, host, verb: "backup", listen: Some(listen), sock, proc })
+        let events = common::Events::follow(&sock);
+        Ok(Vm { id, host, verb: "backup", listen: Some(listen), sock, proc, events })
     }
 
     /// `ftvm primary --backup ADDR` on host `host`, once the guest is up (`kvstore: listening`).
@@ -181,7 +184,8 @@ impl PairEnv {
         let label = format!("primary #{id} on h{host}");
         let mut proc = Running::spawn(&label, &mut self.command(topo, host, "primary", ("--backup", backup), &sock))?;
         proc.wait_for_output(READY, Duration::from_secs(120))?;
-        Ok(Vm { id, host, verb: "primary", listen: None, sock, proc })
+        let events = common::Events::follow(&sock);
+        Ok(Vm { id, host, verb: "primary", listen: None, sock, proc, events })
     }
 }
 
@@ -366,11 +370,6 @@ pub(crate) fn wait_ping(topo: &Topology, timeout: Duration) -> Result<()> {
         }
         common::sleep(Duration::from_millis(200))?;
     }
-}
-
-/// Counts the lines of `text` that contain `needle`.
-pub(crate) fn count_lines(text: &str, needle: &str) -> usize {
-    text.lines().filter(|l| l.contains(needle)).count()
 }
 
 /// Waits until `f` holds (polled every `every`), or `timeout`; returns when it held.
@@ -725,21 +724,6 @@ pub(crate) fn max_of(s: &Series) -> f64 {
     s.samples.iter().copied().filter(|v| !v.is_nan()).fold(f64::NAN, f64::max)
 }
 
-/// "7.1 MiB" (ftvm's format_bytes) -> bytes.
-pub(crate) fn parse_bytes(s: &str) -> Option<u64> {
-    let mut w = s.split_whitespace();
-    let v: f64 = w.next()?.parse().ok()?;
-    let mult = match w.next()? {
-        "B" => 1.0,
-        "KiB" => 1024.0,
-        "MiB" => 1048576.0,
-        "GiB" => 1073741824.0,
-        "TiB" => 1099511627776.0,
-        _ => return None,
-    };
-    Some((v * mult) as u64)
-}
-
 // ---------------------------------------------------------------------------------------
 // The reprotect suite.
 // ---------------------------------------------------------------------------------------
@@ -837,7 +821,8 @@ struct LoadWindow {
 /// One resync of the backup (the resync case).
 #[derive(Debug, Clone, Serialize)]
 struct Resync {
-    /// "PROTECTED by ... (resync) after N ms" (from the divergence report to caught up).
+    /// The primary's `protected` event of the resync: `after_ms` (from the divergence report
+    /// to caught up).
     ms: f64,
     pause_ms: Option<f64>,
     shipped_bytes: Option<u64>,
@@ -1276,11 +1261,10 @@ fn protect_run(
 
 /// The resync case: each run, one PING makes the backup diverge; the primary resyncs it.
 fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: &Vm, c: &mut Case) -> Result<()> {
-    const LINE: &str = "(resync) after ";
+    let resynced = |e: &common::SideEvent| e.str("reason") == Some("resync");
+    let resyncs = || primary.events.of("protected", resynced).len();
     // wait_ping's PING already made the backup diverge: wait for that resync first.
-    let settled = wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
-        Ok(count_lines(&primary.proc.stderr_text(), LINE) >= 1)
-    })?;
+    let settled = wait_until(Duration::from_secs(60), Duration::from_millis(50), || Ok(resyncs() >= 1))?;
     if settled.is_none() {
         c.failures.push("the first PING did not lead to a resync within 60 s".into());
         return Ok(());
@@ -1289,8 +1273,8 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
     common::sleep(Duration::from_millis(500))?;
     let limit = Duration::from_secs(if ctx.args.resync_idle { 300 } else { 120 });
     for i in 0..ctx.runs {
-        let n0 = count_lines(&primary.proc.stderr_text(), LINE);
-        let t0 = Instant::now();
+        let n0 = resyncs();
+        let t0_wall = std::time::SystemTime::now();
         let reply = ping_once(topo, Duration::from_secs(10));
         let ping_reply_ms = reply.as_ref().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
         if let Err(e) = &reply {
@@ -1301,27 +1285,32 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
         } else {
             Some(Pinger::start_with(topo, Duration::from_millis(1), b"SET resync:nudge 1\r\n", b"+OK")?)
         };
-        let seen =
-            wait_until(limit, Duration::from_millis(5), || Ok(count_lines(&primary.proc.stderr_text(), LINE) > n0))?;
+        let seen = primary.events.wait_for("protected", n0, limit, resynced, || Ok(false))?;
         if let Some(n) = nudge {
             for (_, e) in n.errors() {
                 c.failures.push(format!("run {}: {e}", i + 1));
             }
         }
-        let Some(at) = seen else {
+        let Some(protected) = seen else {
             c.failures.push(format!("run {}: no resync within {} s of the PING", i + 1, limit.as_secs()));
             continue;
         };
-        let text = primary.proc.stderr_text();
-        let line = text.lines().filter(|l| l.contains(LINE)).nth(n0).unwrap_or_default().trim().to_string();
-        let mut r = parse_resync(&line, ping_reply_ms, (at - t0).as_secs_f64() * 1e3);
-        // The backup's "DIVERGED (...): replay diverged at exit N" of this resync: which sync point.
-        let berr = backup.proc.stderr_text();
-        r.detected_at_exit = berr
-            .lines()
-            .filter(|l| l.contains("DIVERGED"))
-            .nth(n0)
-            .and_then(|l| l.split("diverged at exit ").nth(1))
+        let mut r = Resync {
+            ms: protected.f64("after_ms").unwrap_or(f64::NAN),
+            pause_ms: protected.f64("pause_ms"),
+            shipped_bytes: protected.f64("sent_bytes").map(|b| b as u64),
+            ping_reply_ms,
+            ping_to_protected_ms: protected.ms_after(t0_wall),
+            detected_at_exit: None,
+            line: protected.message(),
+        };
+        // The backup's diverged event of this resync ("replay diverged at exit N"): which sync point.
+        r.detected_at_exit = backup
+            .events
+            .of("diverged", |_| true)
+            .get(n0)
+            .and_then(|e| e.str("why").and_then(|w| w.split("diverged at exit ").nth(1)).map(str::to_string))
+            .as_deref()
             .and_then(|t| {
                 t.trim_end_matches(|ch: char| !ch.is_ascii_digit()).split(|ch: char| !ch.is_ascii_digit()).next()
             })
@@ -1345,7 +1334,7 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
         }
         c.runs.push(Run {
             index: i,
-            backup: env_backup_addr(&line),
+            backup: protected.str("backup").unwrap_or_default().to_string(),
             backup_start_ms: f64::NAN,
             protect: None,
             load: None,
@@ -1358,29 +1347,6 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
     let s = status(&env.ftvm, &primary.sock)?;
     eprintln!("  primary status: resyncs {}", s["pair"]["resyncs"]);
     Ok(())
-}
-
-fn env_backup_addr(line: &str) -> String {
-    line.split("PROTECTED by ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()
-}
-
-/// "ftvm: PROTECTED by ADDR (resync) after N ms: X of state sent, guest paused P ms".
-fn parse_resync(line: &str, ping_reply_ms: f64, ping_to_protected_ms: f64) -> Resync {
-    let after = line.split("(resync) after ").nth(1).unwrap_or_default();
-    let ms = after.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-    let shipped_bytes =
-        after.split_once(" ms: ").and_then(|(_, r)| r.split(" of state sent").next()).and_then(parse_bytes);
-    let pause_ms =
-        line.split("guest paused ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok());
-    Resync {
-        ms,
-        pause_ms,
-        shipped_bytes,
-        ping_reply_ms,
-        ping_to_protected_ms,
-        detected_at_exit: None,
-        line: line.to_string(),
-    }
 }
 
 /// The same VM's local snapshot (under the same load for the load case), for its pause.
@@ -1631,7 +1597,7 @@ fn print_table(r: &Report) {
             );
         }
         println!(
-            "(kvstore-rdtsc, one PING a run{}; from the primary's \"PROTECTED by ... (resync) after N ms: X of state sent, guest paused P ms\")",
+            "(kvstore-rdtsc, one PING a run{}; from the primary's `protected` event (reason resync): after_ms, sent_bytes, pause_ms)",
             if r.resync_idle { ", the guest idle after it" } else { ", then SETs 1 ms apart on one connection to reach the sync points" }
         );
         println!(" (found at exit: the sync point, counted from the last state transfer, where the backup saw the divergence)");

@@ -7,7 +7,7 @@
 //! each event), and redis-benchmark (`-t set,get`) restarted whenever it ends. Then the
 //! events, each after a random gap (`--min-gap-ms`..`--max-gap-ms`, from `--seed`):
 //! - **failover** (`--failovers` of them): SIGKILL of the live side; the backup must go live
-//!   (its TAKEOVER line; its status `failovers`), timed from the kill;
+//!   (its `takeover` event on GET /events; its status `failovers`), timed from the kill;
 //! - **backup kill** (before a failover with probability `--backup-kill-percent`, at least one
 //!   per soak): SIGKILL of the backup; the live side must say it is unprotected, and clients
 //!   must notice nothing;
@@ -40,8 +40,7 @@ use crate::common::{self, Common, Machine, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
 use crate::reprotect::{
-    count_lines, is_protected, max_of, mem_label, parse_mem, protect, status, wait_ping, wait_until, PairEnv, Pinger,
-    Protect, RedisBench, Vm,
+    is_protected, max_of, mem_label, parse_mem, protect, status, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm,
 };
 
 #[derive(clap::Args, Debug)]
@@ -144,7 +143,7 @@ struct Event {
     /// Failover: the VM that went live.
     #[serde(skip_serializing_if = "Option::is_none")]
     took_over: Option<String>,
-    /// Failover: SIGKILL to the TAKEOVER line of the backup.
+    /// Failover: SIGKILL to the backup's `takeover` event.
     #[serde(skip_serializing_if = "Option::is_none")]
     takeover_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -809,12 +808,11 @@ fn event(
         None => true,
     };
     if let Some(b) = st.backup.as_mut() {
-        let err = b.proc.stderr_text();
-        if !live_exited && err.contains("TAKEOVER") {
+        if !live_exited && b.events.count("takeover") > 0 {
             violation(ev, format!("{} went live while its primary lived (two live sides?)", b.label()));
         }
-        if err.contains("halting") || err.contains("HALT") {
-            violation(ev, format!("{} halted: {}", b.label(), tail(&err)));
+        if let Some(halt) = b.events.of("halt", |_| true).first() {
+            violation(ev, format!("{} halted: {}", b.label(), halt.message()));
         }
         if b.proc.has_exited()? {
             let b = st.backup.take().unwrap_or_else(|| unreachable!());
@@ -859,6 +857,7 @@ fn event(
     }
 
     let t_kill = Instant::now();
+    let t_kill_wall = SystemTime::now();
     ev.at_s = st.soak_start.elapsed().as_secs_f64();
     match ev.kind {
         Kind::Failover => {
@@ -867,7 +866,7 @@ fn event(
             ev.killed = Some(format!("live #{} on h{}", dead.id, dead.host));
             let f = dead.proc.kill()?;
             st.keep_log(ev.killed.clone().unwrap_or_default(), f.stderr);
-            let Some(at) = wait_takeover(&mut survivor, Duration::from_secs(15))? else {
+            let Some(takeover) = wait_takeover(&mut survivor, Duration::from_secs(15))? else {
                 let label = survivor.label();
                 let err = survivor.proc.stderr_text();
                 violation(ev, format!("{label} did not take over within 15 s: {}", tail(&err)));
@@ -875,9 +874,8 @@ fn event(
                 st.keep_log(label, f.stderr);
                 return Ok(false);
             };
-            ev.takeover_ms = Some((at - t_kill).as_secs_f64() * 1e3);
-            ev.takeover_line =
-                survivor.proc.stderr_text().lines().find(|l| l.contains("TAKEOVER")).map(|l| l.trim().to_string());
+            ev.takeover_ms = Some(takeover.ms_after(t_kill_wall));
+            ev.takeover_line = Some(takeover.message());
             ev.took_over = Some(survivor.label());
             match status(&st.env.ftvm, &survivor.sock) {
                 Ok(s) => {
@@ -897,20 +895,19 @@ fn event(
         }
         Kind::BackupKill => {
             let b = st.backup.take().context("no backup")?;
-            let n0 = count_lines(&st.live.as_ref().context("no live VM")?.proc.stderr_text(), "UNPROTECTED");
+            let n0 = st.live.as_ref().context("no live VM")?.events.count("backup_lost");
             ev.killed = Some(b.label());
             let f = b.proc.kill()?;
             st.keep_log(ev.killed.clone().unwrap_or_default(), f.stderr);
             let ftvm = st.env.ftvm.clone();
             let live = st.live.as_ref().context("no live VM")?;
-            let seen = wait_until(Duration::from_secs(10), Duration::from_millis(5), || {
-                Ok(count_lines(&live.proc.stderr_text(), "UNPROTECTED") > n0)
-            })?;
+            let seen = live.events.wait_for("backup_lost", n0, Duration::from_secs(10), |_| true, || Ok(false))?;
             match seen {
-                Some(at) => ev.unprotected_ms = Some((at - t_kill).as_secs_f64() * 1e3),
-                None => {
-                    violation(ev, format!("{live_label} did not say UNPROTECTED within 10 s of the backup's SIGKILL"))
-                }
+                Some(lost) => ev.unprotected_ms = Some(lost.ms_after(t_kill_wall)),
+                None => violation(
+                    ev,
+                    format!("{live_label} reported no backup_lost event within 10 s of the backup's SIGKILL"),
+                ),
             }
             if is_protected(&ftvm, &live.sock) {
                 violation(ev, format!("{live_label}'s status still says protected after the backup's SIGKILL"));
@@ -927,19 +924,10 @@ fn event(
     Ok(true)
 }
 
-/// Waits for the TAKEOVER line of `vm`; None if it exits first or `timeout` passes.
-fn wait_takeover(vm: &mut Vm, timeout: Duration) -> Result<Option<Instant>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        common::check_interrupted()?;
-        if vm.proc.stderr_text().contains("TAKEOVER") {
-            return Ok(Some(Instant::now()));
-        }
-        if Instant::now() >= deadline || vm.proc.has_exited()? {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Waits for the takeover event of `vm`; None if it exits first or `timeout` passes.
+fn wait_takeover(vm: &mut Vm, timeout: Duration) -> Result<Option<common::SideEvent>> {
+    let Vm { events, proc, .. } = vm;
+    events.wait_for("takeover", 0, timeout, |_| true, || proc.has_exited())
 }
 
 fn progress(ev: &Event) {
@@ -1005,7 +993,9 @@ fn print_table(r: &Report) {
             e.violations.len()
         );
     }
-    println!("(live ms: SIGKILL to the TAKEOVER line; for a backup kill, to the live side's UNPROTECTED line)");
+    println!(
+        "(live ms: SIGKILL to the backup's takeover event; for a backup kill, to the live side's backup_lost event)"
+    );
     println!("(gap ms: the longest time a 10 ms PING loop on its own connection went unanswered, kill to protected again; p.gap: during the protect)\n");
     let mm = |s: &Series, p: usize| {
         if s.samples.is_empty() {
