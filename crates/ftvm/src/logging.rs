@@ -24,6 +24,19 @@ pub const EVENT_TARGET: &str = "ftvm::event";
 /// The target of the command line's own lines ([`say`]) in the JSON format.
 pub const CLI_TARGET: &str = "ftvm::cli";
 
+/// The start of every text line: `ftvm`, or `ftvm[ID]` for a VM started with `--id ID`, so
+/// that the lines of several VMs on one host (one journal) tell which VM said what.
+static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn prefix() -> &'static str {
+    PREFIX.get().map(String::as_str).unwrap_or("ftvm")
+}
+
+/// Names the VM in every text line from now on (`--id`).
+pub fn set_id(id: &str) {
+    let _ = PREFIX.set(format!("ftvm[{id}]"));
+}
+
 /// Whether `--log-format json` is in force.
 static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -33,7 +46,7 @@ static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// every line on standard error is JSON.
 pub fn say(line: fmt::Arguments<'_>) {
     if !JSON.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("ftvm: {line}");
+        eprintln!("{}: {line}", prefix());
         return;
     }
     let line = line.to_string();
@@ -131,7 +144,7 @@ where
         }
         let mut message = Message(String::new());
         event.record(&mut message);
-        writeln!(writer, "ftvm: {}", message.0)
+        writeln!(writer, "{}: {}", prefix(), message.0)
     }
 }
 

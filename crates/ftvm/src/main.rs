@@ -465,7 +465,8 @@ struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// The VM's identity (1-64 letters, digits, '.', '_', '-'): names its default API socket
-    /// and, for a pair, its default lock file, so that two VMs on one host never share them.
+    /// and, for a pair, its default lock file, so that two VMs on one host never share them,
+    /// and starts its lines (`ftvm[NAME]: ...`); `ftvm list` shows it.
     #[arg(long, value_name = "NAME", value_parser = parse_id)]
     id: Option<String>,
 }
@@ -531,6 +532,15 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if let Command::Run(vm)
+    | Command::Record(RecordArgs { vm, .. })
+    | Command::Primary(PrimaryArgs { vm, .. })
+    | Command::Backup(BackupArgs { vm, .. }) = &cli.command
+    {
+        if let Some(id) = &vm.id {
+            logging::set_id(id);
+        }
+    }
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
         say!("error: {e}");
         return ftvm_exit::ExitStatus::Usage.into();

@@ -142,6 +142,9 @@ fn two_pairs_on_one_host_keep_a_working_default_each_with_its_own_private_lock()
         assert_eq!(bout.status.code(), Some(0), "pair {i}: backup: {berr}");
         let console = std::fs::read_to_string(dir.join(format!("p{i}.txt"))).unwrap();
         assert!(console.contains("digest: "), "{console}");
+        // Each side's lines name its VM, so that one journal of both pairs tells them apart.
+        let mine = format!("ftvm[{}]: paired", ids[i]);
+        assert!(perr.contains(&mine) && berr.contains(&mine), "{mine:?} missing: {perr}\n{berr}");
     }
     for id in &ids {
         let _ = std::fs::remove_file(run.join(format!("{id}.lock")));
