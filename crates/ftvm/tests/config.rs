@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ fn documented_example() -> String {
 
 /// A directory with the example, a key and a `target` link to the repository's, so that the
 /// example's relative paths work unchanged from it.
-fn example_dir(name: &str) -> PathBuf {
+fn example_dir(name: &str) -> Scratch {
     let dir = scratch(name);
     std::fs::write(dir.join("pair.toml"), documented_example()).unwrap();
     std::fs::write(dir.join("pair.key"), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();

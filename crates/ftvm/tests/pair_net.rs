@@ -95,7 +95,7 @@ fn start_side(net: &Topology, role: &str, dir: &Path) -> Child {
 }
 
 /// The network, a scratch directory with blank disks and the pair's key.
-fn setup(tag: &str) -> (Topology, std::path::PathBuf) {
+fn setup(tag: &str) -> (Topology, Scratch) {
     let dir = scratch(tag);
     let net = Topology::up(tag, 2);
     blank_disk(&dir.join("a.img"));
@@ -104,7 +104,7 @@ fn setup(tag: &str) -> (Topology, std::path::PathBuf) {
     (net, dir)
 }
 
-fn pair(tag: &str) -> (Topology, std::path::PathBuf, Child, Child) {
+fn pair(tag: &str) -> (Topology, Scratch, Child, Child) {
     let (net, dir) = setup(tag);
     let backup = start_side(&net, "backup", &dir);
     std::thread::sleep(Duration::from_millis(400));
@@ -282,7 +282,7 @@ fn failover_then_reprotection_under_load_then_a_second_failover_keep_the_client_
 }
 
 /// A pair running the guest that reads the TSC in ring 3 on every PING.
-fn rdtsc_pair(tag: &str, primary_env: Option<(&str, &str)>) -> (Topology, std::path::PathBuf, Child, Child) {
+fn rdtsc_pair(tag: &str, primary_env: Option<(&str, &str)>) -> (Topology, Scratch, Child, Child) {
     let (net, dir) = setup(tag);
     let backup = Side::new("h2", "backup", "10.99.0.2:7000").guest("kvstore-rdtsc").start(&net, &dir);
     std::thread::sleep(Duration::from_millis(400));

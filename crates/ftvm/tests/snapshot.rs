@@ -181,6 +181,7 @@ fn reference_digest() -> &'static str {
 /// A snapshot of the compute guest and what its run printed.
 struct Taken {
     dir: PathBuf,
+
     /// The `digest:` line of the run the snapshot was taken of.
     digest: String,
 }
@@ -189,7 +190,7 @@ struct Taken {
 fn live_compute_snapshot() -> &'static Taken {
     static TAKEN: OnceLock<Taken> = OnceLock::new();
     TAKEN.get_or_init(|| {
-        let dir = scratch("snap-live");
+        let dir = shared_scratch("snap-live");
         let (socket, console) = (dir.join("vm.sock"), dir.join("console.txt"));
         let mut vm = spawn_vm(&guest("compute"), ROUNDS, &socket, &console);
         wait_for_api(&socket, &mut vm);
@@ -227,7 +228,7 @@ fn live_compute_snapshot() -> &'static Taken {
 fn paused_compute_snapshot() -> &'static Taken {
     static TAKEN: OnceLock<Taken> = OnceLock::new();
     TAKEN.get_or_init(|| {
-        let dir = scratch("snap-paused");
+        let dir = shared_scratch("snap-paused");
         let (socket, console) = (dir.join("vm.sock"), dir.join("console.txt"));
         let mut vm = spawn_vm(&guest("compute"), ROUNDS, &socket, &console);
         wait_for_api(&socket, &mut vm);

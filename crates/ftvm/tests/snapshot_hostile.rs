@@ -61,7 +61,7 @@ static DISK: Mutex<()> = Mutex::new(());
 fn taken() -> &'static Taken {
     static TAKEN: OnceLock<Taken> = OnceLock::new();
     TAKEN.get_or_init(|| {
-        let dir = scratch("snap-hostile");
+        let dir = shared_scratch("snap-hostile");
         let disk = dir.join("disk.img");
         std::fs::write(&disk, disk_content()).unwrap();
         let socket = dir.join("vm.sock");
