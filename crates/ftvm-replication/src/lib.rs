@@ -1,4 +1,4 @@
-//! The fault-tolerant pair (design brief §4): the primary streams its event log to the backup,
+//! The fault-tolerant pair (docs/replication.md): the primary streams its event log to the backup,
 //! holds every output until the backup has acknowledged the log up to it, performs it, and
 //! tells the backup (OUTPUT_DONE). The backup replays the stream a few milliseconds behind;
 //! when the primary dies it wins the arbiter, drains what it received and goes live, performing

@@ -51,7 +51,7 @@ pub trait OutputGate: Send {
     /// Outputs waiting (held by a primary, or replayed and not yet covered on a backup).
     fn held(&self) -> usize;
     /// A backup going live: the replayed outputs OUTPUT_DONE did not cover, in order, to be
-    /// performed now (design brief §4, the failover rule); from now on `submit` returns every
+    /// performed now (the failover rule, docs/replication.md); from now on `submit` returns every
     /// output for immediate performance.
     fn go_live(&mut self) -> Vec<(OutputTarget, Vec<u8>)> {
         Vec::new()

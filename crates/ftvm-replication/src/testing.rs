@@ -1,5 +1,5 @@
 //! Test-only crash switches: `FTVM_TEST_CRASH=WINDOW:N` makes a primary abort at exactly one
-//! of the four crash windows of design brief §4 for its N-th output (counted from 0):
+//! of the four crash windows of docs/replication.md for its N-th output (counted from 0):
 //!
 //! 1. before the output's log entry is written (it never reaches the backup);
 //! 2. after the backup acknowledged it, before it is performed;
