@@ -88,9 +88,9 @@ pub(crate) struct Bench {
     pub(crate) window_unix_ns: (u64, u64),
     /// From the recording's log (ftvm record only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    exits_per_request: Option<f64>,
+    pub(crate) exits_per_request: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    log_bytes_per_request: Option<f64>,
+    pub(crate) log_bytes_per_request: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     net_rx_bytes_per_request: Option<f64>,
 }
@@ -112,8 +112,8 @@ struct Session {
 }
 
 #[derive(Debug, Clone, Serialize)]
-struct LogTotals {
-    bytes: u64,
+pub(crate) struct LogTotals {
+    pub(crate) bytes: u64,
     guest_s: f64,
     by_kind: BTreeMap<String, crate::rr::KindCount>,
 }
@@ -171,7 +171,7 @@ impl Topology {
         Ok(topo)
     }
 
-    fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         self.host_n(1)
     }
 
@@ -382,7 +382,7 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
         if !log.is_file() {
             bail!("ftvm record wrote no log at {}: {}", log.display(), f.describe());
         }
-        s.log = Some(per_request(ctx, &log, &mut s.benches)?);
+        s.log = Some(per_request(&ctx.ftvm, &log, &mut s.benches)?);
         if !ctx.args.no_replay {
             eprintln!("  replaying {}", log.display());
             let mut cmd = Command::new(&ctx.ftvm);
@@ -495,8 +495,8 @@ struct Event {
 /// Maps each benchmark's host-time window to guest time (the log's header has the host wall
 /// time at record start; CLOCK records carry guest time, exit index and their offset) and
 /// counts the exits and log bytes inside it.
-fn per_request(ctx: &Ctx, log: &Path, benches: &mut [Bench]) -> Result<LogTotals> {
-    let out = Command::new(&ctx.ftvm).args(["log", "inspect", "--json", "--events"]).arg(log).output()?;
+pub(crate) fn per_request(ftvm: &Path, log: &Path, benches: &mut [Bench]) -> Result<LogTotals> {
+    let out = Command::new(ftvm).args(["log", "inspect", "--json", "--events"]).arg(log).output()?;
     if !out.status.success() {
         bail!("ftvm log inspect {} failed: {}", log.display(), String::from_utf8_lossy(&out.stderr));
     }

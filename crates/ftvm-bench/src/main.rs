@@ -5,6 +5,7 @@
 //! - `run-vs-qemu` (the default): `ftvm run` vs QEMU microvm (KVM): boot, compute, port I/O;
 //! - `record-replay`: `ftvm run`/`record`/`replay` times and log sizes, QEMU TCG record/replay;
 //! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU;
+//! - `redis`: the real Redis 7 under the Linux personality vs the same binary natively and vs kvstore;
 //! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage;
 //! - `snapshot`: live snapshot and restore of the kvstore guest vs QEMU's migration to a file;
 //! - `reprotect`: re-protection of a live VM by a new backup (time, pause, clients) and resync;
@@ -16,6 +17,7 @@ mod common;
 mod kvstore;
 mod pair;
 mod plot;
+mod redis;
 mod reprotect;
 mod rr;
 mod snapshot;
@@ -45,6 +47,8 @@ enum Suite {
     RecordReplay(rr::Args),
     /// redis-benchmark against the kvstore guest: ftvm run, ftvm record, QEMU microvm (root).
     Kvstore(kvstore::Args),
+    /// The real Redis 7 under the Linux personality (ftvm run, record) vs natively and vs kvstore (root).
+    Redis(redis::Args),
     /// The kvstore guest protected by a pair vs unprotected; log bandwidth, failover outage (root).
     Pair(pair::Args),
     /// Live snapshot and restore of the kvstore guest, idle and under load, vs QEMU's migration to a file (root).
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
         None | Some(Suite::RunVsQemu) => vs_qemu::run(&cli.common, cli.io_count),
         Some(Suite::RecordReplay(a)) => rr::run(&cli.common, a),
         Some(Suite::Kvstore(a)) => kvstore::run(&cli.common, a),
+        Some(Suite::Redis(a)) => redis::run(&cli.common, a),
         Some(Suite::Pair(a)) => pair::run(&cli.common, a),
         Some(Suite::Snapshot(a)) => snapshot::run(&cli.common, a),
         Some(Suite::Reprotect(a)) => reprotect::run(&cli.common, a),

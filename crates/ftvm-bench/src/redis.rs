@@ -1,0 +1,377 @@
+//! The `redis` suite (issue 15, benchmarks): redis-benchmark SET and GET against the real,
+//! unmodified Redis 7.0.15 (target/test-assets/redis-server, static musl) under the Linux
+//! personality with `ftvm run` and `ftvm record`, against the **same binary natively** in the
+//! host namespace of the same test network (scripts/topology.sh; the address 10.0.0.2 is put
+//! on that namespace's bridge for the native sessions, so the clients' path differs only by
+//! the VM's TAP), and against the `kvstore` guest under `ftvm run`. Writes redis.{json,svg}.
+//!
+//! Redis runs with `--appendonly no` by default (`--redis-args`) on every engine: with the
+//! image's `appendfsync always` the native figure would measure the host's disk, the VM's
+//! a RAM file (no `--disk` unless `--disk-mib`). Sessions rotate engines so that machine noise hits all
+//! alike. Exits per request: from a recording's log (each benchmark's window, as the kvstore
+//! suite does), and for `ftvm run` the session's exit count (boot included) over its requests.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running, Series};
+use crate::kvstore::{bench, per_request, Bench, Topology, GUEST_IP};
+use crate::plot;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Client counts (redis-benchmark -c), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,20,50")]
+    clients: Vec<u32>,
+    /// Requests per redis-benchmark run (one test) with several clients.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Requests per run with one client.
+    #[arg(long, default_value_t = 3_000)]
+    requests_single: u64,
+    /// Arguments for redis-server after its configuration file, on every engine.
+    #[arg(long, default_value = "--appendonly no")]
+    redis_args: String,
+    /// The static redis-server (scripts/fetch-redis.sh).
+    #[arg(long, default_value = "target/test-assets/redis-server")]
+    redis_server: PathBuf,
+    /// The redis-benchmark binary (Debian's redis-tools).
+    #[arg(long, default_value = "redis-benchmark")]
+    redis_benchmark: PathBuf,
+    /// The topology script (run from the repository root, or give its path).
+    #[arg(long, default_value = "scripts/topology.sh")]
+    topology: PathBuf,
+    /// Leave out the recording (and its log-derived counts).
+    #[arg(long)]
+    no_record: bool,
+    /// Give every VM a fresh blank data disk of this many MiB (Redis's /data is then
+    /// journaled there; kvstore logs its writes there); default: none (all in RAM).
+    #[arg(long)]
+    disk_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Engine {
+    RedisFtvmRun,
+    RedisFtvmRecord,
+    RedisNative,
+    KvstoreFtvmRun,
+}
+
+impl Engine {
+    fn label(self) -> &'static str {
+        match self {
+            Engine::RedisFtvmRun => "Redis, ftvm run",
+            Engine::RedisFtvmRecord => "Redis, ftvm record",
+            Engine::RedisNative => "Redis, native",
+            Engine::KvstoreFtvmRun => "kvstore, ftvm run",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Session {
+    engine: Engine,
+    rep: usize,
+    wall_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counts: Option<ExitSummary>,
+    /// The session's exits (boot included) over all its requests (ftvm engines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_exits_per_request: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_bytes: Option<u64>,
+    benches: Vec<Bench>,
+}
+
+#[derive(Debug, Serialize)]
+struct Cell {
+    test: String,
+    clients: u32,
+    engine: Engine,
+    rps: Series,
+    p50_ms: Series,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exits_per_request: Option<Series>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_bytes_per_request: Option<Series>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    suite: &'static str,
+    machine: Machine,
+    runs: usize,
+    redis_benchmark: String,
+    redis_args: String,
+    cells: Vec<Cell>,
+    ratios: Vec<Ratio>,
+    sessions: Vec<Session>,
+}
+
+struct Ctx<'a> {
+    args: &'a Args,
+    redis_benchmark: PathBuf,
+    ftvm: PathBuf,
+    redis_server: PathBuf,
+    redis_elf: PathBuf,
+    redis_cpio: PathBuf,
+    kvstore: PathBuf,
+    work: PathBuf,
+}
+
+pub fn run(common: &Common, args: &Args) -> Result<()> {
+    let redis_benchmark = common::kvstore_network_suite(common, "redis", &args.redis_benchmark, &args.topology)?;
+    common::require_file(&args.redis_server, "redis-server", "build it with scripts/fetch-redis.sh")?;
+    let cpio = common.guests.join("redis.cpio");
+    common::require_file(
+        &cpio,
+        "redis.cpio",
+        "build the guests with `cargo xtask guests` after scripts/fetch-redis.sh",
+    )?;
+    let work = common.out.join("redis");
+    let common = &common.with_ftvm_copy(&work)?;
+    let machine = Machine::describe_without_qemu(common)?;
+    let runs = common.runs.unwrap_or(3).max(1);
+    let images = common::snapshot_images(&common.guests, &["redis", "kvstore"], &work)?;
+    let work = std::fs::canonicalize(&work)?;
+    let redis_cpio = work.join("redis.cpio");
+    std::fs::copy(&cpio, &redis_cpio)?;
+    let redis_server = work.join("redis-server");
+    std::fs::copy(&args.redis_server, &redis_server)?;
+    let ctx = Ctx {
+        args,
+        redis_benchmark,
+        ftvm: std::fs::canonicalize(&common.ftvm)?,
+        redis_server,
+        redis_elf: images["redis"].clone(),
+        redis_cpio,
+        kvstore: images["kvstore"].clone(),
+        work,
+    };
+    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let mut engines = vec![Engine::RedisFtvmRun, Engine::RedisNative, Engine::KvstoreFtvmRun];
+    if !args.no_record {
+        engines.push(Engine::RedisFtvmRecord);
+    }
+    let topo = Topology::up(&args.topology, 1)?;
+    let mut sessions = Vec::new();
+    for rep in 0..runs {
+        for k in 0..engines.len() {
+            let engine = engines[(k + rep) % engines.len()];
+            eprintln!("round {}/{runs}: {}", rep + 1, engine.label());
+            sessions.push(session(&ctx, &topo, engine, rep)?);
+        }
+    }
+    drop(topo);
+
+    let mut cells = Vec::new();
+    for &c in &args.clients {
+        for test in ["SET", "GET"] {
+            for &engine in &engines {
+                let mut cell = Cell {
+                    test: test.into(),
+                    clients: c,
+                    engine,
+                    rps: Series::default(),
+                    p50_ms: Series::default(),
+                    exits_per_request: None,
+                    log_bytes_per_request: None,
+                };
+                for b in sessions.iter().filter(|s| s.engine == engine).flat_map(|s| &s.benches) {
+                    if b.test == test && b.clients == c {
+                        cell.rps.push(b.rps);
+                        cell.p50_ms.push(b.p50_ms);
+                        if let Some(e) = b.exits_per_request {
+                            cell.exits_per_request.get_or_insert_with(Series::default).push(e);
+                        }
+                        if let Some(e) = b.log_bytes_per_request {
+                            cell.log_bytes_per_request.get_or_insert_with(Series::default).push(e);
+                        }
+                    }
+                }
+                cells.push(cell);
+            }
+        }
+    }
+    let rps = |test: &str, c: u32, e: Engine| {
+        cells.iter().find(|x| x.test == test && x.clients == c && x.engine == e).map_or(f64::NAN, |x| x.rps.median)
+    };
+    let mut ratios = Vec::new();
+    for &c in &args.clients {
+        for test in ["SET", "GET"] {
+            let run = rps(test, c, Engine::RedisFtvmRun);
+            let mut native =
+                Ratio::new(format!("{test} c={c} ftvm run/native"), run / rps(test, c, Engine::RedisNative));
+            if c >= 50 {
+                native = native.at_least(0.9);
+            }
+            ratios.push(native);
+            ratios.push(Ratio::new(
+                format!("{test} c={c} Redis/kvstore (ftvm run)"),
+                run / rps(test, c, Engine::KvstoreFtvmRun),
+            ));
+            if !args.no_record {
+                ratios.push(
+                    Ratio::new(format!("{test} c={c} record/run"), rps(test, c, Engine::RedisFtvmRecord) / run)
+                        .at_least(0.95),
+                );
+            }
+        }
+    }
+    let report = Report {
+        suite: "redis",
+        machine,
+        runs,
+        redis_benchmark: rb_version,
+        redis_args: args.redis_args.clone(),
+        cells,
+        ratios,
+        sessions,
+    };
+    let bars: Vec<plot::Bar> =
+        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let svg = plot::bars("Redis 7.0.15 under redis-benchmark: throughput ratios (medians)", &bars);
+    let (json, svg) = common::write_results(&common.out, "redis", &report, &svg)?;
+    print_table(&report);
+    println!("\nwrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// Runs `ip ARGS` and fails loudly if it fails.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    anyhow::ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Session> {
+    let host = topo.host();
+    // 10.0.0.2 moves between the VM's MAC and the host bridge's: forget the old neighbour.
+    ip(&["-n", &topo.client(), "neigh", "flush", "all"])?;
+    let log = ctx.work.join(format!("redis-{rep}.ftvmlog"));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &host]);
+    let disk = match ctx.args.disk_mib {
+        Some(mib) => Some(common::fresh_disk(&ctx.work, &format!("disk-{rep}.img"), mib)?),
+        None => None,
+    };
+    let ready = match engine {
+        Engine::RedisNative => {
+            ip(&["-n", &host, "addr", "add", &format!("{GUEST_IP}/24"), "dev", "br0"])?;
+            cmd.arg(&ctx.redis_server);
+            cmd.args(["--bind", GUEST_IP, "--port", "6379", "--protected-mode", "no", "--save", ""]);
+            cmd.arg("--dir").arg(&ctx.work).args(ctx.args.redis_args.split_whitespace());
+            "Ready to accept connections"
+        }
+        Engine::KvstoreFtvmRun => {
+            cmd.arg(&ctx.ftvm).args(["run", "--log-level", "info", "--net", "tap=tap0", "--rng"]);
+            if let Some(d) = &disk {
+                cmd.arg("--disk").arg(d);
+            }
+            cmd.arg("--kernel").arg(&ctx.kvstore).args(["--cmdline", &format!("ip={GUEST_IP}/24")]);
+            crate::kvstore::READY
+        }
+        Engine::RedisFtvmRun | Engine::RedisFtvmRecord => {
+            cmd.arg(&ctx.ftvm);
+            if engine == Engine::RedisFtvmRun {
+                cmd.arg("run");
+            } else {
+                let _ = std::fs::remove_file(&log);
+                cmd.arg("record").arg("--log").arg(&log);
+            }
+            cmd.args(["--log-level", "info", "--mem", "1G", "--net", "tap=tap0", "--rng"]);
+            if let Some(d) = &disk {
+                cmd.arg("--disk").arg(d);
+            }
+            cmd.arg("--kernel").arg(&ctx.redis_elf).arg("--initrd").arg(&ctx.redis_cpio);
+            cmd.arg("--cmdline").arg(format!("ip={GUEST_IP}/24 -- /redis.conf {}", ctx.args.redis_args));
+            "Ready to accept connections"
+        }
+    };
+    let result = measure(ctx, topo, engine, rep, &mut cmd, ready, &log);
+    if engine == Engine::RedisNative {
+        let _ = ip(&["-n", &host, "addr", "del", &format!("{GUEST_IP}/24"), "dev", "br0"]);
+    }
+    if let Some(d) = disk {
+        let _ = std::fs::remove_file(d);
+    }
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(log.with_extension("ftvmlog.disk0"));
+    result
+}
+
+fn measure(
+    ctx: &Ctx,
+    topo: &Topology,
+    engine: Engine,
+    rep: usize,
+    cmd: &mut Command,
+    ready: &str,
+    log: &std::path::Path,
+) -> Result<Session> {
+    let mut vm = Running::spawn(engine.label(), cmd)?;
+    vm.wait_for_output(ready, Duration::from_secs(180))?;
+    let mut benches = Vec::new();
+    for &c in &ctx.args.clients {
+        for test in ["SET", "GET"] {
+            let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
+            benches.push(bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
+                format!("{} (round {}): console so far:\n{}", engine.label(), rep + 1, vm.stdout_text())
+            })?);
+        }
+    }
+    let f = vm.terminate(Duration::from_secs(10))?;
+    let counts = ExitSummary::parse(&f.stderr);
+    let requests: u64 = benches.iter().map(|b| b.requests).sum();
+    let session_exits_per_request = counts.as_ref().map(|c| c.exits as f64 / requests as f64);
+    let mut log_bytes = None;
+    if engine == Engine::RedisFtvmRecord {
+        anyhow::ensure!(log.is_file(), "ftvm record wrote no log at {}: {}", log.display(), f.describe());
+        log_bytes = Some(per_request(&ctx.ftvm, log, &mut benches)?.bytes);
+    }
+    Ok(Session { engine, rep, wall_s: f.wall_s(), counts, session_exits_per_request, log_bytes, benches })
+}
+
+fn print_table(r: &Report) {
+    r.machine
+        .print(&format!("{} sessions per engine, one redis-benchmark run per test and client count in each", r.runs));
+    println!("{}; redis-server arguments: {}\n", r.redis_benchmark, r.redis_args);
+    println!(
+        "{:<4} {:>3}  {:<19} {:>10} {:>9} {:>11} {:>11}",
+        "test", "c", "engine", "req/s", "p50 ms", "exits/req", "log B/req"
+    );
+    for cell in &r.cells {
+        let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
+        println!(
+            "{:<4} {:>3}  {:<19} {:>10.0} {:>9.3} {:>11} {:>11}",
+            cell.test,
+            cell.clients,
+            cell.engine.label(),
+            cell.rps.median,
+            cell.p50_ms.median,
+            opt(&cell.exits_per_request, 2),
+            opt(&cell.log_bytes_per_request, 1)
+        );
+    }
+    println!();
+    for ratio in &r.ratios {
+        println!("{:<34} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
+    }
+    for s in &r.sessions {
+        let per =
+            s.session_exits_per_request.map_or(String::new(), |e| format!(", {e:.2} exits/request over the session"));
+        let counts = s.counts.as_ref().map_or(String::new(), |c| {
+            format!(
+                "  {} exits ({} port I/O, {} MMIO, {} HLT), {} interrupts{per}",
+                c.exits, c.port_io, c.mmio, c.hlt, c.interrupts
+            )
+        });
+        println!("session {} {:<19} {:>7.2} s{counts}", s.rep + 1, s.engine.label(), s.wall_s);
+    }
+}
