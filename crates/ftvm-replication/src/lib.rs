@@ -36,8 +36,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A socket or file operation failed: what was being done, and the cause.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log stream could not be written.
+    #[error("{what}: {source}")]
+    Log {
+        what: &'static str,
+        #[source]
+        source: ftvm_log::LogError,
+    },
+    /// What the peer sent, or what was found on disk, is not what it must be.
     #[error("{0}")]
-    Io(String),
+    Refused(String),
     #[error("the pair cannot form: {0}")]
     Handshake(String),
     /// A connection failed before the pair formed, by its peer's doing (it closed, stalled,
@@ -74,5 +89,5 @@ pub fn halt(why: &str) -> ! {
 
 pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
-    move |e| Error::Io(format!("{what}: {e}"))
+    move |source| Error::Io { what, source }
 }

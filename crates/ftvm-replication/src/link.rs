@@ -116,7 +116,7 @@ impl Connection {
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(Error::Io(format!("cannot reach the backup at {addr}: {e}"))),
+                Err(source) => return Err(Error::Io { what: format!("cannot reach the backup at {addr}"), source }),
             }
         };
         let _ = stream.set_nodelay(true);

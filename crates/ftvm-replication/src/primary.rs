@@ -307,8 +307,8 @@ const PROBE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 pub fn log_channel(header: &LogHeader) -> Result<(StreamWriter, LogQueue)> {
     let outbox = Arc::new(Outbox { inner: Mutex::new(OutboxInner::default()), wake: std::sync::Condvar::new() });
     let writer: Box<dyn Write + Send> = Box::new(OutboxWriter { buf: Vec::new(), outbox: outbox.clone() });
-    let mut log = LogWriter::new(writer, header).map_err(|e| Error::Io(format!("log: {e}")))?;
-    log.flush().map_err(|e| Error::Io(format!("log: {e}")))?;
+    let mut log = LogWriter::new(writer, header).map_err(|source| Error::Log { what: "log", source })?;
+    log.flush().map_err(|source| Error::Log { what: "log", source })?;
     Ok((log, LogQueue(outbox)))
 }
 

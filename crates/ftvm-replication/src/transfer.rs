@@ -24,11 +24,11 @@ const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 
 fn err(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Io(format!("{what}: {e}"))
+    move |source| Error::Io { what, source }
 }
 
-fn net(e: std::io::Error) -> Error {
-    Error::Io(format!("sending the state to the backup: {e}"))
+fn net(source: std::io::Error) -> Error {
+    Error::Io { what: "sending the state to the backup".into(), source }
 }
 
 /// Writes the records of a transfer: each file's name and size, its non-zero data (the
@@ -147,7 +147,7 @@ fn make_private_dir(dir: &Path) -> Result<()> {
     let me = unsafe { libc::geteuid() };
     let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
     if !meta.is_dir() || meta.uid() != me || meta.permissions().mode() & 0o077 != 0 || !empty {
-        return Err(Error::Io(format!(
+        return Err(Error::Refused(format!(
             "{} exists and is not an empty private directory of this user: the state is not received into it",
             dir.display()
         )));
@@ -163,8 +163,8 @@ pub fn receive_dir(r: &mut dyn Read, dir: &Path, received: &AtomicU64) -> Result
         remove_stale_staging(parent);
     }
     make_private_dir(dir)?;
-    let bad = |what: String| Error::Io(format!("the state transfer is malformed: {what}"));
-    let net = |e: std::io::Error| Error::Io(format!("receiving the state: {e}"));
+    let bad = |what: String| Error::Refused(format!("the state transfer is malformed: {what}"));
+    let net = |source: std::io::Error| Error::Io { what: "receiving the state".into(), source };
     let mut current: Option<(File, u64)> = None;
     loop {
         let mut tag = [0u8; 1];
