@@ -50,8 +50,23 @@ pub enum Error {
     Restore(String),
     #[error("replay: {0}")]
     Replay(String),
-    #[error("vCPU thread: {0}")]
-    Thread(String),
+    /// A thread of the VM could not be started.
+    #[error("cannot start the {thread} thread: {source}")]
+    Spawn {
+        thread: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vCPU thread panicked (a bug; its message went to standard error).
+    #[error("the vCPU thread panicked")]
+    VcpuPanicked,
+    /// A VM runs once: it was asked to run again.
+    #[error("the VM already ran")]
+    AlreadyRan,
+    /// A session that needs the dirty tracker (sync points, snapshots) was built without one:
+    /// a bug in how the session was put together.
+    #[error("no dirty tracker in this session (a sync point or snapshot needs one)")]
+    NoDirtyTracker,
 }
 
 impl Error {

@@ -279,7 +279,7 @@ impl Protection {
         progress: &mut ProtectProgress,
         started: Instant,
     ) -> Result<()> {
-        let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
+        let pair = Error::Replication;
         let mut conn = Connection::connect(backup, &self.settings.key, CONNECT_WAIT, Mode::Transfer).map_err(pair)?;
         let header =
             serde_json::to_vec(&self.snapshot.header).map_err(|e| Error::Pair(format!("transfer header: {e}")))?;

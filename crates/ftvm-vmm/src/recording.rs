@@ -242,7 +242,7 @@ pub fn backup(
     sync_policy: Option<crate::syncpoint::SyncPolicy>,
 ) -> Result<RunReport> {
     use ftvm_replication::link::{Listener, Mode};
-    let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
+    let pair = Error::Replication;
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag };
     let listener = Listener::bind(link.listen, &link.key).map_err(pair)?;
     tracing::info!(
@@ -438,7 +438,7 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
         return refuse(format!("answering it: {e}"));
     }
     // The primary copies its state live before it ships it: a longer silence than before.
-    conn.set_read_timeout(Some(TRANSFER_STALL)).map_err(|e| Error::Pair(e.to_string()))?;
+    conn.set_read_timeout(Some(TRANSFER_STALL))?;
     let started = std::time::Instant::now();
     tracing::info!(
         target: "ftvm::event",
@@ -451,7 +451,7 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     let _ = std::fs::remove_dir_all(&dir);
     let received = std::sync::atomic::AtomicU64::new(0);
     let got = ftvm_replication::transfer::receive_dir(&mut *conn.reader, &dir, &received);
-    let restored = got.map_err(|e| Error::Pair(e.to_string())).and_then(|()| {
+    let restored = got.map_err(Error::Replication).and_then(|()| {
         let host =
             RestoreHost { console: config.console.clone(), nets: config.nets.clone(), disks: config.disks.clone() };
         crate::snapshot::restore_snapshot(Snapshot::open(&dir)?, &host, false)
@@ -635,7 +635,7 @@ impl BackgroundFile {
                     fail(e);
                 }
             })
-            .map_err(|e| Error::Thread(format!("cannot start the log writer: {e}")))?;
+            .map_err(|source| Error::Spawn { thread: "log writer", source })?;
         Ok(BackgroundFile { buf: Vec::with_capacity(Self::CHUNK), tx: Some(tx), failed, thread: Some(thread) })
     }
 

@@ -756,7 +756,7 @@ fn report(src: &SnapshotSource, progress: &mut SnapshotProgress, started: Instan
 /// the manifest last. `sent` counts the data bytes.
 pub(crate) fn ship(w: &mut dyn Write, dir: &Path, sent: &std::sync::atomic::AtomicU64) -> Result<()> {
     use ftvm_replication::transfer::{DirSender, MANIFEST as SENT_LAST};
-    let pair = |e: ftvm_replication::Error| Error::Pair(e.to_string());
+    let pair = Error::Replication;
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(snap_err(format!("cannot read {}", dir.display())))?
         .filter_map(|e| e.ok())

@@ -362,8 +362,7 @@ impl Vm {
                         console,
                         taps: self.taps.clone(),
                     })));
-                let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)
-                    .map_err(|e| Error::Pair(e.to_string()))?;
+                let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)?;
                 gate = Some(primary.gate());
                 if let Some(p) = &protection {
                     p.set_boot_link(primary, link.backup);
@@ -394,8 +393,8 @@ impl Vm {
         let kicker = Kicker::new()?;
         let doorbell = Arc::new(Doorbell::default());
         let (console, input) = open_console(&self.config.console, &kicker, &doorbell)?;
-        let vcpu = self.vcpu.take().ok_or_else(|| Error::Thread("the VM already ran".into()))?;
-        let virtio = self.virtio.take().ok_or_else(|| Error::Thread("the VM already ran".into()))?;
+        let vcpu = self.vcpu.take().ok_or(Error::AlreadyRan)?;
+        let virtio = self.virtio.take().ok_or(Error::AlreadyRan)?;
         // One reader thread per TAP; received frames wait in a bounded channel until the vCPU
         // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
         let mut readers: Vec<TapReader> = Vec::new();
@@ -485,7 +484,7 @@ impl Vm {
                 let (stats, exits, vcpu) = vloop.finish();
                 Ok((outcome, stats, exits, vcpu))
             })
-            .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
+            .map_err(|source| Error::Spawn { thread: "vCPU", source })?;
         let joined = thread.join();
         if let Some(c) = &control {
             c.mark_stopped();
@@ -508,7 +507,7 @@ impl Vm {
             }
         }
         drop(readers);
-        let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::Thread("the vCPU thread panicked".into()))??;
+        let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::VcpuPanicked)??;
         self.vcpu = Some(vcpu);
         Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: self.loaded.format })
     }
@@ -580,7 +579,7 @@ fn open_console(
                     drop(tx);
                     doorbell.ring();
                 })
-                .map_err(|e| Error::Thread(format!("cannot start the console input thread: {e}")))?;
+                .map_err(|source| Error::Spawn { thread: "console input", source })?;
             Ok((Box::new(std::io::stdout()), Some(rx)))
         }
     }

@@ -1061,7 +1061,7 @@ impl VcpuLoop {
         self.timer = None;
         self.vcpu.get_kvm_run().request_interrupt_window = 0;
         self.vcpu.set_sync_valid_reg(SyncReg::Register);
-        let tracker = self.tracker.clone().ok_or_else(|| Error::Thread("no dirty tracker".into()))?;
+        let tracker = self.tracker.clone().ok_or(Error::NoDirtyTracker)?;
         // The first checkpoint's page hashes may name pages dirtied before the cut too: the
         // backup restored them as they were here, so their contents agree.
         if self.hash_consumer.is_none() {

@@ -413,7 +413,7 @@ impl VcpuLoop {
             );
             return Ok(false);
         }
-        let mem = self.tracker.as_ref().map(|t| t.memory()).ok_or_else(|| Error::Thread("no guest memory".into()))?;
+        let mem = self.tracker.as_ref().map(|t| t.memory()).ok_or(Error::NoDirtyTracker)?;
         for (gpa, page) in synced.addresses.iter().zip(synced.contents.chunks_exact(PAGE_SIZE as usize)) {
             if mem.write_slice(page, GuestAddress(*gpa)).is_err() {
                 self.events.replay_mismatch(
