@@ -75,8 +75,11 @@ fn send(stream: TcpStream, ops: Vec<Op>) {
             Op::Raw(p) => w.stream().write_all(&p),
             Op::Flip(p) => w.seal(&p).and_then(|mut wire| {
                 let at = usize::from(u16::from_le_bytes([p.first().copied().unwrap_or(0), p.get(1).copied().unwrap_or(0)]));
-                let i = at % wire.len();
-                wire[i] ^= p.get(2).copied().unwrap_or(1).max(1);
+                // (An empty frame seals to nothing: nothing to flip.)
+                let i = at % wire.len().max(1);
+                if let Some(b) = wire.get_mut(i) {
+                    *b ^= p.get(2).copied().unwrap_or(1).max(1);
+                }
                 w.stream().write_all(&wire)
             }),
             Op::Write(p) => w.write_all(&p).and_then(|()| w.flush()),

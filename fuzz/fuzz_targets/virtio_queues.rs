@@ -28,6 +28,7 @@ use ftvm_virtio::net::{MacAddr, Net};
 use ftvm_virtio::rng::Rng;
 use ftvm_virtio::{MmioTransport, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
+use virtio_queue::QueueT;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -183,11 +184,13 @@ fn run<D: VirtioDevice>(device: D, input: &mut Input<'_>, queues: usize, mut aft
             0 => {
                 let q = usize::from(arg) % queues;
                 let l = g.layouts[q];
-                let (used_before, avail_before) = (read_u16(&mem, l.used + 2), read_u16(&mem, l.avail + 2));
+                // The device's own count of used entries (the guest may scribble on the ring's).
+                let next_used = |g: &Guest<D>| g.dev.queue(q).map_or(0, |q| q.next_used());
+                let (used_before, avail_before) = (next_used(&g), read_u16(&mem, l.avail + 2));
                 g.write(regs::QUEUE_NOTIFY, q as u32);
                 let healthy = g.dev.status() & virtio_status::NEEDS_RESET == 0 && g.dev.driver_ok();
                 if healthy && !overlapping(l) && l.size.is_power_of_two() && l.size <= 256 && avail_before == read_u16(&mem, l.avail + 2) {
-                    let used_after = read_u16(&mem, l.used + 2);
+                    let used_after = next_used(&g);
                     let added = used_after.wrapping_sub(used_before);
                     assert!(added <= l.size, "{added} chains used on a queue of {}", l.size);
                     for i in 0..added {
