@@ -16,10 +16,14 @@
 //! `1 + bits 2-7` bytes), 1 `read_answer`, 2 `read_blob` with a 64 KiB bound, 3 frames of
 //! `read_blob`s until the stream ends.
 //!
+//! The same operations then go through the heartbeats' `DatagramOpener`, as datagrams (op 0
+//! and 3 sealed, op 1 raw, op 2 sealed and altered), and what opens through `Heartbeat::decode`.
+//!
 //! Properties: a stream of only well-formed frames reads back exactly, then ends cleanly; any
 //! other ends in a typed error (an `InvalidData` carrying a `SecureError`, or an unexpected end)
 //! and, once the reader has failed on a bad chunk, every later read fails the same way;
-//! `read_blob` never returns more than its bound.
+//! `read_blob` never returns more than its bound; a datagram opens only if it was sealed, and
+//! only once.
 #![no_main]
 
 use std::io::{self, Read, Write};
@@ -65,16 +69,36 @@ fn parse_ops(mut rest: &[u8]) -> Vec<Op> {
     ops
 }
 
-/// The sending side: what `ops` say, then a close.
-fn send(stream: TcpStream, ops: Vec<Op>) {
-    let Ok((mut w, _r, _keys)) = handshake(stream, key(), true, Duration::from_secs(5)) else { return };
+/// A datagram the sending side made of an operation: sealed (`Some(payload)`: it must open,
+/// once, to that payload) or raw or altered (`None`: it must not open).
+type Datagram = (Vec<u8>, Option<Vec<u8>>);
+
+/// The sending side: what `ops` say, then a close. Returns the operations as heartbeat
+/// datagrams, for the receiving side's `DatagramOpener`.
+fn send(stream: TcpStream, ops: Vec<Op>) -> Vec<Datagram> {
+    let Ok((mut w, _r, keys)) = handshake(stream, key(), true, Duration::from_secs(5)) else { return Vec::new() };
+    let mut sealer = keys.sealer();
+    let datagrams = ops
+        .iter()
+        .map(|op| match op {
+            Op::Seal(p) | Op::Write(p) => (sealer.seal(p), Some(p.clone())),
+            Op::Raw(p) => (p.clone(), None),
+            Op::Flip(p) => {
+                let mut d = sealer.seal(p);
+                let i = usize::from(p.first().copied().unwrap_or(0)) % d.len();
+                d[i] ^= p.get(2).copied().unwrap_or(1).max(1);
+                (d, None)
+            }
+        })
+        .collect();
     for op in ops {
         // The receiver may stop reading at any point: a failed send ends the sending.
         let sent = match op {
             Op::Seal(p) => w.seal(&p).and_then(|wire| w.stream().write_all(&wire)),
             Op::Raw(p) => w.stream().write_all(&p),
             Op::Flip(p) => w.seal(&p).and_then(|mut wire| {
-                let at = usize::from(u16::from_le_bytes([p.first().copied().unwrap_or(0), p.get(1).copied().unwrap_or(0)]));
+                let at =
+                    usize::from(u16::from_le_bytes([p.first().copied().unwrap_or(0), p.get(1).copied().unwrap_or(0)]));
                 // (An empty frame seals to nothing: nothing to flip.)
                 let i = at % wire.len().max(1);
                 if let Some(b) = wire.get_mut(i) {
@@ -89,6 +113,7 @@ fn send(stream: TcpStream, ops: Vec<Op>) {
         }
     }
     w.shutdown();
+    datagrams
 }
 
 /// The error is one the channel documents: a bad chunk (`InvalidData` around a `SecureError`),
@@ -118,13 +143,9 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let l = listener();
     let addr = l.local_addr().expect("its address");
-    let sender = std::thread::spawn(move || {
-        if let Ok(s) = TcpStream::connect(addr) {
-            send(s, ops);
-        }
-    });
+    let sender = std::thread::spawn(move || TcpStream::connect(addr).map(|s| send(s, ops)).unwrap_or_default());
     let (stream, _) = l.accept().expect("the sender's connection");
-    let (w, mut r, _keys) = handshake(stream, key(), false, Duration::from_secs(5)).expect("the handshake");
+    let (w, mut r, keys) = handshake(stream, key(), false, Duration::from_secs(5)).expect("the handshake");
     r.set_read_timeout(Some(Duration::from_secs(10))).expect("a timeout");
     match how % 4 {
         0 => {
@@ -175,5 +196,20 @@ fuzz_target!(|data: &[u8]| {
         },
     }
     drop((w, r));
-    sender.join().expect("the sender");
+    let datagrams = sender.join().expect("the sender");
+    // The same operations as heartbeats: only what was sealed opens, once, in order.
+    let mut opener = keys.opener();
+    for (d, sealed) in &datagrams {
+        match (opener.open(d), sealed) {
+            (Ok(p), Some(expected)) => {
+                assert_eq!(&p, expected);
+                let _ = ftvm_replication::protocol::Heartbeat::decode(&p);
+            }
+            (Ok(p), None) => panic!("an altered or forged datagram opened: {p:?}"),
+            (Err(e), Some(_)) => panic!("a sealed datagram did not open: {e}"),
+            (Err(e), None) => assert!(!e.to_string().is_empty()),
+        }
+        assert!(opener.open(d).is_err(), "a datagram opened twice");
+        let _ = ftvm_replication::protocol::Heartbeat::decode(d);
+    }
 });

@@ -132,7 +132,9 @@ impl<D: VirtioDevice> Guest<D> {
         for (q, l) in self.layouts.clone().into_iter().enumerate() {
             self.write(regs::QUEUE_SEL, q as u32);
             self.write(regs::QUEUE_NUM, u32::from(l.size));
-            for (lo, addr) in [(regs::QUEUE_DESC_LOW, l.desc), (regs::QUEUE_DRIVER_LOW, l.avail), (regs::QUEUE_DEVICE_LOW, l.used)] {
+            for (lo, addr) in
+                [(regs::QUEUE_DESC_LOW, l.desc), (regs::QUEUE_DRIVER_LOW, l.avail), (regs::QUEUE_DEVICE_LOW, l.used)]
+            {
                 self.write(lo, addr as u32);
                 self.write(lo + 4, (addr >> 32) as u32);
             }
@@ -177,7 +179,13 @@ fn run<D: VirtioDevice>(device: D, input: &mut Input<'_>, queues: usize, mut aft
     let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
     let image = &input.0[..input.0.len().min(MEM_SIZE as usize)];
     mem.write_slice(image, GuestAddress(0)).expect("the image fits");
-    let mut g = Guest { dev: MmioTransport::new(device, mem.clone(), 5), inputs: ManualClock(0), irqs: IrqLines::default(), features, layouts };
+    let mut g = Guest {
+        dev: MmioTransport::new(device, mem.clone(), 5),
+        inputs: ManualClock(0),
+        irqs: IrqLines::default(),
+        features,
+        layouts,
+    };
     g.bring_up();
     for (op, arg) in ops {
         match op % 4 {
@@ -189,7 +197,12 @@ fn run<D: VirtioDevice>(device: D, input: &mut Input<'_>, queues: usize, mut aft
                 let (used_before, avail_before) = (next_used(&g), read_u16(&mem, l.avail + 2));
                 g.write(regs::QUEUE_NOTIFY, q as u32);
                 let healthy = g.dev.status() & virtio_status::NEEDS_RESET == 0 && g.dev.driver_ok();
-                if healthy && !overlapping(l) && l.size.is_power_of_two() && l.size <= 256 && avail_before == read_u16(&mem, l.avail + 2) {
+                if healthy
+                    && !overlapping(l)
+                    && l.size.is_power_of_two()
+                    && l.size <= 256
+                    && avail_before == read_u16(&mem, l.avail + 2)
+                {
                     let used_after = next_used(&g);
                     let added = used_after.wrapping_sub(used_before);
                     assert!(added <= l.size, "{added} chains used on a queue of {}", l.size);
