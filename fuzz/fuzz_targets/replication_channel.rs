@@ -12,9 +12,11 @@
 //!   the operand pick the position and the mask);
 //! - op 3: the bytes written and flushed through `SecureWriter`'s `Write` (one frame per op).
 //!
-//! The first byte picks the receiving side's reader: bits 0-1: 0 read everything (in reads of
-//! `1 + bits 2-7` bytes), 1 `read_answer`, 2 `read_blob` with a 64 KiB bound, 3 frames of
-//! `read_blob`s until the stream ends.
+//! The first byte picks the receiving side's reader, by its value modulo 5: 0 read everything
+//! (in reads of `1 + (byte >> 2)` bytes), 1 `read_answer`, 2 `read_blob` with a 64 KiB bound,
+//! 3 `read_blob`s until the stream ends; 4 skips the channel: the rest of the input is a state
+//! transfer for `transfer::receive_dir` (the records a backup reads during a re-protection),
+//! received into a fresh directory, which no file may leave.
 //!
 //! The same operations then go through the heartbeats' `DatagramOpener`, as datagrams (op 0
 //! and 3 sealed, op 1 raw, op 2 sealed and altered), and what opens through `Heartbeat::decode`.
@@ -28,11 +30,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use ftvm_replication::link::{read_answer, read_blob};
 use ftvm_replication::secure::{handshake, Key, SecureError};
+use ftvm_replication::transfer::receive_dir;
 use libfuzzer_sys::fuzz_target;
 
 fn listener() -> &'static TcpListener {
@@ -130,8 +135,39 @@ fn typed(e: &io::Error) {
     }
 }
 
+/// Mode 4: the bytes as a state transfer (`transfer::receive_dir`, what a backup reads from
+/// the channel during a re-protection or a resync), into a fresh directory: whatever the
+/// records say, files are made only inside it.
+fn receive_state(bytes: &[u8]) {
+    static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+    let scratch = SCRATCH.get_or_init(|| {
+        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let d = base.join(format!("ftvm-fuzz-transfer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("a scratch directory");
+        d
+    });
+    let dir = scratch.join("state");
+    let _ = std::fs::remove_dir_all(&dir);
+    let received = AtomicU64::new(0);
+    if let Err(e) = receive_dir(&mut &bytes[..], &dir, &received) {
+        assert!(!e.to_string().is_empty());
+    }
+    assert!(received.load(Ordering::Relaxed) <= bytes.len() as u64);
+    let beside: Vec<_> =
+        std::fs::read_dir(scratch).expect("the scratch directory").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(beside, ["state"], "a file made outside the transfer's directory");
+    for e in std::fs::read_dir(&dir).expect("the transfer's directory").flatten() {
+        let meta = std::fs::symlink_metadata(e.path()).expect("a file's metadata");
+        assert!(meta.is_file(), "{:?} is not a plain file", e.file_name());
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&how, rest)) = data.split_first() else { return };
+    if how % 5 == 4 {
+        return receive_state(rest);
+    }
     let ops = parse_ops(rest);
     let clean = ops.iter().all(|op| matches!(op, Op::Seal(_) | Op::Write(_)));
     let expected: Vec<u8> = ops
@@ -147,7 +183,7 @@ fuzz_target!(|data: &[u8]| {
     let (stream, _) = l.accept().expect("the sender's connection");
     let (w, mut r, keys) = handshake(stream, key(), false, Duration::from_secs(5)).expect("the handshake");
     r.set_read_timeout(Some(Duration::from_secs(10))).expect("a timeout");
-    match how % 4 {
+    match how % 5 {
         0 => {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 1 + usize::from(how >> 2)];
