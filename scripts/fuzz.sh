@@ -23,17 +23,18 @@ status=0
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
     echo "== $t: ${seconds} s"
+    log="fuzz/artifacts-$t.log"
     # -malloc_limit_mb: one allocation over 256 MiB is a finding (no input may ask for one).
-    if ! nice cargo +nightly fuzz run -O "$t" "fuzz/corpus/$t" -- \
+    set +e
+    nice cargo +nightly fuzz run -O "$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -max_len="${max_len[$t]:-8192}" -timeout=10 \
-        -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 2>&1 | tee "fuzz/artifacts-$t.log.tmp" |
-        grep -E '^(#[0-9]+[[:space:]]+(INITED|DONE)|==|SUMMARY|stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb|new_units_added)|Done|artifact_prefix|Test unit written|.*panicked)'; then
-        :
-    fi
-    if grep -qE 'Test unit written|SUMMARY: libFuzzer|deadly signal' "fuzz/artifacts-$t.log.tmp"; then
-        echo "== $t: FOUND something (fuzz/artifacts/$t/; full output in fuzz/artifacts-$t.log)" >&2
+        -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 >"$log" 2>&1
+    rc=$?
+    set -e
+    grep -E '^(#[0-9]+[[:space:]]+(INITED|DONE)|==[0-9]+==|SUMMARY|stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb|new_units_added)|Done|Test unit written|.*panicked)' "$log" || true
+    if [ $rc -ne 0 ]; then
+        echo "== $t: FOUND something or failed (status $rc; input in fuzz/artifacts/$t/, output in $log)" >&2
         status=1
     fi
-    mv "fuzz/artifacts-$t.log.tmp" "fuzz/artifacts-$t.log"
 done
 exit $status
