@@ -1432,9 +1432,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
     }
 
-    /// Found writing the snapshot_manifest fuzz target (fuzz/): the manifest was read whole,
-    /// however large, before anything was checked; a `snapshot.json` that is a link to
-    /// /dev/zero took all the memory there is.
+    /// Found writing the snapshot_manifest fuzz target (fuzz/), by reading the code: the
+    /// manifest was read whole, however large, before anything was checked, so a
+    /// `snapshot.json` that is a link to /dev/zero was read until memory ran out.
     #[test]
     fn a_manifest_too_large_is_refused_before_it_is_read_whole() {
         let dir = scratch("huge-manifest");
