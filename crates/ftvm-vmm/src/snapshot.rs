@@ -817,11 +817,16 @@ impl Snapshot {
             return Err(Error::Restore(format!("{} is not a directory", dir.display())));
         }
         let mut text = String::new();
-        File::open(&path).and_then(|mut f| f.read_to_string(&mut text)).map_err(restore_err(format!(
-            "{} is not a snapshot: cannot read {}",
-            dir.display(),
-            path.display()
-        )))?;
+        File::open(&path)
+            .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+            .map_err(restore_err(format!("{} is not a snapshot: cannot read {}", dir.display(), path.display())))?;
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::Restore(format!(
+                "{} is refused: it is larger than {MAX_MANIFEST_BYTES} bytes, which no manifest is (an edited or \
+                 damaged manifest)",
+                path.display()
+            )));
+        }
         let probe: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Restore(format!("{} is not a valid manifest: {e}", path.display())))?;
         if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
@@ -1163,6 +1168,9 @@ fn seal_verifies(dir: &Path, manifest: &[u8]) -> bool {
 /// Bounds of what a real snapshot holds: a manifest beyond them is refused before anything
 /// is read on its word. The VM state (`state.bin`) is read whole, so it has a size bound.
 const MAX_STATE_BYTES: u64 = 64 << 20;
+/// `snapshot.json` is read whole too (a real one is a few KiB: the log header's CPUID and
+/// devices, the disks, the rounds).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// A snapshot writes `disk0.img` to `disk15.img` at most.
 const MAX_DISKS: usize = 16;
 /// A disk copy: 64 TiB.
@@ -1422,6 +1430,24 @@ mod tests {
         evil.extend_from_slice(&0u64.to_le_bytes());
         assert!(receive_dir(&mut evil.as_slice(), &base.join("evil"), &got).is_err());
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    /// Found writing the snapshot_manifest fuzz target (fuzz/), by reading the code: the
+    /// manifest was read whole, however large, before anything was checked, so a
+    /// `snapshot.json` that is a link to /dev/zero was read until memory ran out.
+    #[test]
+    fn a_manifest_too_large_is_refused_before_it_is_read_whole() {
+        let dir = scratch("huge-manifest");
+        let mut text = b"{\"format\": \"ftvm-snapshot\"}".to_vec();
+        text.resize(MAX_MANIFEST_BYTES as usize + 1, b' ');
+        std::fs::write(dir.join(MANIFEST), &text).unwrap();
+        let err = Snapshot::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("is refused") && err.contains("larger than"), "{err}");
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join(MANIFEST)).unwrap();
+        let err = Snapshot::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("larger than"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
