@@ -392,8 +392,15 @@ pub fn read_blob(r: &mut dyn Read, max: usize) -> std::io::Result<Vec<u8>> {
             format!("a message of {len} bytes (at most {max} expected)"),
         ));
     }
-    let mut b = vec![0u8; len];
-    r.read_exact(&mut b)?;
+    // Grown as the bytes arrive: a claimed length costs no memory by itself.
+    let mut b = Vec::with_capacity(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(&mut b)?;
+    if got < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the message ended after {got} of its {len} bytes"),
+        ));
+    }
     Ok(b)
 }
 
@@ -455,5 +462,20 @@ mod tests {
         assert_eq!(c.peer, peers[1].0);
         assert_eq!(c.mode, Mode::Boot);
         drop(stalled);
+    }
+
+    #[test]
+    fn a_blob_is_read_whole_or_refused_and_a_claimed_length_is_not_allocated_up_front() {
+        let mut ok = 5u32.to_le_bytes().to_vec();
+        ok.extend_from_slice(b"hello");
+        assert_eq!(read_blob(&mut &ok[..], 16).unwrap(), b"hello");
+        let too_long = 17u32.to_le_bytes();
+        assert_eq!(read_blob(&mut &too_long[..], 16).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        // 16 MiB claimed, 3 bytes sent: an unexpected end, after reading what came.
+        let mut short = (16u32 << 20).to_le_bytes().to_vec();
+        short.extend_from_slice(b"abc");
+        let e = read_blob(&mut &short[..], 16 << 20).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("after 3 of its 16777216 bytes"), "{e}");
     }
 }
