@@ -21,8 +21,9 @@ use ftvm_log::{LogHeader, LogWriter};
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats, Mode};
-use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
+use crate::protocol::{Ack, Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
 use crate::secure::{Key, SecureWriter};
+use crate::stages::{self, StageBook};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 /// The log writer a primary's recorder streams into.
@@ -131,6 +132,8 @@ pub struct PairStats {
     /// The backup asked for a resync (it diverged).
     pub resync_requested: AtomicBool,
     pub resync_reason: Mutex<Option<String>>,
+    /// Where the hold goes: the held outputs' stages (see [`crate::stages`]).
+    pub stages: Mutex<StageBook>,
 }
 
 /// Called (from a link thread) when the backup asks for a resync, with its reason.
@@ -166,6 +169,9 @@ pub struct Primary {
 
 struct Held {
     since: Instant,
+    /// For the stages: `since` in [`stages::now_ns`], and the flush that sends it.
+    since_ns: u64,
+    flush: u64,
     lsn: Option<u64>,
     ordinal: u64,
     target: OutputTarget,
@@ -200,27 +206,37 @@ struct OutboxInner {
     closed: bool,
 }
 
+/// Each with its flush's number and, sealed, when it was sealed (for the stages).
 enum Chunk {
-    Log(Vec<u8>),
-    Wire(Vec<u8>),
+    Log(Vec<u8>, Option<u64>),
+    Wire(Vec<u8>, Option<(u64, u64)>),
 }
 
 impl Outbox {
     fn push(&self, bytes: Vec<u8>) {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
+        let mut seq = None;
         if let Some((link, stats)) = inner.link.as_mut() {
             if stats.backup_lost.load(Ordering::Relaxed) {
                 return;
             }
+            if stages::enabled() {
+                seq = Some(lock(&stats.stages).begin_flush());
+            }
             if inner.backlog.is_empty() && !inner.sending && !inner.failed {
-                match link.seal(&bytes).and_then(|wire| send_now(link.stream(), &wire).map(|n| (wire, n))) {
+                let sealed = link.seal(&bytes);
+                let sealed_at = seq.map(|s| (s, stages::now_ns()));
+                match sealed.and_then(|wire| send_now(link.stream(), &wire).map(|n| (wire, n))) {
                     Ok((wire, n)) => {
                         stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         if n == wire.len() {
+                            if let Some((seq, at)) = sealed_at {
+                                lock(&stats.stages).flushed(seq, at, stages::now_ns());
+                            }
                             return;
                         }
-                        inner.backlog.push_back(Chunk::Wire(wire[n..].to_vec()));
+                        inner.backlog.push_back(Chunk::Wire(wire[n..].to_vec(), sealed_at));
                     }
                     Err(_) => inner.failed = true,
                 }
@@ -228,7 +244,7 @@ impl Outbox {
                 return;
             }
         }
-        inner.backlog.push_back(Chunk::Log(bytes));
+        inner.backlog.push_back(Chunk::Log(bytes, seq));
         self.wake.notify_one();
     }
 
@@ -236,7 +252,7 @@ impl Outbox {
     fn take_queued(&self) -> Vec<u8> {
         let mut inner = lock(&self.inner);
         let mut out = Vec::new();
-        while let Some(Chunk::Log(b)) = inner.backlog.front() {
+        while let Some(Chunk::Log(b, _)) = inner.backlog.front() {
             out.extend_from_slice(b);
             inner.backlog.pop_front();
         }
@@ -339,12 +355,19 @@ fn sender_loop(
             // Taken off the backlog and marked in one step: the next bytes wait for these.
             inner.sending = true;
             match chunk {
-                Chunk::Wire(w) => Ok(w),
-                Chunk::Log(b) => inner.link.as_mut().expect("started").0.seal(&b),
+                Chunk::Wire(w, sealed) => (Ok(w), sealed),
+                Chunk::Log(b, seq) => {
+                    let wire = inner.link.as_mut().expect("started").0.seal(&b);
+                    (wire, seq.map(|s| (s, stages::now_ns())))
+                }
             }
         };
+        let (wire, sealed) = wire;
         let lost = stats.backup_lost.load(Ordering::Relaxed);
         let sent = wire.and_then(|w| if lost { Ok(0) } else { stream.write_all(&w).map(|_| w.len()) });
+        if let (Ok(_), Some((seq, at))) = (&sent, sealed) {
+            lock(&stats.stages).flushed(seq, at, stages::now_ns());
+        }
         let mut inner = lock(&outbox.inner);
         inner.sending = false;
         match sent {
@@ -467,6 +490,7 @@ impl Primary {
                 }
                 let mut b = [0u8; 8];
                 while reader.read_exact(&mut b).is_ok() {
+                    let at = if stages::enabled() { stages::now_ns() } else { 0 };
                     let lsn = u64::from_le_bytes(b);
                     if lsn == ACK_RESYNC {
                         let why = link::read_blob(&mut *reader, 1 << 16)
@@ -475,6 +499,14 @@ impl Primary {
                         resync_requested(&s, why);
                         let _ = shutdown.shutdown(std::net::Shutdown::Both);
                         return;
+                    }
+                    let mut rest = [0u8; 8];
+                    if reader.read_exact(&mut rest).is_err() {
+                        break;
+                    }
+                    let ack = Ack::decode(lsn, &rest);
+                    if at > 0 {
+                        lock(&s.stats.stages).acknowledged(lsn, at, ack.verify_ns, ack.ack_ns);
                     }
                     s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
                     acknowledged(&s);
@@ -665,6 +697,14 @@ fn release(s: &Shared) {
             crate::testing::crash_point(2, h.ordinal);
             lock(&s.sinks).perform(h.target, &h.bytes);
             crate::testing::crash_point(3, h.ordinal);
+            if h.flush != u64::MAX
+                && s.stats.holding.load(Ordering::Relaxed)
+                && !s.stats.backup_lost.load(Ordering::Relaxed)
+            {
+                if let Some(lsn) = h.lsn {
+                    lock(&s.stats.stages).performed(h.since_ns, h.flush, lsn, stages::now_ns());
+                }
+            }
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
             performed_any = true;
             if crate::testing::armed(4, h.ordinal) {
@@ -747,8 +787,16 @@ impl OutputGate for PrimaryGate {
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
         self.shared.stats.held.store(self.submitted, Ordering::Relaxed);
+        // u64::MAX: not timed by stage.
+        let (since_ns, flush) = if stages::enabled() {
+            (stages::now_ns(), lock(&self.shared.stats.stages).next_flush())
+        } else {
+            (0, u64::MAX)
+        };
         lock(&self.shared.held).outputs.push_back(Held {
             since: Instant::now(),
+            since_ns,
+            flush,
             lsn: ticket.lsn,
             ordinal: ticket.ordinal,
             target,

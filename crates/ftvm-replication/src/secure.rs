@@ -888,6 +888,10 @@ pub struct SecureReader {
     /// exactly at the end of each frame (one flush of the sender), else at least the bytes
     /// left of the current chunk.
     buffered: Arc<AtomicUsize>,
+    /// When the bytes of the current frame's first chunk came off the socket
+    /// ([`crate::stages::now_ns`]), and when the last read returned.
+    received_at: Arc<AtomicU64>,
+    last_read_ns: u64,
 }
 
 impl fmt::Debug for SecureReader {
@@ -921,7 +925,16 @@ impl SecureReader {
             more: false,
             failure: None,
             buffered: Arc::new(AtomicUsize::new(0)),
+            received_at: Arc::new(AtomicU64::new(0)),
+            last_read_ns: 0,
         }
+    }
+
+    /// A gauge of when the current frame's bytes were read from the socket (ns on
+    /// [`crate::stages::now_ns`]'s clock; updated as each frame's first chunk is opened): the
+    /// backup measures from there the time it takes to verify and acknowledge a frame.
+    pub fn received_gauge(&self) -> Arc<AtomicU64> {
+        self.received_at.clone()
     }
 
     /// A gauge of the current frame's payload bytes not yet read (0: at a frame's end; see
@@ -957,6 +970,9 @@ impl SecureReader {
                 Some(header) => {
                     let (_, total, _) = parse_chunk_header(header).map_err(NoChunk::Bad)?;
                     if avail.len() >= total {
+                        if !self.more {
+                            self.received_at.store(self.last_read_ns, Ordering::Relaxed);
+                        }
                         let opened = open_chunk(&self.transport, self.next_seq, &avail[..total], &mut self.plain)
                             .map_err(NoChunk::Bad)?;
                         self.next_seq = next_number(self.next_seq, "stream").map_err(NoChunk::Bad)?;
@@ -985,7 +1001,12 @@ impl SecureReader {
                         format!("the peer closed the connection in the middle of a frame (at chunk {})", self.next_seq),
                     )))
                 }
-                Ok(n) => self.hi += n,
+                Ok(n) => {
+                    self.hi += n;
+                    if crate::stages::enabled() {
+                        self.last_read_ns = crate::stages::now_ns();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(NoChunk::Io(e)),
             }
