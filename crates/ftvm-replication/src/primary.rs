@@ -153,6 +153,69 @@ struct Shared {
     heartbeats: Arc<Heartbeats>,
     arbiter: Arc<Arbiter>,
     on_resync: Mutex<Option<ResyncHandler>>,
+    /// The acknowledgements' reader (non-blocking), once the link has started: read by the
+    /// acknowledgement thread when the socket has something, and by the vCPU between exits
+    /// while outputs wait, whichever comes first (the vCPU is running; the thread must be
+    /// woken and scheduled first).
+    acks: Mutex<Option<AckReader>>,
+}
+
+struct AckReader {
+    reader: Box<dyn Read + Send>,
+    /// The vCPU read a resync request's marker: the acknowledgement thread reads the rest
+    /// and acts on it (the handler must not run on the vCPU).
+    resync_seen: bool,
+}
+
+/// What reading the acknowledgements that are there found.
+enum AckPoll {
+    /// All taken; the socket has no more for now.
+    Drained,
+    /// The backup asks for a resync.
+    Resync,
+    /// The connection ended or failed.
+    Closed,
+}
+
+/// Takes every acknowledgement the socket has now, without waiting.
+fn take_acks(s: &Shared, a: &mut AckReader) -> AckPoll {
+    if a.resync_seen {
+        return AckPoll::Resync;
+    }
+    let mut b = [0u8; 8];
+    loop {
+        match a.reader.read_exact(&mut b) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                return AckPoll::Drained
+            }
+            Err(_) => return AckPoll::Closed,
+        }
+        let at = if stages::enabled() { stages::now_ns() } else { 0 };
+        let lsn = u64::from_le_bytes(b);
+        if lsn == ACK_RESYNC {
+            a.resync_seen = true;
+            return AckPoll::Resync;
+        }
+        // The rest of an acknowledgement is in the frame just opened: no waiting.
+        let mut rest = [0u8; 8];
+        if a.reader.read_exact(&mut rest).is_err() {
+            return AckPoll::Closed;
+        }
+        let ack = Ack::decode(lsn, &rest);
+        if at > 0 {
+            lock(&s.stats.stages).acknowledged(lsn, at, ack.verify_ns, ack.ack_ns);
+        }
+        s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
+        acknowledged(s);
+    }
+}
+
+/// Waits (up to `timeout`) until `fd` has something to read or is closed.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `p` is one valid pollfd for the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
 }
 
 #[derive(Default)]
@@ -427,6 +490,7 @@ impl Primary {
             heartbeats,
             arbiter,
             on_resync: Mutex::new(None),
+            acks: Mutex::new(None),
         });
         Primary { shared, threads: Vec::new() }
     }
@@ -463,7 +527,7 @@ impl Primary {
             conn.peer,
             if protected { " (protected from the start)" } else { " (it catches up before it protects)" }
         );
-        let Connection { mut reader, writer, heartbeats, .. } = conn;
+        let Connection { mut reader, writer, heartbeats, nonblocking, .. } = conn;
         // Sender: the log bytes the vCPU could not send itself.
         {
             let outbox = log.0;
@@ -488,31 +552,37 @@ impl Primary {
                         Err(e) => return lose(&s, &e.to_string()),
                     }
                 }
-                let mut b = [0u8; 8];
-                while reader.read_exact(&mut b).is_ok() {
-                    let at = if stages::enabled() { stages::now_ns() } else { 0 };
-                    let lsn = u64::from_le_bytes(b);
-                    if lsn == ACK_RESYNC {
-                        let why = link::read_blob(&mut *reader, 1 << 16)
-                            .map(|b| String::from_utf8_lossy(&b).into_owned())
-                            .unwrap_or_else(|_| "no reason given".into());
-                        resync_requested(&s, why);
-                        let _ = shutdown.shutdown(std::net::Shutdown::Both);
-                        return;
+                use std::os::fd::AsRawFd;
+                let fd = shutdown.as_raw_fd();
+                nonblocking.store(true, Ordering::SeqCst);
+                *lock(&s.acks) = Some(AckReader { reader, resync_seen: false });
+                while !s.stop.load(Ordering::Relaxed) {
+                    wait_readable(fd, Duration::from_millis(20));
+                    let polled = match lock(&s.acks).as_mut() {
+                        Some(a) => take_acks(&s, a),
+                        None => AckPoll::Closed,
+                    };
+                    match polled {
+                        AckPoll::Drained => {}
+                        AckPoll::Resync => {
+                            let taken = lock(&s.acks).take();
+                            let why = taken
+                                .and_then(|mut a| {
+                                    nonblocking.store(false, Ordering::SeqCst);
+                                    link::read_blob(&mut *a.reader, 1 << 16).ok()
+                                })
+                                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                                .unwrap_or_else(|| "no reason given".into());
+                            resync_requested(&s, why);
+                            let _ = shutdown.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        AckPoll::Closed => break,
                     }
-                    let mut rest = [0u8; 8];
-                    if reader.read_exact(&mut rest).is_err() {
-                        break;
-                    }
-                    let ack = Ack::decode(lsn, &rest);
-                    if at > 0 {
-                        lock(&s.stats.stages).acknowledged(lsn, at, ack.verify_ns, ack.ack_ns);
-                    }
-                    s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
-                    acknowledged(&s);
-                    // The outputs this acknowledgement covers go out from here at once.
+                    // The outputs these acknowledgements cover go out from here at once.
                     release(&s);
                 }
+                lock(&s.acks).take();
                 if !s.stop.load(Ordering::Relaxed) {
                     lose(&s, "the backup closed the log connection");
                 }
@@ -842,6 +912,16 @@ impl OutputGate for PrimaryGate {
             self.samples.clear();
             self.shared.stats.lag_ms.store(0, Ordering::Relaxed);
             return;
+        }
+        // Outputs wait: take the acknowledgements that are there, here, rather than wait for
+        // the acknowledgement thread to be woken and scheduled (it takes them when this
+        // thread is elsewhere: in the guest, halted).
+        if self.held() > 0 {
+            let polled =
+                self.shared.acks.try_lock().ok().and_then(|mut a| a.as_mut().map(|a| take_acks(&self.shared, a)));
+            if matches!(polled, Some(AckPoll::Drained)) {
+                release(&self.shared);
+            }
         }
         let lag = self.lag(now);
         let stats = &self.shared.stats;

@@ -29,10 +29,11 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("FTVM_STAGE_TIMES").map_or(true, |v| v != "0"))
 }
 
-/// Nanoseconds on this process's monotonic clock (from its first call).
+/// Nanoseconds on this process's monotonic clock (from its first call; never 0, which
+/// stands for "not measured").
 pub fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
 /// The points of one output's path, in ns on the primary's clock, and the backup's two
