@@ -118,6 +118,9 @@ struct PairBench {
     /// The same for the backup (protected).
     #[serde(skip_serializing_if = "Option::is_none")]
     backup_cpu_ms_per_1k: Option<f64>,
+    /// The same by thread of the backup (by thread name; `/proc/PID/task`, 10 ms ticks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup_threads_ms_per_1k: Option<std::collections::BTreeMap<String, f64>>,
     /// CPU time the whole machine used per 1000 requests (every CPU's non-idle time from
     /// `/proc/stat`: the VMs, the clients, the network in the kernel).
     machine_cpu_ms_per_1k: f64,
@@ -566,6 +569,23 @@ fn machine_cpu_ms() -> f64 {
 }
 
 /// User plus system CPU time of a process so far, in ms (`/proc/PID/stat`; 0 if it is gone).
+/// CPU time (user + system) of each of a process's threads, in ms, summed by thread name.
+fn thread_cpu_ms(pid: i32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map_or("?", |(_, n)| n).to_string();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) * 1000.0 / hz;
+    }
+    out
+}
+
 fn cpu_ms(pid: i32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // The command name may hold spaces: the fields after it start after the last ')'.
@@ -657,6 +677,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
                 ctl(ctx, &bsock, "pause")?;
             }
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
+            let threads0 = backup.as_ref().map(|b| thread_cpu_ms(b.pid()));
             let machine0 = machine_cpu_ms();
             let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
@@ -664,6 +685,20 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
             let vm_cpu_ms_per_1k = per_1k(cpu0.0, cpu_ms(vm.pid()));
             let backup_cpu_ms_per_1k = backup.as_ref().zip(cpu0.1).map(|(b, c0)| per_1k(c0, cpu_ms(b.pid())));
+            let backup_threads_ms_per_1k = backup.as_ref().zip(threads0).map(|(b, t0)| {
+                thread_cpu_ms(b.pid())
+                    .into_iter()
+                    .map(|(name, ms)| {
+                        let before = t0.get(&name).copied().unwrap_or(0.0);
+                        (name, per_1k(before, ms))
+                    })
+                    .filter(|(_, v)| *v > 0.0)
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            });
+            if let Some(t) = &backup_threads_ms_per_1k {
+                let parts: Vec<String> = t.iter().map(|(n, v)| format!("{n} {v:.1}")).collect();
+                eprintln!("      backup CPU per 1000 requests by thread (ms): {}", parts.join(", "));
+            }
             let machine1 = machine_cpu_ms();
             let machine_cpu_ms_per_1k = per_1k(machine0, machine1);
             // Idle over redis-benchmark's own run (the CPU time outside it is small): what
@@ -694,6 +729,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
                 bench,
                 vm_cpu_ms_per_1k,
                 backup_cpu_ms_per_1k,
+                backup_threads_ms_per_1k,
                 machine_cpu_ms_per_1k,
                 machine_idle,
                 hold_us,
