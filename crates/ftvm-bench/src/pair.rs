@@ -674,7 +674,17 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
             let before = if protected { Some(counters(ctx, &sock)?) } else { None };
             if mode.paused() {
-                ctl(ctx, &bsock, "pause")?;
+                // Seen once (issue 17): no API socket of the backup here. Say what it printed.
+                ctl(ctx, &bsock, "pause").with_context(|| {
+                    let err = backup.as_ref().map(|b| b.stderr_text()).unwrap_or_default();
+                    let tail: Vec<&str> = err.lines().rev().take(20).collect();
+                    format!(
+                        "{} (round {}): the backup's last lines:\n{}",
+                        mode.label(),
+                        rep + 1,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })?;
             }
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
             let threads0 = backup.as_ref().map(|b| thread_cpu_ms(b.pid()));
