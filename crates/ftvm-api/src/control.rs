@@ -50,7 +50,7 @@ pub struct SyncFigures {
 
 /// The pair's figures, read from the replication link's shared counters when a status is
 /// asked for. Fields that do not apply to this side are `None`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PairFigures {
     pub protected: bool,
     /// Primary.
@@ -80,6 +80,8 @@ pub struct PairFigures {
     pub failovers: u64,
     /// Primary: how long outputs were held for their acknowledgement, as a histogram.
     pub output_hold: Option<HoldHistogram>,
+    /// Primary: the hold split by stage.
+    pub output_stages: Option<crate::OutputStages>,
 }
 
 /// Output hold times: `counts[i]` outputs were held at most `bounds_us[i]` µs and more than
@@ -520,6 +522,7 @@ impl VmControl {
                 throttled_ms: p.throttled_ms,
                 output_hold_us: p.output_hold_us,
                 catching_up: p.catching_up,
+                output_stages: p.output_stages.clone(),
             }
         });
         Status {

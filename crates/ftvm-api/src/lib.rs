@@ -46,7 +46,10 @@ pub use control::{
 pub use protect::{ProtectPhase, ProtectProgress};
 pub use server::{ApiServer, MetricsServer, ServerError};
 pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
-pub use status::{format_bytes, format_rate, ExitCounts, LogStatus, PairStatus, Role, Status, SyncStatus, VmState};
+pub use status::{
+    format_bytes, format_rate, ExitCounts, LogStatus, OutputStages, PairStatus, Role, StageFigure, Status, SyncStatus,
+    VmState,
+};
 
 /// The routes, for error messages and the docs.
 pub const ROUTES: &str =

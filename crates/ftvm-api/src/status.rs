@@ -168,6 +168,97 @@ pub struct PairStatus {
     /// Primary: a new backup catches up after a state transfer (not protected yet).
     #[serde(default)]
     pub catching_up: bool,
+    /// Primary: where the hold goes, stage by stage along the output's path (the backup's
+    /// stages measured on its own clock).
+    #[serde(default)]
+    pub output_stages: Option<OutputStages>,
+}
+
+/// The outputs held so far, their hold split into stages (held, sealed, sent, received by
+/// the backup, verified, acknowledgement written, acknowledgement received, performed): the
+/// whole `hold` and each stage, whose times add up to it. Each keeps its histogram, so that a
+/// reader can take the figures of a window (`since`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutputStages {
+    pub hold: StageFigure,
+    pub stages: Vec<StageFigure>,
+}
+
+/// One stage's times: their mean, median and 99th percentile in µs, over `count` outputs,
+/// with the histogram they come from (`[largest ns in the bucket, count]`, ascending; a
+/// percentile is its bucket's bound, within 1/16).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageFigure {
+    pub name: String,
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub sum_ns: u64,
+    pub buckets: Vec<[u64; 2]>,
+}
+
+impl StageFigure {
+    pub fn new(name: &str, sum_ns: u64, buckets: Vec<[u64; 2]>) -> StageFigure {
+        let count: u64 = buckets.iter().map(|b| b[1]).sum();
+        let pct = |q: f64| {
+            let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for b in &buckets {
+                seen += b[1];
+                if seen >= rank {
+                    return b[0] as f64 / 1000.0;
+                }
+            }
+            0.0
+        };
+        StageFigure {
+            name: name.to_string(),
+            count,
+            mean_us: if count > 0 { sum_ns as f64 / count as f64 / 1000.0 } else { 0.0 },
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+            sum_ns,
+            buckets,
+        }
+    }
+
+    /// The figures of what was added since `earlier` (the same stage read before).
+    pub fn since(&self, earlier: &StageFigure) -> StageFigure {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|b| {
+                let before = earlier.buckets.iter().find(|e| e[0] == b[0]).map_or(0, |e| e[1]);
+                [b[0], b[1].saturating_sub(before)]
+            })
+            .filter(|b| b[1] > 0)
+            .collect();
+        StageFigure::new(&self.name, self.sum_ns.saturating_sub(earlier.sum_ns), buckets)
+    }
+}
+
+impl OutputStages {
+    /// The figures of the outputs performed since `earlier`.
+    pub fn since(&self, earlier: &OutputStages) -> OutputStages {
+        OutputStages {
+            hold: self.hold.since(&earlier.hold),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| match earlier.stages.iter().find(|e| e.name == s.name) {
+                    Some(e) => s.since(e),
+                    None => s.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// One line: each stage's mean in µs.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self.stages.iter().map(|s| format!("{} {:.0}", s.name, s.mean_us)).collect();
+        format!("{} µs mean (of {:.0}; p50/p99 in --json)", parts.join(", "), self.hold.mean_us)
+    }
 }
 
 /// A recording's sync points (a guest computing without exits gets its interrupts through
@@ -297,6 +388,9 @@ impl Status {
             lines.push(("outputs done", p.outputs_done.to_string()));
             if let Some(us) = p.output_hold_us {
                 lines.push(("output hold", format!("{us} µs on average (until acknowledged)")));
+            }
+            if let Some(st) = p.output_stages.as_ref().filter(|st| st.hold.count > 0) {
+                lines.push(("hold by stage", st.summary()));
             }
             lines.push(("failovers", p.failovers.to_string()));
             lines.push(("resyncs", p.resyncs.to_string()));

@@ -16,6 +16,7 @@ mod chaos;
 mod common;
 mod kvstore;
 mod pair;
+mod pingpong;
 mod plot;
 mod redis;
 mod reprotect;
@@ -60,6 +61,12 @@ enum Suite {
     /// The hostile and careless uses of issue 18 (split brain, locks, hostile peers, damaged
     /// logs and snapshots, bad inputs), each reported held or not (root; not for CI).
     Chaos(chaos::Args),
+    /// Internal to `pair`: the link ping-pong's server (run in a host namespace).
+    #[command(hide = true)]
+    PingpongServe(pingpong::ServeArgs),
+    /// Internal to `pair`: the link ping-pong's client.
+    #[command(hide = true)]
+    PingpongClient(pingpong::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -75,5 +82,7 @@ fn main() -> Result<()> {
         Some(Suite::Reprotect(a)) => reprotect::run(&cli.common, a),
         Some(Suite::Soak(a)) => soak::run(&cli.common, a),
         Some(Suite::Chaos(a)) => chaos::run(&cli.common, a),
+        Some(Suite::PingpongServe(a)) => pingpong::serve(a),
+        Some(Suite::PingpongClient(a)) => pingpong::client(a),
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::common::{self, Common, Machine, Ratio, Running, Series};
 use crate::kvstore::{self, Bench, Topology, GUEST_IP, READY};
+use crate::pingpong::{self, Rtt};
 use crate::plot;
 
 /// The backup's address on the replication link (host 2's rep0).
@@ -67,6 +68,11 @@ pub struct Args {
     /// machine's CPUs, as it would not on a host of its own.
     #[arg(long)]
     paused_replay: bool,
+    /// With `--paused-replay`, a fourth mode, paused-untimed: the same with the stage timing
+    /// of the output's path off (`FTVM_STAGE_TIMES=0` on both sides), side by side, to show
+    /// what measuring the stages costs.
+    #[arg(long)]
+    untimed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -78,6 +84,8 @@ enum Mode {
     Protected,
     /// The same, with the backup's replay paused during each benchmark (`--paused-replay`).
     PausedReplay,
+    /// Paused-replay with the stages of the hold not timed (`--untimed`).
+    PausedUntimed,
 }
 
 impl Mode {
@@ -86,7 +94,12 @@ impl Mode {
             Mode::Unprotected => "unprotected",
             Mode::Protected => "protected",
             Mode::PausedReplay => "paused-replay",
+            Mode::PausedUntimed => "paused-untimed",
         }
+    }
+
+    fn paused(self) -> bool {
+        matches!(self, Mode::PausedReplay | Mode::PausedUntimed)
     }
 
     fn protected(self) -> bool {
@@ -105,6 +118,9 @@ struct PairBench {
     /// The same for the backup (protected).
     #[serde(skip_serializing_if = "Option::is_none")]
     backup_cpu_ms_per_1k: Option<f64>,
+    /// The same by thread of the backup (by thread name; `/proc/PID/task`, 10 ms ticks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup_threads_ms_per_1k: Option<std::collections::BTreeMap<String, f64>>,
     /// CPU time the whole machine used per 1000 requests (every CPU's non-idle time from
     /// `/proc/stat`: the VMs, the clients, the network in the kernel).
     machine_cpu_ms_per_1k: f64,
@@ -113,6 +129,9 @@ struct PairBench {
     /// Protected: the mean time an output was held for its acknowledgement, in µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     hold_us: Option<f64>,
+    /// Protected: the hold of the outputs of this run, stage by stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stages: Option<ftvm_api::OutputStages>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -161,10 +180,21 @@ struct Cell {
     machine_idle: Series,
     #[serde(skip_serializing_if = "Option::is_none")]
     hold_us: Option<Series>,
+    /// The whole hold, then each stage (medians over sessions of each run's figures).
+    stages: Vec<StageCell>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_mbit_s: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
     log_bytes_per_request: Option<Series>,
+}
+
+/// One stage of the hold (or the whole hold) over a cell's sessions.
+#[derive(Debug, Serialize)]
+struct StageCell {
+    name: String,
+    mean_us: Series,
+    p50_us: Series,
+    p99_us: Series,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,6 +208,12 @@ struct Report {
     pinned: bool,
     cells: Vec<Cell>,
     ratios: Vec<Ratio>,
+    /// The replication link's round trip (the ping-pong of `pingpong.rs`), before and after
+    /// the pair's runs.
+    link_rtt: Vec<Rtt>,
+    /// Each protected cell's hold against the link's round trip: mean hold / p50 RTT (goal
+    /// <= 1.5) and p99 hold / p99 RTT (goal <= 3), the RTT the median of the measurements.
+    hold_ratios: Vec<Ratio>,
     idle_log_mbit_s: Series,
     outage_ms: Series,
     invariants_held: Vec<bool>,
@@ -223,12 +259,29 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         pin_self(1)?;
     }
     let topo = Topology::up(&args.topology, 2)?;
+    let floor = |when: &str| -> Result<Rtt> {
+        let r = pingpong::measure(&topo.host_n(1), &topo.host_n(2), &format!("{BACKUP_IP}:6999"))?;
+        eprintln!(
+            "link round trip {when} ({} B out, {} B back): min {:.0} µs, mean {:.0}, p50 {:.0}, p99 {:.0}",
+            pingpong::PING_BYTES,
+            pingpong::PONG_BYTES,
+            r.min_us,
+            r.mean_us,
+            r.p50_us,
+            r.p99_us
+        );
+        Ok(r)
+    };
+    let mut link_rtt = vec![floor("before")?];
     let mut sessions = Vec::new();
     let mut port = 7000;
     for rep in 0..runs {
         let mut order = vec![Mode::Unprotected, Mode::Protected];
         if args.paused_replay {
             order.push(Mode::PausedReplay);
+            if args.untimed {
+                order.push(Mode::PausedUntimed);
+            }
         }
         if rep % 2 == 1 {
             order.reverse();
@@ -240,6 +293,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
             sessions.push(session(&ctx, &topo, mode, rep, port)?);
         }
     }
+    link_rtt.push(floor("after")?);
     drop(topo);
 
     let mut cells = Vec::new();
@@ -258,6 +312,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     machine_cpu_ms_per_1k: Series::default(),
                     machine_idle: Series::default(),
                     hold_us: None,
+                    stages: Vec::new(),
                     log_mbit_s: None,
                     log_bytes_per_request: None,
                 };
@@ -276,6 +331,26 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     cell.machine_idle.push(b.machine_idle);
                     if let Some(v) = b.hold_us {
                         cell.hold_us.get_or_insert_with(Series::default).push(v);
+                    }
+                    for f in b.stages.iter().flat_map(|st| std::iter::once(&st.hold).chain(&st.stages)) {
+                        if f.count == 0 {
+                            continue;
+                        }
+                        let i = match cell.stages.iter().position(|c| c.name == f.name) {
+                            Some(i) => i,
+                            None => {
+                                cell.stages.push(StageCell {
+                                    name: f.name.clone(),
+                                    mean_us: Series::default(),
+                                    p50_us: Series::default(),
+                                    p99_us: Series::default(),
+                                });
+                                cell.stages.len() - 1
+                            }
+                        };
+                        cell.stages[i].mean_us.push(f.mean_us);
+                        cell.stages[i].p50_us.push(f.p50_us);
+                        cell.stages[i].p99_us.push(f.p99_us);
                     }
                     if let Some(v) = b.log_mbit_s {
                         cell.log_mbit_s.get_or_insert_with(Series::default).push(v);
@@ -298,6 +373,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                 let Some(p) = cell(test, c, mode) else { continue };
                 let name = match mode {
                     Mode::PausedReplay => format!("{test} c={c} paused-replay/unprotected"),
+                    Mode::PausedUntimed => format!("{test} c={c} paused-untimed/unprotected"),
                     _ => format!("{test} c={c} protected/unprotected"),
                 };
                 let r = Ratio::new(name, p.rps.median / u.rps.median);
@@ -316,6 +392,41 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                 });
             }
         }
+    }
+    // What timing the stages costs: the same mode with it on and off, side by side.
+    for &c in &args.clients {
+        for test in ["SET", "GET"] {
+            if let (Some(t), Some(u)) = (cell(test, c, Mode::PausedReplay), cell(test, c, Mode::PausedUntimed)) {
+                ratios.push(Ratio::new(format!("{test} c={c} timed/untimed"), t.rps.median / u.rps.median).note(
+                    format!(
+                        "the stage timing's cost (1.00: none); mean hold {} against {} µs",
+                        t.hold_us.as_ref().map_or("-".into(), |s| format!("{:.0}", s.median)),
+                        u.hold_us.as_ref().map_or("-".into(), |s| format!("{:.0}", s.median))
+                    ),
+                ));
+            }
+        }
+    }
+    let mut rtt_p50 = Series::default();
+    let mut rtt_p99 = Series::default();
+    for r in &link_rtt {
+        rtt_p50.push(r.p50_us);
+        rtt_p99.push(r.p99_us);
+    }
+    let mut hold_ratios = Vec::new();
+    for cell in cells.iter().filter(|c| c.mode.protected() && c.clients >= 20) {
+        let Some(hold) = cell.stages.iter().find(|s| s.name == "hold") else { continue };
+        let name = format!("{} c={} {}", cell.test, cell.clients, cell.mode.label());
+        hold_ratios.push(
+            Ratio::new(format!("{name} mean hold/p50 RTT"), hold.mean_us.median / rtt_p50.median)
+                .at_most(1.5)
+                .note(format!("{:.0} / {:.0} µs", hold.mean_us.median, rtt_p50.median)),
+        );
+        hold_ratios.push(
+            Ratio::new(format!("{name} p99 hold/p99 RTT"), hold.p99_us.median / rtt_p99.median)
+                .at_most(3.0)
+                .note(format!("{:.0} / {:.0} µs", hold.p99_us.median, rtt_p99.median)),
+        );
     }
     let mut idle = Series::default();
     let mut outage = Series::default();
@@ -339,6 +450,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         pinned: args.pin,
         cells,
         ratios,
+        link_rtt,
+        hold_ratios,
         idle_log_mbit_s: idle,
         outage_ms: outage,
         invariants_held: held,
@@ -357,6 +470,9 @@ fn modes(args: &Args) -> Vec<Mode> {
     let mut modes = vec![Mode::Unprotected, Mode::Protected];
     if args.paused_replay {
         modes.push(Mode::PausedReplay);
+        if args.untimed {
+            modes.push(Mode::PausedUntimed);
+        }
     }
     modes
 }
@@ -403,6 +519,7 @@ struct Counters {
     at: Instant,
     held: u64,
     hold_us: f64,
+    stages: Option<ftvm_api::OutputStages>,
 }
 
 /// The primary's counters, from one status read.
@@ -410,7 +527,7 @@ fn counters(ctx: &Ctx, sock: &Path) -> Result<Counters> {
     let (s, at) = status(ctx, sock)?;
     let p = s.pair.context("a primary's status without pair figures")?;
     let hold_us = p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64;
-    Ok(Counters { log_bytes: s.log.map_or(0, |l| l.bytes), at, held: p.outputs_done, hold_us })
+    Ok(Counters { log_bytes: s.log.map_or(0, |l| l.bytes), at, held: p.outputs_done, hold_us, stages: p.output_stages })
 }
 
 /// `ftvm ctl SOCKET pause|resume` on the backup.
@@ -452,6 +569,23 @@ fn machine_cpu_ms() -> f64 {
 }
 
 /// User plus system CPU time of a process so far, in ms (`/proc/PID/stat`; 0 if it is gone).
+/// CPU time (user + system) of each of a process's threads, in ms, summed by thread name.
+fn thread_cpu_ms(pid: i32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map_or("?", |(_, n)| n).to_string();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) * 1000.0 / hz;
+    }
+    out
+}
+
 fn cpu_ms(pid: i32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // The command name may hold spaces: the fields after it start after the last ')'.
@@ -494,22 +628,28 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let disk = fresh_disk(ctx, "disk-run.img")?;
             Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk, 0))?
         }
-        Mode::Protected | Mode::PausedReplay => {
+        Mode::Protected | Mode::PausedReplay | Mode::PausedUntimed => {
             let arbiter = ctx.work.join("arbiter.lock");
             let listen = format!("{BACKUP_IP}:{port}");
             let disk = fresh_disk(ctx, "disk-backup.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen, "--insecure"], &disk, 1);
             // Both "hosts" are namespaces of this machine: the lock file is on storage both see.
             cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&bsock);
+            if mode == Mode::PausedUntimed {
+                cmd.env("FTVM_STAGE_TIMES", "0");
+            }
             let mut b = Running::spawn("ftvm backup", &mut cmd)?;
             b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
             backup = Some(b);
             let disk = fresh_disk(ctx, "disk-primary.img")?;
             let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen, "--insecure"], &disk, 0);
             cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&sock);
-            if mode == Mode::PausedReplay {
+            if mode.paused() {
                 // The paused replay lags on purpose: no slowing down for it.
                 cmd.args(["--max-lag", "0"]);
+            }
+            if mode == Mode::PausedUntimed {
+                cmd.env("FTVM_STAGE_TIMES", "0");
             }
             Running::spawn("ftvm primary", &mut cmd)?
         }
@@ -533,10 +673,21 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
             let before = if protected { Some(counters(ctx, &sock)?) } else { None };
-            if mode == Mode::PausedReplay {
-                ctl(ctx, &bsock, "pause")?;
+            if mode.paused() {
+                // Seen once (issue 17): no API socket of the backup here. Say what it printed.
+                ctl(ctx, &bsock, "pause").with_context(|| {
+                    let err = backup.as_ref().map(|b| b.stderr_text()).unwrap_or_default();
+                    let tail: Vec<&str> = err.lines().rev().take(20).collect();
+                    format!(
+                        "{} (round {}): the backup's last lines:\n{}",
+                        mode.label(),
+                        rep + 1,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })?;
             }
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
+            let threads0 = backup.as_ref().map(|b| thread_cpu_ms(b.pid()));
             let machine0 = machine_cpu_ms();
             let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
@@ -544,6 +695,20 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
             let vm_cpu_ms_per_1k = per_1k(cpu0.0, cpu_ms(vm.pid()));
             let backup_cpu_ms_per_1k = backup.as_ref().zip(cpu0.1).map(|(b, c0)| per_1k(c0, cpu_ms(b.pid())));
+            let backup_threads_ms_per_1k = backup.as_ref().zip(threads0).map(|(b, t0)| {
+                thread_cpu_ms(b.pid())
+                    .into_iter()
+                    .map(|(name, ms)| {
+                        let before = t0.get(&name).copied().unwrap_or(0.0);
+                        (name, per_1k(before, ms))
+                    })
+                    .filter(|(_, v)| *v > 0.0)
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            });
+            if let Some(t) = &backup_threads_ms_per_1k {
+                let parts: Vec<String> = t.iter().map(|(n, v)| format!("{n} {v:.1}")).collect();
+                eprintln!("      backup CPU per 1000 requests by thread (ms): {}", parts.join(", "));
+            }
             let machine1 = machine_cpu_ms();
             let machine_cpu_ms_per_1k = per_1k(machine0, machine1);
             // Idle over redis-benchmark's own run (the CPU time outside it is small): what
@@ -560,7 +725,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
                 .as_ref()
                 .zip(after.as_ref())
                 .and_then(|(b, a)| (a.held > b.held).then(|| (a.hold_us - b.hold_us) / (a.held - b.held) as f64));
-            if mode == Mode::PausedReplay {
+            if mode.paused() {
                 ctl(ctx, &bsock, "resume")?;
                 wait_caught_up(ctx, &sock)?;
             }
@@ -574,9 +739,14 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
                 bench,
                 vm_cpu_ms_per_1k,
                 backup_cpu_ms_per_1k,
+                backup_threads_ms_per_1k,
                 machine_cpu_ms_per_1k,
                 machine_idle,
                 hold_us,
+                stages: before.as_ref().zip(after.as_ref()).and_then(|(b, a)| match (&b.stages, &a.stages) {
+                    (Some(b), Some(a)) => Some(a.since(b)),
+                    _ => None,
+                }),
                 log_bytes: None,
                 log_mbit_s: None,
                 log_bytes_per_request: None,
@@ -649,7 +819,7 @@ fn print_table(r: &Report) {
         println!("pinned: the unprotected VM and the primary on CPU 0, the backup and the clients on CPU 1\n");
     }
     println!(
-        "{:<4} {:>3}  {:<13} {:>8} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>7}",
+        "{:<4} {:>3}  {:<14} {:>8} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>7}",
         "test",
         "c",
         "mode",
@@ -669,7 +839,7 @@ fn print_table(r: &Report) {
             None => format!("{:.0}", cell.vm_cpu_ms_per_1k.median),
         };
         println!(
-            "{:<4} {:>3}  {:<13} {:>8.0} {:>7.3} {:>7.3} {:>10} {:>9} {:>13} {:>15} {:>7}",
+            "{:<4} {:>3}  {:<14} {:>8.0} {:>7.3} {:>7.3} {:>10} {:>9} {:>13} {:>15} {:>7}",
             cell.test,
             cell.clients,
             cell.mode.label(),
@@ -683,10 +853,41 @@ fn print_table(r: &Report) {
             opt(&cell.hold_us, 0)
         );
     }
+    println!("\nthe hold by stage, µs, mean / p50 / p99 (medians over sessions; the stages add up to the hold):");
+    for cell in r.cells.iter().filter(|c| !c.stages.is_empty()) {
+        let parts: Vec<String> = cell
+            .stages
+            .iter()
+            .map(|s| format!("{} {:.0}/{:.0}/{:.0}", s.name, s.mean_us.median, s.p50_us.median, s.p99_us.median))
+            .collect();
+        println!("{:<4} {:>3}  {:<14} {}", cell.test, cell.clients, cell.mode.label(), parts.join("  "));
+    }
     println!();
     for ratio in &r.ratios {
         println!(
             "{:<38} {:>7.3}  {}  {}",
+            ratio.name,
+            ratio.value,
+            ratio.goal_text(),
+            ratio.note.as_deref().unwrap_or_default()
+        );
+    }
+    println!();
+    for r in &r.link_rtt {
+        println!(
+            "link round trip ({} B out, {} B back, {} times): min {:.0} µs, mean {:.0}, p50 {:.0}, p99 {:.0}",
+            pingpong::PING_BYTES,
+            pingpong::PONG_BYTES,
+            r.count,
+            r.min_us,
+            r.mean_us,
+            r.p50_us,
+            r.p99_us
+        );
+    }
+    for ratio in &r.hold_ratios {
+        println!(
+            "{:<50} {:>7.2}  {}  {}",
             ratio.name,
             ratio.value,
             ratio.goal_text(),

@@ -20,7 +20,7 @@ use ftvm_log::{LogError, LogHeader, LogReader, Record};
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats};
 use crate::primary::{OutputGate, OutputTarget};
-use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_DIVERGED, FLAG_HANDOVER, FLAG_PROTECTED};
+use crate::protocol::{Ack, Heartbeat, Role, ACK_RESYNC, FLAG_DIVERGED, FLAG_HANDOVER, FLAG_PROTECTED};
 use crate::secure::{Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
@@ -246,7 +246,7 @@ impl Backup {
         let transfer = conn.mode == link::Mode::Transfer;
         let peer = conn.peer;
         let shutdown = conn.shutdown_handle()?;
-        let Connection { reader, mut writer, heartbeats, buffered, .. } = conn;
+        let Connection { reader, mut writer, heartbeats, buffered, received_at, .. } = conn;
         let rejected = Arc::new(Mutex::new(None));
         let reader = Watched { inner: reader, rejected: rejected.clone() };
         // Unbuffered here: the channel's reader holds whole chunks already, and says whether
@@ -345,8 +345,17 @@ impl Backup {
                             owed = false;
                             since_ack = 0;
                             last_ack = Instant::now();
+                            // The backup's own part of the output's hold, as durations on
+                            // this host's clock (the primary's clock is another).
+                            let verified = if crate::stages::enabled() { crate::stages::now_ns() } else { 0 };
                             let mut w = link::lock(&w);
-                            if w.write_all(&lsn.to_le_bytes()).and_then(|_| w.flush()).is_err() {
+                            let ack = if verified > 0 {
+                                let verify = verified.saturating_sub(received_at.load(Ordering::Relaxed));
+                                Ack { lsn, verify_ns: verify, ack_ns: crate::stages::now_ns() - verified }
+                            } else {
+                                Ack { lsn, verify_ns: 0, ack_ns: 0 }
+                            };
+                            if w.write_all(&ack.encode()).and_then(|_| w.flush()).is_err() {
                                 break;
                             }
                         }

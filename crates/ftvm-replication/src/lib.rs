@@ -18,6 +18,7 @@ pub mod link;
 pub mod primary;
 pub mod protocol;
 pub mod secure;
+pub mod stages;
 pub mod testing;
 pub mod transfer;
 

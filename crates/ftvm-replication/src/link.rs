@@ -89,6 +89,10 @@ pub struct Connection {
     pub reader: Box<dyn Read + Send>,
     /// Bytes of the current frame the reader has not handed out yet (0: at a frame's end).
     pub buffered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When the current frame's bytes were read from the socket ([`crate::stages::now_ns`]).
+    pub received_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The reader's switch to reads that do not wait (see `SecureReader::nonblocking_switch`).
+    pub nonblocking: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub writer: SecureWriter,
     pub heartbeats: std::sync::Arc<Heartbeats>,
     stream: TcpStream,
@@ -135,7 +139,19 @@ impl Connection {
         udp.set_read_timeout(Some(HEARTBEAT_POLL)).map_err(io("udp"))?;
         let heartbeats = heartbeats(udp, Some(addr), keys.sealer(), keys.opener());
         let buffered = reader.buffered_gauge();
-        Ok(Connection { peer: addr, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
+        let received_at = reader.received_gauge();
+        let nonblocking = reader.nonblocking_switch();
+        Ok(Connection {
+            peer: addr,
+            mode,
+            reader: Box::new(reader),
+            buffered,
+            received_at,
+            nonblocking,
+            writer,
+            heartbeats,
+            stream,
+        })
     }
 
     /// Shuts the TCP connection down both ways (the peer sees it closed at once).
@@ -363,7 +379,19 @@ fn authenticate(stream: TcpStream, peer: SocketAddr, key: &Key, udp: UdpSocket) 
     };
     let heartbeats = heartbeats(udp, None, keys.sealer(), keys.opener());
     let buffered = reader.buffered_gauge();
-    Ok(Connection { peer, mode, reader: Box::new(reader), buffered, writer, heartbeats, stream })
+    let received_at = reader.received_gauge();
+    let nonblocking = reader.nonblocking_switch();
+    Ok(Connection {
+        peer,
+        mode,
+        reader: Box::new(reader),
+        buffered,
+        received_at,
+        nonblocking,
+        writer,
+        heartbeats,
+        stream,
+    })
 }
 
 /// Says that a connection from `peer` was refused, and why (a tracing event).

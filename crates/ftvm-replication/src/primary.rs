@@ -21,8 +21,9 @@ use ftvm_log::{LogHeader, LogWriter};
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats, Mode};
-use crate::protocol::{Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
+use crate::protocol::{Ack, Heartbeat, Role, ACK_RESYNC, FLAG_HANDOVER, FLAG_PROTECTED};
 use crate::secure::{Key, SecureWriter};
+use crate::stages::{self, StageBook};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 
 /// The log writer a primary's recorder streams into.
@@ -131,6 +132,8 @@ pub struct PairStats {
     /// The backup asked for a resync (it diverged).
     pub resync_requested: AtomicBool,
     pub resync_reason: Mutex<Option<String>>,
+    /// Where the hold goes: the held outputs' stages (see [`crate::stages`]).
+    pub stages: Mutex<StageBook>,
 }
 
 /// Called (from a link thread) when the backup asks for a resync, with its reason.
@@ -150,6 +153,69 @@ struct Shared {
     heartbeats: Arc<Heartbeats>,
     arbiter: Arc<Arbiter>,
     on_resync: Mutex<Option<ResyncHandler>>,
+    /// The acknowledgements' reader (non-blocking), once the link has started: read by the
+    /// acknowledgement thread when the socket has something, and by the vCPU between exits
+    /// while outputs wait, whichever comes first (the vCPU is running; the thread must be
+    /// woken and scheduled first).
+    acks: Mutex<Option<AckReader>>,
+}
+
+struct AckReader {
+    reader: Box<dyn Read + Send>,
+    /// The vCPU read a resync request's marker: the acknowledgement thread reads the rest
+    /// and acts on it (the handler must not run on the vCPU).
+    resync_seen: bool,
+}
+
+/// What reading the acknowledgements that are there found.
+enum AckPoll {
+    /// All taken; the socket has no more for now.
+    Drained,
+    /// The backup asks for a resync.
+    Resync,
+    /// The connection ended or failed.
+    Closed,
+}
+
+/// Takes every acknowledgement the socket has now, without waiting.
+fn take_acks(s: &Shared, a: &mut AckReader) -> AckPoll {
+    if a.resync_seen {
+        return AckPoll::Resync;
+    }
+    let mut b = [0u8; 8];
+    loop {
+        match a.reader.read_exact(&mut b) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                return AckPoll::Drained
+            }
+            Err(_) => return AckPoll::Closed,
+        }
+        let at = if stages::enabled() { stages::now_ns() } else { 0 };
+        let lsn = u64::from_le_bytes(b);
+        if lsn == ACK_RESYNC {
+            a.resync_seen = true;
+            return AckPoll::Resync;
+        }
+        // The rest of an acknowledgement is in the frame just opened: no waiting.
+        let mut rest = [0u8; 8];
+        if a.reader.read_exact(&mut rest).is_err() {
+            return AckPoll::Closed;
+        }
+        let ack = Ack::decode(lsn, &rest);
+        if at > 0 {
+            lock(&s.stats.stages).acknowledged(lsn, at, ack.verify_ns, ack.ack_ns);
+        }
+        s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
+        acknowledged(s);
+    }
+}
+
+/// Waits (up to `timeout`) until `fd` has something to read or is closed.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `p` is one valid pollfd for the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
 }
 
 #[derive(Default)]
@@ -166,6 +232,9 @@ pub struct Primary {
 
 struct Held {
     since: Instant,
+    /// For the stages: `since` in [`stages::now_ns`], and the flush that sends it.
+    since_ns: u64,
+    flush: u64,
     lsn: Option<u64>,
     ordinal: u64,
     target: OutputTarget,
@@ -200,27 +269,37 @@ struct OutboxInner {
     closed: bool,
 }
 
+/// Each with its flush's number and, sealed, when it was sealed (for the stages).
 enum Chunk {
-    Log(Vec<u8>),
-    Wire(Vec<u8>),
+    Log(Vec<u8>, Option<u64>),
+    Wire(Vec<u8>, Option<(u64, u64)>),
 }
 
 impl Outbox {
     fn push(&self, bytes: Vec<u8>) {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
+        let mut seq = None;
         if let Some((link, stats)) = inner.link.as_mut() {
             if stats.backup_lost.load(Ordering::Relaxed) {
                 return;
             }
+            if stages::enabled() {
+                seq = Some(lock(&stats.stages).begin_flush());
+            }
             if inner.backlog.is_empty() && !inner.sending && !inner.failed {
-                match link.seal(&bytes).and_then(|wire| send_now(link.stream(), &wire).map(|n| (wire, n))) {
+                let sealed = link.seal(&bytes);
+                let sealed_at = seq.map(|s| (s, stages::now_ns()));
+                match sealed.and_then(|wire| send_now(link.stream(), &wire).map(|n| (wire, n))) {
                     Ok((wire, n)) => {
                         stats.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         if n == wire.len() {
+                            if let Some((seq, at)) = sealed_at {
+                                lock(&stats.stages).flushed(seq, at, stages::now_ns());
+                            }
                             return;
                         }
-                        inner.backlog.push_back(Chunk::Wire(wire[n..].to_vec()));
+                        inner.backlog.push_back(Chunk::Wire(wire[n..].to_vec(), sealed_at));
                     }
                     Err(_) => inner.failed = true,
                 }
@@ -228,7 +307,7 @@ impl Outbox {
                 return;
             }
         }
-        inner.backlog.push_back(Chunk::Log(bytes));
+        inner.backlog.push_back(Chunk::Log(bytes, seq));
         self.wake.notify_one();
     }
 
@@ -236,7 +315,7 @@ impl Outbox {
     fn take_queued(&self) -> Vec<u8> {
         let mut inner = lock(&self.inner);
         let mut out = Vec::new();
-        while let Some(Chunk::Log(b)) = inner.backlog.front() {
+        while let Some(Chunk::Log(b, _)) = inner.backlog.front() {
             out.extend_from_slice(b);
             inner.backlog.pop_front();
         }
@@ -342,12 +421,19 @@ fn sender_loop(
             // Taken off the backlog and marked in one step: the next bytes wait for these.
             inner.sending = true;
             match chunk {
-                Chunk::Wire(w) => Ok(w),
-                Chunk::Log(b) => inner.link.as_mut().expect("started").0.seal(&b),
+                Chunk::Wire(w, sealed) => (Ok(w), sealed),
+                Chunk::Log(b, seq) => {
+                    let wire = inner.link.as_mut().expect("started").0.seal(&b);
+                    (wire, seq.map(|s| (s, stages::now_ns())))
+                }
             }
         };
+        let (wire, sealed) = wire;
         let lost = stats.backup_lost.load(Ordering::Relaxed);
         let sent = wire.and_then(|w| if lost { Ok(0) } else { stream.write_all(&w).map(|_| w.len()) });
+        if let (Ok(_), Some((seq, at))) = (&sent, sealed) {
+            lock(&stats.stages).flushed(seq, at, stages::now_ns());
+        }
         let mut inner = lock(&outbox.inner);
         inner.sending = false;
         match sent {
@@ -428,6 +514,7 @@ impl Primary {
             heartbeats,
             arbiter,
             on_resync: Mutex::new(None),
+            acks: Mutex::new(None),
         });
         Primary { shared, threads: Vec::new() }
     }
@@ -464,7 +551,7 @@ impl Primary {
             conn.peer,
             if protected { " (protected from the start)" } else { " (it catches up before it protects)" }
         );
-        let Connection { mut reader, writer, heartbeats, .. } = conn;
+        let Connection { mut reader, writer, heartbeats, nonblocking, .. } = conn;
         // Sender: the log bytes the vCPU could not send itself.
         {
             let outbox = log.0;
@@ -489,22 +576,37 @@ impl Primary {
                         Err(e) => return lose(&s, &e.to_string()),
                     }
                 }
-                let mut b = [0u8; 8];
-                while reader.read_exact(&mut b).is_ok() {
-                    let lsn = u64::from_le_bytes(b);
-                    if lsn == ACK_RESYNC {
-                        let why = link::read_blob(&mut *reader, 1 << 16)
-                            .map(|b| String::from_utf8_lossy(&b).into_owned())
-                            .unwrap_or_else(|_| "no reason given".into());
-                        resync_requested(&s, why);
-                        let _ = shutdown.shutdown(std::net::Shutdown::Both);
-                        return;
+                use std::os::fd::AsRawFd;
+                let fd = shutdown.as_raw_fd();
+                nonblocking.store(true, Ordering::SeqCst);
+                *lock(&s.acks) = Some(AckReader { reader, resync_seen: false });
+                while !s.stop.load(Ordering::Relaxed) {
+                    wait_readable(fd, Duration::from_millis(20));
+                    let polled = match lock(&s.acks).as_mut() {
+                        Some(a) => take_acks(&s, a),
+                        None => AckPoll::Closed,
+                    };
+                    match polled {
+                        AckPoll::Drained => {}
+                        AckPoll::Resync => {
+                            let taken = lock(&s.acks).take();
+                            let why = taken
+                                .and_then(|mut a| {
+                                    nonblocking.store(false, Ordering::SeqCst);
+                                    link::read_blob(&mut *a.reader, 1 << 16).ok()
+                                })
+                                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                                .unwrap_or_else(|| "no reason given".into());
+                            resync_requested(&s, why);
+                            let _ = shutdown.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        AckPoll::Closed => break,
                     }
-                    s.stats.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
-                    acknowledged(&s);
-                    // The outputs this acknowledgement covers go out from here at once.
+                    // The outputs these acknowledgements cover go out from here at once.
                     release(&s);
                 }
+                lock(&s.acks).take();
                 if !s.stop.load(Ordering::Relaxed) {
                     lose(&s, "the backup closed the log connection");
                 }
@@ -689,6 +791,14 @@ fn release(s: &Shared) {
             crate::testing::crash_point(2, h.ordinal);
             lock(&s.sinks).perform(h.target, &h.bytes);
             crate::testing::crash_point(3, h.ordinal);
+            if h.flush != u64::MAX
+                && s.stats.holding.load(Ordering::Relaxed)
+                && !s.stats.backup_lost.load(Ordering::Relaxed)
+            {
+                if let Some(lsn) = h.lsn {
+                    lock(&s.stats.stages).performed(h.since_ns, h.flush, lsn, stages::now_ns());
+                }
+            }
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
             performed_any = true;
             if crate::testing::armed(4, h.ordinal) {
@@ -771,8 +881,16 @@ impl OutputGate for PrimaryGate {
     fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>> {
         self.submitted = ticket.ordinal + 1;
         self.shared.stats.held.store(self.submitted, Ordering::Relaxed);
+        // u64::MAX: not timed by stage.
+        let (since_ns, flush) = if stages::enabled() {
+            (stages::now_ns(), lock(&self.shared.stats.stages).next_flush())
+        } else {
+            (0, u64::MAX)
+        };
         lock(&self.shared.held).outputs.push_back(Held {
             since: Instant::now(),
+            since_ns,
+            flush,
             lsn: ticket.lsn,
             ordinal: ticket.ordinal,
             target,
@@ -818,6 +936,16 @@ impl OutputGate for PrimaryGate {
             self.samples.clear();
             self.shared.stats.lag_ms.store(0, Ordering::Relaxed);
             return;
+        }
+        // Outputs wait: take the acknowledgements that are there, here, rather than wait for
+        // the acknowledgement thread to be woken and scheduled (it takes them when this
+        // thread is elsewhere: in the guest, halted).
+        if self.held() > 0 {
+            let polled =
+                self.shared.acks.try_lock().ok().and_then(|mut a| a.as_mut().map(|a| take_acks(&self.shared, a)));
+            if matches!(polled, Some(AckPoll::Drained)) {
+                release(&self.shared);
+            }
         }
         let lag = self.lag(now);
         let stats = &self.shared.stats;

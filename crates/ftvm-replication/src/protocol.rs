@@ -26,6 +26,36 @@ pub const XFER_MANIFEST: u8 = 3;
 /// Largest data record of a transfer.
 pub const XFER_CHUNK: usize = 1 << 20;
 
+/// An acknowledgement (16 bytes, little-endian): the log is received and verified up to
+/// `lsn`; and the backup's own time on the frame that ended there, measured on its clock:
+/// from reading the frame off the socket to verifying it, and from there to writing this
+/// (both 0 when it does not measure). The primary splits an output's hold by them without
+/// comparing the two hosts' clocks (see `stages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub lsn: u64,
+    pub verify_ns: u64,
+    pub ack_ns: u64,
+}
+
+impl Ack {
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&self.lsn.to_le_bytes());
+        b[8..12].copy_from_slice(&(self.verify_ns.min(u32::MAX as u64) as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&(self.ack_ns.min(u32::MAX as u64) as u32).to_le_bytes());
+        b
+    }
+
+    /// The fields after the LSN (the first 8 bytes, read first: they may be [`ACK_RESYNC`]).
+    pub fn decode(lsn: u64, rest: &[u8; 8]) -> Ack {
+        let u = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().unwrap()) as u64;
+        Ack { lsn, verify_ns: u(0), ack_ns: u(4) }
+    }
+}
+
 /// In place of an acknowledgement: the backup diverged and asks for a resync; a u32 length
 /// and a UTF-8 description of the divergence follow, then the backup closes the connection.
 pub const ACK_RESYNC: u64 = u64::MAX;
@@ -109,5 +139,12 @@ mod tests {
         let mut bad = h.encode();
         bad[4] = 9;
         assert_eq!(Heartbeat::decode(&bad), None);
+    }
+
+    #[test]
+    fn acknowledgements_round_trip() {
+        let a = Ack { lsn: 77, verify_ns: 12_345, ack_ns: 678 };
+        let b = a.encode();
+        assert_eq!(Ack::decode(u64::from_le_bytes(b[..8].try_into().unwrap()), b[8..].try_into().unwrap()), a);
     }
 }

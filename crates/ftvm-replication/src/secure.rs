@@ -109,7 +109,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -888,6 +888,14 @@ pub struct SecureReader {
     /// exactly at the end of each frame (one flush of the sender), else at least the bytes
     /// left of the current chunk.
     buffered: Arc<AtomicUsize>,
+    /// When the bytes of the current frame's first chunk came off the socket
+    /// ([`crate::stages::now_ns`]), and when the last read returned.
+    received_at: Arc<AtomicU64>,
+    last_read_ns: u64,
+    /// Reads do not wait (`recv` with `MSG_DONTWAIT`): a read with nothing to give fails with
+    /// `WouldBlock` and loses nothing. Per reader, not per socket (the socket's writers still
+    /// block).
+    nonblocking: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for SecureReader {
@@ -921,7 +929,22 @@ impl SecureReader {
             more: false,
             failure: None,
             buffered: Arc::new(AtomicUsize::new(0)),
+            received_at: Arc::new(AtomicU64::new(0)),
+            last_read_ns: 0,
+            nonblocking: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The switch of [`Self`]'s non-blocking reads (off at first).
+    pub fn nonblocking_switch(&self) -> Arc<AtomicBool> {
+        self.nonblocking.clone()
+    }
+
+    /// A gauge of when the current frame's bytes were read from the socket (ns on
+    /// [`crate::stages::now_ns`]'s clock; updated as each frame's first chunk is opened): the
+    /// backup measures from there the time it takes to verify and acknowledge a frame.
+    pub fn received_gauge(&self) -> Arc<AtomicU64> {
+        self.received_at.clone()
     }
 
     /// A gauge of the current frame's payload bytes not yet read (0: at a frame's end; see
@@ -957,6 +980,9 @@ impl SecureReader {
                 Some(header) => {
                     let (_, total, _) = parse_chunk_header(header).map_err(NoChunk::Bad)?;
                     if avail.len() >= total {
+                        if !self.more {
+                            self.received_at.store(self.last_read_ns, Ordering::Relaxed);
+                        }
                         let opened = open_chunk(&self.transport, self.next_seq, &avail[..total], &mut self.plain)
                             .map_err(NoChunk::Bad)?;
                         self.next_seq = next_number(self.next_seq, "stream").map_err(NoChunk::Bad)?;
@@ -977,7 +1003,12 @@ impl SecureReader {
             if self.buf.len() < need {
                 self.buf.resize(need, 0);
             }
-            match self.stream.read(&mut self.buf[self.hi..]) {
+            let got = if self.nonblocking.load(Ordering::Relaxed) {
+                recv_now(&self.stream, &mut self.buf[self.hi..])
+            } else {
+                self.stream.read(&mut self.buf[self.hi..])
+            };
+            match got {
                 Ok(0) if self.hi == self.lo && !self.more => return Ok(false),
                 Ok(0) => {
                     return Err(NoChunk::Io(io::Error::new(
@@ -985,12 +1016,29 @@ impl SecureReader {
                         format!("the peer closed the connection in the middle of a frame (at chunk {})", self.next_seq),
                     )))
                 }
-                Ok(n) => self.hi += n,
+                Ok(n) => {
+                    self.hi += n;
+                    if crate::stages::enabled() {
+                        self.last_read_ns = crate::stages::now_ns();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(NoChunk::Io(e)),
             }
         }
     }
+}
+
+/// `recv(2)` without waiting (`WouldBlock` when nothing is there).
+fn recv_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call; the fd belongs to
+    // `stream`, which outlives it.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 impl Read for SecureReader {
@@ -1320,6 +1368,25 @@ mod tests {
         send::<DatagramSealer>();
         send::<DatagramOpener>();
         send::<SecureError>();
+    }
+
+    /// Non-blocking reads: nothing there is `WouldBlock` and loses nothing; frames that
+    /// arrive later are read whole; and the gauge of when a frame came off the socket moves.
+    #[test]
+    fn nonblocking_reads_wait_for_nothing_and_lose_nothing() {
+        let ((mut iw, _, _), (_, mut rr, _)) = ok_pair();
+        rr.nonblocking_switch().store(true, Ordering::SeqCst);
+        let mut b = [0u8; 16];
+        assert_eq!(rr.read(&mut b).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        send(&mut iw, &[b"0123456789abcdef", b"second"]);
+        std::thread::sleep(Duration::from_millis(50));
+        rr.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"0123456789abcdef");
+        assert!(rr.received_gauge().load(Ordering::SeqCst) > 0 || !crate::stages::enabled());
+        let mut c = [0u8; 6];
+        rr.read_exact(&mut c).unwrap();
+        assert_eq!(&c, b"second");
+        assert_eq!(rr.read(&mut b).unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 
     fn message(i: usize) -> Vec<u8> {

@@ -721,6 +721,20 @@ pub(crate) fn primary_figures(
                     count: stats.held_outputs.load(Relaxed),
                 }
             }),
+            output_stages: {
+                let f = stats.stages.lock().unwrap_or_else(|e| e.into_inner()).figures.clone();
+                let figure = |name: &str, h: &ftvm_replication::stages::Histogram| {
+                    ftvm_api::StageFigure::new(name, h.sum_ns, h.buckets().into_iter().map(|(b, c)| [b, c]).collect())
+                };
+                Some(ftvm_api::OutputStages {
+                    hold: figure("hold", &f.hold),
+                    stages: ftvm_replication::stages::STAGES
+                        .iter()
+                        .zip(&f.stages)
+                        .map(|(name, h)| figure(name, h))
+                        .collect(),
+                })
+            },
             ..Default::default()
         }
     })
