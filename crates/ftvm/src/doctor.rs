@@ -274,29 +274,14 @@ fn arbiter(spec: &Result<ArbiterSpec, String>, peer: &Peer) -> Check {
                 Err(e) => fail(label, e.to_string(), "give a lock-file path this user can create and lock"),
             }
         }
-        ArbiterSpec::Etcd(etcd) => {
-            let authority = etcd.authority();
-            match reach(&authority) {
-                Ok(addr) => pass(label, format!("etcd's address {addr} accepts connections")),
-                Err(e) => {
-                    fail(label, format!("cannot reach {authority}: {e}"), "start etcd or give a reachable endpoint")
-                }
+        ArbiterSpec::Etcd(etcd) => match ftvm_replication::etcd::probe(etcd) {
+            Ok(None) => pass(label, format!("etcd answers at {} (the key is free)", etcd.endpoint())),
+            Ok(Some(holder)) => {
+                pass(label, format!("etcd answers at {} (the key is held by {holder})", etcd.endpoint()))
             }
-        }
+            Err(e) => fail(label, e.to_string(), "start etcd, or fix the endpoints, certificates or credentials"),
+        },
     }
-}
-
-/// Connects to `authority` (HOST:PORT), resolving host names.
-fn reach(authority: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
-    for addr in authority.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(_) => return Ok(addr),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }
 
 fn peer(peer: &Peer) -> Check {
