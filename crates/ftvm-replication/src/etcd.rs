@@ -191,8 +191,8 @@ impl EtcdSpec {
 /// One request to etcd as the arbiter would make it (TLS, authentication, failover): reads
 /// the key. `Ok`: who holds it, if anyone. For `ftvm doctor`.
 pub fn probe(spec: &EtcdSpec) -> Result<Option<String>> {
-    let client =
-        Client::new(spec, REQUEST_TIMEOUT).map_err(|source| Error::EtcdConfig { url: spec.to_string(), source })?;
+    let client = Client::new(spec, REQUEST_TIMEOUT)
+        .map_err(|source| Error::EtcdConfig { url: spec.to_string(), source: Box::new(source) })?;
     let holder = client
         .range(spec.key.as_bytes())
         .map_err(|e| Error::Arbiter { path: spec.to_string(), why: format!("etcd at {}: {e}", spec.endpoint()) })?;
@@ -316,7 +316,7 @@ impl FromStr for EtcdSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<EtcdSpec> {
-        parse_spec(s).map_err(|source| Error::EtcdConfig { url: s.to_string(), source })
+        parse_spec(s).map_err(|source| Error::EtcdConfig { url: s.to_string(), source: Box::new(source) })
     }
 }
 
@@ -336,9 +336,8 @@ fn read_certs(what: &'static str, path: &Path) -> std::result::Result<Vec<Certif
     let bad = |why: String| EtcdConfigError::BadPem { what, path: path.into(), why };
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
-        match item.map_err(|e| bad(format!("bad PEM: {e}")))? {
-            ureq::tls::PemItem::Certificate(c) => certs.push(c),
-            _ => {}
+        if let ureq::tls::PemItem::Certificate(c) = item.map_err(|e| bad(format!("bad PEM: {e}")))? {
+            certs.push(c);
         }
     }
     if certs.is_empty() {
@@ -507,8 +506,8 @@ impl EtcdLease {
     pub fn acquire(spec: &EtcdSpec, wait: Duration) -> Result<Option<EtcdLease>> {
         let err =
             |e: CallError| Error::Arbiter { path: spec.to_string(), why: format!("etcd at {}: {e}", spec.endpoint()) };
-        let client =
-            Client::new(spec, REQUEST_TIMEOUT).map_err(|source| Error::EtcdConfig { url: spec.to_string(), source })?;
+        let client = Client::new(spec, REQUEST_TIMEOUT)
+            .map_err(|source| Error::EtcdConfig { url: spec.to_string(), source: Box::new(source) })?;
         let key = spec.key.as_bytes();
         let holder = holder_name();
         let start = Instant::now();
@@ -944,19 +943,21 @@ impl Client {
                 // A certificate refused by us (the server's) or by etcd (ours, an alert).
                 Some(r) => CallError::Tls(format!("{base}: {r}")),
                 None => {
-                    // etcd with --client-cert-auth closes on a client without a certificate,
-                    // often before its alert can be read.
-                    let no_cert = spec.tls.as_ref().is_some_and(|t| t.cert.is_none());
+                    // etcd with --client-cert-auth closes on a client certificate it refuses
+                    // (or none), often before its alert can be read (TLS 1.3 ends the
+                    // client's handshake first).
                     let closed = matches!(
                         io.kind(),
                         std::io::ErrorKind::BrokenPipe
                             | std::io::ErrorKind::ConnectionReset
                             | std::io::ErrorKind::UnexpectedEof
                     );
-                    let hint = if no_cert && closed {
-                        " (closed during TLS: does etcd want a client certificate? give cert= and key=)"
-                    } else {
-                        ""
+                    let hint = match spec.tls.as_ref().map(|t| t.cert.is_some()) {
+                        Some(false) if closed => {
+                            " (closed during TLS: does etcd want a client certificate? give cert= and key=)"
+                        }
+                        Some(true) if closed => " (closed during TLS: does etcd trust our client certificate?)",
+                        _ => "",
                     };
                     CallError::Unreachable(format!("{what} {base}: {io}{hint}"))
                 }

@@ -52,7 +52,7 @@ pub enum Error {
     EtcdConfig {
         url: String,
         #[source]
-        source: crate::etcd::EtcdConfigError,
+        source: Box<crate::etcd::EtcdConfigError>,
     },
 }
 

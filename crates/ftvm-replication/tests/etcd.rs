@@ -296,7 +296,8 @@ fn a_client_certificate_of_another_ca_is_refused() {
     let spec: ArbiterSpec = tls_url(&etcd[0], &pki, "ftvm/tls", "other-client", "ca").parse().unwrap();
     let e = Arbiter::acquire(&spec, Duration::ZERO).expect_err("etcd refuses the certificate").to_string();
     eprintln!("client certificate of another CA: {e}");
-    assert!(e.contains("TLS failed") && e.contains("https://"), "{e}");
+    // The alert (BadCertificate), or a close before it could be read.
+    assert!(e.contains("https://") && (e.contains("TLS failed") || e.contains("client certificate")), "{e}");
     // Without a client certificate at all.
     let url = format!("etcds://{}/ftvm/tls?ca={}", etcd[0].endpoint(), pki.path("ca.pem").display());
     let e = Arbiter::acquire(&url.parse().unwrap(), Duration::ZERO).expect_err("no client certificate").to_string();

@@ -3,7 +3,7 @@
 //! when it fails, what to do; the exit status is 0 only when every check passes.
 
 use std::fmt;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
