@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use crate::etcd::{EtcdLease, EtcdSpec};
 use crate::{Error, Result};
 
-/// Where the arbiter is: a lock-file path, or an etcd key (`etcd://HOST:PORT/KEY[?ttl=SECONDS]`).
+/// Where the arbiter is: a lock-file path, or an etcd key (`etcd://HOST:PORT/KEY[?ttl=SECONDS]`,
+/// `etcds://` with TLS; see [`EtcdSpec`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArbiterSpec {
     /// A lock file seen by this host only (as far as ftvm knows).
@@ -46,9 +47,9 @@ impl ArbiterSpec {
 impl FromStr for ArbiterSpec {
     type Err = Error;
 
-    /// `etcd:...` must be a well-formed etcd URL; anything else is a lock-file path.
+    /// `etcd:...` and `etcds:...` must be well-formed etcd URLs; anything else is a lock-file path.
     fn from_str(s: &str) -> Result<ArbiterSpec> {
-        if s.starts_with("etcd:") {
+        if s.starts_with("etcd:") || s.starts_with("etcds:") {
             return s.parse().map(ArbiterSpec::Etcd);
         }
         if s.is_empty() {
@@ -518,14 +519,14 @@ mod tests {
     #[test]
     fn parse_etcd_urls() {
         let spec: ArbiterSpec = "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3".parse().unwrap();
-        let etcd = EtcdSpec { host: "127.0.0.1".into(), port: 2379, key: "ftvm/vm1".into(), ttl_secs: 3 };
+        let etcd = EtcdSpec { ttl_secs: 3, ..EtcdSpec::plain("127.0.0.1", 2379, "ftvm/vm1") };
         assert_eq!(spec, ArbiterSpec::Etcd(etcd.clone()));
         assert_eq!(spec.to_string(), "etcd://127.0.0.1:2379/ftvm/vm1?ttl=3");
         assert_eq!(spec.to_string().parse::<ArbiterSpec>().unwrap(), spec, "Display round-trips");
         let ArbiterSpec::Etcd(short) = "etcd://etcd.example:2379/k".parse().unwrap() else { panic!("not etcd") };
-        assert_eq!((short.host.as_str(), short.key.as_str(), short.ttl_secs), ("etcd.example", "k", 2));
+        assert_eq!((short.endpoints[0].host.as_str(), short.key.as_str(), short.ttl_secs), ("etcd.example", "k", 2));
         let ArbiterSpec::Etcd(v6) = "etcd://[::1]:2379/k?ttl=10".parse().unwrap() else { panic!("not etcd") };
-        assert_eq!((v6.host.as_str(), v6.port, v6.ttl_secs), ("::1", 2379, 10));
+        assert_eq!((v6.endpoints[0].host.as_str(), v6.endpoints[0].port, v6.ttl_secs), ("::1", 2379, 10));
         assert_eq!(v6.to_string(), "etcd://[::1]:2379/k?ttl=10");
         assert_eq!("/run/ftvm.lock".parse::<ArbiterSpec>().unwrap(), ArbiterSpec::File("/run/ftvm.lock".into()));
     }

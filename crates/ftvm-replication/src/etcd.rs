@@ -30,19 +30,25 @@
 //! that lands exactly there delays that one output past the check. Check right before
 //! performing the output, so that this window is as short as the code path.
 //!
-//! The client speaks etcd's v3 JSON gateway (POST /v3/...) over a small blocking HTTP/1.1
-//! client: no gRPC, no protoc, no async runtime. Keys and values are base64 in the JSON, and
-//! 64-bit integers are strings.
+//! The client speaks etcd's v3 JSON gateway (POST /v3/...) through ureq, a blocking HTTP/1.1
+//! client, with rustls for `etcds://` (a CA, a client certificate for `--client-cert-auth`):
+//! no gRPC, no protoc, no async runtime. Keys and values are base64 in the JSON, and 64-bit
+//! integers are strings. With a user, the token of `/v3/auth/authenticate` goes in the
+//! `Authorization` header, and a new one is asked for when etcd says it is no longer good.
+//! With several members, a request that cannot reach one (or whose TLS handshake fails) goes
+//! to the next: the lease is the cluster's, so it is kept through any member.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde_json::{json, Value};
+use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 
 use crate::{Error, Result};
 
@@ -62,18 +68,14 @@ const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// After a failed keepalive, how soon the next try goes out.
 const FAILED_KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
 
-/// An etcd arbiter: `etcd://HOST:PORT/KEY[?ttl=SECONDS]`.
+/// One etcd member's client address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdSpec {
+pub struct EtcdEndpoint {
     pub host: String,
     pub port: u16,
-    /// The key, as written after `HOST:PORT/` (so `etcd://h:2379/ftvm/vm1` is `ftvm/vm1`).
-    pub key: String,
-    /// The TTL asked for; etcd may raise it (the TTL it returns is the one used).
-    pub ttl_secs: i64,
 }
 
-impl EtcdSpec {
+impl EtcdEndpoint {
     /// `HOST:PORT`, with brackets around an IPv6 address.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -82,70 +84,330 @@ impl EtcdSpec {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
 
-    /// The client URL, `http://HOST:PORT`.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.authority())
+/// TLS to etcd (`etcds://`): the CA that signed the members' certificates (none: the Mozilla
+/// roots that ureq bundles), and a client certificate and key for etcd's `--client-cert-auth`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: Option<PathBuf>,
+    /// The client certificate (PEM, the chain) and its key (PEM): both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// etcd's authentication: a user and the file holding its password (never the password
+/// itself, which would show on the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password_file: PathBuf,
+}
+
+/// What is wrong with an etcd arbiter's URL or the files it names.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConfigError {
+    #[error(
+        "{0} (expected etcd://HOST:PORT/KEY[?ttl=SECONDS], etcds:// for TLS, HOST:PORT,HOST:PORT for several members)"
+    )]
+    Syntax(String),
+    #[error("unknown parameter {0:?} (expected etcd://HOST:PORT/KEY[?ttl=SECONDS] with ttl, ca, cert, key, user, password-file)")]
+    UnknownParameter(String),
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {what} {} is not usable: {why}", path.display())]
+    BadPem { what: &'static str, path: PathBuf, why: String },
+    #[error("the client certificate {} and key {} do not go together: {source}", cert.display(), key.display())]
+    BadClientCert {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// An etcd arbiter: `etcd[s]://HOST:PORT[,HOST:PORT...]/KEY[?PARAMETERS]` (see
+/// docs/operations.md). Parsing it also reads the files it names and checks that they parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// The members to try, in order: a request that cannot reach one goes to the next.
+    pub endpoints: Vec<EtcdEndpoint>,
+    /// The key, as written after the authority (so `etcd://h:2379/ftvm/vm1` is `ftvm/vm1`).
+    pub key: String,
+    /// The TTL asked for; etcd may raise it (the TTL it returns is the one used).
+    pub ttl_secs: i64,
+    /// `Some` for `etcds://`.
+    pub tls: Option<EtcdTls>,
+    pub auth: Option<EtcdAuth>,
+}
+
+impl EtcdSpec {
+    /// A plain `etcd://HOST:PORT/KEY` with the default TTL.
+    pub fn plain(host: &str, port: u16, key: &str) -> EtcdSpec {
+        EtcdSpec {
+            endpoints: vec![EtcdEndpoint { host: host.into(), port }],
+            key: key.into(),
+            ttl_secs: DEFAULT_TTL_SECS,
+            tls: None,
+            auth: None,
+        }
     }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The client URL of one member, `http[s]://HOST:PORT`.
+    pub fn url_of(&self, endpoint: &EtcdEndpoint) -> String {
+        format!("{}://{}", self.scheme(), endpoint.authority())
+    }
+
+    /// The client URLs, comma-separated (for messages).
+    pub fn endpoint(&self) -> String {
+        self.endpoints.iter().map(|e| self.url_of(e)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Reads and checks the files the spec names (what parsing does).
+    pub fn check_files(&self) -> std::result::Result<(), EtcdConfigError> {
+        if let Some(tls) = &self.tls {
+            load_tls(tls)?;
+        }
+        if let Some(auth) = &self.auth {
+            read_password(&auth.password_file)?;
+        }
+        Ok(())
+    }
+}
+
+/// One request to etcd as the arbiter would make it (TLS, authentication, failover): reads
+/// the key. `Ok`: who holds it, if anyone. For `ftvm doctor`.
+pub fn probe(spec: &EtcdSpec) -> Result<Option<String>> {
+    let client = Client::new(spec, REQUEST_TIMEOUT)
+        .map_err(|source| Error::EtcdConfig { url: spec.to_string(), source: Box::new(source) })?;
+    let holder = client
+        .range(spec.key.as_bytes())
+        .map_err(|e| Error::Arbiter { path: spec.to_string(), why: format!("etcd at {}: {e}", spec.endpoint()) })?;
+    Ok(holder.map(|(_, value)| String::from_utf8_lossy(&value).into_owned()))
 }
 
 impl fmt::Display for EtcdSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "etcd://{}/{}?ttl={}", self.authority(), self.key, self.ttl_secs)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        let hosts: Vec<String> = self.endpoints.iter().map(EtcdEndpoint::authority).collect();
+        write!(f, "{scheme}://{}/{}?ttl={}", hosts.join(","), self.key, self.ttl_secs)?;
+        if let Some(tls) = &self.tls {
+            for (name, path) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+                if let Some(path) = path {
+                    write!(f, "&{name}={}", path.display())?;
+                }
+            }
+        }
+        if let Some(auth) = &self.auth {
+            write!(f, "&user={}&password-file={}", auth.user, auth.password_file.display())?;
+        }
+        Ok(())
     }
+}
+
+fn parse_endpoint(authority: &str) -> std::result::Result<EtcdEndpoint, EtcdConfigError> {
+    let err = |why: String| EtcdConfigError::Syntax(why);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| err("unclosed '[' in the host".into()))?;
+        let port = after.strip_prefix(':').ok_or_else(|| err("missing port".into()))?;
+        (host, port)
+    } else {
+        let (host, port) = authority.rsplit_once(':').ok_or_else(|| err("missing port".into()))?;
+        if host.contains(':') {
+            return Err(err("an IPv6 host must be in brackets".into()));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(err("missing host".into()));
+    }
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(err(format!("bad port {port:?}: expected 1-65535"))),
+    };
+    Ok(EtcdEndpoint { host: host.to_string(), port })
+}
+
+fn parse_spec(s: &str) -> std::result::Result<EtcdSpec, EtcdConfigError> {
+    let err = |why: String| EtcdConfigError::Syntax(why);
+    let (tls, rest) = match (s.strip_prefix("etcds://"), s.strip_prefix("etcd://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        _ => return Err(err("not an etcd URL".into())),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authorities, key) = rest.split_once('/').ok_or_else(|| err("missing key".into()))?;
+    if key.is_empty() {
+        return Err(err("missing key".into()));
+    }
+    let endpoints = authorities.split(',').map(parse_endpoint).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut ttl_secs = DEFAULT_TTL_SECS;
+    let mut files = EtcdTls::default();
+    let (mut user, mut password_file) = (None, None);
+    for param in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        let Some((name, value)) = param.split_once('=') else {
+            return Err(EtcdConfigError::UnknownParameter(param.into()));
+        };
+        let path = || {
+            if value.is_empty() {
+                Err(err(format!("{name}= needs a path")))
+            } else {
+                Ok(Some(PathBuf::from(value)))
+            }
+        };
+        match name {
+            "ttl" => match value.parse::<i64>() {
+                Ok(t) if t >= 2 => ttl_secs = t,
+                _ => {
+                    return Err(err(format!(
+                        "ttl must be an integer number of seconds >= 2 (etcd's minimum lease), not {value:?}"
+                    )))
+                }
+            },
+            "ca" => files.ca = path()?,
+            "cert" => files.cert = path()?,
+            "key" => files.key = path()?,
+            "user" if value.is_empty() => return Err(err("user= needs a name".into())),
+            "user" => user = Some(value.to_string()),
+            "password-file" => password_file = path()?,
+            "password" => {
+                return Err(err(
+                    "no password in the URL (it would show on the command line): give password-file=PATH".into()
+                ))
+            }
+            _ => return Err(EtcdConfigError::UnknownParameter(param.into())),
+        }
+    }
+    if files.cert.is_some() != files.key.is_some() {
+        return Err(err("cert= and key= go together (a client certificate and its private key)".into()));
+    }
+    let has_files = files != EtcdTls::default();
+    if has_files && !tls {
+        return Err(err("ca=, cert= and key= are TLS parameters: use etcds://".into()));
+    }
+    let auth = match (user, password_file) {
+        (Some(user), Some(password_file)) => Some(EtcdAuth { user, password_file }),
+        (None, None) => None,
+        (Some(_), None) => return Err(err("user= needs password-file=PATH".into())),
+        (None, Some(_)) => return Err(err("password-file= needs user=NAME".into())),
+    };
+    let spec = EtcdSpec { endpoints, key: key.to_string(), ttl_secs, tls: tls.then_some(files), auth };
+    spec.check_files()?;
+    Ok(spec)
 }
 
 impl FromStr for EtcdSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<EtcdSpec> {
-        let err = |why: String| Error::Arbiter {
-            path: s.to_string(),
-            why: format!("{why} (expected etcd://HOST:PORT/KEY[?ttl=SECONDS])"),
-        };
-        let rest = s.strip_prefix("etcd://").ok_or_else(|| err("not an etcd URL".into()))?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, key) = rest.split_once('/').ok_or_else(|| err("missing key".into()))?;
-        if key.is_empty() {
-            return Err(err("missing key".into()));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| err("unclosed '[' in the host".into()))?;
-            let port = after.strip_prefix(':').ok_or_else(|| err("missing port".into()))?;
-            (host, port)
-        } else {
-            let (host, port) = authority.rsplit_once(':').ok_or_else(|| err("missing port".into()))?;
-            if host.contains(':') {
-                return Err(err("an IPv6 host must be in brackets".into()));
-            }
-            (host, port)
-        };
-        if host.is_empty() {
-            return Err(err("missing host".into()));
-        }
-        let port = match port.parse::<u16>() {
-            Ok(p) if p != 0 => p,
-            _ => return Err(err(format!("bad port {port:?}: expected 1-65535"))),
-        };
-        let mut ttl_secs = DEFAULT_TTL_SECS;
-        for param in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-            match param.split_once('=') {
-                Some(("ttl", v)) => match v.parse::<i64>() {
-                    Ok(t) if t >= 2 => ttl_secs = t,
-                    _ => {
-                        return Err(err(format!(
-                            "ttl must be an integer number of seconds >= 2 (etcd's minimum lease), not {v:?}"
-                        )))
-                    }
-                },
-                _ => return Err(err(format!("unknown parameter {param:?} (the only one is ttl=SECONDS)"))),
-            }
-        }
-        Ok(EtcdSpec { host: host.to_string(), port, key: key.to_string(), ttl_secs })
+        parse_spec(s).map_err(|source| Error::EtcdConfig { url: s.to_string(), source: Box::new(source) })
     }
+}
+
+/// The TLS material of a spec, read and checked.
+struct TlsMaterial {
+    ca: Option<Vec<Certificate<'static>>>,
+    client: Option<(Vec<Certificate<'static>>, PrivateKey<'static>)>,
+}
+
+fn read_file(what: &'static str, path: &Path) -> std::result::Result<Vec<u8>, EtcdConfigError> {
+    std::fs::read(path).map_err(|source| EtcdConfigError::Unreadable { what, path: path.into(), source })
+}
+
+/// The certificates of a PEM file (at least one), each checked to be X.509 that webpki takes.
+fn read_certs(what: &'static str, path: &Path) -> std::result::Result<Vec<Certificate<'static>>, EtcdConfigError> {
+    let pem = read_file(what, path)?;
+    let bad = |why: String| EtcdConfigError::BadPem { what, path: path.into(), why };
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) = item.map_err(|e| bad(format!("bad PEM: {e}")))? {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("no CERTIFICATE in it".into()));
+    }
+    for (n, cert) in certs.iter().enumerate() {
+        // Taking it as a trust anchor parses its X.509 structure.
+        let der = rustls::pki_types::CertificateDer::from(cert.der().to_vec());
+        rustls::RootCertStore::empty()
+            .add(der)
+            .map_err(|e| bad(format!("certificate {} does not parse: {e}", n + 1)))?;
+    }
+    Ok(certs)
+}
+
+fn load_tls(tls: &EtcdTls) -> std::result::Result<TlsMaterial, EtcdConfigError> {
+    let ca = match &tls.ca {
+        Some(path) => Some(read_certs("CA certificate", path)?),
+        None => None,
+    };
+    let client = match (&tls.cert, &tls.key) {
+        (Some(cert_path), Some(key_path)) => {
+            let certs = read_certs("client certificate", cert_path)?;
+            let pem = read_file("client key", key_path)?;
+            let key = PrivateKey::from_pem(&pem).map_err(|e| EtcdConfigError::BadPem {
+                what: "client key",
+                path: key_path.clone(),
+                why: format!("no private key in it ({e})"),
+            })?;
+            // What rustls will do with them at the first connection: the key must load and
+            // match the certificate.
+            let chain: Vec<_> =
+                certs.iter().map(|c| rustls::pki_types::CertificateDer::from(c.der().to_vec())).collect();
+            let der = rustls::pki_types::PrivateKeyDer::try_from(key.der().to_vec()).map_err(|e| {
+                EtcdConfigError::BadPem { what: "client key", path: key_path.clone(), why: e.to_string() }
+            })?;
+            // ring's provider, as ureq builds it (deprecated for its lack of post-quantum key
+            // exchange; the check here only loads the key).
+            #[allow(deprecated)]
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .and_then(|b| {
+                    b.with_root_certificates(rustls::RootCertStore::empty()).with_client_auth_cert(chain, der)
+                })
+                .map_err(|source| EtcdConfigError::BadClientCert {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    source,
+                })?;
+            Some((certs, key))
+        }
+        _ => None,
+    };
+    Ok(TlsMaterial { ca, client })
+}
+
+/// The password: the file's first line (a trailing newline is not part of it).
+fn read_password(path: &Path) -> std::result::Result<String, EtcdConfigError> {
+    let bytes = read_file("password file", path)?;
+    let text = String::from_utf8(bytes).map_err(|_| EtcdConfigError::BadPem {
+        what: "password file",
+        path: path.into(),
+        why: "not UTF-8".into(),
+    })?;
+    let password = text.lines().next().unwrap_or("").to_string();
+    if password.is_empty() {
+        return Err(EtcdConfigError::BadPem { what: "password file", path: path.into(), why: "empty".into() });
+    }
+    Ok(password)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -222,6 +484,8 @@ impl Shared {
 /// revokes the lease (best effort), which frees the key at once.
 pub struct EtcdLease {
     spec: EtcdSpec,
+    /// For the revoke on drop (it shares the keepalive thread's connections and token).
+    client: Client,
     lease_id: i64,
     shared: Arc<Shared>,
 }
@@ -242,7 +506,8 @@ impl EtcdLease {
     pub fn acquire(spec: &EtcdSpec, wait: Duration) -> Result<Option<EtcdLease>> {
         let err =
             |e: CallError| Error::Arbiter { path: spec.to_string(), why: format!("etcd at {}: {e}", spec.endpoint()) };
-        let client = Client::new(spec, REQUEST_TIMEOUT);
+        let client = Client::new(spec, REQUEST_TIMEOUT)
+            .map_err(|source| Error::EtcdConfig { url: spec.to_string(), source: Box::new(source) })?;
         let key = spec.key.as_bytes();
         let holder = holder_name();
         let start = Instant::now();
@@ -251,8 +516,9 @@ impl EtcdLease {
             let (lease_id, ttl) = client.grant(spec.ttl_secs).map_err(err)?;
             match client.put_if_absent(key, holder.as_bytes(), lease_id) {
                 Ok(None) => {
+                    let revoker = client.with_timeout(REVOKE_TIMEOUT);
                     let lease = EtcdLease::start(spec.clone(), client, lease_id, ttl, sent).inspect_err(|_| {
-                        let _ = Client::new(spec, REVOKE_TIMEOUT).revoke(lease_id);
+                        let _ = revoker.revoke(lease_id);
                     })?;
                     tracing::info!("won the etcd arbiter {spec} (lease {lease_id:x}, TTL {ttl} s, holder {holder})");
                     return Ok(Some(lease));
@@ -282,11 +548,12 @@ impl EtcdLease {
             wake: Condvar::new(),
         });
         shared.renewed(sent, ttl);
+        let revoker = client.with_timeout(REVOKE_TIMEOUT);
         let thread = Keepalive { shared: shared.clone(), client, spec: spec.clone(), lease_id, ttl };
         std::thread::Builder::new().name("etcd-keepalive".into()).spawn(move || thread.run()).map_err(|e| {
             Error::Arbiter { path: spec.to_string(), why: format!("cannot start the keepalive thread: {e}") }
         })?;
-        Ok(EtcdLease { spec, lease_id, shared })
+        Ok(EtcdLease { spec, client: revoker, lease_id, shared })
     }
 
     /// Whether the lease is certainly still valid now (by the local monotonic clock; see the
@@ -342,7 +609,7 @@ impl Drop for EtcdLease {
         // reporting anything; it is not joined, so a hanging etcd cannot hold up the drop.
         self.shared.control().stop = true;
         self.shared.wake.notify_all();
-        if let Err(e) = Client::new(&self.spec, REVOKE_TIMEOUT).revoke(self.lease_id) {
+        if let Err(e) = self.client.revoke(self.lease_id) {
             tracing::debug!("etcd arbiter {}: revoking lease {:x} on release: {e}", self.spec, self.lease_id);
         }
     }
@@ -458,7 +725,7 @@ impl Keepalive {
         self.shared.declare_lost(why);
         // The key may still carry our lease (e.g. it was found held by another after a
         // delete and re-create, our lease alive): free what we still have.
-        let _ = Client::new(&self.spec, REVOKE_TIMEOUT).revoke(self.lease_id);
+        let _ = self.client.with_timeout(REVOKE_TIMEOUT).revoke(self.lease_id);
     }
 }
 
@@ -477,6 +744,8 @@ fn holder_name() -> String {
 pub(crate) enum CallError {
     /// No answer: connect, write or read failed or timed out.
     Unreachable(String),
+    /// The TLS handshake failed (a certificate refused, by either side).
+    Tls(String),
     /// etcd answered with an error.
     Rejected(String),
     /// The answer is not what etcd sends (bad HTTP, bad JSON, fields missing).
@@ -487,33 +756,224 @@ impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CallError::Unreachable(m) => write!(f, "unreachable: {m}"),
+            CallError::Tls(m) => write!(f, "TLS failed: {m}"),
             CallError::Rejected(m) => write!(f, "request refused: {m}"),
             CallError::BadReply(m) => write!(f, "malformed reply: {m}"),
         }
     }
 }
 
+/// The most a reply may hold; etcd's replies here are a few hundred bytes.
+const MAX_BODY: u64 = 4 << 20;
+
+/// What the clients of one arbiter share: one ureq agent (its connections are kept alive
+/// between keepalives), the member in use, and the auth token.
+struct Transport {
+    spec: EtcdSpec,
+    agent: ureq::Agent,
+    /// The index in `spec.endpoints` of the member that answered last.
+    current: AtomicUsize,
+    /// (user, password), for `spec.auth`.
+    credentials: Option<(String, String)>,
+    /// The token of the last `/v3/auth/authenticate` (a simple token is good on the member
+    /// that gave it only: a failover re-authenticates).
+    token: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
 pub(crate) struct Client {
-    host: String,
-    port: u16,
+    transport: Arc<Transport>,
     timeout: Duration,
 }
 
+/// Whether an I/O error carries a rustls error (a handshake refused), and which.
+fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r.to_string());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+                    return Some(r.to_string());
+                }
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
 impl Client {
-    pub(crate) fn new(spec: &EtcdSpec, timeout: Duration) -> Client {
-        Client { host: spec.host.clone(), port: spec.port, timeout }
+    /// A client for `spec`, reading its TLS files and password file.
+    pub(crate) fn new(spec: &EtcdSpec, timeout: Duration) -> std::result::Result<Client, EtcdConfigError> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .max_idle_connections_per_host(2)
+            .user_agent(concat!("ftvm/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = &spec.tls {
+            let material = load_tls(tls)?;
+            let mut builder = TlsConfig::builder().provider(ureq::tls::TlsProvider::Rustls);
+            if let Some(ca) = material.ca {
+                builder = builder.root_certs(RootCerts::new_with_certs(&ca));
+            }
+            if let Some((chain, key)) = material.client {
+                builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+            }
+            config = config.tls_config(builder.build());
+        }
+        let credentials = match &spec.auth {
+            Some(auth) => Some((auth.user.clone(), read_password(&auth.password_file)?)),
+            None => None,
+        };
+        let transport = Transport {
+            spec: spec.clone(),
+            agent: config.build().into(),
+            current: AtomicUsize::new(0),
+            credentials,
+            token: Mutex::new(None),
+        };
+        Ok(Client { transport: Arc::new(transport), timeout })
     }
 
-    /// POSTs `body` to `path`; returns the first JSON value of a 200 reply (a streaming
-    /// reply, like keepalive's, carries one message per request message).
+    /// The same connections and token, with another timeout per request.
+    pub(crate) fn with_timeout(&self, timeout: Duration) -> Client {
+        Client { transport: self.transport.clone(), timeout }
+    }
+
+    fn token(&self) -> MutexGuard<'_, Option<String>> {
+        self.transport.token.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// POSTs `body` to `path`, on the member in use, then on the next ones while a member
+    /// cannot be reached; returns the first JSON value of a 200 reply (a streaming reply,
+    /// like keepalive's, carries one message per request message).
     pub(crate) fn call(&self, path: &str, body: &Value) -> std::result::Result<Value, CallError> {
-        let authority = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let endpoints = &self.transport.spec.endpoints;
+        let first = self.transport.current.load(Ordering::SeqCst) % endpoints.len().max(1);
+        let mut failures = Vec::new();
+        for i in 0..endpoints.len() {
+            let n = (first + i) % endpoints.len();
+            match self.call_member(n, path, body) {
+                Err(e @ (CallError::Unreachable(_) | CallError::Tls(_))) => {
+                    if endpoints.len() > 1 {
+                        tracing::warn!("etcd arbiter {}: {e}; trying the next member", self.transport.spec);
+                    }
+                    failures.push(e);
+                }
+                other => {
+                    if n != first {
+                        self.transport.current.store(n, Ordering::SeqCst);
+                        tracing::warn!(
+                            target: "ftvm::event",
+                            event = "etcd_failover",
+                            endpoint = %self.transport.spec.url_of(&endpoints[n]),
+                            "etcd arbiter {}: now using {}",
+                            self.transport.spec,
+                            self.transport.spec.url_of(&endpoints[n])
+                        );
+                    }
+                    return other;
+                }
+            }
+        }
+        // Every member failed: a TLS failure says more than a timeout.
+        let tls = failures.iter().position(|e| matches!(e, CallError::Tls(_)));
+        let last = failures.len().saturating_sub(1);
+        Err(failures.swap_remove(tls.unwrap_or(last)))
+    }
+
+    /// One call on member `n`, with a token when the spec has a user (authenticating first,
+    /// and once more when etcd says the token is no longer good).
+    fn call_member(&self, n: usize, path: &str, body: &Value) -> std::result::Result<Value, CallError> {
+        let Some((user, password)) = &self.transport.credentials else {
+            return self.post(n, path, body, None);
         };
-        let body = body.to_string();
-        let (status, reply) = http::post(&self.host, self.port, &authority, path, body.as_bytes(), self.timeout)?;
+        let mut retried = false;
+        loop {
+            let token = self.token().clone();
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let v =
+                        self.post(n, "/v3/auth/authenticate", &json!({ "name": user, "password": password }), None)?;
+                    let t = v.get("token").and_then(Value::as_str).unwrap_or("").to_string();
+                    if t.is_empty() {
+                        return Err(CallError::BadReply("/v3/auth/authenticate: no token in the reply".into()));
+                    }
+                    *self.token() = Some(t.clone());
+                    t
+                }
+            };
+            match self.post(n, path, body, Some(&token)) {
+                Err(CallError::Rejected(m)) if !retried && m.contains("invalid auth token") => {
+                    tracing::debug!("etcd arbiter {}: {m}; authenticating again", self.transport.spec);
+                    *self.token() = None;
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn post(&self, n: usize, path: &str, body: &Value, token: Option<&str>) -> std::result::Result<Value, CallError> {
+        let spec = &self.transport.spec;
+        let base = spec.url_of(&spec.endpoints[n]);
+        let url = format!("{base}{path}");
+        let mut request = self
+            .transport
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .config()
+            .timeout_global(Some(self.timeout))
+            .build();
+        if let Some(token) = token {
+            request = request.header("Authorization", token);
+        }
+        let failed = |what: &str, e: ureq::Error| match e {
+            ureq::Error::Rustls(r) => CallError::Tls(format!("{base}: {r}")),
+            ureq::Error::Tls(m) => CallError::Tls(format!("{base}: {m}")),
+            ureq::Error::Timeout(_) => {
+                CallError::Unreachable(format!("{what} {base}: timed out after {} ms", self.timeout.as_millis()))
+            }
+            ureq::Error::Io(io) => match tls_cause(&io) {
+                // A certificate refused by us (the server's) or by etcd (ours, an alert).
+                Some(r) => CallError::Tls(format!("{base}: {r}")),
+                None => {
+                    // etcd with --client-cert-auth closes on a client certificate it refuses
+                    // (or none), often before its alert can be read (TLS 1.3 ends the
+                    // client's handshake first).
+                    let closed = matches!(
+                        io.kind(),
+                        std::io::ErrorKind::BrokenPipe
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::UnexpectedEof
+                    );
+                    let hint = match spec.tls.as_ref().map(|t| t.cert.is_some()) {
+                        Some(false) if closed => {
+                            " (closed during TLS: does etcd want a client certificate? give cert= and key=)"
+                        }
+                        Some(true) if closed => " (closed during TLS: does etcd trust our client certificate?)",
+                        _ => "",
+                    };
+                    CallError::Unreachable(format!("{what} {base}: {io}{hint}"))
+                }
+            },
+            e @ (ureq::Error::HostNotFound | ureq::Error::ConnectionFailed) => {
+                CallError::Unreachable(format!("{what} {base}: {e}"))
+            }
+            e => match tls_cause(&e) {
+                Some(r) => CallError::Tls(format!("{base}: {r}")),
+                None => CallError::BadReply(format!("{path}: {e}")),
+            },
+        };
+        let mut response = request.send(body.to_string()).map_err(|e| failed("post to", e))?;
+        let status = response.status().as_u16();
+        let reply =
+            response.body_mut().with_config().limit(MAX_BODY).read_to_vec().map_err(|e| failed("read from", e))?;
         let value: Option<Value> =
             serde_json::Deserializer::from_slice(&reply).into_iter::<Value>().next().transpose().map_err(|e| {
                 CallError::BadReply(format!("{path}: HTTP {status}: bad JSON ({e}): {}", snippet(&reply)))
@@ -548,10 +1008,10 @@ impl Client {
     /// Creates `key` = `value` with `lease` unless the key exists. `Ok(None)`: created;
     /// `Ok(Some(holder))`: it exists (holder: its value).
     fn put_if_absent(&self, key: &[u8], value: &[u8], lease: i64) -> std::result::Result<Option<String>, CallError> {
-        let key = base64::encode(key);
+        let key = b64(key);
         let body = json!({
             "compare": [{ "key": key, "target": "CREATE", "create_revision": "0", "result": "EQUAL" }],
-            "success": [{ "request_put": { "key": key, "value": base64::encode(value), "lease": lease.to_string() } }],
+            "success": [{ "request_put": { "key": key, "value": b64(value), "lease": lease.to_string() } }],
             "failure": [{ "request_range": { "key": key } }],
         });
         let v = self.call("/v3/kv/txn", &body)?;
@@ -585,7 +1045,7 @@ impl Client {
 
     /// The key's lease and value, if it exists.
     fn range(&self, key: &[u8]) -> std::result::Result<Option<(i64, Vec<u8>)>, CallError> {
-        let v = self.call("/v3/kv/range", &json!({ "key": base64::encode(key) }))?;
+        let v = self.call("/v3/kv/range", &json!({ "key": b64(key) }))?;
         let bad = |m: String| CallError::BadReply(format!("/v3/kv/range: {m}"));
         header(&v).map_err(bad)?;
         first_kv(&v).map_err(bad)
@@ -600,9 +1060,13 @@ impl Client {
         }
     }
 
-    fn delete(&self, key: &[u8]) -> std::result::Result<(), CallError> {
-        self.call("/v3/kv/deleterange", &json!({ "key": base64::encode(key) })).map(|_| ())
+    pub(crate) fn delete(&self, key: &[u8]) -> std::result::Result<(), CallError> {
+        self.call("/v3/kv/deleterange", &json!({ "key": b64(key) })).map(|_| ())
     }
+}
+
+fn b64(data: &[u8]) -> String {
+    B64.encode(data)
 }
 
 /// The error message of an error reply: `{"error": "...", "message": "...", "code": N}`, or
@@ -651,7 +1115,7 @@ fn first_kv(range: &Value) -> std::result::Result<Option<(i64, Vec<u8>)>, String
     };
     let value = match kv.get("value") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => base64::decode(s).map_err(|e| format!("value: {e}"))?,
+        Some(Value::String(s)) => B64.decode(s).map_err(|e| format!("value: {e}"))?,
         Some(other) => return Err(format!("value is not a string: {other}")),
     };
     Ok(Some((int(kv, "lease")?, value)))
@@ -669,291 +1133,6 @@ fn snippet(bytes: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/1.1, just enough: one POST per connection (Connection: close).
-
-mod http {
-    use super::*;
-
-    /// The most a reply may hold; etcd's replies here are a few hundred bytes.
-    const MAX_BODY: usize = 4 << 20;
-    const MAX_LINE: u64 = 16 << 10;
-    const MAX_HEADERS: usize = 100;
-
-    /// POSTs a JSON body; the whole exchange (connect, write, read) must end within `timeout`.
-    pub(super) fn post(
-        host: &str,
-        port: u16,
-        authority: &str,
-        path: &str,
-        body: &[u8],
-        timeout: Duration,
-    ) -> std::result::Result<(u16, Vec<u8>), CallError> {
-        let deadline = Instant::now() + timeout;
-        let unreachable = |what: &str, e: std::io::Error| {
-            let e = match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    format!("timed out after {} ms", timeout.as_millis())
-                }
-                _ => e.to_string(),
-            };
-            CallError::Unreachable(format!("{what} {authority}: {e}"))
-        };
-        // A host name is resolved by the system resolver, outside the timeout (use an address
-        // where that matters).
-        let addrs = (host, port).to_socket_addrs().map_err(|e| unreachable("resolve", e))?;
-        let mut last = None;
-        let mut stream = None;
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match TcpStream::connect_timeout(&addr, left) {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let stream = stream
-            .ok_or_else(|| unreachable("connect", last.unwrap_or_else(|| std::io::ErrorKind::TimedOut.into())))?;
-        let _ = stream.set_nodelay(true);
-        let mut request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        request.extend_from_slice(body);
-        let mut timed = Timed { stream: &stream, deadline };
-        timed.write_all(&request).map_err(|e| unreachable("write to", e))?;
-        read_response(&mut BufReader::new(timed)).map_err(|e| match e {
-            ReadError::Io(e) => unreachable("read from", e),
-            ReadError::Bad(m) => CallError::BadReply(format!("{path}: {m}")),
-        })
-    }
-
-    /// A socket whose reads and writes share one deadline.
-    struct Timed<'a> {
-        stream: &'a TcpStream,
-        deadline: Instant,
-    }
-
-    impl Timed<'_> {
-        fn left(&self) -> std::io::Result<Duration> {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
-            Ok(left)
-        }
-    }
-
-    impl Read for Timed<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.stream.set_read_timeout(Some(self.left()?))?;
-            self.stream.read(buf)
-        }
-    }
-
-    impl Write for Timed<'_> {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.stream.set_write_timeout(Some(self.left()?))?;
-            self.stream.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[derive(Debug)]
-    pub(super) enum ReadError {
-        Io(std::io::Error),
-        Bad(String),
-    }
-
-    impl From<std::io::Error> for ReadError {
-        fn from(e: std::io::Error) -> ReadError {
-            ReadError::Io(e)
-        }
-    }
-
-    fn bad<T>(m: impl Into<String>) -> std::result::Result<T, ReadError> {
-        Err(ReadError::Bad(m.into()))
-    }
-
-    /// One CRLF (or LF) terminated line, without the terminator.
-    fn line(r: &mut impl BufRead) -> std::result::Result<String, ReadError> {
-        let mut buf = Vec::new();
-        r.take(MAX_LINE).read_until(b'\n', &mut buf)?;
-        if buf.last() != Some(&b'\n') {
-            return if buf.len() as u64 >= MAX_LINE {
-                bad("line too long")
-            } else {
-                bad("connection closed in the middle of the reply")
-            };
-        }
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-        String::from_utf8(buf).or_else(|_| bad("a line that is not UTF-8"))
-    }
-
-    /// Reads one response: status and body (Content-Length, chunked, or up to the close).
-    pub(super) fn read_response(r: &mut impl BufRead) -> std::result::Result<(u16, Vec<u8>), ReadError> {
-        loop {
-            let status_line = line(r)?;
-            let mut parts = status_line.splitn(3, ' ');
-            let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            if !version.starts_with("HTTP/1.") {
-                return bad(format!("not an HTTP/1.x status line: {status_line:?}"));
-            }
-            let status: u16 = match code.parse() {
-                Ok(s) if (100..600).contains(&s) => s,
-                _ => return bad(format!("bad status in {status_line:?}")),
-            };
-            let mut length = None;
-            let mut chunked = false;
-            let mut headers = 0;
-            loop {
-                let h = line(r)?;
-                if h.is_empty() {
-                    break;
-                }
-                headers += 1;
-                if headers > MAX_HEADERS {
-                    return bad("too many headers");
-                }
-                let Some((name, value)) = h.split_once(':') else {
-                    return bad(format!("bad header line {h:?}"));
-                };
-                let value = value.trim();
-                if name.eq_ignore_ascii_case("content-length") {
-                    match value.parse::<usize>() {
-                        Ok(n) if n <= MAX_BODY => length = Some(n),
-                        Ok(n) => return bad(format!("body too large ({n} bytes)")),
-                        Err(_) => return bad(format!("bad Content-Length {value:?}")),
-                    }
-                } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                    let last = value.rsplit(',').next().unwrap_or("").trim();
-                    if !last.eq_ignore_ascii_case("chunked") {
-                        return bad(format!("unsupported Transfer-Encoding {value:?}"));
-                    }
-                    chunked = true;
-                }
-            }
-            if (100..200).contains(&status) {
-                continue; // an interim response (100 Continue): the real one follows
-            }
-            let body = if chunked {
-                read_chunked(r)?
-            } else if let Some(n) = length {
-                let mut body = vec![0; n];
-                r.read_exact(&mut body).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => ReadError::Bad("connection closed in the body".into()),
-                    _ => ReadError::Io(e),
-                })?;
-                body
-            } else {
-                let mut body = Vec::new();
-                r.take(MAX_BODY as u64 + 1).read_to_end(&mut body)?;
-                if body.len() > MAX_BODY {
-                    return bad("body too large");
-                }
-                body
-            };
-            return Ok((status, body));
-        }
-    }
-
-    fn read_chunked(r: &mut impl BufRead) -> std::result::Result<Vec<u8>, ReadError> {
-        let mut body = Vec::new();
-        loop {
-            let size_line = line(r)?;
-            let size = size_line.split(';').next().unwrap_or("").trim();
-            let Ok(size) = usize::from_str_radix(size, 16) else {
-                return bad(format!("bad chunk size {size_line:?}"));
-            };
-            if size == 0 {
-                // Trailers (etcd sends some), up to the empty line; a close instead is fine.
-                loop {
-                    match line(r) {
-                        Ok(t) if t.is_empty() => return Ok(body),
-                        Ok(_) => {}
-                        Err(ReadError::Bad(_)) => return Ok(body),
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            if body.len().saturating_add(size) > MAX_BODY {
-                return bad("body too large");
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            r.read_exact(&mut body[start..]).map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => ReadError::Bad("connection closed in a chunk".into()),
-                _ => ReadError::Io(e),
-            })?;
-            if !line(r)?.is_empty() {
-                return bad("no CRLF after a chunk");
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Base64 (RFC 4648, standard alphabet, padded), for keys and values.
-
-mod base64 {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub(super) fn encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    pub(super) fn decode(s: &str) -> Result<Vec<u8>, String> {
-        let data = s.trim_end_matches('=');
-        if s.len() - data.len() > 2 || data.len() % 4 == 1 {
-            return Err(format!("bad base64 length: {s:?}"));
-        }
-        let mut out = Vec::with_capacity(data.len() * 3 / 4);
-        let (mut acc, mut bits) = (0u32, 0u32);
-        for c in data.bytes() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => return Err(format!("bad base64 character {:?}", char::from(c))),
-            };
-            acc = (acc << 6) | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        Ok(out)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 
 /// A throwaway single-member etcd for tests (this crate's and others'): fresh ports and data
 /// directory; killed and removed on drop.
@@ -964,7 +1143,7 @@ pub mod testing {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
-    use super::{Client, EtcdSpec, DEFAULT_TTL_SECS};
+    use super::{Client, EtcdSpec};
     use crate::arbiter::ArbiterSpec;
 
     /// A running test etcd.
@@ -992,7 +1171,7 @@ pub mod testing {
         }
 
         pub fn etcd_spec(&self, key: &str) -> EtcdSpec {
-            EtcdSpec { host: self.host.clone(), port: self.port, key: key.into(), ttl_secs: DEFAULT_TTL_SECS }
+            EtcdSpec::plain(&self.host, self.port, key)
         }
 
         /// `etcd://HOST:PORT/KEY`, for a command line.
@@ -1003,6 +1182,7 @@ pub mod testing {
         /// Deletes a key behind its holder's back.
         pub fn delete_key(&self, key: &str) -> std::io::Result<()> {
             Client::new(&self.etcd_spec(key), Duration::from_secs(2))
+                .map_err(std::io::Error::other)?
                 .delete(key.as_bytes())
                 .map_err(|e| std::io::Error::other(e.to_string()))
         }
@@ -1138,8 +1318,259 @@ pub mod testing {
         }
     }
 
+    /// Certificates made for a test with openssl: a CA (`ca.pem`), a server certificate for
+    /// 127.0.0.1 (`server.pem`, `server.key`), a client certificate (`client.pem`,
+    /// `client.key`); another CA (`other-ca.pem`) with its own client certificate
+    /// (`other-client.pem`, `other-client.key`); and a server certificate of the first CA
+    /// for another name only (`wrong-name.pem`, `wrong-name.key`: DNS other.invalid, IP 127.0.0.2).
+    pub struct TestPki {
+        dir: PathBuf,
+    }
+
+    impl TestPki {
+        pub fn new() -> std::io::Result<TestPki> {
+            static COUNTER: AtomicU32 = AtomicU32::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+            let dir = std::env::temp_dir().join(format!("ftvm-test-pki-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let pki = TestPki { dir };
+            pki.ca("ca")?;
+            pki.ca("other-ca")?;
+            pki.leaf(
+                "ca",
+                "server",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+            )?;
+            pki.leaf("ca", "client", "extendedKeyUsage=clientAuth")?;
+            pki.leaf("other-ca", "other-client", "extendedKeyUsage=clientAuth")?;
+            pki.leaf("ca", "wrong-name", "subjectAltName=IP:127.0.0.2,DNS:other.invalid\nextendedKeyUsage=serverAuth")?;
+            Ok(pki)
+        }
+
+        /// A file of the PKI, e.g. `ca.pem`.
+        pub fn path(&self, file: &str) -> PathBuf {
+            self.dir.join(file)
+        }
+
+        fn openssl(&self, args: &[&str]) -> std::io::Result<()> {
+            let out = Command::new("openssl").args(args).current_dir(&self.dir).stdin(Stdio::null()).output().map_err(
+                |e| std::io::Error::new(e.kind(), format!("cannot run openssl (apt-get install openssl): {e}")),
+            )?;
+            if !out.status.success() {
+                return Err(std::io::Error::other(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+            Ok(())
+        }
+
+        fn ca(&self, name: &str) -> std::io::Result<()> {
+            let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=ftvm test {name}"));
+            self.openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-subj",
+                &subject,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ])
+        }
+
+        fn leaf(&self, ca: &str, name: &str, extensions: &str) -> std::io::Result<()> {
+            let (key, csr, pem, ext) =
+                (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+            std::fs::write(
+                self.dir.join(&ext),
+                format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}\n"),
+            )?;
+            let subject = format!("/CN=ftvm test {name}");
+            self.openssl(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &subject,
+            ])?;
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+            self.openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ])
+        }
+    }
+
+    impl Drop for TestPki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// How to start the etcd of a test: its members, and TLS for the clients.
+    #[derive(Default)]
+    pub struct TestEtcdOptions<'a> {
+        /// 0 or 1: one member.
+        pub members: usize,
+        /// Serve clients on https with this PKI's CA, requiring client certificates.
+        pub tls: Option<&'a TestPki>,
+        /// The PKI's certificate to serve with (`server` unless given, e.g. `wrong-name`).
+        pub server_cert: Option<&'a str>,
+    }
+
+    /// Starts an etcd cluster of `options.members` on loopback ports (client URLs https with
+    /// `options.tls`: `--client-cert-auth`) and waits until each member says it serves.
+    pub fn start_test_etcd_with(options: &TestEtcdOptions<'_>) -> std::io::Result<Vec<TestEtcd>> {
+        let Some(bin) = etcd_binary() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "etcd is not installed (no /usr/bin/etcd, none on the PATH): run scripts/deps.sh",
+            ));
+        };
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let members = options.members.max(1);
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        let mut ports = Vec::new();
+        for _ in 0..members {
+            ports.push((free_port()?, free_port()?));
+        }
+        let cluster: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
+        let mut started = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = std::env::temp_dir().join(format!("ftvm-test-etcd-{}-c{n}-m{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::File::create(dir.join("etcd.log"))?;
+            let c = format!("{scheme}://127.0.0.1:{client}");
+            let p = format!("http://127.0.0.1:{peer}");
+            let mut command = Command::new(&bin);
+            command
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", dir.join("data").display()))
+                .arg(format!("--listen-client-urls={c}"))
+                .arg(format!("--advertise-client-urls={c}"))
+                .arg(format!("--listen-peer-urls={p}"))
+                .arg(format!("--initial-advertise-peer-urls={p}"))
+                .arg(format!("--initial-cluster={}", cluster.join(",")))
+                .arg(format!("--initial-cluster-token=ftvm-test-{}-{n}", std::process::id()))
+                .arg("--initial-cluster-state=new")
+                .arg("--heartbeat-interval=50")
+                .arg("--election-timeout=500");
+            if let Some(pki) = options.tls {
+                let cert = options.server_cert.unwrap_or("server");
+                command
+                    .arg(format!("--cert-file={}", pki.path(&format!("{cert}.pem")).display()))
+                    .arg(format!("--key-file={}", pki.path(&format!("{cert}.key")).display()))
+                    .arg(format!("--trusted-ca-file={}", pki.path("ca.pem").display()))
+                    .arg("--client-cert-auth");
+            }
+            let child = command
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", bin.display())))?;
+            started.push(TestEtcd { child: Some(child), dir, port: *client, host: "127.0.0.1".into() });
+        }
+        for etcd in &mut started {
+            wait_log_ready(etcd)?;
+        }
+        Ok(started)
+    }
+
+    /// Waits for an etcd's log to say it serves clients.
+    fn wait_log_ready(etcd: &mut TestEtcd) -> std::io::Result<()> {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(etcd.dir.join("etcd.log")).unwrap_or_default();
+            if log.contains("ready to serve client requests") {
+                return Ok(());
+            }
+            let exited = etcd.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(std::io::Error::other(format!(
+                    "test etcd on port {} did not start; its log ends:\n{}",
+                    etcd.port,
+                    tail.join("\n")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`start_test_etcd_with`], or `None` (after printing "SKIPPED") when etcd (or openssl,
+    /// for TLS) is not installed and FTVM_ALLOW_NO_KVM=1. Panics otherwise.
+    pub fn test_etcd_with_or_skip(options: &TestEtcdOptions<'_>) -> Option<Vec<TestEtcd>> {
+        match start_test_etcd_with(options) {
+            Ok(etcd) => Some(etcd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && etcd_binary().is_none() => {
+                if std::env::var("FTVM_ALLOW_NO_KVM").as_deref() == Ok("1") {
+                    eprintln!("SKIPPED: etcd is not installed and FTVM_ALLOW_NO_KVM=1");
+                    return None;
+                }
+                panic!("{e} (set FTVM_ALLOW_NO_KVM=1 to skip the etcd tests)");
+            }
+            Err(e) => panic!("cannot start a test etcd: {e}"),
+        }
+    }
+
+    /// Turns on etcd's authentication with a `root` user whose password is `password`,
+    /// through the gateway of a plain (http) test etcd.
+    pub fn enable_test_auth(etcd: &TestEtcd, password: &str) -> std::io::Result<()> {
+        let client = Client::new(&etcd.etcd_spec("unused"), Duration::from_secs(2)).map_err(std::io::Error::other)?;
+        let steps = [
+            ("/v3/auth/role/add", serde_json::json!({ "name": "root" })),
+            ("/v3/auth/user/add", serde_json::json!({ "name": "root", "password": password })),
+            ("/v3/auth/user/grant", serde_json::json!({ "user": "root", "role": "root" })),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ];
+        for (path, body) in steps {
+            client.call(path, &body).map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     fn wait_ready(etcd: &mut TestEtcd) -> std::io::Result<()> {
-        let client = Client::new(&etcd.etcd_spec("ftvm-test-etcd-ready"), Duration::from_millis(500));
+        let client = Client::new(&etcd.etcd_spec("ftvm-test-etcd-ready"), Duration::from_millis(500))
+            .map_err(std::io::Error::other)?;
         let start = Instant::now();
         loop {
             if client.range(b"ftvm-test-etcd-ready").is_ok() {
@@ -1179,80 +1610,12 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::http::read_response;
     use super::*;
 
-    fn parse(reply: &[u8]) -> (u16, Vec<u8>) {
-        read_response(&mut &reply[..]).unwrap()
-    }
-
-    fn parse_err(reply: &[u8]) -> String {
-        match read_response(&mut &reply[..]) {
-            Err(http::ReadError::Bad(m)) => m,
-            other => panic!("expected a bad reply, got {other:?}"),
-        }
-    }
-
     #[test]
-    fn http_content_length() {
-        let (status, body) =
-            parse(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}trailing");
-        assert_eq!(status, 200);
-        assert_eq!(body, b"{\"a\":1}");
-    }
-
-    #[test]
-    fn http_chunked_with_trailers() {
-        let reply =
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nTrailer: Grpc-Trailer-Content-Type\r\n\r\n\
-                      5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nGrpc-Trailer-Content-Type: application/grpc\r\n\r\n";
-        let (status, body) = parse(reply);
-        assert_eq!(status, 404);
-        assert_eq!(body, b"hello, world");
-        // The body may also end with a close right after the last chunk.
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n").1, b"abc");
-    }
-
-    #[test]
-    fn http_until_close_and_interim() {
-        let (status, body) = parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\nServer: x\n\nall of it");
-        assert_eq!(status, 200);
-        assert_eq!(body, b"all of it");
-    }
-
-    #[test]
-    fn http_bad_replies_are_errors() {
-        assert!(parse_err(b"SSH-2.0-OpenSSH\r\n").contains("not an HTTP"));
-        assert!(parse_err(b"HTTP/1.1 abc OK\r\n\r\n").contains("bad status"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").contains("Content-Length"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort").contains("closed"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").contains("chunk size"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n").contains("CRLF"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffff\r\n").contains("too large"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").contains("Transfer-Encoding"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n").contains("header"));
-        assert!(parse_err(b"HTTP/1.1 200 OK\r\n").contains("closed"));
-        assert!(parse_err(b"").contains("closed"));
-    }
-
-    #[test]
-    fn base64_round_trip() {
-        for (plain, coded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("ftvm/vm1", "ZnR2bS92bTE="),
-        ] {
-            assert_eq!(base64::encode(plain.as_bytes()), coded);
-            assert_eq!(base64::decode(coded).unwrap(), plain.as_bytes());
-        }
-        let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(base64::decode(&base64::encode(&all)).unwrap(), all);
-        assert!(base64::decode("Zm9v!").is_err());
-        assert!(base64::decode("Z").is_err());
-        assert!(base64::decode("Zg===").is_err());
+    fn base64_of_keys_and_values() {
+        assert_eq!(b64(b"ftvm/vm1"), "ZnR2bS92bTE=");
+        assert_eq!(b64(b""), "");
     }
 
     #[test]

@@ -63,6 +63,13 @@ pub enum Error {
     BadPeer { peer: std::net::SocketAddr, why: String },
     #[error("arbiter {path}: {why}")]
     Arbiter { path: String, why: String },
+    /// An etcd arbiter's URL, or a file it names, is not usable.
+    #[error("arbiter {url}: {source}")]
+    EtcdConfig {
+        url: String,
+        #[source]
+        source: Box<crate::etcd::EtcdConfigError>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

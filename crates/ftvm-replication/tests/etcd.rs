@@ -245,3 +245,177 @@ fn sigstop_child() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS, authentication, several members.
+
+use ftvm_replication::etcd::testing::{enable_test_auth, test_etcd_with_or_skip, TestEtcd, TestEtcdOptions, TestPki};
+
+fn pki() -> TestPki {
+    TestPki::new().expect("openssl makes the test certificates")
+}
+
+/// `etcds://HOST:PORT/KEY?ca=...&cert=...&key=...` for a member, with the PKI's files.
+fn tls_url(etcd: &TestEtcd, pki: &TestPki, key: &str, client: &str, ca: &str) -> String {
+    format!(
+        "etcds://{}/{key}?ca={}&cert={}&key={}",
+        etcd.endpoint(),
+        pki.path(&format!("{ca}.pem")).display(),
+        pki.path(&format!("{client}.pem")).display(),
+        pki.path(&format!("{client}.key")).display()
+    )
+}
+
+#[test]
+fn over_tls_the_lease_is_taken_kept_and_lost() {
+    let pki = pki();
+    let Some(mut etcd) = test_etcd_with_or_skip(&TestEtcdOptions { tls: Some(&pki), ..Default::default() }) else {
+        return;
+    };
+    let url = tls_url(&etcd[0], &pki, "ftvm/tls", "client", "ca");
+    let spec: ArbiterSpec = url.parse().unwrap();
+    assert_eq!(spec.to_string().parse::<ArbiterSpec>().unwrap(), spec, "Display round-trips");
+    let a = Arbiter::acquire(&spec, Duration::ZERO).unwrap().expect("wins over TLS");
+    let lost = lost_channel(&a);
+    assert!(Arbiter::acquire(&spec, Duration::from_millis(200)).unwrap().is_none(), "a second side loses");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(a.valid(), "kept past 2 TTLs over TLS: {:?}", a.lost());
+    etcd[0].kill();
+    let why = lost.recv_timeout(Duration::from_secs(5)).expect("lost once etcd is gone");
+    eprintln!("over TLS, etcd gone: {why}");
+    assert!(!a.valid());
+    assert!(why.contains("https://"), "{why}");
+}
+
+#[test]
+fn a_client_certificate_of_another_ca_is_refused() {
+    let pki = pki();
+    let Some(etcd) = test_etcd_with_or_skip(&TestEtcdOptions { tls: Some(&pki), ..Default::default() }) else {
+        return;
+    };
+    let spec: ArbiterSpec = tls_url(&etcd[0], &pki, "ftvm/tls", "other-client", "ca").parse().unwrap();
+    let e = Arbiter::acquire(&spec, Duration::ZERO).expect_err("etcd refuses the certificate").to_string();
+    eprintln!("client certificate of another CA: {e}");
+    // The alert (BadCertificate), or a close before it could be read.
+    assert!(e.contains("https://") && (e.contains("TLS failed") || e.contains("client certificate")), "{e}");
+    // Without a client certificate at all.
+    let url = format!("etcds://{}/ftvm/tls?ca={}", etcd[0].endpoint(), pki.path("ca.pem").display());
+    let e = Arbiter::acquire(&url.parse().unwrap(), Duration::ZERO).expect_err("no client certificate").to_string();
+    eprintln!("no client certificate: {e}");
+    assert!(e.contains("TLS failed") || e.contains("client certificate"), "{e}");
+}
+
+#[test]
+fn a_server_certificate_that_does_not_match_is_refused() {
+    let pki = pki();
+    let options = TestEtcdOptions { tls: Some(&pki), server_cert: Some("wrong-name"), ..Default::default() };
+    let Some(etcd) = test_etcd_with_or_skip(&options) else { return };
+    let spec: ArbiterSpec = tls_url(&etcd[0], &pki, "ftvm/tls", "client", "ca").parse().unwrap();
+    let e = Arbiter::acquire(&spec, Duration::ZERO).expect_err("the name does not match").to_string();
+    eprintln!("server certificate for another name: {e}");
+    assert!(e.contains("TLS failed") && e.contains("certificate"), "{e}");
+    // A server certificate of a CA we do not trust.
+    drop(etcd);
+    let Some(etcd) = test_etcd_with_or_skip(&TestEtcdOptions { tls: Some(&pki), ..Default::default() }) else {
+        return;
+    };
+    let spec: ArbiterSpec = tls_url(&etcd[0], &pki, "ftvm/tls", "client", "other-ca").parse().unwrap();
+    let e = Arbiter::acquire(&spec, Duration::ZERO).expect_err("an unknown CA").to_string();
+    eprintln!("server certificate of an untrusted CA: {e}");
+    assert!(e.contains("TLS failed") && e.contains("certificate"), "{e}");
+}
+
+#[test]
+fn bad_tls_and_auth_parameters_are_clear_errors() {
+    let pki = pki();
+    let dir = pki.path("");
+    std::fs::write(pki.path("garbage.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(pki.path("empty-password"), "").unwrap();
+    let (ca, cert, key) = (pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"));
+    let (ca, cert, key) = (ca.display(), cert.display(), key.display());
+    let other_key = pki.path("other-client.key");
+    let d = dir.display();
+    for (url, why) in [
+        (format!("etcds://127.0.0.1:2379/k?ca={d}/missing.pem"), "cannot read the CA certificate"),
+        (format!("etcds://127.0.0.1:2379/k?ca={d}/client.key"), "no CERTIFICATE"),
+        (format!("etcds://127.0.0.1:2379/k?ca={d}/garbage.pem"), "does not parse"),
+        (format!("etcds://127.0.0.1:2379/k?ca={ca}&cert={cert}"), "cert= and key= go together"),
+        (format!("etcds://127.0.0.1:2379/k?cert={cert}&key={ca}"), "no private key"),
+        (format!("etcds://127.0.0.1:2379/k?cert={cert}&key={}", other_key.display()), "do not go together"),
+        (format!("etcd://127.0.0.1:2379/k?ca={ca}"), "use etcds://"),
+        (format!("etcds://127.0.0.1:2379/k?ca={ca}&cert={cert}&key={key}&colour=blue"), "unknown parameter"),
+        ("etcd://127.0.0.1:2379/k?user=root".to_string(), "needs password-file"),
+        ("etcd://127.0.0.1:2379/k?user=root&password=x".to_string(), "give password-file"),
+        (format!("etcd://127.0.0.1:2379/k?user=root&password-file={d}/nope"), "cannot read the password file"),
+        (format!("etcd://127.0.0.1:2379/k?user=root&password-file={d}/empty-password"), "empty"),
+        ("etcd://127.0.0.1:2379,/k".to_string(), "missing port"),
+        ("etcd://127.0.0.1:2379,h:0/k".to_string(), "bad port"),
+    ] {
+        let e = url.parse::<ArbiterSpec>().expect_err(&url).to_string();
+        assert!(e.contains(why), "{url}: {e:?} does not say {why:?}");
+    }
+    // A good one, with every parameter and two members.
+    std::fs::write(pki.path("password"), "s3cret\n").unwrap();
+    let url = format!(
+        "etcds://127.0.0.1:2379,[::1]:2380/ftvm/vm1?ttl=3&ca={ca}&cert={cert}&key={key}&user=root&password-file={d}/password"
+    );
+    let ArbiterSpec::Etcd(spec) = url.parse().unwrap() else { panic!("not etcd") };
+    assert_eq!(spec.endpoints.len(), 2);
+    assert_eq!(spec.endpoint(), "https://127.0.0.1:2379,https://[::1]:2380");
+    assert_eq!(spec.auth.as_ref().map(|a| a.user.as_str()), Some("root"));
+    assert!(!format!("{spec:?} {spec}").contains("s3cret"), "the password never shows");
+}
+
+#[test]
+fn a_wrong_password_is_refused_and_the_right_one_wins() {
+    let Some(etcd) = test_etcd_or_skip() else { return };
+    enable_test_auth(&etcd, "right-password").unwrap();
+    let pki = pki(); // a private directory for the password files
+    std::fs::write(pki.path("wrong"), "wrong-password\n").unwrap();
+    std::fs::write(pki.path("right"), "right-password\n").unwrap();
+    let url = |file: &str| {
+        format!("etcd://{}/ftvm/auth?user=root&password-file={}", etcd.endpoint(), pki.path(file).display())
+    };
+    let e = Arbiter::acquire(&url("wrong").parse().unwrap(), Duration::ZERO).expect_err("wrong password").to_string();
+    eprintln!("wrong password: {e}");
+    assert!(e.contains("authentication failed"), "{e}");
+    let anonymous = etcd.url("ftvm/auth");
+    let e = Arbiter::acquire(&anonymous.parse().unwrap(), Duration::ZERO).expect_err("no user").to_string();
+    eprintln!("no user: {e}");
+    assert!(e.contains("request refused"), "{e}");
+    let a = Arbiter::acquire(&url("right").parse().unwrap(), Duration::ZERO).unwrap().expect("wins with the password");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(a.valid(), "kept with a token: {:?}", a.lost());
+}
+
+/// Three members (a quorum survives one), authentication on: the member in use is killed,
+/// the keepalives go to the next one (which wants a token of its own), and the lease holds.
+#[test]
+fn the_lease_survives_the_member_in_use_dying() {
+    let Some(mut etcd) = test_etcd_with_or_skip(&TestEtcdOptions { members: 3, ..Default::default() }) else {
+        return;
+    };
+    enable_test_auth(&etcd[0], "pw").unwrap();
+    let pki = pki();
+    std::fs::write(pki.path("password"), "pw\n").unwrap();
+    let members: Vec<String> = etcd.iter().map(TestEtcd::endpoint).collect();
+    let url = format!(
+        "etcd://{}/ftvm/members?ttl=3&user=root&password-file={}",
+        members.join(","),
+        pki.path("password").display()
+    );
+    let spec: ArbiterSpec = url.parse().unwrap();
+    let a = Arbiter::acquire(&spec, Duration::ZERO).unwrap().expect("wins");
+    let lost = lost_channel(&a);
+    std::thread::sleep(Duration::from_secs(1));
+    etcd[0].kill(); // the first endpoint: the one in use
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        assert!(a.valid(), "lost after the member in use died: {:?}", a.lost());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lost.try_recv().is_err());
+    assert!(Arbiter::acquire(&spec, Duration::ZERO).unwrap().is_none(), "still held, seen through the others");
+    drop(a);
+    assert!(Arbiter::acquire(&spec, Duration::from_secs(2)).unwrap().is_some(), "released through the others");
+}

@@ -3,7 +3,7 @@
 //! when it fails, what to do; the exit status is 0 only when every check passes.
 
 use std::fmt;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -284,34 +284,19 @@ fn arbiter(spec: &Result<ArbiterSpec, String>, peer: &Peer) -> Check {
                 Err(e) => fail(label, e.to_string(), "give a lock-file path this user can create and lock"),
             }
         }
-        ArbiterSpec::Etcd(etcd) => {
-            let authority = etcd.authority();
-            match reach(&authority) {
-                Ok(addr) => pass(label, format!("etcd's address {addr} accepts connections")),
-                Err(e) => {
-                    fail(label, format!("cannot reach {authority}: {e}"), "start etcd or give a reachable endpoint")
-                }
+        ArbiterSpec::Etcd(etcd) => match ftvm_replication::etcd::probe(etcd) {
+            Ok(None) => pass(label, format!("etcd answers at {} (the key is free)", etcd.endpoint())),
+            Ok(Some(holder)) => {
+                pass(label, format!("etcd answers at {} (the key is held by {holder})", etcd.endpoint()))
             }
-        }
+            Err(e) => fail(label, e.to_string(), "start etcd, or fix the endpoints, certificates or credentials"),
+        },
     }
-}
-
-/// Connects to `authority` (HOST:PORT), resolving host names.
-fn reach(authority: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address");
-    for addr in authority.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(_) => return Ok(addr),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }
 
 /// The backup's VM against this one: what pairing would compare (images, memory, CPUID,
 /// devices), over the authenticated channel, so a wrong key shows here too.
-fn same_vm(addr: SocketAddr, probe: Probe) -> Check {
+fn same_vm(addr: std::net::SocketAddr, probe: Probe) -> Check {
     let label = format!("the backup's VM at {addr}");
     match probe() {
         Ok(differences) if differences.is_empty() => {

@@ -214,7 +214,9 @@ struct PairArgs {
     /// The arbiter that makes sure only one side is live: a lock file both sides reach (one
     /// host or a shared filesystem; it detects process death), or an etcd lease,
     /// `etcd://HOST:PORT/KEY[?ttl=SECONDS]` (multi-host; a side performs outputs only while
-    /// its lease is valid and halts when it loses it; a failover waits for the lease to expire).
+    /// its lease is valid and halts when it loses it; a failover waits for the lease to expire;
+    /// `etcds://` for TLS, `H1:P1,H2:P2` for several members, `&ca=&cert=&key=` PEM files,
+    /// `&user=NAME&password-file=PATH`: docs/operations.md).
     /// Default, for a pair on one host only: the lock file ID.lock (--id; `default.lock`
     /// without one) in /run/ftvm (root) or $XDG_RUNTIME_DIR/ftvm, which only ftvm's user can
     /// open. A peer on another host needs etcd, or a lock file with --shared-lock.
