@@ -283,9 +283,16 @@ impl EtcdLease {
         });
         shared.renewed(sent, ttl);
         let thread = Keepalive { shared: shared.clone(), client, spec: spec.clone(), lease_id, ttl };
-        std::thread::Builder::new().name("etcd-keepalive".into()).spawn(move || thread.run()).map_err(|e| {
-            Error::Arbiter { path: spec.to_string(), why: format!("cannot start the keepalive thread: {e}") }
-        })?;
+        std::thread::Builder::new()
+            .name("etcd-keepalive".into())
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                thread.run()
+            })
+            .map_err(|e| Error::Arbiter {
+                path: spec.to_string(),
+                why: format!("cannot start the keepalive thread: {e}"),
+            })?;
         Ok(EtcdLease { spec, lease_id, shared })
     }
 

@@ -447,6 +447,7 @@ impl Primary {
             lock(&outbox.inner).link = Some((writer, self.shared.stats.clone()));
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-log-send", move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
                 if sender_loop(&outbox, stream, &s.stats, &s.stop).is_err() {
                     lose(&s, "the log connection failed");
                 }
@@ -456,6 +457,7 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
                 // After a state transfer, the backup answers the log's header first (at boot
                 // that answer came before the link started).
                 if !s.opts.protected_from_start {
@@ -489,7 +491,10 @@ impl Primary {
         // Heartbeats, both ways, on their own UDP socket.
         {
             let s = self.shared.clone();
-            self.threads.push(spawn("ftvm-heartbeat", move || heartbeat_loop(&s, &heartbeats))?);
+            self.threads.push(spawn("ftvm-heartbeat", move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                heartbeat_loop(&s, &heartbeats)
+            })?);
         }
         Ok(())
     }

@@ -448,6 +448,7 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("ftvm-vcpu0".into())
             .spawn(move || -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Vcpu);
                 // Devices live on this thread only (they are touched between exits).
                 let mut devices = Devices::new(rtc_base)?;
                 devices.add_virtio(virtio, &mem)?;
@@ -486,6 +487,7 @@ impl Vm {
                 Ok((outcome, stats, exits, vcpu))
             })
             .map_err(|e| Error::Thread(format!("cannot start the vCPU thread: {e}")))?;
+        ftvm_seccomp::enter(ftvm_seccomp::Thread::Main);
         let joined = thread.join();
         if let Some(c) = &control {
             c.mark_stopped();
@@ -563,6 +565,7 @@ fn open_console(
             std::thread::Builder::new()
                 .name("ftvm-stdin".into())
                 .spawn(move || {
+                    ftvm_seccomp::enter(ftvm_seccomp::Thread::Stdin);
                     let mut stdin = std::io::stdin();
                     let mut buf = [0u8; 256];
                     loop {
@@ -630,6 +633,7 @@ impl StopWatcher {
         let thread = std::thread::Builder::new()
             .name("ftvm-stop".into())
             .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stop);
                 while !d.load(std::sync::atomic::Ordering::Relaxed) {
                     if crate::kick::stop_requested() {
                         doorbell.ring();
