@@ -189,6 +189,9 @@ fn compile(kind: Thread) -> Result<BpfProgram, Error> {
                         .map_err(|source| Error::Build { thread: kind.name(), source })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
+            Args::Probe => vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)
+                .and_then(|c| SeccompRule::new(vec![c]))
+                .map_err(|source| Error::Build { thread: kind.name(), source })?],
         };
         map.insert(nr, rules);
     }
@@ -204,6 +207,8 @@ enum Args {
     Any,
     /// `ioctl` with one of these requests.
     Ioctl(&'static [u64]),
+    /// `kill` with signal 0 only: whether a process exists (a staged state transfer's owner).
+    Probe,
 }
 
 /// Every thread: memory, locks, time and sleep, signal returns (the kick, the SIGSYS handler),
@@ -290,6 +295,9 @@ const DIRS: &[i64] = &[
     libc::SYS_sendfile,
 ];
 
+/// Who we are: the arbiter refuses a lock file that another user owns.
+const IDS: &[i64] = &[libc::SYS_geteuid, libc::SYS_getuid];
+
 /// A connected socket's traffic.
 const STREAM: &[i64] = &[
     libc::SYS_read,
@@ -367,6 +375,8 @@ fn vcpu_ioctls() -> &'static [u64] {
             iowr(0xc0, size_of::<kvm_clear_dirty_log>()),
             iow(0x46, size_of::<kvm_userspace_memory_region>()),
         ];
+        // if_nametoindex(3) asks a socket for the TAP's index (SIOCGIFINDEX).
+        v.extend([libc::SIOCGIFINDEX, libc::SIOCGIFFLAGS].map(|r| r as u64));
         v.extend([libc::TUNSETIFF, libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ].map(|r| r as u64));
         v
     })
@@ -397,19 +407,24 @@ fn iowr(nr: u64, size: usize) -> u64 {
 /// The system calls the filter of `kind` allows.
 fn rules(kind: Thread) -> BTreeMap<i64, Args> {
     let sets: &[&[i64]] = match kind {
-        Thread::Vcpu => &[BASE, SPAWN, FILES, STREAM],
+        // `socket`: when a backup goes live it opens its TAP, and if_nametoindex(3) asks a socket.
+        // `eventfd2`: the stop signal of the TAP reader it starts then.
+        Thread::Vcpu => &[BASE, SPAWN, FILES, STREAM, &[libc::SYS_socket, libc::SYS_eventfd2]],
         Thread::Timer | Thread::Stop => &[BASE],
         Thread::TapReader | Thread::Stdin => {
             &[BASE, &[libc::SYS_read, libc::SYS_readv, libc::SYS_poll, libc::SYS_ppoll]]
         }
         Thread::LogWrite => &[BASE, FILES],
         Thread::Stream => &[BASE, STREAM],
-        Thread::Link => &[BASE, SPAWN, STREAM, SOCKETS, FILES],
+        Thread::Link => &[BASE, SPAWN, STREAM, SOCKETS, FILES, IDS],
         Thread::Notify => &[BASE, STREAM, SOCKETS],
         Thread::Api => &[BASE, SPAWN, STREAM, SOCKETS, FILES, DIRS],
         Thread::Main => &[BASE, SPAWN, STREAM, SOCKETS, FILES, DIRS, MAIN],
     };
     let mut map: BTreeMap<i64, Args> = sets.iter().flat_map(|s| s.iter()).map(|&nr| (nr, Args::Any)).collect();
+    if matches!(kind, Thread::Api | Thread::Link | Thread::Main) {
+        map.insert(libc::SYS_kill, Args::Probe);
+    }
     if kind == Thread::Vcpu {
         map.insert(libc::SYS_ioctl, Args::Ioctl(vcpu_ioctls()));
     }
