@@ -457,7 +457,8 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
-                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
+                // The API's filter: a resync request starts the state transfer from here.
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
                 // After a state transfer, the backup answers the log's header first (at boot
                 // that answer came before the link started).
                 if !s.opts.protected_from_start {

@@ -43,13 +43,13 @@ pub enum Thread {
     Stop,
     /// `ftvm-log-write`: writes a recording's log.
     LogWrite,
-    /// `ftvm-log-send`, `ftvm-acks`, `ftvm-log-recv`: the log stream and its acknowledgements.
+    /// `ftvm-log-send`, `ftvm-log-recv`: the log stream and its acknowledgements.
     Stream,
     /// `ftvm-heartbeat`, `ftvm-accept` (and the handshakes it starts), `etcd-keepalive`,
     /// `ftvm-announce`: connections, heartbeats, the arbiter.
     Link,
     /// `ftvm-api`, `ftvm-metrics` (and what their connections start: snapshots,
-    /// protections, resyncs).
+    /// protections), `ftvm-acks` (a backup's resync request starts a state transfer there).
     Api,
     /// `ftvm-notify`: systemd's notification socket.
     Notify,
