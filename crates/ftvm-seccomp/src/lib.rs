@@ -376,8 +376,8 @@ fn vcpu_ioctls() -> &'static [u64] {
             iow(0x46, size_of::<kvm_userspace_memory_region>()),
         ];
         // if_nametoindex(3) asks a socket for the TAP's index (SIOCGIFINDEX).
-        v.extend([libc::SIOCGIFINDEX, libc::SIOCGIFFLAGS].map(|r| r as u64));
-        v.extend([libc::TUNSETIFF, libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ].map(|r| r as u64));
+        v.extend([libc::SIOCGIFINDEX, libc::SIOCGIFFLAGS]);
+        v.extend([libc::TUNSETIFF, libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ]);
         v
     })
 }
