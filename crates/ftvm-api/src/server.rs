@@ -77,7 +77,10 @@ impl ApiServer {
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ftvm-api".into())
-            .spawn(move || serve(listener, control, s))
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
+                serve(listener, control, s)
+            })
             .map_err(io_err("cannot start the API thread"))?;
         Ok(ApiServer { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), stop, thread: Some(thread) })
     }
@@ -110,7 +113,10 @@ impl MetricsServer {
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ftvm-metrics".into())
-            .spawn(move || serve_metrics(listener, control, s))
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
+                serve_metrics(listener, control, s)
+            })
             .map_err(io_err("cannot start the metrics thread"))?;
         Ok(MetricsServer { addr, stop, thread: Some(thread) })
     }

@@ -146,6 +146,7 @@ impl DeadlineTimer {
         let thread = std::thread::Builder::new()
             .name("ftvm-timer".into())
             .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Timer);
                 let mut deadline = s.deadline.lock().unwrap_or_else(|e| e.into_inner());
                 while !s.stop.load(Ordering::Acquire) {
                     match *deadline {

@@ -292,6 +292,7 @@ impl Backup {
             std::thread::Builder::new()
                 .name("ftvm-log-recv".into())
                 .spawn(move || {
+                    ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
                     let mut since_ack = u32::MAX;
                     let mut last_ack = Instant::now();
                     let mut owed = false;
@@ -394,7 +395,10 @@ impl Backup {
             let stream = shutdown.try_clone().map_err(io("socket"))?;
             std::thread::Builder::new()
                 .name("ftvm-heartbeat".into())
-                .spawn(move || monitor(s, arb, cfg, hb, stream))
+                .spawn(move || {
+                    ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                    monitor(s, arb, cfg, hb, stream)
+                })
                 .map_err(io("thread"))?;
         }
         let source = Box::new(ChannelSource { rx, state: state.clone() });

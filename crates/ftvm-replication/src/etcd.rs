@@ -550,9 +550,16 @@ impl EtcdLease {
         shared.renewed(sent, ttl);
         let revoker = client.with_timeout(REVOKE_TIMEOUT);
         let thread = Keepalive { shared: shared.clone(), client, spec: spec.clone(), lease_id, ttl };
-        std::thread::Builder::new().name("etcd-keepalive".into()).spawn(move || thread.run()).map_err(|e| {
-            Error::Arbiter { path: spec.to_string(), why: format!("cannot start the keepalive thread: {e}") }
-        })?;
+        std::thread::Builder::new()
+            .name("etcd-keepalive".into())
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                thread.run()
+            })
+            .map_err(|e| Error::Arbiter {
+                path: spec.to_string(),
+                why: format!("cannot start the keepalive thread: {e}"),
+            })?;
         Ok(EtcdLease { spec, client: revoker, lease_id, shared })
     }
 

@@ -275,7 +275,13 @@ impl Listener {
             closed: closed.clone(),
             running: Arc::new(AtomicUsize::new(0)),
         };
-        std::thread::Builder::new().name("ftvm-accept".into()).spawn(move || acceptor.run()).map_err(io("thread"))?;
+        std::thread::Builder::new()
+            .name("ftvm-accept".into())
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                acceptor.run()
+            })
+            .map_err(io("thread"))?;
         Ok(Listener { waiting, closed, addr: bound })
     }
 

@@ -558,6 +558,7 @@ impl Primary {
             lock(&outbox.inner).link = Some((writer, self.shared.stats.clone()));
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-log-send", move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
                 if sender_loop(&outbox, stream, &s.stats, &s.stop).is_err() {
                     lose(&s, "the log connection failed");
                 }
@@ -567,6 +568,8 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
+                // The API's filter: a resync request starts the state transfer from here.
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
                 // After a state transfer, the backup answers the log's header first (at boot
                 // that answer came before the link started).
                 if !s.opts.protected_from_start {
@@ -615,7 +618,10 @@ impl Primary {
         // Heartbeats, both ways, on their own UDP socket.
         {
             let s = self.shared.clone();
-            self.threads.push(spawn("ftvm-heartbeat", move || heartbeat_loop(&s, &heartbeats))?);
+            self.threads.push(spawn("ftvm-heartbeat", move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
+                heartbeat_loop(&s, &heartbeats)
+            })?);
         }
         Ok(())
     }

@@ -104,7 +104,10 @@ impl Tap {
         let (file, name, dropped_thread) = (self.file.clone(), self.name.clone(), dropped.clone());
         let thread = std::thread::Builder::new()
             .name(format!("ftvm-tap-{}", self.name))
-            .spawn(move || read_loop(&file, &name, &stop_thread, &frames, &*wake, &dropped_thread))
+            .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::TapReader);
+                read_loop(&file, &name, &stop_thread, &frames, &*wake, &dropped_thread)
+            })
             .map_err(|source| Error::Thread { what: "TAP reader", source })?;
         Ok(TapReader { stop, thread: Some(thread), dropped })
     }

@@ -81,6 +81,7 @@ const ANNOUNCE_MS: [u64; 6] = [0, 10, 30, 70, 150, 300];
 /// Sends the gratuitous ARP on `tap` on the [`ANNOUNCE_MS`] schedule, from a thread of its own.
 fn announce(mut tap: Tap, name: String, frame: Vec<u8>) {
     let spawned = std::thread::Builder::new().name("ftvm-announce".into()).spawn(move || {
+        ftvm_seccomp::enter(ftvm_seccomp::Thread::Link);
         let start = std::time::Instant::now();
         for at in ANNOUNCE_MS {
             let at = std::time::Duration::from_millis(at);

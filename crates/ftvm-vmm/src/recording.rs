@@ -617,6 +617,7 @@ impl BackgroundFile {
         let thread = std::thread::Builder::new()
             .name("ftvm-log-write".into())
             .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::LogWrite);
                 let mut file = file;
                 let fail = |e| {
                     f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);

@@ -447,6 +447,7 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("ftvm-vcpu0".into())
             .spawn(move || -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Vcpu);
                 // Devices live on this thread only (they are touched between exits).
                 let mut devices = Devices::new(rtc_base)?;
                 devices.add_virtio(virtio, &mem)?;
@@ -485,6 +486,7 @@ impl Vm {
                 Ok((outcome, stats, exits, vcpu))
             })
             .map_err(|source| Error::Spawn { thread: "vCPU", source })?;
+        ftvm_seccomp::enter(ftvm_seccomp::Thread::Main);
         let joined = thread.join();
         if let Some(c) = &control {
             c.mark_stopped();
@@ -562,6 +564,7 @@ fn open_console(
             std::thread::Builder::new()
                 .name("ftvm-stdin".into())
                 .spawn(move || {
+                    ftvm_seccomp::enter(ftvm_seccomp::Thread::Stdin);
                     let mut stdin = std::io::stdin();
                     let mut buf = [0u8; 256];
                     loop {
@@ -629,6 +632,7 @@ impl StopWatcher {
         let thread = std::thread::Builder::new()
             .name("ftvm-stop".into())
             .spawn(move || {
+                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stop);
                 while !d.load(std::sync::atomic::Ordering::Relaxed) {
                     if crate::kick::stop_requested() {
                         doorbell.ring();

@@ -34,8 +34,20 @@ struct Cli {
     /// line (timestamp, level, target, fields) for log shippers.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: logging::LogFormat,
+    /// Per-thread seccomp filters: each thread may make only the system calls it needs, and
+    /// any other stops ftvm with a line naming the thread and the call. `off` is for
+    /// debugging (docs/operations.md).
+    #[arg(long, global = true, value_enum, default_value = "on")]
+    seccomp: Seccomp,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--seccomp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Seccomp {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -548,6 +560,10 @@ fn main() -> ExitCode {
         return ftvm_exit::ExitStatus::Usage.into();
     }
     install_stop_handler();
+    if let Err(e) = ftvm_seccomp::init(cli.seccomp == Seccomp::On) {
+        say!("error: {e}");
+        return ExitCode::from(1);
+    }
     // The control API serves the VM of run, record, primary and backup until ftvm exits: on
     // its socket (given, or derived from --id), on the metrics address, and to systemd.
     let served = match &cli.command {

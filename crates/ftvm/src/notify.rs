@@ -97,7 +97,10 @@ impl Notifier {
             }
         };
         let (s, m) = (stop.clone(), manager.clone());
-        let thread = std::thread::Builder::new().name("ftvm-notify".into()).spawn(move || run(&control, &m, &s));
+        let thread = std::thread::Builder::new().name("ftvm-notify".into()).spawn(move || {
+            ftvm_seccomp::enter(ftvm_seccomp::Thread::Notify);
+            run(&control, &m, &s)
+        });
         let thread = match thread {
             Ok(t) => Some(t),
             Err(e) => {
