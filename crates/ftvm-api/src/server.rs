@@ -140,25 +140,17 @@ fn serve_metrics(listener: std::net::TcpListener, control: Arc<VmControl>, stop:
     let clients = Arc::new(AtomicUsize::new(0));
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((mut stream, _)) => {
+            Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-                if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                let c = control.clone();
+                let refuse = |stream: &mut std::net::TcpStream| {
                     let _ = stream.set_read_timeout(Some(BUSY_READ_TIMEOUT));
-                    let _ = http::read_request(&mut stream);
-                    let _ = reply_error(&mut stream, 503, "too many metrics clients at once; try again");
-                    continue;
-                }
-                clients.fetch_add(1, Ordering::SeqCst);
-                let (c, n) = (control.clone(), clients.clone());
-                let spawned = std::thread::Builder::new().name("ftvm-metrics-conn".into()).spawn(move || {
-                    handle_metrics_only(&mut stream, &c);
-                    n.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    clients.fetch_sub(1, Ordering::SeqCst);
-                }
+                    let _ = http::read_request(stream);
+                    let _ = reply_error(stream, 503, "too many metrics clients at once; try again");
+                };
+                serve_client(stream, &clients, "ftvm-metrics-conn", refuse, move |s| handle_metrics_only(s, &c));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -225,23 +217,12 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
             next_sample = Instant::now() + SAMPLE_EVERY;
         }
         match listener.accept() {
-            Ok((mut stream, _)) => {
+            Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-                if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
-                    refuse_busy(&mut stream);
-                    continue;
-                }
-                clients.fetch_add(1, Ordering::SeqCst);
-                let (c, n, st) = (control.clone(), clients.clone(), stop.clone());
-                let spawned = std::thread::Builder::new().name("ftvm-api-conn".into()).spawn(move || {
-                    handle(&mut stream, &c, &st);
-                    n.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    clients.fetch_sub(1, Ordering::SeqCst);
-                }
+                let (c, st) = (control.clone(), stop.clone());
+                serve_client(stream, &clients, "ftvm-api-conn", refuse_busy, move |s| handle(s, &c, &st));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -256,6 +237,30 @@ fn serve(listener: UnixListener, control: Arc<VmControl>, stop: Arc<AtomicBool>)
     let deadline = Instant::now() + FOLLOWERS_END_WAIT;
     while clients.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Serves one accepted client on a thread of its own (`handle`), unless [`MAX_CLIENTS`] are
+/// served already (`refuse`: a 503). `clients` counts those being served.
+fn serve_client<S: Send + 'static>(
+    mut stream: S,
+    clients: &Arc<AtomicUsize>,
+    name: &str,
+    refuse: impl FnOnce(&mut S),
+    handle: impl FnOnce(&mut S) + Send + 'static,
+) {
+    if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+        refuse(&mut stream);
+        return;
+    }
+    clients.fetch_add(1, Ordering::SeqCst);
+    let served = clients.clone();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        handle(&mut stream);
+        served.fetch_sub(1, Ordering::SeqCst);
+    });
+    if spawned.is_err() {
+        clients.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
