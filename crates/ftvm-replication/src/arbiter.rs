@@ -383,6 +383,12 @@ pub fn choose(
     let local = peer.on_this_host();
     match given {
         Some(ArbiterSpec::Etcd(_)) if shared_lock => Err(ChooseError::SharedLockWithEtcd),
+        // Without a key, the VM's identity names it: two pairs on one etcd never share one.
+        Some(ArbiterSpec::Etcd(etcd)) if etcd.key.is_empty() => {
+            let mut etcd = etcd.clone();
+            etcd.key = format!("ftvm/{}", id.unwrap_or("default"));
+            Ok(ArbiterSpec::Etcd(etcd))
+        }
         Some(spec @ (ArbiterSpec::Etcd(_) | ArbiterSpec::SharedFile(_))) => Ok(spec.clone()),
         Some(ArbiterSpec::File(path)) if shared_lock => Ok(ArbiterSpec::SharedFile(path.clone())),
         Some(spec @ ArbiterSpec::File(_)) if local => Ok(spec.clone()),
@@ -532,10 +538,23 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_url_without_a_key_takes_the_vm_identity_as_its_key() {
+        let given: ArbiterSpec = "etcd://127.0.0.1:2379?ttl=3".parse().unwrap();
+        let peer = Peer::Backup("10.1.2.3:7000".parse().unwrap());
+        let key = |id| match choose(Some(&given), false, id, peer).unwrap() {
+            ArbiterSpec::Etcd(e) => (e.key, e.ttl_secs),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(key(Some("web1")), ("ftvm/web1".to_string(), 3));
+        assert_eq!(key(None), ("ftvm/default".to_string(), 3));
+        let named: ArbiterSpec = "etcd://127.0.0.1:2379/mine".parse().unwrap();
+        let ArbiterSpec::Etcd(e) = choose(Some(&named), false, Some("web1"), peer).unwrap() else { panic!() };
+        assert_eq!(e.key, "mine", "a key given is kept");
+    }
+
+    #[test]
     fn malformed_etcd_urls_say_what_is_wrong() {
         for (url, why) in [
-            ("etcd://127.0.0.1:2379", "missing key"),
-            ("etcd://127.0.0.1:2379/", "missing key"),
             ("etcd://127.0.0.1/k", "missing port"),
             ("etcd://:2379/k", "missing host"),
             ("etcd://h:http/k", "bad port \"http\""),

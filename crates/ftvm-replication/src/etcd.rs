@@ -137,7 +137,8 @@ pub enum EtcdConfigError {
 pub struct EtcdSpec {
     /// The members to try, in order: a request that cannot reach one goes to the next.
     pub endpoints: Vec<EtcdEndpoint>,
-    /// The key, as written after the authority (so `etcd://h:2379/ftvm/vm1` is `ftvm/vm1`).
+    /// The key, as written after the authority (so `etcd://h:2379/ftvm/vm1` is `ftvm/vm1`);
+    /// empty when the URL names none, and the pair derives it from `--id` (`ftvm/ID`).
     pub key: String,
     /// The TTL asked for; etcd may raise it (the TTL it returns is the one used).
     pub ttl_secs: i64,
@@ -252,10 +253,8 @@ fn parse_spec(s: &str) -> std::result::Result<EtcdSpec, EtcdConfigError> {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
     };
-    let (authorities, key) = rest.split_once('/').ok_or_else(|| err("missing key".into()))?;
-    if key.is_empty() {
-        return Err(err("missing key".into()));
-    }
+    // No key: the side derives it from the VM's identity (`ftvm/ID`, see arbiter::choose).
+    let (authorities, key) = rest.split_once('/').unwrap_or((rest, ""));
     let endpoints = authorities.split(',').map(parse_endpoint).collect::<std::result::Result<Vec<_>, _>>()?;
     let mut ttl_secs = DEFAULT_TTL_SECS;
     let mut files = EtcdTls::default();

@@ -228,11 +228,11 @@ struct PairArgs {
     /// `etcd://HOST:PORT/KEY[?ttl=SECONDS]` (multi-host; a side performs outputs only while
     /// its lease is valid and halts when it loses it; a failover waits for the lease to expire;
     /// `etcds://` for TLS, `H1:P1,H2:P2` for several members, `&ca=&cert=&key=` PEM files,
-    /// `&user=NAME&password-file=PATH`: docs/operations.md).
+    /// `&user=NAME&password-file=PATH`: docs/operations.md; without a KEY, `ftvm/ID` of --id).
     /// Default, for a pair on one host only: the lock file ID.lock (--id; `default.lock`
     /// without one) in /run/ftvm (root) or $XDG_RUNTIME_DIR/ftvm, which only ftvm's user can
     /// open. A peer on another host needs etcd, or a lock file with --shared-lock.
-    #[arg(long, value_name = "PATH|etcd://HOST:PORT/KEY")]
+    #[arg(long, value_name = "PATH|etcd://HOST:PORT[/KEY]")]
     arbiter: Option<ftvm_replication::arbiter::ArbiterSpec>,
     /// The lock file of --arbiter is on storage both hosts share (NFS, a cluster filesystem):
     /// accept it for a peer on another host.
