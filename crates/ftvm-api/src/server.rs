@@ -164,15 +164,7 @@ fn serve_metrics(listener: std::net::TcpListener, control: Arc<VmControl>, stop:
 
 /// The TCP listener's one route.
 fn handle_metrics_only(stream: &mut std::net::TcpStream, control: &VmControl) {
-    let request = match http::read_request(stream) {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some((code, message)) = e.answer() {
-                let _ = reply_error(stream, code, &message);
-            }
-            return;
-        }
-    };
+    let Some(request) = read_or_refuse(stream) else { return };
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/metrics") => {
             let _ =
@@ -278,18 +270,24 @@ fn reply_error(stream: &mut impl std::io::Write, code: u16, message: &str) -> io
     http::write_response(stream, code, &[], &json!({ "error": message }).to_string())
 }
 
-/// Serves one connection: one request, one answer (or, for `GET /events`, a stream until
-/// the server stops).
-fn handle(stream: &mut UnixStream, control: &VmControl, stop: &AtomicBool) {
-    let request = match http::read_request(stream) {
-        Ok(r) => r,
+/// The client's request, or None after answering why it is refused (if the client is still
+/// there to hear it).
+fn read_or_refuse(stream: &mut (impl io::Read + io::Write)) -> Option<http::Request> {
+    match http::read_request(stream) {
+        Ok(r) => Some(r),
         Err(e) => {
             if let Some((code, message)) = e.answer() {
                 let _ = reply_error(stream, code, &message);
             }
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Serves one connection: one request, one answer (or, for `GET /events`, a stream until
+/// the server stops).
+fn handle(stream: &mut UnixStream, control: &VmControl, stop: &AtomicBool) {
+    let Some(request) = read_or_refuse(stream) else { return };
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/events") => {
             let _ = stream.set_write_timeout(Some(EVENTS_WRITE_TIMEOUT));

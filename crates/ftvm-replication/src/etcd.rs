@@ -1227,6 +1227,20 @@ pub mod testing {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
     }
 
+    /// `etcd` (the command so far) as a one-member cluster with its data in `dir`, serving
+    /// clients on `client` and peers on `peer` (URLs).
+    fn single_member(mut etcd: Command, dir: &Path, client: &str, peer: &str) -> Command {
+        etcd.arg("--name=default")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=default={peer}"))
+            .stdin(Stdio::null());
+        etcd
+    }
+
     /// Starts an etcd and waits until it serves requests. `NotFound` if etcd is not installed.
     pub fn start_test_etcd() -> std::io::Result<TestEtcd> {
         let Some(bin) = etcd_binary() else {
@@ -1247,15 +1261,7 @@ pub mod testing {
             let log = std::fs::File::create(dir.join("etcd.log"))?;
             let c = format!("http://127.0.0.1:{client}");
             let p = format!("http://127.0.0.1:{peer}");
-            let child = Command::new(&bin)
-                .arg("--name=default")
-                .arg(format!("--data-dir={}", dir.join("data").display()))
-                .arg(format!("--listen-client-urls={c}"))
-                .arg(format!("--advertise-client-urls={c}"))
-                .arg(format!("--listen-peer-urls={p}"))
-                .arg(format!("--initial-advertise-peer-urls={p}"))
-                .arg(format!("--initial-cluster=default={p}"))
-                .stdin(Stdio::null())
+            let child = single_member(Command::new(&bin), &dir, &c, &p)
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
@@ -1289,21 +1295,12 @@ pub mod testing {
         let log = std::fs::File::create(dir.join("etcd.log"))?;
         let c = format!("http://{ip}:{client}");
         let p = format!("http://{ip}:{peer}");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(&bin)
-            .arg("--name=default")
-            .arg(format!("--data-dir={}", dir.join("data").display()))
-            .arg(format!("--listen-client-urls={c}"))
-            .arg(format!("--advertise-client-urls={c}"))
-            .arg(format!("--listen-peer-urls={p}"))
-            .arg(format!("--initial-advertise-peer-urls={p}"))
-            .arg(format!("--initial-cluster=default={p}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {} in {netns}: {e}", bin.display())))?;
+        let mut in_netns = Command::new("ip");
+        in_netns.args(["netns", "exec", netns]).arg(&bin);
+        let child =
+            single_member(in_netns, &dir, &c, &p).stdout(log.try_clone()?).stderr(log).spawn().map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot start {} in {netns}: {e}", bin.display()))
+            })?;
         let mut etcd = TestEtcd { child: Some(child), dir, port: client, host: ip.into() };
         let start = Instant::now();
         loop {
