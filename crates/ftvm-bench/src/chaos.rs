@@ -202,13 +202,24 @@ fn across_hosts_refused(ctx: &Ctx) -> Result<String> {
     Ok(seen.join(", "))
 }
 
-fn link_cut_etcd(ctx: &Ctx) -> Result<String> {
+/// A pair across the two hosts with an etcd arbiter in the LAN, paired and running.
+struct EtcdPair {
+    net: Topology,
+    _etcd: ftvm_replication::etcd::testing::TestEtcd,
+    dir: PathBuf,
+    backup: Running,
+    primary: Running,
+}
+
+/// Starts the backup on host 2, then the primary on host 1 (the hello guest waiting
+/// `wait_ms`), arbitrated by etcd key `key`, and returns once they paired and ran a moment.
+fn etcd_pair(ctx: &Ctx, name: &str, key: &str, wait_ms: u64) -> Result<EtcdPair> {
     let (net, etcd) = net_with_etcd(ctx)?;
-    let dir = ctx.dir("cut")?;
-    let url = etcd.url("ftvm/chaos-cut");
+    let dir = ctx.dir(name)?;
+    let url = etcd.url(key);
     let side = |n: u32, role: &str| -> Result<Running> {
         let mut c = ctx.ftvm_on_host(&net.host_n(n));
-        ctx.side_args(&mut c, role, "10.99.0.2:7000", &dir.join(format!("{role}.txt")), 6000);
+        ctx.side_args(&mut c, role, "10.99.0.2:7000", &dir.join(format!("{role}.txt")), wait_ms);
         c.args(["--arbiter", &url]);
         Running::spawn(role, &mut c)
     };
@@ -217,6 +228,11 @@ fn link_cut_etcd(ctx: &Ctx) -> Result<String> {
     let primary = side(1, "primary")?;
     backup.wait_for_stderr("paired with primary", Duration::from_secs(20))?;
     common::sleep(Duration::from_millis(800))?;
+    Ok(EtcdPair { net, _etcd: etcd, dir, backup, primary })
+}
+
+fn link_cut_etcd(ctx: &Ctx) -> Result<String> {
+    let EtcdPair { net, _etcd, dir, backup, primary } = etcd_pair(ctx, "cut", "ftvm/chaos-cut", 6000)?;
     common::capture(Command::new("ip").args(["-n", &net.host_n(1), "link", "set", "rep0", "down"]))?;
     let b = backup.finish(Duration::from_secs(20))?;
     let p = primary.finish(Duration::from_secs(30))?;
@@ -232,20 +248,7 @@ fn link_cut_etcd(ctx: &Ctx) -> Result<String> {
 }
 
 fn sigstop_etcd(ctx: &Ctx) -> Result<String> {
-    let (net, etcd) = net_with_etcd(ctx)?;
-    let dir = ctx.dir("sigstop")?;
-    let url = etcd.url("ftvm/chaos-stop");
-    let side = |n: u32, role: &str| -> Result<Running> {
-        let mut c = ctx.ftvm_on_host(&net.host_n(n));
-        ctx.side_args(&mut c, role, "10.99.0.2:7000", &dir.join(format!("{role}.txt")), 4000);
-        c.args(["--arbiter", &url]);
-        Running::spawn(role, &mut c)
-    };
-    let mut backup = side(2, "backup")?;
-    backup.wait_for_stderr("backup listening", Duration::from_secs(20))?;
-    let primary = side(1, "primary")?;
-    backup.wait_for_stderr("paired with primary", Duration::from_secs(20))?;
-    common::sleep(Duration::from_millis(800))?;
+    let EtcdPair { net: _net, _etcd, dir, backup, primary } = etcd_pair(ctx, "sigstop", "ftvm/chaos-stop", 4000)?;
     // The pid is ftvm's: ip netns exec, unshare and sh each exec the next.
     let pid = primary.pid().to_string();
     common::capture(Command::new("kill").args(["-STOP", &pid]))?;
