@@ -293,23 +293,15 @@ pub fn backup(
         };
         let (vm, ours) = match conn.mode {
             Mode::Probe => {
-                // A preflight (`ftvm doctor primary`): compare, answer, wait on.
-                let (kernel, initrd, disks) = images(&config)?;
-                let vm = Vm::build_with(config.clone(), false)?;
-                let ours = header_for(&vm, kernel, initrd, disks, 0);
-                drop(vm);
+                // A preflight (`ftvm doctor primary`): compare with the VM a boot would
+                // build, answer, wait on.
+                let (_, ours) = boot_vm(&config)?;
                 if let Err(e) = ftvm_replication::backup::Backup::answer_probe(conn, &ours) {
                     tracing::warn!(target: "ftvm::event", event = "bad_peer", error = %e, "{e}; waiting on for the primary");
                 }
                 continue;
             }
-            Mode::Boot => {
-                let (kernel, initrd, disks) = images(&config)?;
-                // The backup opens its TAPs only when it goes live.
-                let vm = Vm::build_with(config.clone(), false)?;
-                let header = header_for(&vm, kernel, initrd, disks, 0);
-                (vm, header)
-            }
+            Mode::Boot => boot_vm(&config)?,
             Mode::Transfer => match receive_state(&mut conn, &config)? {
                 Some(restored) => {
                     if let Some(c) = &control {
@@ -500,6 +492,15 @@ fn transfer_differences(theirs: &LogHeader, ours: &LogHeader) -> Vec<String> {
 }
 
 type Images = (ImageInfo, Option<ImageInfo>, Vec<ImageInfo>);
+
+/// The backup's VM for a pair formed at boot, and its header. The backup opens its TAPs only
+/// when it goes live.
+fn boot_vm(config: &VmConfig) -> Result<(Vm, LogHeader)> {
+    let (kernel, initrd, disks) = images(config)?;
+    let vm = Vm::build_with(config.clone(), false)?;
+    let header = header_for(&vm, kernel, initrd, disks, 0);
+    Ok((vm, header))
+}
 
 fn images(config: &VmConfig) -> Result<Images> {
     let kernel = image_info(&config.boot.kernel).map_err(|_| Error::KernelRead {
