@@ -15,6 +15,7 @@
 //! over). The journal ([`journal`]) holds the recorder's and the replayer's halves.
 
 pub mod journal;
+pub mod output;
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -25,6 +26,7 @@ use ftvm_log::{EndReason, LogReader, LogWriter};
 
 pub use journal::{exit_kind, Divergence, ExitSignature, RecordSource, ReplayStop, CHECKPOINT_INTERVAL};
 use journal::{Recorder, Replayer};
+pub use output::{OutputGate, OutputSinks, OutputTarget, OutputTicket};
 
 /// The position of a counted exit (docs/record-replay.md: IO, MMIO, HLT, MSR and SHUTDOWN exits).
 pub type ExitIndex = u64;
@@ -130,15 +132,6 @@ pub const CHECKPOINT_MAX_AGE: Duration = Duration::from_millis(100);
 pub struct ClockState {
     /// The guest clock's value when the state was saved.
     pub guest_now: GuestNanos,
-}
-
-/// What the event source knows of an output it was handed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputTicket {
-    /// The output's ordinal (its id in the log; outputs are numbered from 0 in log order).
-    pub ordinal: u64,
-    /// The LSN of its OUTPUT record (record mode, when the log took it).
-    pub lsn: Option<u64>,
 }
 
 impl EventSource {

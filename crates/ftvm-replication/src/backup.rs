@@ -19,10 +19,10 @@ use ftvm_log::{LogError, LogHeader, LogReader, Record};
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats};
-use crate::primary::{OutputGate, OutputTarget};
 use crate::protocol::{Ack, Heartbeat, Role, ACK_RESYNC, FLAG_DIVERGED, FLAG_HANDOVER, FLAG_PROTECTED};
 use crate::secure::{Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
+use ftvm_events::{OutputGate, OutputTarget};
 
 #[derive(Debug, Clone)]
 pub struct BackupConfig {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_events::OutputTicket;
+use ftvm_events::{OutputGate, OutputSinks, OutputTarget, OutputTicket};
 use ftvm_log::{LogHeader, LogWriter};
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
@@ -29,48 +29,8 @@ use crate::{io, Error, Result, HEARTBEAT_INTERVAL};
 /// The log writer a primary's recorder streams into.
 pub type StreamWriter = LogWriter<Box<dyn Write + Send>>;
 
-/// Where an output goes when it is performed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputTarget {
-    Console,
-    Net(usize),
-}
-
-/// Performs outputs: the console and the network devices' TAPs.
-pub trait OutputSinks: Send {
-    fn perform(&mut self, target: OutputTarget, bytes: &[u8]);
-}
-
 /// The output sinks of a VM, shared by its successive links (a re-protection makes a new one).
 pub type SharedSinks = Arc<Mutex<Box<dyn OutputSinks>>>;
-
-/// Takes the outputs the guest produces. `submit` returns the bytes if the caller is to
-/// perform them now (an unprotected VM), or keeps them (held until acknowledged, or held by
-/// a backup for a failover).
-pub trait OutputGate: Send {
-    fn submit(&mut self, ticket: OutputTicket, target: OutputTarget, bytes: Vec<u8>) -> Option<Vec<u8>>;
-    /// Outputs waiting (held by a primary, or replayed and not yet covered on a backup).
-    fn held(&self) -> usize;
-    /// A backup going live: the replayed outputs OUTPUT_DONE did not cover, in order, to be
-    /// performed now (the failover rule, docs/replication.md); from now on `submit` returns every
-    /// output for immediate performance.
-    fn go_live(&mut self) -> Vec<(OutputTarget, Vec<u8>)> {
-        Vec::new()
-    }
-    /// Called before an output is logged (crash window 1 of the test switches).
-    fn before_output(&mut self) {}
-    /// The VM is about to log its END: the peer leaving from now on is expected.
-    fn finish(&mut self) {}
-    /// Switchover: wait until every output was acknowledged and performed, then tell the
-    /// backup to take over (the caller exits, releasing the arbiter).
-    fn handover(&mut self) {}
-    /// Between exits, with the log's next LSN: a primary whose backup lags by more than
-    /// its bound slows the vCPU down here.
-    fn pace(&mut self, _next_lsn: Option<u64>) {}
-    /// Waits (briefly) until every output handed over so far was performed: a link that is
-    /// being replaced lets its outputs go first.
-    fn drain(&mut self) {}
-}
 
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {

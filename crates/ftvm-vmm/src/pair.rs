@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 
+use ftvm_events::{OutputSinks, OutputTarget};
 use ftvm_replication::backup::BackupState;
-use ftvm_replication::primary::{OutputSinks, OutputTarget};
 use ftvm_virtio::net::FrameSink;
 use ftvm_virtio::tap::Tap;
 

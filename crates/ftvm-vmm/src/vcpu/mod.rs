@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use ftvm_devices::{DeviceContext, IrqLines, VmRequest};
 use ftvm_events::{exit_kind, EventSource, ExitSignature, FrameStream, Mode, ReplayStop};
+use ftvm_events::{OutputGate, OutputTarget};
 use ftvm_log::EndReason;
-use ftvm_replication::primary::{OutputGate, OutputTarget};
 use ftvm_virtio::net::FrameSink;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
