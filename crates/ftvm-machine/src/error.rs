@@ -7,6 +7,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("cannot read kernel image {path}: {source}")]
+    KernelRead { path: PathBuf, source: std::io::Error },
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdRead { path: PathBuf, source: std::io::Error },
+    #[error("{path} is neither an ELF kernel nor a Linux bzImage (first bytes: {magic})")]
+    UnknownKernelFormat { path: PathBuf, magic: String },
+    #[error("{path} is an ELF file without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); ftvm boots PVH ELF kernels and Linux bzImages")]
+    NoPvhEntry { path: PathBuf },
+    #[error("cannot load kernel {path}: {detail}")]
+    KernelLoad { path: PathBuf, detail: String },
+    #[error("guest memory of {mem_mib} MiB is too small: {what} needs {need_mib} MiB")]
+    MemoryTooSmall { mem_mib: u64, what: String, need_mib: u64 },
+    #[error("guest memory access at {addr:#x} failed: {detail}")]
+    GuestMemory { addr: u64, detail: String },
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
     #[error("{path}: {source}. ftvm needs KVM: load the kvm module (hardware: kvm_intel or kvm_amd; this platform: kvm_pvm) and run as a user who can open /dev/kvm (root or the kvm group)")]
     KvmOpen { path: PathBuf, source: std::io::Error },
     #[error("KVM API version {0} is not supported (need 12)")]

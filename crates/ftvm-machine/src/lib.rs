@@ -11,6 +11,7 @@
 //! - [`vcpu_state`]: the vCPU's saved state.
 //! - [`legacy`]: the device buses and the legacy PC devices' wiring.
 
+pub mod boot;
 pub mod cpuid;
 pub mod dirty;
 pub mod disk;

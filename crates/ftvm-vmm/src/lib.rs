@@ -8,7 +8,6 @@
 //! - [`vcpu`]: the vCPU loop that dispatches every exit to the device buses.
 //! - [`vm`]: putting it together: [`vm::VmConfig`] in, [`vm::VmOutcome`] out.
 
-pub mod boot;
 pub mod error;
 pub mod pair;
 pub mod protect;
@@ -19,7 +18,7 @@ pub mod vm;
 
 pub use vcpu::syncpoint;
 
-pub use ftvm_machine::{cpuid, dirty, disk, kick, kvm, legacy, memory, msr, vcpu_state};
+pub use ftvm_machine::{boot, cpuid, dirty, disk, kick, kvm, legacy, memory, msr, vcpu_state};
 
 pub use error::{Error, Result};
 pub use vm::{ConsoleConfig, VmConfig, VmOutcome};

@@ -503,9 +503,11 @@ fn boot_vm(config: &VmConfig) -> Result<(Vm, LogHeader)> {
 }
 
 fn images(config: &VmConfig) -> Result<Images> {
-    let kernel = image_info(&config.boot.kernel).map_err(|_| Error::KernelRead {
-        path: config.boot.kernel.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "cannot read it"),
+    let kernel = image_info(&config.boot.kernel).map_err(|_| {
+        Error::Machine(ftvm_machine::Error::KernelRead {
+            path: config.boot.kernel.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "cannot read it"),
+        })
     })?;
     let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
     let disks = config.disks.iter().map(|d| image_info(&d.path)).collect::<Result<Vec<_>>>()?;
