@@ -52,6 +52,10 @@ pub enum Error {
     Capture(String),
     #[error("this host's XSAVE state is {size} bytes; saving more than {max} is not supported yet")]
     XsaveTooLarge { size: u32, max: usize },
+    /// A session that needs the dirty tracker (sync points, snapshots) was built without one:
+    /// a bug in how the session was put together.
+    #[error("no dirty tracker in this session (a sync point or snapshot needs one)")]
+    NoDirtyTracker,
     /// A saved state does not fit this VM.
     #[error("restore: {0}")]
     Restore(String),

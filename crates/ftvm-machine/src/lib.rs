@@ -21,6 +21,10 @@ pub mod kvm;
 pub mod legacy;
 pub mod memory;
 pub mod msr;
+pub mod state;
+pub mod vcpu;
 pub mod vcpu_state;
+
+pub use vcpu::syncpoint;
 
 pub use error::{Error, Result};

@@ -8,17 +8,15 @@
 //! - [`vcpu`]: the vCPU loop that dispatches every exit to the device buses.
 //! - [`vm`]: putting it together: [`vm::VmConfig`] in, [`vm::VmOutcome`] out.
 
+pub mod control;
 pub mod error;
 pub mod pair;
 pub mod protect;
 pub mod recording;
 pub mod snapshot;
-pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::syncpoint;
-
-pub use ftvm_machine::{boot, cpuid, dirty, disk, kick, kvm, legacy, memory, msr, vcpu_state};
+pub use ftvm_machine::{boot, cpuid, dirty, disk, kick, kvm, legacy, memory, msr, state, syncpoint, vcpu, vcpu_state};
 
 pub use error::{Error, Result};
 pub use vm::{ConsoleConfig, VmConfig, VmOutcome};

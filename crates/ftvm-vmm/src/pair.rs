@@ -10,8 +10,7 @@ use ftvm_replication::backup::BackupState;
 use ftvm_virtio::net::FrameSink;
 use ftvm_virtio::tap::Tap;
 
-use crate::error::Result;
-use crate::vcpu::{ConsoleSink, VcpuLoop};
+use ftvm_machine::vcpu::{ConsoleSink, GoLive, TakeoverReport, VcpuLoop};
 
 /// Performs a primary's released outputs: its console and its TAPs.
 pub struct HostSinks {
@@ -43,17 +42,9 @@ pub struct Takeover {
     pub state: Arc<BackupState>,
 }
 
-pub struct TakeoverReport {
-    pub position: String,
-    pub outputs_done: u64,
-    pub silence_ms: u64,
-    /// From the failover decision to going live: the arbiter, then replaying the backlog.
-    pub catch_up_ms: u64,
-}
-
-impl Takeover {
+impl GoLive for Takeover {
     /// Opens the TAPs, reconnects the frame streams, announces the guest's new port.
-    pub(crate) fn activate(self, vloop: &mut VcpuLoop) -> Result<TakeoverReport> {
+    fn activate(self: Box<Self>, vloop: &mut VcpuLoop) -> ftvm_machine::Result<TakeoverReport> {
         for (i, name) in self.taps.iter().enumerate() {
             let tap = Tap::open(name)?;
             let (tx, rx) = mpsc::sync_channel(1024);

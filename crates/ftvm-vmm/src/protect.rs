@@ -154,7 +154,7 @@ impl Protection {
             }
         }));
         if let Some(c) = &self.control {
-            c.set_pair_source(Some(crate::vm::primary_figures(primary.stats(), self.me.clone())));
+            c.set_pair_source(Some(crate::control::primary_figures(primary.stats(), self.me.clone())));
         }
         *lock(&self.link) = Some(primary);
     }

@@ -254,7 +254,7 @@ pub fn backup(
     );
     let mut resyncs = 0u64;
     // The control API's block: each VM this backup runs (after a resync, the next) takes it.
-    let control = crate::vm::current_control();
+    let control = crate::control::current_control();
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.
     let mut diverged: Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)> = None;
@@ -363,7 +363,7 @@ pub fn backup(
         backup.request_resync(&why);
         diverged = Some((backup, std::time::Instant::now()));
         if let Some(c) = &control {
-            crate::vm::attach_control(c.clone());
+            crate::control::attach_control(c.clone());
         }
     }
 }

@@ -24,7 +24,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ftvm_api::{CopyRound, SnapshotPhase, SnapshotProgress, VmControl};
-use ftvm_events::ClockState;
 use ftvm_log::{Hasher64, LogHeader};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -35,11 +34,10 @@ use crate::boot::BootSpec;
 use crate::dirty::{DirtyTracker, PageSet};
 use crate::disk::DiskTracker;
 use crate::error::{Error, Result};
-use crate::legacy::DevicesState;
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 use crate::recording::header_for;
+use crate::state::VmState;
 use crate::vcpu::VcpuTasks;
-use crate::vcpu_state::VcpuState;
 use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig};
 
 /// The manifest's `format`.
@@ -117,24 +115,6 @@ pub struct Manifest {
     /// How it was taken.
     pub rounds: Vec<CopyRound>,
     pub pause_ms: f64,
-}
-
-/// Everything of the VM that is not memory or disk: `state.bin`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmState {
-    pub vcpu: VcpuState,
-    pub devices: DevicesState,
-    pub clock: ClockState,
-}
-
-impl VmState {
-    pub fn encode(&self) -> Result<Vec<u8>> {
-        postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the VM state: {e}")))
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        postcard::from_bytes(bytes).map_err(|e| Error::Restore(format!("the VM state does not decode: {e}")))
-    }
 }
 
 fn hex(v: u64) -> String {

@@ -140,7 +140,7 @@ pub struct Vm {
     disks: Vec<crate::snapshot::DiskHandle>,
     /// The state to continue from, for a VM restored from a snapshot (applied on the vCPU
     /// thread before the guest runs).
-    restore: Option<Box<crate::snapshot::VmState>>,
+    restore: Option<Box<crate::state::VmState>>,
     /// Recording: how sync points deliver events to a guest that does not exit (`None`:
     /// never; events wait for the next exit).
     sync_policy: Option<crate::syncpoint::SyncPolicy>,
@@ -271,7 +271,7 @@ impl Vm {
     }
 
     /// The VM will continue from `state` instead of booting (its memory is loaded already).
-    pub(crate) fn continue_from(&mut self, state: crate::snapshot::VmState) {
+    pub(crate) fn continue_from(&mut self, state: crate::state::VmState) {
         self.restore = Some(Box::new(state));
     }
 
@@ -305,9 +305,9 @@ impl Vm {
         let restore = self.restore.take();
         let msr_indices = self.msr_indices.clone();
         let sync_policy = self.sync_policy;
-        let control = take_control();
+        let control = crate::control::take_control();
         if let Some(c) = &control {
-            c.set_role(api_role(&journaling));
+            c.set_role(crate::control::api_role(&journaling));
         }
         let pair_settings = match &journaling {
             Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
@@ -373,14 +373,14 @@ impl Vm {
                 rtc_base = theirs.rtc_base_unix;
                 gate = Some(backup.gate());
                 if let Some(c) = &control {
-                    c.set_pair_source(Some(backup_figures(backup.state.clone())));
+                    c.set_pair_source(Some(crate::control::backup_figures(backup.state.clone())));
                 }
-                takeover = Some(crate::pair::Takeover {
+                takeover = Some(Box::new(crate::pair::Takeover {
                     taps: self.config.nets.iter().map(|n| n.tap.clone()).collect(),
                     macs: theirs.net.iter().map(|n| n.mac.0).collect(),
                     guest_ip: crate::pair::guest_ip(&theirs.cmdline),
                     state: backup.state.clone(),
-                });
+                }) as Box<dyn ftvm_machine::vcpu::GoLive>);
                 if let Some(p) = &protection {
                     p.set_backup_arbiter(backup.arbiter.clone());
                 }
@@ -466,7 +466,7 @@ impl Vm {
                     takeover,
                     tracker: Some(tracker),
                     hash_consumer,
-                    control: vcpu_control.clone(),
+                    control: vcpu_control.clone().map(crate::control::supervisor),
                     tasks,
                     sync: sync_policy,
                 };
@@ -653,113 +653,6 @@ impl Drop for StopWatcher {
             let _ = t.join();
         }
     }
-}
-
-// ---- The control API (ftvm-api, `--api-socket`) ----
-
-/// The control block of the VM this process runs next, if its API server is up.
-static CONTROL: std::sync::Mutex<Option<Arc<ftvm_api::VmControl>>> = std::sync::Mutex::new(None);
-
-/// Connects the control API to the next VM this process runs (one VM per process, as with
-/// the stop request): its vCPU publishes its figures there and honours pause requests, and
-/// the pair's figures are read from its replication link.
-pub fn attach_control(control: Arc<ftvm_api::VmControl>) {
-    *CONTROL.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
-}
-
-/// The control block the next VM will take, without taking it.
-pub(crate) fn current_control() -> Option<Arc<ftvm_api::VmControl>> {
-    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
-    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
-}
-
-fn api_role(journaling: &Journaling) -> ftvm_api::Role {
-    match journaling {
-        Journaling::Live => ftvm_api::Role::Standalone,
-        Journaling::Record(_) => ftvm_api::Role::Recording,
-        Journaling::Replay { .. } => ftvm_api::Role::Replaying,
-        Journaling::Primary { .. } => ftvm_api::Role::Primary,
-        Journaling::Backup { .. } => ftvm_api::Role::Backup,
-    }
-}
-
-type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
-
-/// A primary's figures, from its link's counters (and its protection's).
-pub(crate) fn primary_figures(
-    stats: Arc<ftvm_replication::primary::PairStats>,
-    protection: std::sync::Weak<crate::protect::Protection>,
-) -> PairSource {
-    use std::sync::atomic::Ordering::Relaxed;
-    Box::new(move || {
-        let lost = stats.backup_lost.load(Relaxed);
-        let p = protection.upgrade();
-        ftvm_api::PairFigures {
-            protected: !lost && stats.protected.load(Relaxed),
-            acked_lsn: Some(stats.acked_lsn.load(Relaxed)),
-            sent_bytes: Some(stats.sent_bytes.load(Relaxed)),
-            outputs_done: stats.outputs_done.load(Relaxed),
-            backup_lost: lost,
-            resyncs: p.as_ref().map_or(0, |p| p.resyncs()),
-            failovers: p.as_ref().map_or(0, |p| p.failovers()),
-            replay_lag_ms: (!lost).then(|| stats.lag_ms.load(Relaxed)),
-            throttled_ms: Some(stats.throttled_us.load(Relaxed) / 1000),
-            output_hold_us: {
-                let n = stats.held_outputs.load(Relaxed);
-                (n > 0).then(|| stats.hold_us.load(Relaxed) / n)
-            },
-            catching_up: !lost && !stats.protected.load(Relaxed),
-            output_hold: Some({
-                use ftvm_replication::primary::HOLD_BUCKETS_US;
-                let mut counts = [0; 16];
-                for (count, bucket) in counts.iter_mut().zip(&stats.hold_buckets) {
-                    *count = bucket.load(Relaxed);
-                }
-                ftvm_api::HoldHistogram {
-                    bounds_us: &HOLD_BUCKETS_US,
-                    counts,
-                    sum_us: stats.hold_us.load(Relaxed),
-                    count: stats.held_outputs.load(Relaxed),
-                }
-            }),
-            output_stages: {
-                let f = stats.stages.lock().unwrap_or_else(|e| e.into_inner()).figures.clone();
-                let figure = |name: &str, h: &ftvm_replication::stages::Histogram| {
-                    ftvm_api::StageFigure::new(name, h.sum_ns, h.buckets().into_iter().map(|(b, c)| [b, c]).collect())
-                };
-                Some(ftvm_api::OutputStages {
-                    hold: figure("hold", &f.hold),
-                    stages: ftvm_replication::stages::STAGES
-                        .iter()
-                        .zip(&f.stages)
-                        .map(|(name, h)| figure(name, h))
-                        .collect(),
-                })
-            },
-            ..Default::default()
-        }
-    })
-}
-
-/// A backup's figures, from its link's state.
-fn backup_figures(state: Arc<ftvm_replication::backup::BackupState>) -> PairSource {
-    use std::sync::atomic::Ordering::Relaxed;
-    Box::new(move || {
-        let (won, halted) = (state.won_arbiter.load(Relaxed), state.halted.load(Relaxed));
-        ftvm_api::PairFigures {
-            protected: !(won || halted || state.primary_ended.load(Relaxed)),
-            received_lsn: Some(state.received_lsn.load(Relaxed)),
-            received_bytes: Some(state.received_bytes.load(Relaxed)),
-            outputs_done: state.outputs_done.load(Relaxed),
-            halted,
-            primary_silence_ms: (won || halted).then(|| state.silence_ms.load(Relaxed)),
-            resyncs: state.resyncs.load(Relaxed),
-            ..Default::default()
-        }
-    })
 }
 
 /// Builds and runs a VM: the whole of `ftvm run`.

@@ -763,7 +763,7 @@ fn start_api(
         say!("serving GET /metrics on http://{}/metrics", m.addr());
     }
     let notifier = notify.then(|| notify::Notifier::start(control.clone()));
-    ftvm_vmm::vm::attach_control(control);
+    ftvm_vmm::control::attach_control(control);
     Ok(Some(Served { _api: api, _metrics: metrics, _notifier: notifier }))
 }
 

@@ -15,7 +15,10 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::errno;
 
+pub mod hooks;
 pub mod syncpoint;
+
+pub use hooks::{GoLive, LoopFigures, Supervisor, TakeoverReport};
 
 use crate::error::{Error, Result};
 use crate::kick::{DeadlineTimer, Doorbell, Kicker};
@@ -169,7 +172,7 @@ pub struct ExitStats {
     pub kicks: u64,
     pub window_exits: u64,
     /// Recording: the sync points taken (replay: applied).
-    pub sync: crate::syncpoint::SyncStats,
+    pub sync: crate::vcpu::syncpoint::SyncStats,
 }
 
 /// What ends up on the console: the bytes the guest's UART transmitted.
@@ -274,7 +277,7 @@ pub struct VcpuLoop {
     /// hold for a failover); `None` performs outputs at once.
     gate: Option<Box<dyn OutputGate>>,
     /// A backup's preparations for going live.
-    takeover: Option<crate::pair::Takeover>,
+    takeover: Option<Box<dyn GoLive>>,
     tap_readers: Vec<ftvm_virtio::tap::TapReader>,
     /// The one reader of dirtied pages (page hashes, sync points, snapshots).
     tracker: Option<crate::dirty::DirtyTracker>,
@@ -284,15 +287,15 @@ pub struct VcpuLoop {
     /// When buffered log bytes were last pushed out (record mode).
     last_log_flush: std::time::Instant,
     /// The control API (`--api-socket`): figures published between exits, pause requests.
-    control: Option<Arc<ftvm_api::VmControl>>,
+    control: Option<Arc<dyn Supervisor>>,
     /// The most recent output (for the control API: outputs held, replication lag).
     last_output: Option<ftvm_events::OutputTicket>,
     /// Work other threads hand to the vCPU thread.
     tasks: VcpuTasks,
     /// Record: sync points for exit-free stretches (`None`: off, or not recording).
-    sync: Option<crate::syncpoint::SyncRecorder>,
+    sync: Option<crate::vcpu::syncpoint::SyncRecorder>,
     /// Replay: the sync points applied since the last counted exit.
-    sync_replay: crate::syncpoint::SyncReplayer,
+    sync_replay: crate::vcpu::syncpoint::SyncReplayer,
     /// The MSRs a saved vCPU state holds.
     msr_indices: Vec<u32>,
     /// A backup that went live: its TAPs (a re-protection performs outputs through them).
@@ -323,13 +326,13 @@ pub struct SessionParts {
     /// The fault-tolerant pair's output rule; `None` performs outputs at once.
     pub gate: Option<Box<dyn OutputGate>>,
     /// A backup's preparations for going live.
-    pub takeover: Option<crate::pair::Takeover>,
+    pub takeover: Option<Box<dyn GoLive>>,
     /// The one reader of dirtied pages (page hashes, sync points, snapshots).
     pub tracker: Option<crate::dirty::DirtyTracker>,
     /// Record: the tracker's consumer for page hashes at checkpoints.
     pub hash_consumer: Option<crate::dirty::Consumer>,
     /// The control API: figures published between exits, pause requests.
-    pub control: Option<Arc<ftvm_api::VmControl>>,
+    pub control: Option<Arc<dyn Supervisor>>,
     /// Work other threads hand to the vCPU thread.
     pub tasks: VcpuTasks,
     /// Record: how sync points deliver events in exit-free stretches (`None`: never).
@@ -399,13 +402,13 @@ impl VcpuLoop {
     }
 
     /// Kicks the vCPU out of KVM_RUN (a spurious kick is harmless).
-    pub(crate) fn kick(&self) {
+    pub fn kick(&self) {
         self.kicker.kick();
     }
 
     /// A backup going live: the `i`-th network device's frames now come from its TAP's
     /// reader (`frames`) and go to `tap`.
-    pub(crate) fn attach_live_net(
+    pub fn attach_live_net(
         &mut self,
         i: usize,
         tap: ftvm_virtio::tap::Tap,
@@ -421,7 +424,7 @@ impl VcpuLoop {
     }
 
     /// What wakes the loop from another thread: rings its doorbell and kicks the vCPU.
-    pub(crate) fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
+    pub fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
         let (k, d) = (self.kicker.clone(), self.doorbell.clone());
         Box::new(move || {
             d.ring();
@@ -430,20 +433,20 @@ impl VcpuLoop {
     }
 
     /// Performs what the current output gate still holds (it is about to be replaced).
-    pub(crate) fn drain_gate(&mut self) {
+    pub fn drain_gate(&mut self) {
         if let Some(g) = self.gate.as_mut() {
             g.drain();
         }
     }
 
     /// A new output rule from here on (a state transfer's cut).
-    pub(crate) fn set_gate(&mut self, gate: Box<dyn OutputGate>) {
+    pub fn set_gate(&mut self, gate: Box<dyn OutputGate>) {
         self.gate = Some(gate);
     }
 
     /// Hands the console and the TAPs of a backup that went live to whoever performs the
     /// outputs from now on (a re-protection's link); the loop's console writes nowhere.
-    pub(crate) fn take_output_sinks(&mut self) -> (ConsoleSink, Vec<ftvm_virtio::tap::Tap>) {
+    pub fn take_output_sinks(&mut self) -> (ConsoleSink, Vec<ftvm_virtio::tap::Tap>) {
         let console = std::mem::replace(&mut self.console, Box::new(std::io::sink()));
         (console, self.live_taps.clone())
     }
@@ -1014,20 +1017,20 @@ impl VcpuLoop {
     /// Completes the access of the last exit inside KVM (an IN's data reaches RAX only on the
     /// next KVM_RUN) without running a guest instruction: a KVM_RUN with `immediate_exit`.
     /// Needed before the vCPU's state is read.
-    pub(crate) fn complete_pending_io(&mut self) -> Result<()> {
+    pub fn complete_pending_io(&mut self) -> Result<()> {
         self.vcpu.set_kvm_immediate_exit(1);
         let result = match self.vcpu.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(e) => Err(Error::Kvm { call: "KVM_RUN (immediate exit)", source: e }),
-            Ok(exit) => Err(Error::Snapshot(format!("KVM_RUN with immediate_exit ran the guest: {exit:?}"))),
+            Ok(exit) => Err(Error::Capture(format!("KVM_RUN with immediate_exit ran the guest: {exit:?}"))),
         };
         self.vcpu.set_kvm_immediate_exit(0);
         result
     }
 
     /// The vCPU, every device and the guest clock (after [`Self::complete_pending_io`]).
-    pub(crate) fn save_state(&self) -> Result<crate::snapshot::VmState> {
-        Ok(crate::snapshot::VmState {
+    pub fn save_state(&self) -> Result<crate::state::VmState> {
+        Ok(crate::state::VmState {
             vcpu: crate::vcpu_state::VcpuState::capture(&self.vcpu, &self.msr_indices)?,
             devices: self.devices.save_state(),
             clock: self.events.clock_state(),
@@ -1035,7 +1038,7 @@ impl VcpuLoop {
     }
 
     /// Makes the VM continue from a saved state (a restore, a sync point).
-    pub(crate) fn restore_state(&mut self, state: &crate::snapshot::VmState) -> Result<()> {
+    pub fn restore_state(&mut self, state: &crate::state::VmState) -> Result<()> {
         self.devices.restore_state(&state.devices)?;
         state.vcpu.restore(&self.vcpu)?;
         self.events.resume_clock(&state.clock);
@@ -1048,10 +1051,10 @@ impl VcpuLoop {
     /// transfer, right after the state was saved): deterministic delivery from now on, sync
     /// points with `sync_policy`, page hashes at checkpoints. Works for a primary that lost
     /// its backup (the old recording is dropped) and for a backup that went live.
-    pub(crate) fn start_recording(
+    pub fn start_recording(
         &mut self,
         log: ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>,
-        sync_policy: Option<crate::syncpoint::SyncPolicy>,
+        sync_policy: Option<crate::vcpu::syncpoint::SyncPolicy>,
     ) -> Result<()> {
         self.exits_before += self.events.exit_index();
         self.events.start_recording(log);
@@ -1071,7 +1074,7 @@ impl VcpuLoop {
             // A primary's sync recorder carries on, forgetting what the old log held.
             (Some(sync), _) => sync.restart(),
             (None, Some(policy)) => {
-                self.sync = Some(crate::syncpoint::SyncRecorder::start(policy, self.kicker.clone(), tracker)?);
+                self.sync = Some(crate::vcpu::syncpoint::SyncRecorder::start(policy, self.kicker.clone(), tracker)?);
             }
             (None, None) => {}
         }
@@ -1083,7 +1086,7 @@ impl VcpuLoop {
     }
 
     /// Performs a sink write for an output released by the pair.
-    pub(crate) fn perform(&mut self, target: OutputTarget, bytes: &[u8]) {
+    pub fn perform(&mut self, target: OutputTarget, bytes: &[u8]) {
         match target {
             OutputTarget::Console => {
                 let _ = self.console.write_all(bytes).and_then(|_| self.console.flush());
@@ -1204,22 +1207,16 @@ impl VcpuLoop {
         }
     }
 
-    fn status_figures(&self) -> ftvm_api::VcpuFigures {
-        ftvm_api::VcpuFigures {
+    fn status_figures(&self) -> LoopFigures {
+        LoopFigures {
             exits: self.exits_before + self.events.exit_index(),
-            io: self.stats.io,
-            mmio: self.stats.mmio,
-            hlt: self.stats.hlt,
-            msr: self.stats.msr,
-            interrupts: self.stats.interrupts,
-            kicks: self.kicker.kicks(),
-            window_exits: self.stats.window_exits,
+            stats: ExitStats { kicks: self.kicker.kicks(), ..self.stats },
             guest_time_ns: self.events.current(),
             log_bytes: self.events.log_bytes(),
             outputs: self.last_output.map_or(0, |t| t.ordinal + 1),
             last_output_lsn: self.last_output.and_then(|t| t.lsn),
             went_live: self.events.went_live_at().is_some(),
-            sync: self.sync.as_ref().map(|s| s.figures()).unwrap_or_default(),
+            sync: self.sync.as_ref().map(|s| s.stats).unwrap_or_default(),
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::dirty::{Consumer, DirtyTracker};
 use crate::error::{Error, Result};
 use crate::kick::{DeadlineTimer, Kicker};
 use crate::memory::PAGE_SIZE;
-use crate::snapshot::VmState;
+use crate::state::VmState;
 use crate::vcpu::VcpuLoop;
 
 /// How long an interrupt or frame may wait for an exit before the recorder takes a sync point.
@@ -127,7 +127,7 @@ fn put_addresses(out: &mut Vec<u8>, list: &[u64]) {
 impl SyncState {
     fn encode(&self) -> Result<Vec<u8>> {
         let state =
-            postcard::to_stdvec(&self.state).map_err(|e| Error::Snapshot(format!("sync point: cannot encode: {e}")))?;
+            postcard::to_stdvec(&self.state).map_err(|e| Error::Capture(format!("sync point: cannot encode: {e}")))?;
         let table = (self.addresses.len() + self.unchanged.len()) * 8;
         let mut out = Vec::with_capacity(12 + state.len() + table + self.contents.len());
         out.extend_from_slice(&(state.len() as u32).to_le_bytes());
@@ -233,19 +233,6 @@ impl SyncRecorder {
         self.waiting_since = None;
     }
 
-    /// The figures the control API publishes.
-    pub(crate) fn figures(&self) -> ftvm_api::SyncFigures {
-        let s = &self.stats;
-        ftvm_api::SyncFigures {
-            count: s.count,
-            pages: s.pages,
-            total_wait_us: s.total_wait_us,
-            max_wait_us: s.max_wait_us,
-            work_us: s.work_us,
-            cost_us: s.cost_us,
-        }
-    }
-
     /// When the oldest waiting event's sync point is due: after the bound, and not before
     /// the budget allows.
     fn due_at(&self) -> Option<Instant> {
@@ -349,7 +336,7 @@ impl VcpuLoop {
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for gpa in dirty.addresses() {
             mem.read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| Error::Snapshot(format!("sync point: reading guest page {gpa:#x}: {e}")))?;
+                .map_err(|e| Error::Capture(format!("sync point: reading guest page {gpa:#x}: {e}")))?;
             let hash = ftvm_log::hash64(&page);
             if sync.logged.insert(gpa, hash) == Some(hash) {
                 unchanged.push(gpa); // the replay has these bytes from the previous sync point

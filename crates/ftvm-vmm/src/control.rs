@@ -1,0 +1,161 @@
+//! The control API's side of a VM (ftvm-api, `--api-socket`): the control block the next
+//! VM takes, the role it shows, the pair's figures it reads from the replication link, and the
+//! loop's [`Supervisor`] (the vCPU loop publishes its figures there and parks for pauses).
+
+use std::sync::Arc;
+
+use ftvm_machine::vcpu::{LoopFigures, Supervisor};
+
+/// The control block of the VM this process runs next, if its API server is up.
+static CONTROL: std::sync::Mutex<Option<Arc<ftvm_api::VmControl>>> = std::sync::Mutex::new(None);
+
+/// Connects the control API to the next VM this process runs (one VM per process, as with
+/// the stop request): its vCPU publishes its figures there and honours pause requests, and
+/// the pair's figures are read from its replication link.
+pub fn attach_control(control: Arc<ftvm_api::VmControl>) {
+    *CONTROL.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+}
+
+/// The control block the next VM will take, without taking it.
+pub(crate) fn current_control() -> Option<Arc<ftvm_api::VmControl>> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+pub(crate) fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+pub(crate) fn api_role(journaling: &crate::vm::Journaling) -> ftvm_api::Role {
+    match journaling {
+        crate::vm::Journaling::Live => ftvm_api::Role::Standalone,
+        crate::vm::Journaling::Record(_) => ftvm_api::Role::Recording,
+        crate::vm::Journaling::Replay { .. } => ftvm_api::Role::Replaying,
+        crate::vm::Journaling::Primary { .. } => ftvm_api::Role::Primary,
+        crate::vm::Journaling::Backup { .. } => ftvm_api::Role::Backup,
+    }
+}
+
+type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
+
+/// A primary's figures, from its link's counters (and its protection's).
+pub(crate) fn primary_figures(
+    stats: Arc<ftvm_replication::primary::PairStats>,
+    protection: std::sync::Weak<crate::protect::Protection>,
+) -> PairSource {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let lost = stats.backup_lost.load(Relaxed);
+        let p = protection.upgrade();
+        ftvm_api::PairFigures {
+            protected: !lost && stats.protected.load(Relaxed),
+            acked_lsn: Some(stats.acked_lsn.load(Relaxed)),
+            sent_bytes: Some(stats.sent_bytes.load(Relaxed)),
+            outputs_done: stats.outputs_done.load(Relaxed),
+            backup_lost: lost,
+            resyncs: p.as_ref().map_or(0, |p| p.resyncs()),
+            failovers: p.as_ref().map_or(0, |p| p.failovers()),
+            replay_lag_ms: (!lost).then(|| stats.lag_ms.load(Relaxed)),
+            throttled_ms: Some(stats.throttled_us.load(Relaxed) / 1000),
+            output_hold_us: {
+                let n = stats.held_outputs.load(Relaxed);
+                (n > 0).then(|| stats.hold_us.load(Relaxed) / n)
+            },
+            catching_up: !lost && !stats.protected.load(Relaxed),
+            output_hold: Some({
+                use ftvm_replication::primary::HOLD_BUCKETS_US;
+                let mut counts = [0; 16];
+                for (count, bucket) in counts.iter_mut().zip(&stats.hold_buckets) {
+                    *count = bucket.load(Relaxed);
+                }
+                ftvm_api::HoldHistogram {
+                    bounds_us: &HOLD_BUCKETS_US,
+                    counts,
+                    sum_us: stats.hold_us.load(Relaxed),
+                    count: stats.held_outputs.load(Relaxed),
+                }
+            }),
+            output_stages: {
+                let f = stats.stages.lock().unwrap_or_else(|e| e.into_inner()).figures.clone();
+                let figure = |name: &str, h: &ftvm_replication::stages::Histogram| {
+                    ftvm_api::StageFigure::new(name, h.sum_ns, h.buckets().into_iter().map(|(b, c)| [b, c]).collect())
+                };
+                Some(ftvm_api::OutputStages {
+                    hold: figure("hold", &f.hold),
+                    stages: ftvm_replication::stages::STAGES
+                        .iter()
+                        .zip(&f.stages)
+                        .map(|(name, h)| figure(name, h))
+                        .collect(),
+                })
+            },
+            ..Default::default()
+        }
+    })
+}
+
+/// A backup's figures, from its link's state.
+pub(crate) fn backup_figures(state: Arc<ftvm_replication::backup::BackupState>) -> PairSource {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let (won, halted) = (state.won_arbiter.load(Relaxed), state.halted.load(Relaxed));
+        ftvm_api::PairFigures {
+            protected: !(won || halted || state.primary_ended.load(Relaxed)),
+            received_lsn: Some(state.received_lsn.load(Relaxed)),
+            received_bytes: Some(state.received_bytes.load(Relaxed)),
+            outputs_done: state.outputs_done.load(Relaxed),
+            halted,
+            primary_silence_ms: (won || halted).then(|| state.silence_ms.load(Relaxed)),
+            resyncs: state.resyncs.load(Relaxed),
+            ..Default::default()
+        }
+    })
+}
+
+/// The vCPU loop's supervisor: the control block, publishing the loop's figures as the API
+/// shows them.
+pub(crate) fn supervisor(control: Arc<ftvm_api::VmControl>) -> Arc<dyn Supervisor> {
+    Arc::new(ApiSupervisor(control))
+}
+
+struct ApiSupervisor(Arc<ftvm_api::VmControl>);
+
+impl Supervisor for ApiSupervisor {
+    fn publish(&self, f: &LoopFigures) {
+        let (s, y) = (&f.stats, &f.sync);
+        self.0.publish(&ftvm_api::VcpuFigures {
+            exits: f.exits,
+            io: s.io,
+            mmio: s.mmio,
+            hlt: s.hlt,
+            msr: s.msr,
+            interrupts: s.interrupts,
+            kicks: s.kicks,
+            window_exits: s.window_exits,
+            guest_time_ns: f.guest_time_ns,
+            log_bytes: f.log_bytes,
+            outputs: f.outputs,
+            last_output_lsn: f.last_output_lsn,
+            went_live: f.went_live,
+            sync: ftvm_api::SyncFigures {
+                count: y.count,
+                pages: y.pages,
+                total_wait_us: y.total_wait_us,
+                max_wait_us: y.max_wait_us,
+                work_us: y.work_us,
+                cost_us: y.cost_us,
+            },
+        });
+    }
+
+    fn switchover_requested(&self) -> bool {
+        self.0.switchover_requested()
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.0.pause_requested()
+    }
+
+    fn park_if_paused(&self, interrupted: &dyn Fn() -> bool) -> bool {
+        self.0.park_if_paused(interrupted)
+    }
+}
