@@ -24,6 +24,16 @@ pub enum Error {
     /// [`ftvm_exit::ExitStatus::Fenced`].
     #[error("{0}")]
     Fenced(String),
+    /// A file ftvm must read (an image to hash) cannot be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image a log header or a snapshot names by its digest cannot be used.
+    #[error("{}", image_message(what, path, *by, problem))]
+    Image { what: String, path: String, by: crate::identity::NamedBy, problem: ImageProblem },
     #[error("record: {0}")]
     Record(String),
     #[error("snapshot: {0}")]
@@ -49,6 +59,40 @@ pub enum Error {
     /// a bug in how the session was put together.
     #[error("no dirty tracker in this session (a sync point or snapshot needs one)")]
     NoDirtyTracker,
+}
+
+/// What is wrong with an image named by its digest.
+#[derive(Debug)]
+pub enum ImageProblem {
+    Missing,
+    /// Its SHA-256 now, and the one recorded.
+    Changed {
+        digest: String,
+        expected: String,
+    },
+    /// Not a regular file or block device, or it cannot be opened.
+    Unusable(std::io::Error),
+}
+
+fn image_message(what: &str, path: &str, by: crate::identity::NamedBy, problem: &ImageProblem) -> String {
+    use crate::identity::NamedBy::{Log, Snapshot};
+    let side = match by {
+        Log => "replay",
+        Snapshot => "restore",
+    };
+    let detail = match (by, problem) {
+        (Log, ImageProblem::Missing) => "named in the log is missing".to_string(),
+        (Snapshot, ImageProblem::Missing) => "the snapshot was taken with is missing".to_string(),
+        (Log, ImageProblem::Changed { digest, expected }) => {
+            format!("is not the one recorded: sha256 {digest}, the log says {expected}")
+        }
+        (Snapshot, ImageProblem::Changed { digest, expected }) => {
+            format!("changed since the snapshot was taken: sha256 {digest}, the snapshot says {expected}")
+        }
+        (Log, ImageProblem::Unusable(e)) => format!("the log names cannot be used: {e}"),
+        (Snapshot, ImageProblem::Unusable(e)) => format!("the snapshot names cannot be used: {e}"),
+    };
+    format!("{side}: the {what} {path} {detail}")
 }
 
 impl Error {

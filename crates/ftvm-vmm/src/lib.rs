@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod error;
+pub mod identity;
 pub mod pair;
 pub mod protect;
 pub mod recording;

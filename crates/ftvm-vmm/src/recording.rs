@@ -4,20 +4,16 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use ftvm_log::{CpuidEntry, ImageInfo, LogHeader, LogReader, LogWriter, MacAddr as LogMac, MemRegion, NetDevice};
+use ftvm_log::{ImageInfo, LogHeader, LogReader, LogWriter};
 use ftvm_virtio::net::{FrameSink, MacAddr};
-use sha2::{Digest, Sha256};
 
 use crate::boot::BootSpec;
 use crate::error::{Error, Result};
+use crate::identity::{check_image, header_for, image_info, sha256_file, NamedBy, DEVICE_MODEL_VERSION};
+
 use crate::snapshot::{RestoreHost, Snapshot};
 use crate::vm::{ConsoleConfig, DiskConfig, Journaling, NetConfig, RunReport, Vm, VmConfig, VmOutcome};
-
-/// The device model's version: any change to what a device does for the same inputs bumps
-/// it, so that a log is never replayed on a device model that would behave differently.
-pub const DEVICE_MODEL_VERSION: u32 = 1;
 
 /// What `ftvm record` needs beyond the VM's configuration.
 #[derive(Debug, Clone)]
@@ -92,114 +88,11 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Record(format!("{what}: {e}"))
 }
 
-/// SHA-256 of a file, hex.
-/// Opens an image to hash: a regular file or a block device (a disk), never something that
-/// reads for ever or blocks (`/dev/zero`, a FIFO: a crafted log header can name them).
-fn open_hashable(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    let t = file.metadata()?.file_type();
-    if t.is_file() || t.is_block_device() {
-        Ok(file)
-    } else {
-        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
-    }
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = open_hashable(path).map_err(io_err(format!("cannot read {}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(format!("cannot read {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn image_info(path: &Path) -> Result<ImageInfo> {
-    let size = std::fs::metadata(path).map_err(io_err(format!("cannot read {}", path.display())))?.len();
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    Ok(ImageInfo { path: abs.display().to_string(), sha256: sha256_file(path)?, size })
-}
-
 /// The disk copy a recording writes beside its log.
 pub fn disk_copy_path(log: &Path, index: usize) -> PathBuf {
     let mut name = log.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".disk{index}"));
     log.with_file_name(name)
-}
-
-pub(crate) fn header_for(
-    vm: &Vm,
-    kernel: ImageInfo,
-    initrd: Option<ImageInfo>,
-    disks: Vec<ImageInfo>,
-    rtc: u64,
-) -> LogHeader {
-    let c = vm.config();
-    let id = vm.identity();
-    LogHeader {
-        device_model_version: DEVICE_MODEL_VERSION,
-        kernel,
-        initrd,
-        disks,
-        memory_size: c.mem_size,
-        memory_layout: id.memory_layout.iter().map(|&(start, size)| MemRegion { start, size }).collect(),
-        cmdline: c.boot.cmdline.clone(),
-        effective_cmdline: id.effective_cmdline.clone(),
-        cpuid: id
-            .cpuid
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect(),
-        xcr0: id.xcr0,
-        xsave_size: id.xsave_size,
-        rtc_base_unix: rtc,
-        console: match &c.console {
-            ConsoleConfig::Stdio => "stdio".into(),
-            ConsoleConfig::File(p) => format!("file:{}", p.display()),
-            ConsoleConfig::Discard => "none".into(),
-        },
-        net: c
-            .nets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| NetDevice {
-                mac: LogMac(n.mac.unwrap_or_else(|| MacAddr::default_for(i)).0),
-                tap: n.tap.clone(),
-            })
-            .collect(),
-        rng: c.rng,
-        exit_delivery: "at-exits".into(),
-        record_start_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
-        ..LogHeader::default()
-    }
-}
-
-/// The VM as a snapshot's manifest pins it: like a log header, with the disks named by path
-/// and size only (the snapshot checks its own copies of them).
-pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
-    let c = vm.config();
-    let kernel = image_info(&c.boot.kernel)?;
-    let initrd = c.boot.initrd.as_deref().map(image_info).transpose()?;
-    let disks = vm
-        .disk_handles()
-        .iter()
-        .map(|d| ImageInfo { path: d.path.display().to_string(), sha256: String::new(), size: d.tracker.size() })
-        .collect();
-    Ok(header_for(vm, kernel, initrd, disks, rtc))
 }
 
 /// The primary of a fault-tolerant pair: `ftvm primary`.
@@ -763,33 +656,6 @@ pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
     result
 }
 
-/// Why an image named with its digest (by a log header or a snapshot) cannot be used.
-pub(crate) enum ImageMismatch {
-    Missing,
-    /// Its SHA-256 now.
-    Changed(String),
-}
-
-/// The image `info` names, if it is there with the content the digest says.
-pub(crate) fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, ImageMismatch>> {
-    let path = PathBuf::from(&info.path);
-    if !path.exists() {
-        return Ok(Err(ImageMismatch::Missing));
-    }
-    let digest = sha256_file(&path)?;
-    Ok(if digest == info.sha256 { Ok(path) } else { Err(ImageMismatch::Changed(digest)) })
-}
-
-pub(crate) fn check_image(what: &str, info: &ImageInfo) -> Result<PathBuf> {
-    verified_image(info)?.map_err(|m| match m {
-        ImageMismatch::Missing => Error::Replay(format!("the {what} {} named in the log is missing", info.path)),
-        ImageMismatch::Changed(digest) => Error::Replay(format!(
-            "the {what} {} is not the one recorded: sha256 {digest}, the log says {}",
-            info.path, info.sha256
-        )),
-    })
-}
-
 fn replay_in(
     opts: &ReplayOptions,
     log: LogReader<Box<dyn Read + Send>>,
@@ -806,11 +672,11 @@ fn replay_in(
         let dir = opts.snapshot.clone().unwrap_or_else(|| PathBuf::from(dir));
         return replay_from_snapshot(opts, log, header, out_dir, &dir);
     }
-    let kernel = check_image("kernel", &header.kernel)?;
-    let initrd = header.initrd.as_ref().map(|i| check_image("initrd", i)).transpose()?;
+    let kernel = check_image("kernel", &header.kernel, NamedBy::Log)?;
+    let initrd = header.initrd.as_ref().map(|i| check_image("initrd", i, NamedBy::Log)).transpose()?;
     let mut disks = Vec::new();
     for (i, base) in header.disks.iter().enumerate() {
-        let path = check_image(&format!("disk {i} base image"), base)?;
+        let path = check_image(&format!("disk {i} base image"), base, NamedBy::Log)?;
         let copy = out_dir.join(format!("disk{i}.img"));
         std::fs::copy(&path, &copy).map_err(io_err(format!("cannot copy {} to {}", path.display(), copy.display())))?;
         disks.push(DiskConfig { path: copy, readonly: false });

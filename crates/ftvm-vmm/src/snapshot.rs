@@ -34,8 +34,8 @@ use crate::boot::BootSpec;
 use crate::dirty::{DirtyTracker, PageSet};
 use crate::disk::DiskTracker;
 use crate::error::{Error, Result};
+use crate::identity::{check_image, header_for, NamedBy};
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
-use crate::recording::header_for;
 use crate::state::VmState;
 use crate::vcpu::VcpuTasks;
 use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig};
@@ -1005,8 +1005,8 @@ impl Snapshot {
     /// images the snapshot names.
     pub fn vm_config(&self, host: &RestoreHost) -> Result<VmConfig> {
         let h = &self.manifest.vm;
-        let kernel = check_image("kernel", &h.kernel)?;
-        let initrd = h.initrd.as_ref().map(|i| check_image("initrd", i)).transpose()?;
+        let kernel = check_image("kernel", &h.kernel, NamedBy::Snapshot)?;
+        let initrd = h.initrd.as_ref().map(|i| check_image("initrd", i, NamedBy::Snapshot)).transpose()?;
         let nets = if host.nets.is_empty() {
             h.net.iter().map(|n| NetConfig { tap: n.tap.clone(), mac: Some(MacAddr(n.mac.0)) }).collect()
         } else if host.nets.len() != h.net.len() {
@@ -1054,26 +1054,6 @@ impl Snapshot {
 
 /// The kernel or initrd named in the manifest, checked to be the image the snapshot was
 /// taken with (the guest's memory holds what was loaded from it).
-fn check_image(what: &str, info: &ftvm_log::ImageInfo) -> Result<PathBuf> {
-    use crate::recording::ImageMismatch;
-    // Only a regular file is hashed (a manifest naming /dev/zero or a FIFO would make the
-    // hash read for ever, or block).
-    let path = Path::new(&info.path);
-    if std::fs::symlink_metadata(path).is_ok() {
-        crate::boot::open_image(path)
-            .map_err(|e| Error::Restore(format!("the {what} {} the snapshot names cannot be used: {e}", info.path)))?;
-    }
-    crate::recording::verified_image(info).map_err(|e| Error::Restore(e.to_string()))?.map_err(|m| match m {
-        ImageMismatch::Missing => {
-            Error::Restore(format!("the {what} {} the snapshot was taken with is missing", info.path))
-        }
-        ImageMismatch::Changed(digest) => Error::Restore(format!(
-            "the {what} {} changed since the snapshot was taken: sha256 {digest}, the snapshot says {}",
-            info.path, info.sha256
-        )),
-    })
-}
-
 fn hex_bytes(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -315,7 +315,7 @@ impl Vm {
         };
         // The VM as a snapshot pins it (it hashes the kernel: once, for both uses below).
         let vm_header = (control.is_some() || pair_settings.is_some())
-            .then(|| crate::recording::snapshot_header(&self, rtc_base))
+            .then(|| crate::identity::snapshot_header(&self, rtc_base))
             .transpose()?;
         // Snapshots are taken through the control API.
         let tasks = crate::vcpu::VcpuTasks::default();

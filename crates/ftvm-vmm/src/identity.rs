@@ -1,0 +1,170 @@
+//! The machine's identity: what a log header or a snapshot's manifest pins about a VM (its
+//! images by SHA-256, memory, CPUID, XSAVE, devices), built once here for record, replay,
+//! snapshots and the pair, and the one check of a named image used by replay, restore and
+//! the pair.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ftvm_log::{CpuidEntry, ImageInfo, LogHeader, MacAddr as LogMac, MemRegion, NetDevice};
+use ftvm_virtio::net::MacAddr;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, ImageProblem, Result};
+use crate::vm::{ConsoleConfig, Vm};
+
+/// The device model's version: any change to what a device does for the same inputs bumps
+/// it, so that a log is never replayed on a device model that would behave differently.
+pub const DEVICE_MODEL_VERSION: u32 = 1;
+
+/// Opens an image to hash: a regular file or a block device (a disk), never something that
+/// reads for ever or blocks (`/dev/zero`, a FIFO: a crafted log header can name them).
+fn open_hashable(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let t = file.metadata()?.file_type();
+    if t.is_file() || t.is_block_device() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = open_hashable(path).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub(crate) fn image_info(path: &Path) -> Result<ImageInfo> {
+    let size = std::fs::metadata(path).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?.len();
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(ImageInfo { path: abs.display().to_string(), sha256: sha256_file(path)?, size })
+}
+
+/// The log header that pins `vm` as built, with its images and the RTC at boot.
+pub(crate) fn header_for(
+    vm: &Vm,
+    kernel: ImageInfo,
+    initrd: Option<ImageInfo>,
+    disks: Vec<ImageInfo>,
+    rtc: u64,
+) -> LogHeader {
+    let c = vm.config();
+    let id = vm.identity();
+    LogHeader {
+        device_model_version: DEVICE_MODEL_VERSION,
+        kernel,
+        initrd,
+        disks,
+        memory_size: c.mem_size,
+        memory_layout: id.memory_layout.iter().map(|&(start, size)| MemRegion { start, size }).collect(),
+        cmdline: c.boot.cmdline.clone(),
+        effective_cmdline: id.effective_cmdline.clone(),
+        cpuid: id
+            .cpuid
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect(),
+        xcr0: id.xcr0,
+        xsave_size: id.xsave_size,
+        rtc_base_unix: rtc,
+        console: match &c.console {
+            ConsoleConfig::Stdio => "stdio".into(),
+            ConsoleConfig::File(p) => format!("file:{}", p.display()),
+            ConsoleConfig::Discard => "none".into(),
+        },
+        net: c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetDevice {
+                mac: LogMac(n.mac.unwrap_or_else(|| MacAddr::default_for(i)).0),
+                tap: n.tap.clone(),
+            })
+            .collect(),
+        rng: c.rng,
+        exit_delivery: "at-exits".into(),
+        record_start_unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+        ..LogHeader::default()
+    }
+}
+
+/// The VM as a snapshot's manifest pins it: like a log header, with the disks named by path
+/// and size only (the snapshot checks its own copies of them).
+pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
+    let c = vm.config();
+    let kernel = image_info(&c.boot.kernel)?;
+    let initrd = c.boot.initrd.as_deref().map(image_info).transpose()?;
+    let disks = vm
+        .disk_handles()
+        .iter()
+        .map(|d| ImageInfo { path: d.path.display().to_string(), sha256: String::new(), size: d.tracker.size() })
+        .collect();
+    Ok(header_for(vm, kernel, initrd, disks, rtc))
+}
+
+/// Why an image named with its digest (by a log header or a snapshot) cannot be used.
+enum ImageMismatch {
+    Missing,
+    /// Its SHA-256 now.
+    Changed(String),
+}
+
+/// The image `info` names, if it is there with the content the digest says.
+fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, ImageMismatch>> {
+    let path = PathBuf::from(&info.path);
+    if !path.exists() {
+        return Ok(Err(ImageMismatch::Missing));
+    }
+    let digest = sha256_file(&path)?;
+    Ok(if digest == info.sha256 { Ok(path) } else { Err(ImageMismatch::Changed(digest)) })
+}
+
+/// Who names an image with its digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedBy {
+    /// A log header (replay, a backup's check of its primary).
+    Log,
+    /// A snapshot's manifest (restore).
+    Snapshot,
+}
+
+/// The image `info` names (the `what`: "kernel", "initrd", "disk 0 base image"), checked:
+/// there, a regular file or block device, with the recorded SHA-256. The error says which
+/// image, who named it and what is wrong.
+pub(crate) fn check_image(what: &str, info: &ImageInfo, by: NamedBy) -> Result<PathBuf> {
+    let err = |problem| Error::Image { what: what.to_string(), path: info.path.clone(), by, problem };
+    // Only a regular file or a block device is hashed (a header naming /dev/zero or a FIFO
+    // would make the hash read for ever, or block).
+    let path = Path::new(&info.path);
+    if std::fs::symlink_metadata(path).is_ok() {
+        open_hashable(path).map_err(|e| err(ImageProblem::Unusable(e)))?;
+    }
+    match verified_image(info)? {
+        Ok(path) => Ok(path),
+        Err(ImageMismatch::Missing) => Err(err(ImageProblem::Missing)),
+        Err(ImageMismatch::Changed(digest)) => {
+            Err(err(ImageProblem::Changed { digest, expected: info.sha256.clone() }))
+        }
+    }
+}
