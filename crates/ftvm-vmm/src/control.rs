@@ -25,73 +25,7 @@ pub(crate) fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
     CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
-pub(crate) fn api_role(journaling: &crate::vm::Journaling) -> ftvm_api::Role {
-    match journaling {
-        crate::vm::Journaling::Live => ftvm_api::Role::Standalone,
-        crate::vm::Journaling::Record(_) => ftvm_api::Role::Recording,
-        crate::vm::Journaling::Replay { .. } => ftvm_api::Role::Replaying,
-        crate::vm::Journaling::Primary { .. } => ftvm_api::Role::Primary,
-        crate::vm::Journaling::Backup { .. } => ftvm_api::Role::Backup,
-    }
-}
-
-type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
-
-/// A primary's figures, from its link's counters (and its protection's).
-pub(crate) fn primary_figures(
-    stats: Arc<ftvm_replication::primary::PairStats>,
-    protection: std::sync::Weak<crate::protect::Protection>,
-) -> PairSource {
-    use std::sync::atomic::Ordering::Relaxed;
-    Box::new(move || {
-        let lost = stats.backup_lost.load(Relaxed);
-        let p = protection.upgrade();
-        ftvm_api::PairFigures {
-            protected: !lost && stats.protected.load(Relaxed),
-            acked_lsn: Some(stats.acked_lsn.load(Relaxed)),
-            sent_bytes: Some(stats.sent_bytes.load(Relaxed)),
-            outputs_done: stats.outputs_done.load(Relaxed),
-            backup_lost: lost,
-            resyncs: p.as_ref().map_or(0, |p| p.resyncs()),
-            failovers: p.as_ref().map_or(0, |p| p.failovers()),
-            replay_lag_ms: (!lost).then(|| stats.lag_ms.load(Relaxed)),
-            throttled_ms: Some(stats.throttled_us.load(Relaxed) / 1000),
-            output_hold_us: {
-                let n = stats.held_outputs.load(Relaxed);
-                (n > 0).then(|| stats.hold_us.load(Relaxed) / n)
-            },
-            catching_up: !lost && !stats.protected.load(Relaxed),
-            output_hold: Some({
-                use ftvm_replication::primary::HOLD_BUCKETS_US;
-                let mut counts = [0; 16];
-                for (count, bucket) in counts.iter_mut().zip(&stats.hold_buckets) {
-                    *count = bucket.load(Relaxed);
-                }
-                ftvm_api::HoldHistogram {
-                    bounds_us: &HOLD_BUCKETS_US,
-                    counts,
-                    sum_us: stats.hold_us.load(Relaxed),
-                    count: stats.held_outputs.load(Relaxed),
-                }
-            }),
-            output_stages: {
-                let f = stats.stages.lock().unwrap_or_else(|e| e.into_inner()).figures.clone();
-                let figure = |name: &str, h: &ftvm_replication::stages::Histogram| {
-                    ftvm_api::StageFigure::new(name, h.sum_ns, h.buckets().into_iter().map(|(b, c)| [b, c]).collect())
-                };
-                Some(ftvm_api::OutputStages {
-                    hold: figure("hold", &f.hold),
-                    stages: ftvm_replication::stages::STAGES
-                        .iter()
-                        .zip(&f.stages)
-                        .map(|(name, h)| figure(name, h))
-                        .collect(),
-                })
-            },
-            ..Default::default()
-        }
-    })
-}
+pub(crate) type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;
 
 /// A backup's figures, from its link's state.
 pub(crate) fn backup_figures(state: Arc<ftvm_replication::backup::BackupState>) -> PairSource {

@@ -33,7 +33,7 @@ pub enum Error {
     },
     /// An image a log header or a snapshot names by its digest cannot be used.
     #[error("{}", image_message(what, path, *by, problem))]
-    Image { what: String, path: String, by: crate::identity::NamedBy, problem: ImageProblem },
+    Image { what: String, path: String, by: NamedBy, problem: ImageProblem },
     #[error("record: {0}")]
     Record(String),
     #[error("snapshot: {0}")]
@@ -61,6 +61,15 @@ pub enum Error {
     NoDirtyTracker,
 }
 
+/// Who names an image with its digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedBy {
+    /// A log header (replay, a backup's check of its primary).
+    Log,
+    /// A snapshot's manifest (restore).
+    Snapshot,
+}
+
 /// What is wrong with an image named by its digest.
 #[derive(Debug)]
 pub enum ImageProblem {
@@ -74,8 +83,8 @@ pub enum ImageProblem {
     Unusable(std::io::Error),
 }
 
-fn image_message(what: &str, path: &str, by: crate::identity::NamedBy, problem: &ImageProblem) -> String {
-    use crate::identity::NamedBy::{Log, Snapshot};
+fn image_message(what: &str, path: &str, by: NamedBy, problem: &ImageProblem) -> String {
+    use NamedBy::{Log, Snapshot};
     let side = match by {
         Log => "replay",
         Snapshot => "restore",

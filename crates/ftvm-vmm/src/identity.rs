@@ -12,6 +12,7 @@ use ftvm_log::{CpuidEntry, ImageInfo, LogHeader, MacAddr as LogMac, MemRegion, N
 use ftvm_virtio::net::MacAddr;
 use sha2::{Digest, Sha256};
 
+pub use crate::error::NamedBy;
 use crate::error::{Error, ImageProblem, Result};
 use crate::vm::{ConsoleConfig, Vm};
 
@@ -138,15 +139,6 @@ fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, Image
     }
     let digest = sha256_file(&path)?;
     Ok(if digest == info.sha256 { Ok(path) } else { Err(ImageMismatch::Changed(digest)) })
-}
-
-/// Who names an image with its digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NamedBy {
-    /// A log header (replay, a backup's check of its primary).
-    Log,
-    /// A snapshot's manifest (restore).
-    Snapshot,
 }
 
 /// The image `info` names (the `what`: "kernel", "initrd", "disk 0 base image"), checked:

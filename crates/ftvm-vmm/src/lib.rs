@@ -14,6 +14,7 @@ pub mod identity;
 pub mod pair;
 pub mod protect;
 pub mod recording;
+pub mod run;
 pub mod snapshot;
 pub mod vm;
 

@@ -12,8 +12,9 @@ use crate::boot::BootSpec;
 use crate::error::{Error, Result};
 use crate::identity::{check_image, header_for, image_info, sha256_file, NamedBy, DEVICE_MODEL_VERSION};
 
+use crate::run::{run_with, Journaling, RunReport};
 use crate::snapshot::{RestoreHost, Snapshot};
-use crate::vm::{ConsoleConfig, DiskConfig, Journaling, NetConfig, RunReport, Vm, VmConfig, VmOutcome};
+use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig, VmOutcome};
 
 /// What `ftvm record` needs beyond the VM's configuration.
 #[derive(Debug, Clone)]
@@ -108,7 +109,7 @@ pub fn primary(
     vm.set_sync_policy(sync_policy);
     let header = header_for(&vm, kernel, initrd, disks, rtc);
     let settings = crate::protect::PairSettings { key: link.key.clone(), timeout: link.timeout, max_lag: link.max_lag };
-    vm.run_with(Journaling::Primary { link, header: Box::new(header), settings })
+    run_with(vm, Journaling::Primary { link, header: Box::new(header), settings })
 }
 
 /// A preflight of the pair from the primary's side (`ftvm doctor primary`): builds the VM as
@@ -220,12 +221,10 @@ pub fn backup(
         let backup = std::sync::Arc::new(backup);
         let mut vm = vm;
         vm.set_sync_policy(sync_policy);
-        let ran = vm.run_with(Journaling::Backup {
-            backup: backup.clone(),
-            theirs: Box::new(theirs),
-            source,
-            settings: settings.clone(),
-        });
+        let ran = run_with(
+            vm,
+            Journaling::Backup { backup: backup.clone(), theirs: Box::new(theirs), source, settings: settings.clone() },
+        );
         let went_live = backup.state.won_arbiter.load(std::sync::atomic::Ordering::SeqCst);
         // A backup that halted (it could not win the arbiter) fenced itself off, whatever
         // its replay made of the source it stopped on purpose.
@@ -485,7 +484,7 @@ fn record_vm(mut vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<Pa
     if let Some(max) = opts.max_size {
         writer = writer.with_max_size(max);
     }
-    let run = vm.run_with(Journaling::Record(writer))?;
+    let run = run_with(vm, Journaling::Record(writer))?;
     let log_bytes = std::fs::metadata(&opts.log).map(|m| m.len()).unwrap_or(0);
     Ok(RecordReport { run, log_bytes, disk_copies: copies })
 }
@@ -774,7 +773,7 @@ fn replay_vm(
             net_sinks.push(Box::new(NullSink));
         }
     }
-    let run = vm.run_with(Journaling::Replay { log, net_sinks })?;
+    let run = run_with(vm, Journaling::Replay { log, net_sinks })?;
     let mut disk_results = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let recorded = disk_copy_path(&opts.log, i);

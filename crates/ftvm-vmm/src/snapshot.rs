@@ -38,7 +38,7 @@ use crate::identity::{check_image, header_for, NamedBy};
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 use crate::state::VmState;
 use crate::vcpu::VcpuTasks;
-use crate::vm::{ConsoleConfig, DiskConfig, NetConfig, Vm, VmConfig};
+use crate::vm::{ConsoleConfig, DiskConfig, DiskHandle, NetConfig, Vm, VmConfig};
 
 /// The manifest's `format`.
 pub const FORMAT: &str = "ftvm-snapshot";
@@ -375,14 +375,6 @@ fn entry_for(dir: &Path, name: &str) -> Result<FileEntry> {
 }
 
 // ---- Taking a snapshot ----
-
-/// A disk as a snapshot sees it.
-#[derive(Clone)]
-pub struct DiskHandle {
-    pub path: PathBuf,
-    pub readonly: bool,
-    pub tracker: DiskTracker,
-}
 
 /// What a snapshot of a running VM needs, shared by the API's starter and the job.
 pub struct SnapshotSource {

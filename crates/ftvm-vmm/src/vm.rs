@@ -1,23 +1,17 @@
 //! Building a VM from its configuration and running it to the end.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use ftvm_events::EventSource;
 use ftvm_virtio::block::RawFile;
 use ftvm_virtio::net::MacAddr;
-use ftvm_virtio::tap::{Tap, TapReader};
+use ftvm_virtio::tap::Tap;
 
-use crate::boot::{self, BootSpec, KernelFormat, Loaded};
+use crate::boot::{self, BootSpec, Loaded};
 use crate::error::{Error, Result};
-use crate::kick::{Doorbell, Kicker};
-use crate::legacy::{self, Devices, VirtioBackends, VirtioSlot};
-use crate::vcpu::{ConsoleSink, Delivery, ExitStats, VcpuLoop};
+use crate::legacy::{self, VirtioBackends, VirtioSlot};
 use crate::{cpuid, kvm, memory, msr};
 
 pub use crate::vcpu::VmOutcome;
@@ -109,16 +103,6 @@ pub struct VmConfig {
     pub rng: bool,
 }
 
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    pub outcome: VmOutcome,
-    pub stats: ExitStats,
-    pub exits: u64,
-    pub elapsed: Duration,
-    pub format: KernelFormat,
-}
-
 /// TSS for KVM's real-mode emulation on Intel hardware: 3 pages in the MMIO gap.
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
@@ -137,7 +121,7 @@ pub struct Vm {
     /// The MSRs a saved vCPU state holds on this host.
     msr_indices: Vec<u32>,
     /// The disks with their dirty-block maps, in device order (for snapshots).
-    disks: Vec<crate::snapshot::DiskHandle>,
+    disks: Vec<DiskHandle>,
     /// The state to continue from, for a VM restored from a snapshot (applied on the vCPU
     /// thread before the guest runs).
     restore: Option<Box<crate::state::VmState>>,
@@ -158,34 +142,6 @@ pub struct VmIdentity {
     pub memory_layout: Vec<(u64, u64)>,
 }
 
-/// Where a network device's transmitted frames go (a TAP, or a replay's pcap file).
-pub type NetSink = Box<dyn ftvm_virtio::net::FrameSink + Send>;
-
-/// How a VM's host inputs are journaled.
-pub enum Journaling {
-    /// `ftvm run`: live inputs, nothing logged, prompt interrupt delivery.
-    Live,
-    /// `ftvm record`: live inputs written to the log; interrupts only at counted exits.
-    Record(ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>),
-    /// `ftvm replay`: inputs from the log; transmitted frames go to `net_sinks` (one per
-    /// network device) instead of a TAP.
-    Replay { log: ftvm_log::LogReader<Box<dyn Read + Send>>, net_sinks: Vec<NetSink> },
-    /// `ftvm primary`: record into a stream to the backup, outputs held until acknowledged.
-    Primary {
-        link: ftvm_replication::primary::PrimaryConfig,
-        header: Box<ftvm_log::LogHeader>,
-        settings: crate::protect::PairSettings,
-    },
-    /// `ftvm backup`: replay the primary's stream (its link already started, its header
-    /// checked); go live when it dies.
-    Backup {
-        backup: Arc<ftvm_replication::backup::Backup>,
-        theirs: Box<ftvm_log::LogHeader>,
-        source: Box<dyn ftvm_events::RecordSource>,
-        settings: crate::protect::PairSettings,
-    },
-}
-
 impl Vm {
     /// Creates the VM: memory, CPUID and MSR policy, the kernel loaded, the vCPU at entry.
     pub fn build(config: VmConfig) -> Result<Self> {
@@ -201,11 +157,7 @@ impl Vm {
             .disks
             .iter()
             .zip(&virtio.disks)
-            .map(|(c, (d, _))| crate::snapshot::DiskHandle {
-                path: c.path.clone(),
-                readonly: c.readonly,
-                tracker: d.tracker(),
-            })
+            .map(|(c, (d, _))| DiskHandle { path: c.path.clone(), readonly: c.readonly, tracker: d.tracker() })
             .collect();
         let slots = legacy::virtio_layout(virtio.count())?;
         let mut boot_spec = config.boot.clone();
@@ -281,242 +233,58 @@ impl Vm {
     }
 
     /// The disks with their dirty-block maps.
-    pub(crate) fn disk_handles(&self) -> &[crate::snapshot::DiskHandle] {
+    pub(crate) fn disk_handles(&self) -> &[DiskHandle] {
         &self.disks
     }
 
-    /// Runs the guest on its vCPU thread until it stops (`ftvm run`).
-    pub fn run(self) -> Result<RunReport> {
-        self.run_with(Journaling::Live)
+    /// The dirty-page tracker over this VM's memory (one per run: every consumer subscribes).
+    pub(crate) fn dirty_tracker(&self) -> crate::dirty::DirtyTracker {
+        crate::dirty::DirtyTracker::new(self.vm_fd.clone(), self.mem.clone())
     }
 
-    /// Runs the guest with the given journaling until it stops.
-    pub fn run_with(mut self, journaling: Journaling) -> Result<RunReport> {
-        let mut rtc_base = self.config.rtc_base_unix.unwrap_or_else(unix_now);
-        let delivery = match journaling {
-            Journaling::Live => Delivery::Prompt,
-            _ => Delivery::AtExits,
-        };
-        let tracker = crate::dirty::DirtyTracker::new(self.vm_fd.clone(), self.mem.clone());
-        // A recording (and a primary) hashes the pages it dirtied at each checkpoint; a
-        // replay hashes the pages the log names.
-        let records = matches!(journaling, Journaling::Record(_) | Journaling::Primary { .. });
-        let hash_consumer = if records { Some(tracker.subscribe()?) } else { None };
-        let restore = self.restore.take();
-        let msr_indices = self.msr_indices.clone();
-        let sync_policy = self.sync_policy;
-        let control = crate::control::take_control();
-        if let Some(c) = &control {
-            c.set_role(crate::control::api_role(&journaling));
-        }
-        let pair_settings = match &journaling {
-            Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
-            _ => None,
-        };
-        // The VM as a snapshot pins it (it hashes the kernel: once, for both uses below).
-        let vm_header = (control.is_some() || pair_settings.is_some())
-            .then(|| crate::identity::snapshot_header(&self, rtc_base))
-            .transpose()?;
-        // Snapshots are taken through the control API.
-        let tasks = crate::vcpu::VcpuTasks::default();
-        if let (Some(c), Some(header)) = (&control, &vm_header) {
-            let source = Arc::new(crate::snapshot::SnapshotSource {
-                tracker: tracker.clone(),
-                disks: self.disks.clone(),
-                header: header.clone(),
-                tasks: tasks.clone(),
-                control: c.clone(),
-            });
-            c.set_snapshot_starter(Some(source.starter()));
-        }
-        // The pair: the primary's link (with its held outputs), or the backup's; either may
-        // later take a new backup (re-protection, resync) through its protection.
-        let mut gate = None;
-        let mut takeover = None;
-        let mut protection = None;
-        let mut pair_backup = None;
-        let mut backup_source = None;
-        if let (Some(settings), Some(header)) = (pair_settings, vm_header) {
-            let source = crate::snapshot::SnapshotSource {
-                tracker: tracker.clone(),
-                disks: self.disks.clone(),
-                header,
-                tasks: tasks.clone(),
-                // Its own progress reports (re-protection reports its own).
-                control: ftvm_api::VmControl::new(),
-            };
-            let p = crate::protect::Protection::new(settings, sync_policy, source, control.clone());
-            if let Some(c) = &control {
-                let p = p.clone();
-                c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
-            }
-            protection = Some(p);
-        }
-        let journaling = match journaling {
-            Journaling::Primary { link, header, .. } => {
-                let mut header = *header;
-                header.rtc_base_unix = rtc_base;
-                let console = console_sink(&self.config.console)?;
-                let sinks: ftvm_replication::primary::SharedSinks =
-                    Arc::new(std::sync::Mutex::new(Box::new(crate::pair::HostSinks {
-                        console,
-                        taps: self.taps.clone(),
-                    })));
-                let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)?;
-                gate = Some(primary.gate());
-                if let Some(p) = &protection {
-                    p.set_boot_link(primary, link.backup);
-                }
-                Journaling::Record(writer)
-            }
-            Journaling::Backup { backup, theirs, source, .. } => {
-                rtc_base = theirs.rtc_base_unix;
-                gate = Some(backup.gate());
-                if let Some(c) = &control {
-                    c.set_pair_source(Some(crate::control::backup_figures(backup.state.clone())));
-                }
-                takeover = Some(Box::new(crate::pair::Takeover {
-                    taps: self.config.nets.iter().map(|n| n.tap.clone()).collect(),
-                    macs: theirs.net.iter().map(|n| n.mac.0).collect(),
-                    guest_ip: crate::pair::guest_ip(&theirs.cmdline),
-                    state: backup.state.clone(),
-                }) as Box<dyn ftvm_machine::vcpu::GoLive>);
-                if let Some(p) = &protection {
-                    p.set_backup_arbiter(backup.arbiter.clone());
-                }
-                pair_backup = Some(backup);
-                backup_source = Some(source);
-                Journaling::Live
-            }
-            other => other,
-        };
-        let kicker = Kicker::new()?;
-        let doorbell = Arc::new(Doorbell::default());
-        let (console, input) = open_console(&self.config.console, &kicker, &doorbell)?;
+    /// The TAPs of the network devices, in device order (none for a replay).
+    pub(crate) fn taps(&self) -> &[Tap] {
+        &self.taps
+    }
+
+    /// The MSRs a saved vCPU state holds on this host.
+    pub(crate) fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// Recording: the sync-point policy.
+    pub(crate) fn sync_policy(&self) -> Option<crate::syncpoint::SyncPolicy> {
+        self.sync_policy
+    }
+
+    /// What the vCPU thread takes to run the VM once: the vCPU, the virtio backends and the
+    /// state to continue from. A VM runs once ([`Error::AlreadyRan`] after).
+    pub(crate) fn take_run_parts(&mut self) -> Result<RunParts> {
         let vcpu = self.vcpu.take().ok_or(Error::AlreadyRan)?;
         let virtio = self.virtio.take().ok_or(Error::AlreadyRan)?;
-        // One reader thread per TAP; received frames wait in a bounded channel until the vCPU
-        // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
-        let mut readers: Vec<TapReader> = Vec::new();
-        let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
-        let (events_log, net_sinks) = match journaling {
-            Journaling::Live => (None, Vec::new()),
-            Journaling::Record(w) => (Some(Ok(w)), Vec::new()),
-            Journaling::Replay { log, net_sinks } => (Some(Err(log)), net_sinks),
-            Journaling::Primary { .. } | Journaling::Backup { .. } => unreachable!("resolved above"),
-        };
-        if backup_source.is_some() {
-            // The backup's TAPs are opened only when it goes live; until then its network
-            // devices send nowhere and receive from the log.
-            for _ in &self.config.nets {
-                let (_tx, rx) = mpsc::sync_channel(1);
-                nets.push((Box::new(NullSink), rx));
-            }
-        }
-        for sink in net_sinks {
-            // Replay: received frames come from the log; this channel never carries any.
-            let (_tx, rx) = mpsc::sync_channel(1);
-            nets.push((sink, rx));
-        }
-        // A primary's loop keeps its TAPs for receiving; what it transmits goes through the
-        // output gate, and it is sent once acknowledged.
-        for tap in &self.taps {
-            let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
-            let (k, d) = (kicker.clone(), doorbell.clone());
-            readers.push(tap.spawn_reader(
-                tx,
-                Box::new(move || {
-                    d.ring();
-                    k.kick();
-                }),
-            )?);
-            nets.push((Box::new(tap.clone()), rx));
-        }
-        let stop_watch = StopWatcher::start(kicker.clone(), doorbell.clone());
-        if let Some(c) = &control {
-            // A pause request kicks the vCPU out of KVM_RUN and wakes a halted loop.
-            let (k, d) = (kicker.clone(), doorbell.clone());
-            c.set_waker(Some(Box::new(move || {
-                d.ring();
-                k.kick();
-            })));
-        }
-        let vcpu_control = control.clone();
-        let mem = self.mem.clone();
-        let started = Instant::now();
-        let thread = std::thread::Builder::new()
-            .name("ftvm-vcpu0".into())
-            .spawn(move || -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
-                ftvm_seccomp::enter(ftvm_seccomp::Thread::Vcpu);
-                // Devices live on this thread only (they are touched between exits).
-                let mut devices = Devices::new(rtc_base)?;
-                devices.add_virtio(virtio, &mem)?;
-                let mut events = match (events_log, backup_source) {
-                    (_, Some(source)) => EventSource::replay_from(rtc_base, source, true),
-                    (None, None) => EventSource::live(rtc_base),
-                    (Some(Ok(writer)), None) => EventSource::record(rtc_base, writer),
-                    (Some(Err(reader)), None) => EventSource::replay(rtc_base, reader),
-                };
-                if let Some(rx) = input {
-                    events.attach_console_input(rx);
-                }
-                let streams: Vec<_> = nets.into_iter().map(|(sink, rx)| (sink, events.attach_frames(rx))).collect();
-                let session = crate::vcpu::SessionParts {
-                    gate,
-                    takeover,
-                    tracker: Some(tracker),
-                    hash_consumer,
-                    control: vcpu_control.clone().map(crate::control::supervisor),
-                    tasks,
-                    sync: sync_policy,
-                };
-                let mut vloop =
-                    VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, delivery, msr_indices, session)?;
-                for (sink, stream) in streams {
-                    vloop.attach_net(sink, stream);
-                }
-                if let Some(state) = restore {
-                    vloop.restore_state(&state)?;
-                }
-                if let Some(c) = &vcpu_control {
-                    c.mark_running();
-                }
-                let outcome = vloop.run()?;
-                let (stats, exits, vcpu) = vloop.finish();
-                Ok((outcome, stats, exits, vcpu))
-            })
-            .map_err(|source| Error::Spawn { thread: "vCPU", source })?;
-        ftvm_seccomp::enter(ftvm_seccomp::Thread::Main);
-        let joined = thread.join();
-        if let Some(c) = &control {
-            c.mark_stopped();
-            c.set_waker(None);
-            c.set_snapshot_starter(None);
-            c.set_protect_starter(None);
-        }
-        drop(stop_watch);
-        // The pair's link goes with the VM (what it still holds goes out first).
-        drop(protection.as_ref().and_then(|p| p.finish()));
-        drop(protection);
-        drop(pair_backup);
-        for (tap, reader) in self.taps.iter().zip(&readers) {
-            if reader.dropped() > 0 {
-                tracing::info!(
-                    "TAP {}: {} received frames dropped (the guest did not take them in time)",
-                    tap.name(),
-                    reader.dropped()
-                );
-            }
-        }
-        drop(readers);
-        let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::VcpuPanicked)??;
+        Ok(RunParts { vcpu, virtio, restore: self.restore.take() })
+    }
+
+    /// The vCPU back after a run (its state can still be read).
+    pub(crate) fn return_vcpu(&mut self, vcpu: kvm_ioctls::VcpuFd) {
         self.vcpu = Some(vcpu);
-        Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: self.loaded.format })
     }
 }
 
-/// Received frames that may wait for the vCPU loop per network device; more are dropped.
-const FRAME_BACKLOG: usize = 1024;
+/// What a run takes from a built VM ([`Vm::take_run_parts`]).
+pub(crate) struct RunParts {
+    pub vcpu: kvm_ioctls::VcpuFd,
+    pub virtio: VirtioBackends,
+    pub restore: Option<Box<crate::state::VmState>>,
+}
+
+/// A disk with its dirty-block map (snapshots copy what changed).
+#[derive(Clone)]
+pub struct DiskHandle {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub tracker: crate::disk::DiskTracker,
+}
 
 /// Opens the host side of the virtio devices: disk images and TAPs, in device order.
 fn open_virtio(config: &VmConfig, open_taps: bool) -> Result<(VirtioBackends, Vec<Tap>)> {
@@ -544,120 +312,9 @@ fn open_virtio(config: &VmConfig, open_taps: bool) -> Result<(VirtioBackends, Ve
     Ok((VirtioBackends { nets: macs, disks, rng: config.rng }, taps))
 }
 
-/// Opens the console: the output sink and, for stdio, a thread that forwards standard input
-/// to the event source (waking a halted vCPU and kicking a running one).
-fn open_console(
-    config: &ConsoleConfig,
-    kicker: &Arc<Kicker>,
-    doorbell: &Arc<Doorbell>,
-) -> Result<(ConsoleSink, Option<mpsc::Receiver<Vec<u8>>>)> {
-    match config {
-        ConsoleConfig::Discard => Ok((Box::new(std::io::sink()), None)),
-        ConsoleConfig::File(path) => {
-            let file =
-                File::create(path).map_err(|e| Error::Console(format!("cannot create {}: {e}", path.display())))?;
-            Ok((Box::new(file), None))
-        }
-        ConsoleConfig::Stdio => {
-            let (tx, rx) = mpsc::channel();
-            let (kicker, doorbell) = (kicker.clone(), doorbell.clone());
-            std::thread::Builder::new()
-                .name("ftvm-stdin".into())
-                .spawn(move || {
-                    ftvm_seccomp::enter(ftvm_seccomp::Thread::Stdin);
-                    let mut stdin = std::io::stdin();
-                    let mut buf = [0u8; 256];
-                    loop {
-                        match stdin.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if tx.send(buf[..n].to_vec()).is_err() {
-                                    break;
-                                }
-                                doorbell.ring();
-                                kicker.kick();
-                            }
-                        }
-                    }
-                    drop(tx);
-                    doorbell.ring();
-                })
-                .map_err(|source| Error::Spawn { thread: "console input", source })?;
-            Ok((Box::new(std::io::stdout()), Some(rx)))
-        }
-    }
-}
-
 /// Wall-clock seconds since 1970: the RTC base when none is given.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// A console output sink alone (no input thread): where a primary's released console output
-/// goes.
-fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
-    Ok(match config {
-        ConsoleConfig::Stdio => Box::new(std::io::stdout()),
-        ConsoleConfig::Discard => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?,
-        ),
-    })
-}
-
-/// Sends nowhere: a backup's network devices until it goes live.
-struct NullSink;
-
-impl ftvm_virtio::net::FrameSink for NullSink {
-    fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Kicks the vCPU and wakes a halted loop once the operator asks to stop, so that a guest
-/// computing in ring 3 (no exits, no kicks in record mode) still stops promptly.
-struct StopWatcher {
-    done: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StopWatcher {
-    fn start(kicker: Arc<Kicker>, doorbell: Arc<Doorbell>) -> Self {
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let d = done.clone();
-        let thread = std::thread::Builder::new()
-            .name("ftvm-stop".into())
-            .spawn(move || {
-                ftvm_seccomp::enter(ftvm_seccomp::Thread::Stop);
-                while !d.load(std::sync::atomic::Ordering::Relaxed) {
-                    if crate::kick::stop_requested() {
-                        doorbell.ring();
-                        kicker.kick();
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-            .ok();
-        StopWatcher { done, thread }
-    }
-}
-
-impl Drop for StopWatcher {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Builds and runs a VM: the whole of `ftvm run`.
-pub fn run(config: VmConfig) -> Result<RunReport> {
-    Vm::build(config)?.run()
 }
 
 #[cfg(test)]

@@ -928,7 +928,7 @@ fn vm_config(args: RunArgs) -> VmConfig {
     }
 }
 
-fn summary(report: &ftvm_vmm::vm::RunReport) -> String {
+fn summary(report: &ftvm_vmm::run::RunReport) -> String {
     let s = &report.stats;
     let sync = match s.sync.count {
         0 => String::new(),
@@ -1077,8 +1077,11 @@ fn inspect(path: &std::path::Path, json: bool, events: bool) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     match args.restore.clone() {
-        Some(dir) => finish(ftvm_vmm::snapshot::restore(&dir, &restore_host(args)).and_then(|vm| vm.run())),
-        None => finish(ftvm_vmm::vm::run(vm_config(args))),
+        Some(dir) => finish(
+            ftvm_vmm::snapshot::restore(&dir, &restore_host(args))
+                .and_then(|vm| ftvm_vmm::run::run_with(vm, ftvm_vmm::run::Journaling::Live)),
+        ),
+        None => finish(ftvm_vmm::run::run(vm_config(args))),
     }
 }
 
@@ -1087,7 +1090,7 @@ fn restore_host(args: RunArgs) -> ftvm_vmm::snapshot::RestoreHost {
     ftvm_vmm::snapshot::RestoreHost { console: args.console, nets: args.nets, disks: args.disks }
 }
 
-fn finish(result: ftvm_vmm::Result<ftvm_vmm::vm::RunReport>) -> ExitCode {
+fn finish(result: ftvm_vmm::Result<ftvm_vmm::run::RunReport>) -> ExitCode {
     match result {
         // This side fenced itself off: another copy may be live.
         // (An event: `GET /events` followers see it before the stream ends.)
