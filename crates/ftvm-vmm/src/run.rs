@@ -15,7 +15,7 @@ use crate::boot::KernelFormat;
 use crate::error::{Error, Result};
 use crate::kick::{Doorbell, Kicker};
 use crate::legacy::Devices;
-use crate::vcpu::{ConsoleSink, Delivery, ExitStats, VcpuLoop};
+use crate::vcpu::{ConsoleSink, ExitStats, VcpuLoop};
 use crate::vm::{unix_now, ConsoleConfig, Vm, VmConfig, VmOutcome};
 
 /// What a finished run reports.
@@ -72,10 +72,6 @@ impl Journaling {
 /// Runs the guest with the given journaling until it stops.
 pub fn run_with(mut vm: Vm, journaling: Journaling) -> Result<RunReport> {
     let mut rtc_base = vm.config().rtc_base_unix.unwrap_or_else(unix_now);
-    let delivery = match journaling {
-        Journaling::Live => Delivery::Prompt,
-        _ => Delivery::AtExits,
-    };
     let tracker = vm.dirty_tracker();
     // A recording (and a primary) hashes the pages it dirtied at each checkpoint; a
     // replay hashes the pages the log names.
@@ -244,8 +240,7 @@ pub fn run_with(mut vm: Vm, journaling: Journaling) -> Result<RunReport> {
                 tasks,
                 sync: sync_policy,
             };
-            let mut vloop =
-                VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, delivery, msr_indices, session)?;
+            let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, msr_indices, session)?;
             for (sink, stream) in streams {
                 vloop.attach_net(sink, stream);
             }

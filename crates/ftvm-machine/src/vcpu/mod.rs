@@ -192,15 +192,6 @@ pub struct NetPort {
     warned: bool,
 }
 
-/// How interrupts reach a guest that runs without exiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Kick the vCPU when a deadline passes and use interrupt-window exits (`ftvm run`).
-    Prompt,
-    /// Only at counted exits (the deterministic mode record and replay will use).
-    AtExits,
-}
-
 /// Work for the vCPU thread, done between two exits (a snapshot's paused round, ...).
 pub type VcpuTask = Box<dyn FnOnce(&mut VcpuLoop) + Send>;
 
@@ -269,7 +260,6 @@ pub struct VcpuLoop {
     console: ConsoleSink,
     kicker: Arc<Kicker>,
     doorbell: Arc<Doorbell>,
-    delivery: Delivery,
     stats: ExitStats,
     /// Network devices' host sides, in the order of `devices.virtio.nets`.
     nets: Vec<NetPort>,
@@ -350,7 +340,6 @@ impl VcpuLoop {
         console: ConsoleSink,
         kicker: Arc<Kicker>,
         doorbell: Arc<Doorbell>,
-        delivery: Delivery,
         msr_indices: Vec<u32>,
         session: SessionParts,
     ) -> Result<Self> {
@@ -368,7 +357,6 @@ impl VcpuLoop {
             console,
             kicker,
             doorbell,
-            delivery,
             stats: ExitStats::default(),
             nets: Vec::new(),
             gate,
@@ -399,6 +387,13 @@ impl VcpuLoop {
     pub fn finish(self) -> (ExitStats, u64, VcpuFd) {
         let exits = self.exits_before + self.events.exit_index();
         (self.stats, exits, self.vcpu)
+    }
+
+    /// Whether interrupts are delivered promptly (a live VM: the deadline timer kicks the
+    /// vCPU, interrupt windows are asked for) rather than only at counted exits (the
+    /// deterministic delivery of record and replay). The timer runs exactly while it is so.
+    fn prompt_delivery(&self) -> bool {
+        self.timer.is_some()
     }
 
     /// Kicks the vCPU out of KVM_RUN (a spurious kick is harmless).
@@ -466,9 +461,12 @@ impl VcpuLoop {
             doorbell.ring();
             kicker.kick();
         }));
-        self.timer = match self.delivery {
-            Delivery::Prompt => Some(DeadlineTimer::start(self.kicker.clone())?),
-            Delivery::AtExits => None,
+        // How interrupts reach a guest that runs without exiting follows the event source's
+        // mode: live, the deadline timer kicks the vCPU and interrupt windows are asked for
+        // (prompt delivery); recording and replaying, only at counted exits.
+        self.timer = match self.events.mode() {
+            Mode::Live => Some(DeadlineTimer::start(self.kicker.clone())?),
+            Mode::Record | Mode::Replay => None,
         };
         if self.events.wants_signatures() {
             // Exit signatures need RIP at every counted exit: take it from kvm_run rather
@@ -582,7 +580,7 @@ impl VcpuLoop {
             let index = self.events.exit_index();
             let step = self.run_once()?;
             let counted = self.events.exit_index() != index;
-            if !counted && self.delivery == Delivery::AtExits {
+            if !counted && !self.prompt_delivery() {
                 // A kick (EINTR) in the deterministic mode: its position in the guest is
                 // host-timed, so nothing may be admitted or injected here, unless an event
                 // has waited past the bound: then a sync point marks this place in the log.
@@ -600,7 +598,7 @@ impl VcpuLoop {
             }
             // Asynchronous inputs are admitted at counted exits; a plain run also takes them
             // at kicks (that is what the kick was for).
-            self.after_exit(counted || self.delivery == Delivery::Prompt);
+            self.after_exit(counted || self.prompt_delivery());
             if let Some(outcome) = self.take_request() {
                 return Ok(outcome);
             }
@@ -950,13 +948,14 @@ impl VcpuLoop {
     /// Returns whether an interrupt was injected.
     fn inject_or_request_window(&mut self) -> bool {
         let pending = self.devices.pic.borrow().has_pending_interrupt();
+        let prompt = self.prompt_delivery();
         let run = self.vcpu.get_kvm_run();
         if !pending {
             run.request_interrupt_window = 0;
             return false;
         }
         if run.if_flag == 0 || run.ready_for_interrupt_injection == 0 {
-            run.request_interrupt_window = u8::from(self.delivery == Delivery::Prompt);
+            run.request_interrupt_window = u8::from(prompt);
             return false;
         }
         run.request_interrupt_window = 0;
@@ -1058,7 +1057,6 @@ impl VcpuLoop {
     ) -> Result<()> {
         self.exits_before += self.events.exit_index();
         self.events.start_recording(log);
-        self.delivery = Delivery::AtExits;
         // The prompt deadline timer of a live VM: a kick from it is harmless (not counted),
         // but interrupts now go in at counted exits only.
         self.timer = None;
@@ -1112,7 +1110,6 @@ impl VcpuLoop {
         for (target, bytes) in uncovered {
             self.perform(target, &bytes);
         }
-        self.delivery = Delivery::Prompt;
         self.timer = Some(DeadlineTimer::start(self.kicker.clone())?);
         let exit = self.events.went_live_at().unwrap_or(0);
         tracing::warn!(
