@@ -7,8 +7,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Error {
     #[error("KVM call {call} failed: {source}")]
     Kvm { call: &'static str, source: kvm_ioctls::Error },
-    #[error("console: {0}")]
-    Console(String),
     #[error(transparent)]
     Virtio(#[from] ftvm_virtio::Error),
     #[error(transparent)]
@@ -34,6 +32,64 @@ pub enum Error {
     /// An image a log header or a snapshot names by its digest cannot be used.
     #[error("{}", image_message(what, path, *by, problem))]
     Image { what: String, path: String, by: NamedBy, problem: ImageProblem },
+    /// A file of a recording (the log, a disk copy) could not be made or written.
+    #[error("record: {what}: {source}")]
+    RecordIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log could not be started or read.
+    #[error("record: cannot write the log: {0}")]
+    RecordLog(#[source] ftvm_log::LogError),
+    #[error("replay: {}: {source}", path.display())]
+    ReplayLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: ftvm_log::LogError,
+    },
+    /// A snapshot's file could not be made, written or read.
+    #[error("snapshot: {what}: {source}")]
+    SnapshotIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot could not be read back into a VM.
+    #[error("restore: {what}: {source}")]
+    RestoreIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's manifest does not parse.
+    #[error("restore: {} is not a valid manifest: {source}", path.display())]
+    ManifestInvalid {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Guest memory could not be read or written (a snapshot, a restore).
+    #[error("{what}: {source}")]
+    GuestMemory {
+        what: String,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The console's file could not be opened.
+    #[error("console: cannot open {}: {source}", path.display())]
+    ConsoleFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pair's state transfer could not reach the backup.
+    #[error("{what}: {source}")]
+    PairIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("record: {0}")]
     Record(String),
     #[error("snapshot: {0}")]

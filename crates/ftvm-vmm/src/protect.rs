@@ -285,7 +285,7 @@ impl Protection {
             serde_json::to_vec(&self.snapshot.header).map_err(|e| Error::Pair(format!("transfer header: {e}")))?;
         link::write_blob(&mut conn.writer, &header)
             .and_then(|_| conn.writer.flush())
-            .map_err(|e| Error::Pair(format!("sending to the backup: {e}")))?;
+            .map_err(|source| Error::PairIo { what: "sending to the backup".into(), source })?;
         if let Err(why) = link::read_answer(&mut *conn.reader).map_err(pair)? {
             return Err(Error::Pair(format!("the backup at {backup} refused this VM:\n{why}")));
         }
@@ -304,7 +304,7 @@ impl Protection {
             let settings = self.settings.clone();
             let sync_policy = self.sync_policy;
             // The new log is made here, not in the pause: nothing in it depends on the cut.
-            let (writer, queue) = log_channel(&self.snapshot.header).map_err(|e| Error::Pair(e.to_string()))?;
+            let (writer, queue) = log_channel(&self.snapshot.header)?;
             let me = self.me.clone();
             Box::new(move |vloop: &mut crate::vcpu::VcpuLoop| -> Result<()> {
                 let me = me.upgrade().ok_or_else(|| Error::Pair("the VM is ending".into()))?;

@@ -86,7 +86,7 @@ pub struct ReplayReport {
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Record(format!("{what}: {e}"))
+    move |source| Error::RecordIo { what, source }
 }
 
 /// The disk copy a recording writes beside its log.
@@ -480,7 +480,7 @@ fn record_vm(mut vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<Pa
     vm.set_sync_policy(opts.sync_policy);
     let file = File::create(&opts.log).map_err(io_err(format!("cannot create the log {}", opts.log.display())))?;
     let sink: Box<dyn Write + Send> = Box::new(BackgroundFile::new(file)?);
-    let mut writer = LogWriter::new(sink, &header).map_err(|e| Error::Record(format!("cannot write the log: {e}")))?;
+    let mut writer = LogWriter::new(sink, &header).map_err(Error::RecordLog)?;
     if let Some(max) = opts.max_size {
         writer = writer.with_max_size(max);
     }
@@ -635,7 +635,8 @@ impl FrameSink for NullSink {
 pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
     let file = File::open(&opts.log).map_err(io_err(format!("cannot open the log {}", opts.log.display())))?;
     let reader: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 16, file));
-    let (log, header) = LogReader::open(reader).map_err(|e| Error::Replay(format!("{}: {e}", opts.log.display())))?;
+    let (log, header) =
+        LogReader::open(reader).map_err(|source| Error::ReplayLog { path: opts.log.clone(), source })?;
 
     let (out_dir, temporary) = match &opts.output_dir {
         Some(d) => {

@@ -296,8 +296,7 @@ fn open_console(
     match config {
         ConsoleConfig::Discard => Ok((Box::new(std::io::sink()), None)),
         ConsoleConfig::File(path) => {
-            let file =
-                File::create(path).map_err(|e| Error::Console(format!("cannot create {}: {e}", path.display())))?;
+            let file = File::create(path).map_err(|source| Error::ConsoleFile { path: path.clone(), source })?;
             Ok((Box::new(file), None))
         }
         ConsoleConfig::Stdio => {
@@ -341,7 +340,7 @@ fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| Error::Console(format!("cannot open {}: {e}", path.display())))?,
+                .map_err(|source| Error::ConsoleFile { path: path.clone(), source })?,
         ),
     })
 }

@@ -122,11 +122,11 @@ fn hex(v: u64) -> String {
 }
 
 fn snap_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Snapshot(format!("{what}: {e}"))
+    move |source| Error::SnapshotIo { what, source }
 }
 
 fn restore_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Restore(format!("{what}: {e}"))
+    move |source| Error::RestoreIo { what, source }
 }
 
 // ---- Sparse files: holes read as zeros, and are skipped where the data is zero ----
@@ -260,8 +260,10 @@ impl MemoryImage {
         let mut flush = |run: (u64, usize), buf: &mut [u8]| -> Result<()> {
             let (gpa, n) = run;
             let bytes = &mut buf[..n * PAGE_SIZE as usize];
-            mem.read_slice(bytes, GuestAddress(gpa))
-                .map_err(|e| Error::Snapshot(format!("reading guest memory at {gpa:#x}: {e}")))?;
+            mem.read_slice(bytes, GuestAddress(gpa)).map_err(|source| Error::GuestMemory {
+                what: format!("snapshot: reading guest memory at {gpa:#x}"),
+                source,
+            })?;
             for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
                 if skip_zero && is_zero(page) {
                     continue;
@@ -338,7 +340,7 @@ fn load_memory(path: &Path, entry: &FileEntry, mem: &GuestMemoryMmap) -> Result<
                 .ok_or_else(|| Error::Restore(format!("memory.bin offset {at} is past the RAM")))?;
             let n = ((off + len - at) as usize).min(bytes.len() - done);
             mem.write_slice(&bytes[done..done + n], GuestAddress(base + at - off))
-                .map_err(|e| Error::Restore(format!("writing guest memory: {e}")))?;
+                .map_err(|source| Error::GuestMemory { what: "restore: writing guest memory".into(), source })?;
             done += n;
             let _ = len;
         }
@@ -800,7 +802,7 @@ impl Snapshot {
             )));
         }
         let probe: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Restore(format!("{} is not a valid manifest: {e}", path.display())))?;
+            .map_err(|source| Error::ManifestInvalid { path: path.to_path_buf(), source })?;
         if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(Error::Restore(format!("{} is not an ftvm snapshot manifest", path.display())));
         }
@@ -811,7 +813,7 @@ impl Snapshot {
             )));
         }
         let manifest: Manifest = serde_json::from_value(probe)
-            .map_err(|e| Error::Restore(format!("{} is not a valid manifest: {e}", path.display())))?;
+            .map_err(|source| Error::ManifestInvalid { path: path.to_path_buf(), source })?;
         if manifest.device_state_version != ftvm_devices::DEVICE_STATE_VERSION {
             return Err(Error::Restore(format!(
                 "the snapshot holds device state version {}; this ftvm has device state version {} (taken by ftvm {})",
@@ -872,7 +874,7 @@ impl Snapshot {
         let Some(tmp) = self.stage_disk(index, target)? else { return Ok(()) };
         std::fs::rename(&tmp, target).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            Error::Restore(format!("cannot move {} to {}: {e}", tmp.display(), target.display()))
+            Error::RestoreIo { what: format!("cannot move {} to {}", tmp.display(), target.display()), source: e }
         })
     }
 
@@ -1208,7 +1210,7 @@ fn check_manifest(dir: &Path, path: &Path, m: &Manifest) -> Result<()> {
                 return Err(Error::Restore(format!("{} is not a regular file", file.display())))
             }
             Ok(_) => {}
-            Err(e) => return Err(Error::Restore(format!("cannot read {}: {e}", file.display()))),
+            Err(source) => return Err(Error::RestoreIo { what: format!("cannot read {}", file.display()), source }),
         }
     }
     Ok(())
@@ -1302,13 +1304,14 @@ pub fn restore_snapshot(snap: Snapshot, host: &RestoreHost, open_taps: bool) -> 
                 for (tmp, _) in &staged[n..] {
                     let _ = std::fs::remove_file(tmp);
                 }
-                return Err(Error::Restore(format!("cannot move {} to {}: {e}", tmp.display(), target.display())));
+                let what = format!("cannot move {} to {}", tmp.display(), target.display());
+                return Err(Error::RestoreIo { what, source: e });
             }
         }
     }
     let mut vm = Vm::build_with(config, open_taps)?;
     same_machine(&vm, &snap)?;
-    crate::vcpu_state::check_xsave_size(vm.identity().xsave_size).map_err(|e| Error::Restore(e.to_string()))?;
+    crate::vcpu_state::check_xsave_size(vm.identity().xsave_size)?;
     discard_ram(vm.memory())?;
     snap.load_memory(vm.memory())?;
     tracing::info!(
