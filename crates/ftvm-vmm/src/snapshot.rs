@@ -399,16 +399,19 @@ impl SnapshotSource {
         Box::new(move |dir: PathBuf| {
             prepare_dir(&dir).map_err(|e| e.to_string())?;
             let src = self.clone();
+            let started = Instant::now();
+            let mut progress = SnapshotProgress::new(
+                dir.display().to_string(),
+                crate::memory::total_size(&src.tracker.memory()),
+                src.disks.iter().filter(|d| !d.readonly).map(|d| d.tracker.size()).sum(),
+            );
+            // Published before the request is answered: a client that asks for the progress
+            // right after starting finds this snapshot's, never none or the previous one's.
+            src.control.set_snapshot_progress(progress.clone());
+            let (control, mut failed) = (self.control.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("ftvm-snapshot".into())
                 .spawn(move || {
-                    let started = Instant::now();
-                    let mut progress = SnapshotProgress::new(
-                        dir.display().to_string(),
-                        crate::memory::total_size(&src.tracker.memory()),
-                        src.disks.iter().filter(|d| !d.readonly).map(|d| d.tracker.size()).sum(),
-                    );
-                    src.control.set_snapshot_progress(progress.clone());
                     let outcome = take(&src, &dir, &mut progress, started, None);
                     progress.elapsed_ms = ms(started.elapsed());
                     match outcome {
@@ -426,7 +429,13 @@ impl SnapshotSource {
                     src.control.set_snapshot_progress(progress);
                 })
                 .map(|job| jobs.add(job))
-                .map_err(|e| format!("cannot start the snapshot thread: {e}"))
+                .map_err(|e| {
+                    let why = format!("cannot start the snapshot thread: {e}");
+                    failed.phase = SnapshotPhase::Failed;
+                    failed.error = Some(why.clone());
+                    control.set_snapshot_progress(failed);
+                    why
+                })
         })
     }
 }
