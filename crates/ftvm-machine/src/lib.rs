@@ -3,6 +3,11 @@
 //! the event sessions above it (ftvm-vmm) nor on replication or the control API: the
 //! compiler keeps it so.
 //!
+//! - [`boot`]: loading PVH ELF kernels and Linux bzImages, and the vCPU's first state.
+//! - [`vcpu`]: the vCPU loop that dispatches every exit to the device buses, admits host
+//!   inputs through the event source at counted exits, and takes sync points; what differs by
+//!   session reaches it through narrow interfaces ([`vcpu::hooks`], the output gate).
+//! - [`state`]: the VM's saved state (vCPU, devices, guest clock).
 //! - [`kvm`]: opening /dev/kvm and telling hardware KVM from the PVM software backend.
 //! - [`memory`]: the guest physical memory layout and its KVM memory slots.
 //! - [`cpuid`], [`msr`]: the fixed CPUID and MSR policy.

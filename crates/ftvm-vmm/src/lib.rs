@@ -1,12 +1,15 @@
-//! ftvm's VMM: boot protocols, the vCPU loop and the sessions that compose the machine
-//! (run, record, replay, primary, backup, protect, snapshots).
+//! ftvm's sessions: each composes the machine (`ftvm-machine`: KVM, memory, boot, the vCPU
+//! loop, saved state) with what the session adds. The modules import in one direction:
+//! - [`control`], [`pair`]: the control API's side of a VM (the loop's supervisor) and a
+//!   backup's takeover and a primary's sinks;
+//! - [`vm`]: building the VM from its configuration ([`vm::VmConfig`] in, a [`vm::Vm`] out);
+//! - [`identity`]: what a log header or a snapshot pins about the VM, and the image check;
+//! - [`snapshot`]: snapshots taken live and restored;
+//! - [`protect`]: re-protection and resync (a live state transfer to a new backup);
+//! - [`run`]: running a VM to the end in a session mode ([`run::Journaling`]);
+//! - [`recording`]: `ftvm record`, `ftvm replay`, `ftvm primary` and `ftvm backup`.
 //!
-//! The machine layer below it is the crate `ftvm-machine` (KVM, memory, CPUID/MSR policy,
-//! kicks, dirty tracking, disks, vCPU state, the legacy devices' wiring); its modules are
-//! re-exported here under their old paths.
-//! - [`boot`]: loading PVH ELF kernels and Linux bzImages and the vCPU's first state.
-//! - [`vcpu`]: the vCPU loop that dispatches every exit to the device buses.
-//! - [`vm`]: putting it together: [`vm::VmConfig`] in, [`vm::VmOutcome`] out.
+//! The machine layer's modules are re-exported here under their old paths.
 
 pub mod control;
 pub mod error;

@@ -177,7 +177,7 @@ pub struct SyncStats {
     /// vCPU thread's CPU time in them, µs.
     pub work_us: u64,
     /// What they cost the guest in all: `work_us` plus the estimated write faults on the
-    /// pages they write-protected again (see [`refault_cost`]), µs.
+    /// pages they write-protected again (see `refault_cost`), µs.
     pub cost_us: u64,
 }
 
