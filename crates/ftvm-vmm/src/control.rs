@@ -93,3 +93,53 @@ impl Supervisor for ApiSupervisor {
         self.0.park_if_paused(interrupted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_machine::syncpoint::SyncStats;
+    use ftvm_machine::vcpu::ExitStats;
+
+    #[test]
+    fn the_supervisor_publishes_the_loops_figures_as_the_api_shows_them() {
+        let control = ftvm_api::VmControl::new();
+        let sup = supervisor(control.clone());
+        let f = LoopFigures {
+            exits: 10,
+            stats: ExitStats {
+                io: 1,
+                mmio: 2,
+                hlt: 3,
+                msr: 4,
+                interrupts: 5,
+                kicks: 6,
+                window_exits: 7,
+                ..Default::default()
+            },
+            guest_time_ns: 8,
+            log_bytes: 9,
+            outputs: 11,
+            last_output_lsn: Some(12),
+            went_live: true,
+            sync: SyncStats {
+                count: 13,
+                pages: 14,
+                total_wait_us: 15,
+                max_wait_us: 16,
+                work_us: 17,
+                cost_us: 18,
+                ..Default::default()
+            },
+        };
+        sup.publish(&f);
+        let got = control.figures();
+        assert_eq!((got.exits, got.io, got.mmio, got.hlt, got.msr), (10, 1, 2, 3, 4));
+        assert_eq!((got.interrupts, got.kicks, got.window_exits), (5, 6, 7));
+        assert_eq!((got.guest_time_ns, got.log_bytes, got.outputs, got.last_output_lsn), (8, 9, 11, Some(12)));
+        assert!(got.went_live);
+        let y = got.sync;
+        assert_eq!((y.count, y.pages, y.total_wait_us, y.max_wait_us, y.work_us, y.cost_us), (13, 14, 15, 16, 17, 18));
+        assert!(!sup.pause_requested() && !sup.switchover_requested());
+        assert!(!sup.park_if_paused(&|| true), "no pause asked: no parking");
+    }
+}

@@ -160,3 +160,61 @@ pub(crate) fn check_image(what: &str, info: &ImageInfo, by: NamedBy) -> Result<P
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvm-identity-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn images_are_hashed_with_sha256() {
+        let dir = scratch("hash");
+        let path = dir.join("abc");
+        std::fs::write(&path, b"abc").unwrap();
+        assert_eq!(sha256_file(&path).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let info = image_info(&path).unwrap();
+        assert_eq!((info.size, info.path), (3, std::fs::canonicalize(&path).unwrap().display().to_string()));
+        assert!(matches!(sha256_file(&dir.join("missing")), Err(Error::ReadFile { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_image_check_names_the_image_who_named_it_and_what_is_wrong() {
+        let dir = scratch("check");
+        let path = dir.join("kernel.elf");
+        std::fs::write(&path, b"abc").unwrap();
+        let good = image_info(&path).unwrap();
+        assert_eq!(check_image("kernel", &good, NamedBy::Log).unwrap(), PathBuf::from(&good.path));
+
+        let changed = ImageInfo { sha256: "00".repeat(32), ..good.clone() };
+        let e = check_image("kernel", &changed, NamedBy::Log).unwrap_err().to_string();
+        assert!(e.starts_with("replay: the kernel ") && e.contains("is not the one recorded: sha256 ba78"), "{e}");
+        let e = check_image("kernel", &changed, NamedBy::Snapshot).unwrap_err().to_string();
+        assert!(e.starts_with("restore: the kernel ") && e.contains("changed since the snapshot was taken"), "{e}");
+
+        let gone = ImageInfo { path: dir.join("gone").display().to_string(), ..good.clone() };
+        let e = check_image("initrd", &gone, NamedBy::Log).unwrap_err().to_string();
+        assert!(e.ends_with("gone named in the log is missing"), "{e}");
+        let e = check_image("initrd", &gone, NamedBy::Snapshot).unwrap_err().to_string();
+        assert!(e.ends_with("gone the snapshot was taken with is missing"), "{e}");
+
+        // A header may name something that reads for ever or blocks: refused before hashing.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path it is given.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for (info, by) in [(fifo.as_path(), NamedBy::Log), (Path::new("/dev/zero"), NamedBy::Snapshot)] {
+            let info = ImageInfo { path: info.display().to_string(), ..good.clone() };
+            let e = check_image("disk 0 base image", &info, by).unwrap_err();
+            assert!(matches!(&e, Error::Image { problem: ImageProblem::Unusable(_), .. }), "{e}");
+            assert!(e.to_string().contains("cannot be used"), "{e}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

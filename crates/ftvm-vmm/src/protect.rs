@@ -473,3 +473,24 @@ impl Drop for Staged {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_have_the_names_the_events_use() {
+        assert_eq!(Reason::Protect.as_str(), "protect");
+        assert_eq!(Reason::Resync.as_str(), "resync");
+    }
+
+    #[test]
+    fn a_staged_transfer_directory_goes_with_its_guard() {
+        let dir = std::env::temp_dir().join(format!("ftvm-protect-staged-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("inner")).unwrap();
+        std::fs::write(dir.join("inner/memory.bin"), b"x").unwrap();
+        drop(Staged(dir.clone()));
+        assert!(!dir.exists());
+        drop(Staged(dir.clone())); // already gone: nothing to do
+    }
+}

@@ -623,14 +623,6 @@ impl FrameSink for PcapSink {
     }
 }
 
-struct NullSink;
-
-impl FrameSink for NullSink {
-    fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Re-executes a recording from its log and checks it: `ftvm replay`.
 pub fn replay(opts: &ReplayOptions) -> Result<ReplayReport> {
     let file = File::open(&opts.log).map_err(io_err(format!("cannot open the log {}", opts.log.display())))?;
@@ -771,7 +763,7 @@ fn replay_vm(
         if opts.output_dir.is_some() {
             net_sinks.push(Box::new(PcapSink::create(&out_dir.join(format!("net{i}.pcap")))?));
         } else {
-            net_sinks.push(Box::new(NullSink));
+            net_sinks.push(Box::new(crate::run::NullSink));
         }
     }
     let run = run_with(vm, Journaling::Replay { log, net_sinks })?;
@@ -791,4 +783,69 @@ fn replay_vm(
     );
     let exact = replay_ok && disk_results.iter().all(|(_, s)| *s != Some(false));
     Ok(ReplayReport { run, disks: disk_results, exact })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvm-recording-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn disk_copies_sit_beside_the_log() {
+        assert_eq!(disk_copy_path(Path::new("/tmp/x/run.log"), 0), PathBuf::from("/tmp/x/run.log.disk0"));
+        assert_eq!(disk_copy_path(Path::new("run.log"), 2), PathBuf::from("run.log.disk2"));
+    }
+
+    #[test]
+    fn the_default_size_limit_is_a_share_of_the_free_space_less_the_disk_copies() {
+        let dir = scratch("limit");
+        let (limit, free, at) = default_max_size(&dir.join("a.log"), 0).unwrap();
+        assert_eq!(at, dir);
+        assert!(free > 0 && limit <= free, "{limit} of {free}");
+        assert_eq!(limit, (free as f64 * DEFAULT_LOG_SHARE) as u64);
+        let (smaller, _, _) = default_max_size(&dir.join("a.log"), free / 2).unwrap();
+        assert!(smaller < limit);
+        // A bare file name is in the current directory; more than is free leaves nothing.
+        assert_eq!(default_max_size(Path::new("a.log"), 0).unwrap().2, PathBuf::from("."));
+        assert_eq!(default_max_size(&dir.join("a.log"), u64::MAX).unwrap().0, 0);
+        assert!(default_max_size(Path::new("/nonexistent-ftvm/a.log"), 0).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_pcap_file_has_its_header_and_one_numbered_record_per_frame() {
+        let dir = scratch("pcap");
+        let path = dir.join("net0.pcap");
+        let mut sink = PcapSink::create(&path).unwrap();
+        sink.send(&[1, 2, 3]).unwrap();
+        sink.send(&[0xaa; 60]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 24 + (16 + 3) + (16 + 60));
+        assert_eq!(&bytes[..4], &0xa1b2_c3d4u32.to_le_bytes());
+        assert_eq!(&bytes[20..24], &1u32.to_le_bytes(), "LINKTYPE_ETHERNET");
+        let rec = |at: usize, i: usize| u32::from_le_bytes(bytes[at + 4 * i..at + 4 * i + 4].try_into().unwrap());
+        assert_eq!((rec(24, 0), rec(24, 2), rec(24, 3)), (1, 3, 3), "numbered from 1, lengths");
+        assert_eq!(&bytes[40..43], &[1, 2, 3]);
+        assert_eq!((rec(43, 0), rec(43, 2)), (2, 60));
+        assert!(PcapSink::create(&dir.join("missing/net0.pcap")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_transfer_names_every_disk_that_differs() {
+        let disk = |size| ImageInfo { path: "d.img".into(), sha256: String::new(), size };
+        let ours = LogHeader { disks: vec![disk(1 << 20)], ..LogHeader::default() };
+        assert!(transfer_differences(&ours.clone(), &ours).is_empty());
+        let bigger = LogHeader { disks: vec![disk(2 << 20)], ..LogHeader::default() };
+        let d = transfer_differences(&bigger, &ours);
+        assert_eq!(d, vec!["disk 0: the primary's is 2097152 bytes, this backup's (d.img) 1048576 bytes".to_string()]);
+        let two = LogHeader { disks: vec![disk(1 << 20), disk(1)], ..LogHeader::default() };
+        assert_eq!(transfer_differences(&two, &ours), vec!["the primary's VM has 2 disk(s), this one 1".to_string()]);
+    }
 }

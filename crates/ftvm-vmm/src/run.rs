@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::io::Read;
+#[cfg(test)]
+use std::io::Write;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -345,8 +347,9 @@ fn console_sink(config: &ConsoleConfig) -> Result<ConsoleSink> {
     })
 }
 
-/// Sends nowhere: a backup's network devices until it goes live.
-struct NullSink;
+/// Sends nowhere: a backup's network devices until it goes live, a replay's without an
+/// output directory.
+pub(crate) struct NullSink;
 
 impl ftvm_virtio::net::FrameSink for NullSink {
     fn send(&mut self, _: &[u8]) -> std::io::Result<()> {
@@ -394,4 +397,44 @@ impl Drop for StopWatcher {
 /// Builds and runs a VM: the whole of `ftvm run`.
 pub fn run(config: VmConfig) -> Result<RunReport> {
     run_with(Vm::build(config)?, Journaling::Live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_files_are_created_and_a_bad_path_is_a_typed_error() {
+        let dir = std::env::temp_dir().join(format!("ftvm-run-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.txt");
+        let mut sink = console_sink(&ConsoleConfig::File(path.clone())).unwrap();
+        sink.write_all(b"one\n").unwrap();
+        drop(sink);
+        // A primary's released output appends to what the console file holds.
+        let mut sink = console_sink(&ConsoleConfig::File(path.clone())).unwrap();
+        sink.write_all(b"two\n").unwrap();
+        drop(sink);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\n");
+        let missing = dir.join("no/such/dir/console.txt");
+        match console_sink(&ConsoleConfig::File(missing.clone())) {
+            Err(e @ Error::ConsoleFile { .. }) => {
+                assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
+                assert!(std::error::Error::source(&e).is_some(), "the io error is kept");
+            }
+            other => panic!("expected ConsoleFile, got {:?}", other.err()),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_null_sink_takes_everything() {
+        use ftvm_virtio::net::FrameSink;
+        assert!(NullSink.send(&[0; 1514]).is_ok());
+    }
+
+    #[test]
+    fn a_plain_run_shows_as_standalone() {
+        assert_eq!(Journaling::Live.role(), ftvm_api::Role::Standalone);
+    }
 }

@@ -1283,6 +1283,31 @@ mod tests {
     }
 
     #[test]
+    fn tasks_wait_for_an_open_loop_wake_it_and_are_dropped_once_it_closed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let tasks = VcpuTasks::default();
+        // Before the loop opens, a submitted task is dropped (nobody would run it).
+        tasks.submit(Box::new(|_| {}));
+        assert!(!tasks.pending() && tasks.take().is_empty());
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        tasks.open(Box::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }));
+        tasks.submit(Box::new(|_| {}));
+        tasks.submit(Box::new(|_| {}));
+        assert!(tasks.pending());
+        assert_eq!(woken.load(Ordering::SeqCst), 2, "each submit wakes the loop");
+        assert_eq!(tasks.take().len(), 2);
+        assert!(!tasks.pending());
+        tasks.submit(Box::new(|_| {}));
+        tasks.close();
+        assert!(!tasks.pending() && tasks.take().is_empty(), "closing drops what waits");
+        tasks.submit(Box::new(|_| {}));
+        assert_eq!(woken.load(Ordering::SeqCst), 3, "no waker after closing");
+    }
+
+    #[test]
     fn a_partial_signature_keeps_up_to_eight_bytes_little_endian() {
         let s = partial_sig(exit_kind::IO_OUT, 0x3f8, &[0x41]);
         assert_eq!((s.addr, s.size, s.data, s.rip), (0x3f8, 1, 0x41, 0));
