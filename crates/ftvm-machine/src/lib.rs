@@ -8,6 +8,9 @@
 //!   inputs through the event source at counted exits, and takes sync points; what differs by
 //!   session reaches it through narrow interfaces ([`vcpu::hooks`], the output gate).
 //! - [`state`]: the VM's saved state (vCPU, devices, guest clock).
+//! - [`vm`]: building the VM from its configuration ([`vm::VmConfig`] in, a [`vm::Vm`] out).
+//! - [`identity`]: what a log header or a snapshot pins about the VM, and the one check of
+//!   an image named by its digest.
 //! - [`kvm`]: opening /dev/kvm and telling hardware KVM from the PVM software backend.
 //! - [`memory`]: the guest physical memory layout and its KVM memory slots.
 //! - [`cpuid`], [`msr`]: the fixed CPUID and MSR policy.
@@ -21,6 +24,7 @@ pub mod cpuid;
 pub mod dirty;
 pub mod disk;
 pub mod error;
+pub mod identity;
 pub mod kick;
 pub mod kvm;
 pub mod legacy;
@@ -29,6 +33,7 @@ pub mod msr;
 pub mod state;
 pub mod vcpu;
 pub mod vcpu_state;
+pub mod vm;
 
 pub use vcpu::syncpoint;
 

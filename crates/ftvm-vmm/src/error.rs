@@ -5,14 +5,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("KVM call {call} failed: {source}")]
-    Kvm { call: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
     Virtio(#[from] ftvm_virtio::Error),
     #[error(transparent)]
     Machine(#[from] ftvm_machine::Error),
-    #[error("invalid --{option} {text:?}: {why}")]
-    DeviceOption { option: &'static str, text: String, why: String },
     #[error("{0}")]
     Pair(String),
     /// The pair's link or arbiter, with its cause.
@@ -22,16 +18,6 @@ pub enum Error {
     /// [`ftvm_exit::ExitStatus::Fenced`].
     #[error("{0}")]
     Fenced(String),
-    /// A file ftvm must read (an image to hash) cannot be read.
-    #[error("cannot read {path}: {source}")]
-    ReadFile {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// An image a log header or a snapshot names by its digest cannot be used.
-    #[error("{}", image_message(what, path, *by, problem))]
-    Image { what: String, path: String, by: NamedBy, problem: ImageProblem },
     /// A file of a recording (the log, a disk copy) could not be made or written.
     #[error("record: {what}: {source}")]
     RecordIo {
@@ -108,60 +94,4 @@ pub enum Error {
     /// The vCPU thread panicked (a bug; its message went to standard error).
     #[error("the vCPU thread panicked")]
     VcpuPanicked,
-    /// A VM runs once: it was asked to run again.
-    #[error("the VM already ran")]
-    AlreadyRan,
-    /// A session that needs the dirty tracker (sync points, snapshots) was built without one:
-    /// a bug in how the session was put together.
-    #[error("no dirty tracker in this session (a sync point or snapshot needs one)")]
-    NoDirtyTracker,
-}
-
-/// Who names an image with its digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NamedBy {
-    /// A log header (replay, a backup's check of its primary).
-    Log,
-    /// A snapshot's manifest (restore).
-    Snapshot,
-}
-
-/// What is wrong with an image named by its digest.
-#[derive(Debug)]
-pub enum ImageProblem {
-    Missing,
-    /// Its SHA-256 now, and the one recorded.
-    Changed {
-        digest: String,
-        expected: String,
-    },
-    /// Not a regular file or block device, or it cannot be opened.
-    Unusable(std::io::Error),
-}
-
-fn image_message(what: &str, path: &str, by: NamedBy, problem: &ImageProblem) -> String {
-    use NamedBy::{Log, Snapshot};
-    let side = match by {
-        Log => "replay",
-        Snapshot => "restore",
-    };
-    let detail = match (by, problem) {
-        (Log, ImageProblem::Missing) => "named in the log is missing".to_string(),
-        (Snapshot, ImageProblem::Missing) => "the snapshot was taken with is missing".to_string(),
-        (Log, ImageProblem::Changed { digest, expected }) => {
-            format!("is not the one recorded: sha256 {digest}, the log says {expected}")
-        }
-        (Snapshot, ImageProblem::Changed { digest, expected }) => {
-            format!("changed since the snapshot was taken: sha256 {digest}, the snapshot says {expected}")
-        }
-        (Log, ImageProblem::Unusable(e)) => format!("the log names cannot be used: {e}"),
-        (Snapshot, ImageProblem::Unusable(e)) => format!("the snapshot names cannot be used: {e}"),
-    };
-    format!("{side}: the {what} {path} {detail}")
-}
-
-impl Error {
-    pub(crate) fn kvm(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-        move |source| Error::Kvm { call, source }
-    }
 }

@@ -2,8 +2,6 @@
 //! loop, saved state) with what the session adds. The modules import in one direction:
 //! - [`control`], [`pair`]: the control API's side of a VM (the loop's supervisor) and a
 //!   backup's takeover and a primary's sinks;
-//! - [`vm`]: building the VM from its configuration ([`vm::VmConfig`] in, a [`vm::Vm`] out);
-//! - [`identity`]: what a log header or a snapshot pins about the VM, and the image check;
 //! - [`snapshot`]: snapshots taken live and restored;
 //! - [`protect`]: re-protection and resync (a live state transfer to a new backup);
 //! - [`run`]: running a VM to the end in a session mode ([`run::Journaling`]);
@@ -13,15 +11,15 @@
 
 pub mod control;
 pub mod error;
-pub mod identity;
 pub mod pair;
 pub mod protect;
 pub mod recording;
 pub mod run;
 pub mod snapshot;
-pub mod vm;
 
-pub use ftvm_machine::{boot, cpuid, dirty, disk, kick, kvm, legacy, memory, msr, state, syncpoint, vcpu, vcpu_state};
+pub use ftvm_machine::{
+    boot, cpuid, dirty, disk, identity, kick, kvm, legacy, memory, msr, state, syncpoint, vcpu, vcpu_state, vm,
+};
 
 pub use error::{Error, Result};
 pub use vm::{ConsoleConfig, VmConfig, VmOutcome};

@@ -402,7 +402,7 @@ fn images(config: &VmConfig) -> Result<Images> {
         })
     })?;
     let initrd = config.boot.initrd.as_deref().map(image_info).transpose()?;
-    let disks = config.disks.iter().map(|d| image_info(&d.path)).collect::<Result<Vec<_>>>()?;
+    let disks = config.disks.iter().map(|d| image_info(&d.path)).collect::<ftvm_machine::Result<Vec<_>>>()?;
     Ok((kernel, initrd, disks))
 }
 
@@ -473,7 +473,8 @@ fn snapshot_bases(snap: &Snapshot) -> Result<Vec<ImageInfo>> {
             Some(c) => image_info(&snap.dir.join(&c.file)),
             None => image_info(Path::new(&d.source)),
         })
-        .collect()
+        .collect::<ftvm_machine::Result<_>>()
+        .map_err(Error::from)
 }
 
 fn record_vm(mut vm: Vm, header: LogHeader, opts: &RecordOptions, copies: Vec<PathBuf>) -> Result<RecordReport> {

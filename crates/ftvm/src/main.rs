@@ -514,9 +514,9 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 }
 
 /// clap already names the option and the value; keep only the reason.
-fn option_error(e: ftvm_vmm::Error) -> String {
+fn option_error(e: ftvm_machine::Error) -> String {
     match e {
-        ftvm_vmm::Error::DeviceOption { why, .. } => why,
+        ftvm_machine::Error::DeviceOption { why, .. } => why,
         other => other.to_string(),
     }
 }

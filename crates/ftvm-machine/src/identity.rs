@@ -48,20 +48,14 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-pub(crate) fn image_info(path: &Path) -> Result<ImageInfo> {
+pub fn image_info(path: &Path) -> Result<ImageInfo> {
     let size = std::fs::metadata(path).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?.len();
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok(ImageInfo { path: abs.display().to_string(), sha256: sha256_file(path)?, size })
 }
 
 /// The log header that pins `vm` as built, with its images and the RTC at boot.
-pub(crate) fn header_for(
-    vm: &Vm,
-    kernel: ImageInfo,
-    initrd: Option<ImageInfo>,
-    disks: Vec<ImageInfo>,
-    rtc: u64,
-) -> LogHeader {
+pub fn header_for(vm: &Vm, kernel: ImageInfo, initrd: Option<ImageInfo>, disks: Vec<ImageInfo>, rtc: u64) -> LogHeader {
     let c = vm.config();
     let id = vm.identity();
     LogHeader {
@@ -112,7 +106,7 @@ pub(crate) fn header_for(
 
 /// The VM as a snapshot's manifest pins it: like a log header, with the disks named by path
 /// and size only (the snapshot checks its own copies of them).
-pub(crate) fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
+pub fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
     let c = vm.config();
     let kernel = image_info(&c.boot.kernel)?;
     let initrd = c.boot.initrd.as_deref().map(image_info).transpose()?;
@@ -144,7 +138,7 @@ fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, Image
 /// The image `info` names (the `what`: "kernel", "initrd", "disk 0 base image"), checked:
 /// there, a regular file or block device, with the recorded SHA-256. The error says which
 /// image, who named it and what is wrong.
-pub(crate) fn check_image(what: &str, info: &ImageInfo, by: NamedBy) -> Result<PathBuf> {
+pub fn check_image(what: &str, info: &ImageInfo, by: NamedBy) -> Result<PathBuf> {
     let err = |problem| Error::Image { what: what.to_string(), path: info.path.clone(), by, problem };
     // Only a regular file or a block device is hashed (a header naming /dev/zero or a FIFO
     // would make the hash read for ever, or block).

@@ -127,7 +127,7 @@ pub struct Vm {
     restore: Option<Box<crate::state::VmState>>,
     /// Recording: how sync points deliver events to a guest that does not exit (`None`:
     /// never; events wait for the next exit).
-    sync_policy: Option<crate::syncpoint::SyncPolicy>,
+    sync_policy: Option<crate::vcpu::syncpoint::SyncPolicy>,
 }
 
 /// What a recording's header pins about the VM as built (docs/log-format.md), so that a replay
@@ -196,7 +196,7 @@ impl Vm {
             msr_indices,
             disks,
             restore: None,
-            sync_policy: Some(crate::syncpoint::SyncPolicy::default()),
+            sync_policy: Some(crate::vcpu::syncpoint::SyncPolicy::default()),
         })
     }
 
@@ -223,56 +223,56 @@ impl Vm {
     }
 
     /// The VM will continue from `state` instead of booting (its memory is loaded already).
-    pub(crate) fn continue_from(&mut self, state: crate::state::VmState) {
+    pub fn continue_from(&mut self, state: crate::state::VmState) {
         self.restore = Some(Box::new(state));
     }
 
     /// Recording: the sync-point policy (`None` turns sync points off).
-    pub fn set_sync_policy(&mut self, policy: Option<crate::syncpoint::SyncPolicy>) {
+    pub fn set_sync_policy(&mut self, policy: Option<crate::vcpu::syncpoint::SyncPolicy>) {
         self.sync_policy = policy;
     }
 
     /// The disks with their dirty-block maps.
-    pub(crate) fn disk_handles(&self) -> &[DiskHandle] {
+    pub fn disk_handles(&self) -> &[DiskHandle] {
         &self.disks
     }
 
     /// The dirty-page tracker over this VM's memory (one per run: every consumer subscribes).
-    pub(crate) fn dirty_tracker(&self) -> crate::dirty::DirtyTracker {
+    pub fn dirty_tracker(&self) -> crate::dirty::DirtyTracker {
         crate::dirty::DirtyTracker::new(self.vm_fd.clone(), self.mem.clone())
     }
 
     /// The TAPs of the network devices, in device order (none for a replay).
-    pub(crate) fn taps(&self) -> &[Tap] {
+    pub fn taps(&self) -> &[Tap] {
         &self.taps
     }
 
     /// The MSRs a saved vCPU state holds on this host.
-    pub(crate) fn msr_indices(&self) -> &[u32] {
+    pub fn msr_indices(&self) -> &[u32] {
         &self.msr_indices
     }
 
     /// Recording: the sync-point policy.
-    pub(crate) fn sync_policy(&self) -> Option<crate::syncpoint::SyncPolicy> {
+    pub fn sync_policy(&self) -> Option<crate::vcpu::syncpoint::SyncPolicy> {
         self.sync_policy
     }
 
     /// What the vCPU thread takes to run the VM once: the vCPU, the virtio backends and the
     /// state to continue from. A VM runs once ([`Error::AlreadyRan`] after).
-    pub(crate) fn take_run_parts(&mut self) -> Result<RunParts> {
+    pub fn take_run_parts(&mut self) -> Result<RunParts> {
         let vcpu = self.vcpu.take().ok_or(Error::AlreadyRan)?;
         let virtio = self.virtio.take().ok_or(Error::AlreadyRan)?;
         Ok(RunParts { vcpu, virtio, restore: self.restore.take() })
     }
 
     /// The vCPU back after a run (its state can still be read).
-    pub(crate) fn return_vcpu(&mut self, vcpu: kvm_ioctls::VcpuFd) {
+    pub fn return_vcpu(&mut self, vcpu: kvm_ioctls::VcpuFd) {
         self.vcpu = Some(vcpu);
     }
 }
 
 /// What a run takes from a built VM ([`Vm::take_run_parts`]).
-pub(crate) struct RunParts {
+pub struct RunParts {
     pub vcpu: kvm_ioctls::VcpuFd,
     pub virtio: VirtioBackends,
     pub restore: Option<Box<crate::state::VmState>>,
@@ -371,6 +371,6 @@ mod tests {
         let mut c = config(vec![]);
         c.disks = (0..7).map(|i| DiskConfig { path: format!("d{i}").into(), readonly: false }).collect();
         let err = open_virtio(&c, true).err().unwrap();
-        assert!(matches!(err, Error::Machine(ftvm_machine::Error::TooManyDevices { count: 7, .. })), "{err}");
+        assert!(matches!(err, Error::TooManyDevices { count: 7, .. }), "{err}");
     }
 }
