@@ -94,6 +94,16 @@ impl Kicker {
     }
 }
 
+/// What gets the vCPU loop's attention from another thread, wherever it is: rings its
+/// doorbell (a halted loop wakes) and kicks the vCPU (a running guest exits KVM_RUN).
+pub fn waker(kicker: &Arc<Kicker>, doorbell: &Arc<Doorbell>) -> Box<dyn Fn() + Send + Sync> {
+    let (k, d) = (kicker.clone(), doorbell.clone());
+    Box::new(move || {
+        d.ring();
+        k.kick();
+    })
+}
+
 /// Wakes a halted vCPU loop when something arrives (console input) or a deadline passes.
 #[derive(Default)]
 pub struct Doorbell {

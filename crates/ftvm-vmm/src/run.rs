@@ -15,6 +15,7 @@ use ftvm_virtio::tap::TapReader;
 
 use crate::boot::KernelFormat;
 use crate::error::{Error, Result};
+use crate::identity;
 use crate::kick::{Doorbell, Kicker};
 use crate::legacy::Devices;
 use crate::vcpu::{ConsoleSink, ExitStats, VcpuLoop};
@@ -73,189 +74,58 @@ impl Journaling {
 
 /// Runs the guest with the given journaling until it stops.
 pub fn run_with(mut vm: Vm, journaling: Journaling) -> Result<RunReport> {
-    let mut rtc_base = vm.config().rtc_base_unix.unwrap_or_else(unix_now);
+    let rtc_base = vm.config().rtc_base_unix.unwrap_or_else(unix_now);
     let tracker = vm.dirty_tracker();
     // A recording (and a primary) hashes the pages it dirtied at each checkpoint; a
     // replay hashes the pages the log names.
     let records = matches!(journaling, Journaling::Record(_) | Journaling::Primary { .. });
     let hash_consumer = if records { Some(tracker.subscribe()?) } else { None };
-    let msr_indices = vm.msr_indices().to_vec();
-    let sync_policy = vm.sync_policy();
     let control = crate::control::take_control();
     if let Some(c) = &control {
         c.set_role(journaling.role());
     }
-    let pair_settings = match &journaling {
-        Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
-        _ => None,
-    };
-    // The VM as a snapshot pins it (it hashes the kernel: once, for both uses below).
-    let vm_header = (control.is_some() || pair_settings.is_some())
-        .then(|| crate::identity::snapshot_header(&vm, rtc_base))
-        .transpose()?;
-    // Snapshots are taken through the control API.
     let tasks = crate::vcpu::VcpuTasks::default();
-    if let (Some(c), Some(header)) = (&control, &vm_header) {
-        let source = Arc::new(crate::snapshot::SnapshotSource {
-            tracker: tracker.clone(),
-            disks: vm.disk_handles().to_vec(),
-            header: header.clone(),
-            tasks: tasks.clone(),
-            control: c.clone(),
-        });
-        c.set_snapshot_starter(Some(source.starter()));
-    }
-    // The pair: the primary's link (with its held outputs), or the backup's; either may
-    // later take a new backup (re-protection, resync) through its protection.
-    let mut gate = None;
-    let mut takeover = None;
-    let mut protection = None;
-    let mut pair_backup = None;
-    let mut backup_source = None;
-    if let (Some(settings), Some(header)) = (pair_settings, vm_header) {
-        let source = crate::snapshot::SnapshotSource {
-            tracker: tracker.clone(),
-            disks: vm.disk_handles().to_vec(),
-            header,
-            tasks: tasks.clone(),
-            // Its own progress reports (re-protection reports its own).
-            control: ftvm_api::VmControl::new(),
-        };
-        let p = crate::protect::Protection::new(settings, sync_policy, source, control.clone());
-        if let Some(c) = &control {
-            let p = p.clone();
-            c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
-        }
-        protection = Some(p);
-    }
-    let journaling = match journaling {
-        Journaling::Primary { link, header, .. } => {
-            let mut header = *header;
-            header.rtc_base_unix = rtc_base;
-            let console = console_sink(&vm.config().console)?;
-            let sinks: ftvm_replication::primary::SharedSinks =
-                Arc::new(std::sync::Mutex::new(Box::new(crate::pair::HostSinks { console, taps: vm.taps().to_vec() })));
-            let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)?;
-            gate = Some(primary.gate());
-            if let Some(p) = &protection {
-                p.set_boot_link(primary, link.backup);
-            }
-            Journaling::Record(writer)
-        }
-        Journaling::Backup { backup, theirs, source, .. } => {
-            rtc_base = theirs.rtc_base_unix;
-            gate = Some(backup.gate());
-            if let Some(c) = &control {
-                c.set_pair_source(Some(crate::control::backup_figures(backup.state.clone())));
-            }
-            takeover = Some(Box::new(crate::pair::Takeover {
-                taps: vm.config().nets.iter().map(|n| n.tap.clone()).collect(),
-                macs: theirs.net.iter().map(|n| n.mac.0).collect(),
-                guest_ip: crate::pair::guest_ip(&theirs.cmdline),
-                state: backup.state.clone(),
-            }) as Box<dyn ftvm_machine::vcpu::GoLive>);
-            if let Some(p) = &protection {
-                p.set_backup_arbiter(backup.arbiter.clone());
-            }
-            pair_backup = Some(backup);
-            backup_source = Some(source);
-            Journaling::Live
-        }
-        other => other,
-    };
+    let pair = PairSide::new(&vm, journaling, rtc_base, &tracker, &tasks, control.as_ref())?;
     let kicker = Kicker::new()?;
     let doorbell = Arc::new(Doorbell::default());
     let (console, input) = open_console(&vm.config().console, &kicker, &doorbell)?;
     let crate::vm::RunParts { vcpu, virtio, restore } = vm.take_run_parts()?;
-    // One reader thread per TAP; received frames wait in a bounded channel until the vCPU
-    // loop admits them. The reader wakes a halted loop and kicks a running vCPU.
-    let mut readers: Vec<TapReader> = Vec::new();
-    let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
-    let (events_log, net_sinks) = match journaling {
-        Journaling::Live => (None, Vec::new()),
-        Journaling::Record(w) => (Some(Ok(w)), Vec::new()),
-        Journaling::Replay { log, net_sinks } => (Some(Err(log)), net_sinks),
-        Journaling::Primary { .. } | Journaling::Backup { .. } => unreachable!("resolved above"),
-    };
-    if backup_source.is_some() {
-        // The backup's TAPs are opened only when it goes live; until then its network
-        // devices send nowhere and receive from the log.
-        for _ in &vm.config().nets {
-            let (_tx, rx) = mpsc::sync_channel(1);
-            nets.push((Box::new(NullSink), rx));
-        }
-    }
-    for sink in net_sinks {
-        // Replay: received frames come from the log; this channel never carries any.
-        let (_tx, rx) = mpsc::sync_channel(1);
-        nets.push((sink, rx));
-    }
-    // A primary's loop keeps its TAPs for receiving; what it transmits goes through the
-    // output gate, and it is sent once acknowledged.
-    for tap in vm.taps() {
-        let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
-        let (k, d) = (kicker.clone(), doorbell.clone());
-        readers.push(tap.spawn_reader(
-            tx,
-            Box::new(move || {
-                d.ring();
-                k.kick();
-            }),
-        )?);
-        nets.push((Box::new(tap.clone()), rx));
-    }
+    let HostNets { nets, readers } =
+        HostNets::open(&vm, pair.backup_source.is_some(), pair.net_sinks, &kicker, &doorbell)?;
     let stop_watch = StopWatcher::start(kicker.clone(), doorbell.clone());
     if let Some(c) = &control {
         // A pause request kicks the vCPU out of KVM_RUN and wakes a halted loop.
-        let (k, d) = (kicker.clone(), doorbell.clone());
-        c.set_waker(Some(Box::new(move || {
-            d.ring();
-            k.kick();
-        })));
+        c.set_waker(Some(crate::kick::waker(&kicker, &doorbell)));
     }
-    let vcpu_control = control.clone();
-    let mem = vm.memory().clone();
+    let thread = VcpuThread {
+        rtc_base: pair.rtc_base,
+        virtio,
+        mem: vm.memory().clone(),
+        events_log: pair.events_log,
+        backup_source: pair.backup_source,
+        input,
+        nets,
+        session: crate::vcpu::SessionParts {
+            gate: pair.gate,
+            takeover: pair.takeover,
+            tracker: Some(tracker),
+            hash_consumer,
+            control: control.clone().map(crate::control::supervisor),
+            tasks,
+            sync: vm.sync_policy(),
+        },
+        vcpu,
+        console,
+        kicker,
+        doorbell,
+        msr_indices: vm.msr_indices().to_vec(),
+        restore,
+        control: control.clone(),
+    };
     let started = Instant::now();
     let thread = std::thread::Builder::new()
         .name("ftvm-vcpu0".into())
-        .spawn(move || -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
-            ftvm_seccomp::enter(ftvm_seccomp::Thread::Vcpu);
-            // Devices live on this thread only (they are touched between exits).
-            let mut devices = Devices::new(rtc_base)?;
-            devices.add_virtio(virtio, &mem)?;
-            let mut events = match (events_log, backup_source) {
-                (_, Some(source)) => EventSource::replay_from(rtc_base, source, true),
-                (None, None) => EventSource::live(rtc_base),
-                (Some(Ok(writer)), None) => EventSource::record(rtc_base, writer),
-                (Some(Err(reader)), None) => EventSource::replay(rtc_base, reader),
-            };
-            if let Some(rx) = input {
-                events.attach_console_input(rx);
-            }
-            let streams: Vec<_> = nets.into_iter().map(|(sink, rx)| (sink, events.attach_frames(rx))).collect();
-            let session = crate::vcpu::SessionParts {
-                gate,
-                takeover,
-                tracker: Some(tracker),
-                hash_consumer,
-                control: vcpu_control.clone().map(crate::control::supervisor),
-                tasks,
-                sync: sync_policy,
-            };
-            let mut vloop = VcpuLoop::new(vcpu, devices, events, console, kicker, doorbell, msr_indices, session)?;
-            for (sink, stream) in streams {
-                vloop.attach_net(sink, stream);
-            }
-            if let Some(state) = restore {
-                vloop.restore_state(&state)?;
-            }
-            if let Some(c) = &vcpu_control {
-                c.mark_running();
-            }
-            let outcome = vloop.run()?;
-            let (stats, exits, vcpu) = vloop.finish();
-            Ok((outcome, stats, exits, vcpu))
-        })
+        .spawn(move || thread.run())
         .map_err(|source| Error::Spawn { thread: "vCPU", source })?;
     ftvm_seccomp::enter(ftvm_seccomp::Thread::Main);
     let joined = thread.join();
@@ -267,9 +137,174 @@ pub fn run_with(mut vm: Vm, journaling: Journaling) -> Result<RunReport> {
     }
     drop(stop_watch);
     // The pair's link goes with the VM (what it still holds goes out first).
-    drop(protection.as_ref().and_then(|p| p.finish()));
-    drop(protection);
-    drop(pair_backup);
+    drop(pair.protection.as_ref().and_then(|p| p.finish()));
+    drop(pair.protection);
+    drop(pair.backup);
+    report_dropped_frames(&vm, readers);
+    let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::VcpuPanicked)??;
+    vm.return_vcpu(vcpu);
+    Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: vm.loaded().format })
+}
+
+/// The log the event source records into (`Ok`) or replays from (`Err`); none when live.
+type EventsLog = Option<std::result::Result<StreamWriter, LogReaderBox>>;
+type StreamWriter = ftvm_log::LogWriter<Box<dyn std::io::Write + Send>>;
+type LogReaderBox = ftvm_log::LogReader<Box<dyn Read + Send>>;
+
+/// What a session mode adds to a run: snapshots through the control API, and for the pair
+/// the output gate, a backup's takeover and the protection that takes new backups.
+struct PairSide {
+    /// The guest clock's RTC base (a backup takes its primary's).
+    rtc_base: u64,
+    events_log: EventsLog,
+    net_sinks: Vec<NetSink>,
+    gate: Option<Box<dyn ftvm_events::OutputGate>>,
+    takeover: Option<Box<dyn ftvm_machine::vcpu::GoLive>>,
+    protection: Option<Arc<crate::protect::Protection>>,
+    backup: Option<Arc<ftvm_replication::backup::Backup>>,
+    backup_source: Option<Box<dyn ftvm_events::RecordSource>>,
+}
+
+impl PairSide {
+    fn new(
+        vm: &Vm,
+        journaling: Journaling,
+        rtc_base: u64,
+        tracker: &crate::dirty::DirtyTracker,
+        tasks: &crate::vcpu::VcpuTasks,
+        control: Option<&Arc<ftvm_api::VmControl>>,
+    ) -> Result<Self> {
+        let pair_settings = match &journaling {
+            Journaling::Primary { settings, .. } | Journaling::Backup { settings, .. } => Some(settings.clone()),
+            _ => None,
+        };
+        // The VM as a snapshot pins it (it hashes the kernel: once, for both uses below).
+        let vm_header = (control.is_some() || pair_settings.is_some())
+            .then(|| identity::snapshot_header(vm, rtc_base))
+            .transpose()?;
+        let source = |header: ftvm_log::LogHeader, control: Arc<ftvm_api::VmControl>| crate::snapshot::SnapshotSource {
+            tracker: tracker.clone(),
+            disks: vm.disk_handles().to_vec(),
+            header,
+            tasks: tasks.clone(),
+            control,
+        };
+        // Snapshots are taken through the control API.
+        if let (Some(c), Some(header)) = (control, &vm_header) {
+            c.set_snapshot_starter(Some(Arc::new(source(header.clone(), c.clone())).starter()));
+        }
+        // The pair: the primary's link (with its held outputs), or the backup's; either may
+        // later take a new backup (re-protection, resync) through its protection.
+        let mut side = PairSide {
+            rtc_base,
+            events_log: None,
+            net_sinks: Vec::new(),
+            gate: None,
+            takeover: None,
+            protection: None,
+            backup: None,
+            backup_source: None,
+        };
+        if let (Some(settings), Some(header)) = (pair_settings, vm_header) {
+            // The protection's snapshots report their own progress (a re-protection's).
+            let snapshots = source(header, ftvm_api::VmControl::new());
+            let p = crate::protect::Protection::new(settings, vm.sync_policy(), snapshots, control.cloned());
+            if let Some(c) = control {
+                let p = p.clone();
+                c.set_protect_starter(Some(Box::new(move |addr| p.start(addr, crate::protect::Reason::Protect))));
+            }
+            side.protection = Some(p);
+        }
+        match journaling {
+            Journaling::Live => {}
+            Journaling::Record(w) => side.events_log = Some(Ok(w)),
+            Journaling::Replay { log, net_sinks } => {
+                side.events_log = Some(Err(log));
+                side.net_sinks = net_sinks;
+            }
+            Journaling::Primary { link, header, .. } => {
+                let mut header = *header;
+                header.rtc_base_unix = rtc_base;
+                let console = console_sink(&vm.config().console)?;
+                let sinks: ftvm_replication::primary::SharedSinks =
+                    Arc::new(std::sync::Mutex::new(Box::new(crate::pair::HostSinks {
+                        console,
+                        taps: vm.taps().to_vec(),
+                    })));
+                let (primary, writer, _stats) = ftvm_replication::primary::Primary::boot(&link, &header, sinks)?;
+                side.gate = Some(primary.gate());
+                if let Some(p) = &side.protection {
+                    p.set_boot_link(primary, link.backup);
+                }
+                side.events_log = Some(Ok(writer));
+            }
+            Journaling::Backup { backup, theirs, source, .. } => {
+                side.rtc_base = theirs.rtc_base_unix;
+                side.gate = Some(backup.gate());
+                if let Some(c) = control {
+                    c.set_pair_source(Some(crate::control::backup_figures(backup.state.clone())));
+                }
+                side.takeover = Some(Box::new(crate::pair::Takeover {
+                    taps: vm.config().nets.iter().map(|n| n.tap.clone()).collect(),
+                    macs: theirs.net.iter().map(|n| n.mac.0).collect(),
+                    guest_ip: crate::pair::guest_ip(&theirs.cmdline),
+                    state: backup.state.clone(),
+                }));
+                if let Some(p) = &side.protection {
+                    p.set_backup_arbiter(backup.arbiter.clone());
+                }
+                side.backup = Some(backup);
+                side.backup_source = Some(source);
+            }
+        }
+        Ok(side)
+    }
+}
+
+/// The host sides of the network devices, in device order: where each one's transmitted
+/// frames go and the channel its received frames arrive on, with the TAP reader threads.
+struct HostNets {
+    nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)>,
+    readers: Vec<TapReader>,
+}
+
+impl HostNets {
+    fn open(
+        vm: &Vm,
+        backup: bool,
+        replay_sinks: Vec<NetSink>,
+        kicker: &Arc<Kicker>,
+        doorbell: &Arc<Doorbell>,
+    ) -> Result<Self> {
+        let mut nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)> = Vec::new();
+        if backup {
+            // The backup's TAPs are opened only when it goes live; until then its network
+            // devices send nowhere and receive from the log.
+            for _ in &vm.config().nets {
+                let (_tx, rx) = mpsc::sync_channel(1);
+                nets.push((Box::new(NullSink), rx));
+            }
+        }
+        for sink in replay_sinks {
+            // Replay: received frames come from the log; this channel never carries any.
+            let (_tx, rx) = mpsc::sync_channel(1);
+            nets.push((sink, rx));
+        }
+        // One reader thread per TAP; received frames wait in a bounded channel until the
+        // vCPU loop admits them. The reader wakes a halted loop and kicks a running vCPU. A
+        // primary's loop keeps its TAPs for receiving; what it transmits goes through the
+        // output gate, and it is sent once acknowledged.
+        let mut readers = Vec::new();
+        for tap in vm.taps() {
+            let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
+            readers.push(tap.spawn_reader(tx, crate::kick::waker(kicker, doorbell))?);
+            nets.push((Box::new(tap.clone()), rx));
+        }
+        Ok(HostNets { nets, readers })
+    }
+}
+
+fn report_dropped_frames(vm: &Vm, readers: Vec<TapReader>) {
     for (tap, reader) in vm.taps().iter().zip(&readers) {
         if reader.dropped() > 0 {
             tracing::info!(
@@ -279,10 +314,60 @@ pub fn run_with(mut vm: Vm, journaling: Journaling) -> Result<RunReport> {
             );
         }
     }
-    drop(readers);
-    let (outcome, stats, exits, vcpu) = joined.map_err(|_| Error::VcpuPanicked)??;
-    vm.return_vcpu(vcpu);
-    Ok(RunReport { outcome, stats, exits, elapsed: started.elapsed(), format: vm.loaded().format })
+}
+
+/// Everything the vCPU thread takes: devices and the event source are made on it (they live
+/// on that thread only: they are touched between exits).
+struct VcpuThread {
+    rtc_base: u64,
+    virtio: crate::legacy::VirtioBackends,
+    mem: crate::memory::GuestMemoryMmap,
+    events_log: EventsLog,
+    backup_source: Option<Box<dyn ftvm_events::RecordSource>>,
+    input: Option<mpsc::Receiver<Vec<u8>>>,
+    nets: Vec<(NetSink, mpsc::Receiver<Vec<u8>>)>,
+    session: crate::vcpu::SessionParts,
+    vcpu: kvm_ioctls::VcpuFd,
+    console: ConsoleSink,
+    kicker: Arc<Kicker>,
+    doorbell: Arc<Doorbell>,
+    msr_indices: Vec<u32>,
+    restore: Option<Box<crate::state::VmState>>,
+    control: Option<Arc<ftvm_api::VmControl>>,
+}
+
+impl VcpuThread {
+    fn run(self) -> Result<(VmOutcome, ExitStats, u64, kvm_ioctls::VcpuFd)> {
+        ftvm_seccomp::enter(ftvm_seccomp::Thread::Vcpu);
+        let rtc = self.rtc_base;
+        let mut devices = Devices::new(rtc)?;
+        devices.add_virtio(self.virtio, &self.mem)?;
+        let mut events = match (self.events_log, self.backup_source) {
+            (_, Some(source)) => EventSource::replay_from(rtc, source, true),
+            (None, None) => EventSource::live(rtc),
+            (Some(Ok(writer)), None) => EventSource::record(rtc, writer),
+            (Some(Err(reader)), None) => EventSource::replay(rtc, reader),
+        };
+        if let Some(rx) = self.input {
+            events.attach_console_input(rx);
+        }
+        let streams: Vec<_> = self.nets.into_iter().map(|(sink, rx)| (sink, events.attach_frames(rx))).collect();
+        let (kicker, doorbell) = (self.kicker, self.doorbell);
+        let mut vloop =
+            VcpuLoop::new(self.vcpu, devices, events, self.console, kicker, doorbell, self.msr_indices, self.session)?;
+        for (sink, stream) in streams {
+            vloop.attach_net(sink, stream);
+        }
+        if let Some(state) = self.restore {
+            vloop.restore_state(&state)?;
+        }
+        if let Some(c) = &self.control {
+            c.mark_running();
+        }
+        let outcome = vloop.run()?;
+        let (stats, exits, vcpu) = vloop.finish();
+        Ok((outcome, stats, exits, vcpu))
+    }
 }
 
 /// Received frames that may wait for the vCPU loop per network device; more are dropped.

@@ -420,11 +420,7 @@ impl VcpuLoop {
 
     /// What wakes the loop from another thread: rings its doorbell and kicks the vCPU.
     pub fn waker(&self) -> Box<dyn Fn() + Send + Sync> {
-        let (k, d) = (self.kicker.clone(), self.doorbell.clone());
-        Box::new(move || {
-            d.ring();
-            k.kick();
-        })
+        crate::kick::waker(&self.kicker, &self.doorbell)
     }
 
     /// Performs what the current output gate still holds (it is about to be replaced).
@@ -456,11 +452,7 @@ impl VcpuLoop {
     pub fn run(&mut self) -> Result<VmOutcome> {
         let immediate_exit: *mut u8 = &mut self.vcpu.get_kvm_run().immediate_exit;
         self.kicker.attach(immediate_exit);
-        let (kicker, doorbell) = (self.kicker.clone(), self.doorbell.clone());
-        self.tasks.open(Box::new(move || {
-            doorbell.ring();
-            kicker.kick();
-        }));
+        self.tasks.open(self.waker());
         // How interrupts reach a guest that runs without exiting follows the event source's
         // mode: live, the deadline timer kicks the vCPU and interrupt windows are asked for
         // (prompt delivery); recording and replaying, only at counted exits.
