@@ -570,13 +570,37 @@ pub(crate) fn take(
     dir: &Path,
     progress: &mut SnapshotProgress,
     started: Instant,
-    mut at_cut: Option<CutHook>,
+    at_cut: Option<CutHook>,
 ) -> Result<()> {
     let mem = src.tracker.memory();
     let image = Arc::new(MemoryImage::create(&dir.join(MEMORY), &mem)?);
-    let mut subs = Subscriptions { src, memory: src.tracker.subscribe()?, disks: Vec::new() };
     let mut buf = vec![0u8; 1 << 20];
-    // Round 0: everything, while the guest runs.
+    let subs = first_round(src, dir, &image, progress, &mut buf)?;
+    report(src, progress, started);
+    precopy_rounds(src, &image, &subs, progress, started, &mut buf)?;
+    // The paused round, on the vCPU thread between two exits.
+    progress.phase = SnapshotPhase::Pausing;
+    report(src, progress, started);
+    let ((last, guest_time_ns), pause_ms) = paused_round(src, dir, &image, &subs, at_cut)?;
+    progress.rounds.push(last);
+    progress.pause_ms = Some(pause_ms);
+    progress.phase = SnapshotPhase::Finishing;
+    report(src, progress, started);
+    write_manifest(src, dir, &image, subs, progress, guest_time_ns, pause_ms)
+}
+
+/// Round 0: every disk's data and every page the guest ever touched, while the guest runs
+/// (pages it never touched are zeros: not even read). Returns the subscriptions the later
+/// rounds take their dirty sets from.
+fn first_round<'a>(
+    src: &'a SnapshotSource,
+    dir: &Path,
+    image: &MemoryImage,
+    progress: &mut SnapshotProgress,
+    buf: &mut [u8],
+) -> Result<Subscriptions<'a>> {
+    let mem = src.tracker.memory();
+    let mut subs = Subscriptions { src, memory: src.tracker.subscribe()?, disks: Vec::new() };
     let t = Instant::now();
     let mut disk_bytes = 0;
     for (i, d) in src.disks.iter().enumerate().filter(|(_, d)| !d.readonly) {
@@ -587,16 +611,27 @@ pub(crate) fn take(
         dst.set_len(d.tracker.size()).map_err(snap_err(format!("cannot size {}", path.display())))?;
         let copy = DiskCopy { index: i, src: source, dst, tracker: d.tracker.clone(), consumer };
         for (offset, len) in data_extents(&copy.src, d.tracker.size()) {
-            disk_bytes += copy_range(&copy.src, &copy.dst, offset, len, true, &mut buf)
+            disk_bytes += copy_range(&copy.src, &copy.dst, offset, len, true, buf)
                 .map_err(snap_err(format!("copying disk {}", d.path.display())))?;
         }
         subs.disks.push(copy);
     }
-    // Pages the guest never touched are zeros: round 0 need not even read them.
     let pages = image.write_pages(&mem, &PageSet::populated(&mem), true)?;
     progress.rounds.push(CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) });
-    report(src, progress, started);
-    // Rounds: what the guest dirtied meanwhile, until little is left.
+    Ok(subs)
+}
+
+/// Rounds while the guest runs: what it dirtied meanwhile, until little is left, the rounds
+/// stop shrinking or there were [`MAX_ROUNDS`].
+fn precopy_rounds(
+    src: &SnapshotSource,
+    image: &MemoryImage,
+    subs: &Subscriptions<'_>,
+    progress: &mut SnapshotProgress,
+    started: Instant,
+    buf: &mut [u8],
+) -> Result<()> {
+    let mem = src.tracker.memory();
     let mut previous = u64::MAX;
     loop {
         let dirty = src.tracker.take(subs.memory)?;
@@ -605,21 +640,30 @@ pub(crate) fn take(
         if n <= FINAL_PAGES || progress.rounds.len() >= MAX_ROUNDS || !converging {
             // The pages seen dirty now go into the paused round with the rest.
             src.tracker.mark(&dirty, None);
-            break;
+            return Ok(());
         }
         let t = Instant::now();
         let pages = image.write_pages(&mem, &dirty, false)?;
         let mut disk_bytes = 0;
         for d in &subs.disks {
-            disk_bytes += d.round(&mut buf)?;
+            disk_bytes += d.round(buf)?;
         }
         progress.rounds.push(CopyRound { pages, disk_bytes, ms: ms(t.elapsed()) });
         report(src, progress, started);
         previous = n;
     }
-    // The paused round, on the vCPU thread between two exits.
-    progress.phase = SnapshotPhase::Pausing;
-    report(src, progress, started);
+}
+
+/// The paused round, a task for the vCPU thread between two exits: the last dirty pages and
+/// blocks, the VM's state (and `at_cut`, a state transfer's cut). Returns the round, the
+/// guest time at the cut and how long the guest was paused, in ms.
+fn paused_round(
+    src: &SnapshotSource,
+    dir: &Path,
+    image: &Arc<MemoryImage>,
+    subs: &Subscriptions<'_>,
+    mut at_cut: Option<CutHook>,
+) -> Result<((CopyRound, u64), f64)> {
     let (tx, rx) = mpsc::channel();
     let memory = subs.memory;
     let disks: Vec<DiskCopy> = subs
@@ -659,13 +703,20 @@ pub(crate) fn take(
         vloop.kick();
         let _ = tx.send(result.map(|r| (r, ms(t.elapsed()))));
     }));
-    let ((last, guest_time_ns), pause_ms) =
-        rx.recv().map_err(|_| Error::Snapshot("the VM stopped before the snapshot was complete".into()))??;
-    progress.rounds.push(last);
-    progress.pause_ms = Some(pause_ms);
-    progress.phase = SnapshotPhase::Finishing;
-    report(src, progress, started);
-    // The files are complete: make them durable, checksum them, write the manifest.
+    rx.recv().map_err(|_| Error::Snapshot("the VM stopped before the snapshot was complete".into()))?
+}
+
+/// The files are complete: makes them durable, checksums them, seals and writes the
+/// manifest (last: it completes the snapshot).
+fn write_manifest(
+    src: &SnapshotSource,
+    dir: &Path,
+    image: &MemoryImage,
+    subs: Subscriptions<'_>,
+    progress: &SnapshotProgress,
+    guest_time_ns: u64,
+    pause_ms: f64,
+) -> Result<()> {
     image.file.sync_all().map_err(snap_err("syncing memory.bin".into()))?;
     let mut disks = Vec::new();
     for (i, d) in src.disks.iter().enumerate() {
@@ -697,9 +748,23 @@ pub(crate) fn take(
         pause_ms,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| Error::Snapshot(format!("manifest: {e}")))?;
-    // The seal first: the manifest, last, completes the snapshot. A state transfer's
-    // staging is not sealed: the receiving side restores it onto its own disks, never onto
-    // the paths the manifest names (and a pair needs no key in its user's home).
+    // The seal before the manifest: the manifest, last, completes the snapshot.
+    seal(dir, &json)?;
+    let path = dir.join(MANIFEST);
+    let mut f = create_private(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
+    f.write_all(json.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(snap_err(format!("cannot write {}", path.display())))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The seal first: the manifest, last, completes the snapshot. A state transfer's staging
+/// is not sealed: the receiving side restores it onto its own disks, never onto the paths
+/// the manifest names (and a pair needs no key in its user's home).
+fn seal(dir: &Path, json: &str) -> Result<()> {
     let staging = dir.file_name().and_then(|n| n.to_str()).and_then(ftvm_replication::transfer::staging_owner);
     let key = match staging {
         Some(_) => Err("a state transfer's staging".to_string()),
@@ -716,14 +781,6 @@ pub(crate) fn take(
         Err(e) => tracing::warn!(
             "the snapshot's manifest is not sealed ({e}): restoring it will need --disk for each writable disk"
         ),
-    }
-    let path = dir.join(MANIFEST);
-    let mut f = create_private(&path).map_err(snap_err(format!("cannot create {}", path.display())))?;
-    f.write_all(json.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(snap_err(format!("cannot write {}", path.display())))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
     Ok(())
 }
