@@ -151,40 +151,9 @@ pub fn backup(
     let control = crate::control::current_control();
     // After a divergence: the old link's heartbeats, to notice the primary dying before
     // it resyncs this backup.
-    let mut diverged: Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)> = None;
+    let mut diverged: Diverged = None;
     loop {
-        let timeout = link.timeout;
-        let mut primary_died = false;
-        let mut give_up = || {
-            // SIGTERM or SIGINT while waiting for a primary ends the backup.
-            if crate::kick::stop_requested() {
-                return true;
-            }
-            let Some((old, last_seen)) = &mut diverged else { return false };
-            let hb = &old.heartbeats;
-            // A few datagrams at a time: a busy primary sends them without pause.
-            for _ in 0..16 {
-                match hb.recv() {
-                    Some(h) if h.role == ftvm_replication::protocol::Role::Primary => {
-                        *last_seen = std::time::Instant::now();
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            primary_died = last_seen.elapsed() > timeout;
-            primary_died
-        };
-        let Some(mut conn) = listener.accept(&mut give_up).map_err(pair)? else {
-            if crate::kick::stop_requested() {
-                return Err(Error::Pair("stopped by the operator while waiting for a primary".into()));
-            }
-            return Err(Error::Fenced(format!(
-                "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
-                 halting: this backup's state is wrong and it does not go live",
-                timeout.as_millis()
-            )));
-        };
+        let mut conn = wait_for_primary(&listener, &mut diverged, link.timeout)?;
         let (vm, ours) = match conn.mode {
             Mode::Probe => {
                 // A preflight (`ftvm doctor primary`): compare with the VM a boot would
@@ -233,14 +202,7 @@ pub fn backup(
             return Err(Error::Fenced(format!("{why}: halted (no second live copy)")));
         }
         let report = ran?;
-        let divergence = match &report.outcome {
-            VmOutcome::ReplayStopped(ftvm_events::ReplayStop::Diverged(d)) if !went_live => Some(d.to_string()),
-            _ if backup.state.diverged.load(std::sync::atomic::Ordering::SeqCst) => {
-                Some("the replication stream was rejected".into())
-            }
-            _ => None,
-        };
-        let Some(why) = divergence else { return Ok(report) };
+        let Some(why) = divergence(&report, &backup, went_live) else { return Ok(report) };
         resyncs += 1;
         let why = why.replace('\n', "; ");
         tracing::warn!(
@@ -263,6 +225,62 @@ pub fn backup(
 /// How long a state transfer's stream may stay silent (the primary copies its state live
 /// between its header and its data) before its peer is refused.
 const TRANSFER_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// An old link that diverged, and when its primary was last heard: a backup waiting for its
+/// resync halts if that primary dies first.
+type Diverged = Option<(std::sync::Arc<ftvm_replication::backup::Backup>, std::time::Instant)>;
+
+/// Waits for the next primary's connection. Fails when the operator stops the backup, and
+/// fences it off when the primary of a diverged link went silent meanwhile (its state is
+/// wrong: it must not go live).
+fn wait_for_primary(
+    listener: &ftvm_replication::link::Listener,
+    diverged: &mut Diverged,
+    timeout: std::time::Duration,
+) -> Result<ftvm_replication::link::Connection> {
+    let mut give_up = || {
+        // SIGTERM or SIGINT while waiting for a primary ends the backup.
+        if crate::kick::stop_requested() {
+            return true;
+        }
+        let Some((old, last_seen)) = diverged.as_mut() else { return false };
+        let hb = &old.heartbeats;
+        // A few datagrams at a time: a busy primary sends them without pause.
+        for _ in 0..16 {
+            match hb.recv() {
+                Some(h) if h.role == ftvm_replication::protocol::Role::Primary => {
+                    *last_seen = std::time::Instant::now();
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        last_seen.elapsed() > timeout
+    };
+    match listener.accept(&mut give_up).map_err(Error::Replication)? {
+        Some(conn) => Ok(conn),
+        None if crate::kick::stop_requested() => {
+            Err(Error::Pair("stopped by the operator while waiting for a primary".into()))
+        }
+        None => Err(Error::Fenced(format!(
+            "the primary went silent ({} ms) while this backup waited for its resync after a divergence; \
+             halting: this backup's state is wrong and it does not go live",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// Why a backup's run diverged from its primary (to ask for a resync), if it did: its replay
+/// disagreed before it went live, or the link rejected the stream.
+fn divergence(report: &RunReport, backup: &ftvm_replication::backup::Backup, went_live: bool) -> Option<String> {
+    match &report.outcome {
+        VmOutcome::ReplayStopped(ftvm_events::ReplayStop::Diverged(d)) if !went_live => Some(d.to_string()),
+        _ if backup.state.diverged.load(std::sync::atomic::Ordering::SeqCst) => {
+            Some("the replication stream was rejected".into())
+        }
+        _ => None,
+    }
+}
 
 /// A backup receives a live VM's state: checks the primary's VM against its own (refusing
 /// with the differences), receives the staged snapshot into a directory of its own,
