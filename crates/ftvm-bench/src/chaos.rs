@@ -171,13 +171,13 @@ fn code(f: &common::Finished) -> Option<i32> {
 /// A topology whose two hosts also reach the LAN (10.0.0.201, .202 on their bridges), with
 /// an etcd in the client's namespace at 10.0.0.100: the hosts reach it when their
 /// replication link is cut.
-fn net_with_etcd(ctx: &Ctx) -> Result<(Topology, ftvm_replication::etcd::testing::TestEtcd)> {
+fn net_with_etcd(ctx: &Ctx) -> Result<(Topology, ftvm_replication::test_etcd::TestEtcd)> {
     let net = Topology::up(&ctx.topology, 2)?;
     for n in 1..=2u32 {
         let ip = format!("10.0.0.{}/24", 200 + n);
         common::capture(Command::new("ip").args(["-n", &net.host_n(n), "addr", "add", &ip, "dev", "br0"]))?;
     }
-    let etcd = ftvm_replication::etcd::testing::start_test_etcd_in_netns(&net.client(), "10.0.0.100")
+    let etcd = ftvm_replication::test_etcd::start_test_etcd_in_netns(&net.client(), "10.0.0.100")
         .context("etcd in the LAN (scripts/deps.sh installs etcd-server)")?;
     Ok((net, etcd))
 }
@@ -205,7 +205,7 @@ fn across_hosts_refused(ctx: &Ctx) -> Result<String> {
 /// A pair across the two hosts with an etcd arbiter in the LAN, paired and running.
 struct EtcdPair {
     net: Topology,
-    _etcd: ftvm_replication::etcd::testing::TestEtcd,
+    _etcd: ftvm_replication::test_etcd::TestEtcd,
     dir: PathBuf,
     backup: Running,
     primary: Running,

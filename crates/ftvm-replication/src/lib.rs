@@ -19,6 +19,8 @@ pub mod primary;
 pub mod protocol;
 pub mod secure;
 pub mod stages;
+#[doc(hidden)]
+pub mod test_etcd;
 pub mod testing;
 pub mod transfer;
 

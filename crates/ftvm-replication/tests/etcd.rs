@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ftvm_replication::arbiter::{Arbiter, ArbiterSpec};
-use ftvm_replication::etcd::testing::test_etcd_or_skip;
+use ftvm_replication::test_etcd::test_etcd_or_skip;
 
 /// Longer than the 2 s TTL plus etcd's expiry sweep (every 500 ms).
 const EXPIRY_WAIT: Duration = Duration::from_secs(6);
@@ -249,7 +249,7 @@ fn sigstop_child() {
 // ---------------------------------------------------------------------------------------------
 // TLS, authentication, several members.
 
-use ftvm_replication::etcd::testing::{enable_test_auth, test_etcd_with_or_skip, TestEtcd, TestEtcdOptions, TestPki};
+use ftvm_replication::test_etcd::{enable_test_auth, test_etcd_with_or_skip, TestEtcd, TestEtcdOptions, TestPki};
 
 fn pki() -> TestPki {
     TestPki::new().expect("openssl makes the test certificates")

@@ -395,7 +395,7 @@ fn with_the_etcd_arbiter_a_primary_stopped_past_its_lease_emits_nothing_after_th
     if !kvm_available() {
         return;
     }
-    let Some(etcd) = ftvm_replication::etcd::testing::test_etcd_or_skip() else { return };
+    let Some(etcd) = ftvm_replication::test_etcd::test_etcd_or_skip() else { return };
     let dir = scratch("pair-etcd");
     let addr = format!("127.0.0.1:{}", port(24));
     let url = etcd.url("ftvm/sigstop");

@@ -423,7 +423,7 @@ fn with_etcd_a_cut_replication_link_between_two_hosts_leaves_exactly_one_live_si
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let etcd = ftvm_replication::etcd::testing::start_test_etcd_in_netns(&format!("{}-c", net.0), "10.0.0.100")
+    let etcd = ftvm_replication::test_etcd::start_test_etcd_in_netns(&format!("{}-c", net.0), "10.0.0.100")
         .expect("etcd (scripts/deps.sh installs it)");
     let url = etcd.url("ftvm/ecut");
     let backup = Side::new("h2", "backup", "10.99.0.2:7000").arbiter(&url).start(&net, &dir);
