@@ -7,6 +7,34 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A snapshot's file could not be made, written or read.
+    #[error("snapshot: {what}: {source}")]
+    SnapshotIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot could not be read back into a VM.
+    #[error("restore: {what}: {source}")]
+    RestoreIo {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's manifest does not parse.
+    #[error("restore: {} is not a valid manifest: {source}", path.display())]
+    ManifestInvalid {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Guest memory could not be read or written (a snapshot, a restore).
+    #[error("{what}: {source}")]
+    GuestMemoryAccess {
+        what: String,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("invalid --{option} {text:?}: {why}")]
     DeviceOption { option: &'static str, text: String, why: String },
     /// A file ftvm must read (an image to hash) cannot be read.

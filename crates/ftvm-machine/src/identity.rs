@@ -29,7 +29,10 @@ fn open_hashable(path: &Path) -> std::io::Result<File> {
     if t.is_file() || t.is_block_device() {
         Ok(file)
     } else {
-        Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file or block device"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {}; only a regular file or a block device is accepted", crate::boot::file_kind(&t)),
+        ))
     }
 }
 

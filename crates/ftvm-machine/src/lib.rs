@@ -8,6 +8,7 @@
 //!   inputs through the event source at counted exits, and takes sync points; what differs by
 //!   session reaches it through narrow interfaces ([`vcpu::hooks`], the output gate).
 //! - [`state`]: the VM's saved state (vCPU, devices, guest clock).
+//! - [`snapshot`]: the snapshot format, its checks, and restoring a VM from one.
 //! - [`vm`]: building the VM from its configuration ([`vm::VmConfig`] in, a [`vm::Vm`] out).
 //! - [`identity`]: what a log header or a snapshot pins about the VM, and the one check of
 //!   an image named by its digest.
@@ -30,6 +31,7 @@ pub mod kvm;
 pub mod legacy;
 pub mod memory;
 pub mod msr;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -34,34 +34,6 @@ pub enum Error {
         #[source]
         source: ftvm_log::LogError,
     },
-    /// A snapshot's file could not be made, written or read.
-    #[error("snapshot: {what}: {source}")]
-    SnapshotIo {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A snapshot could not be read back into a VM.
-    #[error("restore: {what}: {source}")]
-    RestoreIo {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A snapshot's manifest does not parse.
-    #[error("restore: {} is not a valid manifest: {source}", path.display())]
-    ManifestInvalid {
-        path: std::path::PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    /// Guest memory could not be read or written (a snapshot, a restore).
-    #[error("{what}: {source}")]
-    GuestMemory {
-        what: String,
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
     /// The console's file could not be opened.
     #[error("console: cannot open {}: {source}", path.display())]
     ConsoleFile {

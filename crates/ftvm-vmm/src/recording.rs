@@ -356,7 +356,7 @@ fn receive_state(conn: &mut ftvm_replication::link::Connection, config: &VmConfi
     let restored = got.map_err(Error::Replication).and_then(|()| {
         let host =
             RestoreHost { console: config.console.clone(), nets: config.nets.clone(), disks: config.disks.clone() };
-        crate::snapshot::restore_snapshot(Snapshot::open(&dir)?, &host, false)
+        Ok(crate::snapshot::restore_snapshot(Snapshot::open(&dir)?, &host, false)?)
     });
     let _ = std::fs::remove_dir_all(&dir);
     let vm = match restored {

@@ -1079,6 +1079,7 @@ fn run(args: RunArgs) -> ExitCode {
     match args.restore.clone() {
         Some(dir) => finish(
             ftvm_vmm::snapshot::restore(&dir, &restore_host(args))
+                .map_err(ftvm_vmm::Error::from)
                 .and_then(|vm| ftvm_vmm::run::run_with(vm, ftvm_vmm::run::Journaling::Live)),
         ),
         None => finish(ftvm_vmm::run::run(vm_config(args))),

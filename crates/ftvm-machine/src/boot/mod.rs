@@ -61,32 +61,38 @@ pub struct Loaded {
 /// The largest kernel or initrd ftvm reads: both must fit in the guest's RAM below 4 GiB.
 pub const MAX_IMAGE_BYTES: u64 = 4 << 30;
 
+/// What a file that is not a regular file is, for people ("a FIFO", "a character device").
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a plain file"
+    }
+}
+
 /// Opens a kernel or initrd image for reading: a regular file of at most
 /// [`MAX_IMAGE_BYTES`], nothing else. The open itself cannot block (a FIFO without a writer
 /// would block it for ever) and what is opened is checked, not the name before it (no race
 /// with a file replaced meanwhile): a FIFO, a device (`/dev/zero` reads without end), a
 /// directory or a socket is refused with what it is.
 pub fn open_image(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     let meta = file.metadata()?;
     let t = meta.file_type();
-    let what = if t.is_file() {
-        None
-    } else if t.is_fifo() {
-        Some("a FIFO")
-    } else if t.is_char_device() {
-        Some("a character device")
-    } else if t.is_block_device() {
-        Some("a block device")
-    } else if t.is_dir() {
-        Some("a directory")
-    } else if t.is_socket() {
-        Some("a socket")
-    } else {
-        Some("not a plain file")
-    };
-    if let Some(what) = what {
+    if !t.is_file() {
+        let what = file_kind(&t);
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("it is {what}; only a regular file is accepted"),
