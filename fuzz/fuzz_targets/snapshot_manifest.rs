@@ -1,5 +1,5 @@
 //! Opening a snapshot must never panic and never act on a manifest's word before checking it
-//! (crates/ftvm-vmm/src/snapshot.rs: `Snapshot::open`, the manifest's parse and
+//! (crates/ftvm-machine/src/snapshot.rs: `Snapshot::open`, the manifest's parse and
 //! `check_manifest`, and the VM state's decode), whatever `snapshot.json` and `state.bin` hold.
 //!
 //! Each input writes a snapshot directory (in /dev/shm when there is one) and opens it. The
