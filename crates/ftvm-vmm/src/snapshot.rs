@@ -428,7 +428,7 @@ fn seal(dir: &Path, json: &str) -> Result<()> {
         Some(_) => Err("a state transfer's staging".to_string()),
         None => snapshot_key(true),
     };
-    match key.and_then(|key| ftvm_replication::secure::hmac_sha256(&key, json.as_bytes()).map_err(|e| e.to_string())) {
+    match key.map(|key| seal_tag(&key, json.as_bytes())) {
         Ok(tag) => {
             let path = dir.join(SEAL);
             create_private(&path)
