@@ -67,6 +67,8 @@ struct Parent {
     plan: Vec<(u64, u64)>,
     copy: Vec<u8>,
     child: u32,
+    /// Ticks at the fork, and when the copy aside was done.
+    forked: u64,
     started: u64,
 }
 
@@ -163,6 +165,7 @@ pub fn fork(frame: &Frame) -> Result<i64, i64> {
         return Err(ENOMEM);
     }
     drop(spare);
+    let forked = time::ticks();
     for &(start, end) in &plan {
         // SAFETY: ranges inside the process window (identity-mapped RAM the program owns).
         copy.extend_from_slice(unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) });
@@ -190,6 +193,7 @@ pub fn fork(frame: &Frame) -> Result<i64, i64> {
         plan,
         copy,
         child,
+        forked,
         started: time::ticks(),
     };
     t.tid = child;
@@ -237,8 +241,10 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
             plan,
             copy,
             child,
+            forked,
             started,
         } = *parent;
+        let ended_at = time::ticks();
         let k = kernel();
         let child_fds = core::mem::replace(&mut k.fds, fds);
         sys::close_all(k, child_fds);
@@ -268,9 +274,11 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
             Exit::Signal(sig) => alloc::format!("killed by signal {sig}"),
         };
         println!(
-            "linux: fork: child {child} {ended} after {} ms; {} KiB copied aside and back",
-            time::ticks_to_ms(time::ticks() - started),
-            copy.len() >> 10
+            "linux: fork: child {child} {ended} after {} ms; {} KiB copied aside in {} ms and back in {} ms",
+            time::ticks_to_ms(ended_at - started),
+            copy.len() >> 10,
+            time::ticks_to_ms(started - forked),
+            time::ticks_to_ms(time::ticks() - ended_at)
         );
         (frame, s.kstack_top(slot))
     };
