@@ -726,9 +726,11 @@ const FORK_PROGRAM: &str = r#"
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -744,7 +746,18 @@ static void *waiter(void *arg) {
     return arg;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "big")) {
+        /* 150 MiB mapped: more than a 512 MiB VM's heap holds twice. */
+        char *big = mmap(0, 150 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(big, 1, 150 << 20);
+        errno = 0;
+        pid_t pid = fork();
+        if (pid == 0) _exit(0);
+        int e = errno;
+        printf("big fork: %d errno %d, memory %d\n", (int)pid, e, big[12345]);
+        return 0;
+    }
     pthread_t t;
     pthread_create(&t, 0, waiter, (void *)42);
     usleep(20000);
@@ -821,6 +834,10 @@ int main(void) {
     pthread_mutex_unlock(&lock);
     waitpid(pid, &st, 0);
     printf("stuck child: signaled %d signal %d\n", WIFSIGNALED(st), WTERMSIG(st));
+    /* posix_spawn (clone with CLONE_VM|CLONE_VFORK): its child's execve is refused. */
+    extern char **environ;
+    char *args[] = {"/fork", "big", 0};
+    printf("posix_spawn: %d\n", posix_spawn(&pid, "/fork", 0, 0, args, environ));
     return 0;
 }
 "#;
@@ -856,6 +873,7 @@ fn a_c_program_forks_and_waits_for_its_child() {
         "file: written by the child (wrote 102400, read 0)\n",
         "thread: joined 42\n",
         "stuck child: signaled 1 signal 9\n",
+        "posix_spawn: 1\n",
         "linux: fork: child ",
         " exited with status 7 after ",
         " KiB copied aside in ",
@@ -864,6 +882,15 @@ fn a_c_program_forks_and_waits_for_its_child() {
         assert!(console.contains(expected), "no {expected:?} in:\n{console}");
     }
     assert!(!console.contains("unsupported system call"), "{console}");
+    // A fork whose copy the heap cannot hold: ENOMEM, and the program goes on.
+    let (out, console) = run_guest(
+        &elf,
+        &["--mem", "512M", "--rng", "--initrd", &archive.display().to_string(), "--cmdline=init=/fork -- big"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{console}");
+    assert!(console.contains("linux: fork: the heap cannot hold the "), "{console}");
+    assert!(console.contains("big fork: -1 errno 12, memory 1\n"), "{console}");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `fork` (and `vfork`, and `clone` without CLONE_VM) in one identity-mapped address space:
+//! `fork` (and `vfork`, and `clone` without CLONE_VM or with CLONE_VFORK) in one
+//! identity-mapped address space:
 //! **the child runs to completion at once**, in the parent's memory, while the parent waits.
 //!
 //! On fork, what the program uses of the process window (its segments and brk, every mmap
@@ -145,9 +146,9 @@ fn plan(frame: &Frame) -> Vec<(u64, u64)> {
     proc::plan(&ranges)
 }
 
-/// fork: see the module's comment. Returns 0 (to the child); the parent gets the child's
-/// pid when the child has ended (`finish`).
-pub fn fork(frame: &Frame) -> Result<i64, i64> {
+/// fork: see the module's comment. Returns 0 (to the child, on `stack` if not 0: a clone
+/// with CLONE_VFORK); the parent gets the child's pid when the child has ended (`finish`).
+pub fn fork(frame: &mut Frame, stack: u64) -> Result<i64, i64> {
     if in_child() {
         return Err(EAGAIN);
     }
@@ -199,6 +200,9 @@ pub fn fork(frame: &Frame) -> Result<i64, i64> {
     t.tid = child;
     t.clear_child_tid = 0;
     s.freeze_others();
+    if stack != 0 {
+        frame.rsp = stack;
+    }
     procs().parent = Some(Box::new(parent));
     Ok(0)
 }

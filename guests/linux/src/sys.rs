@@ -816,16 +816,18 @@ fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) ->
 }
 
 const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
 const CLONE_SETTLS: u64 = 0x80000;
 const CLONE_PARENT_SETTID: u64 = 0x100000;
 const CLONE_CHILD_CLEARTID: u64 = 0x200000;
 const CLONE_CHILD_SETTID: u64 = 0x0100_0000;
 
-fn clone(frame: &Frame) -> Result<i64, i64> {
+fn clone(frame: &mut Frame) -> Result<i64, i64> {
     let (flags, stack, ptid, ctid, tls) = (frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8);
-    if flags & CLONE_VM == 0 {
-        // A new process: fork (the exit signal and the tid flags are not looked at).
-        return crate::fork::fork(frame);
+    if flags & CLONE_VM == 0 || flags & CLONE_VFORK != 0 {
+        // A new process: fork, on `stack` if given (musl's posix_spawn: CLONE_VM|CLONE_VFORK,
+        // whose child runs first and alone anyway). The exit signal and tid flags are not looked at.
+        return crate::fork::fork(frame, stack);
     }
     let mut child = frame.clone();
     child.rax = 0;
@@ -1319,7 +1321,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         56 => clone(frame),
         60 => exit_thread(),
         231 => crate::exit_all(a0 & 0xff),
-        57 | 58 => crate::fork::fork(frame),
+        57 | 58 => crate::fork::fork(frame, 0),
         61 => {
             // wait4(pid, wstatus, options, rusage): the children have ended (fork).
             let (pid, status) = crate::fork::wait(a0 as i64, a2)?;
