@@ -2,8 +2,10 @@
 //! under the guest kit's Linux personality (guests/linux): `target/guests/redis.elf` with the
 //! initramfs `target/guests/redis.cpio` (`cargo xtask guests`). Real clients on the namespaced
 //! test network: redis-cli round trips and redis-benchmark under `ftvm run`, a recording under
-//! load that replays exactly, the bad-input paths, and the same image under QEMU microvm (KVM,
-//! and TCG, where `syscall` enters ring 0 and takes the personality's ring-0 path).
+//! load that replays exactly, the bad-input paths, fork (a C program; Redis's BGSAVE,
+//! BGREWRITEAOF and `save` lines, and a recorded BGSAVE that replays exactly), and the same
+//! image under QEMU microvm (KVM, and TCG, where `syscall` enters ring 0 and takes the
+//! personality's ring-0 path).
 
 mod common;
 
@@ -496,6 +498,19 @@ fn qemu_serves(accel: &str, port: u16, dir: &Path) {
     assert_eq!(cli(&["GET", "where"]), accel);
     assert_eq!(cli(&["RPUSH", "l", "1", "2"]), "2");
     assert_eq!(cli(&["EVAL", "return #redis.call('lrange', KEYS[1], 0, -1)", "1", "l"]), "2");
+    // A BGSAVE: fork where `syscall` may enter ring 0 (TCG).
+    assert_eq!(cli(&["BGSAVE"]), "Background saving started");
+    let field = |name: &str| {
+        let info = cli(&["INFO", "persistence"]);
+        info.lines().find_map(|l| l.trim().strip_prefix(name).map(str::to_string)).unwrap_or_default()
+    };
+    let start = Instant::now();
+    while field("rdb_saves:") != "1" || field("rdb_bgsave_in_progress:") != "0" {
+        assert!(start.elapsed() < Duration::from_secs(30), "QEMU ({accel}): BGSAVE did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(field("rdb_last_bgsave_status:"), "ok", "QEMU ({accel})");
+    assert_eq!(cli(&["GET", "where"]), accel);
     let _ = qemu.kill();
     let _ = qemu.wait();
 }
