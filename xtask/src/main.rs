@@ -184,8 +184,10 @@ fn build_redis_image(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()
 
 /// The configuration in redis.cpio: every address, port 6379, data in /data (on the
 /// virtio disk when the VM has one: the personality journals it there), the append-only
-/// file fsynced at every write (no acknowledged write lost, like kvstore), no RDB snapshots
-/// in the background (they fork).
+/// file fsynced at every write (no acknowledged write lost, like kvstore), no automatic RDB
+/// snapshots (`save ""`: BGSAVE and BGREWRITEAOF work, but under the personality a fork's
+/// child runs to completion while the server waits, and each snapshot is appended whole to
+/// the data disk's journal, which has no compaction yet).
 const REDIS_CONF: &str = "\
 # redis.conf of target/guests/redis.cpio (cargo xtask guests), for the Linux personality.
 bind 0.0.0.0

@@ -2,8 +2,10 @@
 //! under the guest kit's Linux personality (guests/linux): `target/guests/redis.elf` with the
 //! initramfs `target/guests/redis.cpio` (`cargo xtask guests`). Real clients on the namespaced
 //! test network: redis-cli round trips and redis-benchmark under `ftvm run`, a recording under
-//! load that replays exactly, the bad-input paths, and the same image under QEMU microvm (KVM,
-//! and TCG, where `syscall` enters ring 0 and takes the personality's ring-0 path).
+//! load that replays exactly, the bad-input paths, fork (a C program; Redis's BGSAVE,
+//! BGREWRITEAOF and `save` lines, and a recorded BGSAVE that replays exactly), and the same
+//! image under QEMU microvm (KVM, and TCG, where `syscall` enters ring 0 and takes the
+//! personality's ring-0 path).
 
 mod common;
 
@@ -32,6 +34,10 @@ fn redis_vm(net: &Topology, sub: &[&str], console: &Path) -> Child {
 }
 
 fn redis_vm_with(net: &Topology, sub: &[&str], extra: &[&str], console: &Path) -> Child {
+    redis_vm_cmdline(net, sub, extra, "ip=10.0.0.2/24", console)
+}
+
+fn redis_vm_cmdline(net: &Topology, sub: &[&str], extra: &[&str], cmdline: &str, console: &Path) -> Child {
     let (elf, cpio) = redis_image();
     net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
         .args(sub)
@@ -40,7 +46,7 @@ fn redis_vm_with(net: &Topology, sub: &[&str], extra: &[&str], console: &Path) -
         .arg(elf)
         .arg("--initrd")
         .arg(cpio)
-        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng"])
+        .args(["--mem", "1G", "--cmdline", cmdline, "--net", "tap=tap0", "--rng"])
         .arg("--console")
         .arg(format!("file:{}", console.display()))
         .stderr(Stdio::null())
@@ -208,6 +214,121 @@ fn real_redis_keeps_acknowledged_writes_across_a_restart_on_its_disk() {
     stop(vm);
 }
 
+/// The value of `field` in `INFO persistence`.
+fn persistence(net: &Topology, field: &str) -> String {
+    let info = net.cli(&["INFO", "persistence"]);
+    let prefix = format!("{field}:");
+    info.lines().find_map(|l| l.trim().strip_prefix(&prefix).map(str::to_string)).unwrap_or_default()
+}
+
+/// Waits until `INFO persistence` shows `field:value`.
+fn wait_persistence(net: &Topology, field: &str, value: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if persistence(net, field) == value {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no {field}:{value} in INFO persistence:\n{}", net.cli(&["INFO", "persistence"]));
+}
+
+/// Fills the database with `n` keys `key:I` = `value:I` in one Lua script.
+fn populate(net: &Topology, n: u32) {
+    let script = "for i = 1, tonumber(ARGV[1]) do redis.call('set', 'key:' .. i, 'value:' .. i) end return 1";
+    assert_eq!(net.cli(&["EVAL", script, "0", &n.to_string()]), "1");
+}
+
+#[test]
+fn real_redis_saves_and_rewrites_in_the_background_with_fork() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-fork");
+    let net = Topology::up("rb", 1);
+    let disk = dir.join("data.img");
+    std::fs::File::create(&disk).unwrap().set_len(128 << 20).unwrap();
+    let disk_arg = disk.display().to_string();
+    let console = dir.join("console.txt");
+    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
+    wait_for(&console, "Ready to accept connections", "redis-server with a blank disk");
+    net.wait_ping("redis-server");
+    // A BGSAVE of the empty database first: what a fork copies of Redis itself.
+    assert_eq!(net.cli(&["BGSAVE"]), "Background saving started");
+    wait_persistence(&net, "rdb_saves", "1");
+    wait_persistence(&net, "rdb_bgsave_in_progress", "0");
+    const KEYS: u32 = 100_000;
+    populate(&net, KEYS);
+    assert_eq!(net.cli(&["DBSIZE"]), KEYS.to_string());
+    // BGSAVE: the child writes temp-PID.rdb, fsyncs it and renames it to dump.rdb.
+    let before = net.cli(&["LASTSAVE"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(net.cli(&["BGSAVE"]), "Background saving started");
+    wait_persistence(&net, "rdb_bgsave_in_progress", "0");
+    wait_persistence(&net, "rdb_last_bgsave_status", "ok");
+    wait_persistence(&net, "rdb_saves", "2");
+    assert_ne!(net.cli(&["LASTSAVE"]), before, "LASTSAVE after BGSAVE");
+    let stats = net.cli(&["INFO", "stats"]);
+    let fork_usec = stats.lines().find(|l| l.starts_with("latest_fork_usec:")).unwrap_or_default().trim().to_string();
+    assert_eq!(net.cli(&["GET", "key:77777"]), "value:77777", "the parent's data after its child ran");
+    // BGREWRITEAOF: the child writes the new base file; the parent installs it.
+    assert_eq!(net.cli(&["BGREWRITEAOF"]), "Background append only file rewriting started");
+    wait_persistence(&net, "aof_rewrite_in_progress", "0");
+    wait_persistence(&net, "aof_rewrites", "1");
+    assert_eq!(persistence(&net, "aof_last_bgrewrite_status"), "ok");
+    assert_eq!(net.cli(&["SET", "after-rewrite", "yes"]), "OK");
+    // A `save` line: the automatic BGSAVE of serverCron.
+    assert_eq!(net.cli(&["SET", "saved-automatically", "yes"]), "OK");
+    assert_eq!(net.cli(&["CONFIG", "SET", "save", "1 1"]), "OK");
+    wait_persistence(&net, "rdb_saves", "3");
+    wait_persistence(&net, "rdb_bgsave_in_progress", "0");
+    assert_eq!(persistence(&net, "rdb_last_bgsave_status"), "ok");
+    assert_eq!(net.cli(&["CONFIG", "SET", "save", ""]), "OK");
+    assert_eq!(net.cli(&["SET", "after-last-save", "aof only"]), "OK");
+    stop(vm);
+    let text = std::fs::read_to_string(&console).unwrap();
+    for expected in [
+        "Background saving started by pid",
+        "DB saved on disk",
+        "Background saving terminated with success",
+        "Background AOF rewrite terminated with success",
+        "Background AOF rewrite finished successfully",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+    let forks: Vec<&str> = text.lines().filter(|l| l.starts_with("linux: fork: child ")).collect();
+    assert_eq!(forks.len(), 4, "{text}");
+    assert!(forks.iter().all(|l| l.contains(" exited with status 0 after ")), "{text}");
+    eprintln!("BGSAVE of 0 keys, then of {KEYS} ({fork_usec}), BGREWRITEAOF, a save line's:\n{}", forks.join("\n"));
+
+    // Restarted with the append-only file (the image's configuration): the rewritten base
+    // file and the increments after it load.
+    let console2 = dir.join("console2.txt");
+    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
+    wait_for(&console2, "Ready to accept connections", "redis-server restarted with its AOF");
+    net.wait_ping("redis-server after the restart");
+    let text = std::fs::read_to_string(&console2).unwrap();
+    assert!(text.contains("DB loaded from append only file"), "{text}");
+    assert_eq!(net.cli(&["DBSIZE"]), (KEYS + 3).to_string());
+    assert_eq!(net.cli(&["GET", "after-rewrite"]), "yes");
+    assert_eq!(net.cli(&["GET", "after-last-save"]), "aof only");
+    stop(vm);
+
+    // Restarted without it: dump.rdb, the last background save, loads.
+    let console3 = dir.join("console3.txt");
+    let cmdline = "ip=10.0.0.2/24 -- /redis.conf --appendonly no";
+    let vm = redis_vm_cmdline(&net, &["run"], &["--disk", &disk_arg], cmdline, &console3);
+    wait_for(&console3, "Ready to accept connections", "redis-server restarted from dump.rdb");
+    net.wait_ping("redis-server from dump.rdb");
+    let text = std::fs::read_to_string(&console3).unwrap();
+    assert!(text.contains("DB loaded from disk"), "{text}");
+    assert_eq!(net.cli(&["DBSIZE"]), (KEYS + 2).to_string());
+    assert_eq!(net.cli(&["GET", "key:12345"]), "value:12345");
+    assert_eq!(net.cli(&["GET", "saved-automatically"]), "yes");
+    assert_eq!(net.cli(&["EXISTS", "after-last-save"]), "0");
+    stop(vm);
+}
+
 #[test]
 fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
     if !kvm_available() {
@@ -269,6 +390,11 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let summary = benchmark(&net, &["-t", "set,get,lpush", "-n", "2000", "-c", "10"]);
     assert!(summary.contains("SET: "), "{summary}");
     assert_eq!(net.cli(&["GET", "k7"]), "v7");
+    // A BGSAVE (fork: the child runs to completion, the parent resumes) in the recording.
+    assert_eq!(net.cli(&["BGSAVE"]), "Background saving started");
+    wait_persistence(&net, "rdb_bgsave_in_progress", "0");
+    assert_eq!(persistence(&net, "rdb_last_bgsave_status"), "ok");
+    assert_eq!(net.cli(&["GET", "k3"]), "v3");
     // SIGINT: the recording ends with END(operator stop).
     let _ = Command::new("kill").args(["-INT", &vm.id().to_string()]).status();
     let mut vm = vm;
@@ -285,6 +411,8 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
     assert_eq!(replayed, recorded);
     assert!(recorded.contains("Ready to accept connections"), "{recorded}");
+    assert!(recorded.contains("Background saving terminated with success"), "{recorded}");
+    assert!(recorded.contains("linux: fork: child "), "{recorded}");
 }
 
 /// One `ftvm run` of the personality with `initrd` and `cmdline`; (exit status, console).
@@ -370,6 +498,19 @@ fn qemu_serves(accel: &str, port: u16, dir: &Path) {
     assert_eq!(cli(&["GET", "where"]), accel);
     assert_eq!(cli(&["RPUSH", "l", "1", "2"]), "2");
     assert_eq!(cli(&["EVAL", "return #redis.call('lrange', KEYS[1], 0, -1)", "1", "l"]), "2");
+    // A BGSAVE: fork where `syscall` may enter ring 0 (TCG).
+    assert_eq!(cli(&["BGSAVE"]), "Background saving started");
+    let field = |name: &str| {
+        let info = cli(&["INFO", "persistence"]);
+        info.lines().find_map(|l| l.trim().strip_prefix(name).map(str::to_string)).unwrap_or_default()
+    };
+    let start = Instant::now();
+    while field("rdb_saves:") != "1" || field("rdb_bgsave_in_progress:") != "0" {
+        assert!(start.elapsed() < Duration::from_secs(30), "QEMU ({accel}): BGSAVE did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(field("rdb_last_bgsave_status:"), "ok", "QEMU ({accel})");
+    assert_eq!(cli(&["GET", "where"]), accel);
     let _ = qemu.kill();
     let _ = qemu.wait();
 }
@@ -592,6 +733,179 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
         assert!(console.contains(", 0 words clobbered"), "{flavour}: the red zone was touched:\n{console}");
         assert!(!console.contains("unsupported system call"), "{flavour}:\n{console}");
     }
+}
+
+/// fork under the personality (guests/linux/src/fork.rs): the child runs to completion in the
+/// parent's memory, which is put back after; its fd table is a copy; waitpid reaps it.
+const FORK_PROGRAM: &str = r#"
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int global = 1;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static int go;
+
+static void *waiter(void *arg) {
+    pthread_mutex_lock(&lock);
+    while (!go) pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+    return arg;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "big")) {
+        /* 150 MiB mapped: more than a 512 MiB VM's heap holds twice. */
+        char *big = mmap(0, 150 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(big, 1, 150 << 20);
+        errno = 0;
+        pid_t pid = fork();
+        if (pid == 0) _exit(0);
+        int e = errno;
+        printf("big fork: %d errno %d, memory %d\n", (int)pid, e, big[12345]);
+        return 0;
+    }
+    pthread_t t;
+    pthread_create(&t, 0, waiter, (void *)42);
+    usleep(20000);
+    char *heap = malloc(1 << 20);
+    memset(heap, 'p', 1 << 20);
+    char stack[256];
+    memset(stack, 's', sizeof stack);
+    int p[2], q[2];
+    pipe(p);
+    pipe(q);
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0) {
+        global = 2;
+        memset(heap, 'c', 1 << 20);
+        memset(stack, 'k', sizeof stack);
+        close(p[0]);
+        char line[128];
+        int n = snprintf(line, sizeof line, "child: ppid %d is parent %d, pid %d\n", (int)getppid(),
+                         getppid() == parent, getpid() != parent);
+        write(p[1], line, n);
+        static char lots[100 << 10];
+        memset(lots, 'L', sizeof lots);
+        ssize_t w = write(p[1], lots, sizeof lots);
+        char c;
+        ssize_t r = read(q[0], &c, 1);
+        FILE *f = fopen("/data/temp-child.txt", "w");
+        fprintf(f, "written by the child (wrote %zd, read %zd)\n", w, r);
+        fflush(f);
+        fsync(fileno(f));
+        fclose(f);
+        rename("/data/temp-child.txt", "/data/child.txt");
+        _exit(7);
+    }
+    printf("fork: returned %d (> 1: %d)\n", (int)pid, pid > 1);
+    printf("kill zombie: %d %d\n", kill(pid, 0), kill(pid, SIGTERM));
+    int st = 0;
+    pid_t got = waitpid(-1, &st, WNOHANG);
+    printf("waitpid: same pid %d, exited %d status %d\n", got == pid, WIFEXITED(st), WEXITSTATUS(st));
+    errno = 0;
+    got = waitpid(-1, &st, WNOHANG);
+    printf("waitpid again: %d errno %d\n", (int)got, errno);
+    printf("memory: global %d heap %c%c stack %c%c\n", global, heap[0], heap[(1 << 20) - 1], stack[0], stack[255]);
+    char buf[256] = {0};
+    int n = read(p[0], buf, 64);
+    int nl = (int)(strchr(buf, '\n') - buf) + 1;
+    printf("%.*s", nl, buf);
+    long total = n - nl;
+    while (total < (100 << 10)) {
+        n = read(p[0], buf, sizeof buf);
+        if (n <= 0) break;
+        total += n;
+    }
+    printf("pipe: %ld bytes after the line\n", total);
+    FILE *f = fopen("/data/child.txt", "r");
+    memset(buf, 0, sizeof buf);
+    if (f) fgets(buf, sizeof buf, f);
+    printf("file: %s", buf);
+    /* The thread frozen during the child still waits; wake it now. */
+    pthread_mutex_lock(&lock);
+    go = 1;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+    void *r;
+    pthread_join(t, &r);
+    printf("thread: joined %ld\n", (long)r);
+    /* A child that waits for what only its parent could do: ended, not hung. */
+    pthread_mutex_lock(&lock);
+    pid = fork();
+    if (pid == 0) {
+        pthread_mutex_lock(&lock);
+        _exit(1);
+    }
+    pthread_mutex_unlock(&lock);
+    waitpid(pid, &st, 0);
+    printf("stuck child: signaled %d signal %d\n", WIFSIGNALED(st), WTERMSIG(st));
+    /* posix_spawn (clone with CLONE_VM|CLONE_VFORK): its child's execve is refused. */
+    extern char **environ;
+    char *args[] = {"/fork", "big", 0};
+    printf("posix_spawn: %d\n", posix_spawn(&pid, "/fork", 0, 0, args, environ));
+    return 0;
+}
+"#;
+
+#[test]
+fn a_c_program_forks_and_waits_for_its_child() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-fork");
+    let source = dir.join("fork.c");
+    std::fs::write(&source, FORK_PROGRAM).unwrap();
+    let binary = dir.join("fork");
+    build_c(&source, &binary, false);
+    let archive = dir.join("fork.cpio");
+    std::fs::write(&archive, cpio(&[("fork", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let (elf, _) = redis_image();
+    let (out, console) = run_guest(
+        &elf,
+        &["--mem", "1G", "--rng", "--initrd", &archive.display().to_string(), "--cmdline=init=/fork"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{console}");
+    for expected in [
+        "fork: returned ",
+        " (> 1: 1)\n",
+        "kill zombie: 0 0\n",
+        "waitpid: same pid 1, exited 1 status 7\n",
+        "waitpid again: -1 errno 10\n",
+        "memory: global 1 heap pp stack ss\n",
+        "child: ppid 1 is parent 1, pid 1\n",
+        "pipe: 102400 bytes after the line\n",
+        "file: written by the child (wrote 102400, read 0)\n",
+        "thread: joined 42\n",
+        "stuck child: signaled 1 signal 9\n",
+        "posix_spawn: 1\n",
+        "linux: fork: child ",
+        " exited with status 7 after ",
+        " KiB copied aside in ",
+        "linux: exit status 0\n",
+    ] {
+        assert!(console.contains(expected), "no {expected:?} in:\n{console}");
+    }
+    assert!(!console.contains("unsupported system call"), "{console}");
+    // A fork whose copy the heap cannot hold: ENOMEM, and the program goes on.
+    let (out, console) = run_guest(
+        &elf,
+        &["--mem", "512M", "--rng", "--initrd", &archive.display().to_string(), "--cmdline=init=/fork -- big"],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(0), "{console}");
+    assert!(console.contains("linux: fork: the heap cannot hold the "), "{console}");
+    assert!(console.contains("big fork: -1 errno 12, memory 1\n"), "{console}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ extern crate alloc;
 
 mod contract;
 mod entry;
+mod fork;
 mod fs;
 mod mem;
 mod net;
@@ -97,8 +98,10 @@ pub fn poll_io() {
     }
 }
 
-/// The program's end: `exit_group(status)` or the last thread's `exit`.
+/// The program's end: `exit_group(status)` or the last thread's `exit` (a forked child's: see `fork`).
 pub fn exit_all(status: u64) -> ! {
+    // A forked child's end: its parent resumes instead (never returns then).
+    fork::exited(status);
     if let Some(net) = kernel().net.as_mut() {
         net.poll();
     }

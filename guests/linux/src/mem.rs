@@ -19,6 +19,7 @@ pub fn page_up(n: u64) -> u64 {
 }
 
 /// The brk area and the mmap regions.
+#[derive(Clone)]
 pub struct ProcMem {
     brk_start: u64,
     brk: u64,
@@ -151,6 +152,15 @@ impl ProcMem {
 
     pub fn in_window(start: u64, len: u64) -> bool {
         start >= WINDOW_START && start.checked_add(len).is_some_and(|e| e <= WINDOW_END)
+    }
+
+    /// What the program uses of the window, less the main thread's stack: the executable's
+    /// segments and brk (one range from the window's start), then each mmap region. A fork
+    /// copies these aside (`fork`).
+    pub fn used(&self) -> alloc::vec::Vec<(u64, u64)> {
+        let mut out = alloc::vec![(WINDOW_START, self.brk)];
+        out.extend(self.regions.iter().map(|(&s, &e)| (s, e)));
+        out
     }
 
     /// Bytes mapped (brk and mmap), for sysinfo-style reports.

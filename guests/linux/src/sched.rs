@@ -44,6 +44,9 @@ pub struct Thread {
     deadline: Option<u64>,
     /// Set when woken by a futex wake (not by the deadline).
     pub woken: bool,
+    /// A thread of a parent whose forked child runs now (`fork`): never picked, woken or
+    /// counted until the child ends.
+    pub frozen: bool,
 }
 
 pub struct Sched {
@@ -76,6 +79,7 @@ impl Sched {
                 state: State::Runnable,
                 deadline: None,
                 woken: false,
+                frozen: false,
             }],
             current: 0,
             next_tid: tid + 1,
@@ -96,16 +100,73 @@ impl Sched {
         self.threads[self.current].tid
     }
 
+    /// Threads of the running process that have not exited (a forked child's only, while one runs).
     pub fn live(&self) -> usize {
-        self.threads.iter().filter(|t| t.state != State::Dead).count()
+        self.threads.iter().filter(|t| t.state != State::Dead && !t.frozen).count()
+    }
+
+    /// A new thread or process id (they share one space, as on Linux).
+    pub fn alloc_tid(&mut self) -> u32 {
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        tid
+    }
+
+    /// The registers of thread `i` as its last system call entry saved them (at the top of
+    /// its kernel stack; a thread not yet run: the ones `spawn` prepared there).
+    pub fn frame_of(&self, i: usize) -> &Frame {
+        let at = self.threads[i].kstack_top - entry::FRAME_SIZE as u64;
+        // SAFETY: every thread's kernel stack holds its Frame at the top while it is in a
+        // system call or not yet started (entry, `prepare`); the stack lives as long as the slot.
+        unsafe { &*(at as *const Frame) }
+    }
+
+    pub fn kstack_top(&self, i: usize) -> u64 {
+        self.threads[i].kstack_top
+    }
+
+    pub fn is_dead(&self, i: usize) -> bool {
+        self.threads[i].state == State::Dead
+    }
+
+    /// `fork`: every thread but the current one is frozen while the child runs.
+    pub fn freeze_others(&mut self) {
+        let current = self.current;
+        for (i, t) in self.threads.iter_mut().enumerate() {
+            t.frozen = i != current && t.state != State::Dead;
+        }
+    }
+
+    /// The child has ended: its threads (all unfrozen ones but `keep`) are gone, the
+    /// parent's run again, and `keep` (the thread that forked) is current.
+    pub fn thaw(&mut self, keep: usize) {
+        for (i, t) in self.threads.iter_mut().enumerate() {
+            if t.frozen {
+                t.frozen = false;
+            } else if i != keep {
+                t.state = State::Dead;
+                t.deadline = None;
+            }
+        }
+        self.threads[keep].state = State::Runnable;
+        self.threads[keep].deadline = None;
+        self.current = keep;
+    }
+
+    /// Whether every live thread of the running process waits on a futex with no deadline:
+    /// nothing it does can wake it (a forked child whose parent is frozen: `fork::stuck`).
+    pub fn all_stuck_on_futexes(&self) -> bool {
+        self.threads
+            .iter()
+            .filter(|t| t.state != State::Dead && !t.frozen)
+            .all(|t| matches!(t.state, State::Blocked(Wait::Futex(_))) && t.deadline.is_none())
     }
 
     /// A new thread that resumes `frame` when it first runs. Returns its tid.
     pub fn spawn(&mut self, frame: &Frame, fs_base: u64, clear_child_tid: u64) -> u32 {
         let (kstack, kstack_top) = new_kstack();
         let saved_sp = entry::prepare(kstack_top, frame);
-        let tid = self.next_tid;
-        self.next_tid += 1;
+        let tid = self.alloc_tid();
         // Reuse a dead thread's slot (never the running one's: its stack is in use).
         let thread = Thread {
             tid,
@@ -117,6 +178,7 @@ impl Sched {
             state: State::Runnable,
             deadline: None,
             woken: false,
+            frozen: false,
         };
         let current = self.current;
         match self.threads.iter().enumerate().position(|(i, t)| i != current && t.state == State::Dead) {
@@ -141,7 +203,7 @@ impl Sched {
             if woken >= n {
                 break;
             }
-            if t.state == State::Blocked(Wait::Futex(addr)) {
+            if t.state == State::Blocked(Wait::Futex(addr)) && !t.frozen {
                 t.state = State::Runnable;
                 t.woken = true;
                 woken += 1;
@@ -157,7 +219,7 @@ impl Sched {
             if moved >= n {
                 break;
             }
-            if t.state == State::Blocked(Wait::Futex(from)) {
+            if t.state == State::Blocked(Wait::Futex(from)) && !t.frozen {
                 t.state = State::Blocked(Wait::Futex(to));
                 moved += 1;
             }
@@ -167,7 +229,7 @@ impl Sched {
 
     fn wake_due(&mut self, now: u64) {
         let io_gen = self.io_gen;
-        for t in &mut self.threads {
+        for t in self.threads.iter_mut().filter(|t| !t.frozen) {
             if let State::Blocked(wait) = t.state {
                 let due = t.deadline.is_some_and(|d| now >= d);
                 let io = matches!(wait, Wait::Io(g) if g != io_gen);
@@ -181,7 +243,9 @@ impl Sched {
     /// The next runnable thread after the current one, in slot order (the current last).
     fn pick(&self) -> Option<usize> {
         let n = self.threads.len();
-        (1..=n).map(|i| (self.current + i) % n).find(|&i| self.threads[i].state == State::Runnable)
+        (1..=n)
+            .map(|i| (self.current + i) % n)
+            .find(|&i| self.threads[i].state == State::Runnable && !self.threads[i].frozen)
     }
 
     /// Marks the current thread dead (after `exit`).
@@ -242,6 +306,7 @@ fn run_others() {
                 if crate::sched().live() == 0 {
                     crate::exit_all(0);
                 }
+                crate::fork::stuck();
                 time::idle();
             }
         }

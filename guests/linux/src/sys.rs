@@ -25,7 +25,6 @@ const ENOENT: i64 = 2;
 const ESRCH: i64 = 3;
 const EINTR: i64 = 4;
 const EBADF: i64 = 9;
-const ECHILD: i64 = 10;
 const EAGAIN: i64 = 11;
 const ENOMEM: i64 = 12;
 const EFAULT: i64 = 14;
@@ -134,6 +133,23 @@ impl FdTable {
         let file = Rc::new(RefCell::new(File { kind, flags: flags & !O_CLOEXEC, pos: 0 }));
         self.insert_at(0, file, flags & O_CLOEXEC != 0)
     }
+
+    /// `fork`: the child's table, the same open files (a close in the child leaves the
+    /// parent's open: the parent's table, set aside, still holds them). Closing an fd in
+    /// the child leaves the parent's epoll interest lists alone.
+    pub fn fork_copy(&self) -> FdTable {
+        FdTable { fds: self.fds.clone(), epolls: Vec::new() }
+    }
+}
+
+/// The end of a forked child: its descriptors close; what only it held is released.
+pub fn close_all(k: &mut Kernel, table: FdTable) {
+    for fd in table.fds.into_iter().flatten() {
+        if Rc::strong_count(&fd.file) == 1 {
+            release(k, &fd.file.borrow());
+        }
+    }
+    threads().io_changed();
 }
 
 fn release(k: &mut Kernel, file: &File) {
@@ -261,14 +277,14 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
             if *write {
                 if p.readers == 0 {
                     EPOLLOUT | EPOLLERR
-                } else if p.buf.len() < PIPE_CAPACITY {
+                } else if p.buf.len() < PIPE_CAPACITY || crate::fork::in_child() {
                     EPOLLOUT
                 } else {
                     0
                 }
             } else if !p.buf.is_empty() {
                 EPOLLIN
-            } else if p.writers == 0 {
+            } else if p.writers == 0 || crate::fork::in_child() {
                 EPOLLIN | EPOLLHUP
             } else {
                 0
@@ -342,7 +358,8 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
             }
             let mut p = pipe.borrow_mut();
             if p.buf.is_empty() {
-                return if p.writers == 0 { Ok(Some(0)) } else { Ok(None) };
+                // A forked child: its parent's write ends cannot write (fork).
+                return if p.writers == 0 || crate::fork::in_child() { Ok(Some(0)) } else { Ok(None) };
             }
             let len = buf.len().min(p.buf.len());
             for (i, b) in p.buf.drain(..len).enumerate() {
@@ -403,7 +420,8 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
             if p.readers == 0 {
                 return Err(EPIPE);
             }
-            let room = PIPE_CAPACITY - p.buf.len();
+            // A forked child's pipes grow: the parent that would drain them is frozen (fork).
+            let room = if crate::fork::in_child() { data.len() } else { PIPE_CAPACITY.saturating_sub(p.buf.len()) };
             if room == 0 {
                 return Ok(None);
             }
@@ -798,16 +816,18 @@ fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) ->
 }
 
 const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
 const CLONE_SETTLS: u64 = 0x80000;
 const CLONE_PARENT_SETTID: u64 = 0x100000;
 const CLONE_CHILD_CLEARTID: u64 = 0x200000;
 const CLONE_CHILD_SETTID: u64 = 0x0100_0000;
 
-fn clone(frame: &Frame) -> Result<i64, i64> {
+fn clone(frame: &mut Frame) -> Result<i64, i64> {
     let (flags, stack, ptid, ctid, tls) = (frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8);
-    if flags & CLONE_VM == 0 {
-        // fork: one address space only.
-        return Err(ENOSYS);
+    if flags & CLONE_VM == 0 || flags & CLONE_VFORK != 0 {
+        // A new process: fork, on `stack` if given (musl's posix_spawn: CLONE_VM|CLONE_VFORK,
+        // whose child runs first and alone anyway). The exit signal and tid flags are not looked at.
+        return crate::fork::fork(frame, stack);
     }
     let mut child = frame.clone();
     child.rax = 0;
@@ -1169,8 +1189,8 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             }
             Ok(0)
         }
-        39 => Ok(i64::from(crate::PID)),
-        110 => Ok(0),
+        39 => Ok(i64::from(crate::fork::pid())),
+        110 => Ok(i64::from(crate::fork::ppid())),
         186 => Ok(i64::from(threads().tid())),
         102 | 104 | 107 | 108 => Ok(0),
         105 | 106 | 109 | 112 | 111 => Ok(0),
@@ -1301,7 +1321,18 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         56 => clone(frame),
         60 => exit_thread(),
         231 => crate::exit_all(a0 & 0xff),
-        61 => Err(ECHILD),
+        57 | 58 => crate::fork::fork(frame, 0),
+        61 => {
+            // wait4(pid, wstatus, options, rusage): the children have ended (fork).
+            let (pid, status) = crate::fork::wait(a0 as i64, a2)?;
+            if a1 != 0 {
+                put(a1, status)?;
+            }
+            if a3 != 0 {
+                put(a3, [0u64; 18])?;
+            }
+            Ok(i64::from(pid))
+        }
         62 | 200 | 234 => {
             // kill/tkill/tgkill: signal 0 probes; a fatal signal to ourselves ends the program.
             let sig = if nr == 234 { a2 } else { a1 };
@@ -1309,6 +1340,9 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 return Ok(0);
             }
             let target = if nr == 234 { a1 } else { a0 };
+            if let Some(done) = crate::fork::kill(target, sig) {
+                return done;
+            }
             if target != u64::from(crate::PID) && !threads().threads.iter().any(|t| u64::from(t.tid) == target) {
                 return Err(ESRCH);
             }
@@ -1347,9 +1381,13 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 _ => Err(EINVAL),
             }
         }
-        74 | 75 => {
-            // fsync/fdatasync: a file in the data directory goes to the disk (persist).
+        74 | 75 | 277 => {
+            // fsync/fdatasync: a file in the data directory goes to the disk (persist);
+            // sync_file_range(fd, off, len, flags) too when it waits (WAIT_AFTER, 4).
             let file = k.fds.get(a0)?;
+            if nr == 277 && a3 & 4 == 0 {
+                return Ok(0);
+            }
             let f = file.borrow();
             if let (Kind::File { node }, Some(disk)) = (&f.kind, k.disk.as_mut()) {
                 if let Some(path) = k.fs.path_of(node) {
