@@ -6,6 +6,7 @@
 //! - [`stack`]: the initial process stack as Linux's `create_elf_tables` lays it out.
 //! - [`path`]: path normalization for the personality's file system.
 //! - [`journal`]: the data disk's format (the journal of changes under the data directory).
+//! - [`rewrite`]: the load-time rewrite of the program's `syscall` sites into jumps to trampolines.
 
 #![no_std]
 
@@ -14,4 +15,5 @@ extern crate alloc;
 pub mod cpio;
 pub mod journal;
 pub mod path;
+pub mod rewrite;
 pub mod stack;
