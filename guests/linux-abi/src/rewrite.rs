@@ -16,6 +16,7 @@
 //!     mov  kstack_top(%rip), %rsp      # the current thread's kernel stack
 //!     pushfq                           # R11 = RFLAGS, pushed on the kernel stack
 //!     pop  %r11
+//!     or   $0x200, %r11                # IF, as ring 3 always has it
 //!     mov  $continuation, %ecx         # RCX = where the call returns to
 //!     jmp  handler                     # the entry's ring-3 part
 //! ```
@@ -262,6 +263,8 @@ fn trampoline(displaced: &[Instruction], site: usize, resume: u64, entry: Entry,
     head.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.kstack_top)).ok()?);
     head.push(Instruction::with(Code::Pushfq));
     head.push(Instruction::with1(Code::Pop_r64, Register::R11).ok()?);
+    // IF as a ring-3 program always has it (and as Linux's R11 shows it).
+    head.push(Instruction::with2(Code::Or_rm64_imm32, Register::R11, 0x200u32).ok()?);
     head.push(match u32::try_from(continuation) {
         Ok(c) => Instruction::with2(Code::Mov_r32_imm32, Register::ECX, c).ok()?,
         Err(_) => Instruction::with2(Code::Mov_r64_imm64, Register::RCX, continuation).ok()?,

@@ -42,8 +42,8 @@ fn jump_target(patch: &Patch) -> u64 {
 /// RCX = `continuation`, the jump to the handler. Returns the displaced instructions.
 fn check_head(head: &[Instruction], continuation: u64) -> Vec<Instruction> {
     let n = head.len();
-    assert!(n >= 6, "{head:?}");
-    let glue = &head[n - 6..];
+    assert!(n >= 7, "{head:?}");
+    let glue = &head[n - 7..];
     assert_eq!(glue[0].code(), Code::Mov_rm64_r64);
     assert_eq!(glue[0].ip_rel_memory_address(), ENTRY.user_rsp);
     assert_eq!(glue[0].op1_register(), Register::RSP);
@@ -52,14 +52,18 @@ fn check_head(head: &[Instruction], continuation: u64) -> Vec<Instruction> {
     assert_eq!(glue[1].ip_rel_memory_address(), ENTRY.kstack_top);
     assert_eq!(glue[2].code(), Code::Pushfq);
     assert_eq!((glue[3].code(), glue[3].op0_register()), (Code::Pop_r64, Register::R11));
-    assert_eq!((glue[4].code(), glue[4].op0_register()), (Code::Mov_r32_imm32, Register::ECX));
-    assert_eq!(u64::from(glue[4].immediate32()), continuation);
-    assert_eq!(glue[5].near_branch_target(), ENTRY.handler);
+    assert_eq!(
+        (glue[4].mnemonic(), glue[4].op0_register(), glue[4].immediate32()),
+        (Mnemonic::Or, Register::R11, 0x200)
+    );
+    assert_eq!((glue[5].code(), glue[5].op0_register()), (Code::Mov_r32_imm32, Register::ECX));
+    assert_eq!(u64::from(glue[5].immediate32()), continuation);
+    assert_eq!(glue[6].near_branch_target(), ENTRY.handler);
     // Nothing in the glue touches the program's stack: only the two moves use memory.
     assert!(glue.iter().all(|i| i.op_count() == 0
         || !(0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory)
         || i.is_ip_rel_memory_operand()));
-    head[..n - 6].to_vec()
+    head[..n - 7].to_vec()
 }
 
 fn text(i: &Instruction) -> String {
@@ -152,6 +156,7 @@ fn rip_relative_operands_and_branches_are_relocated() {
     let entry = jump_target(p);
     let head = decode_from(&r, entry);
     let continuation = u64::from(head[head.len() - 2].immediate32());
+    assert_eq!(head[head.len() - 2].code(), Code::Mov_r32_imm32);
     let tail = decode_from(&r, continuation);
     assert_eq!(text(&tail[0]), "Test_rm32_r32");
     assert_eq!(tail[1].mnemonic(), Mnemonic::Js);
@@ -228,4 +233,33 @@ fn redis_server_if_built() {
     for p in &r.patches {
         assert!(jump_target(p) >= BASE && jump_target(p) < BASE + r.trampolines.len() as u64);
     }
+}
+
+/// `REWRITE_DUMP=ELF cargo test -p linux-abi dump -- --nocapture`: every window and the
+/// trampolines (to /tmp/trampolines.bin, for `objdump -D -b binary -m i386:x86-64`).
+#[test]
+fn dump() {
+    let Ok(path) = std::env::var("REWRITE_DUMP") else { return };
+    let image = std::fs::read(path).unwrap();
+    let elf = goblin::elf::Elf::parse(&image).unwrap();
+    let mut code = Vec::new();
+    let mut data = Vec::new();
+    for s in elf.section_headers.iter() {
+        if s.sh_type == goblin::elf::section_header::SHT_NOBITS || s.sh_addr == 0 || s.sh_size == 0 {
+            continue;
+        }
+        let bytes = &image[s.sh_offset as usize..(s.sh_offset + s.sh_size) as usize];
+        let section = Section { address: s.sh_addr, bytes };
+        if s.sh_flags & u64::from(goblin::elf::section_header::SHF_EXECINSTR) != 0 {
+            code.push(section);
+        } else if s.sh_flags & u64::from(goblin::elf::section_header::SHF_ALLOC) != 0 {
+            data.push(section);
+        }
+    }
+    let symbols: Vec<u64> = elf.syms.iter().map(|s| s.st_value).filter(|&v| v != 0).collect();
+    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols }, ENTRY, BASE);
+    for p in &r.patches {
+        std::eprintln!("{:#x} +{} -> {:#x}", p.address, p.bytes.len(), jump_target(p));
+    }
+    std::fs::write("/tmp/trampolines.bin", &r.trampolines).unwrap();
 }
