@@ -321,7 +321,7 @@ pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
         let displaced: Vec<Instruction> = (first..=last).map(|i| swept.decode(i)).collect();
         let start = swept.address(first);
         let end = swept.address(last) + u64::from(swept.lens[last]);
-        while result.trampolines.len() % 16 != 0 {
+        while !result.trampolines.len().is_multiple_of(16) {
             result.trampolines.push(INT3);
         }
         let rip = base + result.trampolines.len() as u64;

@@ -12,6 +12,10 @@
 //! restoring all of it, RFLAGS with `popfq` (ring 3 cannot change IF or IOPL that way, which
 //! is right), and `jmp *%rcx`. As on Linux, RCX and R11 come back as RIP and RFLAGS.
 //!
+//! Rewritten `syscall` sites (`crate::rewrite`) never trap: their trampolines do what the
+//! entry's first two instructions do, set R11 and RCX as `syscall` would, and jump straight
+//! to `linux_syscall_ring3` (see [`trampoline_entry`]); the rest is the same.
+//!
 //! Threads: each has its own kernel stack; `linux_switch` saves the callee-saved registers
 //! and the stack pointer of one and resumes another. A new thread's stack is prepared so
 //! that its first switch "returns" into `linux_syscall_return` with its own Frame.
