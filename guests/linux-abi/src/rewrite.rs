@@ -28,7 +28,8 @@
 //! A window is refused, and the `syscall` stays as it is (it still works, through the trap),
 //! when an instruction boundary inside it could be reached other than by falling through:
 //! a direct branch or call target, a symbol, a code address found in the program's data (a
-//! jump table, a function pointer) or an immediate operand; when it holds an instruction that
+//! jump table, a function pointer; a position-independent jump table's 4-byte offsets), in
+//! a static-PIE's relocations or in an immediate or RIP-relative operand; when it holds an instruction that
 //! cannot move (a call, whose return address would point into the trampoline; another
 //! `syscall`; an interrupt or exception); or when the linear sweep may be out of step with
 //! the code (the nearest symbol below is not an instruction start). Everything here depends
@@ -70,6 +71,9 @@ pub struct Program<'a> {
     pub data: &'a [Section<'a>],
     /// Symbol addresses (any type); empty for a stripped program.
     pub symbols: &'a [u64],
+    /// Other code addresses the program may jump to: a static-PIE's relocation addends
+    /// (its function pointers and jump tables, zero in the file until it relocates itself).
+    pub pointers: &'a [u64],
 }
 
 /// Bytes to write over the program's code.
@@ -290,6 +294,28 @@ pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
             }
         }
     }
+    // Position-independent jump tables: 4-byte offsets from the table's own address, which
+    // the code takes with a RIP-relative `lea`. From every RIP-relative address in the data,
+    // the entries that land in the code (until the first that does not) count as targets.
+    let mut tables: Vec<u64> = targets.iter().copied().filter(|&t| !in_code(t)).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    for table in tables {
+        let Some(data) = program.data.iter().find(|d| table >= d.address && table < d.address + d.bytes.len() as u64)
+        else {
+            continue;
+        };
+        let entries = data.bytes[(table - data.address) as usize..].chunks_exact(4);
+        for entry in entries.take(4096) {
+            let offset = i32::from_le_bytes(entry.try_into().expect("4 bytes"));
+            let target = table.wrapping_add(offset as i64 as u64);
+            if !in_code(target) {
+                break;
+            }
+            targets.push(target);
+        }
+    }
+    targets.extend_from_slice(program.pointers);
     targets.retain(|&t| in_code(t));
     targets.extend(program.symbols.iter().copied().filter(|&s| in_code(s)));
     targets.sort_unstable();

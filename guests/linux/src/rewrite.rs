@@ -55,11 +55,11 @@ pub fn apply(elf: &Elf, image: &[u8], bias: u64, base: u64) -> Done {
         }
     }
     let symbols: Vec<u64> = elf.syms.iter().filter(|s| s.st_value != 0).map(|s| s.st_value + bias).collect();
-    let plan = rewrite::rewrite(
-        &Program { code: &code, data: &data, symbols: &symbols },
-        crate::entry::trampoline_entry(),
-        base,
-    );
+    // A static-PIE's code pointers are relocation addends (its data holds zeros there).
+    let pointers: Vec<u64> =
+        elf.dynrelas.iter().filter_map(|r| r.r_addend).map(|a| (a as u64).wrapping_add(bias)).collect();
+    let program = Program { code: &code, data: &data, symbols: &symbols, pointers: &pointers };
+    let plan = rewrite::rewrite(&program, crate::entry::trampoline_entry(), base);
     // SAFETY: the trampolines go in the process window past the program's segments (the
     // caller keeps brk above them); the patches lie inside its executable segments, loaded.
     unsafe {

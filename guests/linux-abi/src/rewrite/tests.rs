@@ -13,7 +13,7 @@ const ENTRY: Entry = Entry { user_rsp: 0x20_0000, kstack_top: 0x20_0008, handler
 fn run(bytes: &[u8], symbols: &[u64], data: &[u8]) -> Rewrite {
     let code = [Section { address: CODE, bytes }];
     let data = [Section { address: 0x60_0000, bytes: data }];
-    rewrite(&Program { code: &code, data: &data, symbols }, ENTRY, BASE)
+    rewrite(&Program { code: &code, data: &data, symbols, pointers: &[] }, ENTRY, BASE)
 }
 
 /// The trampoline's instructions from `at`, up to and including the jump to the handler.
@@ -122,12 +122,39 @@ fn symbols_and_data_pointers_inside_refuse_a_window() {
 }
 
 #[test]
+fn position_independent_jump_tables_count() {
+    // lea 0x5ff0(%rip),%rdx (the table at 0x60_0000 + 0: code at CODE, 7 bytes, so
+    // CODE + 7 + 0x1feff9 = 0x60_0000); mov $0x27,%eax; syscall; ret. The table's entry
+    // (an offset from the table) points at the syscall.
+    let lea_disp = (0x60_0000 - (CODE + 7)) as u32;
+    let mut code = alloc::vec![0x48, 0x8d, 0x15];
+    code.extend_from_slice(&lea_disp.to_le_bytes());
+    code.extend_from_slice(&[0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3]);
+    let syscall = CODE + 12;
+    let table = ((syscall as i64 - 0x60_0000) as i32).to_le_bytes();
+    let r = run(&code, &[], &table);
+    assert_eq!(r.skipped, [(syscall, Skip::NoWindow)]);
+    // Without the table the window is fine.
+    assert_eq!(run(&code, &[], &[0; 4]).patches.len(), 1);
+}
+
+#[test]
 fn calls_are_never_moved() {
     // call +0; syscall; ret: the call's return address is the syscall
     let code = [0xe8, 0, 0, 0, 0, 0x0f, 0x05, 0xc3, 0x90, 0x90, 0x90];
     let r = run(&code, &[], &[]);
     assert_eq!(r.skipped, [(CODE + 5, Skip::NoWindow)]);
     assert!(r.patches.is_empty());
+}
+
+#[test]
+fn another_syscall_never_moves() {
+    // syscall; syscall; syscall; mov %rax,%rdi (a symbol: reached); ret. The third's only
+    // window of 5 bytes or more ending with it holds the other two.
+    let code = [0x0f, 0x05, 0x0f, 0x05, 0x0f, 0x05, 0x48, 0x89, 0xc7, 0xc3];
+    let r = run(&code, &[CODE, CODE + 6], &[]);
+    assert_eq!(r.sites, 3);
+    assert!(r.patches.is_empty(), "{:x?}", r.patches);
 }
 
 #[test]
@@ -221,7 +248,7 @@ fn redis_server_if_built() {
         }
     }
     let symbols: Vec<u64> = elf.syms.iter().map(|s| s.st_value).filter(|&v| v != 0).collect();
-    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols }, ENTRY, BASE);
+    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
     std::eprintln!(
         "redis-server: rewrote {} of {} syscall sites, {} bytes of trampolines; skipped {:x?}",
         r.patches.len(),
@@ -257,7 +284,7 @@ fn dump() {
         }
     }
     let symbols: Vec<u64> = elf.syms.iter().map(|s| s.st_value).filter(|&v| v != 0).collect();
-    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols }, ENTRY, BASE);
+    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
     for p in &r.patches {
         std::eprintln!("{:#x} +{} -> {:#x}", p.address, p.bytes.len(), jump_target(p));
     }
