@@ -257,6 +257,10 @@ fn redis_server_if_built() {
         r.skipped
     );
     assert!(r.patches.len() * 10 >= r.sites * 9, "fewer than 90% rewritten");
+    // A function of the binary (and the base) only: a recording and its replay, and both
+    // sides of a pair, get the same code.
+    let again = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
+    assert_eq!((&again.patches, &again.trampolines), (&r.patches, &r.trampolines));
     for p in &r.patches {
         assert!(jump_target(p) >= BASE && jump_target(p) < BASE + r.trampolines.len() as u64);
     }
