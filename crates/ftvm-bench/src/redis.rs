@@ -3,7 +3,9 @@
 //! personality with `ftvm run` and `ftvm record`, against the **same binary natively** in the
 //! host namespace of the same test network (scripts/topology.sh; the address 10.0.0.2 is put
 //! on that namespace's bridge for the native sessions, so the clients' path differs only by
-//! the VM's TAP), and against the `kvstore` guest under `ftvm run`. Writes redis.{json,svg}.
+//! the VM's TAP), and against the `kvstore` guest under `ftvm run`; and `ftvm run` with the
+//! personality's load-time syscall rewrite turned off (`linux.rewrite=off`, unless
+//! `--no-rewrite-off`), so that its effect is measured in the same run. Writes redis.{json,svg}.
 //!
 //! Redis runs with `--appendonly no` by default (`--redis-args`) on every engine: with the
 //! image's `appendfsync always` the native figure would measure the host's disk, the VM's
@@ -48,6 +50,10 @@ pub struct Args {
     /// Leave out the recording (and its log-derived counts).
     #[arg(long)]
     no_record: bool,
+    /// Leave out the `ftvm run` sessions with the personality's syscall rewrite turned off
+    /// (`linux.rewrite=off`: every system call through a real `syscall`).
+    #[arg(long)]
+    no_rewrite_off: bool,
     /// Give every VM a fresh blank data disk of this many MiB (Redis's /data is then
     /// journaled there; kvstore logs its writes there); default: none (all in RAM).
     #[arg(long)]
@@ -58,6 +64,7 @@ pub struct Args {
 #[serde(rename_all = "kebab-case")]
 enum Engine {
     RedisFtvmRun,
+    RedisFtvmRunRewriteOff,
     RedisFtvmRecord,
     RedisNative,
     KvstoreFtvmRun,
@@ -67,6 +74,7 @@ impl Engine {
     fn label(self) -> &'static str {
         match self {
             Engine::RedisFtvmRun => "Redis, ftvm run",
+            Engine::RedisFtvmRunRewriteOff => "Redis, run rw=off",
             Engine::RedisFtvmRecord => "Redis, ftvm record",
             Engine::RedisNative => "Redis, native",
             Engine::KvstoreFtvmRun => "kvstore, ftvm run",
@@ -159,6 +167,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if !args.no_record {
         engines.push(Engine::RedisFtvmRecord);
     }
+    if !args.no_rewrite_off {
+        engines.push(Engine::RedisFtvmRunRewriteOff);
+    }
     let topo = Topology::up(&args.topology, 1)?;
     let mut sessions = Vec::new();
     for rep in 0..runs {
@@ -212,6 +223,14 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                 native = native.at_least(0.9);
             }
             ratios.push(native);
+            if !args.no_rewrite_off {
+                let off = rps(test, c, Engine::RedisFtvmRunRewriteOff);
+                ratios.push(Ratio::new(
+                    format!("{test} c={c} rw=off: run/native"),
+                    off / rps(test, c, Engine::RedisNative),
+                ));
+                ratios.push(Ratio::new(format!("{test} c={c} rewrite on/off (run)"), run / off));
+            }
             ratios.push(Ratio::new(
                 format!("{test} c={c} Redis/kvstore (ftvm run)"),
                 run / rps(test, c, Engine::KvstoreFtvmRun),
@@ -277,9 +296,9 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.arg("--kernel").arg(&ctx.kvstore).args(["--cmdline", &format!("ip={GUEST_IP}/24")]);
             crate::kvstore::READY
         }
-        Engine::RedisFtvmRun | Engine::RedisFtvmRecord => {
+        Engine::RedisFtvmRun | Engine::RedisFtvmRunRewriteOff | Engine::RedisFtvmRecord => {
             cmd.arg(&ctx.ftvm);
-            if engine == Engine::RedisFtvmRun {
+            if engine != Engine::RedisFtvmRecord {
                 cmd.arg("run");
             } else {
                 let _ = std::fs::remove_file(&log);
@@ -290,7 +309,8 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
                 cmd.arg("--disk").arg(d);
             }
             cmd.arg("--kernel").arg(&ctx.redis_elf).arg("--initrd").arg(&ctx.redis_cpio);
-            cmd.arg("--cmdline").arg(format!("ip={GUEST_IP}/24 -- /redis.conf {}", ctx.args.redis_args));
+            let off = if engine == Engine::RedisFtvmRunRewriteOff { " linux.rewrite=off" } else { "" };
+            cmd.arg("--cmdline").arg(format!("ip={GUEST_IP}/24{off} -- /redis.conf {}", ctx.args.redis_args));
             "Ready to accept connections"
         }
     };

@@ -98,6 +98,10 @@ fn real_redis_serves_redis_cli_and_redis_benchmark() {
     net.wait_ping("redis-server");
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("Redis version=7.0.15"), "{text}");
+    // The load-time rewrite of its syscall sites into jumps (docs/linux-personality.md).
+    let rewrote = text.lines().find(|l| l.starts_with("linux: rewrote ")).unwrap_or_else(|| panic!("{text}"));
+    eprintln!("{rewrote}");
+    assert!(!rewrote.starts_with("linux: rewrote 0 "), "{rewrote}");
 
     // Strings, counters, lists, hashes, sets, sorted sets.
     assert_eq!(net.cli(&["SET", "greeting", "hello"]), "OK");
@@ -703,7 +707,9 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
     let source = dir.join("probe.c");
     std::fs::write(&source, PROGRAM).unwrap();
     let (elf, _) = redis_image();
-    for flavour in ["static", "static-pie"] {
+    // Each flavour with the syscall sites rewritten into jumps, and the static one also with
+    // `linux.rewrite=off` (every call a real `syscall`): the red zone survives both paths.
+    for (flavour, rewrite) in [("static", true), ("static-pie", true), ("static", false)] {
         let binary = dir.join(format!("probe-{flavour}"));
         build_c(&source, &binary, flavour == "static-pie");
         // e_type: ET_EXEC (2) or ET_DYN (3, a static-PIE: no PT_INTERP, relocates itself).
@@ -713,10 +719,30 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
         std::fs::write(&archive, cpio(&[("probe", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
         let (out, console) = run_guest(
             &elf,
-            &["--mem", "1G", "--rng", "--initrd", &archive.display().to_string(), "--cmdline=init=/probe -- one two"],
+            &[
+                "--mem",
+                "1G",
+                "--rng",
+                "--initrd",
+                &archive.display().to_string(),
+                if rewrite {
+                    "--cmdline=init=/probe -- one two"
+                } else {
+                    "--cmdline=init=/probe linux.rewrite=off -- one two"
+                },
+            ],
             &dir,
         );
+        let flavour = if rewrite { flavour.to_string() } else { format!("{flavour}, linux.rewrite=off") };
         assert_eq!(out.status.code(), Some(0), "{flavour}: {console}");
+        if rewrite {
+            // Every site of this small program fits a window (its red-zone loop's included).
+            let line = console.lines().find(|l| l.starts_with("linux: rewrote ")).unwrap_or_default();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert!(words.len() > 4 && words[2] != "0" && words[2] == words[4], "{flavour}: {line}\n{console}");
+        } else {
+            assert!(console.contains("linux: syscall sites left as they are (linux.rewrite=off)"), "{console}");
+        }
         for expected in [
             "args: /probe one two\n",
             "home: /\n",

@@ -7,6 +7,7 @@
 //! - [`path`]: path normalization for the personality's file system.
 //! - [`journal`]: the data disk's format (the journal of changes under the data directory).
 //! - [`proc`]: `fork`'s bookkeeping (zombies, `wait4`'s status word) and its copy plan.
+//! - [`rewrite`]: the load-time rewrite of the program's `syscall` sites into jumps to trampolines.
 
 #![no_std]
 
@@ -16,4 +17,5 @@ pub mod cpio;
 pub mod journal;
 pub mod path;
 pub mod proc;
+pub mod rewrite;
 pub mod stack;

@@ -12,6 +12,10 @@
 //! restoring all of it, RFLAGS with `popfq` (ring 3 cannot change IF or IOPL that way, which
 //! is right), and `jmp *%rcx`. As on Linux, RCX and R11 come back as RIP and RFLAGS.
 //!
+//! Rewritten `syscall` sites (`crate::rewrite`) never trap: their trampolines do what the
+//! entry's first two instructions do, set R11 and RCX as `syscall` would, and jump straight
+//! to `linux_syscall_ring3` (see [`trampoline_entry`]); the rest is the same.
+//!
 //! Threads: each has its own kernel stack; `linux_switch` saves the callee-saved registers
 //! and the stack pointer of one and resumes another. A new thread's stack is prepared so
 //! that its first switch "returns" into `linux_syscall_return` with its own Frame.
@@ -50,6 +54,9 @@ pub static KSTACK_TOP: AtomicU64 = AtomicU64::new(0);
 /// The program's RSP at entry (one CPU, no preemption of the entry: one slot suffices).
 #[export_name = "linux_user_rsp"]
 static USER_RSP: AtomicU64 = AtomicU64::new(0);
+/// System calls that came through a real `syscall` (not a rewritten site's trampoline).
+#[export_name = "linux_trapped_syscalls"]
+pub static TRAPPED: AtomicU64 = AtomicU64::new(0);
 
 core::arch::global_asm!(
     r#"
@@ -58,6 +65,7 @@ core::arch::global_asm!(
 linux_syscall_entry:
     mov %rsp, linux_user_rsp(%rip)
     mov linux_kstack_top(%rip), %rsp
+    incq linux_trapped_syscalls(%rip)   # the flags are in R11 already
     push %rax
     mov %cs, %eax
     test $3, %al
@@ -156,6 +164,7 @@ linux_fxsave:
 
 extern "C" {
     fn linux_syscall_entry();
+    fn linux_syscall_ring3();
     fn linux_syscall_return();
     fn linux_switch(save: *mut u64, resume: u64);
     fn linux_enter(frame: *const Frame) -> !;
@@ -184,8 +193,25 @@ pub fn install() -> bool {
     if !ring0 {
         // SAFETY: as above; only IF is no longer cleared.
         unsafe { set_syscall_entry(entry, SFMASK_TF | SFMASK_DF | SFMASK_AC) };
+        // One more getpid, through the new SFMASK: on our KVM the IF that the first one
+        // cleared stays clear until a `syscall` that leaves it alone (seen: a program whose
+        // sites were all rewritten into jumps, so that it never executed `syscall`, then
+        // computed with no timer interrupt at all: KVM reported IF=0 at every kick).
+        // SAFETY: as above.
+        unsafe { core::arch::asm!("syscall", inlateout("rax") 39u64 => _, out("rcx") _, out("r11") _) };
     }
     ring0
+}
+
+/// Where the trampolines of rewritten `syscall` sites enter (see `crate::rewrite`): they do
+/// what the first two instructions of `linux_syscall_entry` do, set RCX and R11 as
+/// `syscall` would, and jump to its ring-3 part, in ring 3 in every environment.
+pub fn trampoline_entry() -> linux_abi::rewrite::Entry {
+    linux_abi::rewrite::Entry {
+        user_rsp: USER_RSP.as_ptr() as u64,
+        kstack_top: KSTACK_TOP.as_ptr() as u64,
+        handler: linux_syscall_ring3 as *const () as u64,
+    }
 }
 
 /// A Frame with every register zero except those given, and the current FPU/SSE state.

@@ -27,6 +27,7 @@ mod fs;
 mod mem;
 mod net;
 mod persist;
+mod rewrite;
 mod sched;
 mod sys;
 mod vdso;
@@ -250,6 +251,32 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
     }
     if end == 0 {
         return Err("no loadable segment".into());
+    }
+    if cmdline::param("linux.rewrite") == Some("off") {
+        println!("linux: syscall sites left as they are (linux.rewrite=off)");
+    } else {
+        let base = mem::page_up(end);
+        let t0 = time::ticks();
+        let done = rewrite::apply(&elf, image, bias, base);
+        let mut left = String::new();
+        for (n, why) in [
+            (done.no_window, "no safe window"),
+            (done.unsynced, "decoding not certain"),
+            (done.encode, "not re-encodable"),
+        ] {
+            if n > 0 {
+                left.push_str(&alloc::format!(", {n} left: {why}"));
+            }
+        }
+        println!(
+            "linux: rewrote {} of {} syscall sites into jumps ({} bytes of trampolines at {:#x}, {} ticks{left})",
+            done.rewritten,
+            done.sites,
+            done.trampolines.1,
+            done.trampolines.0,
+            time::ticks() - t0
+        );
+        end = mem::page_up(done.end);
     }
     if end > mem::WINDOW_END - mem::STACK_SIZE - (64 << 20) {
         return Err("the executable leaves no room for brk and mmap in the process window".into());

@@ -942,7 +942,15 @@ fn count(nr: u64) {
                 counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(n, &c)| (c, n)).collect();
             top.sort_unstable_by(|a, b| b.cmp(a));
             let list: Vec<String> = top.iter().take(10).map(|(c, n)| alloc::format!("{n}:{c}")).collect();
-            println!("linux: {every} system calls at tick {}: {}", time::ticks(), list.join(" "));
+            static mut TRAPPED_BEFORE: u64 = 0;
+            let trapped = crate::entry::TRAPPED.load(core::sync::atomic::Ordering::Relaxed);
+            println!(
+                "linux: {every} system calls at tick {} ({} through a real syscall): {}",
+                time::ticks(),
+                trapped - TRAPPED_BEFORE,
+                list.join(" ")
+            );
+            TRAPPED_BEFORE = trapped;
             counts.fill(0);
         }
     }

@@ -1,0 +1,296 @@
+//! Hand-assembled snippets (bytes from `as`), each with the window the rewrite must choose
+//! or refuse, and the trampoline decoded back.
+
+extern crate std;
+
+use super::*;
+use alloc::string::String;
+
+const CODE: u64 = 0x40_1000;
+const BASE: u64 = 0x1000_0000;
+const ENTRY: Entry = Entry { user_rsp: 0x20_0000, kstack_top: 0x20_0008, handler: 0x18_0000 };
+
+fn run(bytes: &[u8], symbols: &[u64], data: &[u8]) -> Rewrite {
+    let code = [Section { address: CODE, bytes }];
+    let data = [Section { address: 0x60_0000, bytes: data }];
+    rewrite(&Program { code: &code, data: &data, symbols, pointers: &[] }, ENTRY, BASE)
+}
+
+/// The trampoline's instructions from `at`, up to and including the jump to the handler.
+fn decode_from(r: &Rewrite, at: u64) -> Vec<Instruction> {
+    let offset = (at - r.base) as usize;
+    let mut decoder = Decoder::with_ip(64, &r.trampolines[offset..], at, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let i = decoder.decode();
+        out.push(i);
+        if i.flow_control() == FlowControl::UnconditionalBranch {
+            break;
+        }
+    }
+    out
+}
+
+fn jump_target(patch: &Patch) -> u64 {
+    assert_eq!(patch.bytes[0], 0xe9);
+    assert!(patch.bytes[5..].iter().all(|&b| b == INT3), "padding is int3: {:x?}", patch.bytes);
+    let rel = i32::from_le_bytes(patch.bytes[1..5].try_into().unwrap());
+    (patch.address as i64 + 5 + i64::from(rel)) as u64
+}
+
+/// Checks the glue after the displaced instructions: RSP saved and switched, R11 = RFLAGS,
+/// RCX = `continuation`, the jump to the handler. Returns the displaced instructions.
+fn check_head(head: &[Instruction], continuation: u64) -> Vec<Instruction> {
+    let n = head.len();
+    assert!(n >= 7, "{head:?}");
+    let glue = &head[n - 7..];
+    assert_eq!(glue[0].code(), Code::Mov_rm64_r64);
+    assert_eq!(glue[0].ip_rel_memory_address(), ENTRY.user_rsp);
+    assert_eq!(glue[0].op1_register(), Register::RSP);
+    assert_eq!(glue[1].code(), Code::Mov_r64_rm64);
+    assert_eq!(glue[1].op0_register(), Register::RSP);
+    assert_eq!(glue[1].ip_rel_memory_address(), ENTRY.kstack_top);
+    assert_eq!(glue[2].code(), Code::Pushfq);
+    assert_eq!((glue[3].code(), glue[3].op0_register()), (Code::Pop_r64, Register::R11));
+    assert_eq!(
+        (glue[4].mnemonic(), glue[4].op0_register(), glue[4].immediate32()),
+        (Mnemonic::Or, Register::R11, 0x200)
+    );
+    assert_eq!((glue[5].code(), glue[5].op0_register()), (Code::Mov_r32_imm32, Register::ECX));
+    assert_eq!(u64::from(glue[5].immediate32()), continuation);
+    assert_eq!(glue[6].near_branch_target(), ENTRY.handler);
+    // Nothing in the glue touches the program's stack: only the two moves use memory.
+    assert!(glue.iter().all(|i| i.op_count() == 0
+        || !(0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory)
+        || i.is_ip_rel_memory_operand()));
+    head[..n - 7].to_vec()
+}
+
+fn text(i: &Instruction) -> String {
+    alloc::format!("{:?}", i.code())
+}
+
+#[test]
+fn window_ends_at_the_syscall() {
+    // mov $0x27,%eax; syscall; ret
+    let code = [0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3];
+    let r = run(&code, &[], &[]);
+    assert_eq!((r.sites, r.patches.len(), r.skipped.len()), (1, 1, 0));
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE, 7));
+    let head = decode_from(&r, jump_target(p));
+    let moved = check_head(&head, CODE + 7);
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].code(), moved[0].immediate32()), (Code::Mov_r32_imm32, 0x27));
+}
+
+#[test]
+fn a_syscall_that_is_a_branch_target_moves_with_what_follows() {
+    // 0: xor %eax,%eax; 2: mov $0x27,%eax; 7: syscall; 9: mov %rax,%rdi; c: jmp 7; e: ret
+    let code = [0x31, 0xc0, 0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0x48, 0x89, 0xc7, 0xeb, 0xf9, 0xc3];
+    let r = run(&code, &[], &[]);
+    assert_eq!(r.patches.len(), 1, "{:?}", r.skipped);
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE + 7, 5));
+    let entry = jump_target(p);
+    // The continuation (the displaced `mov %rax,%rdi` and a jump back) comes first.
+    let tail_at = entry - 8; // mov (3) + jmp rel32 (5)
+    let tail = decode_from(&r, tail_at);
+    assert_eq!(tail.len(), 2);
+    assert_eq!(text(&tail[0]), "Mov_rm64_r64");
+    assert_eq!(tail[1].near_branch_target(), CODE + 12);
+    assert!(check_head(&decode_from(&r, entry), tail_at).is_empty());
+}
+
+#[test]
+fn symbols_and_data_pointers_inside_refuse_a_window() {
+    // mov $0x27,%eax; syscall; mov %rax,%rdi; ret
+    let code = [0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0x48, 0x89, 0xc7, 0xc3];
+    // A symbol at the syscall: the backward window is out, the forward one is fine.
+    let r = run(&code, &[CODE, CODE + 5], &[]);
+    assert_eq!(r.patches.len(), 1);
+    assert_eq!(r.patches[0].address, CODE + 5);
+    // And a code address in the data at the instruction after it: nothing fits.
+    let r = run(&code, &[CODE, CODE + 5], &(CODE + 7).to_le_bytes());
+    assert_eq!((r.patches.len(), r.skipped.as_slice()), (0, &[(CODE + 5, Skip::NoWindow)][..]));
+    // An immediate operand naming the syscall's address (a label loaded into a register).
+    let mut code2 = alloc::vec![0x48, 0xc7, 0xc0];
+    code2.extend_from_slice(&((CODE + 12) as u32).to_le_bytes()); // mov $CODE+12,%rax (7)
+    code2.extend_from_slice(&[0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3]);
+    let r = run(&code2, &[], &[]);
+    assert_eq!(r.skipped, [(CODE + 12, Skip::NoWindow)]);
+}
+
+#[test]
+fn position_independent_jump_tables_count() {
+    // lea 0x5ff0(%rip),%rdx (the table at 0x60_0000 + 0: code at CODE, 7 bytes, so
+    // CODE + 7 + 0x1feff9 = 0x60_0000); mov $0x27,%eax; syscall; ret. The table's entry
+    // (an offset from the table) points at the syscall.
+    let lea_disp = (0x60_0000 - (CODE + 7)) as u32;
+    let mut code = alloc::vec![0x48, 0x8d, 0x15];
+    code.extend_from_slice(&lea_disp.to_le_bytes());
+    code.extend_from_slice(&[0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3]);
+    let syscall = CODE + 12;
+    let table = ((syscall as i64 - 0x60_0000) as i32).to_le_bytes();
+    let r = run(&code, &[], &table);
+    assert_eq!(r.skipped, [(syscall, Skip::NoWindow)]);
+    // Without the table the window is fine.
+    assert_eq!(run(&code, &[], &[0; 4]).patches.len(), 1);
+}
+
+#[test]
+fn calls_are_never_moved() {
+    // call +0; syscall; ret: the call's return address is the syscall
+    let code = [0xe8, 0, 0, 0, 0, 0x0f, 0x05, 0xc3, 0x90, 0x90, 0x90];
+    let r = run(&code, &[], &[]);
+    assert_eq!(r.skipped, [(CODE + 5, Skip::NoWindow)]);
+    assert!(r.patches.is_empty());
+}
+
+#[test]
+fn another_syscall_never_moves() {
+    // syscall; syscall; syscall; mov %rax,%rdi (a symbol: reached); ret. The third's only
+    // window of 5 bytes or more ending with it holds the other two.
+    let code = [0x0f, 0x05, 0x0f, 0x05, 0x0f, 0x05, 0x48, 0x89, 0xc7, 0xc3];
+    let r = run(&code, &[CODE, CODE + 6], &[]);
+    assert_eq!(r.sites, 3);
+    assert!(r.patches.is_empty(), "{:x?}", r.patches);
+}
+
+#[test]
+fn nothing_after_an_unconditional_jump_or_return_moves() {
+    // mov %rdi,%rax (3, a branch target: the syscall start is reached); syscall; ret; next function...
+    let code = [0x48, 0x89, 0xf8, 0x0f, 0x05, 0xc3, 0x55, 0x48, 0x89, 0xe5];
+    let r = run(&code, &[CODE + 3], &[]);
+    assert_eq!(r.skipped, [(CODE + 3, Skip::NoWindow)]);
+}
+
+#[test]
+fn rip_relative_operands_and_branches_are_relocated() {
+    // 0: mov 0x100(%rip),%eax (6; refers to CODE+0x106); 6: syscall; 8: test %eax,%eax;
+    // a: js +0x10 (to CODE+0x1c); c: ret. The syscall is reached (symbol), so the forward window.
+    let code = [0x8b, 0x05, 0, 1, 0, 0, 0x0f, 0x05, 0x85, 0xc0, 0x78, 0x10, 0xc3];
+    let r = run(&code, &[], &[]);
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE, 8));
+    let moved = check_head(&decode_from(&r, jump_target(p)), CODE + 8);
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].ip_rel_memory_address(), CODE + 0x106);
+
+    let r = run(&code, &[CODE + 6], &[]);
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE + 6, 6)); // syscall, test, js
+    let entry = jump_target(p);
+    let head = decode_from(&r, entry);
+    let continuation = u64::from(head[head.len() - 2].immediate32());
+    assert_eq!(head[head.len() - 2].code(), Code::Mov_r32_imm32);
+    let tail = decode_from(&r, continuation);
+    assert_eq!(text(&tail[0]), "Test_rm32_r32");
+    assert_eq!(tail[1].mnemonic(), Mnemonic::Js);
+    assert_eq!(tail[1].near_branch_target(), CODE + 0x1c);
+    assert_eq!(tail[2].near_branch_target(), CODE + 12);
+}
+
+#[test]
+fn musl_cancellation_point() {
+    // __syscall_cp_asm's end: mov %r11,8(%rsp); syscall; __cp_end: ret
+    let code = [0x4c, 0x89, 0x5c, 0x24, 0x08, 0x0f, 0x05, 0xc3];
+    let r = run(&code, &[CODE, CODE + 7], &[]);
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE, 7));
+    let moved = check_head(&decode_from(&r, jump_target(p)), CODE + 7);
+    assert_eq!(text(&moved[0]), "Mov_rm64_r64");
+    assert_eq!(moved[0].memory_base(), Register::RSP);
+    assert_eq!(moved[0].memory_displacement64(), 8);
+}
+
+#[test]
+fn neighbouring_sites_do_not_overlap() {
+    // mov $1,%eax; syscall; mov $2,%eax; syscall; syscall; ret
+    let code = [0xb8, 1, 0, 0, 0, 0x0f, 0x05, 0xb8, 2, 0, 0, 0, 0x0f, 0x05, 0x0f, 0x05, 0xc3];
+    let r = run(&code, &[], &[]);
+    assert_eq!(r.sites, 3);
+    let windows: Vec<(u64, usize)> = r.patches.iter().map(|p| (p.address, p.bytes.len())).collect();
+    assert_eq!(windows, [(CODE, 7), (CODE + 7, 7)]);
+    assert_eq!(r.skipped, [(CODE + 14, Skip::NoWindow)]);
+}
+
+#[test]
+fn out_of_step_sweeps_are_left_alone() {
+    // A symbol in the middle of the first instruction: the sweep may not be the real code.
+    let code = [0xb8, 0x27, 0, 0, 0, 0x0f, 0x05, 0xc3];
+    let r = run(&code, &[CODE + 2], &[]);
+    assert_eq!(r.skipped, [(CODE + 5, Skip::Unsynced)]);
+}
+
+/// The real program, when scripts/fetch-redis.sh has built it: counts, and every patch
+/// and trampoline decodes.
+#[test]
+fn redis_server_if_built() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/test-assets/redis-server");
+    let Ok(image) = std::fs::read(path) else {
+        std::eprintln!("{path} not built: skipped");
+        return;
+    };
+    let elf = goblin::elf::Elf::parse(&image).unwrap();
+    let mut code = Vec::new();
+    let mut data = Vec::new();
+    for s in elf.section_headers.iter() {
+        if s.sh_type == goblin::elf::section_header::SHT_NOBITS || s.sh_addr == 0 || s.sh_size == 0 {
+            continue;
+        }
+        let bytes = &image[s.sh_offset as usize..(s.sh_offset + s.sh_size) as usize];
+        let section = Section { address: s.sh_addr, bytes };
+        if s.sh_flags & u64::from(goblin::elf::section_header::SHF_EXECINSTR) != 0 {
+            code.push(section);
+        } else if s.sh_flags & u64::from(goblin::elf::section_header::SHF_ALLOC) != 0 {
+            data.push(section);
+        }
+    }
+    let symbols: Vec<u64> = elf.syms.iter().map(|s| s.st_value).filter(|&v| v != 0).collect();
+    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
+    std::eprintln!(
+        "redis-server: rewrote {} of {} syscall sites, {} bytes of trampolines; skipped {:x?}",
+        r.patches.len(),
+        r.sites,
+        r.trampolines.len(),
+        r.skipped
+    );
+    assert!(r.patches.len() * 10 >= r.sites * 9, "fewer than 90% rewritten");
+    // A function of the binary (and the base) only: a recording and its replay, and both
+    // sides of a pair, get the same code.
+    let again = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
+    assert_eq!((&again.patches, &again.trampolines), (&r.patches, &r.trampolines));
+    for p in &r.patches {
+        assert!(jump_target(p) >= BASE && jump_target(p) < BASE + r.trampolines.len() as u64);
+    }
+}
+
+/// `REWRITE_DUMP=ELF cargo test -p linux-abi dump -- --nocapture`: every window and the
+/// trampolines (to /tmp/trampolines.bin, for `objdump -D -b binary -m i386:x86-64`).
+#[test]
+fn dump() {
+    let Ok(path) = std::env::var("REWRITE_DUMP") else { return };
+    let image = std::fs::read(path).unwrap();
+    let elf = goblin::elf::Elf::parse(&image).unwrap();
+    let mut code = Vec::new();
+    let mut data = Vec::new();
+    for s in elf.section_headers.iter() {
+        if s.sh_type == goblin::elf::section_header::SHT_NOBITS || s.sh_addr == 0 || s.sh_size == 0 {
+            continue;
+        }
+        let bytes = &image[s.sh_offset as usize..(s.sh_offset + s.sh_size) as usize];
+        let section = Section { address: s.sh_addr, bytes };
+        if s.sh_flags & u64::from(goblin::elf::section_header::SHF_EXECINSTR) != 0 {
+            code.push(section);
+        } else if s.sh_flags & u64::from(goblin::elf::section_header::SHF_ALLOC) != 0 {
+            data.push(section);
+        }
+    }
+    let symbols: Vec<u64> = elf.syms.iter().map(|s| s.st_value).filter(|&v| v != 0).collect();
+    let r = rewrite(&Program { code: &code, data: &data, symbols: &symbols, pointers: &[] }, ENTRY, BASE);
+    for p in &r.patches {
+        std::eprintln!("{:#x} +{} -> {:#x}", p.address, p.bytes.len(), jump_target(p));
+    }
+    std::fs::write("/tmp/trampolines.bin", &r.trampolines).unwrap();
+}
