@@ -661,7 +661,7 @@ impl Events {
                         .as_f64()
                         .map(|t| std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
                         .unwrap_or_else(std::time::SystemTime::now);
-                    into.lock().unwrap_or_else(|p| p.into_inner()).push(SideEvent { fields, at });
+                    ftvm_sync::lock(&into).push(SideEvent { fields, at });
                     true
                 });
                 if followed.is_ok() {
@@ -676,13 +676,9 @@ impl Events {
         Events { seen }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SideEvent>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Events of `kind` (`takeover`, `backup_lost`, ...) seen so far that `keep` accepts.
     pub fn of(&self, kind: &str, keep: impl Fn(&SideEvent) -> bool) -> Vec<SideEvent> {
-        self.lock().iter().filter(|e| e.fields["event"] == kind && keep(e)).cloned().collect()
+        ftvm_sync::lock(&self.seen).iter().filter(|e| e.fields["event"] == kind && keep(e)).cloned().collect()
     }
 
     pub fn count(&self, kind: &str) -> usize {
