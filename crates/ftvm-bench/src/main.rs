@@ -24,6 +24,7 @@ mod rr;
 mod snapshot;
 mod soak;
 mod vs_qemu;
+mod table;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{self, Common, ExitSummary, Finished, Machine, Ratio, Series};
 use crate::plot;
+use crate::table::{self, Table};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -418,11 +419,12 @@ fn print_table(r: &Report) {
     ));
     for s in &r.scenarios {
         println!("== {} ({}, {} {:?}), digest {}", s.name, s.what, s.guest, s.cmdline, s.digest);
-        println!("  {:<18} {:>10}  samples", "mode", "median");
+        let mut times = Table::new().indent("  ").left("mode", 18).right("median", 10).gap(2).left("samples", 0);
         for (mode, t) in &s.times {
             let samples: Vec<String> = t.samples.iter().map(|v| format!("{v:.3}")).collect();
-            println!("  {:<18} {:>9.3}s  {}", mode.label(), t.median, samples.join(" "));
+            times.row([mode.label().to_string(), format!("{:.3}s", t.median), samples.join(" ")]);
         }
+        times.print();
         let l = &s.ftvm_log;
         println!(
             "  ftvm log: {:.0} bytes ({:.0} without the header), {:.0} records, {:.3} s of guest time: {:.0} B/s ({:.4} Mbit/s)",
@@ -440,12 +442,7 @@ fn print_table(r: &Report) {
         if let Some(q) = &s.qemu_log {
             println!("  QEMU rr log: {:.0} bytes ({:.0} B/s of record time)", q.bytes.median, q.bytes_per_s);
         }
-        for ratio in &s.ratios {
-            println!("  {:<24} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
-            if let Some(n) = &ratio.note {
-                println!("  {:<24} {n}", "");
-            }
-        }
+        table::ratios("  ", &s.ratios, 3).print();
         println!();
     }
     if let Some(i) = &r.idle {

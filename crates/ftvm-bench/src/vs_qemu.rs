@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::common::{self, median, Common, Finished, Machine};
 use crate::plot;
+use crate::table::Table;
 
 /// Raw KVM cost of a userspace exit from CPL3 on this platform (platform.md, measured by
 /// reference/kvm-probe): the floor ftvm's port-I/O path is compared with.
@@ -134,22 +135,22 @@ fn scenario(name: &str, unit: &str, what: &str, (ftvm, qemu): (Vec<f64>, Vec<f64
 
 fn print_table(r: &Report) {
     r.machine.print(&format!("{} per engine and scenario (compute, iobench: a third, at least 2)", r.runs));
-    println!("{:<20} {:>12} {:>12} {:>8}  what", "scenario", "ftvm", "qemu", "ratio");
+    let mut t = Table::new().left("scenario", 20).right("ftvm", 12).right("qemu", 12).right("ratio", 8);
+    t = t.gap(2).left("what", 0);
     for s in &r.scenarios {
-        println!(
-            "{:<20} {:>10.4} {:<1} {:>10.4} {:<1} {:>8.3}  {}",
-            s.name,
-            s.ftvm_median,
-            &s.unit[..1],
-            s.qemu_median,
-            &s.unit[..1],
-            s.ratio,
-            s.what
-        );
+        let unit = &s.unit[..1];
+        t.row([
+            s.name.clone(),
+            format!("{:.4} {unit}", s.ftvm_median),
+            format!("{:.4} {unit}", s.qemu_median),
+            format!("{:.3}", s.ratio),
+            s.what.clone(),
+        ]);
         if let Some(n) = &s.note {
-            println!("{:<20} {n}", "");
+            t.line(format!("{:<20} {n}", ""));
         }
     }
+    t.print();
 }
 
 /// Runs one guest to completion under `ftvm run` or QEMU microvm with KVM.
