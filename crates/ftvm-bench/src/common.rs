@@ -255,18 +255,6 @@ pub fn enter_netns(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// The row of `test` in redis-benchmark's `--csv` output, by column name ("rps",
-/// "avg_latency_ms", "p50_latency_ms", ...): a header line starting with "test", then a row
-/// per test. `None` without that row or its "rps".
-pub fn redis_benchmark_row(out: &str, test: &str) -> Option<BTreeMap<String, f64>> {
-    let fields = |l: &str| l.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect::<Vec<_>>();
-    let header = out.lines().find(|l| l.starts_with("\"test\"")).map(fields)?;
-    let row = out.lines().map(fields).find(|f| f.first().map(String::as_str) == Some(test))?;
-    let map: BTreeMap<String, f64> =
-        header.into_iter().zip(row).filter_map(|(h, v)| v.parse::<f64>().ok().map(|v| (h, v))).collect();
-    map.contains_key("rps").then_some(map)
-}
-
 /// A fresh blank (sparse) raw disk of `mib` MiB at `dir/name`, replacing one left there.
 pub fn fresh_disk(dir: &Path, name: &str, mib: u64) -> Result<PathBuf> {
     let disk = dir.join(name);

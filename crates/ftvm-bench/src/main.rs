@@ -19,12 +19,13 @@ mod pair;
 mod pingpong;
 mod plot;
 mod redis;
+mod redis_bench;
 mod reprotect;
 mod rr;
 mod snapshot;
 mod soak;
-mod vs_qemu;
 mod table;
+mod vs_qemu;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -13,9 +13,11 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::common::{self, Common, Machine, Ratio, Running, Series};
-use crate::kvstore::{self, Bench, Topology, GUEST_IP, READY};
+use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::pingpong::{self, Rtt};
 use crate::plot;
+use crate::redis_bench::{self, Bench};
+use crate::table::{self, Table};
 
 /// The backup's address on the replication link (host 2's rep0).
 const BACKUP_IP: &str = "10.99.0.2";
@@ -689,7 +691,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
             let threads0 = backup.as_ref().map(|b| thread_cpu_ms(b.pid()));
             let machine0 = machine_cpu_ms();
-            let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
+            let bench = redis_bench::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
             })?;
             let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
@@ -818,60 +820,43 @@ fn print_table(r: &Report) {
     if r.pinned {
         println!("pinned: the unprotected VM and the primary on CPU 0, the backup and the clients on CPU 1\n");
     }
-    println!(
-        "{:<4} {:>3}  {:<14} {:>8} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>7}",
-        "test",
-        "c",
-        "mode",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "log Mbit/s",
-        "log B/req",
-        "CPU ms/1k req",
-        "machine ms/1k",
-        "hold µs"
-    );
+    let mut t = Table::new().left("test", 4).right("c", 3).gap(2).left("mode", 14).right("req/s", 8);
+    t = t.right("p50 ms", 7).right("p99 ms", 7).right("log Mbit/s", 10).right("log B/req", 9);
+    t = t.right("CPU ms/1k req", 13).right("machine ms/1k", 15).right("hold µs", 7);
     for cell in &r.cells {
         let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
         let cpu = match &cell.backup_cpu_ms_per_1k {
             Some(b) => format!("{:.0} + {:.0}", cell.vm_cpu_ms_per_1k.median, b.median),
             None => format!("{:.0}", cell.vm_cpu_ms_per_1k.median),
         };
-        println!(
-            "{:<4} {:>3}  {:<14} {:>8.0} {:>7.3} {:>7.3} {:>10} {:>9} {:>13} {:>15} {:>7}",
-            cell.test,
-            cell.clients,
-            cell.mode.label(),
-            cell.rps.median,
-            cell.p50_ms.median,
-            cell.p99_ms.median,
+        t.row([
+            cell.test.clone(),
+            cell.clients.to_string(),
+            cell.mode.label().to_string(),
+            format!("{:.0}", cell.rps.median),
+            format!("{:.3}", cell.p50_ms.median),
+            format!("{:.3}", cell.p99_ms.median),
             opt(&cell.log_mbit_s, 2),
             opt(&cell.log_bytes_per_request, 0),
             cpu,
             format!("{:.0} ({:.0}% idle)", cell.machine_cpu_ms_per_1k.median, cell.machine_idle.median * 100.0),
-            opt(&cell.hold_us, 0)
-        );
+            opt(&cell.hold_us, 0),
+        ]);
     }
+    t.print();
     println!("\nthe hold by stage, µs, mean / p50 / p99 (medians over sessions; the stages add up to the hold):");
+    let mut stages = Table::headless().left("test", 4).right("c", 3).gap(2).left("mode", 14).left("stages", 0);
     for cell in r.cells.iter().filter(|c| !c.stages.is_empty()) {
         let parts: Vec<String> = cell
             .stages
             .iter()
             .map(|s| format!("{} {:.0}/{:.0}/{:.0}", s.name, s.mean_us.median, s.p50_us.median, s.p99_us.median))
             .collect();
-        println!("{:<4} {:>3}  {:<14} {}", cell.test, cell.clients, cell.mode.label(), parts.join("  "));
+        stages.row([cell.test.clone(), cell.clients.to_string(), cell.mode.label().to_string(), parts.join("  ")]);
     }
+    stages.print();
     println!();
-    for ratio in &r.ratios {
-        println!(
-            "{:<38} {:>7.3}  {}  {}",
-            ratio.name,
-            ratio.value,
-            ratio.goal_text(),
-            ratio.note.as_deref().unwrap_or_default()
-        );
-    }
+    table::ratios("", &r.ratios, 3).print();
     println!();
     for r in &r.link_rtt {
         println!(
@@ -885,15 +870,7 @@ fn print_table(r: &Report) {
             r.p99_us
         );
     }
-    for ratio in &r.hold_ratios {
-        println!(
-            "{:<50} {:>7.2}  {}  {}",
-            ratio.name,
-            ratio.value,
-            ratio.goal_text(),
-            ratio.note.as_deref().unwrap_or_default()
-        );
-    }
+    table::ratios("", &r.hold_ratios, 2).print();
     println!("\nidle log bandwidth: {:.3} Mbit/s (median)", r.idle_log_mbit_s.median);
     for s in &r.sessions {
         if let Some(f) = &s.failover {

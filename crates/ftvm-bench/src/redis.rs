@@ -15,12 +15,14 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running, Series};
-use crate::kvstore::{bench, per_request, Bench, Topology, GUEST_IP};
+use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running};
+use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
+use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, TESTS};
+use crate::table;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -63,7 +65,7 @@ enum Engine {
     KvstoreFtvmRun,
 }
 
-impl Engine {
+impl redis_bench::Engine for Engine {
     fn label(self) -> &'static str {
         match self {
             Engine::RedisFtvmRun => "Redis, ftvm run",
@@ -90,26 +92,13 @@ struct Session {
 }
 
 #[derive(Debug, Serialize)]
-struct Cell {
-    test: String,
-    clients: u32,
-    engine: Engine,
-    rps: Series,
-    p50_ms: Series,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exits_per_request: Option<Series>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_bytes_per_request: Option<Series>,
-}
-
-#[derive(Debug, Serialize)]
 struct Report {
     suite: &'static str,
     machine: Machine,
     runs: usize,
     redis_benchmark: String,
     redis_args: String,
-    cells: Vec<Cell>,
+    cells: Vec<Cell<Engine>>,
     ratios: Vec<Ratio>,
     sessions: Vec<Session>,
 }
@@ -160,51 +149,15 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         engines.push(Engine::RedisFtvmRecord);
     }
     let topo = Topology::up(&args.topology, 1)?;
-    let mut sessions = Vec::new();
-    for rep in 0..runs {
-        for k in 0..engines.len() {
-            let engine = engines[(k + rep) % engines.len()];
-            eprintln!("round {}/{runs}: {}", rep + 1, engine.label());
-            sessions.push(session(&ctx, &topo, engine, rep)?);
-        }
-    }
+    let sessions = redis_bench::rounds(runs, &engines, |engine, rep| session(&ctx, &topo, engine, rep))?;
     drop(topo);
 
-    let mut cells = Vec::new();
-    for &c in &args.clients {
-        for test in ["SET", "GET"] {
-            for &engine in &engines {
-                let mut cell = Cell {
-                    test: test.into(),
-                    clients: c,
-                    engine,
-                    rps: Series::default(),
-                    p50_ms: Series::default(),
-                    exits_per_request: None,
-                    log_bytes_per_request: None,
-                };
-                for b in sessions.iter().filter(|s| s.engine == engine).flat_map(|s| &s.benches) {
-                    if b.test == test && b.clients == c {
-                        cell.rps.push(b.rps);
-                        cell.p50_ms.push(b.p50_ms);
-                        if let Some(e) = b.exits_per_request {
-                            cell.exits_per_request.get_or_insert_with(Series::default).push(e);
-                        }
-                        if let Some(e) = b.log_bytes_per_request {
-                            cell.log_bytes_per_request.get_or_insert_with(Series::default).push(e);
-                        }
-                    }
-                }
-                cells.push(cell);
-            }
-        }
-    }
-    let rps = |test: &str, c: u32, e: Engine| {
-        cells.iter().find(|x| x.test == test && x.clients == c && x.engine == e).map_or(f64::NAN, |x| x.rps.median)
-    };
+    let benches = sessions.iter().flat_map(|s| s.benches.iter().map(move |b| (s.engine, b)));
+    let cells = redis_bench::cells(&args.clients, &engines, benches);
+    let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
     let mut ratios = Vec::new();
     for &c in &args.clients {
-        for test in ["SET", "GET"] {
+        for test in TESTS {
             let run = rps(test, c, Engine::RedisFtvmRun);
             let mut native =
                 Ratio::new(format!("{test} c={c} ftvm run/native"), run / rps(test, c, Engine::RedisNative));
@@ -317,15 +270,13 @@ fn measure(
 ) -> Result<Session> {
     let mut vm = Running::spawn(engine.label(), cmd)?;
     vm.wait_for_output(ready, Duration::from_secs(180))?;
-    let mut benches = Vec::new();
-    for &c in &ctx.args.clients {
-        for test in ["SET", "GET"] {
-            let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            benches.push(bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
-                format!("{} (round {}): console so far:\n{}", engine.label(), rep + 1, vm.stdout_text())
-            })?);
-        }
-    }
+    let load = Load {
+        redis_benchmark: &ctx.redis_benchmark,
+        clients: &ctx.args.clients,
+        requests: ctx.args.requests,
+        requests_single: ctx.args.requests_single,
+    };
+    let mut benches = load.run(topo, &vm, engine.label(), rep)?;
     let f = vm.terminate(Duration::from_secs(10))?;
     let counts = ExitSummary::parse(&f.stderr);
     let requests: u64 = benches.iter().map(|b| b.requests).sum();
@@ -342,27 +293,9 @@ fn print_table(r: &Report) {
     r.machine
         .print(&format!("{} sessions per engine, one redis-benchmark run per test and client count in each", r.runs));
     println!("{}; redis-server arguments: {}\n", r.redis_benchmark, r.redis_args);
-    println!(
-        "{:<4} {:>3}  {:<19} {:>10} {:>9} {:>11} {:>11}",
-        "test", "c", "engine", "req/s", "p50 ms", "exits/req", "log B/req"
-    );
-    for cell in &r.cells {
-        let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
-        println!(
-            "{:<4} {:>3}  {:<19} {:>10.0} {:>9.3} {:>11} {:>11}",
-            cell.test,
-            cell.clients,
-            cell.engine.label(),
-            cell.rps.median,
-            cell.p50_ms.median,
-            opt(&cell.exits_per_request, 2),
-            opt(&cell.log_bytes_per_request, 1)
-        );
-    }
+    redis_bench::cells_table(&r.cells).print();
     println!();
-    for ratio in &r.ratios {
-        println!("{:<34} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
-    }
+    table::ratios("", &r.ratios, 3).print();
     for s in &r.sessions {
         let per =
             s.session_exits_per_request.map_or(String::new(), |e| format!(", {e:.2} exits/request over the session"));

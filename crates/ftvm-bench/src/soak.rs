@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use ftvm_api::Role;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -40,8 +41,9 @@ use crate::common::{self, Common, Machine, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
 use crate::reprotect::{
-    is_protected, max_of, mem_label, parse_mem, protect, status, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm,
+    is_protected, max_of, mem_label, protect, status, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm,
 };
+use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -405,7 +407,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.min_gap_ms > args.max_gap_ms {
         bail!("--min-gap-ms ({}) is above --max-gap-ms ({})", args.min_gap_ms, args.max_gap_ms);
     }
-    let mib = parse_mem(&args.mem).map_err(anyhow::Error::msg)?;
+    let mib = ftvm_api::parse_mem_mib(&args.mem).map_err(anyhow::Error::msg)?;
     let seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
@@ -879,8 +881,8 @@ fn event(
             ev.took_over = Some(survivor.label());
             match status(&st.env.ftvm, &survivor.sock) {
                 Ok(s) => {
-                    let (role, failovers) = (s["role"].as_str().unwrap_or("?"), s["pair"]["failovers"].as_u64());
-                    if role != "backup-live" || failovers.unwrap_or(0) < 1 {
+                    let (role, failovers) = (s.role.as_str(), s.pair.map(|p| p.failovers));
+                    if s.role != Role::BackupLive || failovers.unwrap_or(0) < 1 {
                         violation(
                             ev,
                             format!("after TAKEOVER, {} says role {role}, failovers {failovers:?}", survivor.label()),
@@ -959,40 +961,31 @@ fn print_table(r: &Report) {
         "{} failovers planned, seed {}, {}..{} ms apart, backup kills {}%",
         r.failovers_planned, r.seed, r.min_gap_ms, r.max_gap_ms, r.backup_kill_percent
     ));
-    println!(
-        "{:>3} {:<11} {:<18} {:<18} {:>9} {:>9} {:<17} {:>10} {:>9} {:>8} {:>9} {:>5}",
-        "#",
-        "event",
-        "SIGKILL",
-        "went live",
-        "live ms",
-        "gap ms",
-        "new backup",
-        "protect ms",
-        "pause ms",
-        "MiB",
-        "p.gap ms",
-        "viol."
-    );
+    let mut t = Table::new().right("#", 3).left("event", 11).left("SIGKILL", 18).left("went live", 18);
+    t = t.right("live ms", 9).right("gap ms", 9).left("new backup", 17).right("protect ms", 10);
+    t = t.right("pause ms", 9).right("MiB", 8).right("p.gap ms", 9).right("viol.", 5);
     let o = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     for e in &r.events {
         let p = e.protect();
-        println!(
-            "{:>3} {:<11} {:<18} {:<18} {:>9} {:>9} {:<17} {:>10} {:>9} {:>8} {:>9} {:>5}",
-            e.index,
-            e.kind.label(),
-            e.killed.as_deref().unwrap_or("-"),
-            e.took_over.as_deref().unwrap_or(if e.kind == Kind::BackupKill { "(no failover)" } else { "NONE" }),
+        t.row([
+            e.index.to_string(),
+            e.kind.label().to_string(),
+            e.killed.as_deref().unwrap_or("-").to_string(),
+            e.took_over
+                .as_deref()
+                .unwrap_or(if e.kind == Kind::BackupKill { "(no failover)" } else { "NONE" })
+                .to_string(),
             o(e.takeover_ms.or(e.unprotected_ms), 0),
             o(e.ping_gap_ms, 0),
-            e.new_backup.as_deref().unwrap_or("-"),
+            e.new_backup.as_deref().unwrap_or("-").to_string(),
             o(p.map(|p| p.time_ms()), 0),
             o(p.and_then(|p| p.pause_ms), 2),
             o(p.map(|p| p.shipped_bytes as f64 / 1048576.0), 1),
             o(e.protect_ping_gap_ms, 0),
-            e.violations.len()
-        );
+            e.violations.len().to_string(),
+        ]);
     }
+    t.print();
     println!(
         "(live ms: SIGKILL to the backup's takeover event; for a backup kill, to the live side's backup_lost event)"
     );
