@@ -224,9 +224,21 @@ pub fn capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The options of every suite that drives redis-benchmark on the test network.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    /// The redis-benchmark binary (Debian's redis-tools).
+    #[arg(long, default_value = "redis-benchmark")]
+    pub redis_benchmark: PathBuf,
+    /// The topology script (run from the repository root, or give its path).
+    #[arg(long, default_value = "scripts/topology.sh")]
+    pub topology: PathBuf,
+}
+
 /// What every suite that runs the kvstore guest on the test network needs: the guest image,
 /// root, redis-benchmark, the topology script and iproute2. Returns redis-benchmark's path.
-pub fn kvstore_network_suite(common: &Common, suite: &str, redis_benchmark: &Path, topology: &Path) -> Result<PathBuf> {
+pub fn kvstore_network_suite(common: &Common, suite: &str, net: &NetArgs) -> Result<PathBuf> {
+    let (redis_benchmark, topology) = (&net.redis_benchmark, &net.topology);
     if !common.guests.join("kvstore.elf").is_file() {
         bail!(
             "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
@@ -307,14 +319,17 @@ pub fn snapshot_images(guests: &Path, names: &[&str], dir: &Path) -> Result<BTre
     Ok(out)
 }
 
-/// Writes `NAME.json` and `NAME.svg` under `out`; returns their paths.
-pub fn write_results<T: Serialize>(out: &Path, name: &str, report: &T, svg: &str) -> Result<(PathBuf, PathBuf)> {
+/// The end of every suite: writes `NAME.json` and `NAME.svg` under `out`, prints the
+/// report's table (`print`), then where the files went. Returns the JSON's path.
+pub fn publish<T: Serialize>(out: &Path, name: &str, report: &T, svg: &str, print: impl FnOnce(&T)) -> Result<PathBuf> {
     std::fs::create_dir_all(out)?;
     let json = out.join(format!("{name}.json"));
     std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
     let svg_path = out.join(format!("{name}.svg"));
     std::fs::write(&svg_path, svg)?;
-    Ok((json, svg_path))
+    print(report);
+    println!("\nwrote {} and {}", json.display(), svg_path.display());
+    Ok(json)
 }
 
 /// The counts in ftvm's summary line, e.g. "... after 3.021 s (546 exits: 544 port I/O,

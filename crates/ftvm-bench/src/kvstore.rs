@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running};
+use crate::common::{self, Common, ExitSummary, Machine, Ratio};
 use crate::plot;
-use crate::redis_bench::{self, median_rps, per_request, unix_ns, Bench, Cell, Engine as _, Load, LogTotals, TESTS};
+use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, LogTotals, Measured, TESTS};
 use crate::table;
 
 pub(crate) const GUEST_IP: &str = "10.0.0.2";
@@ -35,12 +35,8 @@ pub struct Args {
     /// Requests per run with one client (one request in flight, so far fewer per second).
     #[arg(long, default_value_t = 5_000)]
     requests_single: u64,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// Size of each VM's fresh blank raw disk, MiB.
     #[arg(long, default_value_t = 64)]
     disk_mib: u64,
@@ -156,10 +152,19 @@ impl Drop for Topology {
     }
 }
 
+impl redis_bench::Session<Engine> for Session {
+    fn engine(&self) -> Engine {
+        self.engine
+    }
+    fn benches(&self) -> &[Bench] {
+        &self.benches
+    }
+}
+
 struct Ctx<'a> {
     common: &'a Common,
     args: &'a Args,
-    redis_benchmark: PathBuf,
+    load: Load<'a>,
     ftvm: PathBuf,
     kernel: PathBuf,
     work: PathBuf,
@@ -167,7 +172,7 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "kvstore", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "kvstore", &args.net)?;
     let work = common.out.join("kvstore");
     let common = &common.with_ftvm_copy(&work)?;
     let machine = Machine::describe(common)?;
@@ -178,24 +183,27 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let ctx = Ctx {
         common,
         args,
-        redis_benchmark,
+        load: Load {
+            redis_benchmark: &redis_benchmark,
+            clients: &args.clients,
+            requests: args.requests,
+            requests_single: args.requests_single,
+        },
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         kernel: images["kvstore"].clone(),
         work,
         cmdline,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = ctx.load.version()?;
 
     let mut engines = vec![Engine::FtvmRun, Engine::FtvmRecord];
     if !args.no_qemu {
         engines.push(Engine::Qemu);
     }
-    let topo = Topology::up(&args.topology, 1)?;
-    let sessions = redis_bench::rounds(runs, &engines, |engine, rep| session(&ctx, &topo, engine, rep))?;
-    drop(topo);
-
-    let benches = sessions.iter().flat_map(|s| s.benches.iter().map(move |b| (s.engine, b)));
-    let cells = redis_bench::cells(&args.clients, &engines, benches);
+    let (sessions, cells) =
+        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+            session(&ctx, topo, engine, rep)
+        })?;
     let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
     let mut ratios = Vec::new();
     for &c in &args.clients {
@@ -230,12 +238,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         ratios,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("kvstore under redis-benchmark: throughput ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "kvstore", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "kvstore", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -272,19 +277,8 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.args(["-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0"]);
         }
     }
-    let start_ns = unix_ns();
-    let mut vm = Running::spawn(engine.label(), &mut cmd)?;
-    vm.wait_for_output(READY, Duration::from_secs(120))?;
-    let boot_to_ready_s = (unix_ns() - start_ns) as f64 / 1e9;
-    let load = Load {
-        redis_benchmark: &ctx.redis_benchmark,
-        clients: &ctx.args.clients,
-        requests: ctx.args.requests,
-        requests_single: ctx.args.requests_single,
-    };
-    let benches = load.run(topo, &vm, engine.label(), rep)?;
-    let f = vm.terminate(Duration::from_secs(10))?;
-    let counts = ExitSummary::parse(&f.stderr);
+    let Measured { benches, boot_to_ready_s, counts, finished: f } =
+        ctx.load.measure(topo, &mut cmd, (engine.label(), rep), READY, Duration::from_secs(120))?;
     let mut s =
         Session { engine, rep, wall_s: f.wall_s(), boot_to_ready_s, counts, benches, log: None, replay_s: None };
     if engine == Engine::FtvmRecord {

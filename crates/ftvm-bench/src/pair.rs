@@ -33,12 +33,8 @@ pub struct Args {
     /// Requests per run with one client.
     #[arg(long, default_value_t = 5_000)]
     requests_single: u64,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// The failover checker (run from the repository root, or give its path).
     #[arg(long, default_value = "scripts/kv-checker.py")]
     checker: PathBuf,
@@ -235,7 +231,7 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "pair", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "pair", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
@@ -260,7 +256,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.pin {
         pin_self(1)?;
     }
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let floor = |when: &str| -> Result<Rtt> {
         let r = pingpong::measure(&topo.host_n(1), &topo.host_n(2), &format!("{BACKUP_IP}:6999"))?;
         eprintln!(
@@ -459,12 +455,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         invariants_held: held,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("kvstore protected (ftvm primary + backup) / unprotected (ftvm run): throughput", &bars);
-    let (json, svg) = common::write_results(&common.out, "pair", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "pair", &report, &svg, print_table)?;
     Ok(())
 }
 

@@ -18,10 +18,10 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running};
+use crate::common::{self, Common, ExitSummary, Machine, Ratio};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
-use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, TESTS};
+use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, Measured, TESTS};
 use crate::table;
 
 #[derive(clap::Args, Debug)]
@@ -41,12 +41,8 @@ pub struct Args {
     /// The static redis-server (scripts/fetch-redis.sh).
     #[arg(long, default_value = "target/test-assets/redis-server")]
     redis_server: PathBuf,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// Leave out the recording (and its log-derived counts).
     #[arg(long)]
     no_record: bool,
@@ -103,9 +99,18 @@ struct Report {
     sessions: Vec<Session>,
 }
 
+impl redis_bench::Session<Engine> for Session {
+    fn engine(&self) -> Engine {
+        self.engine
+    }
+    fn benches(&self) -> &[Bench] {
+        &self.benches
+    }
+}
+
 struct Ctx<'a> {
     args: &'a Args,
-    redis_benchmark: PathBuf,
+    load: Load<'a>,
     ftvm: PathBuf,
     redis_server: PathBuf,
     redis_elf: PathBuf,
@@ -115,7 +120,7 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "redis", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "redis", &args.net)?;
     common::require_file(&args.redis_server, "redis-server", "build it with scripts/fetch-redis.sh")?;
     let cpio = common.guests.join("redis.cpio");
     common::require_file(
@@ -135,7 +140,12 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     std::fs::copy(&args.redis_server, &redis_server)?;
     let ctx = Ctx {
         args,
-        redis_benchmark,
+        load: Load {
+            redis_benchmark: &redis_benchmark,
+            clients: &args.clients,
+            requests: args.requests,
+            requests_single: args.requests_single,
+        },
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         redis_server,
         redis_elf: images["redis"].clone(),
@@ -143,17 +153,15 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         kvstore: images["kvstore"].clone(),
         work,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = ctx.load.version()?;
     let mut engines = vec![Engine::RedisFtvmRun, Engine::RedisNative, Engine::KvstoreFtvmRun];
     if !args.no_record {
         engines.push(Engine::RedisFtvmRecord);
     }
-    let topo = Topology::up(&args.topology, 1)?;
-    let sessions = redis_bench::rounds(runs, &engines, |engine, rep| session(&ctx, &topo, engine, rep))?;
-    drop(topo);
-
-    let benches = sessions.iter().flat_map(|s| s.benches.iter().map(move |b| (s.engine, b)));
-    let cells = redis_bench::cells(&args.clients, &engines, benches);
+    let (sessions, cells) =
+        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+            session(&ctx, topo, engine, rep)
+        })?;
     let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
     let mut ratios = Vec::new();
     for &c in &args.clients {
@@ -187,12 +195,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         ratios,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("Redis 7.0.15 under redis-benchmark: throughput ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "redis", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "redis", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -268,17 +273,8 @@ fn measure(
     ready: &str,
     log: &std::path::Path,
 ) -> Result<Session> {
-    let mut vm = Running::spawn(engine.label(), cmd)?;
-    vm.wait_for_output(ready, Duration::from_secs(180))?;
-    let load = Load {
-        redis_benchmark: &ctx.redis_benchmark,
-        clients: &ctx.args.clients,
-        requests: ctx.args.requests,
-        requests_single: ctx.args.requests_single,
-    };
-    let mut benches = load.run(topo, &vm, engine.label(), rep)?;
-    let f = vm.terminate(Duration::from_secs(10))?;
-    let counts = ExitSummary::parse(&f.stderr);
+    let Measured { mut benches, counts, finished: f, .. } =
+        ctx.load.measure(topo, cmd, (engine.label(), rep), ready, Duration::from_secs(180))?;
     let requests: u64 = benches.iter().map(|b| b.requests).sum();
     let session_exits_per_request = counts.as_ref().map(|c| c.exits as f64 / requests as f64);
     let mut log_bytes = None;

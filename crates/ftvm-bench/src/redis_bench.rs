@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{self, Running, Series};
+use crate::common::{self, ExitSummary, Finished, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::table::Table;
 
@@ -224,6 +224,31 @@ pub(crate) struct Load<'a> {
 }
 
 impl Load<'_> {
+    /// `redis-benchmark --version`, for the report.
+    pub(crate) fn version(&self) -> Result<String> {
+        Ok(common::capture(Command::new(self.redis_benchmark).arg("--version"))?.trim().to_string())
+    }
+
+    /// One session: starts `cmd` (the VM, or Redis natively), waits up to `ready_within`
+    /// for `ready` on its console, runs the benchmarks against it, then stops it (SIGTERM).
+    pub(crate) fn measure(
+        &self,
+        topo: &Topology,
+        cmd: &mut Command,
+        (label, rep): (&str, usize),
+        ready: &str,
+        ready_within: Duration,
+    ) -> Result<Measured> {
+        let start_ns = unix_ns();
+        let mut vm = Running::spawn(label, cmd)?;
+        vm.wait_for_output(ready, ready_within)?;
+        let boot_to_ready_s = (unix_ns() - start_ns) as f64 / 1e9;
+        let benches = self.run(topo, &vm, label, rep)?;
+        let finished = vm.terminate(Duration::from_secs(10))?;
+        let counts = ExitSummary::parse(&finished.stderr);
+        Ok(Measured { benches, boot_to_ready_s, counts, finished })
+    }
+
     /// Runs every (client count, test) against the VM (its console goes into the error of
     /// a benchmark that fails twice).
     pub(crate) fn run(&self, topo: &Topology, vm: &Running, label: &str, rep: usize) -> Result<Vec<Bench>> {
@@ -240,6 +265,39 @@ impl Load<'_> {
         }
         Ok(benches)
     }
+}
+
+/// What [`Load::measure`] saw of one session.
+pub(crate) struct Measured {
+    pub(crate) benches: Vec<Bench>,
+    /// Start to the ready line.
+    pub(crate) boot_to_ready_s: f64,
+    /// ftvm's exit summary (none for a program that prints none).
+    pub(crate) counts: Option<ExitSummary>,
+    pub(crate) finished: Finished,
+}
+
+/// A suite's record of one session, as [`sessions`] reads it.
+pub(crate) trait Session<E> {
+    fn engine(&self) -> E;
+    fn benches(&self) -> &[Bench];
+}
+
+/// Brings up a one-host test network, runs the sessions on it ([`rounds`]), tears it down,
+/// and returns the sessions with their cells.
+pub(crate) fn sessions<E: Engine, S: Session<E>>(
+    topology: &Path,
+    runs: usize,
+    clients: &[u32],
+    engines: &[E],
+    mut session: impl FnMut(&Topology, E, usize) -> Result<S>,
+) -> Result<(Vec<S>, Vec<Cell<E>>)> {
+    let topo = Topology::up(topology, 1)?;
+    let sessions = rounds(runs, engines, |engine, rep| session(&topo, engine, rep))?;
+    drop(topo);
+    let benches = sessions.iter().flat_map(|s| s.benches().iter().map(move |b| (s.engine(), b)));
+    let cells = cells(clients, engines, benches);
+    Ok((sessions, cells))
 }
 
 /// A session per engine and round, the order rotated from one round to the next so that

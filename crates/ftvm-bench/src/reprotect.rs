@@ -742,12 +742,8 @@ pub struct Args {
     /// Skip the local `ftvm ctl snapshot` of each VM (the pause it is compared with).
     #[arg(long)]
     no_snapshot: bool,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -898,7 +894,7 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "reprotect", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "reprotect", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     let mems: Vec<u64> =
         args.mem.iter().map(|m| ftvm_api::parse_mem_mib(m).map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
@@ -921,7 +917,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     };
     let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
 
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let mut cases = Vec::new();
     let mut port = 7000u16;
     for (&mib, mem) in mems.iter().zip(&args.mem) {
@@ -961,9 +957,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         .map(|(c, l)| plot::Bar { label: l, value: c.protect_ms.median / 1e3, goal: None })
         .collect();
     let svg = plot::bars("ftvm re-protection: time to protected again, seconds (median; resync: the resync)", &bars);
-    let (json, svg) = common::write_results(&common.out, "reprotect", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    let json = common::publish(&common.out, "reprotect", &report, &svg, print_table)?;
     if report.failures > 0 {
         bail!("{} failure(s) (see above and {})", report.failures, json.display());
     }

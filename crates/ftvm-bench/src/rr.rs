@@ -221,9 +221,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let bars: Vec<plot::Bar> =
         labels.iter().map(|(l, v, g)| plot::Bar { label: l.as_str(), value: *v, goal: *g }).collect();
     let svg = plot::bars("ftvm record/replay: time and log ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "record-replay", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "record-replay", &report, &svg, print_table)?;
     Ok(())
 }
 

@@ -80,12 +80,8 @@ pub struct Args {
     /// Skip the baseline: the same load without a snapshot, on the same VM just before.
     #[arg(long)]
     no_baseline: bool,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -290,7 +286,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.mem.is_empty() || args.scenarios.is_empty() {
         bail!("nothing to measure: give at least one --mem and one --scenarios");
     }
-    let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.net)?;
     let work = common.out.join("snapshot");
     let common = &common.with_ftvm_copy(&work)?;
     let machine = Machine::describe(common)?;
@@ -312,7 +308,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         engines.push(Engine::Qemu);
     }
 
-    let topo = Topology::up(&args.topology, 1)?;
+    let topo = Topology::up(&args.net.topology, 1)?;
     // The guest's MAC is the same under both engines and after a restore: a permanent entry
     // keeps ARP out of the restore time (an entry that failed while the VM was down costs
     // a second or more of resolution).
@@ -402,12 +398,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         failed_sessions,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: None }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("live snapshot: ftvm / QEMU migration to a file (medians; lower is faster)", &bars);
-    let (json, svg) = common::write_results(&common.out, "snapshot", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "snapshot", &report, &svg, print_table)?;
     // ftvm's failures fail the suite; QEMU's are findings about the peer, reported above.
     let failed = |e: Engine| report.sessions.iter().filter(|s| s.engine == e && !s.failures.is_empty()).count();
     let of = |e: Engine| report.sessions.iter().filter(|s| s.engine == e).count();

@@ -87,12 +87,8 @@ pub struct Args {
     /// disk is full.
     #[arg(long)]
     disk_mib: Option<u64>,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// The invariant checker (run from the repository root, or give its path).
     #[arg(long, default_value = "scripts/kv-checker.py")]
     checker: PathBuf,
@@ -397,7 +393,7 @@ fn violation(ev: &mut Event, what: String) {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "soak", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "soak", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
@@ -445,7 +441,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
 
     let disk_mib = args.disk_mib.unwrap_or(128 + 8 * plan.len() as u64);
     // Declared first, so that it is dropped (the topology torn down) after every VM.
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let env = PairEnv::new(
         std::fs::canonicalize(&common.ftvm)?,
         images["kvstore"].clone(),
@@ -578,9 +574,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         .collect();
     let bars: Vec<plot::Bar> = labels.iter().map(|(l, v)| plot::Bar { label: l, value: *v, goal: None }).collect();
     let svg = plot::bars("ftvm soak: per event, the clients' longest PING gap and the re-protection time (s)", &bars);
-    let (json, svg) = common::write_results(&common.out, "soak", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {} (process logs in {})", json.display(), svg.display(), logs_dir.display());
+    let json = common::publish(&common.out, "soak", &report, &svg, print_table)?;
+    println!("process logs in {}", logs_dir.display());
     if report.violation_count > 0 {
         bail!(
             "{} invariant violation(s) (goal: 0); see above and {} (the disks are kept in {})",

@@ -101,9 +101,7 @@ pub fn run(common: &Common, io_count: u64) -> Result<()> {
     let bars: Vec<plot::Bar> =
         report.scenarios.iter().map(|s| plot::Bar { label: &s.name, value: s.ratio, goal: None }).collect();
     let svg = plot::bars("ftvm run / QEMU microvm (KVM), medians; lower is faster", &bars);
-    let (json, svg) = common::write_results(&common.out, "results", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "results", &report, &svg, print_table)?;
     Ok(())
 }
 
