@@ -282,6 +282,17 @@ pub fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {
     Ok(())
 }
 
+/// `ftvm ctl SOCKET status --json`, read as the API's own [`ftvm_api::Status`].
+pub fn ctl_status(ftvm: &Path, sock: &Path) -> Result<ftvm_api::Status> {
+    let mut cmd = Command::new(ftvm);
+    cmd.arg("ctl").arg(sock).args(["status", "--json"]);
+    let f = run("ftvm ctl status", &mut cmd, Duration::from_secs(10))?;
+    if !f.status.success() {
+        bail!("ftvm ctl {} status failed: {}", sock.display(), f.stderr.trim());
+    }
+    serde_json::from_str(&f.stdout).with_context(|| format!("parsing `ftvm ctl status --json`: {}", f.stdout))
+}
+
 /// Finds a program the way the shell would (a name with a slash is a path).
 pub fn which(prog: &Path, hint: &str) -> Result<PathBuf> {
     if prog.components().count() > 1 {

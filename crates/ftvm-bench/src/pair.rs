@@ -494,12 +494,8 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
 
 /// `ftvm ctl SOCKET status --json`, with the time it was read.
 fn status(ctx: &Ctx, sock: &Path) -> Result<(ftvm_api::Status, Instant)> {
-    let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).args(["status", "--json"]).output()?;
-    let at = Instant::now();
-    if !out.status.success() {
-        bail!("ftvm ctl {} status failed: {}", sock.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((serde_json::from_slice(&out.stdout).context("parsing `ftvm ctl status --json`")?, at))
+    let s = common::ctl_status(&ctx.ftvm, sock)?;
+    Ok((s, Instant::now()))
 }
 
 /// `log.bytes` from the status, with the time it was read.

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ftvm_api::{CopyRound, ProtectPhase, ProtectProgress, SnapshotPhase, SnapshotProgress, Status};
+use ftvm_api::{CopyRound, ProtectPhase, ProtectProgress, SnapshotPhase, SnapshotProgress};
 use serde::Serialize;
 
 use crate::common::{self, Common, Machine, Ratio, Running, Series};
@@ -192,20 +192,9 @@ impl PairEnv {
     }
 }
 
-/// `ftvm ctl SOCKET status --json`.
-pub(crate) fn status(ftvm: &Path, sock: &Path) -> Result<Status> {
-    let mut cmd = Command::new(ftvm);
-    cmd.arg("ctl").arg(sock).args(["status", "--json"]);
-    let f = common::run("ftvm ctl status", &mut cmd, Duration::from_secs(10))?;
-    if !f.status.success() {
-        bail!("ftvm ctl {} status failed: {}", sock.display(), f.stderr.trim());
-    }
-    serde_json::from_str(&f.stdout).with_context(|| format!("parsing `ftvm ctl status --json`: {}", f.stdout))
-}
-
 /// `pair.protected` of a side's status (false when it does not answer).
 pub(crate) fn is_protected(ftvm: &Path, sock: &Path) -> bool {
-    status(ftvm, sock).is_ok_and(|s| s.pair.is_some_and(|p| p.protected))
+    common::ctl_status(ftvm, sock).is_ok_and(|s| s.pair.is_some_and(|p| p.protected))
 }
 
 /// The outcome of `ftvm ctl SOCKET protect ADDR --json`.
@@ -1309,7 +1298,7 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
         });
         common::sleep(Duration::from_millis(500))?;
     }
-    let s = status(&env.ftvm, &primary.sock)?;
+    let s = common::ctl_status(&env.ftvm, &primary.sock)?;
     eprintln!("  primary status: resyncs {}", s.pair.map_or(0, |p| p.resyncs));
     Ok(())
 }

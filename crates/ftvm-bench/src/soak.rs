@@ -40,9 +40,7 @@ use serde_json::Value;
 use crate::common::{self, Common, Machine, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
-use crate::reprotect::{
-    is_protected, max_of, mem_label, protect, status, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm,
-};
+use crate::reprotect::{is_protected, max_of, mem_label, protect, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm};
 use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
@@ -874,7 +872,7 @@ fn event(
             ev.takeover_ms = Some(takeover.ms_after(t_kill_wall));
             ev.takeover_line = Some(takeover.message());
             ev.took_over = Some(survivor.label());
-            match status(&st.env.ftvm, &survivor.sock) {
+            match common::ctl_status(&st.env.ftvm, &survivor.sock) {
                 Ok(s) => {
                     let (role, failovers) = (s.role.as_str(), s.pair.map(|p| p.failovers));
                     if s.role != Role::BackupLive || failovers.unwrap_or(0) < 1 {
