@@ -158,14 +158,22 @@ impl Table {
 }
 
 /// The ratios of a report, one a line: name, value (`precision` decimals), the goal and
-/// whether it was met, the note; every suite prints its ratios this way.
+/// whether it was met (a column only if some ratio has a goal), the note; every suite prints
+/// its ratios this way.
 pub fn ratios(indent: &str, ratios: &[Ratio], precision: usize) -> Table {
-    let mut t = Table::headless().indent(indent).left("ratio", 0).right("value", 8).gap(2).left("goal", 0);
+    let goals = ratios.iter().any(|r| r.goal.is_some());
+    let mut t = Table::headless().indent(indent).left("ratio", 0).right("value", 8);
+    if goals {
+        t = t.gap(2).left("goal", 0);
+    }
     t = t.gap(2).left("note", 0);
     for r in ratios {
-        let goal = r.goal_text();
-        let note = r.note.clone().unwrap_or_default();
-        t.row([r.name.clone(), format!("{:.*}", precision, r.value), goal, note]);
+        let mut cells = vec![r.name.clone(), format!("{:.*}", precision, r.value)];
+        if goals {
+            cells.push(r.goal_text());
+        }
+        cells.push(r.note.clone().unwrap_or_default());
+        t.row(cells);
     }
     t
 }
@@ -240,5 +248,8 @@ mod tests {
         assert_eq!(lines[0], "SET c=50 record/run    0.988  goal >= 0.95: met");
         assert_eq!(lines[1], "replay/record time     0.500                     replay wall time / session wall time");
         assert_eq!(lines[2], "x                      2.000");
+        // Without goals, no goal column: the note follows the value.
+        let rs = vec![Ratio::new("total", 0.5).note("ftvm / QEMU")];
+        assert_eq!(ratios("  ", &rs, 3).render(), "  total    0.500  ftvm / QEMU\n");
     }
 }
