@@ -35,9 +35,26 @@ pub struct Common {
 }
 
 impl Common {
+    /// A suite's start: its scratch directory `--out`/`dir`, with ftvm and the named guest
+    /// images copied into it (so that a rebuild while the suite runs changes nothing it
+    /// measures), and the machine described (QEMU's version too where `qemu`).
+    pub fn prepare(&self, dir: &str, guests: &[&str], qemu: bool) -> Result<Prepared> {
+        let work = self.out.join(dir);
+        let common = self.with_ftvm_copy(&work)?;
+        let machine = Machine::describe(&common, qemu)?;
+        let images = snapshot_images(&common.guests, guests, &work)?;
+        let work = std::fs::canonicalize(&work)?;
+        Ok(Prepared { common, machine, images, work })
+    }
+
+    /// `--runs`, or the suite's default; at least 1.
+    pub fn runs_or(&self, default: usize) -> usize {
+        self.runs.unwrap_or(default).max(1)
+    }
+
     /// The same options with `ftvm` replaced by a copy in `dir`, so that a rebuild while a
     /// suite runs (others share target/) cannot change what is measured.
-    pub fn with_ftvm_copy(&self, dir: &Path) -> Result<Common> {
+    fn with_ftvm_copy(&self, dir: &Path) -> Result<Common> {
         require_file(&self.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
         std::fs::create_dir_all(dir)?;
         let copy = dir.join("ftvm");
@@ -45,6 +62,17 @@ impl Common {
         std::fs::copy(&self.ftvm, &copy).with_context(|| format!("copying {}", self.ftvm.display()))?;
         Ok(Common { ftvm: std::fs::canonicalize(copy)?, ..self.clone() })
     }
+}
+
+/// What [`Common::prepare`] gives a suite.
+pub struct Prepared {
+    /// The options, `ftvm` replaced by its copy in `work`.
+    pub common: Common,
+    pub machine: Machine,
+    /// The guest images copied into `work`, by name (`kvstore` -> work/kvstore.elf).
+    pub images: BTreeMap<String, PathBuf>,
+    /// The suite's scratch directory (canonical).
+    pub work: PathBuf,
 }
 
 /// Set by SIGINT/SIGTERM: waits give up, guards clean up (VMs, topology), the suite fails.
@@ -168,18 +196,10 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn describe(common: &Common) -> Result<Machine> {
-        Self::describe_with(common, true)
-    }
-
-    /// The same for a suite that runs no QEMU (its version is given as "not used").
-    pub fn describe_without_qemu(common: &Common) -> Result<Machine> {
-        Self::describe_with(common, false)
-    }
-
-    fn describe_with(common: &Common, qemu: bool) -> Result<Machine> {
+    /// This machine, ftvm's version, and QEMU's where `qemu` (else "not used").
+    fn describe(common: &Common, qemu: bool) -> Result<Machine> {
         require_file(&common.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
-        let ftvm_version = capture(Command::new(&common.ftvm).arg("--version"))?.trim().to_string();
+        let ftvm_version = version_of(&common.ftvm)?;
         let qemu_version = if !qemu {
             "not used".to_string()
         } else {
@@ -217,6 +237,11 @@ impl Machine {
         println!("machine: {} cores, {} ({})", self.cores, self.cpu, self.kvm);
         println!("ftvm: {}\nqemu: {}\nruns: {runs}\n", self.ftvm_version, self.qemu_version);
     }
+}
+
+/// `PROGRAM --version`, trimmed.
+pub fn version_of(program: &Path) -> Result<String> {
+    Ok(capture(Command::new(program).arg("--version"))?.trim().to_string())
 }
 
 pub fn capture(cmd: &mut Command) -> Result<String> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio};
+use crate::common::{self, Common, ExitSummary, Machine, Prepared, Ratio};
 use crate::plot;
 use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, LogTotals, Measured, TESTS};
 use crate::table;
@@ -173,12 +173,9 @@ struct Ctx<'a> {
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
     let redis_benchmark = common::kvstore_network_suite(common, "kvstore", &args.net)?;
-    let work = common.out.join("kvstore");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("kvstore", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let cmdline = format!("ip={GUEST_IP}/24 {}", args.guest_args).trim().to_string();
     let ctx = Ctx {
         common,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::pingpong::{self, Rtt};
 use crate::plot;
@@ -235,12 +235,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
-    let work = common.out.join("pair");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(1).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("pair", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(1);
     let ctx = Ctx {
         args,
         redis_benchmark,
@@ -251,7 +248,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         cmdline: format!("ip={GUEST_IP}/24"),
         cores: machine.cores.max(1) as f64,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
 
     if args.pin {
         pin_self(1)?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio};
+use crate::common::{self, Common, ExitSummary, Machine, Prepared, Ratio};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
 use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, Measured, TESTS};
@@ -128,12 +128,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         "redis.cpio",
         "build the guests with `cargo xtask guests` after scripts/fetch-redis.sh",
     )?;
-    let work = common.out.join("redis");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["redis", "kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("redis", &["redis", "kvstore"], false)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let redis_cpio = work.join("redis.cpio");
     std::fs::copy(&cpio, &redis_cpio)?;
     let redis_server = work.join("redis-server");

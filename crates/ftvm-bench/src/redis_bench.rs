@@ -226,7 +226,7 @@ pub(crate) struct Load<'a> {
 impl Load<'_> {
     /// `redis-benchmark --version`, for the report.
     pub(crate) fn version(&self) -> Result<String> {
-        Ok(common::capture(Command::new(self.redis_benchmark).arg("--version"))?.trim().to_string())
+        common::version_of(self.redis_benchmark)
     }
 
     /// One session: starts `cmd` (the VM, or Redis natively), waits up to `ready_within`

@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use ftvm_api::{CopyRound, ProtectPhase, ProtectProgress, SnapshotPhase, SnapshotProgress};
 use serde::Serialize;
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::plot;
 use crate::table::{self, Table};
@@ -891,20 +891,17 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.scenarios.contains(&Scenario::Resync) {
         guests.push("kvstore-rdtsc");
     }
-    let work = common.out.join("reprotect");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let images = common::snapshot_images(&common.guests, &guests, &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("reprotect", &guests, false)?;
+    let common = &common;
     let ctx = Ctx {
         args,
         redis_benchmark,
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         images,
         work,
-        runs: common.runs.unwrap_or(3).max(1),
+        runs: common.runs_or(3),
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
 
     let topo = Topology::up(&args.net.topology, 2)?;
     let mut cases = Vec::new();

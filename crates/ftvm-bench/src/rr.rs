@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{self, Common, ExitSummary, Finished, Machine, Ratio, Series};
+use crate::common::{self, Common, ExitSummary, Finished, Machine, Prepared, Ratio, Series};
 use crate::plot;
 use crate::table::{self, Table};
 
@@ -188,11 +188,9 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let work = common.out.join("record-replay");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["hello", "compute"], &work)?;
+    let Prepared { common, machine, images, work } = common.prepare("record-replay", &["hello", "compute"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let ctx = Ctx { common, work: std::fs::canonicalize(&work)? };
     let mut scenarios = Vec::new();
     for name in &args.scenarios {

@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 
 use ftvm_api::{SnapshotPhase, SnapshotProgress};
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::plot;
 use crate::redis_bench::Csv;
@@ -287,12 +287,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         bail!("nothing to measure: give at least one --mem and one --scenarios");
     }
     let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.net)?;
-    let work = common.out.join("snapshot");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("snapshot", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let ctx = Ctx {
         common,
         args,
@@ -302,7 +299,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         work,
         cmdline: format!("ip={GUEST_IP}/24"),
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
     let mut engines = vec![Engine::Ftvm];
     if !args.no_qemu {
         engines.push(Engine::Qemu);

@@ -37,7 +37,7 @@ use ftvm_api::Role;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::common::{self, Common, Machine, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
 use crate::reprotect::{is_protected, max_of, mem_label, protect, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm};
@@ -419,11 +419,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         plan.insert(at, (Kind::BackupKill, rng.range(args.min_gap_ms, args.max_gap_ms)));
     }
 
-    let work = common.out.join("soak");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("soak", &["kvstore"], false)?;
+    let common = &common;
     let logs_dir = work.join("logs");
     let _ = std::fs::remove_dir_all(&logs_dir);
     std::fs::create_dir_all(&logs_dir)?;

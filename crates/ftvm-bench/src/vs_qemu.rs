@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::common::{self, median, Common, Finished, Machine};
+use crate::common::{self, median, Common, Finished, Machine, Prepared};
 use crate::plot;
 use crate::table::Table;
 
@@ -53,11 +53,9 @@ struct Report {
 }
 
 pub fn run(common: &Common, io_count: u64) -> Result<()> {
-    let work = common.out.join("vs-qemu");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(10).max(1);
-    let images = common::snapshot_images(&common.guests, &["hello", "compute", "iobench"], &work)?;
+    let Prepared { common, machine, images, .. } = common.prepare("vs-qemu", &["hello", "compute", "iobench"], true)?;
+    let common = &common;
+    let runs = common.runs_or(10);
     let g = |name: &str| images[name].clone();
     let mut scenarios = Vec::new();
 
