@@ -4,8 +4,10 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use ftvm_sync::{lock, unpoisoned};
 
 use crate::snapshot::SnapshotProgress;
 use crate::status::{ExitCounts, LogStatus, PairStatus, Role, Status, SyncStatus, VmState};
@@ -155,10 +157,6 @@ pub(crate) const PAUSE_ACK_WAIT: Duration = Duration::from_secs(1);
 const PARK_POLL: Duration = Duration::from_millis(50);
 /// The window of the log bandwidth.
 const BANDWIDTH_WINDOW: Duration = Duration::from_secs(1);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,7 +402,7 @@ impl VmControl {
                 self.state.store(VmState::Paused.as_u8(), Ordering::Release);
                 self.park_cv.notify_all();
             }
-            g = self.park_cv.wait_timeout(g, PARK_POLL).unwrap_or_else(|e| e.into_inner()).0;
+            g = unpoisoned(self.park_cv.wait_timeout(g, PARK_POLL)).0;
         }
         self.state.store(VmState::Running.as_u8(), Ordering::Release);
         self.park_cv.notify_all();
@@ -432,7 +430,7 @@ impl VmControl {
             if matches!(state, VmState::Paused | VmState::Stopped) || now >= deadline {
                 return Ok(state);
             }
-            g = self.park_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            g = unpoisoned(self.park_cv.wait_timeout(g, deadline - now)).0;
         }
     }
 

@@ -23,7 +23,7 @@ struct Hub {
 
 fn hub() -> MutexGuard<'static, Hub> {
     static HUB: OnceLock<Mutex<Hub>> = OnceLock::new();
-    HUB.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner())
+    ftvm_sync::lock(HUB.get_or_init(Mutex::default))
 }
 
 /// Publishes one event: `fields` is a JSON object (the event's fields); `seq` (its number in

@@ -37,6 +37,7 @@ pub mod http;
 pub mod metrics;
 mod protect;
 mod server;
+pub mod size;
 mod snapshot;
 mod status;
 
@@ -45,6 +46,7 @@ pub use control::{
 };
 pub use protect::{ProtectPhase, ProtectProgress};
 pub use server::{ApiServer, MetricsServer, ServerError};
+pub use size::{parse_byte_size, parse_mem_mib, parse_mem_size};
 pub use snapshot::{CopyRound, SnapshotPhase, SnapshotProgress};
 pub use status::{
     format_bytes, format_rate, ExitCounts, LogStatus, OutputStages, PairStatus, Role, StageFigure, Status, SyncStatus,

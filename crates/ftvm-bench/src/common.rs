@@ -35,9 +35,26 @@ pub struct Common {
 }
 
 impl Common {
+    /// A suite's start: its scratch directory `--out`/`dir`, with ftvm and the named guest
+    /// images copied into it (so that a rebuild while the suite runs changes nothing it
+    /// measures), and the machine described (QEMU's version too where `qemu`).
+    pub fn prepare(&self, dir: &str, guests: &[&str], qemu: bool) -> Result<Prepared> {
+        let work = self.out.join(dir);
+        let common = self.with_ftvm_copy(&work)?;
+        let machine = Machine::describe(&common, qemu)?;
+        let images = snapshot_images(&common.guests, guests, &work)?;
+        let work = std::fs::canonicalize(&work)?;
+        Ok(Prepared { common, machine, images, work })
+    }
+
+    /// `--runs`, or the suite's default; at least 1.
+    pub fn runs_or(&self, default: usize) -> usize {
+        self.runs.unwrap_or(default).max(1)
+    }
+
     /// The same options with `ftvm` replaced by a copy in `dir`, so that a rebuild while a
     /// suite runs (others share target/) cannot change what is measured.
-    pub fn with_ftvm_copy(&self, dir: &Path) -> Result<Common> {
+    fn with_ftvm_copy(&self, dir: &Path) -> Result<Common> {
         require_file(&self.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
         std::fs::create_dir_all(dir)?;
         let copy = dir.join("ftvm");
@@ -45,6 +62,17 @@ impl Common {
         std::fs::copy(&self.ftvm, &copy).with_context(|| format!("copying {}", self.ftvm.display()))?;
         Ok(Common { ftvm: std::fs::canonicalize(copy)?, ..self.clone() })
     }
+}
+
+/// What [`Common::prepare`] gives a suite.
+pub struct Prepared {
+    /// The options, `ftvm` replaced by its copy in `work`.
+    pub common: Common,
+    pub machine: Machine,
+    /// The guest images copied into `work`, by name (`kvstore` -> work/kvstore.elf).
+    pub images: BTreeMap<String, PathBuf>,
+    /// The suite's scratch directory (canonical).
+    pub work: PathBuf,
 }
 
 /// Set by SIGINT/SIGTERM: waits give up, guards clean up (VMs, topology), the suite fails.
@@ -168,18 +196,10 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn describe(common: &Common) -> Result<Machine> {
-        Self::describe_with(common, true)
-    }
-
-    /// The same for a suite that runs no QEMU (its version is given as "not used").
-    pub fn describe_without_qemu(common: &Common) -> Result<Machine> {
-        Self::describe_with(common, false)
-    }
-
-    fn describe_with(common: &Common, qemu: bool) -> Result<Machine> {
+    /// This machine, ftvm's version, and QEMU's where `qemu` (else "not used").
+    fn describe(common: &Common, qemu: bool) -> Result<Machine> {
         require_file(&common.ftvm, "ftvm", "build it with `cargo build --release -p ftvm`")?;
-        let ftvm_version = capture(Command::new(&common.ftvm).arg("--version"))?.trim().to_string();
+        let ftvm_version = version_of(&common.ftvm)?;
         let qemu_version = if !qemu {
             "not used".to_string()
         } else {
@@ -219,14 +239,31 @@ impl Machine {
     }
 }
 
+/// `PROGRAM --version`, trimmed.
+pub fn version_of(program: &Path) -> Result<String> {
+    Ok(capture(Command::new(program).arg("--version"))?.trim().to_string())
+}
+
 pub fn capture(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The options of every suite that drives redis-benchmark on the test network.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    /// The redis-benchmark binary (Debian's redis-tools).
+    #[arg(long, default_value = "redis-benchmark")]
+    pub redis_benchmark: PathBuf,
+    /// The topology script (run from the repository root, or give its path).
+    #[arg(long, default_value = "scripts/topology.sh")]
+    pub topology: PathBuf,
+}
+
 /// What every suite that runs the kvstore guest on the test network needs: the guest image,
 /// root, redis-benchmark, the topology script and iproute2. Returns redis-benchmark's path.
-pub fn kvstore_network_suite(common: &Common, suite: &str, redis_benchmark: &Path, topology: &Path) -> Result<PathBuf> {
+pub fn kvstore_network_suite(common: &Common, suite: &str, net: &NetArgs) -> Result<PathBuf> {
+    let (redis_benchmark, topology) = (&net.redis_benchmark, &net.topology);
     if !common.guests.join("kvstore.elf").is_file() {
         bail!(
             "guest image kvstore.elf not found in {}; build the guests with `cargo xtask guests`",
@@ -255,18 +292,6 @@ pub fn enter_netns(ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// The row of `test` in redis-benchmark's `--csv` output, by column name ("rps",
-/// "avg_latency_ms", "p50_latency_ms", ...): a header line starting with "test", then a row
-/// per test. `None` without that row or its "rps".
-pub fn redis_benchmark_row(out: &str, test: &str) -> Option<BTreeMap<String, f64>> {
-    let fields = |l: &str| l.split(',').map(|f| f.trim().trim_matches('"').to_string()).collect::<Vec<_>>();
-    let header = out.lines().find(|l| l.starts_with("\"test\"")).map(fields)?;
-    let row = out.lines().map(fields).find(|f| f.first().map(String::as_str) == Some(test))?;
-    let map: BTreeMap<String, f64> =
-        header.into_iter().zip(row).filter_map(|(h, v)| v.parse::<f64>().ok().map(|v| (h, v))).collect();
-    map.contains_key("rps").then_some(map)
-}
-
 /// A fresh blank (sparse) raw disk of `mib` MiB at `dir/name`, replacing one left there.
 pub fn fresh_disk(dir: &Path, name: &str, mib: u64) -> Result<PathBuf> {
     let disk = dir.join(name);
@@ -280,6 +305,17 @@ pub fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {
         bail!("{what} not found at {}; {hint}", path.display());
     }
     Ok(())
+}
+
+/// `ftvm ctl SOCKET status --json`, read as the API's own [`ftvm_api::Status`].
+pub fn ctl_status(ftvm: &Path, sock: &Path) -> Result<ftvm_api::Status> {
+    let mut cmd = Command::new(ftvm);
+    cmd.arg("ctl").arg(sock).args(["status", "--json"]);
+    let f = run("ftvm ctl status", &mut cmd, Duration::from_secs(10))?;
+    if !f.status.success() {
+        bail!("ftvm ctl {} status failed: {}", sock.display(), f.stderr.trim());
+    }
+    serde_json::from_str(&f.stdout).with_context(|| format!("parsing `ftvm ctl status --json`: {}", f.stdout))
 }
 
 /// Finds a program the way the shell would (a name with a slash is a path).
@@ -319,14 +355,17 @@ pub fn snapshot_images(guests: &Path, names: &[&str], dir: &Path) -> Result<BTre
     Ok(out)
 }
 
-/// Writes `NAME.json` and `NAME.svg` under `out`; returns their paths.
-pub fn write_results<T: Serialize>(out: &Path, name: &str, report: &T, svg: &str) -> Result<(PathBuf, PathBuf)> {
+/// The end of every suite: writes `NAME.json` and `NAME.svg` under `out`, prints the
+/// report's table (`print`), then where the files went. Returns the JSON's path.
+pub fn publish<T: Serialize>(out: &Path, name: &str, report: &T, svg: &str, print: impl FnOnce(&T)) -> Result<PathBuf> {
     std::fs::create_dir_all(out)?;
     let json = out.join(format!("{name}.json"));
     std::fs::write(&json, serde_json::to_string_pretty(report)?)?;
     let svg_path = out.join(format!("{name}.svg"));
     std::fs::write(&svg_path, svg)?;
-    Ok((json, svg_path))
+    print(report);
+    println!("\nwrote {} and {}", json.display(), svg_path.display());
+    Ok(json)
 }
 
 /// The counts in ftvm's summary line, e.g. "... after 3.021 s (546 exits: 544 port I/O,
@@ -661,7 +700,7 @@ impl Events {
                         .as_f64()
                         .map(|t| std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
                         .unwrap_or_else(std::time::SystemTime::now);
-                    into.lock().unwrap_or_else(|p| p.into_inner()).push(SideEvent { fields, at });
+                    ftvm_sync::lock(&into).push(SideEvent { fields, at });
                     true
                 });
                 if followed.is_ok() {
@@ -676,13 +715,9 @@ impl Events {
         Events { seen }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SideEvent>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Events of `kind` (`takeover`, `backup_lost`, ...) seen so far that `keep` accepts.
     pub fn of(&self, kind: &str, keep: impl Fn(&SideEvent) -> bool) -> Vec<SideEvent> {
-        self.lock().iter().filter(|e| e.fields["event"] == kind && keep(e)).cloned().collect()
+        ftvm_sync::lock(&self.seen).iter().filter(|e| e.fields["event"] == kind && keep(e)).cloned().collect()
     }
 
     pub fn count(&self, kind: &str) -> usize {

@@ -9,16 +9,17 @@
 //! Sessions rotate engines so that machine noise hits all alike. A recording's log gives exits and log bytes per request: each
 //! benchmark's host-time window is mapped to guest time through the log's CLOCK records.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running, Series};
+use crate::common::{self, Common, ExitSummary, Machine, Prepared, Ratio};
 use crate::plot;
+use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, LogTotals, Measured, TESTS};
+use crate::table;
 
 pub(crate) const GUEST_IP: &str = "10.0.0.2";
 pub(crate) const READY: &str = "kvstore: listening";
@@ -34,12 +35,8 @@ pub struct Args {
     /// Requests per run with one client (one request in flight, so far fewer per second).
     #[arg(long, default_value_t = 5_000)]
     requests_single: u64,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// Size of each VM's fresh blank raw disk, MiB.
     #[arg(long, default_value_t = 64)]
     disk_mib: u64,
@@ -63,7 +60,7 @@ enum Engine {
     Qemu,
 }
 
-impl Engine {
+impl redis_bench::Engine for Engine {
     fn label(self) -> &'static str {
         match self {
             Engine::FtvmRun => "ftvm run",
@@ -71,28 +68,6 @@ impl Engine {
             Engine::Qemu => "QEMU microvm",
         }
     }
-}
-
-/// One redis-benchmark run.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Bench {
-    pub(crate) test: String,
-    pub(crate) clients: u32,
-    pub(crate) requests: u64,
-    pub(crate) rps: f64,
-    avg_ms: f64,
-    pub(crate) p50_ms: f64,
-    pub(crate) p99_ms: f64,
-    retried: bool,
-    #[serde(skip)]
-    pub(crate) window_unix_ns: (u64, u64),
-    /// From the recording's log (ftvm record only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) exits_per_request: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) log_bytes_per_request: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    net_rx_bytes_per_request: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,28 +86,6 @@ struct Session {
     replay_s: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct LogTotals {
-    pub(crate) bytes: u64,
-    guest_s: f64,
-    by_kind: BTreeMap<String, crate::rr::KindCount>,
-}
-
-/// Medians over sessions for one (test, clients, engine).
-#[derive(Debug, Serialize)]
-struct Cell {
-    test: String,
-    clients: u32,
-    engine: Engine,
-    rps: Series,
-    p50_ms: Series,
-    p99_ms: Series,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exits_per_request: Option<Series>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_bytes_per_request: Option<Series>,
-}
-
 #[derive(Debug, Serialize)]
 struct Report {
     suite: &'static str,
@@ -141,7 +94,7 @@ struct Report {
     redis_benchmark: String,
     guest_cmdline: String,
     disk_mib: u64,
-    cells: Vec<Cell>,
+    cells: Vec<Cell<Engine>>,
     ratios: Vec<Ratio>,
     sessions: Vec<Session>,
 }
@@ -199,94 +152,59 @@ impl Drop for Topology {
     }
 }
 
+impl redis_bench::Session<Engine> for Session {
+    fn engine(&self) -> Engine {
+        self.engine
+    }
+    fn benches(&self) -> &[Bench] {
+        &self.benches
+    }
+}
+
 struct Ctx<'a> {
     common: &'a Common,
     args: &'a Args,
-    redis_benchmark: PathBuf,
+    load: Load<'a>,
     ftvm: PathBuf,
     kernel: PathBuf,
     work: PathBuf,
     cmdline: String,
 }
 
-fn unix_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "kvstore", &args.redis_benchmark, &args.topology)?;
-    let work = common.out.join("kvstore");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "kvstore", &args.net)?;
+    let Prepared { common, machine, images, work } = common.prepare("kvstore", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let cmdline = format!("ip={GUEST_IP}/24 {}", args.guest_args).trim().to_string();
     let ctx = Ctx {
         common,
         args,
-        redis_benchmark,
+        load: Load {
+            redis_benchmark: &redis_benchmark,
+            clients: &args.clients,
+            requests: args.requests,
+            requests_single: args.requests_single,
+        },
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         kernel: images["kvstore"].clone(),
         work,
         cmdline,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = ctx.load.version()?;
 
     let mut engines = vec![Engine::FtvmRun, Engine::FtvmRecord];
     if !args.no_qemu {
         engines.push(Engine::Qemu);
     }
-    let topo = Topology::up(&args.topology, 1)?;
-    let mut sessions = Vec::new();
-    for rep in 0..runs {
-        for k in 0..engines.len() {
-            // Rotate the order from one round to the next.
-            let engine = engines[(k + rep) % engines.len()];
-            eprintln!("round {}/{runs}: {}", rep + 1, engine.label());
-            sessions.push(session(&ctx, &topo, engine, rep)?);
-        }
-    }
-    drop(topo);
-
-    let mut cells = Vec::new();
-    for &c in &args.clients {
-        for test in ["SET", "GET"] {
-            for &engine in &engines {
-                let mut cell = Cell {
-                    test: test.into(),
-                    clients: c,
-                    engine,
-                    rps: Series::default(),
-                    p50_ms: Series::default(),
-                    p99_ms: Series::default(),
-                    exits_per_request: None,
-                    log_bytes_per_request: None,
-                };
-                for b in sessions.iter().filter(|s| s.engine == engine).flat_map(|s| &s.benches) {
-                    if b.test != test || b.clients != c {
-                        continue;
-                    }
-                    cell.rps.push(b.rps);
-                    cell.p50_ms.push(b.p50_ms);
-                    cell.p99_ms.push(b.p99_ms);
-                    if let Some(e) = b.exits_per_request {
-                        cell.exits_per_request.get_or_insert_with(Series::default).push(e);
-                    }
-                    if let Some(e) = b.log_bytes_per_request {
-                        cell.log_bytes_per_request.get_or_insert_with(Series::default).push(e);
-                    }
-                }
-                cells.push(cell);
-            }
-        }
-    }
-    let rps = |test: &str, c: u32, e: Engine| {
-        cells.iter().find(|x| x.test == test && x.clients == c && x.engine == e).map_or(f64::NAN, |x| x.rps.median)
-    };
+    let (sessions, cells) =
+        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+            session(&ctx, topo, engine, rep)
+        })?;
+    let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
     let mut ratios = Vec::new();
     for &c in &args.clients {
-        for test in ["SET", "GET"] {
+        for test in TESTS {
             let run = rps(test, c, Engine::FtvmRun);
             ratios.push(
                 Ratio::new(format!("{test} c={c} record/run"), rps(test, c, Engine::FtvmRecord) / run).at_least(0.95),
@@ -317,19 +235,14 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         ratios,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("kvstore under redis-benchmark: throughput ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "kvstore", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "kvstore", &report, &svg, print_table)?;
     Ok(())
 }
 
 fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Session> {
-    let disk = ctx.work.join(format!("disk-{}-{rep}.img", engine_tag(engine)));
-    let _ = std::fs::remove_file(&disk);
-    std::fs::File::create(&disk)?.set_len(ctx.args.disk_mib << 20)?;
+    let disk = common::fresh_disk(&ctx.work, &format!("disk-{}-{rep}.img", engine_tag(engine)), ctx.args.disk_mib)?;
     let log = ctx.work.join(format!("kvstore-{rep}.ftvmlog"));
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &topo.host()]);
@@ -361,21 +274,8 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.args(["-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0"]);
         }
     }
-    let start_ns = unix_ns();
-    let mut vm = Running::spawn(engine.label(), &mut cmd)?;
-    vm.wait_for_output(READY, Duration::from_secs(120))?;
-    let boot_to_ready_s = (unix_ns() - start_ns) as f64 / 1e9;
-    let mut benches = Vec::new();
-    for &c in &ctx.args.clients {
-        for test in ["SET", "GET"] {
-            let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            benches.push(bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
-                format!("{} (round {}): console so far:\n{}", engine.label(), rep + 1, vm.stdout_text())
-            })?);
-        }
-    }
-    let f = vm.terminate(Duration::from_secs(10))?;
-    let counts = ExitSummary::parse(&f.stderr);
+    let Measured { benches, boot_to_ready_s, counts, finished: f } =
+        ctx.load.measure(topo, &mut cmd, (engine.label(), rep), READY, Duration::from_secs(120))?;
     let mut s =
         Session { engine, rep, wall_s: f.wall_s(), boot_to_ready_s, counts, benches, log: None, replay_s: None };
     if engine == Engine::FtvmRecord {
@@ -408,164 +308,15 @@ fn engine_tag(e: Engine) -> &'static str {
     }
 }
 
-/// One redis-benchmark run (retried once if it fails or hangs).
-pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients: u32, requests: u64) -> Result<Bench> {
-    let mut last_error = None;
-    for attempt in 0..2 {
-        // Let the last run's connections close in the guest first.
-        common::sleep(Duration::from_millis(if attempt == 0 { 500 } else { 3000 }))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &topo.client()]).arg(redis_benchmark);
-        cmd.args(["-h", GUEST_IP, "-p", "6379", "-c", &clients.to_string(), "-n", &requests.to_string()]);
-        cmd.args(["-t", &test.to_lowercase(), "--csv"]);
-        let t0 = unix_ns();
-        let timeout = Duration::from_secs(60 + requests / 100);
-        let label = format!("redis-benchmark {test} -c {clients}");
-        match common::run(&label, &mut cmd, timeout).and_then(|f| parse_csv(&f.stdout, test).context(f.describe())) {
-            Ok((rps, avg, p50, p99)) => {
-                let t1 = unix_ns();
-                eprintln!("  {test:<3} c={clients:<3} {rps:>10.0} req/s  p50 {p50:.3} ms  p99 {p99:.3} ms");
-                return Ok(Bench {
-                    test: test.into(),
-                    clients,
-                    requests,
-                    rps,
-                    avg_ms: avg,
-                    p50_ms: p50,
-                    p99_ms: p99,
-                    retried: attempt > 0,
-                    window_unix_ns: (t0, t1),
-                    exits_per_request: None,
-                    log_bytes_per_request: None,
-                    net_rx_bytes_per_request: None,
-                });
-            }
-            Err(e) => {
-                common::check_interrupted()?;
-                eprintln!("  {label} failed (attempt {}): {e:#}", attempt + 1);
-                last_error = Some(e);
-            }
-        }
-    }
-    Err(last_error.unwrap()).context(format!("redis-benchmark {test} with {clients} clients failed twice"))
-}
-
-/// (rps, mean, p50, p99 latency in ms) of `test` in redis-benchmark's --csv output; latencies
-/// are NaN where an older redis-benchmark prints only "test","rps".
-fn parse_csv(out: &str, test: &str) -> Result<(f64, f64, f64, f64)> {
-    let row = common::redis_benchmark_row(out, test)
-        .with_context(|| format!("no {test} row with a throughput in redis-benchmark's output:\n{out}"))?;
-    let get = |name: &str| row.get(name).copied().unwrap_or(f64::NAN);
-    let rps = get("rps");
-    if rps.is_nan() || rps <= 0.0 {
-        bail!("no throughput in redis-benchmark's output:\n{out}");
-    }
-    Ok((rps, get("avg_latency_ms"), get("p50_latency_ms"), get("p99_latency_ms")))
-}
-
-#[derive(Deserialize)]
-struct Inspect {
-    summary: Summary,
-    events: Vec<Event>,
-}
-
-#[derive(Deserialize)]
-struct Summary {
-    header: Header,
-    valid_bytes: u64,
-    guest_duration_ns: u64,
-    by_kind: BTreeMap<String, crate::rr::KindCount>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    record_start_unix_ns: u64,
-}
-
-#[derive(Deserialize)]
-struct Event {
-    offset: u64,
-    bytes: u64,
-    kind: String,
-    #[serde(default)]
-    exit: Option<u64>,
-    text: String,
-}
-
-/// Maps each benchmark's host-time window to guest time (the log's header has the host wall
-/// time at record start; CLOCK records carry guest time, exit index and their offset) and
-/// counts the exits and log bytes inside it.
-pub(crate) fn per_request(ftvm: &Path, log: &Path, benches: &mut [Bench]) -> Result<LogTotals> {
-    let out = Command::new(ftvm).args(["log", "inspect", "--json", "--events"]).arg(log).output()?;
-    if !out.status.success() {
-        bail!("ftvm log inspect {} failed: {}", log.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    let i: Inspect = serde_json::from_slice(&out.stdout).context("parsing `ftvm log inspect --json --events`")?;
-    // (guest ns, exit, offset) of every CLOCK record.
-    let clocks: Vec<(u64, u64, u64)> = i
-        .events
-        .iter()
-        .filter(|e| e.kind == "CLOCK")
-        .filter_map(|e| {
-            let t = e.text.split_whitespace().find_map(|w| w.strip_prefix("t="))?.strip_suffix('s')?;
-            Some(((t.parse::<f64>().ok()? * 1e9) as u64, e.exit?, e.offset))
-        })
-        .collect();
-    let start = i.summary.header.record_start_unix_ns;
-    for b in benches.iter_mut() {
-        let (g0, g1) = (b.window_unix_ns.0.saturating_sub(start), b.window_unix_ns.1.saturating_sub(start));
-        let first = clocks.iter().find(|c| c.0 >= g0);
-        let last = clocks.iter().rev().find(|c| c.0 <= g1);
-        if let (Some(a), Some(z)) = (first, last) {
-            if z.1 > a.1 {
-                let n = b.requests as f64;
-                b.exits_per_request = Some((z.1 - a.1) as f64 / n);
-                b.log_bytes_per_request = Some((z.2 - a.2) as f64 / n);
-                let rx: u64 = i
-                    .events
-                    .iter()
-                    .filter(|e| e.kind == "NET_RX" && e.offset >= a.2 && e.offset < z.2)
-                    .map(|e| e.bytes)
-                    .sum();
-                b.net_rx_bytes_per_request = Some(rx as f64 / n);
-            }
-        }
-    }
-    Ok(LogTotals {
-        bytes: i.summary.valid_bytes,
-        guest_s: i.summary.guest_duration_ns as f64 / 1e9,
-        by_kind: i.summary.by_kind,
-    })
-}
-
 fn print_table(r: &Report) {
     r.machine.print(&format!(
         "{} VM sessions per engine, one redis-benchmark run per test and client count in each",
         r.runs
     ));
     println!("{} against kvstore ({}), {} MiB disk\n", r.redis_benchmark, r.guest_cmdline, r.disk_mib);
-    println!(
-        "{:<4} {:>3}  {:<13} {:>10} {:>9} {:>9} {:>11} {:>11}",
-        "test", "c", "engine", "req/s", "p50 ms", "p99 ms", "exits/req", "log B/req"
-    );
-    for cell in &r.cells {
-        let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
-        println!(
-            "{:<4} {:>3}  {:<13} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>11}",
-            cell.test,
-            cell.clients,
-            cell.engine.label(),
-            cell.rps.median,
-            cell.p50_ms.median,
-            cell.p99_ms.median,
-            opt(&cell.exits_per_request, 2),
-            opt(&cell.log_bytes_per_request, 1)
-        );
-    }
+    redis_bench::cells_table(&r.cells).print();
     println!();
-    for ratio in &r.ratios {
-        println!("{:<28} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
-    }
+    table::ratios("", &r.ratios, 3).print();
     for s in &r.sessions {
         let counts = s.counts.as_ref().map_or(String::new(), |c| {
             format!(

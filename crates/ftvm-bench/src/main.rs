@@ -19,10 +19,12 @@ mod pair;
 mod pingpong;
 mod plot;
 mod redis;
+mod redis_bench;
 mod reprotect;
 mod rr;
 mod snapshot;
 mod soak;
+mod table;
 mod vs_qemu;
 
 use anyhow::Result;

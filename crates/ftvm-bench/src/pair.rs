@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
-use crate::kvstore::{self, Bench, Topology, GUEST_IP, READY};
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
+use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::pingpong::{self, Rtt};
 use crate::plot;
+use crate::redis_bench::{self, Bench};
+use crate::table::{self, Table};
 
 /// The backup's address on the replication link (host 2's rep0).
 const BACKUP_IP: &str = "10.99.0.2";
@@ -31,12 +33,8 @@ pub struct Args {
     /// Requests per run with one client.
     #[arg(long, default_value_t = 5_000)]
     requests_single: u64,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// The failover checker (run from the repository root, or give its path).
     #[arg(long, default_value = "scripts/kv-checker.py")]
     checker: PathBuf,
@@ -233,16 +231,13 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "pair", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "pair", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
-    let work = common.out.join("pair");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(1).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("pair", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(1);
     let ctx = Ctx {
         args,
         redis_benchmark,
@@ -253,12 +248,12 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         cmdline: format!("ip={GUEST_IP}/24"),
         cores: machine.cores.max(1) as f64,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
 
     if args.pin {
         pin_self(1)?;
     }
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let floor = |when: &str| -> Result<Rtt> {
         let r = pingpong::measure(&topo.host_n(1), &topo.host_n(2), &format!("{BACKUP_IP}:6999"))?;
         eprintln!(
@@ -457,12 +452,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         invariants_held: held,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("kvstore protected (ftvm primary + backup) / unprotected (ftvm run): throughput", &bars);
-    let (json, svg) = common::write_results(&common.out, "pair", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "pair", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -499,12 +491,8 @@ fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Comm
 
 /// `ftvm ctl SOCKET status --json`, with the time it was read.
 fn status(ctx: &Ctx, sock: &Path) -> Result<(ftvm_api::Status, Instant)> {
-    let out = Command::new(&ctx.ftvm).arg("ctl").arg(sock).args(["status", "--json"]).output()?;
-    let at = Instant::now();
-    if !out.status.success() {
-        bail!("ftvm ctl {} status failed: {}", sock.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((serde_json::from_slice(&out.stdout).context("parsing `ftvm ctl status --json`")?, at))
+    let s = common::ctl_status(&ctx.ftvm, sock)?;
+    Ok((s, Instant::now()))
 }
 
 /// `log.bytes` from the status, with the time it was read.
@@ -689,7 +677,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             let cpu0 = (cpu_ms(vm.pid()), backup.as_ref().map(|b| cpu_ms(b.pid())));
             let threads0 = backup.as_ref().map(|b| thread_cpu_ms(b.pid()));
             let machine0 = machine_cpu_ms();
-            let bench = kvstore::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
+            let bench = redis_bench::bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
                 format!("{} (round {}): console so far:\n{}", mode.label(), rep + 1, vm.stdout_text())
             })?;
             let per_1k = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
@@ -818,60 +806,43 @@ fn print_table(r: &Report) {
     if r.pinned {
         println!("pinned: the unprotected VM and the primary on CPU 0, the backup and the clients on CPU 1\n");
     }
-    println!(
-        "{:<4} {:>3}  {:<14} {:>8} {:>7} {:>7} {:>10} {:>9} {:>13} {:>15} {:>7}",
-        "test",
-        "c",
-        "mode",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "log Mbit/s",
-        "log B/req",
-        "CPU ms/1k req",
-        "machine ms/1k",
-        "hold µs"
-    );
+    let mut t = Table::new().left("test", 4).right("c", 3).gap(2).left("mode", 14).right("req/s", 8);
+    t = t.right("p50 ms", 7).right("p99 ms", 7).right("log Mbit/s", 10).right("log B/req", 9);
+    t = t.right("CPU ms/1k req", 13).right("machine ms/1k", 15).right("hold µs", 7);
     for cell in &r.cells {
         let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
         let cpu = match &cell.backup_cpu_ms_per_1k {
             Some(b) => format!("{:.0} + {:.0}", cell.vm_cpu_ms_per_1k.median, b.median),
             None => format!("{:.0}", cell.vm_cpu_ms_per_1k.median),
         };
-        println!(
-            "{:<4} {:>3}  {:<14} {:>8.0} {:>7.3} {:>7.3} {:>10} {:>9} {:>13} {:>15} {:>7}",
-            cell.test,
-            cell.clients,
-            cell.mode.label(),
-            cell.rps.median,
-            cell.p50_ms.median,
-            cell.p99_ms.median,
+        t.row([
+            cell.test.clone(),
+            cell.clients.to_string(),
+            cell.mode.label().to_string(),
+            format!("{:.0}", cell.rps.median),
+            format!("{:.3}", cell.p50_ms.median),
+            format!("{:.3}", cell.p99_ms.median),
             opt(&cell.log_mbit_s, 2),
             opt(&cell.log_bytes_per_request, 0),
             cpu,
             format!("{:.0} ({:.0}% idle)", cell.machine_cpu_ms_per_1k.median, cell.machine_idle.median * 100.0),
-            opt(&cell.hold_us, 0)
-        );
+            opt(&cell.hold_us, 0),
+        ]);
     }
+    t.print();
     println!("\nthe hold by stage, µs, mean / p50 / p99 (medians over sessions; the stages add up to the hold):");
+    let mut stages = Table::headless().left("test", 4).right("c", 3).gap(2).left("mode", 14).left("stages", 0);
     for cell in r.cells.iter().filter(|c| !c.stages.is_empty()) {
         let parts: Vec<String> = cell
             .stages
             .iter()
             .map(|s| format!("{} {:.0}/{:.0}/{:.0}", s.name, s.mean_us.median, s.p50_us.median, s.p99_us.median))
             .collect();
-        println!("{:<4} {:>3}  {:<14} {}", cell.test, cell.clients, cell.mode.label(), parts.join("  "));
+        stages.row([cell.test.clone(), cell.clients.to_string(), cell.mode.label().to_string(), parts.join("  ")]);
     }
+    stages.print();
     println!();
-    for ratio in &r.ratios {
-        println!(
-            "{:<38} {:>7.3}  {}  {}",
-            ratio.name,
-            ratio.value,
-            ratio.goal_text(),
-            ratio.note.as_deref().unwrap_or_default()
-        );
-    }
+    table::ratios("", &r.ratios, 3).print();
     println!();
     for r in &r.link_rtt {
         println!(
@@ -885,15 +856,7 @@ fn print_table(r: &Report) {
             r.p99_us
         );
     }
-    for ratio in &r.hold_ratios {
-        println!(
-            "{:<50} {:>7.2}  {}  {}",
-            ratio.name,
-            ratio.value,
-            ratio.goal_text(),
-            ratio.note.as_deref().unwrap_or_default()
-        );
-    }
+    table::ratios("", &r.hold_ratios, 2).print();
     println!("\nidle log bandwidth: {:.3} Mbit/s (median)", r.idle_log_mbit_s.median);
     for s in &r.sessions {
         if let Some(f) = &s.failover {

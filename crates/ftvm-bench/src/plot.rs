@@ -7,6 +7,11 @@ pub struct Bar<'a> {
     pub goal: Option<f64>,
 }
 
+/// A bar per ratio, with its goal's bound.
+pub fn ratio_bars(ratios: &[crate::common::Ratio]) -> Vec<Bar<'_>> {
+    ratios.iter().map(|r| Bar { label: &r.name, value: r.value, goal: r.bound }).collect()
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -17,12 +17,14 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
-use crate::common::{self, Common, ExitSummary, Machine, Ratio, Running, Series};
-use crate::kvstore::{bench, per_request, Bench, Topology, GUEST_IP};
+use crate::common::{self, Common, ExitSummary, Machine, Prepared, Ratio};
+use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
+use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, Measured, TESTS};
+use crate::table;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,12 +43,8 @@ pub struct Args {
     /// The static redis-server (scripts/fetch-redis.sh).
     #[arg(long, default_value = "target/test-assets/redis-server")]
     redis_server: PathBuf,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// Leave out the recording (and its log-derived counts).
     #[arg(long)]
     no_record: bool,
@@ -70,7 +68,7 @@ enum Engine {
     KvstoreFtvmRun,
 }
 
-impl Engine {
+impl redis_bench::Engine for Engine {
     fn label(self) -> &'static str {
         match self {
             Engine::RedisFtvmRun => "Redis, ftvm run",
@@ -98,33 +96,29 @@ struct Session {
 }
 
 #[derive(Debug, Serialize)]
-struct Cell {
-    test: String,
-    clients: u32,
-    engine: Engine,
-    rps: Series,
-    p50_ms: Series,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    exits_per_request: Option<Series>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_bytes_per_request: Option<Series>,
-}
-
-#[derive(Debug, Serialize)]
 struct Report {
     suite: &'static str,
     machine: Machine,
     runs: usize,
     redis_benchmark: String,
     redis_args: String,
-    cells: Vec<Cell>,
+    cells: Vec<Cell<Engine>>,
     ratios: Vec<Ratio>,
     sessions: Vec<Session>,
 }
 
+impl redis_bench::Session<Engine> for Session {
+    fn engine(&self) -> Engine {
+        self.engine
+    }
+    fn benches(&self) -> &[Bench] {
+        &self.benches
+    }
+}
+
 struct Ctx<'a> {
     args: &'a Args,
-    redis_benchmark: PathBuf,
+    load: Load<'a>,
     ftvm: PathBuf,
     redis_server: PathBuf,
     redis_elf: PathBuf,
@@ -134,7 +128,7 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "redis", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "redis", &args.net)?;
     common::require_file(&args.redis_server, "redis-server", "build it with scripts/fetch-redis.sh")?;
     let cpio = common.guests.join("redis.cpio");
     common::require_file(
@@ -142,19 +136,21 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         "redis.cpio",
         "build the guests with `cargo xtask guests` after scripts/fetch-redis.sh",
     )?;
-    let work = common.out.join("redis");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["redis", "kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("redis", &["redis", "kvstore"], false)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let redis_cpio = work.join("redis.cpio");
     std::fs::copy(&cpio, &redis_cpio)?;
     let redis_server = work.join("redis-server");
     std::fs::copy(&args.redis_server, &redis_server)?;
     let ctx = Ctx {
         args,
-        redis_benchmark,
+        load: Load {
+            redis_benchmark: &redis_benchmark,
+            clients: &args.clients,
+            requests: args.requests,
+            requests_single: args.requests_single,
+        },
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         redis_server,
         redis_elf: images["redis"].clone(),
@@ -162,7 +158,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         kvstore: images["kvstore"].clone(),
         work,
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = ctx.load.version()?;
     let mut engines = vec![Engine::RedisFtvmRun, Engine::RedisNative, Engine::KvstoreFtvmRun];
     if !args.no_record {
         engines.push(Engine::RedisFtvmRecord);
@@ -170,52 +166,14 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if !args.no_rewrite_off {
         engines.push(Engine::RedisFtvmRunRewriteOff);
     }
-    let topo = Topology::up(&args.topology, 1)?;
-    let mut sessions = Vec::new();
-    for rep in 0..runs {
-        for k in 0..engines.len() {
-            let engine = engines[(k + rep) % engines.len()];
-            eprintln!("round {}/{runs}: {}", rep + 1, engine.label());
-            sessions.push(session(&ctx, &topo, engine, rep)?);
-        }
-    }
-    drop(topo);
-
-    let mut cells = Vec::new();
-    for &c in &args.clients {
-        for test in ["SET", "GET"] {
-            for &engine in &engines {
-                let mut cell = Cell {
-                    test: test.into(),
-                    clients: c,
-                    engine,
-                    rps: Series::default(),
-                    p50_ms: Series::default(),
-                    exits_per_request: None,
-                    log_bytes_per_request: None,
-                };
-                for b in sessions.iter().filter(|s| s.engine == engine).flat_map(|s| &s.benches) {
-                    if b.test == test && b.clients == c {
-                        cell.rps.push(b.rps);
-                        cell.p50_ms.push(b.p50_ms);
-                        if let Some(e) = b.exits_per_request {
-                            cell.exits_per_request.get_or_insert_with(Series::default).push(e);
-                        }
-                        if let Some(e) = b.log_bytes_per_request {
-                            cell.log_bytes_per_request.get_or_insert_with(Series::default).push(e);
-                        }
-                    }
-                }
-                cells.push(cell);
-            }
-        }
-    }
-    let rps = |test: &str, c: u32, e: Engine| {
-        cells.iter().find(|x| x.test == test && x.clients == c && x.engine == e).map_or(f64::NAN, |x| x.rps.median)
-    };
+    let (sessions, cells) =
+        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+            session(&ctx, topo, engine, rep)
+        })?;
+    let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
     let mut ratios = Vec::new();
     for &c in &args.clients {
-        for test in ["SET", "GET"] {
+        for test in TESTS {
             let run = rps(test, c, Engine::RedisFtvmRun);
             let mut native =
                 Ratio::new(format!("{test} c={c} ftvm run/native"), run / rps(test, c, Engine::RedisNative));
@@ -253,12 +211,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         ratios,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: r.bound }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("Redis 7.0.15 under redis-benchmark: throughput ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "redis", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "redis", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -335,19 +290,8 @@ fn measure(
     ready: &str,
     log: &std::path::Path,
 ) -> Result<Session> {
-    let mut vm = Running::spawn(engine.label(), cmd)?;
-    vm.wait_for_output(ready, Duration::from_secs(180))?;
-    let mut benches = Vec::new();
-    for &c in &ctx.args.clients {
-        for test in ["SET", "GET"] {
-            let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            benches.push(bench(&ctx.redis_benchmark, topo, test, c, n).with_context(|| {
-                format!("{} (round {}): console so far:\n{}", engine.label(), rep + 1, vm.stdout_text())
-            })?);
-        }
-    }
-    let f = vm.terminate(Duration::from_secs(10))?;
-    let counts = ExitSummary::parse(&f.stderr);
+    let Measured { mut benches, counts, finished: f, .. } =
+        ctx.load.measure(topo, cmd, (engine.label(), rep), ready, Duration::from_secs(180))?;
     let requests: u64 = benches.iter().map(|b| b.requests).sum();
     let session_exits_per_request = counts.as_ref().map(|c| c.exits as f64 / requests as f64);
     let mut log_bytes = None;
@@ -362,27 +306,9 @@ fn print_table(r: &Report) {
     r.machine
         .print(&format!("{} sessions per engine, one redis-benchmark run per test and client count in each", r.runs));
     println!("{}; redis-server arguments: {}\n", r.redis_benchmark, r.redis_args);
-    println!(
-        "{:<4} {:>3}  {:<19} {:>10} {:>9} {:>11} {:>11}",
-        "test", "c", "engine", "req/s", "p50 ms", "exits/req", "log B/req"
-    );
-    for cell in &r.cells {
-        let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
-        println!(
-            "{:<4} {:>3}  {:<19} {:>10.0} {:>9.3} {:>11} {:>11}",
-            cell.test,
-            cell.clients,
-            cell.engine.label(),
-            cell.rps.median,
-            cell.p50_ms.median,
-            opt(&cell.exits_per_request, 2),
-            opt(&cell.log_bytes_per_request, 1)
-        );
-    }
+    redis_bench::cells_table(&r.cells).print();
     println!();
-    for ratio in &r.ratios {
-        println!("{:<34} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
-    }
+    table::ratios("", &r.ratios, 3).print();
     for s in &r.sessions {
         let per =
             s.session_exits_per_request.map_or(String::new(), |e| format!(", {e:.2} exits/request over the session"));

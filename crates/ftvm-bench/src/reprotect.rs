@@ -28,12 +28,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ftvm_api::{CopyRound, ProtectPhase, ProtectProgress, SnapshotPhase, SnapshotProgress};
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::plot;
+use crate::table::{self, Table};
 
 // ---------------------------------------------------------------------------------------
 // Shared with the soak suite: the pair's sides, `ftvm ctl`, clients.
@@ -116,18 +117,20 @@ impl PairEnv {
         })
     }
 
-    /// Host `n`'s disk image (each host keeps its own; a new backup's is overwritten with
-    /// the live VM's by the transfer).
+    /// Host `n`'s disk image name (each host keeps its own; a new backup's is overwritten
+    /// with the live VM's by the transfer).
+    fn disk_name(host: u32) -> String {
+        format!("disk-h{host}.img")
+    }
+
+    /// Host `n`'s disk image.
     pub fn disk(&self, host: u32) -> PathBuf {
-        self.work.join(format!("disk-h{host}.img"))
+        self.work.join(Self::disk_name(host))
     }
 
     /// A fresh blank disk for host `n`.
     pub fn blank_disk(&self, host: u32) -> Result<PathBuf> {
-        let disk = self.disk(host);
-        let _ = std::fs::remove_file(&disk);
-        std::fs::File::create(&disk)?.set_len(self.disk_mib << 20)?;
-        Ok(disk)
+        common::fresh_disk(&self.work, &Self::disk_name(host), self.disk_mib)
     }
 
     fn command(&self, topo: &Topology, host: u32, verb: &str, peer: (&str, &str), sock: &Path) -> Command {
@@ -189,28 +192,9 @@ impl PairEnv {
     }
 }
 
-/// `ftvm ctl SOCKET status --json`.
-pub(crate) fn status(ftvm: &Path, sock: &Path) -> Result<Value> {
-    let mut cmd = Command::new(ftvm);
-    cmd.arg("ctl").arg(sock).args(["status", "--json"]);
-    let f = common::run("ftvm ctl status", &mut cmd, Duration::from_secs(10))?;
-    if !f.status.success() {
-        bail!("ftvm ctl {} status failed: {}", sock.display(), f.stderr.trim());
-    }
-    serde_json::from_str(&f.stdout).with_context(|| format!("parsing `ftvm ctl status --json`: {}", f.stdout))
-}
-
 /// `pair.protected` of a side's status (false when it does not answer).
 pub(crate) fn is_protected(ftvm: &Path, sock: &Path) -> bool {
-    status(ftvm, sock).is_ok_and(|s| s["pair"]["protected"] == true)
-}
-
-/// One pre-copy round of a state transfer.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct CopyRound {
-    pub pages: u64,
-    pub disk_bytes: u64,
-    pub ms: f64,
+    common::ctl_status(ftvm, sock).is_ok_and(|s| s.pair.is_some_and(|p| p.protected))
 }
 
 /// The outcome of `ftvm ctl SOCKET protect ADDR --json`.
@@ -302,8 +286,8 @@ pub(crate) fn protect(ftvm: &Path, sock: &Path, backup: &str) -> Result<Protect>
         }
     };
     let wall_ms = f.wall_s() * 1e3;
-    let v: Value = match serde_json::from_str(f.stdout.trim()) {
-        Ok(v) => v,
+    let p: ProtectProgress = match serde_json::from_str(f.stdout.trim()) {
+        Ok(p) => p,
         Err(_) => {
             return Ok(Protect {
                 exit_code: f.status.code(),
@@ -315,37 +299,23 @@ pub(crate) fn protect(ftvm: &Path, sock: &Path, backup: &str) -> Result<Protect>
             })
         }
     };
-    let num = |v: &Value| v.as_f64();
-    let snap = &v["snapshot"];
-    let rounds = snap["rounds"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| CopyRound {
-                    pages: r["pages"].as_u64().unwrap_or(0),
-                    disk_bytes: r["disk_bytes"].as_u64().unwrap_or(0),
-                    ms: r["ms"].as_f64().unwrap_or(f64::NAN),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let phase = v["phase"].as_str().unwrap_or("?").to_string();
-    let mut error = v["error"].as_str().map(str::to_string);
+    let mut error = p.error.clone();
     if error.is_none() && !f.status.success() {
         error = Some(f.stderr.trim().to_string());
     }
     Ok(Protect {
         backup: backup.into(),
-        ok: f.status.success() && phase == "protected",
+        ok: f.status.success() && p.phase == ProtectPhase::Protected,
         exit_code: f.status.code(),
-        phase,
+        // The phase as the JSON names it ("protected", "catching-up", ...).
+        phase: serde_json::to_value(p.phase).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
         wall_ms,
-        protected_after_ms: num(&v["protected_after_ms"]),
-        elapsed_ms: num(&v["elapsed_ms"]).unwrap_or(f64::NAN),
-        pause_ms: num(&snap["pause_ms"]),
-        shipped_bytes: v["shipped_bytes"].as_u64().unwrap_or(0),
-        rounds,
-        snapshot_elapsed_ms: num(&snap["elapsed_ms"]),
+        protected_after_ms: p.protected_after_ms,
+        elapsed_ms: p.elapsed_ms,
+        pause_ms: p.pause_ms(),
+        shipped_bytes: p.shipped_bytes,
+        rounds: p.snapshot.as_ref().map_or_else(Vec::new, |s| s.rounds.clone()),
+        snapshot_elapsed_ms: p.snapshot.as_ref().map(|s| s.elapsed_ms),
         error,
     })
 }
@@ -700,17 +670,6 @@ impl Drop for RedisBench {
     }
 }
 
-/// `256M` / `1G` / `512` (MiB) -> MiB.
-pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
-    };
-    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("bad memory size {s:?} (e.g. 256M, 1G)"))
-}
-
 pub(crate) fn mem_label(mib: u64) -> String {
     if mib >= 1024 && mib % 1024 == 0 {
         format!("{} GiB", mib / 1024)
@@ -772,12 +731,8 @@ pub struct Args {
     /// Skip the local `ftvm ctl snapshot` of each VM (the pause it is compared with).
     #[arg(long)]
     no_snapshot: bool,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -928,29 +883,27 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "reprotect", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "reprotect", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
-    let mems: Vec<u64> = args.mem.iter().map(|m| parse_mem(m).map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
+    let mems: Vec<u64> =
+        args.mem.iter().map(|m| ftvm_api::parse_mem_mib(m).map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
     let mut guests = vec!["kvstore"];
     if args.scenarios.contains(&Scenario::Resync) {
         guests.push("kvstore-rdtsc");
     }
-    let work = common.out.join("reprotect");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let images = common::snapshot_images(&common.guests, &guests, &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("reprotect", &guests, false)?;
+    let common = &common;
     let ctx = Ctx {
         args,
         redis_benchmark,
         ftvm: std::fs::canonicalize(&common.ftvm)?,
         images,
         work,
-        runs: common.runs.unwrap_or(3).max(1),
+        runs: common.runs_or(3),
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
 
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let mut cases = Vec::new();
     let mut port = 7000u16;
     for (&mib, mem) in mems.iter().zip(&args.mem) {
@@ -990,9 +943,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         .map(|(c, l)| plot::Bar { label: l, value: c.protect_ms.median / 1e3, goal: None })
         .collect();
     let svg = plot::bars("ftvm re-protection: time to protected again, seconds (median; resync: the resync)", &bars);
-    let (json, svg) = common::write_results(&common.out, "reprotect", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    let json = common::publish(&common.out, "reprotect", &report, &svg, print_table)?;
     if report.failures > 0 {
         bail!("{} failure(s) (see above and {})", report.failures, json.display());
     }
@@ -1344,8 +1295,8 @@ fn resync_runs(ctx: &Ctx, topo: &Topology, env: &PairEnv, primary: &Vm, backup: 
         });
         common::sleep(Duration::from_millis(500))?;
     }
-    let s = status(&env.ftvm, &primary.sock)?;
-    eprintln!("  primary status: resyncs {}", s["pair"]["resyncs"]);
+    let s = common::ctl_status(&env.ftvm, &primary.sock)?;
+    eprintln!("  primary status: resyncs {}", s.pair.map_or(0, |p| p.resyncs));
     Ok(())
 }
 
@@ -1379,16 +1330,13 @@ fn local_snapshot(
     drop(load);
     let _ = std::fs::remove_dir_all(&snap);
     let f = r?;
-    let v: Option<Value> = serde_json::from_str(f.stdout.trim()).ok();
-    let ok = f.status.success() && v.as_ref().is_some_and(|v| v["phase"] == "done");
+    let p: Option<SnapshotProgress> = serde_json::from_str(f.stdout.trim()).ok();
+    let ok = f.status.success() && p.as_ref().is_some_and(|p| p.phase == SnapshotPhase::Done);
     let s = LocalSnapshot {
         ok,
-        pause_ms: v.as_ref().and_then(|v| v["pause_ms"].as_f64()),
-        elapsed_ms: v.as_ref().and_then(|v| v["elapsed_ms"].as_f64()),
-        pages: v
-            .as_ref()
-            .and_then(|v| v["rounds"].as_array().map(|a| a.iter().map(|r| r["pages"].as_u64().unwrap_or(0)).collect()))
-            .unwrap_or_default(),
+        pause_ms: p.as_ref().and_then(|p| p.pause_ms),
+        elapsed_ms: p.as_ref().map(|p| p.elapsed_ms),
+        pages: p.as_ref().map_or_else(Vec::new, |p| p.rounds.iter().map(|r| r.pages).collect()),
         error: if ok { None } else { Some(format!("{}: {} {}", f.status, f.stdout.trim(), f.stderr.trim())) },
     };
     match &s.error {
@@ -1489,18 +1437,9 @@ fn print_table(r: &Report) {
         }
     };
     let m = |s: &Series, p: usize| if s.samples.is_empty() { "-".to_string() } else { format!("{:.*}", p, s.median) };
-    println!(
-        "{:<8} {:<7} {:>15} {:>9} {:>13} {:>11} {:>6} {:>19} {:>14}",
-        "memory",
-        "case",
-        "protected ms",
-        "copy ms",
-        "pause ms",
-        "shipped MiB",
-        "rounds",
-        "pages r0/live/cut",
-        "snapshot pause"
-    );
+    let mut t = Table::new().left("memory", 8).left("case", 7).right("protected ms", 15).right("copy ms", 9);
+    t = t.right("pause ms", 13).right("shipped MiB", 11).right("rounds", 6).right("pages r0/live/cut", 19);
+    t = t.right("snapshot pause", 14);
     for c in r.cases.iter().filter(|c| c.scenario != Scenario::Resync) {
         let pages = c
             .runs
@@ -1513,51 +1452,43 @@ fn print_table(r: &Report) {
             })
             .unwrap_or_else(|| "-".into());
         let snap = c.local_snapshot.as_ref().and_then(|s| s.pause_ms).map_or("-".into(), |p| format!("{p:.2} ms"));
-        println!(
-            "{:<8} {:<7} {:>15} {:>9} {:>13} {:>11} {:>6} {:>19} {:>14}",
+        t.row([
             mem_label(c.mem_mib),
-            c.scenario.label(),
+            c.scenario.label().to_string(),
             f(&c.protect_ms, 0),
             m(&c.copy_ms, 0),
             f(&c.pause_ms, 2),
             m(&c.shipped_mib, 1),
             m(&c.precopy_rounds, 0),
             pages,
-            snap
-        );
+            snap,
+        ]);
     }
+    t.print();
     println!("(protected: `protected_after_ms`, request to caught up; copy: the live copy of the state, `snapshot.elapsed_ms`;");
     println!(" pages: of the last run; snapshot pause: `ftvm ctl snapshot` of the same VM, the same load)");
 
     if r.cases.iter().any(|c| c.scenario == Scenario::Load) {
-        println!(
-            "\n{:<8} {:>15} {:>15} {:>13} {:>15} {:>14} {:>14} {:>19} {:>17}",
-            "memory",
-            "SET/s before",
-            "SET/s during",
-            "lowest tick",
-            "SET/s after",
-            "during/before",
-            "during/after",
-            "PING gap: protect",
-            "PING gap: before"
-        );
+        println!();
+        let mut t = Table::new().left("memory", 8).right("SET/s before", 15).right("SET/s during", 15);
+        t = t.right("lowest tick", 13).right("SET/s after", 15).right("during/before", 14).right("during/after", 14);
+        t = t.right("PING gap: protect", 19).right("PING gap: before", 17);
         for c in r.cases.iter().filter(|c| c.scenario == Scenario::Load) {
             let loads: Vec<&LoadWindow> = c.runs.iter().filter_map(|r| r.load.as_ref()).collect();
             let before_gap = common::median(&loads.iter().map(|l| l.ping_gap_before_ms).collect::<Vec<_>>());
-            println!(
-                "{:<8} {:>15} {:>15} {:>13} {:>15} {:>14.2} {:>14.2} {:>19} {:>17.1}",
+            t.row([
                 mem_label(c.mem_mib),
                 m(&c.rps_before, 0),
                 m(&c.rps_during, 0),
                 m(&c.rps_during_min, 0),
                 m(&c.rps_after, 0),
-                c.rps_during.median / c.rps_before.median,
-                c.rps_during.median / c.rps_after.median,
+                format!("{:.2}", c.rps_during.median / c.rps_before.median),
+                format!("{:.2}", c.rps_during.median / c.rps_after.median),
                 f(&c.ping_gap_ms, 1),
-                before_gap
-            );
+                format!("{before_gap:.1}"),
+            ]);
         }
+        t.print();
         println!(
             "(redis-benchmark -t set -c {} -r {}: 250 ms ticks; before: unprotected, the backup just killed;",
             r.clients, r.keyspace
@@ -1566,16 +1497,10 @@ fn print_table(r: &Report) {
     }
 
     if r.cases.iter().any(|c| c.scenario == Scenario::Resync) {
-        println!(
-            "\n{:<8} {:>15} {:>13} {:>11} {:>22} {:>24} {:>26}",
-            "memory",
-            "resync ms",
-            "pause ms",
-            "sent MiB",
-            "diverging PING: reply",
-            "PING to protected (max)",
-            "found at exit (per run)"
-        );
+        println!();
+        let mut t = Table::new().left("memory", 8).right("resync ms", 15).right("pause ms", 13).right("sent MiB", 11);
+        t = t.right("diverging PING: reply", 22).right("PING to protected (max)", 24);
+        t = t.right("found at exit (per run)", 26);
         for c in r.cases.iter().filter(|c| c.scenario == Scenario::Resync) {
             let rs: Vec<&Resync> = c.runs.iter().filter_map(|r| r.resync.as_ref()).collect();
             let reply = common::median(&rs.iter().map(|r| r.ping_reply_ms).collect::<Vec<_>>());
@@ -1585,17 +1510,17 @@ fn print_table(r: &Report) {
             }
             let exits: Vec<String> =
                 rs.iter().map(|r| r.detected_at_exit.map_or("?".into(), |e| e.to_string())).collect();
-            println!(
-                "{:<8} {:>15} {:>13} {:>11} {:>19.1} ms {:>22} s {:>26}",
+            t.row([
                 mem_label(c.mem_mib),
                 f(&c.protect_ms, 0),
                 f(&c.pause_ms, 2),
                 m(&c.shipped_mib, 1),
-                reply,
-                f(&to, 1),
-                exits.join(", ")
-            );
+                format!("{reply:.1} ms"),
+                format!("{} s", f(&to, 1)),
+                exits.join(", "),
+            ]);
         }
+        t.print();
         println!(
             "(kvstore-rdtsc, one PING a run{}; from the primary's `protected` event (reason resync): after_ms, sent_bytes, pause_ms)",
             if r.resync_idle { ", the guest idle after it" } else { ", then SETs 1 ms apart on one connection to reach the sync points" }
@@ -1603,9 +1528,7 @@ fn print_table(r: &Report) {
         println!(" (found at exit: the sync point, counted from the last state transfer, where the backup saw the divergence)");
     }
     println!();
-    for ratio in &r.ratios {
-        println!("{:<56} {:>9.4}  {}", ratio.name, ratio.value, ratio.note.as_deref().unwrap_or_default());
-    }
+    table::ratios("", &r.ratios, 4).print();
     println!("\nRead against the published figures (../shared/anchors.md):");
     for a in &r.anchors {
         println!("- {}: {}\n    ftvm here: {}", a.system, a.published, a.ftvm);

@@ -19,8 +19,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{self, Common, ExitSummary, Finished, Machine, Ratio, Series};
+use crate::common::{self, Common, ExitSummary, Finished, Machine, Prepared, Ratio, Series};
 use crate::plot;
+use crate::table::{self, Table};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -187,11 +188,9 @@ struct Ctx<'a> {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let work = common.out.join("record-replay");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["hello", "compute"], &work)?;
+    let Prepared { common, machine, images, work } = common.prepare("record-replay", &["hello", "compute"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let ctx = Ctx { common, work: std::fs::canonicalize(&work)? };
     let mut scenarios = Vec::new();
     for name in &args.scenarios {
@@ -220,9 +219,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     let bars: Vec<plot::Bar> =
         labels.iter().map(|(l, v, g)| plot::Bar { label: l.as_str(), value: *v, goal: *g }).collect();
     let svg = plot::bars("ftvm record/replay: time and log ratios (medians)", &bars);
-    let (json, svg) = common::write_results(&common.out, "record-replay", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "record-replay", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -418,11 +415,12 @@ fn print_table(r: &Report) {
     ));
     for s in &r.scenarios {
         println!("== {} ({}, {} {:?}), digest {}", s.name, s.what, s.guest, s.cmdline, s.digest);
-        println!("  {:<18} {:>10}  samples", "mode", "median");
+        let mut times = Table::new().indent("  ").left("mode", 18).right("median", 10).gap(2).left("samples", 0);
         for (mode, t) in &s.times {
             let samples: Vec<String> = t.samples.iter().map(|v| format!("{v:.3}")).collect();
-            println!("  {:<18} {:>9.3}s  {}", mode.label(), t.median, samples.join(" "));
+            times.row([mode.label().to_string(), format!("{:.3}s", t.median), samples.join(" ")]);
         }
+        times.print();
         let l = &s.ftvm_log;
         println!(
             "  ftvm log: {:.0} bytes ({:.0} without the header), {:.0} records, {:.3} s of guest time: {:.0} B/s ({:.4} Mbit/s)",
@@ -440,12 +438,7 @@ fn print_table(r: &Report) {
         if let Some(q) = &s.qemu_log {
             println!("  QEMU rr log: {:.0} bytes ({:.0} B/s of record time)", q.bytes.median, q.bytes_per_s);
         }
-        for ratio in &s.ratios {
-            println!("  {:<24} {:>8.3}  {}", ratio.name, ratio.value, ratio.goal_text());
-            if let Some(n) = &ratio.note {
-                println!("  {:<24} {n}", "");
-            }
-        }
+        table::ratios("  ", &s.ratios, 3).print();
         println!();
     }
     if let Some(i) = &r.idle {

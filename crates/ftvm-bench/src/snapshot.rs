@@ -32,12 +32,16 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::common::{self, Common, Machine, Ratio, Running, Series};
+use ftvm_api::{SnapshotPhase, SnapshotProgress};
+
+use crate::common::{self, Common, Machine, Prepared, Ratio, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP, READY};
 use crate::plot;
+use crate::redis_bench::Csv;
+use crate::table::Table;
 
 /// The guest's MAC under both engines (ftvm's default, QEMU's first NIC).
 const GUEST_MAC: &str = "52:54:00:12:34:56";
@@ -49,7 +53,7 @@ const QEMU_MAX_BANDWIDTH: u64 = 10 << 30;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Guest memory sizes: MiB, or with a unit (256M, 1G), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256M,1G", value_parser = parse_mib)]
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G", value_parser = ftvm_api::parse_mem_mib)]
     mem: Vec<u64>,
     /// Scenarios, comma-separated: idle (no client during the snapshot), load (redis-benchmark
     /// SETs with random keys running through it).
@@ -76,25 +80,8 @@ pub struct Args {
     /// Skip the baseline: the same load without a snapshot, on the same VM just before.
     #[arg(long)]
     no_baseline: bool,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
-}
-
-fn parse_mib(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('G' | 'g') => (&t[..t.len() - 1], 1024),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1),
-        _ => (t, 1),
-    };
-    match num.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(n * mult),
-        _ => Err(format!("{s:?} is not a memory size (256, 256M, 1G)")),
-    }
+    #[command(flatten)]
+    net: common::NetArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -132,26 +119,6 @@ impl Engine {
     }
 }
 
-/// ftvm's snapshot progress (`ftvm ctl PATH snapshot DIR --json`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-struct FtvmProgress {
-    dir: String,
-    phase: String,
-    memory_bytes: u64,
-    disk_bytes: u64,
-    rounds: Vec<Round>,
-    pause_ms: Option<f64>,
-    elapsed_ms: f64,
-    error: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-struct Round {
-    pages: u64,
-    disk_bytes: u64,
-    ms: f64,
-}
-
 /// One snapshot as measured.
 #[derive(Debug, Clone, Serialize)]
 struct Snap {
@@ -169,7 +136,7 @@ struct Snap {
     wall_ms: f64,
     /// ftvm's rounds (round 0: every non-zero page; then what the guest dirtied; last: paused).
     #[serde(skip_serializing_if = "Option::is_none")]
-    ftvm: Option<FtvmProgress>,
+    ftvm: Option<SnapshotProgress>,
     /// QEMU: STOP to RESUME event (the bench sends `cont` on the completed event): what the
     /// guest is stopped when the VM is to go on after a migration to a file.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,13 +286,10 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.mem.is_empty() || args.scenarios.is_empty() {
         bail!("nothing to measure: give at least one --mem and one --scenarios");
     }
-    let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.redis_benchmark, &args.topology)?;
-    let work = common.out.join("snapshot");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(3).max(1);
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "snapshot", &args.net)?;
+    let Prepared { common, machine, images, work } = common.prepare("snapshot", &["kvstore"], true)?;
+    let common = &common;
+    let runs = common.runs_or(3);
     let ctx = Ctx {
         common,
         args,
@@ -335,13 +299,13 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         work,
         cmdline: format!("ip={GUEST_IP}/24"),
     };
-    let rb_version = common::capture(Command::new(&ctx.redis_benchmark).arg("--version"))?.trim().to_string();
+    let rb_version = common::version_of(&ctx.redis_benchmark)?;
     let mut engines = vec![Engine::Ftvm];
     if !args.no_qemu {
         engines.push(Engine::Qemu);
     }
 
-    let topo = Topology::up(&args.topology, 1)?;
+    let topo = Topology::up(&args.net.topology, 1)?;
     // The guest's MAC is the same under both engines and after a restore: a permanent entry
     // keeps ARP out of the restore time (an entry that failed while the VM was down costs
     // a second or more of resolution).
@@ -431,12 +395,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         failed_sessions,
         sessions,
     };
-    let bars: Vec<plot::Bar> =
-        report.ratios.iter().map(|r| plot::Bar { label: &r.name, value: r.value, goal: None }).collect();
+    let bars = plot::ratio_bars(&report.ratios);
     let svg = plot::bars("live snapshot: ftvm / QEMU migration to a file (medians; lower is faster)", &bars);
-    let (json, svg) = common::write_results(&common.out, "snapshot", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "snapshot", &report, &svg, print_table)?;
     // ftvm's failures fail the suite; QEMU's are findings about the peer, reported above.
     let failed = |e: Engine| report.sessions.iter().filter(|s| s.engine == e && !s.failures.is_empty()).count();
     let of = |e: Engine| report.sessions.iter().filter(|s| s.engine == e).count();
@@ -757,15 +718,14 @@ fn load_command(ctx: &Ctx, topo: &Topology) -> Command {
 /// Waits for the load to end and reads its result.
 fn finish_load(ctx: &Ctx, load: Running, covered_snapshot: Option<bool>) -> Result<Load> {
     let f = load.finish(Duration::from_secs(120 + ctx.args.load_requests / 1000))?;
-    let row = common::redis_benchmark_row(&f.stdout, "SET")
+    let row = Csv::parse(&f.stdout, "SET")
         .with_context(|| format!("the load's redis-benchmark gave no result: {}", f.describe()))?;
-    let get = |k: &str| row.get(k).copied().unwrap_or(f64::NAN);
     Ok(Load {
         requests: ctx.args.load_requests,
-        rps: get("rps"),
-        p50_ms: get("p50_latency_ms"),
-        p99_ms: get("p99_latency_ms"),
-        max_ms: get("max_latency_ms"),
+        rps: row.rps,
+        p50_ms: row.p50_ms,
+        p99_ms: row.p99_ms,
+        max_ms: row.max_ms,
         covered_snapshot,
     })
 }
@@ -861,10 +821,10 @@ fn ftvm_snapshot(ctx: &Ctx, sock: &Path, dir: &Path) -> Result<Snap> {
     let mut cmd = Command::new(&ctx.ftvm);
     cmd.arg("ctl").arg(sock).arg("snapshot").arg(dir).arg("--json");
     let f = common::run("ftvm ctl snapshot", &mut cmd, Duration::from_secs(600))?;
-    let p: FtvmProgress = serde_json::from_str(&f.stdout)
+    let p: SnapshotProgress = serde_json::from_str(&f.stdout)
         .with_context(|| format!("ftvm ctl snapshot printed no progress JSON: {}", f.describe()))?;
-    if p.phase != "done" || !f.status.success() {
-        bail!("phase {}: {} ({})", p.phase, p.error.as_deref().unwrap_or("no error given"), f.status);
+    if p.phase != SnapshotPhase::Done || !f.status.success() {
+        bail!("phase {:?}: {} ({})", p.phase, p.error.as_deref().unwrap_or("no error given"), f.status);
     }
     Ok(Snap {
         total_ms: p.elapsed_ms,
@@ -1233,24 +1193,10 @@ fn print_table(r: &Report) {
     ));
     println!("kvstore ({}), {} MiB disk; load: {}", r.guest_cmdline, r.disk_mib, r.load);
     println!("QEMU: {}\n", r.qemu_migration);
-    println!(
-        "{:<5} {:<5} {:<5} {:>9} {:>9} {:>9} {:>7} {:>22} {:>17} {:>9} {:>9} {:>6} {:>15} {:>16} {:>7}",
-        "mem",
-        "load",
-        "eng",
-        "total ms",
-        "pause ms",
-        "stop→run",
-        "rounds",
-        "pages r0/resent/paused",
-        "alloc/logical MiB",
-        "restore",
-        "(own ms)",
-        "boot",
-        "SET/s snap/base",
-        "max ms snap/base",
-        "failed"
-    );
+    let mut t = Table::new().left("mem", 5).left("load", 5).left("eng", 5).right("total ms", 9).right("pause ms", 9);
+    t = t.right("stop→run", 9).right("rounds", 7).right("pages r0/resent/paused", 22).right("alloc/logical MiB", 17);
+    t = t.right("restore", 9).right("(own ms)", 9).right("boot", 6).right("SET/s snap/base", 15);
+    t = t.right("max ms snap/base", 16).right("failed", 7);
     let n = |v: f64, p: usize| if v.is_nan() { "-".to_string() } else { format!("{v:.p$}") };
     let m = |s: &Option<Series>, p: usize| s.as_ref().map_or("-".to_string(), |s| n(med(s), p));
     for c in &r.cells {
@@ -1258,11 +1204,10 @@ fn print_table(r: &Report) {
             (Some(a), Some(b), Some(p)) => format!("{}/{}/{}", n(med(a), 0), n(med(b), 0), n(med(p), 0)),
             _ => format!("{} in all", n(med(&c.pages_sent), 0)),
         };
-        println!(
-            "{:<5} {:<5} {:<5} {:>9} {:>9} {:>9} {:>7} {:>22} {:>17} {:>9} {:>9} {:>6} {:>15} {:>16} {:>7}",
+        t.row([
             mem_label(c.mem_mib),
-            c.scenario.label(),
-            c.engine.label(),
+            c.scenario.label().to_string(),
+            c.engine.label().to_string(),
             n(med(&c.total_ms), 1),
             n(med(&c.pause_ms), 2),
             m(&c.stop_to_resume_ms, 1),
@@ -1274,14 +1219,13 @@ fn print_table(r: &Report) {
             n(med(&c.boot_ms), 0),
             format!("{}/{}", m(&c.load_rps, 0), m(&c.baseline_rps, 0)),
             format!("{}/{}", m(&c.load_max_ms, 1), m(&c.baseline_max_ms, 1)),
-            format!("{}/{}", c.failed, c.sessions)
-        );
+            format!("{}/{}", c.failed, c.sessions),
+        ]);
     }
+    t.print();
     if !r.ratios.is_empty() {
         println!("\nftvm / QEMU (medians; below 1: ftvm is faster)");
-        for ratio in &r.ratios {
-            println!("  {:<20} {:>8.3}  {}", ratio.name, ratio.value, ratio.note.as_deref().unwrap_or_default());
-        }
+        crate::table::ratios("  ", &r.ratios, 3).print();
     }
     println!("\nsessions:");
     for s in &r.sessions {

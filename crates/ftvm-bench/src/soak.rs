@@ -33,15 +33,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use ftvm_api::Role;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::common::{self, Common, Machine, Running, Series};
+use crate::common::{self, Common, Machine, Prepared, Running, Series};
 use crate::kvstore::{Topology, GUEST_IP};
 use crate::plot;
-use crate::reprotect::{
-    is_protected, max_of, mem_label, parse_mem, protect, status, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm,
-};
+use crate::reprotect::{is_protected, max_of, mem_label, protect, wait_ping, PairEnv, Pinger, Protect, RedisBench, Vm};
+use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -85,12 +85,8 @@ pub struct Args {
     /// disk is full.
     #[arg(long)]
     disk_mib: Option<u64>,
-    /// The redis-benchmark binary (Debian's redis-tools).
-    #[arg(long, default_value = "redis-benchmark")]
-    redis_benchmark: PathBuf,
-    /// The topology script (run from the repository root, or give its path).
-    #[arg(long, default_value = "scripts/topology.sh")]
-    topology: PathBuf,
+    #[command(flatten)]
+    net: common::NetArgs,
     /// The invariant checker (run from the repository root, or give its path).
     #[arg(long, default_value = "scripts/kv-checker.py")]
     checker: PathBuf,
@@ -395,7 +391,7 @@ fn violation(ev: &mut Event, what: String) {
 }
 
 pub fn run(common: &Common, args: &Args) -> Result<()> {
-    let redis_benchmark = common::kvstore_network_suite(common, "soak", &args.redis_benchmark, &args.topology)?;
+    let redis_benchmark = common::kvstore_network_suite(common, "soak", &args.net)?;
     common::which(Path::new("redis-cli"), "install Debian's redis-tools (apt-get install redis-tools)")?;
     common::which(Path::new("python3"), "install python3")?;
     common::require_file(&args.checker, "kv-checker.py", "run from the repository root or pass --checker")?;
@@ -405,7 +401,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if args.min_gap_ms > args.max_gap_ms {
         bail!("--min-gap-ms ({}) is above --max-gap-ms ({})", args.min_gap_ms, args.max_gap_ms);
     }
-    let mib = parse_mem(&args.mem).map_err(anyhow::Error::msg)?;
+    let mib = ftvm_api::parse_mem_mib(&args.mem).map_err(anyhow::Error::msg)?;
     let seed = args
         .seed
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
@@ -423,11 +419,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         plan.insert(at, (Kind::BackupKill, rng.range(args.min_gap_ms, args.max_gap_ms)));
     }
 
-    let work = common.out.join("soak");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe_without_qemu(common)?;
-    let images = common::snapshot_images(&common.guests, &["kvstore"], &work)?;
-    let work = std::fs::canonicalize(&work)?;
+    let Prepared { common, machine, images, work } = common.prepare("soak", &["kvstore"], false)?;
+    let common = &common;
     let logs_dir = work.join("logs");
     let _ = std::fs::remove_dir_all(&logs_dir);
     std::fs::create_dir_all(&logs_dir)?;
@@ -443,7 +436,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
 
     let disk_mib = args.disk_mib.unwrap_or(128 + 8 * plan.len() as u64);
     // Declared first, so that it is dropped (the topology torn down) after every VM.
-    let topo = Topology::up(&args.topology, 2)?;
+    let topo = Topology::up(&args.net.topology, 2)?;
     let env = PairEnv::new(
         std::fs::canonicalize(&common.ftvm)?,
         images["kvstore"].clone(),
@@ -576,9 +569,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         .collect();
     let bars: Vec<plot::Bar> = labels.iter().map(|(l, v)| plot::Bar { label: l, value: *v, goal: None }).collect();
     let svg = plot::bars("ftvm soak: per event, the clients' longest PING gap and the re-protection time (s)", &bars);
-    let (json, svg) = common::write_results(&common.out, "soak", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {} (process logs in {})", json.display(), svg.display(), logs_dir.display());
+    let json = common::publish(&common.out, "soak", &report, &svg, print_table)?;
+    println!("process logs in {}", logs_dir.display());
     if report.violation_count > 0 {
         bail!(
             "{} invariant violation(s) (goal: 0); see above and {} (the disks are kept in {})",
@@ -877,10 +869,10 @@ fn event(
             ev.takeover_ms = Some(takeover.ms_after(t_kill_wall));
             ev.takeover_line = Some(takeover.message());
             ev.took_over = Some(survivor.label());
-            match status(&st.env.ftvm, &survivor.sock) {
+            match common::ctl_status(&st.env.ftvm, &survivor.sock) {
                 Ok(s) => {
-                    let (role, failovers) = (s["role"].as_str().unwrap_or("?"), s["pair"]["failovers"].as_u64());
-                    if role != "backup-live" || failovers.unwrap_or(0) < 1 {
+                    let (role, failovers) = (s.role.as_str(), s.pair.map(|p| p.failovers));
+                    if s.role != Role::BackupLive || failovers.unwrap_or(0) < 1 {
                         violation(
                             ev,
                             format!("after TAKEOVER, {} says role {role}, failovers {failovers:?}", survivor.label()),
@@ -959,40 +951,31 @@ fn print_table(r: &Report) {
         "{} failovers planned, seed {}, {}..{} ms apart, backup kills {}%",
         r.failovers_planned, r.seed, r.min_gap_ms, r.max_gap_ms, r.backup_kill_percent
     ));
-    println!(
-        "{:>3} {:<11} {:<18} {:<18} {:>9} {:>9} {:<17} {:>10} {:>9} {:>8} {:>9} {:>5}",
-        "#",
-        "event",
-        "SIGKILL",
-        "went live",
-        "live ms",
-        "gap ms",
-        "new backup",
-        "protect ms",
-        "pause ms",
-        "MiB",
-        "p.gap ms",
-        "viol."
-    );
+    let mut t = Table::new().right("#", 3).left("event", 11).left("SIGKILL", 18).left("went live", 18);
+    t = t.right("live ms", 9).right("gap ms", 9).left("new backup", 17).right("protect ms", 10);
+    t = t.right("pause ms", 9).right("MiB", 8).right("p.gap ms", 9).right("viol.", 5);
     let o = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     for e in &r.events {
         let p = e.protect();
-        println!(
-            "{:>3} {:<11} {:<18} {:<18} {:>9} {:>9} {:<17} {:>10} {:>9} {:>8} {:>9} {:>5}",
-            e.index,
-            e.kind.label(),
-            e.killed.as_deref().unwrap_or("-"),
-            e.took_over.as_deref().unwrap_or(if e.kind == Kind::BackupKill { "(no failover)" } else { "NONE" }),
+        t.row([
+            e.index.to_string(),
+            e.kind.label().to_string(),
+            e.killed.as_deref().unwrap_or("-").to_string(),
+            e.took_over
+                .as_deref()
+                .unwrap_or(if e.kind == Kind::BackupKill { "(no failover)" } else { "NONE" })
+                .to_string(),
             o(e.takeover_ms.or(e.unprotected_ms), 0),
             o(e.ping_gap_ms, 0),
-            e.new_backup.as_deref().unwrap_or("-"),
+            e.new_backup.as_deref().unwrap_or("-").to_string(),
             o(p.map(|p| p.time_ms()), 0),
             o(p.and_then(|p| p.pause_ms), 2),
             o(p.map(|p| p.shipped_bytes as f64 / 1048576.0), 1),
             o(e.protect_ping_gap_ms, 0),
-            e.violations.len()
-        );
+            e.violations.len().to_string(),
+        ]);
     }
+    t.print();
     println!(
         "(live ms: SIGKILL to the backup's takeover event; for a backup kill, to the live side's backup_lost event)"
     );

@@ -14,8 +14,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::common::{self, median, Common, Finished, Machine};
+use crate::common::{self, median, Common, Finished, Machine, Prepared};
 use crate::plot;
+use crate::table::Table;
 
 /// Raw KVM cost of a userspace exit from CPL3 on this platform (platform.md, measured by
 /// reference/kvm-probe): the floor ftvm's port-I/O path is compared with.
@@ -52,11 +53,9 @@ struct Report {
 }
 
 pub fn run(common: &Common, io_count: u64) -> Result<()> {
-    let work = common.out.join("vs-qemu");
-    let common = &common.with_ftvm_copy(&work)?;
-    let machine = Machine::describe(common)?;
-    let runs = common.runs.unwrap_or(10).max(1);
-    let images = common::snapshot_images(&common.guests, &["hello", "compute", "iobench"], &work)?;
+    let Prepared { common, machine, images, .. } = common.prepare("vs-qemu", &["hello", "compute", "iobench"], true)?;
+    let common = &common;
+    let runs = common.runs_or(10);
     let g = |name: &str| images[name].clone();
     let mut scenarios = Vec::new();
 
@@ -100,9 +99,7 @@ pub fn run(common: &Common, io_count: u64) -> Result<()> {
     let bars: Vec<plot::Bar> =
         report.scenarios.iter().map(|s| plot::Bar { label: &s.name, value: s.ratio, goal: None }).collect();
     let svg = plot::bars("ftvm run / QEMU microvm (KVM), medians; lower is faster", &bars);
-    let (json, svg) = common::write_results(&common.out, "results", &report, &svg)?;
-    print_table(&report);
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    common::publish(&common.out, "results", &report, &svg, print_table)?;
     Ok(())
 }
 
@@ -134,22 +131,22 @@ fn scenario(name: &str, unit: &str, what: &str, (ftvm, qemu): (Vec<f64>, Vec<f64
 
 fn print_table(r: &Report) {
     r.machine.print(&format!("{} per engine and scenario (compute, iobench: a third, at least 2)", r.runs));
-    println!("{:<20} {:>12} {:>12} {:>8}  what", "scenario", "ftvm", "qemu", "ratio");
+    let mut t = Table::new().left("scenario", 20).right("ftvm", 12).right("qemu", 12).right("ratio", 8);
+    t = t.gap(2).left("what", 0);
     for s in &r.scenarios {
-        println!(
-            "{:<20} {:>10.4} {:<1} {:>10.4} {:<1} {:>8.3}  {}",
-            s.name,
-            s.ftvm_median,
-            &s.unit[..1],
-            s.qemu_median,
-            &s.unit[..1],
-            s.ratio,
-            s.what
-        );
+        let unit = &s.unit[..1];
+        t.row([
+            s.name.clone(),
+            format!("{:.4} {unit}", s.ftvm_median),
+            format!("{:.4} {unit}", s.qemu_median),
+            format!("{:.3}", s.ratio),
+            s.what.clone(),
+        ]);
         if let Some(n) = &s.note {
-            println!("{:<20} {n}", "");
+            t.line(format!("{:<20} {n}", ""));
         }
     }
+    t.print();
 }
 
 /// Runs one guest to completion under `ftvm run` or QEMU microvm with KVM.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_events::{OutputTicket, RecordSource};
 use ftvm_log::{LogError, LogHeader, LogReader, Record};
+use ftvm_sync::lock;
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats};
@@ -81,7 +82,7 @@ impl BackupState {
             why = %why,
             "{why}: halting this backup (no second live copy, and none in a wrong state)"
         );
-        *link::lock(&self.halt_reason) = Some(why);
+        *lock(&self.halt_reason) = Some(why);
         self.halted.store(true, Ordering::SeqCst);
     }
 }
@@ -134,7 +135,7 @@ impl RecordSource for ChannelSource {
     /// The source fails on purpose once the backup halted or diverged (so that the replay
     /// stops rather than going live): the report says why, not that a log is damaged.
     fn failure_detail(&self, error: &LogError) -> String {
-        if link::lock(&self.state.stream_rejected).is_some() || link::lock(&self.state.halt_reason).is_some() {
+        if lock(&self.state.stream_rejected).is_some() || lock(&self.state.halt_reason).is_some() {
             return self.end_detail();
         }
         if self.state.diverged.load(Ordering::SeqCst) {
@@ -144,10 +145,10 @@ impl RecordSource for ChannelSource {
     }
 
     fn end_detail(&self) -> String {
-        if let Some(why) = link::lock(&self.state.stream_rejected).as_ref() {
+        if let Some(why) = lock(&self.state.stream_rejected).as_ref() {
             return format!("the replication stream was rejected ({why}); asking for a resync");
         }
-        match link::lock(&self.state.halt_reason).as_ref() {
+        match lock(&self.state.halt_reason).as_ref() {
             Some(why) => format!("{why}: halted (no second live copy)"),
             None => "the primary's log stream ended".into(),
         }
@@ -190,7 +191,7 @@ impl std::io::Read for Watched {
         let r = self.inner.read(buf);
         if let Err(e) = &r {
             if let Some(se) = crate::secure::SecureError::in_io_error(e) {
-                link::lock(&self.rejected).get_or_insert_with(|| se.to_string());
+                lock(&self.rejected).get_or_insert_with(|| se.to_string());
             }
         }
         r
@@ -302,7 +303,7 @@ impl Backup {
                             Ok(Some(r)) => r,
                             Ok(None) => break,
                             Err(e) => {
-                                if let Some(why) = link::lock(&s.stream_rejected).clone() {
+                                if let Some(why) = lock(&s.stream_rejected).clone() {
                                     // Not a dead primary: a frame that failed authentication.
                                     // The replay stops at the last good record; the backup
                                     // asks for a resync.
@@ -349,7 +350,7 @@ impl Backup {
                             // The backup's own part of the output's hold, as durations on
                             // this host's clock (the primary's clock is another).
                             let verified = if crate::stages::enabled() { crate::stages::now_ns() } else { 0 };
-                            let mut w = link::lock(&w);
+                            let mut w = lock(&w);
                             let ack = if verified > 0 {
                                 let verify = verified.saturating_sub(received_at.load(Ordering::Relaxed));
                                 Ack { lsn, verify_ns: verify, ack_ns: crate::stages::now_ns() - verified }
@@ -417,7 +418,7 @@ impl Backup {
     pub fn request_resync(&self, why: &str) {
         self.state.diverged.store(true, Ordering::SeqCst);
         self.state.protected.store(false, Ordering::SeqCst);
-        let mut w = link::lock(&self.acks);
+        let mut w = lock(&self.acks);
         let _ = w
             .write_all(&ACK_RESYNC.to_le_bytes())
             .and_then(|_| link::write_blob(&mut *w, why.as_bytes()))
@@ -512,7 +513,7 @@ fn monitor(
                     let lock = Arc::new(lock);
                     // A lease lost later halts this side (now the live one) at once.
                     lock.on_lost(Box::new(|why| crate::halt(&format!("the arbiter was lost ({why})"))));
-                    *arb.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+                    *ftvm_sync::lock(&arb) = Some(lock);
                     s.won_arbiter.store(true, Ordering::SeqCst);
                 }
                 Ok(None) => s.halt("the arbiter is held (the primary still lives)".into()),

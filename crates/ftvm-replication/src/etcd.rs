@@ -439,7 +439,7 @@ struct Control {
 impl Shared {
     fn control(&self) -> MutexGuard<'_, Control> {
         // A callback that panicked cannot leave `Control` inconsistent: take the data anyway.
-        self.control.lock().unwrap_or_else(|e| e.into_inner())
+        ftvm_sync::lock(&self.control)
     }
 
     fn since_base(&self, t: Instant) -> u64 {
@@ -683,9 +683,9 @@ impl Keepalive {
             }
             let now = Instant::now();
             if c.paused {
-                c = self.shared.wake.wait(c).unwrap_or_else(|e| e.into_inner());
+                c = ftvm_sync::unpoisoned(self.shared.wake.wait(c));
             } else if now < next {
-                c = self.shared.wake.wait_timeout(c, next - now).unwrap_or_else(|e| e.into_inner()).0;
+                c = ftvm_sync::unpoisoned(self.shared.wake.wait_timeout(c, next - now)).0;
             } else {
                 return true;
             }
@@ -850,7 +850,7 @@ impl Client {
     }
 
     fn token(&self) -> MutexGuard<'_, Option<String>> {
-        self.transport.token.lock().unwrap_or_else(|e| e.into_inner())
+        ftvm_sync::lock(&self.transport.token)
     }
 
     /// POSTs `body` to `path`, on the member in use, then on the next ones while a member

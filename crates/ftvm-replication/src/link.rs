@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_sync::{lock, unpoisoned};
+
 use crate::protocol::{Heartbeat, MODE_BOOT, MODE_PROBE, MODE_TRANSFER};
 use crate::secure::{self, DatagramOpener, DatagramSealer, Key, SecureWriter};
 use crate::{io, Error, Result, HEARTBEAT_POLL};
@@ -235,8 +237,7 @@ impl Waiting {
     /// The oldest connection waiting, or `None` after `timeout`.
     fn pop(&self, timeout: Duration) -> Option<Connection> {
         let q = lock(&self.queue);
-        let (mut q, _) =
-            self.arrived.wait_timeout_while(q, timeout, |q| q.is_empty()).unwrap_or_else(|e| e.into_inner());
+        let (mut q, _) = unpoisoned(self.arrived.wait_timeout_while(q, timeout, |q| q.is_empty()));
         q.pop_front()
     }
 }
@@ -403,10 +404,6 @@ fn authenticate(stream: TcpStream, peer: SocketAddr, key: &Key, udp: UdpSocket) 
 /// Says that a connection from `peer` was refused, and why (a tracing event).
 fn refused(peer: SocketAddr, why: std::fmt::Arguments<'_>) {
     tracing::warn!(target: "ftvm::event", event = "refused_connection", peer = %peer, error = %why, "refused a connection from {peer}: {why}");
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes a length-prefixed (u32) byte string.

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_events::{OutputGate, OutputSinks, OutputTarget, OutputTicket};
 use ftvm_log::{LogHeader, LogWriter};
+use ftvm_sync::lock;
 
 use crate::arbiter::{Arbiter, ArbiterSpec};
 use crate::link::{self, Connection, Heartbeats, Mode};
@@ -493,7 +494,7 @@ impl Primary {
 
     /// What to do when the backup asks for a resync.
     pub fn on_resync(&self, handler: ResyncHandler) {
-        *link::lock(&self.shared.on_resync) = Some(handler);
+        *lock(&self.shared.on_resync) = Some(handler);
     }
 
     /// Streams the log from `log` (whatever was queued since [`log_channel`] first) and
@@ -671,7 +672,7 @@ fn lose(s: &Shared, why: &str) {
 
 fn resync_requested(s: &Shared, why: String) {
     s.stats.resync_requested.store(true, Ordering::SeqCst);
-    *link::lock(&s.stats.resync_reason) = Some(why.clone());
+    *lock(&s.stats.resync_reason) = Some(why.clone());
     tracing::warn!(
         target: "ftvm::event",
         event = "resync_requested",
@@ -679,7 +680,7 @@ fn resync_requested(s: &Shared, why: String) {
         "the backup diverged and asks for a resync ({why}); unprotected until it is resynced"
     );
     lose(s, "resync");
-    if let Some(handler) = link::lock(&s.on_resync).as_ref() {
+    if let Some(handler) = lock(&s.on_resync).as_ref() {
         handler(why);
     }
 }
@@ -702,10 +703,6 @@ fn acknowledged(s: &Shared) {
         send_output_done(s);
         tracing::info!(target: "ftvm::event", event = "protected", "the backup has caught up: PROTECTED");
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether the oldest held output may go out: the backup has acknowledged the log up to it,

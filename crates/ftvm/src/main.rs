@@ -6,7 +6,6 @@ mod doctor;
 mod list;
 mod logging;
 mod notify;
-mod size;
 
 /// One of ftvm's own lines on standard error: `ftvm: ...` as text, or a JSON line with
 /// `--log-format json` ([`logging::say`]).
@@ -341,7 +340,7 @@ struct RecordArgs {
     /// Stop recording when the log reaches this size (e.g. 100M, 2G); it then ends cleanly
     /// with END(size limit). Default: half of the free space of the log's file system
     /// (less the disk copies made beside it), said at start.
-    #[arg(long, value_name = "SIZE", value_parser = size::parse_byte_size)]
+    #[arg(long, value_name = "SIZE", value_parser = ftvm_api::parse_byte_size)]
     max_size: Option<u64>,
     #[command(flatten)]
     sync: SyncArgs,
@@ -442,7 +441,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
     /// Guest memory: a number of MiB, or with a unit (512K, 256M, 1G).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = size::parse_mem_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = ftvm_api::parse_mem_size)]
     mem: u64,
     /// Where the serial console goes: `stdio` (output to stdout, input from stdin) or
     /// `file:PATH` (output to PATH, no input).

@@ -192,7 +192,7 @@ fn a_crafted_disk_source_cannot_overwrite_another_file() {
     if !kvm_available() {
         return;
     }
-    let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let _disk = ftvm_sync::lock(&DISK);
     let t = taken();
     let (target, content) = victim("victim.img");
     let source = |v: String| move |m: &mut Value| m["disks"][0]["source"] = Value::String(v);
@@ -291,7 +291,7 @@ fn absurd_values_in_the_manifest_are_refused() {
     if !kvm_available() {
         return;
     }
-    let _disk = DISK.lock().unwrap_or_else(|e| e.into_inner());
+    let _disk = ftvm_sync::lock(&DISK);
     let (target, content) = victim("victim2.img");
     let fifo = taken().dir.join("kernel.fifo");
     let _ = std::fs::remove_file(&fifo);

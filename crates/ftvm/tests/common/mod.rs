@@ -41,14 +41,14 @@ pub fn scratch(name: &str) -> Scratch {
 pub fn shared_scratch(name: &str) -> PathBuf {
     static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     extern "C" fn remove_all() {
-        for dir in DIRS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for dir in ftvm_sync::lock(&DIRS).drain(..) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
     let dir = repo_root().join("target").join("test-scratch").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut dirs = ftvm_sync::lock(&DIRS);
     if dirs.is_empty() {
         // SAFETY: remove_all is an extern "C" fn with no arguments, as atexit wants; it only
         // takes a lock no other exit path holds and removes files.
