@@ -219,7 +219,7 @@ impl DirtyTracker {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        ftvm_sync::lock(&self.inner)
     }
 
     /// A new consumer; its first `take` returns the pages dirtied from now on.

@@ -41,7 +41,7 @@ impl DiskTracker {
     }
 
     fn lock(&self) -> MutexGuard<'_, Consumers> {
-        self.consumers.lock().unwrap_or_else(|e| e.into_inner())
+        ftvm_sync::lock(&self.consumers)
     }
 
     pub fn size(&self) -> u64 {

@@ -70,18 +70,18 @@ impl Kicker {
     pub fn attach(&self, immediate_exit: *mut u8) {
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         // SAFETY: pthread_self has no preconditions.
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
+        *ftvm_sync::lock(&self.target) = Some(unsafe { libc::pthread_self() });
     }
 
     /// Stops kicks to the calling thread (before its vCPU goes away).
     pub fn detach(&self) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *ftvm_sync::lock(&self.target) = None;
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     }
 
     /// Kicks the vCPU thread if one is attached.
     pub fn kick(&self) {
-        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let target = ftvm_sync::lock(&self.target);
         if let Some(thread) = *target {
             self.kicks.fetch_add(1, Ordering::Relaxed);
             // SAFETY: `thread` is alive: it is detached (under this lock) before it exits.
@@ -113,22 +113,22 @@ pub struct Doorbell {
 
 impl Doorbell {
     pub fn ring(&self) {
-        *self.rung.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *ftvm_sync::lock(&self.rung) = true;
         self.cv.notify_all();
     }
 
     /// Waits until rung or until `deadline` (forever if `None`). Returns whether it was rung.
     pub fn wait_until(&self, deadline: Option<Instant>) -> bool {
-        let mut rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rung = ftvm_sync::lock(&self.rung);
         while !*rung {
             match deadline {
-                None => rung = self.cv.wait(rung).unwrap_or_else(|e| e.into_inner()),
+                None => rung = ftvm_sync::unpoisoned(self.cv.wait(rung)),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         break;
                     }
-                    rung = self.cv.wait_timeout(rung, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                    rung = ftvm_sync::unpoisoned(self.cv.wait_timeout(rung, d - now)).0;
                 }
             }
         }
@@ -157,17 +157,17 @@ impl DeadlineTimer {
             .name("ftvm-timer".into())
             .spawn(move || {
                 ftvm_seccomp::enter(ftvm_seccomp::Thread::Timer);
-                let mut deadline = s.deadline.lock().unwrap_or_else(|e| e.into_inner());
+                let mut deadline = ftvm_sync::lock(&s.deadline);
                 while !s.stop.load(Ordering::Acquire) {
                     match *deadline {
-                        None => deadline = s.cv.wait(deadline).unwrap_or_else(|e| e.into_inner()),
+                        None => deadline = ftvm_sync::unpoisoned(s.cv.wait(deadline)),
                         Some(d) => {
                             let now = Instant::now();
                             if now >= d {
                                 *deadline = None;
                                 kicker.kick();
                             } else {
-                                deadline = s.cv.wait_timeout(deadline, d - now).unwrap_or_else(|e| e.into_inner()).0;
+                                deadline = ftvm_sync::unpoisoned(s.cv.wait_timeout(deadline, d - now)).0;
                             }
                         }
                     }
@@ -179,7 +179,7 @@ impl DeadlineTimer {
 
     /// Sets the host instant of the next kick (`None`: no kick needed).
     pub fn arm(&self, at: Option<Instant>) {
-        let mut d = self.shared.deadline.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = ftvm_sync::lock(&self.shared.deadline);
         if *d != at {
             let earlier = match (*d, at) {
                 (Some(old), Some(new)) => new < old,
@@ -198,7 +198,7 @@ impl Drop for DeadlineTimer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         {
-            let _d = self.shared.deadline.lock().unwrap_or_else(|e| e.into_inner());
+            let _d = ftvm_sync::lock(&self.shared.deadline);
             self.shared.cv.notify_all();
         }
         if let Some(t) = self.thread.take() {

@@ -13,16 +13,16 @@ static CONTROL: std::sync::Mutex<Option<Arc<ftvm_api::VmControl>>> = std::sync::
 /// the stop request): its vCPU publishes its figures there and honours pause requests, and
 /// the pair's figures are read from its replication link.
 pub fn attach_control(control: Arc<ftvm_api::VmControl>) {
-    *CONTROL.lock().unwrap_or_else(|e| e.into_inner()) = Some(control);
+    *ftvm_sync::lock(&CONTROL) = Some(control);
 }
 
 /// The control block the next VM will take, without taking it.
 pub(crate) fn current_control() -> Option<Arc<ftvm_api::VmControl>> {
-    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    ftvm_sync::lock(&CONTROL).clone()
 }
 
 pub(crate) fn take_control() -> Option<Arc<ftvm_api::VmControl>> {
-    CONTROL.lock().unwrap_or_else(|e| e.into_inner()).take()
+    ftvm_sync::lock(&CONTROL).take()
 }
 
 pub(crate) type PairSource = Box<dyn Fn() -> ftvm_api::PairFigures + Send + Sync>;

@@ -26,6 +26,7 @@ use ftvm_replication::backup::ArbiterSlot;
 use ftvm_replication::link::{self, Connection, Mode};
 use ftvm_replication::primary::{log_channel, LinkOptions, Primary, SharedSinks};
 use ftvm_replication::secure::Key;
+use ftvm_sync::lock;
 
 use crate::error::{Error, Result};
 use crate::snapshot::SnapshotSource;
@@ -63,10 +64,6 @@ pub struct Protection {
     resyncs: AtomicU64,
     jobs: Mutex<Vec<std::thread::JoinHandle<()>>>,
     me: Weak<Protection>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Why a transfer is made.
@@ -448,7 +445,7 @@ fn primary_figures(
                 }
             }),
             output_stages: {
-                let f = stats.stages.lock().unwrap_or_else(|e| e.into_inner()).figures.clone();
+                let f = ftvm_sync::lock(&stats.stages).figures.clone();
                 let figure = |name: &str, h: &ftvm_replication::stages::Histogram| {
                     ftvm_api::StageFigure::new(name, h.sum_ns, h.buckets().into_iter().map(|(b, c)| [b, c]).collect())
                 };

@@ -198,7 +198,7 @@ pub fn backup(
         // A backup that halted (it could not win the arbiter) fenced itself off, whatever
         // its replay made of the source it stopped on purpose.
         if !went_live && backup.state.halted.load(std::sync::atomic::Ordering::SeqCst) {
-            let why = backup.state.halt_reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            let why = ftvm_sync::lock(&backup.state.halt_reason).clone().unwrap_or_default();
             return Err(Error::Fenced(format!("{why}: halted (no second live copy)")));
         }
         let report = ran?;
@@ -534,7 +534,7 @@ impl BackgroundFile {
                 ftvm_seccomp::enter(ftvm_seccomp::Thread::LogWrite);
                 let mut file = file;
                 let fail = |e| {
-                    f.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    ftvm_sync::lock(&f).get_or_insert(e);
                 };
                 for chunk in rx.iter() {
                     if let Err(e) = file.write_all(&chunk) {
@@ -555,7 +555,7 @@ impl BackgroundFile {
     }
 
     fn check(&self) -> std::io::Result<()> {
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        match ftvm_sync::lock(&self.failed).as_ref() {
             Some(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
             None => Ok(()),
         }

@@ -109,7 +109,7 @@ struct Jobs(std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>);
 
 impl Jobs {
     fn add(&self, job: std::thread::JoinHandle<()>) {
-        let mut jobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs = ftvm_sync::lock(&self.0);
         jobs.retain(|j| !j.is_finished());
         jobs.push(job);
     }
@@ -117,7 +117,7 @@ impl Jobs {
 
 impl Drop for Jobs {
     fn drop(&mut self) {
-        for job in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for job in ftvm_sync::unpoisoned(self.0.get_mut()).drain(..) {
             let _ = job.join();
         }
     }

@@ -211,7 +211,7 @@ struct TasksInner {
 
 impl VcpuTasks {
     fn queue(&self) -> std::sync::MutexGuard<'_, Option<Vec<VcpuTask>>> {
-        self.inner.queue.lock().unwrap_or_else(|e| e.into_inner())
+        ftvm_sync::lock(&self.inner.queue)
     }
 
     /// Queues `task` for the vCPU thread and wakes it.
@@ -222,7 +222,7 @@ impl VcpuTasks {
             q.push(task);
             self.inner.pending.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        if let Some(wake) = self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(wake) = ftvm_sync::lock(&self.inner.waker).as_ref() {
             wake();
         }
     }
@@ -235,14 +235,14 @@ impl VcpuTasks {
     /// The loop starts taking tasks; `waker` gets it out of KVM_RUN or a halt.
     fn open(&self, waker: Box<dyn Fn() + Send + Sync>) {
         *self.queue() = Some(Vec::new());
-        *self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker);
+        *ftvm_sync::lock(&self.inner.waker) = Some(waker);
     }
 
     /// The loop has ended: waiting tasks and later ones are dropped.
     fn close(&self) {
         *self.queue() = None;
         self.inner.pending.store(false, std::sync::atomic::Ordering::SeqCst);
-        *self.inner.waker.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *ftvm_sync::lock(&self.inner.waker) = None;
     }
 
     fn take(&self) -> Vec<VcpuTask> {
