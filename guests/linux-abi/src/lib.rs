@@ -6,6 +6,7 @@
 //! - [`stack`]: the initial process stack as Linux's `create_elf_tables` lays it out.
 //! - [`path`]: path normalization for the personality's file system.
 //! - [`journal`]: the data disk's format (the journal of changes under the data directory).
+//! - [`signal`]: the x86-64 signal frame (`rt_sigframe`, `ucontext`, `siginfo`) and `rt_sigreturn`.
 
 #![no_std]
 
@@ -14,4 +15,5 @@ extern crate alloc;
 pub mod cpio;
 pub mod journal;
 pub mod path;
+pub mod signal;
 pub mod stack;

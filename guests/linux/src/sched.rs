@@ -242,6 +242,8 @@ fn run_others() {
                 if crate::sched().live() == 0 {
                     crate::exit_all(0);
                 }
+                // Takes the keyboard's IRQ (the operator's shutdown request) before sleeping.
+                crate::signal::poll();
                 time::idle();
             }
         }
