@@ -164,3 +164,25 @@ fn kvstore_powers_off_on_sigterm_keeps_its_writes_and_the_recording_replays_the_
     assert_eq!(replayed, recorded);
     assert!(replayed.contains("kvstore: shutdown requested"), "{replayed}");
 }
+
+#[test]
+fn ftvm_ctl_shutdown_is_sigterm_s_request_and_the_second_stops_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("graceful-ctl");
+    let sock = dir.join("vm.sock");
+    let (vm, _) = idle_hello(&dir, &["--api-socket", &sock.display().to_string()]);
+    let ctl = || {
+        let out = ftvm().arg("ctl").arg(&sock).arg("shutdown").output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(ctl(), "shutting down");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl(), "stopping");
+    let (out, in_time) = finish_within(vm, Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(in_time, "{err}");
+    assert_eq!(out.status.code(), Some(143), "a stop after a shutdown request is SIGTERM's: {err}");
+}
