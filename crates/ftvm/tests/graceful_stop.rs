@@ -186,3 +186,38 @@ fn ftvm_ctl_shutdown_is_sigterm_s_request_and_the_second_stops_at_once() {
     assert!(in_time, "{err}");
     assert_eq!(out.status.code(), Some(143), "a stop after a shutdown request is SIGTERM's: {err}");
 }
+
+#[test]
+fn sigterm_to_a_protected_primary_is_logged_and_its_backup_sees_the_guest_power_off() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("graceful-pair");
+    let addr = format!("127.0.0.1:{}", 21000 + (std::process::id() % 20000) as u16);
+    let side = |role: &str, console: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+        c.arg(role);
+        c.args(if role == "backup" { ["--listen", &addr] } else { ["--backup", &addr] });
+        c.args(["--timeout", "1200", "--insecure", "--arbiter"]).arg(dir.join("arbiter.lock"));
+        c.arg("--kernel").arg(guest("hello")).args(["--cmdline", "hello.wait_ms=60000 hello.shutdown=1"]);
+        c.arg("--console").arg(format!("file:{}", dir.join(console).display()));
+        c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let backup = side("backup", "b.txt");
+    std::thread::sleep(Duration::from_millis(300));
+    let primary = side("primary", "p.txt");
+    wait_for(&dir.join("p.txt"), "kit: ring 3 up");
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&primary, "-TERM");
+    let (p, p_in_time) = finish_within(primary, Duration::from_secs(20));
+    let (b, b_in_time) = finish_within(backup, Duration::from_secs(20));
+    let (perr, berr) = (String::from_utf8_lossy(&p.stderr), String::from_utf8_lossy(&b.stderr));
+    assert!(p_in_time && b_in_time, "primary: {perr}\nbackup: {berr}");
+    assert_eq!(p.status.code(), Some(0), "the primary's guest powered off: {perr}");
+    assert_eq!(b.status.code(), Some(0), "the backup ends with it, cleanly: {berr}");
+    assert!(!berr.to_lowercase().contains("takeover"), "not a failover: {berr}");
+    let console = std::fs::read_to_string(dir.join("p.txt")).unwrap();
+    assert!(console.contains("hello: shutdown requested; powering off"), "{console}");
+    // The backup replayed the guest to its power-off and performed nothing itself.
+    assert_eq!(std::fs::read_to_string(dir.join("b.txt")).unwrap_or_default(), "");
+}
