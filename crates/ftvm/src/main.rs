@@ -60,6 +60,9 @@ enum Command {
     /// 0xd0000000, the next 0x1000 higher, and so on, with ISA IRQs 5, 6, 7, 9, 10, 11 in turn
     /// (at most six devices).
     ///
+    /// SIGTERM asks the guest to shut down (--stop-timeout): a guest that powers off on it
+    /// exits 0; SIGINT, or a second SIGTERM, stops at once.
+    ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
     /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest,
     /// 130 stopped by SIGINT, 143 stopped by SIGTERM (docs/operations.md has the table).
@@ -489,8 +492,9 @@ struct RunArgs {
     id: Option<String>,
     /// A graceful stop's grace period (run, record, primary): SIGTERM or `ftvm ctl PATH
     /// shutdown` asks the guest to shut down (Ctrl+Alt+Del on its i8042, logged), and a guest
-    /// that has not powered off after this many seconds is stopped as by SIGINT (status 143).
-    /// 0 stops at once. A second SIGTERM, or SIGINT, stops at once. A backup always stops at once.
+    /// that has not powered off after this many seconds is stopped at once, as before (status
+    /// 143). 0: SIGTERM stops at once. A second SIGTERM, or SIGINT, stops at once. A backup
+    /// always stops at once (its guest is the primary's).
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_STOP_TIMEOUT_S)]
     stop_timeout: u64,
 }
