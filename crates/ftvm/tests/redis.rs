@@ -673,6 +673,82 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
     }
 }
 
+/// A program that waits for SIGTERM: with `handler`, an SA_SIGINFO handler that checks what
+/// it got; without, the default action.
+const SIGNAL_PROGRAM: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static volatile sig_atomic_t got, code, from;
+static void on_term(int sig, siginfo_t *info, void *uc) { got = sig; code = info->si_code; from = info->si_pid; (void)uc; }
+int main(int argc, char **argv) {
+    volatile double x = 1.5;
+    if (argc > 1 && strcmp(argv[1], "handler") == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_term;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGTERM, &sa, 0);
+        printf("waiting with a handler\n");
+        fflush(stdout);
+        while (!got) usleep(10000);
+        printf("handled %d code %d from %d, x %.2f\n", (int)got, (int)code, (int)from, x * 2);
+        return 5;
+    }
+    printf("waiting without a handler\n");
+    fflush(stdout);
+    sleep(1000);
+    printf("not reached\n");
+    return 1;
+}
+"#;
+
+#[test]
+fn sigterm_runs_a_c_program_s_handler_or_its_default_action() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-signal");
+    let source = dir.join("sig.c");
+    std::fs::write(&source, SIGNAL_PROGRAM).unwrap();
+    let binary = dir.join("sig");
+    build_c(&source, &binary, false);
+    let archive = dir.join("sig.cpio");
+    std::fs::write(&archive, cpio(&[("sig", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let (elf, _) = redis_image();
+    for (arg, waiting, expected) in [
+        ("handler", "waiting with a handler", "handled 15 code 0 from 1, x 3.00\nlinux: exit status 5\n"),
+        (
+            "default",
+            "waiting without a handler",
+            "linux: the program was killed by signal 15 (SIGTERM), exit status 143 (128 + 15)\nlinux: exit status 143\n",
+        ),
+    ] {
+        let console = dir.join(format!("{arg}.txt"));
+        let vm = ftvm()
+            .arg("run")
+            .arg("--kernel")
+            .arg(&elf)
+            .args(["--mem", "1G", "--rng", "--initrd", &archive.display().to_string()])
+            .arg(format!("--cmdline=init=/sig -- {arg}"))
+            .arg("--console")
+            .arg(format!("file:{}", console.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&console, waiting, arg);
+        let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+        let (out, in_time) = finish_within(vm, Duration::from_secs(20));
+        let text = std::fs::read_to_string(&console).unwrap();
+        assert!(in_time, "{arg}: {text}");
+        assert_eq!(out.status.code(), Some(0), "{arg}: the guest powered off: {text}");
+        assert!(text.contains(expected), "{arg}: no {expected:?} in:\n{text}");
+        assert!(!text.contains("not reached"), "{text}");
+    }
+}
+
 #[test]
 fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
     if !kvm_available() {

@@ -243,7 +243,7 @@ fn run_others() {
                     crate::exit_all(0);
                 }
                 // Takes the keyboard's IRQ (the operator's shutdown request) before sleeping.
-                crate::signal::poll();
+                crate::signal::poll_waiting();
                 time::idle();
             }
         }

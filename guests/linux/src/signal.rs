@@ -18,8 +18,9 @@
 //!   signal ends the program as Linux's "killed by signal N": the console says so and the exit
 //!   status is 128 + N (143 for SIGTERM), what a shell reports for it.
 //!
-//! Not yet: interrupting a wait with EINTR (a thread blocked in a system call sees the signal
-//! when that call returns: its timeout, I/O, a wake-up), alternate signal stacks, per-thread
+//! Not yet: interrupting a wait with EINTR (a thread blocked in a system call runs its handler
+//! when that call returns: its timeout, I/O, a wake-up; a default action that ends the
+//! program does so while every thread waits), alternate signal stacks, per-thread
 //! masks and thread-directed signals (every thread shares the mask; the first thread to return
 //! from a system call takes the signal).
 
@@ -46,12 +47,29 @@ pub fn raise(sig: u64) {
 }
 
 /// Looks at the keyboard (takes its IRQ): the operator's request becomes a pending SIGTERM.
-/// Called when the program idles and at every system-call return.
+/// Called at every system-call return and when every thread waits (then a signal whose
+/// default action ends the program ends it at once, as Linux does wherever the program is;
+/// a handler waits for the next system-call return).
 pub fn poll() {
     if !RAISED.load(Ordering::Relaxed) && ftvm_guest_kit::shutdown::requested() {
         RAISED.store(true, Ordering::Relaxed);
         println!("linux: shutdown requested by the operator: SIGTERM to the program");
         raise(abi::SIGTERM);
+    }
+}
+
+/// When every thread waits: ends the program for a pending signal whose action is to end it.
+pub fn poll_waiting() {
+    poll();
+    let k = crate::kernel();
+    let mut ready = PENDING.load(Ordering::Relaxed) & !k.sigmask;
+    while ready != 0 {
+        let sig = u64::from(ready.trailing_zeros()) + 1;
+        ready &= !abi::bit(sig);
+        let handler = k.sigactions.get(&sig).map_or(abi::SIG_DFL, |a| a[0]);
+        if handler == abi::SIG_DFL && !matches!(sig, 17 | 18 | 23 | 28) {
+            killed(sig);
+        }
     }
 }
 
