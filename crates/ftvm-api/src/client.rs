@@ -111,6 +111,11 @@ pub fn switchover(path: &Path) -> Result<String, ClientError> {
     state_of(path, call(path, "PUT", "/switchover", None)?)
 }
 
+/// `PUT /shutdown`: asks the guest to shut down (as SIGTERM); the state the VM reports.
+pub fn shutdown(path: &Path) -> Result<String, ClientError> {
+    state_of(path, call(path, "PUT", "/shutdown", None)?)
+}
+
 /// `PUT /resume`.
 pub fn resume(path: &Path) -> Result<String, ClientError> {
     state_of(path, call(path, "PUT", "/resume", None)?)

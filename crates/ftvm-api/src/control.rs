@@ -146,6 +146,8 @@ pub struct VmControl {
     protect_starter: Mutex<Option<ProtectStarter>>,
     /// The latest re-protection's progress (`GET /protect`).
     protect: Mutex<Option<crate::ProtectProgress>>,
+    /// `PUT /shutdown`: the process's shutdown request (true: it went to the guest).
+    shutdown_hook: Mutex<Option<Box<dyn Fn() -> bool + Send + Sync>>>,
     /// State transfers completed: sent (re-protections, resyncs) and received.
     transfers_sent: AtomicU64,
     transfers_received: AtomicU64,
@@ -188,6 +190,7 @@ impl VmControl {
             started: OnceLock::new(),
             pause_requested: AtomicBool::new(false),
             switchover_requested: AtomicBool::new(false),
+            shutdown_hook: Mutex::new(None),
             park: Mutex::new(()),
             park_cv: Condvar::new(),
             figures: Published::default(),
@@ -376,6 +379,34 @@ impl VmControl {
             wake();
         }
         Ok(())
+    }
+
+    /// What `PUT /shutdown` does: the process's shutdown request (SIGTERM's).
+    pub fn set_shutdown_hook(&self, hook: Box<dyn Fn() -> bool + Send + Sync>) {
+        *lock(&self.shutdown_hook) = Some(hook);
+    }
+
+    /// `PUT /shutdown` (`ftvm ctl shutdown`): as SIGTERM, asks the guest to shut down, or,
+    /// the second time (or with `--stop-timeout 0`), stops the VM at once. Returns the state
+    /// to report: "shutting down" or "stopping". A backup refuses: its guest is the primary's.
+    pub fn request_shutdown(&self) -> Result<&'static str, Refused> {
+        if self.role() == Role::Backup {
+            return Err(Refused::BadState(
+                "a backup replays its primary's guest: shut the primary down (SIGTERM stops a backup)".into(),
+            ));
+        }
+        if self.state() == VmState::Stopped {
+            return Err(Refused::Stopped);
+        }
+        let hook = lock(&self.shutdown_hook);
+        let Some(hook) = hook.as_ref() else {
+            return Err(Refused::BadState("this VM takes no shutdown request".into()));
+        };
+        let to_guest = hook();
+        if let Some(wake) = lock(&self.waker).as_ref() {
+            wake();
+        }
+        Ok(if to_guest { "shutting down" } else { "stopping" })
     }
 
     pub fn switchover_requested(&self) -> bool {

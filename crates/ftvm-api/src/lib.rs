@@ -13,6 +13,7 @@
 //! | `PUT /snapshot` `{"dir": PATH}` | 202 `{"state":"snapshotting"}`: a live snapshot into PATH starts; 400 when PATH cannot take it; 409 while another runs |
 //! | `GET /snapshot` | 200, [`SnapshotProgress`] of the latest snapshot; 404 if none was taken |
 //! | `PUT /switchover` | 202 `{"state":"handing over"}` on a protected primary; 400 on any other role |
+//! | `PUT /shutdown` | 202 `{"state":"shutting down"}`: as SIGTERM, the guest is asked to shut down (`--stop-timeout`); `{"state":"stopping"}` the second time or with `--stop-timeout 0`: stopped at once; 400 on a backup; 409 when the VM has stopped |
 //! | `PUT /protect` `{"backup": "HOST:PORT"}` | 202 `{"state":"protecting"}`: a live state transfer to that backup starts; 400 on a VM that is not live or a bad address; 409 while one runs or with a backup already |
 //! | `GET /protect` | 200, [`ProtectProgress`] of the latest re-protection or resync; 404 if none was started |
 //! | `GET /metrics` | 200, the figures in the Prometheus text format ([`metrics`]) |
@@ -55,4 +56,4 @@ pub use status::{
 
 /// The routes, for error messages and the docs.
 pub const ROUTES: &str =
-    "GET /status, GET /metrics, GET /events, PUT /pause, PUT /resume, PUT /switchover, PUT /snapshot, GET /snapshot, PUT /protect, GET /protect";
+    "GET /status, GET /metrics, GET /events, PUT /pause, PUT /resume, PUT /switchover, PUT /shutdown, PUT /snapshot, GET /snapshot, PUT /protect, GET /protect";

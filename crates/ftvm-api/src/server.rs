@@ -356,7 +356,7 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
     let allowed = match req.path.as_str() {
         "/status" | "/metrics" | "/events" => "GET",
         "/snapshot" | "/protect" if req.method == "GET" => "GET",
-        "/pause" | "/resume" | "/snapshot" | "/switchover" | "/protect" => "PUT",
+        "/pause" | "/resume" | "/snapshot" | "/switchover" | "/protect" | "/shutdown" => "PUT",
         other => return error(404, format!("no such route {}; the routes are {ROUTES}", truncate(other))),
     };
     if req.method != allowed {
@@ -385,6 +385,10 @@ pub(crate) fn route(req: &Request, control: &VmControl) -> (u16, Vec<(&'static s
         },
         "/resume" => match control.request_resume() {
             Ok(state) => (200, Vec::new(), json!({ "state": state }).to_string()),
+            Err(r) => refused(r),
+        },
+        "/shutdown" => match control.request_shutdown() {
+            Ok(state) => (202, Vec::new(), json!({ "state": state }).to_string()),
             Err(r) => refused(r),
         },
         "/switchover" => match control.request_switchover() {

@@ -337,10 +337,10 @@ fn authenticated(addr: SocketAddr, mode: u8, bytes: &[u8]) -> Result<Box<dyn std
     Ok(Box::new((stream, w)))
 }
 
-/// A log's preamble (magic, format version 2), then `frame`.
+/// A log's preamble (magic, format version 3), then `frame`.
 fn log_start(frame: &[u8]) -> Vec<u8> {
     let mut b = b"FTVMLOG\0".to_vec();
-    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&3u32.to_le_bytes());
     b.extend_from_slice(frame);
     b
 }

@@ -1,9 +1,12 @@
 //! The i8042 keyboard controller at 0x60 (data) and 0x64 (status/command), with a minimal PS/2
-//! keyboard behind it that answers commands but never sends keys.
+//! keyboard behind it that answers commands and types one thing: Ctrl+Alt+Del.
 //!
 //! Guests talk to it mostly to reset the machine (command 0xfe, or the output port's reset bit)
-//! and to probe it at boot. There is no host input source, so the device is a pure function of
-//! the guest's accesses and never reads the clock.
+//! and to probe it at boot. Its one host input is an operator's shutdown request
+//! ([`I8042::press_ctrl_alt_del`], as Firecracker's SendCtrlAltDel), which the vCPU loop admits
+//! through the event source at a counted exit, so that record and replay deliver it at the same
+//! point; otherwise the device is a pure function of the guest's accesses and never reads the
+//! clock.
 //!
 //! Implemented: the status register, controller commands 0x20-0x3f / 0x60-0x7f (read/write the
 //! command byte and internal RAM), 0xa7/0xa8/0xa9 (aux disable/enable/test), 0xaa (self-test),
@@ -51,6 +54,12 @@ const KBD_SELF_TEST_OK: u8 = 0xaa;
 
 /// Bytes waiting for the guest; more than a real controller plus keyboard could hold.
 const OUTPUT_CAPACITY: usize = 16;
+
+/// Ctrl+Alt+Del pressed and released, as a translating controller presents it (scan code set
+/// 1): Ctrl, Alt, Del (E0 53) down, then Del, Alt, Ctrl up.
+pub const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// The same in scan code set 2 (translation off): Ctrl 14, Alt 11, Del E0 71, breaks with F0.
+pub const CTRL_ALT_DEL_SET2: [u8; 11] = [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14];
 
 /// The i8042 controller and its keyboard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +110,18 @@ impl I8042 {
 
     fn command_byte(&self) -> u8 {
         self.ram[0]
+    }
+
+    /// The keyboard types Ctrl+Alt+Del (an operator's shutdown request): the key codes go to
+    /// the output buffer (set 1 while the controller translates, else set 2) and IRQ1 rises if
+    /// the command byte enables it. Bytes that do not fit are dropped, as on overrun.
+    pub fn press_ctrl_alt_del(&mut self, irqs: &mut IrqLines) {
+        let codes: &[u8] =
+            if self.command_byte() & CMD_TRANSLATE != 0 { &CTRL_ALT_DEL_SET1 } else { &CTRL_ALT_DEL_SET2 };
+        for &b in codes {
+            self.push(b, false);
+        }
+        self.update_irqs(irqs);
     }
 
     fn status(&self) -> u8 {
@@ -511,6 +532,38 @@ mod tests {
         assert_eq!(h.irq_changes(), vec![]);
         h.outb(0x64, 0x60).outb(0x60, 0x01);
         assert_eq!(h.irq_changes(), vec![(1, IrqChange::Level(true))]);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_typed_in_the_set_the_guest_reads_and_raises_irq1() {
+        let mut h = Harness::new();
+        h.dev.press_ctrl_alt_del(&mut h.irqs);
+        assert_eq!(h.irq_changes(), vec![(irq::KEYBOARD, IrqChange::Level(true))]);
+        assert_eq!(h.drain_output(), CTRL_ALT_DEL_SET1.to_vec());
+        assert!(h.requests.is_empty(), "a request to shut down is not a reset");
+        // Translation off: set 2.
+        h.outb(0x64, 0x60).outb(0x60, CMD_KBD_INT | CMD_SYS);
+        h.irq_changes();
+        h.dev.press_ctrl_alt_del(&mut h.irqs);
+        assert_eq!(h.drain_output(), CTRL_ALT_DEL_SET2.to_vec());
+        // Interrupt disabled in the command byte: the keys wait, no IRQ1.
+        h.outb(0x64, 0x60).outb(0x60, CMD_SYS | CMD_TRANSLATE);
+        h.irq_changes();
+        h.dev.press_ctrl_alt_del(&mut h.irqs);
+        assert!(h.irq_changes().is_empty());
+        assert_eq!(h.drain_output(), CTRL_ALT_DEL_SET1.to_vec());
+    }
+
+    #[test]
+    fn ctrl_alt_del_keys_survive_a_state_restore() {
+        let mut h = Harness::new();
+        h.dev.press_ctrl_alt_del(&mut h.irqs);
+        assert_eq!(h.inb(0x60), 0x1d);
+        h.irq_changes();
+        let mut twin = Harness { dev: restored(&h.dev, I8042::new()), ..Harness::default() };
+        assert_eq!(twin.dev.save_state(), h.dev.save_state());
+        assert_eq!(twin.drain_output(), h.drain_output());
+        assert_eq!(twin.irq_changes(), h.irq_changes());
     }
 
     #[test]

@@ -533,6 +533,11 @@ impl Replayer {
         }
     }
 
+    /// Whether the recording delivered an operator's shutdown request at `exit`.
+    pub(crate) fn shutdown_request(&mut self, exit: u64) -> bool {
+        self.take_at(exit, |r| matches!(r, Record::ShutdownRequest { .. })).is_some()
+    }
+
     pub(crate) fn frame(&mut self, exit: u64, dev: u8) -> Option<Vec<u8>> {
         match self.take_at(exit, |r| matches!(r, Record::NetRx { dev: d, .. } if *d == dev)) {
             Some(Record::NetRx { frame, .. }) => Some(frame),

@@ -576,6 +576,22 @@ impl EventSource {
         bytes
     }
 
+    /// Admits an operator's shutdown request at the current exit: live and record take it when
+    /// `pending` (the host has one that was not delivered yet; a recording logs it as
+    /// SHUTDOWN_REQUEST here), replay when the log has one here, whatever the host says.
+    /// Returns whether the request is delivered to the guest at this exit.
+    pub fn admit_shutdown_request(&mut self, pending: bool) -> bool {
+        let index = self.position();
+        self.check_live_switch();
+        if let Journal::Replay(r) = &mut self.journal {
+            return r.shutdown_request(index);
+        }
+        if let (Journal::Record(r), true) = (&mut self.journal, pending) {
+            r.append(ftvm_log::Record::ShutdownRequest { exit: index });
+        }
+        pending
+    }
+
     /// Whether more console input may still arrive.
     pub fn console_input_open(&self) -> bool {
         self.console_rx.is_some() && !self.console_closed || !self.console_pending.is_empty()
@@ -884,6 +900,44 @@ mod journal_tests {
             }
             other => panic!("expected a divergence, got {other:?}"),
         }
+    }
+
+    /// Three exits; the host's shutdown request is pending at exit `at` (`None`: never).
+    fn shutdown_script(src: &mut EventSource, at: Option<u64>) -> Vec<bool> {
+        (0..3u64)
+            .map(|i| {
+                src.counted_exit();
+                src.exit_signature(sig(exit_kind::IO_OUT, 0x80, 0x1000 + i));
+                src.admit_shutdown_request(at == Some(i))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shutdown_request_is_logged_and_replayed_at_its_exit() {
+        let buf = Shared::default();
+        let writer = LogWriter::new(Box::new(buf.clone()) as Box<dyn Write + Send>, &LogHeader::default()).unwrap();
+        let mut src = EventSource::record(0, writer);
+        assert_eq!(shutdown_script(&mut src, Some(1)), [false, true, false]);
+        src.end(EndReason::GuestPowerOff).unwrap();
+        let bytes = buf.0.lock().unwrap().clone();
+        let (mut reader, _) =
+            LogReader::open(Box::new(std::io::Cursor::new(bytes.clone())) as Box<dyn std::io::Read + Send>).unwrap();
+        let mut logged = vec![];
+        while let Some((_, r)) = reader.next().unwrap() {
+            logged.push(r);
+        }
+        assert!(logged.contains(&ftvm_log::Record::ShutdownRequest { exit: 1 }), "{logged:?}");
+        // The replay delivers it where the log says, whatever its own host has pending.
+        let mut src = replayer(bytes.clone());
+        assert_eq!(shutdown_script(&mut src, Some(2)), [false, true, false]);
+        src.end(EndReason::GuestPowerOff).unwrap();
+        assert_eq!(src.replay_stop(), None);
+        let mut src = replayer(bytes);
+        assert_eq!(shutdown_script(&mut src, None), [false, true, false]);
+        // Live: delivered when pending.
+        let mut src = EventSource::live(0);
+        assert_eq!(shutdown_script(&mut src, Some(0)), [true, false, false]);
     }
 
     #[test]

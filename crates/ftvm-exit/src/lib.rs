@@ -90,7 +90,9 @@ impl ExitStatus {
     /// What the status means, one line (the docs' table shows the same words).
     pub const fn meaning(self) -> &'static str {
         match self {
-            ExitStatus::Success => "the guest powered off; `replay`: the whole log replayed exactly; `ctl`: done",
+            ExitStatus::Success => {
+                "the guest powered off (also after SIGTERM's shutdown request); `replay`: the whole log replayed exactly; `ctl`: done"
+            }
             ExitStatus::Error => {
                 "ftvm error (bad configuration, unreadable kernel, KVM unavailable, the pair cannot form, ...)"
             }
@@ -116,7 +118,7 @@ impl ExitStatus {
             }
             ExitStatus::Interrupted => "stopped by SIGINT",
             ExitStatus::Terminated => {
-                "stopped by SIGTERM (a clean stop; the shipped systemd units count it as success)"
+                "stopped by SIGTERM: at once, or after --stop-timeout when the guest did not power off (a clean stop; the shipped systemd units count it as success)"
             }
         }
     }

@@ -19,6 +19,7 @@ pub(crate) mod kind {
     pub const OUTPUT_DATA: u8 = 0x09;
     pub const SYNC_POINT: u8 = 0x0a;
     pub const END: u8 = 0x0b;
+    pub const SHUTDOWN_REQUEST: u8 = 0x0c;
     /// Set in the kind byte when the payload is LZ4-compressed.
     pub const COMPRESSED: u8 = 0x80;
 
@@ -35,6 +36,7 @@ pub(crate) mod kind {
             OUTPUT | OUTPUT_DATA => "OUTPUT",
             SYNC_POINT => "SYNC_POINT",
             END => "END",
+            SHUTDOWN_REQUEST => "SHUTDOWN_REQ",
             _ => "unknown",
         }
     }
@@ -274,6 +276,7 @@ pub fn encode(rec: &Record, ctx: &mut Ctx, out: &mut Vec<u8>) -> u8 {
             }
             kind::END
         }
+        Record::ShutdownRequest { .. } => kind::SHUTDOWN_REQUEST,
     }
 }
 
@@ -352,6 +355,7 @@ pub fn decode(k: u8, payload: &[u8], ctx: &mut Ctx) -> DecodeResult<Record> {
             };
             Record::End { exit, reason }
         }
+        kind::SHUTDOWN_REQUEST => Record::ShutdownRequest { exit },
         _ => return Err("unknown kind".into()),
     };
     c.finish()?;
@@ -361,7 +365,7 @@ pub fn decode(k: u8, payload: &[u8], ctx: &mut Ctx) -> DecodeResult<Record> {
 
 /// Whether a kind code (without the compression bit) is a record kind.
 pub fn is_record_kind(k: u8) -> bool {
-    (kind::CLOCK..=kind::END).contains(&k)
+    (kind::CLOCK..=kind::SHUTDOWN_REQUEST).contains(&k)
 }
 
 /// The compressed form of `raw` (varint raw length + LZ4 block) if it is smaller.

@@ -30,8 +30,8 @@ pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 
 /// The format this build writes and reads. Bump it on any change to the framing, a record's
 /// encoding or the header's fields; a reader refuses every other version. 2: SYNC_POINT
-/// carries its wait.
-pub const FORMAT_VERSION: u32 = 2;
+/// carries its wait. 3: the SHUTDOWN_REQUEST kind (an operator's graceful stop).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The 64-bit digest used for outputs, pages, frames and registers: XXH3-64 (seed 0) of the
 /// bytes. Stable across hosts and builds.

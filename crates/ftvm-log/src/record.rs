@@ -41,6 +41,9 @@ pub enum Record {
     SyncPoint { exit: u64, kick: u32, wait_us: u64, state: Vec<u8> },
     /// The end of the recording and why.
     End { exit: u64, reason: EndReason },
+    /// The operator asked the guest to shut down (SIGTERM, `PUT /shutdown`): the request was
+    /// delivered to the guest here (docs/operations.md#stopping).
+    ShutdownRequest { exit: u64 },
 }
 
 /// Why a recording ended.
@@ -81,7 +84,8 @@ impl Record {
             | Record::PageHashes { exit, .. }
             | Record::Output { exit, .. }
             | Record::SyncPoint { exit, .. }
-            | Record::End { exit, .. } => *exit,
+            | Record::End { exit, .. }
+            | Record::ShutdownRequest { exit } => *exit,
         }
     }
 
@@ -98,6 +102,7 @@ impl Record {
             Record::Output { .. } => "OUTPUT",
             Record::SyncPoint { .. } => "SYNC_POINT",
             Record::End { .. } => "END",
+            Record::ShutdownRequest { .. } => "SHUTDOWN_REQ",
         }
     }
 }
@@ -161,6 +166,7 @@ impl fmt::Display for Record {
                 write!(f, " kick={kick} wait_us={wait_us} state_len={}", state.len())
             }
             Record::End { reason, .. } => write!(f, " reason={reason}"),
+            Record::ShutdownRequest { .. } => Ok(()),
         }
     }
 }

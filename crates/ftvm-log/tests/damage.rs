@@ -144,6 +144,11 @@ fn foreign_empty_and_future_files_get_clear_errors() {
     assert!(matches!(e, LogError::UnsupportedVersion { found: 7, supported: FORMAT_VERSION }));
     assert_eq!(e.to_string(), format!("log format version 7, this ftvm reads {FORMAT_VERSION}"));
     assert_eq!(LogError::Empty.to_string(), "empty file: not an ftvm log");
+    // A log of the previous version (before SHUTDOWN_REQUEST) is refused by name, not misread.
+    let mut old = small_log();
+    old[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let e = LogReader::open(&old[..]).err().unwrap();
+    assert_eq!(e.to_string(), "log format version 2, this ftvm reads 3");
 }
 
 #[test]
@@ -187,7 +192,7 @@ fn documented_frame_layout_matches_the_writer() {
     assert_eq!(&frame[8..], &body);
     assert_eq!(frame[..8], frame_prefix(&body));
     assert_eq!(frame[..4], [0x05, 0x00, 0x00, 0x3c]); // the example in docs/log-format.md
-    assert_eq!(&log[..12], b"FTVMLOG\0\x02\0\0\0");
+    assert_eq!(&log[..12], b"FTVMLOG\0\x03\0\0\0");
 }
 
 /// A reader over a buffer that another party keeps appending to (a log being written).

@@ -46,6 +46,15 @@ fn every_end_reason_round_trips() {
 }
 
 #[test]
+fn a_shutdown_request_is_its_kind_and_the_exit_delta_alone() {
+    // Body: LSN 1, kind 0x0c, exit delta 9: nothing else.
+    let bytes = write_log(&[Record::ShutdownRequest { exit: 9 }], None);
+    assert_eq!(&bytes[bytes.len() - 3..], &[0x01, 0x0c, 0x09]);
+    round_trip(&[Record::Clock { exit: 4, t: 5 }, Record::ShutdownRequest { exit: 9 }], None);
+    assert_eq!(Record::ShutdownRequest { exit: 9 }.to_string(), "SHUTDOWN_REQ exit=9");
+}
+
+#[test]
 fn extreme_values_round_trip() {
     let recs = vec![
         Record::Clock { exit: 0, t: u64::MAX },
@@ -57,6 +66,7 @@ fn extreme_values_round_trip() {
         Record::PageHashes { exit: 2, pages: vec![(u64::MAX, 0), (0, u64::MAX), (u64::MAX, 1)] },
         Record::SyncPoint { exit: u64::MAX - 1, kick: u32::MAX, wait_us: u64::MAX, state: vec![7] },
         Record::NetRx { exit: u64::MAX, dev: 255, frame: vec![] },
+        Record::ShutdownRequest { exit: u64::MAX },
         Record::End { exit: u64::MAX, reason: EndReason::OperatorStop },
     ];
     round_trip(&recs, None);
@@ -71,7 +81,7 @@ fn random_records_round_trip() {
     for _ in 0..3000 {
         exit += rng.below(4) * rng.below(1000);
         let n = rng.below(300) as usize;
-        let r = match rng.below(9) {
+        let r = match rng.below(10) {
             0 => Record::Clock { exit, t: rng.next() >> rng.below(64) },
             1 => Record::ConsoleInput { exit, bytes: rng.bytes(n) },
             2 => Record::NetRx { exit, dev: rng.next() as u8, frame: vec![rng.next() as u8; n] },
@@ -90,7 +100,8 @@ fn random_records_round_trip() {
                 let data = (rng.below(2) == 0).then(|| rng.bytes(n));
                 Record::Output { exit, ordinal: rng.next(), kind: 1, len: n as u32, digest: rng.next(), data }
             }
-            _ => Record::SyncPoint { exit, kick: rng.next() as u32, wait_us: 0, state: vec![rng.next() as u8; n * 10] },
+            8 => Record::SyncPoint { exit, kick: rng.next() as u32, wait_us: 0, state: vec![rng.next() as u8; n * 10] },
+            _ => Record::ShutdownRequest { exit },
         };
         recs.push(r);
     }

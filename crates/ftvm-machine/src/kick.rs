@@ -43,6 +43,59 @@ pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(Ordering::Relaxed)
 }
 
+/// The grace period of a graceful stop in milliseconds: how long a guest asked to shut down
+/// (SIGTERM, `PUT /shutdown`) has to power off before the VM is stopped as by
+/// [`request_stop`]. `u64::MAX`: this session takes no shutdown request (a backup, a replay,
+/// `--stop-timeout 0`), so every stop request stops at once.
+static STOP_TIMEOUT_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Set by the first shutdown request; the vCPU loop delivers it to the guest once.
+static SHUTDOWN_REQUESTED: AtomicBool = AtomicBool::new(false);
+static SHUTDOWN_DELIVERED: AtomicBool = AtomicBool::new(false);
+
+/// Makes this session's operator stops graceful: a shutdown request goes to the guest, which
+/// has `timeout` to power off (`None`, or zero: stop at once, as [`request_stop`]).
+pub fn set_stop_timeout(timeout: Option<std::time::Duration>) {
+    let ms = match timeout {
+        Some(t) if !t.is_zero() => u64::try_from(t.as_millis()).unwrap_or(u64::MAX - 1).min(u64::MAX - 1),
+        _ => u64::MAX,
+    };
+    STOP_TIMEOUT_MS.store(ms, Ordering::SeqCst);
+}
+
+/// The grace period, if this session takes shutdown requests.
+pub fn stop_timeout() -> Option<std::time::Duration> {
+    match STOP_TIMEOUT_MS.load(Ordering::SeqCst) {
+        u64::MAX => None,
+        ms => Some(std::time::Duration::from_millis(ms)),
+    }
+}
+
+/// An operator asks the guest to shut down: the first request goes to the guest (a graceful
+/// stop, if this session takes them); a second one, or any in a session that takes none,
+/// stops at once. Returns whether this request went to the guest. Async-signal-safe.
+pub fn request_shutdown() -> bool {
+    if STOP_TIMEOUT_MS.load(Ordering::SeqCst) == u64::MAX || SHUTDOWN_REQUESTED.swap(true, Ordering::SeqCst) {
+        request_stop();
+        return false;
+    }
+    true
+}
+
+/// Whether a shutdown request was made (delivered or not).
+pub fn shutdown_requested() -> bool {
+    SHUTDOWN_REQUESTED.load(Ordering::Relaxed)
+}
+
+/// Whether a shutdown request waits to be delivered to the guest.
+pub fn shutdown_pending() -> bool {
+    SHUTDOWN_REQUESTED.load(Ordering::Relaxed) && !SHUTDOWN_DELIVERED.load(Ordering::Relaxed)
+}
+
+/// The vCPU loop delivered the request to the guest.
+pub fn shutdown_delivered() {
+    SHUTDOWN_DELIVERED.store(true, Ordering::SeqCst);
+}
+
 fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }

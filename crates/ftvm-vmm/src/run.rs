@@ -457,7 +457,30 @@ impl StopWatcher {
             .name("ftvm-stop".into())
             .spawn(move || {
                 ftvm_seccomp::enter(ftvm_seccomp::Thread::Stop);
+                // When the shutdown request was first seen, and whether it was woken for.
+                let mut shutdown_since: Option<std::time::Instant> = None;
                 while !d.load(std::sync::atomic::Ordering::Relaxed) {
+                    if crate::kick::shutdown_requested() && !crate::kick::stop_requested() {
+                        let grace = crate::kick::stop_timeout().unwrap_or_default();
+                        let since = *shutdown_since.get_or_insert_with(|| {
+                            tracing::warn!(
+                                "asked the guest to shut down; it has {} s to power off (--stop-timeout), \
+                                 a second SIGTERM or SIGINT stops it now",
+                                grace.as_secs_f64()
+                            );
+                            // Wake a halted guest for the request.
+                            doorbell.ring();
+                            kicker.kick();
+                            std::time::Instant::now()
+                        });
+                        if since.elapsed() >= grace {
+                            tracing::warn!(
+                                "the guest did not power off within {} s of the shutdown request; stopping it",
+                                grace.as_secs_f64()
+                            );
+                            crate::kick::request_stop();
+                        }
+                    }
                     if crate::kick::stop_requested() {
                         doorbell.ring();
                         kicker.kick();

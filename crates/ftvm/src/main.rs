@@ -59,6 +59,9 @@ enum Command {
     /// 0xd0000000, the next 0x1000 higher, and so on, with ISA IRQs 5, 6, 7, 9, 10, 11 in turn
     /// (at most six devices).
     ///
+    /// SIGTERM asks the guest to shut down (--stop-timeout): a guest that powers off on it
+    /// exits 0; SIGINT, or a second SIGTERM, stops at once.
+    ///
     /// Exit status: 0 guest powered off, 1 ftvm error, 2 usage error, 3 guest requested a
     /// reset, 4 guest triple fault, 5 guest halted for good, 6 KVM could not run the guest,
     /// 130 stopped by SIGINT, 143 stopped by SIGTERM (docs/operations.md has the table).
@@ -193,6 +196,10 @@ enum CtlAction {
     /// Hand over on purpose: a protected primary stops at an exit, lets the backup catch up
     /// and acknowledge every output, tells it, and exits; the backup goes live at once.
     Switchover,
+    /// Ask the guest to shut down, as SIGTERM does: Ctrl+Alt+Del on its i8042 (logged), and a
+    /// stop at once if it has not powered off within --stop-timeout; the second time, a stop at
+    /// once.
+    Shutdown,
     /// Snapshot the VM into DIR (new or empty) while it runs: memory and disks are copied
     /// live, and the guest pauses only for the last dirty pages and the vCPU and device
     /// state. Shows the progress; `ftvm run --restore DIR` continues from it.
@@ -482,7 +489,18 @@ struct RunArgs {
     /// and starts its lines (`ftvm[NAME]: ...`); `ftvm list` shows it.
     #[arg(long, value_name = "NAME", value_parser = parse_id)]
     id: Option<String>,
+    /// A graceful stop's grace period (run, record, primary): SIGTERM or `ftvm ctl PATH
+    /// shutdown` asks the guest to shut down (Ctrl+Alt+Del on its i8042, logged), and a guest
+    /// that has not powered off after this many seconds is stopped at once, as before (status
+    /// 143). 0: SIGTERM stops at once. A second SIGTERM, or SIGINT, stops at once. A backup
+    /// always stops at once (its guest is the primary's).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_STOP_TIMEOUT_S)]
+    stop_timeout: u64,
 }
+
+/// `--stop-timeout`'s default: below the shipped units' TimeoutStopSec (45 s), so that ftvm,
+/// not systemd's SIGKILL, ends a guest that ignores the request (tests/ops.rs checks it).
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
 
 fn parse_id(s: &str) -> Result<String, String> {
     ftvm_replication::arbiter::check_id(s).map(|()| s.to_string())
@@ -589,6 +607,12 @@ fn main() -> ExitCode {
             say!("error: --restore is for run and record; the pair boots both sides from the same images");
             return ExitCode::from(2);
         }
+    }
+    // A graceful stop for the sessions that run their guest; a backup (and a replay) stops at once.
+    if let Command::Run(vm) | Command::Record(RecordArgs { vm, .. }) | Command::Primary(PrimaryArgs { vm, .. }) =
+        &cli.command
+    {
+        ftvm_vmm::kick::set_stop_timeout(Some(std::time::Duration::from_secs(vm.stop_timeout)));
     }
     match cli.command {
         Command::Ctl(args) => ctl(args),
@@ -756,6 +780,7 @@ fn start_api(
     }
     let control = ftvm_api::VmControl::new();
     control.set_role(role);
+    control.set_shutdown_hook(Box::new(request_shutdown));
     let api = socket.map(|path| ftvm_api::ApiServer::start(path, control.clone())).transpose()?;
     let metrics = vm.metrics_addr.map(|addr| ftvm_api::MetricsServer::start(addr, control.clone())).transpose()?;
     if let Some(m) = &metrics {
@@ -780,6 +805,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
         }
         CtlAction::Status { json: false } => client::status(path).map(|s| print!("{}", s.to_text())),
         CtlAction::Switchover => client::switchover(path).map(|state| println!("{state}")),
+        CtlAction::Shutdown => client::shutdown(path).map(|state| println!("{state}")),
         CtlAction::Pause => client::pause(path).map(|state| match state.as_str() {
             "paused" => println!("paused"),
             other => println!("{other}: the vCPU has not reached a pause point yet; it parks at its next exit"),
@@ -897,9 +923,23 @@ fn outcome_status(outcome: &ftvm_vmm::VmOutcome) -> ftvm_exit::ExitStatus {
     }
 }
 
-/// SIGINT and SIGTERM stop the VM cleanly (a recording gets its END record).
+/// An operator's shutdown request (SIGTERM, `PUT /shutdown`): to the guest, with the grace
+/// period, in a session that takes one; else, or the second time, the VM stops at once. A stop
+/// at the end of the grace period is SIGTERM's (143). Async-signal-safe.
+fn request_shutdown() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = STOP_SIGNAL.compare_exchange(0, libc::SIGTERM, SeqCst, SeqCst);
+    ftvm_vmm::kick::request_shutdown()
+}
+
+/// SIGTERM asks the guest to shut down (docs/operations.md#stopping); SIGINT, and a second
+/// SIGTERM, stop the VM at once, cleanly (a recording gets its END record).
 fn install_stop_handler() {
     extern "C" fn on_stop(sig: libc::c_int) {
+        if sig == libc::SIGTERM {
+            request_shutdown();
+            return;
+        }
         // The first signal decides the status.
         let _ = STOP_SIGNAL.compare_exchange(
             0,
@@ -910,7 +950,7 @@ fn install_stop_handler() {
         ftvm_vmm::kick::request_stop();
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        // SAFETY: the handler only touches atomics, which is async-signal-safe.
         unsafe { libc::signal(sig, on_stop as *const () as libc::sighandler_t) };
     }
 }

@@ -454,6 +454,17 @@ fn the_shipped_systemd_units_verify_and_use_the_exit_statuses() {
         );
         if role == "primary" {
             assert!(codes("SuccessExitStatus=").contains(&ExitStatus::Switchover.code()));
+            // ftvm, not systemd's SIGKILL, ends a guest that ignores the shutdown request.
+            let stop_sec: u64 = line("TimeoutStopSec=").trim_end_matches('s').parse().unwrap();
+            let help = text(&ftvm().args(["primary", "--help"]).output().unwrap().stdout);
+            let default: u64 = help
+                .split("--stop-timeout <SECONDS>")
+                .nth(1)
+                .and_then(|h| h.split("[default: ").nth(1))
+                .and_then(|d| d.split(']').next())
+                .and_then(|d| d.parse().ok())
+                .expect("--stop-timeout's default in primary --help");
+            assert!(stop_sec > default + 10, "TimeoutStopSec={stop_sec}s vs --stop-timeout {default}");
             assert_eq!(line("Restart="), "no", "a primary is never restarted by itself");
         } else {
             assert_eq!(line("Restart="), "on-failure");

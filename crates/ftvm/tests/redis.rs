@@ -333,6 +333,85 @@ fn real_redis_saves_and_rewrites_in_the_background_with_fork() {
     stop(vm);
 }
 
+/// `ftvm <sub>` of Redis on `disk`, its standard error piped (to read ftvm's lines).
+fn redis_vm_piped(net: &Topology, sub: &[&str], disk: &str, console: &Path) -> Child {
+    let (elf, cpio) = redis_image();
+    net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
+        .args(sub)
+        .arg("--kernel")
+        .arg(elf)
+        .arg("--initrd")
+        .arg(cpio)
+        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk", disk])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn sigterm_shuts_real_redis_down_cleanly_and_the_recording_replays_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-sigterm");
+    let net = Topology::up("rt", 1);
+    let disk = dir.join("data.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let disk_arg = disk.display().to_string();
+
+    // ftvm run: SIGTERM reaches Redis as SIGTERM; Redis saves and exits 0; ftvm: a power-off.
+    let console = dir.join("run.txt");
+    let vm = redis_vm_piped(&net, &["run"], &disk_arg, &console);
+    wait_for(&console, "Ready to accept connections", "redis-server with a blank disk");
+    net.wait_ping("redis-server");
+    for i in 0..50 {
+        assert_eq!(net.cli(&["SET", &format!("k{i}"), &format!("v{i}")]), "OK");
+    }
+    assert_eq!(net.cli(&["INCR", "counter"]), "1");
+    let start = Instant::now();
+    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(in_time, "{err}\n{text}");
+    assert_eq!(out.status.code(), Some(0), "a guest power-off within the grace period: {err}\n{text}");
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    assert!(text.contains("linux: shutdown requested by the operator: SIGTERM to the program"), "{text}");
+    assert!(text.contains("Received SIGTERM scheduling shutdown"), "{text}");
+    assert!(text.contains("Redis is now ready to exit, bye bye"), "{text}");
+    assert!(text.contains("linux: exit status 0"), "{text}");
+
+    // Restarted on the disk: every write is there. Then a recording stopped by SIGTERM...
+    let console = dir.join("record.txt");
+    let log = dir.join("redis.log");
+    let log_arg = log.display().to_string();
+    let vm = redis_vm_piped(&net, &["record", "--log", &log_arg], &disk_arg, &console);
+    wait_for(&console, "Ready to accept connections", "redis-server restarted on its disk");
+    net.wait_ping("redis-server after the restart");
+    for i in 0..50 {
+        assert_eq!(net.cli(&["GET", &format!("k{i}")]), format!("v{i}"));
+    }
+    assert_eq!(net.cli(&["INCR", "counter"]), "2");
+    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let recorded = std::fs::read_to_string(&console).unwrap();
+    assert!(in_time, "{err}\n{recorded}");
+    assert_eq!(out.status.code(), Some(0), "{err}\n{recorded}");
+    assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
+    drop(net);
+    // ... replays exactly: the request at the same exit, the same shutdown on the console.
+    let out_dir = dir.join("replay");
+    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replayed exactly"), "{err}");
+    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+}
+
 #[test]
 fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
     if !kvm_available() {
@@ -883,6 +962,37 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// A program that waits for SIGTERM: with `handler`, an SA_SIGINFO handler that checks what
+/// it got; without, the default action.
+const SIGNAL_PROGRAM: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static volatile sig_atomic_t got, code, from;
+static void on_term(int sig, siginfo_t *info, void *uc) { got = sig; code = info->si_code; from = info->si_pid; (void)uc; }
+int main(int argc, char **argv) {
+    volatile double x = 1.5;
+    if (argc > 1 && strcmp(argv[1], "handler") == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_term;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGTERM, &sa, 0);
+        printf("waiting with a handler\n");
+        fflush(stdout);
+        while (!got) usleep(10000);
+        printf("handled %d code %d from %d, x %.2f\n", (int)got, (int)code, (int)from, x * 2);
+        return 5;
+    }
+    printf("waiting without a handler\n");
+    fflush(stdout);
+    sleep(1000);
+    printf("not reached\n");
+    return 1;
+}
+"#;
+
 #[test]
 fn a_c_program_forks_and_waits_for_its_child() {
     if !kvm_available() {
@@ -932,6 +1042,51 @@ fn a_c_program_forks_and_waits_for_its_child() {
     assert_eq!(out.status.code(), Some(0), "{console}");
     assert!(console.contains("linux: fork: the heap cannot hold the "), "{console}");
     assert!(console.contains("big fork: -1 errno 12, memory 1\n"), "{console}");
+}
+
+#[test]
+fn sigterm_runs_a_c_program_s_handler_or_its_default_action() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-signal");
+    let source = dir.join("sig.c");
+    std::fs::write(&source, SIGNAL_PROGRAM).unwrap();
+    let binary = dir.join("sig");
+    build_c(&source, &binary, false);
+    let archive = dir.join("sig.cpio");
+    std::fs::write(&archive, cpio(&[("sig", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let (elf, _) = redis_image();
+    for (arg, waiting, expected) in [
+        ("handler", "waiting with a handler", "handled 15 code 0 from 1, x 3.00\nlinux: exit status 5\n"),
+        (
+            "default",
+            "waiting without a handler",
+            "linux: the program was killed by signal 15 (SIGTERM), exit status 143 (128 + 15)\nlinux: exit status 143\n",
+        ),
+    ] {
+        let console = dir.join(format!("{arg}.txt"));
+        let vm = ftvm()
+            .arg("run")
+            .arg("--kernel")
+            .arg(&elf)
+            .args(["--mem", "1G", "--rng", "--initrd", &archive.display().to_string()])
+            .arg(format!("--cmdline=init=/sig -- {arg}"))
+            .arg("--console")
+            .arg(format!("file:{}", console.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&console, waiting, arg);
+        let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+        let (out, in_time) = finish_within(vm, Duration::from_secs(20));
+        let text = std::fs::read_to_string(&console).unwrap();
+        assert!(in_time, "{arg}: {text}");
+        assert_eq!(out.status.code(), Some(0), "{arg}: the guest powered off: {text}");
+        assert!(text.contains(expected), "{arg}: no {expected:?} in:\n{text}");
+        assert!(!text.contains("not reached"), "{text}");
+    }
 }
 
 #[test]

@@ -4,6 +4,10 @@
 //!
 //! `hello.spin_ms=N` then spins in ring 3, exit-free, until N ms of timer ticks have come.
 //!
+//! `hello.shutdown=1` listens for the operator's shutdown request while it idles (SIGTERM to
+//! ftvm: Ctrl+Alt+Del on the keyboard) and powers off on it; without it hello ignores the
+//! request, as a guest without a driver would.
+//!
 //! `hello.crash=panic|ud2|pagefault` ends it early on purpose, to exercise the kit's panic
 //! handler and its exception reporting (both print and power off).
 
@@ -45,7 +49,19 @@ fn main() {
 
     let wait_ms = cmdline::param_u64_or("hello.wait_ms", 100);
     let start = time::ticks();
-    time::sleep_ms(wait_ms);
+    if cmdline::flag("hello.shutdown") {
+        ftvm_guest_kit::shutdown::enable();
+        let target = start + time::ms_to_ticks(wait_ms);
+        while time::ticks() < target {
+            if ftvm_guest_kit::shutdown::requested() {
+                println!("hello: shutdown requested; powering off");
+                return;
+            }
+            time::idle();
+        }
+    } else {
+        time::sleep_ms(wait_ms);
+    }
     let ticks = time::ticks() - start;
     println!("ticks: {ticks} (waited {wait_ms} ms at {} Hz)", time::TICK_HZ);
     match (before, rtc::read()) {

@@ -10,7 +10,8 @@
 //! output ([`print!`], [`println!`]), time ([`time`], [`rtc`]), the command line
 //! ([`cmdline`]), memory ([`mem`]: a global allocator, so `alloc` works), virtio devices
 //! ([`virtio`]: net, blk, rng over MMIO, with their IRQs in [`irq`]), TCP/IP with the `net`
-//! feature ([`net`], smoltcp) and [`power::power_off`].
+//! feature ([`net`], smoltcp), the operator's shutdown request ([`shutdown`]) and
+//! [`power::power_off`].
 //!
 //! The guest contract (design.md §1): no RDTSC, RDTSCP, RDPID, RDRAND, RDSEED anywhere and
 //! CPUID only in ring-0 code (section `.text.ring0`); `cargo xtask guests` checks the image.
@@ -35,6 +36,7 @@ pub mod port;
 pub mod power;
 pub mod rtc;
 pub mod serial;
+pub mod shutdown;
 pub mod syscall;
 pub mod time;
 pub mod virtio;

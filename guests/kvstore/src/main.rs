@@ -14,6 +14,11 @@
 //! (writes update memory and join the log's open batch), commit the batch in one disk
 //! write (group commit), then send the replies, flush the NIC's queues, and idle only when
 //! nothing happened. See `log` for the disk format and `store` for the commands.
+//!
+//! An operator's shutdown request (SIGTERM to ftvm, `ftvm ctl PATH shutdown`: Ctrl+Alt+Del on
+//! the keyboard, [`ftvm_guest_kit::shutdown`]) is seen at the top of the loop: every
+//! acknowledged write is on the disk already (each batch is committed before its replies go
+//! out), so kvstore commits what is open, says so and powers off.
 
 #![no_std]
 #![no_main]
@@ -79,6 +84,7 @@ fn main() {
         println!("kvstore: kvstore.rdtsc=1 needs the rdtsc build (kvstore-rdtsc.elf); ignored");
     }
     let mut journal = open_journal(devices.blk, rng.as_mut(), &mut store);
+    ftvm_guest_kit::shutdown::enable();
 
     let sockbuf = (cmdline::param_u64_or("kvstore.sockbuf", 64).clamp(4, 4096) as usize) << 10;
     // By default, connections may take a quarter of the heap in socket buffers.
@@ -134,6 +140,17 @@ fn open_journal(blk: Option<VirtioBlk>, rng: Option<&mut VirtioRng>, store: &mut
             ftvm_guest_kit::power::power_off();
         }
     }
+}
+
+/// The operator asked to shut down: commit what is open and power off.
+fn shut_down(journal: &mut Journal) -> ! {
+    if let Journal::Disk(log) = journal {
+        if let Err(error) = log.commit() {
+            println!("kvstore: shutdown: the last log write failed ({error})");
+        }
+    }
+    println!("kvstore: shutdown requested; every acknowledged write is on the disk; powering off");
+    ftvm_guest_kit::power::power_off()
 }
 
 /// One client connection's buffers (tied to one smoltcp socket).
@@ -236,6 +253,9 @@ impl Server {
 
     fn run(&mut self, iface: &mut Interface, net: &mut VirtioNet, store: &mut Store, journal: &mut Journal) -> ! {
         loop {
+            if ftvm_guest_kit::shutdown::requested() {
+                shut_down(journal);
+            }
             net.service();
             let frames = net.stats().rx_frames;
             let changed = iface.poll(knet::now(), net, &mut self.sockets) == PollResult::SocketStateChanged;

@@ -8,6 +8,7 @@
 //! - [`journal`]: the data disk's format (the journal of changes under the data directory).
 //! - [`proc`]: `fork`'s bookkeeping (zombies, `wait4`'s status word) and its copy plan.
 //! - [`rewrite`]: the load-time rewrite of the program's `syscall` sites into jumps to trampolines.
+//! - [`signal`]: the x86-64 signal frame (`rt_sigframe`, `ucontext`, `siginfo`) and `rt_sigreturn`.
 
 #![no_std]
 
@@ -18,4 +19,5 @@ pub mod journal;
 pub mod path;
 pub mod proc;
 pub mod rewrite;
+pub mod signal;
 pub mod stack;

@@ -64,6 +64,8 @@ struct Parent {
     umask: u32,
     sigactions: BTreeMap<u64, [u64; 4]>,
     sigmask: u64,
+    /// The parent's signals not delivered yet.
+    pending: u64,
     /// The process window's used ranges and their bytes, in order.
     plan: Vec<(u64, u64)>,
     copy: Vec<u8>,
@@ -109,8 +111,8 @@ pub fn ppid() -> u32 {
 }
 
 /// kill(target, sig) where fork knows the answer: a zombie child takes any signal and
-/// ignores it (as on Linux); a child signalling its frozen parent: accepted, not delivered
-/// (no signal is delivered yet). `None`: not a process of ours (the caller goes on).
+/// ignores it (as on Linux); a child signalling its frozen parent: accepted and dropped (the
+/// parent cannot run a handler while frozen). `None`: not a process of ours (the caller goes on).
 pub fn kill(target: u64, _sig: u64) -> Option<Result<i64, i64>> {
     let p = procs();
     if p.parent.is_some() {
@@ -191,6 +193,8 @@ pub fn fork(frame: &mut Frame, stack: u64) -> Result<i64, i64> {
         umask: k.umask,
         sigactions: k.sigactions.clone(),
         sigmask: k.sigmask,
+        // The child starts with no signal pending (as on Linux); the parent's wait for it.
+        pending: crate::signal::take_pending(),
         plan,
         copy,
         child,
@@ -242,6 +246,7 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
             umask,
             sigactions,
             sigmask,
+            pending,
             plan,
             copy,
             child,
@@ -264,6 +269,8 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         k.umask = umask;
         k.sigactions = sigactions;
         k.sigmask = sigmask;
+        // What the child left pending goes with it; the parent's come back.
+        crate::signal::set_pending(pending);
         let s = sched();
         s.thaw(slot);
         let t = &mut s.threads[slot];

@@ -29,6 +29,7 @@ mod net;
 mod persist;
 mod rewrite;
 mod sched;
+mod signal;
 mod sys;
 mod vdso;
 
@@ -418,6 +419,7 @@ fn main() {
         "linux: syscall enters {}",
         if ring0 { "ring 0 (interrupts off until the handler is back in ring 3)" } else { "ring 3 (served there)" }
     );
+    signal::init();
     let frame = entry::fresh_frame(loaded.entry, stack.sp);
     entry::enter(sched().main_kstack_top(), &frame)
 }

@@ -307,6 +307,8 @@ fn run_others() {
                     crate::exit_all(0);
                 }
                 crate::fork::stuck();
+                // Takes the keyboard's IRQ (the operator's shutdown request) before sleeping.
+                crate::signal::poll_waiting();
                 time::idle();
             }
         }

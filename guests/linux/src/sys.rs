@@ -201,7 +201,7 @@ fn check(ptr: u64, len: u64) -> Result<(), i64> {
     Ok(())
 }
 
-fn user<'a>(ptr: u64, len: u64) -> Result<&'a mut [u8], i64> {
+pub(crate) fn user<'a>(ptr: u64, len: u64) -> Result<&'a mut [u8], i64> {
     if len == 0 {
         return Ok(&mut []);
     }
@@ -916,6 +916,8 @@ extern "C" fn linux_syscall(frame: &mut Frame) {
         Ok(value) => value as u64,
         Err(errno) => (-errno) as u64,
     };
+    // On the way back to the program: a pending signal (crate::signal).
+    crate::signal::on_return(frame);
 }
 
 /// `linux.counts=N` on the command line: every N system calls, one console line with the
@@ -1070,7 +1072,8 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             Ok(0)
         }
         13 => {
-            // rt_sigaction(sig, act, oldact, size): handlers are kept, never called yet.
+            // rt_sigaction(sig, act, oldact, size): [handler, flags, restorer, mask], run by
+            // crate::signal.
             if a0 == 0 || a0 > 64 || a0 == 9 || a0 == 19 {
                 return Err(EINVAL);
             }
@@ -1342,7 +1345,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             Ok(i64::from(pid))
         }
         62 | 200 | 234 => {
-            // kill/tkill/tgkill: signal 0 probes; a fatal signal to ourselves ends the program.
+            // kill/tkill/tgkill: signal 0 probes; others are delivered by crate::signal.
             let sig = if nr == 234 { a2 } else { a1 };
             if sig == 0 {
                 return Ok(0);
@@ -1354,8 +1357,11 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             if target != u64::from(crate::PID) && !threads().threads.iter().any(|t| u64::from(t.tid) == target) {
                 return Err(ESRCH);
             }
-            println!("linux: signal {sig} sent to {target}: handlers are not run yet; ending the program");
-            crate::exit_all(128 + sig)
+            if sig > 64 {
+                return Err(EINVAL);
+            }
+            crate::signal::raise(sig);
+            Ok(0)
         }
         63 => {
             let mut uts = [0u8; 390];
@@ -1619,7 +1625,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             }
         }
         232 | 281 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
-        15 => Err(ENOSYS),
+        15 => crate::signal::sigreturn(frame),
         334 => Err(ENOSYS),
         59 => Err(EPERM),
         _ => {

@@ -87,6 +87,7 @@ pub fn every_kind() -> Vec<Record> {
         },
         Record::SyncPoint { exit: 500, kick: 2, wait_us: 0, state: vec![0u8; 4096] },
         Record::SyncPoint { exit: 500, kick: 3, wait_us: 0, state: vec![] },
+        Record::ShutdownRequest { exit: 600 },
         Record::End { exit: 777, reason: EndReason::Error("vCPU failed: EFAULT".into()) },
     ]
 }

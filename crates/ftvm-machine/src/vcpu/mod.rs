@@ -848,6 +848,13 @@ impl VcpuLoop {
                 }
             }
             self.admit_frames();
+            // An operator's shutdown request (docs/operations.md#stopping): the keyboard types
+            // Ctrl+Alt+Del, at this exit in the log.
+            if self.events.admit_shutdown_request(crate::kick::shutdown_pending()) {
+                crate::kick::shutdown_delivered();
+                self.devices.i8042.borrow_mut().press_ctrl_alt_del(&mut self.irqs);
+                tracing::info!("the shutdown request reached the guest (Ctrl+Alt+Del on its i8042)");
+            }
         }
         self.devices.apply_irqs(&mut self.irqs);
     }
@@ -978,7 +985,8 @@ impl VcpuLoop {
             }
             let if_flag = self.vcpu.get_kvm_run().if_flag;
             let deadline = self.devices.next_deadline();
-            let input_possible = self.events.console_input_open() || self.events.frames_open();
+            let input_possible =
+                self.events.console_input_open() || self.events.frames_open() || crate::kick::shutdown_pending();
             if if_flag == 0 || (deadline.is_none() && !input_possible) {
                 return Ok(Some(VmOutcome::HaltedForever(RegisterDump::capture(&self.vcpu))));
             }
