@@ -33,6 +33,22 @@ fn redis_vm(net: &Topology, sub: &[&str], console: &Path) -> Child {
     redis_vm_with(net, sub, &[], console)
 }
 
+/// A blank data disk `name` of `bytes` in `dir`; its path as an argument.
+fn blank_disk(dir: &Path, name: &str, bytes: u64) -> String {
+    let disk = dir.join(name);
+    std::fs::File::create(&disk).unwrap().set_len(bytes).unwrap();
+    disk.display().to_string()
+}
+
+/// `ftvm run` of Redis on the data disk `disk`, once it serves: its console says it is ready
+/// and it answers PING (`what` and `ping_what` name it in a failure).
+fn redis_serving_on(net: &Topology, disk: &str, console: &Path, what: &str, ping_what: &str) -> Child {
+    let vm = redis_vm_with(net, &["run"], &["--disk", disk], console);
+    wait_for(console, "Ready to accept connections", what);
+    net.wait_ping(ping_what);
+    vm
+}
+
 fn redis_vm_with(net: &Topology, sub: &[&str], extra: &[&str], console: &Path) -> Child {
     redis_vm_cmdline(net, sub, extra, "ip=10.0.0.2/24", console)
 }
@@ -170,13 +186,9 @@ fn real_redis_keeps_acknowledged_writes_across_a_restart_on_its_disk() {
     }
     let dir = scratch("redis-disk");
     let net = Topology::up("rk", 1);
-    let disk = dir.join("data.img");
-    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
-    let disk_arg = disk.display().to_string();
+    let disk_arg = blank_disk(&dir, "data.img", 64 << 20);
     let console = dir.join("console.txt");
-    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
-    wait_for(&console, "Ready to accept connections", "redis-server with a blank disk");
-    net.wait_ping("redis-server");
+    let vm = redis_serving_on(&net, &disk_arg, &console, "redis-server with a blank disk", "redis-server");
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("linux: formatted a blank data disk"), "{text}");
     assert_eq!(net.cli(&["SET", "greeting", "hello"]), "OK");
@@ -202,9 +214,13 @@ fn real_redis_keeps_acknowledged_writes_across_a_restart_on_its_disk() {
     stop(vm);
 
     let console2 = dir.join("console2.txt");
-    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
-    wait_for(&console2, "Ready to accept connections", "redis-server restarted on its disk");
-    net.wait_ping("redis-server after the restart");
+    let vm = redis_serving_on(
+        &net,
+        &disk_arg,
+        &console2,
+        "redis-server restarted on its disk",
+        "redis-server after the restart",
+    );
     let text = std::fs::read_to_string(&console2).unwrap();
     assert!(text.contains("linux: /data on the virtio disk:"), "{text}");
     assert!(text.contains("DB loaded from append only file"), "{text}");
@@ -250,13 +266,9 @@ fn real_redis_saves_and_rewrites_in_the_background_with_fork() {
     }
     let dir = scratch("redis-fork");
     let net = Topology::up("rb", 1);
-    let disk = dir.join("data.img");
-    std::fs::File::create(&disk).unwrap().set_len(128 << 20).unwrap();
-    let disk_arg = disk.display().to_string();
+    let disk_arg = blank_disk(&dir, "data.img", 128 << 20);
     let console = dir.join("console.txt");
-    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
-    wait_for(&console, "Ready to accept connections", "redis-server with a blank disk");
-    net.wait_ping("redis-server");
+    let vm = redis_serving_on(&net, &disk_arg, &console, "redis-server with a blank disk", "redis-server");
     // A BGSAVE of the empty database first: what a fork copies of Redis itself.
     assert_eq!(net.cli(&["BGSAVE"]), "Background saving started");
     wait_persistence(&net, "rdb_saves", "1");
@@ -308,9 +320,13 @@ fn real_redis_saves_and_rewrites_in_the_background_with_fork() {
     // Restarted with the append-only file (the image's configuration): the rewritten base
     // file and the increments after it load.
     let console2 = dir.join("console2.txt");
-    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
-    wait_for(&console2, "Ready to accept connections", "redis-server restarted with its AOF");
-    net.wait_ping("redis-server after the restart");
+    let vm = redis_serving_on(
+        &net,
+        &disk_arg,
+        &console2,
+        "redis-server restarted with its AOF",
+        "redis-server after the restart",
+    );
     let text = std::fs::read_to_string(&console2).unwrap();
     assert!(text.contains("DB loaded from append only file"), "{text}");
     assert_eq!(net.cli(&["DBSIZE"]), (KEYS + 3).to_string());
@@ -358,9 +374,7 @@ fn sigterm_shuts_real_redis_down_cleanly_and_the_recording_replays_it() {
     }
     let dir = scratch("redis-sigterm");
     let net = Topology::up("rt", 1);
-    let disk = dir.join("data.img");
-    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
-    let disk_arg = disk.display().to_string();
+    let disk_arg = blank_disk(&dir, "data.img", 64 << 20);
 
     // ftvm run: SIGTERM reaches Redis as SIGTERM; Redis saves and exits 0; ftvm: a power-off.
     let console = dir.join("run.txt");
@@ -419,13 +433,9 @@ fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
     }
     let dir = scratch("redis-full");
     let net = Topology::up("rf", 1);
-    let disk = dir.join("small.img");
-    std::fs::File::create(&disk).unwrap().set_len(64 << 10).unwrap();
-    let disk_arg = disk.display().to_string();
+    let disk_arg = blank_disk(&dir, "small.img", 64 << 10);
     let console = dir.join("console.txt");
-    let mut vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console);
-    wait_for(&console, "Ready to accept connections", "redis-server on a 64 KiB disk");
-    net.wait_ping("redis-server");
+    let mut vm = redis_serving_on(&net, &disk_arg, &console, "redis-server on a 64 KiB disk", "redis-server");
     assert_eq!(net.cli(&["SET", "small", "kept"]), "OK");
     // 100 KiB cannot fit: the guest stops before acknowledging it.
     let file = dir.join("value");
@@ -442,9 +452,13 @@ fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
     assert!(text.contains("linux: error: the data disk is full"), "{text}");
     // Restarted on the same disk: what was acknowledged is there.
     let console2 = dir.join("console2.txt");
-    let vm = redis_vm_with(&net, &["run"], &["--disk", &disk_arg], &console2);
-    wait_for(&console2, "Ready to accept connections", "redis-server restarted on the full disk");
-    net.wait_ping("redis-server after the restart");
+    let vm = redis_serving_on(
+        &net,
+        &disk_arg,
+        &console2,
+        "redis-server restarted on the full disk",
+        "redis-server after the restart",
+    );
     assert_eq!(net.cli(&["GET", "small"]), "kept");
     assert_eq!(net.cli(&["EXISTS", "big"]), "0");
     stop(vm);
@@ -461,9 +475,7 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let log = dir.join("redis.log");
     let log_arg = log.display().to_string();
     // With a data disk: the append-only file fsynced at every write goes to the (copied) disk.
-    let disk = dir.join("data.img");
-    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
-    let disk_arg = disk.display().to_string();
+    let disk_arg = blank_disk(&dir, "data.img", 64 << 20);
     let vm = redis_vm_with(&net, &["record", "--log", &log_arg], &["--disk", &disk_arg], &console);
     wait_for(&console, "Ready to accept connections", "redis-server under ftvm record");
     net.wait_ping("redis-server");
