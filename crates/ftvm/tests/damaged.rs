@@ -138,19 +138,8 @@ fn a_damaged_log_of_a_guest_writing_its_disk_is_not_a_divergence() {
     std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
     let log = dir.join("kv.log");
     let console = dir.join("console.txt");
-    let mut vm = net
-        .cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
-        .args(["record", "--log"])
-        .arg(&log)
-        .arg("--kernel")
-        .arg(guest("kvstore"))
-        .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
-        .arg(&disk)
-        .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let log_arg = log.display().to_string();
+    let mut vm = net.kvstore_vm(&["record", "--log", &log_arg], &disk, &console).stderr(Stdio::null()).spawn().unwrap();
     net.wait_ping("kvstore");
     for i in 0..30 {
         assert_eq!(net.cli(&["SET", &format!("k{i}"), &format!("v{i}")]), "OK");

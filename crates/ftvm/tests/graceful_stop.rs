@@ -88,18 +88,7 @@ fn a_guest_that_ignores_the_request_is_stopped_at_the_timeout_and_a_second_sigte
 
 /// kvstore on host 1 of `net`, its stderr piped.
 fn kvstore(net: &Topology, sub: &[&str], disk: &Path, console: &Path) -> Child {
-    net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
-        .args(sub)
-        .arg("--kernel")
-        .arg(guest("kvstore"))
-        .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
-        .arg(disk)
-        .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    net.kvstore_vm(sub, disk, console).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 #[test]

@@ -23,17 +23,7 @@ impl KvNet for Topology {
     }
 
     fn vm(&self, sub: &[&str], disk: &Path, console: &Path) -> Child {
-        self.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
-            .args(sub)
-            .arg("--kernel")
-            .arg(guest("kvstore"))
-            .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
-            .arg(disk)
-            .arg("--console")
-            .arg(format!("file:{}", console.display()))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        self.kvstore_vm(sub, disk, console).stderr(Stdio::null()).spawn().unwrap()
     }
 
     fn wait_ready(&self, console: &Path) {

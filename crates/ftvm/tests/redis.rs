@@ -54,9 +54,14 @@ fn redis_vm_with(net: &Topology, sub: &[&str], extra: &[&str], console: &Path) -
 }
 
 fn redis_vm_cmdline(net: &Topology, sub: &[&str], extra: &[&str], cmdline: &str, console: &Path) -> Child {
+    redis_command(net, sub, extra, cmdline, console).stderr(Stdio::null()).spawn().unwrap()
+}
+
+/// The command line of `ftvm <sub>` of the Redis image on host 1, not started.
+fn redis_command(net: &Topology, sub: &[&str], extra: &[&str], cmdline: &str, console: &Path) -> Command {
     let (elf, cpio) = redis_image();
-    net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
-        .args(sub)
+    let mut cmd = net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"));
+    cmd.args(sub)
         .args(extra)
         .arg("--kernel")
         .arg(elf)
@@ -64,10 +69,8 @@ fn redis_vm_cmdline(net: &Topology, sub: &[&str], extra: &[&str], cmdline: &str,
         .arg(cpio)
         .args(["--mem", "1G", "--cmdline", cmdline, "--net", "tap=tap0", "--rng"])
         .arg("--console")
-        .arg(format!("file:{}", console.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        .arg(format!("file:{}", console.display()));
+    cmd
 }
 
 fn wait_for(console: &Path, text: &str, what: &str) {
@@ -351,16 +354,7 @@ fn real_redis_saves_and_rewrites_in_the_background_with_fork() {
 
 /// `ftvm <sub>` of Redis on `disk`, its standard error piped (to read ftvm's lines).
 fn redis_vm_piped(net: &Topology, sub: &[&str], disk: &str, console: &Path) -> Child {
-    let (elf, cpio) = redis_image();
-    net.cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
-        .args(sub)
-        .arg("--kernel")
-        .arg(elf)
-        .arg("--initrd")
-        .arg(cpio)
-        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk", disk])
-        .arg("--console")
-        .arg(format!("file:{}", console.display()))
+    redis_command(net, sub, &["--disk", disk], "ip=10.0.0.2/24", console)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -732,6 +726,23 @@ int main(int argc, char **argv) {
 /// Builds `source` with Debian's musl (musl-tools): `musl-gcc -static`, or, for a static-PIE
 /// (Debian's musl-gcc.specs has no -static-pie), compiled with `musl-gcc -fPIE` and linked by
 /// gcc with musl's rcrt1.o (the self-relocating start code) and libc.a.
+/// An initramfs holding `binary` alone, as `/NAME`.
+fn program_cpio(binary: &Path, name: &str, archive: &Path) {
+    std::fs::write(archive, cpio(&[(name, 0o100755, &std::fs::read(binary).unwrap())])).unwrap();
+}
+
+/// A static C program `name` built from `source` in `dir` with Debian's musl, in an
+/// initramfs of its own as `/NAME`: the archive's path.
+fn c_program(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, source).unwrap();
+    let binary = dir.join(name);
+    build_c(&c, &binary, false);
+    let archive = dir.join(format!("{name}.cpio"));
+    program_cpio(&binary, name, &archive);
+    archive
+}
+
 fn build_c(source: &Path, binary: &Path, pie: bool) {
     let run = |cmd: &mut Command| {
         let out = cmd.output().expect("musl-gcc is missing: install Debian's musl-tools (scripts/deps.sh does)");
@@ -807,7 +818,7 @@ fn a_c_program_static_and_static_pie_threads_files_time_and_red_zone() {
         let e_type = std::fs::read(&binary).unwrap()[16];
         assert_eq!(e_type, if flavour == "static" { 2 } else { 3 }, "{flavour}");
         let archive = dir.join(format!("probe-{flavour}.cpio"));
-        std::fs::write(&archive, cpio(&[("probe", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+        program_cpio(&binary, "probe", &archive);
         let (out, console) = run_guest(
             &elf,
             &[
@@ -1011,12 +1022,7 @@ fn a_c_program_forks_and_waits_for_its_child() {
         return;
     }
     let dir = scratch("linux-fork");
-    let source = dir.join("fork.c");
-    std::fs::write(&source, FORK_PROGRAM).unwrap();
-    let binary = dir.join("fork");
-    build_c(&source, &binary, false);
-    let archive = dir.join("fork.cpio");
-    std::fs::write(&archive, cpio(&[("fork", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let archive = c_program(&dir, "fork", FORK_PROGRAM);
     let (elf, _) = redis_image();
     let (out, console) = run_guest(
         &elf,
@@ -1062,12 +1068,7 @@ fn sigterm_runs_a_c_program_s_handler_or_its_default_action() {
         return;
     }
     let dir = scratch("linux-signal");
-    let source = dir.join("sig.c");
-    std::fs::write(&source, SIGNAL_PROGRAM).unwrap();
-    let binary = dir.join("sig");
-    build_c(&source, &binary, false);
-    let archive = dir.join("sig.cpio");
-    std::fs::write(&archive, cpio(&[("sig", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    let archive = c_program(&dir, "sig", SIGNAL_PROGRAM);
     let (elf, _) = redis_image();
     for (arg, waiting, expected) in [
         ("handler", "waiting with a handler", "handled 15 code 0 from 1, x 3.00\nlinux: exit status 5\n"),
@@ -1107,16 +1108,11 @@ fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
         return;
     }
     let dir = scratch("linux-contract");
-    let source = dir.join("tsc.c");
-    std::fs::write(
-        &source,
+    let archive = c_program(
+        &dir,
+        "tsc",
         "#include <stdio.h>\n#include <x86intrin.h>\nint main(void) { printf(\"tsc read\\n\"); return (int)(__rdtsc() & 0); }\n",
-    )
-    .unwrap();
-    let binary = dir.join("tsc");
-    build_c(&source, &binary, false);
-    let archive = dir.join("tsc.cpio");
-    std::fs::write(&archive, cpio(&[("tsc", 0o100755, &std::fs::read(&binary).unwrap())])).unwrap();
+    );
     let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc");
     assert_eq!(code, Some(3), "{console}");
     assert!(console.contains("linux: guest contract: rdtsc [0f 31] at 0x"), "{console}");

@@ -229,6 +229,20 @@ impl Topology {
         c
     }
 
+    /// `ftvm <sub>` of the kvstore guest on host 1, on `disk`, its console in `console`: the
+    /// command, not started (the caller chooses what becomes of its output).
+    pub fn kvstore_vm(&self, sub: &[&str], disk: &Path, console: &Path) -> Command {
+        let mut c = self.cmd("h1", env!("CARGO_BIN_EXE_ftvm"));
+        c.args(sub)
+            .arg("--kernel")
+            .arg(guest("kvstore"))
+            .args(["--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng", "--disk"])
+            .arg(disk)
+            .arg("--console")
+            .arg(format!("file:{}", console.display()));
+        c
+    }
+
     /// redis-cli from the client namespace against the guest at 10.0.0.2.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = self.cmd("c", "redis-cli").args(["-h", "10.0.0.2"]).args(args).output().unwrap();
