@@ -38,7 +38,12 @@ fn open_hashable(path: &Path) -> std::io::Result<File> {
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = open_hashable(path).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?;
+    let f = open_hashable(path).map_err(|source| Error::ReadFile { path: path.to_path_buf(), source })?;
+    sha256_of(f, path)
+}
+
+/// SHA-256 of what `f` (opened from `path`) holds, hex.
+fn sha256_of(mut f: File, path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -121,41 +126,23 @@ pub fn snapshot_header(vm: &Vm, rtc: u64) -> Result<LogHeader> {
     Ok(header_for(vm, kernel, initrd, disks, rtc))
 }
 
-/// Why an image named with its digest (by a log header or a snapshot) cannot be used.
-enum ImageMismatch {
-    Missing,
-    /// Its SHA-256 now.
-    Changed(String),
-}
-
-/// The image `info` names, if it is there with the content the digest says.
-fn verified_image(info: &ImageInfo) -> Result<std::result::Result<PathBuf, ImageMismatch>> {
-    let path = PathBuf::from(&info.path);
-    if !path.exists() {
-        return Ok(Err(ImageMismatch::Missing));
-    }
-    let digest = sha256_file(&path)?;
-    Ok(if digest == info.sha256 { Ok(path) } else { Err(ImageMismatch::Changed(digest)) })
-}
-
 /// The image `info` names (the `what`: "kernel", "initrd", "disk 0 base image"), checked:
 /// there, a regular file or block device, with the recorded SHA-256. The error says which
 /// image, who named it and what is wrong.
 pub fn check_image(what: &str, info: &ImageInfo, by: NamedBy) -> Result<PathBuf> {
     let err = |problem| Error::Image { what: what.to_string(), path: info.path.clone(), by, problem };
+    let path = Path::new(&info.path);
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(err(ImageProblem::Missing));
+    }
     // Only a regular file or a block device is hashed (a header naming /dev/zero or a FIFO
     // would make the hash read for ever, or block).
-    let path = Path::new(&info.path);
-    if std::fs::symlink_metadata(path).is_ok() {
-        open_hashable(path).map_err(|e| err(ImageProblem::Unusable(e)))?;
+    let file = open_hashable(path).map_err(|e| err(ImageProblem::Unusable(e)))?;
+    let digest = sha256_of(file, path)?;
+    if digest != info.sha256 {
+        return Err(err(ImageProblem::Changed { digest, expected: info.sha256.clone() }));
     }
-    match verified_image(info)? {
-        Ok(path) => Ok(path),
-        Err(ImageMismatch::Missing) => Err(err(ImageProblem::Missing)),
-        Err(ImageMismatch::Changed(digest)) => {
-            Err(err(ImageProblem::Changed { digest, expected: info.sha256.clone() }))
-        }
-    }
+    Ok(path.to_path_buf())
 }
 
 #[cfg(test)]

@@ -118,7 +118,8 @@ pub fn hex(v: u64) -> String {
     format!("{v:016x}")
 }
 
-fn snap_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+/// A snapshot file's I/O error, with what was being done.
+pub fn snap_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::SnapshotIo { what, source }
 }
 

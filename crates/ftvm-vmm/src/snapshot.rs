@@ -23,10 +23,6 @@ use crate::error::{Error, Result};
 use crate::vcpu::VcpuTasks;
 use crate::vm::DiskHandle;
 
-fn snap_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Machine(ftvm_machine::Error::SnapshotIo { what, source })
-}
-
 /// A pre-copy round as the manifest keeps it (the progress shows the API's).
 fn manifest_round(r: &ftvm_api::CopyRound) -> CopyRound {
     CopyRound { pages: r.pages, disk_bytes: r.disk_bytes, ms: r.ms }
