@@ -111,9 +111,24 @@ pub fn exit_all(status: u64) -> ! {
     ftvm_guest_kit::power::power_off()
 }
 
+/// The personality needs the 256 MiB process window plus its own heap and the initramfs
+/// above it. Printed without the heap, which may be empty.
+fn too_little_memory(ram_mib: u64) -> ! {
+    println!(
+        "linux: error: the VM has {ram_mib} MiB of RAM; the Linux personality needs 512 MiB or more \
+         (the program's 256 MiB window, then its own heap and the initramfs): give --mem 1G"
+    );
+    stop()
+}
+
 /// Bad input: one line, then a reset (distinct from a power-off: ftvm exits with status 3).
 pub fn fatal(message: &str) -> ! {
     println!("linux: error: {message}");
+    stop()
+}
+
+/// Ends the VM after a fatal error.
+fn stop() -> ! {
     // The i8042 reset line: ring 3 may use every port (the kit's TSS I/O bitmap).
     ftvm_guest_kit::port::outb(0x64, 0xfe);
     // Not reset (no i8042): power off instead.
@@ -292,16 +307,19 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
 }
 
 fn main() {
-    let devices = virtio::init_devices();
+    // Checked before anything allocates: with too little RAM the heap above the process
+    // window is empty, and the first allocation would panic with no hint of the cause.
+    let ram_mib = kmem::ram_bytes().unwrap_or(0) >> 20;
+    if kmem::heap_bytes() < (32 << 20) {
+        too_little_memory(ram_mib);
+    }
     let Some(initrd) = boot::modules().first().copied() else {
         fatal("no initramfs: give the program and its files with --initrd (a cpio newc archive)");
     };
     if initrd.paddr < mem::WINDOW_END {
-        fatal("the initramfs was loaded inside the process window (give the VM 512 MiB or more: --mem 1G)");
+        too_little_memory(ram_mib);
     }
-    if kmem::heap_bytes() < (32 << 20) {
-        fatal("too little memory above the process window (give the VM 512 MiB or more: --mem 1G)");
-    }
+    let devices = virtio::init_devices();
     let boot_epoch = epoch_now();
     vdso::set_clock(boot_epoch, time::ticks());
     let mut fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
