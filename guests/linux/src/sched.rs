@@ -309,6 +309,7 @@ fn run_others() {
                 crate::fork::stuck();
                 // Takes the keyboard's IRQ (the operator's shutdown request) before sleeping.
                 crate::signal::poll_waiting();
+                crate::vdso::align();
                 time::idle();
             }
         }

@@ -18,13 +18,69 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ftvm_guest_kit::time;
 
-/// RTC time at boot (seconds since 1970) and the tick count then.
-static BOOT_EPOCH: AtomicU64 = AtomicU64::new(0);
+/// The tick count at boot, where the monotonic clocks start.
 static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
+/// The wall clock at `BOOT_TICKS`, ns since 1970: the RTC's reading at boot, moved once
+/// when [`align`] sees its second turn.
+static BOOT_WALL_NS: AtomicU64 = AtomicU64::new(0);
+/// The RTC's seconds as read at boot.
+static BOOT_EPOCH: AtomicU64 = AtomicU64::new(0);
+/// Until the RTC's second is seen to change, the tick at which it was last read (plus one);
+/// 0 once the clock is aligned to a second boundary.
+static UNALIGNED_SINCE: AtomicU64 = AtomicU64::new(0);
+/// Gives up aligning after this many ticks (no RTC that counts: keep the boot reading).
+const ALIGN_TICKS: u64 = 3 * time::TICK_HZ as u64;
 
+/// The wall clock starts at `boot_epoch` (the RTC's seconds) at tick `boot_ticks`. The RTC
+/// has no finer field, so that start may lie up to a second behind the truth (ftvm's RTC
+/// turns its seconds on the host's); [`align`] corrects it at the first tick after the
+/// RTC's seconds change, within the first second.
 pub fn set_clock(boot_epoch: u64, boot_ticks: u64) {
     BOOT_EPOCH.store(boot_epoch, Ordering::Relaxed);
     BOOT_TICKS.store(boot_ticks, Ordering::Relaxed);
+    BOOT_WALL_NS.store(boot_epoch * 1_000_000_000, Ordering::Relaxed);
+    UNALIGNED_SINCE.store(boot_ticks + 1, Ordering::Relaxed);
+}
+
+/// Called at system-call entry and before idling: once per tick until the RTC's seconds
+/// change, reads them (four port accesses); at the change, the wall clock restarts at that
+/// second and tick (to within one tick). One load and a compare once aligned.
+#[inline]
+pub fn align() {
+    let since = UNALIGNED_SINCE.load(Ordering::Relaxed);
+    if since == 0 {
+        return;
+    }
+    align_slow(since - 1);
+}
+
+#[cold]
+fn align_slow(read_at: u64) {
+    static LAST_TICK: AtomicU64 = AtomicU64::new(u64::MAX);
+    let now = time::ticks();
+    if LAST_TICK.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    if now - read_at > ALIGN_TICKS {
+        UNALIGNED_SINCE.store(0, Ordering::Relaxed);
+        return;
+    }
+    let Some(second) = ftvm_guest_kit::rtc::second() else { return };
+    let boot = BOOT_EPOCH.load(Ordering::Relaxed);
+    if u64::from(second) != boot % 60 {
+        // The first change since the boot reading: one second on (or more, after a long
+        // stall: counted from the reading's minute).
+        let ahead = (u64::from(second) + 60 - boot % 60) % 60;
+        let since_boot = ticks_ns(now - BOOT_TICKS.load(Ordering::Relaxed));
+        let wall_at_boot = ((boot + ahead) * 1_000_000_000).saturating_sub(since_boot);
+        // Forward only: the reading at boot can only have been behind.
+        BOOT_WALL_NS.fetch_max(wall_at_boot, Ordering::Relaxed);
+        UNALIGNED_SINCE.store(0, Ordering::Relaxed);
+    }
+}
+
+fn ticks_ns(ticks: u64) -> u64 {
+    time::ticks_to_ms(ticks) * 1_000_000
 }
 
 /// The clocks: REALTIME (0, 5 coarse, 8 alarm, 11 TAI) from the RTC at boot plus ticks;
@@ -32,9 +88,9 @@ pub fn set_clock(boot_epoch: u64, boot_ticks: u64) {
 /// "unset"). Resolution: one tick (10 ms).
 #[inline(always)]
 pub fn now_ns(clock: u64) -> u64 {
-    let ns = time::ticks_to_ms(time::ticks() - BOOT_TICKS.load(Ordering::Relaxed)) * 1_000_000;
+    let ns = ticks_ns(time::ticks() - BOOT_TICKS.load(Ordering::Relaxed));
     if matches!(clock, 0 | 5 | 8 | 11) {
-        BOOT_EPOCH.load(Ordering::Relaxed) * 1_000_000_000 + ns
+        BOOT_WALL_NS.load(Ordering::Relaxed) + ns
     } else {
         1_000_000_000 + ns
     }
