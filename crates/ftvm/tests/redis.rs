@@ -1236,3 +1236,35 @@ fn the_pair_protects_real_redis_through_a_failover_a_reprotection_and_a_second_f
     assert!(new_err.contains("TAKEOVER"), "{new_err}");
     assert!(old_live_err.contains("TAKEOVER") && old_live_err.contains("PROTECTED"), "{old_live_err}");
 }
+
+/// Units of Redis's own test suite that run here in about a minute and a half; the whole
+/// suite (about an hour) is `scripts/redis-suite.sh`, outside the test command.
+const UPSTREAM_UNITS: &[&str] = &[
+    "unit/printver",
+    "unit/auth",
+    "unit/protocol",
+    "unit/keyspace",
+    "unit/info-command",
+    "unit/dump",
+    "unit/type/string",
+    "unit/type/incr",
+    "unit/type/list",
+];
+
+#[test]
+fn redis_s_own_tests_pass_against_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-upstream");
+    let mut cmd = Command::new(repo_root().join("scripts").join("redis-suite.sh"));
+    cmd.env("FTVM", env!("CARGO_BIN_EXE_ftvm")).args(["--prefix", "rup", "--work"]).arg(&*dir).arg("--");
+    for unit in UPSTREAM_UNITS {
+        cmd.args(["--single", unit]);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let console = std::fs::read_to_string(dir.join("console.txt")).unwrap_or_default();
+    assert!(out.status.success(), "Redis's tests against the guest:\n{text}\nconsole:\n{console}");
+    assert!(text.contains("All tests passed"), "{text}");
+}

@@ -23,60 +23,65 @@ static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
 /// The wall clock at `BOOT_TICKS`, ns since 1970: the RTC's reading at boot, moved once
 /// when [`align`] sees its second turn.
 static BOOT_WALL_NS: AtomicU64 = AtomicU64::new(0);
-/// The RTC's seconds as read at boot.
-static BOOT_EPOCH: AtomicU64 = AtomicU64::new(0);
-/// Until the RTC's second is seen to change, the tick at which it was last read (plus one);
-/// 0 once the clock is aligned to a second boundary.
-static UNALIGNED_SINCE: AtomicU64 = AtomicU64::new(0);
-/// Gives up aligning after this many ticks (no RTC that counts: keep the boot reading).
-const ALIGN_TICKS: u64 = 3 * time::TICK_HZ as u64;
+/// Until the clock is aligned to a turn of the RTC's second: 1 + the seconds last read
+/// (0 before the first look); `ALIGNED` after.
+static RTC_SECOND: AtomicU64 = AtomicU64::new(ALIGNED);
+const ALIGNED: u64 = u64::MAX;
+/// Gives up aligning after this many looks (an RTC that does not count: keep the boot
+/// reading), a little over two seconds of ticks.
+const ALIGN_LOOKS: u64 = 2 * time::TICK_HZ as u64 + 20;
 
 /// The wall clock starts at `boot_epoch` (the RTC's seconds) at tick `boot_ticks`. The RTC
 /// has no finer field, so that start may lie up to a second behind the truth (ftvm's RTC
 /// turns its seconds on the host's); [`align`] corrects it at the first tick after the
-/// RTC's seconds change, within the first second.
+/// RTC's seconds turn, within the program's first second or so.
 pub fn set_clock(boot_epoch: u64, boot_ticks: u64) {
-    BOOT_EPOCH.store(boot_epoch, Ordering::Relaxed);
     BOOT_TICKS.store(boot_ticks, Ordering::Relaxed);
     BOOT_WALL_NS.store(boot_epoch * 1_000_000_000, Ordering::Relaxed);
-    UNALIGNED_SINCE.store(boot_ticks + 1, Ordering::Relaxed);
+    RTC_SECOND.store(0, Ordering::Relaxed);
 }
 
 /// Called at system-call entry and before idling: once per tick until the RTC's seconds
-/// change, reads them (four port accesses); at the change, the wall clock restarts at that
+/// turn, reads them (four port accesses); at the turn, the wall clock restarts at that
 /// second and tick (to within one tick). One load and a compare once aligned.
 #[inline]
 pub fn align() {
-    let since = UNALIGNED_SINCE.load(Ordering::Relaxed);
-    if since == 0 {
-        return;
+    if RTC_SECOND.load(Ordering::Relaxed) != ALIGNED {
+        align_slow();
     }
-    align_slow(since - 1);
 }
 
 #[cold]
-fn align_slow(read_at: u64) {
+fn align_slow() {
     static LAST_TICK: AtomicU64 = AtomicU64::new(u64::MAX);
+    static LOOKS: AtomicU64 = AtomicU64::new(0);
     let now = time::ticks();
     if LAST_TICK.swap(now, Ordering::Relaxed) == now {
         return;
     }
-    if now - read_at > ALIGN_TICKS {
-        UNALIGNED_SINCE.store(0, Ordering::Relaxed);
+    if LOOKS.fetch_add(1, Ordering::Relaxed) > ALIGN_LOOKS {
+        RTC_SECOND.store(ALIGNED, Ordering::Relaxed);
         return;
     }
-    let Some(second) = ftvm_guest_kit::rtc::second() else { return };
-    let boot = BOOT_EPOCH.load(Ordering::Relaxed);
-    if u64::from(second) != boot % 60 {
-        // The first change since the boot reading: one second on (or more, after a long
-        // stall: counted from the reading's minute).
-        let ahead = (u64::from(second) + 60 - boot % 60) % 60;
-        let since_boot = ticks_ns(now - BOOT_TICKS.load(Ordering::Relaxed));
-        let wall_at_boot = ((boot + ahead) * 1_000_000_000).saturating_sub(since_boot);
-        // Forward only: the reading at boot can only have been behind.
-        BOOT_WALL_NS.fetch_max(wall_at_boot, Ordering::Relaxed);
-        UNALIGNED_SINCE.store(0, Ordering::Relaxed);
+    let Some(second) = ftvm_guest_kit::rtc::second().map(u64::from) else { return };
+    let last = RTC_SECOND.load(Ordering::Relaxed);
+    // The first look only notes the second: the boot reading may be long past (a
+    // journal to load), so a change from it is no turn.
+    if last == 0 || last - 1 == second {
+        RTC_SECOND.store(second + 1, Ordering::Relaxed);
+        return;
     }
+    // It turned: the wall clock is `second` exactly at some point in the tick before this
+    // one, the first such second at or after the estimate (which can only be behind).
+    // Reads then give the tick's start, up to a tick behind the truth, so the clock is
+    // set two ticks on: it reads up to 20 ms ahead and never behind (a client that sets
+    // an absolute expiry from its own clock sees no more than the time it asked for).
+    let since_boot = ticks_ns(now - BOOT_TICKS.load(Ordering::Relaxed));
+    let estimate = (BOOT_WALL_NS.load(Ordering::Relaxed) + since_boot) / 1_000_000_000;
+    let turned_to = estimate + (second + 60 - estimate % 60) % 60;
+    let wall_now = turned_to * 1_000_000_000 + 2 * ticks_ns(1);
+    BOOT_WALL_NS.fetch_max(wall_now.saturating_sub(since_boot), Ordering::Relaxed);
+    RTC_SECOND.store(ALIGNED, Ordering::Relaxed);
 }
 
 fn ticks_ns(ticks: u64) -> u64 {
