@@ -8,7 +8,7 @@ use ftvm_devices::apic::{LocalApicRegisters, LAPIC_BASE, LAPIC_SIZE};
 use ftvm_devices::i8042::I8042;
 use ftvm_devices::pic::Pic;
 use ftvm_devices::pit::Pit;
-use ftvm_devices::power::{NullPort, PowerPort};
+use ftvm_devices::power::{NullPort, PmTimer, PowerPort};
 use ftvm_devices::rtc::Rtc;
 use ftvm_devices::uart::Uart;
 use ftvm_devices::{ports, Bus, GuestNanos, IrqLines, MmioDevice, PioDevice, Stateful, Timed};
@@ -166,7 +166,7 @@ impl Devices {
         let uart = Rc::new(RefCell::new(Uart::new()));
         let i8042 = Rc::new(RefCell::new(I8042::new()));
         let mut pio: Bus<dyn PioDevice> = Bus::new();
-        let map: [PortRange; 11] = [
+        let map: [PortRange; 12] = [
             (ports::PIC_MASTER, 2, pic.clone()),
             (ports::PIC_SLAVE, 2, pic.clone()),
             (ports::PIC_ELCR, 2, pic.clone()),
@@ -177,6 +177,7 @@ impl Devices {
             (ports::CMOS, 2, rtc.clone()),
             (ports::COM1, 8, uart.clone()),
             (ports::POWER, 2, Rc::new(RefCell::new(PowerPort))),
+            (ports::PM_TIMER, 4, Rc::new(RefCell::new(PmTimer))),
             (ports::POST, 1, Rc::new(RefCell::new(NullPort))),
         ];
         for (base, len, dev) in map {
