@@ -18,7 +18,10 @@ static COUNT: AtomicU64 = AtomicU64::new(0);
 /// a microsecond here, several counts) differ and are not all ones.
 pub fn present() -> bool {
     let a = inl(PORT);
-    let b = (0..4).map(|_| inl(PORT)).last().unwrap_or(a);
+    let mut b = a;
+    for _ in 0..4 {
+        b = inl(PORT);
+    }
     a != u32::MAX && b != u32::MAX && a != b
 }
 
