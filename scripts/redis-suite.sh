@@ -3,7 +3,7 @@
 # scripts/fetch-redis.sh unpacked into target/redis-src) against the real Redis running
 # under `ftvm run` in the guest kit's Linux personality, over the namespaced test network.
 #
-#   scripts/redis-suite.sh [--prefix P] [--work DIR] [--keep] [-- RUNTEST-ARGS...]
+#   scripts/redis-suite.sh [--prefix P] [--work DIR] [--record] [--keep] [-- RUNTEST-ARGS...]
 #
 # Without RUNTEST-ARGS it runs every unit (about an hour here); give `--single UNIT`
 # (repeatable) for some, e.g. `scripts/redis-suite.sh -- --single unit/protocol`. The tests
@@ -14,19 +14,23 @@
 # (scripts/deps.sh installs it), target/guests/redis.{elf,cpio} (`cargo xtask guests`) and
 # target/release/ftvm (or FTVM=PATH). Exits with the suite's status; the guest's console
 # is in DIR/console.txt (default target/redis-suite). --prefix names the test network
-# (scripts/topology.sh, default rsuite); --keep leaves it up.
+# (scripts/topology.sh, default rsuite); --keep leaves it up. --record runs the guest under
+# `ftvm record` (log DIR/suite.log) instead, then stops it (SIGTERM: Redis shuts down) and
+# replays the log with `ftvm replay`, which must say it replayed exactly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=rsuite
 keep=0
+record=0
 work=target/redis-suite
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) prefix="$2"; shift 2 ;;
     --work) work="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
+    --record) record=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,7 +56,13 @@ trap cleanup EXIT
 scripts/topology.sh down "$prefix" >/dev/null 2>&1 || true
 scripts/topology.sh up "$prefix" 1 >/dev/null
 # DEBUG is what most of the suite's checks use (DEBUG RELOAD, DIGEST, SLEEP, OBJECT ...).
-ip netns exec "$prefix-h1" "$ftvm" run --kernel target/guests/redis.elf --initrd target/guests/redis.cpio \
+if [ "$record" = 1 ]; then
+  rm -f "$work"/suite.log*
+  session=(record --log "$work/suite.log")
+else
+  session=(run)
+fi
+ip netns exec "$prefix-h1" "$ftvm" "${session[@]}" --kernel target/guests/redis.elf --initrd target/guests/redis.cpio \
   --mem 1G --disk "$disk" --net tap=tap0 --rng --console "file:$console" \
   --cmdline "ip=10.0.0.2/24 -- /redis.conf --enable-debug-command yes" 2>"$work/ftvm.stderr" &
 vm=$!
@@ -70,4 +80,16 @@ ip netns exec "$prefix-c" ./runtest --host 10.0.0.2 --port 6379 --timeout 300 --
   --skipfile "$skipfile" "$@"
 status=$?
 set -e
+cd - >/dev/null
+if [ "$record" = 1 ]; then
+  # A graceful stop: Redis saves and exits, the guest powers off, the log ends there.
+  kill -TERM "$vm"
+  set +e; wait "$vm"; stopped=$?; set -e
+  vm=""
+  [ "$stopped" = 0 ] || { echo "redis-suite: the recording ended with status $stopped:" >&2; tail -5 "$work/ftvm.stderr" >&2; exit 1; }
+  echo "redis-suite: replaying $work/suite.log ($(du -h "$work/suite.log" | cut -f1))"
+  set +e; "$ftvm" replay "$work/suite.log" >"$work/replay.txt" 2>&1; replayed=$?; set -e
+  tail -3 "$work/replay.txt"
+  [ "$replayed" = 0 ] || { echo "redis-suite: the replay did not replay exactly (status $replayed)" >&2; exit 1; }
+fi
 exit "$status"
