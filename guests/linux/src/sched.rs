@@ -311,6 +311,11 @@ fn run_others() {
                 crate::signal::poll_waiting();
                 crate::vdso::align();
                 time::idle();
+                // Woken (a frame, a tick): the clock is read afresh, so a program that
+                // slept or waited for a request sees the time that passed to within the
+                // PM timer's count, not the tick's. One port read, paid only when the
+                // vCPU had nothing to do.
+                crate::vdso::resample();
             }
         }
     }

@@ -111,8 +111,7 @@ fn once_a_tick() {
         return;
     }
     if HOOK.load(Ordering::Relaxed) == HOOK_SAMPLE {
-        BASE_NS.store(pm_timer::guest_ns(), Ordering::Relaxed);
-        BASE_TICKS.store(now, Ordering::Relaxed);
+        resample();
         return;
     }
     if LOOKS.fetch_add(1, Ordering::Relaxed) > ALIGN_LOOKS {
@@ -136,6 +135,14 @@ fn once_a_tick() {
     let offset = (turned_to * NS + 2 * ticks_ns(1)).saturating_sub(estimate);
     WALL_OFFSET_NS.fetch_max(offset, Ordering::Relaxed);
     HOOK.store(HOOK_NONE, Ordering::Relaxed);
+}
+
+/// With a PM timer, reads the clock now (one port read); without, nothing.
+pub fn resample() {
+    if HOOK.load(Ordering::Relaxed) == HOOK_SAMPLE {
+        BASE_NS.store(pm_timer::guest_ns(), Ordering::Relaxed);
+        BASE_TICKS.store(time::ticks(), Ordering::Relaxed);
+    }
 }
 
 /// The estimate of guest time now, never less than one handed out before.
