@@ -497,6 +497,41 @@ fn the_journal_is_compacted_when_it_fills_its_half_of_the_disk() {
 }
 
 #[test]
+fn real_redis_uses_memory_beyond_the_process_window() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-bigmem");
+    let net = Topology::up("rb", 1);
+    let console = dir.join("console.txt");
+    let cmdline = "ip=10.0.0.2/24 -- /redis.conf --enable-debug-command yes --appendonly no";
+    let vm = redis_vm_cmdline(&net, &["run"], &[], cmdline, &console);
+    wait_for(&console, "Ready to accept connections", "redis-server in a 1 GiB VM");
+    net.wait_ping("redis-server");
+    let text = std::fs::read_to_string(&console).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("MiB for the program's mmap above its window"))
+        .unwrap_or_else(|| panic!("{text}"));
+    eprintln!("{line}");
+    // 1.6 million keys of 100-byte values: about 300 MiB, more than the 256 MiB window.
+    let out = client(&net, &["redis-cli", "-h", "10.0.0.2", "DEBUG", "POPULATE", "1600000", "key", "100"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{}", String::from_utf8_lossy(&out.stderr));
+    let info = net.cli(&["INFO", "memory"]);
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{info}"));
+    assert!(used > 280 << 20, "Redis uses {} MiB", used >> 20);
+    assert_eq!(net.cli(&["DBSIZE"]), "1600000");
+    assert_eq!(net.cli(&["STRLEN", "key:1599999"]), "100");
+    stop(vm);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(!text.contains("Out Of Memory") && !text.contains("linux: error"), "{text}");
+}
+
+#[test]
 fn real_redis_recorded_under_load_replays_exactly() {
     if !kvm_available() {
         return;

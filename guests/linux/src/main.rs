@@ -306,6 +306,25 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
     })
 }
 
+/// The high area (mem.rs): `linux.program_share` percent (default 50, at most 90) of the
+/// personality's heap, in whole 2 MiB pages, taken from the heap for good. The rest holds
+/// the personality's own state: the files written at run time (the data directory's
+/// among them), socket buffers, and a fork's copy of the program's memory.
+fn high_area() -> Option<(u64, u64)> {
+    const ALIGN: u64 = 2 << 20;
+    let share = cmdline::param_u64_or("linux.program_share", 50).min(90);
+    let bytes = (kmem::heap_bytes() / 100 * share) & !(ALIGN - 1);
+    if bytes == 0 {
+        return None;
+    }
+    let layout = core::alloc::Layout::from_size_align(bytes as usize, ALIGN as usize).ok()?;
+    // SAFETY: the layout has a non-zero size. Never freed: the program's memory for the
+    // rest of the guest's life; not zeroed here (mmap zeroes what it hands out), so the
+    // VM's memory is touched only as the program uses it.
+    let start = unsafe { alloc::alloc::alloc(layout) } as u64;
+    (start != 0).then(|| (start, start + bytes))
+}
+
 fn main() {
     // Checked before anything allocates: with too little RAM the heap above the process
     // window is empty, and the first allocation would panic with no hint of the cause.
@@ -398,16 +417,21 @@ fn main() {
     // SAFETY: the top of the stack area in the process window.
     unsafe { core::ptr::copy_nonoverlapping(stack.bytes.as_ptr(), stack.sp as *mut u8, stack.bytes.len()) };
 
+    let mut proc_mem = mem::ProcMem::new(loaded.end);
+    if let Some((start, end)) = high_area() {
+        proc_mem.add_high_area(start, end);
+    }
     println!(
-        "linux: {} ({} args), entry {:#x}, image end {:#x}, {} MiB heap for the personality",
+        "linux: {} ({} args), entry {:#x}, image end {:#x}, {} MiB for the program's mmap above its window, {} MiB heap for the personality",
         path,
         argv.len(),
         loaded.entry,
         loaded.end,
-        kmem::heap_bytes() >> 20
+        proc_mem.high_bytes() >> 20,
+        kmem::heap_bytes().saturating_sub(proc_mem.high_bytes()) >> 20
     );
     let kernel = Kernel {
-        mem: mem::ProcMem::new(loaded.end),
+        mem: proc_mem,
         fs,
         fds: sys::FdTable::new(),
         net,

@@ -1,9 +1,12 @@
 //! The process's memory: the window 0x400000 - 0x10000000 of the identity-mapped RAM
 //! (`link.ld` keeps the kit's heap above it). The executable's segments go where it is
 //! linked (a static-PIE one at 0x400000), then brk (up to 64 MiB), then the mmap area, and
-//! the main thread's stack (8 MiB) at the top. There is no paging of our own: every address
-//! in the window is always readable and writable, so `mprotect` changes nothing, and memory
-//! handed out by `mmap` or `brk` is zeroed then (as Linux's fresh pages are).
+//! the main thread's stack (8 MiB) at the top. A second mmap area, the **high area**, is
+//! carved out of the personality's heap above the window at start (`linux.program_share`,
+//! default half of that heap), so that the program can use more than the window in a
+//! bigger VM; mmap takes from it first. There is no paging of our own: every address in
+//! both is always readable and writable, so `mprotect` changes nothing, and memory handed
+//! out by `mmap` or `brk` is zeroed then (as Linux's fresh pages are).
 
 use alloc::collections::BTreeMap;
 
@@ -26,6 +29,8 @@ pub struct ProcMem {
     brk_limit: u64,
     mmap_start: u64,
     mmap_end: u64,
+    /// The high area [start, end), empty when there is none.
+    high: (u64, u64),
     /// Mapped regions: start -> end.
     regions: BTreeMap<u64, u64>,
 }
@@ -46,7 +51,35 @@ impl ProcMem {
             brk_limit,
             mmap_start: brk_limit,
             mmap_end: STACK_TOP - STACK_SIZE,
+            high: (0, 0),
             regions: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the high area: [start, end), memory nothing else uses for the rest of the
+    /// guest's life (taken from the personality's heap), page-aligned, above the window.
+    pub fn add_high_area(&mut self, start: u64, end: u64) {
+        debug_assert!(start >= WINDOW_END && start.is_multiple_of(PAGE) && end.is_multiple_of(PAGE));
+        self.high = (start, end.max(start));
+    }
+
+    /// The high area's size in bytes.
+    pub fn high_bytes(&self) -> u64 {
+        self.high.1 - self.high.0
+    }
+
+    /// Whether [start, start + len) lies in one area mmap hands out.
+    fn mappable(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else { return false };
+        (start >= WINDOW_START && end <= WINDOW_END) || (start >= self.high.0 && end <= self.high.1)
+    }
+
+    /// The end of the area that holds `addr`.
+    fn area_end(&self, addr: u64) -> u64 {
+        if addr >= self.high.0 && addr < self.high.1 {
+            self.high.1
+        } else {
+            self.mmap_end
         }
     }
 
@@ -80,16 +113,24 @@ impl ProcMem {
         }
     }
 
-    /// A free range of `len` bytes, highest first (as Linux's top-down mmap layout).
+    /// A free range of `len` bytes, highest first (as Linux's top-down mmap layout): in the
+    /// high area, then in the window.
     fn find(&self, len: u64) -> Option<u64> {
-        let mut top = self.mmap_end;
-        for (&s, &e) in self.regions.range(self.mmap_start..).rev() {
+        self.find_in(self.high.0, self.high.1, len).or_else(|| self.find_in(self.mmap_start, self.mmap_end, len))
+    }
+
+    fn find_in(&self, low: u64, high: u64, len: u64) -> Option<u64> {
+        if high.saturating_sub(low) < len {
+            return None;
+        }
+        let mut top = high;
+        for (&s, &e) in self.regions.range(low..high).rev() {
             if e <= top && top - e >= len {
                 return Some(top - len);
             }
             top = top.min(s);
         }
-        (top >= self.mmap_start + len).then(|| top - len)
+        (top >= low + len).then(|| top - len)
     }
 
     /// Maps `len` zeroed bytes: at `fixed` if given (anything there is replaced), else
@@ -98,7 +139,7 @@ impl ProcMem {
         let len = page_up(len.max(1));
         let start = match fixed {
             Some(addr) => {
-                if addr % PAGE != 0 || addr < WINDOW_START || addr.checked_add(len)? > WINDOW_END {
+                if addr % PAGE != 0 || !self.mappable(addr, len) {
                     return None;
                 }
                 self.unmap(addr, addr + len);
@@ -122,7 +163,7 @@ impl ProcMem {
         }
         let end = old + old_len;
         self.unmap(old, end);
-        if !self.overlaps(end, old + new_len) && old + new_len <= self.mmap_end {
+        if !self.overlaps(end, old + new_len) && old + new_len <= self.area_end(old) {
             zero(end, old + new_len);
             self.regions.insert(old, old + new_len);
             return Some(old);
@@ -135,7 +176,7 @@ impl ProcMem {
             self.regions.insert(old, end);
             return None;
         };
-        // SAFETY: both ranges are in the window and do not overlap (`find` skips `old`'s
+        // SAFETY: both ranges are in the areas mmap hands out and do not overlap (`find` skips `old`'s
         // neighbours only if free; the old range was removed, so check).
         unsafe { core::ptr::copy(old as *const u8, new as *mut u8, old_len as usize) };
         zero(new + old_len, new + new_len);
@@ -145,7 +186,7 @@ impl ProcMem {
 
     /// MADV_DONTNEED: anonymous private pages read back as zero afterwards.
     pub fn discard(&mut self, start: u64, end: u64) {
-        if start >= WINDOW_START && end <= WINDOW_END && start < end {
+        if start < end && self.mappable(start, end - start) {
             zero(start, end);
         }
     }
@@ -161,6 +202,11 @@ impl ProcMem {
         let mut out = alloc::vec![(WINDOW_START, self.brk)];
         out.extend(self.regions.iter().map(|(&s, &e)| (s, e)));
         out
+    }
+
+    /// Bytes the program may map in all (the window and the high area), for sysinfo.
+    pub fn total(&self) -> u64 {
+        (WINDOW_END - WINDOW_START) + self.high_bytes()
     }
 
     /// Bytes mapped (brk and mmap), for sysinfo-style reports.

@@ -1553,7 +1553,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         99 => {
             let mut info = [0u64; 14];
             info[0] = time::ticks() / u64::from(time::TICK_HZ);
-            let total = crate::mem::WINDOW_END - crate::mem::WINDOW_START;
+            let total = k.mem.total();
             info[4] = total;
             info[5] = total.saturating_sub(k.mem.mapped());
             info[10] = 1; // procs (u16) in the low bits
