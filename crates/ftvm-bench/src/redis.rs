@@ -13,7 +13,7 @@
 //! alike. Exits per request: from a recording's log (each benchmark's window, as the kvstore
 //! suite does), and for `ftvm run` the session's exit count (boot included) over its requests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::common::{self, Common, ExitSummary, Machine, Prepared, Ratio};
 use crate::kvstore::{Topology, GUEST_IP};
+use crate::pair::{self, Pair, PairSpec};
 use crate::plot;
 use crate::redis_bench::{self, median_rps, per_request, Bench, Cell, Engine as _, Load, Measured, TESTS};
 use crate::table;
@@ -52,6 +53,12 @@ pub struct Args {
     /// (`linux.rewrite=off`: every system call through a real `syscall`).
     #[arg(long)]
     no_rewrite_off: bool,
+    /// Leave out QEMU microvm (KVM) running the same image.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Leave out the protected sessions (`ftvm primary` on host 1, `ftvm backup` on host 2).
+    #[arg(long)]
+    no_pair: bool,
     /// Give every VM a fresh blank data disk of this many MiB (Redis's /data is then
     /// journaled there; kvstore logs its writes there); default: none (all in RAM).
     #[arg(long)]
@@ -66,6 +73,10 @@ enum Engine {
     RedisFtvmRecord,
     RedisNative,
     KvstoreFtvmRun,
+    /// The same image under QEMU microvm with KVM (the same TAP, virtio-net and virtio-rng).
+    RedisQemu,
+    /// The same image under the pair: `ftvm primary` on host 1, `ftvm backup` on host 2.
+    RedisProtected,
 }
 
 impl redis_bench::Engine for Engine {
@@ -76,6 +87,8 @@ impl redis_bench::Engine for Engine {
             Engine::RedisFtvmRecord => "Redis, ftvm record",
             Engine::RedisNative => "Redis, native",
             Engine::KvstoreFtvmRun => "kvstore, ftvm run",
+            Engine::RedisQemu => "Redis, QEMU microvm",
+            Engine::RedisProtected => "Redis, protected",
         }
     }
 }
@@ -118,6 +131,7 @@ impl redis_bench::Session<Engine> for Session {
 
 struct Ctx<'a> {
     args: &'a Args,
+    qemu: PathBuf,
     load: Load<'a>,
     ftvm: PathBuf,
     redis_server: PathBuf,
@@ -136,7 +150,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         "redis.cpio",
         "build the guests with `cargo xtask guests` after scripts/fetch-redis.sh",
     )?;
-    let Prepared { common, machine, images, work } = common.prepare("redis", &["redis", "kvstore"], false)?;
+    let Prepared { common, machine, images, work } = common.prepare("redis", &["redis", "kvstore"], !args.no_qemu)?;
     let common = &common;
     let runs = common.runs_or(3);
     let redis_cpio = work.join("redis.cpio");
@@ -145,6 +159,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     std::fs::copy(&args.redis_server, &redis_server)?;
     let ctx = Ctx {
         args,
+        qemu: common.qemu.clone(),
         load: Load {
             redis_benchmark: &redis_benchmark,
             clients: &args.clients,
@@ -166,8 +181,16 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     if !args.no_rewrite_off {
         engines.push(Engine::RedisFtvmRunRewriteOff);
     }
+    if !args.no_qemu {
+        engines.push(Engine::RedisQemu);
+    }
+    if !args.no_pair {
+        engines.push(Engine::RedisProtected);
+    }
+    // A second host for the backup when there is a pair (host 1 runs every other engine).
+    let hosts = if args.no_pair { 1 } else { 2 };
     let (sessions, cells) =
-        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+        redis_bench::sessions((&args.net.topology, hosts), runs, &args.clients, &engines, |topo, engine, rep| {
             session(&ctx, topo, engine, rep)
         })?;
     let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
@@ -199,6 +222,16 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                         .at_least(0.95),
                 );
             }
+            if !args.no_qemu {
+                let q = rps(test, c, Engine::RedisQemu);
+                ratios.push(Ratio::new(format!("{test} c={c} QEMU/native"), q / rps(test, c, Engine::RedisNative)));
+                ratios.push(Ratio::new(format!("{test} c={c} ftvm run/QEMU"), run / q));
+            }
+            if !args.no_pair {
+                let p = Ratio::new(format!("{test} c={c} protected/run"), rps(test, c, Engine::RedisProtected) / run);
+                // The pair suite's goal for kvstore, with several clients.
+                ratios.push(if c >= 20 { p.at_least(0.97) } else { p });
+            }
         }
     }
     let report = Report {
@@ -217,6 +250,95 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// What Redis prints once it serves.
+const READY: &str = "Ready to accept connections";
+
+/// The guest's command line: the address, `extra` words for the personality, then Redis's
+/// arguments (its configuration file, `--redis-args`).
+fn redis_cmdline(ctx: &Ctx, extra: &str) -> String {
+    format!("ip={GUEST_IP}/24{extra} -- /redis.conf {}", ctx.args.redis_args)
+}
+
+/// ftvm's options for the Redis VM (`run`, `record`, `primary`, `backup`): 1 GiB, the TAP,
+/// virtio-rng, the disk if any, the image and its command line (`extra` as for
+/// [`redis_cmdline`]).
+fn redis_vm(ctx: &Ctx, cmd: &mut Command, disk: Option<&Path>, extra: &str) {
+    cmd.args(["--log-level", "info", "--mem", "1G", "--net", "tap=tap0", "--rng"]);
+    if let Some(d) = disk {
+        cmd.arg("--disk").arg(d);
+    }
+    cmd.arg("--kernel").arg(&ctx.redis_elf).arg("--initrd").arg(&ctx.redis_cpio);
+    cmd.arg("--cmdline").arg(redis_cmdline(ctx, extra));
+}
+
+/// A protected session: the pair's backup on host 2, its primary on host 1 (the VM the
+/// clients reach), the benchmarks against it; the primary's status (API socket) read before
+/// and after each gives its exits and the log bytes it sent per request.
+fn protected(ctx: &Ctx, topo: &Topology, rep: usize) -> Result<Session> {
+    let engine = Engine::RedisProtected;
+    ip(&["-n", &topo.client(), "neigh", "flush", "all"])?;
+    let (sock, bsock) = (ctx.work.join("p.sock"), ctx.work.join("b.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&bsock);
+    let mut disks = Vec::new();
+    // A fresh port per pair (one pair per round), so that no socket of the last one is in the way.
+    let port = 7001 + u16::try_from(rep).unwrap_or(0) % 1000;
+    let spec = PairSpec {
+        ftvm: &ctx.ftvm,
+        work: &ctx.work,
+        port,
+        sockets: (&sock, &bsock),
+        pin: false,
+        primary_args: &[],
+        env: &[],
+    };
+    let result = (|| {
+        // Not taken apart: on an error, the fields drop in order, the primary first.
+        let mut pair: Pair = spec.start(topo, |cmd, side| {
+            let disk = match ctx.args.disk_mib {
+                Some(mib) => Some(common::fresh_disk(&ctx.work, &format!("disk-{side:?}-{rep}.img"), mib)?),
+                None => None,
+            };
+            redis_vm(ctx, cmd, disk.as_deref(), "");
+            disks.extend(disk);
+            Ok(())
+        })?;
+        pair.primary.wait_for_output(READY, Duration::from_secs(180))?;
+        let benches = ctx.load.run_each(
+            topo,
+            &pair.primary,
+            (engine.label(), rep),
+            || pair::counters(&ctx.ftvm, &sock),
+            |before, b| {
+                let after = pair::counters(&ctx.ftvm, &sock)?;
+                let n = b.requests as f64;
+                b.exits_per_request = Some(after.exits.saturating_sub(before.exits) as f64 / n);
+                b.log_bytes_per_request = Some(after.log_bytes.saturating_sub(before.log_bytes) as f64 / n);
+                Ok(())
+            },
+        )?;
+        let log_bytes = pair::counters(&ctx.ftvm, &sock)?.log_bytes;
+        let f = pair.primary.terminate(Duration::from_secs(10))?;
+        pair.backup.terminate(Duration::from_secs(10))?;
+        let counts = ExitSummary::parse(&f.stderr);
+        let requests: u64 = benches.iter().map(|b| b.requests).sum();
+        let session_exits_per_request = counts.as_ref().map(|c| c.exits as f64 / requests as f64);
+        Ok(Session {
+            engine,
+            rep,
+            wall_s: f.wall_s(),
+            counts,
+            session_exits_per_request,
+            log_bytes: Some(log_bytes),
+            benches,
+        })
+    })();
+    for d in disks {
+        let _ = std::fs::remove_file(d);
+    }
+    result
+}
+
 /// Runs `ip ARGS` and fails loudly if it fails.
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output()?;
@@ -225,6 +347,9 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Session> {
+    if engine == Engine::RedisProtected {
+        return protected(ctx, topo, rep);
+    }
     let host = topo.host();
     // 10.0.0.2 moves between the VM's MAC and the host bridge's: forget the old neighbour.
     ip(&["-n", &topo.client(), "neigh", "flush", "all"])?;
@@ -241,7 +366,7 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.arg(&ctx.redis_server);
             cmd.args(["--bind", GUEST_IP, "--port", "6379", "--protected-mode", "no", "--save", ""]);
             cmd.arg("--dir").arg(&ctx.work).args(ctx.args.redis_args.split_whitespace());
-            "Ready to accept connections"
+            READY
         }
         Engine::KvstoreFtvmRun => {
             cmd.arg(&ctx.ftvm).args(["run", "--log-level", "info", "--net", "tap=tap0", "--rng"]);
@@ -259,15 +384,16 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
                 let _ = std::fs::remove_file(&log);
                 cmd.arg("record").arg("--log").arg(&log);
             }
-            cmd.args(["--log-level", "info", "--mem", "1G", "--net", "tap=tap0", "--rng"]);
-            if let Some(d) = &disk {
-                cmd.arg("--disk").arg(d);
-            }
-            cmd.arg("--kernel").arg(&ctx.redis_elf).arg("--initrd").arg(&ctx.redis_cpio);
             let off = if engine == Engine::RedisFtvmRunRewriteOff { " linux.rewrite=off" } else { "" };
-            cmd.arg("--cmdline").arg(format!("ip={GUEST_IP}/24{off} -- /redis.conf {}", ctx.args.redis_args));
-            "Ready to accept connections"
+            redis_vm(ctx, &mut cmd, disk.as_deref(), off);
+            READY
         }
+        Engine::RedisQemu => {
+            let image = (ctx.redis_elf.as_path(), Some(ctx.redis_cpio.as_path()));
+            crate::kvstore::qemu_command(&mut cmd, &ctx.qemu, "1G", image, &redis_cmdline(ctx, ""), disk.as_deref());
+            READY
+        }
+        Engine::RedisProtected => unreachable!("protected sessions start in `protected`"),
     };
     let result = measure(ctx, topo, engine, rep, &mut cmd, ready, &log);
     if engine == Engine::RedisNative {

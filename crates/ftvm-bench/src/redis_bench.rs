@@ -252,15 +252,28 @@ impl Load<'_> {
     /// Runs every (client count, test) against the VM (its console goes into the error of
     /// a benchmark that fails twice).
     pub(crate) fn run(&self, topo: &Topology, vm: &Running, label: &str, rep: usize) -> Result<Vec<Bench>> {
+        self.run_each(topo, vm, (label, rep), || Ok(()), |(), _| Ok(()))
+    }
+
+    /// [`Load::run`], with `before` called before each benchmark and `after` given what it
+    /// returned and the benchmark (to read a VM's counters around each run).
+    pub(crate) fn run_each<T>(
+        &self,
+        topo: &Topology,
+        vm: &Running,
+        (label, rep): (&str, usize),
+        mut before: impl FnMut() -> Result<T>,
+        mut after: impl FnMut(T, &mut Bench) -> Result<()>,
+    ) -> Result<Vec<Bench>> {
         let mut benches = Vec::new();
         for &c in self.clients {
             for test in TESTS {
                 let n = if c == 1 { self.requests_single } else { self.requests };
-                benches.push(
-                    bench(self.redis_benchmark, topo, test, c, n).with_context(|| {
-                        format!("{label} (round {}): console so far:\n{}", rep + 1, vm.stdout_text())
-                    })?,
-                );
+                let t = before()?;
+                let mut b = bench(self.redis_benchmark, topo, test, c, n)
+                    .with_context(|| format!("{label} (round {}): console so far:\n{}", rep + 1, vm.stdout_text()))?;
+                after(t, &mut b)?;
+                benches.push(b);
             }
         }
         Ok(benches)
@@ -283,16 +296,16 @@ pub(crate) trait Session<E> {
     fn benches(&self) -> &[Bench];
 }
 
-/// Brings up a one-host test network, runs the sessions on it ([`rounds`]), tears it down,
-/// and returns the sessions with their cells.
+/// Brings up a test network of `hosts` hosts (1; 2 for a pair), runs the sessions on it
+/// ([`rounds`]), tears it down, and returns the sessions with their cells.
 pub(crate) fn sessions<E: Engine, S: Session<E>>(
-    topology: &Path,
+    (topology, hosts): (&Path, u32),
     runs: usize,
     clients: &[u32],
     engines: &[E],
     mut session: impl FnMut(&Topology, E, usize) -> Result<S>,
 ) -> Result<(Vec<S>, Vec<Cell<E>>)> {
-    let topo = Topology::up(topology, 1)?;
+    let topo = Topology::up(topology, hosts)?;
     let sessions = rounds(runs, engines, |engine, rep| session(&topo, engine, rep))?;
     drop(topo);
     let benches = sessions.iter().flat_map(|s| s.benches().iter().map(move |b| (s.engine(), b)));
