@@ -53,6 +53,15 @@ pub struct Args {
     /// (`linux.rewrite=off`: every system call through a real `syscall`).
     #[arg(long)]
     no_rewrite_off: bool,
+    /// Leave out the `ftvm run` sessions that count the guest's system calls
+    /// (`linux.counts=N`, see --syscall-every).
+    #[arg(long)]
+    no_syscall_counts: bool,
+    /// In the counting sessions, the personality prints a line every this many system calls;
+    /// the count of a benchmark is within this many, twice, of the truth (its two ends), and
+    /// the lines cost console exits (so those sessions' throughput is not compared).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    syscall_every: u64,
     /// Leave out QEMU microvm (KVM) running the same image.
     #[arg(long)]
     no_qemu: bool,
@@ -73,6 +82,9 @@ enum Engine {
     RedisFtvmRecord,
     RedisNative,
     KvstoreFtvmRun,
+    /// `ftvm run` with the personality counting system calls (`linux.counts=N`): a console
+    /// line every N, counted in each benchmark's window.
+    RedisFtvmRunCounted,
     /// The same image under QEMU microvm with KVM (the same TAP, virtio-net and virtio-rng).
     RedisQemu,
     /// The same image under the pair: `ftvm primary` on host 1, `ftvm backup` on host 2.
@@ -87,6 +99,7 @@ impl redis_bench::Engine for Engine {
             Engine::RedisFtvmRecord => "Redis, ftvm record",
             Engine::RedisNative => "Redis, native",
             Engine::KvstoreFtvmRun => "kvstore, ftvm run",
+            Engine::RedisFtvmRunCounted => "Redis, run +counts",
             Engine::RedisQemu => "Redis, QEMU microvm",
             Engine::RedisProtected => "Redis, protected",
         }
@@ -180,6 +193,9 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
     }
     if !args.no_rewrite_off {
         engines.push(Engine::RedisFtvmRunRewriteOff);
+    }
+    if !args.no_syscall_counts {
+        engines.push(Engine::RedisFtvmRunCounted);
     }
     if !args.no_qemu {
         engines.push(Engine::RedisQemu);
@@ -308,8 +324,8 @@ fn protected(ctx: &Ctx, topo: &Topology, rep: usize) -> Result<Session> {
             topo,
             &pair.primary,
             (engine.label(), rep),
-            || pair::counters(&ctx.ftvm, &sock),
-            |before, b| {
+            |_| pair::counters(&ctx.ftvm, &sock),
+            |_, before, b| {
                 let after = pair::counters(&ctx.ftvm, &sock)?;
                 let n = b.requests as f64;
                 b.exits_per_request = Some(after.exits.saturating_sub(before.exits) as f64 / n);
@@ -376,7 +392,10 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.arg("--kernel").arg(&ctx.kvstore).args(["--cmdline", &format!("ip={GUEST_IP}/24")]);
             crate::kvstore::READY
         }
-        Engine::RedisFtvmRun | Engine::RedisFtvmRunRewriteOff | Engine::RedisFtvmRecord => {
+        Engine::RedisFtvmRun
+        | Engine::RedisFtvmRunRewriteOff
+        | Engine::RedisFtvmRecord
+        | Engine::RedisFtvmRunCounted => {
             cmd.arg(&ctx.ftvm);
             if engine != Engine::RedisFtvmRecord {
                 cmd.arg("run");
@@ -384,8 +403,12 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
                 let _ = std::fs::remove_file(&log);
                 cmd.arg("record").arg("--log").arg(&log);
             }
-            let off = if engine == Engine::RedisFtvmRunRewriteOff { " linux.rewrite=off" } else { "" };
-            redis_vm(ctx, &mut cmd, disk.as_deref(), off);
+            let extra = match engine {
+                Engine::RedisFtvmRunRewriteOff => " linux.rewrite=off".to_string(),
+                Engine::RedisFtvmRunCounted => format!(" linux.counts={}", ctx.args.syscall_every),
+                _ => String::new(),
+            };
+            redis_vm(ctx, &mut cmd, disk.as_deref(), &extra);
             READY
         }
         Engine::RedisQemu => {
@@ -416,8 +439,24 @@ fn measure(
     ready: &str,
     log: &std::path::Path,
 ) -> Result<Session> {
-    let Measured { mut benches, counts, finished: f, .. } =
-        ctx.load.measure(topo, cmd, (engine.label(), rep), ready, Duration::from_secs(180))?;
+    // The counting sessions: the personality's lines in each benchmark's window.
+    let counted = engine == Engine::RedisFtvmRunCounted;
+    let Measured { mut benches, counts, finished: f, .. } = ctx.load.measure_each(
+        topo,
+        cmd,
+        (engine.label(), rep),
+        (ready, Duration::from_secs(180)),
+        |vm| Ok(counted.then(|| SyscallCounts::parse(&vm.stdout_text()))),
+        |vm, before, b| {
+            if let Some(before) = before {
+                let after = SyscallCounts::parse(&vm.stdout_text());
+                let n = b.requests as f64;
+                b.syscalls_per_request = Some(after.calls.saturating_sub(before.calls) as f64 / n);
+                b.real_syscalls_per_request = Some(after.real.saturating_sub(before.real) as f64 / n);
+            }
+            Ok(())
+        },
+    )?;
     let requests: u64 = benches.iter().map(|b| b.requests).sum();
     let session_exits_per_request = counts.as_ref().map(|c| c.exits as f64 / requests as f64);
     let mut log_bytes = None;
@@ -426,6 +465,35 @@ fn measure(
         log_bytes = Some(per_request(&ctx.ftvm, log, &mut benches)?.bytes);
     }
     Ok(Session { engine, rep, wall_s: f.wall_s(), counts, session_exits_per_request, log_bytes, benches })
+}
+
+/// What the personality's `linux.counts=N` lines on a console add up to: system calls, and
+/// those of them that came through a real `syscall` instruction (not a rewritten site).
+/// Each line reads "linux: N system calls at tick T (R through a real syscall): NR:COUNT ...",
+/// R counted since the line before; only complete lines count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SyscallCounts {
+    calls: u64,
+    real: u64,
+}
+
+impl SyscallCounts {
+    fn parse(console: &str) -> SyscallCounts {
+        let complete = console.rfind('\n').map_or("", |end| &console[..end]);
+        let mut total = SyscallCounts::default();
+        for line in complete.lines() {
+            let Some(rest) = line.trim_start().strip_prefix("linux: ") else { continue };
+            let Some((n, rest)) = rest.split_once(" system calls at tick ") else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            let real = rest
+                .split_once(" (")
+                .and_then(|(_, r)| r.split_once(" through a real syscall)"))
+                .and_then(|(r, _)| r.parse::<u64>().ok());
+            total.calls += n;
+            total.real += real.unwrap_or(0);
+        }
+        total
+    }
 }
 
 fn print_table(r: &Report) {
@@ -445,5 +513,34 @@ fn print_table(r: &Report) {
             )
         });
         println!("session {} {:<19} {:>7.2} s{counts}", s.rep + 1, s.engine.label(), s.wall_s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_up_the_personalitys_count_lines() {
+        let console = "1:M 07 Dec 2026 13:38:41.560 * Ready to accept connections\n\
+                       linux: 1000 system calls at tick 812 (3 through a real syscall): 0:497 1:497 232:6\n\
+                       linux: 1000 system calls at tick 840 (0 through a real syscall): 1:500 0:500\r\n\
+                       linux: 1000 system calls at tick 866 (0 thro";
+        assert_eq!(SyscallCounts::parse(console), SyscallCounts { calls: 2000, real: 3 });
+        // A line not yet ended does not count; nothing at all is zero.
+        assert_eq!(
+            SyscallCounts::parse("linux: 1000 system calls at tick 1 (0 through a real syscall): 0:1000"),
+            SyscallCounts::default()
+        );
+        assert_eq!(SyscallCounts::parse(""), SyscallCounts::default());
+    }
+
+    #[test]
+    fn ignores_other_lines_and_damaged_counts() {
+        let console = "linux: rewrote 215 of 215 syscall sites into jumps\n\
+                       linux: many system calls at tick 3 (0 through a real syscall): x\n\
+                       linux: 500 system calls at tick 9 (a lot through a real syscall): 0:500\n";
+        // The damaged real count still gives the calls.
+        assert_eq!(SyscallCounts::parse(console), SyscallCounts { calls: 500, real: 0 });
     }
 }
