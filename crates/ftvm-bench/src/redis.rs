@@ -1,17 +1,31 @@
 //! The `redis` suite (issue 15, benchmarks): redis-benchmark SET and GET against the real,
 //! unmodified Redis 7.0.15 (target/test-assets/redis-server, static musl) under the Linux
-//! personality with `ftvm run` and `ftvm record`, against the **same binary natively** in the
-//! host namespace of the same test network (scripts/topology.sh; the address 10.0.0.2 is put
-//! on that namespace's bridge for the native sessions, so the clients' path differs only by
-//! the VM's TAP), and against the `kvstore` guest under `ftvm run`; and `ftvm run` with the
-//! personality's load-time syscall rewrite turned off (`linux.rewrite=off`, unless
-//! `--no-rewrite-off`), so that its effect is measured in the same run. Writes redis.{json,svg}.
+//! personality, side by side in one run, sessions rotating engines so that machine noise hits
+//! all alike:
+//! - `ftvm run` and `ftvm record` of redis.elf + redis.cpio (1 GiB);
+//! - the **same binary natively** in the host namespace of the same test network
+//!   (scripts/topology.sh; the address 10.0.0.2 is put on that namespace's bridge for the
+//!   native sessions, so the clients' path differs only by the VM's TAP);
+//! - the `kvstore` guest under `ftvm run`;
+//! - `ftvm run` with the personality's load-time syscall rewrite turned off
+//!   (`linux.rewrite=off`, unless `--no-rewrite-off`), so that its effect is measured;
+//! - the same image under QEMU microvm with KVM, the same TAP as virtio-net, virtio-rng
+//!   (unless `--no-qemu`);
+//! - the same image **protected**: `ftvm primary` on host 1, `ftvm backup` on host 2 of a
+//!   2-host topology, the log over their own link (unless `--no-pair`);
+//! - `ftvm run` with the personality counting system calls (`linux.counts=N`, unless
+//!   `--no-syscall-counts`): its console lines in each benchmark's window give the system
+//!   calls per request (its own throughput is not compared: the lines cost exits).
+//!
+//! Writes redis.{json,svg}.
 //!
 //! Redis runs with `--appendonly no` by default (`--redis-args`) on every engine: with the
 //! image's `appendfsync always` the native figure would measure the host's disk, the VM's
-//! a RAM file (no `--disk` unless `--disk-mib`). Sessions rotate engines so that machine noise hits all
-//! alike. Exits per request: from a recording's log (each benchmark's window, as the kvstore
-//! suite does), and for `ftvm run` the session's exit count (boot included) over its requests.
+//! a RAM file (no `--disk` unless `--disk-mib`). Per request: exits and log bytes from a
+//! recording's log (each benchmark's window, as the kvstore suite does) and from the
+//! primary's status (exits, log bytes sent, read through its API socket before and after each
+//! benchmark); for `ftvm run` the session's exit count (boot included) over its requests.
+//! QEMU's exits are not counted (KVM's per-VM statistics in debugfs are not readable here).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
