@@ -432,7 +432,18 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
         }
         Engine::RedisProtected => unreachable!("protected sessions start in `protected`"),
     };
-    let result = measure(ctx, topo, engine, rep, &mut cmd, ready, &log);
+    // `ftvm run`'s exits in each benchmark's window, from its status (a recording's come
+    // from its log).
+    let run = matches!(
+        engine,
+        Engine::RedisFtvmRun | Engine::RedisFtvmRunRewriteOff | Engine::RedisFtvmRunCounted | Engine::KvstoreFtvmRun
+    );
+    let api = run.then(|| ctx.work.join("run.sock"));
+    if let Some(sock) = &api {
+        let _ = std::fs::remove_file(sock);
+        cmd.arg("--api-socket").arg(sock);
+    }
+    let result = measure(ctx, topo, (engine, rep), &mut cmd, (ready, api.as_deref()), &log);
     if engine == Engine::RedisNative {
         let _ = ip(&["-n", &host, "addr", "del", &format!("{GUEST_IP}/24"), "dev", "br0"]);
     }
@@ -444,29 +455,37 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
     result
 }
 
+/// One session of `cmd`, ready when it prints `ready`; with `api`, its exits in each
+/// benchmark's window from its status there.
 fn measure(
     ctx: &Ctx,
     topo: &Topology,
-    engine: Engine,
-    rep: usize,
+    (engine, rep): (Engine, usize),
     cmd: &mut Command,
-    ready: &str,
+    (ready, api): (&str, Option<&Path>),
     log: &std::path::Path,
 ) -> Result<Session> {
     // The counting sessions: the personality's lines in each benchmark's window.
     let counted = engine == Engine::RedisFtvmRunCounted;
+    let exits = |sock: &Path| common::ctl_status(&ctx.ftvm, sock).map(|s| s.exits.total);
     let Measured { mut benches, counts, finished: f, .. } = ctx.load.measure_each(
         topo,
         cmd,
         (engine.label(), rep),
         (ready, Duration::from_secs(180)),
-        |vm| Ok(counted.then(|| SyscallCounts::parse(&vm.stdout_text()))),
-        |vm, before, b| {
-            if let Some(before) = before {
+        |vm| {
+            let syscalls = counted.then(|| SyscallCounts::parse(&vm.stdout_text()));
+            Ok((syscalls, api.map(exits).transpose()?))
+        },
+        |vm, (syscalls, exits0), b| {
+            let n = b.requests as f64;
+            if let Some(before) = syscalls {
                 let after = SyscallCounts::parse(&vm.stdout_text());
-                let n = b.requests as f64;
                 b.syscalls_per_request = Some(after.calls.saturating_sub(before.calls) as f64 / n);
                 b.real_syscalls_per_request = Some(after.real.saturating_sub(before.real) as f64 / n);
+            }
+            if let (Some(sock), Some(e0)) = (api, exits0) {
+                b.exits_per_request = Some(exits(sock)?.saturating_sub(e0) as f64 / n);
             }
             Ok(())
         },
