@@ -341,9 +341,8 @@ fn protected(ctx: &Ctx, topo: &Topology, rep: usize) -> Result<Session> {
             |_| pair::counters(&ctx.ftvm, &sock),
             |_, before, b| {
                 let after = pair::counters(&ctx.ftvm, &sock)?;
-                let n = b.requests as f64;
-                b.exits_per_request = Some(after.exits.saturating_sub(before.exits) as f64 / n);
-                b.log_bytes_per_request = Some(after.log_bytes.saturating_sub(before.log_bytes) as f64 / n);
+                b.exits_per_request = growth_per_request((before.exits, after.exits), b.requests);
+                b.log_bytes_per_request = growth_per_request((before.log_bytes, after.log_bytes), b.requests);
                 Ok(())
             },
         )?;
@@ -478,14 +477,13 @@ fn measure(
             Ok((syscalls, api.map(exits).transpose()?))
         },
         |vm, (syscalls, exits0), b| {
-            let n = b.requests as f64;
             if let Some(before) = syscalls {
                 let after = SyscallCounts::parse(&vm.stdout_text());
-                b.syscalls_per_request = Some(after.calls.saturating_sub(before.calls) as f64 / n);
-                b.real_syscalls_per_request = Some(after.real.saturating_sub(before.real) as f64 / n);
+                b.syscalls_per_request = growth_per_request((before.calls, after.calls), b.requests);
+                b.real_syscalls_per_request = growth_per_request((before.real, after.real), b.requests);
             }
             if let (Some(sock), Some(e0)) = (api, exits0) {
-                b.exits_per_request = Some(exits(sock)?.saturating_sub(e0) as f64 / n);
+                b.exits_per_request = growth_per_request((e0, exits(sock)?), b.requests);
             }
             Ok(())
         },
@@ -498,6 +496,12 @@ fn measure(
         log_bytes = Some(per_request(&ctx.ftvm, log, &mut benches)?.bytes);
     }
     Ok(Session { engine, rep, wall_s: f.wall_s(), counts, session_exits_per_request, log_bytes, benches })
+}
+
+/// What a counter read before and after a benchmark grew by, per request; none for a counter
+/// that went back (a restarted VM) or a benchmark of no requests.
+fn growth_per_request((before, after): (u64, u64), requests: u64) -> Option<f64> {
+    (after >= before && requests > 0).then(|| (after - before) as f64 / requests as f64)
 }
 
 /// What the personality's `linux.counts=N` lines on a console add up to: system calls, and
@@ -566,6 +570,14 @@ mod tests {
             SyscallCounts::default()
         );
         assert_eq!(SyscallCounts::parse(""), SyscallCounts::default());
+    }
+
+    #[test]
+    fn a_counters_growth_per_request() {
+        assert_eq!(growth_per_request((1000, 5100), 20_000), Some(0.205));
+        assert_eq!(growth_per_request((7, 7), 3000), Some(0.0));
+        assert_eq!(growth_per_request((5100, 1000), 20_000), None);
+        assert_eq!(growth_per_request((0, 10), 0), None);
     }
 
     #[test]

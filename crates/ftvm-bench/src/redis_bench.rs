@@ -103,12 +103,27 @@ pub(crate) struct LogTotals {
     by_kind: BTreeMap<String, crate::rr::KindCount>,
 }
 
-/// One redis-benchmark run (retried once if it fails or hangs).
+/// The pause before each redis-benchmark run, to let the last run's connections close in the
+/// guest first.
+const PAUSE: Duration = Duration::from_millis(500);
+
+/// One redis-benchmark run after [`PAUSE`] (retried once, after 3 s, if it fails or hangs).
 pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients: u32, requests: u64) -> Result<Bench> {
+    bench_after(PAUSE, redis_benchmark, topo, test, clients, requests)
+}
+
+/// [`bench`] with `pause` before the first attempt.
+fn bench_after(
+    pause: Duration,
+    redis_benchmark: &Path,
+    topo: &Topology,
+    test: &str,
+    clients: u32,
+    requests: u64,
+) -> Result<Bench> {
     let mut last_error = None;
     for attempt in 0..2 {
-        // Let the last run's connections close in the guest first.
-        common::sleep(Duration::from_millis(if attempt == 0 { 500 } else { 3000 }))?;
+        common::sleep(if attempt == 0 { pause } else { Duration::from_secs(3) })?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.client()]).arg(redis_benchmark);
         cmd.args(["-h", GUEST_IP, "-p", "6379", "-c", &clients.to_string(), "-n", &requests.to_string()]);
@@ -272,8 +287,10 @@ impl Load<'_> {
     }
 
     /// Runs every (client count, test) against the VM (its console goes into the error of
-    /// a benchmark that fails twice), with `before` called before each benchmark and `after`
-    /// given what it returned and the benchmark (to read a VM's counters, or its console).
+    /// a benchmark that fails twice), with `before` called before each benchmark (after its
+    /// pause, so that what it and `after` read spans redis-benchmark's run, and a retry's
+    /// pause if there is one) and `after` given what it returned and the benchmark (to read
+    /// a VM's counters, or its console).
     pub(crate) fn run_each<T>(
         &self,
         topo: &Topology,
@@ -286,8 +303,9 @@ impl Load<'_> {
         for &c in self.clients {
             for test in TESTS {
                 let n = if c == 1 { self.requests_single } else { self.requests };
+                common::sleep(PAUSE)?;
                 let t = before(vm)?;
-                let mut b = bench(self.redis_benchmark, topo, test, c, n)
+                let mut b = bench_after(Duration::ZERO, self.redis_benchmark, topo, test, c, n)
                     .with_context(|| format!("{label} (round {}): console so far:\n{}", rep + 1, vm.stdout_text()))?;
                 after(vm, t, &mut b)?;
                 benches.push(b);
