@@ -429,7 +429,7 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             crate::kvstore::qemu_command(&mut cmd, &ctx.qemu, "1G", image, &redis_cmdline(ctx, ""), disk.as_deref());
             READY
         }
-        Engine::RedisProtected => unreachable!("protected sessions start in `protected`"),
+        Engine::RedisProtected => anyhow::bail!("a protected session starts in `protected`"),
     };
     // `ftvm run`'s exits in each benchmark's window, from its status (a recording's come
     // from its log).
