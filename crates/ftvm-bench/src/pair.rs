@@ -566,7 +566,7 @@ fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
 /// held, and their total hold time in µs (from the mean the status gives).
 pub(crate) struct Counters {
     pub(crate) log_bytes: u64,
-    pub(crate) at: Instant,
+    at: Instant,
     pub(crate) exits: u64,
     held: u64,
     hold_us: f64,
