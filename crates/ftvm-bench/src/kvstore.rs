@@ -198,7 +198,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
         engines.push(Engine::Qemu);
     }
     let (sessions, cells) =
-        redis_bench::sessions(&args.net.topology, runs, &args.clients, &engines, |topo, engine, rep| {
+        redis_bench::sessions((&args.net.topology, 1), runs, &args.clients, &engines, |topo, engine, rep| {
             session(&ctx, topo, engine, rep)
         })?;
     let rps = |test: &str, c: u32, e: Engine| median_rps(&cells, test, c, e);
@@ -258,21 +258,7 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
             cmd.args(["--log-level", "info", "--net", "tap=tap0", "--rng", "--disk"]).arg(&disk);
             cmd.arg("--kernel").arg(&ctx.kernel).arg("--cmdline").arg(&ctx.cmdline);
         }
-        Engine::Qemu => {
-            // acpi=off: QEMU then lists the virtio-mmio devices on the command line
-            // (virtio_mmio.device=...) with ISA IRQs the guest's 8259 can take; with ACPI
-            // the guest finds no routable IRQ and polls. force-legacy=false: virtio 1.x.
-            cmd.arg(&ctx.common.qemu);
-            cmd.args(["-M", "microvm,rtc=on,acpi=off", "-enable-kvm", "-m", "256", "-display", "none"]);
-            cmd.args(["-serial", "stdio", "-monitor", "none", "-no-reboot"]);
-            cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
-            cmd.arg("-kernel").arg(&ctx.kernel).arg("-append").arg(&ctx.cmdline);
-            cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
-            cmd.args(["-device", "virtio-net-device,netdev=n0"]);
-            cmd.arg("-drive").arg(format!("id=d0,file={},format=raw,if=none", disk.display()));
-            cmd.args(["-device", "virtio-blk-device,drive=d0"]);
-            cmd.args(["-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0"]);
-        }
+        Engine::Qemu => qemu_command(&mut cmd, &ctx.common.qemu, "256", (&ctx.kernel, None), &ctx.cmdline, Some(&disk)),
     }
     let Measured { benches, boot_to_ready_s, counts, finished: f } =
         ctx.load.measure(topo, &mut cmd, (engine.label(), rep), READY, Duration::from_secs(120))?;
@@ -298,6 +284,38 @@ fn session(ctx: &Ctx, topo: &Topology, engine: Engine, rep: usize) -> Result<Ses
     // (A recording's replay needs the blank base image too.)
     let _ = std::fs::remove_file(&disk);
     Ok(s)
+}
+
+/// QEMU microvm's options for a guest on the test network: `-m MEM`, the image (`-kernel`,
+/// `-initrd`), its command line, the TAP as virtio-net, virtio-rng and, given a disk,
+/// virtio-blk; the console on standard output. Added to `cmd` (`ip netns exec NS`).
+pub(crate) fn qemu_command(
+    cmd: &mut Command,
+    qemu: &Path,
+    mem: &str,
+    (kernel, initrd): (&Path, Option<&Path>),
+    cmdline: &str,
+    disk: Option<&Path>,
+) {
+    // acpi=off: QEMU then lists the virtio-mmio devices on the command line
+    // (virtio_mmio.device=...) with ISA IRQs the guest's 8259 can take; with ACPI
+    // the guest finds no routable IRQ and polls. force-legacy=false: virtio 1.x.
+    cmd.arg(qemu);
+    cmd.args(["-M", "microvm,rtc=on,acpi=off", "-enable-kvm", "-m", mem, "-display", "none"]);
+    cmd.args(["-serial", "stdio", "-monitor", "none", "-no-reboot"]);
+    cmd.args(["-global", "virtio-mmio.force-legacy=false"]);
+    cmd.arg("-kernel").arg(kernel);
+    if let Some(initrd) = initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.arg("-append").arg(cmdline);
+    cmd.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+    cmd.args(["-device", "virtio-net-device,netdev=n0"]);
+    if let Some(disk) = disk {
+        cmd.arg("-drive").arg(format!("id=d0,file={},format=raw,if=none", disk.display()));
+        cmd.args(["-device", "virtio-blk-device,drive=d0"]);
+    }
+    cmd.args(["-object", "rng-random,id=r0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=r0"]);
 }
 
 fn engine_tag(e: Engine) -> &'static str {

@@ -5,7 +5,8 @@
 //! - `run-vs-qemu` (the default): `ftvm run` vs QEMU microvm (KVM): boot, compute, port I/O;
 //! - `record-replay`: `ftvm run`/`record`/`replay` times and log sizes, QEMU TCG record/replay;
 //! - `kvstore`: redis-benchmark against the kvstore guest under ftvm run, record and QEMU;
-//! - `redis`: the real Redis 7 under the Linux personality vs the same binary natively and vs kvstore;
+//! - `redis`: the real Redis 7 under the Linux personality (ftvm run, record, protected) vs the same
+//!   binary natively, vs kvstore and vs QEMU microvm running the same image;
 //! - `pair`: the kvstore guest protected (ftvm primary + backup) vs unprotected, failover outage;
 //! - `snapshot`: live snapshot and restore of the kvstore guest vs QEMU's migration to a file;
 //! - `reprotect`: re-protection of a live VM by a new backup (time, pause, clients) and resync;
@@ -50,7 +51,7 @@ enum Suite {
     RecordReplay(rr::Args),
     /// redis-benchmark against the kvstore guest: ftvm run, ftvm record, QEMU microvm (root).
     Kvstore(kvstore::Args),
-    /// The real Redis 7 under the Linux personality (ftvm run, record) vs natively and vs kvstore (root).
+    /// The real Redis 7 under the Linux personality (ftvm run, record, protected) vs natively, vs kvstore and vs QEMU (root).
     Redis(redis::Args),
     /// The kvstore guest protected by a pair vs unprotected; log bandwidth, failover outage (root).
     Pair(pair::Args),

@@ -473,49 +473,119 @@ fn fresh_disk(ctx: &Ctx, name: &str) -> Result<PathBuf> {
     common::fresh_disk(&ctx.work, name, ctx.args.disk_mib)
 }
 
-/// `[taskset -c CPU] ip netns exec NS ftvm VERB ... <the VM options>` (with `--pin`, the VM
-/// on `cpu`). Every program of the chain execs the next, so the child's pid is ftvm's.
-fn vm_command(ctx: &Ctx, ns: &str, verb: &[&str], disk: &Path, cpu: u32) -> Command {
-    let mut cmd = if ctx.args.pin {
-        let mut c = Command::new("taskset");
-        c.args(["-c", &cpu.to_string(), "ip"]);
-        c
-    } else {
-        Command::new("ip")
-    };
-    cmd.args(["netns", "exec", ns]).arg(&ctx.ftvm).args(verb);
+/// The kvstore VM's options: a fresh disk, the TAP, virtio-rng.
+fn vm_args(ctx: &Ctx, cmd: &mut Command, disk: &Path) {
     cmd.args(["--log-level", "info", "--net", "tap=tap0", "--rng", "--disk"]).arg(disk);
     cmd.arg("--kernel").arg(&ctx.kernel).arg("--cmdline").arg(&ctx.cmdline);
+}
+
+/// `[taskset -c CPU] ip netns exec NS FTVM VERB` (the VM on `cpu` where given), for the VM's
+/// options to follow. Every program of the chain execs the next, so the child's pid is ftvm's.
+pub(crate) fn side_command(ftvm: &Path, cpu: Option<u32>, ns: &str, verb: &[&str]) -> Command {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string(), "ip"]);
+            c
+        }
+        None => Command::new("ip"),
+    };
+    cmd.args(["netns", "exec", ns]).arg(ftvm).args(verb);
     cmd
 }
 
+/// A side of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Primary,
+    Backup,
+}
+
+/// How a suite starts a protected pair on a 2-host topology: `ftvm backup` on host 2,
+/// listening on the replication link (rep0), then `ftvm primary` on host 1, without a key
+/// (`--insecure`), the arbiter a lock file in `work` both namespaces see.
+pub(crate) struct PairSpec<'a> {
+    pub(crate) ftvm: &'a Path,
+    /// Where the arbiter's lock file goes.
+    pub(crate) work: &'a Path,
+    /// The backup's port on 10.99.0.2 (a fresh one per pair, so that no socket of the last
+    /// one can be in the way).
+    pub(crate) port: u16,
+    /// The API sockets of the primary and the backup.
+    pub(crate) sockets: (&'a Path, &'a Path),
+    /// The primary on CPU 0, the backup on CPU 1.
+    pub(crate) pin: bool,
+    /// More options for the primary (`--max-lag 0`).
+    pub(crate) primary_args: &'a [&'a str],
+    /// Environment for both sides.
+    pub(crate) env: &'a [(&'a str, &'a str)],
+}
+
+/// A started pair. The primary is declared first so that, dropped on an error, it dies
+/// before its backup.
+pub(crate) struct Pair {
+    pub(crate) primary: Running,
+    pub(crate) backup: Running,
+}
+
+impl PairSpec<'_> {
+    /// Starts the backup, waits until it listens, then starts the primary; `vm` adds the
+    /// VM's options (image, disk, ...) of each side. Does not wait for the guest.
+    pub(crate) fn start(&self, topo: &Topology, mut vm: impl FnMut(&mut Command, Side) -> Result<()>) -> Result<Pair> {
+        let arbiter = self.work.join("arbiter.lock");
+        let listen = format!("{BACKUP_IP}:{}", self.port);
+        let pin = |cpu| self.pin.then_some(cpu);
+        let mut cmd = side_command(self.ftvm, pin(1), &topo.host_n(2), &["backup", "--listen", &listen, "--insecure"]);
+        vm(&mut cmd, Side::Backup)?;
+        // Both "hosts" are namespaces of this machine: the lock file is on storage both see.
+        cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(self.sockets.1);
+        cmd.envs(self.env.iter().copied());
+        let mut backup = Running::spawn("ftvm backup", &mut cmd)?;
+        backup.wait_for_stderr("backup listening", Duration::from_secs(30))?;
+        let mut cmd = side_command(self.ftvm, pin(0), &topo.host_n(1), &["primary", "--backup", &listen, "--insecure"]);
+        vm(&mut cmd, Side::Primary)?;
+        cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(self.sockets.0);
+        cmd.args(self.primary_args).envs(self.env.iter().copied());
+        let primary = Running::spawn("ftvm primary", &mut cmd)?;
+        Ok(Pair { primary, backup })
+    }
+}
+
 /// `ftvm ctl SOCKET status --json`, with the time it was read.
-fn status(ctx: &Ctx, sock: &Path) -> Result<(ftvm_api::Status, Instant)> {
-    let s = common::ctl_status(&ctx.ftvm, sock)?;
+fn status(ftvm: &Path, sock: &Path) -> Result<(ftvm_api::Status, Instant)> {
+    let s = common::ctl_status(ftvm, sock)?;
     Ok((s, Instant::now()))
 }
 
 /// `log.bytes` from the status, with the time it was read.
 fn log_bytes(ctx: &Ctx, sock: &Path) -> Result<(u64, Instant)> {
-    status(ctx, sock).map(|(s, at)| (s.log.map_or(0, |l| l.bytes), at))
+    status(&ctx.ftvm, sock).map(|(s, at)| (s.log.map_or(0, |l| l.bytes), at))
 }
 
-/// A primary's counters at one moment: log bytes sent, outputs performed after being held,
-/// and their total hold time in µs (from the mean the status gives).
-struct Counters {
-    log_bytes: u64,
+/// A primary's counters at one moment: log bytes sent, exits, outputs performed after being
+/// held, and their total hold time in µs (from the mean the status gives).
+pub(crate) struct Counters {
+    pub(crate) log_bytes: u64,
     at: Instant,
+    pub(crate) exits: u64,
     held: u64,
     hold_us: f64,
     stages: Option<ftvm_api::OutputStages>,
 }
 
-/// The primary's counters, from one status read.
-fn counters(ctx: &Ctx, sock: &Path) -> Result<Counters> {
-    let (s, at) = status(ctx, sock)?;
+/// The primary's counters, from one status read of its API socket.
+pub(crate) fn counters(ftvm: &Path, sock: &Path) -> Result<Counters> {
+    let (s, at) = status(ftvm, sock)?;
     let p = s.pair.context("a primary's status without pair figures")?;
     let hold_us = p.outputs_done as f64 * p.output_hold_us.unwrap_or(0) as f64;
-    Ok(Counters { log_bytes: s.log.map_or(0, |l| l.bytes), at, held: p.outputs_done, hold_us, stages: p.output_stages })
+    Ok(Counters {
+        log_bytes: s.log.map_or(0, |l| l.bytes),
+        at,
+        exits: s.exits.total,
+        held: p.outputs_done,
+        hold_us,
+        stages: p.output_stages,
+    })
 }
 
 /// `ftvm ctl SOCKET pause|resume` on the backup.
@@ -531,7 +601,7 @@ fn ctl(ctx: &Ctx, sock: &Path, verb: &str) -> Result<()> {
 fn wait_caught_up(ctx: &Ctx, sock: &Path) -> Result<()> {
     let start = Instant::now();
     loop {
-        let (s, _) = status(ctx, sock)?;
+        let (s, _) = status(&ctx.ftvm, sock)?;
         let lag = s.pair.and_then(|p| p.replay_lag_ms).unwrap_or(0);
         if lag <= 50 {
             return Ok(());
@@ -614,32 +684,30 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
     let mut vm = match mode {
         Mode::Unprotected => {
             let disk = fresh_disk(ctx, "disk-run.img")?;
-            Running::spawn("ftvm run", &mut vm_command(ctx, &topo.host_n(1), &["run"], &disk, 0))?
+            let mut cmd = side_command(&ctx.ftvm, ctx.args.pin.then_some(0), &topo.host_n(1), &["run"]);
+            vm_args(ctx, &mut cmd, &disk);
+            Running::spawn("ftvm run", &mut cmd)?
         }
         Mode::Protected | Mode::PausedReplay | Mode::PausedUntimed => {
-            let arbiter = ctx.work.join("arbiter.lock");
-            let listen = format!("{BACKUP_IP}:{port}");
-            let disk = fresh_disk(ctx, "disk-backup.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(2), &["backup", "--listen", &listen, "--insecure"], &disk, 1);
-            // Both "hosts" are namespaces of this machine: the lock file is on storage both see.
-            cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&bsock);
-            if mode == Mode::PausedUntimed {
-                cmd.env("FTVM_STAGE_TIMES", "0");
-            }
-            let mut b = Running::spawn("ftvm backup", &mut cmd)?;
-            b.wait_for_stderr("backup listening", Duration::from_secs(30))?;
-            backup = Some(b);
-            let disk = fresh_disk(ctx, "disk-primary.img")?;
-            let mut cmd = vm_command(ctx, &topo.host_n(1), &["primary", "--backup", &listen, "--insecure"], &disk, 0);
-            cmd.arg("--arbiter").arg(&arbiter).arg("--shared-lock").arg("--api-socket").arg(&sock);
-            if mode.paused() {
-                // The paused replay lags on purpose: no slowing down for it.
-                cmd.args(["--max-lag", "0"]);
-            }
-            if mode == Mode::PausedUntimed {
-                cmd.env("FTVM_STAGE_TIMES", "0");
-            }
-            Running::spawn("ftvm primary", &mut cmd)?
+            // The paused replay lags on purpose: no slowing down for it.
+            let primary_args: &[&str] = if mode.paused() { &["--max-lag", "0"] } else { &[] };
+            let env: &[(&str, &str)] = if mode == Mode::PausedUntimed { &[("FTVM_STAGE_TIMES", "0")] } else { &[] };
+            let spec = PairSpec {
+                ftvm: &ctx.ftvm,
+                work: &ctx.work,
+                port,
+                sockets: (&sock, &bsock),
+                pin: ctx.args.pin,
+                primary_args,
+                env,
+            };
+            let pair = spec.start(topo, |cmd, side| {
+                let disk = fresh_disk(ctx, if side == Side::Primary { "disk-primary.img" } else { "disk-backup.img" })?;
+                vm_args(ctx, cmd, &disk);
+                Ok(())
+            })?;
+            backup = Some(pair.backup);
+            pair.primary
         }
     };
     vm.wait_for_output(READY, Duration::from_secs(120))?;
@@ -660,7 +728,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
     for &c in &ctx.args.clients {
         for test in ["SET", "GET"] {
             let n = if c == 1 { ctx.args.requests_single } else { ctx.args.requests };
-            let before = if protected { Some(counters(ctx, &sock)?) } else { None };
+            let before = if protected { Some(counters(&ctx.ftvm, &sock)?) } else { None };
             if mode.paused() {
                 // Seen once (issue 17): no API socket of the backup here. Say what it printed.
                 ctl(ctx, &bsock, "pause").with_context(|| {
@@ -708,7 +776,7 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             } else {
                 0.0
             };
-            let after = if protected { Some(counters(ctx, &sock)?) } else { None };
+            let after = if protected { Some(counters(&ctx.ftvm, &sock)?) } else { None };
             let hold_us = before
                 .as_ref()
                 .zip(after.as_ref())

@@ -80,13 +80,20 @@ pub(crate) struct Bench {
     retried: bool,
     #[serde(skip)]
     pub(crate) window_unix_ns: (u64, u64),
-    /// From the recording's log (ftvm record only).
+    /// From the recording's log (ftvm record), or a primary's status (the pair).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) exits_per_request: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) log_bytes_per_request: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     net_rx_bytes_per_request: Option<f64>,
+    /// The guest's system calls per request, where the guest counts them (the Linux
+    /// personality's `linux.counts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) syscalls_per_request: Option<f64>,
+    /// Of those, the ones that came through a real `syscall` instruction (trapped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) real_syscalls_per_request: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,12 +103,27 @@ pub(crate) struct LogTotals {
     by_kind: BTreeMap<String, crate::rr::KindCount>,
 }
 
-/// One redis-benchmark run (retried once if it fails or hangs).
+/// The pause before each redis-benchmark run, to let the last run's connections close in the
+/// guest first.
+const PAUSE: Duration = Duration::from_millis(500);
+
+/// One redis-benchmark run after [`PAUSE`] (retried once, after 3 s, if it fails or hangs).
 pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients: u32, requests: u64) -> Result<Bench> {
+    bench_after(PAUSE, redis_benchmark, topo, test, clients, requests)
+}
+
+/// [`bench`] with `pause` before the first attempt.
+fn bench_after(
+    pause: Duration,
+    redis_benchmark: &Path,
+    topo: &Topology,
+    test: &str,
+    clients: u32,
+    requests: u64,
+) -> Result<Bench> {
     let mut last_error = None;
     for attempt in 0..2 {
-        // Let the last run's connections close in the guest first.
-        common::sleep(Duration::from_millis(if attempt == 0 { 500 } else { 3000 }))?;
+        common::sleep(if attempt == 0 { pause } else { Duration::from_secs(3) })?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.client()]).arg(redis_benchmark);
         cmd.args(["-h", GUEST_IP, "-p", "6379", "-c", &clients.to_string(), "-n", &requests.to_string()]);
@@ -127,6 +149,8 @@ pub(crate) fn bench(redis_benchmark: &Path, topo: &Topology, test: &str, clients
                     exits_per_request: None,
                     log_bytes_per_request: None,
                     net_rx_bytes_per_request: None,
+                    syscalls_per_request: None,
+                    real_syscalls_per_request: None,
                 });
             }
             Err(e) => {
@@ -235,32 +259,56 @@ impl Load<'_> {
         &self,
         topo: &Topology,
         cmd: &mut Command,
-        (label, rep): (&str, usize),
+        session: (&str, usize),
         ready: &str,
         ready_within: Duration,
+    ) -> Result<Measured> {
+        self.measure_each(topo, cmd, session, (ready, ready_within), |_| Ok(()), |_, (), _| Ok(()))
+    }
+
+    /// [`Load::measure`], with [`Load::run_each`]'s hooks around each benchmark.
+    pub(crate) fn measure_each<T>(
+        &self,
+        topo: &Topology,
+        cmd: &mut Command,
+        (label, rep): (&str, usize),
+        (ready, ready_within): (&str, Duration),
+        before: impl FnMut(&Running) -> Result<T>,
+        after: impl FnMut(&Running, T, &mut Bench) -> Result<()>,
     ) -> Result<Measured> {
         let start_ns = unix_ns();
         let mut vm = Running::spawn(label, cmd)?;
         vm.wait_for_output(ready, ready_within)?;
         let boot_to_ready_s = (unix_ns() - start_ns) as f64 / 1e9;
-        let benches = self.run(topo, &vm, label, rep)?;
+        let benches = self.run_each(topo, &vm, (label, rep), before, after)?;
         let finished = vm.terminate(Duration::from_secs(10))?;
         let counts = ExitSummary::parse(&finished.stderr);
         Ok(Measured { benches, boot_to_ready_s, counts, finished })
     }
 
     /// Runs every (client count, test) against the VM (its console goes into the error of
-    /// a benchmark that fails twice).
-    pub(crate) fn run(&self, topo: &Topology, vm: &Running, label: &str, rep: usize) -> Result<Vec<Bench>> {
+    /// a benchmark that fails twice), with `before` called before each benchmark (after its
+    /// pause, so that what it and `after` read spans redis-benchmark's run, and a retry's
+    /// pause if there is one) and `after` given what it returned and the benchmark (to read
+    /// a VM's counters, or its console).
+    pub(crate) fn run_each<T>(
+        &self,
+        topo: &Topology,
+        vm: &Running,
+        (label, rep): (&str, usize),
+        mut before: impl FnMut(&Running) -> Result<T>,
+        mut after: impl FnMut(&Running, T, &mut Bench) -> Result<()>,
+    ) -> Result<Vec<Bench>> {
         let mut benches = Vec::new();
         for &c in self.clients {
             for test in TESTS {
                 let n = if c == 1 { self.requests_single } else { self.requests };
-                benches.push(
-                    bench(self.redis_benchmark, topo, test, c, n).with_context(|| {
-                        format!("{label} (round {}): console so far:\n{}", rep + 1, vm.stdout_text())
-                    })?,
-                );
+                common::sleep(PAUSE)?;
+                let t = before(vm)?;
+                let mut b = bench_after(Duration::ZERO, self.redis_benchmark, topo, test, c, n)
+                    .with_context(|| format!("{label} (round {}): console so far:\n{}", rep + 1, vm.stdout_text()))?;
+                after(vm, t, &mut b)?;
+                benches.push(b);
             }
         }
         Ok(benches)
@@ -283,16 +331,16 @@ pub(crate) trait Session<E> {
     fn benches(&self) -> &[Bench];
 }
 
-/// Brings up a one-host test network, runs the sessions on it ([`rounds`]), tears it down,
-/// and returns the sessions with their cells.
+/// Brings up a test network of `hosts` hosts (1; 2 for a pair), runs the sessions on it
+/// ([`rounds`]), tears it down, and returns the sessions with their cells.
 pub(crate) fn sessions<E: Engine, S: Session<E>>(
-    topology: &Path,
+    (topology, hosts): (&Path, u32),
     runs: usize,
     clients: &[u32],
     engines: &[E],
     mut session: impl FnMut(&Topology, E, usize) -> Result<S>,
 ) -> Result<(Vec<S>, Vec<Cell<E>>)> {
-    let topo = Topology::up(topology, 1)?;
+    let topo = Topology::up(topology, hosts)?;
     let sessions = rounds(runs, engines, |engine, rep| session(&topo, engine, rep))?;
     drop(topo);
     let benches = sessions.iter().flat_map(|s| s.benches().iter().map(move |b| (s.engine(), b)));
@@ -331,6 +379,8 @@ pub(crate) struct Cell<E> {
     pub(crate) exits_per_request: Option<Series>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) log_bytes_per_request: Option<Series>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) syscalls_per_request: Option<Series>,
 }
 
 /// The cells of every client count, test and engine (in that order), from each engine's
@@ -353,6 +403,7 @@ pub(crate) fn cells<'a, E: Engine>(
                     p99_ms: Series::default(),
                     exits_per_request: None,
                     log_bytes_per_request: None,
+                    syscalls_per_request: None,
                 };
                 for (_, b) in benches.clone().filter(|(e, b)| *e == engine && b.test == test && b.clients == c) {
                     cell.rps.push(b.rps);
@@ -363,6 +414,9 @@ pub(crate) fn cells<'a, E: Engine>(
                     }
                     if let Some(e) = b.log_bytes_per_request {
                         cell.log_bytes_per_request.get_or_insert_with(Series::default).push(e);
+                    }
+                    if let Some(e) = b.syscalls_per_request {
+                        cell.syscalls_per_request.get_or_insert_with(Series::default).push(e);
                     }
                 }
                 cells.push(cell);
@@ -380,13 +434,18 @@ pub(crate) fn median_rps<E: Engine>(cells: &[Cell<E>], test: &str, clients: u32,
         .map_or(f64::NAN, |x| x.rps.median)
 }
 
-/// The cells as a table: throughput, latencies, and what a recording's log says per request.
+/// The cells as a table: throughput, latencies, what a recording's log (or a primary) says
+/// per request, and the guest's system calls per request where some cell has them.
 pub(crate) fn cells_table<E: Engine>(cells: &[Cell<E>]) -> Table {
+    let syscalls = cells.iter().any(|c| c.syscalls_per_request.is_some());
     let mut t = Table::new().left("test", 4).right("c", 3).gap(2).left("engine", 13).right("req/s", 10);
     t = t.right("p50 ms", 9).right("p99 ms", 9).right("exits/req", 11).right("log B/req", 11);
+    if syscalls {
+        t = t.right("syscalls/req", 13);
+    }
     let opt = |s: &Option<Series>, prec: usize| s.as_ref().map_or("-".into(), |s| format!("{:.*}", prec, s.median));
     for cell in cells {
-        t.row([
+        let mut row = vec![
             cell.test.clone(),
             cell.clients.to_string(),
             cell.engine.label().to_string(),
@@ -395,7 +454,11 @@ pub(crate) fn cells_table<E: Engine>(cells: &[Cell<E>]) -> Table {
             format!("{:.3}", cell.p99_ms.median),
             opt(&cell.exits_per_request, 2),
             opt(&cell.log_bytes_per_request, 1),
-        ]);
+        ];
+        if syscalls {
+            row.push(opt(&cell.syscalls_per_request, 2));
+        }
+        t.row(row);
     }
     t
 }
@@ -457,6 +520,8 @@ mod tests {
             exits_per_request: None,
             log_bytes_per_request: None,
             net_rx_bytes_per_request: None,
+            syscalls_per_request: None,
+            real_syscalls_per_request: None,
         }
     }
 
