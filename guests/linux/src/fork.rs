@@ -63,9 +63,13 @@ struct Parent {
     cwd: String,
     umask: u32,
     sigactions: BTreeMap<u64, [u64; 4]>,
+    /// The forking thread's blocked mask and pending signals (the child's thread, in the same
+    /// slot, keeps the mask and starts with none pending).
     sigmask: u64,
-    /// The parent's signals not delivered yet.
-    pending: u64,
+    thread_pending: u64,
+    altstack: linux_abi::signal::AltStack,
+    /// The parent's process-wide signal state: pending signals, interval timers.
+    signals: crate::signal::Process,
     /// The process window's used ranges and their bytes, in order.
     plan: Vec<(u64, u64)>,
     copy: Vec<u8>,
@@ -192,9 +196,12 @@ pub fn fork(frame: &mut Frame, stack: u64) -> Result<i64, i64> {
         cwd: k.cwd.clone(),
         umask: k.umask,
         sigactions: k.sigactions.clone(),
-        sigmask: k.sigmask,
-        // The child starts with no signal pending (as on Linux); the parent's wait for it.
-        pending: crate::signal::take_pending(),
+        sigmask: t.sigmask,
+        // The child starts with no signal pending and no timers (as on Linux); the parent's
+        // wait for it.
+        thread_pending: core::mem::take(&mut t.pending),
+        altstack: t.altstack,
+        signals: crate::signal::take_process(),
         plan,
         copy,
         child,
@@ -246,7 +253,9 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
             umask,
             sigactions,
             sigmask,
-            pending,
+            thread_pending,
+            altstack,
+            signals,
             plan,
             copy,
             child,
@@ -268,12 +277,16 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         k.cwd = cwd;
         k.umask = umask;
         k.sigactions = sigactions;
-        k.sigmask = sigmask;
         // What the child left pending goes with it; the parent's come back.
-        crate::signal::set_pending(pending);
+        crate::signal::set_process(signals);
         let s = sched();
         s.thaw(slot);
         let t = &mut s.threads[slot];
+        t.sigmask = sigmask;
+        t.pending = thread_pending;
+        t.altstack = altstack;
+        t.saved_mask = None;
+        t.restart = None;
         t.tid = tid;
         t.fs_base = fs_base;
         t.clear_child_tid = clear_child_tid;

@@ -1,127 +1,265 @@
 //! Signal delivery (docs/linux-personality.md, "Signals").
 //!
-//! Signals come from two places: the operator's shutdown request (ftvm's SIGTERM or `ftvm ctl
-//! shutdown`, Ctrl+Alt+Del on the keyboard, [`ftvm_guest_kit::shutdown`]), which becomes one
-//! SIGTERM for the program, and `kill`/`tkill`/`tgkill` of the program itself. A pending signal
-//! that the (process-wide) blocked mask lets through is delivered at the next return from a
-//! system call, as Linux does on its way back to user space:
+//! Signals come from three places: the operator's shutdown request (ftvm's SIGTERM or `ftvm
+//! ctl shutdown`, Ctrl+Alt+Del on the keyboard, [`ftvm_guest_kit::shutdown`]), which becomes one
+//! SIGTERM for the program; `kill`/`tkill`/`tgkill` of the program itself; and its interval
+//! timers (`setitimer`, `alarm`: SIGALRM, SIGVTALRM, SIGPROF), which count guest time. All are
+//! looked at only at guest-visible points (a system-call return, a scheduler pass), so where a
+//! signal lands depends only on the guest's logged inputs.
 //!
-//! - a handler (`rt_sigaction`, with or without SA_SIGINFO): a signal frame is built on the
-//!   program's stack below its red zone, laid out as Linux's (`linux_abi::signal`: `rt_sigframe`
-//!   with `ucontext`, `siginfo` and the x87/SSE state), the mask becomes the handler's
-//!   (sa_mask, the signal unless SA_NODEFER; SA_RESETHAND resets the action), and the thread
-//!   returns into the handler with RDI, RSI, RDX as Linux sets them and the `sa_restorer`
-//!   (musl's `__restore_rt`) as its return address; `rt_sigreturn` puts back every register,
-//!   the x87/SSE state and the mask. A handler without SA_RESTORER cannot return (Linux kills
-//!   such a program with SIGSEGV): so does this one.
-//! - SIG_IGN: dropped. SIG_DFL: ignored for SIGCHLD, SIGCONT, SIGURG and SIGWINCH; any other
-//!   signal ends the program as Linux's "killed by signal N": the console says so and the exit
-//!   status is 128 + N (143 for SIGTERM), what a shell reports for it.
+//! As on Linux, a process-directed signal (kill, the timers, the operator's) is pending for the
+//! process and goes to the main thread unless it blocks it, else to the first thread by tid
+//! that does not; a thread-directed one (tkill, tgkill) is pending for that thread. Masks are
+//! per thread (`rt_sigprocmask`). A signal whose action is to ignore it (SIG_IGN, or SIG_DFL of
+//! SIGCHLD, SIGCONT, SIGURG, SIGWINCH) is dropped when sent unless its target blocks it, and
+//! never interrupts anything; any other one, when its target thread waits in a system call,
+//! ends the wait: the call returns one of Linux's internal restart codes
+//! (`linux_abi::signal::ERESTARTSYS` ...), and on the way out the first pending signal the
+//! thread's mask lets through (its own first, then the process's, lowest number first) is
+//! taken, at every system-call return:
 //!
-//! Not yet: interrupting a wait with EINTR (a thread blocked in a system call runs its handler
-//! when that call returns: its timeout, I/O, a wake-up; a default action that ends the
-//! program does so while every thread waits), alternate signal stacks, per-thread
-//! masks and thread-directed signals (every thread shares the mask; the first thread to return
-//! from a system call takes the signal).
+//! - a handler (`rt_sigaction`, with or without SA_SIGINFO): the interrupted call returns EINTR,
+//!   or restarts (`linux_abi::signal::after_handler`: with SA_RESTART for read, write, accept,
+//!   futex waits; never for nanosleep, epoll_wait, poll, pause, sigsuspend); a signal frame is
+//!   built below the red zone of the program's stack, or at the top of the thread's alternate
+//!   stack for an SA_ONSTACK action, laid out as Linux's (`linux_abi::signal`: `rt_sigframe` with
+//!   `ucontext`, `siginfo` and the x87/SSE state), the mask becomes the handler's (sa_mask, the
+//!   signal unless SA_NODEFER; SA_RESETHAND resets the action), and the thread returns into the
+//!   handler with RDI, RSI, RDX as Linux sets them and the `sa_restorer` (musl's `__restore_rt`)
+//!   as its return address; `rt_sigreturn` puts back every register, the x87/SSE state and the
+//!   mask, and runs a call to restart again from its saved arguments. A handler without
+//!   SA_RESTORER cannot return (Linux kills such a program with SIGSEGV): so does this one.
+//! - SIG_DFL of a signal not ignored: the program ends as Linux's "killed by signal N": the
+//!   console says so and the exit status is 128 + N (143 for SIGTERM), what a shell reports.
+//!
+//! Not done: a program computing without system calls takes its signals at its next system
+//! call (nothing preempts it); realtime signals are not queued (one pending instance each, as
+//! the standard ones); `siginfo` always says SI_USER from pid 1 (a timer's too).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use ftvm_guest_kit::println;
-use linux_abi::signal::{self as abi, Regs};
+use linux_abi::signal::{self as abi, Action, ITimer, Regs, Resume};
 
 use crate::entry::Frame;
 
-/// Signals sent to the program and not delivered yet (bit `sig - 1`).
-static PENDING: AtomicU64 = AtomicU64::new(0);
+/// The process's signal state: what fork sets aside for its child.
+#[derive(Clone, Copy, Default)]
+pub struct Process {
+    /// Signals sent to the process and not taken yet (bit `sig - 1`).
+    pub pending: u64,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF (all three count guest time).
+    pub timers: [ITimer; 3],
+}
+
+struct Global(UnsafeCell<Process>);
+// SAFETY: one CPU; only system calls and the scheduler (never interrupt handlers) touch it.
+unsafe impl Sync for Global {}
+
+static PROCESS: Global =
+    Global(UnsafeCell::new(Process { pending: 0, timers: [ITimer { next: None, interval: 0 }; 3] }));
 /// The operator's request was turned into SIGTERM (once).
 static RAISED: AtomicBool = AtomicBool::new(false);
+
+fn process() -> &'static mut Process {
+    // SAFETY: see `Global`; callers do not keep the reference across a thread switch.
+    unsafe { &mut *PROCESS.0.get() }
+}
 
 /// Listens for the operator's shutdown request (the keyboard's IRQ 1).
 pub fn init() {
     ftvm_guest_kit::shutdown::enable();
 }
 
-/// Sends `sig` to the program (kill of itself); delivered at the next system-call return.
+/// The action installed for `sig`: [handler, flags, restorer, mask].
+fn sigaction(sig: u64) -> [u64; 4] {
+    crate::kernel().sigactions.get(&sig).copied().unwrap_or([abi::SIG_DFL, 0, 0, 0])
+}
+
+fn ignored(sig: u64) -> bool {
+    abi::action(sig, sigaction(sig)[0]) == Action::Ignore
+}
+
+/// Sends `sig` to the process (kill of itself, a timer, the operator): pending for the
+/// process; the thread it goes to is woken if it waits.
 pub fn raise(sig: u64) {
-    PENDING.fetch_or(abi::bit(sig), Ordering::Relaxed);
-}
-
-/// The pending signals, taken (a fork: the child starts with none).
-pub fn take_pending() -> u64 {
-    PENDING.swap(0, Ordering::Relaxed)
-}
-
-/// The pending signals after a forked child ended: the parent's again.
-pub fn set_pending(bits: u64) {
-    PENDING.store(bits, Ordering::Relaxed);
-}
-
-/// Looks at the keyboard (takes its IRQ): the operator's request becomes a pending SIGTERM.
-/// While a forked child runs the request waits (it stays latched): it is for the program,
-/// the parent, not for its child.
-/// Called at every system-call return and when every thread waits (then a signal whose
-/// default action ends the program ends it at once, as Linux does wherever the program is;
-/// a handler waits for the next system-call return).
-pub fn poll() {
-    if crate::fork::in_child() {
+    let s = crate::sched();
+    let targets = s.signal_targets(crate::fork::pid());
+    // Dropped at once if ignored, unless the main thread blocks it (Linux's `sig_ignored`).
+    let main_blocks = targets.first().is_some_and(|&(_, m)| m & abi::bit(sig) != 0);
+    if ignored(sig) && !main_blocks {
         return;
     }
-    if !RAISED.load(Ordering::Relaxed) && ftvm_guest_kit::shutdown::requested() {
+    process().pending |= abi::bit(sig);
+    let masks: alloc::vec::Vec<u64> = targets.iter().map(|&(_, m)| m).collect();
+    if let Some(i) = abi::pick_thread(&masks, sig) {
+        s.interrupt(targets[i].0);
+    }
+}
+
+/// Sends `sig` to the thread in slot `slot` (tkill, tgkill).
+pub fn raise_thread(slot: usize, sig: u64) {
+    let s = crate::sched();
+    let t = &mut s.threads[slot];
+    let blocked = t.sigmask & !abi::UNBLOCKABLE & abi::bit(sig) != 0;
+    if ignored(sig) && !blocked {
+        return;
+    }
+    t.pending |= abi::bit(sig);
+    if !blocked {
+        s.interrupt(slot);
+    }
+}
+
+/// `rt_sigaction` set `sig` to be ignored: its pending instances go (POSIX, Linux).
+pub fn discard(sig: u64) {
+    if ignored(sig) {
+        process().pending &= !abi::bit(sig);
+        for t in &mut crate::sched().threads {
+            t.pending &= !abi::bit(sig);
+        }
+    }
+}
+
+/// The pending signals blocked by the current thread (`rt_sigpending`).
+pub fn pending_blocked() -> u64 {
+    let t = crate::sched().current();
+    (t.pending | process().pending) & t.sigmask
+}
+
+/// The process's signal state, taken (a fork: the child starts with nothing pending and no
+/// timers, as on Linux).
+pub fn take_process() -> Process {
+    core::mem::take(process())
+}
+
+/// The process's signal state after a forked child ended: the parent's again.
+pub fn set_process(p: Process) {
+    *process() = p;
+}
+
+/// `setitimer`/`alarm`: timer `which` (0 REAL, 1 VIRTUAL, 2 PROF) set to expire `value` ns from
+/// now (0: disarmed), then every `interval`. Returns the old (remaining, interval).
+pub fn set_timer(which: usize, value: u64, interval: u64) -> (u64, u64) {
+    process().timers[which].set(now(), value, interval)
+}
+
+/// `getitimer`: timer `which`'s (remaining, interval).
+pub fn timer(which: usize) -> (u64, u64) {
+    let t = &process().timers[which];
+    (t.remaining(now()), t.interval)
+}
+
+fn now() -> u64 {
+    crate::vdso::now_ns(1)
+}
+
+/// Looks at the keyboard (takes its IRQ): the operator's request becomes a pending SIGTERM;
+/// and at the timers: an expired one sends its signal. While a forked child runs the request
+/// waits (it stays latched): it is for the program, the parent, not for its child.
+/// Called at every system-call return and by the scheduler at every pass.
+pub fn poll() {
+    if !crate::fork::in_child() && !RAISED.load(Ordering::Relaxed) && ftvm_guest_kit::shutdown::requested() {
         RAISED.store(true, Ordering::Relaxed);
         println!("linux: shutdown requested by the operator: SIGTERM to the program");
         raise(abi::SIGTERM);
     }
+    let p = process();
+    if p.timers.iter().all(|t| t.next.is_none()) {
+        return;
+    }
+    let now = now();
+    for (which, sig) in [abi::SIGALRM, abi::SIGVTALRM, abi::SIGPROF].into_iter().enumerate() {
+        if process().timers[which].expire(now) {
+            raise(sig);
+        }
+    }
 }
 
-/// When every thread waits: ends the program for a pending signal whose action is to end it.
-pub fn poll_waiting() {
-    poll();
-    let k = crate::kernel();
-    let mut ready = PENDING.load(Ordering::Relaxed) & !k.sigmask;
+/// Whether a signal ends the current thread's wait: one pending for it or the process that its
+/// mask lets through and whose action is not to ignore it.
+pub fn interrupted() -> bool {
+    let t = crate::sched().current();
+    let mut ready = (t.pending | process().pending) & !(t.sigmask & !abi::UNBLOCKABLE);
     while ready != 0 {
         let sig = u64::from(ready.trailing_zeros()) + 1;
         ready &= !abi::bit(sig);
-        let handler = k.sigactions.get(&sig).map_or(abi::SIG_DFL, |a| a[0]);
-        if handler == abi::SIG_DFL && !matches!(sig, 17 | 18 | 23 | 28) {
-            killed(sig);
+        if !ignored(sig) {
+            return true;
         }
+    }
+    false
+}
+
+/// At the return of system call `nr` of `frame` (its result in RAX): takes the pending signals
+/// the mask lets through until one runs a handler (or ends the program), and turns an internal
+/// restart code into EINTR or a restart. Returns true when the call must run again now (no
+/// handler ran); RAX is then `nr` again. `nr` u64::MAX: not a call's result (`rt_sigreturn`
+/// put back the interrupted RAX), left alone.
+pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
+    poll();
+    let rax = if nr == u64::MAX { 0 } else { frame.rax as i64 };
+    loop {
+        let t = crate::sched().current();
+        let Some((sig, own)) = abi::next_signal(t.pending, process().pending, t.sigmask) else { break };
+        if own {
+            t.pending &= !abi::bit(sig);
+        } else {
+            process().pending &= !abi::bit(sig);
+        }
+        let [handler, flags, restorer, sa_mask] = sigaction(sig);
+        match abi::action(sig, handler) {
+            Action::Ignore => continue,
+            Action::Kill => killed(sig),
+            Action::Handler => {}
+        }
+        if flags & abi::SA_RESTORER == 0 || restorer == 0 {
+            println!("linux: signal {sig}: the handler has no SA_RESTORER, it could not return");
+            killed(11);
+        }
+        if flags & abi::SA_RESETHAND != 0 {
+            crate::kernel().sigactions.insert(sig, [abi::SIG_DFL, flags, restorer, sa_mask]);
+        }
+        let restart = match abi::after_handler(rax, flags) {
+            Resume::Return(_) if nr == u64::MAX => false,
+            Resume::Return(value) => {
+                frame.rax = value as u64;
+                false
+            }
+            Resume::Restart => {
+                frame.rax = nr;
+                true
+            }
+        };
+        let t = crate::sched().current();
+        let old_mask = t.saved_mask.take().unwrap_or(t.sigmask);
+        let (altstack, rsp) = (t.altstack, frame.rsp);
+        let d =
+            abi::Delivery { sig, pid: crate::PID, old_mask, handler, restorer, stack: altstack.reported(rsp), restart };
+        if deliver(frame, &altstack.frame_layout(rsp, flags), &d).is_err() {
+            println!("linux: signal {sig}: no room for the signal frame below rsp {rsp:#x}");
+            killed(11);
+        }
+        crate::sched().current().sigmask = abi::handler_mask(old_mask, sa_mask, flags, sig);
+        return false;
+    }
+    let t = crate::sched().current();
+    if let Some(mask) = t.saved_mask.take() {
+        t.sigmask = mask;
+    }
+    match abi::without_handler(rax) {
+        Resume::Restart => {
+            frame.rax = nr;
+            true
+        }
+        Resume::Return(_) => false,
     }
 }
 
-/// At the return of system call `frame` (its result in RAX): delivers one pending signal the
-/// mask lets through.
-pub fn on_return(frame: &mut Frame) {
-    poll();
-    let k = crate::kernel();
-    let ready = PENDING.load(Ordering::Relaxed) & !(k.sigmask & !(abi::bit(abi::SIGKILL) | abi::bit(abi::SIGSTOP)));
-    if ready == 0 {
-        return;
-    }
-    let sig = u64::from(ready.trailing_zeros()) + 1;
-    PENDING.fetch_and(!abi::bit(sig), Ordering::Relaxed);
-    let [handler, flags, restorer, sa_mask] = k.sigactions.get(&sig).copied().unwrap_or([abi::SIG_DFL, 0, 0, 0]);
-    match handler {
-        abi::SIG_IGN if sig != abi::SIGKILL => {}
-        abi::SIG_DFL | abi::SIG_IGN => match sig {
-            17 | 18 | 23 | 28 => {}
-            _ => killed(sig),
-        },
-        _ => {
-            if flags & abi::SA_RESTORER == 0 || restorer == 0 {
-                println!("linux: signal {sig}: the handler has no SA_RESTORER, it could not return");
-                killed(11);
-            }
-            if flags & abi::SA_RESETHAND != 0 {
-                k.sigactions.insert(sig, [abi::SIG_DFL, flags, restorer, sa_mask]);
-            }
-            let old_mask = k.sigmask;
-            if deliver(frame, sig, handler, restorer, old_mask).is_err() {
-                println!("linux: signal {sig}: no room for the signal frame below rsp {:#x}", frame.rsp);
-                killed(11);
-            }
-            k.sigmask = abi::handler_mask(old_mask, sa_mask, flags, sig);
-        }
-    }
+/// The system call a `rt_sigreturn` just asked to restart (taken).
+pub fn take_restart() -> Option<u64> {
+    crate::sched().current().restart.take()
 }
 
 /// The default action of a fatal signal: the program ends as killed by `sig`.
@@ -163,11 +301,10 @@ fn regs_of(f: &Frame) -> Regs {
     }
 }
 
-/// Builds the signal frame on the program's stack and points `frame` at the handler.
-fn deliver(frame: &mut Frame, sig: u64, handler: u64, restorer: u64, old_mask: u64) -> Result<(), i64> {
-    let l = abi::layout(frame.rsp);
+/// Builds the signal frame of `d` at `l` and points `frame` at the handler.
+fn deliver(frame: &mut Frame, l: &abi::Layout, d: &abi::Delivery) -> Result<(), i64> {
     let mem = crate::sys::user(l.frame, l.top - l.frame)?;
-    let e = abi::build(&l, mem, &regs_of(frame), &frame.fx, sig, crate::PID, old_mask, handler, restorer);
+    let e = abi::build(l, mem, &regs_of(frame), &frame.fx, d);
     frame.rip = e.rip;
     frame.rsp = e.rsp;
     frame.rdi = e.rdi;
@@ -180,12 +317,14 @@ fn deliver(frame: &mut Frame, sig: u64, handler: u64, restorer: u64, old_mask: u
 }
 
 /// `rt_sigreturn`: the handler's restorer called it with RSP at the frame's `ucontext`.
-/// Restores every register, the x87/SSE state and the mask; returns the interrupted RAX.
+/// Restores every register, the x87/SSE state and the mask; returns the interrupted RAX (a
+/// system call to restart: its number, and [`take_restart`] says so).
 pub fn sigreturn(frame: &mut Frame) -> Result<i64, i64> {
     let uc = crate::sys::user(frame.rsp, abi::UCONTEXT_SIZE)?;
-    let (r, fpstate, mask) = abi::restore(uc);
-    if fpstate != 0 {
-        let fx = crate::sys::user(fpstate, abi::FPSTATE_SIZE)?;
+    let back = abi::restore(uc);
+    let r = back.regs;
+    if back.fpstate != 0 {
+        let fx = crate::sys::user(back.fpstate, abi::FPSTATE_SIZE)?;
         frame.fx.copy_from_slice(fx);
         // MXCSR's reserved bits would make fxrstor fault: keep the defined ones.
         let mxcsr = u32::from_le_bytes([frame.fx[24], frame.fx[25], frame.fx[26], frame.fx[27]]) & 0xffff;
@@ -206,6 +345,8 @@ pub fn sigreturn(frame: &mut Frame) -> Result<i64, i64> {
     frame.rsp = r.rsp;
     frame.rip = r.rip;
     frame.rflags = (frame.rflags & !abi::USER_EFLAGS) | (r.eflags & abi::USER_EFLAGS);
-    crate::kernel().sigmask = mask & !(abi::bit(abi::SIGKILL) | abi::bit(abi::SIGSTOP));
+    let t = crate::sched().current();
+    t.sigmask = back.mask & !abi::UNBLOCKABLE;
+    t.restart = back.restart.then_some(r.rax);
     Ok(r.rax as i64)
 }
