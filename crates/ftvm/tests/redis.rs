@@ -1115,6 +1115,7 @@ const SIGNALS_PROGRAM: &str = r#"
 #include <sys/epoll.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1131,6 +1132,8 @@ static long tid(void) { return syscall(SYS_gettid); }
 static void on_alarm(int sig) { (void)sig; alarms++; }
 static void on_usr1(int sig) { (void)sig; usr1++; usr1_tid = tid(); }
 static void on_usr2(int sig) { (void)sig; usr2++; usr2_tid = tid(); }
+static volatile sig_atomic_t chld;
+static void on_chld(int sig) { (void)sig; chld++; }
 static void on_alt(int sig) {
     char here;
     stack_t ss;
@@ -1302,12 +1305,20 @@ int main(void) {
     handle(SIGUSR2, on_alt, SA_ONSTACK);
     raise(SIGUSR2);
     printf("altstack: handler on it %d\n", (int)alt_ok);
+
+    /* 10. A child's end sends SIGCHLD to its parent. */
+    handle(SIGCHLD, on_chld, 0);
+    pid_t child = fork();
+    if (child == 0) _exit(4);
+    int st = 0;
+    waitpid(child, &st, 0);
+    printf("sigchld: handled %d, status %d\n", (int)chld, WEXITSTATUS(st));
     return 3;
 }
 "#;
 
 /// What SIGNALS_PROGRAM prints when every check holds.
-const SIGNALS_EXPECTED: [&str; 13] = [
+const SIGNALS_EXPECTED: [&str; 14] = [
     "read: -1 EINTR, handled 1\n",
     "restart: read 5 'hello', handled 1, after the write 1\n",
     "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
@@ -1319,6 +1330,7 @@ const SIGNALS_EXPECTED: [&str; 13] = [
     "itimer: 5 signals in about 250 ms 1, interval 50000 us, armed 1, disarmed 1\n",
     "alarm: 0 5 2, pause -1 EINTR, handled 1 after about 1 s 1\n",
     "altstack: handler on it 1\n",
+    "sigchld: handled 1, status 4\n",
     "linux: exit status 3\n",
     "nanosleep rem: ",
 ];

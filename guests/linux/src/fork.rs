@@ -13,7 +13,7 @@
 //!
 //! When the child ends (`exit_group`, its last thread's `exit`, a fatal signal to itself;
 //! all through `exit_all`), its descriptors close, the copy is written back, the parent's
-//! state is put back, the child becomes a zombie with its status, and the forking thread
+//! state is put back, the child becomes a zombie with its status, the parent gets SIGCHLD, and the forking thread
 //! resumes in ring 3 from the parent's saved registers with the child's pid in RAX (on a
 //! reset kernel stack: the child's pending system call is abandoned). `wait4` reaps it.
 //!
@@ -293,6 +293,8 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         ftvm_guest_kit::syscall::set_fs_base(fs_base);
         s.io_changed();
         procs().children.exited(child, how);
+        // SIGCHLD to the parent, as Linux sends it (dropped unless a handler is installed).
+        crate::signal::raise(linux_abi::signal::SIGCHLD);
         let ended = match how {
             Exit::Code(code) => alloc::format!("exited with status {code}"),
             Exit::Signal(sig) => alloc::format!("killed by signal {sig}"),

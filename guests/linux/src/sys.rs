@@ -914,6 +914,12 @@ fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) ->
                 if deadline.is_some_and(|d| time::ticks() >= d) {
                     return Err(ETIMEDOUT);
                 }
+                // Woken for a signal it did not take (ignored, or taken by another thread):
+                // Linux restarts the call, which reads the word again (it may have changed,
+                // or this waiter have been requeued meanwhile).
+                if get::<u32>(uaddr)? != val as u32 {
+                    return Err(EAGAIN);
+                }
             }
         }
         // FUTEX_WAKE, FUTEX_WAKE_BITSET
