@@ -1104,7 +1104,8 @@ fn sigterm_runs_a_c_program_s_handler_or_its_default_action() {
 
 /// Signals as Linux's (guests/linux/src/signal.rs): EINTR and SA_RESTART for waits a signal
 /// interrupts, nanosleep's time left, per-thread masks and thread-directed signals,
-/// sigsuspend, interval timers, alarm, the alternate stack.
+/// sigsuspend, interval timers, alarm, the alternate stack, SIGCHLD, POSIX timers and
+/// sigtimedwait.
 const SIGNALS_PROGRAM: &str = r#"
 #define _GNU_SOURCE
 #include <errno.h>
@@ -1313,12 +1314,43 @@ int main(void) {
     int st = 0;
     waitpid(child, &st, 0);
     printf("sigchld: handled %d, status %d\n", (int)chld, WEXITSTATUS(st));
+
+    /* 11. A periodic POSIX timer's SIGUSR2, blocked, taken with sigtimedwait. */
+    sigset_t s2;
+    sigemptyset(&s2);
+    sigaddset(&s2, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &s2, 0);
+    timer_t tm;
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_SIGNAL;
+    sev.sigev_signo = SIGUSR2;
+    sev.sigev_value.sival_int = 42;
+    int created = timer_create(CLOCK_MONOTONIC, &sev, &tm);
+    struct itimerspec its = {{0, 30000000}, {0, 30000000}};
+    timer_settime(tm, 0, &its, 0);
+    int got = 0, timer_info = 1;
+    for (int i = 0; i < 3; i++) {
+        siginfo_t si;
+        struct timespec wait = {1, 0};
+        got += sigtimedwait(&s2, &si, &wait) == SIGUSR2;
+        timer_info &= si.si_code == SI_TIMER && si.si_value.sival_int == 42;
+    }
+    struct itimerspec cur2;
+    timer_gettime(tm, &cur2);
+    timer_delete(tm);
+    struct timespec brief = {0, 50000000};
+    errno = 0;
+    r = sigtimedwait(&s2, 0, &brief);
+    e = errno;
+    printf("posix timer: created %d, %d signals, SI_TIMER with its value %d, interval %ld ms, then %d %s\n", created,
+           got, timer_info, cur2.it_interval.tv_nsec / 1000000, r, e == EAGAIN ? "EAGAIN" : strerror(e));
     return 3;
 }
 "#;
 
 /// What SIGNALS_PROGRAM prints when every check holds.
-const SIGNALS_EXPECTED: [&str; 14] = [
+const SIGNALS_EXPECTED: [&str; 15] = [
     "read: -1 EINTR, handled 1\n",
     "restart: read 5 'hello', handled 1, after the write 1\n",
     "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
@@ -1331,6 +1363,7 @@ const SIGNALS_EXPECTED: [&str; 14] = [
     "alarm: 0 5 2, pause -1 EINTR, handled 1 after about 1 s 1\n",
     "altstack: handler on it 1\n",
     "sigchld: handled 1, status 4\n",
+    "posix timer: created 0, 3 signals, SI_TIMER with its value 1, interval 30 ms, then -1 EAGAIN\n",
     "linux: exit status 3\n",
     "nanosleep rem: ",
 ];

@@ -84,8 +84,64 @@ pub const SA_ONSTACK: u64 = 0x0800_0000;
 pub const SA_RESTART: u64 = 0x1000_0000;
 pub const SA_NODEFER: u64 = 0x4000_0000;
 pub const SA_RESETHAND: u64 = 0x8000_0000;
-/// `si_code` of a signal sent by a process (kill).
+/// `si_code`s: sent by a process (kill), by the kernel (an interval timer), a POSIX timer's,
+/// a thread's (tkill, tgkill); SIGCHLD's for a child that exited or was killed.
 pub const SI_USER: i32 = 0;
+pub const SI_KERNEL: i32 = 0x80;
+pub const SI_TIMER: i32 = -2;
+pub const SI_TKILL: i32 = -6;
+pub const CLD_EXITED: i32 = 1;
+pub const CLD_KILLED: i32 = 2;
+
+/// What `siginfo` says of one signal besides its number: `si_code` and the union's first
+/// fields, at offsets 16, 20 and 24: kill and tkill: pid, uid; a POSIX timer: its id, the
+/// overrun count, its `sigval`; SIGCHLD: the child's pid, uid, status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Info {
+    pub code: i32,
+    pub a: u32,
+    pub b: u32,
+    pub c: u64,
+}
+
+impl Info {
+    /// Sent by process `pid` (uid 0) with kill.
+    pub fn user(pid: u32) -> Info {
+        Info { code: SI_USER, a: pid, ..Info::default() }
+    }
+
+    /// Sent by thread-group `pid` with tkill or tgkill.
+    pub fn tkill(pid: u32) -> Info {
+        Info { code: SI_TKILL, a: pid, ..Info::default() }
+    }
+
+    /// Sent by the kernel (an interval timer's SIGALRM, as Linux's `it_real_fn`).
+    pub fn kernel() -> Info {
+        Info { code: SI_KERNEL, ..Info::default() }
+    }
+
+    /// POSIX timer `id`'s expiry, `overrun` expiries missed, with its `sigval`.
+    pub fn timer(id: u32, overrun: u32, value: u64) -> Info {
+        Info { code: SI_TIMER, a: id, b: overrun, c: value }
+    }
+
+    /// SIGCHLD: child `pid` ended (`code` CLD_EXITED with its exit status, CLD_KILLED with
+    /// the signal).
+    pub fn child(pid: u32, code: i32, status: u32) -> Info {
+        Info { code, a: pid, b: 0, c: u64::from(status) }
+    }
+}
+
+/// The 128 bytes of `siginfo_t` for `sig` with `info`.
+pub fn siginfo(sig: u64, info: &Info) -> [u8; SIGINFO_SIZE as usize] {
+    let mut b = [0u8; SIGINFO_SIZE as usize];
+    b[0..4].copy_from_slice(&(sig as i32).to_le_bytes());
+    b[8..12].copy_from_slice(&info.code.to_le_bytes());
+    b[16..20].copy_from_slice(&info.a.to_le_bytes());
+    b[20..24].copy_from_slice(&info.b.to_le_bytes());
+    b[24..32].copy_from_slice(&info.c.to_le_bytes());
+    b
+}
 /// `uc_flags` Linux sets on x86-64: the saved SS is meaningful and restored strictly.
 pub const UC_SIGCONTEXT_SS: u64 = 0x2;
 pub const UC_STRICT_RESTORE_SS: u64 = 0x4;
@@ -218,8 +274,8 @@ fn word(buf: &[u8], at: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     pub sig: u64,
-    /// The sender (`si_pid`; uid 0).
-    pub pid: u32,
+    /// What `siginfo` says besides the number.
+    pub info: Info,
     /// The blocked mask to restore.
     pub old_mask: u64,
     pub handler: u64,
@@ -257,9 +313,7 @@ pub fn build(l: &Layout, buf: &mut [u8], regs: &Regs, fx: &[u8; 512], d: &Delive
     }
     put(buf, at(l.ucontext) + UC_SIGMASK, d.old_mask);
     let si = at(l.siginfo) as usize;
-    buf[si..si + 4].copy_from_slice(&(d.sig as i32).to_le_bytes());
-    buf[si + 8..si + 12].copy_from_slice(&SI_USER.to_le_bytes());
-    buf[si + 16..si + 20].copy_from_slice(&d.pid.to_le_bytes());
+    buf[si..si + SIGINFO_SIZE as usize].copy_from_slice(&siginfo(d.sig, &d.info));
     let fp = at(l.fpstate) as usize;
     buf[fp..fp + 512].copy_from_slice(fx);
     // Bytes 464..512 are software-reserved: zero says "plain fxsave, no xstate" to readers.
@@ -448,17 +502,22 @@ impl ITimer {
         old
     }
 
-    /// Whether it expired by `now`; a periodic timer moves to its first period end after `now`
-    /// (expiries missed meanwhile are lost, as Linux's signal is pending once), a one-shot one
-    /// disarms.
-    pub fn expire(&mut self, now: u64) -> bool {
+    /// How many times it expired by `now` (0: not yet; more than 1: period ends passed
+    /// meanwhile, one signal for them all, the rest a POSIX timer's overrun); a periodic timer
+    /// moves to its first period end after `now`, a one-shot one disarms.
+    pub fn expire(&mut self, now: u64) -> u64 {
         match self.next {
-            Some(next) if next <= now => {
-                self.next = ((now - next).checked_div(self.interval))
-                    .map(|late| next.saturating_add((late + 1).saturating_mul(self.interval)));
-                true
-            }
-            _ => false,
+            Some(next) if next <= now => match (now - next).checked_div(self.interval) {
+                Some(late) => {
+                    self.next = Some(next.saturating_add((late + 1).saturating_mul(self.interval)));
+                    late + 1
+                }
+                None => {
+                    self.next = None;
+                    1
+                }
+            },
+            _ => 0,
         }
     }
 }
@@ -516,7 +575,7 @@ mod tests {
         let fx: [u8; 512] = core::array::from_fn(|i| i as u8);
         let d = Delivery {
             sig: SIGTERM,
-            pid: 1,
+            info: Info::user(1),
             old_mask: 0x4000,
             handler: 0x401000,
             restorer: 0x402000,
@@ -620,16 +679,16 @@ mod tests {
         let ms = 1_000_000;
         let mut t = ITimer::default();
         assert_eq!(t.set(0, 200 * ms, 0), (0, 0));
-        assert!(!t.expire(199 * ms));
+        assert_eq!(t.expire(199 * ms), 0);
         assert_eq!(t.remaining(150 * ms), 50 * ms);
-        assert!(t.expire(200 * ms));
+        assert_eq!(t.expire(200 * ms), 1);
         assert_eq!(t.next, None);
-        assert!(!t.expire(400 * ms));
+        assert_eq!(t.expire(400 * ms), 0);
         // Periodic, 50 ms; an expiry seen late moves to the next period end after now.
         t.set(1000 * ms, 100 * ms, 50 * ms);
-        assert!(t.expire(1100 * ms));
+        assert_eq!(t.expire(1100 * ms), 1);
         assert_eq!(t.next, Some(1150 * ms));
-        assert!(t.expire(1290 * ms));
+        assert_eq!(t.expire(1290 * ms), 3, "1150, 1200, 1250: two overruns");
         assert_eq!(t.next, Some(1300 * ms));
         assert_eq!(t.set(1290 * ms, 0, 0), (10 * ms, 50 * ms));
         assert_eq!(t.next, None);
@@ -674,4 +733,23 @@ mod tests {
             Ok(AltStack::DISABLED)
         );
     }
+
+    #[test]
+    fn siginfo_says_who_sent_it_as_linux_lays_it_out() {
+        let b = siginfo(SIGTERM, &Info::user(7));
+        assert_eq!(&b[0..4], &15i32.to_le_bytes());
+        assert_eq!(&b[8..12], &SI_USER.to_le_bytes());
+        assert_eq!(&b[16..20], &7u32.to_le_bytes(), "si_pid");
+        let b = siginfo(SIGALRM, &Info::timer(3, 2, 0xdead_beef_0000_0001));
+        assert_eq!(&b[8..12], &SI_TIMER.to_le_bytes());
+        assert_eq!(&b[16..20], &3u32.to_le_bytes(), "si_timerid");
+        assert_eq!(&b[20..24], &2u32.to_le_bytes(), "si_overrun");
+        assert_eq!(&b[24..32], &0xdead_beef_0000_0001u64.to_le_bytes(), "si_value");
+        let b = siginfo(SIGCHLD, &Info::child(5, CLD_EXITED, 4));
+        assert_eq!(&b[8..12], &1i32.to_le_bytes());
+        assert_eq!(&b[24..28], &4i32.to_le_bytes(), "si_status");
+        assert_eq!(siginfo(SIGALRM, &Info::kernel())[8..12], SI_KERNEL.to_le_bytes());
+        assert_eq!(siginfo(SIGUSR1_FOR_TEST, &Info::tkill(1))[8..12], SI_TKILL.to_le_bytes());
+    }
+    const SIGUSR1_FOR_TEST: u64 = 10;
 }

@@ -294,7 +294,11 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         s.io_changed();
         procs().children.exited(child, how);
         // SIGCHLD to the parent, as Linux sends it (dropped unless a handler is installed).
-        crate::signal::raise(linux_abi::signal::SIGCHLD);
+        let info = match how {
+            Exit::Code(code) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_EXITED, code as u32),
+            Exit::Signal(sig) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_KILLED, sig as u32),
+        };
+        crate::signal::raise(linux_abi::signal::SIGCHLD, info);
         let ended = match how {
             Exit::Code(code) => alloc::format!("exited with status {code}"),
             Exit::Signal(sig) => alloc::format!("killed by signal {sig}"),

@@ -9,7 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_kit::time;
-use linux_abi::signal::AltStack;
+use linux_abi::signal::{AltStack, Info};
 
 use crate::entry::{self, Frame};
 
@@ -53,8 +53,10 @@ pub struct Thread {
     /// The mask to put back when the system call in progress ends (`rt_sigsuspend`,
     /// `epoll_pwait`, `ppoll` wait under a mask of their own), or that a handler's frame saves.
     pub saved_mask: Option<u64>,
-    /// Signals sent to this thread (`tkill`, `tgkill`) and not taken yet.
+    /// Signals sent to this thread (`tkill`, `tgkill`) and not taken yet, and what their
+    /// `siginfo` says (index `sig - 1`).
     pub pending: u64,
+    pub siginfo: [Info; 64],
     /// Its alternate signal stack (`sigaltstack`).
     pub altstack: AltStack,
     /// The system call `rt_sigreturn` restarts (its frame said so: SA_RESTART).
@@ -95,6 +97,7 @@ impl Sched {
                 sigmask: 0,
                 saved_mask: None,
                 pending: 0,
+                siginfo: [Info::default(); 64],
                 altstack: AltStack::DISABLED,
                 restart: None,
             }],
@@ -200,6 +203,7 @@ impl Sched {
             sigmask,
             saved_mask: None,
             pending: 0,
+            siginfo: [Info::default(); 64],
             altstack: AltStack::DISABLED,
             restart: None,
         };

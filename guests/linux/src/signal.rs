@@ -39,26 +39,67 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use alloc::vec::Vec;
 use ftvm_guest_kit::println;
-use linux_abi::signal::{self as abi, Action, ITimer, Regs, Resume};
+use linux_abi::signal::{self as abi, Action, ITimer, Info, Regs, Resume};
 
 use crate::entry::Frame;
 
 /// The process's signal state: what fork sets aside for its child.
-#[derive(Clone, Copy, Default)]
 pub struct Process {
-    /// Signals sent to the process and not taken yet (bit `sig - 1`).
+    /// Signals sent to the process and not taken yet (bit `sig - 1`), and what their
+    /// `siginfo` says (the first sender's: a standard signal is pending once).
     pub pending: u64,
+    pub info: [Info; 64],
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF (all three count guest time).
     pub timers: [ITimer; 3],
+    /// POSIX timers (`timer_create`), by id.
+    pub posix: Vec<Option<PosixTimer>>,
+}
+
+impl Process {
+    const fn new() -> Process {
+        const NO_INFO: Info = Info { code: 0, a: 0, b: 0, c: 0 };
+        const DISARMED: ITimer = ITimer { next: None, interval: 0 };
+        Process { pending: 0, info: [NO_INFO; 64], timers: [DISARMED; 3], posix: Vec::new() }
+    }
+}
+
+impl Default for Process {
+    fn default() -> Process {
+        Process::new()
+    }
+}
+
+/// A POSIX timer: an interval timer (in CLOCK_MONOTONIC ns; every clock counts guest time)
+/// and what its expiry does.
+#[derive(Clone, Copy)]
+pub struct PosixTimer {
+    pub timer: ITimer,
+    /// The clock it was created on (TIMER_ABSTIME values are on it).
+    pub clock: u64,
+    /// What an expiry does.
+    pub notify: Notify,
+    pub sig: u64,
+    /// The `sigval` its signal carries.
+    pub value: u64,
+    /// The expiries its last signal stood for, less one (`timer_getoverrun`).
+    pub overrun: u64,
+}
+
+/// SIGEV_SIGNAL: the signal to the process; SIGEV_THREAD_ID: to that thread; SIGEV_NONE: none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    None,
+    Process,
+    Thread(u32),
 }
 
 struct Global(UnsafeCell<Process>);
 // SAFETY: one CPU; only system calls and the scheduler (never interrupt handlers) touch it.
 unsafe impl Sync for Global {}
 
-static PROCESS: Global =
-    Global(UnsafeCell::new(Process { pending: 0, timers: [ITimer { next: None, interval: 0 }; 3] }));
+static PROCESS: Global = Global(UnsafeCell::new(Process::new()));
 /// The operator's request was turned into SIGTERM (once).
 static RAISED: AtomicBool = AtomicBool::new(false);
 
@@ -81,9 +122,9 @@ fn ignored(sig: u64) -> bool {
     abi::action(sig, sigaction(sig)[0]) == Action::Ignore
 }
 
-/// Sends `sig` to the process (kill of itself, a timer, the operator): pending for the
-/// process; the thread it goes to is woken if it waits.
-pub fn raise(sig: u64) {
+/// Sends `sig` to the process (kill of itself, a timer, the operator), saying `info`: pending
+/// for the process; the thread it goes to is woken if it waits.
+pub fn raise(sig: u64, info: Info) {
     let s = crate::sched();
     let targets = s.signal_targets(crate::fork::pid());
     // Dropped at once if ignored, unless the main thread blocks it (Linux's `sig_ignored`).
@@ -91,20 +132,28 @@ pub fn raise(sig: u64) {
     if ignored(sig) && !main_blocks {
         return;
     }
-    process().pending |= abi::bit(sig);
+    let p = process();
+    if p.pending & abi::bit(sig) == 0 {
+        p.info[(sig - 1) as usize] = info;
+    }
+    p.pending |= abi::bit(sig);
     let masks: alloc::vec::Vec<u64> = targets.iter().map(|&(_, m)| m).collect();
     if let Some(i) = abi::pick_thread(&masks, sig) {
         s.interrupt(targets[i].0);
     }
 }
 
-/// Sends `sig` to the thread in slot `slot` (tkill, tgkill).
-pub fn raise_thread(slot: usize, sig: u64) {
+/// Sends `sig` to the thread in slot `slot` (tkill, tgkill, a POSIX timer's SIGEV_THREAD_ID),
+/// saying `info`.
+pub fn raise_thread(slot: usize, sig: u64, info: Info) {
     let s = crate::sched();
     let t = &mut s.threads[slot];
     let blocked = t.sigmask & !abi::UNBLOCKABLE & abi::bit(sig) != 0;
     if ignored(sig) && !blocked {
         return;
+    }
+    if t.pending & abi::bit(sig) == 0 {
+        t.siginfo[(sig - 1) as usize] = info;
     }
     t.pending |= abi::bit(sig);
     if !blocked {
@@ -151,6 +200,59 @@ pub fn timer(which: usize) -> (u64, u64) {
     (t.remaining(now()), t.interval)
 }
 
+/// The most POSIX timers a process has at once.
+const MAX_TIMERS: usize = 1024;
+
+/// `timer_create`: a disarmed timer on `clock`; its id (None: too many).
+pub fn timer_create(clock: u64, notify: Notify, sig: u64, value: u64) -> Option<usize> {
+    let t = PosixTimer { timer: ITimer::default(), clock, notify, sig, value, overrun: 0 };
+    let timers = &mut process().posix;
+    match timers.iter().position(Option::is_none) {
+        Some(id) => {
+            timers[id] = Some(t);
+            Some(id)
+        }
+        None if timers.len() < MAX_TIMERS => {
+            timers.push(Some(t));
+            Some(timers.len() - 1)
+        }
+        None => None,
+    }
+}
+
+fn posix_timer(id: u64) -> Option<&'static mut PosixTimer> {
+    process().posix.get_mut(usize::try_from(id).ok()?)?.as_mut()
+}
+
+/// `timer_settime`: timer `id` to expire `value` ns from now (or at `value` on its clock when
+/// `absolute`; 0 disarms), then every `interval`. The old (remaining, interval).
+pub fn timer_settime(id: u64, absolute: bool, value: u64, interval: u64) -> Option<(u64, u64)> {
+    let t = posix_timer(id)?;
+    let value = if absolute && value > 0 { value.saturating_sub(crate::vdso::now_ns(t.clock)).max(1) } else { value };
+    Some(t.timer.set(now(), value, interval))
+}
+
+/// `timer_gettime`: timer `id`'s (remaining, interval).
+pub fn timer_gettime(id: u64) -> Option<(u64, u64)> {
+    posix_timer(id).map(|t| (t.timer.remaining(now()), t.timer.interval))
+}
+
+/// `timer_getoverrun`: the expiries timer `id`'s last signal stood for, less one.
+pub fn timer_getoverrun(id: u64) -> Option<u64> {
+    posix_timer(id).map(|t| t.overrun.min(i32::MAX as u64))
+}
+
+/// `timer_delete`; false if there is no such timer.
+pub fn timer_delete(id: usize) -> bool {
+    match process().posix.get_mut(id) {
+        Some(slot @ Some(_)) => {
+            *slot = None;
+            true
+        }
+        _ => false,
+    }
+}
+
 fn now() -> u64 {
     crate::vdso::now_ns(1)
 }
@@ -163,17 +265,77 @@ pub fn poll() {
     if !crate::fork::in_child() && !RAISED.load(Ordering::Relaxed) && ftvm_guest_kit::shutdown::requested() {
         RAISED.store(true, Ordering::Relaxed);
         println!("linux: shutdown requested by the operator: SIGTERM to the program");
-        raise(abi::SIGTERM);
+        raise(abi::SIGTERM, Info::user(crate::PID));
     }
     let p = process();
-    if p.timers.iter().all(|t| t.next.is_none()) {
+    if p.timers.iter().all(|t| t.next.is_none()) && p.posix.iter().flatten().all(|t| t.timer.next.is_none()) {
         return;
     }
     let now = now();
     for (which, sig) in [abi::SIGALRM, abi::SIGVTALRM, abi::SIGPROF].into_iter().enumerate() {
-        if process().timers[which].expire(now) {
-            raise(sig);
+        if process().timers[which].expire(now) > 0 {
+            raise(sig, Info::kernel());
         }
+    }
+    for id in 0..process().posix.len() {
+        let Some(t) = process().posix[id].as_mut() else { continue };
+        let n = t.timer.expire(now);
+        if n == 0 {
+            continue;
+        }
+        t.overrun = n - 1;
+        let (notify, sig) = (t.notify, t.sig);
+        let info = Info::timer(id as u32, (n - 1).min(i32::MAX as u64) as u32, t.value);
+        match notify {
+            Notify::None => {}
+            Notify::Process => raise(sig, info),
+            Notify::Thread(tid) => {
+                if let Some(slot) = crate::sched().slot_of(tid) {
+                    raise_thread(slot, sig, info);
+                }
+            }
+        }
+    }
+}
+
+/// `rt_sigtimedwait(set, info, timeout)`: takes a pending signal of `set` (the thread's own
+/// first, lowest number first), waiting for one until `timeout` ns (None: for ever; 0: only
+/// looks) with them unblocked meanwhile, so that they come to this thread (Linux's
+/// `real_blocked`). Returns its number and writes its `siginfo` to `info_ptr` (if not 0);
+/// EAGAIN when the time is up; EINTR when another signal's handler runs first.
+pub fn sigtimedwait(set: u64, info_ptr: u64, timeout: Option<u64>) -> Result<i64, i64> {
+    const EAGAIN: i64 = 11;
+    let set = set & !abi::UNBLOCKABLE;
+    let deadline = timeout.map(|ns| if ns == 0 { 0 } else { crate::sched::deadline_ns(ns) });
+    let old = crate::sched().current().sigmask;
+    loop {
+        let t = crate::sched().current();
+        if let Some((sig, own)) = abi::next_signal(t.pending & set, process().pending & set, 0) {
+            t.sigmask = old;
+            let info = if own {
+                t.pending &= !abi::bit(sig);
+                t.siginfo[(sig - 1) as usize]
+            } else {
+                process().pending &= !abi::bit(sig);
+                process().info[(sig - 1) as usize]
+            };
+            if info_ptr != 0 {
+                crate::sys::user(info_ptr, abi::SIGINFO_SIZE)?.copy_from_slice(&abi::siginfo(sig, &info));
+            }
+            return Ok(sig as i64);
+        }
+        if deadline.is_some_and(|d| ftvm_guest_kit::time::ticks() >= d) {
+            t.sigmask = old;
+            return Err(EAGAIN);
+        }
+        t.sigmask = old & !set;
+        if interrupted() {
+            // The handler's frame saves (and its return restores) the mask of before the call.
+            let t = crate::sched().current();
+            t.saved_mask = Some(old);
+            return Err(abi::EINTR);
+        }
+        crate::sched::block(crate::sched::Wait::Sleep, deadline);
     }
 }
 
@@ -203,11 +365,13 @@ pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
     loop {
         let t = crate::sched().current();
         let Some((sig, own)) = abi::next_signal(t.pending, process().pending, t.sigmask) else { break };
-        if own {
+        let info = if own {
             t.pending &= !abi::bit(sig);
+            t.siginfo[(sig - 1) as usize]
         } else {
             process().pending &= !abi::bit(sig);
-        }
+            process().info[(sig - 1) as usize]
+        };
         let [handler, flags, restorer, sa_mask] = sigaction(sig);
         match abi::action(sig, handler) {
             Action::Ignore => continue,
@@ -235,8 +399,7 @@ pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
         let t = crate::sched().current();
         let old_mask = t.saved_mask.take().unwrap_or(t.sigmask);
         let (altstack, rsp) = (t.altstack, frame.rsp);
-        let d =
-            abi::Delivery { sig, pid: crate::PID, old_mask, handler, restorer, stack: altstack.reported(rsp), restart };
+        let d = abi::Delivery { sig, info, old_mask, handler, restorer, stack: altstack.reported(rsp), restart };
         if deliver(frame, &altstack.frame_layout(rsp, flags), &d).is_err() {
             println!("linux: signal {sig}: no room for the signal frame below rsp {rsp:#x}");
             killed(11);

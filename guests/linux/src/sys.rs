@@ -826,6 +826,20 @@ fn temporary_mask(ptr: u64) -> Result<(), i64> {
     Ok(())
 }
 
+fn timespec_parts(sec: i64, nsec: i64) -> Result<u64, i64> {
+    if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+        return Err(EINVAL);
+    }
+    (sec as u64).checked_mul(1_000_000_000).and_then(|ns| ns.checked_add(nsec as u64)).ok_or(EINVAL)
+}
+
+/// `struct itimerspec` (interval, value) from (remaining, interval) in ns.
+fn put_itimerspec(ptr: u64, (remaining, interval): (u64, u64)) -> Result<(), i64> {
+    let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
+    let ([a, b], [c, d]) = (ts(interval), ts(remaining));
+    put(ptr, [a, b, c, d])
+}
+
 /// `setitimer`/`getitimer`'s `struct itimerval` at `ptr`: (interval, value) in ns.
 fn itimerval(ptr: u64) -> Result<(u64, u64), i64> {
     let v: [i64; 4] = get(ptr)?;
@@ -865,7 +879,7 @@ fn kill(nr: u64, a0: u64, a1: u64, a2: u64) -> Result<i64, i64> {
             return Err(ESRCH);
         }
         if sig != 0 {
-            crate::signal::raise(sig);
+            crate::signal::raise(sig, sigabi::Info::user(crate::fork::pid()));
         }
         return Ok(0);
     }
@@ -877,7 +891,7 @@ fn kill(nr: u64, a0: u64, a1: u64, a2: u64) -> Result<i64, i64> {
     }
     let slot = u32::try_from(target).ok().and_then(|t| threads().slot_of(t)).ok_or(ESRCH)?;
     if sig != 0 {
-        crate::signal::raise_thread(slot, sig);
+        crate::signal::raise_thread(slot, sig, sigabi::Info::tkill(crate::fork::pid()));
     }
     Ok(0)
 }
@@ -1261,6 +1275,64 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             wait_for_signal()
         }
         34 => wait_for_signal(),
+        128 => {
+            // rt_sigtimedwait(set, info, timeout, size)
+            if a3 != 8 {
+                return Err(EINVAL);
+            }
+            let set: u64 = get(a0)?;
+            let timeout = if a2 != 0 { Some(timespec_ns(a2)?) } else { None };
+            crate::signal::sigtimedwait(set, a1, timeout)
+        }
+        222 => {
+            // timer_create(clock, sigevent, id): every clock counts guest time.
+            if !matches!(a0, 0..=7 | 9 | 11) {
+                return Err(EINVAL);
+            }
+            let (value, sig, notify) = if a1 == 0 {
+                (0, sigabi::SIGALRM, crate::signal::Notify::Process)
+            } else {
+                let (value, sig, how, tid): (u64, i32, i32, i32) =
+                    (get(a1)?, get(a1 + 8)?, get(a1 + 12)?, get(a1 + 16)?);
+                let notify = match how {
+                    0 => crate::signal::Notify::Process,
+                    1 => crate::signal::Notify::None,
+                    // SIGEV_THREAD_ID (musl's SIGEV_THREAD runs on it).
+                    4 if u32::try_from(tid).ok().and_then(|t| threads().slot_of(t)).is_some() => {
+                        crate::signal::Notify::Thread(tid as u32)
+                    }
+                    _ => return Err(EINVAL),
+                };
+                if notify != crate::signal::Notify::None && !(1..=64).contains(&sig) {
+                    return Err(EINVAL);
+                }
+                (value, sig as u64, notify)
+            };
+            let id = crate::signal::timer_create(a0, notify, sig, value).ok_or(EAGAIN)?;
+            if let Err(e) = put(a2, id as i32) {
+                crate::signal::timer_delete(id);
+                return Err(e);
+            }
+            Ok(0)
+        }
+        223 => {
+            // timer_settime(id, flags, new, old): TIMER_ABSTIME = 1.
+            let [isec, insec, vsec, vnsec]: [i64; 4] = get(a2)?;
+            let interval = timespec_parts(isec, insec)?;
+            let value = timespec_parts(vsec, vnsec)?;
+            let old = crate::signal::timer_settime(a0, a1 & 1 != 0, value, interval).ok_or(EINVAL)?;
+            if a3 != 0 {
+                put_itimerspec(a3, old)?;
+            }
+            Ok(0)
+        }
+        224 => {
+            let now = crate::signal::timer_gettime(a0).ok_or(EINVAL)?;
+            put_itimerspec(a1, now)?;
+            Ok(0)
+        }
+        225 => crate::signal::timer_getoverrun(a0).map(|n| n as i64).ok_or(EINVAL),
+        226 => crate::signal::timer_delete(a0 as usize).then_some(0).ok_or(EINVAL),
         131 => {
             // sigaltstack(ss, old_ss): the current thread's, at the program's RSP.
             let (current, rsp) = (threads().current().altstack, frame.rsp);
