@@ -1,11 +1,12 @@
 //! Signal delivery (docs/linux-personality.md, "Signals").
 //!
-//! Signals come from three places: the operator's shutdown request (ftvm's SIGTERM or `ftvm
+//! Signals come from four places: the operator's shutdown request (ftvm's SIGTERM or `ftvm
 //! ctl shutdown`, Ctrl+Alt+Del on the keyboard, [`ftvm_guest_kit::shutdown`]), which becomes one
-//! SIGTERM for the program; `kill`/`tkill`/`tgkill` of the program itself; and its interval
-//! timers (`setitimer`, `alarm`: SIGALRM, SIGVTALRM, SIGPROF), which count guest time. All are
-//! looked at only at guest-visible points (a system-call return, a scheduler pass), so where a
-//! signal lands depends only on the guest's logged inputs.
+//! SIGTERM for the program; `kill`/`tkill`/`tgkill` of the program itself; its timers
+//! (`setitimer`, `alarm`: SIGALRM, SIGVTALRM, SIGPROF; `timer_create`), which count guest time;
+//! and a forked child's end (SIGCHLD). All are looked at only at guest-visible points (a
+//! system-call return, a scheduler pass), so where a signal lands depends only on the guest's
+//! logged inputs.
 //!
 //! As on Linux, a process-directed signal (kill, the timers, the operator's) is pending for the
 //! process and goes to the main thread unless it blocks it, else to the first thread by tid
@@ -32,9 +33,12 @@
 //! - SIG_DFL of a signal not ignored: the program ends as Linux's "killed by signal N": the
 //!   console says so and the exit status is 128 + N (143 for SIGTERM), what a shell reports.
 //!
+//! `siginfo` says who sent the signal (SI_USER, SI_TKILL, SI_KERNEL for an interval timer,
+//! SI_TIMER for a POSIX timer, SIGCHLD's CLD_*); `rt_sigtimedwait` takes a signal of its set.
+//!
 //! Not done: a program computing without system calls takes its signals at its next system
 //! call (nothing preempts it); realtime signals are not queued (one pending instance each, as
-//! the standard ones); `siginfo` always says SI_USER from pid 1 (a timer's too).
+//! the standard ones, with the first sender's `siginfo`); no sigqueue, no signalfd.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
