@@ -1345,12 +1345,29 @@ int main(void) {
     e = errno;
     printf("posix timer: created %d, %d signals, SI_TIMER with its value %d, interval %ld ms, then %d %s\n", created,
            got, timer_info, cur2.it_interval.tv_nsec / 1000000, r, e == EAGAIN ? "EAGAIN" : strerror(e));
+
+    /* 12. epoll_pwait's mask: a blocked SIGUSR1 it lets through ends a wait, not a poll. */
+    sigset_t u1;
+    sigemptyset(&u1);
+    sigaddset(&u1, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &u1, 0);
+    usr1 = 0;
+    pthread_kill(pthread_self(), SIGUSR1);
+    int polled = epoll_pwait(ep, &ev, 1, 0, &none);
+    sigpending(&pending);
+    int still = sigismember(&pending, SIGUSR1);
+    errno = 0;
+    r = epoll_pwait(ep, &ev, 1, 1000, &none);
+    e = errno;
+    pthread_sigmask(SIG_BLOCK, 0, &now);
+    printf("epoll_pwait: polled %d, still pending %d; waited %d %s, handled %d, blocked again %d\n", polled, still, r,
+           e == EINTR ? "EINTR" : strerror(e), (int)usr1, sigismember(&now, SIGUSR1));
     return 3;
 }
 "#;
 
 /// What SIGNALS_PROGRAM prints when every check holds.
-const SIGNALS_EXPECTED: [&str; 15] = [
+const SIGNALS_EXPECTED: [&str; 16] = [
     "read: -1 EINTR, handled 1\n",
     "restart: read 5 'hello', handled 1, after the write 1\n",
     "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
@@ -1364,6 +1381,7 @@ const SIGNALS_EXPECTED: [&str; 15] = [
     "altstack: handler on it 1\n",
     "sigchld: handled 1, status 4\n",
     "posix timer: created 0, 3 signals, SI_TIMER with its value 1, interval 30 ms, then -1 EAGAIN\n",
+    "epoll_pwait: polled 0, still pending 1; waited -1 EINTR, handled 1, blocked again 1\n",
     "linux: exit status 3\n",
     "nanosleep rem: ",
 ];

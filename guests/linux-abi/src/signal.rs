@@ -456,6 +456,14 @@ fn restartable(rax: i64) -> bool {
     matches!(-rax, ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK)
 }
 
+/// Whether `rax` says a signal interrupted the call (EINTR or a restart code). A call that ran
+/// under a mask of its own (ppoll, epoll_pwait, sigsuspend, sigtimedwait) and was not
+/// interrupted gets its old mask back before any signal is taken, as Linux's
+/// `restore_saved_sigmask_unless` does: what the old mask blocks waits.
+pub fn interrupted_result(rax: i64) -> bool {
+    rax == -EINTR || restartable(rax)
+}
+
 /// Linux's `handle_signal` fix-up: the result `rax` of a call interrupted by a signal whose
 /// handler (with `sa_flags`) runs now.
 pub fn after_handler(rax: i64, sa_flags: u64) -> Resume {
@@ -633,6 +641,8 @@ mod tests {
             assert_eq!(without_handler(r(e)), Resume::Restart);
         }
         assert_eq!(without_handler(-4), Resume::Return(-4));
+        assert!(interrupted_result(-EINTR) && interrupted_result(r(ERESTARTNOHAND)));
+        assert!(!interrupted_result(0) && !interrupted_result(-11) && !interrupted_result(3));
     }
 
     #[test]

@@ -366,6 +366,12 @@ pub fn interrupted() -> bool {
 pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
     poll();
     let rax = if nr == u64::MAX { 0 } else { frame.rax as i64 };
+    if !abi::interrupted_result(rax) {
+        let t = crate::sched().current();
+        if let Some(mask) = t.saved_mask.take() {
+            t.sigmask = mask;
+        }
+    }
     loop {
         let t = crate::sched().current();
         let Some((sig, own)) = abi::next_signal(t.pending, process().pending, t.sigmask) else { break };
