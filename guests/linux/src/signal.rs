@@ -41,7 +41,7 @@
 //! the standard ones, with the first sender's `siginfo`); no sigqueue, no signalfd.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use alloc::vec::Vec;
 use ftvm_guest_kit::println;
@@ -358,12 +358,24 @@ pub fn interrupted() -> bool {
     false
 }
 
+/// The count of `crate::entry::TRAPPED` the last system call saw.
+static TRAPPED_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the system call being entered came through a real `syscall` instruction (not a
+/// rewritten site's trampoline): the entry counted it just before. Called once per entry.
+pub fn entered_by_syscall() -> bool {
+    let now = crate::entry::TRAPPED.load(Ordering::Relaxed);
+    TRAPPED_SEEN.swap(now, Ordering::Relaxed) != now
+}
+
 /// At the return of system call `nr` of `frame` (its result in RAX): takes the pending signals
 /// the mask lets through until one runs a handler (or ends the program), and turns an internal
 /// restart code into EINTR or a restart. Returns true when the call must run again now (no
 /// handler ran); RAX is then `nr` again. `nr` u64::MAX: not a call's result (`rt_sigreturn`
-/// put back the interrupted RAX), left alone.
-pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
+/// put back the interrupted RAX), left alone. `trapped`: the call came through a real
+/// `syscall` (at RIP - 2), which a restart after a handler re-executes, as Linux rewinds it;
+/// a rewritten site's call restarts at `rt_sigreturn` instead (the frame's restart mark).
+pub fn on_return(frame: &mut Frame, nr: u64, trapped: bool) -> bool {
     poll();
     let rax = if nr == u64::MAX { 0 } else { frame.rax as i64 };
     if !abi::interrupted_result(rax) {
@@ -399,6 +411,11 @@ pub fn on_return(frame: &mut Frame, nr: u64) -> bool {
             Resume::Return(_) if nr == u64::MAX => false,
             Resume::Return(value) => {
                 frame.rax = value as u64;
+                false
+            }
+            Resume::Restart if trapped => {
+                frame.rax = nr;
+                frame.rip -= 2;
                 false
             }
             Resume::Restart => {

@@ -1050,6 +1050,7 @@ fn rlimit(resource: u64) -> (u64, u64) {
 /// SA_RESTART handler's frame).
 #[no_mangle]
 extern "C" fn linux_syscall(frame: &mut Frame) {
+    let mut trapped = crate::signal::entered_by_syscall();
     loop {
         let mut nr = frame.rax;
         count(nr);
@@ -1059,13 +1060,15 @@ extern "C" fn linux_syscall(frame: &mut Frame) {
             Err(errno) => (-errno) as u64,
         };
         if let Some(restart) = crate::signal::take_restart() {
+            // A restart mark: the call was a rewritten site's (a real `syscall` is rewound).
             nr = restart;
+            trapped = false;
             frame.rax = (-sigabi::ERESTARTNOINTR) as u64;
         } else if nr == 15 {
             // rt_sigreturn: RAX is the interrupted context's, not a result to look at.
             nr = u64::MAX;
         }
-        if !crate::signal::on_return(frame, nr) {
+        if !crate::signal::on_return(frame, nr, trapped) {
             return;
         }
     }
