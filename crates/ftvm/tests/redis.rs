@@ -1448,7 +1448,10 @@ fn redis_s_watchdog_gets_its_sigalrm_and_redis_keeps_serving() {
     // it from running, so the timer expires: SIGALRM to the main thread (the bio threads block
     // it), whose handler logs the report; the sleep ends early with EINTR, as on Linux.
     assert_eq!(net.cli(&["CONFIG", "SET", "watchdog-period", "200"]), "OK");
+    let start = Instant::now();
     assert_eq!(net.cli(&["DEBUG", "SLEEP", "1"]), "OK");
+    let slept = start.elapsed();
+    assert!(slept < Duration::from_millis(900), "DEBUG SLEEP's nanosleep was not cut short: {slept:?}");
     wait_for(&console, "--- WATCHDOG TIMER EXPIRED ---", "the watchdog's report");
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("Sorry: no support for backtrace()"), "{text}");
