@@ -337,6 +337,8 @@ pub struct Restored {
     pub mask: u64,
     /// The interrupted system call (the number in `regs.rax`) restarts.
     pub restart: bool,
+    /// `uc_stack`: the alternate stack to put back (Linux's `restore_altstack`).
+    pub stack: AltStack,
 }
 
 /// What `rt_sigreturn` restores, read from the `ucontext` at `uc` (`buf` holds the bytes from
@@ -351,6 +353,7 @@ pub fn restore(buf: &[u8]) -> Restored {
         fpstate: word(buf, UC_MCONTEXT + SC_FPSTATE),
         mask: word(buf, UC_SIGMASK),
         restart: word(buf, UC_MCONTEXT + SC_RESERVED) == RESTART_MARK,
+        stack: AltStack { sp: word(buf, 16), flags: word(buf, 24) & 0xffff_ffff, size: word(buf, 32) },
     }
 }
 
@@ -608,7 +611,13 @@ mod tests {
         assert!(buf[fp + 464..fp + 512].iter().all(|&b| b == 0));
         assert_eq!(word(uc, 24), SS_DISABLE, "uc_stack.ss_flags: no alternate stack");
         let back = restore(uc);
-        assert_eq!(back, Restored { regs: regs(), fpstate: l.fpstate, mask: 0x4000, restart: false });
+        assert_eq!(
+            back,
+            Restored { regs: regs(), fpstate: l.fpstate, mask: 0x4000, restart: false, stack: AltStack::DISABLED }
+        );
+        let on = AltStack { sp: 0x10_0000, flags: SS_ONSTACK, size: 0x4000 };
+        build(&l, &mut buf, &regs(), &fx, &Delivery { stack: on, ..d });
+        assert_eq!(restore(&buf[8..]).stack, on, "uc_stack read back");
         // A restart: the mark in sigcontext's first reserved word, read back.
         build(&l, &mut buf, &regs(), &fx, &Delivery { restart: true, ..d });
         assert_eq!(word(&buf[8..], 40 + 192), RESTART_MARK);

@@ -510,6 +510,7 @@ fn deliver(frame: &mut Frame, l: &abi::Layout, d: &abi::Delivery) -> Result<(), 
 /// Restores every register, the x87/SSE state and the mask; returns the interrupted RAX (a
 /// system call to restart: its number, and [`take_restart`] says so).
 pub fn sigreturn(frame: &mut Frame) -> Result<i64, i64> {
+    let sigreturn_rsp = frame.rsp;
     let uc = crate::sys::user(frame.rsp, abi::UCONTEXT_SIZE)?;
     let back = abi::restore(uc);
     let r = back.regs;
@@ -538,5 +539,10 @@ pub fn sigreturn(frame: &mut Frame) -> Result<i64, i64> {
     let t = crate::sched().current();
     t.sigmask = back.mask & !abi::UNBLOCKABLE;
     t.restart = back.restart.then_some(r.rax);
+    // `uc_stack` becomes the alternate stack again, unless the thread is on the current one (at
+    // the RSP of the call): Linux's `restore_altstack`, which squashes the errors too.
+    if let Ok(stack) = abi::set_altstack(&t.altstack, sigreturn_rsp, back.stack) {
+        t.altstack = stack;
+    }
     Ok(r.rax as i64)
 }
