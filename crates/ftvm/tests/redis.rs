@@ -1362,12 +1362,36 @@ int main(void) {
     pthread_sigmask(SIG_BLOCK, 0, &now);
     printf("epoll_pwait: polled %d, still pending %d; waited %d %s, handled %d, blocked again %d\n", polled, still, r,
            e == EINTR ? "EINTR" : strerror(e), (int)usr1, sigismember(&now, SIGUSR1));
+
+    /* 13. sigqueue: a realtime signal is queued, each instance with its value, in order; a
+       standard one is pending once. */
+    int rt = SIGRTMIN + 2;
+    sigset_t q;
+    sigemptyset(&q);
+    sigaddset(&q, rt);
+    sigaddset(&q, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &q, 0);
+    for (int v = 1; v <= 3; v++) sigqueue(getpid(), rt, (union sigval){.sival_int = v});
+    sigqueue(getpid(), SIGUSR1, (union sigval){.sival_int = 7});
+    sigqueue(getpid(), SIGUSR1, (union sigval){.sival_int = 8});
+    /* The lowest number first: SIGUSR1 (10), then the realtime one's three. */
+    siginfo_t si1;
+    int first = sigwaitinfo(&q, &si1) == SIGUSR1 ? si1.si_value.sival_int : -1;
+    int values = 0, queued_code = si1.si_code == SI_QUEUE;
+    for (int i = 0; i < 3; i++) {
+        siginfo_t si;
+        if (sigwaitinfo(&q, &si) == rt) values = values * 10 + si.si_value.sival_int;
+        queued_code &= si.si_code == SI_QUEUE && si.si_pid == getpid();
+    }
+    sigpending(&pending);
+    printf("sigqueue: values %d in order, SI_QUEUE from us %d; SIGUSR1 once, value %d, more %d\n", values, queued_code,
+           first, sigismember(&pending, SIGUSR1));
     return 3;
 }
 "#;
 
 /// What SIGNALS_PROGRAM prints when every check holds.
-const SIGNALS_EXPECTED: [&str; 16] = [
+const SIGNALS_EXPECTED: [&str; 17] = [
     "read: -1 EINTR, handled 1\n",
     "restart: read 5 'hello', handled 1, after the write 1\n",
     "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
@@ -1382,6 +1406,7 @@ const SIGNALS_EXPECTED: [&str; 16] = [
     "sigchld: handled 1, status 4\n",
     "posix timer: created 0, 3 signals, SI_TIMER with its value 1, interval 30 ms, then -1 EAGAIN\n",
     "epoll_pwait: polled 0, still pending 1; waited -1 EINTR, handled 1, blocked again 1\n",
+    "sigqueue: values 123 in order, SI_QUEUE from us 1; SIGUSR1 once, value 7, more 0\n",
     "linux: exit status 3\n",
     "nanosleep rem: ",
 ];

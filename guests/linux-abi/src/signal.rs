@@ -9,6 +9,8 @@
 //! placed so that at the handler's entry RSP + 8 is 16-byte aligned, as after a `call`.
 //! The handler gets RDI = signal number, RSI = &siginfo, RDX = &ucontext, RAX = 0.
 
+use alloc::collections::VecDeque;
+
 /// The registers of the interrupted context, in `struct sigcontext` order (r8 ... rip, eflags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Regs {
@@ -375,6 +377,81 @@ pub fn bit(sig: u64) -> u64 {
 /// The RFLAGS bits a sigreturn may change (Linux's FIX_EFLAGS: CF PF AF ZF SF TF DF OF, RF
 /// AC ID and the rest of the arithmetic flags); IF and IOPL stay as they are.
 pub const USER_EFLAGS: u64 = 0x0001 | 0x0004 | 0x0010 | 0x0040 | 0x0080 | 0x0100 | 0x0400 | 0x0800 | 0x40000 | 0x200000;
+
+/// The first realtime signal (Linux's SIGRTMIN; musl keeps 32-34 for itself).
+pub const SIGRTMIN: u64 = 32;
+/// The most realtime signals one pending set queues (Linux's RLIMIT_SIGPENDING is per user and
+/// larger; one process here).
+pub const QUEUE_MAX: usize = 1024;
+
+/// A pending set, a thread's or the process's: a standard signal is pending once, with its first
+/// sender's `siginfo`; a realtime one is queued, each instance with its own, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    bits: u64,
+    info: [Info; 31],
+    queue: VecDeque<(u64, Info)>,
+}
+
+impl Default for Pending {
+    fn default() -> Pending {
+        Pending::new()
+    }
+}
+
+impl Pending {
+    pub const fn new() -> Pending {
+        const NONE: Info = Info { code: 0, a: 0, b: 0, c: 0 };
+        Pending { bits: 0, info: [NONE; 31], queue: VecDeque::new() }
+    }
+
+    /// The signals pending (bit `sig - 1`).
+    pub fn bits(&self) -> u64 {
+        self.bits
+    }
+
+    /// `sig` sent with `info`. A realtime signal beyond [`QUEUE_MAX`] is still pending, without
+    /// its `siginfo`, when kill sent it (SI_USER), and refused otherwise (false: sigqueue's
+    /// EAGAIN), as Linux's `__send_signal` does.
+    pub fn add(&mut self, sig: u64, info: Info) -> bool {
+        if sig < SIGRTMIN {
+            if self.bits & bit(sig) == 0 {
+                self.info[(sig - 1) as usize] = info;
+            }
+        } else if self.queue.len() < QUEUE_MAX {
+            self.queue.push_back((sig, info));
+        } else if info.code != SI_USER {
+            return false;
+        }
+        self.bits |= bit(sig);
+        true
+    }
+
+    /// Takes one instance of `sig` (None: not pending): its `siginfo`.
+    pub fn take(&mut self, sig: u64) -> Option<Info> {
+        if self.bits & bit(sig) == 0 {
+            return None;
+        }
+        if sig < SIGRTMIN {
+            self.bits &= !bit(sig);
+            return Some(self.info[(sig - 1) as usize]);
+        }
+        let info = match self.queue.iter().position(|&(s, _)| s == sig) {
+            Some(i) => self.queue.remove(i).map_or(Info::default(), |(_, info)| info),
+            None => Info::default(),
+        };
+        if !self.queue.iter().any(|&(s, _)| s == sig) {
+            self.bits &= !bit(sig);
+        }
+        Some(info)
+    }
+
+    /// Drops every instance of `sig` (it became ignored).
+    pub fn discard(&mut self, sig: u64) {
+        self.bits &= !bit(sig);
+        self.queue.retain(|&(s, _)| s != sig);
+    }
+}
 
 /// The signals no mask blocks.
 pub const UNBLOCKABLE: u64 = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1));
@@ -771,4 +848,34 @@ mod tests {
         assert_eq!(siginfo(SIGUSR1_FOR_TEST, &Info::tkill(1))[8..12], SI_TKILL.to_le_bytes());
     }
     const SIGUSR1_FOR_TEST: u64 = 10;
+
+    #[test]
+    fn standard_signals_are_pending_once_realtime_ones_queued() {
+        let mut p = Pending::new();
+        assert!(p.add(SIGTERM, Info::user(3)));
+        assert!(p.add(SIGTERM, Info::user(4)));
+        assert_eq!(p.bits(), bit(SIGTERM));
+        assert_eq!(p.take(SIGTERM), Some(Info::user(3)), "the first sender's");
+        assert_eq!(p.take(SIGTERM), None);
+        let rt = SIGRTMIN + 3;
+        for v in 0..3 {
+            assert!(p.add(rt, Info { code: -1, a: 1, b: 0, c: v }));
+        }
+        assert_eq!(p.bits(), bit(rt));
+        assert_eq!(p.take(rt).map(|i| i.c), Some(0));
+        assert_eq!(p.take(rt).map(|i| i.c), Some(1));
+        assert_eq!(p.bits(), bit(rt), "one left");
+        assert_eq!(p.take(rt).map(|i| i.c), Some(2));
+        assert_eq!(p.bits(), 0);
+        // Beyond the limit: kill's instance still pending (no siginfo), sigqueue's refused.
+        for _ in 0..QUEUE_MAX {
+            assert!(p.add(rt, Info::user(1)));
+        }
+        assert!(!p.add(rt + 1, Info { code: -1, ..Info::default() }));
+        assert!(p.add(rt + 1, Info::user(1)));
+        assert_eq!(p.bits(), bit(rt) | bit(rt + 1));
+        assert_eq!(p.take(rt + 1), Some(Info::default()));
+        p.discard(rt);
+        assert_eq!(p.bits(), 0);
+    }
 }

@@ -66,7 +66,7 @@ struct Parent {
     /// The forking thread's blocked mask and pending signals (the child's thread, in the same
     /// slot, keeps the mask and starts with none pending).
     sigmask: u64,
-    thread_pending: u64,
+    thread_pending: linux_abi::signal::Pending,
     altstack: linux_abi::signal::AltStack,
     /// The parent's process-wide signal state: pending signals, interval timers.
     signals: crate::signal::Process,

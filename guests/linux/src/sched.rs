@@ -9,7 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_kit::time;
-use linux_abi::signal::{AltStack, Info};
+use linux_abi::signal::{AltStack, Pending};
 
 use crate::entry::{self, Frame};
 
@@ -53,10 +53,8 @@ pub struct Thread {
     /// The mask to put back when the system call in progress ends (`rt_sigsuspend`,
     /// `epoll_pwait`, `ppoll` wait under a mask of their own), or that a handler's frame saves.
     pub saved_mask: Option<u64>,
-    /// Signals sent to this thread (`tkill`, `tgkill`) and not taken yet, and what their
-    /// `siginfo` says (index `sig - 1`).
-    pub pending: u64,
-    pub siginfo: [Info; 64],
+    /// Signals sent to this thread (`tkill`, `tgkill`) and not taken yet.
+    pub pending: Pending,
     /// Its alternate signal stack (`sigaltstack`).
     pub altstack: AltStack,
     /// The system call `rt_sigreturn` restarts (its frame said so: SA_RESTART).
@@ -96,8 +94,7 @@ impl Sched {
                 frozen: false,
                 sigmask: 0,
                 saved_mask: None,
-                pending: 0,
-                siginfo: [Info::default(); 64],
+                pending: Pending::new(),
                 altstack: AltStack::DISABLED,
                 restart: None,
             }],
@@ -202,8 +199,7 @@ impl Sched {
             frozen: false,
             sigmask,
             saved_mask: None,
-            pending: 0,
-            siginfo: [Info::default(); 64],
+            pending: Pending::new(),
             altstack: AltStack::DISABLED,
             restart: None,
         };

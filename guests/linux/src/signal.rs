@@ -36,25 +36,25 @@
 //! `siginfo` says who sent the signal (SI_USER, SI_TKILL, SI_KERNEL for an interval timer,
 //! SI_TIMER for a POSIX timer, SIGCHLD's CLD_*); `rt_sigtimedwait` takes a signal of its set.
 //!
+//! A standard signal is pending once, a realtime one queued (`linux_abi::signal::Pending`);
+//! `rt_sigqueueinfo` (sigqueue) sends one with the caller's `siginfo`.
+//!
 //! Not done: a program computing without system calls takes its signals at its next system
-//! call (nothing preempts it); realtime signals are not queued (one pending instance each, as
-//! the standard ones, with the first sender's `siginfo`); no sigqueue, no signalfd.
+//! call (nothing preempts it); no signalfd; hardware exceptions do not become signals.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use alloc::vec::Vec;
 use ftvm_guest_kit::println;
-use linux_abi::signal::{self as abi, Action, ITimer, Info, Regs, Resume};
+use linux_abi::signal::{self as abi, Action, ITimer, Info, Pending, Regs, Resume};
 
 use crate::entry::Frame;
 
 /// The process's signal state: what fork sets aside for its child.
 pub struct Process {
-    /// Signals sent to the process and not taken yet (bit `sig - 1`), and what their
-    /// `siginfo` says (the first sender's: a standard signal is pending once).
-    pub pending: u64,
-    pub info: [Info; 64],
+    /// Signals sent to the process and not taken yet.
+    pub pending: Pending,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF (all three count guest time).
     pub timers: [ITimer; 3],
     /// POSIX timers (`timer_create`), by id.
@@ -63,9 +63,8 @@ pub struct Process {
 
 impl Process {
     const fn new() -> Process {
-        const NO_INFO: Info = Info { code: 0, a: 0, b: 0, c: 0 };
         const DISARMED: ITimer = ITimer { next: None, interval: 0 };
-        Process { pending: 0, info: [NO_INFO; 64], timers: [DISARMED; 3], posix: Vec::new() }
+        Process { pending: Pending::new(), timers: [DISARMED; 3], posix: Vec::new() }
     }
 }
 
@@ -126,51 +125,51 @@ fn ignored(sig: u64) -> bool {
     abi::action(sig, sigaction(sig)[0]) == Action::Ignore
 }
 
-/// Sends `sig` to the process (kill of itself, a timer, the operator), saying `info`: pending
-/// for the process; the thread it goes to is woken if it waits.
-pub fn raise(sig: u64, info: Info) {
+/// Sends `sig` to the process (kill of itself, a timer, the operator, sigqueue), saying `info`:
+/// pending for the process; the thread it goes to is woken if it waits. False: a realtime
+/// signal the queue had no room for (sigqueue's EAGAIN).
+pub fn raise(sig: u64, info: Info) -> bool {
     let s = crate::sched();
     let targets = s.signal_targets(crate::fork::pid());
     // Dropped at once if ignored, unless the main thread blocks it (Linux's `sig_ignored`).
     let main_blocks = targets.first().is_some_and(|&(_, m)| m & abi::bit(sig) != 0);
     if ignored(sig) && !main_blocks {
-        return;
+        return true;
     }
-    let p = process();
-    if p.pending & abi::bit(sig) == 0 {
-        p.info[(sig - 1) as usize] = info;
+    if !process().pending.add(sig, info) {
+        return false;
     }
-    p.pending |= abi::bit(sig);
     let masks: alloc::vec::Vec<u64> = targets.iter().map(|&(_, m)| m).collect();
     if let Some(i) = abi::pick_thread(&masks, sig) {
         s.interrupt(targets[i].0);
     }
+    true
 }
 
 /// Sends `sig` to the thread in slot `slot` (tkill, tgkill, a POSIX timer's SIGEV_THREAD_ID),
-/// saying `info`.
-pub fn raise_thread(slot: usize, sig: u64, info: Info) {
+/// saying `info`. False as for [`raise`].
+pub fn raise_thread(slot: usize, sig: u64, info: Info) -> bool {
     let s = crate::sched();
     let t = &mut s.threads[slot];
     let blocked = t.sigmask & !abi::UNBLOCKABLE & abi::bit(sig) != 0;
     if ignored(sig) && !blocked {
-        return;
+        return true;
     }
-    if t.pending & abi::bit(sig) == 0 {
-        t.siginfo[(sig - 1) as usize] = info;
+    if !t.pending.add(sig, info) {
+        return false;
     }
-    t.pending |= abi::bit(sig);
     if !blocked {
         s.interrupt(slot);
     }
+    true
 }
 
 /// `rt_sigaction` set `sig` to be ignored: its pending instances go (POSIX, Linux).
 pub fn discard(sig: u64) {
     if ignored(sig) {
-        process().pending &= !abi::bit(sig);
+        process().pending.discard(sig);
         for t in &mut crate::sched().threads {
-            t.pending &= !abi::bit(sig);
+            t.pending.discard(sig);
         }
     }
 }
@@ -178,7 +177,7 @@ pub fn discard(sig: u64) {
 /// The pending signals blocked by the current thread (`rt_sigpending`).
 pub fn pending_blocked() -> u64 {
     let t = crate::sched().current();
-    (t.pending | process().pending) & t.sigmask
+    (t.pending.bits() | process().pending.bits()) & t.sigmask
 }
 
 /// The process's signal state, taken (a fork: the child starts with nothing pending and no
@@ -292,7 +291,11 @@ pub fn poll() {
         let info = Info::timer(id as u32, (n - 1).min(i32::MAX as u64) as u32, t.value);
         match notify {
             Notify::None => {}
-            Notify::Process => raise(sig, info),
+            // A full queue loses the expiry (Linux keeps one slot per timer and counts it as
+            // an overrun).
+            Notify::Process => {
+                raise(sig, info);
+            }
             Notify::Thread(tid) => {
                 if let Some(slot) = crate::sched().slot_of(tid) {
                     raise_thread(slot, sig, info);
@@ -314,15 +317,9 @@ pub fn sigtimedwait(set: u64, info_ptr: u64, timeout: Option<u64>) -> Result<i64
     let old = crate::sched().current().sigmask;
     loop {
         let t = crate::sched().current();
-        if let Some((sig, own)) = abi::next_signal(t.pending & set, process().pending & set, 0) {
+        if let Some((sig, own)) = abi::next_signal(t.pending.bits() & set, process().pending.bits() & set, 0) {
             t.sigmask = old;
-            let info = if own {
-                t.pending &= !abi::bit(sig);
-                t.siginfo[(sig - 1) as usize]
-            } else {
-                process().pending &= !abi::bit(sig);
-                process().info[(sig - 1) as usize]
-            };
+            let info = take(sig, own);
             if info_ptr != 0 {
                 crate::sys::user(info_ptr, abi::SIGINFO_SIZE)?.copy_from_slice(&abi::siginfo(sig, &info));
             }
@@ -343,11 +340,17 @@ pub fn sigtimedwait(set: u64, info_ptr: u64, timeout: Option<u64>) -> Result<i64
     }
 }
 
+/// Takes one instance of `sig` from the current thread's pending set (`own`) or the process's.
+fn take(sig: u64, own: bool) -> Info {
+    let set = if own { &mut crate::sched().current().pending } else { &mut process().pending };
+    set.take(sig).unwrap_or_default()
+}
+
 /// Whether a signal ends the current thread's wait: one pending for it or the process that its
 /// mask lets through and whose action is not to ignore it.
 pub fn interrupted() -> bool {
     let t = crate::sched().current();
-    let mut ready = (t.pending | process().pending) & !(t.sigmask & !abi::UNBLOCKABLE);
+    let mut ready = (t.pending.bits() | process().pending.bits()) & !(t.sigmask & !abi::UNBLOCKABLE);
     while ready != 0 {
         let sig = u64::from(ready.trailing_zeros()) + 1;
         ready &= !abi::bit(sig);
@@ -386,14 +389,10 @@ pub fn on_return(frame: &mut Frame, nr: u64, trapped: bool) -> bool {
     }
     loop {
         let t = crate::sched().current();
-        let Some((sig, own)) = abi::next_signal(t.pending, process().pending, t.sigmask) else { break };
-        let info = if own {
-            t.pending &= !abi::bit(sig);
-            t.siginfo[(sig - 1) as usize]
-        } else {
-            process().pending &= !abi::bit(sig);
-            process().info[(sig - 1) as usize]
+        let Some((sig, own)) = abi::next_signal(t.pending.bits(), process().pending.bits(), t.sigmask) else {
+            break;
         };
+        let info = take(sig, own);
         let [handler, flags, restorer, sa_mask] = sigaction(sig);
         match abi::action(sig, handler) {
             Action::Ignore => continue,

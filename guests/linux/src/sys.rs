@@ -1287,6 +1287,40 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             let timeout = if a2 != 0 { Some(timespec_ns(a2)?) } else { None };
             crate::signal::sigtimedwait(set, a1, timeout)
         }
+        129 | 297 => {
+            // rt_sigqueueinfo(tgid, sig, info) / rt_tgsigqueueinfo(tgid, tid, sig, info): a
+            // siginfo of the caller's making (sigqueue: SI_QUEUE and a sigval), to itself.
+            let (sig, ptr) = if nr == 129 { (a1, a2) } else { (a2, a3) };
+            if sig > 64 {
+                return Err(EINVAL);
+            }
+            if a0 != u64::from(crate::fork::pid()) {
+                return Err(ESRCH);
+            }
+            let slot = if nr == 297 {
+                Some(u32::try_from(a1).ok().and_then(|t| threads().slot_of(t)).ok_or(ESRCH)?)
+            } else {
+                None
+            };
+            let raw: [u8; 32] = get(ptr)?;
+            let word = |at: usize| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+            let info = sigabi::Info {
+                code: word(8) as i32,
+                a: word(16),
+                b: word(20),
+                c: u64::from(word(24)) | u64::from(word(28)) << 32,
+            };
+            let queued = match (sig, slot) {
+                (0, _) => true,
+                (_, Some(slot)) => crate::signal::raise_thread(slot, sig, info),
+                (_, None) => crate::signal::raise(sig, info),
+            };
+            if queued {
+                Ok(0)
+            } else {
+                Err(EAGAIN)
+            }
+        }
         222 => {
             // timer_create(clock, sigevent, id): every clock counts guest time.
             if !matches!(a0, 0..=7 | 9 | 11) {
