@@ -1133,7 +1133,12 @@ static long tid(void) { return syscall(SYS_gettid); }
 static void on_alarm(int sig) { (void)sig; alarms++; }
 static void on_usr1(int sig) { (void)sig; usr1++; usr1_tid = tid(); }
 static void on_usr2(int sig) { (void)sig; usr2++; usr2_tid = tid(); }
-static volatile sig_atomic_t chld;
+static volatile sig_atomic_t chld, thread_timer;
+static volatile long thread_timer_tid;
+static void on_timer_thread(union sigval v) {
+    thread_timer_tid = syscall(SYS_gettid);
+    thread_timer = v.sival_int;
+}
 static void on_chld(int sig) { (void)sig; chld++; }
 static void on_alt(int sig) {
     char here;
@@ -1386,12 +1391,25 @@ int main(void) {
     sigpending(&pending);
     printf("sigqueue: values %d in order, SI_QUEUE from us %d; SIGUSR1 once, value %d, more %d\n", values, queued_code,
            first, sigismember(&pending, SIGUSR1));
+
+    /* 14. A SIGEV_THREAD timer (musl: a thread of its own, SIGEV_THREAD_ID underneath). */
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD;
+    sev.sigev_notify_function = on_timer_thread;
+    sev.sigev_value.sival_int = 5;
+    created = timer_create(CLOCK_MONOTONIC, &sev, &tm);
+    struct itimerspec once = {{0, 0}, {0, 20000000}};
+    timer_settime(tm, 0, &once, 0);
+    for (int i = 0; i < 100 && !thread_timer; i++) usleep(10000);
+    timer_delete(tm);
+    printf("sigev_thread: created %d, callback ran with %d in another thread %d\n", created, (int)thread_timer,
+           thread_timer_tid != tid());
     return 3;
 }
 "#;
 
 /// What SIGNALS_PROGRAM prints when every check holds.
-const SIGNALS_EXPECTED: [&str; 17] = [
+const SIGNALS_EXPECTED: [&str; 18] = [
     "read: -1 EINTR, handled 1\n",
     "restart: read 5 'hello', handled 1, after the write 1\n",
     "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
@@ -1407,6 +1425,7 @@ const SIGNALS_EXPECTED: [&str; 17] = [
     "posix timer: created 0, 3 signals, SI_TIMER with its value 1, interval 30 ms, then -1 EAGAIN\n",
     "epoll_pwait: polled 0, still pending 1; waited -1 EINTR, handled 1, blocked again 1\n",
     "sigqueue: values 123 in order, SI_QUEUE from us 1; SIGUSR1 once, value 7, more 0\n",
+    "sigev_thread: created 0, callback ran with 5 in another thread 1\n",
     "linux: exit status 3\n",
     "nanosleep rem: ",
 ];

@@ -206,21 +206,21 @@ pub fn timer(which: usize) -> (u64, u64) {
 /// The most POSIX timers a process has at once.
 const MAX_TIMERS: usize = 1024;
 
-/// `timer_create`: a disarmed timer on `clock`; its id (None: too many).
-pub fn timer_create(clock: u64, notify: Notify, sig: u64, value: u64) -> Option<usize> {
-    let t = PosixTimer { timer: ITimer::default(), clock, notify, sig, value, overrun: 0 };
+/// `timer_create`: a disarmed timer on `clock` whose signal carries `value` (None: its id, as
+/// Linux's default); its id (None: too many).
+pub fn timer_create(clock: u64, notify: Notify, sig: u64, value: Option<u64>) -> Option<usize> {
     let timers = &mut process().posix;
-    match timers.iter().position(Option::is_none) {
-        Some(id) => {
-            timers[id] = Some(t);
-            Some(id)
-        }
+    let id = match timers.iter().position(Option::is_none) {
+        Some(id) => id,
         None if timers.len() < MAX_TIMERS => {
-            timers.push(Some(t));
-            Some(timers.len() - 1)
+            timers.push(None);
+            timers.len() - 1
         }
-        None => None,
-    }
+        None => return None,
+    };
+    let value = value.unwrap_or(id as u64);
+    timers[id] = Some(PosixTimer { timer: ITimer::default(), clock, notify, sig, value, overrun: 0 });
+    Some(id)
 }
 
 fn posix_timer(id: u64) -> Option<&'static mut PosixTimer> {

@@ -1326,8 +1326,9 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             if !matches!(a0, 0..=7 | 9 | 11) {
                 return Err(EINVAL);
             }
+            // No sigevent: SIGALRM to the process, the sigval the timer's id (below).
             let (value, sig, notify) = if a1 == 0 {
-                (0, sigabi::SIGALRM, crate::signal::Notify::Process)
+                (None, sigabi::SIGALRM, crate::signal::Notify::Process)
             } else {
                 let (value, sig, how, tid): (u64, i32, i32, i32) =
                     (get(a1)?, get(a1 + 8)?, get(a1 + 12)?, get(a1 + 16)?);
@@ -1343,7 +1344,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 if notify != crate::signal::Notify::None && !(1..=64).contains(&sig) {
                     return Err(EINVAL);
                 }
-                (value, sig as u64, notify)
+                (Some(value), sig as u64, notify)
             };
             let id = crate::signal::timer_create(a0, notify, sig, value).ok_or(EAGAIN)?;
             if let Err(e) = put(a2, id as i32) {
