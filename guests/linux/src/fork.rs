@@ -13,9 +13,11 @@
 //!
 //! When the child ends (`exit_group`, its last thread's `exit`, a fatal signal to itself;
 //! all through `exit_all`), its descriptors close, the copy is written back, the parent's
-//! state is put back, the child becomes a zombie with its status, the parent gets SIGCHLD, and the forking thread
-//! resumes in ring 3 from the parent's saved registers with the child's pid in RAX (on a
-//! reset kernel stack: the child's pending system call is abandoned). `wait4` reaps it.
+//! state is put back, the child becomes a zombie with its status, the parent gets SIGCHLD,
+//! and the forking thread resumes in ring 3 from the parent's saved registers with the
+//! child's pid in RAX (on a reset kernel stack: the child's pending system call is
+//! abandoned). `wait4` reaps it. The child starts with the forking thread's mask and
+//! alternate stack, nothing pending and no timers; the parent's come back when it ends.
 //!
 //! While a child runs nothing of its parent can run, so nothing may wait for it: a pipe
 //! never fills (it grows), and an empty pipe reads as end of file (as if every write end
