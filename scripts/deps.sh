@@ -7,6 +7,7 @@
 #   etcd-server      etcd, the lease arbiter of the pair tests (etcd://HOST:PORT/KEY)
 #   musl-tools       musl-gcc: scripts/fetch-redis.sh builds the real Redis as a static binary
 #   dpkg-dev         dpkg-source: apt-get source (fetch-redis.sh) unpacks Debian's redis source
+#   tcl              tclsh: Redis's own test suite (scripts/redis-suite.sh) against the guest
 # Run as root (apt-get). Idempotent.
 set -euo pipefail
 want=()
@@ -18,6 +19,7 @@ command -v etcd >/dev/null || want+=(etcd-server)
 command -v python3 >/dev/null || want+=(python3)
 command -v musl-gcc >/dev/null || want+=(musl-tools)
 command -v dpkg-source >/dev/null || want+=(dpkg-dev)
+command -v tclsh >/dev/null || want+=(tcl)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive

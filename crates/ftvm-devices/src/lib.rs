@@ -133,4 +133,5 @@ pub mod ports {
     pub const POST: u16 = 0x80;
     pub const COM1: u16 = 0x3f8;
     pub const POWER: u16 = 0x604;
+    pub const PM_TIMER: u16 = 0x608;
 }

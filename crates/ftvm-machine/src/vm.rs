@@ -317,9 +317,39 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Where a fresh live VM's guest clock starts so that the RTC, which shows
+/// `rtc_base_unix` at guest time 0 and counts whole seconds of guest time, turns its
+/// seconds with the host's: the host's wall time now, less the base. A base that is not
+/// the host's recent past (`--rtc-base` some other date) starts the clock at 0, on the
+/// given second exactly. A recording logs every clock read, so its replay needs nothing
+/// of this.
+pub fn guest_clock_start(rtc_base_unix: u64) -> u64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    clock_start_at(now, rtc_base_unix)
+}
+
+fn clock_start_at(now_unix_ns: u128, rtc_base_unix: u64) -> u64 {
+    const AT_MOST: u128 = 60 * 1_000_000_000;
+    match now_unix_ns.checked_sub(u128::from(rtc_base_unix) * 1_000_000_000) {
+        Some(into) if into < AT_MOST => into as u64,
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_clock_starts_where_the_rtc_second_turns_with_the_host() {
+        // 0.25 s into the base second: the RTC turns at guest time 0.75 s, as the host does.
+        assert_eq!(clock_start_at(1_700_000_000_250_000_000, 1_700_000_000), 250_000_000);
+        // A base sampled a little earlier (the recording's header written first).
+        assert_eq!(clock_start_at(1_700_000_003_500_000_000, 1_700_000_000), 3_500_000_000);
+        // Some other date (--rtc-base): exactly that second at guest time 0.
+        assert_eq!(clock_start_at(1_700_000_000_250_000_000, 1_600_000_000), 0);
+        assert_eq!(clock_start_at(1_700_000_000_250_000_000, 1_800_000_000), 0);
+    }
 
     #[test]
     fn disk_options_parse() {

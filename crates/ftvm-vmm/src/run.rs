@@ -342,12 +342,17 @@ impl VcpuThread {
         let rtc = self.rtc_base;
         let mut devices = Devices::new(rtc)?;
         devices.add_virtio(self.virtio, &self.mem)?;
-        let mut events = match (self.events_log, self.backup_source) {
-            (_, Some(source)) => EventSource::replay_from(rtc, source, true),
-            (None, None) => EventSource::live(rtc),
-            (Some(Ok(writer)), None) => EventSource::record(rtc, writer),
-            (Some(Err(reader)), None) => EventSource::replay(rtc, reader),
+        let (mut events, live) = match (self.events_log, self.backup_source) {
+            (_, Some(source)) => (EventSource::replay_from(rtc, source, true), false),
+            (None, None) => (EventSource::live(rtc), true),
+            (Some(Ok(writer)), None) => (EventSource::record(rtc, writer), true),
+            (Some(Err(reader)), None) => (EventSource::replay(rtc, reader), false),
         };
+        if live && self.restore.is_none() {
+            // A fresh boot: the RTC's seconds turn with the host's (a restored state brings
+            // its own clock; a replay reads every clock value from its log).
+            events.resume_clock(&ftvm_events::ClockState { guest_now: crate::vm::guest_clock_start(rtc) });
+        }
         if let Some(rx) = self.input {
             events.attach_console_input(rx);
         }

@@ -459,6 +459,44 @@ fn a_full_data_disk_stops_the_guest_and_keeps_what_was_fsynced() {
 }
 
 #[test]
+fn the_journal_is_compacted_when_it_fills_its_half_of_the_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-compact");
+    let net = Topology::up("rc", 1);
+    // 2 MiB: each fsynced INCR is a sector of journal, so 6000 fill a 1 MiB half several
+    // times over, while the append-only file itself stays under 250 KiB.
+    let disk_arg = blank_disk(&dir, "data.img", 2 << 20);
+    let console = dir.join("console.txt");
+    let vm = redis_serving_on(&net, &disk_arg, &console, "redis-server on a 2 MiB disk", "redis-server");
+    assert_eq!(net.cli(&["SET", "before", "kept"]), "OK");
+    let incrs = 6000;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "yes 'INCR counter' | head -n {incrs} | ip netns exec {}-c redis-cli -h 10.0.0.2 > /dev/null",
+            net.0
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(net.cli(&["GET", "counter"]), incrs.to_string());
+    let text = std::fs::read_to_string(&console).unwrap();
+    let compactions = text.lines().filter(|l| l.starts_with("linux: compacted the journal of /data")).count();
+    assert!(compactions >= 2, "the journal was compacted {compactions} times:\n{text}");
+    assert!(!text.contains("linux: error"), "{text}");
+    // SIGKILL, no shutdown: restarted on the same disk, every acknowledged INCR is there.
+    stop(vm);
+    let console2 = dir.join("console2.txt");
+    let vm = redis_serving_on(&net, &disk_arg, &console2, "redis-server restarted", "redis-server after the restart");
+    assert_eq!(net.cli(&["GET", "counter"]), incrs.to_string());
+    assert_eq!(net.cli(&["GET", "before"]), "kept");
+    assert_eq!(net.cli(&["INCR", "counter"]), (incrs + 1).to_string());
+    stop(vm);
+}
+
+#[test]
 fn real_redis_recorded_under_load_replays_exactly() {
     if !kvm_available() {
         return;
@@ -1641,4 +1679,36 @@ fn the_pair_protects_real_redis_through_a_failover_a_reprotection_and_a_second_f
     let new_err = String::from_utf8_lossy(&out.stderr);
     assert!(new_err.contains("TAKEOVER"), "{new_err}");
     assert!(old_live_err.contains("TAKEOVER") && old_live_err.contains("PROTECTED"), "{old_live_err}");
+}
+
+/// Units of Redis's own test suite that run here in about a minute and a half; the whole
+/// suite (about an hour) is `scripts/redis-suite.sh`, outside the test command.
+const UPSTREAM_UNITS: &[&str] = &[
+    "unit/printver",
+    "unit/auth",
+    "unit/protocol",
+    "unit/keyspace",
+    "unit/info-command",
+    "unit/dump",
+    "unit/type/string",
+    "unit/type/incr",
+    "unit/type/list",
+];
+
+#[test]
+fn redis_s_own_tests_pass_against_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-upstream");
+    let mut cmd = Command::new(repo_root().join("scripts").join("redis-suite.sh"));
+    cmd.env("FTVM", env!("CARGO_BIN_EXE_ftvm")).args(["--prefix", "rup", "--work"]).arg(&*dir).arg("--");
+    for unit in UPSTREAM_UNITS {
+        cmd.args(["--single", unit]);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let console = std::fs::read_to_string(dir.join("console.txt")).unwrap_or_default();
+    assert!(out.status.success(), "Redis's tests against the guest:\n{text}\nconsole:\n{console}");
+    assert!(text.contains("All tests passed"), "{text}");
 }

@@ -32,6 +32,7 @@ pub mod mem;
 pub mod net;
 pub mod pic;
 pub mod pit;
+pub mod pm_timer;
 pub mod port;
 pub mod power;
 pub mod rtc;

@@ -12,6 +12,7 @@ use core::cell::RefCell;
 
 use linux_abi::cpio;
 
+pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFCHR: u32 = 0o020000;

@@ -319,8 +319,8 @@ fn main() {
         too_little_memory(ram_mib);
     }
     let devices = virtio::init_devices();
-    let boot_epoch = epoch_now();
-    vdso::set_clock(boot_epoch, time::ticks());
+    vdso::start_clock(epoch_now);
+    let boot_epoch = vdso::now_ns(0) / 1_000_000_000;
     let mut fs = match fs::Fs::from_cpio(initrd.bytes(), boot_epoch) {
         Ok(fs) => fs,
         Err(error) => fatal(&alloc::format!("initramfs ({} bytes): {error}", initrd.size)),

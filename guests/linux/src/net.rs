@@ -21,7 +21,33 @@ pub struct Net {
     pub sockets: SocketSet<'static>,
     pub config: IpConfig,
     /// Sockets closed by the program, removed when smoltcp is done with them.
-    closing: Vec<SocketHandle>,
+    closing: Vec<Closing>,
+}
+
+/// A socket the program closed. Linux resets a closed connection that had unread data or
+/// receives more (RFC 1122 4.2.2.13): a peer that keeps sending to a server that gave up
+/// on it (Redis after a protocol error) gets an error instead of a window that never
+/// opens again. Here the reset waits until what the program wrote before closing is
+/// acknowledged, so its last reply still arrives, as it does from Linux, which has
+/// usually sent it by then.
+struct Closing {
+    handle: SocketHandle,
+    reset: bool,
+}
+
+/// How long a closed connection may wait for its peer (Linux's `tcp_fin_timeout`).
+const ORPHAN_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+
+/// Discards what arrived on a closed socket; true if there was anything.
+fn discard_unread(s: &mut tcp::Socket<'static>) -> bool {
+    let mut any = false;
+    while let Ok(n) = s.recv(|buf| (buf.len(), buf.len())) {
+        if n == 0 {
+            break;
+        }
+        any = true;
+    }
+    any
 }
 
 fn new_socket() -> tcp::Socket<'static> {
@@ -45,15 +71,26 @@ impl Net {
         let changed = self.iface.poll(knet::now(), &mut self.dev, &mut self.sockets) == PollResult::SocketStateChanged;
         self.dev.flush();
         let sockets = &mut self.sockets;
-        self.closing.retain(|&h| {
-            let s = sockets.get::<tcp::Socket>(h);
+        let mut reset_now = false;
+        self.closing.retain_mut(|closing| {
+            let s = sockets.get_mut::<tcp::Socket>(closing.handle);
             if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
-                sockets.remove(h);
-                false
-            } else {
-                true
+                // An abort's reset went out in the poll above.
+                sockets.remove(closing.handle);
+                return false;
             }
+            closing.reset |= discard_unread(s);
+            if closing.reset && s.send_queue() == 0 {
+                s.abort();
+                reset_now = true;
+            }
+            true
         });
+        if reset_now {
+            // Send the resets now rather than at the next event.
+            self.iface.poll(knet::now(), &mut self.dev, &mut self.sockets);
+            self.dev.flush();
+        }
         changed || self.dev.stats().rx_frames != frames
     }
 
@@ -104,11 +141,14 @@ impl Net {
 
     pub fn close(&mut self, h: SocketHandle) {
         let s = self.sockets.get_mut::<tcp::Socket>(h);
+        let mut reset = false;
         if s.state() == tcp::State::Listen {
             s.abort();
         } else {
+            reset = discard_unread(s);
             s.close();
+            s.set_timeout(Some(ORPHAN_TIMEOUT));
         }
-        self.closing.push(h);
+        self.closing.push(Closing { handle: h, reset });
     }
 }

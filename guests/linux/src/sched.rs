@@ -357,7 +357,13 @@ fn run_others() {
                     crate::exit_all(0);
                 }
                 crate::fork::stuck();
+                crate::vdso::align();
                 time::idle();
+                // Woken (a frame, a tick): the clock is read afresh, so a program that
+                // slept or waited for a request sees the time that passed to within the
+                // PM timer's count, not the tick's. One port read, paid only when the
+                // vCPU had nothing to do.
+                crate::vdso::resample();
             }
         }
     }

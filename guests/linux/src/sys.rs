@@ -1113,6 +1113,7 @@ fn count(nr: u64) {
 }
 
 fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
+    crate::vdso::align();
     let (nr, a0, a1, a2, a3, a4, a5) = (frame.rax, frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9);
     let k = kernel();
     match nr {
@@ -1688,7 +1689,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             if let (Kind::File { node }, Some(disk)) = (&f.kind, k.disk.as_mut()) {
                 if let Some(path) = k.fs.path_of(node) {
                     if disk.covers(&path) {
-                        disk.sync_file(&path, node)?;
+                        disk.sync_file(&k.fs, &path, node)?;
                     }
                 }
             }
@@ -1925,7 +1926,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
 /// Journals a change to `path` when it is in the persisted data directory.
 fn journal(k: &mut Kernel, path: &str, record: Record) -> Result<i64, i64> {
     match k.disk.as_mut() {
-        Some(disk) if disk.covers(path) => disk.commit(&[record]).map(|_| 0),
+        Some(disk) if disk.covers(path) => disk.commit(&k.fs, &[record]).map(|_| 0),
         _ => Ok(0),
     }
 }
@@ -1935,7 +1936,7 @@ fn journal(k: &mut Kernel, path: &str, record: Record) -> Result<i64, i64> {
 fn journal_rename(k: &mut Kernel, from: &str, to: &str) -> Result<i64, i64> {
     let Some(disk) = k.disk.as_mut() else { return Ok(0) };
     match (disk.covers(from), disk.covers(to)) {
-        (true, _) => disk.commit(&[Record::Rename { from: from.into(), to: to.into() }]).map(|_| 0),
+        (true, _) => disk.commit(&k.fs, &[Record::Rename { from: from.into(), to: to.into() }]).map(|_| 0),
         (false, true) => {
             let Some(node) = k.fs.get(to) else { return Ok(0) };
             if node.borrow().is_dir() {
@@ -1946,7 +1947,7 @@ fn journal_rename(k: &mut Kernel, from: &str, to: &str) -> Result<i64, i64> {
                 n.on_disk = false;
                 n.dirty_below = true;
             }
-            disk.sync_file(to, &node).map(|_| 0)
+            disk.sync_file(&k.fs, to, &node).map(|_| 0)
         }
         (false, false) => Ok(0),
     }

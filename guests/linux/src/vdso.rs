@@ -1,8 +1,8 @@
 //! A vDSO: the small ELF image Linux maps into every process (AT_SYSINFO_EHDR) so that
 //! `clock_gettime`, `gettimeofday` and `time` need no system call. musl (and glibc) look
 //! their functions up in it by name; with one, the program reads the guest clock with a
-//! plain call, as the kit's own code does (`time::ticks()`: the PIT tick count the ring-0
-//! timer handler increments, plus the RTC time at boot). Never the TSC.
+//! plain call: the PIT tick count the ring-0 timer handler increments, on a base resampled
+//! from ftvm's PM timer once a tick, plus the RTC time at boot (`start_clock`). Never the TSC.
 //!
 //! A system call costs ~20 us on our KVM (measured with `linux.syscall_probe`), and Redis
 //! asks for the time several times per command: without the vDSO, most of its system calls
@@ -16,27 +16,152 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ftvm_guest_kit::time;
+use ftvm_guest_kit::{pm_timer, time};
 
-/// RTC time at boot (seconds since 1970) and the tick count then.
-static BOOT_EPOCH: AtomicU64 = AtomicU64::new(0);
-static BOOT_TICKS: AtomicU64 = AtomicU64::new(0);
+const NS: u64 = 1_000_000_000;
 
-pub fn set_clock(boot_epoch: u64, boot_ticks: u64) {
-    BOOT_EPOCH.store(boot_epoch, Ordering::Relaxed);
-    BOOT_TICKS.store(boot_ticks, Ordering::Relaxed);
+/// The clock: the guest-time estimate `BASE_NS` at tick `BASE_TICKS`; a read adds the ticks
+/// since. With a PM timer the hook below resamples it once a tick, so ticks that came late
+/// (the host busy) cost nothing for good.
+static BASE_TICKS: AtomicU64 = AtomicU64::new(0);
+static BASE_NS: AtomicU64 = AtomicU64::new(0);
+/// The largest estimate handed out: reads never go back, even when a resample finds the
+/// ticks ran ahead (late ones delivered in a burst).
+static LAST_NS: AtomicU64 = AtomicU64::new(0);
+/// The estimate at boot: the monotonic clocks count from it (from one second).
+static BOOT_NS: AtomicU64 = AtomicU64::new(0);
+/// The wall clock (ns since 1970) less the estimate.
+static WALL_OFFSET_NS: AtomicU64 = AtomicU64::new(0);
+/// What the once-a-tick hook does.
+static HOOK: AtomicU64 = AtomicU64::new(HOOK_NONE);
+const HOOK_NONE: u64 = 0;
+const HOOK_SAMPLE: u64 = 1;
+const HOOK_ALIGN: u64 = 2;
+/// While aligning: 1 + the RTC's seconds last seen (0 before the first look).
+static RTC_SECOND: AtomicU64 = AtomicU64::new(0);
+/// Gives up aligning after this many looks (an RTC that does not count: keep the boot
+/// reading), a little over two seconds of ticks.
+const ALIGN_LOOKS: u64 = 2 * time::TICK_HZ as u64 + 20;
+
+fn ticks_ns(ticks: u64) -> u64 {
+    time::ticks_to_ms(ticks) * 1_000_000
 }
 
-/// The clocks: REALTIME (0, 5 coarse, 8 alarm, 11 TAI) from the RTC at boot plus ticks;
-/// every other clock counts ticks since boot, from one second (some programs take 0 for
-/// "unset"). Resolution: one tick (10 ms).
+/// Starts the clocks; `read_rtc` reads the RTC (seconds since 1970).
+///
+/// With ftvm's PM timer (`ftvm_guest_kit::pm_timer`), the estimate is guest time itself,
+/// and ftvm's RTC shows its base at guest time 0 and counts whole seconds of guest time
+/// (starting the guest clock where those seconds turn with the host's), so the wall clock
+/// is the RTC's reading less the whole seconds of guest time at the reading, plus guest
+/// time: exact. It is set a tick on, since a read gives the time at the last sample or
+/// tick, up to a tick behind: never behind the host's clock, at most 10 ms ahead.
+///
+/// Without one (QEMU microvm), the estimate counts ticks and the RTC's reading at boot may
+/// be up to a second behind; the hook then looks at the RTC's seconds once a tick until
+/// they turn and moves the wall clock there, forward, once, two ticks on (at most 20 ms
+/// ahead, never behind).
+pub fn start_clock(read_rtc: fn() -> u64) {
+    if pm_timer::present() {
+        for _ in 0..3 {
+            let before = pm_timer::guest_ns();
+            let epoch = read_rtc();
+            let after = pm_timer::guest_ns();
+            if before / NS == after / NS {
+                let at = after.max(1);
+                let base = epoch.saturating_sub(before / NS);
+                set(time::ticks(), at, base * NS + ticks_ns(1));
+                HOOK.store(HOOK_SAMPLE, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    let ticks = time::ticks();
+    let at = ticks_ns(ticks).max(1);
+    set(ticks, at, (read_rtc() * NS).saturating_sub(at));
+    RTC_SECOND.store(0, Ordering::Relaxed);
+    HOOK.store(HOOK_ALIGN, Ordering::Relaxed);
+}
+
+/// `wall_offset`: the wall clock less the estimate. (The estimate is the wall clock's
+/// time since guest time 0 with a PM timer; it is added, so the offset is the base.)
+fn set(ticks: u64, estimate: u64, wall_offset: u64) {
+    BASE_TICKS.store(ticks, Ordering::Relaxed);
+    BASE_NS.store(estimate, Ordering::Relaxed);
+    BOOT_NS.store(estimate, Ordering::Relaxed);
+    LAST_NS.store(estimate, Ordering::Relaxed);
+    WALL_OFFSET_NS.store(wall_offset, Ordering::Relaxed);
+}
+
+/// Called at system-call entry and before idling: once a tick, resamples the PM timer
+/// (one port read), or, without one, looks for the RTC's turn until it is seen. One load
+/// and a compare otherwise.
+#[inline]
+pub fn align() {
+    if HOOK.load(Ordering::Relaxed) != HOOK_NONE {
+        once_a_tick();
+    }
+}
+
+#[cold]
+fn once_a_tick() {
+    static LAST_TICK: AtomicU64 = AtomicU64::new(u64::MAX);
+    static LOOKS: AtomicU64 = AtomicU64::new(0);
+    let now = time::ticks();
+    if LAST_TICK.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    if HOOK.load(Ordering::Relaxed) == HOOK_SAMPLE {
+        resample();
+        return;
+    }
+    if LOOKS.fetch_add(1, Ordering::Relaxed) > ALIGN_LOOKS {
+        HOOK.store(HOOK_NONE, Ordering::Relaxed);
+        return;
+    }
+    let Some(second) = ftvm_guest_kit::rtc::second().map(u64::from) else { return };
+    let last = RTC_SECOND.load(Ordering::Relaxed);
+    // The first look only notes the second: the boot reading may be long past (a
+    // journal to load), so a change from it is no turn.
+    if last == 0 || last - 1 == second {
+        RTC_SECOND.store(second + 1, Ordering::Relaxed);
+        return;
+    }
+    // It turned: the wall clock is `second` exactly at some point in the tick before this
+    // one, the first such second at or after the estimate (which can only be behind). Set
+    // two ticks on, as said above.
+    let estimate = estimate();
+    let wall = (WALL_OFFSET_NS.load(Ordering::Relaxed) + estimate) / NS;
+    let turned_to = wall + (second + 60 - wall % 60) % 60;
+    let offset = (turned_to * NS + 2 * ticks_ns(1)).saturating_sub(estimate);
+    WALL_OFFSET_NS.fetch_max(offset, Ordering::Relaxed);
+    HOOK.store(HOOK_NONE, Ordering::Relaxed);
+}
+
+/// With a PM timer, reads the clock now (one port read); without, nothing.
+pub fn resample() {
+    if HOOK.load(Ordering::Relaxed) == HOOK_SAMPLE {
+        BASE_NS.store(pm_timer::guest_ns(), Ordering::Relaxed);
+        BASE_TICKS.store(time::ticks(), Ordering::Relaxed);
+    }
+}
+
+/// The estimate of guest time now, never less than one handed out before.
+#[inline(always)]
+fn estimate() -> u64 {
+    let ns = BASE_NS.load(Ordering::Relaxed) + ticks_ns(time::ticks() - BASE_TICKS.load(Ordering::Relaxed));
+    LAST_NS.fetch_max(ns, Ordering::Relaxed).max(ns)
+}
+
+/// The clocks: REALTIME (0, 5 coarse, 8 alarm, 11 TAI) is the wall clock; every other
+/// clock counts from one second at boot (some programs take 0 for "unset"). Resolution:
+/// one tick (10 ms) between samples.
 #[inline(always)]
 pub fn now_ns(clock: u64) -> u64 {
-    let ns = time::ticks_to_ms(time::ticks() - BOOT_TICKS.load(Ordering::Relaxed)) * 1_000_000;
+    let ns = estimate();
     if matches!(clock, 0 | 5 | 8 | 11) {
-        BOOT_EPOCH.load(Ordering::Relaxed) * 1_000_000_000 + ns
+        WALL_OFFSET_NS.load(Ordering::Relaxed) + ns
     } else {
-        1_000_000_000 + ns
+        NS + ns - BOOT_NS.load(Ordering::Relaxed)
     }
 }
 
