@@ -1175,6 +1175,412 @@ fn sigterm_runs_a_c_program_s_handler_or_its_default_action() {
     }
 }
 
+/// Signals as Linux's (guests/linux/src/signal.rs): EINTR and SA_RESTART for waits a signal
+/// interrupts, nanosleep's time left, per-thread masks and thread-directed signals,
+/// sigsuspend, interval timers, alarm, the alternate stack, SIGCHLD, POSIX timers and
+/// sigtimedwait.
+const SIGNALS_PROGRAM: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t alarms, usr1, usr2, winch;
+static volatile long usr1_tid, usr2_tid, alt_ok;
+static char altstack[16384];
+
+static long ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+static long tid(void) { return syscall(SYS_gettid); }
+static void on_alarm(int sig) { (void)sig; alarms++; }
+static void on_usr1(int sig) { (void)sig; usr1++; usr1_tid = tid(); }
+static void on_usr2(int sig) { (void)sig; usr2++; usr2_tid = tid(); }
+static volatile sig_atomic_t chld, thread_timer;
+static volatile long thread_timer_tid;
+static void on_timer_thread(union sigval v) {
+    thread_timer_tid = syscall(SYS_gettid);
+    thread_timer = v.sival_int;
+}
+static void on_chld(int sig) { (void)sig; chld++; }
+static void on_alt(int sig) {
+    char here;
+    stack_t ss;
+    (void)sig;
+    sigaltstack(0, &ss);
+    alt_ok = &here > altstack && &here < altstack + sizeof altstack && ss.ss_flags == SS_ONSTACK;
+}
+static void handle(int sig, void (*fn)(int), int flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fn;
+    sa.sa_flags = flags;
+    sigaction(sig, &sa, 0);
+}
+static void arm(long first_ms, long every_ms) {
+    struct itimerval it = {{every_ms / 1000, every_ms % 1000 * 1000}, {first_ms / 1000, first_ms % 1000 * 1000}};
+    setitimer(ITIMER_REAL, &it, 0);
+}
+
+static int pipefd[2];
+static void *late_writer(void *arg) {
+    usleep((long)arg * 1000);
+    write(pipefd[1], "hello", 5);
+    return 0;
+}
+static void *late_winch(void *arg) {
+    (void)arg;
+    usleep(50000);
+    kill(getpid(), SIGWINCH);
+    kill(getpid(), SIGCHLD);
+    return 0;
+}
+static volatile long waiter_tid;
+static void *waiter(void *arg) {
+    (void)arg;
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, 0);
+    waiter_tid = tid();
+    while (!usr1 || !usr2) pause();
+    return 0;
+}
+
+int main(void) {
+    char buf[16] = {0};
+    int r, e;
+    pipe(pipefd);
+
+    /* 1. A read on an empty pipe, interrupted by SIGALRM whose handler has no SA_RESTART. */
+    handle(SIGALRM, on_alarm, 0);
+    arm(100, 0);
+    errno = 0;
+    r = read(pipefd[0], buf, sizeof buf);
+    e = errno;
+    printf("read: %d %s, handled %d\n", r, e == EINTR ? "EINTR" : strerror(e), (int)alarms);
+
+    /* 2. The same with SA_RESTART: the read restarts and gets what a thread writes later. */
+    alarms = 0;
+    handle(SIGALRM, on_alarm, SA_RESTART);
+    pthread_t t;
+    pthread_create(&t, 0, late_writer, (void *)300L);
+    arm(100, 0);
+    long t0 = ms();
+    r = read(pipefd[0], buf, sizeof buf);
+    long took = ms() - t0;
+    printf("restart: read %d '%.*s', handled %d, after the write %d\n", r, r > 0 ? r : 0, buf, (int)alarms, took >= 290);
+    pthread_join(t, 0);
+
+    /* 3. nanosleep: EINTR, the time left in rem (SA_RESTART or not). */
+    alarms = 0;
+    arm(100, 0);
+    struct timespec req = {1, 0}, rem = {0, 0};
+    errno = 0;
+    r = nanosleep(&req, &rem);
+    e = errno;
+    long left = rem.tv_sec * 1000 + rem.tv_nsec / 1000000;
+    printf("nanosleep: %d %s, handled %d, rem about 900 ms %d\n", r, e == EINTR ? "EINTR" : strerror(e), (int)alarms,
+           left > 850 && left < 950);
+    printf("nanosleep rem: %ld ms\n", left);
+
+    /* 4. epoll_wait: EINTR even with SA_RESTART. */
+    alarms = 0;
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN};
+    epoll_ctl(ep, EPOLL_CTL_ADD, pipefd[0], &ev);
+    arm(50, 0);
+    errno = 0;
+    r = epoll_wait(ep, &ev, 1, 5000);
+    e = errno;
+    printf("epoll_wait: %d %s, handled %d\n", r, e == EINTR ? "EINTR" : strerror(e), (int)alarms);
+
+    /* 5. Default-ignored signals interrupt nothing. */
+    pthread_create(&t, 0, late_winch, 0);
+    req.tv_sec = 0;
+    req.tv_nsec = 200000000;
+    r = nanosleep(&req, 0);
+    pthread_join(t, 0);
+    printf("ignored: nanosleep %d\n", r);
+
+    /* 6. A process signal the main thread blocks goes to the thread that does not block it;
+       a thread-directed one to that thread; one blocked stays pending for its thread. */
+    handle(SIGUSR1, on_usr1, 0);
+    handle(SIGUSR2, on_usr2, 0);
+    sigset_t set, old;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &set, &old);
+    pthread_create(&t, 0, waiter, 0);
+    while (!waiter_tid) usleep(1000);
+    usleep(20000);
+    kill(getpid(), SIGUSR1);
+    usleep(20000);
+    pthread_kill(t, SIGUSR2);
+    pthread_join(t, 0);
+    printf("threads: usr1 %d in the other thread %d, usr2 %d in it %d\n", (int)usr1, usr1_tid == waiter_tid, (int)usr2,
+           usr2_tid == waiter_tid);
+    usr1 = 0;
+    pthread_kill(pthread_self(), SIGUSR1);
+    sigset_t pending;
+    sigpending(&pending);
+    printf("pending: usr1 %d usr2 %d, handled %d\n", sigismember(&pending, SIGUSR1), sigismember(&pending, SIGUSR2),
+           (int)usr1);
+    /* sigsuspend with SIGUSR1 let through: it runs, then -1 EINTR and the mask is back. */
+    sigset_t none;
+    sigemptyset(&none);
+    errno = 0;
+    r = sigsuspend(&none);
+    e = errno;
+    sigset_t now;
+    pthread_sigmask(SIG_BLOCK, 0, &now);
+    printf("sigsuspend: %d %s, handled %d in main %d, still blocked %d\n", r, e == EINTR ? "EINTR" : strerror(e),
+           (int)usr1, usr1_tid == tid(), sigismember(&now, SIGUSR1));
+    pthread_sigmask(SIG_SETMASK, &old, 0);
+
+    /* 7. A periodic ITIMER_REAL: every 50 ms. */
+    alarms = 0;
+    handle(SIGALRM, on_alarm, 0);
+    arm(50, 50);
+    t0 = ms();
+    while (alarms < 5) pause();
+    took = ms() - t0;
+    struct itimerval cur;
+    getitimer(ITIMER_REAL, &cur);
+    arm(0, 0);
+    struct itimerval off;
+    getitimer(ITIMER_REAL, &off);
+    printf("itimer: %d signals in about 250 ms %d, interval %ld us, armed %d, disarmed %d\n", (int)alarms,
+           took >= 240 && took <= 300, (long)cur.it_interval.tv_usec, cur.it_value.tv_usec > 0 || cur.it_value.tv_sec > 0,
+           off.it_value.tv_sec == 0 && off.it_value.tv_usec == 0);
+
+    /* 8. alarm(): the seconds left, then SIGALRM ends a pause. */
+    unsigned a0 = alarm(5);
+    unsigned a1 = alarm(2);
+    unsigned a2 = alarm(0);
+    alarms = 0;
+    alarm(1);
+    t0 = ms();
+    errno = 0;
+    r = pause();
+    e = errno;
+    took = ms() - t0;
+    printf("alarm: %u %u %u, pause %d %s, handled %d after about 1 s %d\n", a0, a1, a2, r,
+           e == EINTR ? "EINTR" : strerror(e), (int)alarms, took >= 990 && took <= 1100);
+
+    /* 9. An SA_ONSTACK handler runs on the alternate stack. */
+    stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
+    sigaltstack(&ss, 0);
+    handle(SIGUSR2, on_alt, SA_ONSTACK);
+    raise(SIGUSR2);
+    printf("altstack: handler on it %d\n", (int)alt_ok);
+
+    /* 10. A child's end sends SIGCHLD to its parent. */
+    handle(SIGCHLD, on_chld, 0);
+    pid_t child = fork();
+    if (child == 0) _exit(4);
+    int st = 0;
+    waitpid(child, &st, 0);
+    printf("sigchld: handled %d, status %d\n", (int)chld, WEXITSTATUS(st));
+
+    /* 11. A periodic POSIX timer's SIGUSR2, blocked, taken with sigtimedwait. */
+    sigset_t s2;
+    sigemptyset(&s2);
+    sigaddset(&s2, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &s2, 0);
+    timer_t tm;
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_SIGNAL;
+    sev.sigev_signo = SIGUSR2;
+    sev.sigev_value.sival_int = 42;
+    int created = timer_create(CLOCK_MONOTONIC, &sev, &tm);
+    struct itimerspec its = {{0, 30000000}, {0, 30000000}};
+    timer_settime(tm, 0, &its, 0);
+    int got = 0, timer_info = 1;
+    for (int i = 0; i < 3; i++) {
+        siginfo_t si;
+        struct timespec wait = {1, 0};
+        got += sigtimedwait(&s2, &si, &wait) == SIGUSR2;
+        timer_info &= si.si_code == SI_TIMER && si.si_value.sival_int == 42;
+    }
+    struct itimerspec cur2;
+    timer_gettime(tm, &cur2);
+    timer_delete(tm);
+    struct timespec brief = {0, 50000000};
+    errno = 0;
+    r = sigtimedwait(&s2, 0, &brief);
+    e = errno;
+    printf("posix timer: created %d, %d signals, SI_TIMER with its value %d, interval %ld ms, then %d %s\n", created,
+           got, timer_info, cur2.it_interval.tv_nsec / 1000000, r, e == EAGAIN ? "EAGAIN" : strerror(e));
+
+    /* 12. epoll_pwait's mask: a blocked SIGUSR1 it lets through ends a wait, not a poll. */
+    sigset_t u1;
+    sigemptyset(&u1);
+    sigaddset(&u1, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &u1, 0);
+    usr1 = 0;
+    pthread_kill(pthread_self(), SIGUSR1);
+    int polled = epoll_pwait(ep, &ev, 1, 0, &none);
+    sigpending(&pending);
+    int still = sigismember(&pending, SIGUSR1);
+    errno = 0;
+    r = epoll_pwait(ep, &ev, 1, 1000, &none);
+    e = errno;
+    pthread_sigmask(SIG_BLOCK, 0, &now);
+    printf("epoll_pwait: polled %d, still pending %d; waited %d %s, handled %d, blocked again %d\n", polled, still, r,
+           e == EINTR ? "EINTR" : strerror(e), (int)usr1, sigismember(&now, SIGUSR1));
+
+    /* 13. sigqueue: a realtime signal is queued, each instance with its value, in order; a
+       standard one is pending once. */
+    int rt = SIGRTMIN + 2;
+    sigset_t q;
+    sigemptyset(&q);
+    sigaddset(&q, rt);
+    sigaddset(&q, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &q, 0);
+    for (int v = 1; v <= 3; v++) sigqueue(getpid(), rt, (union sigval){.sival_int = v});
+    sigqueue(getpid(), SIGUSR1, (union sigval){.sival_int = 7});
+    sigqueue(getpid(), SIGUSR1, (union sigval){.sival_int = 8});
+    /* The lowest number first: SIGUSR1 (10), then the realtime one's three. */
+    siginfo_t si1;
+    int first = sigwaitinfo(&q, &si1) == SIGUSR1 ? si1.si_value.sival_int : -1;
+    int values = 0, queued_code = si1.si_code == SI_QUEUE;
+    for (int i = 0; i < 3; i++) {
+        siginfo_t si;
+        if (sigwaitinfo(&q, &si) == rt) values = values * 10 + si.si_value.sival_int;
+        queued_code &= si.si_code == SI_QUEUE && si.si_pid == getpid();
+    }
+    sigpending(&pending);
+    printf("sigqueue: values %d in order, SI_QUEUE from us %d; SIGUSR1 once, value %d, more %d\n", values, queued_code,
+           first, sigismember(&pending, SIGUSR1));
+
+    /* 14. A SIGEV_THREAD timer (musl: a thread of its own, SIGEV_THREAD_ID underneath). */
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD;
+    sev.sigev_notify_function = on_timer_thread;
+    sev.sigev_value.sival_int = 5;
+    created = timer_create(CLOCK_MONOTONIC, &sev, &tm);
+    struct itimerspec once = {{0, 0}, {0, 20000000}};
+    timer_settime(tm, 0, &once, 0);
+    for (int i = 0; i < 100 && !thread_timer; i++) usleep(10000);
+    timer_delete(tm);
+    printf("sigev_thread: created %d, callback ran with %d in another thread %d\n", created, (int)thread_timer,
+           thread_timer_tid != tid());
+    return 3;
+}
+"#;
+
+/// What SIGNALS_PROGRAM prints when every check holds.
+const SIGNALS_EXPECTED: [&str; 18] = [
+    "read: -1 EINTR, handled 1\n",
+    "restart: read 5 'hello', handled 1, after the write 1\n",
+    "nanosleep: -1 EINTR, handled 1, rem about 900 ms 1\n",
+    "epoll_wait: -1 EINTR, handled 1\n",
+    "ignored: nanosleep 0\n",
+    "threads: usr1 1 in the other thread 1, usr2 1 in it 1\n",
+    "pending: usr1 1 usr2 0, handled 0\n",
+    "sigsuspend: -1 EINTR, handled 1 in main 1, still blocked 1\n",
+    "itimer: 5 signals in about 250 ms 1, interval 50000 us, armed 1, disarmed 1\n",
+    "alarm: 0 5 2, pause -1 EINTR, handled 1 after about 1 s 1\n",
+    "altstack: handler on it 1\n",
+    "sigchld: handled 1, status 4\n",
+    "posix timer: created 0, 3 signals, SI_TIMER with its value 1, interval 30 ms, then -1 EAGAIN\n",
+    "epoll_pwait: polled 0, still pending 1; waited -1 EINTR, handled 1, blocked again 1\n",
+    "sigqueue: values 123 in order, SI_QUEUE from us 1; SIGUSR1 once, value 7, more 0\n",
+    "sigev_thread: created 0, callback ran with 5 in another thread 1\n",
+    "linux: exit status 3\n",
+    "nanosleep rem: ",
+];
+
+#[test]
+fn signals_interrupt_waits_restart_them_reach_the_right_thread_and_timers_fire() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("linux-signals");
+    let archive = c_program(&dir, "sigs", SIGNALS_PROGRAM);
+    let (elf, _) = redis_image();
+    // Its system calls rewritten into jumps (a restart after a handler: at rt_sigreturn), and
+    // every one a real `syscall` (rewound onto it, as Linux does).
+    for cmdline in ["--cmdline=init=/sigs", "--cmdline=init=/sigs linux.rewrite=off"] {
+        let (out, console) =
+            run_guest(&elf, &["--mem", "1G", "--initrd", &archive.display().to_string(), cmdline], &dir);
+        assert_eq!(out.status.code(), Some(0), "{cmdline}: {console}");
+        for expected in SIGNALS_EXPECTED {
+            assert!(console.contains(expected), "{cmdline}: no {expected:?} in:\n{console}");
+        }
+        assert!(!console.contains("unsupported system call"), "{cmdline}: {console}");
+    }
+
+    // Recorded, it replays exactly: every delivery point is a function of the logged inputs.
+    let log = dir.join("sigs.log");
+    let recorded_console = dir.join("record.txt");
+    let out = ftvm()
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(&elf)
+        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), "--cmdline=init=/sigs"])
+        .arg("--console")
+        .arg(format!("file:{}", recorded_console.display()))
+        .output()
+        .unwrap();
+    let recorded = std::fs::read_to_string(&recorded_console).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{recorded}", String::from_utf8_lossy(&out.stderr));
+    for expected in SIGNALS_EXPECTED {
+        assert!(recorded.contains(expected), "recording: no {expected:?} in:\n{recorded}");
+    }
+    let out_dir = dir.join("replay");
+    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replayed exactly"), "{err}");
+    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+}
+
+#[test]
+fn redis_s_watchdog_gets_its_sigalrm_and_redis_keeps_serving() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("redis-watchdog");
+    let net = Topology::up("rw", 1);
+    let console = dir.join("console.txt");
+    let cmdline = "ip=10.0.0.2/24 -- /redis.conf --enable-debug-command yes";
+    let vm = redis_vm_cmdline(&net, &["run"], &[], cmdline, &console);
+    wait_for(&console, "Ready to accept connections", "redis-server under ftvm run");
+    net.wait_ping("redis-server");
+    // serverCron re-arms ITIMER_REAL (setitimer) every 100 ms; DEBUG SLEEP's nanosleep keeps
+    // it from running, so the timer expires: SIGALRM to the main thread (the bio threads block
+    // it), whose handler logs the report; the sleep ends early with EINTR, as on Linux.
+    assert_eq!(net.cli(&["CONFIG", "SET", "watchdog-period", "200"]), "OK");
+    let start = Instant::now();
+    assert_eq!(net.cli(&["DEBUG", "SLEEP", "1"]), "OK");
+    let slept = start.elapsed();
+    assert!(slept < Duration::from_millis(900), "DEBUG SLEEP's nanosleep was not cut short: {slept:?}");
+    wait_for(&console, "--- WATCHDOG TIMER EXPIRED ---", "the watchdog's report");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("Sorry: no support for backtrace()"), "{text}");
+    assert_eq!(net.cli(&["SET", "after", "the watchdog"]), "OK");
+    assert_eq!(net.cli(&["GET", "after"]), "the watchdog");
+    assert_eq!(net.cli(&["CONFIG", "SET", "watchdog-period", "0"]), "OK");
+    assert_eq!(net.cli(&["PING"]), "PONG");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(!text.contains("killed by signal"), "{text}");
+    stop(vm);
+}
+
 #[test]
 fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
     if !kvm_available() {

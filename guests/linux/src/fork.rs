@@ -13,9 +13,11 @@
 //!
 //! When the child ends (`exit_group`, its last thread's `exit`, a fatal signal to itself;
 //! all through `exit_all`), its descriptors close, the copy is written back, the parent's
-//! state is put back, the child becomes a zombie with its status, and the forking thread
-//! resumes in ring 3 from the parent's saved registers with the child's pid in RAX (on a
-//! reset kernel stack: the child's pending system call is abandoned). `wait4` reaps it.
+//! state is put back, the child becomes a zombie with its status, the parent gets SIGCHLD,
+//! and the forking thread resumes in ring 3 from the parent's saved registers with the
+//! child's pid in RAX (on a reset kernel stack: the child's pending system call is
+//! abandoned). `wait4` reaps it. The child starts with the forking thread's mask and
+//! alternate stack, nothing pending and no timers; the parent's come back when it ends.
 //!
 //! While a child runs nothing of its parent can run, so nothing may wait for it: a pipe
 //! never fills (it grows), and an empty pipe reads as end of file (as if every write end
@@ -63,9 +65,13 @@ struct Parent {
     cwd: String,
     umask: u32,
     sigactions: BTreeMap<u64, [u64; 4]>,
+    /// The forking thread's blocked mask and pending signals (the child's thread, in the same
+    /// slot, keeps the mask and starts with none pending).
     sigmask: u64,
-    /// The parent's signals not delivered yet.
-    pending: u64,
+    thread_pending: linux_abi::signal::Pending,
+    altstack: linux_abi::signal::AltStack,
+    /// The parent's process-wide signal state: pending signals, interval timers.
+    signals: crate::signal::Process,
     /// The process window's used ranges and their bytes, in order.
     plan: Vec<(u64, u64)>,
     copy: Vec<u8>,
@@ -192,9 +198,12 @@ pub fn fork(frame: &mut Frame, stack: u64) -> Result<i64, i64> {
         cwd: k.cwd.clone(),
         umask: k.umask,
         sigactions: k.sigactions.clone(),
-        sigmask: k.sigmask,
-        // The child starts with no signal pending (as on Linux); the parent's wait for it.
-        pending: crate::signal::take_pending(),
+        sigmask: t.sigmask,
+        // The child starts with no signal pending and no timers (as on Linux); the parent's
+        // wait for it.
+        thread_pending: core::mem::take(&mut t.pending),
+        altstack: t.altstack,
+        signals: crate::signal::take_process(),
         plan,
         copy,
         child,
@@ -246,7 +255,9 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
             umask,
             sigactions,
             sigmask,
-            pending,
+            thread_pending,
+            altstack,
+            signals,
             plan,
             copy,
             child,
@@ -268,18 +279,28 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         k.cwd = cwd;
         k.umask = umask;
         k.sigactions = sigactions;
-        k.sigmask = sigmask;
         // What the child left pending goes with it; the parent's come back.
-        crate::signal::set_pending(pending);
+        crate::signal::set_process(signals);
         let s = sched();
         s.thaw(slot);
         let t = &mut s.threads[slot];
+        t.sigmask = sigmask;
+        t.pending = thread_pending;
+        t.altstack = altstack;
+        t.saved_mask = None;
+        t.restart = None;
         t.tid = tid;
         t.fs_base = fs_base;
         t.clear_child_tid = clear_child_tid;
         ftvm_guest_kit::syscall::set_fs_base(fs_base);
         s.io_changed();
         procs().children.exited(child, how);
+        // SIGCHLD to the parent, as Linux sends it (dropped unless a handler is installed).
+        let info = match how {
+            Exit::Code(code) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_EXITED, code as u32),
+            Exit::Signal(sig) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_KILLED, sig as u32),
+        };
+        crate::signal::raise(linux_abi::signal::SIGCHLD, info);
         let ended = match how {
             Exit::Code(code) => alloc::format!("exited with status {code}"),
             Exit::Signal(sig) => alloc::format!("killed by signal {sig}"),

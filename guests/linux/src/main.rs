@@ -69,7 +69,6 @@ pub struct Kernel {
     pub exe: String,
     pub warned: alloc::collections::BTreeSet<u64>,
     pub sigactions: alloc::collections::BTreeMap<u64, [u64; 4]>,
-    pub sigmask: u64,
 }
 
 struct Global<T>(UnsafeCell<Option<T>>);
@@ -444,7 +443,6 @@ fn main() {
         exe: path,
         warned: Default::default(),
         sigactions: Default::default(),
-        sigmask: 0,
     };
     // SAFETY: the program has not started: nothing else reads these yet.
     unsafe {

@@ -9,6 +9,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_kit::time;
+use linux_abi::signal::{AltStack, Pending};
 
 use crate::entry::{self, Frame};
 
@@ -47,6 +48,17 @@ pub struct Thread {
     /// A thread of a parent whose forked child runs now (`fork`): never picked, woken or
     /// counted until the child ends.
     pub frozen: bool,
+    /// Its blocked signals (`rt_sigprocmask`: per thread, as on Linux).
+    pub sigmask: u64,
+    /// The mask to put back when the system call in progress ends (`rt_sigsuspend`,
+    /// `epoll_pwait`, `ppoll` wait under a mask of their own), or that a handler's frame saves.
+    pub saved_mask: Option<u64>,
+    /// Signals sent to this thread (`tkill`, `tgkill`) and not taken yet.
+    pub pending: Pending,
+    /// Its alternate signal stack (`sigaltstack`).
+    pub altstack: AltStack,
+    /// The system call `rt_sigreturn` restarts (its frame said so: SA_RESTART).
+    pub restart: Option<u64>,
 }
 
 pub struct Sched {
@@ -80,6 +92,11 @@ impl Sched {
                 deadline: None,
                 woken: false,
                 frozen: false,
+                sigmask: 0,
+                saved_mask: None,
+                pending: Pending::new(),
+                altstack: AltStack::DISABLED,
+                restart: None,
             }],
             current: 0,
             next_tid: tid + 1,
@@ -162,8 +179,9 @@ impl Sched {
             .all(|t| matches!(t.state, State::Blocked(Wait::Futex(_))) && t.deadline.is_none())
     }
 
-    /// A new thread that resumes `frame` when it first runs. Returns its tid.
-    pub fn spawn(&mut self, frame: &Frame, fs_base: u64, clear_child_tid: u64) -> u32 {
+    /// A new thread that resumes `frame` when it first runs, with the blocked mask `sigmask`
+    /// (its creator's, as on Linux; no alternate stack, nothing pending). Returns its tid.
+    pub fn spawn(&mut self, frame: &Frame, fs_base: u64, clear_child_tid: u64, sigmask: u64) -> u32 {
         let (kstack, kstack_top) = new_kstack();
         let saved_sp = entry::prepare(kstack_top, frame);
         let tid = self.alloc_tid();
@@ -179,6 +197,11 @@ impl Sched {
             deadline: None,
             woken: false,
             frozen: false,
+            sigmask,
+            saved_mask: None,
+            pending: Pending::new(),
+            altstack: AltStack::DISABLED,
+            restart: None,
         };
         let current = self.current;
         match self.threads.iter().enumerate().position(|(i, t)| i != current && t.state == State::Dead) {
@@ -186,6 +209,31 @@ impl Sched {
             None => self.threads.push(thread),
         }
         tid
+    }
+
+    /// The live threads of the running process that a signal may go to, in Linux's order of
+    /// preference: the main thread (tid `main`) first, then by tid. (slot, blocked mask).
+    pub fn signal_targets(&self, main: u32) -> Vec<(usize, u64)> {
+        let mut live: Vec<(usize, u64)> = (0..self.threads.len())
+            .filter(|&i| self.threads[i].state != State::Dead && !self.threads[i].frozen)
+            .map(|i| (i, self.threads[i].sigmask))
+            .collect();
+        live.sort_by_key(|&(i, _)| (self.threads[i].tid != main, self.threads[i].tid));
+        live
+    }
+
+    /// The slot of the live thread `tid` of the running process.
+    pub fn slot_of(&self, tid: u32) -> Option<usize> {
+        self.threads.iter().position(|t| t.tid == tid && t.state != State::Dead && !t.frozen)
+    }
+
+    /// A signal for thread `i` that it does not block: if it waits, it runs again to see it
+    /// (its wait ends with EINTR, or restarts: `crate::signal`).
+    pub fn interrupt(&mut self, i: usize) {
+        let t = &mut self.threads[i];
+        if matches!(t.state, State::Blocked(_)) && !t.frozen {
+            t.state = State::Runnable;
+        }
     }
 
     pub fn io_changed(&mut self) {
@@ -278,6 +326,8 @@ pub fn yield_now() {
 fn run_others() {
     loop {
         crate::poll_io();
+        // The operator's request and expired timers: their signals wake the thread they go to.
+        crate::signal::poll();
         let s = crate::sched();
         s.wake_due(time::ticks());
         match s.pick() {
@@ -307,8 +357,6 @@ fn run_others() {
                     crate::exit_all(0);
                 }
                 crate::fork::stuck();
-                // Takes the keyboard's IRQ (the operator's shutdown request) before sleeping.
-                crate::signal::poll_waiting();
                 crate::vdso::align();
                 time::idle();
                 // Woken (a frame, a tick): the clock is read afresh, so a program that

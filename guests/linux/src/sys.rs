@@ -18,6 +18,7 @@ use crate::fs::{self, Data, Dev, Node};
 use crate::sched::{self, Wait};
 use crate::{kernel, sched as threads, Kernel};
 use linux_abi::journal::Record;
+use linux_abi::signal::{self as sigabi, ERESTARTNOHAND, ERESTARTSYS, ERESTART_RESTARTBLOCK};
 
 // errno values.
 const EPERM: i64 = 1;
@@ -458,6 +459,9 @@ fn do_read(fd: u64, buf: &mut [u8]) -> Result<i64, i64> {
             return Err(EAGAIN);
         }
         drop(f);
+        if crate::signal::interrupted() {
+            return Err(ERESTARTSYS);
+        }
         crate::poll_io();
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), None);
@@ -482,6 +486,9 @@ fn do_write(fd: u64, data: &[u8]) -> Result<i64, i64> {
             Err(e) => return if done > 0 { Ok(done as i64) } else { Err(e) },
         }
         drop(f);
+        if crate::signal::interrupted() {
+            return if done > 0 { Ok(done as i64) } else { Err(ERESTARTSYS) };
+        }
         crate::poll_io();
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), None);
@@ -685,6 +692,9 @@ fn accept(fd: u64, addr: u64, addr_len: u64, flags: u64) -> Result<i64, i64> {
             return Err(EAGAIN);
         }
         drop(f);
+        if crate::signal::interrupted() {
+            return Err(ERESTARTSYS);
+        }
         crate::poll_io();
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), None);
@@ -722,6 +732,10 @@ fn epoll_wait(epfd: u64, events: u64, max: u64, timeout: i64) -> Result<i64, i64
         if n > 0 || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
             return Ok(n as i64);
         }
+        // Never restarted, as on Linux.
+        if crate::signal::interrupted() {
+            return Err(EINTR);
+        }
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), deadline);
     }
@@ -753,6 +767,10 @@ fn poll(fds: u64, count: u64, timeout: i64) -> Result<i64, i64> {
         if n > 0 || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
             return Ok(n);
         }
+        // EINTR after a handler, whatever SA_RESTART says (Linux's ERESTARTNOHAND).
+        if crate::signal::interrupted() {
+            return Err(ERESTARTNOHAND);
+        }
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), deadline);
     }
@@ -767,10 +785,115 @@ fn timespec_ns(ptr: u64) -> Result<u64, i64> {
     Ok(sec as u64 * 1_000_000_000 + nsec as u64)
 }
 
-fn sleep_until(deadline: u64) {
+/// Sleeps `ns` (nanosleep, clock_nanosleep); a signal ends the sleep early with the time left
+/// written to `rem` (if not 0), and EINTR after its handler (ERESTART_RESTARTBLOCK).
+fn sleep(ns: u64, rem: u64) -> Result<i64, i64> {
+    let until = now_ns(kernel(), false).saturating_add(ns);
+    let deadline = sched::deadline_ns(ns);
     while time::ticks() < deadline {
+        if crate::signal::interrupted() {
+            if rem != 0 {
+                let left = until.saturating_sub(now_ns(kernel(), false));
+                put(rem, [left / 1_000_000_000, left % 1_000_000_000])?;
+            }
+            return Err(ERESTART_RESTARTBLOCK);
+        }
         sched::block(Wait::Sleep, Some(deadline));
     }
+    Ok(0)
+}
+
+/// Waits for a signal (pause, rt_sigsuspend): EINTR after its handler.
+fn wait_for_signal() -> Result<i64, i64> {
+    loop {
+        if crate::signal::interrupted() {
+            return Err(ERESTARTNOHAND);
+        }
+        sched::block(Wait::Sleep, None);
+    }
+}
+
+/// Replaces the current thread's mask for the call in progress with the one at `ptr` (if not
+/// 0): rt_sigsuspend, epoll_pwait, ppoll. The old one comes back when the call ends, or when
+/// the handler that ended it returns (`crate::signal::on_return`).
+fn temporary_mask(ptr: u64) -> Result<(), i64> {
+    if ptr != 0 {
+        let set: u64 = get(ptr)?;
+        let t = threads().current();
+        t.saved_mask = Some(t.sigmask);
+        t.sigmask = set & !sigabi::UNBLOCKABLE;
+    }
+    Ok(())
+}
+
+fn timespec_parts(sec: i64, nsec: i64) -> Result<u64, i64> {
+    if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+        return Err(EINVAL);
+    }
+    (sec as u64).checked_mul(1_000_000_000).and_then(|ns| ns.checked_add(nsec as u64)).ok_or(EINVAL)
+}
+
+/// `struct itimerspec` (interval, value) from (remaining, interval) in ns.
+fn put_itimerspec(ptr: u64, (remaining, interval): (u64, u64)) -> Result<(), i64> {
+    let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
+    let ([a, b], [c, d]) = (ts(interval), ts(remaining));
+    put(ptr, [a, b, c, d])
+}
+
+/// `setitimer`/`getitimer`'s `struct itimerval` at `ptr`: (interval, value) in ns.
+fn itimerval(ptr: u64) -> Result<(u64, u64), i64> {
+    let v: [i64; 4] = get(ptr)?;
+    let interval = sigabi::timeval_ns(v[0], v[1]).ok_or(EINVAL)?;
+    let value = sigabi::timeval_ns(v[2], v[3]).ok_or(EINVAL)?;
+    Ok((interval, value))
+}
+
+fn put_itimerval(ptr: u64, (remaining, interval): (u64, u64)) -> Result<(), i64> {
+    let [isec, iusec] = sigabi::ns_timeval(interval);
+    let [vsec, vusec] = sigabi::ns_timeval(remaining);
+    put(ptr, [isec, iusec, vsec, vusec])
+}
+
+/// kill, tkill, tgkill (`nr` 62, 200, 234).
+fn kill(nr: u64, a0: u64, a1: u64, a2: u64) -> Result<i64, i64> {
+    let (target, sig) = match nr {
+        234 => (a1, a2),
+        _ => (a0, a1),
+    };
+    if sig > 64 {
+        return Err(EINVAL);
+    }
+    if nr == 62 {
+        if let Some(done) = crate::fork::kill(target, sig) {
+            return done;
+        }
+        // The process: by pid, by any thread's tid (Linux signals the thread group), 0 (its
+        // group), -1 (every process it may signal) or -pid.
+        let pid = u64::from(crate::fork::pid());
+        let us = target == pid
+            || target as i32 == 0
+            || target as i32 == -1
+            || (target as i32) < 0 && u64::from((target as i32).unsigned_abs()) == pid
+            || u32::try_from(target).ok().and_then(|t| threads().slot_of(t)).is_some();
+        if !us {
+            return Err(ESRCH);
+        }
+        if sig != 0 {
+            crate::signal::raise(sig, sigabi::Info::user(crate::fork::pid()));
+        }
+        return Ok(0);
+    }
+    if (target as i32) <= 0 || (nr == 234 && (a0 as i32) <= 0) {
+        return Err(EINVAL);
+    }
+    if nr == 234 && a0 != u64::from(crate::fork::pid()) {
+        return Err(ESRCH);
+    }
+    let slot = u32::try_from(target).ok().and_then(|t| threads().slot_of(t)).ok_or(ESRCH)?;
+    if sig != 0 {
+        crate::signal::raise_thread(slot, sig, sigabi::Info::tkill(crate::fork::pid()));
+    }
+    Ok(0)
 }
 
 fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) -> Result<i64, i64> {
@@ -793,11 +916,24 @@ fn futex(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) ->
             } else {
                 Some(sched::deadline_ns(timespec_ns(timeout)?))
             };
-            sched::block(Wait::Futex(uaddr), deadline);
-            if threads().current().woken {
-                Ok(0)
-            } else {
-                Err(ETIMEDOUT)
+            loop {
+                // A signal: restarted with SA_RESTART unless a timeout was given (Linux).
+                if crate::signal::interrupted() {
+                    return Err(if deadline.is_some() { ERESTART_RESTARTBLOCK } else { ERESTARTSYS });
+                }
+                sched::block(Wait::Futex(uaddr), deadline);
+                if threads().current().woken {
+                    return Ok(0);
+                }
+                if deadline.is_some_and(|d| time::ticks() >= d) {
+                    return Err(ETIMEDOUT);
+                }
+                // Woken for a signal it did not take (ignored, or taken by another thread):
+                // Linux restarts the call, which reads the word again (it may have changed,
+                // or this waiter have been requeued meanwhile).
+                if get::<u32>(uaddr)? != val as u32 {
+                    return Err(EAGAIN);
+                }
             }
         }
         // FUTEX_WAKE, FUTEX_WAKE_BITSET
@@ -837,7 +973,8 @@ fn clone(frame: &mut Frame) -> Result<i64, i64> {
     let s = threads();
     let fs_base = if flags & CLONE_SETTLS != 0 { tls } else { s.current().fs_base };
     let clear = if flags & CLONE_CHILD_CLEARTID != 0 { ctid } else { 0 };
-    let tid = s.spawn(&child, fs_base, clear);
+    let sigmask = s.current().sigmask;
+    let tid = s.spawn(&child, fs_base, clear, sigmask);
     if flags & CLONE_PARENT_SETTID != 0 {
         put(ptid, tid)?;
     }
@@ -908,16 +1045,33 @@ fn rlimit(resource: u64) -> (u64, u64) {
 }
 
 /// Entered from `linux_syscall_ring3` with the thread's saved registers.
+/// On the way back to the program a pending signal may run its handler (crate::signal); a
+/// call a signal interrupted may run again (no handler ran, or `rt_sigreturn` of an
+/// SA_RESTART handler's frame).
 #[no_mangle]
 extern "C" fn linux_syscall(frame: &mut Frame) {
-    count(frame.rax);
-    let result = dispatch(frame);
-    frame.rax = match result {
-        Ok(value) => value as u64,
-        Err(errno) => (-errno) as u64,
-    };
-    // On the way back to the program: a pending signal (crate::signal).
-    crate::signal::on_return(frame);
+    let mut trapped = crate::signal::entered_by_syscall();
+    loop {
+        let mut nr = frame.rax;
+        count(nr);
+        let result = dispatch(frame);
+        frame.rax = match result {
+            Ok(value) => value as u64,
+            Err(errno) => (-errno) as u64,
+        };
+        if let Some(restart) = crate::signal::take_restart() {
+            // A restart mark: the call was a rewritten site's (a real `syscall` is rewound).
+            nr = restart;
+            trapped = false;
+            frame.rax = (-sigabi::ERESTARTNOINTR) as u64;
+        } else if nr == 15 {
+            // rt_sigreturn: RAX is the interrupted context's, not a result to look at.
+            nr = u64::MAX;
+        }
+        if !crate::signal::on_return(frame, nr, trapped) {
+            return;
+        }
+    }
 }
 
 /// `linux.counts=N` on the command line: every N system calls, one console line with the
@@ -1075,38 +1229,164 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         13 => {
             // rt_sigaction(sig, act, oldact, size): [handler, flags, restorer, mask], run by
             // crate::signal.
-            if a0 == 0 || a0 > 64 || a0 == 9 || a0 == 19 {
+            if a0 == 0 || a0 > 64 || a3 != 8 {
+                return Err(EINVAL);
+            }
+            if a1 != 0 && (a0 == 9 || a0 == 19) {
                 return Err(EINVAL);
             }
             let old = k.sigactions.get(&a0).copied().unwrap_or([0; 4]);
+            let new: Option<[u64; 4]> = if a1 != 0 { Some(get(a1)?) } else { None };
             if a2 != 0 {
                 put(a2, old)?;
             }
-            if a1 != 0 {
-                let new: [u64; 4] = get(a1)?;
+            if let Some(mut new) = new {
+                new[3] &= !sigabi::UNBLOCKABLE;
                 k.sigactions.insert(a0, new);
+                crate::signal::discard(a0);
             }
             Ok(0)
         }
         14 => {
-            // rt_sigprocmask(how, set, oldset, size)
-            if a2 != 0 {
-                put(a2, k.sigmask)?;
+            // rt_sigprocmask(how, set, oldset, size): the current thread's mask.
+            if a3 != 8 {
+                return Err(EINVAL);
             }
-            if a1 != 0 {
-                let set: u64 = get(a1)?;
-                k.sigmask = match a0 {
-                    0 => k.sigmask | set,
-                    1 => k.sigmask & !set,
-                    2 => set,
-                    _ => return Err(EINVAL),
-                };
+            let old = threads().current().sigmask;
+            let new = if a1 != 0 { Some(sigabi::sigprocmask(a0, old, get(a1)?).ok_or(EINVAL)?) } else { None };
+            if a2 != 0 {
+                put(a2, old)?;
+            }
+            if let Some(new) = new {
+                threads().current().sigmask = new;
             }
             Ok(0)
         }
+        127 => {
+            // rt_sigpending(set, size)
+            if a1 != 8 {
+                return Err(EINVAL);
+            }
+            put(a0, crate::signal::pending_blocked())?;
+            Ok(0)
+        }
+        130 => {
+            // rt_sigsuspend(mask, size)
+            if a1 != 8 {
+                return Err(EINVAL);
+            }
+            temporary_mask(a0)?;
+            wait_for_signal()
+        }
+        34 => wait_for_signal(),
+        128 => {
+            // rt_sigtimedwait(set, info, timeout, size)
+            if a3 != 8 {
+                return Err(EINVAL);
+            }
+            let set: u64 = get(a0)?;
+            let timeout = if a2 != 0 { Some(timespec_ns(a2)?) } else { None };
+            crate::signal::sigtimedwait(set, a1, timeout)
+        }
+        129 | 297 => {
+            // rt_sigqueueinfo(tgid, sig, info) / rt_tgsigqueueinfo(tgid, tid, sig, info): a
+            // siginfo of the caller's making (sigqueue: SI_QUEUE and a sigval), to itself.
+            let (sig, ptr) = if nr == 129 { (a1, a2) } else { (a2, a3) };
+            if sig > 64 {
+                return Err(EINVAL);
+            }
+            if a0 != u64::from(crate::fork::pid()) {
+                return Err(ESRCH);
+            }
+            let slot = if nr == 297 {
+                Some(u32::try_from(a1).ok().and_then(|t| threads().slot_of(t)).ok_or(ESRCH)?)
+            } else {
+                None
+            };
+            let raw: [u8; 32] = get(ptr)?;
+            let word = |at: usize| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+            let info = sigabi::Info {
+                code: word(8) as i32,
+                a: word(16),
+                b: word(20),
+                c: u64::from(word(24)) | u64::from(word(28)) << 32,
+            };
+            let queued = match (sig, slot) {
+                (0, _) => true,
+                (_, Some(slot)) => crate::signal::raise_thread(slot, sig, info),
+                (_, None) => crate::signal::raise(sig, info),
+            };
+            if queued {
+                Ok(0)
+            } else {
+                Err(EAGAIN)
+            }
+        }
+        222 => {
+            // timer_create(clock, sigevent, id): every clock counts guest time.
+            if !matches!(a0, 0..=7 | 9 | 11) {
+                return Err(EINVAL);
+            }
+            // No sigevent: SIGALRM to the process, the sigval the timer's id (below).
+            let (value, sig, notify) = if a1 == 0 {
+                (None, sigabi::SIGALRM, crate::signal::Notify::Process)
+            } else {
+                let (value, sig, how, tid): (u64, i32, i32, i32) =
+                    (get(a1)?, get(a1 + 8)?, get(a1 + 12)?, get(a1 + 16)?);
+                let notify = match how {
+                    0 => crate::signal::Notify::Process,
+                    1 => crate::signal::Notify::None,
+                    // SIGEV_THREAD_ID (musl's SIGEV_THREAD runs on it).
+                    4 if u32::try_from(tid).ok().and_then(|t| threads().slot_of(t)).is_some() => {
+                        crate::signal::Notify::Thread(tid as u32)
+                    }
+                    _ => return Err(EINVAL),
+                };
+                if notify != crate::signal::Notify::None && !(1..=64).contains(&sig) {
+                    return Err(EINVAL);
+                }
+                (Some(value), sig as u64, notify)
+            };
+            let id = crate::signal::timer_create(a0, notify, sig, value).ok_or(EAGAIN)?;
+            if let Err(e) = put(a2, id as i32) {
+                crate::signal::timer_delete(id);
+                return Err(e);
+            }
+            Ok(0)
+        }
+        223 => {
+            // timer_settime(id, flags, new, old): TIMER_ABSTIME = 1.
+            let [isec, insec, vsec, vnsec]: [i64; 4] = get(a2)?;
+            let interval = timespec_parts(isec, insec)?;
+            let value = timespec_parts(vsec, vnsec)?;
+            let old = crate::signal::timer_settime(a0, a1 & 1 != 0, value, interval).ok_or(EINVAL)?;
+            if a3 != 0 {
+                put_itimerspec(a3, old)?;
+            }
+            Ok(0)
+        }
+        224 => {
+            let now = crate::signal::timer_gettime(a0).ok_or(EINVAL)?;
+            put_itimerspec(a1, now)?;
+            Ok(0)
+        }
+        225 => crate::signal::timer_getoverrun(a0).map(|n| n as i64).ok_or(EINVAL),
+        226 => crate::signal::timer_delete(a0 as usize).then_some(0).ok_or(EINVAL),
         131 => {
+            // sigaltstack(ss, old_ss): the current thread's, at the program's RSP.
+            let (current, rsp) = (threads().current().altstack, frame.rsp);
+            let new = if a0 != 0 {
+                let [sp, flags, size]: [u64; 3] = get(a0)?;
+                Some(sigabi::set_altstack(&current, rsp, sigabi::AltStack { sp, flags: flags & 0xffff_ffff, size })?)
+            } else {
+                None
+            };
             if a1 != 0 {
-                put(a1, [0u64, 2, 0])?; // ss_sp, ss_flags = SS_DISABLE, ss_size
+                let old = current.reported(rsp);
+                put(a1, [old.sp, old.flags, old.size])?;
+            }
+            if let Some(new) = new {
+                threads().current().altstack = new;
             }
             Ok(0)
         }
@@ -1157,7 +1437,9 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         }
         7 => poll(a0, a1, a2 as i32 as i64),
         271 => {
+            // ppoll(fds, n, timeout, sigmask, size)
             let timeout = if a2 == 0 { -1 } else { (timespec_ns(a2)? / 1_000_000) as i64 };
+            temporary_mask(a3)?;
             poll(a0, a1, timeout)
         }
         24 => {
@@ -1183,23 +1465,41 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             k.fds.fds[a1 as usize] = Some(Fd { file, cloexec: nr == 292 && a2 & O_CLOEXEC != 0 });
             Ok(a1 as i64)
         }
-        35 => {
-            let ns = timespec_ns(a0)?;
-            sleep_until(sched::deadline_ns(ns));
-            Ok(0)
-        }
+        35 => sleep(timespec_ns(a0)?, a1),
         230 => {
-            // clock_nanosleep(clock, flags, req, rem): TIMER_ABSTIME = 1.
+            // clock_nanosleep(clock, flags, req, rem): TIMER_ABSTIME = 1 (no `rem` then).
             let ns = timespec_ns(a2)?;
-            let ns = if a1 & 1 != 0 { ns.saturating_sub(now_ns(k, a0 == 0)) } else { ns };
-            sleep_until(sched::deadline_ns(ns));
-            Ok(0)
+            if a1 & 1 != 0 {
+                sleep(ns.saturating_sub(now_ns(k, a0 == 0)), 0)
+            } else {
+                sleep(ns, a3)
+            }
         }
         38 => {
+            // setitimer(which, new, old): REAL, VIRTUAL, PROF, all counting guest time. A
+            // null `new` disarms (Linux's old misfeature).
+            if a0 > 2 {
+                return Err(EINVAL);
+            }
+            let (interval, value) = if a1 != 0 { itimerval(a1)? } else { (0, 0) };
+            let old = crate::signal::set_timer(a0 as usize, value, interval);
             if a2 != 0 {
-                put(a2, [0u64; 4])?;
+                put_itimerval(a2, old)?;
             }
             Ok(0)
+        }
+        36 => {
+            // getitimer(which, value)
+            if a0 > 2 {
+                return Err(EINVAL);
+            }
+            put_itimerval(a1, crate::signal::timer(a0 as usize))?;
+            Ok(0)
+        }
+        37 => {
+            // alarm(seconds): ITIMER_REAL, one-shot; the old one's seconds left, rounded.
+            let (left, _) = crate::signal::set_timer(0, (a0 & 0xffff_ffff) * 1_000_000_000, 0);
+            Ok(sigabi::alarm_seconds(left) as i64)
         }
         39 => Ok(i64::from(crate::fork::pid())),
         110 => Ok(i64::from(crate::fork::ppid())),
@@ -1345,25 +1645,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             }
             Ok(i64::from(pid))
         }
-        62 | 200 | 234 => {
-            // kill/tkill/tgkill: signal 0 probes; others are delivered by crate::signal.
-            let sig = if nr == 234 { a2 } else { a1 };
-            if sig == 0 {
-                return Ok(0);
-            }
-            let target = if nr == 234 { a1 } else { a0 };
-            if let Some(done) = crate::fork::kill(target, sig) {
-                return done;
-            }
-            if target != u64::from(crate::PID) && !threads().threads.iter().any(|t| u64::from(t.tid) == target) {
-                return Err(ESRCH);
-            }
-            if sig > 64 {
-                return Err(EINVAL);
-            }
-            crate::signal::raise(sig);
-            Ok(0)
-        }
+        62 | 200 | 234 => kill(nr, a0, a1, a2),
         63 => {
             let mut uts = [0u8; 390];
             for (i, field) in
@@ -1625,12 +1907,17 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 _ => Err(EINVAL),
             }
         }
-        232 | 281 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
+        232 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
+        281 => {
+            // epoll_pwait(epfd, events, max, timeout, sigmask, size)
+            temporary_mask(a4)?;
+            epoll_wait(a0, a1, a2, a3 as i32 as i64)
+        }
         15 => crate::signal::sigreturn(frame),
         334 => Err(ENOSYS),
         59 => Err(EPERM),
         _ => {
-            let _ = (EINTR, EOPNOTSUPP);
+            let _ = EOPNOTSUPP;
             unsupported(k, nr)
         }
     }
