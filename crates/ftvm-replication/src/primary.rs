@@ -119,44 +119,6 @@ struct Shared {
     /// while outputs wait, whichever comes first (the vCPU is running; the thread must be
     /// woken and scheduled first).
     acks: Mutex<Option<AckReader>>,
-    /// Rung by the vCPU when acknowledgements it read released outputs it leaves to the
-    /// acknowledgement thread (which may have found the socket empty: the vCPU read first).
-    /// `None` if no eventfd could be made: the vCPU then performs what it releases itself.
-    kick: Option<std::os::fd::OwnedFd>,
-    /// The acknowledgement thread is waiting (or about to) for the socket or the kick.
-    acks_idle: AtomicBool,
-    /// Someone holds `performer` (and looks again before it lets go).
-    performing: AtomicBool,
-}
-
-/// How many released outputs the vCPU thread performs itself at a time, between exits
-/// (`FTVM_VCPU_PERFORMS`, default: all); the rest go to the acknowledgement thread.
-fn vcpu_budget() -> usize {
-    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *BUDGET.get_or_init(|| std::env::var("FTVM_VCPU_PERFORMS").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX))
-}
-
-/// An eventfd for [`Shared::kick`].
-fn eventfd() -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adds 1 to an eventfd (wakes its poller), or takes its count (without waiting).
-fn eventfd_io(fd: &std::os::fd::OwnedFd, ring: bool) {
-    use std::os::fd::AsRawFd;
-    let mut v: u64 = 1;
-    // SAFETY: `v` is 8 valid bytes for the call, as an eventfd reads or writes.
-    unsafe {
-        if ring {
-            libc::write(fd.as_raw_fd(), (&v as *const u64).cast(), 8);
-        } else {
-            libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8);
-        }
-    }
 }
 
 struct AckReader {
@@ -210,14 +172,11 @@ fn take_acks(s: &Shared, a: &mut AckReader) -> AckPoll {
     }
 }
 
-/// Waits (up to `timeout`) until `fd` or `kick` (if any) has something to read or is closed.
-fn wait_readable(fd: std::os::fd::RawFd, kick: Option<std::os::fd::RawFd>, timeout: Duration) {
-    let mut p = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: kick.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
-    ];
-    // SAFETY: `p` is an array of two valid pollfd for the call (a negative fd is ignored).
-    unsafe { libc::poll(p.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
+/// Waits (up to `timeout`) until `fd` has something to read or is closed.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: `p` is one valid pollfd for the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
 }
 
 #[derive(Default)]
@@ -517,9 +476,6 @@ impl Primary {
             arbiter,
             on_resync: Mutex::new(None),
             acks: Mutex::new(None),
-            kick: eventfd(),
-            acks_idle: AtomicBool::new(false),
-            performing: AtomicBool::new(false),
         });
         Primary { shared, threads: Vec::new() }
     }
@@ -588,19 +544,8 @@ impl Primary {
                 let fd = shutdown.as_raw_fd();
                 nonblocking.store(true, Ordering::SeqCst);
                 *lock(&s.acks) = Some(AckReader { reader, resync_seen: false });
-                let kick = s.kick.as_ref().map(|k| k.as_raw_fd());
                 while !s.stop.load(Ordering::Relaxed) {
-                    // Idle first, then look: the vCPU, which sets `acked_lsn` before it looks
-                    // at `acks_idle`, either sees this thread idle (and kicks it) or this
-                    // thread sees its acknowledgement (both SeqCst).
-                    s.acks_idle.store(true, Ordering::SeqCst);
-                    if !front_releasable(&s) || s.performing.load(Ordering::SeqCst) {
-                        wait_readable(fd, kick, Duration::from_millis(20));
-                    }
-                    s.acks_idle.store(false, Ordering::SeqCst);
-                    if let Some(k) = s.kick.as_ref() {
-                        eventfd_io(k, false);
-                    }
+                    wait_readable(fd, Duration::from_millis(20));
                     let polled = match lock(&s.acks).as_mut() {
                         Some(a) => take_acks(&s, a),
                         None => AckPoll::Closed,
@@ -774,24 +719,14 @@ fn releasable(s: &Shared, h: &Held) -> bool {
 /// and, as a safety net, from the heartbeat loop. One thread performs at a time; another
 /// that finds the performer busy leaves its work to it. Nothing is performed without the
 /// arbiter: a primary that lost it halts (another copy may be live).
-fn release(s: &Shared, by: By) -> bool {
-    let budget = match by {
-        By::Vcpu if s.kick.is_some() => vcpu_budget(),
-        _ => usize::MAX,
-    };
+fn release(s: &Shared, by: By) {
     let mut performed_any = false;
-    let mut performed = 0usize;
     loop {
-        if performed >= budget {
-            return front_releasable(s);
-        }
-        let Ok(performer) = s.performer.try_lock() else { return false };
-        s.performing.store(true, Ordering::SeqCst);
+        let Ok(performer) = s.performer.try_lock() else { return };
         loop {
             let h = {
                 let mut q = lock(&s.held);
                 match q.outputs.front() {
-                    Some(_) if performed >= budget => break,
                     Some(front) if releasable(s, front) => {
                         let h = q.outputs.pop_front().expect("front exists");
                         if !s.stats.holding.load(Ordering::SeqCst) {
@@ -837,7 +772,6 @@ fn release(s: &Shared, by: By) -> bool {
             }
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
             performed_any = true;
-            performed += 1;
             if crate::testing::armed(4, h.ordinal) {
                 send_output_done(s);
                 // Let heartbeats carry OUTPUT_DONE to the backup first.
@@ -849,27 +783,11 @@ fn release(s: &Shared, by: By) -> bool {
         if std::mem::take(&mut performed_any) {
             send_output_done(s);
         }
-        s.performing.store(false, Ordering::SeqCst);
         drop(performer);
         // Something may have become releasable after the last look and before the performer
         // was free again, by a thread that then left it to us: look once more.
-        if !front_releasable(s) {
-            return false;
-        }
-    }
-}
-
-/// Whether the oldest held output may go out now.
-fn front_releasable(s: &Shared) -> bool {
-    lock(&s.held).outputs.front().is_some_and(|h| releasable(s, h))
-}
-
-/// The vCPU's share of [`release`]: what its budget allows; the rest it leaves to the
-/// acknowledgement thread, which it kicks if that thread is idle.
-fn vcpu_release(s: &Shared) {
-    if release(s, By::Vcpu) && s.acks_idle.load(Ordering::SeqCst) {
-        if let Some(k) = s.kick.as_ref() {
-            eventfd_io(k, true);
+        if !lock(&s.held).outputs.front().is_some_and(|h| releasable(s, h)) {
+            return;
         }
     }
 }
@@ -959,7 +877,7 @@ impl OutputGate for PrimaryGate {
             bytes,
         });
         // Usually not yet acknowledged: then this only looks at the front and returns.
-        vcpu_release(&self.shared);
+        release(&self.shared, By::Vcpu);
         None
     }
 
@@ -1006,7 +924,7 @@ impl OutputGate for PrimaryGate {
             let polled =
                 self.shared.acks.try_lock().ok().and_then(|mut a| a.as_mut().map(|a| take_acks(&self.shared, a)));
             if matches!(polled, Some(AckPoll::Drained)) {
-                vcpu_release(&self.shared);
+                release(&self.shared, By::Vcpu);
             }
         }
         let lag = self.lag(now);
