@@ -329,7 +329,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     if let Some(v) = b.hold_us {
                         cell.hold_us.get_or_insert_with(Series::default).push(v);
                     }
-                    for f in b.stages.iter().flat_map(|st| std::iter::once(&st.hold).chain(&st.stages).chain(&st.parts)) {
+                    for f in b.stages.iter().flat_map(|st| std::iter::once(&st.hold).chain(&st.stages).chain(&st.parts))
+                    {
                         if f.count == 0 {
                             continue;
                         }
