@@ -101,3 +101,14 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
     let what = what.into();
     move |source| Error::Io { what, source }
 }
+
+/// Experiment: `FTVM_LINK_NICE=N` gives the calling thread (the primary's acknowledgement
+/// thread, the backup's receiver) nice value N, before its filter is entered.
+pub(crate) fn link_nice() {
+    let Some(n) = std::env::var("FTVM_LINK_NICE").ok().and_then(|v| v.parse::<i32>().ok()) else { return };
+    // SAFETY: gettid and setpriority take no pointers.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, n) };
+    if rc != 0 {
+        tracing::warn!("FTVM_LINK_NICE={n}: {}", std::io::Error::last_os_error());
+    }
+}

@@ -529,6 +529,7 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
+                crate::link_nice();
                 // The API's filter: a resync request starts the state transfer from here.
                 ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
                 // After a state transfer, the backup answers the log's header first (at boot
