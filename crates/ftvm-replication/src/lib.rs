@@ -126,9 +126,9 @@ pub(crate) fn link_nice() {
     if nice == 0 {
         return;
     }
-    // SAFETY: gettid and setpriority take no pointers; PRIO_PROCESS with a thread id sets
-    // that thread's nice value only.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    // SAFETY: setpriority takes no pointers; PRIO_PROCESS with `who` 0 sets the calling
+    // thread's nice value only (the one form the seccomp filters allow).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc != 0 {
         tracing::debug!("link thread at nice {nice}: {}", std::io::Error::last_os_error());
     }
