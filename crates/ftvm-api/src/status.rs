@@ -182,6 +182,11 @@ pub struct PairStatus {
 pub struct OutputStages {
     pub hold: StageFigure,
     pub stages: Vec<StageFigure>,
+    /// The `release` stage looked at more closely (not stages: they do not add up to the
+    /// hold): `release_write`, the output's own write; `release_vcpu` and `release_thread`,
+    /// the stage of the outputs the vCPU thread performed and of those another thread did.
+    #[serde(default)]
+    pub parts: Vec<StageFigure>,
 }
 
 /// One stage's times: their mean, median and 99th percentile in µs, over `count` outputs,
@@ -241,16 +246,18 @@ impl StageFigure {
 impl OutputStages {
     /// The figures of the outputs performed since `earlier`.
     pub fn since(&self, earlier: &OutputStages) -> OutputStages {
-        OutputStages {
-            hold: self.hold.since(&earlier.hold),
-            stages: self
-                .stages
-                .iter()
-                .map(|s| match earlier.stages.iter().find(|e| e.name == s.name) {
+        let since = |now: &[StageFigure], before: &[StageFigure]| {
+            now.iter()
+                .map(|s| match before.iter().find(|e| e.name == s.name) {
                     Some(e) => s.since(e),
                     None => s.clone(),
                 })
-                .collect(),
+                .collect()
+        };
+        OutputStages {
+            hold: self.hold.since(&earlier.hold),
+            stages: since(&self.stages, &earlier.stages),
+            parts: since(&self.parts, &earlier.parts),
         }
     }
 

@@ -190,6 +190,8 @@ struct Cell {
 #[derive(Debug, Serialize)]
 struct StageCell {
     name: String,
+    /// Outputs counted per session.
+    count: Series,
     mean_us: Series,
     p50_us: Series,
     p99_us: Series,
@@ -327,7 +329,8 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                     if let Some(v) = b.hold_us {
                         cell.hold_us.get_or_insert_with(Series::default).push(v);
                     }
-                    for f in b.stages.iter().flat_map(|st| std::iter::once(&st.hold).chain(&st.stages)) {
+                    for f in b.stages.iter().flat_map(|st| std::iter::once(&st.hold).chain(&st.stages).chain(&st.parts))
+                    {
                         if f.count == 0 {
                             continue;
                         }
@@ -336,6 +339,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                             None => {
                                 cell.stages.push(StageCell {
                                     name: f.name.clone(),
+                                    count: Series::default(),
                                     mean_us: Series::default(),
                                     p50_us: Series::default(),
                                     p99_us: Series::default(),
@@ -343,6 +347,7 @@ pub fn run(common: &Common, args: &Args) -> Result<()> {
                                 cell.stages.len() - 1
                             }
                         };
+                        cell.stages[i].count.push(f.count as f64);
                         cell.stages[i].mean_us.push(f.mean_us);
                         cell.stages[i].p50_us.push(f.p50_us);
                         cell.stages[i].p99_us.push(f.p99_us);
@@ -898,13 +903,19 @@ fn print_table(r: &Report) {
         ]);
     }
     t.print();
-    println!("\nthe hold by stage, µs, mean / p50 / p99 (medians over sessions; the stages add up to the hold):");
+    println!("\nthe hold by stage, µs, mean / p50 / p99 (medians over sessions; the stages add up to the hold; after them, `release` more closely: the output's own write, and the stage by performer, vCPU or thread):");
     let mut stages = Table::headless().left("test", 4).right("c", 3).gap(2).left("mode", 14).left("stages", 0);
     for cell in r.cells.iter().filter(|c| !c.stages.is_empty()) {
         let parts: Vec<String> = cell
             .stages
             .iter()
-            .map(|s| format!("{} {:.0}/{:.0}/{:.0}", s.name, s.mean_us.median, s.p50_us.median, s.p99_us.median))
+            .map(|s| {
+                let share = match s.name.as_str() {
+                    "release_vcpu" | "release_thread" => format!(" ({:.0} outputs)", s.count.median),
+                    _ => String::new(),
+                };
+                format!("{} {:.0}/{:.0}/{:.0}{share}", s.name, s.mean_us.median, s.p50_us.median, s.p99_us.median)
+            })
             .collect();
         stages.row([cell.test.clone(), cell.clients.to_string(), cell.mode.label().to_string(), parts.join("  ")]);
     }

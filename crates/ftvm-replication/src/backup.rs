@@ -293,6 +293,7 @@ impl Backup {
             std::thread::Builder::new()
                 .name("ftvm-log-recv".into())
                 .spawn(move || {
+                    crate::link_nice();
                     ftvm_seccomp::enter(ftvm_seccomp::Thread::Stream);
                     let mut since_ack = u32::MAX;
                     let mut last_ack = Instant::now();

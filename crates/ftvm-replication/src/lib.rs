@@ -101,3 +101,60 @@ pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
     let what = what.into();
     move |source| Error::Io { what, source }
 }
+
+/// The nice value of the two threads on an output's path across the link: the primary's
+/// acknowledgement thread (it performs most released outputs) and the backup's receiver (it
+/// verifies and acknowledges). Each is woken once per acknowledged frame and does little
+/// work then; on a busy host its wake-up waits for a CPU, and the outputs with it
+/// (docs/benchmarks.md, "The `release` stage"). `FTVM_LINK_NICE=N` sets another value, 0
+/// leaves them as they are.
+const LINK_NICE: i32 = -10;
+
+/// Gives the calling thread the link's nice value ([`LINK_NICE`]), before it enters its
+/// filter. Without the privilege to raise a priority (CAP_SYS_NICE) it stays as it is.
+pub(crate) fn link_nice() {
+    let nice = match std::env::var("FTVM_LINK_NICE") {
+        Ok(v) => match v.trim().parse::<i32>() {
+            Ok(n) => n.clamp(-20, 19),
+            Err(_) => {
+                tracing::warn!("FTVM_LINK_NICE={v:?} is not a nice value (-20 to 19); using {LINK_NICE}");
+                LINK_NICE
+            }
+        },
+        Err(_) => LINK_NICE,
+    };
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority takes no pointers; PRIO_PROCESS with `who` 0 sets the calling
+    // thread's nice value only (the one form the seccomp filters allow).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::debug!("link thread at nice {nice}: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod link_nice_tests {
+    /// The link threads get the link's nice value where the process may raise priorities
+    /// (root), and stay as they are where it may not.
+    #[test]
+    fn a_link_thread_gets_the_link_nice_value() {
+        if std::env::var_os("FTVM_LINK_NICE").is_some() {
+            return;
+        }
+        let nice = std::thread::spawn(|| {
+            super::link_nice();
+            // SAFETY: gettid and getpriority take no pointers.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        })
+        .join()
+        .unwrap();
+        // SAFETY: geteuid takes no arguments.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(nice, super::LINK_NICE);
+        } else {
+            assert!(nice == super::LINK_NICE || nice == 0, "nice {nice}");
+        }
+    }
+}

@@ -529,6 +529,7 @@ impl Primary {
         {
             let s = self.shared.clone();
             self.threads.push(spawn("ftvm-acks", move || {
+                crate::link_nice();
                 // The API's filter: a resync request starts the state transfer from here.
                 ftvm_seccomp::enter(ftvm_seccomp::Thread::Api);
                 // After a state transfer, the backup answers the log's header first (at boot
@@ -568,7 +569,7 @@ impl Primary {
                         AckPoll::Closed => break,
                     }
                     // The outputs these acknowledgements cover go out from here at once.
-                    release(&s);
+                    release(&s, By::Thread);
                 }
                 lock(&s.acks).take();
                 if !s.stop.load(Ordering::Relaxed) {
@@ -630,7 +631,7 @@ fn heartbeat_loop(s: &Shared, heartbeats: &Heartbeats) {
         }
         // A safety net: outputs whose acknowledgement came before they were handed over (a
         // fast backup) go out at the latest here.
-        release(s);
+        release(s, By::Thread);
     }
 }
 
@@ -639,7 +640,7 @@ impl Drop for Primary {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stats.backup_lost.store(true, Ordering::SeqCst);
         // What is still held goes out (the guest's last words after its END, say).
-        release(&self.shared);
+        release(&self.shared, By::Thread);
         // The sender and ack threads end with their channel and socket; don't wait for them.
         self.threads.clear();
     }
@@ -667,7 +668,7 @@ fn lose(s: &Shared, why: &str) {
         }
     }
     // Unprotected (or ending): every held output goes out now.
-    release(s);
+    release(s, By::Thread);
 }
 
 fn resync_requested(s: &Shared, why: String) {
@@ -719,7 +720,7 @@ fn releasable(s: &Shared, h: &Held) -> bool {
 /// and, as a safety net, from the heartbeat loop. One thread performs at a time; another
 /// that finds the performer busy leaves its work to it. Nothing is performed without the
 /// arbiter: a primary that lost it halts (another copy may be live).
-fn release(s: &Shared) {
+fn release(s: &Shared, by: By) {
     let mut performed_any = false;
     loop {
         let Ok(performer) = s.performer.try_lock() else { return };
@@ -759,14 +760,15 @@ fn release(s: &Shared) {
                 std::thread::sleep(crate::HEARTBEAT_INTERVAL * 4);
             }
             crate::testing::crash_point(2, h.ordinal);
+            let timed = h.flush != u64::MAX;
+            let write_start = if timed { stages::now_ns() } else { 0 };
             lock(&s.sinks).perform(h.target, &h.bytes);
             crate::testing::crash_point(3, h.ordinal);
-            if h.flush != u64::MAX
-                && s.stats.holding.load(Ordering::Relaxed)
-                && !s.stats.backup_lost.load(Ordering::Relaxed)
-            {
+            if timed && s.stats.holding.load(Ordering::Relaxed) && !s.stats.backup_lost.load(Ordering::Relaxed) {
                 if let Some(lsn) = h.lsn {
-                    lock(&s.stats.stages).performed(h.since_ns, h.flush, lsn, stages::now_ns());
+                    let at = stages::now_ns();
+                    let how = stages::Performed { at, write_ns: at - write_start, on_vcpu: by == By::Vcpu };
+                    lock(&s.stats.stages).performed(h.since_ns, h.flush, lsn, how);
                 }
             }
             s.stats.outputs_done.store(h.ordinal + 1, Ordering::SeqCst);
@@ -789,6 +791,15 @@ fn release(s: &Shared) {
             return;
         }
     }
+}
+
+/// Which thread calls [`release`] (for the stage figures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum By {
+    /// The vCPU thread, between exits (or handing an output over).
+    Vcpu,
+    /// A link thread: acknowledgements, heartbeats, a lost backup.
+    Thread,
 }
 
 /// Sends OUTPUT_DONE now (a heartbeat carrying the count of outputs performed), rather than
@@ -867,7 +878,7 @@ impl OutputGate for PrimaryGate {
             bytes,
         });
         // Usually not yet acknowledged: then this only looks at the front and returns.
-        release(&self.shared);
+        release(&self.shared, By::Vcpu);
         None
     }
 
@@ -914,7 +925,7 @@ impl OutputGate for PrimaryGate {
             let polled =
                 self.shared.acks.try_lock().ok().and_then(|mut a| a.as_mut().map(|a| take_acks(&self.shared, a)));
             if matches!(polled, Some(AckPoll::Drained)) {
-                release(&self.shared);
+                release(&self.shared, By::Vcpu);
             }
         }
         let lag = self.lag(now);
@@ -934,7 +945,7 @@ impl OutputGate for PrimaryGate {
     fn drain(&mut self) {
         let start = Instant::now();
         while self.held() > 0 && start.elapsed() < Duration::from_secs(2) {
-            release(&self.shared);
+            release(&self.shared, By::Vcpu);
             std::thread::sleep(Duration::from_micros(200));
         }
     }

@@ -114,12 +114,30 @@ impl Histogram {
     }
 }
 
+/// The names of [`StageFigures::parts`]: the `release` stage looked at more closely.
+pub const PARTS: [&str; 3] = ["release_write", "release_vcpu", "release_thread"];
+
 /// The stage figures of the outputs performed so far: one histogram per stage and one of
-/// the whole hold.
+/// the whole hold, and the `release` stage in [`PARTS`]: the output's own write (the
+/// `perform` call; the rest of `release` is the wait for the writes before it and for the
+/// performer), and `release` of the outputs the vCPU thread performed and of those another
+/// thread did (their counts: who performs how many).
 #[derive(Debug, Clone, Default)]
 pub struct StageFigures {
     pub stages: [Histogram; 6],
     pub hold: Histogram,
+    pub parts: [Histogram; 3],
+}
+
+/// How one output was performed: how long its own write took, and on which thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Performed {
+    /// When the write ended (the output's `performed` point).
+    pub at: u64,
+    /// The write's duration.
+    pub write_ns: u64,
+    /// The vCPU thread performed it (between exits), not the acknowledgement thread.
+    pub on_vcpu: bool,
 }
 
 /// A flush of the log on its way out: when it was sealed and sent.
@@ -181,9 +199,10 @@ impl StageBook {
     }
 
     /// An output held since `held` (at log position `lsn`, sent in flush `flush`) was
-    /// performed at `performed`: its stages go into the figures. Returns its stamps, or
-    /// `None` when its flush or acknowledgement is not known (not counted).
-    pub fn performed(&mut self, held: u64, flush: u64, lsn: u64, performed: u64) -> Option<Stamps> {
+    /// performed (`how`): its stages go into the figures. Returns its stamps, or `None` when
+    /// its flush or acknowledgement is not known (not counted).
+    pub fn performed(&mut self, held: u64, flush: u64, lsn: u64, how: Performed) -> Option<Stamps> {
+        let performed = how.at;
         while self.recent_flushes.front().is_some_and(|f| f.seq < flush) {
             self.recent_flushes.pop_front();
         }
@@ -201,10 +220,14 @@ impl StageBook {
             backup_verify: a.verify,
             backup_ack: a.ack,
         };
-        for (h, v) in self.figures.stages.iter_mut().zip(stamps.stages()) {
+        let stages = stamps.stages();
+        for (h, v) in self.figures.stages.iter_mut().zip(stages) {
             h.record(v);
         }
         self.figures.hold.record(performed.saturating_sub(held));
+        let release = stages[5];
+        self.figures.parts[0].record(how.write_ns.min(release));
+        self.figures.parts[if how.on_vcpu { 1 } else { 2 }].record(release);
         Some(stamps)
     }
 }
@@ -249,16 +272,21 @@ mod tests {
         b.flushed(seq, 210, 230);
         b.acknowledged(5, 150, 1, 1);
         b.acknowledged(25, 400, 30, 10);
-        let s1 = b.performed(100, f1, 10, 450).unwrap();
+        let on = |at, write_ns, on_vcpu| Performed { at, write_ns, on_vcpu };
+        let s1 = b.performed(100, f1, 10, on(450, 20, true)).unwrap();
         assert_eq!(s1.stages(), [10, 10, 240, 30, 10, 50]);
-        let s2 = b.performed(200, f2, 20, 460).unwrap();
+        let s2 = b.performed(200, f2, 20, on(460, 90, false)).unwrap();
         assert_eq!(s2.stages(), [10, 20, 130, 30, 10, 60]);
         assert_eq!(b.figures.hold.count, 2);
         assert_eq!(b.figures.hold.sum_ns, 350 + 260);
         let sums: u64 = b.figures.stages.iter().map(|h| h.sum_ns).sum();
         assert_eq!(sums, b.figures.hold.sum_ns, "the stage totals add up to the hold's");
+        // The write is part of `release` (clamped to it); `release` by performer.
+        let [write, vcpu, thread] = &b.figures.parts;
+        assert_eq!((write.count, write.sum_ns), (2, 20 + 60));
+        assert_eq!((vcpu.count, vcpu.sum_ns, thread.count, thread.sum_ns), (1, 50, 1, 60));
         // An output whose acknowledgement is unknown is not counted.
-        assert!(b.performed(300, f2, 30, 500).is_none());
+        assert!(b.performed(300, f2, 30, on(500, 1, true)).is_none());
     }
 
     #[test]

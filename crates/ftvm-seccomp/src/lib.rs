@@ -192,6 +192,12 @@ fn compile(kind: Thread) -> Result<BpfProgram, Error> {
             Args::Probe => vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)
                 .and_then(|c| SeccompRule::new(vec![c]))
                 .map_err(|source| Error::Build { thread: kind.name(), source })?],
+            Args::OwnNice => vec![[0, 1]
+                .into_iter()
+                .map(|arg| SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(SeccompRule::new)
+                .map_err(|source| Error::Build { thread: kind.name(), source })?],
         };
         map.insert(nr, rules);
     }
@@ -209,6 +215,9 @@ enum Args {
     Ioctl(&'static [u64]),
     /// `kill` with signal 0 only: whether a process exists (a staged state transfer's owner).
     Probe,
+    /// `setpriority(PRIO_PROCESS, 0, _)` only: the calling thread's own nice value (a link
+    /// thread sets its own as it starts, under the filter it inherited from its starter).
+    OwnNice,
 }
 
 /// Every thread: memory, locks, time and sleep, signal returns (the kick, the SIGSYS handler),
@@ -428,6 +437,11 @@ fn rules(kind: Thread) -> BTreeMap<i64, Args> {
     if kind == Thread::Vcpu {
         map.insert(libc::SYS_ioctl, Args::Ioctl(vcpu_ioctls()));
     }
+    if matches!(kind, Thread::Vcpu | Thread::Api | Thread::Link | Thread::Main) {
+        // The threads that start others: a link thread's first step (ftvm-replication's
+        // `link_nice`) runs under its starter's filter.
+        map.insert(libc::SYS_setpriority, Args::OwnNice);
+    }
     map
 }
 
@@ -521,6 +535,19 @@ mod tests {
             assert!(!allows(kind, libc::SYS_execve), "{kind:?}");
             for nr in [libc::SYS_write, libc::SYS_getpid, libc::SYS_gettid, libc::SYS_tgkill, libc::SYS_exit_group] {
                 assert!(allows(kind, nr), "{kind:?} {nr}");
+            }
+        }
+    }
+
+    /// A thread that starts others lets them set their own nice value (a link thread's
+    /// first step), and only their own.
+    #[test]
+    fn starters_allow_a_thread_its_own_nice_value_only() {
+        for kind in Thread::ALL {
+            let starts = rules(kind).contains_key(&libc::SYS_clone);
+            assert_eq!(allows(kind, libc::SYS_setpriority), starts, "{kind:?}");
+            if starts {
+                assert!(matches!(rules(kind)[&libc::SYS_setpriority], Args::OwnNice), "{kind:?}");
             }
         }
     }

@@ -456,6 +456,11 @@ fn primary_figures(
                         .zip(&f.stages)
                         .map(|(name, h)| figure(name, h))
                         .collect(),
+                    parts: ftvm_replication::stages::PARTS
+                        .iter()
+                        .zip(&f.parts)
+                        .map(|(name, h)| figure(name, h))
+                        .collect(),
                 })
             },
             ..Default::default()
