@@ -1192,7 +1192,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 return Err(EINVAL);
             }
             let fixed = (a3 & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0).then_some(a0);
-            let addr = k.mem.map(fixed, a1).ok_or(ENOMEM)?;
+            let addr = k.mem.map(fixed, a1).ok_or_else(|| out_of_memory(k, a1))?;
             if a3 & MAP_ANONYMOUS == 0 {
                 let file = k.fds.get(a4)?;
                 let f = file.borrow();
@@ -1216,7 +1216,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         12 => Ok(k.mem.brk(a0) as i64),
         25 => {
             // mremap(old, old_len, new_len, flags): MREMAP_MAYMOVE = 1.
-            k.mem.remap(a0, a1, a2, a3 & 1 != 0).map(|a| a as i64).ok_or(ENOMEM)
+            k.mem.remap(a0, a1, a2, a3 & 1 != 0).map(|a| a as i64).ok_or_else(|| out_of_memory(k, a2))
         }
         26 => Ok(0),
         28 => {
@@ -1921,6 +1921,22 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             unsupported(k, nr)
         }
     }
+}
+
+/// ENOMEM from mmap or mremap, said once on the console: a program that runs out of memory
+/// may only abort (Redis recurses in its crash report until its stack runs into its heap:
+/// there is no guard page without paging), so the line says why and what to give.
+fn out_of_memory(k: &Kernel, len: u64) -> i64 {
+    static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, core::sync::atomic::Ordering::Relaxed) {
+        println!(
+            "linux: the program's memory is full: {} MiB mapped of {} MiB, a map of {} KiB fails with ENOMEM (more: a bigger --mem, linux.program_share, or the program's own limit such as Redis's maxmemory)",
+            k.mem.mapped() >> 20,
+            k.mem.total() >> 20,
+            len >> 10
+        );
+    }
+    ENOMEM
 }
 
 /// Journals a change to `path` when it is in the persisted data directory.
