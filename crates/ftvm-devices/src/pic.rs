@@ -321,16 +321,6 @@ impl Pic {
         self.update_cascade();
     }
 
-    /// Whether edge input `irq` (0-15) has a request the guest has not taken yet (its IRR
-    /// bit): another edge now would merge with it and be lost.
-    pub fn is_requested(&self, irq: u8) -> bool {
-        match irq {
-            0..=7 => self.master.irr & (1 << irq) != 0,
-            8..=15 => self.slave.irr & (1 << (irq - 8)) != 0,
-            _ => false,
-        }
-    }
-
     /// Whether the master asserts INT: an unmasked request beats everything in service (a slave
     /// request counts through IR2).
     pub fn has_pending_interrupt(&self) -> bool {

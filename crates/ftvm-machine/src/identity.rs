@@ -18,8 +18,7 @@ use crate::vm::{ConsoleConfig, Vm};
 
 /// The device model's version: any change to what a device does for the same inputs bumps
 /// it, so that a log is never replayed on a device model that would behave differently.
-/// 2: the PIT's catch-up edges wait until the guest has taken the one before; the ACPI PM
-/// timer at 0x608.
+/// 2: the ACPI PM timer at 0x608.
 pub const DEVICE_MODEL_VERSION: u32 = 2;
 
 /// Opens an image to hash: a regular file or a block device (a disk), never something that

@@ -300,25 +300,18 @@ impl Devices {
         }
     }
 
-    /// The earliest guest time at which a timer device needs attention. The PIT's next edge
-    /// waits while its last one is still requested (see [`Self::on_time`]): the guest takes
-    /// it at an exit or an injection, after which the loop looks again.
+    /// The earliest guest time at which a timer device needs attention.
     pub fn next_deadline(&self) -> Option<GuestNanos> {
-        let pit = if self.pit_edge_waits() { None } else { self.pit.borrow().next_deadline() };
-        [pit, self.rtc.borrow().next_deadline()].into_iter().flatten().min()
-    }
-
-    /// Whether IRQ0's last edge has not been taken by the guest yet.
-    fn pit_edge_waits(&self) -> bool {
-        self.pic.borrow().is_requested(ftvm_devices::irq::PIT)
+        [self.pit.borrow().next_deadline(), self.rtc.borrow().next_deadline()].into_iter().flatten().min()
     }
 
     /// Brings the timer devices up to guest time `now` (each raises at most one interrupt).
-    /// A PIT that fell behind catches up one edge at a time, and only once the guest has
-    /// taken the one before: an edge while IRQ0 is still requested would merge with it, and
-    /// the guest, which counts ticks for its clock, would lose that tick for good (the
-    /// Linux personality's clock fell a few seconds behind a minute of Redis's tests,
-    /// whose system calls keep interrupts off across many exits).
+    /// An edge while IRQ0 is still requested merges with it, as on a real PIC, so a guest
+    /// that counts ticks for its clock loses them when it takes interrupts late; the PM
+    /// timer (0x608) is the clock that does not (the Linux personality reads it). Holding
+    /// the edge back instead would stop the deadline timer that kicks an exit-free guest
+    /// out to take the interrupt already pending (the deterministic modes inject at exits
+    /// only): tried, and a pair's failover through an exit-free stretch never finished.
     pub fn on_time(&self, now: GuestNanos, irqs: &mut IrqLines) {
         fn poll<T: Timed>(dev: &RefCell<T>, now: GuestNanos, irqs: &mut IrqLines) {
             let due = dev.borrow().next_deadline().is_some_and(|d| d <= now);
@@ -326,9 +319,7 @@ impl Devices {
                 dev.borrow_mut().on_time(now, irqs);
             }
         }
-        if !self.pit_edge_waits() {
-            poll(&self.pit, now, irqs);
-        }
+        poll(&self.pit, now, irqs);
         poll(&self.rtc, now, irqs);
     }
 }
