@@ -88,6 +88,17 @@ fn client(net: &Topology, args: &[&str]) -> Output {
     net.cmd("c", args[0]).args(&args[1..]).output().unwrap()
 }
 
+/// `ftvm replay` of `log` into `out_dir`: it says it replayed exactly, and its console is
+/// the recording's. Returns what it printed.
+fn replays_exactly(log: &Path, out_dir: &Path, recorded: &str) -> String {
+    let out = ftvm().arg("replay").arg(log).arg("--output-dir").arg(out_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replayed exactly"), "{err}");
+    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+    err
+}
+
 fn stop(mut vm: Child) {
     let _ = vm.kill();
     let _ = vm.wait();
@@ -412,12 +423,7 @@ fn sigterm_shuts_real_redis_down_cleanly_and_the_recording_replays_it() {
     assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
     drop(net);
     // ... replays exactly: the request at the same exit, the same shutdown on the console.
-    let out_dir = dir.join("replay");
-    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("replayed exactly"), "{err}");
-    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+    replays_exactly(&log, &dir.join("replay"), &recorded);
 }
 
 #[test]
@@ -563,15 +569,9 @@ fn real_redis_recorded_under_load_replays_exactly() {
     let status = vm.wait().unwrap();
     assert_eq!(status.code(), Some(130), "ftvm record stopped by SIGINT");
     drop(net);
-    let out_dir = dir.join("replay");
-    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("replayed exactly"), "{err}");
-    assert!(err.contains("the replayed disk equals the recording's"), "{err}");
     let recorded = std::fs::read_to_string(&console).unwrap();
-    let replayed = std::fs::read_to_string(out_dir.join("console.txt")).unwrap();
-    assert_eq!(replayed, recorded);
+    let err = replays_exactly(&log, &dir.join("replay"), &recorded);
+    assert!(err.contains("the replayed disk equals the recording's"), "{err}");
     assert!(recorded.contains("Ready to accept connections"), "{recorded}");
     assert!(recorded.contains("Background saving terminated with success"), "{recorded}");
     assert!(recorded.contains("linux: fork: child "), "{recorded}");
@@ -1541,12 +1541,7 @@ fn signals_interrupt_waits_restart_them_reach_the_right_thread_and_timers_fire()
     for expected in SIGNALS_EXPECTED {
         assert!(recorded.contains(expected), "recording: no {expected:?} in:\n{recorded}");
     }
-    let out_dir = dir.join("replay");
-    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&out_dir).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("replayed exactly"), "{err}");
-    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+    replays_exactly(&log, &dir.join("replay"), &recorded);
 }
 
 #[test]
