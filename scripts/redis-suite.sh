@@ -74,6 +74,11 @@ done
 ip netns exec "$prefix-c" redis-cli -h 10.0.0.2 PING | grep -q PONG || { echo "redis-suite: no PONG from the guest in 60 s" >&2; exit 1; }
 echo "redis-suite: the guest serves on 10.0.0.2:6379; running Redis's tests against it"
 skipfile="$PWD/scripts/redis-suite.skip"
+# Some tests run src/redis-cli; fetch-redis.sh builds only the server: use the client
+# redis-tools installed (the same major version's protocol).
+if [ ! -e "$src/src/redis-cli" ] && command -v redis-cli >/dev/null; then
+  ln -s "$(command -v redis-cli)" "$src/src/redis-cli"
+fi
 cd "$src"
 set +e
 ip netns exec "$prefix-c" ./runtest --host 10.0.0.2 --port 6379 --timeout 300 --no-latency \
