@@ -55,6 +55,13 @@ impl Inode {
 pub type Node = Rc<RefCell<Inode>>;
 
 impl Inode {
+    /// Everything of the file is on the data disk now.
+    pub fn mark_on_disk(&mut self) {
+        self.synced = self.size();
+        self.dirty_below = false;
+        self.on_disk = true;
+    }
+
     pub fn size(&self) -> u64 {
         match &self.data {
             Data::Rom(bytes) => bytes.len() as u64,

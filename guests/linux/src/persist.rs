@@ -87,6 +87,12 @@ fn apply(fs: &mut Fs, record: &Record, now: u64) {
     }
 }
 
+/// The entries below `prefix` (a directory's path and `/`), in path order: parents first.
+fn under<'a>(fs: &'a Fs, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a Node)> {
+    let from = (core::ops::Bound::Included(prefix), core::ops::Bound::Unbounded);
+    fs.nodes.range::<str, _>(from).take_while(move |(path, _)| path.starts_with(prefix))
+}
+
 impl Disk {
     /// Opens (or formats a blank) data disk and replays it into `fs`. A disk that holds
     /// something else is refused (never overwritten).
@@ -143,13 +149,9 @@ impl Disk {
         // What the journal holds is synced.
         let prefix = alloc::format!("{dir}/");
         let mut files = 0;
-        for (path, node) in fs.nodes.iter() {
-            if path.starts_with(&prefix) {
-                let mut n = node.borrow_mut();
-                n.synced = n.size();
-                n.on_disk = true;
-                files += 1;
-            }
+        for (_, node) in under(fs, &prefix) {
+            node.borrow_mut().mark_on_disk();
+            files += 1;
         }
         println!(
             "linux: {dir} on the virtio disk: {files} entries from {} batches ({records} records, {} KiB of journal)",
@@ -216,8 +218,7 @@ impl Disk {
         let journal_id = journal::generation_id(self.id, gen);
         let (mut seq, mut next) = (1, start);
         let prefix = alloc::format!("{}/", self.dir);
-        let entries = fs.nodes.range(prefix.clone()..).take_while(|(path, _)| path.starts_with(&prefix));
-        for (path, node) in entries {
+        for (path, node) in under(fs, &prefix) {
             let n = node.borrow();
             let mut batches: Vec<Vec<Record>> = Vec::new();
             if n.is_dir() {
@@ -262,11 +263,8 @@ impl Disk {
         (self.gen, self.region, self.journal_id, self.start, self.end) = (gen, region, journal_id, start, end);
         (self.seq, self.next) = (seq, next);
         // Everything in the directory is on the disk now.
-        for (_, node) in fs.nodes.range(prefix.clone()..).take_while(|(path, _)| path.starts_with(&prefix)) {
-            let mut n = node.borrow_mut();
-            n.synced = n.size();
-            n.dirty_below = false;
-            n.on_disk = true;
+        for (_, node) in under(fs, &prefix) {
+            node.borrow_mut().mark_on_disk();
         }
         Ok(())
     }
@@ -291,10 +289,7 @@ impl Disk {
             }
         };
         self.commit(fs, &records)?;
-        let mut n = node.borrow_mut();
-        n.synced = n.size();
-        n.dirty_below = false;
-        n.on_disk = true;
+        node.borrow_mut().mark_on_disk();
         Ok(())
     }
 }

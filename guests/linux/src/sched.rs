@@ -357,7 +357,7 @@ fn run_others() {
                     crate::exit_all(0);
                 }
                 crate::fork::stuck();
-                crate::vdso::align();
+                crate::vdso::tick_hook();
                 time::idle();
                 // Woken (a frame, a tick): the clock is read afresh, so a program that
                 // slept or waited for a request sees the time that passed to within the

@@ -1113,7 +1113,7 @@ fn count(nr: u64) {
 }
 
 fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
-    crate::vdso::align();
+    crate::vdso::tick_hook();
     let (nr, a0, a1, a2, a3, a4, a5) = (frame.rax, frame.rdi, frame.rsi, frame.rdx, frame.r10, frame.r8, frame.r9);
     let k = kernel();
     match nr {

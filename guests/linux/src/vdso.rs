@@ -82,8 +82,7 @@ pub fn start_clock(read_rtc: fn() -> u64) {
     HOOK.store(HOOK_ALIGN, Ordering::Relaxed);
 }
 
-/// `wall_offset`: the wall clock less the estimate. (The estimate is the wall clock's
-/// time since guest time 0 with a PM timer; it is added, so the offset is the base.)
+/// The clock starts: the estimate at tick `ticks`, and the wall clock less the estimate.
 fn set(ticks: u64, estimate: u64, wall_offset: u64) {
     BASE_TICKS.store(ticks, Ordering::Relaxed);
     BASE_NS.store(estimate, Ordering::Relaxed);
@@ -96,7 +95,7 @@ fn set(ticks: u64, estimate: u64, wall_offset: u64) {
 /// (one port read), or, without one, looks for the RTC's turn until it is seen. One load
 /// and a compare otherwise.
 #[inline]
-pub fn align() {
+pub fn tick_hook() {
     if HOOK.load(Ordering::Relaxed) != HOOK_NONE {
         once_a_tick();
     }
