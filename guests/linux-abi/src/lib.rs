@@ -2,6 +2,7 @@
 //! plain `no_std` library so that their unit tests run on the host:
 //! `cd guests && cargo test -p linux-abi` (`cargo xtask guests` runs them too).
 //!
+//! - [`epoll`]: epoll's interest and ready lists, in the order Linux reports descriptors.
 //! - [`cpio`]: a reader of the initramfs format Linux and QEMU use ("newc", `070701`).
 //! - [`stack`]: the initial process stack as Linux's `create_elf_tables` lays it out.
 //! - [`path`]: path normalization for the personality's file system.
@@ -15,6 +16,7 @@
 extern crate alloc;
 
 pub mod cpio;
+pub mod epoll;
 pub mod journal;
 pub mod path;
 pub mod proc;

@@ -3,14 +3,23 @@
 //! backlog, at most `MAX_BACKLOG`): `accept` hands out one that got a connection and puts a
 //! fresh listening one in its place. Closed sockets are removed from the set once smoltcp
 //! is done with them.
+//!
+//! Each arriving TCP segment is noted, by its connection's addresses, at the stamp epoll
+//! orders events by (`linux_abi::epoll`), so that epoll can list the connections in the
+//! order their data arrived, as Linux does, not in descriptor order.
 
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_kit::net::{self as knet, IpConfig};
 use ftvm_guest_kit::virtio::net::VirtioNet;
+use linux_abi::epoll::Activity;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities};
 use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
 pub const MAX_BACKLOG: usize = 128;
 const SOCKBUF: usize = 64 << 10;
@@ -22,6 +31,93 @@ pub struct Net {
     pub config: IpConfig,
     /// Sockets closed by the program, removed when smoltcp is done with them.
     closing: Vec<Closing>,
+    arrivals: Arrivals,
+}
+
+/// A connection as its segments name it: the peer's address and port, and ours.
+type Connection = (Ipv4Address, u16, u16);
+
+/// When segments arrived, per connection (the peer's, or a listening port's new ones).
+#[derive(Default)]
+struct Arrivals {
+    by_connection: BTreeMap<Connection, Activity>,
+}
+
+/// More connections noted than this, and those without a socket are forgotten.
+const ARRIVALS_KEPT: usize = 4096;
+
+impl Arrivals {
+    fn note(&mut self, frame: &[u8]) {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else { return };
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return;
+        }
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else { return };
+        if ip.next_header() != IpProtocol::Tcp {
+            return;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else { return };
+        let connection = (ip.src_addr(), tcp.src_port(), tcp.dst_port());
+        crate::sys::note(self.by_connection.entry(connection).or_default());
+    }
+
+    fn of(&self, connection: Option<Connection>) -> Activity {
+        connection.and_then(|c| self.by_connection.get(&c).copied()).unwrap_or_default()
+    }
+}
+
+/// A socket's connection, once it has a peer.
+fn connection(s: &tcp::Socket<'static>) -> Option<Connection> {
+    let remote = s.remote_endpoint()?;
+    let local = s.local_endpoint()?;
+    match remote.addr {
+        IpAddress::Ipv4(addr) => Some((addr, remote.port, local.port)),
+    }
+}
+
+/// The virtio device as smoltcp sees it, noting each frame it receives.
+struct Noting<'a> {
+    dev: &'a mut VirtioNet,
+    arrivals: &'a mut Arrivals,
+}
+
+struct NotingRx<'a> {
+    rx: <VirtioNet as phy::Device>::RxToken<'a>,
+    arrivals: &'a mut Arrivals,
+}
+
+impl phy::RxToken for NotingRx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        let arrivals = self.arrivals;
+        self.rx.consume(|frame| {
+            arrivals.note(frame);
+            f(frame)
+        })
+    }
+}
+
+impl phy::Device for Noting<'_> {
+    type RxToken<'b>
+        = NotingRx<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = <VirtioNet as phy::Device>::TxToken<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let (rx, tx) = self.dev.receive(timestamp)?;
+        Some((NotingRx { rx, arrivals: self.arrivals }, tx))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.dev.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.dev.capabilities()
+    }
 }
 
 /// A socket the program closed. Linux resets a closed connection that had unread data or
@@ -61,14 +157,25 @@ fn new_socket() -> tcp::Socket<'static> {
 impl Net {
     pub fn new(mut dev: VirtioNet, config: IpConfig, seed: u64) -> Net {
         let iface = knet::interface(&mut dev, config, seed);
-        Net { iface, dev, sockets: SocketSet::new(Vec::new()), config, closing: Vec::new() }
+        Net {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            config,
+            closing: Vec::new(),
+            arrivals: Arrivals::default(),
+        }
     }
 
     /// One round: receive, run TCP, transmit. True if anything happened.
     pub fn poll(&mut self) -> bool {
         self.dev.service();
         let frames = self.dev.stats().rx_frames;
-        let changed = self.iface.poll(knet::now(), &mut self.dev, &mut self.sockets) == PollResult::SocketStateChanged;
+        let mut noting = Noting { dev: &mut self.dev, arrivals: &mut self.arrivals };
+        let changed = self.iface.poll(knet::now(), &mut noting, &mut self.sockets) == PollResult::SocketStateChanged;
+        if self.arrivals.by_connection.len() > ARRIVALS_KEPT {
+            self.forget_arrivals();
+        }
         self.dev.flush();
         let sockets = &mut self.sockets;
         let mut reset_now = false;
@@ -133,6 +240,34 @@ impl Net {
                 tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed | tcp::State::TimeWait
             )
         })
+    }
+
+    /// When the connection's segments arrived, for epoll's order.
+    pub fn activity(&self, h: SocketHandle) -> Activity {
+        self.arrivals.of(connection(self.sockets.get::<tcp::Socket>(h)))
+    }
+
+    /// A listening socket's: that of its latest connection waiting for `accept`.
+    pub fn listener_activity(&self, pool: &[SocketHandle]) -> Activity {
+        pool.iter()
+            .map(|&h| self.sockets.get::<tcp::Socket>(h))
+            .filter(|s| !matches!(s.state(), tcp::State::Listen | tcp::State::Closed | tcp::State::TimeWait))
+            .map(|s| self.arrivals.of(connection(s)))
+            .fold(Activity::default(), Activity::latest)
+    }
+
+    /// Keeps only the arrivals of connections that still have a socket.
+    fn forget_arrivals(&mut self) {
+        let live: BTreeSet<Connection> = self
+            .sockets
+            .iter()
+            .filter_map(|(_, s)| match s {
+                smoltcp::socket::Socket::Tcp(s) => connection(s),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })
+            .collect();
+        self.arrivals.by_connection.retain(|c, _| live.contains(c));
     }
 
     pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {

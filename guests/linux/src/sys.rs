@@ -2,12 +2,12 @@
 //! the file-descriptor table, pipes and epoll. Numbers and structures are x86-64 Linux's.
 //! An unknown call returns -ENOSYS and prints one line naming it (once per number).
 
-use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use ftvm_guest_kit::{println, serial, time};
 use smoltcp::iface::SocketHandle;
@@ -17,6 +17,7 @@ use crate::entry::Frame;
 use crate::fs::{self, Data, Dev, Node};
 use crate::sched::{self, Wait};
 use crate::{kernel, sched as threads, Kernel};
+use linux_abi::epoll::{Activity, CtlError, Probe, ReadyList, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP};
 use linux_abi::journal::Record;
 use linux_abi::signal::{self as sigabi, ERESTARTNOHAND, ERESTARTSYS, ERESTART_RESTARTBLOCK};
 
@@ -61,12 +62,6 @@ const O_DIRECTORY: u64 = 0o200000;
 const O_CLOEXEC: u64 = 0o2000000;
 const AT_FDCWD: i64 = -100;
 
-const EPOLLIN: u32 = 0x1;
-const EPOLLOUT: u32 = 0x4;
-const EPOLLERR: u32 = 0x8;
-const EPOLLHUP: u32 = 0x10;
-const EPOLLRDHUP: u32 = 0x2000;
-
 const PIPE_CAPACITY: usize = 64 << 10;
 const MAX_FDS: usize = 65536;
 
@@ -74,12 +69,33 @@ pub struct Pipe {
     buf: alloc::collections::VecDeque<u8>,
     readers: u32,
     writers: u32,
+    /// Writes, reads that made room, and closes of either end, for epoll's order.
+    activity: Activity,
 }
 
-#[derive(Default)]
-pub struct Epoll {
-    /// fd -> (events, data).
-    interest: BTreeMap<i32, (u32, u64)>,
+impl Pipe {
+    fn changed(&mut self) {
+        note(&mut self.activity);
+        threads().io_changed();
+    }
+}
+
+/// One epoll instance (its interest list and ready list, `linux_abi::epoll`).
+pub type Epoll = ReadyList;
+
+/// The stamps that order events across files for epoll (`linux_abi::epoll`): one counter
+/// for every file, and the stamp of the latest scan. The personality's kernel runs on one
+/// vCPU and never preempts itself, so plain cells would do; atomics keep it `Sync`.
+static STAMP: AtomicU64 = AtomicU64::new(0);
+static SCANNED: AtomicU64 = AtomicU64::new(0);
+
+fn stamp() -> u64 {
+    STAMP.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// An event on a file (data arrived, room freed, a peer closed) at the next stamp.
+pub(crate) fn note(activity: &mut Activity) {
+    activity.note(stamp(), SCANNED.load(Ordering::Relaxed));
 }
 
 pub enum Kind {
@@ -162,6 +178,7 @@ fn release(k: &mut Kernel, file: &File) {
             } else {
                 p.readers -= 1;
             }
+            note(&mut p.activity);
         }
         Kind::Listener { pool, .. } => {
             if let Some(net) = k.net.as_mut() {
@@ -183,7 +200,7 @@ fn close_fd(k: &mut Kernel, fd: u64) -> Result<i64, i64> {
     let slot = k.fds.fds.get_mut(fd as usize).ok_or(EBADF)?;
     let entry = slot.take().ok_or(EBADF)?;
     for ep in &k.fds.epolls {
-        ep.borrow_mut().interest.remove(&(fd as i32));
+        let _ = ep.borrow_mut().remove(fd as i32);
     }
     if Rc::strong_count(&entry.file) == 1 {
         let file = entry.file.borrow();
@@ -318,6 +335,17 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
     }
 }
 
+/// When the file's events happened, for epoll's order; files that are always ready have
+/// none (they queue when a scan first finds them ready).
+fn activity(k: &Kernel, file: &File) -> Activity {
+    match (&file.kind, k.net.as_ref()) {
+        (Kind::Pipe { pipe, .. }, _) => pipe.borrow().activity,
+        (Kind::Listener { pool, .. }, Some(net)) => net.listener_activity(pool),
+        (Kind::Stream(h), Some(net)) => net.activity(*h),
+        _ => Activity::default(),
+    }
+}
+
 // ---- reading and writing ----
 
 fn nonblocking(file: &File) -> bool {
@@ -366,7 +394,7 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
             for (i, b) in p.buf.drain(..len).enumerate() {
                 buf[i] = b;
             }
-            threads().io_changed();
+            p.changed();
             Ok(Some(len))
         }
         Kind::Stream(h) => {
@@ -428,7 +456,7 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
             }
             let len = room.min(data.len());
             p.buf.extend(&data[..len]);
-            threads().io_changed();
+            p.changed();
             Ok(Some(len))
         }
         Kind::Stream(h) => {
@@ -715,22 +743,23 @@ fn epoll_wait(epfd: u64, events: u64, max: u64, timeout: i64) -> Result<i64, i64
     loop {
         crate::poll_io();
         let k = kernel();
-        let mut n = 0;
-        let interest: Vec<(i32, u32, u64)> = ep.borrow().interest.iter().map(|(&fd, &(ev, d))| (fd, ev, d)).collect();
-        for (fd, want, data) in interest {
+        let watched = ep.borrow().watched();
+        let mut probes = Vec::with_capacity(watched.len());
+        for fd in watched {
             let Ok(file) = k.fds.get(fd as u64) else { continue };
-            let ready = readiness(k, &file.borrow()) & (want | EPOLLERR | EPOLLHUP);
-            if ready != 0 {
-                put(events + 12 * n, ready)?;
-                put(events + 12 * n + 4, data)?;
-                n += 1;
-                if n == max {
-                    break;
-                }
-            }
+            let file = file.borrow();
+            probes.push(Probe { fd, ready: readiness(k, &file), activity: activity(k, &file) });
         }
-        if n > 0 || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
-            return Ok(n as i64);
+        let now = stamp();
+        SCANNED.store(now, Ordering::Relaxed);
+        let ready = ep.borrow_mut().scan(now, &probes, max as usize, stamp);
+        for (i, &(ready, data)) in ready.iter().enumerate() {
+            let at = events + 12 * i as u64;
+            put(at, ready)?;
+            put(at + 4, data)?;
+        }
+        if !ready.is_empty() || timeout == 0 || deadline.is_some_and(|d| time::ticks() >= d) {
+            return Ok(ready.len() as i64);
         }
         // Never restarted, as on Linux.
         if crate::signal::interrupted() {
@@ -739,6 +768,40 @@ fn epoll_wait(epfd: u64, events: u64, max: u64, timeout: i64) -> Result<i64, i64
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), deadline);
     }
+}
+
+/// `epoll_ctl(epfd, op, fd, event)`.
+fn epoll_ctl(k: &mut Kernel, epfd: u64, op: u64, fd: u64, event: u64) -> Result<i64, i64> {
+    let file = k.fds.get(epfd)?;
+    let f = file.borrow();
+    let Kind::Epoll(ep) = &f.kind else { return Err(EINVAL) };
+    let target = k.fds.get(fd)?;
+    if Rc::ptr_eq(&target, &file) {
+        return Err(EINVAL);
+    }
+    if let Kind::File { .. } | Kind::Dir { .. } = target.borrow().kind {
+        // Linux: regular files and directories are always ready and cannot be polled.
+        return Err(EPERM);
+    }
+    let mut ep = ep.borrow_mut();
+    let fd = fd as i32;
+    let done = match op {
+        1 | 3 => {
+            let events: u32 = get(event)?;
+            let data: u64 = get(event + 4)?;
+            if op == 1 {
+                ep.add(fd, events, data, stamp())
+            } else {
+                ep.modify(fd, events, data, stamp())
+            }
+        }
+        2 => ep.remove(fd),
+        _ => return Err(EINVAL),
+    };
+    done.map(|()| 0).map_err(|e| match e {
+        CtlError::Exists => EEXIST,
+        CtlError::Missing => ENOENT,
+    })
 }
 
 fn poll(fds: u64, count: u64, timeout: i64) -> Result<i64, i64> {
@@ -1423,7 +1486,12 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         }
         22 | 293 => {
             let flags = if nr == 293 { a1 } else { 0 };
-            let pipe = Rc::new(RefCell::new(Pipe { buf: Default::default(), readers: 1, writers: 1 }));
+            let pipe = Rc::new(RefCell::new(Pipe {
+                buf: Default::default(),
+                readers: 1,
+                writers: 1,
+                activity: Activity::default(),
+            }));
             let r = k.fds.insert(Kind::Pipe { pipe: pipe.clone(), write: false }, flags)?;
             let w = match k.fds.insert(Kind::Pipe { pipe, write: true }, flags | 1) {
                 Ok(w) => w,
@@ -1881,32 +1949,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             let flags = if nr == 291 { a0 & O_CLOEXEC } else { 0 };
             k.fds.insert(Kind::Epoll(ep), flags)
         }
-        233 => {
-            // epoll_ctl(epfd, op, fd, event)
-            let file = k.fds.get(a0)?;
-            let f = file.borrow();
-            let Kind::Epoll(ep) = &f.kind else { return Err(EINVAL) };
-            k.fds.get(a2)?;
-            let mut ep = ep.borrow_mut();
-            let fd = a2 as i32;
-            match a1 {
-                1 | 3 => {
-                    let events: u32 = get(a3)?;
-                    let data: u64 = get(a3 + 4)?;
-                    let exists = ep.interest.contains_key(&fd);
-                    if a1 == 1 && exists {
-                        return Err(EEXIST);
-                    }
-                    if a1 == 3 && !exists {
-                        return Err(ENOENT);
-                    }
-                    ep.interest.insert(fd, (events, data));
-                    Ok(0)
-                }
-                2 => ep.interest.remove(&fd).map(|_| 0).ok_or(ENOENT),
-                _ => Err(EINVAL),
-            }
-        }
+        233 => epoll_ctl(k, a0, a1, a2, a3),
         232 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
         281 => {
             // epoll_pwait(epfd, events, max, timeout, sigmask, size)
