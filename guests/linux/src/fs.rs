@@ -36,6 +36,9 @@ pub enum Data {
 pub struct Inode {
     pub ino: u64,
     pub mode: u32,
+    /// Owner and group (`chown`); in RAM only, like the mode's changes (`chmod`).
+    pub uid: u32,
+    pub gid: u32,
     pub mtime: u64,
     pub data: Data,
     /// Persistence (files under the data directory, with a data disk; see `persist`): the
@@ -48,7 +51,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn new(ino: u64, mode: u32, mtime: u64, data: Data) -> Inode {
-        Inode { ino, mode, mtime, data, synced: 0, dirty_below: false, on_disk: false }
+        Inode { ino, mode, uid: 0, gid: 0, mtime, data, synced: 0, dirty_below: false, on_disk: false }
     }
 }
 

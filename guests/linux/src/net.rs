@@ -198,7 +198,11 @@ impl Net {
             self.iface.poll(knet::now(), &mut self.dev, &mut self.sockets);
             self.dev.flush();
         }
-        changed || self.dev.stats().rx_frames != frames
+        let received = self.dev.stats().rx_frames != frames;
+        if received {
+            crate::vdso::input_arrived();
+        }
+        changed || received
     }
 
     pub fn listen(&mut self, port: u16, backlog: usize) -> Vec<SocketHandle> {

@@ -80,6 +80,17 @@ impl Pipe {
     }
 }
 
+/// An eventfd's counter (eventfd(2)): a write adds, a read takes it all (or one, with
+/// EFD_SEMAPHORE) and blocks while it is 0; a write that would pass `EVENTFD_MAX` blocks.
+pub struct EventFd {
+    count: u64,
+    semaphore: bool,
+    activity: Activity,
+}
+
+const EVENTFD_MAX: u64 = u64::MAX - 1;
+const EFD_SEMAPHORE: u64 = 1;
+
 /// One epoll instance (its interest list and ready list, `linux_abi::epoll`).
 pub type Epoll = ReadyList;
 
@@ -107,6 +118,7 @@ pub enum Kind {
     Listener { port: u16, pool: Vec<SocketHandle> },
     Stream(SocketHandle),
     Epoll(Rc<RefCell<Epoll>>),
+    EventFd(Rc<RefCell<EventFd>>),
 }
 
 pub struct File {
@@ -332,6 +344,11 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
             ev
         }
         Kind::Epoll(_) => 0,
+        Kind::EventFd(ev) => {
+            let ev = ev.borrow();
+            let readable = if ev.count > 0 { EPOLLIN } else { 0 };
+            readable | if ev.count < EVENTFD_MAX { EPOLLOUT } else { 0 }
+        }
     }
 }
 
@@ -340,6 +357,7 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
 fn activity(k: &Kernel, file: &File) -> Activity {
     match (&file.kind, k.net.as_ref()) {
         (Kind::Pipe { pipe, .. }, _) => pipe.borrow().activity,
+        (Kind::EventFd(ev), _) => ev.borrow().activity,
         (Kind::Listener { pool, .. }, Some(net)) => net.listener_activity(pool),
         (Kind::Stream(h), Some(net)) => net.activity(*h),
         _ => Activity::default(),
@@ -411,6 +429,21 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
         }
         Kind::Socket { .. } | Kind::Listener { .. } => Err(ENOTCONN),
         Kind::Epoll(_) => Err(EINVAL),
+        Kind::EventFd(ev) => {
+            let mut ev = ev.borrow_mut();
+            if buf.len() < 8 {
+                return Err(EINVAL);
+            }
+            if ev.count == 0 {
+                return Ok(None);
+            }
+            let value = if ev.semaphore { 1 } else { ev.count };
+            ev.count -= value;
+            buf[..8].copy_from_slice(&value.to_le_bytes());
+            note(&mut ev.activity);
+            threads().io_changed();
+            Ok(Some(8))
+        }
     }
 }
 
@@ -472,6 +505,21 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
         }
         Kind::Socket { .. } | Kind::Listener { .. } => Err(ENOTCONN),
         Kind::Epoll(_) => Err(EINVAL),
+        Kind::EventFd(ev) => {
+            let mut ev = ev.borrow_mut();
+            let Some(bytes) = data.get(..8) else { return Err(EINVAL) };
+            let value = u64::from_le_bytes(bytes.try_into().expect("eight bytes"));
+            if value == u64::MAX {
+                return Err(EINVAL);
+            }
+            if value > EVENTFD_MAX - ev.count {
+                return Ok(None);
+            }
+            ev.count += value;
+            note(&mut ev.activity);
+            threads().io_changed();
+            Ok(Some(8))
+        }
     }
 }
 
@@ -521,6 +569,46 @@ fn do_write(fd: u64, data: &[u8]) -> Result<i64, i64> {
         let gen = threads().io_gen();
         sched::block(Wait::Io(gen), None);
     }
+}
+
+/// The most one `sendfile` copies: a write to a socket takes at most its send buffer
+/// (64 KiB) anyway, and the program calls again for the rest, as it must on Linux.
+const SENDFILE_CHUNK: usize = 256 << 10;
+
+/// sendfile(out_fd, in_fd, offset, count): from a file to any descriptor (nginx's static
+/// files to a socket), through a copy; from `*offset` (updated) or the file's position.
+fn sendfile(out_fd: u64, in_fd: u64, offset: u64, count: u64) -> Result<i64, i64> {
+    let k = kernel();
+    let file = k.fds.get(in_fd)?;
+    let (node, pos) = {
+        let f = file.borrow();
+        if f.flags & O_ACCMODE == O_WRONLY {
+            return Err(EBADF);
+        }
+        match &f.kind {
+            Kind::File { node } => (node.clone(), f.pos),
+            _ => return Err(EINVAL),
+        }
+    };
+    let start = if offset != 0 { u64::try_from(get::<i64>(offset)?).map_err(|_| EINVAL)? } else { pos };
+    let chunk: Vec<u8> = {
+        let n = node.borrow();
+        let bytes = n.bytes();
+        let from = (start as usize).min(bytes.len());
+        let to = from + (count as usize).min(SENDFILE_CHUNK).min(bytes.len() - from);
+        bytes[from..to].to_vec()
+    };
+    if chunk.is_empty() {
+        return Ok(0);
+    }
+    let sent = do_write(out_fd, &chunk)?;
+    let end = start + sent as u64;
+    if offset != 0 {
+        put(offset, end)?;
+    } else {
+        file.borrow_mut().pos = end;
+    }
+    Ok(sent)
 }
 
 fn iovecs(ptr: u64, count: u64) -> Result<Vec<(u64, u64)>, i64> {
@@ -583,9 +671,8 @@ fn stat_of(node: &fs::Inode, out: u64) -> Result<i64, i64> {
     st[0] = 1; // st_dev
     st[1] = node.ino;
     st[2] = 1; // st_nlink
-    let mode_uid = u64::from(node.mode);
-    st[3] = mode_uid; // st_mode (u32) | st_uid (u32) = 0
-    st[4] = 0; // st_gid, pad
+    st[3] = u64::from(node.mode) | u64::from(node.uid) << 32; // st_mode (u32) | st_uid (u32)
+    st[4] = u64::from(node.gid); // st_gid, pad
     st[5] = 0; // st_rdev
     st[6] = node.size();
     st[7] = 4096; // st_blksize
@@ -1065,7 +1152,6 @@ fn name(nr: u64) -> &'static str {
         23 => "select",
         26 => "msync",
         27 => "mincore",
-        40 => "sendfile",
         42 => "connect",
         53 => "socketpair",
         57 => "fork",
@@ -1076,15 +1162,9 @@ fn name(nr: u64) -> &'static str {
         76 => "truncate",
         86 => "link",
         88 => "symlink",
-        90 => "chmod",
-        91 => "fchmod",
-        92 => "chown",
-        93 => "fchown",
         98 => "getrusage",
         100 => "times",
         213 => "epoll_create",
-        284 => "eventfd",
-        290 => "eventfd2",
         332 => "statx",
         334 => "rseq",
         435 => "clone3",
@@ -1202,6 +1282,20 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             stat_of(&n, a1)
         }
         5 => fstat(k, a0, a1),
+        90 => chmod(&path_node(k, AT_FDCWD, a0)?, a1),
+        91 => chmod(&fd_node(k, a0)?, a1),
+        268 => chmod(&path_node(k, a0 as i64, a1)?, a2),
+        92 | 94 => chown(&path_node(k, AT_FDCWD, a0)?, a1, a2),
+        93 => chown(&fd_node(k, a0)?, a1, a2),
+        260 => {
+            // fchownat(dirfd, path, owner, group, flags): AT_EMPTY_PATH (0x1000) means the fd.
+            let node = if a4 & 0x1000 != 0 && get::<u8>(a1).unwrap_or(0) == 0 {
+                fd_node(k, a0)?
+            } else {
+                path_node(k, a0 as i64, a1)?
+            };
+            chown(&node, a2, a3)
+        }
         262 => {
             // newfstatat(dirfd, path, buf, flags): AT_EMPTY_PATH (0x1000) means the fd.
             if a3 & 0x1000 != 0 && get::<u8>(a1).unwrap_or(0) == 0 {
@@ -1244,6 +1338,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             (f.pos, f.flags) = saved;
             r.map(|n| n.unwrap_or(0) as i64)
         }
+        40 => sendfile(a0, a1, a2, a3),
         19 => readv(a0, a1, a2),
         20 => writev(a0, a1, a2),
         9 => {
@@ -1949,6 +2044,15 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             let flags = if nr == 291 { a0 & O_CLOEXEC } else { 0 };
             k.fds.insert(Kind::Epoll(ep), flags)
         }
+        284 | 290 => {
+            // eventfd(initval), eventfd2(initval, flags)
+            let flags = if nr == 290 { a1 } else { 0 };
+            if flags & !(EFD_SEMAPHORE | O_NONBLOCK | O_CLOEXEC) != 0 {
+                return Err(EINVAL);
+            }
+            let ev = EventFd { count: a0 as u32 as u64, semaphore: flags & EFD_SEMAPHORE != 0, activity: Activity::default() };
+            k.fds.insert(Kind::EventFd(Rc::new(RefCell::new(ev))), flags & (O_NONBLOCK | O_CLOEXEC))
+        }
         233 => epoll_ctl(k, a0, a1, a2, a3),
         232 => epoll_wait(a0, a1, a2, a3 as i32 as i64),
         281 => {
@@ -2012,6 +2116,41 @@ fn journal_rename(k: &mut Kernel, from: &str, to: &str) -> Result<i64, i64> {
     }
 }
 
+fn path_node(k: &Kernel, dirfd: i64, path: u64) -> Result<Node, i64> {
+    let path = path_at(k, dirfd, path)?;
+    k.fs.get(&path).ok_or(ENOENT)
+}
+
+/// The file or directory an fd names (not pipes or sockets, whose owner is fixed here).
+fn fd_node(k: &Kernel, fd: u64) -> Result<Node, i64> {
+    let file = k.fds.get(fd)?;
+    let f = file.borrow();
+    match &f.kind {
+        Kind::File { node } => Ok(node.clone()),
+        Kind::Dir { path, .. } => k.fs.get(path).ok_or(ENOENT),
+        _ => Err(EPERM),
+    }
+}
+
+/// chmod, fchmod, fchmodat: the permission bits (the program runs as root).
+fn chmod(node: &Node, mode: u64) -> Result<i64, i64> {
+    let mut n = node.borrow_mut();
+    n.mode = (n.mode & !0o7777) | (mode as u32 & 0o7777);
+    Ok(0)
+}
+
+/// chown, fchown, lchown, fchownat; -1 leaves an id as it is (the program runs as root).
+fn chown(node: &Node, uid: u64, gid: u64) -> Result<i64, i64> {
+    let mut n = node.borrow_mut();
+    if uid as u32 != u32::MAX {
+        n.uid = uid as u32;
+    }
+    if gid as u32 != u32::MAX {
+        n.gid = gid as u32;
+    }
+    Ok(0)
+}
+
 fn fstat(k: &mut Kernel, fd: u64, out: u64) -> Result<i64, i64> {
     let file = k.fds.get(fd)?;
     let f = file.borrow();
@@ -2026,6 +2165,7 @@ fn fstat(k: &mut Kernel, fd: u64, out: u64) -> Result<i64, i64> {
         _ => {
             let mode = match f.kind {
                 Kind::Pipe { .. } => 0o010600,
+                Kind::EventFd(_) => 0o600,
                 _ => 0o140777,
             };
             let node = fs::Inode::new(0, mode, 0, Data::Dev(Dev::Null));

@@ -267,3 +267,82 @@ impl Drop for Topology {
         let _ = Command::new(repo_root().join("scripts/topology.sh")).args(["down", &self.0]).output();
     }
 }
+
+// ---- C programs for the Linux personality ----
+
+/// An initramfs holding `binary` alone, as `/NAME`.
+pub fn program_cpio(binary: &Path, name: &str, archive: &Path) {
+    std::fs::write(archive, cpio(&[(name, 0o100755, &std::fs::read(binary).unwrap())])).unwrap();
+}
+
+/// A static C program `name` built from `source` in `dir` with Debian's musl, in an
+/// initramfs of its own as `/NAME`: the archive's path.
+pub fn c_program(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, source).unwrap();
+    let binary = dir.join(name);
+    build_c(&c, &binary, false);
+    let archive = dir.join(format!("{name}.cpio"));
+    program_cpio(&binary, name, &archive);
+    archive
+}
+
+/// Builds `source` with Debian's musl (musl-tools): `musl-gcc -static`, or, for a static-PIE
+/// (Debian's musl-gcc.specs has no -static-pie), compiled with `musl-gcc -fPIE` and linked by
+/// gcc with musl's rcrt1.o (the self-relocating start code) and libc.a.
+pub fn build_c(source: &Path, binary: &Path, pie: bool) {
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("musl-gcc is missing: install Debian's musl-tools (scripts/deps.sh does)");
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    if !pie {
+        run(Command::new("musl-gcc").args(["-static", "-O2", "-pthread", "-o"]).arg(binary).arg(source));
+        return;
+    }
+    let musl = Path::new("/usr/lib/x86_64-linux-musl");
+    let object = binary.with_extension("o");
+    run(Command::new("musl-gcc").args(["-fPIE", "-O2", "-c", "-o"]).arg(&object).arg(source));
+    let gcc_file = |name: &str| {
+        let out = Command::new("x86_64-linux-gnu-gcc").arg(format!("-print-file-name={name}")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let libgcc = Command::new("x86_64-linux-gnu-gcc").arg("-print-libgcc-file-name").output().unwrap();
+    run(Command::new("x86_64-linux-gnu-gcc")
+        .args(["-static-pie", "-nostdlib", "-o"])
+        .arg(binary)
+        .arg(musl.join("rcrt1.o"))
+        .arg(musl.join("crti.o"))
+        .arg(gcc_file("crtbeginS.o"))
+        .arg(&object)
+        .arg(format!("-L{}", musl.display()))
+        .arg("-lc")
+        .arg(String::from_utf8_lossy(&libgcc.stdout).trim())
+        .arg(gcc_file("crtendS.o"))
+        .arg(musl.join("crtn.o")));
+}
+
+/// A cpio newc archive holding `files` (name, mode, bytes).
+pub fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut entry = |ino: u32, name: &str, mode: u32, data: &[u8]| {
+        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0, name.len() as u32 + 1, 0];
+        out.extend_from_slice(b"070701");
+        for value in fields {
+            out.extend_from_slice(format!("{value:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(i as u32 + 1, name, *mode, data);
+    }
+    entry(0, "TRAILER!!!", 0, &[]);
+    out
+}
