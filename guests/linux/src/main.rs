@@ -205,28 +205,6 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
         other => return Err(alloc::format!("ELF type {other} is not an executable")),
     };
     let checked = contract::scan(&elf, image);
-    let anyway = cmdline::param("linux.contract") == Some("off");
-    for v in &checked.violations {
-        println!(
-            "linux: guest contract: {} at {:#x} (file offset {:#x}): host-dependent, not trapped on our KVM",
-            v.text, v.address, v.offset
-        );
-    }
-    if checked.total > 0 && !anyway {
-        return Err(alloc::format!(
-            "breaks the guest contract ({} forbidden instruction(s) among {}; linux.contract=off runs it anyway, and it may diverge)",
-            checked.total, checked.instructions
-        ));
-    }
-    println!(
-        "linux: guest contract: {} instructions scanned, {}",
-        checked.instructions,
-        if checked.total == 0 {
-            "none forbidden".into()
-        } else {
-            alloc::format!("{} forbidden, run anyway (linux.contract=off)", checked.total)
-        }
-    );
     if elf.program_headers.iter().any(|p| p.p_type == PT_INTERP) {
         return Err(alloc::format!(
             "dynamically linked (PT_INTERP {}): only static executables run",
@@ -267,6 +245,7 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
     if end == 0 {
         return Err("no loadable segment".into());
     }
+    let mut emulated = Vec::new();
     if cmdline::param("linux.rewrite") == Some("off") {
         println!("linux: syscall sites left as they are (linux.rewrite=off)");
     } else {
@@ -283,16 +262,25 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
                 left.push_str(&alloc::format!(", {n} left: {why}"));
             }
         }
+        let emulations = done.emulated.len() + done.left;
+        if emulations > 0 {
+            left.push_str(&alloc::format!(
+                "; {} of {emulations} cpuid/rdtsc/rdtscp sites into emulations",
+                done.emulated.len()
+            ));
+        }
         println!(
             "linux: rewrote {} of {} syscall sites into jumps ({} bytes of trampolines at {:#x}, {} ticks{left})",
-            done.rewritten,
+            done.rewritten - done.emulated.len(),
             done.sites,
             done.trampolines.1,
             done.trampolines.0,
             time::ticks() - t0
         );
         end = mem::page_up(done.end);
+        emulated = done.emulated;
     }
+    contract::verdict(&checked, bias, &emulated)?;
     if end > mem::WINDOW_END - mem::STACK_SIZE - (64 << 20) {
         return Err("the executable leaves no room for brk and mmap in the process window".into());
     }

@@ -4,7 +4,9 @@
 //! guest ring 3, 16-29 µs; a jump costs nothing). The trampolines go right after the program's
 //! highest segment, page-aligned, before brk: memory the program never uses, within ±2 GiB of
 //! its code, at an address that depends only on the binary (so a recording and its replay,
-//! and both sides of a pair, rewrite identically). `linux.rewrite=off` leaves the code as it is.
+//! and both sides of a pair, rewrite identically). CPUID, RDTSC and RDTSCP sites become jumps
+//! to trampolines that call their emulations (`crate::entry`), so that a program containing
+//! them obeys the guest contract. `linux.rewrite=off` leaves the code as it is.
 
 use alloc::vec::Vec;
 
@@ -22,6 +24,10 @@ pub struct Done {
     pub no_window: usize,
     pub unsynced: usize,
     pub encode: usize,
+    /// CPUID, RDTSC and RDTSCP sites rewritten into their emulation (load addresses).
+    pub emulated: Vec<u64>,
+    /// Those left as they are.
+    pub left: usize,
 }
 
 /// Rewrites the loaded program (segments already copied, `bias` added to link addresses);
@@ -77,5 +83,7 @@ pub fn apply(elf: &Elf, image: &[u8], bias: u64, base: u64) -> Done {
         no_window: count(Skip::NoWindow),
         unsynced: count(Skip::Unsynced),
         encode: count(Skip::Encode),
+        emulated: plan.emulated.iter().map(|(address, _)| *address).collect(),
+        left: plan.left.len(),
     }
 }
