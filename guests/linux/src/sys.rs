@@ -1202,6 +1202,15 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 let from = (a5 as usize).min(bytes.len());
                 let len = (a1 as usize).min(bytes.len() - from);
                 user(addr, len as u64)?.copy_from_slice(&bytes[from..from + len]);
+                // Code (a shared library the interpreter maps): rewritten before it runs, as
+                // the program was at load time, and held to the guest contract.
+                const PROT_EXEC: u64 = 4;
+                if a2 & PROT_EXEC != 0 {
+                    let ino = n.ino;
+                    if let Err(e) = crate::rewrite::exec_mapping(&mut k.mem, bytes, addr, len as u64, from as u64) {
+                        crate::fatal(&alloc::format!("the file (inode {ino}) mapped executable at {addr:#x}: {e}"));
+                    }
+                }
             }
             Ok(addr as i64)
         }
