@@ -1799,3 +1799,67 @@ fn redis_s_own_tests_pass_against_the_guest() {
     assert!(out.status.success(), "Redis's tests against the guest:\n{text}\nconsole:\n{console}");
     assert!(text.contains("All tests passed"), "{text}");
 }
+
+/// Debian's own redis-server (glibc, PIE, 16 shared libraries) and its interpreter:
+/// `scripts/fetch-debian-redis.sh`, then `cargo xtask guests` (target/guests/redis-glibc.cpio).
+#[test]
+fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let (elf, _) = redis_image();
+    let cpio = repo_root().join("target/guests/redis-glibc.cpio");
+    if !cpio.exists() {
+        eprintln!(
+            "skipped: {} is missing (Debian's redis-server package: scripts/fetch-debian-redis.sh, then cargo xtask guests)",
+            cpio.display()
+        );
+        return;
+    }
+    let dir = scratch("redis-glibc");
+    let net = Topology::up("rg", 1);
+    let console = dir.join("record.txt");
+    let log = dir.join("redis-glibc.log");
+    // linux.contract=off: libcrypto, libgcrypt and libstdc++ contain RDRAND and RDSEED, which
+    // the personality never emulates; none runs, since the VMM's CPUID (which the rewritten
+    // CPUID sites read) does not offer them, and the replay below shows it.
+    let vm = net
+        .cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(&elf)
+        .arg("--initrd")
+        .arg(&cpio)
+        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24 linux.contract=off", "--net", "tap=tap0", "--rng"])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&console, "Ready to accept connections", "Debian's redis-server under ftvm record");
+    net.wait_ping("Debian's redis-server");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("linux: interpreter /lib64/ld-linux-x86-64.so.2 at 0x"), "{text}");
+    assert!(text.contains("/lib/x86_64-linux-gnu/libc.so.6 mapped executable at 0x"), "{text}");
+    assert!(text.contains("cpuid/rdtsc/rdtscp emulated)"), "{text}");
+    assert!(text.contains("linux: guest contract: rdrand ["), "{text}");
+    // glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS.
+    let unsupported: Vec<&str> =
+        text.lines().filter(|l| l.contains("unsupported system call") && !l.contains("(clone3)")).collect();
+    assert!(unsupported.is_empty(), "{unsupported:?}\n{text}");
+    assert_eq!(net.cli(&["SET", "glibc", "works"]), "OK");
+    assert_eq!(net.cli(&["GET", "glibc"]), "works");
+    assert_eq!(net.cli(&["INCR", "n"]), "1");
+    assert_eq!(net.cli(&["PING"]), "PONG");
+    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let recorded = std::fs::read_to_string(&console).unwrap();
+    assert!(in_time, "{err}\n{recorded}");
+    assert_eq!(out.status.code(), Some(0), "{err}\n{recorded}");
+    assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
+    drop(net);
+    replays_exactly(&log, &dir.join("replay"), &recorded);
+}

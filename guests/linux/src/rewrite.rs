@@ -199,6 +199,7 @@ pub fn exec_mapping(
     addr: u64,
     len: u64,
     offset: u64,
+    name: &str,
 ) -> Result<(), alloc::string::String> {
     let Ok(elf) = Elf::parse(image) else { return Ok(()) };
     let t0 = ftvm_guest_kit::time::ticks();
@@ -207,7 +208,7 @@ pub fn exec_mapping(
     if ftvm_guest_kit::cmdline::param("linux.rewrite") != Some("off") {
         if let Some(m) = mapped(mem, image, addr, len, offset) {
             ftvm_guest_kit::println!(
-                "linux: mapped executable at {addr:#x}: {}",
+                "linux: {name} mapped executable at {addr:#x}: {}",
                 summary(&m.done, ftvm_guest_kit::time::ticks() - t0)
             );
             bias = Some(m.bias);
