@@ -1,16 +1,17 @@
-//! The guest kit's Linux personality: runs one unmodified static x86-64 Linux executable
-//! (non-PIE or static-PIE) in ring 3 and serves its system calls; see
-//! docs/linux-personality.md.
+//! The guest kit's Linux personality: runs one unmodified x86-64 Linux executable (static,
+//! static-PIE, or dynamically linked with its interpreter from the initramfs) in ring 3 and
+//! serves its system calls; see docs/linux-personality.md.
 //!
 //! Start-up: the kit is up (ring 3); the virtio devices are driven; the initramfs (the PVH
 //! module `--initrd` gives, cpio newc) becomes the file system; the program comes from the
 //! command line (`init=PATH`, the words after `--` its arguments, less the `virtio_mmio.device=`
 //! words VMMs append; by default the first line of the initramfs's `/init.args` and the lines
 //! after it); its segments are loaded where it
-//! is linked (in the process window, see `mem`); the stack is laid out as Linux does
+//! is linked (in the process window, see `mem`), its interpreter's after them; the stack is laid out as Linux does
 //! (`linux_abi::stack`); LSTAR points at the entry (`entry`); then the program runs.
 //!
-//! Bad input (no initramfs, no such program, not a static x86-64 ELF, too little memory):
+//! Bad input (no initramfs, no such program, not an x86-64 ELF, a missing interpreter, a
+//! program that breaks the guest contract, too little memory):
 //! one `linux: error: ...` line and a reset through the i8042 (ftvm exits with status 3,
 //! "guest requested a reset"; QEMU with `-no-reboot` exits), unlike a normal end (`exit_group`:
 //! `linux: exit status N` and power-off, ftvm status 0).
