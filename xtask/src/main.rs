@@ -179,7 +179,87 @@ fn build_redis_image(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()
     let out = out_dir.join("redis.cpio");
     std::fs::write(&out, &archive).with_context(|| format!("writing {}", out.display()))?;
     println!("{}: {} bytes (redis-server, redis.conf, init.args, data/)", out.display(), archive.len());
+    build_glibc_redis_image(root, out_dir);
     Ok(())
+}
+
+/// `redis-glibc.cpio`: Debian's dynamically linked redis-server (scripts/fetch-debian-redis.sh
+/// unpacks it into target/test-assets/debian-redis), its interpreter and every library `ldd`
+/// names, from this host, at their paths, with redis.cpio's configuration. Only when the
+/// package is there; anything missing is said and skipped, never failing the build.
+fn build_glibc_redis_image(root: &Path, out_dir: &Path) {
+    let program = root.join("target/test-assets/debian-redis/usr/bin/redis-server");
+    let out = out_dir.join("redis-glibc.cpio");
+    if !program.exists() {
+        println!(
+            "skipping redis-glibc.cpio: {} is missing (fetch it with scripts/fetch-debian-redis.sh)",
+            program.display()
+        );
+        return;
+    }
+    match glibc_redis_archive(&program) {
+        Ok((archive, count)) => match std::fs::write(&out, &archive) {
+            Ok(()) => println!(
+                "{}: {} bytes (Debian's redis-server, its interpreter and {count} libraries)",
+                out.display(),
+                archive.len()
+            ),
+            Err(e) => println!("skipping redis-glibc.cpio: writing {}: {e}", out.display()),
+        },
+        Err(e) => {
+            let _ = std::fs::remove_file(&out);
+            println!("skipping redis-glibc.cpio: {e:#}");
+        }
+    }
+}
+
+fn glibc_redis_archive(program: &Path) -> Result<(Vec<u8>, usize)> {
+    let ldd = Command::new("ldd").arg(program).output().context("running ldd")?;
+    let text = String::from_utf8_lossy(&ldd.stdout);
+    if !ldd.status.success() || text.contains("not found") {
+        bail!("ldd {}: {}{}", program.display(), text.trim(), String::from_utf8_lossy(&ldd.stderr).trim());
+    }
+    // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` and `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+    let mut files: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        if let Some(path) = path {
+            files.push(path.to_string());
+        }
+    }
+    let mut archive = Vec::new();
+    let mut ino = 1;
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut add = |archive: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+        let mut parent = Path::new(name).parent();
+        let mut missing = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            if dirs.insert(p.to_path_buf()) {
+                missing.push(p.to_path_buf());
+            }
+            parent = p.parent();
+        }
+        for dir in missing.iter().rev() {
+            cpio::entry(archive, ino, &dir.display().to_string(), 0o040755, &[]);
+            ino += 1;
+        }
+        cpio::entry(archive, ino, name, mode, data);
+        ino += 1;
+    };
+    let binary = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    add(&mut archive, "usr/bin/redis-server", 0o100755, &binary);
+    for file in &files {
+        let data = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+        add(&mut archive, file.trim_start_matches('/'), 0o100755, &data);
+    }
+    add(&mut archive, "redis.conf", 0o100644, REDIS_CONF.as_bytes());
+    add(&mut archive, "init.args", 0o100644, b"/usr/bin/redis-server\n/redis.conf\n");
+    add(&mut archive, "data", 0o040755, &[]);
+    cpio::trailer(&mut archive);
+    Ok((archive, files.len().saturating_sub(1)))
 }
 
 /// The configuration in redis.cpio: every address, port 6379, data in /data (on the

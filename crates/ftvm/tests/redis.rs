@@ -1499,27 +1499,84 @@ fn redis_s_watchdog_gets_its_sigalrm_and_redis_keeps_serving() {
     stop(vm);
 }
 
+/// CPUID, RDTSC and RDTSCP in a program: rewritten into the personality's emulations.
+const TSC_PROGRAM: &str = r#"#include <stdio.h>
+#include <string.h>
+#include <cpuid.h>
+#include <x86intrin.h>
+int main(void) {
+    unsigned a, b, c, d;
+    char vendor[13] = {0};
+    __cpuid(0x40000000, a, b, c, d);
+    memcpy(vendor, &b, 4); memcpy(vendor + 4, &c, 4); memcpy(vendor + 8, &d, 4);
+    printf("hypervisor leaf %s\n", vendor);
+    unsigned long long t0 = __rdtsc(), t1 = __rdtsc();
+    unsigned aux = 99;
+    unsigned long long t2 = __rdtscp(&aux);
+    printf("tsc monotonic %d aux %u\n", t0 < t1 && t1 < t2, aux);
+    printf("tsc %llu %llu %llu\n", t0, t1, t2);
+    return 0;
+}
+"#;
+
 #[test]
-fn a_program_that_breaks_the_guest_contract_is_refused_unless_told() {
+fn cpuid_and_rdtsc_are_emulated_and_replay_and_the_rest_of_the_contract_holds() {
     if !kvm_available() {
         return;
     }
     let dir = scratch("linux-contract");
-    let archive = c_program(
-        &dir,
-        "tsc",
-        "#include <stdio.h>\n#include <x86intrin.h>\nint main(void) { printf(\"tsc read\\n\"); return (int)(__rdtsc() & 0); }\n",
-    );
+    let archive = c_program(&dir, "tsc", TSC_PROGRAM);
+    // Rewritten: CPUID answers from the VMM's table (ftvm's neutral hypervisor leaf), the TSC
+    // strictly increases and RDTSCP's TSC_AUX is 0.
     let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc");
+    assert_eq!(code, Some(0), "{console}");
+    assert!(console.contains("cpuid/rdtsc/rdtscp sites into emulations"), "{console}");
+    assert!(console.contains("cpuid/rdtsc/rdtscp emulated)"), "{console}");
+    assert!(console.contains("hypervisor leaf ftvmFTVMftvm\n"), "{console}");
+    assert!(console.contains("tsc monotonic 1 aux 0\n"), "{console}");
+    // Not rewritten, the same program breaks the contract and is refused, each site named.
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc linux.rewrite=off");
     assert_eq!(code, Some(3), "{console}");
     assert!(console.contains("linux: guest contract: rdtsc [0f 31] at 0x"), "{console}");
-    assert!(console.contains("linux: error: /tsc: breaks the guest contract (1 forbidden instruction"), "{console}");
-    assert!(!console.contains("tsc read"), "{console}");
+    assert!(console.contains("linux: guest contract: cpuid [0f a2] at 0x"), "{console}");
+    assert!(console.contains("linux: error: /tsc: breaks the guest contract (4 forbidden instruction"), "{console}");
+    assert!(!console.contains("tsc monotonic"), "{console}");
     // Told to run it anyway: it runs (and would diverge under record/replay).
-    let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc linux.contract=off");
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc linux.rewrite=off linux.contract=off");
     assert_eq!(code, Some(0), "{console}");
-    assert!(console.contains("1 forbidden, run anyway (linux.contract=off)"), "{console}");
-    assert!(console.contains("tsc read\n") && console.contains("linux: exit status 0"), "{console}");
+    assert!(console.contains("4 forbidden, run anyway (linux.contract=off)"), "{console}");
+    assert!(console.contains("tsc monotonic 1") && console.contains("linux: exit status 0"), "{console}");
+    // RDRAND is never emulated (randomness comes from virtio-rng): refused, rewrite or not.
+    let archive = c_program(
+        &dir,
+        "rand",
+        "#include <stdio.h>\n#include <immintrin.h>\n__attribute__((target(\"rdrnd\"))) int main(int argc, char **argv) {\n unsigned r = 0;\n if (argc > 5) _rdrand32_step(&r);\n printf(\"rand ran %u\\n\", r);\n return 0;\n}\n",
+    );
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/rand");
+    assert_eq!(code, Some(3), "{console}");
+    assert!(console.contains("linux: guest contract: rdrand ["), "{console}");
+    assert!(console.contains("linux: error: /rand: breaks the guest contract (1 forbidden instruction"), "{console}");
+    assert!(!console.contains("rand ran"), "{console}");
+
+    // Recorded, the emulated program replays exactly (the TSC values included).
+    let (elf, _) = redis_image();
+    let archive = dir.join("tsc.cpio");
+    let log = dir.join("tsc.log");
+    let recorded_console = dir.join("record.txt");
+    let out = ftvm()
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(&elf)
+        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), "--cmdline=init=/tsc"])
+        .arg("--console")
+        .arg(format!("file:{}", recorded_console.display()))
+        .output()
+        .unwrap();
+    let recorded = std::fs::read_to_string(&recorded_console).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{recorded}", String::from_utf8_lossy(&out.stderr));
+    assert!(recorded.contains("tsc monotonic 1 aux 0\n"), "{recorded}");
+    replays_exactly(&log, &dir.join("replay"), &recorded);
 }
 
 /// `ftvm ctl SOCKET ARGS...`: exit status and output.
@@ -1666,4 +1723,68 @@ fn redis_s_own_tests_pass_against_the_guest() {
     let console = std::fs::read_to_string(dir.join("console.txt")).unwrap_or_default();
     assert!(out.status.success(), "Redis's tests against the guest:\n{text}\nconsole:\n{console}");
     assert!(text.contains("All tests passed"), "{text}");
+}
+
+/// Debian's own redis-server (glibc, PIE, 16 shared libraries) and its interpreter:
+/// `scripts/fetch-debian-redis.sh`, then `cargo xtask guests` (target/guests/redis-glibc.cpio).
+#[test]
+fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let (elf, _) = redis_image();
+    let cpio = repo_root().join("target/guests/redis-glibc.cpio");
+    if !cpio.exists() {
+        eprintln!(
+            "skipped: {} is missing (Debian's redis-server package: scripts/fetch-debian-redis.sh, then cargo xtask guests)",
+            cpio.display()
+        );
+        return;
+    }
+    let dir = scratch("redis-glibc");
+    let net = Topology::up("rg", 1);
+    let console = dir.join("record.txt");
+    let log = dir.join("redis-glibc.log");
+    // linux.contract=off: libcrypto, libgcrypt and libstdc++ contain RDRAND and RDSEED, which
+    // the personality never emulates; none runs, since the VMM's CPUID (which the rewritten
+    // CPUID sites read) does not offer them, and the replay below shows it.
+    let vm = net
+        .cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(&elf)
+        .arg("--initrd")
+        .arg(&cpio)
+        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24 linux.contract=off", "--net", "tap=tap0", "--rng"])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&console, "Ready to accept connections", "Debian's redis-server under ftvm record");
+    net.wait_ping("Debian's redis-server");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("linux: interpreter /lib64/ld-linux-x86-64.so.2 at 0x"), "{text}");
+    assert!(text.contains("/lib/x86_64-linux-gnu/libc.so.6 mapped executable at 0x"), "{text}");
+    assert!(text.contains("cpuid/rdtsc/rdtscp emulated)"), "{text}");
+    assert!(text.contains("linux: guest contract: rdrand ["), "{text}");
+    // glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS.
+    let unsupported: Vec<&str> =
+        text.lines().filter(|l| l.contains("unsupported system call") && !l.contains("(clone3)")).collect();
+    assert!(unsupported.is_empty(), "{unsupported:?}\n{text}");
+    assert_eq!(net.cli(&["SET", "glibc", "works"]), "OK");
+    assert_eq!(net.cli(&["GET", "glibc"]), "works");
+    assert_eq!(net.cli(&["INCR", "n"]), "1");
+    assert_eq!(net.cli(&["PING"]), "PONG");
+    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let recorded = std::fs::read_to_string(&console).unwrap();
+    assert!(in_time, "{err}\n{recorded}");
+    assert_eq!(out.status.code(), Some(0), "{err}\n{recorded}");
+    assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
+    drop(net);
+    replays_exactly(&log, &dir.join("replay"), &recorded);
 }

@@ -31,6 +31,12 @@ pub const SYS_SET_FS_BASE: u64 = 3;
 /// hardware KVM, runs with interrupts off until the handler leaves ring 0). RAX = 0. On our
 /// KVM a ring-3 `syscall` stays in ring 3.
 pub const SYS_SET_SYSCALL_ENTRY: u64 = 4;
+/// `cpuid`: CPUID leaf EDI, subleaf ESI, executed in ring 0, where our KVM traps it and
+/// answers from the VMM's table (KVM_SET_CPUID2: fixed by ftvm's configuration, part of a
+/// recording's header and of what a pair compares), as QEMU and hardware KVM do in every
+/// ring; in ring 3 our KVM runs it natively and gives the host's values (platform.md).
+/// Returns EAX, EBX, ECX, EDX as CPUID sets them; every other register is preserved.
+pub const SYS_CPUID: u64 = 5;
 
 core::arch::global_asm!(
     r#"
@@ -59,6 +65,8 @@ kit_ud_entry:
     je 7f
     cmp $4, %rax                    # SYS_SET_SYSCALL_ENTRY
     je 8f
+    cmp $5, %rax                    # SYS_CPUID
+    je 9f
     mov $-1, %rax                   # unknown call
     iretq
 3:  mov kit_irq_pending(%rip), %eax # a wanted IRQ already fired: do not sleep (irq.rs)
@@ -118,6 +126,10 @@ kit_ud_entry:
     pop %rdx
     pop %rcx
     xor %eax, %eax
+    iretq
+9:  mov %edi, %eax
+    mov %esi, %ecx
+    cpuid
     iretq
 2:  pushq $0
     pushq $6
@@ -199,6 +211,30 @@ pub unsafe fn set_syscall_entry(entry: u64, sfmask: u64) {
             options(nostack)
         )
     }
+}
+
+/// CPUID `leaf`/`subleaf` as the VMM's table answers it (see [`SYS_CPUID`]): EAX, EBX,
+/// ECX, EDX.
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: as for `idle`; ring 0 executes CPUID, which has no side effects. RBX is
+    // reserved by LLVM, so it is saved around the call by hand.
+    unsafe {
+        asm!(
+            "mov {saved}, rbx",
+            "ud2",
+            "nop dword ptr [rax + 0x54494b]",
+            "xchg {saved}, rbx",
+            saved = out(reg) b,
+            inlateout("rax") SYS_CPUID => a,
+            in("rdi") u64::from(leaf),
+            in("rsi") u64::from(subleaf),
+            lateout("rcx") c,
+            lateout("rdx") d,
+            options(nostack)
+        )
+    }
+    [a as u32, b as u32, c as u32, d as u32]
 }
 
 /// Asks ring 0 to power the machine off.

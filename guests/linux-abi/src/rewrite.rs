@@ -35,6 +35,15 @@
 //! the code (the nearest symbol below is not an instruction start). Everything here depends
 //! only on the program's bytes and the trampoline address, so a recording and its replay
 //! (and both sides of a pair) rewrite identically.
+//!
+//! **CPUID, RDTSC and RDTSCP** sites are rewritten the same way (the same windows, the same
+//! refusals), into trampolines that emulate them: the guest contract forbids them in ring 3,
+//! where on our KVM they return host values untrapped. The trampoline runs the displaced
+//! instructions before the site, switches to the kernel stack with two `mov`s (the
+//! program's stack and red zone untouched, RFLAGS unchanged), `call`s the personality's
+//! emulation there, switches back, runs the displaced instructions after the site and jumps
+//! back (see `emulation`). A site with no window stays, and the contract check refuses it.
+//! No forbidden instruction (RDRAND, RDSEED and RDPID included) ever moves into a window.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -61,7 +70,50 @@ pub struct Entry {
     /// The ring-3 part of the entry (`linux_syscall_ring3`): expects RSP = kernel stack top,
     /// the program's RSP in `user_rsp`, RCX = return address, R11 = RFLAGS.
     pub handler: u64,
+    /// The emulations of CPUID, RDTSC and RDTSCP, called (`call`) on the kernel stack with
+    /// the program's registers: each sets what the instruction sets (EAX, EBX, ECX, EDX for
+    /// CPUID; EDX:EAX, and ECX for RDTSCP, upper halves zero) and preserves every other
+    /// register and RFLAGS.
+    pub cpuid: u64,
+    pub rdtsc: u64,
+    pub rdtscp: u64,
 }
+
+/// What a site holds: a system call, or an instruction the guest contract forbids in
+/// ring 3 (host values, untrapped on our KVM) that the personality emulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Syscall,
+    Cpuid,
+    Rdtsc,
+    Rdtscp,
+}
+
+impl Kind {
+    fn of(mnemonic: Mnemonic) -> Option<Kind> {
+        match mnemonic {
+            Mnemonic::Syscall => Some(Kind::Syscall),
+            Mnemonic::Cpuid => Some(Kind::Cpuid),
+            Mnemonic::Rdtsc => Some(Kind::Rdtsc),
+            Mnemonic::Rdtscp => Some(Kind::Rdtscp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Syscall => "syscall",
+            Kind::Cpuid => "cpuid",
+            Kind::Rdtsc => "rdtsc",
+            Kind::Rdtscp => "rdtscp",
+        }
+    }
+}
+
+/// Instructions that never move into a trampoline: those the guest contract forbids (a
+/// moved one would escape both the emulation and the contract check's address list).
+const UNMOVABLE: &[Mnemonic] =
+    &[Mnemonic::Cpuid, Mnemonic::Rdtsc, Mnemonic::Rdtscp, Mnemonic::Rdpid, Mnemonic::Rdrand, Mnemonic::Rdseed];
 
 /// What to rewrite.
 pub struct Program<'a> {
@@ -103,7 +155,12 @@ pub struct Rewrite {
     pub patches: Vec<Patch>,
     pub base: u64,
     pub trampolines: Vec<u8>,
+    /// `syscall` sites left alone.
     pub skipped: Vec<(u64, Skip)>,
+    /// CPUID, RDTSC and RDTSCP sites rewritten into jumps to their emulation.
+    pub emulated: Vec<(u64, Kind)>,
+    /// Those left as they are (the guest contract check still refuses them).
+    pub left: Vec<(u64, Kind, Skip)>,
 }
 
 /// At most this many instructions move before / after the `syscall`.
@@ -142,7 +199,12 @@ impl Swept<'_> {
     }
 }
 
-fn sweep<'a>(section: Section<'a>, targets: &mut Vec<u64>, sites: &mut Vec<(usize, usize)>, index: usize) -> Swept<'a> {
+fn sweep<'a>(
+    section: Section<'a>,
+    targets: &mut Vec<u64>,
+    sites: &mut Vec<(usize, usize, Kind)>,
+    index: usize,
+) -> Swept<'a> {
     let mut swept = Swept { section, starts: Vec::new(), lens: Vec::new() };
     let mut decoder = Decoder::with_ip(64, section.bytes, section.address, DecoderOptions::NONE);
     let mut instruction = Instruction::default();
@@ -155,8 +217,8 @@ fn sweep<'a>(section: Section<'a>, targets: &mut Vec<u64>, sites: &mut Vec<(usiz
             decoder.set_ip(section.address + position as u64 + 1);
             continue;
         }
-        if instruction.mnemonic() == Mnemonic::Syscall {
-            sites.push((index, swept.starts.len()));
+        if let Some(kind) = Kind::of(instruction.mnemonic()) {
+            sites.push((index, swept.starts.len(), kind));
         }
         swept.starts.push(position as u32);
         swept.lens.push(instruction.len() as u8);
@@ -182,6 +244,9 @@ fn sweep<'a>(section: Section<'a>, targets: &mut Vec<u64>, sites: &mut Vec<(usiz
 /// Whether `instruction` may move into a trampoline; `last` if nothing after it in the
 /// window runs by falling through from it.
 fn movable(instruction: &Instruction, last: bool) -> bool {
+    if UNMOVABLE.contains(&instruction.mnemonic()) {
+        return false;
+    }
     match instruction.flow_control() {
         FlowControl::Next | FlowControl::ConditionalBranch => true,
         FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Return => last,
@@ -190,7 +255,7 @@ fn movable(instruction: &Instruction, last: bool) -> bool {
     }
 }
 
-/// The window's instruction indices `first..=last` around the `syscall` at `site`, if
+/// The window's instruction indices `first..=last` around the site at `site`, if
 /// one can be rewritten.
 fn window(swept: &Swept, site: usize, reached: &dyn Fn(u64) -> bool, free_from: u64) -> Option<(usize, usize)> {
     let count = swept.starts.len();
@@ -278,6 +343,35 @@ fn trampoline(displaced: &[Instruction], site: usize, resume: u64, entry: Entry,
     Some((code, head_rip - rip))
 }
 
+/// The trampoline of an emulated instruction's window, for placing at `rip` (entered at its
+/// start): the displaced instructions before the site, then, without touching the
+/// program's stack, the program's RSP saved in `user_rsp` and the kernel stack loaded, a
+/// `call` of the emulation there (its return address goes on the kernel stack), RSP back,
+/// the displaced instructions after the site, and a jump back to `resume`. Only `mov`s and
+/// the `call`: RFLAGS stays as the program had it (the emulations preserve it too).
+///
+/// Reusing the entry's `user_rsp` slot is safe: one CPU, and the slot only lives between an
+/// entry's first instruction and its push of it, which no emulation can interrupt (an
+/// interrupt runs on the ring-0 stack, and threads switch only inside system calls).
+fn emulation(
+    displaced: &[Instruction],
+    site: usize,
+    handler: u64,
+    resume: u64,
+    entry: Entry,
+    rip: u64,
+) -> Option<Vec<u8>> {
+    let rip_rel = |address: u64| MemoryOperand::with_base_displ(Register::RIP, address as i64);
+    let mut code: Vec<Instruction> = displaced[..site].to_vec();
+    code.push(Instruction::with2(Code::Mov_rm64_r64, rip_rel(entry.user_rsp), Register::RSP).ok()?);
+    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.kstack_top)).ok()?);
+    code.push(Instruction::with_branch(Code::Call_rel32_64, handler).ok()?);
+    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.user_rsp)).ok()?);
+    code.extend_from_slice(&displaced[site + 1..]);
+    code.push(jmp(resume));
+    encode(&code, rip)
+}
+
 /// Plans the rewrite of `program`, its trampolines to be placed at `base`.
 pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
     let mut code: Vec<Section> = program.code.to_vec();
@@ -324,24 +418,35 @@ pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
     symbols.sort_unstable();
     let reached = |address: u64| targets.binary_search(&address).is_ok();
 
-    let mut result =
-        Rewrite { sites: sites.len(), patches: Vec::new(), base, trampolines: Vec::new(), skipped: Vec::new() };
+    let mut result = Rewrite {
+        sites: sites.iter().filter(|s| s.2 == Kind::Syscall).count(),
+        patches: Vec::new(),
+        base,
+        trampolines: Vec::new(),
+        skipped: Vec::new(),
+        emulated: Vec::new(),
+        left: Vec::new(),
+    };
     let mut free_from = 0;
-    for (section, site) in sites {
+    for (section, site, kind) in sites {
         let swept = &swept[section];
         let address = swept.address(site);
+        let refuse = |result: &mut Rewrite, skip: Skip| match kind {
+            Kind::Syscall => result.skipped.push((address, skip)),
+            _ => result.left.push((address, kind, skip)),
+        };
         // The sweep is in step at the section's start and, if the nearest symbol below is an
         // instruction start, from there on (decoding is deterministic from a boundary).
         let below = symbols.partition_point(|&s| s <= address);
         if below > 0 {
             let symbol = symbols[below - 1];
             if symbol >= swept.section.address && !swept.is_start(symbol) {
-                result.skipped.push((address, Skip::Unsynced));
+                refuse(&mut result, Skip::Unsynced);
                 continue;
             }
         }
         let Some((first, last)) = window(swept, site, &reached, free_from) else {
-            result.skipped.push((address, Skip::NoWindow));
+            refuse(&mut result, Skip::NoWindow);
             continue;
         };
         let displaced: Vec<Instruction> = (first..=last).map(|i| swept.decode(i)).collect();
@@ -351,14 +456,23 @@ pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
             result.trampolines.push(INT3);
         }
         let rip = base + result.trampolines.len() as u64;
-        let Some((bytes, head)) = trampoline(&displaced, site - first, end, entry, rip) else {
-            result.skipped.push((address, Skip::Encode));
+        let planned = match kind {
+            Kind::Syscall => trampoline(&displaced, site - first, end, entry, rip),
+            Kind::Cpuid => emulation(&displaced, site - first, entry.cpuid, end, entry, rip).map(|c| (c, 0)),
+            Kind::Rdtsc => emulation(&displaced, site - first, entry.rdtsc, end, entry, rip).map(|c| (c, 0)),
+            Kind::Rdtscp => emulation(&displaced, site - first, entry.rdtscp, end, entry, rip).map(|c| (c, 0)),
+        };
+        let Some((bytes, head)) = planned else {
+            refuse(&mut result, Skip::Encode);
             continue;
         };
         let Ok(rel) = i32::try_from((rip + head) as i64 - (start + JMP_LEN) as i64) else {
-            result.skipped.push((address, Skip::Encode));
+            refuse(&mut result, Skip::Encode);
             continue;
         };
+        if kind != Kind::Syscall {
+            result.emulated.push((address, kind));
+        }
         result.trampolines.extend(bytes);
         let mut patch = vec![INT3; (end - start) as usize];
         patch[0] = 0xe9;

@@ -3,6 +3,12 @@
 //! they return host values untrapped). The same check `cargo xtask check-program` makes: a
 //! linear sweep with iced-x86's decoder over every executable section (or, without section
 //! headers, every executable segment); an undecodable byte is skipped.
+//!
+//! The load-time rewrite (`crate::rewrite`) turns CPUID, RDTSC and RDTSCP sites into jumps
+//! to deterministic emulations; what it could not rewrite, and every RDRAND, RDSEED and
+//! RDPID, still breaks the contract ([`verdict`]). Those three are never emulated:
+//! randomness must come from virtio-rng, whose data the recording logs (an emulation would
+//! be a fixed sequence or a hidden source), and RDPID has no use without RDTSCP's TSC_AUX.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -22,11 +28,10 @@ pub struct Violation {
     pub text: String,
 }
 
-/// What the scan found: instructions decoded, and the violations (at most 16 listed).
+/// What the scan found: instructions decoded, and the violations.
 pub struct Scan {
     pub instructions: usize,
     pub violations: Vec<Violation>,
-    pub total: usize,
 }
 
 fn name(mnemonic: Mnemonic) -> &'static str {
@@ -55,7 +60,7 @@ pub fn scan(elf: &Elf, image: &[u8]) -> Scan {
             .map(|p| (p.p_offset, p.p_filesz, p.p_vaddr))
             .collect();
     }
-    let mut result = Scan { instructions: 0, violations: Vec::new(), total: 0 };
+    let mut result = Scan { instructions: 0, violations: Vec::new() };
     let mut instruction = Instruction::default();
     for (offset, size, address) in ranges {
         let Some(code) = image.get(offset as usize..(offset + size) as usize) else { continue };
@@ -72,19 +77,51 @@ pub fn scan(elf: &Elf, image: &[u8]) -> Scan {
             result.instructions += 1;
             let mnemonic = instruction.mnemonic();
             if FORBIDDEN.contains(&mnemonic) {
-                result.total += 1;
-                if result.violations.len() < 16 {
-                    let start = (instruction.ip() - address) as usize;
-                    let bytes: Vec<String> =
-                        code[start..start + instruction.len()].iter().map(|b| alloc::format!("{b:02x}")).collect();
-                    result.violations.push(Violation {
-                        address: instruction.ip(),
-                        offset: offset + start as u64,
-                        text: alloc::format!("{} [{}]", name(mnemonic), bytes.join(" ")),
-                    });
-                }
+                let start = (instruction.ip() - address) as usize;
+                let bytes: Vec<String> =
+                    code[start..start + instruction.len()].iter().map(|b| alloc::format!("{b:02x}")).collect();
+                result.violations.push(Violation {
+                    address: instruction.ip(),
+                    offset: offset + start as u64,
+                    text: alloc::format!("{} [{}]", name(mnemonic), bytes.join(" ")),
+                });
             }
         }
     }
     result
+}
+
+/// Decides on a scanned image after the rewrite: `emulated` are the load addresses of the
+/// sites the rewrite turned into emulations, `bias` what was added to link addresses. Prints
+/// one line per forbidden instruction left (at most 16) and the verdict; Err if the program
+/// breaks the contract and `linux.contract=off` does not say to run it anyway.
+pub fn verdict(scan: &Scan, bias: u64, emulated: &[u64]) -> Result<(), String> {
+    let anyway = ftvm_guest_kit::cmdline::param("linux.contract") == Some("off");
+    let left: Vec<&Violation> = scan.violations.iter().filter(|v| !emulated.contains(&(v.address + bias))).collect();
+    for v in left.iter().take(16) {
+        ftvm_guest_kit::println!(
+            "linux: guest contract: {} at {:#x} (file offset {:#x}): host-dependent, not trapped on our KVM",
+            v.text,
+            v.address,
+            v.offset
+        );
+    }
+    if !left.is_empty() && !anyway {
+        return Err(alloc::format!(
+            "breaks the guest contract ({} forbidden instruction(s) among {}; linux.contract=off runs it anyway, and it may diverge)",
+            left.len(),
+            scan.instructions
+        ));
+    }
+    let rewritten = scan.violations.len() - left.len();
+    let mut said = if left.is_empty() {
+        String::from("none forbidden")
+    } else {
+        alloc::format!("{} forbidden, run anyway (linux.contract=off)", left.len())
+    };
+    if rewritten > 0 {
+        said.push_str(&alloc::format!(" ({rewritten} cpuid/rdtsc/rdtscp emulated)"));
+    }
+    ftvm_guest_kit::println!("linux: guest contract: {} instructions scanned, {said}", scan.instructions);
+    Ok(())
 }

@@ -162,7 +162,88 @@ linux_fxsave:
     options(att_syntax)
 );
 
+// The emulations that rewritten CPUID, RDTSC and RDTSCP sites call (`crate::rewrite`), on
+// the kernel stack (16-byte aligned at its top, so RSP = 8 mod 16 at entry). Each preserves
+// every register it does not set, and RFLAGS: `lea` adjusts the stack, `pushfq`/`popfq`
+// bracket whatever changes flags.
+//
+// CPUID: the kit's ring-0 CPUID (SYS_CPUID), which our KVM answers from the VMM's table: what
+// ftvm configured, recorded in the log's header and compared by a pair, so a recording and
+// its replay see the same values. In ring 3 our KVM would give the host's values, untrapped.
+//
+// RDTSC: `linux_tsc` (below), from the guest clock. RDTSCP: the same, ECX = 0 (TSC_AUX).
+core::arch::global_asm!(
+    r#"
+    .text
+    .globl linux_emulate_cpuid
+linux_emulate_cpuid:                # EAX leaf, ECX subleaf
+    push %rdi
+    push %rsi
+    mov %eax, %edi
+    mov %ecx, %esi
+    mov $5, %eax                    # SYS_CPUID (its iretq restores RFLAGS)
+    ud2
+    nopl 0x54494b(%rax)
+    pop %rsi
+    pop %rdi
+    ret
+
+    .globl linux_emulate_rdtscp
+linux_emulate_rdtscp:
+    lea -8(%rsp), %rsp              # RDTSC's alignment
+    call linux_emulate_rdtsc
+    lea 8(%rsp), %rsp
+    mov $0, %ecx                    # TSC_AUX
+    ret
+
+    .globl linux_emulate_rdtsc
+linux_emulate_rdtsc:
+    pushfq
+    push %rcx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    lea -520(%rsp), %rsp            # 16-byte aligned for fxsave64 and the call
+    fxsave64 (%rsp)
+    cld
+    call linux_tsc
+    fxrstor64 (%rsp)
+    lea 520(%rsp), %rsp
+    mov %rax, %rdx
+    shr $32, %rdx
+    mov %eax, %eax
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rcx
+    popfq
+    ret
+    "#,
+    options(att_syntax)
+);
+
+/// The emulated TSC: the guest's monotonic clock in nanoseconds (a fixed 1 GHz), from the
+/// PIT ticks and PM timer samples that record/replay logs, so a replay reads the same
+/// values; never the host's TSC. Each read is at least one more than the last, so the
+/// counter strictly increases even within one tick of the clock's resolution.
+#[no_mangle]
+extern "C" fn linux_tsc() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let tsc = crate::vdso::now_ns(1).max(LAST.load(Ordering::Relaxed) + 1);
+    LAST.store(tsc, Ordering::Relaxed);
+    tsc
+}
+
 extern "C" {
+    fn linux_emulate_cpuid();
+    fn linux_emulate_rdtsc();
+    fn linux_emulate_rdtscp();
     fn linux_syscall_entry();
     fn linux_syscall_ring3();
     fn linux_syscall_return();
@@ -211,6 +292,9 @@ pub fn trampoline_entry() -> linux_abi::rewrite::Entry {
         user_rsp: USER_RSP.as_ptr() as u64,
         kstack_top: KSTACK_TOP.as_ptr() as u64,
         handler: linux_syscall_ring3 as *const () as u64,
+        cpuid: linux_emulate_cpuid as *const () as u64,
+        rdtsc: linux_emulate_rdtsc as *const () as u64,
+        rdtscp: linux_emulate_rdtscp as *const () as u64,
     }
 }
 

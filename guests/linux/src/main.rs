@@ -1,16 +1,17 @@
-//! The guest kit's Linux personality: runs one unmodified static x86-64 Linux executable
-//! (non-PIE or static-PIE) in ring 3 and serves its system calls; see
-//! docs/linux-personality.md.
+//! The guest kit's Linux personality: runs one unmodified x86-64 Linux executable (static,
+//! static-PIE, or dynamically linked with its interpreter from the initramfs) in ring 3 and
+//! serves its system calls; see docs/linux-personality.md.
 //!
 //! Start-up: the kit is up (ring 3); the virtio devices are driven; the initramfs (the PVH
 //! module `--initrd` gives, cpio newc) becomes the file system; the program comes from the
 //! command line (`init=PATH`, the words after `--` its arguments, less the `virtio_mmio.device=`
 //! words VMMs append; by default the first line of the initramfs's `/init.args` and the lines
 //! after it); its segments are loaded where it
-//! is linked (in the process window, see `mem`); the stack is laid out as Linux does
+//! is linked (in the process window, see `mem`), its interpreter's after them; the stack is laid out as Linux does
 //! (`linux_abi::stack`); LSTAR points at the entry (`entry`); then the program runs.
 //!
-//! Bad input (no initramfs, no such program, not a static x86-64 ELF, too little memory):
+//! Bad input (no initramfs, no such program, not an x86-64 ELF, a missing interpreter, a
+//! program that breaks the guest contract, too little memory):
 //! one `linux: error: ...` line and a reset through the i8042 (ftvm exits with status 3,
 //! "guest requested a reset"; QEMU with `-no-reboot` exits), unlike a normal end (`exit_group`:
 //! `linux: exit status N` and power-off, ftvm status 0).
@@ -186,53 +187,22 @@ fn program(fs: &fs::Fs) -> Result<(String, Vec<String>), String> {
 }
 
 struct Loaded {
+    /// Where the program starts: its entry, or its interpreter's.
     entry: u64,
+    /// The program's own entry (AT_ENTRY).
+    program_entry: u64,
+    /// The interpreter's load address (AT_BASE), 0 without one.
+    base: u64,
     phdr: u64,
     phnum: u64,
     phent: u64,
     end: u64,
 }
 
-/// Loads a static x86-64 ELF executable into the process window.
-fn load_elf(image: &[u8]) -> Result<Loaded, String> {
-    let elf = Elf::parse(image).map_err(|e| alloc::format!("not an ELF executable ({e})"))?;
-    if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
-        return Err("not an x86-64 ELF executable".into());
-    }
-    let bias = match elf.header.e_type {
-        goblin::elf::header::ET_EXEC => 0,
-        goblin::elf::header::ET_DYN => PIE_BASE,
-        other => return Err(alloc::format!("ELF type {other} is not an executable")),
-    };
-    let checked = contract::scan(&elf, image);
-    let anyway = cmdline::param("linux.contract") == Some("off");
-    for v in &checked.violations {
-        println!(
-            "linux: guest contract: {} at {:#x} (file offset {:#x}): host-dependent, not trapped on our KVM",
-            v.text, v.address, v.offset
-        );
-    }
-    if checked.total > 0 && !anyway {
-        return Err(alloc::format!(
-            "breaks the guest contract ({} forbidden instruction(s) among {}; linux.contract=off runs it anyway, and it may diverge)",
-            checked.total, checked.instructions
-        ));
-    }
-    println!(
-        "linux: guest contract: {} instructions scanned, {}",
-        checked.instructions,
-        if checked.total == 0 {
-            "none forbidden".into()
-        } else {
-            alloc::format!("{} forbidden, run anyway (linux.contract=off)", checked.total)
-        }
-    );
-    if elf.program_headers.iter().any(|p| p.p_type == PT_INTERP) {
-        return Err(alloc::format!(
-            "dynamically linked (PT_INTERP {}): only static executables run",
-            elf.interpreter.unwrap_or("?")
-        ));
-    }
+/// Copies an ELF image's PT_LOAD segments to their link addresses plus `bias`; returns the
+/// end of the highest and the address of the program headers (PT_PHDR, or the first
+/// segment's copy of them).
+fn load_segments(elf: &Elf, image: &[u8], bias: u64) -> Result<(u64, Option<u64>), String> {
     let mut end = 0;
     let mut phdr = None;
     for ph in elf.program_headers.iter() {
@@ -242,7 +212,7 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
         if ph.p_type != PT_LOAD || ph.p_memsz == 0 {
             continue;
         }
-        let start = ph.p_vaddr + bias;
+        let start = ph.p_vaddr.wrapping_add(bias);
         if !mem::ProcMem::in_window(start, ph.p_memsz) || ph.p_filesz > ph.p_memsz {
             return Err(alloc::format!(
                 "segment at {start:#x} (+{:#x}) is outside the process window {:#x}-{:#x}",
@@ -251,8 +221,10 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
                 mem::WINDOW_END - mem::STACK_SIZE
             ));
         }
-        let file = image
-            .get(ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize)
+        let file = ph
+            .p_offset
+            .checked_add(ph.p_filesz)
+            .and_then(|e| image.get(ph.p_offset as usize..e as usize))
             .ok_or("a segment runs past the end of the file")?;
         // SAFETY: inside the process window (checked), RAM nothing else uses.
         unsafe {
@@ -267,42 +239,82 @@ fn load_elf(image: &[u8]) -> Result<Loaded, String> {
     if end == 0 {
         return Err("no loadable segment".into());
     }
+    Ok((end, phdr))
+}
+
+/// The rewrite of a loaded image's sites (trampolines right after `end`), then the guest
+/// contract's verdict; returns the new end.
+fn rewrite_and_check(elf: &Elf, image: &[u8], bias: u64, end: u64) -> Result<u64, String> {
+    let checked = contract::scan(elf, image);
+    let mut emulated = Vec::new();
+    let mut end = end;
     if cmdline::param("linux.rewrite") == Some("off") {
         println!("linux: syscall sites left as they are (linux.rewrite=off)");
     } else {
         let base = mem::page_up(end);
         let t0 = time::ticks();
-        let done = rewrite::apply(&elf, image, bias, base);
-        let mut left = String::new();
-        for (n, why) in [
-            (done.no_window, "no safe window"),
-            (done.unsynced, "decoding not certain"),
-            (done.encode, "not re-encodable"),
-        ] {
-            if n > 0 {
-                left.push_str(&alloc::format!(", {n} left: {why}"));
-            }
-        }
-        println!(
-            "linux: rewrote {} of {} syscall sites into jumps ({} bytes of trampolines at {:#x}, {} ticks{left})",
-            done.rewritten,
-            done.sites,
-            done.trampolines.1,
-            done.trampolines.0,
-            time::ticks() - t0
-        );
+        let done = rewrite::apply(elf, image, bias, base);
+        println!("linux: {}", rewrite::summary(&done, time::ticks() - t0));
         end = mem::page_up(done.end);
+        emulated = done.emulated;
     }
-    if end > mem::WINDOW_END - mem::STACK_SIZE - (64 << 20) {
-        return Err("the executable leaves no room for brk and mmap in the process window".into());
+    contract::verdict(&checked, bias, &emulated)?;
+    Ok(end)
+}
+
+fn parse(image: &[u8]) -> Result<Elf<'_>, String> {
+    let elf = Elf::parse(image).map_err(|e| alloc::format!("not an ELF executable ({e})"))?;
+    if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
+        return Err("not an x86-64 ELF executable".into());
     }
-    Ok(Loaded {
+    Ok(elf)
+}
+
+/// Loads an x86-64 ELF executable into the process window; a dynamically linked one with
+/// its interpreter (PT_INTERP, from the initramfs) right after it, as Linux's `load_elf_binary`
+/// does (the interpreter then maps the shared libraries itself, with `mmap`).
+fn load_elf(fs: &fs::Fs, image: &[u8]) -> Result<Loaded, String> {
+    let elf = parse(image)?;
+    let bias = match elf.header.e_type {
+        goblin::elf::header::ET_EXEC => 0,
+        goblin::elf::header::ET_DYN => PIE_BASE,
+        other => return Err(alloc::format!("ELF type {other} is not an executable")),
+    };
+    let (end, phdr) = load_segments(&elf, image, bias)?;
+    let mut end = rewrite_and_check(&elf, image, bias, end)?;
+    let mut loaded = Loaded {
         entry: elf.entry + bias,
+        program_entry: elf.entry + bias,
+        base: 0,
         phdr: phdr.unwrap_or(0),
         phnum: elf.program_headers.len() as u64,
         phent: u64::from(elf.header.e_phentsize),
         end,
-    })
+    };
+    if elf.program_headers.iter().any(|p| p.p_type == PT_INTERP) {
+        // The interpreter at a fixed place (the page after the program and its trampolines),
+        // which depends only on the binaries: a recording and its replay load it alike.
+        let path = linux_abi::path::resolve("/", elf.interpreter.unwrap_or(""));
+        let node = fs.get(&path).ok_or_else(|| alloc::format!("interpreter {path}: no such file in the initramfs"))?;
+        let node = node.borrow();
+        let interp = parse(node.bytes()).map_err(|e| alloc::format!("interpreter {path}: {e}"))?;
+        if interp.header.e_type != goblin::elf::header::ET_DYN {
+            return Err(alloc::format!("interpreter {path}: not a shared object"));
+        }
+        let base = mem::page_up(end);
+        println!("linux: interpreter {path} at {base:#x}");
+        let (interp_end, _) =
+            load_segments(&interp, node.bytes(), base).map_err(|e| alloc::format!("interpreter {path}: {e}"))?;
+        end = rewrite_and_check(&interp, node.bytes(), base, interp_end)
+            .map_err(|e| alloc::format!("interpreter {path}: {e}"))?;
+        loaded.entry = interp.entry + base;
+        loaded.base = base;
+        loaded.end = end;
+    }
+    if loaded.end > mem::WINDOW_END - mem::STACK_SIZE - (64 << 20) {
+        return Err("the executable leaves no room for brk and mmap in the process window".into());
+    }
+    Ok(loaded)
 }
 
 /// The high area (mem.rs): `linux.program_share` percent (default 50, at most 90) of the
@@ -352,7 +364,7 @@ fn main() {
         if node.is_dir() {
             fatal(&alloc::format!("{path} is a directory"));
         }
-        load_elf(node.bytes()).unwrap_or_else(|e| fatal(&alloc::format!("{path}: {e}")))
+        load_elf(&fs, node.bytes()).unwrap_or_else(|e| fatal(&alloc::format!("{path}: {e}")))
     };
     let mut rng = devices.rng;
     let net = match (devices.net, IpConfig::from_cmdline()) {
@@ -397,9 +409,9 @@ fn main() {
         (linux_abi::stack::AT_PHENT, loaded.phent),
         (linux_abi::stack::AT_PHNUM, loaded.phnum),
         (linux_abi::stack::AT_PAGESZ, mem::PAGE),
-        (linux_abi::stack::AT_BASE, 0),
+        (linux_abi::stack::AT_BASE, loaded.base),
         (linux_abi::stack::AT_FLAGS, 0),
-        (linux_abi::stack::AT_ENTRY, loaded.entry),
+        (linux_abi::stack::AT_ENTRY, loaded.program_entry),
         (linux_abi::stack::AT_UID, 0),
         (linux_abi::stack::AT_EUID, 0),
         (linux_abi::stack::AT_GID, 0),

@@ -267,6 +267,8 @@ fn cstr(ptr: u64) -> Result<String, i64> {
 }
 
 fn path_at(k: &Kernel, dirfd: i64, ptr: u64) -> Result<String, i64> {
+    // An int: glibc passes AT_FDCWD in EDI, the upper half zero (musl sign-extends it).
+    let dirfd = i64::from(dirfd as i32);
     let name = cstr(ptr)?;
     if name.starts_with('/') || dirfd == AT_FDCWD {
         return Ok(linux_abi::path::resolve(&k.cwd, &name));
@@ -1360,6 +1362,17 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 let from = (a5 as usize).min(bytes.len());
                 let len = (a1 as usize).min(bytes.len() - from);
                 user(addr, len as u64)?.copy_from_slice(&bytes[from..from + len]);
+                // Code (a shared library the interpreter maps): rewritten before it runs, as
+                // the program was at load time, and held to the guest contract.
+                const PROT_EXEC: u64 = 4;
+                if a2 & PROT_EXEC != 0 {
+                    let name = k.fs.path_of(node).unwrap_or_else(|| alloc::format!("inode {}", n.ino));
+                    if let Err(e) =
+                        crate::rewrite::exec_mapping(&mut k.mem, bytes, addr, len as u64, from as u64, &name)
+                    {
+                        crate::fatal(&alloc::format!("{name} (mapped executable at {addr:#x}): {e}"));
+                    }
+                }
             }
             Ok(addr as i64)
         }
@@ -1799,7 +1812,8 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
         57 | 58 => crate::fork::fork(frame, 0),
         61 => {
             // wait4(pid, wstatus, options, rusage): the children have ended (fork).
-            let (pid, status) = crate::fork::wait(a0 as i64, a2)?;
+            // pid_t, an int (glibc leaves the upper half of -1 zero).
+            let (pid, status) = crate::fork::wait(i64::from(a0 as i32), a2)?;
             if a1 != 0 {
                 put(a1, status)?;
             }

@@ -8,7 +8,14 @@ use alloc::string::String;
 
 const CODE: u64 = 0x40_1000;
 const BASE: u64 = 0x1000_0000;
-const ENTRY: Entry = Entry { user_rsp: 0x20_0000, kstack_top: 0x20_0008, handler: 0x18_0000 };
+const ENTRY: Entry = Entry {
+    user_rsp: 0x20_0000,
+    kstack_top: 0x20_0008,
+    handler: 0x18_0000,
+    cpuid: 0x18_1000,
+    rdtsc: 0x18_2000,
+    rdtscp: 0x18_3000,
+};
 
 fn run(bytes: &[u8], symbols: &[u64], data: &[u8]) -> Rewrite {
     let code = [Section { address: CODE, bytes }];
@@ -293,4 +300,92 @@ fn dump() {
         std::eprintln!("{:#x} +{} -> {:#x}", p.address, p.bytes.len(), jump_target(p));
     }
     std::fs::write("/tmp/trampolines.bin", &r.trampolines).unwrap();
+}
+
+/// The whole trampoline of an emulated site from `at`, up to its jump back: the displaced
+/// instructions before, the glue (RSP saved and switched, the `call`, RSP back), the
+/// displaced instructions after. Checks the glue; returns (before, after).
+fn check_emulation(r: &Rewrite, at: u64, handler: u64, resume: u64) -> (Vec<Instruction>, Vec<Instruction>) {
+    let all = decode_from(r, at);
+    let call = all.iter().position(|i| i.code() == Code::Call_rel32_64).expect("a call");
+    assert!(call >= 2 && call + 2 < all.len(), "{all:?}");
+    let (save, switch, back) = (&all[call - 2], &all[call - 1], &all[call + 1]);
+    assert_eq!(
+        (save.code(), save.ip_rel_memory_address(), save.op1_register()),
+        (Code::Mov_rm64_r64, ENTRY.user_rsp, Register::RSP)
+    );
+    assert_eq!(
+        (switch.code(), switch.op0_register(), switch.ip_rel_memory_address()),
+        (Code::Mov_r64_rm64, Register::RSP, ENTRY.kstack_top)
+    );
+    assert_eq!(all[call].near_branch_target(), handler);
+    assert_eq!(
+        (back.code(), back.op0_register(), back.ip_rel_memory_address()),
+        (Code::Mov_r64_rm64, Register::RSP, ENTRY.user_rsp)
+    );
+    let last = all.last().unwrap();
+    assert_eq!((last.code(), last.near_branch_target()), (Code::Jmp_rel32_64, resume));
+    // Nothing in the glue writes RFLAGS or touches the program's stack.
+    for i in [save, switch, back] {
+        assert_eq!(i.rflags_modified(), 0, "{i:?}");
+    }
+    (all[..call - 2].to_vec(), all[call + 2..all.len() - 1].to_vec())
+}
+
+#[test]
+fn cpuid_is_emulated_with_the_instructions_that_set_its_leaf() {
+    // 0: mov $1,%eax; 5: xor %ecx,%ecx; 7: cpuid; 9: ret
+    let code = [0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0xc3];
+    let r = run(&code, &[], &[]);
+    assert_eq!((r.sites, r.emulated.as_slice(), r.left.len()), (0, &[(CODE + 7, Kind::Cpuid)][..], 0));
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE, 9));
+    let (before, after) = check_emulation(&r, jump_target(p), ENTRY.cpuid, CODE + 9);
+    assert_eq!(before.iter().map(text).collect::<Vec<_>>(), ["Mov_r32_imm32", "Xor_rm32_r32"]);
+    assert!(after.is_empty());
+}
+
+#[test]
+fn rdtsc_and_rdtscp_at_a_section_start_move_with_what_follows() {
+    // 0: rdtsc; 2: shl $32,%rdx; 6: or %rdx,%rax; 9: ret
+    let code = [0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0, 0xc3];
+    let r = run(&code, &[CODE], &[]);
+    assert_eq!(r.emulated, [(CODE, Kind::Rdtsc)]);
+    let p = &r.patches[0];
+    assert_eq!((p.address, p.bytes.len()), (CODE, 6));
+    let (before, after) = check_emulation(&r, jump_target(p), ENTRY.rdtsc, CODE + 6);
+    assert!(before.is_empty());
+    assert_eq!(after.iter().map(text).collect::<Vec<_>>(), ["Shl_rm64_imm8"]);
+    // 0: rdtscp; 3: mov %eax,%edi; 5: ret
+    let code = [0x0f, 0x01, 0xf9, 0x89, 0xc7, 0xc3];
+    let r = run(&code, &[CODE], &[]);
+    assert_eq!(r.emulated, [(CODE, Kind::Rdtscp)]);
+    let (_, after) = check_emulation(&r, jump_target(&r.patches[0]), ENTRY.rdtscp, CODE + 5);
+    assert_eq!(after.iter().map(text).collect::<Vec<_>>(), ["Mov_rm32_r32"]);
+}
+
+#[test]
+fn an_emulated_site_with_no_window_is_left_for_the_contract_check() {
+    // cpuid; ret: three bytes, nothing around them.
+    let r = run(&[0x0f, 0xa2, 0xc3], &[], &[]);
+    assert!(r.patches.is_empty() && r.emulated.is_empty());
+    assert_eq!(r.left, [(CODE, Kind::Cpuid, Skip::NoWindow)]);
+    // A branch target just after the rdtsc: the window must end there, and is too short.
+    // 0: mov $1,%ecx; 5: rdtsc; 7: dec %ecx; 9: jnz 7
+    let code = [0xb9, 1, 0, 0, 0, 0x0f, 0x31, 0xff, 0xc9, 0x75, 0xfc];
+    let r = run(&code, &[], &[]);
+    assert_eq!(r.emulated, [(CODE + 5, Kind::Rdtsc)], "{:?}", r.left);
+    assert_eq!((r.patches[0].address, r.patches[0].bytes.len()), (CODE, 7));
+}
+
+#[test]
+fn forbidden_instructions_never_move_into_a_window() {
+    // 0: rdrand %eax; 3: syscall; 5: ret: the only windows hold the rdrand.
+    let r = run(&[0x0f, 0xc7, 0xf0, 0x0f, 0x05, 0xc3], &[], &[]);
+    assert_eq!((r.patches.len(), r.skipped.as_slice()), (0, &[(CODE + 3, Skip::NoWindow)][..]));
+    // 0: cpuid; 2: rdtsc; 4: nop; 5: nop; 6: nop; 7: ret: each window would hold the other.
+    let code = [0x0f, 0xa2, 0x0f, 0x31, 0x90, 0x90, 0x90, 0xc3];
+    let r = run(&code, &[CODE], &[]);
+    assert_eq!(r.emulated, [(CODE + 2, Kind::Rdtsc)]);
+    assert_eq!(r.left, [(CODE, Kind::Cpuid, Skip::NoWindow)]);
 }
