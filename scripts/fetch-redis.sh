@@ -24,31 +24,13 @@ fail() { echo "fetch-redis.sh: $*" >&2; exit 1; }
 command -v musl-gcc >/dev/null || fail "musl-gcc not found: install musl-tools (scripts/deps.sh)"
 command -v dpkg-source >/dev/null || fail "dpkg-source not found: install dpkg-dev (scripts/deps.sh)"
 
-# A deb-src entry for bookworm main, once.
-if ! grep -rqs '^\(Types:.*deb-src\|deb-src \)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  [ "$(id -u)" = 0 ] || fail "no deb-src entry in /etc/apt and not root to add one"
-  cat > /etc/apt/sources.list.d/ftvm-deb-src.sources <<'EOF'
-# Added by ftvm's scripts/fetch-redis.sh: Debian source packages (apt-get source redis).
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  echo "added /etc/apt/sources.list.d/ftvm-deb-src.sources"
-  apt-get update -qq || fail "apt-get update failed after adding the deb-src entry"
-fi
+# shellcheck source=lib/debian-source.sh
+. "$root/scripts/lib/debian-source.sh"
 
 mkdir -p "$dest"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-if ! (cd "$work" && apt-get source --download-only redis >"$work/apt.log" 2>&1); then
-  apt-get update -qq || true
-  (cd "$work" && apt-get source --download-only redis >"$work/apt.log" 2>&1) ||
-    { cat "$work/apt.log" >&2; fail "apt-get source --download-only redis failed (see above)"; }
-fi
-tarball="$(ls "$work"/redis_*.orig.tar.gz 2>/dev/null | head -n1)"
-[ -n "$tarball" ] || fail "apt-get source fetched no redis_*.orig.tar.gz: $(ls "$work")"
+tarball="$(download_source redis "$work")"
 case "$tarball" in
   *"redis_$want_version.orig.tar.gz") ;;
   *) echo "fetch-redis.sh: warning: expected Redis $want_version, got $(basename "$tarball")" >&2 ;;

@@ -180,8 +180,88 @@ fn build_redis_image(root: &Path, build_dir: &Path, out_dir: &Path) -> Result<()
     std::fs::write(&out, &archive).with_context(|| format!("writing {}", out.display()))?;
     println!("{}: {} bytes (redis-server, redis.conf, init.args, data/)", out.display(), archive.len());
     build_glibc_redis_image(root, out_dir);
+    build_nginx_image(root, out_dir)
+}
+
+/// `nginx.cpio`: nginx (scripts/fetch-nginx.sh) for the same personality (redis.elf), with
+/// `NGINX_CONF`, two pages to serve (also written to target/guests/nginx-html, for the tests
+/// to compare with), and the passwd and group files nginx looks its user up in. Skipped with
+/// a line when nginx has not been built. Its contract is checked by the personality at load
+/// (nginx's two CPUID sites are rewritten into emulations there), not here.
+fn build_nginx_image(root: &Path, out_dir: &Path) -> Result<()> {
+    let program = root.join("target/test-assets/nginx");
+    if !program.exists() {
+        println!("skipping nginx.cpio: {} is missing (build it with scripts/fetch-nginx.sh)", program.display());
+        return Ok(());
+    }
+    let binary = std::fs::read(&program).with_context(|| format!("reading {}", program.display()))?;
+    let index = b"<!doctype html>\n<title>ftvm</title>\n<h1>nginx, unmodified, in ftvm's Linux personality</h1>\n";
+    // 1 MiB that no compression or caching could fake: xorshift64 from a fixed seed.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: Vec<u8> = (0..1 << 17)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    let html = out_dir.join("nginx-html");
+    std::fs::create_dir_all(&html).with_context(|| format!("creating {}", html.display()))?;
+    std::fs::write(html.join("index.html"), index).context("writing nginx-html/index.html")?;
+    std::fs::write(html.join("big.bin"), &big).context("writing nginx-html/big.bin")?;
+    let mut archive = Vec::new();
+    let files: [(&str, u32, &[u8]); 10] = [
+        (".", 0o040755, &[]),
+        ("nginx", 0o100755, &binary),
+        ("nginx.conf", 0o100644, NGINX_CONF.as_bytes()),
+        ("init.args", 0o100644, b"/nginx\n-p\n/data/\n-e\nstderr\n-c\n/nginx.conf\n"),
+        ("html", 0o040755, &[]),
+        ("html/index.html", 0o100644, index),
+        ("html/big.bin", 0o100644, &big),
+        ("etc", 0o040755, &[]),
+        ("etc/passwd", 0o100644, b"root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        ("etc/group", 0o100644, b"root:x:0:\nnogroup:x:65534:\n"),
+    ];
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        cpio::entry(&mut archive, i as u32 + 1, name, *mode, data);
+    }
+    cpio::entry(&mut archive, files.len() as u32 + 1, "data", 0o040755, &[]);
+    cpio::trailer(&mut archive);
+    let out = out_dir.join("nginx.cpio");
+    std::fs::write(&out, &archive).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}: {} bytes (nginx, nginx.conf, init.args, html/, etc/passwd, etc/group, data/)",
+        out.display(),
+        archive.len()
+    );
     Ok(())
 }
+
+/// The configuration in nginx.cpio: one process in the foreground (the personality runs
+/// one program; fork-based workers would run to completion), port 80, the pages in /html,
+/// its temporary files and pid in /data (`-p /data/` in init.args).
+const NGINX_CONF: &str = "\
+# nginx.conf of target/guests/nginx.cpio (cargo xtask guests), for the Linux personality.
+daemon off;
+master_process off;
+worker_processes 1;
+error_log stderr notice;
+pid /data/nginx.pid;
+events { worker_connections 512; use epoll; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush off;
+    keepalive_timeout 65;
+    types { text/html html; application/octet-stream bin; }
+    default_type application/octet-stream;
+    server {
+        listen 80;
+        root /html;
+    }
+}
+";
 
 /// `redis-glibc.cpio`: Debian's dynamically linked redis-server (scripts/fetch-debian-redis.sh
 /// unpacks it into target/test-assets/debian-redis), its interpreter and every library `ldd`

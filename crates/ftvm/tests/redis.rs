@@ -1734,13 +1734,11 @@ fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
     }
     let (elf, _) = redis_image();
     let cpio = repo_root().join("target/guests/redis-glibc.cpio");
-    if !cpio.exists() {
-        eprintln!(
-            "skipped: {} is missing (Debian's redis-server package: scripts/fetch-debian-redis.sh, then cargo xtask guests)",
-            cpio.display()
-        );
-        return;
-    }
+    assert!(
+        cpio.exists(),
+        "{} is missing (Debian's redis-server package: scripts/fetch-debian-redis.sh, then cargo xtask guests)",
+        cpio.display()
+    );
     let dir = scratch("redis-glibc");
     let net = Topology::up("rg", 1);
     let console = dir.join("record.txt");

@@ -5,8 +5,10 @@
 //! loops), BSS is not zeroed (loaders give zeroed memory), nothing is printed in ring 0.
 //!
 //! Memory map (identity-mapped, physical = virtual):
-//! - 0 - 1 GiB: 2 MiB pages, user-accessible, write-back. The image is at 1 MiB
-//!   (`kit/link.ld`); the bump heap (`mem`) follows it up to the end of its RAM region.
+//! - 0 - 3 GiB: 2 MiB pages, user-accessible, write-back: all the RAM below the 32-bit
+//!   MMIO hole (ftvm puts RAM past 3 GiB above 4 GiB). The image is at 1 MiB
+//!   (`kit/link.ld`); the heap (`mem`) follows it up to the end of its RAM region. Mapped
+//!   whole, RAM or not: nothing touches an address past the memory map's RAM.
 //! - 3 - 4 GiB: 2 MiB pages, uncached, supervisor-only until ring 3 asks for one with
 //!   `syscall::map_mmio` (virtio-mmio windows); never the local APIC page (0xfee00000).
 
@@ -32,7 +34,7 @@ pub struct Module {
 impl Module {
     /// The module's bytes. They stay valid for the guest's life: the heap never covers them.
     pub fn bytes(&self) -> &'static [u8] {
-        // SAFETY: `capture_modules` kept only modules inside the identity-mapped 1 GiB, and
+        // SAFETY: `capture_modules` kept only modules inside the identity-mapped 3 GiB, and
         // `mem::init` keeps the heap off them; nothing else writes them.
         unsafe { core::slice::from_raw_parts(self.paddr as *const u8, self.size as usize) }
     }
@@ -48,7 +50,7 @@ unsafe impl Sync for Modules {}
 static MODULES: Modules = Modules(core::cell::UnsafeCell::new(([Module { paddr: 0, size: 0 }; MAX_MODULES], 0)));
 
 /// Reads the loader's module list (`hvm_start_info.modlist_paddr`), keeping up to four
-/// modules that lie below the identity-mapped 1 GiB. Runs once, in ring 3, before `mem::init`.
+/// modules that lie below the identity-mapped 3 GiB. Runs once, in ring 3, before `mem::init`.
 pub(crate) fn capture_modules(count: u32, modlist_paddr: u64) -> &'static [Module] {
     // hvm_modlist_entry: paddr u64, size u64, cmdline_paddr u64, reserved u64.
     const ENTRY: u64 = 32;
@@ -60,7 +62,7 @@ pub(crate) fn capture_modules(count: u32, modlist_paddr: u64) -> &'static [Modul
     }
     for i in 0..(count as usize).min(MAX_MODULES) {
         let entry = modlist_paddr + i as u64 * ENTRY;
-        // SAFETY: identity-mapped RAM below 1 GiB (checked above), written by the loader.
+        // SAFETY: identity-mapped RAM below 3 GiB (checked above), written by the loader.
         let (paddr, size) = unsafe {
             (core::ptr::read_unaligned(entry as *const u64), core::ptr::read_unaligned((entry + 8) as *const u64))
         };
@@ -162,11 +164,24 @@ kit_pml4:
     .fill 511, 8, 0
 kit_pdpt:
     .quad kit_pd_low + 0x7
-    .quad 0, 0
+    .quad kit_pd_1g + 0x7
+    .quad kit_pd_2g + 0x7
     .quad kit_pd_high + 0x7         # 3-4 GiB: each 2 MiB page decides (user only where mapped)
     .fill 508, 8, 0
 kit_pd_low:                         # 0-1 GiB: 2 MiB pages, present, writable, user
     .set kit_page, 0
+    .rept 512
+    .quad kit_page + 0x87
+    .set kit_page, kit_page + 0x200000
+    .endr
+kit_pd_1g:                          # 1-2 GiB: as 0-1 GiB
+    .set kit_page, 0x40000000
+    .rept 512
+    .quad kit_page + 0x87
+    .set kit_page, kit_page + 0x200000
+    .endr
+kit_pd_2g:                          # 2-3 GiB: as 0-1 GiB
+    .set kit_page, 0x80000000
     .rept 512
     .quad kit_page + 0x87
     .set kit_page, kit_page + 0x200000

@@ -22,12 +22,12 @@ pub(crate) fn capture(paddr: u64) {
     if paddr == 0 || paddr >= crate::mem::MAPPED_LIMIT - MAX_LEN as u64 {
         return;
     }
-    // SAFETY: `paddr` is below the identity-mapped 1 GiB; `capture` runs once, before
+    // SAFETY: `paddr` is below the identity-mapped 3 GiB; `capture` runs once, before
     // anything reads `BUFFER`.
     let buffer = unsafe { &mut *BUFFER.0.get() };
     let mut len = 0;
     while len < MAX_LEN {
-        // SAFETY: identity-mapped RAM below 1 GiB (checked above).
+        // SAFETY: identity-mapped RAM below 3 GiB (checked above).
         let byte = unsafe { core::ptr::read_volatile((paddr + len as u64) as *const u8) };
         if byte == 0 {
             break;

@@ -1,5 +1,5 @@
 //! Memory: the size the loader reported (PVH memory map) and the heap: all free RAM after
-//! the image, up to the end of its RAM region (at most 1 GiB), managed by the `talc`
+//! the image, up to the end of its RAM region (at most 3 GiB, the start of the MMIO hole), managed by the `talc`
 //! allocator as the global allocator, so applications can use `alloc` (Vec, BTreeMap,
 //! String). `alloc_zeroed`/`alloc_u64` hand out memory for the rest of the guest's life.
 
@@ -11,7 +11,7 @@ use talc::source::Manual;
 use talc::TalcLock;
 
 /// The kit identity-maps (and so can use) physical memory below this address.
-pub const MAPPED_LIMIT: u64 = 1 << 30;
+pub const MAPPED_LIMIT: u64 = 3 << 30;
 /// Heap end assumed when the loader passed no memory map.
 const FALLBACK_HEAP_END: u64 = 16 << 20;
 /// E820 type of usable RAM.
@@ -78,7 +78,7 @@ pub(crate) fn init(map: &[MemmapEntry], modules: &[crate::boot::Module]) {
     for &(hole_start, hole_end) in holes[..n].iter().chain(core::iter::once(&(heap_end, heap_end))) {
         if hole_start > start {
             let size = (hole_start - start) as usize;
-            // SAFETY: [start, hole_start) is RAM below 1 GiB (identity-mapped,
+            // SAFETY: [start, hole_start) is RAM below 3 GiB (identity-mapped,
             // user-accessible) past the image and outside every module, which nothing else
             // uses; each piece is claimed exactly once, here. (The loader's start info and
             // command line may lie in it: both were read before this.)

@@ -51,7 +51,7 @@ fn read_start_info() {
         crate::mem::init(&[], &[]);
         return;
     }
-    // SAFETY: identity-mapped below 1 GiB (checked); the loader wrote it before entry.
+    // SAFETY: identity-mapped below 3 GiB (checked); the loader wrote it before entry.
     let info = unsafe { core::ptr::read_unaligned(paddr as *const StartInfo) };
     if info.magic != START_INFO_MAGIC {
         crate::mem::init(&[], &[]);

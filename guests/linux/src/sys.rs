@@ -74,9 +74,115 @@ pub struct Pipe {
 }
 
 impl Pipe {
+    fn new() -> Rc<RefCell<Pipe>> {
+        Rc::new(RefCell::new(Pipe { buf: Default::default(), readers: 1, writers: 1, activity: Activity::default() }))
+    }
+
     fn changed(&mut self) {
         note(&mut self.activity);
         threads().io_changed();
+    }
+
+    /// A read: Some(n) (0 at the end: no writers left), None when it would block.
+    fn read_into(&mut self, buf: &mut [u8]) -> Option<usize> {
+        if self.buf.is_empty() {
+            // A forked child: its parent's write ends cannot write (fork).
+            return (self.writers == 0 || crate::fork::in_child()).then_some(0);
+        }
+        let len = buf.len().min(self.buf.len());
+        for (i, b) in self.buf.drain(..len).enumerate() {
+            buf[i] = b;
+        }
+        self.changed();
+        Some(len)
+    }
+
+    /// A write: Ok(Some(n)), Ok(None) when full, EPIPE with no readers left.
+    fn write_from(&mut self, data: &[u8]) -> Result<Option<usize>, i64> {
+        if self.readers == 0 {
+            return Err(EPIPE);
+        }
+        // A forked child's pipes grow: the parent that would drain them is frozen (fork).
+        let room = if crate::fork::in_child() { data.len() } else { PIPE_CAPACITY.saturating_sub(self.buf.len()) };
+        if room == 0 {
+            return Ok(None);
+        }
+        let len = room.min(data.len());
+        self.buf.extend(&data[..len]);
+        self.changed();
+        Ok(Some(len))
+    }
+
+    fn read_readiness(&self) -> u32 {
+        if !self.buf.is_empty() {
+            EPOLLIN
+        } else if self.writers == 0 || crate::fork::in_child() {
+            EPOLLIN | EPOLLHUP
+        } else {
+            0
+        }
+    }
+
+    fn write_readiness(&self) -> u32 {
+        if self.readers == 0 {
+            EPOLLOUT | EPOLLERR
+        } else if self.buf.len() < PIPE_CAPACITY || crate::fork::in_child() {
+            EPOLLOUT
+        } else {
+            0
+        }
+    }
+}
+
+/// One end of a `socketpair` (AF_UNIX, SOCK_STREAM): two pipes, one each way, and what
+/// `shutdown` closed of this end.
+pub struct PairEnd {
+    rx: Rc<RefCell<Pipe>>,
+    tx: Rc<RefCell<Pipe>>,
+    read_shut: bool,
+    write_shut: bool,
+}
+
+impl PairEnd {
+    /// `shutdown(how)`, or a close (both): the peer sees the end of what it reads, or EPIPE.
+    fn shut(&mut self, read: bool, write: bool) {
+        if read && !self.read_shut {
+            self.read_shut = true;
+            self.rx.borrow_mut().readers -= 1;
+            self.rx.borrow_mut().changed();
+        }
+        if write && !self.write_shut {
+            self.write_shut = true;
+            self.tx.borrow_mut().writers -= 1;
+            self.tx.borrow_mut().changed();
+        }
+    }
+
+    /// As Linux's unix_poll: readable with data or once the peer stopped writing (with
+    /// RDHUP), HUP when both ways are shut, writable (a write to a closed peer fails with
+    /// EPIPE), ERR when the peer closed with data of ours unread.
+    fn readiness(&self) -> u32 {
+        let rx = self.rx.borrow();
+        let tx = self.tx.borrow();
+        let mut ev = 0;
+        let peer_done = rx.writers == 0;
+        if !rx.buf.is_empty() || peer_done || self.read_shut {
+            ev |= EPOLLIN;
+        }
+        if peer_done || self.read_shut {
+            ev |= EPOLLRDHUP;
+        }
+        if (peer_done || self.read_shut) && (self.write_shut || tx.readers == 0) {
+            ev |= EPOLLHUP;
+        }
+        if tx.buf.len() < PIPE_CAPACITY || tx.readers == 0 {
+            ev |= EPOLLOUT;
+        }
+        if tx.readers == 0 && !tx.buf.is_empty() {
+            // The peer closed with what we sent unread: Linux sets ECONNRESET on us.
+            ev |= EPOLLERR;
+        }
+        ev
     }
 }
 
@@ -119,6 +225,7 @@ pub enum Kind {
     Stream(SocketHandle),
     Epoll(Rc<RefCell<Epoll>>),
     EventFd(Rc<RefCell<EventFd>>),
+    Pair(PairEnd),
 }
 
 pub struct File {
@@ -192,6 +299,17 @@ fn release(k: &mut Kernel, file: &File) {
             }
             note(&mut p.activity);
         }
+        Kind::Pair(end) => {
+            // A close shuts what `shutdown` left open (the file goes away: no flags to keep).
+            if !end.read_shut {
+                end.rx.borrow_mut().readers -= 1;
+                end.rx.borrow_mut().changed();
+            }
+            if !end.write_shut {
+                end.tx.borrow_mut().writers -= 1;
+                end.tx.borrow_mut().changed();
+            }
+        }
         Kind::Listener { pool, .. } => {
             if let Some(net) = k.net.as_mut() {
                 for &h in pool {
@@ -236,7 +354,7 @@ pub(crate) fn user<'a>(ptr: u64, len: u64) -> Result<&'a mut [u8], i64> {
         return Ok(&mut []);
     }
     check(ptr, len)?;
-    // SAFETY: identity-mapped RAM below 1 GiB (checked); the program owns what it passes.
+    // SAFETY: identity-mapped RAM below 3 GiB (checked); the program owns what it passes.
     Ok(unsafe { core::slice::from_raw_parts_mut(ptr as *mut u8, len as usize) })
 }
 
@@ -304,24 +422,9 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
     match &file.kind {
         Kind::Console => EPOLLOUT,
         Kind::File { .. } | Kind::Dir { .. } => EPOLLIN | EPOLLOUT,
-        Kind::Pipe { pipe, write } => {
-            let p = pipe.borrow();
-            if *write {
-                if p.readers == 0 {
-                    EPOLLOUT | EPOLLERR
-                } else if p.buf.len() < PIPE_CAPACITY || crate::fork::in_child() {
-                    EPOLLOUT
-                } else {
-                    0
-                }
-            } else if !p.buf.is_empty() {
-                EPOLLIN
-            } else if p.writers == 0 || crate::fork::in_child() {
-                EPOLLIN | EPOLLHUP
-            } else {
-                0
-            }
-        }
+        Kind::Pipe { pipe, write: true } => pipe.borrow().write_readiness(),
+        Kind::Pipe { pipe, write: false } => pipe.borrow().read_readiness(),
+        Kind::Pair(end) => end.readiness(),
         Kind::Socket { .. } => EPOLLOUT | EPOLLHUP,
         Kind::Listener { pool, .. } => match k.net.as_ref() {
             Some(net) if net.acceptable(pool) => EPOLLIN,
@@ -359,6 +462,7 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
 fn activity(k: &Kernel, file: &File) -> Activity {
     match (&file.kind, k.net.as_ref()) {
         (Kind::Pipe { pipe, .. }, _) => pipe.borrow().activity,
+        (Kind::Pair(end), _) => end.rx.borrow().activity.latest(end.tx.borrow().activity),
         (Kind::EventFd(ev), _) => ev.borrow().activity,
         (Kind::Listener { pool, .. }, Some(net)) => net.listener_activity(pool),
         (Kind::Stream(h), Some(net)) => net.activity(*h),
@@ -401,22 +505,10 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
             }
         }
         Kind::Dir { .. } => Err(EISDIR),
-        Kind::Pipe { pipe, write } => {
-            if *write {
-                return Err(EBADF);
-            }
-            let mut p = pipe.borrow_mut();
-            if p.buf.is_empty() {
-                // A forked child: its parent's write ends cannot write (fork).
-                return if p.writers == 0 || crate::fork::in_child() { Ok(Some(0)) } else { Ok(None) };
-            }
-            let len = buf.len().min(p.buf.len());
-            for (i, b) in p.buf.drain(..len).enumerate() {
-                buf[i] = b;
-            }
-            p.changed();
-            Ok(Some(len))
-        }
+        Kind::Pipe { write: true, .. } => Err(EBADF),
+        Kind::Pipe { pipe, write: false } => Ok(pipe.borrow_mut().read_into(buf)),
+        Kind::Pair(end) if end.read_shut => Ok(Some(0)),
+        Kind::Pair(end) => Ok(end.rx.borrow_mut().read_into(buf)),
         Kind::Stream(h) => {
             let net = k.net.as_mut().ok_or(ENOTCONN)?;
             let s = net.tcp(*h);
@@ -476,24 +568,10 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
             Ok(Some(data.len()))
         }
         Kind::Dir { .. } => Err(EISDIR),
-        Kind::Pipe { pipe, write } => {
-            if !*write {
-                return Err(EBADF);
-            }
-            let mut p = pipe.borrow_mut();
-            if p.readers == 0 {
-                return Err(EPIPE);
-            }
-            // A forked child's pipes grow: the parent that would drain them is frozen (fork).
-            let room = if crate::fork::in_child() { data.len() } else { PIPE_CAPACITY.saturating_sub(p.buf.len()) };
-            if room == 0 {
-                return Ok(None);
-            }
-            let len = room.min(data.len());
-            p.buf.extend(&data[..len]);
-            p.changed();
-            Ok(Some(len))
-        }
+        Kind::Pipe { write: false, .. } => Err(EBADF),
+        Kind::Pipe { pipe, write: true } => pipe.borrow_mut().write_from(data),
+        Kind::Pair(end) if end.write_shut => Err(EPIPE),
+        Kind::Pair(end) => end.tx.borrow_mut().write_from(data),
         Kind::Stream(h) => {
             let net = k.net.as_mut().ok_or(ENOTCONN)?;
             let s = net.tcp(*h);
@@ -1155,7 +1233,6 @@ fn name(nr: u64) -> &'static str {
         26 => "msync",
         27 => "mincore",
         42 => "connect",
-        53 => "socketpair",
         57 => "fork",
         58 => "vfork",
         59 => "execve",
@@ -1580,6 +1657,7 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                     let n = match &f.kind {
                         Kind::Stream(h) => k.net.as_mut().map_or(0, |net| net.tcp(*h).recv_queue()),
                         Kind::Pipe { pipe, .. } => pipe.borrow().buf.len(),
+                        Kind::Pair(end) => end.rx.borrow().buf.len(),
                         _ => 0,
                     };
                     put(a2, n as i32)?;
@@ -1592,14 +1670,36 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             let path = if nr == 21 { path_at(k, AT_FDCWD, a0)? } else { path_at(k, a0 as i64, a1)? };
             k.fs.get(&path).map(|_| 0).ok_or(ENOENT)
         }
+        53 => {
+            // socketpair(domain, type, protocol, sv): AF_UNIX stream sockets only.
+            const SOCK_STREAM: u64 = 1;
+            match a0 {
+                1 => {}
+                2 => return Err(EOPNOTSUPP), // AF_INET: Linux's sock_no_socketpair
+                _ => return Err(EAFNOSUPPORT),
+            }
+            if a1 & 0xf != SOCK_STREAM {
+                return Err(EPROTONOSUPPORT);
+            }
+            let flags = a1 & (O_NONBLOCK | O_CLOEXEC);
+            let (one, two) = (Pipe::new(), Pipe::new());
+            let end = |rx: &Rc<RefCell<Pipe>>, tx: &Rc<RefCell<Pipe>>| {
+                Kind::Pair(PairEnd { rx: rx.clone(), tx: tx.clone(), read_shut: false, write_shut: false })
+            };
+            let a = k.fds.insert(end(&one, &two), flags | 2)?;
+            let b = match k.fds.insert(end(&two, &one), flags | 2) {
+                Ok(b) => b,
+                Err(e) => {
+                    close_fd(k, a as u64)?;
+                    return Err(e);
+                }
+            };
+            put(a3, [a as i32, b as i32])?;
+            Ok(0)
+        }
         22 | 293 => {
             let flags = if nr == 293 { a1 } else { 0 };
-            let pipe = Rc::new(RefCell::new(Pipe {
-                buf: Default::default(),
-                readers: 1,
-                writers: 1,
-                activity: Activity::default(),
-            }));
+            let pipe = Pipe::new();
             let r = k.fds.insert(Kind::Pipe { pipe: pipe.clone(), write: false }, flags)?;
             let w = match k.fds.insert(Kind::Pipe { pipe, write: true }, flags | 1) {
                 Ok(w) => w,
@@ -1780,6 +1880,13 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                         }
                     }
                     threads().io_changed();
+                    Ok(0)
+                }
+                Kind::Pair(_) if a1 > 2 => Err(EINVAL),
+                Kind::Pair(_) => {
+                    drop(f);
+                    let Kind::Pair(end) = &mut file.borrow_mut().kind else { unreachable!("matched above") };
+                    end.shut(a1 != 1, a1 != 0);
                     Ok(0)
                 }
                 _ => Err(ENOTCONN),
@@ -2064,7 +2171,11 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             if flags & !(EFD_SEMAPHORE | O_NONBLOCK | O_CLOEXEC) != 0 {
                 return Err(EINVAL);
             }
-            let ev = EventFd { count: a0 as u32 as u64, semaphore: flags & EFD_SEMAPHORE != 0, activity: Activity::default() };
+            let ev = EventFd {
+                count: a0 as u32 as u64,
+                semaphore: flags & EFD_SEMAPHORE != 0,
+                activity: Activity::default(),
+            };
             k.fds.insert(Kind::EventFd(Rc::new(RefCell::new(ev))), flags & (O_NONBLOCK | O_CLOEXEC))
         }
         233 => epoll_ctl(k, a0, a1, a2, a3),
