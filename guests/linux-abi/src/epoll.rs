@@ -58,7 +58,7 @@ impl Activity {
 
     /// The first event after `seen` (as far as this record can tell), if any.
     fn since(&self, seen: u64) -> Option<u64> {
-        (self.last > seen).then(|| if self.first > seen { self.first } else { self.last })
+        (self.last > seen).then_some(if self.first > seen { self.first } else { self.last })
     }
 
     /// The later of two records (a listening socket's pool of connections).
