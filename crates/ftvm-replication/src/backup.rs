@@ -311,8 +311,10 @@ impl Backup {
         state.resyncs.store(resyncs, Ordering::SeqCst);
         let acks = Arc::new(Mutex::new(writer));
         let arbiter = Arc::new(Mutex::new(None));
-        // At most 2^16 records waiting, as when they went one by one.
-        let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Record)>>((1 << 16) / HAND_OVER_BATCH);
+        // 2^13 batches waiting at most: at least as many records (a frame is often one or
+        // two), at most 2^19. One by one, it was 2^16 records; a bound of 2^16 / 64 batches
+        // could stop the receiver (and its acknowledgements) at ~1,000 records of small frames.
+        let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Record)>>(1 << 13);
         // Receiver: verify (the reader checks every frame), acknowledge, hand to the replay.
         {
             let s = state.clone();
