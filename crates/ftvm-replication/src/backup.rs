@@ -460,10 +460,6 @@ impl Backup {
     }
 }
 
-/// The longest the backup's monitor waits between looks at its flags (the primary's end, a
-/// divergence, a stop).
-const MONITOR_WAIT: Duration = Duration::from_millis(25);
-
 fn monitor(
     s: Arc<BackupState>,
     arb: ArbiterSlot,
@@ -483,13 +479,7 @@ fn monitor(
             // The resync comes on a new connection, with a monitor of its own.
             return;
         }
-        // Wake for the next heartbeat to send or the primary's silence passing the timeout,
-        // whichever comes first (and at least every MONITOR_WAIT, for the flags above), not
-        // every HEARTBEAT_POLL.
-        let now = Instant::now();
-        let wait = next_send.min(last_seen + cfg.timeout).saturating_duration_since(now);
-        let wait = wait.clamp(Duration::from_millis(1), MONITOR_WAIT);
-        if let Some(h) = heartbeats.recv_within(wait).filter(|h| h.role == Role::Primary) {
+        if let Some(h) = heartbeats.recv().filter(|h| h.role == Role::Primary) {
             last_seen = Instant::now();
             s.outputs_done.fetch_max(h.outputs_done, Ordering::SeqCst);
             // Once protected, a link stays so until it ends; the primary hears of it at once.

@@ -57,23 +57,7 @@ impl Heartbeats {
     /// Waits up to [`HEARTBEAT_POLL`] for a heartbeat that passes authentication.
     pub fn recv(&self) -> Option<Heartbeat> {
         let mut buf = [0u8; 256];
-        let got = self.udp.recv_from(&mut buf).ok()?;
-        self.open(&buf, got)
-    }
-
-    /// Waits up to `wait` for a heartbeat that passes authentication (`poll(2)`, then a
-    /// receive that does not wait: the socket's own receive timeout, which the sessions of a
-    /// listener share, is left as it is).
-    pub fn recv_within(&self, wait: Duration) -> Option<Heartbeat> {
-        if !wait_readable(&self.udp, wait) {
-            return None;
-        }
-        let mut buf = [0u8; 256];
-        let got = recv_from_now(&self.udp, &mut buf)?;
-        self.open(&buf, got)
-    }
-
-    fn open(&self, buf: &[u8], (n, from): (usize, SocketAddr)) -> Option<Heartbeat> {
+        let (n, from) = self.udp.recv_from(&mut buf).ok()?;
         match lock(&self.opener).open(&buf[..n]) {
             Ok(payload) => {
                 let hb = Heartbeat::decode(&payload)?;
@@ -257,56 +241,14 @@ impl Waiting {
         q.pop_front()
     }
 }
-/// Whether `fd` has something to read within `wait` (`poll(2)`; an interrupted or failed
-/// poll says yes, and the read that follows tells).
-fn wait_readable(fd: &impl std::os::fd::AsRawFd, wait: Duration) -> bool {
+
+/// Waits up to `wait` for `fd` to have something to read (`poll(2)`); the read that follows
+/// tells what there is.
+fn wait_readable(fd: &impl std::os::fd::AsRawFd, wait: Duration) {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let ms = wait.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: one valid pollfd for the call's duration; the fd is owned by the caller's socket.
-    unsafe { libc::poll(&mut pfd, 1, ms) != 0 }
-}
-
-/// `recvfrom(2)` without waiting; `None` when nothing is there (or on an error).
-fn recv_from_now(udp: &UdpSocket, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `storage` is plain old data, valid zeroed; `buf` is valid for writes of its
-    // length, `storage` for `len` bytes, for the call; the fd belongs to `udp`.
-    unsafe {
-        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let n = libc::recvfrom(
-            udp.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        );
-        if n < 0 {
-            return None;
-        }
-        Some((n as usize, sockaddr_of(&storage)?))
-    }
-}
-
-fn sockaddr_of(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in, which it is large
-            // enough and aligned for.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, a sockaddr_in6.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
-        }
-        _ => None,
-    }
+    unsafe { libc::poll(&mut pfd, 1, ms) };
 }
 
 /// How long the listener's thread waits for a connection before it looks whether the
