@@ -830,6 +830,13 @@ fn session(ctx: &Ctx, topo: &Topology, mode: Mode, rep: usize, port: u16) -> Res
             benches.push(pb);
         }
     }
+    // What the sides printed, kept beside the results (a backup that halted or was lost in
+    // a session says why there).
+    if let Some(b) = backup.as_ref() {
+        let name = |side: &str| ctx.work.join(format!("{}-{}-{side}.stderr", mode.label(), rep + 1));
+        let _ = std::fs::write(name("backup"), b.stderr_text());
+        let _ = std::fs::write(name("primary"), vm.stderr_text());
+    }
 
     let failover = if mode == Mode::Protected && !ctx.args.no_failover {
         Some(failover(ctx, topo, vm, backup.take().context("no backup")?)?)

@@ -400,14 +400,13 @@ impl Replayer {
     pub(crate) fn begin_exit(&mut self, index: u64) {
         self.expected_sig = None;
         self.position = index;
-        // A record left at an earlier exit is an input the replay failed to take.
-        if let Some(r) = self.peek().cloned() {
-            if r.exit() < index {
-                self.diverge(r.exit(), format!("{r}"), "the replay moved past this exit without taking it".into());
-                return;
-            }
+        // A record left at an earlier exit is an input the replay failed to take. (Looked at
+        // in place: a clone of the next record at every exit copied its frame or bytes.)
+        if let Some(left) = self.peek().filter(|r| r.exit() < index).map(|r| (r.exit(), r.to_string())) {
+            self.diverge(left.0, left.1, "the replay moved past this exit without taking it".into());
+            return;
         }
-        if let Some(Record::ExitSig { exit, kind, addr, size, data, rip }) = self.peek().cloned() {
+        if let Some(&Record::ExitSig { exit, kind, addr, size, data, rip }) = self.peek() {
             if exit == index {
                 self.take();
                 self.expected_sig = Some((index, ExitSignature { kind, addr, size, data, rip }));

@@ -117,12 +117,40 @@ impl DiskTracker {
 pub struct TrackedDisk {
     file: RawFile,
     tracker: DiskTracker,
+    /// A backup's replay: the guest's flushes are owed, not done (see [`TrackedDisk::defer_flushes`]).
+    defer_flushes: bool,
+    /// A flush was deferred since the last one done.
+    flush_owed: bool,
 }
 
 impl TrackedDisk {
     pub fn new(file: RawFile) -> Self {
         let tracker = DiskTracker::new(file.size());
-        TrackedDisk { file, tracker }
+        TrackedDisk { file, tracker, defer_flushes: false, flush_owed: false }
+    }
+
+    /// A backup's replay: the guest's flushes complete without an `fdatasync` and are owed
+    /// until [`TrackedDisk::settle_flushes`]. Until a backup goes live nobody relies on its
+    /// disk being durable: its host failing loses the backup whatever its disk holds (a new
+    /// backup is made by a state transfer that overwrites the disk), and its process failing
+    /// leaves the page cache intact. What the guest was told is durable must be so on this
+    /// host from the moment it is the live side: `settle_flushes` at going live, before the
+    /// guest runs live or an output is performed.
+    pub fn defer_flushes(&mut self) {
+        self.defer_flushes = true;
+    }
+
+    /// Ends the deferral: one `fdatasync` if a flush was deferred; from here the guest's
+    /// flushes are done as they come.
+    pub fn settle_flushes(&mut self) -> std::io::Result<()> {
+        self.defer_flushes = false;
+        if std::mem::take(&mut self.flush_owed) {
+            if let Err(e) = self.file.flush() {
+                self.flush_owed = true;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     pub fn tracker(&self) -> DiskTracker {
@@ -152,6 +180,10 @@ impl BlockBackend for TrackedDisk {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.defer_flushes {
+            self.flush_owed = true;
+            return Ok(());
+        }
         self.file.flush()
     }
 }
@@ -183,6 +215,28 @@ mod tests {
         let mut back = [0u8; 4];
         disk.read_at(&mut back, 3 * DISK_BLOCK).unwrap();
         assert_eq!(back, [3; 4]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn deferred_flushes_are_owed_until_settled_then_done_as_they_come() {
+        let dir = std::env::temp_dir().join(format!("ftvm-disk-defer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; DISK_BLOCK as usize]).unwrap();
+        let mut disk = TrackedDisk::new(RawFile::open(&path, false).unwrap());
+        assert!(!disk.flush_owed);
+        disk.defer_flushes();
+        disk.write_at(&[7; 512], 0).unwrap();
+        disk.flush().unwrap();
+        assert!(disk.flush_owed, "a deferred flush is owed");
+        disk.settle_flushes().unwrap();
+        assert!(!disk.flush_owed && !disk.defer_flushes, "settled: paid, and no more deferral");
+        disk.flush().unwrap();
+        assert!(!disk.flush_owed, "after settling, flushes are done as they come");
+        let mut back = [0u8; 2];
+        disk.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [7; 2]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -102,6 +102,9 @@ pub enum Error {
     /// A saved state does not fit this VM.
     #[error("restore: {0}")]
     Restore(String),
+    /// A backup going live could not make the flushes its replay deferred durable.
+    #[error("going live: cannot make disk {path} durable (the flushes the replay deferred): {source}")]
+    DiskSettle { path: PathBuf, source: std::io::Error },
 }
 
 /// Who names an image with its digest.

@@ -100,10 +100,29 @@ pub struct Backup {
     pub heartbeats: Arc<Heartbeats>,
 }
 
-/// The replay's record source: records as the receiver verified them.
+/// The replay's record source: records as the receiver verified them, a frame's (at most
+/// [`HAND_OVER_BATCH`]) per message, so that the replay's thread is woken at most once per
+/// frame and the channel is paid once per frame, not once per record.
 struct ChannelSource {
-    rx: Receiver<(u64, Record)>,
+    rx: Receiver<Vec<(u64, Record)>>,
+    batch: std::vec::IntoIter<(u64, Record)>,
     state: Arc<BackupState>,
+}
+
+impl ChannelSource {
+    fn new(rx: Receiver<Vec<(u64, Record)>>, state: Arc<BackupState>) -> Self {
+        ChannelSource { rx, batch: Vec::new().into_iter(), state }
+    }
+
+    /// The next record verified: from the batch at hand, else the next batch (may wait).
+    fn next_verified(&mut self) -> Option<(u64, Record)> {
+        loop {
+            if let Some(r) = self.batch.next() {
+                return Some(r);
+            }
+            self.batch = self.rx.recv().ok()?.into_iter();
+        }
+    }
 }
 
 /// Test switch: `FTVM_TEST_REPLAY_DELAY_US=N` slows the backup's replay by N µs per record
@@ -117,18 +136,18 @@ fn replay_delay() -> Option<Duration> {
 
 impl RecordSource for ChannelSource {
     fn next_record(&mut self) -> std::result::Result<Option<Record>, LogError> {
-        match self.rx.recv() {
-            Ok((lsn, r)) => {
+        match self.next_verified() {
+            Some((lsn, r)) => {
                 if let Some(d) = replay_delay() {
                     std::thread::sleep(d);
                 }
                 self.state.replayed_lsn.store(lsn, Ordering::Relaxed);
                 Ok(Some(r))
             }
-            Err(_) if self.state.halted.load(Ordering::SeqCst) || self.state.diverged.load(Ordering::SeqCst) => {
+            None if self.state.halted.load(Ordering::SeqCst) || self.state.diverged.load(Ordering::SeqCst) => {
                 Err(LogError::ReaderFailed)
             }
-            Err(_) => Ok(None),
+            None => Ok(None),
         }
     }
 
@@ -203,9 +222,16 @@ pub fn is_timeout(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
-/// Hands verified records to the replay, in order; false if the replay is gone.
-fn hand_over(tx: &mpsc::SyncSender<(u64, Record)>, batch: &mut Vec<(u64, Record)>) -> bool {
-    batch.drain(..).all(|r| tx.send(r).is_ok())
+/// The most records handed to the replay in one message.
+const HAND_OVER_BATCH: usize = 64;
+
+/// Hands verified records to the replay, in order, as one message; false if the replay is gone.
+fn hand_over(tx: &mpsc::SyncSender<Vec<(u64, Record)>>, batch: &mut Vec<(u64, Record)>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let full = std::mem::replace(batch, Vec::with_capacity(HAND_OVER_BATCH));
+    tx.send(full).is_ok()
 }
 
 /// Acknowledge at least this often while records arrive (a catching-up link starts holding
@@ -285,7 +311,10 @@ impl Backup {
         state.resyncs.store(resyncs, Ordering::SeqCst);
         let acks = Arc::new(Mutex::new(writer));
         let arbiter = Arc::new(Mutex::new(None));
-        let (tx, rx) = mpsc::sync_channel::<(u64, Record)>(1 << 16);
+        // 2^13 batches waiting at most: at least as many records (a frame is often one or
+        // two), at most 2^19. One by one, it was 2^16 records; a bound of 2^16 / 64 batches
+        // could stop the receiver (and its acknowledgements) at ~1,000 records of small frames.
+        let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Record)>>(1 << 13);
         // Receiver: verify (the reader checks every frame), acknowledge, hand to the replay.
         {
             let s = state.clone();
@@ -298,7 +327,7 @@ impl Backup {
                     let mut since_ack = u32::MAX;
                     let mut last_ack = Instant::now();
                     let mut owed = false;
-                    let mut batch = Vec::new();
+                    let mut batch = Vec::with_capacity(HAND_OVER_BATCH);
                     loop {
                         let (lsn, rec) = match reader.next() {
                             Ok(Some(r)) => r,
@@ -364,7 +393,7 @@ impl Backup {
                         }
                         // The replay gets a frame's records at its end, after the ack: waking
                         // the replay's thread first would delay the primary's outputs.
-                        if (drained || end || batch.len() >= 64) && !hand_over(&tx, &mut batch) {
+                        if (drained || end || batch.len() >= HAND_OVER_BATCH) && !hand_over(&tx, &mut batch) {
                             return;
                         }
                         if end {
@@ -403,7 +432,7 @@ impl Backup {
                 })
                 .map_err(io("thread"))?;
         }
-        let source = Box::new(ChannelSource { rx, state: state.clone() });
+        let source = Box::new(ChannelSource::new(rx, state.clone()));
         Ok((Backup { state, arbiter, acks, shutdown, heartbeats }, theirs, source))
     }
 
@@ -572,10 +601,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_replay_takes_the_handed_over_batches_in_order_and_ends_with_the_channel() {
+        let state = Arc::new(BackupState::default());
+        let (tx, rx) = mpsc::sync_channel(4);
+        let mut source = ChannelSource::new(rx, state.clone());
+        let clock = |exit, t| Record::Clock { exit, t };
+        let mut batch = vec![(1, clock(1, 10)), (2, clock(1, 11))];
+        assert!(hand_over(&tx, &mut batch) && batch.is_empty());
+        assert!(hand_over(&tx, &mut batch), "an empty batch is not sent");
+        batch.push((3, clock(2, 12)));
+        assert!(hand_over(&tx, &mut batch));
+        drop(tx);
+        for (lsn, t) in [(1, 10), (2, 11), (3, 12)] {
+            assert!(matches!(source.next_record(), Ok(Some(Record::Clock { t: got, .. })) if got == t));
+            assert_eq!(state.replayed_lsn.load(Ordering::Relaxed), lsn);
+        }
+        assert!(matches!(source.next_record(), Ok(None)));
+    }
+
+    #[test]
     fn a_halted_backup_says_why_its_replay_stopped_not_that_the_log_is_damaged() {
         let state = Arc::new(BackupState::default());
         let (tx, rx) = mpsc::channel();
-        let mut source = ChannelSource { rx, state: state.clone() };
+        let mut source = ChannelSource::new(rx, state.clone());
         state.halt("no heartbeat from the primary for 300 ms, and the arbiter is held".into());
         drop(tx);
         let e = source.next_record().unwrap_err();
@@ -585,7 +633,7 @@ mod tests {
 
         let state = Arc::new(BackupState::default());
         let (tx, rx) = mpsc::channel();
-        let mut source = ChannelSource { rx, state: state.clone() };
+        let mut source = ChannelSource::new(rx, state.clone());
         state.diverged.store(true, Ordering::SeqCst);
         drop(tx);
         let e = source.next_record().unwrap_err();

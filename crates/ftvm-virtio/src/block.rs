@@ -187,6 +187,10 @@ impl<B: BlockBackend> Block<B> {
         &self.backend
     }
 
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Executes one request; the status byte is the last byte of the last writable descriptor.
     fn execute<M: GuestMemory>(&mut self, mem: &M, chain: &Chain) -> Done {
         let ioerr = Done { status: VIRTIO_BLK_S_IOERR, written: 0 };

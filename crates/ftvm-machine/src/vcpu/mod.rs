@@ -344,6 +344,12 @@ impl VcpuLoop {
         session: SessionParts,
     ) -> Result<Self> {
         let SessionParts { gate, takeover, tracker, hash_consumer, control, tasks, sync } = session;
+        if takeover.is_some() {
+            // A backup: its disks need be durable only once it is live (`go_live` settles them).
+            for dev in &devices.virtio.disks {
+                dev.borrow_mut().device_mut().backend_mut().defer_flushes();
+            }
+        }
         let sync = match (events.mode(), sync, &tracker) {
             (Mode::Record, Some(policy), Some(tracker)) => {
                 Some(syncpoint::SyncRecorder::start(policy, kicker.clone(), tracker.clone())?)
@@ -1104,6 +1110,13 @@ impl VcpuLoop {
     /// interrupt delivery, and the takeover report.
     fn go_live(&mut self) -> Result<()> {
         let Some(takeover) = self.takeover.take() else { return Ok(()) };
+        // What the guest was told is durable is made so on this host before it runs live or
+        // anything it replayed is performed.
+        for dev in &self.devices.virtio.disks {
+            let mut dev = dev.borrow_mut();
+            let disk = dev.device_mut().backend_mut();
+            disk.settle_flushes().map_err(|source| Error::DiskSettle { path: disk.path().into(), source })?;
+        }
         let uncovered = self.gate.as_mut().map(|g| g.go_live()).unwrap_or_default();
         let performed = uncovered.len();
         let report = takeover.activate(self)?;
