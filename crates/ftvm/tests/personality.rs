@@ -364,12 +364,7 @@ fn nginx_serves_curl_and_its_recording_replays_exactly() {
     drop(net);
     let recorded = std::fs::read_to_string(&console).unwrap();
     assert!(recorded.contains("exiting"), "{recorded}");
-    let replay = dir.join("replay");
-    let out = ftvm().arg("replay").arg(&log).arg("--output-dir").arg(&replay).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("replayed exactly"), "{err}");
-    assert_eq!(std::fs::read_to_string(replay.join("console.txt")).unwrap(), recorded);
+    replays_exactly(&log, &dir.join("replay"), &recorded);
 }
 
 #[test]

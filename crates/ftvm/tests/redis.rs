@@ -88,15 +88,24 @@ fn client(net: &Topology, args: &[&str]) -> Output {
     net.cmd("c", args[0]).args(&args[1..]).output().unwrap()
 }
 
-/// `ftvm replay` of `log` into `out_dir`: it says it replayed exactly, and its console is
-/// the recording's. Returns what it printed.
-fn replays_exactly(log: &Path, out_dir: &Path, recorded: &str) -> String {
-    let out = ftvm().arg("replay").arg(log).arg("--output-dir").arg(out_dir).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("replayed exactly"), "{err}");
-    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
-    err
+/// `ftvm record` of the program in `archive` (`cmdline` names it) to its end, in `dir`:
+/// the log and the console, the recording having ended with status 0.
+fn record_program(elf: &Path, archive: &Path, cmdline: &str, dir: &Path) -> (PathBuf, String) {
+    let log = dir.join("program.log");
+    let recorded_console = dir.join("record.txt");
+    let out = ftvm()
+        .args(["record", "--log"])
+        .arg(&log)
+        .arg("--kernel")
+        .arg(elf)
+        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), &format!("--cmdline={cmdline}")])
+        .arg("--console")
+        .arg(format!("file:{}", recorded_console.display()))
+        .output()
+        .unwrap();
+    let recorded = std::fs::read_to_string(&recorded_console).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}\n{recorded}", String::from_utf8_lossy(&out.stderr));
+    (log, recorded)
 }
 
 fn stop(mut vm: Child) {
@@ -1447,20 +1456,7 @@ fn signals_interrupt_waits_restart_them_reach_the_right_thread_and_timers_fire()
     }
 
     // Recorded, it replays exactly: every delivery point is a function of the logged inputs.
-    let log = dir.join("sigs.log");
-    let recorded_console = dir.join("record.txt");
-    let out = ftvm()
-        .args(["record", "--log"])
-        .arg(&log)
-        .arg("--kernel")
-        .arg(&elf)
-        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), "--cmdline=init=/sigs"])
-        .arg("--console")
-        .arg(format!("file:{}", recorded_console.display()))
-        .output()
-        .unwrap();
-    let recorded = std::fs::read_to_string(&recorded_console).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}\n{recorded}", String::from_utf8_lossy(&out.stderr));
+    let (log, recorded) = record_program(&elf, &archive, "init=/sigs", &dir);
     for expected in SIGNALS_EXPECTED {
         assert!(recorded.contains(expected), "recording: no {expected:?} in:\n{recorded}");
     }
@@ -1561,20 +1557,7 @@ fn cpuid_and_rdtsc_are_emulated_and_replay_and_the_rest_of_the_contract_holds() 
     // Recorded, the emulated program replays exactly (the TSC values included).
     let (elf, _) = redis_image();
     let archive = dir.join("tsc.cpio");
-    let log = dir.join("tsc.log");
-    let recorded_console = dir.join("record.txt");
-    let out = ftvm()
-        .args(["record", "--log"])
-        .arg(&log)
-        .arg("--kernel")
-        .arg(&elf)
-        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), "--cmdline=init=/tsc"])
-        .arg("--console")
-        .arg(format!("file:{}", recorded_console.display()))
-        .output()
-        .unwrap();
-    let recorded = std::fs::read_to_string(&recorded_console).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}\n{recorded}", String::from_utf8_lossy(&out.stderr));
+    let (log, recorded) = record_program(&elf, &archive, "init=/tsc", &dir);
     assert!(recorded.contains("tsc monotonic 1 aux 0\n"), "{recorded}");
     replays_exactly(&log, &dir.join("replay"), &recorded);
 }

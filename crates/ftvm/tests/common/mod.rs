@@ -268,6 +268,17 @@ impl Drop for Topology {
     }
 }
 
+/// `ftvm replay` of `log` into `out_dir`: it says it replayed exactly, and its console is
+/// the recording's. Returns what it printed.
+pub fn replays_exactly(log: &Path, out_dir: &Path, recorded: &str) -> String {
+    let out = ftvm().arg("replay").arg(log).arg("--output-dir").arg(out_dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replayed exactly"), "{err}");
+    assert_eq!(std::fs::read_to_string(out_dir.join("console.txt")).unwrap(), recorded);
+    err
+}
+
 // ---- C programs for the Linux personality ----
 
 /// An initramfs holding `binary` alone, as `/NAME`.
