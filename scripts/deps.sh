@@ -8,7 +8,8 @@
 #   musl-tools       musl-gcc: scripts/fetch-redis.sh builds the real Redis as a static binary
 #   dpkg-dev         dpkg-source: apt-get source (fetch-redis.sh) unpacks Debian's redis source
 #   tcl              tclsh: Redis's own test suite (scripts/redis-suite.sh) against the guest
-#   curl             the real HTTP client of the nginx tests (scripts/fetch-nginx.sh builds nginx)
+#   curl             the real HTTP client of the nginx and Go tests (scripts/fetch-nginx.sh builds nginx)
+#   golang-go        go: a test builds a Go HTTP server for the Linux personality
 # Run as root (apt-get). Idempotent.
 set -euo pipefail
 want=()
@@ -22,6 +23,7 @@ command -v musl-gcc >/dev/null || want+=(musl-tools)
 command -v dpkg-source >/dev/null || want+=(dpkg-dev)
 command -v tclsh >/dev/null || want+=(tcl)
 command -v curl >/dev/null || want+=(curl)
+command -v go >/dev/null || want+=(golang-go)
 if [ ${#want[@]} -gt 0 ]; then
   echo "installing: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive
