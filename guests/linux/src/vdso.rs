@@ -148,10 +148,10 @@ pub fn resample() {
 
 /// Input arrived (the network had frames): the next clock read resamples the PM timer,
 /// once, so that the time a program reads after a request arrives is exact, not up to a
-/// tick old. Between ticks the clock otherwise stands still while the guest is busy, and a
-/// client that sets a key to expire in 1 ms and waits 2 ms must find it expired (Redis's
-/// `WATCH stale keys` test, with other clients keeping the server busy). One port read per
-/// batch of frames that a clock read follows, never one per read.
+/// tick old. Between ticks the clock otherwise stands still while the guest is busy (other
+/// clients keep it from idling), and a client that sets a key to expire in 1 ms and asks
+/// for it 2 ms later must find it expired, as on Linux. One port read per batch of frames
+/// that a clock read follows, never one per read.
 pub fn input_arrived() {
     INPUT.store(true, Ordering::Relaxed);
 }
