@@ -358,12 +358,8 @@ fn nginx_serves_curl_and_its_recording_replays_exactly() {
     assert!(!text.contains("unsupported system call"), "{text}");
     assert!(text.contains("cpuid/rdtsc/rdtscp sites into emulations"), "{text}");
     // SIGTERM: nginx exits on it (its fast shutdown), the guest powers off, the log ends.
-    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
-    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
-    assert!(in_time, "ftvm record did not end after SIGTERM");
-    assert_eq!(out.status.code(), Some(0), "ftvm record after SIGTERM");
+    let recorded = stop_with_sigterm(vm, &console);
     drop(net);
-    let recorded = std::fs::read_to_string(&console).unwrap();
     assert!(recorded.contains("exiting"), "{recorded}");
     replays_exactly(&log, &dir.join("replay"), &recorded);
 }
@@ -510,10 +506,6 @@ fn a_go_http_server_serves_curl_and_stops_on_sigterm() {
     assert!(text.contains("none forbidden"), "the runtime's CPUID and RDTSC are emulated: {text}");
     assert!(!text.contains("unsupported system call"), "{text}");
     // SIGTERM reaches Go's signal handling (signal.Notify); it exits 0.
-    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
-    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
-    assert!(in_time, "ftvm run did not end after SIGTERM");
-    assert_eq!(out.status.code(), Some(0), "ftvm run after SIGTERM");
-    let text = std::fs::read_to_string(&console).unwrap();
+    let text = stop_with_sigterm(vm, &console);
     assert!(text.contains("go: SIGTERM after 31 hits"), "{text}");
 }

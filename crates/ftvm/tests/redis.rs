@@ -400,12 +400,7 @@ fn sigterm_shuts_real_redis_down_cleanly_and_the_recording_replays_it() {
     }
     assert_eq!(net.cli(&["INCR", "counter"]), "1");
     let start = Instant::now();
-    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
-    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let text = std::fs::read_to_string(&console).unwrap();
-    assert!(in_time, "{err}\n{text}");
-    assert_eq!(out.status.code(), Some(0), "a guest power-off within the grace period: {err}\n{text}");
+    let text = stop_with_sigterm(vm, &console);
     assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
     assert!(text.contains("linux: shutdown requested by the operator: SIGTERM to the program"), "{text}");
     assert!(text.contains("Received SIGTERM scheduling shutdown"), "{text}");
@@ -423,12 +418,7 @@ fn sigterm_shuts_real_redis_down_cleanly_and_the_recording_replays_it() {
         assert_eq!(net.cli(&["GET", &format!("k{i}")]), format!("v{i}"));
     }
     assert_eq!(net.cli(&["INCR", "counter"]), "2");
-    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
-    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let recorded = std::fs::read_to_string(&console).unwrap();
-    assert!(in_time, "{err}\n{recorded}");
-    assert_eq!(out.status.code(), Some(0), "{err}\n{recorded}");
+    let recorded = stop_with_sigterm(vm, &console);
     assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
     drop(net);
     // ... replays exactly: the request at the same exit, the same shutdown on the console.
@@ -1759,12 +1749,7 @@ fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
     assert_eq!(net.cli(&["GET", "glibc"]), "works");
     assert_eq!(net.cli(&["INCR", "n"]), "1");
     assert_eq!(net.cli(&["PING"]), "PONG");
-    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
-    let (out, in_time) = finish_within(vm, Duration::from_secs(40));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let recorded = std::fs::read_to_string(&console).unwrap();
-    assert!(in_time, "{err}\n{recorded}");
-    assert_eq!(out.status.code(), Some(0), "{err}\n{recorded}");
+    let recorded = stop_with_sigterm(vm, &console);
     assert!(recorded.contains("Redis is now ready to exit, bye bye"), "{recorded}");
     drop(net);
     replays_exactly(&log, &dir.join("replay"), &recorded);

@@ -18,6 +18,7 @@ use linux_abi::epoll::Activity;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities};
 use smoltcp::socket::tcp;
+use smoltcp::socket::AnySocket;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
@@ -262,15 +263,8 @@ impl Net {
 
     /// Keeps only the arrivals of connections that still have a socket.
     fn forget_arrivals(&mut self) {
-        let live: BTreeSet<Connection> = self
-            .sockets
-            .iter()
-            .filter_map(|(_, s)| match s {
-                smoltcp::socket::Socket::Tcp(s) => connection(s),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            })
-            .collect();
+        let live: BTreeSet<Connection> =
+            self.sockets.iter().filter_map(|(_, s)| tcp::Socket::downcast(s).and_then(connection)).collect();
         self.arrivals.by_connection.retain(|c, _| live.contains(c));
     }
 

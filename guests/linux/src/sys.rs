@@ -79,8 +79,7 @@ impl Pipe {
     }
 
     fn changed(&mut self) {
-        note(&mut self.activity);
-        threads().io_changed();
+        changed(&mut self.activity);
     }
 
     /// A read: Some(n) (0 at the end: no writers left), None when it would block.
@@ -144,17 +143,25 @@ pub struct PairEnd {
 }
 
 impl PairEnd {
-    /// `shutdown(how)`, or a close (both): the peer sees the end of what it reads, or EPIPE.
+    /// `shutdown(how)`: the peer sees the end of what it reads, or EPIPE.
     fn shut(&mut self, read: bool, write: bool) {
-        if read && !self.read_shut {
-            self.read_shut = true;
-            self.rx.borrow_mut().readers -= 1;
-            self.rx.borrow_mut().changed();
+        let (read, write) = (read && !self.read_shut, write && !self.write_shut);
+        self.read_shut |= read;
+        self.write_shut |= write;
+        self.let_go(read, write);
+    }
+
+    /// Stops reading and/or writing: this end no longer counts as the pipes' reader/writer.
+    fn let_go(&self, read: bool, write: bool) {
+        if read {
+            let mut rx = self.rx.borrow_mut();
+            rx.readers -= 1;
+            rx.changed();
         }
-        if write && !self.write_shut {
-            self.write_shut = true;
-            self.tx.borrow_mut().writers -= 1;
-            self.tx.borrow_mut().changed();
+        if write {
+            let mut tx = self.tx.borrow_mut();
+            tx.writers -= 1;
+            tx.changed();
         }
     }
 
@@ -213,6 +220,12 @@ fn stamp() -> u64 {
 /// An event on a file (data arrived, room freed, a peer closed) at the next stamp.
 pub(crate) fn note(activity: &mut Activity) {
     activity.note(stamp(), SCANNED.load(Ordering::Relaxed));
+}
+
+/// An event, and the threads waiting for I/O look again.
+fn changed(activity: &mut Activity) {
+    note(activity);
+    threads().io_changed();
 }
 
 pub enum Kind {
@@ -299,17 +312,8 @@ fn release(k: &mut Kernel, file: &File) {
             }
             note(&mut p.activity);
         }
-        Kind::Pair(end) => {
-            // A close shuts what `shutdown` left open (the file goes away: no flags to keep).
-            if !end.read_shut {
-                end.rx.borrow_mut().readers -= 1;
-                end.rx.borrow_mut().changed();
-            }
-            if !end.write_shut {
-                end.tx.borrow_mut().writers -= 1;
-                end.tx.borrow_mut().changed();
-            }
-        }
+        // A close lets go of what `shutdown` left open (the file goes away: no flags to keep).
+        Kind::Pair(end) => end.let_go(!end.read_shut, !end.write_shut),
         Kind::Listener { pool, .. } => {
             if let Some(net) = k.net.as_mut() {
                 for &h in pool {
@@ -534,8 +538,7 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
             let value = if ev.semaphore { 1 } else { ev.count };
             ev.count -= value;
             buf[..8].copy_from_slice(&value.to_le_bytes());
-            note(&mut ev.activity);
-            threads().io_changed();
+            changed(&mut ev.activity);
             Ok(Some(8))
         }
     }
@@ -596,8 +599,7 @@ fn try_write(k: &mut Kernel, file: &mut File, data: &[u8]) -> Result<Option<usiz
                 return Ok(None);
             }
             ev.count += value;
-            note(&mut ev.activity);
-            threads().io_changed();
+            changed(&mut ev.activity);
             Ok(Some(8))
         }
     }

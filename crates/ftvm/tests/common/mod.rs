@@ -279,6 +279,18 @@ pub fn replays_exactly(log: &Path, out_dir: &Path, recorded: &str) -> String {
     err
 }
 
+/// SIGTERM to `vm` (ftvm asks the guest to shut down): it must end within 40 s with status
+/// 0. Returns its console (`console`) afterwards.
+pub fn stop_with_sigterm(vm: std::process::Child, console: &Path) -> String {
+    let _ = Command::new("kill").args(["-TERM", &vm.id().to_string()]).status();
+    let (out, in_time) = finish_within(vm, std::time::Duration::from_secs(40));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    assert!(in_time, "no end within 40 s of SIGTERM: {err}\n{text}");
+    assert_eq!(out.status.code(), Some(0), "a guest power-off within the grace period: {err}\n{text}");
+    text
+}
+
 // ---- C programs for the Linux personality ----
 
 /// An initramfs holding `binary` alone, as `/NAME`.
