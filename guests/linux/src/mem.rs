@@ -5,8 +5,13 @@
 //! carved out of the personality's heap above the window at start (`linux.program_share`,
 //! default half of that heap), so that the program can use more than the window in a
 //! bigger VM; mmap takes from it first. There is no paging of our own: every address in
-//! both is always readable and writable, so `mprotect` changes nothing, and memory handed
-//! out by `mmap` or `brk` is zeroed then (as Linux's fresh pages are).
+//! both is always readable and writable, and `mprotect` enforces nothing. Memory handed out
+//! by `mmap` or `brk` reads as zero, as Linux's fresh pages do, but only once the program
+//! may read it: a `PROT_NONE` mapping (a reservation: Go's runtime reserves hundreds of
+//! MiB at start and maps parts of it later) is zeroed when `mprotect` or a `MAP_FIXED`
+//! mapping makes it accessible. Zeroing writes only pages that are not zero already: under
+//! `ftvm record` every page written between sync points is a write fault and a page of the
+//! next sync point, and a fresh VM's RAM is zero.
 
 use alloc::collections::BTreeMap;
 
@@ -33,11 +38,49 @@ pub struct ProcMem {
     high: (u64, u64),
     /// Mapped regions: start -> end.
     regions: BTreeMap<u64, u64>,
+    /// The parts of the regions mapped `PROT_NONE` and not zeroed since: start -> end.
+    unzeroed: BTreeMap<u64, u64>,
 }
 
+/// Makes [start, end) read as zero, writing only the pages that do not already.
 fn zero(start: u64, end: u64) {
-    // SAFETY: callers pass ranges inside the process window, RAM nothing else owns.
-    unsafe { core::ptr::write_bytes(start as *mut u8, 0, (end - start) as usize) }
+    let mut page = start;
+    while page < end {
+        let next = ((page & !(PAGE - 1)) + PAGE).min(end);
+        // SAFETY: callers pass ranges inside the process's areas (RAM nothing else owns),
+        // and [page, next) lies in one page of them; u8 reads need no alignment.
+        let bytes = unsafe { core::slice::from_raw_parts(page as *const u8, (next - page) as usize) };
+        if !is_zero(bytes) {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_bytes(page as *mut u8, 0, (next - page) as usize) }
+        }
+        page = next;
+    }
+}
+
+/// Whether every byte is zero (one OR over the words: no early exit to keep it branch-free).
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to puts only aligned words in the middle.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().chain(tail).all(|&b| b == 0) && words.iter().fold(0, |acc, &w| acc | w) == 0
+}
+
+/// Removes [start, end) from `ranges` (splitting where needed).
+fn cut(ranges: &mut BTreeMap<u64, u64>, start: u64, end: u64) -> alloc::vec::Vec<(u64, u64)> {
+    let hit: alloc::vec::Vec<(u64, u64)> =
+        ranges.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
+    for &(s, e) in &hit {
+        ranges.remove(&s);
+        if s < start {
+            ranges.insert(s, start);
+        }
+        if e > end {
+            ranges.insert(end, e);
+        }
+    }
+    hit
 }
 
 impl ProcMem {
@@ -53,6 +96,7 @@ impl ProcMem {
             mmap_end: STACK_TOP - STACK_SIZE,
             high: (0, 0),
             regions: BTreeMap::new(),
+            unzeroed: BTreeMap::new(),
         }
     }
 
@@ -100,16 +144,18 @@ impl ProcMem {
 
     /// Removes [start, end) from the regions (splitting where needed).
     pub fn unmap(&mut self, start: u64, end: u64) {
-        let hit: alloc::vec::Vec<(u64, u64)> =
-            self.regions.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in hit {
-            self.regions.remove(&s);
-            if s < start {
-                self.regions.insert(s, start);
-            }
-            if e > end {
-                self.regions.insert(end, e);
-            }
+        cut(&mut self.regions, start, end);
+        cut(&mut self.unzeroed, start, end);
+    }
+
+    /// mprotect: a range made accessible reads as zero where it was mapped `PROT_NONE`
+    /// and not touched since. Protections are not enforced otherwise.
+    pub fn protect(&mut self, start: u64, end: u64, accessible: bool) {
+        if !accessible {
+            return;
+        }
+        for (s, e) in cut(&mut self.unzeroed, start, end) {
+            zero(s.max(start), e.min(end));
         }
     }
 
@@ -134,8 +180,9 @@ impl ProcMem {
     }
 
     /// Maps `len` zeroed bytes: at `fixed` if given (anything there is replaced), else
-    /// where there is room. `None` when it does not fit.
-    pub fn map(&mut self, fixed: Option<u64>, len: u64) -> Option<u64> {
+    /// where there is room. `None` when it does not fit. A mapping that is not `accessible`
+    /// (`PROT_NONE`) is zeroed only when [`ProcMem::protect`] makes it so.
+    pub fn map(&mut self, fixed: Option<u64>, len: u64, accessible: bool) -> Option<u64> {
         let len = page_up(len.max(1));
         let start = match fixed {
             Some(addr) => {
@@ -147,7 +194,11 @@ impl ProcMem {
             }
             None => self.find(len)?,
         };
-        zero(start, start + len);
+        if accessible {
+            zero(start, start + len);
+        } else {
+            self.unzeroed.insert(start, start + len);
+        }
         self.regions.insert(start, start + len);
         Some(start)
     }
@@ -157,6 +208,8 @@ impl ProcMem {
     pub fn remap(&mut self, old: u64, old_len: u64, new_len: u64, may_move: bool) -> Option<u64> {
         let old_len = page_up(old_len);
         let new_len = page_up(new_len);
+        // A moved or grown reservation is treated as accessible (rare; keeps one rule).
+        self.protect(old, old + old_len, true);
         if new_len <= old_len {
             self.unmap(old + new_len, old + old_len);
             return Some(old);
@@ -187,6 +240,7 @@ impl ProcMem {
     /// MADV_DONTNEED: anonymous private pages read back as zero afterwards.
     pub fn discard(&mut self, start: u64, end: u64) {
         if start < end && self.mappable(start, end - start) {
+            self.protect(start, end, true);
             zero(start, end);
         }
     }

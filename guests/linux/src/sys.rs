@@ -1430,8 +1430,10 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             if a1 == 0 {
                 return Err(EINVAL);
             }
+            const PROT_NONE: u64 = 0;
             let fixed = (a3 & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0).then_some(a0);
-            let addr = k.mem.map(fixed, a1).ok_or_else(|| out_of_memory(k, a1))?;
+            let accessible = a2 != PROT_NONE || a3 & MAP_ANONYMOUS == 0;
+            let addr = k.mem.map(fixed, a1, accessible).ok_or_else(|| out_of_memory(k, a1))?;
             if a3 & MAP_ANONYMOUS == 0 {
                 let file = k.fds.get(a4)?;
                 let f = file.borrow();
@@ -1455,7 +1457,16 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             }
             Ok(addr as i64)
         }
-        10 => Ok(0),
+        10 => {
+            // mprotect(addr, len, prot): enforced by nothing (no paging of our own), but a
+            // reservation made accessible must read as zero (mem.rs).
+            if a0 % crate::mem::PAGE != 0 {
+                return Err(EINVAL);
+            }
+            let end = a0.checked_add(crate::mem::page_up(a1)).ok_or(ENOMEM)?;
+            k.mem.protect(a0, end, a2 != 0);
+            Ok(0)
+        }
         11 => {
             if a0 % crate::mem::PAGE != 0 {
                 return Err(EINVAL);
