@@ -356,7 +356,7 @@ fn nginx_serves_curl_and_its_recording_replays_exactly() {
     }
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(!text.contains("unsupported system call"), "{text}");
-    assert!(text.contains("cpuid/rdtsc/rdtscp sites into emulations"), "{text}");
+    assert!(text.contains("cpuid/rdtsc/rdtscp/rdrand/rdseed sites into emulations"), "{text}");
     // SIGTERM: nginx exits on it (its fast shutdown), the guest powers off, the log ends.
     let recorded = stop_with_sigterm(vm, &console);
     drop(net);

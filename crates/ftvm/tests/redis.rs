@@ -88,8 +88,8 @@ fn client(net: &Topology, args: &[&str]) -> Output {
     net.cmd("c", args[0]).args(&args[1..]).output().unwrap()
 }
 
-/// `ftvm record` of the program in `archive` (`cmdline` names it) to its end, in `dir`:
-/// the log and the console, the recording having ended with status 0.
+/// `ftvm record` of the program in `archive` (`cmdline` names it) to its end, in `dir`, with
+/// virtio-rng: the log and the console, the recording having ended with status 0.
 fn record_program(elf: &Path, archive: &Path, cmdline: &str, dir: &Path) -> (PathBuf, String) {
     let log = dir.join("program.log");
     let recorded_console = dir.join("record.txt");
@@ -98,7 +98,7 @@ fn record_program(elf: &Path, archive: &Path, cmdline: &str, dir: &Path) -> (Pat
         .arg(&log)
         .arg("--kernel")
         .arg(elf)
-        .args(["--mem", "1G", "--initrd", &archive.display().to_string(), &format!("--cmdline={cmdline}")])
+        .args(["--mem", "1G", "--rng", "--initrd", &archive.display().to_string(), &format!("--cmdline={cmdline}")])
         .arg("--console")
         .arg(format!("file:{}", recorded_console.display()))
         .output()
@@ -1505,6 +1505,29 @@ int main(void) {
 }
 "#;
 
+/// RDRAND and RDSEED at each width, the flags they set read by the next instruction.
+const RAND_PROGRAM: &str = r#"#include <stdio.h>
+int main(void) {
+    unsigned long long a = 0x1122334455667788ULL, b = ~0ULL, c, d, r, s;
+    unsigned char cf, zf;
+    /* xor leaves ZF = 1: a successful rdrand clears it. */
+    __asm__ volatile("xor %%ecx, %%ecx\n\trdrand %w0\n\tsetc %1\n\tsetz %2" : "+r"(a), "=qm"(cf), "=qm"(zf) :: "rcx", "cc");
+    printf("rdrand16 cf %d zf %d upper kept %d\n", cf, zf, (a >> 16) == 0x112233445566ULL);
+    __asm__ volatile("xor %%ecx, %%ecx\n\trdrand %k0\n\tsetc %1\n\tsetz %2" : "+r"(b), "=qm"(cf), "=qm"(zf) :: "rcx", "cc");
+    printf("rdrand32 cf %d zf %d zero-extended %d\n", cf, zf, (b >> 32) == 0);
+    __asm__ volatile("xor %%ecx, %%ecx\n\trdrand %0\n\tsetc %1\n\tsetz %2" : "=r"(c), "=qm"(cf), "=qm"(zf) :: "rcx", "cc");
+    printf("rdrand64 cf %d zf %d\n", cf, zf);
+    __asm__ volatile("rdrand %%rax\n\tsetc %1" : "=a"(r), "=qm"(cf) :: "cc");
+    printf("rdrand rax cf %d\n", cf);
+    __asm__ volatile("xor %%ecx, %%ecx\n\trdseed %0\n\tsetc %1\n\tsetz %2" : "=r"(d), "=qm"(cf), "=qm"(zf) :: "rcx", "cc");
+    printf("rdseed64 cf %d zf %d\n", cf, zf);
+    __asm__ volatile("1: rdrand %0\n\tjnc 1b" : "=r"(s) :: "cc");
+    printf("words differ %d\n", c != d && d != r && r != s);
+    printf("words %llx %llx %llx %llx %llx %llx\n", a, b, c, r, d, s);
+    return 0;
+}
+"#;
+
 #[test]
 fn cpuid_and_rdtsc_are_emulated_and_replay_and_the_rest_of_the_contract_holds() {
     if !kvm_available() {
@@ -1516,8 +1539,8 @@ fn cpuid_and_rdtsc_are_emulated_and_replay_and_the_rest_of_the_contract_holds() 
     // strictly increases and RDTSCP's TSC_AUX is 0.
     let (code, console) = run_bad(&dir, Some(&archive), "init=/tsc");
     assert_eq!(code, Some(0), "{console}");
-    assert!(console.contains("cpuid/rdtsc/rdtscp sites into emulations"), "{console}");
-    assert!(console.contains("cpuid/rdtsc/rdtscp emulated)"), "{console}");
+    assert!(console.contains("cpuid/rdtsc/rdtscp/rdrand/rdseed sites into emulations"), "{console}");
+    assert!(console.contains("cpuid/rdtsc/rdtscp/rdrand/rdseed emulated)"), "{console}");
     assert!(console.contains("hypervisor leaf ftvmFTVMftvm\n"), "{console}");
     assert!(console.contains("tsc monotonic 1 aux 0\n"), "{console}");
     // Not rewritten, the same program breaks the contract and is refused, each site named.
@@ -1532,20 +1555,35 @@ fn cpuid_and_rdtsc_are_emulated_and_replay_and_the_rest_of_the_contract_holds() 
     assert_eq!(code, Some(0), "{console}");
     assert!(console.contains("4 forbidden, run anyway (linux.contract=off)"), "{console}");
     assert!(console.contains("tsc monotonic 1") && console.contains("linux: exit status 0"), "{console}");
-    // RDRAND is never emulated (randomness comes from virtio-rng): refused, rewrite or not.
-    let archive = c_program(
-        &dir,
-        "rand",
-        "#include <stdio.h>\n#include <immintrin.h>\n__attribute__((target(\"rdrnd\"))) int main(int argc, char **argv) {\n unsigned r = 0;\n if (argc > 5) _rdrand32_step(&r);\n printf(\"rand ran %u\\n\", r);\n return 0;\n}\n",
-    );
+    // RDRAND and RDSEED: emulated with words from virtio-rng, into each register width as
+    // the instructions write it, with CF = 1 and ZF = 0 as a successful one leaves them.
+    let archive = c_program(&dir, "rand", RAND_PROGRAM);
     let (code, console) = run_bad(&dir, Some(&archive), "init=/rand");
+    assert_eq!(code, Some(0), "{console}");
+    assert!(console.contains("none forbidden ("), "{console}");
+    for line in [
+        "rdrand16 cf 1 zf 0 upper kept 1\n",
+        "rdrand32 cf 1 zf 0 zero-extended 1\n",
+        "rdrand64 cf 1 zf 0\n",
+        "rdrand rax cf 1\n",
+        "rdseed64 cf 1 zf 0\n",
+        "words differ 1\n",
+    ] {
+        assert!(console.contains(line), "{line:?}: {console}");
+    }
+    // Not rewritten, RDRAND and RDSEED break the contract: refused, each site named.
+    let (code, console) = run_bad(&dir, Some(&archive), "init=/rand linux.rewrite=off");
     assert_eq!(code, Some(3), "{console}");
     assert!(console.contains("linux: guest contract: rdrand ["), "{console}");
-    assert!(console.contains("linux: error: /rand: breaks the guest contract (1 forbidden instruction"), "{console}");
-    assert!(!console.contains("rand ran"), "{console}");
+    assert!(console.contains("linux: guest contract: rdseed ["), "{console}");
+    assert!(!console.contains("rdrand16"), "{console}");
+    // Recorded, its random words replay exactly (they are virtio-rng's, logged).
+    let (elf, _) = redis_image();
+    let (log, recorded) = record_program(&elf, &archive, "init=/rand", &dir);
+    assert!(recorded.contains("words differ 1\n"), "{recorded}");
+    replays_exactly(&log, &dir.join("replay-rand"), &recorded);
 
     // Recorded, the emulated program replays exactly (the TSC values included).
-    let (elf, _) = redis_image();
     let archive = dir.join("tsc.cpio");
     let (log, recorded) = record_program(&elf, &archive, "init=/tsc", &dir);
     assert!(recorded.contains("tsc monotonic 1 aux 0\n"), "{recorded}");
@@ -1716,9 +1754,8 @@ fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
     let net = Topology::up("rg", 1);
     let console = dir.join("record.txt");
     let log = dir.join("redis-glibc.log");
-    // linux.contract=off: libcrypto, libgcrypt and libstdc++ contain RDRAND and RDSEED, which
-    // the personality never emulates; none runs, since the VMM's CPUID (which the rewritten
-    // CPUID sites read) does not offer them, and the replay below shows it.
+    // The guest contract holds: the CPUID, RDTSC, RDRAND and RDSEED sites of ld.so, libc,
+    // libcrypto, libgcrypt and libstdc++ are rewritten into emulations as they are mapped.
     let vm = net
         .cmd("h1", env!("CARGO_BIN_EXE_ftvm"))
         .args(["record", "--log"])
@@ -1727,7 +1764,7 @@ fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
         .arg(&elf)
         .arg("--initrd")
         .arg(&cpio)
-        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24 linux.contract=off", "--net", "tap=tap0", "--rng"])
+        .args(["--mem", "1G", "--cmdline", "ip=10.0.0.2/24", "--net", "tap=tap0", "--rng"])
         .arg("--console")
         .arg(format!("file:{}", console.display()))
         .stdout(Stdio::null())
@@ -1739,8 +1776,8 @@ fn debian_s_glibc_redis_server_serves_redis_cli_and_replays_exactly() {
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("linux: interpreter /lib64/ld-linux-x86-64.so.2 at 0x"), "{text}");
     assert!(text.contains("/lib/x86_64-linux-gnu/libc.so.6 mapped executable at 0x"), "{text}");
-    assert!(text.contains("cpuid/rdtsc/rdtscp emulated)"), "{text}");
-    assert!(text.contains("linux: guest contract: rdrand ["), "{text}");
+    assert!(text.contains("cpuid/rdtsc/rdtscp/rdrand/rdseed emulated)"), "{text}");
+    assert!(!text.contains("forbidden, run anyway"), "every mapping obeys the contract once rewritten: {text}");
     // glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS.
     let unsupported: Vec<&str> =
         text.lines().filter(|l| l.contains("unsupported system call") && !l.contains("(clone3)")).collect();

@@ -42,8 +42,10 @@
 //! instructions before the site, switches to the kernel stack with two `mov`s (the
 //! program's stack and red zone untouched, RFLAGS unchanged), `call`s the personality's
 //! emulation there, switches back, runs the displaced instructions after the site and jumps
-//! back (see `emulation`). A site with no window stays, and the contract check refuses it.
-//! No forbidden instruction (RDRAND, RDSEED and RDPID included) ever moves into a window.
+//! back (see `emulation`). **RDRAND and RDSEED** the same way, into an emulation that returns
+//! a word from virtio-rng (getrandom's source, which a recording logs) and reports success
+//! (see `random_emulation`). A site with no window stays, and the contract check refuses it.
+//! No forbidden instruction (RDPID included) ever moves into a window.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -77,6 +79,10 @@ pub struct Entry {
     pub cpuid: u64,
     pub rdtsc: u64,
     pub rdtscp: u64,
+    /// The emulation of RDRAND and RDSEED, called the same way: returns a random word in
+    /// RAX and RFLAGS as a successful RDRAND sets them (CF = 1; OF, SF, ZF, AF, PF = 0),
+    /// preserving every other register (the trampoline keeps RAX and sets the destination).
+    pub random: u64,
 }
 
 /// What a site holds: a system call, or an instruction the guest contract forbids in
@@ -87,6 +93,8 @@ pub enum Kind {
     Cpuid,
     Rdtsc,
     Rdtscp,
+    Rdrand,
+    Rdseed,
 }
 
 impl Kind {
@@ -96,6 +104,8 @@ impl Kind {
             Mnemonic::Cpuid => Some(Kind::Cpuid),
             Mnemonic::Rdtsc => Some(Kind::Rdtsc),
             Mnemonic::Rdtscp => Some(Kind::Rdtscp),
+            Mnemonic::Rdrand => Some(Kind::Rdrand),
+            Mnemonic::Rdseed => Some(Kind::Rdseed),
             _ => None,
         }
     }
@@ -106,6 +116,8 @@ impl Kind {
             Kind::Cpuid => "cpuid",
             Kind::Rdtsc => "rdtsc",
             Kind::Rdtscp => "rdtscp",
+            Kind::Rdrand => "rdrand",
+            Kind::Rdseed => "rdseed",
         }
     }
 }
@@ -157,7 +169,7 @@ pub struct Rewrite {
     pub trampolines: Vec<u8>,
     /// `syscall` sites left alone.
     pub skipped: Vec<(u64, Skip)>,
-    /// CPUID, RDTSC and RDTSCP sites rewritten into jumps to their emulation.
+    /// CPUID, RDTSC, RDTSCP, RDRAND and RDSEED sites rewritten into jumps to their emulation.
     pub emulated: Vec<(u64, Kind)>,
     /// Those left as they are (the guest contract check still refuses them).
     pub left: Vec<(u64, Kind, Skip)>,
@@ -372,6 +384,64 @@ fn emulation(
     encode(&code, rip)
 }
 
+/// The trampoline of an RDRAND or RDSEED site (`dest`: its register): as [`emulation`], with
+/// RAX saved in a 16-byte slot on the kernel stack (the alignment `emulation`'s call has),
+/// the value moved from RAX into `dest` as the instruction writes it (a 32-bit register
+/// zero-extended, a 16-bit one merged), and RAX restored; `mov` and `lea` leave the
+/// emulation's RFLAGS as they are.
+fn random_emulation(
+    displaced: &[Instruction],
+    site: usize,
+    dest: Register,
+    resume: u64,
+    entry: Entry,
+    rip: u64,
+) -> Option<Vec<u8>> {
+    let rip_rel = |address: u64| MemoryOperand::with_base_displ(Register::RIP, address as i64);
+    let slot = || MemoryOperand::with_base(Register::RSP);
+    let full = dest.full_register();
+    if full == Register::RSP || !dest.is_gpr() {
+        return None;
+    }
+    let mut code: Vec<Instruction> = displaced[..site].to_vec();
+    code.push(Instruction::with2(Code::Mov_rm64_r64, rip_rel(entry.user_rsp), Register::RSP).ok()?);
+    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.kstack_top)).ok()?);
+    code.push(
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, -16)).ok()?,
+    );
+    code.push(Instruction::with2(Code::Mov_rm64_r64, slot(), Register::RAX).ok()?);
+    code.push(Instruction::with_branch(Code::Call_rel32_64, entry.random).ok()?);
+    if dest.is_gpr64() {
+        if full != Register::RAX {
+            code.push(Instruction::with2(Code::Mov_rm64_r64, dest, Register::RAX).ok()?);
+        }
+    } else if dest.is_gpr32() {
+        // Also for EAX: the upper half is zeroed, as RDRAND r32 does.
+        code.push(Instruction::with2(Code::Mov_rm32_r32, dest, Register::EAX).ok()?);
+    } else if dest.is_gpr16() {
+        // Into the saved RAX for AX, so that its other bits stay.
+        let to = if full == Register::RAX {
+            Instruction::with2(Code::Mov_rm16_r16, slot(), Register::AX)
+        } else {
+            Instruction::with2(Code::Mov_rm16_r16, dest, Register::AX)
+        };
+        code.push(to.ok()?);
+    } else {
+        return None;
+    }
+    // RAX back, unless it holds the value (RAX, EAX); for AX the merged slot is RAX.
+    if full != Register::RAX || dest.is_gpr16() {
+        code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, slot()).ok()?);
+    }
+    code.push(
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, 16)).ok()?,
+    );
+    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.user_rsp)).ok()?);
+    code.extend_from_slice(&displaced[site + 1..]);
+    code.push(jmp(resume));
+    encode(&code, rip)
+}
+
 /// Plans the rewrite of `program`, its trampolines to be placed at `base`.
 pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
     let mut code: Vec<Section> = program.code.to_vec();
@@ -461,6 +531,10 @@ pub fn rewrite(program: &Program, entry: Entry, base: u64) -> Rewrite {
             Kind::Cpuid => emulation(&displaced, site - first, entry.cpuid, end, entry, rip).map(|c| (c, 0)),
             Kind::Rdtsc => emulation(&displaced, site - first, entry.rdtsc, end, entry, rip).map(|c| (c, 0)),
             Kind::Rdtscp => emulation(&displaced, site - first, entry.rdtscp, end, entry, rip).map(|c| (c, 0)),
+            Kind::Rdrand | Kind::Rdseed => {
+                let dest = displaced[site - first].op0_register();
+                random_emulation(&displaced, site - first, dest, end, entry, rip).map(|c| (c, 0))
+            }
         };
         let Some((bytes, head)) = planned else {
             refuse(&mut result, Skip::Encode);

@@ -4,11 +4,11 @@
 //! linear sweep with iced-x86's decoder over every executable section (or, without section
 //! headers, every executable segment); an undecodable byte is skipped.
 //!
-//! The load-time rewrite (`crate::rewrite`) turns CPUID, RDTSC and RDTSCP sites into jumps
-//! to deterministic emulations; what it could not rewrite, and every RDRAND, RDSEED and
-//! RDPID, still breaks the contract ([`verdict`]). Those three are never emulated:
-//! randomness must come from virtio-rng, whose data the recording logs (an emulation would
-//! be a fixed sequence or a hidden source), and RDPID has no use without RDTSCP's TSC_AUX.
+//! The load-time rewrite (`crate::rewrite`) turns CPUID, RDTSC, RDTSCP, RDRAND and RDSEED
+//! sites into jumps to deterministic emulations (RDRAND and RDSEED return words from
+//! virtio-rng, getrandom's source, whose data the recording logs); what it could not
+//! rewrite, and every RDPID, still breaks the contract ([`verdict`]). RDPID is never
+//! emulated: it has no use without RDTSCP's TSC_AUX.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -120,7 +120,7 @@ pub fn verdict(scan: &Scan, bias: u64, emulated: &[u64]) -> Result<(), String> {
         alloc::format!("{} forbidden, run anyway (linux.contract=off)", left.len())
     };
     if rewritten > 0 {
-        said.push_str(&alloc::format!(" ({rewritten} cpuid/rdtsc/rdtscp emulated)"));
+        said.push_str(&alloc::format!(" ({rewritten} cpuid/rdtsc/rdtscp/rdrand/rdseed emulated)"));
     }
     ftvm_guest_kit::println!("linux: guest contract: {} instructions scanned, {said}", scan.instructions);
     Ok(())

@@ -172,9 +172,43 @@ linux_fxsave:
 // its replay see the same values. In ring 3 our KVM would give the host's values, untrapped.
 //
 // RDTSC: `linux_tsc` (below), from the guest clock. RDTSCP: the same, ECX = 0 (TSC_AUX).
+//
+// RDRAND and RDSEED: `linux_random_word` (below) in RAX, and RFLAGS as a successful RDRAND
+// leaves it (CF = 1; OF, SF, ZF, AF, PF = 0; the rest as they were). The trampoline saves
+// RAX beside it and moves the value into the instruction's register (`crate::rewrite`).
 core::arch::global_asm!(
     r#"
     .text
+    .globl linux_emulate_random
+linux_emulate_random:
+    pushfq
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    lea -512(%rsp), %rsp            # 16-byte aligned for fxsave64 and the call
+    fxsave64 (%rsp)
+    cld
+    call linux_random_word
+    fxrstor64 (%rsp)
+    lea 512(%rsp), %rsp
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    andq $~0x8d5, (%rsp)            # OF SF ZF AF PF CF of the saved RFLAGS
+    orq $1, (%rsp)                  # CF: a value was returned
+    popfq
+    ret
+
     .globl linux_emulate_cpuid
 linux_emulate_cpuid:                # EAX leaf, ECX subleaf
     push %rdi
@@ -240,7 +274,15 @@ extern "C" fn linux_tsc() -> u64 {
     tsc
 }
 
+/// The emulated RDRAND's and RDSEED's value: a random word from virtio-rng (as getrandom's
+/// bytes, logged by a recording), so a replay reads the same; never the host's generator.
+#[no_mangle]
+extern "C" fn linux_random_word() -> u64 {
+    crate::sys::random_word(crate::kernel())
+}
+
 extern "C" {
+    fn linux_emulate_random();
     fn linux_emulate_cpuid();
     fn linux_emulate_rdtsc();
     fn linux_emulate_rdtscp();
@@ -295,6 +337,7 @@ pub fn trampoline_entry() -> linux_abi::rewrite::Entry {
         cpuid: linux_emulate_cpuid as *const () as u64,
         rdtsc: linux_emulate_rdtsc as *const () as u64,
         rdtscp: linux_emulate_rdtscp as *const () as u64,
+        random: linux_emulate_random as *const () as u64,
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Kernel {
     pub fds: sys::FdTable,
     pub net: Option<net::Net>,
     pub rng: Option<VirtioRng>,
+    /// Words for the RDRAND and RDSEED emulations, drawn from `rng` a batch at a time.
+    pub random_words: sys::RandomWords,
     /// The data directory's journal on the virtio disk (None: in RAM only).
     pub disk: Option<persist::Disk>,
     pub cwd: String,
@@ -447,6 +449,7 @@ fn main() {
         fds: sys::FdTable::new(),
         net,
         rng,
+        random_words: sys::RandomWords::new(),
         disk,
         cwd: String::from("/"),
         umask: 0o022,

@@ -146,7 +146,7 @@ pub fn mapped(mem: &mut crate::mem::ProcMem, image: &[u8], addr: u64, len: u64, 
         return Some(Mapped { done: done(&guess), bias });
     }
     let room = crate::mem::page_up(guess.trampolines.len() as u64 * 2 + 64);
-    let base = mem.map(None, room)?;
+    let base = mem.map(None, room, true)?;
     let plan = plan(&elf, image, bias, base, Some(within));
     if plan.trampolines.len() as u64 > room {
         mem.unmap(base, base + room);
@@ -177,7 +177,7 @@ pub fn summary(done: &Done, ticks: u64) -> alloc::string::String {
     let emulations = done.emulated.len() + done.left;
     if emulations > 0 {
         left.push_str(&alloc::format!(
-            "; {} of {emulations} cpuid/rdtsc/rdtscp sites into emulations",
+            "; {} of {emulations} cpuid/rdtsc/rdtscp/rdrand/rdseed sites into emulations",
             done.emulated.len()
         ));
     }

@@ -420,6 +420,35 @@ fn random_fill(k: &mut Kernel, buf: &mut [u8]) {
     }
 }
 
+/// Random words for the RDRAND and RDSEED emulations (`entry.rs`): from the same source as
+/// getrandom (virtio-rng, whose bytes a recording logs), 32 words per device request, since
+/// a program may take them one at a time (OpenSSL's seeding does).
+pub struct RandomWords {
+    words: [u64; 32],
+    next: usize,
+}
+
+impl RandomWords {
+    pub fn new() -> RandomWords {
+        RandomWords { words: [0; 32], next: 32 }
+    }
+}
+
+/// The next random word (the emulated RDRAND's and RDSEED's value).
+pub fn random_word(k: &mut Kernel) -> u64 {
+    if k.random_words.next == k.random_words.words.len() {
+        let mut bytes = [0u8; 256];
+        random_fill(k, &mut bytes);
+        for (word, chunk) in k.random_words.words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        k.random_words.next = 0;
+    }
+    let word = k.random_words.words[k.random_words.next];
+    k.random_words.next += 1;
+    word
+}
+
 // ---- readiness ----
 
 fn readiness(k: &mut Kernel, file: &File) -> u32 {

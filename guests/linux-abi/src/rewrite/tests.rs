@@ -15,6 +15,7 @@ const ENTRY: Entry = Entry {
     cpuid: 0x18_1000,
     rdtsc: 0x18_2000,
     rdtscp: 0x18_3000,
+    random: 0x18_4000,
 };
 
 fn run(bytes: &[u8], symbols: &[u64], data: &[u8]) -> Rewrite {
@@ -380,12 +381,87 @@ fn an_emulated_site_with_no_window_is_left_for_the_contract_check() {
 
 #[test]
 fn forbidden_instructions_never_move_into_a_window() {
-    // 0: rdrand %eax; 3: syscall; 5: ret: the only windows hold the rdrand.
-    let r = run(&[0x0f, 0xc7, 0xf0, 0x0f, 0x05, 0xc3], &[], &[]);
-    assert_eq!((r.patches.len(), r.skipped.as_slice()), (0, &[(CODE + 3, Skip::NoWindow)][..]));
+    // 0: rdpid %rax; 4: syscall; 6: ret: the only windows hold the rdpid.
+    let r = run(&[0xf3, 0x0f, 0xc7, 0xf8, 0x0f, 0x05, 0xc3], &[], &[]);
+    assert_eq!((r.patches.len(), r.skipped.as_slice()), (0, &[(CODE + 4, Skip::NoWindow)][..]));
     // 0: cpuid; 2: rdtsc; 4: nop; 5: nop; 6: nop; 7: ret: each window would hold the other.
     let code = [0x0f, 0xa2, 0x0f, 0x31, 0x90, 0x90, 0x90, 0xc3];
     let r = run(&code, &[CODE], &[]);
     assert_eq!(r.emulated, [(CODE + 2, Kind::Rdtsc)]);
     assert_eq!(r.left, [(CODE, Kind::Cpuid, Skip::NoWindow)]);
+}
+
+/// An instruction as its code and register operands (iced-x86's formatter is not built).
+fn show(i: &Instruction) -> String {
+    let mut out = text(i);
+    for op in 0..i.op_count() {
+        match i.op_kind(op) {
+            OpKind::Register => out += &alloc::format!(" {:?}", i.op_register(op)),
+            OpKind::Memory => out += &alloc::format!(" [{:?}{:+}]", i.memory_base(), i.memory_displacement64() as i64),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The glue of an RDRAND/RDSEED trampoline from `at` (RAX saved on the kernel stack, the
+/// call, the value into the destination, RAX back), as instruction names, up to the jump
+/// back; also checks the call's target and the jump's.
+fn random_glue(r: &Rewrite, at: u64, resume: u64) -> Vec<String> {
+    let all = decode_from(r, at);
+    let call = all.iter().position(|i| i.code() == Code::Call_rel32_64).expect("a call");
+    assert_eq!(all[call].near_branch_target(), ENTRY.random);
+    let last = all.last().unwrap();
+    assert_eq!((last.code(), last.near_branch_target()), (Code::Jmp_rel32_64, resume));
+    // Nothing after the call writes RFLAGS: the emulation's CF = 1 reaches the program.
+    for i in &all[call..] {
+        assert_eq!(i.rflags_modified(), 0, "{i:?}");
+    }
+    all.iter().map(show).collect()
+}
+
+#[test]
+fn rdrand_and_rdseed_are_emulated_into_their_register() {
+    // 0: rdrand %ecx; 3: jae 0 (retry while CF = 0: a branch back to the site itself);
+    // 5: mov %ecx,%eax; 7: ret. The window is the rdrand and the jae (its target, the
+    // window's start, is now the jump to the trampoline: a retry runs the emulation again).
+    let code = [0x0f, 0xc7, 0xf1, 0x73, 0xfb, 0x89, 0xc8, 0xc3];
+    let r = run(&code, &[CODE], &[]);
+    assert_eq!(r.emulated, [(CODE, Kind::Rdrand)], "{:?}", r.left);
+    let glue = random_glue(&r, jump_target(&r.patches[0]), CODE + 5);
+    let call = glue.iter().position(|t| t.starts_with("Call")).unwrap();
+    assert_eq!(
+        &glue[call - 4..call + 5],
+        [
+            "Mov_rm64_r64 [RIP+2097152] RSP",
+            "Mov_r64_rm64 RSP [RIP+2097160]",
+            "Lea_r64_m RSP [RSP-16]",
+            "Mov_rm64_r64 [RSP+0] RAX",
+            "Call_rel32_64",
+            "Mov_rm32_r32 ECX EAX",
+            "Mov_r64_rm64 RAX [RSP+0]",
+            "Lea_r64_m RSP [RSP+16]",
+            "Mov_r64_rm64 RSP [RIP+2097152]",
+        ]
+    );
+    // rdseed %rax; then three bytes to fill the window.
+    let r = run(&[0x48, 0x0f, 0xc7, 0xf8, 0x90, 0x90, 0xc3], &[CODE], &[]);
+    assert_eq!(r.emulated, [(CODE, Kind::Rdseed)]);
+    let glue = random_glue(&r, jump_target(&r.patches[0]), CODE + 5);
+    let call = glue.iter().position(|t| t.starts_with("Call")).unwrap();
+    assert_eq!(
+        &glue[call + 1..call + 3],
+        ["Lea_r64_m RSP [RSP+16]", "Mov_r64_rm64 RSP [RIP+2097152]"],
+        "RAX keeps the value"
+    );
+    // rdrand %ax: its low 16 bits go into the saved RAX, whose upper bits stay.
+    let r = run(&[0x66, 0x0f, 0xc7, 0xf0, 0x90, 0x90, 0xc3], &[CODE], &[]);
+    let glue = random_glue(&r, jump_target(&r.patches[0]), CODE + 5);
+    let call = glue.iter().position(|t| t.starts_with("Call")).unwrap();
+    assert_eq!(&glue[call + 1..call + 3], ["Mov_rm16_r16 [RSP+0] AX", "Mov_r64_rm64 RAX [RSP+0]"]);
+    // rdrand %eax: zero-extended, as the instruction does; nothing restored.
+    let r = run(&[0x0f, 0xc7, 0xf0, 0x90, 0x90, 0xc3], &[CODE], &[]);
+    let glue = random_glue(&r, jump_target(&r.patches[0]), CODE + 5);
+    let call = glue.iter().position(|t| t.starts_with("Call")).unwrap();
+    assert_eq!(&glue[call + 1..call + 3], ["Mov_rm32_r32 EAX EAX", "Lea_r64_m RSP [RSP+16]"]);
 }
