@@ -28,6 +28,7 @@ const PROGRAM: &str = r#"
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int ep;
@@ -192,6 +193,35 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/missing", dir);
     printf("T chmod missing: %s\n", err(chmod(path, 0600)));
     printf("T chown missing: %s\n", err(chown(path, 0, 0)));
+    /* A fork handshake (Redis's diskless replication): the child writes into one pipe, then
+     * waits on another until the parent, having read the first, closes it. Until then the
+     * parent cannot see the child end. */
+    int data[2], gate[2];
+    pipe(data); pipe(gate);
+    fflush(stdout); /* the personality says a line of its own when the child ends */
+    pid_t child = fork();
+    if (child == 0) {
+        close(data[0]); close(gate[1]);
+        write(data[1], "rdb", 3);
+        close(data[1]);
+        char c;
+        long n = read(gate[0], &c, 1);
+        _exit(n == 0 ? 7 : 8);
+    }
+    close(data[1]); close(gate[0]);
+    int status = -1;
+    printf("T child not yet ended: %s\n", err(waitpid(child, &status, WNOHANG)));
+    char rdb[8] = {0};
+    long n = read(data[0], rdb, sizeof rdb - 1);
+    long end = read(data[0], rdb + 4, 1);
+    printf("T parent read %ld %s, then %ld\n", n, rdb, end);
+    printf("T still not ended: %s\n", err(waitpid(-1, &status, WNOHANG)));
+    close(gate[1]);
+    /* Linux leaves the status word alone when WNOHANG finds no child ended. */
+    printf("T status untouched: %d\n", status);
+    int ended = waitpid(child, &status, 0) == child;
+    printf("T ended: %d, status %d\n", ended, WEXITSTATUS(status));
+    printf("T no more children: %s\n", err(waitpid(-1, &status, WNOHANG)));
     return 0;
 }
 "#;

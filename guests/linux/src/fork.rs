@@ -25,6 +25,14 @@
 //! threads all wait on futexes with no deadline (only the parent could wake them) is ended
 //! as if killed by SIGKILL. Sleeping, or waiting for the network, works as usual.
 //!
+//! A child that read such an end of file was waiting for its parent to close that pipe (a
+//! handshake: Redis's diskless replication child writes its RDB into one pipe, then reads
+//! another until the parent, having relayed the RDB, closes it, and only then exits). On
+//! Linux the parent cannot see that child end before it closes its end, so here neither:
+//! the child's end is **held** (no zombie for `wait4`, no SIGCHLD; `wait4` with WNOHANG
+//! says 0, children running) until the last write end of that pipe closes. A `wait4` that
+//! would block releases it at once (the parent could not close the pipe while waiting).
+//!
 //! Everything here is synchronous and depends only on guest state, so record/replay stays
 //! exact. Cost: the copy, twice (aside and back), and the parent stands still meanwhile;
 //! the heap must hold the copy and as much again (at least 16 MiB) for what the child
@@ -33,9 +41,10 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::rc::{Rc, Weak};
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::UnsafeCell;
+use core::cell::{RefCell, UnsafeCell};
 
 use ftvm_guest_kit::{println, time};
 use linux_abi::proc::{self, Children, Exit};
@@ -84,13 +93,26 @@ struct Parent {
 struct Procs {
     children: Children,
     parent: Option<Box<Parent>>,
+    /// The pipe the running child last read as end of file while its parent held a write
+    /// end of it (see the module's comment).
+    waited_on: Option<Weak<RefCell<sys::Pipe>>>,
+    /// Children that ended waiting on a pipe the parent still holds: seen when it closes.
+    held: Vec<Held>,
+}
+
+/// A child whose end the parent does not see yet.
+struct Held {
+    pid: u32,
+    how: Exit,
+    pipe: Weak<RefCell<sys::Pipe>>,
 }
 
 struct Global(UnsafeCell<Procs>);
 // SAFETY: one CPU; only system calls (never interrupt handlers) touch it.
 unsafe impl Sync for Global {}
 
-static PROCS: Global = Global(UnsafeCell::new(Procs { children: Children::new(), parent: None }));
+static PROCS: Global =
+    Global(UnsafeCell::new(Procs { children: Children::new(), parent: None, waited_on: None, held: Vec::new() }));
 
 fn procs() -> &'static mut Procs {
     // SAFETY: see `Global`; callers do not keep the reference across a thread switch.
@@ -124,8 +146,43 @@ pub fn kill(target: u64, _sig: u64) -> Option<Result<i64, i64>> {
     if p.parent.is_some() {
         return (target == u64::from(crate::PID)).then_some(Ok(0));
     }
-    let zombie = u32::try_from(target).is_ok_and(|pid| p.children.is_zombie(pid));
+    let zombie =
+        u32::try_from(target).is_ok_and(|pid| p.children.is_zombie(pid) || p.held.iter().any(|h| h.pid == pid));
     zombie.then_some(Ok(0))
+}
+
+/// A read by the running child found `pipe` empty with write ends left (its frozen
+/// parent's): its end is held until they close (see the module's comment).
+pub fn child_read_eof(pipe: &Rc<RefCell<sys::Pipe>>) {
+    if in_child() {
+        procs().waited_on = Some(Rc::downgrade(pipe));
+    }
+}
+
+/// A pipe's last write end closed: the children held on it (or on a pipe gone) end now.
+pub fn pipe_closed() {
+    let p = procs();
+    if p.held.is_empty() {
+        return;
+    }
+    let (done, held): (Vec<Held>, Vec<Held>) = core::mem::take(&mut p.held)
+        .into_iter()
+        .partition(|h| h.pipe.upgrade().is_none_or(|pipe| !pipe.borrow().has_writers()));
+    p.held = held;
+    for h in done {
+        announce(h.pid, h.how);
+    }
+}
+
+/// The parent sees its child's end: a zombie for `wait4`, and SIGCHLD as Linux sends it
+/// (dropped unless a handler is installed).
+fn announce(child: u32, how: Exit) {
+    procs().children.exited(child, how);
+    let info = match how {
+        Exit::Code(code) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_EXITED, code as u32),
+        Exit::Signal(sig) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_KILLED, sig as u32),
+    };
+    crate::signal::raise(linux_abi::signal::SIGCHLD, info);
 }
 
 /// wait4(pid, .., options): (pid, status word) of a reaped zombie; a running child has no
@@ -134,7 +191,25 @@ pub fn wait(pid: i64, options: u64) -> Result<(u32, u32), i64> {
     if in_child() {
         return Err(ECHILD);
     }
-    procs().children.wait(pid, options)
+    let p = procs();
+    match p.children.wait(pid, options) {
+        Err(ECHILD) => {
+            let matching = |h: &Held| pid <= 0 || i64::from(h.pid) == pid;
+            if !p.held.iter().any(matching) {
+                return Err(ECHILD);
+            }
+            if options & proc::WNOHANG != 0 {
+                return Ok((0, 0));
+            }
+            let (done, held): (Vec<Held>, Vec<Held>) = core::mem::take(&mut p.held).into_iter().partition(matching);
+            p.held = held;
+            for h in done {
+                announce(h.pid, h.how);
+            }
+            procs().children.wait(pid, options)
+        }
+        r => r,
+    }
 }
 
 /// The process window's ranges a fork copies aside (see the module's comment).
@@ -294,17 +369,21 @@ fn finish(parent: Box<Parent>, how: Exit) -> ! {
         t.clear_child_tid = clear_child_tid;
         ftvm_guest_kit::syscall::set_fs_base(fs_base);
         s.io_changed();
-        procs().children.exited(child, how);
-        // SIGCHLD to the parent, as Linux sends it (dropped unless a handler is installed).
-        let info = match how {
-            Exit::Code(code) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_EXITED, code as u32),
-            Exit::Signal(sig) => linux_abi::signal::Info::child(child, linux_abi::signal::CLD_KILLED, sig as u32),
-        };
-        crate::signal::raise(linux_abi::signal::SIGCHLD, info);
-        let ended = match how {
+        // Waiting for the parent to close a pipe it still holds: the parent sees the end then.
+        let waited_on =
+            procs().waited_on.take().filter(|w| w.upgrade().is_some_and(|pipe| pipe.borrow().has_writers()));
+        let held = waited_on.is_some();
+        match waited_on {
+            Some(pipe) => procs().held.push(Held { pid: child, how, pipe }),
+            None => announce(child, how),
+        }
+        let mut ended = match how {
             Exit::Code(code) => alloc::format!("exited with status {code}"),
             Exit::Signal(sig) => alloc::format!("killed by signal {sig}"),
         };
+        if held {
+            ended.push_str(" (seen by the parent when it closes the pipe the child waited on)");
+        }
         println!(
             "linux: fork: child {child} {ended} after {} ms; {} KiB copied aside in {} ms and back in {} ms",
             time::ticks_to_ms(ended_at - started),

@@ -82,6 +82,11 @@ impl Pipe {
         changed(&mut self.activity);
     }
 
+    /// Whether a write end is open.
+    pub fn has_writers(&self) -> bool {
+        self.writers > 0
+    }
+
     /// A read: Some(n) (0 at the end: no writers left), None when it would block.
     fn read_into(&mut self, buf: &mut [u8]) -> Option<usize> {
         if self.buf.is_empty() {
@@ -311,6 +316,11 @@ fn release(k: &mut Kernel, file: &File) {
                 p.readers -= 1;
             }
             note(&mut p.activity);
+            let last_writer = *write && p.writers == 0;
+            drop(p);
+            if last_writer {
+                crate::fork::pipe_closed();
+            }
         }
         // A close lets go of what `shutdown` left open (the file goes away: no flags to keep).
         Kind::Pair(end) => end.let_go(!end.read_shut, !end.write_shut),
@@ -539,7 +549,13 @@ fn try_read(k: &mut Kernel, file: &mut File, buf: &mut [u8]) -> Result<Option<us
         }
         Kind::Dir { .. } => Err(EISDIR),
         Kind::Pipe { write: true, .. } => Err(EBADF),
-        Kind::Pipe { pipe, write: false } => Ok(pipe.borrow_mut().read_into(buf)),
+        Kind::Pipe { pipe, write: false } => {
+            let n = pipe.borrow_mut().read_into(buf);
+            if n == Some(0) && !buf.is_empty() && pipe.borrow().has_writers() {
+                crate::fork::child_read_eof(pipe);
+            }
+            Ok(n)
+        }
         Kind::Pair(end) if end.read_shut => Ok(Some(0)),
         Kind::Pair(end) => Ok(end.rx.borrow_mut().read_into(buf)),
         Kind::Stream(h) => {
@@ -1963,10 +1979,11 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
             // wait4(pid, wstatus, options, rusage): the children have ended (fork).
             // pid_t, an int (glibc leaves the upper half of -1 zero).
             let (pid, status) = crate::fork::wait(i64::from(a0 as i32), a2)?;
-            if a1 != 0 {
+            // WNOHANG with no child ended (pid 0): Linux writes neither.
+            if a1 != 0 && pid != 0 {
                 put(a1, status)?;
             }
-            if a3 != 0 {
+            if a3 != 0 && pid != 0 {
                 put(a3, [0u64; 18])?;
             }
             Ok(i64::from(pid))
