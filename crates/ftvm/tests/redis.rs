@@ -1722,6 +1722,8 @@ const UPSTREAM_UNITS: &[&str] = &[
     "unit/type/stream-cgroups",
     "unit/pubsub",
     "integration/redis-cli",
+    "unit/multi",
+    "unit/expire",
 ];
 
 #[test]
