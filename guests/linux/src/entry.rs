@@ -179,31 +179,44 @@ linux_fxsave:
 core::arch::global_asm!(
     r#"
     .text
-    .globl linux_emulate_random
-linux_emulate_random:
+    # What the emulations below save around a call into Rust: RFLAGS and the caller-saved
+    # registers they do not set (RAX is the result; RDX, which RDTSC sets, apart).
+    .macro save_scratch
     pushfq
     push %rcx
-    push %rdx
     push %rsi
     push %rdi
     push %r8
     push %r9
     push %r10
     push %r11
-    lea -512(%rsp), %rsp            # 16-byte aligned for fxsave64 and the call
-    fxsave64 (%rsp)
-    cld
-    call linux_random_word
-    fxrstor64 (%rsp)
-    lea 512(%rsp), %rsp
+    .endm
+    .macro restore_scratch          # RFLAGS stays on the stack, for `popfq`
     pop %r11
     pop %r10
     pop %r9
     pop %r8
     pop %rdi
     pop %rsi
-    pop %rdx
     pop %rcx
+    .endm
+    # Calls `target` with the x87/SSE state saved beside it; `pad` makes RSP 16-byte aligned.
+    .macro call_rust target, pad
+    lea -\pad(%rsp), %rsp
+    fxsave64 (%rsp)
+    cld
+    call \target
+    fxrstor64 (%rsp)
+    lea \pad(%rsp), %rsp
+    .endm
+
+    .globl linux_emulate_random
+linux_emulate_random:
+    save_scratch
+    push %rdx
+    call_rust linux_random_word, 512
+    pop %rdx
+    restore_scratch
     andq $~0x8d5, (%rsp)            # OF SF ZF AF PF CF of the saved RFLAGS
     orq $1, (%rsp)                  # CF: a value was returned
     popfq
@@ -232,30 +245,12 @@ linux_emulate_rdtscp:
 
     .globl linux_emulate_rdtsc
 linux_emulate_rdtsc:
-    pushfq
-    push %rcx
-    push %rsi
-    push %rdi
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    lea -520(%rsp), %rsp            # 16-byte aligned for fxsave64 and the call
-    fxsave64 (%rsp)
-    cld
-    call linux_tsc
-    fxrstor64 (%rsp)
-    lea 520(%rsp), %rsp
+    save_scratch
+    call_rust linux_tsc, 520
     mov %rax, %rdx
     shr $32, %rdx
     mov %eax, %eax
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rdi
-    pop %rsi
-    pop %rcx
+    restore_scratch
     popfq
     ret
     "#,
