@@ -373,11 +373,26 @@ fn emulation(
     entry: Entry,
     rip: u64,
 ) -> Option<Vec<u8>> {
+    let call = Instruction::with_branch(Code::Call_rel32_64, handler).ok()?;
+    on_kernel_stack(displaced, site, &[call], resume, entry, rip)
+}
+
+/// The frame every emulation's trampoline has (see [`emulation`]): the displaced
+/// instructions before the site, RSP saved and switched to the kernel stack, `body`, RSP
+/// back, the displaced instructions after the site, and the jump back to `resume`.
+fn on_kernel_stack(
+    displaced: &[Instruction],
+    site: usize,
+    body: &[Instruction],
+    resume: u64,
+    entry: Entry,
+    rip: u64,
+) -> Option<Vec<u8>> {
     let rip_rel = |address: u64| MemoryOperand::with_base_displ(Register::RIP, address as i64);
     let mut code: Vec<Instruction> = displaced[..site].to_vec();
     code.push(Instruction::with2(Code::Mov_rm64_r64, rip_rel(entry.user_rsp), Register::RSP).ok()?);
     code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.kstack_top)).ok()?);
-    code.push(Instruction::with_branch(Code::Call_rel32_64, handler).ok()?);
+    code.extend_from_slice(body);
     code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.user_rsp)).ok()?);
     code.extend_from_slice(&displaced[site + 1..]);
     code.push(jmp(resume));
@@ -397,27 +412,23 @@ fn random_emulation(
     entry: Entry,
     rip: u64,
 ) -> Option<Vec<u8>> {
-    let rip_rel = |address: u64| MemoryOperand::with_base_displ(Register::RIP, address as i64);
     let slot = || MemoryOperand::with_base(Register::RSP);
     let full = dest.full_register();
     if full == Register::RSP || !dest.is_gpr() {
         return None;
     }
-    let mut code: Vec<Instruction> = displaced[..site].to_vec();
-    code.push(Instruction::with2(Code::Mov_rm64_r64, rip_rel(entry.user_rsp), Register::RSP).ok()?);
-    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.kstack_top)).ok()?);
-    code.push(
+    let mut body = vec![
         Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, -16)).ok()?,
-    );
-    code.push(Instruction::with2(Code::Mov_rm64_r64, slot(), Register::RAX).ok()?);
-    code.push(Instruction::with_branch(Code::Call_rel32_64, entry.random).ok()?);
+        Instruction::with2(Code::Mov_rm64_r64, slot(), Register::RAX).ok()?,
+        Instruction::with_branch(Code::Call_rel32_64, entry.random).ok()?,
+    ];
     if dest.is_gpr64() {
         if full != Register::RAX {
-            code.push(Instruction::with2(Code::Mov_rm64_r64, dest, Register::RAX).ok()?);
+            body.push(Instruction::with2(Code::Mov_rm64_r64, dest, Register::RAX).ok()?);
         }
     } else if dest.is_gpr32() {
         // Also for EAX: the upper half is zeroed, as RDRAND r32 does.
-        code.push(Instruction::with2(Code::Mov_rm32_r32, dest, Register::EAX).ok()?);
+        body.push(Instruction::with2(Code::Mov_rm32_r32, dest, Register::EAX).ok()?);
     } else if dest.is_gpr16() {
         // Into the saved RAX for AX, so that its other bits stay.
         let to = if full == Register::RAX {
@@ -425,21 +436,18 @@ fn random_emulation(
         } else {
             Instruction::with2(Code::Mov_rm16_r16, dest, Register::AX)
         };
-        code.push(to.ok()?);
+        body.push(to.ok()?);
     } else {
         return None;
     }
     // RAX back, unless it holds the value (RAX, EAX); for AX the merged slot is RAX.
     if full != Register::RAX || dest.is_gpr16() {
-        code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, slot()).ok()?);
+        body.push(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, slot()).ok()?);
     }
-    code.push(
+    body.push(
         Instruction::with2(Code::Lea_r64_m, Register::RSP, MemoryOperand::with_base_displ(Register::RSP, 16)).ok()?,
     );
-    code.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, rip_rel(entry.user_rsp)).ok()?);
-    code.extend_from_slice(&displaced[site + 1..]);
-    code.push(jmp(resume));
-    encode(&code, rip)
+    on_kernel_stack(displaced, site, &body, resume, entry, rip)
 }
 
 /// Plans the rewrite of `program`, its trampolines to be placed at `base`.
