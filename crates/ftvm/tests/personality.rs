@@ -25,6 +25,7 @@ const PROGRAM: &str = r#"
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -222,6 +223,27 @@ int main(int argc, char **argv) {
     int ended = waitpid(child, &status, 0) == child;
     printf("T ended: %d, status %d\n", ended, WEXITSTATUS(status));
     printf("T no more children: %s\n", err(waitpid(-1, &status, WNOHANG)));
+    /* mmap's address: a free hint is taken; MAP_FIXED_NOREPLACE refuses a mapped range. */
+    size_t mib = 1 << 20;
+    char *spot = mmap(0, mib, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(spot, mib);
+    char *hinted = mmap(spot, mib, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    printf("T hint taken: %d\n", hinted == spot);
+    void *again = mmap(spot + 4096, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    printf("T noreplace over a mapping: %s\n", again == MAP_FAILED ? err(-1) : "mapped");
+    munmap(hinted, mib);
+    again = mmap(spot, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    printf("T noreplace where free: %d\n", again == spot);
+    /* A PROT_NONE reservation made accessible reads as zero, after its memory held data. */
+    munmap(spot, 4096);
+    char *used = mmap(spot, mib, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    memset(used, 0x5a, mib);
+    munmap(used, mib);
+    char *reserved = mmap(spot, mib, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    mprotect(reserved + 8192, 8192, PROT_READ | PROT_WRITE);
+    printf("T reservation made accessible: %d %d\n", reserved[8192], reserved[16383]);
+    char *committed = mmap(reserved + 65536, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    printf("T reservation mapped over: %d\n", committed[100]);
     return 0;
 }
 "#;

@@ -26,6 +26,17 @@ pub fn page_up(n: u64) -> u64 {
     (n + PAGE - 1) & !(PAGE - 1)
 }
 
+/// Where `mmap` puts a mapping.
+#[derive(Clone, Copy, Debug)]
+pub enum Place {
+    /// Where there is room (highest first).
+    Anywhere,
+    /// At this address if it is free (a hint), else where there is room.
+    Near(u64),
+    /// At this address, replacing what is there (MAP_FIXED).
+    Fixed(u64),
+}
+
 /// The brk area and the mmap regions.
 #[derive(Clone)]
 pub struct ProcMem {
@@ -138,6 +149,25 @@ impl ProcMem {
         self.brk
     }
 
+    /// Whether [start, start + len) lies in one of the areas `mmap` picks from (not the
+    /// executable's segments, brk or the main stack) and nothing is mapped there: where a
+    /// hint is taken.
+    fn is_free(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else { return false };
+        let in_area =
+            (start >= self.mmap_start && end <= self.mmap_end) || (start >= self.high.0 && end <= self.high.1);
+        in_area && !self.overlaps(start, end)
+    }
+
+    /// Whether something is mapped in [start, start + len): a region, or the executable's
+    /// segments, brk or the main stack (MAP_FIXED_NOREPLACE's EEXIST).
+    pub fn is_taken(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else { return false };
+        let program = start < self.mmap_start && end > WINDOW_START;
+        let stack = start < STACK_TOP && end > self.mmap_end;
+        program || stack || self.overlaps(start, end)
+    }
+
     fn overlaps(&self, start: u64, end: u64) -> bool {
         self.regions.range(..end).next_back().is_some_and(|(_, &e)| e > start)
     }
@@ -182,17 +212,19 @@ impl ProcMem {
     /// Maps `len` zeroed bytes: at `fixed` if given (anything there is replaced), else
     /// where there is room. `None` when it does not fit. A mapping that is not `accessible`
     /// (`PROT_NONE`) is zeroed only when [`ProcMem::protect`] makes it so.
-    pub fn map(&mut self, fixed: Option<u64>, len: u64, accessible: bool) -> Option<u64> {
+    pub fn map(&mut self, place: Place, len: u64, accessible: bool) -> Option<u64> {
         let len = page_up(len.max(1));
-        let start = match fixed {
-            Some(addr) => {
+        let start = match place {
+            Place::Fixed(addr) => {
                 if addr % PAGE != 0 || !self.mappable(addr, len) {
                     return None;
                 }
                 self.unmap(addr, addr + len);
                 addr
             }
-            None => self.find(len)?,
+            // A hint is taken where it is free, as Linux takes it.
+            Place::Near(addr) if addr % PAGE == 0 && self.is_free(addr, len) => addr,
+            Place::Near(_) | Place::Anywhere => self.find(len)?,
         };
         if accessible {
             zero(start, start + len);

@@ -146,7 +146,7 @@ pub fn mapped(mem: &mut crate::mem::ProcMem, image: &[u8], addr: u64, len: u64, 
         return Some(Mapped { done: done(&guess), bias });
     }
     let room = crate::mem::page_up(guess.trampolines.len() as u64 * 2 + 64);
-    let base = mem.map(None, room, true)?;
+    let base = mem.map(crate::mem::Place::Anywhere, room, true)?;
     let plan = plan(&elf, image, bias, base, Some(within));
     if plan.trampolines.len() as u64 > room {
         mem.unmap(base, base + room);

@@ -1476,9 +1476,22 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 return Err(EINVAL);
             }
             const PROT_NONE: u64 = 0;
-            let fixed = (a3 & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0).then_some(a0);
+            const EEXIST: i64 = 17;
+            let place = if a3 & MAP_FIXED_NOREPLACE != 0 {
+                // Only where nothing is mapped; elsewhere as MAP_FIXED (ENOMEM outside the areas).
+                if a0 % crate::mem::PAGE == 0 && k.mem.is_taken(a0, crate::mem::page_up(a1)) {
+                    return Err(EEXIST);
+                }
+                crate::mem::Place::Fixed(a0)
+            } else if a3 & MAP_FIXED != 0 {
+                crate::mem::Place::Fixed(a0)
+            } else if a0 != 0 {
+                crate::mem::Place::Near(a0)
+            } else {
+                crate::mem::Place::Anywhere
+            };
             let accessible = a2 != PROT_NONE || a3 & MAP_ANONYMOUS == 0;
-            let addr = k.mem.map(fixed, a1, accessible).ok_or_else(|| out_of_memory(k, a1))?;
+            let addr = k.mem.map(place, a1, accessible).ok_or_else(|| out_of_memory(k, a1))?;
             if a3 & MAP_ANONYMOUS == 0 {
                 let file = k.fds.get(a4)?;
                 let f = file.borrow();
