@@ -161,13 +161,16 @@ pub fn child_read_eof(pipe: &Rc<RefCell<sys::Pipe>>) {
 
 /// A pipe's last write end closed: the children held on it (or on a pipe gone) end now.
 pub fn pipe_closed() {
+    release(|h| h.pipe.upgrade().is_none_or(|pipe| !pipe.borrow().has_writers()));
+}
+
+/// The held children `which` picks end now, for their parent to see.
+fn release(which: impl Fn(&Held) -> bool) {
     let p = procs();
     if p.held.is_empty() {
         return;
     }
-    let (done, held): (Vec<Held>, Vec<Held>) = core::mem::take(&mut p.held)
-        .into_iter()
-        .partition(|h| h.pipe.upgrade().is_none_or(|pipe| !pipe.borrow().has_writers()));
+    let (done, held): (Vec<Held>, Vec<Held>) = core::mem::take(&mut p.held).into_iter().partition(which);
     p.held = held;
     for h in done {
         announce(h.pid, h.how);
@@ -201,11 +204,7 @@ pub fn wait(pid: i64, options: u64) -> Result<(u32, u32), i64> {
             if options & proc::WNOHANG != 0 {
                 return Ok((0, 0));
             }
-            let (done, held): (Vec<Held>, Vec<Held>) = core::mem::take(&mut p.held).into_iter().partition(matching);
-            p.held = held;
-            for h in done {
-                announce(h.pid, h.how);
-            }
+            release(matching);
             procs().children.wait(pid, options)
         }
         r => r,

@@ -178,12 +178,9 @@ impl ProcMem {
         cut(&mut self.unzeroed, start, end);
     }
 
-    /// mprotect: a range made accessible reads as zero where it was mapped `PROT_NONE`
-    /// and not touched since. Protections are not enforced otherwise.
-    pub fn protect(&mut self, start: u64, end: u64, accessible: bool) {
-        if !accessible {
-            return;
-        }
+    /// mprotect to anything but `PROT_NONE`: the range reads as zero where it was mapped
+    /// `PROT_NONE` and not zeroed since. Protections are not enforced otherwise.
+    pub fn make_accessible(&mut self, start: u64, end: u64) {
         for (s, e) in cut(&mut self.unzeroed, start, end) {
             zero(s.max(start), e.min(end));
         }
@@ -211,7 +208,7 @@ impl ProcMem {
 
     /// Maps `len` zeroed bytes: at `fixed` if given (anything there is replaced), else
     /// where there is room. `None` when it does not fit. A mapping that is not `accessible`
-    /// (`PROT_NONE`) is zeroed only when [`ProcMem::protect`] makes it so.
+    /// (`PROT_NONE`) is zeroed only when [`ProcMem::make_accessible`] makes it so.
     pub fn map(&mut self, place: Place, len: u64, accessible: bool) -> Option<u64> {
         let len = page_up(len.max(1));
         let start = match place {
@@ -241,7 +238,7 @@ impl ProcMem {
         let old_len = page_up(old_len);
         let new_len = page_up(new_len);
         // A moved or grown reservation is treated as accessible (rare; keeps one rule).
-        self.protect(old, old + old_len, true);
+        self.make_accessible(old, old + old_len);
         if new_len <= old_len {
             self.unmap(old + new_len, old + old_len);
             return Some(old);
@@ -272,7 +269,8 @@ impl ProcMem {
     /// MADV_DONTNEED: anonymous private pages read back as zero afterwards.
     pub fn discard(&mut self, start: u64, end: u64) {
         if start < end && self.mappable(start, end - start) {
-            self.protect(start, end, true);
+            // All of it is zeroed here, reservations included.
+            cut(&mut self.unzeroed, start, end);
             zero(start, end);
         }
     }

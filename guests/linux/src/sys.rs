@@ -1522,7 +1522,10 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 return Err(EINVAL);
             }
             let end = a0.checked_add(crate::mem::page_up(a1)).ok_or(ENOMEM)?;
-            k.mem.protect(a0, end, a2 != 0);
+            const PROT_NONE: u64 = 0;
+            if a2 != PROT_NONE {
+                k.mem.make_accessible(a0, end);
+            }
             Ok(0)
         }
         11 => {

@@ -22,9 +22,8 @@ use ftvm_guest_kit::{pm_timer, time};
 const NS: u64 = 1_000_000_000;
 
 /// The clock: the guest-time estimate `BASE_NS`, sampled at tick `BASE_TICKS`. With a PM
-/// timer, the first read in a new tick (or the hook below, at a system call) samples it
-/// again: the clock is the last sample, never ahead of guest time. Without one, a read adds
-/// the ticks since.
+/// timer, the first read in a new tick samples it again: the clock is the last sample,
+/// never ahead of guest time. Without one, a read adds the ticks since.
 static BASE_TICKS: AtomicU64 = AtomicU64::new(0);
 static BASE_NS: AtomicU64 = AtomicU64::new(0);
 /// The largest estimate handed out: reads never go back, even when a resample finds the
@@ -95,12 +94,12 @@ fn set(ticks: u64, estimate: u64, wall_offset: u64) {
     WALL_OFFSET_NS.store(wall_offset, Ordering::Relaxed);
 }
 
-/// Called at system-call entry and before idling: once a tick, resamples the PM timer
-/// (one port read), or, without one, looks for the RTC's turn until it is seen. One load
-/// and a compare otherwise.
+/// Called at system-call entry and before idling: without a PM timer, looks for the RTC's
+/// turn once a tick until it is seen. One load and a compare otherwise. (With one, the
+/// clock samples itself at its first read in a new tick: see `estimate`.)
 #[inline]
 pub fn tick_hook() {
-    if HOOK.load(Ordering::Relaxed) != HOOK_NONE {
+    if HOOK.load(Ordering::Relaxed) == HOOK_ALIGN {
         once_a_tick();
     }
 }
@@ -111,10 +110,6 @@ fn once_a_tick() {
     static LOOKS: AtomicU64 = AtomicU64::new(0);
     let now = time::ticks();
     if LAST_TICK.swap(now, Ordering::Relaxed) == now {
-        return;
-    }
-    if HOOK.load(Ordering::Relaxed) == HOOK_SAMPLE {
-        resample();
         return;
     }
     if LOOKS.fetch_add(1, Ordering::Relaxed) > ALIGN_LOOKS {
