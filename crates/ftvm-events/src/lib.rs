@@ -120,10 +120,14 @@ pub struct EventSource {
     /// Record: when the last checkpoint was taken (host time; it only decides where
     /// checkpoints go in the log, which the replay follows).
     last_checkpoint: Instant,
+    /// Record: how long after it the next one comes ([`CHECKPOINT_MAX_AGE`], or longer when
+    /// the last one's page hashes cost the guest more than their budget).
+    checkpoint_gap: Duration,
     last_checkpoint_exit: Option<ExitIndex>,
 }
 
-/// A recording takes a checkpoint at least this often (at the next counted exit).
+/// A recording takes a checkpoint at least this often (at the next counted exit), unless
+/// the last one cost more than its budget ([`EventSource::space_checkpoints`]).
 pub const CHECKPOINT_MAX_AGE: Duration = Duration::from_millis(100);
 
 /// The event source's part of a VM's saved state: the guest clock. (Host inputs that have
@@ -154,6 +158,7 @@ impl EventSource {
             went_live_at: None,
             live_outputs: 0,
             last_checkpoint: Instant::now(),
+            checkpoint_gap: CHECKPOINT_MAX_AGE,
             last_checkpoint_exit: None,
         }
     }
@@ -278,7 +283,8 @@ impl EventSource {
     /// Whether a checkpoint (register digest, page hashes) is due at the current exit: every
     /// [`CHECKPOINT_INTERVAL`] exits, and in a recording also once [`CHECKPOINT_MAX_AGE`] has
     /// passed since the last one (a backup then finds a divergence within a fraction of a
-    /// second even in a guest that exits rarely). A replay takes one wherever the log has one.
+    /// second even in a guest that exits rarely), or the longer gap the last one's cost asked
+    /// for. A replay takes one wherever the log has one.
     pub fn checkpoint_due(&mut self) -> bool {
         if self.mode == Mode::Live || self.counts.exits == 0 {
             return false;
@@ -288,7 +294,7 @@ impl EventSource {
             return true;
         }
         match &mut self.journal {
-            Journal::Record(_) => self.last_checkpoint.elapsed() >= CHECKPOINT_MAX_AGE,
+            Journal::Record(_) => self.last_checkpoint.elapsed() >= self.checkpoint_gap,
             Journal::Replay(r) => r.checkpoint_at(position),
             Journal::None => false,
         }
@@ -299,6 +305,13 @@ impl EventSource {
     /// not tell the two apart).
     pub fn checkpoint_taken_here(&self) -> bool {
         self.counts.exits > 0 && self.last_checkpoint_exit == Some(self.position())
+    }
+
+    /// Record: the next timed checkpoint comes `gap` after the last one, or after
+    /// [`CHECKPOINT_MAX_AGE`] if that is longer (the checkpoints every
+    /// [`CHECKPOINT_INTERVAL`] exits come regardless).
+    pub fn space_checkpoints(&mut self, gap: Duration) {
+        self.checkpoint_gap = gap.max(CHECKPOINT_MAX_AGE);
     }
 
     /// Logs (record) or checks (replay) a checkpoint with the vCPU's register digest.
@@ -876,6 +889,35 @@ mod journal_tests {
         let (reader, _) =
             LogReader::open(Box::new(std::io::Cursor::new(bytes)) as Box<dyn std::io::Read + Send>).unwrap();
         EventSource::replay(0, reader)
+    }
+
+    #[test]
+    fn timed_checkpoints_keep_the_gap_they_are_given_but_never_come_sooner_than_the_age() {
+        let writer =
+            LogWriter::new(Box::new(Shared::default()) as Box<dyn Write + Send>, &LogHeader::default()).unwrap();
+        let mut src = EventSource::record(0, writer);
+        let past_the_age = || std::thread::sleep(CHECKPOINT_MAX_AGE + Duration::from_millis(20));
+        src.counted_exit();
+        src.counted_exit();
+        src.checkpoint(0);
+        assert!(!src.checkpoint_due(), "one was just taken");
+        // A cheap checkpoint: the next one after the age all the same.
+        src.space_checkpoints(Duration::ZERO);
+        past_the_age();
+        src.counted_exit();
+        assert!(src.checkpoint_due());
+        src.checkpoint(0);
+        // A costly one: the next timed one waits for the gap...
+        src.space_checkpoints(Duration::from_secs(3600));
+        past_the_age();
+        src.counted_exit();
+        assert!(!src.checkpoint_due());
+        // ...but the one every CHECKPOINT_INTERVAL exits comes regardless.
+        while src.exit_index() % CHECKPOINT_INTERVAL != 0 {
+            src.counted_exit();
+        }
+        src.counted_exit();
+        assert!(src.checkpoint_due());
     }
 
     #[test]

@@ -291,13 +291,14 @@ impl HostNets {
             nets.push((sink, rx));
         }
         // One reader thread per TAP; received frames wait in a bounded channel until the
-        // vCPU loop admits them. The reader wakes a halted loop and kicks a running vCPU. A
+        // vCPU loop admits them. The reader wakes a halted loop and, in a live run, kicks a
+        // running vCPU (recording, a kick would admit nothing). A
         // primary's loop keeps its TAPs for receiving; what it transmits goes through the
         // output gate, and it is sent once acknowledged.
         let mut readers = Vec::new();
         for tap in vm.taps() {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
-            readers.push(tap.spawn_reader(tx, crate::kick::waker(kicker, doorbell))?);
+            readers.push(tap.spawn_reader(tx, crate::kick::input_waker(kicker, doorbell))?);
             nets.push((Box::new(tap.clone()), rx));
         }
         Ok(HostNets { nets, readers })
@@ -393,7 +394,8 @@ fn open_console(
         }
         ConsoleConfig::Stdio => {
             let (tx, rx) = mpsc::channel();
-            let (kicker, doorbell) = (kicker.clone(), doorbell.clone());
+            let wake = crate::kick::input_waker(kicker, doorbell);
+            let doorbell = doorbell.clone();
             std::thread::Builder::new()
                 .name("ftvm-stdin".into())
                 .spawn(move || {
@@ -407,8 +409,7 @@ fn open_console(
                                 if tx.send(buf[..n].to_vec()).is_err() {
                                     break;
                                 }
-                                doorbell.ring();
-                                kicker.kick();
+                                wake();
                             }
                         }
                     }

@@ -87,18 +87,6 @@ impl SyncPolicy {
     }
 }
 
-/// What a page read from the dirty log costs the guest afterwards: the page is
-/// write-protected again and the guest's next write to it faults into KVM. Measured here on
-/// PVM: compute (2048 pages rewritten between sync points) lost about 50 ms to each sync
-/// point, 8 ms of it the recorder's own work, so about 20 µs a page. Hardware KVM takes
-/// such faults on its fast path, an order of magnitude cheaper (an estimate, not measured).
-fn refault_cost(backend: crate::kvm::Backend) -> Duration {
-    match backend {
-        crate::kvm::Backend::Pvm => Duration::from_micros(20),
-        crate::kvm::Backend::Hardware => Duration::from_micros(2),
-    }
-}
-
 /// The kick goes out this much before the bound (at most half of it): waking the timer
 /// thread and signalling the vCPU take a few hundred microseconds here, so delivery lands within the
 /// bound on an unloaded host.
@@ -177,7 +165,7 @@ pub struct SyncStats {
     /// vCPU thread's CPU time in them, µs.
     pub work_us: u64,
     /// What they cost the guest in all: `work_us` plus the estimated write faults on the
-    /// pages they write-protected again (see `refault_cost`), µs.
+    /// pages they write-protected again (see `dirty::refault_cost`), µs.
     pub cost_us: u64,
 }
 
@@ -214,7 +202,7 @@ impl SyncRecorder {
         let consumer = tracker.subscribe()?;
         Ok(SyncRecorder {
             policy,
-            refault: refault_cost(crate::kvm::detect_backend()),
+            refault: crate::dirty::refault_cost(crate::kvm::detect_backend()),
             timer: DeadlineTimer::start(kicker)?,
             tracker,
             consumer,
@@ -268,7 +256,7 @@ impl Drop for SyncRecorder {
 /// The CPU time of the calling thread. A sync point's work is measured in it, not in wall
 /// time: on a busy host the vCPU thread may be preempted in the middle of one, and that is
 /// no cost of the sync point's to make the guest pay for with a longer spacing.
-fn thread_cpu_time() -> Duration {
+pub(crate) fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec it is given and nothing else.
     if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
@@ -467,8 +455,6 @@ mod tests {
             assert!(SyncPolicy::new(Duration::from_millis(10), bad).is_err(), "{bad}");
         }
         assert!(SyncPolicy::new(Duration::ZERO, 0.1).is_err());
-        // Faults are charged per page handed out, less on hardware KVM.
-        assert!(refault_cost(crate::kvm::Backend::Pvm) > refault_cost(crate::kvm::Backend::Hardware));
         let s = SyncStats { count: 4, total_wait_us: 1000, ..Default::default() };
         assert_eq!((s.mean_wait_us(), SyncStats::default().mean_wait_us()), (250, 0));
     }
