@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -95,9 +96,10 @@ impl Tap {
     }
 
     /// Starts the thread that reads received frames and sends them on `frames`; after each
-    /// batch it calls `wake` (which rings the vCPU loop's doorbell and kicks the vCPU). A full
-    /// channel drops the frame (counted), as a NIC with a full ring would.
-    pub fn spawn_reader(&self, frames: SyncSender<Vec<u8>>, wake: Box<dyn Fn() + Send>) -> Result<TapReader, Error> {
+    /// batch it tells `wake` (which rings the vCPU loop's doorbell, and may ask to be told
+    /// again later, to kick a vCPU that has not taken them by then). A full channel drops the
+    /// frame (counted), as a NIC with a full ring would.
+    pub fn spawn_reader(&self, frames: SyncSender<Vec<u8>>, wake: Box<dyn FrameWaker>) -> Result<TapReader, Error> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Thread { what: "TAP reader", source })?;
         let stop_thread = stop.try_clone().map_err(|source| Error::Thread { what: "TAP reader", source })?;
         let dropped = Arc::new(AtomicU64::new(0));
@@ -113,12 +115,24 @@ impl Tap {
     }
 }
 
+/// Who hears of received frames (the vCPU loop's side, implemented above this crate: the
+/// timing of its kicks is host time, which devices never read).
+pub trait FrameWaker: Send {
+    /// A batch of frames was handed over.
+    fn arrived(&self);
+    /// How long the reader may wait for more frames before calling [`FrameWaker::due`]
+    /// (`None`: as long as none come).
+    fn wait_for(&self) -> Option<Duration>;
+    /// Called after every wait: does what has come due (a kick for frames still waiting).
+    fn due(&self);
+}
+
 fn read_loop(
     mut file: &File,
     name: &str,
     stop: &EventFd,
     frames: &SyncSender<Vec<u8>>,
-    wake: &dyn Fn(),
+    wake: &dyn FrameWaker,
     dropped: &AtomicU64,
 ) {
     let mut buf = vec![0u8; MAX_FRAME + 1];
@@ -127,8 +141,14 @@ fn read_loop(
             libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let timeout = wake
+            .wait_for()
+            .map(|left| libc::timespec { tv_sec: left.as_secs() as libc::time_t, tv_nsec: left.subsec_nanos().into() });
+        let timeout_ptr = timeout.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `fds` is a valid array of two pollfd and `timeout_ptr` null or a valid
+        // timespec for the duration of the call; no signal mask is passed.
+        let ret = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ptr, std::ptr::null()) };
+        wake.due();
         if ret < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == ErrorKind::Interrupted {
@@ -159,14 +179,14 @@ fn read_loop(
                 Err(e) => {
                     tracing::error!("TAP {name}: read failed: {e}; no more frames will be received");
                     if got > 0 {
-                        wake();
+                        wake.arrived();
                     }
                     return;
                 }
             }
         }
         if got > 0 {
-            wake();
+            wake.arrived();
         }
     }
 }

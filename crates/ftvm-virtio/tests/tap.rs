@@ -6,6 +6,7 @@
 // The test waits on the host clock for the host's network stack; no device code is involved.
 #![allow(clippy::disallowed_methods)]
 
+use std::cell::Cell;
 use std::net::UdpSocket;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_virtio::net::FrameSink;
-use ftvm_virtio::tap::Tap;
+use ftvm_virtio::tap::{FrameWaker, Tap};
 use ftvm_virtio::Error;
 
 fn privileged() -> bool {
@@ -51,6 +52,33 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Counts batches, and asks to be called back 2 ms after each first one.
+struct Counting {
+    arrivals: Arc<AtomicUsize>,
+    dues: Arc<AtomicUsize>,
+    due_at: Cell<Option<Instant>>,
+}
+
+impl FrameWaker for Counting {
+    fn arrived(&self) {
+        self.arrivals.fetch_add(1, Ordering::SeqCst);
+        if self.due_at.get().is_none() {
+            self.due_at.set(Some(Instant::now() + Duration::from_millis(2)));
+        }
+    }
+
+    fn wait_for(&self) -> Option<Duration> {
+        self.due_at.get().map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    fn due(&self) {
+        if self.due_at.get().is_some_and(|at| Instant::now() >= at) {
+            self.due_at.set(None);
+            self.dues.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 #[test]
 fn tap_attach_errors_receive_and_transmit() {
     if !privileged() {
@@ -77,15 +105,9 @@ fn tap_attach_errors_receive_and_transmit() {
         // Receive: the host resolves 10.9.0.2, so an ARP request goes out on the TAP.
         let (tx, rx) = sync_channel(16);
         let wakes = Arc::new(AtomicUsize::new(0));
-        let w = wakes.clone();
-        let reader = tap
-            .spawn_reader(
-                tx,
-                Box::new(move || {
-                    w.fetch_add(1, Ordering::SeqCst);
-                }),
-            )
-            .unwrap();
+        let dues = Arc::new(AtomicUsize::new(0));
+        let waker = Counting { arrivals: wakes.clone(), dues: dues.clone(), due_at: Cell::new(None) };
+        let reader = tap.spawn_reader(tx, Box::new(waker)).unwrap();
         let sock = UdpSocket::bind("10.9.0.1:0").unwrap();
         sock.send_to(b"hello", "10.9.0.2:9").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -104,6 +126,12 @@ fn tap_attach_errors_receive_and_transmit() {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(wakes.load(Ordering::SeqCst) >= 1, "the reader woke the vCPU loop");
+        // The moment the waker asked for comes without more frames: the reader's wait ends
+        // there and it says so.
+        while dues.load(Ordering::SeqCst) == 0 && Instant::now() < woken_by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(dues.load(Ordering::SeqCst) >= 1, "the reader called back when its wait was over");
         let host_mac: [u8; 6] = arp[6..12].try_into().unwrap();
 
         // Transmit: answer the ARP request as the guest would; the host learns the address.

@@ -48,7 +48,7 @@ impl GoLive for Takeover {
         for (i, name) in self.taps.iter().enumerate() {
             let tap = Tap::open(name)?;
             let (tx, rx) = mpsc::sync_channel(1024);
-            let reader = tap.spawn_reader(tx, vloop.input_waker())?;
+            let reader = tap.spawn_reader(tx, vloop.frame_waker())?;
             vloop.attach_live_net(i, tap.clone(), reader, rx);
             if let (Some(ip), Some(mac)) = (self.guest_ip, self.macs.get(i)) {
                 announce(tap.clone(), name.clone(), gratuitous_arp(*mac, ip));

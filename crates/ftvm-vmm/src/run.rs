@@ -298,7 +298,7 @@ impl HostNets {
         let mut readers = Vec::new();
         for tap in vm.taps() {
             let (tx, rx) = mpsc::sync_channel(FRAME_BACKLOG);
-            readers.push(tap.spawn_reader(tx, crate::kick::input_waker(kicker, doorbell))?);
+            readers.push(tap.spawn_reader(tx, crate::kick::frame_waker(kicker, doorbell))?);
             nets.push((Box::new(tap.clone()), rx));
         }
         Ok(HostNets { nets, readers })

@@ -447,9 +447,9 @@ impl VcpuLoop {
         crate::kick::waker(&self.kicker, &self.doorbell)
     }
 
-    /// What host input wakes the loop with (a TAP's reader): see [`crate::kick::input_waker`].
-    pub fn input_waker(&self) -> Box<dyn Fn() + Send + Sync> {
-        crate::kick::input_waker(&self.kicker, &self.doorbell)
+    /// What a TAP's reader wakes the loop with: see [`crate::kick::FrameWake`].
+    pub fn frame_waker(&self) -> Box<dyn ftvm_virtio::tap::FrameWaker> {
+        crate::kick::frame_waker(&self.kicker, &self.doorbell)
     }
 
     /// Performs what the current output gate still holds (it is about to be replaced).
@@ -878,6 +878,8 @@ impl VcpuLoop {
             self.devices.on_time(now, &mut self.irqs);
         }
         if admit_async {
+            // Before looking: what arrives after this is noticed and waits again.
+            self.kicker.input_taken();
             let room = self.devices.uart.borrow().receive_capacity();
             if room > 0 {
                 let input = self.events.admit_console_input(room);
