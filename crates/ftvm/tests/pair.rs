@@ -270,7 +270,16 @@ fn a_peer_speaking_another_protocol_is_refused_and_the_backup_waits_on() {
     std::thread::sleep(Duration::from_millis(300));
     {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        // The backup may not listen yet (a debug build starting beside this file's other
+        // tests on 2 cores): try for a while, as a primary does.
+        let start = Instant::now();
+        let mut s = loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("the backup does not listen on {addr}: {e}"),
+            }
+        };
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.read(&mut [0u8; 64]);
