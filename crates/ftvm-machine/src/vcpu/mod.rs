@@ -599,6 +599,14 @@ impl VcpuLoop {
                     continue;
                 }
             }
+            if self.takeover.is_some() && self.events.went_live_at().is_some() {
+                // A backup's stream ended here, between two exits (after a sync point): live
+                // before the guest runs on, so that its timer kicks a guest that would not
+                // exit (a ring-3 spin) and its interrupts come.
+                self.go_live()?;
+                self.arm_timer();
+                self.inject_or_request_window();
+            }
             let index = self.events.exit_index();
             let step = self.run_once()?;
             let counted = self.events.exit_index() != index;
