@@ -1,10 +1,10 @@
 //! Interrupt and exception entry points (ring 0).
 //!
 //! `kit_isr_stubs` holds one 16-byte stub per vector 0-47 (the IDT points at them):
-//! - the timer (vector 0x20, PIT on IRQ0) increments `kit_ticks`: two instructions, because
-//!   ring-0 code is emulated (the PICs end each interrupt themselves: auto-EOI, see `pic`);
-//! - the other PIC vectors (0x21-0x2f) set bit `irq` in `kit_irq_pending`; that is all ring
-//!   0 does for a device, the driver does the rest in ring 3
+//! - the timer (vector 0x20, PIT on IRQ0) increments `kit_ticks` and acknowledges the PIC:
+//!   five instructions, because ring-0 code is emulated;
+//! - the other PIC vectors (0x21-0x2f) set bit `irq` in `kit_irq_pending` and acknowledge
+//!   the PIC; that is all ring 0 does for a device, the driver does the rest in ring 3
 //!   (see `irq`). Masked lines only show up as spurious IRQ 7/15 (0x2f is also the local
 //!   APIC's spurious vector), which no driver asks for;
 //! - #UD (6) is the system-call gate (`syscall`), else a fault;
@@ -56,16 +56,28 @@ kit_isr_stubs:
     .endif
     .endr
 
-    # The PICs are in auto-EOI mode (pic.rs): no EOI, so no port-I/O exit, in any handler.
 kit_timer_entry:
+    push %rax
     incq kit_ticks(%rip)
+    mov $0x20, %al                  # non-specific EOI to the master PIC
+    out %al, $0x20
+    pop %rax
     iretq
 
     # EAX = the IRQ's bit, the caller's RAX pushed. One CPU and IF=0: a plain OR is atomic
     # for ring 3, which takes bits with locked instructions.
 kit_pic_slave_entry:
+    or %eax, kit_irq_pending(%rip)
+    mov $0x20, %al
+    out %al, $0xa0
+    out %al, $0x20
+    pop %rax
+    iretq
+
 kit_pic_master_entry:
     or %eax, kit_irq_pending(%rip)
+    mov $0x20, %al
+    out %al, $0x20
     pop %rax
     iretq
 

@@ -1,11 +1,5 @@
 //! The 8259A pair: remapped to vectors 0x20 (master) and 0x28 (slave), only IRQ0 (the PIT)
-//! unmasked, in auto-EOI mode. Programmed once in ring 0 by `kit_ring0_init`.
-//!
-//! Auto-EOI: each chip ends an interrupt's service at its acknowledge, so the handlers send
-//! no EOI. An EOI is an `out`, a port-I/O exit (~25 µs of the guest's time on PVM, and
-//! ring-0 instructions are emulated besides): one per interrupt on the master, two on the
-//! slave. What auto-EOI gives up, a lower-priority line held back while a higher one is in
-//! service, does not matter here: the handlers run with IF=0 and only set a bit.
+//! unmasked. Programmed once in ring 0 by `kit_ring0_init`.
 
 use crate::port::outb;
 
@@ -30,8 +24,8 @@ pub(crate) fn init() {
     outb(SLAVE_DATA, SLAVE_VECTOR);
     outb(MASTER_DATA, 0x04); // ICW3: slave on IRQ2
     outb(SLAVE_DATA, 0x02); // ICW3: cascade identity
-    outb(MASTER_DATA, 0x03); // ICW4: 8086 mode, auto-EOI
-    outb(SLAVE_DATA, 0x03);
+    outb(MASTER_DATA, 0x01); // ICW4: 8086 mode, normal EOI
+    outb(SLAVE_DATA, 0x01);
     outb(MASTER_DATA, 0xfe); // masks: only IRQ0
     outb(SLAVE_DATA, 0xff);
 }
