@@ -4,15 +4,21 @@
 //! fresh listening one in its place. Closed sockets are removed from the set once smoltcp
 //! is done with them.
 //!
+//! A connection attempt (a SYN) that finds every socket of its port's pool taken is
+//! dropped before smoltcp sees it, as Linux drops one that finds the accept queue full:
+//! the client sends it again a second later. smoltcp itself would answer it with a reset,
+//! and the client's `connect` would fail ("connection refused") although the server
+//! listens (a storm of 1,000 redis-benchmark clients hung on the ones refused).
+//!
 //! Each arriving TCP segment is noted, by its connection's addresses, at the stamp epoll
 //! orders events by (`linux_abi::epoll`), so that epoll can list the connections in the
 //! order their data arrived, as Linux does, not in descriptor order.
 
 use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest_kit::net::{self as knet, IpConfig};
+use ftvm_guest_kit::println;
 use ftvm_guest_kit::virtio::net::VirtioNet;
 use linux_abi::epoll::Activity;
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
@@ -33,6 +39,18 @@ pub struct Net {
     /// Sockets closed by the program, removed when smoltcp is done with them.
     closing: Vec<Closing>,
     arrivals: Arrivals,
+    /// The listening ports' pools.
+    pools: BTreeMap<u16, Pool>,
+    /// Connection attempts dropped for want of a listening socket (once on the console).
+    syns_dropped: u64,
+}
+
+/// The smoltcp sockets listening on one port, for connections not yet accepted.
+struct Pool {
+    sockets: Vec<SocketHandle>,
+    /// How many the program asked for (`listen`'s backlog, clamped): the pool is filled up
+    /// to it again as memory allows.
+    backlog: usize,
 }
 
 /// A connection as its segments name it: the peer's address and port, and ours.
@@ -80,21 +98,48 @@ fn connection(s: &tcp::Socket<'static>) -> Option<Connection> {
 struct Noting<'a> {
     dev: &'a mut VirtioNet,
     arrivals: &'a mut Arrivals,
+    /// Listening sockets still free per listening port, taken by the SYNs of this poll.
+    syn_room: &'a mut BTreeMap<u16, usize>,
+    syns_dropped: &'a mut u64,
 }
 
 struct NotingRx<'a> {
     rx: <VirtioNet as phy::Device>::RxToken<'a>,
     arrivals: &'a mut Arrivals,
+    syn_room: &'a mut BTreeMap<u16, usize>,
+    syns_dropped: &'a mut u64,
 }
 
 impl phy::RxToken for NotingRx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let arrivals = self.arrivals;
+        let (arrivals, syn_room, syns_dropped) = (self.arrivals, self.syn_room, self.syns_dropped);
         self.rx.consume(|frame| {
+            if let Some(room) = new_connection_port(frame).and_then(|port| syn_room.get_mut(&port)) {
+                if *room == 0 {
+                    *syns_dropped += 1;
+                    // smoltcp counts an empty frame as processed and does nothing with it.
+                    return f(&[]);
+                }
+                *room -= 1;
+            }
             arrivals.note(frame);
             f(frame)
         })
     }
+}
+
+/// The destination port of a TCP segment that opens a connection (SYN without ACK).
+fn new_connection_port(frame: &[u8]) -> Option<u16> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
 }
 
 impl phy::Device for Noting<'_> {
@@ -109,7 +154,8 @@ impl phy::Device for Noting<'_> {
 
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let (rx, tx) = self.dev.receive(timestamp)?;
-        Some((NotingRx { rx, arrivals: self.arrivals }, tx))
+        let rx = NotingRx { rx, arrivals: self.arrivals, syn_room: self.syn_room, syns_dropped: self.syns_dropped };
+        Some((rx, tx))
     }
 
     fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
@@ -147,12 +193,26 @@ fn discard_unread(s: &mut tcp::Socket<'static>) -> bool {
     any
 }
 
-fn new_socket() -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0; SOCKBUF]);
-    let tx = tcp::SocketBuffer::new(vec![0; SOCKBUF]);
-    let mut socket = tcp::Socket::new(rx, tx);
+/// Heap a new socket leaves free for everything else (the socket set, epoll, the files):
+/// sockets are what a storm of connections would exhaust it with.
+const HEAP_HEADROOM: usize = 4 << 20;
+
+/// A socket with its buffers, or none when the heap cannot hold them and keep
+/// [`HEAP_HEADROOM`] (then a pool stays short, and connection attempts wait, rather than
+/// the personality stopping for want of memory).
+fn new_socket() -> Option<tcp::Socket<'static>> {
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(HEAP_HEADROOM + 2 * SOCKBUF).ok()?;
+    drop(probe);
+    let buffer = || {
+        let mut v = Vec::new();
+        v.try_reserve_exact(SOCKBUF).ok()?;
+        v.resize(SOCKBUF, 0);
+        Some(tcp::SocketBuffer::new(v))
+    };
+    let mut socket = tcp::Socket::new(buffer()?, buffer()?);
     socket.set_nagle_enabled(false);
-    socket
+    Some(socket)
 }
 
 impl Net {
@@ -165,6 +225,8 @@ impl Net {
             config,
             closing: Vec::new(),
             arrivals: Arrivals::default(),
+            pools: BTreeMap::new(),
+            syns_dropped: 0,
         }
     }
 
@@ -172,8 +234,31 @@ impl Net {
     pub fn poll(&mut self) -> bool {
         self.dev.service();
         let frames = self.dev.stats().rx_frames;
-        let mut noting = Noting { dev: &mut self.dev, arrivals: &mut self.arrivals };
+        let mut syn_room: BTreeMap<u16, usize> = self
+            .pools
+            .iter()
+            .map(|(&port, pool)| {
+                let listening = pool
+                    .sockets
+                    .iter()
+                    .filter(|&&h| self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen)
+                    .count();
+                (port, listening)
+            })
+            .collect();
+        let dropped_before = self.syns_dropped;
+        let mut noting = Noting {
+            dev: &mut self.dev,
+            arrivals: &mut self.arrivals,
+            syn_room: &mut syn_room,
+            syns_dropped: &mut self.syns_dropped,
+        };
         let changed = self.iface.poll(knet::now(), &mut noting, &mut self.sockets) == PollResult::SocketStateChanged;
+        if dropped_before == 0 && self.syns_dropped > 0 {
+            println!(
+                "linux: a listen backlog is full: connection attempts wait until the program accepts (dropped; the client sends them again; shown once)"
+            );
+        }
         if self.arrivals.by_connection.len() > ARRIVALS_KEPT {
             self.forget_arrivals();
         }
@@ -206,20 +291,28 @@ impl Net {
         changed || received
     }
 
-    pub fn listen(&mut self, port: u16, backlog: usize) -> Vec<SocketHandle> {
-        (0..backlog.clamp(1, MAX_BACKLOG))
-            .map(|_| {
-                let mut s = new_socket();
-                let _ = s.listen(port);
-                self.sockets.add(s)
-            })
-            .collect()
+    /// Starts listening on `port` with a pool of `backlog` sockets (clamped).
+    pub fn listen(&mut self, port: u16, backlog: usize) {
+        let mut pool = Pool { sockets: Vec::new(), backlog: backlog.clamp(1, MAX_BACKLOG) };
+        self.refill(port, &mut pool);
+        self.pools.insert(port, pool);
     }
 
-    /// A connection from the pool, replaced by a fresh listening socket.
-    pub fn accept(&mut self, pool: &mut [SocketHandle], port: u16) -> Option<SocketHandle> {
-        for slot in pool.iter_mut() {
-            let s = self.sockets.get_mut::<tcp::Socket>(*slot);
+    /// Fills `pool` up to its backlog again, as far as memory allows.
+    fn refill(&mut self, port: u16, pool: &mut Pool) {
+        while pool.sockets.len() < pool.backlog {
+            let Some(mut s) = new_socket() else { break };
+            let _ = s.listen(port);
+            pool.sockets.push(self.sockets.add(s));
+        }
+    }
+
+    /// A connection from `port`'s pool, replaced by a fresh listening socket.
+    pub fn accept(&mut self, port: u16) -> Option<SocketHandle> {
+        let mut pool = self.pools.remove(&port)?;
+        let mut got = None;
+        for (i, &h) in pool.sockets.iter().enumerate() {
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
             match s.state() {
                 tcp::State::Listen | tcp::State::SynReceived => continue,
                 tcp::State::Closed | tcp::State::TimeWait => {
@@ -229,36 +322,49 @@ impl Net {
                 }
                 _ => {}
             }
-            let got = *slot;
-            let mut fresh = new_socket();
-            let _ = fresh.listen(port);
-            *slot = self.sockets.add(fresh);
-            return Some(got);
+            got = Some(pool.sockets.remove(i));
+            break;
         }
-        None
+        self.refill(port, &mut pool);
+        self.pools.insert(port, pool);
+        got
     }
 
-    pub fn acceptable(&self, pool: &[SocketHandle]) -> bool {
-        pool.iter().any(|&h| {
-            !matches!(
-                self.sockets.get::<tcp::Socket>(h).state(),
-                tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed | tcp::State::TimeWait
-            )
+    pub fn acceptable(&self, port: u16) -> bool {
+        self.pools.get(&port).is_some_and(|pool| {
+            pool.sockets.iter().any(|&h| {
+                !matches!(
+                    self.sockets.get::<tcp::Socket>(h).state(),
+                    tcp::State::Listen | tcp::State::SynReceived | tcp::State::Closed | tcp::State::TimeWait
+                )
+            })
         })
+    }
+
+    /// A listening port's: that of its latest connection waiting for `accept`.
+    pub fn listener_activity(&self, port: u16) -> Activity {
+        let Some(pool) = self.pools.get(&port) else { return Activity::default() };
+        pool.sockets
+            .iter()
+            .map(|&h| self.sockets.get::<tcp::Socket>(h))
+            .filter(|s| !matches!(s.state(), tcp::State::Listen | tcp::State::Closed | tcp::State::TimeWait))
+            .map(|s| self.arrivals.of(connection(s)))
+            .fold(Activity::default(), Activity::latest)
+    }
+
+    /// Stops listening on `port`: its pool's sockets close, connections not yet accepted
+    /// among them.
+    pub fn close_listener(&mut self, port: u16) {
+        if let Some(pool) = self.pools.remove(&port) {
+            for h in pool.sockets {
+                self.close(h);
+            }
+        }
     }
 
     /// When the connection's segments arrived, for epoll's order.
     pub fn activity(&self, h: SocketHandle) -> Activity {
         self.arrivals.of(connection(self.sockets.get::<tcp::Socket>(h)))
-    }
-
-    /// A listening socket's: that of its latest connection waiting for `accept`.
-    pub fn listener_activity(&self, pool: &[SocketHandle]) -> Activity {
-        pool.iter()
-            .map(|&h| self.sockets.get::<tcp::Socket>(h))
-            .filter(|s| !matches!(s.state(), tcp::State::Listen | tcp::State::Closed | tcp::State::TimeWait))
-            .map(|s| self.arrivals.of(connection(s)))
-            .fold(Activity::default(), Activity::latest)
     }
 
     /// Keeps only the arrivals of connections that still have a socket.

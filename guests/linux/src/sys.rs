@@ -235,11 +235,24 @@ fn changed(activity: &mut Activity) {
 
 pub enum Kind {
     Console,
-    File { node: Node },
-    Dir { path: String, listed: usize },
-    Pipe { pipe: Rc<RefCell<Pipe>>, write: bool },
-    Socket { port: u16 },
-    Listener { port: u16, pool: Vec<SocketHandle> },
+    File {
+        node: Node,
+    },
+    Dir {
+        path: String,
+        listed: usize,
+    },
+    Pipe {
+        pipe: Rc<RefCell<Pipe>>,
+        write: bool,
+    },
+    Socket {
+        port: u16,
+    },
+    /// Its pool of listening sockets is the network's (`Net::listen`).
+    Listener {
+        port: u16,
+    },
     Stream(SocketHandle),
     Epoll(Rc<RefCell<Epoll>>),
     EventFd(Rc<RefCell<EventFd>>),
@@ -324,11 +337,9 @@ fn release(k: &mut Kernel, file: &File) {
         }
         // A close lets go of what `shutdown` left open (the file goes away: no flags to keep).
         Kind::Pair(end) => end.let_go(!end.read_shut, !end.write_shut),
-        Kind::Listener { pool, .. } => {
+        Kind::Listener { port } => {
             if let Some(net) = k.net.as_mut() {
-                for &h in pool {
-                    net.close(h);
-                }
+                net.close_listener(*port);
             }
         }
         Kind::Stream(h) => {
@@ -469,8 +480,8 @@ fn readiness(k: &mut Kernel, file: &File) -> u32 {
         Kind::Pipe { pipe, write: false } => pipe.borrow().read_readiness(),
         Kind::Pair(end) => end.readiness(),
         Kind::Socket { .. } => EPOLLOUT | EPOLLHUP,
-        Kind::Listener { pool, .. } => match k.net.as_ref() {
-            Some(net) if net.acceptable(pool) => EPOLLIN,
+        Kind::Listener { port } => match k.net.as_ref() {
+            Some(net) if net.acceptable(*port) => EPOLLIN,
             _ => 0,
         },
         Kind::Stream(h) => {
@@ -507,7 +518,7 @@ fn activity(k: &Kernel, file: &File) -> Activity {
         (Kind::Pipe { pipe, .. }, _) => pipe.borrow().activity,
         (Kind::Pair(end), _) => end.rx.borrow().activity.latest(end.tx.borrow().activity),
         (Kind::EventFd(ev), _) => ev.borrow().activity,
-        (Kind::Listener { pool, .. }, Some(net)) => net.listener_activity(pool),
+        (Kind::Listener { port }, Some(net)) => net.listener_activity(*port),
         (Kind::Stream(h), Some(net)) => net.activity(*h),
         _ => Activity::default(),
     }
@@ -919,11 +930,11 @@ fn accept(fd: u64, addr: u64, addr_len: u64, flags: u64) -> Result<i64, i64> {
     loop {
         let k = kernel();
         let file = k.fds.get(fd)?;
-        let mut f = file.borrow_mut();
+        let f = file.borrow_mut();
         let nonblock = nonblocking(&f);
-        let Kind::Listener { port, pool } = &mut f.kind else { return Err(EINVAL) };
+        let Kind::Listener { port } = f.kind else { return Err(EINVAL) };
         let net = k.net.as_mut().ok_or(ENETDOWN)?;
-        if let Some(h) = net.accept(pool, *port) {
+        if let Some(h) = net.accept(port) {
             let remote = net.tcp(h).remote_endpoint().map(|e| (e.addr, e.port));
             drop(f);
             sockaddr_in(addr, addr_len, remote)?;
@@ -1903,8 +1914,8 @@ fn dispatch(frame: &mut Frame) -> Result<i64, i64> {
                 return Err(EINVAL);
             }
             let net = k.net.as_mut().ok_or(ENETDOWN)?;
-            let pool = net.listen(port, a1 as usize);
-            f.kind = Kind::Listener { port, pool };
+            net.listen(port, a1 as usize);
+            f.kind = Kind::Listener { port };
             Ok(0)
         }
         43 => accept(a0, a1, a2, 0),
