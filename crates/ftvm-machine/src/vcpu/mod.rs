@@ -599,7 +599,7 @@ impl VcpuLoop {
                     continue;
                 }
             }
-            if self.takeover.is_some() && self.events.went_live_at().is_some() {
+            if self.live_now() {
                 // A backup's stream ended here, between two exits (after a sync point): live
                 // before the guest runs on, so that its timer kicks a guest that would not
                 // exit (a ring-3 spin) and its interrupts come.
@@ -652,7 +652,7 @@ impl VcpuLoop {
                 self.events.flush_log();
                 self.last_log_flush = std::time::Instant::now();
             }
-            if self.takeover.is_some() && self.events.went_live_at().is_some() {
+            if self.live_now() {
                 self.go_live()?;
             }
             self.arm_timer();
@@ -809,12 +809,15 @@ impl VcpuLoop {
             sig.rip = regs.rip;
             self.events.exit_signature(sig);
             if self.events.checkpoint_due() {
-                let started = syncpoint::thread_cpu_time();
+                // Only a recording spaces its checkpoints by their cost (a replay takes them
+                // where the log has them), so only it reads the clock.
+                let recording = self.events.mode() == Mode::Record;
+                let started = recording.then(syncpoint::thread_cpu_time);
                 self.events.checkpoint(regs_digest(&regs));
                 if let Some(pages) = self.take_page_hashes()? {
                     let count = u32::try_from(pages.len()).unwrap_or(u32::MAX);
                     self.events.page_hashes(pages);
-                    if self.events.mode() == Mode::Record {
+                    if let Some(started) = started {
                         // The hashes' cost to the guest: this work, and a write fault on each
                         // page the dirty log handed out (write-protected again).
                         let cost = syncpoint::thread_cpu_time().saturating_sub(started) + self.refault * count;
@@ -1145,6 +1148,11 @@ impl VcpuLoop {
                 }
             }
         }
+    }
+
+    /// A backup whose stream has ended (its events turned live) and that has not gone live yet.
+    fn live_now(&self) -> bool {
+        self.takeover.is_some() && self.events.went_live_at().is_some()
     }
 
     /// A backup's replay has turned live (its primary is gone and it won the arbiter): the
