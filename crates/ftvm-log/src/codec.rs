@@ -48,6 +48,11 @@ pub const MAX_BODY: u32 = (1 << 26) - 1;
 /// the bound keeps a hostile size prefix from making the reader allocate much.
 const LZ4_MAX_RATIO: u64 = 255;
 const LZ4_SLACK: u64 = 64;
+/// The largest payload a compressed frame may unpack to. More than a frame holds
+/// ([`MAX_BODY`]): a sync point carries every page dirtied since the one before, and pages a
+/// guest zeroed (1,000 sockets' buffers: ~100 MiB) shrink ~80:1, into a frame that the writer
+/// wrote and the reader must take. The writer keeps to the same bound.
+pub const MAX_RAW: u64 = 1 << 32;
 
 /// CRC-6 (x^6 + x + 1, primitive) of a 26-bit length: any 1- or 2-bit error in the word, and any
 /// burst up to 6 bits, is caught. It protects the length itself, because a length that grew by
@@ -372,8 +377,9 @@ pub fn is_record_kind(k: u8) -> bool {
 pub fn compress(raw: &[u8]) -> Option<Vec<u8>> {
     let block = lz4_flex::block::compress(raw);
     let bound = (block.len() as u64).saturating_mul(LZ4_MAX_RATIO).saturating_add(LZ4_SLACK);
-    // Keep writer output inside the reader's sanity bound (never hit by real LZ4 output).
-    if raw.len() as u64 > bound {
+    // Keep writer output inside the reader's sanity bounds (the ratio is never hit by real
+    // LZ4 output).
+    if raw.len() as u64 > bound.min(MAX_RAW) {
         return None;
     }
     let mut out = Vec::with_capacity(block.len() + 5);
@@ -388,10 +394,13 @@ pub fn decompress(payload: &[u8]) -> DecodeResult<Vec<u8>> {
     let raw_len = c.varint()?;
     let block = c.rest();
     let bound = (block.len() as u64).saturating_mul(LZ4_MAX_RATIO).saturating_add(LZ4_SLACK);
-    if raw_len > u64::from(MAX_BODY) || raw_len > bound {
+    if raw_len > MAX_RAW || raw_len > bound {
         return Err(format!("implausible uncompressed size {raw_len} for {} compressed bytes", block.len()));
     }
-    let mut out = vec![0u8; raw_len as usize];
+    let mut out = Vec::new();
+    out.try_reserve_exact(raw_len as usize)
+        .map_err(|_| format!("no memory for the {raw_len} bytes a compressed record unpacks to"))?;
+    out.resize(raw_len as usize, 0);
     let n = lz4_flex::block::decompress_into(block, &mut out).map_err(|e| format!("LZ4: {e}"))?;
     if n != out.len() {
         return Err(format!("LZ4 block yields {n} bytes, {raw_len} announced"));

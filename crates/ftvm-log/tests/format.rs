@@ -216,6 +216,21 @@ fn writer_rejects_bad_records_without_damage() {
     assert_eq!(out.records[1].1, Record::Clock { exit: 11, t: 3 });
 }
 
+/// A sync point larger than a frame holds, of pages the guest zeroed (a storm of 1,000
+/// connections' socket buffers), is compressed into one frame; the reader takes it back.
+/// It once refused anything that unpacked past a frame's size, and the recording could not
+/// be replayed ("implausible uncompressed size 103254493 for 1237274 compressed bytes").
+#[test]
+fn a_sync_point_larger_than_a_frame_that_compresses_into_one_round_trips() {
+    let mut state = vec![0u8; MAX_BODY as usize + (40 << 20)];
+    for (i, b) in state.iter_mut().enumerate().step_by(4096) {
+        *b = (i / 4096) as u8;
+    }
+    let records = vec![Record::SyncPoint { exit: 1, kick: 0, wait_us: 5, state }, Record::Clock { exit: 2, t: 9 }];
+    let bytes = round_trip(&records, Some(DEFAULT_COMPRESS_MIN));
+    assert!(bytes.len() < MAX_BODY as usize / 4, "{} bytes", bytes.len());
+}
+
 #[test]
 fn header_with_another_format_version_is_refused_by_the_writer() {
     let h = LogHeader { format_version: FORMAT_VERSION + 1, ..header() };
