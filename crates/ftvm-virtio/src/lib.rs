@@ -6,7 +6,8 @@
 //! - [`block::Block`] (virtio-blk), [`rng::Rng`] (virtio-rng), [`net::Net`] (virtio-net):
 //!   state machines that run on the vCPU thread between exits (docs/architecture.md, "virtio").
 //! - [`tap::Tap`]: the host side of virtio-net (a TAP interface); its reader thread hands
-//!   received frames to the event source, never to the device directly.
+//!   received frames to the event source, never to the device directly; what the guest
+//!   sends in one go is written with its TCP segments joined ([`coalesce`]).
 //!
 //! Every device's state, and the transport's with it, can be saved and restored exactly
 //! ([`ftvm_devices::Stateful`], [`mmio::MmioTransportState`]).
@@ -17,6 +18,7 @@
 //! that cannot be trusted any more puts the device in DEVICE_NEEDS_RESET.
 
 pub mod block;
+pub mod coalesce;
 mod error;
 pub mod mmio;
 pub mod net;

@@ -88,6 +88,20 @@ impl FromStr for MacAddr {
 pub trait FrameSink {
     /// Sends one frame without blocking; an error means the frame was not sent.
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+
+    /// Sends frames in order, as the guest sent them in one go (a sink may join them);
+    /// how many were not sent, and the first error.
+    fn send_all(&mut self, frames: &[Vec<u8>]) -> (u64, Option<std::io::Error>) {
+        let mut failed = 0;
+        let mut first = None;
+        for frame in frames {
+            if let Err(e) = self.send(frame) {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+        (failed, first)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,8 +2,11 @@
 //!
 //! ftvm attaches to a TAP that the operator (or a test topology) created and wired up; it
 //! never creates one, so a typo in the name is an error rather than a new, unconnected
-//! interface. The TAP is opened with IFF_TAP | IFF_NO_PI and no IFF_VNET_HDR: frames on the
-//! host side are plain Ethernet, and the device adds and strips the guest's virtio_net_hdr.
+//! interface. The TAP is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, and no offloads
+//! for what it hands us (no TUNSETOFFLOAD): every frame read is a plain Ethernet frame behind
+//! an empty `virtio_net_hdr`, which the reader strips. Written frames carry one too: empty,
+//! or for the guest's TCP segments joined into one large segment, the host's GSO request
+//! (crate::coalesce). The device adds and strips the guest's own virtio_net_hdr.
 //!
 //! Received frames are read by a thread and handed over by channel; they reach the guest only
 //! when the vCPU loop admits them through the event source. Transmitted frames are written by
@@ -22,6 +25,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::coalesce::{coalesce, PLAIN_HDR, VNET_HDR_LEN};
 use crate::net::{FrameSink, MAX_FRAME};
 use crate::Error;
 
@@ -73,7 +77,7 @@ impl Tap {
         for (dst, &src) in ifr.ifr_name.iter_mut().zip(cname.as_bytes()) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is, on an fd of
         // /dev/net/tun that we own.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
@@ -135,7 +139,7 @@ fn read_loop(
     wake: &dyn FrameWaker,
     dropped: &AtomicU64,
 ) {
-    let mut buf = vec![0u8; MAX_FRAME + 1];
+    let mut buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME + 1];
     loop {
         let mut fds = [
             libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -164,10 +168,10 @@ fn read_loop(
         loop {
             match file.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) if n > MAX_FRAME => {
+                Ok(n) if n <= VNET_HDR_LEN || n > VNET_HDR_LEN + MAX_FRAME => {
                     dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(n) => match frames.try_send(buf[..n].to_vec()) {
+                Ok(n) => match frames.try_send(buf[VNET_HDR_LEN..n].to_vec()) {
                     Ok(()) => got += 1,
                     Err(TrySendError::Full(_)) => {
                         dropped.fetch_add(1, Ordering::Relaxed);
@@ -191,17 +195,38 @@ fn read_loop(
     }
 }
 
-impl FrameSink for Tap {
-    /// Writes one frame without blocking.
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let n = (&*self.file).write(frame)?;
-        if n != frame.len() {
+impl Tap {
+    /// Writes one frame behind its `virtio_net_hdr`, without blocking.
+    fn write_frame(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> std::io::Result<()> {
+        let parts = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)];
+        let n = (&*self.file).write_vectored(&parts)?;
+        if n != VNET_HDR_LEN + frame.len() {
             return Err(std::io::Error::new(
                 ErrorKind::WriteZero,
-                format!("short write of {n} of {} bytes", frame.len()),
+                format!("short write of {n} of {} bytes", VNET_HDR_LEN + frame.len()),
             ));
         }
         Ok(())
+    }
+}
+
+impl FrameSink for Tap {
+    /// Writes one frame without blocking.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.write_frame(&PLAIN_HDR, frame)
+    }
+
+    /// Writes the frames with runs of one connection's TCP segments joined (crate::coalesce).
+    fn send_all(&mut self, frames: &[Vec<u8>]) -> (u64, Option<std::io::Error>) {
+        let mut failed = 0;
+        let mut first = None;
+        for w in coalesce(frames) {
+            if let Err(e) = self.write_frame(&w.hdr, &w.frame) {
+                failed += w.frames as u64;
+                first.get_or_insert(e);
+            }
+        }
+        (failed, first)
     }
 }
 

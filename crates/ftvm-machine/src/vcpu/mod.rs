@@ -918,6 +918,7 @@ impl VcpuLoop {
                 continue;
             }
             let frames = dev.borrow_mut().device_mut().take_tx_frames();
+            let mut now = Vec::with_capacity(frames.len());
             for frame in frames {
                 if let Some(g) = &mut self.gate {
                     g.before_output();
@@ -925,18 +926,17 @@ impl VcpuLoop {
                 let ticket = self.events.output(ftvm_log::OUTPUT_NET, &frame);
                 self.outputs_unflushed = true;
                 self.last_output = Some(ticket);
-                let frame = match &mut self.gate {
-                    Some(g) => match g.submit(ticket, OutputTarget::Net(index), frame) {
-                        Some(f) => f,
-                        None => continue,
-                    },
-                    None => frame,
-                };
-                if let Err(e) = port.sink.send(&frame) {
-                    port.sink_drops += 1;
-                    if !std::mem::replace(&mut port.warned, true) {
-                        tracing::warn!("network output failed: {e}; frames are dropped while it lasts");
-                    }
+                match &mut self.gate {
+                    Some(g) => now.extend(g.submit(ticket, OutputTarget::Net(index), frame)),
+                    None => now.push(frame),
+                }
+            }
+            // What may go out now goes in one go: the sink may join a run of TCP segments.
+            let (failed, error) = port.sink.send_all(&now);
+            port.sink_drops += failed;
+            if let Some(e) = error {
+                if !std::mem::replace(&mut port.warned, true) {
+                    tracing::warn!("network output failed: {e}; frames are dropped while it lasts");
                 }
             }
         }
